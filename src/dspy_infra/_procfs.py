@@ -1,0 +1,67 @@
+"""Facts about processes from ``/proc``, for finding process groups reliably.
+
+A pid alone does not identify a process for long: pids are reused. A pid plus
+its start time (in clock ticks since boot) does, so ownership records store
+both. A process group counts as gone when none of its members is alive: a
+zombie member (exited, waiting to be reaped by an init that may never do it)
+does not count, or stopping would wait forever in containers whose PID 1
+does not reap.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["group_alive", "group_members", "start_time"]
+
+_PROC = Path("/proc")
+_HAS_PROC = sys.platform.startswith("linux") and _PROC.is_dir()
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = (_PROC / str(pid) / "stat").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may contain spaces.
+    return raw[raw.rfind(")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None if it is not running."""
+    if not _HAS_PROC:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return 0
+        return 0
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) members of process group ``pgid``."""
+    members = []
+    for entry in _PROC.iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    return members
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether anything of process group ``pgid`` is still running."""
+    if not _HAS_PROC:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return bool(group_members(pgid))

@@ -1,0 +1,214 @@
+"""The one cattrs converter: strict types, unknown keys refused, readable errors.
+
+cattrs is lenient by default (``float("1")``, ``str(5)``); configuration
+should not be, so scalar hooks accept only the TOML type they name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import cattrs
+from attrs import fields
+from cattrs.errors import (
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+from cattrs.v import format_exception
+
+from dspy_infra.config.model import (
+    Config,
+    Dependency,
+    FieldError,
+    Probe,
+    ProbeCallable,
+    ServiceConfig,
+)
+
+__all__ = ["converter", "describe_errors", "resolve_callable"]
+
+converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def _kind(value: object) -> str:
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "table",
+    }.get(type(value), type(value).__name__)
+
+
+def _expected(what: str, value: object) -> TypeError:
+    return TypeError(f"expected {what}, got {value!r} ({_kind(value)})")
+
+
+def _strict(tp: type[Any]) -> Callable[[object, type[Any]], Any]:
+    accepted: tuple[type, ...] = (int, float) if tp is float else (tp,)
+
+    def hook(value: object, _: type[Any]) -> Any:
+        if isinstance(value, bool) and tp is not bool:
+            raise _expected(_TYPE_NAMES[tp], value)
+        if not isinstance(value, accepted):
+            raise _expected(_TYPE_NAMES[tp], value)
+        return tp(value)
+
+    return hook
+
+
+for _tp in (bool, int, float, str):
+    converter.register_structure_hook(_tp, _strict(_tp))
+
+
+def _structure_path(value: object, _: type[Any]) -> Path:
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str):
+        raise _expected("a path (string)", value)
+    return Path(value)
+
+
+def _structure_argv(value: object, _: type[Any]) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(a, str) for a in value):
+        raise _expected("a list of strings", value)
+    return tuple(value)
+
+
+def _structure_command(value: object, _: type[Any]) -> tuple[str, ...] | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return _structure_argv(value, tuple)
+
+
+def _structure_depends_on(value: object, _: type[Any]) -> dict[str, Dependency]:
+    # Like compose: a list of names, or a table of name -> {condition, pattern}.
+    if isinstance(value, list | tuple):
+        if not all(isinstance(n, str) for n in value):
+            raise _expected("a list of service names or a table", value)
+        return {name: Dependency() for name in value}
+    if isinstance(value, Mapping):
+        return converter.structure(value, dict[str, Dependency])
+    raise _expected("a list of service names or a table", value)
+
+
+def resolve_callable(ref: str) -> ProbeCallable:
+    """Import ``"package.module:function"`` and check that it is an async callable."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected 'module:function', got {ref!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import {ref!r}: {exc}") from None
+    if not inspect.iscoroutinefunction(target) and not inspect.iscoroutinefunction(
+        getattr(target, "__call__", None)  # noqa: B004 - an async __call__ counts too
+    ):
+        raise ValueError(f"{ref!r} is not an async function")
+    return target  # type: ignore[no-any-return]
+
+
+def _structure_call(value: object, _: type[Any]) -> ProbeCallable | str | None:
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str):
+        return resolve_callable(value)
+    raise _expected("'module:function' or an async callable", value)
+
+
+def _is_literal(tp: object) -> bool:
+    origin: object = get_origin(tp)
+    return origin is Literal
+
+
+def _structure_literal(value: object, tp: type[Any]) -> Any:
+    choices = get_args(tp)
+    if value not in choices:
+        raise ValueError(f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
+
+
+converter.register_structure_hook(Path, _structure_path)
+converter.register_structure_hook_func(_is_literal, _structure_literal)
+# Field-level hooks: these types are unions or generics that cattrs cannot
+# dispatch on, and their meaning (a command, a dependency table) is per field.
+converter.register_structure_hook(
+    ServiceConfig,
+    make_dict_structure_fn(
+        ServiceConfig,
+        converter,
+        command=override(struct_hook=_structure_command),
+        depends_on=override(struct_hook=_structure_depends_on),
+    ),
+)
+converter.register_structure_hook(
+    Probe,
+    make_dict_structure_fn(
+        Probe,
+        converter,
+        command=override(struct_hook=_structure_command),
+        call=override(struct_hook=_structure_call),
+    ),
+)
+# Last: generating the Config hook resolves the hooks of everything it holds.
+converter.register_structure_hook(
+    Config,
+    make_dict_structure_fn(Config, converter, source=override(omit=True)),
+)
+
+
+def _unstructure_call(value: ProbeCallable | str | None) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return f"{value.__module__}:{value.__qualname__}"
+
+
+converter.register_unstructure_hook(Path, str)
+converter.register_unstructure_hook(
+    Probe,
+    make_dict_unstructure_fn(Probe, converter, call=override(unstruct_hook=_unstructure_call)),
+)
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def describe_errors(exc: BaseException, path: str = "") -> list[tuple[str, str]]:
+    """Flatten a cattrs error tree into ``(key.path, message)`` pairs."""
+    if isinstance(exc, FieldError):
+        return [(_join(path, exc.field), str(exc))]
+    if isinstance(exc, ForbiddenExtraKeysError):
+        allowed = ", ".join(
+            sorted(a.name for a in fields(exc.cl) if not a.metadata.get("internal"))
+        )
+        return [
+            (_join(path, key), f"unknown key (expected one of: {allowed})")
+            for key in sorted(exc.extra_fields)
+        ]
+    if isinstance(exc, ClassValidationError | IterableValidationError):
+        found: list[tuple[str, str]] = []
+        for sub in exc.exceptions:
+            sub_path = path
+            for note in getattr(sub, "__notes__", ()):
+                if isinstance(note, IterableValidationNote):
+                    sub_path = _join(path, note.index)
+                elif hasattr(note, "name"):
+                    sub_path = _join(path, note.name)
+            found.extend(describe_errors(sub, sub_path))
+        return found
+    if exc.args:
+        return [(path, str(exc.args[0]))]
+    return [(path, format_exception(exc, None))]

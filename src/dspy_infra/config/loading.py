@@ -1,0 +1,329 @@
+"""Reading a configuration: file, ``[tool.dspy-infra]``, environment, overrides.
+
+Precedence, lowest first: defaults, the file, ``DSPY_INFRA_*`` environment
+variables, keyword overrides. Everything is merged as plain data, structured
+once by the converter, then checked across fields. Every error is a
+:class:`~dspy_infra.errors.ConfigError` naming where the bad value came from
+(file or environment variable), its key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from attrs import evolve, fields
+from cattrs.errors import BaseValidationError
+
+from dspy_infra.config.converter import converter, describe_errors
+from dspy_infra.config.model import Config, InfraSettings, ServiceConfig
+from dspy_infra.config.placeholders import Endpoint, PlaceholderError, RenderContext, render
+from dspy_infra.errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "dump_config", "load_config", "service_templates"]
+
+ENV_PREFIX = "DSPY_INFRA_"
+DEFAULT_FILE = "dspy-infra.toml"
+_SECTIONS = frozenset(a.name for a in fields(Config) if a.name != "source")
+_INFRA_KEYS = frozenset(a.name for a in fields(InfraSettings))
+_KNOWN_BACKENDS = ("local", "docker")
+
+
+def load_config(
+    source: Config | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build a :class:`Config` from a file path, a mapping, a Config or nothing.
+
+    With nothing, ``$DSPY_INFRA_CONFIG``, then ``./dspy-infra.toml``, then
+    ``[tool.dspy-infra]`` in ``./pyproject.toml`` are tried; else defaults.
+    """
+    environ = os.environ if environ is None else environ
+    if isinstance(source, Config):
+        if not overrides and not _env_items(environ):
+            return source
+        raw, name, base = converter.unstructure(source), source.source, Path.cwd()
+        raw.pop("source", None)
+    elif isinstance(source, Mapping):
+        raw, name, base = dict(source), "<mapping>", Path.cwd()
+    else:
+        path = _find_file(source, environ)
+        if path is None:
+            raw, name, base = {}, None, Path.cwd()
+        else:
+            raw, name, base = _read_file(path), str(path), path.parent
+
+    origins: dict[tuple[str, ...], str] = {}
+    for key_path, value, origin in _env_items(environ):
+        _merge(raw, key_path, value)
+        origins[key_path] = origin
+    for key, value in (overrides or {}).items():
+        placed = _place(key.lower().split("__"))
+        if placed is None:
+            raise ConfigError(
+                f"unknown override {key!r} (expected a section or an [infra] key: "
+                f"{', '.join(sorted(_SECTIONS | _INFRA_KEYS))})"
+            )
+        _merge(raw, placed, value)
+        origins[placed] = f"override {key}="
+
+    config = _structure(raw, name, origins)
+    config = _resolve_paths(config, base)
+    validate(config)
+    return config
+
+
+def _find_file(source: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
+    if source is not None:
+        return Path(source)
+    if env_path := environ.get(f"{ENV_PREFIX}CONFIG"):
+        return Path(env_path)
+    if Path(DEFAULT_FILE).is_file():
+        return Path(DEFAULT_FILE)
+    pyproject = Path("pyproject.toml")
+    if pyproject.is_file() and "dspy-infra" in _read_toml(pyproject).get("tool", {}):
+        return pyproject
+    return None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("file not found", source=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", source=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if path.suffix in (".yml", ".yaml"):
+        raise ConfigError(
+            "compose files are not supported yet: write the services in TOML", source=str(path)
+        )
+    data = _read_toml(path)
+    if path.name == "pyproject.toml":
+        section = data.get("tool", {}).get("dspy-infra")
+        if not isinstance(section, dict):
+            raise ConfigError("no [tool.dspy-infra] table", source=str(path))
+        return section
+    return data
+
+
+def _place(parts: list[str]) -> tuple[str, ...] | None:
+    """Where a flat key (``backend``, ``services__redis__image``) goes, or None."""
+    if not parts or not all(parts):
+        return None
+    if parts[0] in _SECTIONS:
+        return tuple(parts)
+    if parts[0] in _INFRA_KEYS and len(parts) == 1:
+        return ("infra", parts[0])
+    return None
+
+
+def _env_items(environ: Mapping[str, str]) -> Iterator[tuple[tuple[str, ...], Any, str]]:
+    """``DSPY_INFRA_STATE_DIR=x``, ``DSPY_INFRA_SERVICES__REDIS__RESTART=always``.
+
+    Variables whose name is not a section or an ``[infra]`` key belong to
+    other tools (``DSPY_INFRA_CONFIG``, test switches) and are skipped. Values
+    are read as TOML values (``5``, ``true``, ``["a"]``), else as strings.
+    """
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key_path = _place(name[len(ENV_PREFIX) :].lower().split("__"))
+        if key_path is not None:
+            yield key_path, _parse_env_value(value), f"environment variable {name}"
+
+
+def _parse_env_value(value: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def _merge(raw: dict[str, Any], key_path: tuple[str, ...], value: Any) -> None:
+    node = raw
+    for i, key in enumerate(key_path[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(key_path[: i + 1])}: expected a table, got {child!r}")
+        node = child
+    leaf = key_path[-1]
+    if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+        for k, v in value.items():
+            _merge(node, (leaf, k), v)
+    else:
+        node[leaf] = value
+
+
+def _structure(
+    raw: dict[str, Any], name: str | None, origins: Mapping[tuple[str, ...], str]
+) -> Config:
+    try:
+        config = converter.structure(raw, Config)
+    except BaseValidationError as exc:
+        problems = describe_errors(exc)
+        path, message = problems[0]
+        key_path = tuple(path.split("."))
+        origin = next(
+            (
+                o
+                for p, o in origins.items()
+                if key_path[: len(p)] == p or p[: len(key_path)] == key_path
+            ),
+            name,
+        )
+        if len(problems) > 1:
+            message += (
+                f" (and {len(problems) - 1} more: "
+                + "; ".join(f"{p}: {m}" for p, m in problems[1:])
+                + ")"
+            )
+        raise ConfigError(message, source=origin, path=path) from None
+    return evolve(config, source=name)
+
+
+def _overlaps(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    """Relative paths are relative to the file they were written in (like compose)."""
+    state_dir = config.infra.state_dir
+    if not state_dir.is_absolute():
+        state_dir = (base / state_dir).resolve()
+    services = {
+        name: evolve(svc, cwd=str((base / svc.cwd).resolve()))
+        if svc.cwd is not None and "{" not in svc.cwd and not Path(svc.cwd).is_absolute()
+        else svc
+        for name, svc in config.services.items()
+    }
+    return evolve(config, infra=evolve(config.infra, state_dir=state_dir), services=services)
+
+
+def dependency_closure(config: Config, name: str) -> list[str]:
+    """Every service ``name`` depends on, directly or not."""
+    seen: dict[str, None] = {}
+    stack = list(config.services[name].depends_on)
+    while stack:
+        dep = stack.pop()
+        if dep not in seen and dep in config.services:
+            seen[dep] = None
+            stack.extend(config.services[dep].depends_on)
+    return list(seen)
+
+
+def validate(config: Config) -> None:
+    """Checks that span fields: backend, dependencies, cycles, placeholders."""
+
+    def fail(path: str, message: str) -> ConfigError:
+        return ConfigError(message, source=config.source, path=path)
+
+    if config.infra.backend not in _KNOWN_BACKENDS:
+        known = ", ".join(_KNOWN_BACKENDS)
+        raise fail(
+            "infra.backend",
+            f"unknown backend {config.infra.backend!r} (expected one of: {known})",
+        )
+    names = sorted(config.services)
+    for name, svc in config.services.items():
+        if not svc.command and config.infra.backend == "local":
+            raise fail(f"services.{name}.command", "required with the local backend")
+        for dep, spec in svc.depends_on.items():
+            if dep not in config.services:
+                raise fail(
+                    f"services.{name}.depends_on.{dep}",
+                    f"unknown service {dep!r} (configured: {', '.join(names)})",
+                )
+            if spec.condition == "log_ready" and spec.pattern is None:
+                probe = config.services[dep].health
+                if probe is None or probe.log is None:
+                    raise fail(
+                        f"services.{name}.depends_on.{dep}",
+                        f"condition 'log_ready' needs a pattern (or a log probe on {dep!r})",
+                    )
+    _check_cycles(config, fail)
+    for name in config.services:
+        ctx = _validation_context(config, name)
+        for path, template in service_templates(config.services[name]):
+            try:
+                render(template, ctx)
+            except PlaceholderError as exc:
+                raise fail(f"services.{name}.{path}", str(exc)) from None
+
+
+def _check_cycles(config: Config, fail: Any) -> None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in config.services[name].depends_on:
+            if state.get(dep) == 1:
+                cycle = [*path[path.index(dep) :], dep]
+                raise fail(f"services.{cycle[0]}.depends_on", "cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[name] = 2
+
+    for name in sorted(config.services):
+        if name not in state:
+            visit(name, [name])
+
+
+def _validation_context(config: Config, name: str) -> RenderContext:
+    def endpoint(svc: ServiceConfig) -> Endpoint:
+        return Endpoint("127.0.0.1", dict(svc.ports))
+
+    return RenderContext(
+        name=name,
+        own=endpoint(config.services[name]),
+        state_dir=str(config.infra.state_dir),
+        service_dir=str(config.infra.state_dir / "services" / name),
+        services={d: endpoint(config.services[d]) for d in dependency_closure(config, name)},
+    )
+
+
+def service_templates(svc: ServiceConfig) -> Iterator[tuple[str, str]]:
+    """Every placeholder-bearing string of a service, with its key path."""
+    if isinstance(svc.command, str):
+        yield "command", svc.command
+    elif svc.command:
+        for i, arg in enumerate(svc.command):
+            yield f"command[{i}]", arg
+    for key, value in svc.env.items():
+        yield f"env.{key}", value
+    if svc.cwd is not None:
+        yield "cwd", svc.cwd
+    probe = svc.health
+    if probe is not None:
+        for key in ("tcp", "http"):
+            if (value := getattr(probe, key)) is not None:
+                yield f"health.{key}", value
+        for i, arg in enumerate(probe.command or ()):
+            yield f"health.command[{i}]", arg
+
+
+def dump_config(config: Config) -> str:
+    """The configuration as TOML (None values omitted: TOML has no null)."""
+
+    def prune(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: prune(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list | tuple):
+            return [prune(v) for v in value]
+        return value
+
+    data = converter.unstructure(config)
+    data.pop("source", None)
+    return tomli_w.dumps(prune(data))

@@ -1,0 +1,228 @@
+"""The configuration classes.
+
+Frozen attrs classes: a loaded configuration is a value, safe to share between
+tasks and to compare. Field validators check what can be checked one field at
+a time; :func:`dspy_infra.config.loading.validate` checks what spans fields
+(dependencies, cycles, placeholders).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from attrs import Attribute, field, frozen
+
+from dspy_infra.services.status import ServiceStatus
+
+__all__ = [
+    "Backoff",
+    "Condition",
+    "Config",
+    "Dependency",
+    "FieldError",
+    "InfraSettings",
+    "Probe",
+    "ProbeCallable",
+    "RestartPolicy",
+    "ServiceConfig",
+]
+
+Condition = Literal["started", "healthy", "completed_successfully", "log_ready"]
+RestartPolicy = Literal["no", "on-failure", "always", "unless-stopped"]
+ProbeCallable = Callable[[ServiceStatus], Awaitable[bool]]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class FieldError(ValueError):
+    """A bad value of one field; the loader adds ``field`` to the key path it reports."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+Validator = Callable[[object, "Attribute[Any]", Any], None]
+
+
+def _bound(op: str, bound: float) -> Validator:
+    checks = {">": float.__gt__, ">=": float.__ge__, "<=": float.__le__}
+
+    def check(_: object, attribute: Attribute[Any], value: float | None) -> None:
+        if value is not None and not checks[op](float(value), bound):
+            raise FieldError(attribute.name, f"expected a number {op} {bound:g}, got {value!r}")
+
+    return check
+
+
+_positive = _bound(">", 0)
+_non_negative = _bound(">=", 0)
+_at_least_one = _bound(">=", 1)
+
+
+def _regex(_: object, attribute: Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise FieldError(attribute.name, f"not a valid regular expression ({exc})") from None
+
+
+def _name(_: object, attribute: Attribute[Any], value: str) -> None:
+    if not NAME_RE.match(value):
+        raise FieldError(
+            attribute.name,
+            f"{value!r} is not a valid name "
+            "(letters, digits, '_', '.', '-'; starting with a letter or digit)",
+        )
+
+
+@frozen(kw_only=True)
+class Backoff:
+    """Exponential backoff with jitter: ``initial * factor**n``, capped at ``max``."""
+
+    initial: float = field(default=0.1, validator=_positive)
+    max: float = field(default=10.0, validator=_positive)
+    factor: float = field(default=2.0, validator=_at_least_one)
+    jitter: float = field(default=0.1, validator=[_non_negative, _bound("<=", 1)])
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based)."""
+        base = min(self.max, self.initial * self.factor ** min(attempt, 64))
+        spread = base * self.jitter
+        return max(0.0, base + random.uniform(-spread, spread))  # noqa: S311 - jitter, not crypto
+
+
+@frozen(kw_only=True)
+class Probe:
+    """How the library checks that a service is up, from outside the service.
+
+    Exactly one kind is set: ``tcp`` ("{port}" or "host:port"), ``http`` (a
+    URL, with ``status`` and an optional ``body`` regex), ``command`` (argv;
+    exit 0 is healthy), ``log`` (a regex over the service's output) or
+    ``call`` (an async callable given the service's status, or a
+    ``"module:function"`` reference to one).
+
+    Startup probing starts after ``interval`` and backs off exponentially, with
+    jitter, up to ``max_interval``, until ``success_threshold`` consecutive
+    successes, the ``deadline`` or ``retries`` attempts. After startup the
+    probe runs every ``liveness_interval`` seconds (0 turns this off);
+    ``failure_threshold`` consecutive failures make the service unhealthy.
+    """
+
+    tcp: str | None = None
+    http: str | None = None
+    status: int | None = field(default=None, validator=[_bound(">=", 100), _bound("<=", 599)])
+    body: str | None = field(default=None, validator=_regex)
+    command: tuple[str, ...] | None = field(default=None)
+    log: str | None = field(default=None, validator=_regex)
+    call: ProbeCallable | str | None = None
+    interval: float = field(default=0.01, validator=_positive)
+    max_interval: float = field(default=0.05, validator=_positive)
+    timeout: float = field(default=1.0, validator=_positive)
+    deadline: float = field(default=60.0, validator=_positive)
+    retries: int | None = field(default=None, validator=_at_least_one)
+    success_threshold: int = field(default=1, validator=_at_least_one)
+    failure_threshold: int = field(default=3, validator=_at_least_one)
+    liveness_interval: float = field(default=5.0, validator=_non_negative)
+
+    def __attrs_post_init__(self) -> None:
+        kinds = [k for k in ("tcp", "http", "command", "log", "call") if getattr(self, k)]
+        if len(kinds) != 1:
+            found = ", ".join(kinds) if kinds else "none"
+            raise ValueError(
+                f"a probe needs exactly one of tcp, http, command, log, call (found: {found})"
+            )
+        if (self.status is not None or self.body is not None) and self.http is None:
+            raise ValueError("status and body apply only to an http probe")
+        if self.max_interval < self.interval:
+            raise FieldError("max_interval", "must be at least interval")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("tcp", "http", "command", "log", "call") if getattr(self, k))
+
+
+@frozen(kw_only=True)
+class Dependency:
+    """What a service waits for in one of its dependencies.
+
+    ``healthy`` (the default) means the probe passed, or the process started
+    when the dependency has no probe. ``log_ready`` waits for a line matching
+    ``pattern`` (default: the dependency's ``log`` probe).
+    """
+
+    condition: Condition = "healthy"
+    pattern: str | None = field(default=None, validator=_regex)
+
+    def __attrs_post_init__(self) -> None:
+        if self.pattern is not None and self.condition != "log_ready":
+            raise FieldError("pattern", "applies only to condition 'log_ready'")
+
+
+@frozen(kw_only=True)
+class ServiceConfig:
+    """One service: how to run it, what it needs, how to know it is up."""
+
+    command: tuple[str, ...] | str | None = None
+    shell: bool = False
+    image: str | None = None
+    env: dict[str, str] = field(factory=dict)
+    cwd: str | None = None
+    ports: dict[str, int] = field(factory=dict)
+    depends_on: dict[str, Dependency] = field(factory=dict)
+    health: Probe | None = None
+    restart: RestartPolicy = "no"
+    max_restarts: int | None = field(default=10, validator=_non_negative)
+    restart_backoff: Backoff = field(factory=Backoff)
+    restart_reset_after: float = field(default=30.0, validator=_non_negative)
+    start_retries: int = field(default=2, validator=_non_negative)
+    start_backoff: Backoff = field(factory=lambda: Backoff(initial=0.2, max=5.0))
+    stop_timeout: float = field(default=10.0, validator=_non_negative)
+    autostart: bool = True
+    log_lines: int = field(default=1000, validator=_at_least_one)
+
+    def __attrs_post_init__(self) -> None:
+        if isinstance(self.command, str) and not self.shell:
+            raise FieldError(
+                "command",
+                "a string runs through a shell only with shell = true; "
+                "otherwise give a list of arguments",
+            )
+        if self.command is not None and not self.command:
+            raise FieldError("command", "must not be empty")
+        for port_name, port in self.ports.items():
+            if not NAME_RE.match(port_name):
+                raise FieldError("ports", f"{port_name!r} is not a valid port name")
+            if not 0 <= port <= 65535:
+                raise FieldError(
+                    f"ports.{port_name}",
+                    f"{port} is not a port number (0 to 65535; 0 picks a free one)",
+                )
+
+
+@frozen(kw_only=True)
+class InfraSettings:
+    """The ``[infra]`` table: instance-wide settings."""
+
+    backend: str = field(default="local", validator=_name)
+    state_dir: Path = Path(".dspy-infra")
+    project: str = field(default="dspy-infra", validator=_name)
+    autostart: bool = True
+    max_concurrent_starts: int = field(default=5, validator=_at_least_one)
+    event_buffer: int = field(default=1024, validator=_at_least_one)
+    event_history: int = field(default=10_000, validator=_non_negative)
+
+
+@frozen(kw_only=True)
+class Config:
+    """A whole configuration. ``source`` names where it came from, for messages."""
+
+    infra: InfraSettings = field(factory=InfraSettings)
+    services: dict[str, ServiceConfig] = field(factory=dict)
+    source: str | None = field(default=None, eq=False, metadata={"internal": True})

@@ -1,0 +1,114 @@
+"""The exception tree.
+
+Every error the library raises on purpose is an :class:`InfraError`, so callers
+can catch the library's failures without catching their own bugs::
+
+    InfraError
+     ├── ConfigError            bad configuration: names the file, key path and expectation
+     ├── BackendUnavailable     the chosen backend cannot be used (engine down, extra missing)
+     ├── ServiceError           a problem with one named service
+     │    ├── UnknownService    a name that the configuration does not declare
+     │    └── ServiceStartError a service could not be brought up (exit code, log tail)
+     │         └── DependencyFailed   ... because a service it depends on failed first
+     └── InfraClosed            an AgentInfra used outside its ``async with`` block
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "BackendUnavailable",
+    "ConfigError",
+    "DependencyFailed",
+    "InfraClosed",
+    "InfraError",
+    "ServiceError",
+    "ServiceStartError",
+    "UnknownService",
+]
+
+
+class InfraError(Exception):
+    """Base of every error raised on purpose by dspy-infra."""
+
+
+class ConfigError(InfraError):
+    """The configuration is invalid; the message names where and what was expected."""
+
+    def __init__(self, message: str, *, source: str | None = None, path: str | None = None):
+        self.source = source
+        self.path = path
+        where = ": ".join(part for part in (source, path) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class BackendUnavailable(InfraError):
+    """The container backend cannot be used; the message says how to fix it."""
+
+
+class InfraClosed(InfraError):
+    """The AgentInfra instance is not open (never entered, or already closed)."""
+
+
+class ServiceError(InfraError):
+    """A failure concerning one service."""
+
+    def __init__(self, service: str, message: str):
+        self.service = service
+        super().__init__(message)
+
+
+class UnknownService(ServiceError, KeyError):
+    """A service name that the configuration does not declare."""
+
+    def __init__(self, service: str, known: Sequence[str]):
+        names = ", ".join(sorted(known)) or "none"
+        super().__init__(service, f"unknown service {service!r} (configured: {names})")
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0])
+
+
+class ServiceStartError(ServiceError):
+    """A service could not be brought up, or died without a restart left.
+
+    Carries what a person needs to see why: the exit code (if the process
+    exited) and the last lines it logged.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        reason: str,
+        *,
+        exit_code: int | None = None,
+        log_tail: Sequence[str] = (),
+    ):
+        self.reason = reason
+        self.exit_code = exit_code
+        self.log_tail = tuple(log_tail)
+        message = f"service {service!r} failed: {reason}"
+        if exit_code is not None:
+            message += f" (exit code {exit_code})"
+        if self.log_tail:
+            message += "\n  last log lines:\n" + "\n".join(f"    {line}" for line in self.log_tail)
+        super().__init__(service, message)
+
+
+class DependencyFailed(ServiceStartError):
+    """A service could not start because one it depends on failed or went away."""
+
+    def __init__(
+        self,
+        service: str,
+        dependency: str,
+        reason: str,
+        *,
+        exit_code: int | None = None,
+        log_tail: Sequence[str] = (),
+    ):
+        self.dependency = dependency
+        super().__init__(
+            service, f"dependency {dependency!r} {reason}", exit_code=exit_code, log_tail=log_tail
+        )

@@ -1,0 +1,161 @@
+"""Typed events and the bus that fans them out.
+
+The bus is the one place where the parts of an instance say what happened.
+Publishing never waits: each subscriber owns a bounded buffer, and a
+subscriber that falls behind loses events instead of stalling the publisher.
+What it lost is counted, and the subscriber is told with an
+:class:`EventsDropped` event before the next one it receives, so it can
+resynchronise (every event carries a sequence number).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Collection
+from contextlib import asynccontextmanager
+from typing import ClassVar
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from attrs import evolve, field, frozen
+
+__all__ = ["Event", "EventBus", "EventsDropped", "ServiceEvent"]
+
+
+@frozen(kw_only=True)
+class Event:
+    """Something that happened. ``seq`` is assigned by the bus, increasing by one."""
+
+    type: str
+    seq: int = 0
+    time: float = field(factory=time.time)
+
+
+@frozen(kw_only=True)
+class ServiceEvent(Event):
+    """A service changed state (starting, healthy, unhealthy, exited, restarting, ...)."""
+
+    TYPES: ClassVar[frozenset[str]] = frozenset(
+        {
+            "service_starting",
+            "service_started",
+            "service_healthy",
+            "service_unhealthy",
+            "service_exited",
+            "service_completed",
+            "service_restarting",
+            "service_failed",
+            "service_stopping",
+            "service_stopped",
+        }
+    )
+
+    service: str
+    state: str
+    exit_code: int | None = None
+    message: str = ""
+    dependents: tuple[str, ...] = ()
+
+
+@frozen(kw_only=True)
+class EventsDropped(Event):
+    """This subscriber's buffer overflowed: ``count`` events were not delivered to it.
+
+    It is local to the subscriber, so its ``seq`` is 0; the gap in the
+    sequence numbers of the events around it shows what was missed.
+    """
+
+    type: str = "events_dropped"
+    count: int
+
+
+class _Subscriber:
+    def __init__(self, types: frozenset[str] | None, buffer: int):
+        self.types = types
+        self.send: MemoryObjectSendStream[Event]
+        self.receive: MemoryObjectReceiveStream[Event]
+        self.send, self.receive = anyio.create_memory_object_stream[Event](buffer)
+        self.dropped = 0
+
+    def wants(self, event: Event) -> bool:
+        return self.types is None or event.type in self.types
+
+
+class EventBus:
+    """Fan-out of events to any number of subscribers, never blocking the publisher."""
+
+    def __init__(
+        self,
+        *,
+        buffer: int = 1024,
+        history: int = 10_000,
+        on_drop: Callable[[int], None] | None = None,
+    ):
+        self._buffer = buffer
+        self._history: deque[Event] = deque(maxlen=history)
+        self._subscribers: set[_Subscriber] = set()
+        self._seq = 0
+        self._on_drop = on_drop
+        self._closed = False
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def publish(self, event: Event) -> Event:
+        """Stamp ``event`` with the next sequence number and deliver it; never waits."""
+        self._seq += 1
+        event = evolve(event, seq=self._seq)
+        self._history.append(event)
+        for sub in self._subscribers:
+            if sub.wants(event):
+                try:
+                    sub.send.send_nowait(event)
+                except anyio.WouldBlock:
+                    sub.dropped += 1
+                    if self._on_drop is not None:
+                        self._on_drop(1)
+        return event
+
+    def close(self) -> None:
+        """End every subscription once its buffered events are read."""
+        self._closed = True
+        for sub in self._subscribers:
+            sub.send.close()
+
+    @asynccontextmanager
+    async def subscribe(
+        self, types: Collection[str] | None = None, *, since: int | None = None
+    ) -> AsyncIterator[AsyncIterator[Event]]:
+        """Subscribe to events of ``types`` (all when None).
+
+        With ``since``, events after that sequence number that are still in the
+        bus's history are replayed first, so a consumer can resume where it
+        stopped.
+        """
+        wanted = frozenset(types) if types is not None else None
+        sub = _Subscriber(wanted, self._buffer)
+        backlog = [e for e in self._history if e.seq > since] if since is not None else []
+        if self._closed:
+            sub.send.close()
+        else:
+            self._subscribers.add(sub)
+        try:
+            yield self._iterate(sub, [e for e in backlog if sub.wants(e)])
+        finally:
+            self._subscribers.discard(sub)
+            sub.send.close()
+            sub.receive.close()
+
+    @staticmethod
+    async def _iterate(sub: _Subscriber, backlog: list[Event]) -> AsyncIterator[Event]:
+        # The backlog is taken in the same step as the registration, so it
+        # neither overlaps nor misses the live events that follow.
+        for event in backlog:
+            yield event
+        async for event in sub.receive:
+            if sub.dropped:
+                count, sub.dropped = sub.dropped, 0
+                yield EventsDropped(count=count)
+            yield event

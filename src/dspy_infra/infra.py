@@ -1,0 +1,192 @@
+"""AgentInfra: composes the parts and owns their lifetime.
+
+One instance owns one anyio task group: every background task it starts
+(service supervisors, log pumps, probes) runs inside it and is finished when
+the ``async with`` block ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Collection, Mapping
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.to_thread
+from attrs import field, frozen
+
+from dspy_infra.abc import ContainerBackend
+from dspy_infra.backends import load_backend
+from dspy_infra.config import Config, load_config
+from dspy_infra.errors import InfraClosed
+from dspy_infra.events import Event, EventBus
+from dspy_infra.services.manager import ServiceManager
+from dspy_infra.services.status import ServiceState, ServiceStatus
+
+__all__ = ["AgentInfra", "HealthReport"]
+
+log = logging.getLogger("dspy_infra")
+
+
+class _Lifecycle(enum.Enum):
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@frozen(kw_only=True)
+class HealthReport:
+    """Overall health and each service's status.
+
+    ``status`` is ``"healthy"`` when every active service is up (or completed
+    its one-shot job), ``"starting"`` while some are still coming up, and
+    ``"unhealthy"`` when one failed or fails its probe.
+    """
+
+    status: str
+    services: Mapping[str, ServiceStatus] = field(factory=dict)
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == "healthy"
+
+
+_UNHEALTHY = {ServiceState.FAILED, ServiceState.UNHEALTHY}
+_STARTING = {ServiceState.WAITING, ServiceState.STARTING, ServiceState.RESTARTING}
+
+
+class AgentInfra:
+    """The infrastructure of one training, optimisation or streaming program.
+
+    Use :meth:`start` in an ``async with`` block::
+
+        async with AgentInfra.start("dspy-infra.toml") as infra:
+            print(await infra.health_check())
+    """
+
+    def __init__(self, config: Config, *, backend: ContainerBackend | None = None):
+        self.config = config
+        self.instance_id = uuid.uuid4().hex[:12]
+        self._backend = backend if backend is not None else load_backend(config.infra.backend)
+        self._lifecycle = _Lifecycle.UNOPENED
+        self._stack: AsyncExitStack | None = None
+        self._bus: EventBus | None = None
+        self._services: ServiceManager | None = None
+
+    @classmethod
+    def start(
+        cls,
+        config: Config | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+        /,
+        *,
+        backend: str | ContainerBackend | None = None,
+        **overrides: Any,
+    ) -> Self:
+        """Configure an instance; ``async with`` it to start the infrastructure.
+
+        ``config`` is a path to a TOML file (or ``pyproject.toml``), a mapping,
+        a :class:`Config`, or None to look in the usual places. Keyword
+        ``overrides`` replace ``[infra]`` keys or whole sections
+        (``state_dir=...``, ``services={...}``). ``backend`` is a backend name
+        or a :class:`~dspy_infra.abc.ContainerBackend` object.
+        """
+        if isinstance(backend, str):
+            overrides["backend"] = backend
+        elif backend is not None:
+            overrides.setdefault("backend", backend.name)
+        return cls(
+            load_config(config, overrides=overrides),
+            backend=None if isinstance(backend, str) else backend,
+        )
+
+    async def __aenter__(self) -> Self:
+        if self._lifecycle is not _Lifecycle.UNOPENED:
+            raise InfraClosed(
+                f"this AgentInfra is {self._lifecycle.value}: an instance is entered once; "
+                "create a new one with AgentInfra.start()"
+            )
+        self._lifecycle = _Lifecycle.OPEN
+        async with AsyncExitStack() as stack:
+            state_dir = self.config.infra.state_dir
+            await anyio.to_thread.run_sync(lambda: state_dir.mkdir(parents=True, exist_ok=True))
+            swept = await self._backend.open(
+                state_dir=state_dir, instance_id=self.instance_id, project=self.config.infra.project
+            )
+            for leftover in swept:
+                log.warning("removed a leftover of a crashed instance: %s", leftover)
+            stack.push_async_callback(self._backend.close)
+            self._bus = EventBus(
+                buffer=self.config.infra.event_buffer, history=self.config.infra.event_history
+            )
+            stack.callback(self._bus.close)
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            self._services = ServiceManager(
+                self.config,
+                backend=self._backend,
+                bus=self._bus,
+                task_group=task_group,
+                instance_id=self.instance_id,
+            )
+            stack.push_async_callback(self._services.aclose)
+            try:
+                if self.config.infra.autostart:
+                    await self._services.start()
+            except BaseException:
+                self._lifecycle = _Lifecycle.CLOSED
+                raise
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._lifecycle = _Lifecycle.CLOSED
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(et, e, tb)
+
+    # -- the API --------------------------------------------------------------
+
+    @property
+    def services(self) -> ServiceManager:
+        """Start, stop, inspect and follow services (see :class:`ServiceManager`)."""
+        self._check_open()
+        assert self._services is not None
+        return self._services
+
+    async def health_check(self) -> HealthReport:
+        """Overall health, and each service's status."""
+        statuses = await self.services.status()
+        active = [s for s in statuses.values() if s.state is not ServiceState.INACTIVE]
+        if any(s.state in _UNHEALTHY for s in active):
+            overall = "unhealthy"
+        elif any(s.state in _STARTING for s in active):
+            overall = "starting"
+        else:
+            overall = "healthy"
+        return HealthReport(status=overall, services=statuses)
+
+    async def stream_events(
+        self, types: Collection[str] | None = None, *, since: int | None = None
+    ) -> AsyncIterator[Event]:
+        """Events of ``types`` (all when None) as they happen, until the instance closes.
+
+        With ``since``, recent events after that sequence number come first.
+        """
+        self._check_open()
+        assert self._bus is not None
+        async with self._bus.subscribe(types, since=since) as events:
+            async for event in events:
+                yield event
+
+    def _check_open(self) -> None:
+        if self._lifecycle is not _Lifecycle.OPEN:
+            state = self._lifecycle.value
+            raise InfraClosed(
+                f"this AgentInfra is {state}: use it inside `async with AgentInfra.start(...)`"
+            )

@@ -1,0 +1,75 @@
+"""A bounded ring buffer of a service's log lines, with followers."""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import AsyncIterator
+
+import anyio
+
+__all__ = ["LogBuffer"]
+
+
+class LogBuffer:
+    """The last ``size`` lines of a service, numbered from 0 across restarts.
+
+    Followers wait on an event that is replaced on every append, so a
+    follower never misses a line that is still in the buffer, and a slow
+    follower only loses lines that have left it.
+    """
+
+    def __init__(self, size: int):
+        self._lines: deque[str] = deque(maxlen=size)
+        self._next = 0  # number of the next line appended
+        self._changed = anyio.Event()
+        self._closed = False
+
+    @property
+    def next_line(self) -> int:
+        return self._next
+
+    def append(self, line: str) -> None:
+        self._lines.append(line)
+        self._next += 1
+        self._wake()
+
+    def close(self) -> None:
+        """Followers end once they have read what is buffered."""
+        self._closed = True
+        self._wake()
+
+    def reopen(self) -> None:
+        self._closed = False
+
+    def tail(self, n: int | None = None) -> list[str]:
+        lines = list(self._lines)
+        return lines if n is None else lines[-n:] if n else []
+
+    def since(self, number: int) -> list[str]:
+        """Lines numbered ``number`` and later that are still buffered."""
+        first = self._next - len(self._lines)
+        return list(self._lines)[max(0, number - first) :]
+
+    def search(self, pattern: re.Pattern[str], since: int) -> bool:
+        return any(pattern.search(line) for line in self.since(since))
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    async def follow(self, tail: int | None = None, *, follow: bool = True) -> AsyncIterator[str]:
+        buffered = len(self._lines) if tail is None else min(tail, len(self._lines))
+        cursor = self._next - buffered
+        while True:
+            changed = self._changed
+            lines = self.since(cursor)
+            cursor = self._next
+            for line in lines:
+                yield line
+            if not follow or self._closed:
+                return
+            await changed.wait()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()

@@ -1,0 +1,311 @@
+"""``infra.services``: start, stop, inspect and follow the configured services."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+
+import aiohttp
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskGroup
+
+from dspy_infra.abc import ContainerBackend, ServiceProcess
+from dspy_infra.config.loading import dependency_closure
+from dspy_infra.config.model import Config, Probe
+from dspy_infra.config.placeholders import Endpoint, RenderContext
+from dspy_infra.errors import DependencyFailed, ServiceStartError, UnknownService
+from dspy_infra.events import EventBus, ServiceEvent
+from dspy_infra.services.probes import ProbeRunner
+from dspy_infra.services.runtime import ServiceRuntime
+from dspy_infra.services.status import ServiceState, ServiceStatus
+from dspy_infra.services.supervisor import supervise
+
+__all__ = ["ServiceManager"]
+
+_SETTLED_OK = (ServiceState.RUNNING, ServiceState.HEALTHY, ServiceState.COMPLETED)
+_ENDED = (ServiceState.FAILED, ServiceState.STOPPED, ServiceState.INACTIVE)
+
+
+class _Slot:
+    """One of ``max_concurrent_starts``; released early once the service is ready."""
+
+    def __init__(self, semaphore: anyio.Semaphore):
+        self._semaphore = semaphore
+        self._held = False
+
+    async def __aenter__(self) -> _Slot:
+        await self._semaphore.acquire()
+        self._held = True
+        return self
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._semaphore.release()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+class ServiceManager:
+    """The services of one AgentInfra. Reached as ``infra.services``."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        backend: ContainerBackend,
+        bus: EventBus,
+        task_group: TaskGroup,
+        instance_id: str,
+    ):
+        self.config = config
+        self.backend = backend
+        self.log = logging.getLogger("dspy_infra.services")
+        self._bus = bus
+        self._tg = task_group
+        self._instance_id = instance_id
+        self._runtimes = {name: ServiceRuntime(name, svc) for name, svc in config.services.items()}
+        self._slots = anyio.Semaphore(config.infra.max_concurrent_starts)
+        self._changed = anyio.Event()
+        self._log_watchers = 0
+        self._http: aiohttp.ClientSession | None = None
+
+    # -- public API -----------------------------------------------------------
+
+    def list(self) -> builtins.list[str]:
+        """The configured service names, dependencies before dependents."""
+        order: dict[str, None] = {}
+        for name in sorted(self._runtimes):
+            for dep in reversed(dependency_closure(self.config, name)):
+                order.setdefault(dep, None)
+            order.setdefault(name, None)
+        return list(order)
+
+    async def start(self, names: Iterable[str] | None = None) -> dict[str, ServiceStatus]:
+        """Start ``names`` (default: every ``autostart`` service) and their dependencies.
+
+        Returns once all of them are up (healthy, running, or completed for
+        one-shot services). If any fails, the services this call started are
+        stopped again and the first failure is raised.
+        """
+        wanted = (
+            [n for n in self.list() if self.config.services[n].autostart]
+            if names is None
+            else self._known(names)
+        )
+        closure = {n: None for w in wanted for n in [*dependency_closure(self.config, w), w]}
+        launched = []
+        for name in self.list():
+            rt = self._runtimes[name]
+            restartable = rt.state in _ENDED or (name in wanted and not rt.active)
+            if name in closure and not rt.active and restartable:
+                self._spawn(rt)
+                launched.append(rt)
+        targets = [self._runtimes[n] for n in closure]
+        try:
+            await self._wait_settled(targets)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._stop_runtimes(launched)
+            raise
+        return {rt.name: rt.status() for rt in targets}
+
+    async def stop(self, names: Iterable[str] | None = None) -> None:
+        """Stop ``names`` (default: all), dependents before their dependencies."""
+        selected = list(self._runtimes) if names is None else self._known(names)
+        await self._stop_runtimes([self._runtimes[n] for n in selected])
+
+    async def status(self, names: Iterable[str] | None = None) -> dict[str, ServiceStatus]:
+        """A snapshot of each service (default: all)."""
+        selected = self.list() if names is None else self._known(names)
+        return {n: self._runtimes[n].status() for n in selected}
+
+    async def logs(
+        self, name: str, *, follow: bool = False, tail: int | None = None
+    ) -> AsyncIterator[str]:
+        """The service's buffered log lines; with ``follow``, new ones until it stops."""
+        rt = self.runtime(name)
+        async for line in rt.logs.follow(tail, follow=follow):
+            yield line
+
+    async def aclose(self) -> None:
+        """Stop everything and release what the manager holds."""
+        with anyio.CancelScope(shield=True):
+            await self.stop()
+            if self._http is not None:
+                await self._http.close()
+                self._http = None
+
+    # -- for the supervisors --------------------------------------------------
+
+    @property
+    def changed(self) -> anyio.Event:
+        """Set (and replaced) on any state change; wait on it, then re-check."""
+        return self._changed
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def runtime(self, name: str) -> ServiceRuntime:
+        try:
+            return self._runtimes[name]
+        except KeyError:
+            raise UnknownService(name, list(self._runtimes)) from None
+
+    def set_state(
+        self,
+        rt: ServiceRuntime,
+        state: ServiceState,
+        event: str | None = None,
+        message: str = "",
+        *,
+        exit_code: int | None = None,
+    ) -> None:
+        rt.state = state
+        rt.message = message
+        if exit_code is not None:
+            rt.exit_code = exit_code
+        if event is not None:
+            dependents = tuple(
+                n
+                for n, other in self._runtimes.items()
+                if rt.name in other.config.depends_on and other.active
+            )
+            self._bus.publish(
+                ServiceEvent(
+                    type=event,
+                    service=rt.name,
+                    state=state.value,
+                    exit_code=exit_code,
+                    message=message,
+                    dependents=dependents,
+                )
+            )
+        self.notify()
+
+    def log_appended(self) -> None:
+        # Only services waiting on log_ready care about single lines.
+        if self._log_watchers:
+            self.notify()
+
+    @contextmanager
+    def watching_logs(self, enabled: bool) -> Iterator[None]:
+        self._log_watchers += enabled
+        try:
+            yield
+        finally:
+            self._log_watchers -= enabled
+
+    def start_slot(self) -> _Slot:
+        return _Slot(self._slots)
+
+    def probe_runner(
+        self, rt: ServiceRuntime, probe: Probe, process: ServiceProcess, first_line: int
+    ) -> ProbeRunner:
+        return ProbeRunner(
+            probe,
+            process=process,
+            logs=rt.logs,
+            first_line=first_line,
+            status=rt.status,
+            http=self._http_session,
+        )
+
+    @staticmethod
+    def free_port() -> int:
+        """A port free right now on loopback (the OS picks it)."""
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+            return port
+
+    async def render_context(self, rt: ServiceRuntime) -> RenderContext:
+        state_dir = self.config.infra.state_dir
+        service_dir = state_dir / "services" / rt.name
+        await anyio.to_thread.run_sync(lambda: service_dir.mkdir(parents=True, exist_ok=True))
+        services = {}
+        for dep in dependency_closure(self.config, rt.name):
+            other = self._runtimes[dep]
+            ports = other.ports if other.ports is not None else other.config.ports
+            services[dep] = Endpoint(other.host, dict(ports))
+        return RenderContext(
+            name=rt.name,
+            own=Endpoint(rt.host, dict(rt.ports or {})),
+            state_dir=str(state_dir),
+            service_dir=str(service_dir),
+            services=services,
+        )
+
+    def labels(self, rt: ServiceRuntime) -> dict[str, str]:
+        return {
+            "dspy-infra.project": self.config.infra.project,
+            "dspy-infra.instance": self._instance_id,
+            "dspy-infra.service": rt.name,
+        }
+
+    # -- internals ------------------------------------------------------------
+
+    def _known(self, names: Iterable[str]) -> builtins.list[str]:
+        if isinstance(names, str):
+            names = [names]
+        selected = list(dict.fromkeys(names))
+        for name in selected:
+            self.runtime(name)
+        return selected
+
+    def _spawn(self, rt: ServiceRuntime) -> None:
+        rt.stop_requested = False
+        rt.error = None
+        rt.exit_code = None
+        rt.done = anyio.Event()
+        rt.logs.reopen()
+        rt.lifetime_first_line = rt.logs.next_line
+        self.set_state(rt, ServiceState.WAITING)
+        self._tg.start_soon(supervise, self, rt, name=f"dspy-infra service {rt.name}")
+
+    async def _wait_settled(self, targets: builtins.list[ServiceRuntime]) -> None:
+        while True:
+            changed = self._changed
+            failed = [rt for rt in targets if rt.state in _ENDED]
+            if failed:
+                raise _root_cause(failed)
+            if all(rt.state in _SETTLED_OK for rt in targets):
+                return
+            await changed.wait()
+
+    async def _stop_runtimes(self, runtimes: builtins.list[ServiceRuntime]) -> None:
+        selected = {rt.name for rt in runtimes}
+
+        async def stop_one(rt: ServiceRuntime) -> None:
+            for other in runtimes:  # dependents first
+                if rt.name in other.config.depends_on and other.name in selected:
+                    await other.done.wait()
+            rt.stop_requested = True
+            if rt.scope is not None:
+                rt.scope.cancel()
+            await rt.done.wait()
+
+        async with anyio.create_task_group() as tg:
+            for rt in runtimes:
+                if rt.active:
+                    tg.start_soon(stop_one, rt)
+
+    async def _http_session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        return self._http
+
+
+def _root_cause(failed: list[ServiceRuntime]) -> ServiceStartError:
+    """The failure to report: one that is not merely a consequence of another."""
+    errors = [rt.error or rt.failure(f"is {rt.state.value}", rt.exit_code) for rt in failed]
+    return next((e for e in errors if not isinstance(e, DependencyFailed)), errors[0])

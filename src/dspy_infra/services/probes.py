@@ -1,0 +1,91 @@
+"""Probes run from the library against a service, never inside it.
+
+A probe answers one question, "is it up right now?", within its timeout. The
+loops that decide *when* to ask (startup backoff, liveness interval,
+thresholds) are in the supervisor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import anyio
+from attrs import frozen
+
+from dspy_infra.abc import ServiceProcess
+from dspy_infra.config.model import Probe
+from dspy_infra.services.logs import LogBuffer
+from dspy_infra.services.status import ServiceStatus
+
+__all__ = ["ProbeResult", "ProbeRunner"]
+
+
+@frozen
+class ProbeResult:
+    ok: bool
+    detail: str = ""
+
+
+class ProbeRunner:
+    """Runs one service's probe; holds what it needs between attempts."""
+
+    def __init__(
+        self,
+        probe: Probe,
+        *,
+        process: ServiceProcess,
+        logs: LogBuffer,
+        first_line: int,
+        status: Callable[[], ServiceStatus],
+        http: Callable[[], Awaitable[aiohttp.ClientSession]],
+    ):
+        self.probe = probe
+        self._process = process
+        self._logs = logs
+        self._first_line = first_line
+        self._status = status
+        self._http = http
+        self._log_re = re.compile(probe.log) if probe.log else None
+        self._body_re = re.compile(probe.body) if probe.body else None
+
+    async def check(self) -> ProbeResult:
+        try:
+            with anyio.fail_after(self.probe.timeout):
+                return await self._check()
+        except TimeoutError:
+            return ProbeResult(ok=False, detail=f"timed out after {self.probe.timeout:g}s")
+        except (OSError, aiohttp.ClientError) as exc:
+            return ProbeResult(ok=False, detail=str(exc) or type(exc).__name__)
+
+    async def _check(self) -> ProbeResult:  # noqa: PLR0911 - one return per probe kind
+        probe = self.probe
+        if probe.tcp is not None:
+            host, _, port = probe.tcp.rpartition(":")
+            stream = await anyio.connect_tcp(host or self._process.host, int(port))
+            await stream.aclose()
+            return ProbeResult(ok=True)
+        if probe.http is not None:
+            session = await self._http()
+            async with session.get(probe.http, allow_redirects=False) as response:
+                body = await response.text() if self._body_re else ""
+            status_ok = (
+                response.status == probe.status
+                if probe.status is not None
+                else 200 <= response.status < 400
+            )
+            if not status_ok:
+                return ProbeResult(ok=False, detail=f"HTTP {response.status}")
+            if self._body_re and not self._body_re.search(body):
+                return ProbeResult(ok=False, detail=f"body does not match {probe.body!r}")
+            return ProbeResult(ok=True)
+        if probe.command is not None:
+            code, output = await self._process.exec(probe.command)
+            return ProbeResult(ok=code == 0, detail=f"exit {code}: {output[-200:]}".strip())
+        if self._log_re is not None:
+            found = self._logs.search(self._log_re, self._first_line)
+            return ProbeResult(ok=found, detail="" if found else f"no line matches {probe.log!r}")
+        assert callable(probe.call)
+        ok = bool(await probe.call(self._status()))
+        return ProbeResult(ok=ok, detail="" if ok else "check returned false")

@@ -1,0 +1,361 @@
+"""The life of one service: wait for dependencies, launch, probe, watch, restart.
+
+One supervisor task per active service, in the AgentInfra's task group.
+Stopping a service cancels its supervisor; whatever it was doing, the
+shielded clean-up stops the process group and waits until it is gone.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import anyio
+from attrs import evolve, frozen
+
+from dspy_infra.abc import LaunchSpec, ServiceProcess
+from dspy_infra.config.model import Dependency, Probe, ServiceConfig
+from dspy_infra.config.placeholders import render
+from dspy_infra.errors import DependencyFailed, ServiceStartError
+from dspy_infra.services.probes import ProbeRunner
+from dspy_infra.services.runtime import ServiceRuntime
+from dspy_infra.services.status import ServiceState
+
+if TYPE_CHECKING:
+    from dspy_infra.services.manager import ServiceManager
+
+__all__ = ["supervise"]
+
+T = TypeVar("T")
+_PUMP_DRAIN = 0.5  # seconds to read a stopped service's last lines
+
+
+@frozen
+class _Run:
+    """How one launch ended. ``exit_code`` is None when we stopped it."""
+
+    ready: bool
+    exit_code: int | None
+    reason: str
+    up_for: float = 0.0
+
+
+async def supervise(manager: ServiceManager, rt: ServiceRuntime) -> None:
+    """Run ``rt`` until it completes, fails for good or is stopped."""
+    try:
+        with anyio.CancelScope() as scope:
+            rt.scope = scope
+            try:
+                await _lifecycle(manager, rt)
+            except ServiceStartError as exc:
+                rt.error = exc
+                manager.set_state(
+                    rt, ServiceState.FAILED, "service_failed", exc.reason, exit_code=exc.exit_code
+                )
+            except Exception as exc:  # a bug here must not take the whole instance down
+                manager.log.exception("supervisor of %r crashed", rt.name)
+                rt.error = rt.failure(f"internal error: {exc!r}")
+                manager.set_state(rt, ServiceState.FAILED, "service_failed", rt.error.reason)
+        if rt.stop_requested:
+            manager.set_state(rt, ServiceState.STOPPED, "service_stopped")
+    finally:
+        rt.scope = None
+        rt.logs.close()
+        rt.done.set()
+        manager.notify()
+
+
+async def _lifecycle(manager: ServiceManager, rt: ServiceRuntime) -> None:
+    config = rt.config
+    await _wait_dependencies(manager, rt)
+    start_failures = 0
+    consecutive = 0  # restarts since the service last stayed up for restart_reset_after
+    ever_ready = False
+    while True:
+        run = await _run_once(manager, rt)
+        if run.ready:
+            ever_ready = True
+            manager.set_state(rt, rt.state, "service_exited", run.reason, exit_code=run.exit_code)
+        if run.exit_code == 0 and not (
+            run.ready and config.restart in ("always", "unless-stopped")
+        ):
+            manager.set_state(rt, ServiceState.COMPLETED, "service_completed", exit_code=0)
+            return
+        if not ever_ready:
+            start_failures += 1
+            if start_failures > config.start_retries:
+                raise rt.failure(run.reason, run.exit_code)
+            delay = config.start_backoff.delay(start_failures - 1)
+        else:
+            if config.restart == "no":
+                raise rt.failure(run.reason, run.exit_code)
+            if run.up_for >= config.restart_reset_after:
+                consecutive = 0
+            if config.max_restarts is not None and consecutive >= config.max_restarts:
+                raise rt.failure(
+                    f"{run.reason}; gave up after {consecutive} restarts", run.exit_code
+                )
+            delay = config.restart_backoff.delay(consecutive)
+            consecutive += 1
+            rt.restarts += 1
+        manager.set_state(
+            rt,
+            ServiceState.RESTARTING,
+            "service_restarting",
+            f"{run.reason}; retrying in {delay:.2f}s",
+            exit_code=run.exit_code,
+        )
+        await anyio.sleep(delay)
+
+
+async def _run_once(manager: ServiceManager, rt: ServiceRuntime) -> _Run:
+    """Launch, wait until ready, watch until it ends; nothing is left running after."""
+    spec, probe = await _launch_spec(manager, rt)
+    # A start slot is held from launch until ready (max_concurrent_starts).
+    async with manager.start_slot() as slot:
+        manager.set_state(rt, ServiceState.STARTING, "service_starting")
+        first_line = rt.logs.next_line
+        try:
+            process = await manager.backend.launch(spec)
+        except ServiceStartError as exc:
+            return _Run(ready=False, exit_code=exc.exit_code, reason=exc.reason)
+        async with _running(manager, rt, process):
+            runner = None
+            if probe is not None:
+                runner = manager.probe_runner(rt, probe, process, first_line)
+                exit_code, failure = await _race_exit(process, lambda: _probe_until_ready(runner))
+                if exit_code is not None:
+                    reason = "exited before becoming healthy"
+                    return _Run(ready=False, exit_code=exit_code, reason=reason)
+                if failure is not None:
+                    return _Run(ready=False, exit_code=None, reason=failure)
+            slot.release()
+            return await _watch(manager, rt, process, runner)
+
+
+@asynccontextmanager
+async def _running(
+    manager: ServiceManager, rt: ServiceRuntime, process: ServiceProcess
+) -> AsyncIterator[None]:
+    """While the body runs, the service's output is pumped into its log buffer.
+
+    On the way out, however the body ended (returned, failed, cancelled by a
+    stop), the process group is stopped and its last lines read.
+    """
+    rt.process = process
+    pump_done = anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_pump_logs, manager, rt, process, pump_done)
+            try:
+                yield
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if rt.stop_requested:
+                        manager.set_state(rt, ServiceState.STOPPING, "service_stopping")
+                    await process.stop(rt.config.stop_timeout)
+                    with anyio.move_on_after(_PUMP_DRAIN):
+                        await pump_done.wait()
+                    tg.cancel_scope.cancel()
+    finally:
+        rt.process = None
+
+
+async def _watch(
+    manager: ServiceManager, rt: ServiceRuntime, process: ServiceProcess, runner: ProbeRunner | None
+) -> _Run:
+    """The service is up: report it, then wait for it to exit or fail its liveness probe."""
+    healthy = runner is not None
+    manager.set_state(
+        rt,
+        ServiceState.HEALTHY if healthy else ServiceState.RUNNING,
+        "service_healthy" if healthy else "service_started",
+    )
+    up_since = time.monotonic()
+    if runner is None or runner.probe.liveness_interval == 0:
+        code = await process.wait()
+        return _Run(
+            ready=True,
+            exit_code=code,
+            reason=f"exited with code {code}",
+            up_for=time.monotonic() - up_since,
+        )
+    exit_code, unhealthy = await _race_exit(process, lambda: _liveness(manager, rt, runner))
+    up_for = time.monotonic() - up_since
+    if exit_code is not None:
+        return _Run(
+            ready=True, exit_code=exit_code, reason=f"exited with code {exit_code}", up_for=up_for
+        )
+    return _Run(ready=True, exit_code=None, reason=unhealthy or "unhealthy", up_for=up_for)
+
+
+async def _race_exit(
+    process: ServiceProcess, work: Callable[[], Awaitable[T]]
+) -> tuple[int | None, T | None]:
+    """Run ``work`` until it returns or the process exits: ``(exit code, result)``."""
+    exit_code: int | None = None
+    result: T | None = None
+
+    async def watch_exit() -> None:
+        nonlocal exit_code
+        exit_code = await process.wait()
+        tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_exit)
+        result = await work()
+        tg.cancel_scope.cancel()
+    return exit_code, result
+
+
+async def _probe_until_ready(runner: ProbeRunner) -> str | None:
+    """Startup probing with exponential backoff; None when ready, else why not."""
+    probe = runner.probe
+    deadline = anyio.current_time() + probe.deadline
+    delay = probe.interval
+    attempts = successes = 0
+    while True:
+        result = await runner.check()
+        attempts += 1
+        if result.ok:
+            successes += 1
+            if successes >= probe.success_threshold:
+                return None
+        else:
+            successes = 0
+            if probe.retries is not None and attempts >= probe.retries:
+                return f"{probe.kind} probe failed {attempts} times: {result.detail}"
+        remaining = deadline - anyio.current_time()
+        if remaining <= 0:
+            return f"not healthy within {probe.deadline:g}s ({probe.kind} probe: {result.detail})"
+        jittered = delay * (0.8 + 0.4 * (attempts % 5) / 4)  # spread, not synchronised probes
+        await anyio.sleep(min(jittered, remaining))
+        delay = min(delay * 2, probe.max_interval)
+
+
+async def _liveness(manager: ServiceManager, rt: ServiceRuntime, runner: ProbeRunner) -> str:
+    """Probe every liveness_interval; return a reason once the service should be restarted."""
+    probe = runner.probe
+    failures = 0
+    while True:
+        await anyio.sleep(probe.liveness_interval)
+        result = await runner.check()
+        if result.ok:
+            failures = 0
+            if rt.state is ServiceState.UNHEALTHY:
+                manager.set_state(rt, ServiceState.HEALTHY, "service_healthy")
+            continue
+        failures += 1
+        if failures >= probe.failure_threshold and rt.state is ServiceState.HEALTHY:
+            reason = f"unhealthy: {probe.kind} probe failed {failures} times: {result.detail}"
+            manager.set_state(rt, ServiceState.UNHEALTHY, "service_unhealthy", reason)
+            if rt.config.restart != "no":
+                return reason
+
+
+async def _pump_logs(
+    manager: ServiceManager, rt: ServiceRuntime, process: ServiceProcess, done: anyio.Event
+) -> None:
+    try:
+        async with aclosing(process.output()) as lines:
+            async for line in lines:
+                rt.logs.append(line)
+                manager.log_appended()
+    finally:
+        done.set()
+
+
+async def _wait_dependencies(manager: ServiceManager, rt: ServiceRuntime) -> None:
+    """Wait for every dependency's condition; fail at once when one cannot be met."""
+    pending = dict(rt.config.depends_on)
+    patterns = {
+        name: re.compile(_ready_pattern(manager.runtime(name), dep))
+        for name, dep in pending.items()
+        if dep.condition == "log_ready"
+    }
+    with manager.watching_logs(bool(patterns)):
+        while pending:
+            changed = manager.changed
+            for name, dep in list(pending.items()):
+                if _condition_met(rt, manager.runtime(name), dep, patterns.get(name)):
+                    del pending[name]
+            if pending:
+                await changed.wait()
+
+
+def _ready_pattern(dep_rt: ServiceRuntime, dep: Dependency) -> str:
+    health = dep_rt.config.health
+    pattern = dep.pattern or (health.log if health is not None else None)
+    assert pattern is not None, "checked when the configuration was loaded"
+    return pattern
+
+
+def _condition_met(
+    rt: ServiceRuntime, dep_rt: ServiceRuntime, dep: Dependency, pattern: re.Pattern[str] | None
+) -> bool:
+    state = dep_rt.state
+    if state is ServiceState.FAILED:
+        error = dep_rt.error
+        raise DependencyFailed(
+            rt.name,
+            dep_rt.name,
+            f"failed: {error.reason if error else dep_rt.message}",
+            exit_code=error.exit_code if error else dep_rt.exit_code,
+            log_tail=error.log_tail if error else dep_rt.logs.tail(20),
+        )
+    if state in (ServiceState.STOPPING, ServiceState.STOPPED, ServiceState.INACTIVE):
+        raise DependencyFailed(rt.name, dep_rt.name, f"is {state.value}")
+    completed = state is ServiceState.COMPLETED
+    match dep.condition:
+        case "started":
+            return completed or dep_rt.process is not None
+        case "healthy":
+            return completed or state.is_up
+        case "completed_successfully":
+            return completed
+        case _:
+            assert pattern is not None
+            return dep_rt.logs.search(pattern, dep_rt.lifetime_first_line)
+
+
+async def _launch_spec(
+    manager: ServiceManager, rt: ServiceRuntime
+) -> tuple[LaunchSpec, Probe | None]:
+    """Fill in the placeholders of the service's command, env, cwd and probe."""
+    config: ServiceConfig = rt.config
+    if rt.ports is None:
+        rt.ports = {name: port or manager.free_port() for name, port in config.ports.items()}
+    ctx = await manager.render_context(rt)
+    try:
+        command: tuple[str, ...] | str = (
+            render(config.command, ctx)
+            if isinstance(config.command, str)
+            else tuple(render(arg, ctx) for arg in config.command or ())
+        )
+        env = {key: render(value, ctx) for key, value in config.env.items()}
+        cwd = render(config.cwd, ctx) if config.cwd is not None else None
+        probe = config.health
+        if probe is not None:
+            probe = evolve(
+                probe,
+                tcp=render(probe.tcp, ctx) if probe.tcp else None,
+                http=render(probe.http, ctx) if probe.http else None,
+                command=tuple(render(a, ctx) for a in probe.command) if probe.command else None,
+            )
+    except ValueError as exc:  # validated at load time; only reachable with a hand-made Config
+        raise rt.failure(f"bad placeholder: {exc}") from None
+    spec = LaunchSpec(
+        name=rt.name,
+        command=command,
+        shell=config.shell,
+        env=env,
+        cwd=Path(cwd) if cwd is not None else None,
+        ports=rt.ports,
+        image=config.image,
+        labels=manager.labels(rt),
+    )
+    return spec, probe
