@@ -111,6 +111,7 @@ class AgentInfra:
                 "create a new one with AgentInfra.start()"
             )
         self._lifecycle = _Lifecycle.OPEN
+        failure: Exception | None = None
         async with AsyncExitStack() as stack:
             state_dir = self.config.infra.state_dir
             await anyio.to_thread.run_sync(lambda: state_dir.mkdir(parents=True, exist_ok=True))
@@ -136,19 +137,33 @@ class AgentInfra:
             try:
                 if self.config.infra.autostart:
                     await self._services.start()
-            except BaseException:
-                self._lifecycle = _Lifecycle.CLOSED
-                raise
-            self._stack = stack.pop_all()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, unwrapped
+                # Raised after the task group has closed, so that the caller
+                # sees this error and not an ExceptionGroup around it.
+                failure = exc
+            else:
+                self._stack = stack.pop_all()
+        if failure is not None:
+            self._lifecycle = _Lifecycle.CLOSED
+            raise failure
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    ) -> bool:
         self._lifecycle = _Lifecycle.CLOSED
         stack, self._stack = self._stack, None
-        if stack is not None:
+        if stack is None:
+            return False
+        try:
             await stack.__aexit__(et, e, tb)
+        except BaseExceptionGroup as group:
+            # The task group wraps whatever left the block; hand the caller its
+            # own exception back unless something else went wrong too.
+            _, others = group.split(lambda exc: exc is e)
+            if e is None or others is not None:
+                raise
+        return False
 
     # -- the API --------------------------------------------------------------
 

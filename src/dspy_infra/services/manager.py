@@ -136,6 +136,15 @@ class ServiceManager:
         async for line in rt.logs.follow(tail, follow=follow):
             yield line
 
+    def troubles(self, lines: int = 20) -> dict[str, builtins.list[str]]:
+        """The last log lines of each service that is not up or done: for failure reports."""
+        fine = (*_SETTLED_OK, ServiceState.INACTIVE, ServiceState.STOPPED)
+        return {
+            rt.name: [f"[{rt.state.value}] {rt.message}".rstrip(), *rt.logs.tail(lines)]
+            for rt in self._runtimes.values()
+            if rt.state not in fine
+        }
+
     async def aclose(self) -> None:
         """Stop everything and release what the manager holds."""
         with anyio.CancelScope(shield=True):

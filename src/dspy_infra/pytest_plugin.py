@@ -1,0 +1,118 @@
+"""pytest plugin: ``agent_infra`` fixtures, registered through the ``pytest11`` entry point.
+
+The fixtures are async, so tests that use them run under anyio's pytest
+plugin (``@pytest.mark.anyio``). Choose the configuration per test with a
+marker, or for the whole run with an ini option::
+
+    [tool.pytest.ini_options]
+    agent_infra_config = "tests/dspy-infra.toml"
+
+    @pytest.mark.anyio
+    @pytest.mark.agent_infra(services=["redis"], max_concurrent_starts=2)
+    async def test_cache(agent_infra): ...
+
+``services=[...]`` starts only those services (and their dependencies)
+instead of every ``autostart`` one; other keyword arguments are config
+overrides. Each fixture gets its own state directory under pytest's
+``tmp_path``. ``agent_infra_session`` is one instance for the whole session
+(it needs a session-scoped ``anyio_backend`` fixture in your conftest).
+When a test fails, the last log lines of every service that is not up are
+added to its report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Generator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dspy_infra.infra import AgentInfra
+
+__all__ = ["agent_infra", "agent_infra_session"]
+
+_INSTANCES = pytest.StashKey[list[AgentInfra]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "agent_infra_config",
+        "dspy-infra configuration file used by the agent_infra fixtures",
+        default=None,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "agent_infra(config=None, services=None, **overrides): "
+        "the configuration of this test's agent_infra fixture",
+    )
+
+
+def _settings(request: pytest.FixtureRequest) -> tuple[Any, list[str] | None, dict[str, Any]]:
+    ini = request.config.getini("agent_infra_config")
+    config: Any = request.config.rootpath / ini if ini else None
+    services = None
+    overrides: dict[str, Any] = {}
+    marker = request.node.get_closest_marker("agent_infra")
+    if marker is not None:
+        if marker.args:
+            raise pytest.UsageError(
+                "agent_infra marker: pass config=..., not a positional argument"
+            )
+        overrides = dict(marker.kwargs)
+        config = overrides.pop("config", config)
+        services = overrides.pop("services", None)
+    if services is not None:
+        overrides["autostart"] = False
+    return config, services, overrides
+
+
+@asynccontextmanager
+async def _open(request: pytest.FixtureRequest, state_dir: Path) -> AsyncIterator[AgentInfra]:
+    config, services, overrides = _settings(request)
+    overrides.setdefault("state_dir", state_dir)
+    async with AgentInfra.start(config, **overrides) as infra:
+        if services:
+            await infra.services.start(services)
+        request.node.stash.setdefault(_INSTANCES, []).append(infra)
+        try:
+            yield infra
+        finally:
+            request.node.stash[_INSTANCES].remove(infra)
+
+
+@pytest.fixture
+async def agent_infra(
+    request: pytest.FixtureRequest, anyio_backend: object, tmp_path: Path
+) -> AsyncIterator[AgentInfra]:
+    """An AgentInfra started for this test, and stopped (everything in it) after."""
+    async with _open(request, tmp_path / "dspy-infra") as infra:
+        yield infra
+
+
+@pytest.fixture(scope="session")
+async def agent_infra_session(
+    request: pytest.FixtureRequest,
+    anyio_backend: object,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[AgentInfra]:
+    """One AgentInfra for the whole session (configured by the ini option only)."""
+    async with _open(request, tmp_path_factory.mktemp("dspy-infra")) as infra:
+        yield infra
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        instances = [*item.stash.get(_INSTANCES, []), *item.session.stash.get(_INSTANCES, [])]
+        for infra in instances:
+            for service, lines in infra.services.troubles().items():
+                report.sections.append((f"agent_infra: service {service!r}", "\n".join(lines)))
+    return report

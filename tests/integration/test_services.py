@@ -1,0 +1,457 @@
+"""Services on the local backend: real processes, asserted behaviour."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from dspy_infra import (
+    AgentInfra,
+    Event,
+    InfraClosed,
+    ServiceEvent,
+    ServiceStartError,
+    ServiceState,
+    UnknownService,
+)
+from dspy_infra._procfs import group_alive
+from tests.integration.helpers import service
+
+pytestmark = pytest.mark.anyio
+
+
+def infra_for(tmp_path: Path, services: dict[str, Any], **infra: Any) -> AgentInfra:
+    return AgentInfra.start({"infra": infra, "services": services}, state_dir=tmp_path / "state")
+
+
+class Recorder:
+    """Collects every event of an instance in the background."""
+
+    def __init__(self) -> None:
+        self.events: list[ServiceEvent] = []
+
+    def of(self, type_: str, service: str | None = None) -> list[ServiceEvent]:
+        return [e for e in self.events if e.type == type_ and service in (None, e.service)]
+
+    def first(self, type_: str, service: str) -> ServiceEvent:
+        found = self.of(type_, service)
+        assert found, (
+            f"no {type_} event for {service}: {[(e.type, e.service) for e in self.events]}"
+        )
+        return found[0]
+
+    async def wait_for(self, type_: str, service: str, count: int = 1) -> None:
+        with anyio.fail_after(10):
+            while len(self.of(type_, service)) < count:
+                await anyio.sleep(0.01)
+
+
+@asynccontextmanager
+async def recording(infra: AgentInfra) -> AsyncIterator[Recorder]:
+    """Record the instance's service events, from its first (replayed with since=0)."""
+    recorder = Recorder()
+
+    async def record() -> None:
+        async for event in infra.stream_events(since=0):
+            if isinstance(event, ServiceEvent):
+                recorder.events.append(event)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(record)
+        yield recorder
+        await anyio.sleep(0.01)  # let the last events in
+        tg.cancel_scope.cancel()
+
+
+def alive(pid: str | None) -> bool:
+    return pid is not None and group_alive(int(pid))
+
+
+async def test_dependents_start_after_and_see_their_dependencies_ports(tmp_path: Path) -> None:
+    services = {
+        "kv": service(port=True),
+        "api": service(
+            "--say", "kv at {services.kv.host}:{services.kv.port}", port=True, depends_on=["kv"]
+        ),
+    }
+    async with infra_for(tmp_path, services) as infra:
+        status = await infra.services.status()
+        kv_port = status["kv"].ports["main"]
+        assert kv_port != 0
+        assert status["api"].state is ServiceState.HEALTHY
+        lines = [line async for line in infra.services.logs("api")]
+        assert lines == [f"kv at 127.0.0.1:{kv_port}"]
+        report = await infra.health_check()
+        assert report.healthy
+        assert set(report.services) == {"kv", "api"}
+
+
+async def test_each_service_starts_as_soon_as_its_own_dependencies_are_met(
+    tmp_path: Path,
+) -> None:
+    services = {
+        "slow": service("--delay", "1.0", port=True),
+        "fast": service(port=True),
+        "after_fast": service(port=True, depends_on=["fast"]),
+        "after_both": service(port=True, depends_on=["slow", "after_fast"]),
+    }
+    async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
+        await recorder.wait_for("service_healthy", "after_both")
+    after_fast = recorder.first("service_healthy", "after_fast").time
+    slow = recorder.first("service_healthy", "slow").time
+    after_both_starting = recorder.first("service_starting", "after_both").time
+    assert after_fast < slow - 0.5, "after_fast waited for an unrelated slow service"
+    assert after_both_starting >= slow
+
+
+async def test_max_concurrent_starts_bounds_services_starting_at_once(tmp_path: Path) -> None:
+    services = {f"s{i}": service("--delay", "0.3", port=True) for i in range(4)}
+    infra = infra_for(tmp_path, services, autostart=False, max_concurrent_starts=2)
+    async with infra, recording(infra) as recorder:
+        started = time.monotonic()
+        await infra.services.start()
+        elapsed = time.monotonic() - started
+    spans = [
+        (recorder.first("service_starting", n).time, recorder.first("service_healthy", n).time)
+        for n in services
+    ]
+    overlap = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert overlap == 2
+    assert elapsed >= 0.6
+
+
+async def test_a_one_shot_dependency_completes_before_its_dependents_start(
+    tmp_path: Path,
+) -> None:
+    services = {
+        "migrate": service("--say", "migrated", "--exit-after", "0.2"),
+        "api": service(port=True, depends_on={"migrate": {"condition": "completed_successfully"}}),
+    }
+    async with infra_for(tmp_path, services) as infra:
+        status = await infra.services.status()
+        assert status["migrate"].state is ServiceState.COMPLETED
+        assert status["migrate"].exit_code == 0
+        assert status["api"].state is ServiceState.HEALTHY
+        assert (await infra.health_check()).healthy
+
+
+async def test_a_failed_one_shot_fails_its_dependents_with_exit_code_and_log_tail(
+    tmp_path: Path,
+) -> None:
+    services = {
+        "migrate": service(
+            "--say", "schema is broken", "--exit-after", "0.1", "--code", "3", start_retries=0
+        ),
+        "api": service(port=True, depends_on={"migrate": {"condition": "completed_successfully"}}),
+    }
+    infra = infra_for(tmp_path, services)
+    with pytest.raises(ServiceStartError) as info:
+        await infra.__aenter__()
+    assert info.value.service == "migrate"
+    assert info.value.exit_code == 3
+    assert "schema is broken" in info.value.log_tail
+    assert not list((tmp_path / "state" / "local").glob("*.json")), "a process record was left"
+
+
+async def test_log_ready_waits_for_the_matching_line(tmp_path: Path) -> None:
+    services = {
+        "worker": service("--delay", "0.3", "--say", "warming up", "--say", "worker ready"),
+        "client": service(
+            port=True, depends_on={"worker": {"condition": "log_ready", "pattern": "ready$"}}
+        ),
+    }
+    async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
+        await recorder.wait_for("service_starting", "client")
+        worker_started = recorder.first("service_started", "worker").time
+        client_starting = recorder.first("service_starting", "client").time
+        assert client_starting - worker_started >= 0.25
+
+
+async def test_a_dependency_that_dies_fails_waiting_dependents_at_once(tmp_path: Path) -> None:
+    services = {
+        # Never listens, exits 1 after 0.3 s: its dependents must not wait for its deadline.
+        "db": service(
+            "--exit-after",
+            "0.3",
+            "--code",
+            "1",
+            "--say",
+            "disk full",
+            ports={"main": 0},
+            health={"tcp": "{port}", "deadline": 60},
+            start_retries=0,
+        ),
+        "api": service(port=True, depends_on=["db"]),
+    }
+    infra = infra_for(tmp_path, services)
+    started = time.monotonic()
+    with pytest.raises(ServiceStartError) as info:
+        await infra.__aenter__()
+    assert time.monotonic() - started < 5
+    assert info.value.service == "db"
+    assert info.value.exit_code == 1
+    assert "disk full" in str(info.value)
+
+
+async def test_dependents_fail_with_dependency_failed(tmp_path: Path) -> None:
+    services = {
+        "db": service(
+            "--exit-after",
+            "0.2",
+            "--code",
+            "1",
+            ports={"main": 0},
+            health={"tcp": "{port}"},
+            start_retries=0,
+        ),
+        "api": service(port=True, depends_on=["db"]),
+    }
+    async with infra_for(tmp_path, services, autostart=False) as infra:
+        with pytest.raises(ServiceStartError):
+            await infra.services.start(["api"])
+        status = await infra.services.status()
+        assert status["db"].state is ServiceState.FAILED
+        # The dependent was stopped by the rollback of start(); its error said why.
+        assert status["api"].state in (ServiceState.FAILED, ServiceState.STOPPED)
+
+
+async def test_dependency_failed_carries_the_root_cause(tmp_path: Path) -> None:
+    services = {
+        "db": service(
+            "--exit-after",
+            "0.2",
+            "--code",
+            "7",
+            "--say",
+            "bad config",
+            ports={"main": 0},
+            health={"tcp": "{port}"},
+            start_retries=0,
+        ),
+        "api": service(port=True, depends_on=["db"]),
+    }
+    infra = infra_for(tmp_path, services, autostart=False)
+    async with infra, recording(infra) as recorder:
+        with pytest.raises(ServiceStartError):
+            await infra.services.start(["api"])
+    failed = recorder.first("service_failed", "api")
+    assert "dependency 'db' failed" in failed.message
+    assert failed.exit_code == 7
+
+
+async def test_a_probe_that_never_passes_hits_its_deadline_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    services = {
+        "stuck": service(
+            ports={"main": 0},
+            health={"tcp": "{port}", "deadline": 0.4},
+            start_retries=1,
+            start_backoff={"initial": 0.05},
+        ),
+    }
+    infra = infra_for(tmp_path, services)
+    started = time.monotonic()
+    with pytest.raises(ServiceStartError, match=r"not healthy within 0\.4s"):
+        await infra.__aenter__()
+    assert time.monotonic() - started < 5
+    assert not list((tmp_path / "state" / "local").glob("*.json"))
+
+
+@pytest.mark.parametrize("policy", ["no", "on-failure", "always", "unless-stopped"])
+async def test_kill_9_under_each_restart_policy(tmp_path: Path, policy: str) -> None:
+    services = {
+        "svc": service(port=True, restart=policy, restart_backoff={"initial": 0.05}),
+    }
+    async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
+        before = (await infra.services.status())["svc"]
+        assert before.pid is not None
+        os.kill(int(before.pid), signal.SIGKILL)
+        if policy == "no":
+            await recorder.wait_for("service_failed", "svc")
+            after = (await infra.services.status())["svc"]
+            assert after.state is ServiceState.FAILED
+            assert after.exit_code == -signal.SIGKILL
+            assert not (await infra.health_check()).healthy
+        else:
+            await recorder.wait_for("service_restarting", "svc")
+            await recorder.wait_for("service_healthy", "svc", count=1)
+            with anyio.fail_after(10):
+                while (await infra.services.status())["svc"].state is not ServiceState.HEALTHY:
+                    await anyio.sleep(0.01)
+            after = (await infra.services.status())["svc"]
+            assert after.restarts == 1
+            assert after.pid != before.pid
+            assert after.ports == before.ports, "a restarted service keeps its port"
+            assert not alive(before.pid)
+
+
+@pytest.mark.parametrize(
+    ("policy", "state"),
+    [
+        ("on-failure", ServiceState.COMPLETED),
+        ("always", ServiceState.RESTARTING),
+    ],
+)
+async def test_a_clean_exit_completes_unless_the_policy_is_always(
+    tmp_path: Path, policy: str, state: ServiceState
+) -> None:
+    services = {
+        "job": service("--exit-after", "0.2", restart=policy, restart_backoff={"initial": 5.0})
+    }
+    async with infra_for(tmp_path, services) as infra:
+        with anyio.fail_after(5):
+            while (await infra.services.status())["job"].state is ServiceState.RUNNING:
+                await anyio.sleep(0.01)
+        assert (await infra.services.status())["job"].state is state
+
+
+async def test_max_restarts_gives_up(tmp_path: Path) -> None:
+    services = {
+        "crashy": service(
+            "--exit-after",
+            "0.05",
+            "--code",
+            "2",
+            restart="on-failure",
+            max_restarts=2,
+            restart_backoff={"initial": 0.01, "max": 0.02},
+        ),
+    }
+    async with infra_for(tmp_path, services) as infra:
+        with anyio.fail_after(10):
+            while (await infra.services.status())["crashy"].state is not ServiceState.FAILED:
+                await anyio.sleep(0.02)
+        status = (await infra.services.status())["crashy"]
+        assert status.restarts == 2
+        assert "gave up after 2 restarts" in status.message
+        assert status.exit_code == 2
+
+
+async def test_liveness_failures_make_a_service_unhealthy_and_restart_it(tmp_path: Path) -> None:
+    healthy = True
+
+    async def check(status: Any) -> bool:
+        return healthy
+
+    services = {
+        "svc": service(
+            restart="on-failure",
+            restart_backoff={"initial": 0.01},
+            health={"call": check, "liveness_interval": 0.02, "failure_threshold": 2},
+        ),
+    }
+    async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
+        first_pid = (await infra.services.status())["svc"].pid
+        healthy = False
+        await recorder.wait_for("service_unhealthy", "svc")
+        await recorder.wait_for("service_restarting", "svc")
+        healthy = True
+        await recorder.wait_for("service_healthy", "svc")
+        with anyio.fail_after(5):
+            while (await infra.services.status())["svc"].state is not ServiceState.HEALTHY:
+                await anyio.sleep(0.01)
+        status = (await infra.services.status())["svc"]
+        assert status.restarts == 1
+        assert status.pid != first_pid
+
+
+async def test_teardown_stops_dependents_before_their_dependencies(tmp_path: Path) -> None:
+    services = {
+        "a": service(port=True),
+        "b": service(port=True, depends_on=["a"]),
+        "c": service(port=True, depends_on=["b"]),
+        "solo": service(port=True),
+    }
+    recorder = Recorder()
+
+    async def record(infra: AgentInfra) -> None:
+        async for event in infra.stream_events(since=0):  # ends when the instance closes
+            if isinstance(event, ServiceEvent):
+                recorder.events.append(event)
+
+    async with anyio.create_task_group() as tg, infra_for(tmp_path, services) as infra:
+        tg.start_soon(record, infra)
+        pids = [s.pid for s in (await infra.services.status()).values()]
+        with anyio.fail_after(5):
+            while not recorder.events:  # subscribed, and the start replayed
+                await anyio.sleep(0.01)
+    stopped = [e.service for e in recorder.of("service_stopped")]
+    assert sorted(stopped) == ["a", "b", "c", "solo"]
+    assert stopped.index("c") < stopped.index("b") < stopped.index("a")
+    assert not any(alive(pid) for pid in pids)
+
+
+async def test_logs_follow_streams_new_lines(tmp_path: Path) -> None:
+    script = "i=0; while [ $i -lt 5 ]; do echo tick $i; i=$((i+1)); sleep 0.05; done; sleep 1000"
+    services = {"ticker": {"command": ["sh", "-c", script]}}
+    async with infra_for(tmp_path, services) as infra:
+        seen = []
+        with anyio.fail_after(5):
+            async for line in infra.services.logs("ticker", follow=True):
+                seen.append(line)
+                if len(seen) == 5:
+                    break
+        assert seen == [f"tick {i}" for i in range(5)]
+        assert [line async for line in infra.services.logs("ticker", tail=2)] == [
+            "tick 3",
+            "tick 4",
+        ]
+
+
+async def test_stopping_and_restarting_a_service_by_name(tmp_path: Path) -> None:
+    services = {"kv": service(port=True), "api": service(port=True, depends_on=["kv"])}
+    async with infra_for(tmp_path, services) as infra:
+        old = (await infra.services.status())["api"]
+        await infra.services.stop(["api"])
+        assert (await infra.services.status())["api"].state is ServiceState.STOPPED
+        assert not alive(old.pid)
+        assert (await infra.services.status())["kv"].state is ServiceState.HEALTHY
+        result = await infra.services.start(["api"])
+        assert result["api"].state is ServiceState.HEALTHY
+        assert result["api"].pid != old.pid
+
+
+async def test_unknown_service_names_are_refused_and_change_nothing(tmp_path: Path) -> None:
+    async with infra_for(tmp_path, {"kv": service(port=True)}) as infra:
+        before = await infra.services.status()
+        with pytest.raises(UnknownService, match=r"'nope'.*configured: kv"):
+            await infra.services.start(["nope"])
+        with pytest.raises(UnknownService):
+            await infra.services.stop(["kv", "nope"])
+        after = await infra.services.status()
+        assert after == before
+
+
+async def test_an_instance_is_used_once_and_refuses_use_after_close(tmp_path: Path) -> None:
+    infra = infra_for(tmp_path, {})
+    with pytest.raises(InfraClosed, match="unopened"):
+        await infra.health_check()
+    async with infra:
+        assert (await infra.health_check()).healthy
+    with pytest.raises(InfraClosed, match="closed"):
+        await infra.services.status()
+    with pytest.raises(InfraClosed, match="entered once"):
+        await infra.__aenter__()
+
+
+async def test_event_sequence_numbers_increase_and_replay_with_since(tmp_path: Path) -> None:
+    async with infra_for(tmp_path, {"kv": service(port=True)}) as infra:
+        replayed: list[Event] = []
+        with anyio.move_on_after(0.5):
+            async for event in infra.stream_events(since=0):
+                replayed.append(event)  # noqa: PERF401 - the list must survive the cancellation
+        seqs = [e.seq for e in replayed]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        assert [e.type for e in replayed] == [
+            "service_starting",
+            "service_healthy",
+        ]
