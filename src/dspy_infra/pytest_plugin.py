@@ -61,7 +61,7 @@ def _settings(request: pytest.FixtureRequest) -> tuple[Any, list[str] | None, di
     if marker is not None:
         if marker.args:
             raise pytest.UsageError(
-                "agent_infra marker: pass config=..., not a positional argument"
+                "agent_infra marker: pass config=..., not positionally"
             )
         overrides = dict(marker.kwargs)
         config = overrides.pop("config", config)

@@ -1,0 +1,118 @@
+"""The pytest plugin, tested with pytester in a separate process."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import SERVICE
+
+pytest_plugins = ["pytester"]
+
+CONFTEST = """
+import pytest
+
+@pytest.fixture(scope="session")
+def anyio_backend():
+    return "asyncio"
+"""
+
+
+def config(tmp: Path, pid_file: Path) -> str:
+    return f"""
+[services.kv]
+command = [{sys.executable!r}, {SERVICE!r}, "--port", "{{port}}"]
+ports = {{ main = 0 }}
+health = {{ tcp = "{{port}}" }}
+
+[services.flaky]
+command = ["sh", "-c", "echo flaky booting; echo $$ > {pid_file}; echo about to crash; exit 4"]
+autostart = false
+restart = "on-failure"
+restart_backoff = {{ initial = 30 }}
+"""
+
+
+def test_fixture_starts_services_and_cleans_up(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pid_file = tmp_path / "flaky.pid"
+    pytester.makefile(".toml", **{"dspy-infra": config(tmp_path, pid_file)})
+    pytester.makeini("[pytest]\nagent_infra_config = dspy-infra.toml\n")
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        import os
+        import pytest
+
+        PIDS = []
+
+        @pytest.mark.anyio
+        async def test_kv_is_up(agent_infra):
+            status = (await agent_infra.services.status())["kv"]
+            assert status.healthy
+            PIDS.append(int(status.pid))
+
+        @pytest.mark.anyio
+        @pytest.mark.agent_infra(services=["kv"], max_concurrent_starts=1)
+        async def test_marker_chooses_services(agent_infra):
+            assert agent_infra.config.infra.max_concurrent_starts == 1
+            assert (await agent_infra.services.status())["kv"].healthy
+
+        def test_previous_instances_are_gone():
+            for pid in PIDS:
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)
+
+        @pytest.mark.anyio
+        async def test_session_fixture(agent_infra_session):
+            assert (await agent_infra_session.services.status())["kv"].healthy
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)
+
+
+def test_failing_test_report_shows_the_logs_of_unhealthy_services(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "flaky.pid"
+    pytester.makefile(".toml", **{"dspy-infra": config(tmp_path, pid_file)})
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        import anyio
+        import pytest
+
+        @pytest.mark.anyio
+        @pytest.mark.agent_infra(config="dspy-infra.toml", services=["kv"])
+        async def test_uses_a_crashing_service(agent_infra):
+            await agent_infra.services.start(["flaky"])
+            with anyio.fail_after(5):
+                while (await agent_infra.services.status())["flaky"].state != "restarting":
+                    await anyio.sleep(0.01)
+            raise AssertionError("the test failed")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*agent_infra: service 'flaky'*", "[[]restarting[]] exited with code 4*", "about to crash"]
+    )
+
+
+def test_marker_rejects_positional_arguments(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.anyio
+        @pytest.mark.agent_infra("dspy-infra.toml")
+        async def test_x(agent_infra):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*pass config=..., not positionally*"])
+    assert result.ret != 0
