@@ -1,0 +1,109 @@
+"""Each probe kind, against real processes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dspy_infra import AgentInfra, ServiceStartError, ServiceState, ServiceStatus
+
+pytestmark = pytest.mark.anyio
+
+HTTP = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "{port}"]
+
+
+def start(tmp_path: Path, **services: dict[str, Any]) -> AgentInfra:
+    return AgentInfra.start({"services": services}, state_dir=tmp_path / "state")
+
+
+async def test_http_probe_checks_status_and_body(tmp_path: Path) -> None:
+    (tmp_path / "health").write_text("all systems go\n")
+    web = {
+        "command": HTTP,
+        "cwd": str(tmp_path),
+        "ports": {"main": 0},
+        "health": {"http": "http://127.0.0.1:{port}/health", "status": 200, "body": "systems go"},
+    }
+    async with start(tmp_path, web=web) as infra:
+        assert (await infra.services.status())["web"].state is ServiceState.HEALTHY
+
+
+async def test_http_probe_fails_on_the_wrong_status(tmp_path: Path) -> None:
+    web = {
+        "command": HTTP,
+        "cwd": str(tmp_path),
+        "ports": {"main": 0},
+        "start_retries": 0,
+        "health": {"http": "http://127.0.0.1:{port}/missing", "deadline": 1.0},
+    }
+    with pytest.raises(ServiceStartError, match="HTTP 404"):
+        async with start(tmp_path, web=web):
+            pass
+
+
+async def test_command_probe_runs_with_the_service_environment(tmp_path: Path) -> None:
+    marker = tmp_path / "ready"
+    job = {
+        "command": ["sh", "-c", f"sleep 0.2; touch {marker}; sleep 1000"],
+        "env": {"MARKER": str(marker)},
+        "health": {"command": ["sh", "-c", 'test -f "$MARKER"']},
+    }
+    async with start(tmp_path, job=job) as infra:
+        assert marker.exists()
+        assert (await infra.services.status())["job"].state is ServiceState.HEALTHY
+
+
+async def test_log_probe_waits_for_a_matching_line(tmp_path: Path) -> None:
+    job = {
+        "command": "echo booting; sleep 0.2; echo 'server started on {name}'; sleep 1000",
+        "shell": True,
+        "health": {"log": r"started on job$"},
+    }
+    async with start(tmp_path, job=job) as infra:
+        assert (await infra.services.status())["job"].state is ServiceState.HEALTHY
+        assert [line async for line in infra.services.logs("job")] == [
+            "booting",
+            "server started on job",
+        ]
+
+
+checked: list[ServiceStatus] = []
+
+
+async def ready_when_port_known(status: ServiceStatus) -> bool:
+    checked.append(status)
+    return status.ports["main"] != 0
+
+
+async def test_call_probe_gets_the_service_status_and_may_be_named_by_import_path(
+    tmp_path: Path,
+) -> None:
+    checked.clear()
+    job = {
+        "command": ["sleep", "1000"],
+        "ports": {"main": 0},
+        "health": {"call": f"{__name__}:ready_when_port_known"},
+    }
+    async with start(tmp_path, job=job) as infra:
+        status = (await infra.services.status())["job"]
+        assert status.state is ServiceState.HEALTHY
+    assert checked[0].name == "job"
+    assert checked[0].ports == status.ports
+
+
+async def test_service_dir_and_state_dir_placeholders(tmp_path: Path) -> None:
+    job = {
+        "command": ["sh", "-c", "pwd; echo {state_dir}; exec sleep 1000"],
+        "cwd": "{service_dir}",
+    }
+    async with start(tmp_path, job=job) as infra:
+        state_dir = infra.config.infra.state_dir
+        seen = []
+        async for line in infra.services.logs("job", follow=True):
+            seen.append(line)
+            if len(seen) == 2:
+                break
+        assert seen == [str(state_dir / "services" / "job"), str(state_dir)]
