@@ -201,28 +201,6 @@ async def test_a_dependency_that_dies_fails_waiting_dependents_at_once(tmp_path:
     assert "disk full" in str(info.value)
 
 
-async def test_dependents_fail_with_dependency_failed(tmp_path: Path) -> None:
-    services = {
-        "db": service(
-            "--exit-after",
-            "0.2",
-            "--code",
-            "1",
-            ports={"main": 0},
-            health={"tcp": "{port}"},
-            start_retries=0,
-        ),
-        "api": service(port=True, depends_on=["db"]),
-    }
-    async with infra_for(tmp_path, services, autostart=False) as infra:
-        with pytest.raises(ServiceStartError):
-            await infra.services.start(["api"])
-        status = await infra.services.status()
-        assert status["db"].state is ServiceState.FAILED
-        # The dependent was stopped by the rollback of start(); its error said why.
-        assert status["api"].state in (ServiceState.FAILED, ServiceState.STOPPED)
-
-
 async def test_dependency_failed_carries_the_root_cause(tmp_path: Path) -> None:
     services = {
         "db": service(
@@ -240,8 +218,10 @@ async def test_dependency_failed_carries_the_root_cause(tmp_path: Path) -> None:
     }
     infra = infra_for(tmp_path, services, autostart=False)
     async with infra, recording(infra) as recorder:
-        with pytest.raises(ServiceStartError):
+        with pytest.raises(ServiceStartError) as info:
             await infra.services.start(["api"])
+        assert info.value.service == "db", "the root cause is reported, not its consequence"
+        assert (await infra.services.status())["db"].state is ServiceState.FAILED
     failed = recorder.first("service_failed", "api")
     assert "dependency 'db' failed" in failed.message
     assert failed.exit_code == 7
