@@ -60,9 +60,7 @@ def _settings(request: pytest.FixtureRequest) -> tuple[Any, list[str] | None, di
     marker = request.node.get_closest_marker("agent_infra")
     if marker is not None:
         if marker.args:
-            raise pytest.UsageError(
-                "agent_infra marker: pass config=..., not positionally"
-            )
+            raise pytest.UsageError("agent_infra marker: pass config=..., not positionally")
         overrides = dict(marker.kwargs)
         config = overrides.pop("config", config)
         services = overrides.pop("services", None)

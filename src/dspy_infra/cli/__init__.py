@@ -1,0 +1,119 @@
+"""The ``dspy-infra`` command.
+
+Usage::
+
+    dspy-infra config init [PATH] [--force]    write a commented starter dspy-infra.toml
+    dspy-infra config show [-c PATH]           print the resolved configuration as TOML
+    dspy-infra config validate [-c PATH]       check a configuration
+    dspy-infra --version
+
+Exit codes (the contract scripts rely on):
+
+    0    success
+    1    runtime failure (a file could not be written, a service failed, ...)
+    2    usage or configuration error (bad arguments, invalid configuration,
+         a file that would be overwritten without --force)
+    130  interrupted (Ctrl-C)
+
+Errors go to stderr as ``error: <message>``; results go to stdout.
+
+Each command family is one module with a ``register(subparsers)`` function
+that adds its parsers and sets ``handler`` (``Namespace -> int``) on each
+leaf; adding a family is adding a module to ``_FAMILIES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from dspy_infra.cli import config_cmd
+from dspy_infra.cli._common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    Handler,
+)
+from dspy_infra.errors import ConfigError, InfraError
+
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+
+_FAMILIES = (config_cmd,)
+
+
+def _version() -> str:
+    try:
+        return version("dspy-infra")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: one subcommand per family, one module per family."""
+    parser = argparse.ArgumentParser(
+        prog="dspy-infra",
+        description="Services, tasks and workflows for DSPy agent stacks.",
+        epilog="exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    # Not required: a bare `dspy-infra` (or `dspy-infra config`) prints the
+    # full help of that level, which says more than argparse's one-line error.
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    parser.set_defaults(handler=None, help_parser=parser)
+    for family in _FAMILIES:
+        family.register(subparsers)
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _exit_code(code: str | int | None) -> int:
+    if code is None or isinstance(code, int):
+        return code or EXIT_OK
+    # SystemExit("message"): argparse never does this, but a message means failure.
+    print(code, file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors: argparse exits itself
+        return _exit_code(exc.code)
+    handler: Handler | None = args.handler
+    if handler is None:
+        help_parser: argparse.ArgumentParser = args.help_parser
+        help_parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return _run(handler, args)
+
+
+def _run(handler: Handler, args: argparse.Namespace) -> int:
+    """Call the command; turn the failures a user can act on into a message and a code."""
+    try:
+        return handler(args)
+    except CommandError as exc:
+        _error(str(exc))
+        return exc.code
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except InfraError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `dspy-infra config show | head`: the reader left. Point stdout at
+        # devnull so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
