@@ -11,7 +11,7 @@ import enum
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncGenerator, Collection, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Self
@@ -188,7 +188,7 @@ class AgentInfra:
 
     async def stream_events(
         self, types: Collection[str] | None = None, *, since: int | None = None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Events of ``types`` (all when None) as they happen, until the instance closes.
 
         With ``since``, recent events after that sequence number come first.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import anyio
 
@@ -57,7 +57,9 @@ class LogBuffer:
     async def wait_changed(self) -> None:
         await self._changed.wait()
 
-    async def follow(self, tail: int | None = None, *, follow: bool = True) -> AsyncIterator[str]:
+    async def follow(
+        self, tail: int | None = None, *, follow: bool = True
+    ) -> AsyncGenerator[str, None]:
         buffered = len(self._lines) if tail is None else min(tail, len(self._lines))
         cursor = self._next - buffered
         while True:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import builtins
 import logging
-import socket
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
@@ -20,6 +19,7 @@ from dspy_infra.config.model import Config, Probe
 from dspy_infra.config.placeholders import Endpoint, RenderContext
 from dspy_infra.errors import DependencyFailed, ServiceStartError, UnknownService
 from dspy_infra.events import EventBus, ServiceEvent
+from dspy_infra.services.ports import PortAllocator
 from dspy_infra.services.probes import ProbeRunner
 from dspy_infra.services.runtime import ServiceRuntime
 from dspy_infra.services.status import ServiceState, ServiceStatus
@@ -77,6 +77,7 @@ class ServiceManager:
         self._changed = anyio.Event()
         self._log_watchers = 0
         self._http: aiohttp.ClientSession | None = None
+        self._ports = PortAllocator()
 
     # -- public API -----------------------------------------------------------
 
@@ -130,7 +131,7 @@ class ServiceManager:
 
     async def logs(
         self, name: str, *, follow: bool = False, tail: int | None = None
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """The service's buffered log lines; with ``follow``, new ones until it stops."""
         rt = self.runtime(name)
         async for line in rt.logs.follow(tail, follow=follow):
@@ -229,13 +230,8 @@ class ServiceManager:
             http=self._http_session,
         )
 
-    @staticmethod
-    def free_port() -> int:
-        """A port free right now on loopback (the OS picks it)."""
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-            return port
+    def free_port(self) -> int:
+        return self._ports.allocate()
 
     async def render_context(self, rt: ServiceRuntime) -> RenderContext:
         state_dir = self.config.infra.state_dir

@@ -50,6 +50,10 @@ class ProbeRunner:
         self._log_re = re.compile(probe.log) if probe.log else None
         self._body_re = re.compile(probe.body) if probe.body else None
 
+    async def output_changed(self) -> None:
+        """Return when the service prints a line: often the moment it became ready."""
+        await self._logs.wait_changed()
+
     async def check(self) -> ProbeResult:
         try:
             with anyio.fail_after(self.probe.timeout):

@@ -233,7 +233,12 @@ async def _probe_until_ready(runner: ProbeRunner) -> str | None:
         if remaining <= 0:
             return f"not healthy within {probe.deadline:g}s ({probe.kind} probe: {result.detail})"
         jittered = delay * (0.8 + 0.4 * (attempts % 5) / 4)  # spread, not synchronised probes
-        await anyio.sleep(min(jittered, remaining))
+        # Probe again after the backoff delay, or sooner when the service
+        # prints something (servers announce that they listen), but never
+        # more often than every `interval`, however chatty it is.
+        with anyio.move_on_after(min(jittered, remaining)):
+            await anyio.sleep(probe.interval)
+            await runner.output_changed()
         delay = min(delay * 2, probe.max_interval)
 
 
