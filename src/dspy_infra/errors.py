@@ -74,7 +74,7 @@ class ServiceStartError(ServiceError):
     """A service could not be brought up, or died without a restart left.
 
     Carries what a person needs to see why: the exit code (if the process
-    exited) and the last lines it logged.
+    exited; the reason says it too) and the last lines it logged.
     """
 
     def __init__(
@@ -89,8 +89,6 @@ class ServiceStartError(ServiceError):
         self.exit_code = exit_code
         self.log_tail = tuple(log_tail)
         message = f"service {service!r} failed: {reason}"
-        if exit_code is not None:
-            message += f" (exit code {exit_code})"
         if self.log_tail:
             message += "\n  last log lines:\n" + "\n".join(f"    {line}" for line in self.log_tail)
         super().__init__(service, message)

@@ -93,12 +93,11 @@ class AgentInfra:
         a :class:`Config`, or None to look in the usual places. Keyword
         ``overrides`` replace ``[infra]`` keys or whole sections
         (``state_dir=...``, ``services={...}``). ``backend`` is a backend name
-        or a :class:`~dspy_infra.abc.ContainerBackend` object.
+        or a :class:`~dspy_infra.abc.ContainerBackend` object, used instead of
+        the configured one.
         """
         if isinstance(backend, str):
             overrides["backend"] = backend
-        elif backend is not None:
-            overrides.setdefault("backend", backend.name)
         return cls(
             load_config(config, overrides=overrides),
             backend=None if isinstance(backend, str) else backend,

@@ -23,6 +23,8 @@ from dspy_infra import (
     UnknownService,
 )
 from dspy_infra._procfs import group_alive
+from dspy_infra.abc import LaunchSpec
+from dspy_infra.backends.local import LocalBackend
 from tests.integration.helpers import service
 
 pytestmark = pytest.mark.anyio
@@ -435,3 +437,47 @@ async def test_event_sequence_numbers_increase_and_replay_with_since(tmp_path: P
             "service_starting",
             "service_healthy",
         ]
+
+
+async def test_a_server_that_exits_0_before_its_probe_passed_is_a_start_failure(
+    tmp_path: Path,
+) -> None:
+    services = {
+        "daemonizes": {
+            "command": ["true"],
+            "ports": {"main": 0},
+            "health": {"tcp": "{port}"},
+            "start_retries": 0,
+        },
+        "app": service(depends_on=["daemonizes"]),
+    }
+    with pytest.raises(ServiceStartError, match="exited with code 0 before becoming healthy"):
+        async with infra_for(tmp_path, services):
+            pass
+
+
+async def test_a_missing_working_directory_is_named(tmp_path: Path) -> None:
+    services = {"job": {"command": ["true"], "cwd": str(tmp_path / "nowhere"), "start_retries": 0}}
+    with pytest.raises(ServiceStartError, match=r"working directory .*nowhere.* does not exist"):
+        async with infra_for(tmp_path, services):
+            pass
+
+
+async def test_a_backend_object_replaces_the_configured_one(tmp_path: Path) -> None:
+    class Mine(LocalBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.launched: list[str] = []
+
+        @property
+        def name(self) -> str:
+            return "mine"
+
+        async def launch(self, spec: LaunchSpec) -> Any:
+            self.launched.append(spec.name)
+            return await super().launch(spec)
+
+    backend = Mine()
+    services = {"kv": service(port=True)}
+    async with AgentInfra.start({"services": services}, state_dir=tmp_path, backend=backend):
+        assert backend.launched == ["kv"]

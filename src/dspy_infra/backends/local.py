@@ -155,9 +155,12 @@ class LocalBackend:
                     start_new_session=True,
                 )
             except OSError as exc:
-                raise ServiceStartError(
-                    spec.name, f"cannot run {argv[0]!r}: {exc.strerror or exc}"
-                ) from None
+                cwd = spec.cwd
+                if cwd is not None and not await anyio.to_thread.run_sync(cwd.is_dir):
+                    reason = f"working directory {str(cwd)!r} does not exist"
+                else:
+                    reason = f"cannot run {argv[0]!r}: {exc.strerror or exc}"
+                raise ServiceStartError(spec.name, reason) from None
             record = self._records / f"{self._instance_id}-{spec.name}-{process.pid}.json"
             data = {
                 **self._owner,

@@ -10,7 +10,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import cattrs
 from attrs import fields
@@ -20,19 +20,28 @@ from cattrs.errors import (
     IterableValidationError,
     IterableValidationNote,
 )
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+from cattrs.gen import (
+    make_dict_structure_fn,
+    make_dict_unstructure_fn,
+    make_mapping_structure_fn,
+    override,
+)
 from cattrs.v import format_exception
 
 from dspy_infra.config.model import (
+    Backoff,
     Config,
     Dependency,
     FieldError,
+    InfraSettings,
     Probe,
     ProbeCallable,
     ServiceConfig,
 )
 
 __all__ = ["converter", "describe_errors", "resolve_callable"]
+
+T = TypeVar("T")
 
 converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
 
@@ -62,7 +71,10 @@ def _strict(tp: type[Any]) -> Callable[[object, type[Any]], Any]:
             raise _expected(_TYPE_NAMES[tp], value)
         if not isinstance(value, accepted):
             raise _expected(_TYPE_NAMES[tp], value)
-        return tp(value)
+        try:
+            return tp(value)
+        except OverflowError:
+            raise TypeError(f"expected {_TYPE_NAMES[tp]}, got an integer too large") from None
 
     return hook
 
@@ -88,6 +100,13 @@ def _structure_argv(value: object, _: type[Any]) -> tuple[str, ...]:
 def _structure_command(value: object, _: type[Any]) -> tuple[str, ...] | str | None:
     if value is None or isinstance(value, str):
         return value
+    return _structure_argv(value, tuple)
+
+
+def _structure_optional_argv(value: object, _: type[Any]) -> tuple[str, ...] | None:
+    # A probe command has no shell switch: only a list of arguments.
+    if value is None:
+        return None
     return _structure_argv(value, tuple)
 
 
@@ -140,32 +159,58 @@ def _structure_literal(value: object, tp: type[Any]) -> Any:
     return value
 
 
+def _table(hook: Callable[[Any, type[Any]], T]) -> Callable[[Any, type[Any]], T]:
+    """Refuse a non-table up front: cattrs would fail on it with a Python internal message."""
+
+    def structure(value: object, tp: type[Any]) -> T:
+        if not isinstance(value, Mapping):
+            raise _expected("a table", value)
+        return hook(value, tp)
+
+    return structure
+
+
+def _is_dict(tp: object) -> bool:
+    return get_origin(tp) is dict
+
+
+def _dict_hook(tp: type[Any]) -> Callable[[Any, type[Any]], Any]:
+    return _table(make_mapping_structure_fn(tp, converter))
+
+
 converter.register_structure_hook(Path, _structure_path)
 converter.register_structure_hook_func(_is_literal, _structure_literal)
+converter.register_structure_hook_factory(_is_dict, _dict_hook)
+for _cl in (Backoff, Dependency, InfraSettings):
+    converter.register_structure_hook(_cl, _table(make_dict_structure_fn(_cl, converter)))
 # Field-level hooks: these types are unions or generics that cattrs cannot
 # dispatch on, and their meaning (a command, a dependency table) is per field.
 converter.register_structure_hook(
-    ServiceConfig,
-    make_dict_structure_fn(
-        ServiceConfig,
-        converter,
-        command=override(struct_hook=_structure_command),
-        depends_on=override(struct_hook=_structure_depends_on),
+    Probe,
+    _table(
+        make_dict_structure_fn(
+            Probe,
+            converter,
+            command=override(struct_hook=_structure_optional_argv),
+            call=override(struct_hook=_structure_call),
+        )
     ),
 )
 converter.register_structure_hook(
-    Probe,
-    make_dict_structure_fn(
-        Probe,
-        converter,
-        command=override(struct_hook=_structure_command),
-        call=override(struct_hook=_structure_call),
+    ServiceConfig,
+    _table(
+        make_dict_structure_fn(
+            ServiceConfig,
+            converter,
+            command=override(struct_hook=_structure_command),
+            depends_on=override(struct_hook=_structure_depends_on),
+        )
     ),
 )
 # Last: generating the Config hook resolves the hooks of everything it holds.
 converter.register_structure_hook(
     Config,
-    make_dict_structure_fn(Config, converter, source=override(omit=True)),
+    _table(make_dict_structure_fn(Config, converter, source=override(omit=True))),
 )
 
 

@@ -10,17 +10,18 @@ once by the converter, then checked across fields. Every error is a
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-from attrs import evolve, fields
+from attrs import asdict, evolve, fields
 from cattrs.errors import BaseValidationError
 
 from dspy_infra.config.converter import converter, describe_errors
-from dspy_infra.config.model import Config, InfraSettings, ServiceConfig
+from dspy_infra.config.model import KEY_NAME_RE, Config, InfraSettings, ServiceConfig
 from dspy_infra.config.placeholders import Endpoint, PlaceholderError, RenderContext, render
 from dspy_infra.errors import ConfigError
 
@@ -31,6 +32,7 @@ DEFAULT_FILE = "dspy-infra.toml"
 _SECTIONS = frozenset(a.name for a in fields(Config) if a.name != "source")
 _INFRA_KEYS = frozenset(a.name for a in fields(InfraSettings))
 _KNOWN_BACKENDS = ("local", "docker")
+_INDEX = re.compile(r"\[\d+\]")
 
 
 def load_config(
@@ -46,12 +48,14 @@ def load_config(
     """
     environ = os.environ if environ is None else environ
     if isinstance(source, Config):
-        if not overrides and not _env_items(environ):
+        if not overrides and not any(_env_items(environ)):
             return source
-        raw, name, base = converter.unstructure(source), source.source, Path.cwd()
+        # attrs.asdict, not the converter: a probe's Python callable must stay
+        # itself (a closure has no importable "module:function" name).
+        raw, name, base = asdict(source), source.source, Path.cwd()
         raw.pop("source", None)
     elif isinstance(source, Mapping):
-        raw, name, base = dict(source), "<mapping>", Path.cwd()
+        raw, name, base = _copy_tables(source), "<mapping>", Path.cwd()
     else:
         path = _find_file(source, environ)
         if path is None:
@@ -61,21 +65,24 @@ def load_config(
 
     origins: dict[tuple[str, ...], str] = {}
     for key_path, value, origin in _env_items(environ):
-        _merge(raw, key_path, value)
+        _merge(raw, key_path, value, origin)
         origins[key_path] = origin
     for key, value in (overrides or {}).items():
         placed = _place(key.lower().split("__"))
         if placed is None:
             raise ConfigError(
-                f"unknown override {key!r} (expected a section or an [infra] key: "
-                f"{', '.join(sorted(_SECTIONS | _INFRA_KEYS))})"
+                "unknown key (expected a section or an [infra] key: "
+                f"{', '.join(sorted(_SECTIONS | _INFRA_KEYS))})",
+                source="overrides",
+                path=key,
             )
-        _merge(raw, placed, value)
-        origins[placed] = f"override {key}="
+        origin = f"override {key}="
+        _merge(raw, placed, value, origin)
+        origins[placed] = origin
 
     config = _structure(raw, name, origins)
     config = _resolve_paths(config, base)
-    validate(config)
+    validate(config, origins)
     return config
 
 
@@ -87,8 +94,10 @@ def _find_file(source: str | os.PathLike[str] | None, environ: Mapping[str, str]
     if Path(DEFAULT_FILE).is_file():
         return Path(DEFAULT_FILE)
     pyproject = Path("pyproject.toml")
-    if pyproject.is_file() and "dspy-infra" in _read_toml(pyproject).get("tool", {}):
-        return pyproject
+    if pyproject.is_file():
+        tool = _read_toml(pyproject).get("tool")
+        if isinstance(tool, dict) and "dspy-infra" in tool:
+            return pyproject
     return None
 
 
@@ -111,7 +120,8 @@ def _read_file(path: Path) -> dict[str, Any]:
         )
     data = _read_toml(path)
     if path.name == "pyproject.toml":
-        section = data.get("tool", {}).get("dspy-infra")
+        tool = data.get("tool")
+        section = tool.get("dspy-infra") if isinstance(tool, dict) else None
         if not isinstance(section, dict):
             raise ConfigError("no [tool.dspy-infra] table", source=str(path))
         return section
@@ -151,19 +161,29 @@ def _parse_env_value(value: str) -> Any:
         return value
 
 
-def _merge(raw: dict[str, Any], key_path: tuple[str, ...], value: Any) -> None:
+def _merge(raw: dict[str, Any], key_path: tuple[str, ...], value: Any, origin: str) -> None:
+    """Set ``key_path`` in ``raw``; a table merges key by key into a table already there."""
     node = raw
     for i, key in enumerate(key_path[:-1]):
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(key_path[: i + 1])}: expected a table, got {child!r}")
+            raise ConfigError(
+                f"cannot set {'.'.join(key_path)}: expected a table here, got {child!r}",
+                source=origin,
+                path=".".join(key_path[: i + 1]),
+            )
         node = child
     leaf = key_path[-1]
     if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
         for k, v in value.items():
-            _merge(node, (leaf, k), v)
+            _merge(node, (leaf, k), v, origin)
     else:
-        node[leaf] = value
+        node[leaf] = _copy_tables(value) if isinstance(value, Mapping) else value
+
+
+def _copy_tables(table: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the nested tables, so that merging never changes the caller's mappings."""
+    return {k: _copy_tables(v) if isinstance(v, Mapping) else v for k, v in table.items()}
 
 
 def _structure(
@@ -174,15 +194,7 @@ def _structure(
     except BaseValidationError as exc:
         problems = describe_errors(exc)
         path, message = problems[0]
-        key_path = tuple(path.split("."))
-        origin = next(
-            (
-                o
-                for p, o in origins.items()
-                if key_path[: len(p)] == p or p[: len(key_path)] == key_path
-            ),
-            name,
-        )
+        origin = _origin(path, origins, name)
         if len(problems) > 1:
             message += (
                 f" (and {len(problems) - 1} more: "
@@ -193,9 +205,18 @@ def _structure(
     return evolve(config, source=name)
 
 
-def _overlaps(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    n = min(len(a), len(b))
-    return a[:n] == b[:n]
+def _origin(path: str, origins: Mapping[tuple[str, ...], str], default: str | None) -> str | None:
+    """Who set the value at ``path``: the last environment variable or override that wrote
+    it (or a table around it), else one that wrote inside it, else the file."""
+    key_path = tuple(_INDEX.sub("", path).split("."))
+    written = list(origins.items())[::-1]
+    for where, origin in written:
+        if key_path[: len(where)] == where:
+            return origin
+    for where, origin in written:
+        if where[: len(key_path)] == key_path:
+            return origin
+    return default
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
@@ -224,11 +245,23 @@ def dependency_closure(config: Config, name: str) -> list[str]:
     return list(seen)
 
 
-def validate(config: Config) -> None:
-    """Checks that span fields: backend, dependencies, cycles, placeholders."""
+def validate(config: Config, origins: Mapping[tuple[str, ...], str] | None = None) -> None:
+    """Checks that span fields: names, backend, dependencies, cycles, placeholders.
+
+    ``origins`` maps key paths set by environment variables or overrides to
+    their names, so that an error names them rather than the file.
+    """
 
     def fail(path: str, message: str) -> ConfigError:
-        return ConfigError(message, source=config.source, path=path)
+        return ConfigError(message, source=_origin(path, origins or {}, config.source), path=path)
+
+    for name in config.services:
+        if not KEY_NAME_RE.match(name):
+            raise fail(
+                f"services.{name}",
+                f"{name!r} is not a valid service name "
+                "(letters, digits, '_', '-'; starting with a letter or digit)",
+            )
 
     if config.infra.backend not in _KNOWN_BACKENDS:
         known = ", ".join(_KNOWN_BACKENDS)

@@ -8,6 +8,7 @@ a time; :func:`dspy_infra.config.loading.validate` checks what spans fields
 
 from __future__ import annotations
 
+import operator
 import random
 import re
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,9 @@ RestartPolicy = Literal["no", "on-failure", "always", "unless-stopped"]
 ProbeCallable = Callable[[ServiceStatus], Awaitable[bool]]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Service and port names are segments of key paths (``services.NAME.port``) and
+# of placeholders (``{services.NAME.ports.PORT}``): no dots there.
+KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 class FieldError(ValueError):
@@ -50,10 +54,16 @@ Validator = Callable[[object, "Attribute[Any]", Any], None]
 
 
 def _bound(op: str, bound: float) -> Validator:
-    checks = {">": float.__gt__, ">=": float.__ge__, "<=": float.__le__}
+    # Compared as given, not through float(): a huge TOML integer is a fine
+    # count, and float() of it would raise OverflowError.
+    checks: dict[str, Callable[[Any, Any], bool]] = {
+        ">": operator.gt,
+        ">=": operator.ge,
+        "<=": operator.le,
+    }
 
     def check(_: object, attribute: Attribute[Any], value: float | None) -> None:
-        if value is not None and not checks[op](float(value), bound):
+        if value is not None and not checks[op](value, bound):
             raise FieldError(attribute.name, f"expected a number {op} {bound:g}, got {value!r}")
 
     return check
@@ -197,8 +207,12 @@ class ServiceConfig:
         if self.command is not None and not self.command:
             raise FieldError("command", "must not be empty")
         for port_name, port in self.ports.items():
-            if not NAME_RE.match(port_name):
-                raise FieldError("ports", f"{port_name!r} is not a valid port name")
+            if not KEY_NAME_RE.match(port_name):
+                raise FieldError(
+                    f"ports.{port_name}",
+                    f"{port_name!r} is not a valid port name "
+                    "(letters, digits, '_', '-'; starting with a letter or digit)",
+                )
             if not 0 <= port <= 65535:
                 raise FieldError(
                     f"ports.{port_name}",

@@ -37,7 +37,11 @@ class ServiceState(enum.StrEnum):
 
 @frozen(kw_only=True)
 class ServiceStatus:
-    """A snapshot of one service."""
+    """A snapshot of one service.
+
+    ``pid`` is the process id (a container id for Docker) while it runs;
+    ``exit_code`` is that of its last run that ended, kept across restarts.
+    """
 
     name: str
     state: ServiceState

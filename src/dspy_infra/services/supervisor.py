@@ -80,9 +80,10 @@ async def _lifecycle(manager: ServiceManager, rt: ServiceRuntime) -> None:
         if run.ready:
             ever_ready = True
             manager.set_state(rt, rt.state, "service_exited", run.reason, exit_code=run.exit_code)
-        if run.exit_code == 0 and not (
-            run.ready and config.restart in ("always", "unless-stopped")
-        ):
+        # Exit 0 completes a one-shot job; a service that exits before its
+        # probe passed never became what its dependents wait for.
+        restarts_anyway = config.restart in ("always", "unless-stopped")
+        if run.ready and run.exit_code == 0 and not restarts_anyway:
             manager.set_state(rt, ServiceState.COMPLETED, "service_completed", exit_code=0)
             return
         if not ever_ready:
@@ -129,7 +130,7 @@ async def _run_once(manager: ServiceManager, rt: ServiceRuntime) -> _Run:
                 runner = manager.probe_runner(rt, probe, process, first_line)
                 exit_code, failure = await _race_exit(process, lambda: _probe_until_ready(runner))
                 if exit_code is not None:
-                    reason = "exited before becoming healthy"
+                    reason = f"exited with code {exit_code} before becoming healthy"
                     return _Run(ready=False, exit_code=exit_code, reason=reason)
                 if failure is not None:
                     return _Run(ready=False, exit_code=None, reason=failure)
