@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from dspy_infra.abc import ContainerBackend
-from dspy_infra.errors import BackendUnavailable, ConfigError
+from dspy_infra.errors import BackendUnavailable
 
 __all__ = ["load_backend"]
 
@@ -17,7 +17,10 @@ def load_backend(name: str) -> ContainerBackend:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name == module_name:
-            raise ConfigError(f"unknown backend {name!r}", path="infra.backend") from None
+            raise BackendUnavailable(
+                f"this version of dspy-infra has no {name!r} backend (infra.backend); "
+                "use the local backend"
+            ) from None
         raise BackendUnavailable(
             f"the {name!r} backend needs the {exc.name!r} package: pip install 'dspy-infra[{name}]'"
         ) from None

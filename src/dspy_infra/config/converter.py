@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import cattrs
-from attrs import fields
+from attrs import asdict, fields
 from cattrs.errors import (
     ClassValidationError,
     ForbiddenExtraKeysError,
@@ -196,6 +196,24 @@ converter.register_structure_hook(
         )
     ),
 )
+
+
+def _backoff_with_defaults(name: str) -> Callable[[object, type[Any]], Backoff]:
+    """A partial backoff table keeps the field's own defaults for the other keys.
+
+    ``start_backoff = { max = 1.0 }`` keeps ``initial = 0.2`` (the default of
+    ``start_backoff``), not the 0.1 of a bare :class:`Backoff`.
+    """
+    base = asdict(getattr(ServiceConfig(), name))
+
+    def structure(value: object, _: type[Any]) -> Backoff:
+        if isinstance(value, Mapping):
+            value = {**base, **value}
+        return converter.structure(value, Backoff)
+
+    return structure
+
+
 converter.register_structure_hook(
     ServiceConfig,
     _table(
@@ -204,6 +222,8 @@ converter.register_structure_hook(
             converter,
             command=override(struct_hook=_structure_command),
             depends_on=override(struct_hook=_structure_depends_on),
+            restart_backoff=override(struct_hook=_backoff_with_defaults("restart_backoff")),
+            start_backoff=override(struct_hook=_backoff_with_defaults("start_backoff")),
         )
     ),
 )

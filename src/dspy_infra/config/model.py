@@ -118,11 +118,13 @@ class Probe:
     ``call`` (an async callable given the service's status, or a
     ``"module:function"`` reference to one).
 
-    Startup probing starts after ``interval`` and backs off exponentially, with
-    jitter, up to ``max_interval``, until ``success_threshold`` consecutive
-    successes, the ``deadline`` or ``retries`` attempts. After startup the
-    probe runs every ``liveness_interval`` seconds (0 turns this off);
-    ``failure_threshold`` consecutive failures make the service unhealthy.
+    The first startup check runs right after launch; then the probe waits
+    ``interval``, backing off exponentially, with jitter, up to
+    ``max_interval`` (checking sooner when the service prints a line), until
+    ``success_threshold`` consecutive successes, the ``deadline`` or
+    ``retries`` attempts. After startup the probe runs every
+    ``liveness_interval`` seconds (0 turns this off); ``failure_threshold``
+    consecutive failures make the service unhealthy.
     """
 
     tcp: str | None = None
@@ -133,7 +135,7 @@ class Probe:
     log: str | None = field(default=None, validator=_regex)
     call: ProbeCallable | str | None = None
     interval: float = field(default=0.01, validator=_positive)
-    max_interval: float = field(default=0.05, validator=_positive)
+    max_interval: float = field(default=0.02, validator=_positive)
     timeout: float = field(default=1.0, validator=_positive)
     deadline: float = field(default=60.0, validator=_positive)
     retries: int | None = field(default=None, validator=_at_least_one)

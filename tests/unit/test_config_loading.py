@@ -1,0 +1,622 @@
+"""Configuration loading, case by case: files, pyproject, environment, overrides,
+the cross-field checks, and that bad input changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dspy_infra import Config, ConfigError, Probe, ServiceConfig, ServiceStatus, load_config
+from dspy_infra.config import dump_config
+
+REDIS = """\
+[infra]
+state_dir = "state"
+
+[services.redis]
+command = ["redis-server", "--port", "{port}"]
+ports = { main = 0 }
+health = { tcp = "{port}", interval = 0.05, max_interval = 0.5 }
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def error(source: Any = None, **kwargs: Any) -> ConfigError:
+    """The ConfigError that loading raises (the environment is empty unless given)."""
+    kwargs.setdefault("environ", {})
+    with pytest.raises(ConfigError) as info:
+        load_config(source, **kwargs)
+    return info.value
+
+
+def svc(**fields: Any) -> dict[str, Any]:
+    return {"command": ["run"], **fields}
+
+
+def services(**tables: Any) -> dict[str, Any]:
+    return {"services": tables}
+
+
+# --- files -------------------------------------------------------------------------
+
+
+def test_a_file_loads_and_names_itself(tmp_path: Path) -> None:
+    path = write(tmp_path / "dspy-infra.toml", REDIS)
+    config = load_config(path, environ={})
+    assert config.source == str(path)
+    assert config.services["redis"].command == ("redis-server", "--port", "{port}")
+    assert config.services["redis"].health == Probe(tcp="{port}", interval=0.05, max_interval=0.5)
+    # A str path works as well as a Path.
+    assert load_config(str(path), environ={}) == config
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "bad.toml", "[services.redis\ncommand = 1\n")
+    exc = error(path)
+    assert str(exc).startswith(f"{path}: invalid TOML: ")
+    assert exc.source == str(path)
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    exc = error(path)
+    assert str(exc) == f"{path}: file not found"
+
+
+def test_unreadable_file_names_the_file(tmp_path: Path) -> None:
+    exc = error(tmp_path)  # a directory
+    assert str(exc).startswith(f"{tmp_path}: cannot read: ")
+
+
+def test_bad_value_in_a_file_names_file_and_key_path(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "dspy-infra.toml", REDIS.replace("interval = 0.05", 'interval = "fast"')
+    )
+    exc = error(path)
+    assert str(exc) == (
+        f"{path}: services.redis.health.interval: expected a number, got 'fast' (string)"
+    )
+    assert (exc.source, exc.path) == (str(path), "services.redis.health.interval")
+
+
+def test_compose_files_are_refused_clearly(tmp_path: Path) -> None:
+    path = write(tmp_path / "docker-compose.yml", "services: {}\n")
+    assert str(error(path)).startswith(f"{path}: compose files are not supported")
+
+
+def test_several_errors_are_all_reported(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "dspy-infra.toml",
+        '[infra]\nevent_buffer = "x"\nevent_history = true\nbackend = "local"\n',
+    )
+    assert str(error(path)) == (
+        f"{path}: infra.event_buffer: expected an integer, got 'x' (string) "
+        "(and 1 more: infra.event_history: expected an integer, got True (boolean))"
+    )
+
+
+# --- pyproject.toml ----------------------------------------------------------------
+
+
+PYPROJECT = """\
+[project]
+name = "mine"
+
+[tool.dspy-infra.infra]
+project = "mine"
+
+[tool.dspy-infra.services.kv]
+command = ["kv", "--port", "{port}"]
+ports = { main = 7000 }
+"""
+
+
+def test_pyproject_table_given_explicitly(tmp_path: Path) -> None:
+    path = write(tmp_path / "pyproject.toml", PYPROJECT)
+    config = load_config(path, environ={})
+    assert config.infra.project == "mine"
+    assert config.services["kv"].ports == {"main": 7000}
+    assert config.source == str(path)
+
+
+def test_pyproject_found_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "pyproject.toml", PYPROJECT)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(environ={})
+    assert config.infra.project == "mine"
+    assert config.infra.state_dir == tmp_path / ".dspy-infra"
+
+
+def test_dspy_infra_toml_wins_over_pyproject(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "pyproject.toml", PYPROJECT)
+    write(tmp_path / "dspy-infra.toml", '[infra]\nproject = "own-file"\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_config(environ={}).infra.project == "own-file"
+
+
+def test_pyproject_without_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "pyproject.toml", '[project]\nname = "x"\n[tool.ruff]\n')
+    assert str(error(path)) == f"{path}: no [tool.dspy-infra] table"
+    # Found by itself it is not ours: defaults, not an error.
+    monkeypatch.chdir(tmp_path)
+    config = load_config(environ={})
+    assert config.source is None
+    assert config.services == {}
+
+
+@pytest.mark.parametrize("text", ['tool = "dspy-infra"\n', "tool = 5\n", 'tool.dspy-infra = "x"\n'])
+def test_pyproject_with_odd_tool_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    path = write(tmp_path / "pyproject.toml", text)
+    assert str(error(path)) == f"{path}: no [tool.dspy-infra] table"
+    monkeypatch.chdir(tmp_path)
+    if "dspy-infra =" in text:
+        # It claims the table: a wrong table is an error, not silently skipped.
+        assert str(error()) == f"{path.name}: no [tool.dspy-infra] table"
+    else:
+        assert load_config(environ={}).source is None
+
+
+def test_no_file_at_all_gives_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(environ={})
+    assert config == Config(infra=config.infra)
+    assert config.infra.state_dir == tmp_path / ".dspy-infra"
+    assert config.source is None
+
+
+# --- DSPY_INFRA_CONFIG and the environment -----------------------------------------
+
+
+def test_dspy_infra_config_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "elsewhere" / "conf.toml", REDIS)
+    write(tmp_path / "dspy-infra.toml", '[infra]\nproject = "local-file"\n')
+    monkeypatch.chdir(tmp_path)
+    config = load_config(environ={"DSPY_INFRA_CONFIG": str(path)})
+    assert config.source == str(path)
+    assert "redis" in config.services
+    # Relative paths in it are relative to it, not to the working directory.
+    assert config.infra.state_dir == path.parent / "state"
+    # An explicit source wins over the variable.
+    explicit = load_config(tmp_path / "dspy-infra.toml", environ={"DSPY_INFRA_CONFIG": str(path)})
+    assert explicit.infra.project == "local-file"
+
+
+def test_dspy_infra_config_pointing_nowhere(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    exc = error(environ={"DSPY_INFRA_CONFIG": str(missing)})
+    assert str(exc) == f"{missing}: file not found"
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path / "dspy-infra.toml", REDIS)
+    environ = {
+        "DSPY_INFRA_BACKEND": "docker",
+        "DSPY_INFRA_STATE_DIR": str(tmp_path / "elsewhere"),
+        "DSPY_INFRA_MAX_CONCURRENT_STARTS": "7",
+        "DSPY_INFRA_AUTOSTART": "false",
+        "DSPY_INFRA_PROJECT": '"123"',
+        "DSPY_INFRA_SERVICES__REDIS__RESTART": "always",
+        "DSPY_INFRA_SERVICES__REDIS__IMAGE": "redis:7",
+        "DSPY_INFRA_SERVICES__REDIS__HEALTH__INTERVAL": "0.2",
+        "DSPY_INFRA_SERVICES__REDIS__ENV": '{ A = "1" }',
+        "DSPY_INFRA_SERVICES__KV__COMMAND": '["kv", "--port", "{port}"]',
+        "DSPY_INFRA_SERVICES__KV__PORTS__MAIN": "6000",
+        "DSPY_INFRA_CONFIG": "/not/used/when/a/source/is/given.toml",
+        "DSPY_INFRA_SOMETHING_ELSE": "ignored: belongs to another tool",
+        "OTHER_TOOL_BACKEND": "ignored",
+    }
+    config = load_config(path, environ=environ)
+    assert config.infra.backend == "docker"
+    assert config.infra.state_dir == tmp_path / "elsewhere"
+    assert config.infra.max_concurrent_starts == 7
+    assert config.infra.autostart is False
+    assert config.infra.project == "123"
+    redis = config.services["redis"]
+    assert (redis.restart, redis.image, redis.env) == ("always", "redis:7", {"A": "1"})
+    # A nested table merges key by key: the file's tcp probe is kept.
+    assert redis.health == Probe(tcp="{port}", interval=0.2, max_interval=0.5)
+    assert redis.command == ("redis-server", "--port", "{port}")
+    assert config.services["kv"].command == ("kv", "--port", "{port}")
+    assert config.services["kv"].ports == {"main": 6000}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "path", "expected"),
+    [
+        (
+            "DSPY_INFRA_SERVICES__REDIS__RESTART",
+            "sometimes",
+            "services.redis.restart",
+            "expected one of 'no', 'on-failure', 'always', 'unless-stopped', got 'sometimes'",
+        ),
+        ("DSPY_INFRA_BACKEND", "k8s", "infra.backend", "unknown backend 'k8s'"),
+        (
+            "DSPY_INFRA_MAX_CONCURRENT_STARTS",
+            "0",
+            "infra.max_concurrent_starts",
+            "expected a number >= 1, got 0",
+        ),
+        (
+            "DSPY_INFRA_MAX_CONCURRENT_STARTS",
+            "many",
+            "infra.max_concurrent_starts",
+            "expected an integer, got 'many' (string)",
+        ),
+        ("DSPY_INFRA_PROJECT", "123", "infra.project", "expected a string, got 123 (integer)"),
+        (
+            "DSPY_INFRA_SERVICES__REDIS__BOGUS",
+            "1",
+            "services.redis.bogus",
+            "unknown key (expected one of: ",
+        ),
+        ("DSPY_INFRA_INFRA__BOGUS", "1", "infra.bogus", "unknown key"),
+        (
+            "DSPY_INFRA_SERVICES__REDIS__HEALTH__TCP",
+            '"{nope}"',
+            "services.redis.health.tcp",
+            "unknown placeholder {nope}",
+        ),
+        (
+            "DSPY_INFRA_SERVICES__REDIS__PORTS__MAIN",
+            "99999",
+            "services.redis.ports.main",
+            "is not a port number",
+        ),
+        (
+            "DSPY_INFRA_SERVICES__REDIS__COMMAND__X",
+            "1",
+            "services.redis.command",
+            "cannot set services.redis.command.x: expected a table here",
+        ),
+        (
+            "DSPY_INFRA_SERVICES__REDIS__DEPENDS_ON",
+            '["nope"]',
+            "services.redis.depends_on.nope",
+            "unknown service 'nope'",
+        ),
+    ],
+)
+def test_invalid_environment_value_names_the_variable(
+    tmp_path: Path, name: str, value: str, path: str, expected: str
+) -> None:
+    file = write(tmp_path / "dspy-infra.toml", REDIS)
+    exc = error(file, environ={name: value})
+    assert str(exc).startswith(f"environment variable {name}: {path}: "), str(exc)
+    assert expected in str(exc)
+    assert (exc.source, exc.path) == (f"environment variable {name}", path)
+
+
+def test_an_error_in_the_file_still_names_the_file(tmp_path: Path) -> None:
+    file = write(tmp_path / "dspy-infra.toml", REDIS.replace("{port}", "{nope}", 1))
+    exc = error(file, environ={"DSPY_INFRA_SERVICES__REDIS__RESTART": "always"})
+    assert str(exc).startswith(f"{file}: services.redis.command[2]: unknown placeholder {{nope}}")
+
+
+def test_os_environ_is_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = write(tmp_path / "dspy-infra.toml", REDIS)
+    monkeypatch.setenv("DSPY_INFRA_SERVICES__REDIS__RESTART", "on-failure")
+    assert load_config(file).services["redis"].restart == "on-failure"
+
+
+# --- keyword overrides and precedence ----------------------------------------------
+
+
+def test_keyword_overrides(tmp_path: Path) -> None:
+    file = write(tmp_path / "dspy-infra.toml", REDIS)
+    config = load_config(
+        file,
+        environ={},
+        overrides={
+            "state_dir": tmp_path / "over",
+            "MAX_CONCURRENT_STARTS": 2,
+            "services__redis__restart": "always",
+            "infra": {"project": "p"},
+            "services": {"kv": {"command": ["kv"]}},
+        },
+    )
+    assert config.infra.state_dir == tmp_path / "over"
+    assert config.infra.max_concurrent_starts == 2
+    assert config.infra.project == "p"
+    assert config.services["redis"].restart == "always"
+    assert config.services["redis"].ports == {"main": 0}  # merged, not replaced
+    assert config.services["kv"].command == ("kv",)
+
+
+def test_unknown_override_is_refused() -> None:
+    exc = error({}, overrides={"bogus": 1})
+    assert str(exc).startswith("overrides: bogus: unknown key (expected a section or an [infra]")
+    exc = error({}, overrides={"services__x__restart": "never"})
+    assert str(exc).startswith("override services__x__restart=: services.x.restart: expected")
+
+
+def test_precedence_file_then_environment_then_overrides(tmp_path: Path) -> None:
+    file = write(tmp_path / "dspy-infra.toml", '[infra]\nproject = "file"\nevent_buffer = 3\n')
+    assert load_config(file, environ={}).infra.project == "file"
+    environ = {"DSPY_INFRA_PROJECT": "env", "DSPY_INFRA_EVENT_BUFFER": "4"}
+    config = load_config(file, environ=environ)
+    assert (config.infra.project, config.infra.event_buffer) == ("env", 4)
+    config = load_config(file, environ=environ, overrides={"project": "kw"})
+    assert (config.infra.project, config.infra.event_buffer) == ("kw", 4)
+    # An error in an overridden value names the last one that set it.
+    exc = error(file, environ=environ, overrides={"event_buffer": 0})
+    assert exc.source == "override event_buffer="
+
+
+def test_config_object_source(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path / "dspy-infra.toml", REDIS), environ={})
+    # Nothing to apply: the very same object.
+    assert load_config(config, environ={}) is config
+    changed = load_config(config, environ={"DSPY_INFRA_SERVICES__REDIS__RESTART": "always"})
+    assert changed.services["redis"].restart == "always"
+    assert changed.source == config.source
+    assert changed.infra.state_dir == config.infra.state_dir
+
+
+def test_config_object_keeps_a_python_probe_callable(tmp_path: Path) -> None:
+    def make() -> Any:
+        async def ready(status: ServiceStatus) -> bool:
+            return True
+
+        return ready
+
+    probe = make()
+    config = Config(services={"a": ServiceConfig(command=("x",), health=Probe(call=probe))})
+    loaded = load_config(
+        config, environ={"DSPY_INFRA_PROJECT": "p"}, overrides={"autostart": False}
+    )
+    health = loaded.services["a"].health
+    assert health is not None
+    assert health.call is probe
+    assert loaded.infra.project == "p"
+
+
+def test_probe_call_by_reference() -> None:
+    config = load_config(services(a=svc(health={"call": "asyncio:sleep"})), environ={})
+    health = config.services["a"].health
+    assert health is not None
+    sleep: object = asyncio.sleep
+    assert health.call is sleep
+    for ref, expected in [
+        ("asyncio", "expected 'module:function', got 'asyncio'"),
+        ("no_such_module_x:f", "cannot import 'no_such_module_x:f'"),
+        ("asyncio:no_such_name", "cannot import 'asyncio:no_such_name'"),
+        ("os:getcwd", "'os:getcwd' is not an async function"),
+    ]:
+        exc = error(services(a=svc(health={"call": ref})))
+        assert exc.path == "services.a.health.call"
+        assert expected in str(exc)
+
+
+# --- cross-field checks ------------------------------------------------------------
+
+
+def test_cycle_message_shows_the_whole_cycle() -> None:
+    doc = services(
+        a=svc(depends_on=["b"]),
+        b=svc(depends_on={"c": {"condition": "started"}}),
+        c=svc(depends_on=["a"]),
+    )
+    assert str(error(doc)) == "<mapping>: services.a.depends_on: cycle: a -> b -> c -> a"
+    self_loop = services(a=svc(depends_on=["a"]))
+    assert str(error(self_loop)) == "<mapping>: services.a.depends_on: cycle: a -> a"
+
+
+def test_placeholder_of_a_non_dependency_is_refused() -> None:
+    db = svc(ports={"main": 0})
+    doc = services(db=db, app=svc(env={"DB": "{services.db.port}"}))
+    exc = error(doc)
+    assert exc.path == "services.app.env.DB"
+    assert "refers to 'db', which is not among this service's dependencies" in str(exc)
+    # A dependency, direct or not, is fine.
+    chain = services(
+        db=db,
+        mid=svc(depends_on=["db"]),
+        app=svc(depends_on=["mid"], env={"DB": "{services.db.host}:{services.db.port}"}),
+    )
+    assert load_config(chain, environ={}).services["app"].env == {
+        "DB": "{services.db.host}:{services.db.port}"
+    }
+
+
+def test_port_placeholder_needs_one_obvious_port() -> None:
+    several = {"http": 0, "grpc": 0}
+    exc = error(services(a=svc(ports=several, command=["a", "{port}"])))
+    assert exc.path == "services.a.command[1]"
+    assert "several ports (grpc, http) and none named 'main': use {ports.NAME}" in str(exc)
+    exc = error(services(a=svc(command=["a", "{port}"])))
+    assert "declares no ports" in str(exc)
+    for ports in ({"http": 0}, {**several, "main": 0}):
+        load_config(services(a=svc(ports=ports, command=["a", "{port}"])), environ={})
+    load_config(services(a=svc(ports=several, command=["a", "{ports.grpc}"])), environ={})
+    exc = error(services(a=svc(ports=several, command=["a", "{ports.main}"])))
+    assert "has no port 'main' (ports: grpc, http)" in str(exc)
+
+
+def test_log_ready_needs_a_pattern_or_a_log_probe() -> None:
+    def doc(dep: dict[str, Any], **b: Any) -> dict[str, Any]:
+        return services(a=svc(depends_on={"b": dep}), b=svc(**b))
+
+    exc = error(doc({"condition": "log_ready"}))
+    assert str(exc) == (
+        "<mapping>: services.a.depends_on.b: "
+        "condition 'log_ready' needs a pattern (or a log probe on 'b')"
+    )
+    exc = error(doc({"condition": "log_ready"}, health={"tcp": "127.0.0.1:1"}))
+    assert exc.path == "services.a.depends_on.b"
+    load_config(doc({"condition": "log_ready", "pattern": "ready"}), environ={})
+    load_config(doc({"condition": "log_ready"}, health={"log": "ready"}), environ={})
+    exc = error(doc({"condition": "healthy", "pattern": "ready"}))
+    assert str(exc).endswith(
+        "services.a.depends_on.b.pattern: applies only to condition 'log_ready'"
+    )
+
+
+def test_shell_string_needs_shell_true() -> None:
+    exc = error(services(a={"command": "redis-server --port {port}", "ports": {"main": 0}}))
+    assert exc.path == "services.a.command"
+    assert "runs through a shell only with shell = true" in str(exc)
+    config = load_config(
+        services(a={"command": "echo $$ {port}", "shell": True, "ports": {"main": 0}}),
+        environ={},
+    )
+    assert config.services["a"].command == "echo $$ {port}"
+
+
+def test_probe_command_is_a_list_only() -> None:
+    # A probe has no shell switch: a string would be split into characters.
+    exc = error(services(a=svc(health={"command": "redis-cli ping"})))
+    assert str(exc) == (
+        "<mapping>: services.a.health.command: "
+        "expected a list of strings, got 'redis-cli ping' (string)"
+    )
+
+
+def test_command_is_required_with_the_local_backend_only() -> None:
+    exc = error(services(a={"image": "redis:7"}))
+    assert str(exc) == "<mapping>: services.a.command: required with the local backend"
+    load_config({"infra": {"backend": "docker"}, **services(a={"image": "redis:7"})}, environ={})
+
+
+@pytest.mark.parametrize("name", ["a.b", "../up", "", "a b", "-x"])
+def test_service_names_are_checked(name: str) -> None:
+    exc = error(services(**{name: svc()}))
+    assert exc.path == f"services.{name}"
+    assert f"{name!r} is not a valid service name" in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("doc", "path"),
+    [
+        ({"services": 5}, "services"),
+        ({"infra": []}, "infra"),
+        (services(a="redis"), "services.a"),
+        (services(a=svc(health="tcp")), "services.a.health"),
+        (services(a=svc(env=["A=1"])), "services.a.env"),
+        (services(a=svc(ports=8080)), "services.a.ports"),
+        (services(a=svc(start_backoff=1.5)), "services.a.start_backoff"),
+        (services(a=svc(depends_on={"b": "healthy"}), b=svc()), "services.a.depends_on.b"),
+    ],
+)
+def test_a_table_where_a_table_belongs(doc: dict[str, Any], path: str) -> None:
+    exc = error(doc)
+    assert exc.path == path
+    assert ": expected a table, got " in str(exc)
+
+
+def test_huge_numbers_are_clear() -> None:
+    exc = error(services(a=svc(health={"log": "x", "interval": 10**400})))
+    assert str(exc) == (
+        "<mapping>: services.a.health.interval: expected a number, got an integer too large"
+    )
+    # A huge count is just a large count.
+    config = load_config({"infra": {"event_history": 10**30}}, environ={})
+    assert config.infra.event_history == 10**30
+
+
+# --- paths -------------------------------------------------------------------------
+
+
+def test_relative_paths_are_relative_to_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "conf"
+    path = write(
+        conf / "dspy-infra.toml",
+        '[infra]\nstate_dir = "../state"\n'
+        '[services.a]\ncommand = ["a"]\ncwd = "work/dir"\n'
+        '[services.b]\ncommand = ["b"]\ncwd = "/abs/dir"\n'
+        '[services.c]\ncommand = ["c"]\ncwd = "{service_dir}/x"\n',
+    )
+    monkeypatch.chdir(tmp_path / "..")
+    config = load_config(path, environ={})
+    assert config.infra.state_dir == tmp_path / "state"
+    assert config.services["a"].cwd == str(conf / "work" / "dir")
+    assert config.services["b"].cwd == "/abs/dir"
+    assert config.services["c"].cwd == "{service_dir}/x"  # filled in at start
+
+
+def test_mapping_paths_are_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config({"infra": {"state_dir": "s"}, **services(a=svc(cwd="w"))}, environ={})
+    assert config.infra.state_dir == tmp_path / "s"
+    assert config.services["a"].cwd == str(tmp_path / "w")
+
+
+# --- bad input changes nothing -----------------------------------------------------
+
+
+BAD_DOCUMENTS = [
+    '[services.a]\ncommand = ["a"]\nrestart = "sometimes"\n',
+    '[services.a]\ncommand = ["a", "{services.b.port}"]\n',
+    '[services.a]\ncommand = ["a"]\ndepends_on = ["a"]\n',
+    "[services.a\n",
+]
+
+
+@pytest.mark.parametrize("text", BAD_DOCUMENTS)
+def test_bad_input_changes_nothing(tmp_path: Path, text: str) -> None:
+    state = tmp_path / "state"
+    path = write(tmp_path / "dspy-infra.toml", f'[infra]\nstate_dir = "{state}"\n' + text)
+    environ = {"DSPY_INFRA_PROJECT": "p"}
+    before = sorted(tmp_path.rglob("*"))
+    error(path, environ=environ)
+    assert sorted(tmp_path.rglob("*")) == before
+    assert path.read_text() == f'[infra]\nstate_dir = "{state}"\n' + text
+    assert environ == {"DSPY_INFRA_PROJECT": "p"}
+
+
+def test_loading_never_writes(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    doc = {"infra": {"state_dir": str(state)}, **services(a=svc(cwd="w"))}
+    load_config(doc, environ={})
+    assert not state.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_callers_mappings_are_not_changed() -> None:
+    doc = services(a=svc(health={"log": "x"}))
+    overrides = {"services": {"a": {"env": {"A": "1"}}}, "services__a__env__B": "2"}
+    load_config(doc, environ={"DSPY_INFRA_SERVICES__A__RESTART": "always"}, overrides=overrides)
+    assert doc == services(a=svc(health={"log": "x"}))
+    assert overrides == {"services": {"a": {"env": {"A": "1"}}}, "services__a__env__B": "2"}
+
+
+# --- dump_config -------------------------------------------------------------------
+
+
+def test_dump_config_round_trips_a_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path / "dspy-infra.toml", REDIS), environ={})
+    text = dump_config(config)
+    assert f'state_dir = "{tmp_path / "state"}"' in text
+    dumped = write(tmp_path / "dumped" / "dspy-infra.toml", text)
+    again = load_config(dumped, environ={})
+    assert again == config
+    assert again.source == str(dumped)
+    assert tomllib.loads(text)["services"]["redis"]["ports"] == {"main": 0}
+
+
+def test_a_partial_backoff_keeps_its_own_defaults() -> None:
+    config = load_config(
+        services(a=svc(start_backoff={"max": 1.0}, restart_backoff={"factor": 3})), environ={}
+    )
+    a = config.services["a"]
+    assert (a.start_backoff.initial, a.start_backoff.max) == (0.2, 1.0)
+    assert (a.restart_backoff.initial, a.restart_backoff.factor) == (0.1, 3.0)
+    assert load_config(services(a=svc()), environ={}).services["a"].start_backoff.initial == 0.2
