@@ -166,10 +166,9 @@ class LocalBackend:
                 **self._owner,
                 "service": spec.name,
                 "pid": process.pid,
-                "start": start_time(process.pid),
                 "labels": dict(spec.labels),
             }
-            await anyio.to_thread.run_sync(record.write_text, json.dumps(data))
+            await anyio.to_thread.run_sync(_write_record, record, data)
         return LocalProcess(spec, process, record)
 
     async def close(self) -> None:
@@ -191,6 +190,11 @@ def _environment(extra: Mapping[str, str]) -> dict[str, str]:
     # Python services block-buffer a piped stdout, which would hide the very
     # lines that log probes and log_ready wait for; unbuffer unless told not to.
     return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _write_record(path: Path, data: dict[str, Any]) -> None:
+    # The start time tells this process apart from a later one with its pid.
+    path.write_text(json.dumps({**data, "start": start_time(data["pid"])}))
 
 
 def _decode(raw: bytes) -> str:

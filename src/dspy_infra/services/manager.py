@@ -106,8 +106,9 @@ class ServiceManager:
         launched = []
         for name in self.list():
             rt = self._runtimes[name]
-            restartable = rt.state in _ENDED or (name in wanted and not rt.active)
-            if name in closure and not rt.active and restartable:
+            # Dependencies that ended are started again; so is anything named
+            # explicitly, a completed one-shot job included.
+            if name in closure and not rt.active and (rt.state in _ENDED or name in wanted):
                 self._spawn(rt)
                 launched.append(rt)
         targets = [self._runtimes[n] for n in closure]
