@@ -8,13 +8,27 @@ implementation has to pass, rather than merely having the right methods.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from attrs import field, frozen
 
-__all__ = ["ContainerBackend", "LaunchSpec", "ServiceProcess"]
+from dspy_infra.config.model import Config, HandlerConfig, TaskClass
+
+if TYPE_CHECKING:
+    from dspy_infra.scheduling.tasks import TaskEvent, TaskRequest, TaskStatus
+
+__all__ = [
+    "ContainerBackend",
+    "LaunchSpec",
+    "RunFailed",
+    "Runner",
+    "RunnerContext",
+    "Scheduler",
+    "ServiceProcess",
+    "TaskRun",
+]
 
 
 @frozen(kw_only=True)
@@ -104,3 +118,130 @@ class ContainerBackend(Protocol):
 
     async def close(self) -> None:
         """Release the backend's own resources (not the services: they are stopped first)."""
+
+
+@frozen(kw_only=True)
+class TaskRun:
+    """One attempt of one task, as a runner (and an in-process handler) sees it.
+
+    ``gpus`` are the devices leased to this attempt; ``env`` holds what the
+    work must see in its environment (``CUDA_VISIBLE_DEVICES``...).
+    ``work_dir`` is this task's own directory under ``tasks_dir``; runners
+    create it when they need it.
+    """
+
+    task_id: str
+    handler: str
+    payload: Any
+    attempt: int
+    task_class: str
+    class_config: TaskClass
+    handler_config: HandlerConfig | None = None
+    gpus: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(factory=dict)
+    tasks_dir: Path
+
+    @property
+    def work_dir(self) -> Path:
+        # Computed on demand: most attempts (in-process ones) never need it,
+        # and a Path costs more than the rest of a TaskRun.
+        return self.tasks_dir / self.task_id
+
+
+@frozen(kw_only=True)
+class RunnerContext:
+    """What a runner is given when it opens: the instance it works for.
+
+    ``handlers`` is the live registry of in-process handlers
+    (``@infra.task("name")``).
+    """
+
+    config: Config
+    state_dir: Path
+    instance_id: str
+    project: str
+    handlers: Mapping[str, Callable[..., Any]]
+
+
+class RunFailed(Exception):
+    """A runner's way to say an attempt failed, with what a person needs to see why.
+
+    Any other exception raised by :meth:`Runner.run` fails the attempt too;
+    this one lets a runner add the exit code and the last lines of output.
+    """
+
+    def __init__(self, message: str, *, exit_code: int | None = None, output: Sequence[str] = ()):
+        self.message = message
+        self.exit_code = exit_code
+        self.output = tuple(output)
+        text = message
+        if self.output:
+            text += "\n  last output lines:\n" + "\n".join(f"    {line}" for line in self.output)
+        super().__init__(text)
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """Executes task attempts: in this process, as subprocesses, containers, Slurm jobs.
+
+    The scheduler decides when and where (limits, resources, GPUs, retries,
+    timeouts); a runner only runs one attempt per :meth:`run` call, as many
+    at once as it is asked to.
+    """
+
+    @property
+    def name(self) -> str:
+        """The name it is chosen by in a task class (``runner = "process"``)."""
+
+    async def open(self, context: RunnerContext) -> list[str]:
+        """Get ready, and remove what crashed owners left behind (described in the list)."""
+
+    def validate(self, handler: str) -> str | None:
+        """Why ``handler`` cannot run here (unknown, not configured), or None when it can.
+
+        Called at submit time, so that a task that cannot run is refused
+        before it is stored.
+        """
+
+    async def run(self, run: TaskRun) -> Any:
+        """Run one attempt; return its result (a JSON-compatible value).
+
+        Raises :class:`RunFailed` (or any exception) when the attempt fails.
+        When cancelled (the task was cancelled, or its timeout expired), stops
+        the work before it returns: nothing of the attempt is left running.
+        """
+
+    async def close(self) -> None:
+        """Release the runner's own resources (attempts are cancelled first)."""
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """Stores tasks durably and runs them by class, priority and resources."""
+
+    async def submit(self, request: TaskRequest) -> str:
+        """Store the task (once per ``task_id``) and queue it; its id, once it is committed.
+
+        Raises :class:`~dspy_infra.errors.InvalidTask` for bad input, storing nothing.
+        """
+
+    async def submit_many(self, requests: Iterable[TaskRequest]) -> list[str]:
+        """Like :meth:`submit` for many tasks at once: all or none, one commit."""
+
+    async def status(self, task_id: str) -> TaskStatus:
+        """The task's current status; raises :class:`~dspy_infra.errors.UnknownTask`."""
+
+    async def wait(self, task_id: str) -> TaskStatus:
+        """Wait until the task has finished (however it ended); return its final status."""
+
+    async def cancel(self, task_id: str) -> TaskStatus:
+        """Cancel the task if it has not finished; return its status after that."""
+
+    def results(
+        self, task_ids: Collection[str] | None = None, *, since: int | None = None
+    ) -> AsyncGenerator[TaskEvent, None]:
+        """Final events of ``task_ids`` (all tasks when None) as they finish.
+
+        With task ids, ends once each has finished. With ``since``, results
+        after that event sequence number are replayed first.
+        """

@@ -10,7 +10,14 @@ can catch the library's failures without catching their own bugs::
      │    ├── UnknownService    a name that the configuration does not declare
      │    └── ServiceStartError a service could not be brought up (exit code, log tail)
      │         └── DependencyFailed   ... because a service it depends on failed first
-     └── InfraClosed            an AgentInfra used outside its ``async with`` block
+     ├── InfraClosed            an AgentInfra used outside its ``async with`` block
+     └── TaskError              a problem with one task (``task_id``)
+          ├── InvalidTask       bad submit input (class, handler, payload, priority); nothing stored
+          ├── UnknownTask       a task id the store does not hold
+          ├── TaskFailed        the task ended without a result (``state``, ``error``)
+          │    ├── TaskTimedOut the queue or run timeout expired
+          │    └── TaskLost     it was running when its instance died, with no attempt left
+          └── TaskCancelled     it was cancelled
 """
 
 from __future__ import annotations
@@ -23,9 +30,16 @@ __all__ = [
     "DependencyFailed",
     "InfraClosed",
     "InfraError",
+    "InvalidTask",
     "ServiceError",
     "ServiceStartError",
+    "TaskCancelled",
+    "TaskError",
+    "TaskFailed",
+    "TaskLost",
+    "TaskTimedOut",
     "UnknownService",
+    "UnknownTask",
 ]
 
 
@@ -110,3 +124,49 @@ class DependencyFailed(ServiceStartError):
         super().__init__(
             service, f"dependency {dependency!r} {reason}", exit_code=exit_code, log_tail=log_tail
         )
+
+
+class TaskError(InfraError):
+    """A failure concerning one task."""
+
+    def __init__(self, task_id: str, message: str):
+        self.task_id = task_id
+        super().__init__(message)
+
+
+class InvalidTask(TaskError, ValueError):
+    """The submitted task is malformed; it was not stored."""
+
+
+class UnknownTask(TaskError, KeyError):
+    """A task id that this instance's store does not hold."""
+
+    def __init__(self, task_id: str):
+        super().__init__(task_id, f"unknown task {task_id!r}")
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0])
+
+
+class TaskFailed(TaskError):
+    """The task ended without a result: ``state`` says how, ``error`` what it reported."""
+
+    def __init__(self, task_id: str, state: str, error: str):
+        self.state = state
+        self.error = error
+        super().__init__(task_id, f"task {task_id!r} {state}: {error}")
+
+
+class TaskTimedOut(TaskFailed):
+    """The task waited or ran longer than its timeout allows."""
+
+
+class TaskLost(TaskFailed):
+    """The task was running when its instance died, and had no attempt left."""
+
+
+class TaskCancelled(TaskError):
+    """The task was cancelled before it finished."""
+
+    def __init__(self, task_id: str):
+        super().__init__(task_id, f"task {task_id!r} was cancelled")

@@ -11,10 +11,10 @@ import enum
 import logging
 import os
 import uuid
-from collections.abc import AsyncGenerator, Collection, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -25,12 +25,16 @@ from dspy_infra.backends import load_backend
 from dspy_infra.config import Config, load_config
 from dspy_infra.errors import InfraClosed
 from dspy_infra.events import Event, EventBus
+from dspy_infra.scheduling.scheduler import ClassStatus, LocalScheduler
+from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskRequest, TaskStatus
 from dspy_infra.services.manager import ServiceManager
 from dspy_infra.services.status import ServiceState, ServiceStatus
 
 __all__ = ["AgentInfra", "HealthReport"]
 
 log = logging.getLogger("dspy_infra")
+
+H = TypeVar("H", bound=Callable[..., Any])
 
 
 class _Lifecycle(enum.Enum):
@@ -69,14 +73,22 @@ class AgentInfra:
             print(await infra.health_check())
     """
 
-    def __init__(self, config: Config, *, backend: ContainerBackend | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        backend: ContainerBackend | None = None,
+        handlers: Mapping[str, Callable[..., Any]] | None = None,
+    ):
         self.config = config
         self.instance_id = uuid.uuid4().hex[:12]
         self._backend = backend if backend is not None else load_backend(config.infra.backend)
+        self._handlers: dict[str, Callable[..., Any]] = dict(handlers or {})
         self._lifecycle = _Lifecycle.UNOPENED
         self._stack: AsyncExitStack | None = None
         self._bus: EventBus | None = None
         self._services: ServiceManager | None = None
+        self._scheduler: LocalScheduler | None = None
 
     @classmethod
     def start(
@@ -85,6 +97,7 @@ class AgentInfra:
         /,
         *,
         backend: str | ContainerBackend | None = None,
+        handlers: Mapping[str, Callable[..., Any]] | None = None,
         **overrides: Any,
     ) -> Self:
         """Configure an instance; ``async with`` it to start the infrastructure.
@@ -94,14 +107,32 @@ class AgentInfra:
         ``overrides`` replace ``[infra]`` keys or whole sections
         (``state_dir=...``, ``services={...}``). ``backend`` is a backend name
         or a :class:`~dspy_infra.abc.ContainerBackend` object, used instead of
-        the configured one.
+        the configured one. ``handlers`` maps handler names to in-process
+        functions, like :meth:`task`.
         """
         if isinstance(backend, str):
             overrides["backend"] = backend
         return cls(
             load_config(config, overrides=overrides),
             backend=None if isinstance(backend, str) else backend,
+            handlers=handlers,
         )
+
+    def task(self, name: str | None = None) -> Callable[[H], H]:
+        """Register an in-process handler: ``@infra.task("embed")``.
+
+        The handler takes the payload (and, if it has a second parameter, the
+        :class:`~dspy_infra.abc.TaskRun`) and returns a JSON-compatible result.
+        Async handlers run on the event loop; plain functions in worker
+        threads. Register handlers before ``async with``, so that tasks
+        recovered from the store find theirs.
+        """
+
+        def register(handler: H) -> H:
+            self._handlers[name or handler.__name__] = handler
+            return handler
+
+        return register
 
     async def __aenter__(self) -> Self:
         if self._lifecycle is not _Lifecycle.UNOPENED:
@@ -134,6 +165,15 @@ class AgentInfra:
             )
             stack.push_async_callback(self._services.aclose)
             try:
+                self._scheduler = await stack.enter_async_context(
+                    LocalScheduler(
+                        self.config,
+                        bus=self._bus,
+                        services=self._services,
+                        handlers=self._handlers,
+                        instance_id=self.instance_id,
+                    )
+                )
                 if self.config.infra.autostart:
                     await self._services.start()
             except Exception as exc:  # noqa: BLE001 - re-raised below, unwrapped
@@ -184,6 +224,120 @@ class AgentInfra:
         else:
             overall = "healthy"
         return HealthReport(status=overall, services=statuses)
+
+    async def submit_task(
+        self,
+        handler: str,
+        payload: Any = None,
+        *,
+        task_class: str = "cpu_short",
+        priority: int = 0,
+        needs: Iterable[str] = (),
+        task_id: str | None = None,
+        workflow_id: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the task's timeout, not this call's
+        resources: Resources | None = None,
+    ) -> TaskHandle:
+        """Store a task and queue it; return once it is durably stored.
+
+        ``handler`` names an in-process function (:meth:`task`) or a
+        ``[handlers.NAME]`` entry; ``task_class`` decides the runner, limit
+        and resources; higher ``priority`` runs first (0 to
+        ``max_priority``). ``needs`` names services that must be healthy
+        before it starts. Submitting again with the same ``task_id`` returns
+        the task already stored. Raises :class:`~dspy_infra.errors.InvalidTask`,
+        storing nothing, for bad input.
+        """
+        task_id = await self._tasks.submit(
+            TaskRequest(
+                handler=handler,
+                payload=payload,
+                task_class=task_class,
+                priority=priority,
+                needs=tuple(needs),
+                task_id=task_id,
+                workflow_id=workflow_id,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                resources=resources,
+            )
+        )
+        return TaskHandle(task_id, scheduler=self._tasks)
+
+    async def submit_tasks(
+        self,
+        handler: str,
+        payloads: Iterable[Any],
+        *,
+        task_class: str = "cpu_short",
+        priority: int = 0,
+        needs: Iterable[str] = (),
+        workflow_id: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the tasks' timeout, not this call's
+        resources: Resources | None = None,
+    ) -> list[TaskHandle]:
+        """Submit one task per payload, all or none, in one commit; their handles in order.
+
+        Much cheaper per task than calls to :meth:`submit_task` when a loop
+        produces many tasks at once; follow them with
+        :meth:`stream_task_results`.
+        """
+        needs = tuple(needs)
+        task_ids = await self._tasks.submit_many(
+            TaskRequest(
+                handler=handler,
+                payload=payload,
+                task_class=task_class,
+                priority=priority,
+                needs=needs,
+                workflow_id=workflow_id,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                resources=resources,
+            )
+            for payload in payloads
+        )
+        return [TaskHandle(task_id, scheduler=self._tasks) for task_id in task_ids]
+
+    async def get_task_status(self, task_id: str) -> TaskStatus:
+        """The task's current status; :class:`~dspy_infra.errors.UnknownTask` if there is none."""
+        return await self._tasks.status(task_id)
+
+    async def cancel_task(self, task_id: str) -> TaskStatus:
+        """Cancel a task that has not finished; return once it has stopped, with its status.
+
+        A running attempt is cancelled where it is: at its next ``await`` for
+        an in-process handler, by SIGTERM then SIGKILL for a process.
+        """
+        return await self._tasks.cancel(task_id)
+
+    def task_handle(self, task_id: str) -> TaskHandle:
+        """A handle on a task submitted earlier (by this or a previous instance)."""
+        return TaskHandle(task_id, scheduler=self._tasks)
+
+    async def stream_task_results(
+        self, task_ids: Collection[str] | None = None, *, since: int | None = None
+    ) -> AsyncGenerator[TaskEvent, None]:
+        """The final event of each task as it finishes (``r.result``, ``r.error``, ``r.seq``).
+
+        With ``task_ids``, those that already finished come first and the
+        stream ends when all have; without, it follows every task. With
+        ``since``, final events after that sequence number are replayed first.
+        """
+        async for event in self._tasks.results(task_ids, since=since):
+            yield event
+
+    def task_classes(self) -> dict[str, ClassStatus]:
+        """Each task class's current concurrency limit and load."""
+        return self._tasks.classes()
+
+    @property
+    def _tasks(self) -> LocalScheduler:
+        self._check_open()
+        assert self._scheduler is not None
+        return self._scheduler
 
     async def stream_events(
         self, types: Collection[str] | None = None, *, since: int | None = None

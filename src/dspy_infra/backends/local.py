@@ -9,13 +9,9 @@ SIGKILLed Python process leaks nothing past its next start.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shlex
-import signal
 import subprocess
-import time
 from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,14 +20,13 @@ import anyio
 import anyio.to_thread
 from anyio.abc import Process
 
-from dspy_infra._procfs import group_alive, start_time
+from dspy_infra._process_group import owner_identity, stop_group, sweep, write_record
 from dspy_infra.abc import LaunchSpec
 from dspy_infra.errors import ServiceStartError
 
 __all__ = ["Backend", "LocalBackend"]
 
 _MAX_LINE = 64 * 1024
-_SWEEP_KILL_WAIT = 5.0
 
 
 class LocalProcess:
@@ -39,7 +34,6 @@ class LocalProcess:
         self._spec = spec
         self._process = process
         self._record = record
-        self._pgid = process.pid  # leader of its own session, so pgid == pid
 
     @property
     def id(self) -> str:
@@ -71,13 +65,7 @@ class LocalProcess:
         return await self._process.wait()
 
     async def stop(self, grace: float) -> int:
-        self._signal(signal.SIGTERM)
-        with anyio.move_on_after(grace):
-            await self._wait_group_gone()
-        if await self._group_alive():
-            self._signal(signal.SIGKILL)
-            await self._wait_group_gone()
-        code = await self._process.wait()
+        code = await stop_group(self._process, grace)
         await anyio.to_thread.run_sync(lambda: self._record.unlink(missing_ok=True))
         return code
 
@@ -90,26 +78,6 @@ class LocalProcess:
             env=_environment(self._spec.env),
         )
         return result.returncode, _decode(result.stdout[-4096:])
-
-    def _signal(self, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._pgid, sig)
-
-    async def _group_alive(self) -> bool:
-        # One syscall answers "gone" in the common case; only a group that
-        # still answers needs the /proc scan (which tells zombies apart).
-        try:
-            os.killpg(self._pgid, 0)
-        except ProcessLookupError:
-            return False
-        return await anyio.to_thread.run_sync(group_alive, self._pgid)
-
-    async def _wait_group_gone(self) -> None:
-        await self._process.wait()
-        delay = 0.005
-        while await self._group_alive():
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.1)
 
 
 class LocalBackend:
@@ -128,14 +96,13 @@ class LocalBackend:
         self._records = state_dir / "local"
         self._instance_id = instance_id
         self._owner = {
-            "owner_pid": os.getpid(),
-            "owner_start": start_time(os.getpid()),
+            **owner_identity(),
             "instance": instance_id,
             "project": project,
         }
         records = self._records
         await anyio.to_thread.run_sync(lambda: records.mkdir(parents=True, exist_ok=True))
-        return await anyio.to_thread.run_sync(_sweep, records)
+        return await anyio.to_thread.run_sync(sweep, records, _describe)
 
     async def launch(self, spec: LaunchSpec) -> LocalProcess:
         if self._records is None:
@@ -168,7 +135,7 @@ class LocalBackend:
                 "pid": process.pid,
                 "labels": dict(spec.labels),
             }
-            await anyio.to_thread.run_sync(_write_record, record, data)
+            await anyio.to_thread.run_sync(write_record, record, data)
         return LocalProcess(spec, process, record)
 
     async def close(self) -> None:
@@ -192,43 +159,9 @@ def _environment(extra: Mapping[str, str]) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def _write_record(path: Path, data: dict[str, Any]) -> None:
-    # The start time tells this process apart from a later one with its pid.
-    path.write_text(json.dumps({**data, "start": start_time(data["pid"])}))
-
-
 def _decode(raw: bytes) -> str:
     return raw.decode(errors="replace").rstrip("\r")
 
 
-def _sweep(records: Path) -> list[str]:
-    """Kill the process groups recorded by owners that are no longer running."""
-    removed = []
-    for path in sorted(records.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-            owner_pid, owner_start = data["owner_pid"], data["owner_start"]
-            pgid, service = data["pid"], data["service"]
-        except (OSError, ValueError, KeyError, TypeError):
-            path.unlink(missing_ok=True)
-            continue
-        if start_time(owner_pid) == owner_start:
-            continue  # its owner is alive: not ours to touch
-        leader_start = start_time(pgid)
-        # The group is ours if its leader is the process we started, or if the
-        # leader is gone and only its group remains.
-        if (leader_start is None or leader_start == data.get("start")) and group_alive(pgid):
-            _kill_group(pgid)
-            removed.append(f"{service} (pid {pgid}, owner pid {owner_pid} gone)")
-        path.unlink(missing_ok=True)
-    return removed
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + _SWEEP_KILL_WAIT
-    while group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.01)
+def _describe(record: Mapping[str, Any]) -> str:
+    return str(record["service"])

@@ -33,10 +33,12 @@ from dspy_infra.config.model import (
     Config,
     Dependency,
     FieldError,
+    HandlerConfig,
     InfraSettings,
     Probe,
     ProbeCallable,
     ServiceConfig,
+    TaskClass,
 )
 
 __all__ = ["converter", "describe_errors", "resolve_callable"]
@@ -198,13 +200,15 @@ converter.register_structure_hook(
 )
 
 
-def _backoff_with_defaults(name: str) -> Callable[[object, type[Any]], Backoff]:
+def _backoff_with_defaults(
+    owner: type[ServiceConfig | TaskClass], name: str
+) -> Callable[[object, type[Any]], Backoff]:
     """A partial backoff table keeps the field's own defaults for the other keys.
 
     ``start_backoff = { max = 1.0 }`` keeps ``initial = 0.2`` (the default of
     ``start_backoff``), not the 0.1 of a bare :class:`Backoff`.
     """
-    base = asdict(getattr(ServiceConfig(), name))
+    base = asdict(getattr(owner(), name))
 
     def structure(value: object, _: type[Any]) -> Backoff:
         if isinstance(value, Mapping):
@@ -222,8 +226,30 @@ converter.register_structure_hook(
             converter,
             command=override(struct_hook=_structure_command),
             depends_on=override(struct_hook=_structure_depends_on),
-            restart_backoff=override(struct_hook=_backoff_with_defaults("restart_backoff")),
-            start_backoff=override(struct_hook=_backoff_with_defaults("start_backoff")),
+            restart_backoff=override(
+                struct_hook=_backoff_with_defaults(ServiceConfig, "restart_backoff")
+            ),
+            start_backoff=override(
+                struct_hook=_backoff_with_defaults(ServiceConfig, "start_backoff")
+            ),
+        )
+    ),
+)
+converter.register_structure_hook(
+    TaskClass,
+    _table(
+        make_dict_structure_fn(
+            TaskClass,
+            converter,
+            retry_backoff=override(struct_hook=_backoff_with_defaults(TaskClass, "retry_backoff")),
+        )
+    ),
+)
+converter.register_structure_hook(
+    HandlerConfig,
+    _table(
+        make_dict_structure_fn(
+            HandlerConfig, converter, command=override(struct_hook=_structure_command)
         )
     ),
 )

@@ -21,7 +21,13 @@ from attrs import asdict, evolve, fields
 from cattrs.errors import BaseValidationError
 
 from dspy_infra.config.converter import converter, describe_errors
-from dspy_infra.config.model import KEY_NAME_RE, Config, InfraSettings, ServiceConfig
+from dspy_infra.config.model import (
+    DEFAULT_CLASSES,
+    KEY_NAME_RE,
+    Config,
+    InfraSettings,
+    ServiceConfig,
+)
 from dspy_infra.config.placeholders import Endpoint, PlaceholderError, RenderContext, render
 from dspy_infra.errors import ConfigError
 
@@ -32,6 +38,7 @@ DEFAULT_FILE = "dspy-infra.toml"
 _SECTIONS = frozenset(a.name for a in fields(Config) if a.name != "source")
 _INFRA_KEYS = frozenset(a.name for a in fields(InfraSettings))
 _KNOWN_BACKENDS = ("local", "docker")
+KNOWN_RUNNERS = ("inprocess", "process", "docker", "slurm")
 _INDEX = re.compile(r"\[\d+\]")
 
 
@@ -80,6 +87,7 @@ def load_config(
         _merge(raw, placed, value, origin)
         origins[placed] = origin
 
+    _with_default_classes(raw)
     config = _structure(raw, name, origins)
     config = _resolve_paths(config, base)
     validate(config, origins)
@@ -186,6 +194,22 @@ def _copy_tables(table: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _copy_tables(v) if isinstance(v, Mapping) else v for k, v in table.items()}
 
 
+def _with_default_classes(raw: dict[str, Any]) -> None:
+    """A ``[classes.cpu_short]`` table changes only the keys it sets of the default class."""
+    classes = raw.get("classes", {})
+    if not isinstance(classes, dict):
+        return  # the converter reports it
+    merged: dict[str, Any] = {
+        name: converter.unstructure(default) for name, default in DEFAULT_CLASSES.items()
+    }
+    for name, table in classes.items():
+        if isinstance(table, dict) and name in merged:
+            merged[name] = {**merged[name], **table}
+        else:
+            merged[name] = table
+    raw["classes"] = merged
+
+
 def _structure(
     raw: dict[str, Any], name: str | None, origins: Mapping[tuple[str, ...], str]
 ) -> Config:
@@ -286,6 +310,7 @@ def validate(config: Config, origins: Mapping[tuple[str, ...], str] | None = Non
                         f"services.{name}.depends_on.{dep}",
                         f"condition 'log_ready' needs a pattern (or a log probe on {dep!r})",
                     )
+    _check_tasks(config, fail)
     _check_cycles(config, fail)
     for name in config.services:
         ctx = _validation_context(config, name)
@@ -294,6 +319,25 @@ def validate(config: Config, origins: Mapping[tuple[str, ...], str] | None = Non
                 render(template, ctx)
             except PlaceholderError as exc:
                 raise fail(f"services.{name}.{path}", str(exc)) from None
+
+
+def _check_tasks(config: Config, fail: Any) -> None:
+    for name, task_class in config.classes.items():
+        if not KEY_NAME_RE.match(name):
+            raise fail(
+                f"classes.{name}",
+                f"{name!r} is not a valid class name "
+                "(letters, digits, '_', '-'; starting with a letter or digit)",
+            )
+        if task_class.runner not in KNOWN_RUNNERS:
+            raise fail(
+                f"classes.{name}.runner",
+                f"unknown runner {task_class.runner!r} "
+                f"(expected one of: {', '.join(KNOWN_RUNNERS)})",
+            )
+    for name, handler in config.handlers.items():
+        if handler.command is None:
+            raise fail(f"handlers.{name}.command", "required")
 
 
 def _check_cycles(config: Config, fail: Any) -> None:

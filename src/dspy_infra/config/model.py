@@ -25,15 +25,18 @@ __all__ = [
     "Config",
     "Dependency",
     "FieldError",
+    "HandlerConfig",
     "InfraSettings",
     "Probe",
     "ProbeCallable",
     "RestartPolicy",
     "ServiceConfig",
+    "TaskClass",
 ]
 
 Condition = Literal["started", "healthy", "completed_successfully", "log_ready"]
 RestartPolicy = Literal["no", "on-failure", "always", "unless-stopped"]
+Synchronous = Literal["normal", "full"]
 ProbeCallable = Callable[[ServiceStatus], Awaitable[bool]]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -223,8 +226,76 @@ class ServiceConfig:
 
 
 @frozen(kw_only=True)
+class TaskClass:
+    """A class of tasks: which runner executes them, how many at once, with what.
+
+    ``cpus``, ``memory_mb`` and ``gpus`` are what one task of the class holds
+    while it runs, out of the machine's capacity (``[infra] cpus``, ...); GPUs
+    are leased as whole devices. ``adaptive`` lets the concurrency limit move
+    between ``min_concurrency`` and ``max_concurrency`` with the latency and
+    failures of its tasks. ``aging`` is how many seconds of waiting are worth
+    one priority level (0 turns aging off: strict priority). A task is tried
+    ``max_attempts`` times in all, waiting ``retry_backoff`` between attempts;
+    ``timeout`` bounds one attempt's run, ``queue_timeout`` the wait before
+    its first start. ``cancel_grace`` is how long a cancelled process gets
+    between SIGTERM and SIGKILL.
+    """
+
+    runner: str = field(default="inprocess", validator=_name)
+    max_concurrency: int = field(default=64, validator=_at_least_one)
+    min_concurrency: int = field(default=1, validator=_at_least_one)
+    adaptive: bool = False
+    cpus: float = field(default=0.0, validator=_non_negative)
+    memory_mb: int = field(default=0, validator=_non_negative)
+    gpus: int = field(default=0, validator=_non_negative)
+    timeout: float | None = field(default=None, validator=_positive)
+    queue_timeout: float | None = field(default=None, validator=_positive)
+    max_attempts: int = field(default=1, validator=_at_least_one)
+    retry_backoff: Backoff = field(factory=lambda: Backoff(initial=0.1, max=30.0))
+    aging: float = field(default=60.0, validator=_non_negative)
+    cancel_grace: float = field(default=5.0, validator=_non_negative)
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_concurrency > self.max_concurrency:
+            raise FieldError("min_concurrency", "must be at most max_concurrency")
+
+
+@frozen(kw_only=True)
+class HandlerConfig:
+    """A handler run outside this process: a command for the process runner.
+
+    ``command`` may use ``{payload_file}`` (the payload, as JSON),
+    ``{result_file}`` (where to write the result, as JSON), ``{task_id}``,
+    ``{attempt}`` and ``{work_dir}``.
+    """
+
+    command: tuple[str, ...] | str | None = None
+    shell: bool = False
+    env: dict[str, str] = field(factory=dict)
+    cwd: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if isinstance(self.command, str) and not self.shell:
+            raise FieldError(
+                "command",
+                "a string runs through a shell only with shell = true; "
+                "otherwise give a list of arguments",
+            )
+        if self.command is not None and not self.command:
+            raise FieldError("command", "must not be empty")
+
+
+@frozen(kw_only=True)
 class InfraSettings:
-    """The ``[infra]`` table: instance-wide settings."""
+    """The ``[infra]`` table: instance-wide settings.
+
+    ``durable = false`` keeps tasks in memory only (nothing survives the
+    process); ``synchronous = "full"`` makes each commit of the task store
+    survive power loss too, at a cost (see docs/scheduling.md). ``cpus``,
+    ``memory_mb`` and ``gpus`` are the capacity that task classes draw on:
+    detected when not set (``gpus`` from NVML, nvidia-smi, or
+    ``CUDA_VISIBLE_DEVICES``).
+    """
 
     backend: str = field(default="local", validator=_name)
     state_dir: Path = Path(".dspy-infra")
@@ -233,12 +304,41 @@ class InfraSettings:
     max_concurrent_starts: int = field(default=5, validator=_at_least_one)
     event_buffer: int = field(default=1024, validator=_at_least_one)
     event_history: int = field(default=10_000, validator=_non_negative)
+    durable: bool = True
+    synchronous: Synchronous = "normal"
+    max_payload_bytes: int = field(default=1 << 20, validator=_at_least_one)
+    max_result_bytes: int = field(default=1 << 20, validator=_at_least_one)
+    max_priority: int = field(default=100, validator=_non_negative)
+    cpus: float | None = field(default=None, validator=_positive)
+    memory_mb: int | None = field(default=None, validator=_positive)
+    gpus: tuple[int, ...] | None = None
+    start_needed_services: bool = True
+    worker_threads: int = field(default=16, validator=_at_least_one)
+
+
+def _default_classes() -> dict[str, TaskClass]:
+    return {
+        "cpu_short": TaskClass(runner="inprocess", max_concurrency=64),
+        "cpu_long": TaskClass(runner="process", max_concurrency=64, cpus=1.0),
+        "gpu": TaskClass(runner="process", max_concurrency=64, gpus=1),
+        "gpu_slurm": TaskClass(runner="slurm", max_concurrency=64),
+    }
+
+
+DEFAULT_CLASSES = _default_classes()
 
 
 @frozen(kw_only=True)
 class Config:
-    """A whole configuration. ``source`` names where it came from, for messages."""
+    """A whole configuration. ``source`` names where it came from, for messages.
+
+    ``classes`` always holds the default classes (``cpu_short``,
+    ``cpu_long``, ``gpu``, ``gpu_slurm``); a table of the same name changes
+    only the keys it sets.
+    """
 
     infra: InfraSettings = field(factory=InfraSettings)
     services: dict[str, ServiceConfig] = field(factory=dict)
+    classes: dict[str, TaskClass] = field(factory=_default_classes)
+    handlers: dict[str, HandlerConfig] = field(factory=dict)
     source: str | None = field(default=None, eq=False, metadata={"internal": True})

@@ -1,0 +1,78 @@
+"""Handlers that are functions of this program, registered with ``@infra.task("name")``.
+
+Async handlers run on the event loop, inside the scheduler's cancel scope, so
+cancellation and timeouts reach them at their next ``await``. Sync handlers
+run in a bounded pool of worker threads so that they never block the loop;
+a thread cannot be interrupted, so a cancelled sync handler is waited for
+until it returns (use an async handler, or the process runner, for work
+that must stop at once).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from dspy_infra.abc import RunnerContext, TaskRun
+
+__all__ = ["InProcessRunner", "Runner"]
+
+
+@functools.cache
+def _wants_run(handler: Callable[..., Any]) -> bool:
+    """Whether the handler takes the :class:`TaskRun` as a second argument."""
+    try:
+        parameters = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
+
+
+@functools.cache
+def _is_async(handler: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 - an async __call__ counts too
+    )
+
+
+class InProcessRunner:
+    def __init__(self) -> None:
+        self._handlers: Mapping[str, Callable[..., Any]] = {}
+        self._threads = anyio.CapacityLimiter(1)
+
+    @property
+    def name(self) -> str:
+        return "inprocess"
+
+    async def open(self, context: RunnerContext) -> list[str]:
+        self._handlers = context.handlers
+        self._threads = anyio.CapacityLimiter(context.config.infra.worker_threads)
+        return []
+
+    def validate(self, handler: str) -> str | None:
+        if handler in self._handlers:
+            return None
+        known = ", ".join(sorted(self._handlers)) or "none"
+        return (
+            f"no in-process handler {handler!r} is registered "
+            f'(use @infra.task("{handler}"); registered: {known})'
+        )
+
+    async def run(self, run: TaskRun) -> Any:
+        handler = self._handlers[run.handler]
+        args = (run.payload, run) if _wants_run(handler) else (run.payload,)
+        if _is_async(handler):
+            return await handler(*args)
+        return await anyio.to_thread.run_sync(handler, *args, limiter=self._threads)
+
+    async def close(self) -> None:
+        pass
+
+
+Runner = InProcessRunner

@@ -1,0 +1,1 @@
+"""Tasks: the durable store, queues by class and priority, limits, resources and GPUs."""

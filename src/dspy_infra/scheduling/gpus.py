@@ -1,0 +1,142 @@
+"""Which GPUs this process may hand to tasks.
+
+The answer is decided in this order, first match wins:
+
+1. ``configured`` ids (``InfraSettings.gpus``), taken as given, source
+   ``"config"``: a user can restrict the scheduler to some devices, and tests
+   can give it a fake GPU set on a machine without any. An empty list means
+   "no GPUs", not "detect".
+2. Detection, NVML first (``pynvml`` from the optional ``gpu`` extra, no
+   subprocess) and ``nvidia-smi`` otherwise (always shipped with the driver).
+   Both block, so they run in a worker thread, never on the event loop. A
+   failure (no driver, no device, non-zero exit, hang) means "not detected",
+   never an exception: a machine without GPUs is normal, and it only costs
+   the ``gpu`` classes their slots. Ids are indices as both tools number
+   devices (PCI bus order); UUIDs in ``CUDA_VISIBLE_DEVICES`` are matched too.
+3. ``CUDA_VISIBLE_DEVICES``, as CUDA reads it: tokens separated by commas,
+   spaces ignored, and the first invalid token ends the list (so ``""``,
+   ``"-1"`` and ``"NoDevFiles"`` mean no GPUs). With detected devices it
+   filters them, in its order: a process confined to some devices must not
+   hand out others. Without detection its tokens are the ids, trusted as is.
+4. Otherwise no GPUs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+
+import anyio.to_thread
+from attrs import frozen
+
+__all__ = ["GpuInventory", "detect_gpus"]
+
+log = logging.getLogger("dspy_infra")
+
+NVIDIA_SMI_TIMEOUT = 10.0
+_INDEX_RE = re.compile(r"[0-9]+")
+_UUID_RE = re.compile(r"(GPU|MIG)-\S+")
+
+Devices = list[tuple[str, str]]  # (index, uuid) pairs, as NVML and nvidia-smi number them
+
+
+@frozen(kw_only=True)
+class GpuInventory:
+    """The GPU ids tasks may be given (as ``CUDA_VISIBLE_DEVICES`` accepts
+    them) and where they came from, so a surprising answer can be explained."""
+
+    ids: tuple[str, ...]
+    source: str
+
+
+async def detect_gpus(
+    configured: Sequence[int] | None = None, *, environ: Mapping[str, str] | None = None
+) -> GpuInventory:
+    if configured is not None:
+        return GpuInventory(ids=tuple(str(i) for i in configured), source="config")
+    env = os.environ if environ is None else environ
+    source, devices = await anyio.to_thread.run_sync(_detect)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if devices is not None:
+        ids = [index for index, _ in devices]
+        if visible is not None:
+            ids = _filter(devices, _tokens(visible))
+        return GpuInventory(ids=tuple(ids), source=source)
+    if visible is not None:
+        return GpuInventory(ids=tuple(_tokens(visible)), source="CUDA_VISIBLE_DEVICES")
+    return GpuInventory(ids=(), source="none")
+
+
+def _tokens(value: str) -> list[str]:
+    tokens: list[str] = []
+    for raw in value.split(","):
+        token = raw.strip()
+        if _INDEX_RE.fullmatch(token):
+            token = str(int(token))  # "01" is device 1, as CUDA parses it
+        elif not _UUID_RE.fullmatch(token):
+            break
+        if token not in tokens:
+            tokens.append(token)
+    return tokens
+
+
+def _filter(devices: Devices, tokens: Sequence[str]) -> list[str]:
+    ids: list[str] = []
+    for token in tokens:
+        # CUDA accepts a unique UUID prefix; an unknown or ambiguous token ends the list.
+        found = [index for index, uuid in devices if token == index or uuid.startswith(token)]
+        if len(found) != 1:
+            break
+        if found[0] not in ids:
+            ids.append(found[0])
+    return ids
+
+
+def _detect() -> tuple[str, Devices | None]:
+    for source, probe in (("nvml", _nvml), ("nvidia-smi", _nvidia_smi)):
+        try:
+            devices = probe()
+        except Exception:  # any failure only means "not detected this way"
+            log.debug("GPU detection with %s failed", source, exc_info=True)
+            continue
+        if devices is not None:
+            return source, devices
+    return "none", None
+
+
+def _nvml() -> Devices | None:
+    try:
+        nvml = importlib.import_module("pynvml")
+    except ImportError:
+        return None  # the optional ``gpu`` extra is not installed: normal
+    nvml.nvmlInit()
+    try:
+        devices: Devices = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            uuid = nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(index))
+            devices.append((str(index), uuid.decode() if isinstance(uuid, bytes) else str(uuid)))
+        return devices
+    finally:
+        nvml.nvmlShutdown()
+
+
+def _nvidia_smi() -> Devices | None:
+    path = shutil.which("nvidia-smi")
+    if path is None:
+        return None
+    argv = [path, "--query-gpu=index,uuid", "--format=csv,noheader"]
+    out = subprocess.run(
+        argv, capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT, check=True
+    ).stdout
+    devices: Devices = []
+    for line in filter(None, map(str.strip, out.splitlines())):
+        index, uuid = (part.strip() for part in line.split(","))
+        if not _INDEX_RE.fullmatch(index):
+            raise ValueError(f"unexpected nvidia-smi line {line!r}")
+        devices.append((str(int(index)), uuid))
+    return devices

@@ -1,0 +1,872 @@
+"""The local durable scheduler: the default :class:`~dspy_infra.abc.Scheduler`.
+
+A task lives in memory while it is unfinished (a :class:`TaskRecord`) and in
+the store always. Every transition that must survive a crash is committed
+before the scheduler acts on it: a submit returns after its insert commits,
+an attempt starts after its ``running`` row (with the attempt counted)
+commits, and waiters see a final state after it commits. Commits are
+batched by the :class:`~dspy_infra.scheduling.store.Journal`.
+
+One dispatcher decides what runs: per class, the best queued task (priority,
+aging, FIFO) that fits the free resources, while the class is under its
+concurrency limit. It runs whenever something changed (a submit, a finished
+attempt, a service that became healthy), never on a timer. Delayed retries and
+queue timeouts sit on one timer heap.
+
+Attempts run in a task group of their own, so that closing the scheduler can
+interrupt them first (an interrupted attempt is not counted: the task is
+queued again for the next start), then commit what is left, then stop.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from dspy_infra.abc import Runner, RunnerContext, TaskRun
+from dspy_infra.config.model import Config, TaskClass
+from dspy_infra.errors import (
+    BackendUnavailable,
+    InfraClosed,
+    InvalidTask,
+    ServiceStartError,
+    UnknownTask,
+)
+from dspy_infra.events import EventBus, EventsDropped, ServiceEvent
+from dspy_infra.runners import load_runner
+from dspy_infra.scheduling.adaptive import ConcurrencyLimit
+from dspy_infra.scheduling.gpus import GpuInventory, detect_gpus
+from dspy_infra.scheduling.queues import ClassQueue, ResourcePool
+from dspy_infra.scheduling.records import Need, TaskRecord
+from dspy_infra.scheduling.store import Journal, MemoryStore, SQLiteStore, Store, Written, dumps
+from dspy_infra.scheduling.tasks import TaskEvent, TaskRequest, TaskState, TaskStatus
+from dspy_infra.services.manager import ServiceManager
+
+__all__ = ["ClassStatus", "LocalScheduler"]
+
+log = logging.getLogger("dspy_infra.scheduling")
+
+# Runners whose tasks use another machine's resources, not this one's.
+_REMOTE_RUNNERS = frozenset({"slurm"})
+# Finished tasks kept in memory for status queries and late waiters; older
+# ones are read back from the store.
+_RECENT = 10_000
+_MAX_TASK_ID = 200
+_SERVICE_READY_EVENTS = frozenset({"service_started", "service_healthy", "service_completed"})
+_SERVICE_DOWN_EVENTS = frozenset({"service_failed"})
+
+
+class ClassStatus:
+    """One task class at a glance: its current limit and load."""
+
+    __slots__ = ("adaptive", "limit", "name", "queued", "runner", "running")
+
+    def __init__(
+        self, *, name: str, runner: str, limit: int, adaptive: bool, running: int, queued: int
+    ):
+        self.name = name
+        self.runner = runner
+        self.limit = limit
+        self.adaptive = adaptive
+        self.running = running
+        self.queued = queued
+
+    def __repr__(self) -> str:
+        return (
+            f"ClassStatus(name={self.name!r}, runner={self.runner!r}, limit={self.limit}, "
+            f"adaptive={self.adaptive}, running={self.running}, queued={self.queued})"
+        )
+
+
+Started = tuple[TaskRecord, Written]
+
+
+class _Class:
+    __slots__ = (
+        "config",
+        "limit",
+        "local",
+        "name",
+        "queue",
+        "receive",
+        "runner",
+        "running",
+        "send",
+        "unavailable",
+        "workers",
+    )
+
+    def __init__(self, name: str, config: TaskClass):
+        self.name = name
+        self.config = config
+        self.queue = ClassQueue(config.aging)
+        self.limit = ConcurrencyLimit(
+            minimum=config.min_concurrency, maximum=config.max_concurrency, adaptive=config.adaptive
+        )
+        self.local = config.runner not in _REMOTE_RUNNERS
+        self.running = 0
+        self.runner: Runner | None = None
+        self.unavailable: str | None = None
+        self.send: MemoryObjectSendStream[Started]
+        self.receive: MemoryObjectReceiveStream[Started]
+        self.workers = 0
+
+    def open_stream(self, stack: AsyncExitStack) -> None:
+        # Started attempts go to long-lived workers through this stream:
+        # handing one over costs a fraction of spawning a task per attempt.
+        self.send, self.receive = anyio.create_memory_object_stream[Started](math.inf)
+        stack.callback(self.receive.close)
+        stack.callback(self.send.close)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, Exception) and type(exc).__module__.startswith("dspy_infra"):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class LocalScheduler:
+    """Stores tasks in SQLite under the state dir and runs them with the configured runners."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        bus: EventBus,
+        services: ServiceManager,
+        handlers: Mapping[str, Callable[..., Any]],
+        instance_id: str,
+    ):
+        self.config = config
+        self._settings = config.infra
+        self._bus = bus
+        self._services = services
+        self._handlers = handlers
+        self._instance_id = instance_id
+        self._state_dir = config.infra.state_dir
+        self._tasks_dir = self._state_dir / "tasks"
+        store: Store = (
+            SQLiteStore(self._state_dir / "tasks.db", synchronous=config.infra.synchronous)
+            if config.infra.durable
+            else MemoryStore()
+        )
+        self._store = store
+        self._journal = Journal(store, threaded=config.infra.durable)
+        self._classes = {name: _Class(name, cls) for name, cls in config.classes.items()}
+        self._live: dict[str, TaskRecord] = {}
+        self._recent: OrderedDict[str, TaskRecord] = OrderedDict()
+        self._waiting: set[TaskRecord] = set()
+        self._timers: list[tuple[float, int, Literal["retry", "expire"], TaskRecord]] = []
+        self._timer_seq = itertools.count()
+        self._seq = itertools.count(1)
+        self._starting_services: set[str] = set()
+        self._pool = ResourcePool(cpus=1, memory_mb=1, gpus=())
+        self.gpu_source = "none"
+        self._timer_wake: anyio.Event | None = None
+        self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
+        self._runs: TaskGroup | None = None
+        self._open = False
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        async with AsyncExitStack() as stack:
+            inventory = await detect_gpus(self._settings.gpus)
+            self._pool = await self._resource_pool(inventory)
+            self.gpu_source = inventory.source
+            rows = await anyio.to_thread.run_sync(self._store.open)
+            stack.callback(self._store.close)
+            await self._open_runners(stack)
+            self._timer_wake = anyio.Event()
+            # Unwound in reverse: stop dispatching, interrupt the attempts,
+            # queue again those never picked up, stop the timers, and only
+            # then let the journal's writer commit what is left and end.
+            writer = await stack.enter_async_context(anyio.create_task_group())
+            writer.start_soon(self._journal.run)
+            stack.callback(self._journal.close)
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(self._tg.cancel_scope.cancel)
+            await self._recover(rows)
+            self._tg.start_soon(self._timer_loop)
+            await self._tg.start(self._watch_services)
+            for cls in self._classes.values():
+                cls.open_stream(stack)
+            stack.callback(self._requeue_unclaimed)
+            self._runs = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(self._runs.cancel_scope.cancel)
+            stack.callback(self._close_gate)
+            self._open = True
+            self._kick()
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(et, e, tb)
+
+    def _close_gate(self) -> None:
+        self._open = False
+
+    def _requeue_unclaimed(self) -> None:
+        for cls in self._classes.values():
+            cls.send.close()
+            while True:
+                try:
+                    record, _ = cls.receive.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+                self._interrupted(cls, record)
+
+    async def _resource_pool(self, inventory: GpuInventory) -> ResourcePool:
+        cpus = self._settings.cpus or float(os.cpu_count() or 1)
+        memory_mb = self._settings.memory_mb
+        if memory_mb is None:
+            memory_mb = await anyio.to_thread.run_sync(_total_memory_mb)
+        return ResourcePool(cpus=cpus, memory_mb=memory_mb, gpus=inventory.ids)
+
+    async def _open_runners(self, stack: AsyncExitStack) -> None:
+        """Open each class's runner; a class whose runner cannot work refuses tasks."""
+        context = RunnerContext(
+            config=self.config,
+            state_dir=self._state_dir,
+            instance_id=self._instance_id,
+            project=self._settings.project,
+            handlers=self._handlers,
+        )
+        opened: dict[str, Runner | str] = {}
+        for cls in self._classes.values():
+            name = cls.config.runner
+            if name not in opened:
+                try:
+                    runner = load_runner(name)
+                    swept = await runner.open(context)
+                except BackendUnavailable as exc:
+                    opened[name] = str(exc)
+                else:
+                    stack.push_async_callback(runner.close)
+                    for leftover in swept:
+                        log.warning("removed a leftover of a crashed instance: %s", leftover)
+                    opened[name] = runner
+            found = opened[name]
+            if isinstance(found, str):
+                cls.unavailable = found
+            else:
+                cls.runner = found
+
+    async def _recover(self, rows: list[tuple[Any, ...]]) -> None:
+        """Queue what was queued; re-run what was running if it has an attempt left."""
+        lost: list[TaskRecord] = []
+        for row in rows:
+            record = TaskRecord.from_row(row, next(self._seq))
+            if record.task_class not in self._classes:
+                record.error = f"its class {record.task_class!r} is no longer configured"
+                lost.append(record)
+                continue
+            if record.state is TaskState.RUNNING:
+                if record.attempts >= record.max_attempts:
+                    record.error = (
+                        f"it was running when its instance stopped, after {record.attempts} "
+                        f"of {record.max_attempts} attempts"
+                    )
+                    lost.append(record)
+                    continue
+                record.state = TaskState.QUEUED
+            self._live[record.task_id] = record
+            if record.not_before is not None and record.not_before > time.time():
+                self._delay(record, record.not_before - time.time())
+            else:
+                record.not_before = None
+                self._queued(record) if record.attempts == 0 else self._enqueue(record)
+        for record in lost:
+            self._live[record.task_id] = record
+            await self._finish(record, TaskState.LOST, None, record.error)
+        if rows:
+            log.info("recovered %d unfinished tasks (%d lost)", len(rows), len(lost))
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise InfraClosed("the scheduler is not running: use it inside `async with AgentInfra`")
+
+    # -- the Scheduler protocol -----------------------------------------------
+
+    async def submit(self, request: TaskRequest) -> str:
+        (task_id,) = await self.submit_many([request])
+        return task_id
+
+    async def submit_many(self, requests: Iterable[TaskRequest]) -> list[str]:
+        """Submit all or none: each is checked before any is stored; one commit for all."""
+        self._check_open()
+        task_ids: list[str] = []
+        fresh: dict[str, TaskRecord] = {}
+        for request in requests:
+            task_id = request.task_id
+            if task_id is None or not (
+                task_id in self._live
+                or task_id in self._recent
+                or task_id in fresh  # the same id twice in one call: stored once
+                or await self._journal.get(task_id) is not None  # stored earlier
+            ):
+                record = self._record(request)
+                task_id = record.task_id
+                fresh[task_id] = record
+            task_ids.append(task_id)
+        # Claimed only now, so that an invalid request leaves nothing behind;
+        # one that a concurrent call claimed meanwhile is that call's.
+        records = [r for r in fresh.values() if r.task_id not in self._live]
+        written: Written | None = None
+        for record in records:
+            self._live[record.task_id] = record
+            written = self._journal.write(("insert", record.row()))
+            record.committed = written
+        if written is not None:
+            try:
+                await written.wait()
+            except BaseException:
+                for record in records:
+                    self._live.pop(record.task_id, None)
+                raise
+        for record in records:
+            record.committed = None
+            self._publish(record, TaskState.QUEUED)
+            if record.cancel_requested:
+                await self._finish(record, TaskState.CANCELLED, None, "cancelled before it started")
+            elif record.task_class in self._classes:
+                self._queued(record)
+        for task_id in task_ids:  # those submitted by a concurrent call: wait for their commit
+            other = self._live.get(task_id)
+            if other is not None and other.committed is not None:
+                await other.committed.wait()
+        return task_ids
+
+    def _queued(self, record: TaskRecord) -> None:
+        queue_timeout = self._classes[record.task_class].config.queue_timeout
+        if queue_timeout is not None:
+            self._expire(record, queue_timeout)
+        self._enqueue(record)
+
+    async def status(self, task_id: str) -> TaskStatus:
+        record = self._live.get(task_id) or self._recent.get(task_id)
+        if record is not None:
+            return record.status()
+        row = await self._journal.get(task_id)
+        if row is None:
+            raise UnknownTask(task_id)
+        return TaskRecord.from_row(row, 0).status()
+
+    async def wait(self, task_id: str) -> TaskStatus:
+        record = self._live.get(task_id)
+        if record is not None:
+            if record.waiters is None:
+                record.waiters = anyio.Event()
+            await record.waiters.wait()
+        return await self.status(task_id)
+
+    async def cancel(self, task_id: str) -> TaskStatus:
+        self._check_open()
+        record = self._live.get(task_id)
+        if record is None or record.cancel_requested:
+            return await self.wait(task_id) if record is not None else await self.status(task_id)
+        record.cancel_requested = True
+        if record.committed is not None:
+            pass  # submit() finishes it once the insert is committed
+        elif record.state is TaskState.RUNNING:
+            if record.scope is not None:
+                record.scope.cancel()
+        elif record.state is TaskState.WAITING_FOR_SERVICES:
+            self._waiting.discard(record)
+            await self._finish(record, TaskState.CANCELLED, None, "cancelled while waiting")
+        elif record.state is TaskState.QUEUED:
+            if record.not_before is None:
+                self._classes[record.task_class].queue.discard(record)
+            await self._finish(record, TaskState.CANCELLED, None, "cancelled while queued")
+        return await self.wait(task_id)
+
+    async def results(
+        self, task_ids: Collection[str] | None = None, *, since: int | None = None
+    ) -> AsyncGenerator[TaskEvent, None]:
+        pending = set(task_ids) if task_ids is not None else None
+        async with self._bus.subscribe(TaskEvent.FINAL_TYPES, since=since) as events:
+            if pending is not None and since is None:
+                # Those that finished before the subscription.
+                for finished in await self._finished_events(pending):
+                    yield finished
+            if pending is not None and not pending:
+                return
+            async for event in events:
+                if isinstance(event, EventsDropped) and pending is not None:
+                    # This reader fell behind and the bus dropped some events:
+                    # what they said is in the store.
+                    for missed in await self._finished_events(pending):
+                        yield missed
+                elif not isinstance(event, TaskEvent):
+                    continue
+                elif pending is None:
+                    yield event
+                elif event.task_id in pending:
+                    pending.discard(event.task_id)
+                    yield event
+                if pending is not None and not pending:
+                    return
+
+    async def _finished_events(self, pending: set[str]) -> list[TaskEvent]:
+        """Final events of the ``pending`` tasks that have finished; they leave ``pending``."""
+        found = []
+        for task_id in sorted(pending):
+            status = await self.status(task_id)
+            if status.finished:
+                pending.discard(task_id)
+                found.append(_final_event(status))
+        return found
+
+    def classes(self) -> dict[str, ClassStatus]:
+        """Each class's current concurrency limit, running and queued counts."""
+        return {
+            name: ClassStatus(
+                name=name,
+                runner=cls.config.runner,
+                limit=cls.limit.limit,
+                adaptive=cls.config.adaptive,
+                running=cls.running,
+                queued=len(cls.queue),
+            )
+            for name, cls in self._classes.items()
+        }
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        return self._pool.gpus
+
+    @property
+    def gpus_in_use(self) -> int:
+        return len(self._pool.gpus) - len(self._pool.free_gpus)
+
+    # -- submitting -----------------------------------------------------------
+
+    def _record(self, request: TaskRequest) -> TaskRecord:
+        """Check everything about the request; the record to store, or InvalidTask."""
+        task_id = request.task_id if request.task_id is not None else os.urandom(16).hex()
+        bad = _task_id_error(task_id)
+        if bad:
+            raise InvalidTask(str(task_id), bad)
+
+        def invalid(message: str) -> InvalidTask:
+            return InvalidTask(task_id, f"task {task_id!r} refused: {message}")
+
+        cls = self._classes.get(request.task_class)
+        if cls is None:
+            known = ", ".join(sorted(self._classes))
+            raise invalid(f"unknown task class {request.task_class!r} (configured: {known})")
+        if cls.unavailable is not None or cls.runner is None:
+            raise invalid(f"class {request.task_class!r} cannot run tasks: {cls.unavailable}")
+        if problem := cls.runner.validate(request.handler):
+            raise invalid(problem)
+        priority = request.priority
+        top = self._settings.max_priority
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= top:
+            raise invalid(
+                f"priority must be an integer from 0 to {top} (max_priority), got {priority!r}"
+            )
+        unknown = [s for s in request.needs if s not in self.config.services]
+        if unknown:
+            known = ", ".join(sorted(self.config.services)) or "none"
+            raise invalid(f"needs unknown services {', '.join(unknown)} (configured: {known})")
+        max_attempts = (
+            request.max_attempts if request.max_attempts is not None else cls.config.max_attempts
+        )
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise invalid(f"max_attempts must be an integer of at least 1, got {max_attempts!r}")
+        timeout = request.timeout if request.timeout is not None else cls.config.timeout
+        if timeout is not None and (not isinstance(timeout, int | float) or not timeout > 0):
+            raise invalid(f"timeout must be a number of seconds above 0, got {timeout!r}")
+        need = self._need(cls, request)
+        if cls.local and (problem := self._pool.capacity_error(need)):
+            raise invalid(problem)
+        try:
+            payload = dumps(request.payload)
+        except (TypeError, ValueError) as exc:
+            raise invalid(f"the payload is not JSON-compatible ({exc})") from None
+        size = len(payload.encode())
+        if size > self._settings.max_payload_bytes:
+            raise invalid(
+                f"the payload is {size} bytes as JSON, over the limit of "
+                f"{self._settings.max_payload_bytes} (infra.max_payload_bytes)"
+            )
+        return TaskRecord(
+            task_id=task_id,
+            handler=request.handler,
+            task_class=request.task_class,
+            priority=priority,
+            payload=payload,
+            needs=tuple(request.needs),
+            workflow_id=request.workflow_id,
+            max_attempts=max_attempts,
+            timeout=float(timeout) if timeout is not None else None,
+            need=need,
+            submitted_at=time.time(),
+            seq=next(self._seq),
+        )
+
+    @staticmethod
+    def _need(task_class: _Class, request: TaskRequest) -> Need:
+        wanted = request.resources
+        config = task_class.config
+        if wanted is None:
+            return (config.cpus, config.memory_mb, config.gpus)
+        return (
+            config.cpus if wanted.cpus is None else wanted.cpus,
+            config.memory_mb if wanted.memory_mb is None else wanted.memory_mb,
+            config.gpus if wanted.gpus is None else wanted.gpus,
+        )
+
+    # -- queueing and dispatch ------------------------------------------------
+
+    def _kick(self) -> None:
+        """Something changed: start what can start now.
+
+        Called synchronously wherever a task is queued or a slot frees, so
+        that a free slot is filled in the same step, with no wake-up of a
+        dispatcher task in between. Closed, it does nothing: attempts
+        interrupted by close() must not start others.
+        """
+        if self._open:
+            self._dispatch()
+
+    def _enqueue(self, record: TaskRecord) -> None:
+        record.state = TaskState.QUEUED
+        self._classes[record.task_class].queue.push(record)
+        self._kick()
+
+    def _delay(self, record: TaskRecord, seconds: float) -> None:
+        heapq.heappush(
+            self._timers, (time.monotonic() + seconds, next(self._timer_seq), "retry", record)
+        )
+        if self._timer_wake is not None:
+            self._timer_wake.set()
+
+    def _expire(self, record: TaskRecord, seconds: float) -> None:
+        record.deadline = time.monotonic() + seconds
+        heapq.heappush(self._timers, (record.deadline, next(self._timer_seq), "expire", record))
+        if self._timer_wake is not None:
+            self._timer_wake.set()
+
+    def _dispatch(self) -> None:
+        pool = self._pool
+        for cls in self._classes.values():
+            queue = cls.queue
+            fits: Callable[[TaskRecord], bool] = (
+                (lambda r: pool.fits(r.need)) if cls.local else (lambda _: True)
+            )
+            while len(queue) and cls.running < cls.limit.limit:
+                record = queue.pop(fits)
+                if record is None:
+                    break
+                if record.needs and not self._services_ready(record.needs):
+                    self._wait_for_services(record)
+                    continue
+                self._start(cls, record)
+
+    def _start(self, cls: _Class, record: TaskRecord) -> None:
+        assert self._runs is not None
+        record.gpus = self._pool.acquire(record.need) if cls.local else ()
+        cls.running += 1
+        record.state = TaskState.RUNNING
+        record.attempts += 1
+        record.started_at = time.time()
+        record.deadline = None
+        written = self._journal.write(
+            ("start", (record.attempts, record.started_at, record.task_id))
+        )
+        cls.send.send_nowait((record, written))
+        if cls.workers < cls.running:
+            cls.workers += 1
+            self._runs.start_soon(self._worker, cls)
+
+    async def _worker(self, cls: _Class) -> None:
+        async for record, written in cls.receive:
+            await self._run(cls, record, written)
+
+    # -- running an attempt ---------------------------------------------------
+
+    async def _run(self, cls: _Class, record: TaskRecord, written: Written) -> None:
+        started = time.monotonic()
+        ended = False
+        try:
+            state, result, error = await self._attempt(cls, record, written)
+            ended = True
+        finally:
+            if not ended:
+                self._interrupted(cls, record)
+            else:
+                self._release(cls, record)
+            self._kick()
+        cls.limit.on_sample(
+            latency=time.monotonic() - started,
+            inflight=cls.running + 1,
+            dropped=state in (TaskState.FAILED, TaskState.TIMED_OUT),
+        )
+        if (
+            state in (TaskState.FAILED, TaskState.TIMED_OUT)
+            and record.attempts < record.max_attempts
+            and not record.cancel_requested
+        ):
+            self._retry(cls, record, error)
+        else:
+            await self._finish(record, state, result, error)
+
+    def _release(self, cls: _Class, record: TaskRecord) -> None:
+        cls.running -= 1
+        if cls.local:
+            self._pool.release(record.need, record.gpus)
+        record.scope = None
+
+    def _interrupted(self, cls: _Class, record: TaskRecord) -> None:
+        """Stopped by close(): not the task's fault, so the attempt is given back
+        and the task is queued for the next start."""
+        self._release(cls, record)
+        record.attempts -= 1
+        record.state = TaskState.QUEUED
+        self._journal.write(("requeue", (record.attempts, None, record.error, record.task_id)))
+
+    async def _attempt(
+        self, cls: _Class, record: TaskRecord, written: Written
+    ) -> tuple[TaskState, str | None, str | None]:
+        assert cls.runner is not None
+        timeout = record.timeout
+        # One scope for both ways an attempt is cut short: its deadline is the
+        # timeout, and cancel_task() cancels it.
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        with anyio.CancelScope(deadline=deadline) as scope:
+            record.scope = scope
+            if record.cancel_requested:
+                scope.cancel()
+            await written.wait()
+            self._publish(record, TaskState.RUNNING)
+            run = TaskRun(
+                task_id=record.task_id,
+                handler=record.handler,
+                payload=_loads(record.payload),
+                attempt=record.attempts,
+                task_class=record.task_class,
+                class_config=cls.config,
+                handler_config=self.config.handlers.get(record.handler),
+                gpus=record.gpus,
+                env={"CUDA_VISIBLE_DEVICES": ",".join(record.gpus)} if record.gpus else {},
+                tasks_dir=self._tasks_dir,
+            )
+            try:
+                value = await cls.runner.run(run)
+            except Exception as exc:  # noqa: BLE001 - any failure of the work fails the attempt
+                return TaskState.FAILED, None, _describe(exc)
+            return self._result(value)
+        if record.cancel_requested:
+            return TaskState.CANCELLED, None, "cancelled while running"
+        return TaskState.TIMED_OUT, None, f"ran longer than its timeout of {timeout:g} s"
+
+    def _result(self, value: Any) -> tuple[TaskState, str | None, str | None]:
+        try:
+            result = dumps(value)
+        except (TypeError, ValueError) as exc:
+            return TaskState.FAILED, None, f"its result is not JSON-compatible ({exc})"
+        limit = self._settings.max_result_bytes
+        if len(result) > limit and len(result.encode()) > limit:
+            return (
+                TaskState.FAILED,
+                None,
+                f"its result is {len(result.encode())} bytes as JSON, over the limit of "
+                f"{limit} (infra.max_result_bytes)",
+            )
+        return TaskState.SUCCEEDED, result, None
+
+    def _retry(self, cls: _Class, record: TaskRecord, error: str | None) -> None:
+        delay = cls.config.retry_backoff.delay(record.attempts - 1)
+        record.state = TaskState.QUEUED
+        record.error = error
+        record.not_before = time.time() + delay
+        # Not awaited: if it is lost in a crash, the task is found 'running'
+        # with this attempt counted, and re-run if one is left, as here.
+        self._journal.write(
+            ("requeue", (record.attempts, record.not_before, error, record.task_id))
+        )
+        self._publish(record, TaskState.QUEUED, event_type=TaskEvent.RETRYING, error=error)
+        self._delay(record, delay)
+
+    async def _finish(
+        self, record: TaskRecord, state: TaskState, result: str | None, error: str | None
+    ) -> None:
+        record.state = state
+        record.result = result
+        record.error = error
+        record.finished_at = time.time()
+        await self._journal.commit(
+            ("finish", (state.value, record.finished_at, result, error, record.task_id))
+        )
+        self._live.pop(record.task_id, None)
+        self._recent[record.task_id] = record
+        if len(self._recent) > _RECENT:
+            self._recent.popitem(last=False)
+        if record.waiters is not None:
+            record.waiters.set()
+        self._publish(record, state, result=result)
+
+    def _publish(
+        self,
+        record: TaskRecord,
+        state: TaskState,
+        *,
+        event_type: str | None = None,
+        result: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        self._bus.publish(
+            TaskEvent(
+                type=event_type or TaskEvent.TYPES[state],
+                task_id=record.task_id,
+                task_class=record.task_class,
+                handler=record.handler,
+                state=state,
+                attempt=record.attempts,
+                workflow_id=record.workflow_id,
+                result=_loads(result) if result is not None else None,
+                error=error if error is not None else (record.error if state.finished else None),
+            )
+        )
+
+    # -- timers ---------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, kind, record = heapq.heappop(self._timers)
+                if kind == "retry":
+                    if record.state is TaskState.QUEUED and record.not_before is not None:
+                        record.not_before = None
+                        self._enqueue(record)
+                elif record.deadline is not None and record.attempts == 0:
+                    await self._expire_now(record)
+            wait = self._timers[0][0] - time.monotonic() if self._timers else math.inf
+            assert self._timer_wake is not None
+            with anyio.move_on_after(max(wait, 0)):
+                await self._timer_wake.wait()
+            self._timer_wake = anyio.Event()
+
+    async def _expire_now(self, record: TaskRecord) -> None:
+        if record.state is TaskState.QUEUED and record.committed is None:
+            self._classes[record.task_class].queue.discard(record)
+        elif record.state is TaskState.WAITING_FOR_SERVICES:
+            self._waiting.discard(record)
+        else:
+            return
+        timeout = self._classes[record.task_class].config.queue_timeout
+        await self._finish(
+            record, TaskState.TIMED_OUT, None, f"waited more than {timeout:g} s to start"
+        )
+
+    # -- tasks that need services ---------------------------------------------
+
+    def _services_ready(self, names: tuple[str, ...]) -> bool:
+        for name in names:
+            state = self._services.runtime(name).state
+            if not (state.is_up or state.value == "completed"):
+                return False
+        return True
+
+    def _wait_for_services(self, record: TaskRecord) -> None:
+        record.state = TaskState.WAITING_FOR_SERVICES
+        self._waiting.add(record)
+        self._publish(record, TaskState.WAITING_FOR_SERVICES)
+        if not self._settings.start_needed_services:
+            return
+        missing = [n for n in record.needs if n not in self._starting_services]
+        if missing and self._tg is not None:
+            self._starting_services.update(missing)
+            self._tg.start_soon(self._start_services, missing)
+
+    async def _start_services(self, names: list[str]) -> None:
+        try:
+            await self._services.start(names)
+        except ServiceStartError as exc:
+            await self._fail_waiting(set(names), f"a service it needs could not start: {exc}")
+        finally:
+            self._starting_services.difference_update(names)
+
+    async def _fail_waiting(self, services: set[str], error: str) -> None:
+        for record in [r for r in self._waiting if services.intersection(r.needs)]:
+            self._waiting.discard(record)
+            await self._finish(record, TaskState.FAILED, None, error)
+
+    async def _watch_services(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        types = _SERVICE_READY_EVENTS | _SERVICE_DOWN_EVENTS
+        async with self._bus.subscribe(types) as events:
+            task_status.started()
+            async for event in events:
+                if not isinstance(event, ServiceEvent):
+                    continue
+                if event.type in _SERVICE_READY_EVENTS:
+                    for record in [r for r in self._waiting if self._services_ready(r.needs)]:
+                        self._waiting.discard(record)
+                        self._enqueue(record)
+                elif not self._settings.start_needed_services:
+                    await self._fail_waiting(
+                        {event.service}, f"service {event.service!r} it needs failed"
+                    )
+
+
+def _final_event(status: TaskStatus) -> TaskEvent:
+    return TaskEvent(
+        type=TaskEvent.TYPES[status.state],
+        task_id=status.task_id,
+        task_class=status.task_class,
+        handler=status.handler,
+        state=status.state,
+        attempt=status.attempts,
+        workflow_id=status.workflow_id,
+        result=status.result,
+        error=status.error,
+    )
+
+
+def _loads(text: str) -> Any:
+    import json  # noqa: PLC0415 - kept beside its one use
+
+    return json.loads(text)
+
+
+def _task_id_error(task_id: object) -> str | None:
+    if not isinstance(task_id, str) or not task_id:
+        return f"task_id must be a non-empty string, got {task_id!r}"
+    if len(task_id) > _MAX_TASK_ID:
+        return f"task_id is {len(task_id)} characters long, over the limit of {_MAX_TASK_ID}"
+    return None
+
+
+def _total_memory_mb() -> int:
+    try:
+        with Path("/proc/meminfo").open() as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return max(1, pages * os.sysconf("SC_PAGE_SIZE") // (1 << 20)) if pages else 1 << 20

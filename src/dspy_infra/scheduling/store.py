@@ -1,0 +1,294 @@
+"""The durable task store: SQLite in WAL mode, written in batches from a worker thread.
+
+Every state change that matters after a crash goes through :class:`Journal`:
+callers append an operation and, when they must not go on before it is on
+disk (a submit, the start of an attempt, a final state), await the batch it
+joined. One writer takes everything appended while the previous batch was
+being written and commits it in one transaction, in one thread hop, so that
+a thousand concurrent submits share one commit instead of paying one each.
+The event loop never touches SQLite.
+
+With ``durable = false`` the same operations are applied to a dict, at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import anyio
+import anyio.to_thread
+
+__all__ = [
+    "COLUMNS",
+    "Journal",
+    "MemoryStore",
+    "Op",
+    "Row",
+    "SQLiteStore",
+    "Store",
+    "Written",
+    "dumps",
+]
+
+# One row per task. ``attempts`` counts starts committed before the attempt
+# ran: a crash mid-attempt finds it counted.
+COLUMNS = (
+    "task_id",
+    "handler",
+    "task_class",
+    "priority",
+    "payload",
+    "needs",
+    "workflow_id",
+    "state",
+    "attempts",
+    "max_attempts",
+    "timeout",
+    "resources",
+    "submitted_at",
+    "started_at",
+    "finished_at",
+    "not_before",
+    "result",
+    "error",
+)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL UNIQUE,
+    handler TEXT NOT NULL,
+    task_class TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    payload TEXT NOT NULL,
+    needs TEXT NOT NULL,
+    workflow_id TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    timeout REAL,
+    resources TEXT NOT NULL,
+    submitted_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    not_before REAL,
+    result TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks (state)
+    WHERE state IN ('queued', 'running');
+PRAGMA user_version = 1;
+"""
+# Built from the constant column names above; values always go through "?".
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM tasks"  # noqa: S608
+
+OpKind = Literal["insert", "start", "requeue", "finish"]
+# (kind, parameters). insert: a full row in COLUMNS order; start: (attempts,
+# started_at, task_id); requeue: (attempts, not_before, error, task_id);
+# finish: (state, finished_at, result, error, task_id).
+Op = tuple[OpKind, tuple[Any, ...]]
+
+_SQL: dict[OpKind, str] = {
+    "insert": (
+        f"INSERT OR IGNORE INTO tasks ({', '.join(COLUMNS)}) "  # noqa: S608 - constant names
+        f"VALUES ({', '.join('?' * len(COLUMNS))})"
+    ),
+    "start": "UPDATE tasks SET state = 'running', attempts = ?, started_at = ? WHERE task_id = ?",
+    "requeue": (
+        "UPDATE tasks SET state = 'queued', attempts = ?, not_before = ?, error = ? "
+        "WHERE task_id = ?"
+    ),
+    "finish": (
+        "UPDATE tasks SET state = ?, finished_at = ?, result = ?, error = ? WHERE task_id = ?"
+    ),
+}
+
+Row = tuple[Any, ...]
+_INDEX = {name: i for i, name in enumerate(COLUMNS)}
+_SET: dict[OpKind, tuple[str, ...]] = {
+    "start": ("attempts", "started_at"),
+    "requeue": ("attempts", "not_before", "error"),
+    "finish": ("state", "finished_at", "result", "error"),
+}
+
+
+class Store(Protocol):
+    def open(self) -> list[Row]:
+        """Create or open the store; the rows of unfinished tasks, in submit order."""
+
+    def apply(self, ops: Sequence[Op]) -> None:
+        """Apply the operations in one transaction."""
+
+    def get(self, task_id: str) -> Row | None: ...
+
+    def close(self) -> None: ...
+
+
+class SQLiteStore:
+    """Used from one thread at a time (the journal's writer, or a reader hop)."""
+
+    def __init__(self, path: Path, *, synchronous: str = "normal"):
+        self.path = path
+        self._synchronous = synchronous.upper()
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> list[Row]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute(f"PRAGMA synchronous = {self._synchronous}")
+            db.executescript(_SCHEMA)
+            rows = db.execute(
+                f"{_SELECT} WHERE state IN ('queued', 'running') ORDER BY seq"
+            ).fetchall()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        self._db = db
+        return rows
+
+    def apply(self, ops: Sequence[Op]) -> None:
+        db = self._connection()
+        db.execute("BEGIN")
+        try:
+            i = 0
+            while i < len(ops):
+                # Consecutive operations of one kind go in one executemany.
+                kind = ops[i][0]
+                j = i
+                while j < len(ops) and ops[j][0] == kind:
+                    j += 1
+                db.executemany(_SQL[kind], [params for _, params in ops[i:j]])
+                i = j
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def get(self, task_id: str) -> Row | None:
+        row: Row | None = (
+            self._connection().execute(f"{_SELECT} WHERE task_id = ?", (task_id,)).fetchone()
+        )
+        return row
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the task store is not open")
+        return self._db
+
+
+class MemoryStore:
+    """``durable = false``: the rows live in a dict, gone with the process."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, list[Any]] = {}
+
+    def open(self) -> list[Row]:
+        return []
+
+    def apply(self, ops: Sequence[Op]) -> None:
+        for kind, params in ops:
+            if kind == "insert":
+                self._rows.setdefault(params[0], list(params))
+                continue
+            row = self._rows[params[-1]]
+            for column, value in zip(_SET[kind], params[:-1], strict=True):
+                row[_INDEX[column]] = value
+            if kind != "finish":
+                row[_INDEX["state"]] = "running" if kind == "start" else "queued"
+
+    def get(self, task_id: str) -> Row | None:
+        row = self._rows.get(task_id)
+        return tuple(row) if row is not None else None
+
+    def close(self) -> None:
+        self._rows.clear()
+
+
+class _Batch:
+    __slots__ = ("done", "error", "ops")
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+    async def wait(self) -> None:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class Journal:
+    """Batches store writes: one transaction, one thread hop, per round."""
+
+    def __init__(self, store: Store, *, threaded: bool):
+        self._store = store
+        self._threaded = threaded
+        self._batch = _Batch()
+        self._wake = anyio.Event()
+        self._closed = False
+
+    def write(self, op: Op) -> Written:
+        """Queue ``op``; the returned batch's ``wait()`` returns once it is committed."""
+        if not self._threaded:
+            self._store.apply((op,))
+            return _APPLIED
+        batch = self._batch
+        batch.ops.append(op)
+        self._wake.set()
+        return batch
+
+    async def commit(self, op: Op) -> None:
+        await self.write(op).wait()
+
+    async def get(self, task_id: str) -> Row | None:
+        if not self._threaded:
+            return self._store.get(task_id)
+        return await anyio.to_thread.run_sync(self._store.get, task_id)
+
+    async def run(self) -> None:
+        """The writer: runs until :meth:`close`, then writes what is left."""
+        while not (self._closed and not self._batch.ops):
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            batch, self._batch = self._batch, _Batch()
+            if not batch.ops:
+                continue
+            try:
+                await anyio.to_thread.run_sync(self._store.apply, batch.ops)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter of the batch
+                batch.error = exc
+            batch.done.set()
+
+    def close(self) -> None:
+        """Let the writer finish once what was written so far is committed."""
+        self._closed = True
+        self._wake.set()
+
+
+class _Applied:
+    """What a write to the memory store returns: already applied."""
+
+    __slots__ = ()
+
+    async def wait(self) -> None:
+        return None
+
+
+_APPLIED = _Applied()
+Written = _Batch | _Applied
+
+
+# Compact JSON, refusing NaN and infinities (not JSON, and not portable). One
+# encoder, made once: json.dumps with options builds a new one per call.
+dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
