@@ -126,6 +126,15 @@ class EventBus:
                         self._on_drop(1)
         return event
 
+    def wanted(self, event_type: str) -> bool:
+        """Whether a live subscriber wants events of this type.
+
+        Lets a publisher of very frequent events (a task started) skip
+        building ones that nobody reads; such events are not kept in the
+        history either.
+        """
+        return any(sub.types is None or event_type in sub.types for sub in self._subscribers)
+
     def close(self) -> None:
         """End every subscription once its buffered events are read."""
         self._closed = True

@@ -25,6 +25,7 @@ from dspy_infra.backends import load_backend
 from dspy_infra.config import Config, load_config
 from dspy_infra.errors import InfraClosed
 from dspy_infra.events import Event, EventBus
+from dspy_infra.metrics import Metrics
 from dspy_infra.scheduling.scheduler import ClassStatus, LocalScheduler
 from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskRequest, TaskStatus
 from dspy_infra.services.manager import ServiceManager
@@ -89,6 +90,7 @@ class AgentInfra:
         self._bus: EventBus | None = None
         self._services: ServiceManager | None = None
         self._scheduler: LocalScheduler | None = None
+        self.metrics = Metrics()
 
     @classmethod
     def start(
@@ -152,7 +154,9 @@ class AgentInfra:
                 log.warning("removed a leftover of a crashed instance: %s", leftover)
             stack.push_async_callback(self._backend.close)
             self._bus = EventBus(
-                buffer=self.config.infra.event_buffer, history=self.config.infra.event_history
+                buffer=self.config.infra.event_buffer,
+                history=self.config.infra.event_history,
+                on_drop=self.metrics.events_dropped.inc,
             )
             stack.callback(self._bus.close)
             task_group = await stack.enter_async_context(anyio.create_task_group())
@@ -172,6 +176,7 @@ class AgentInfra:
                         services=self._services,
                         handlers=self._handlers,
                         instance_id=self.instance_id,
+                        metrics=self.metrics,
                     )
                 )
                 if self.config.infra.autostart:
@@ -328,6 +333,11 @@ class AgentInfra:
         """
         async for event in self._tasks.results(task_ids, since=since):
             yield event
+
+    async def get_metrics(self) -> dict[str, float]:
+        """Every metric sample by name and labels: ``{'dspy_infra_gpus_total': 2.0, ...}``."""
+        self._check_open()
+        return self.metrics.values()
 
     def task_classes(self) -> dict[str, ClassStatus]:
         """Each task class's current concurrency limit and load."""

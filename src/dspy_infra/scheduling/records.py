@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -14,6 +15,13 @@ __all__ = ["Need", "TaskRecord"]
 
 # What one attempt holds while it runs: (cpus, memory_mb, gpus).
 Need = tuple[float, int, int]
+
+
+@functools.lru_cache(maxsize=256)
+def _json(value: tuple[Any, ...]) -> str:
+    # A few distinct values (no needs, the class's resources) repeat for
+    # every task: encode each once.
+    return json.dumps(value)
 
 
 class TaskRecord:
@@ -99,13 +107,13 @@ class TaskRecord:
             self.task_class,
             self.priority,
             self.payload,
-            json.dumps(self.needs),
+            _json(self.needs),
             self.workflow_id,
             self.state.value,
             self.attempts,
             self.max_attempts,
             self.timeout,
-            json.dumps(self.need),
+            _json(self.need),
             self.submitted_at,
             self.started_at,
             self.finished_at,

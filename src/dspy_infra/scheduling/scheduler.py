@@ -20,6 +20,7 @@ queued again for the next start), then commit what is left, then stop.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -48,6 +49,7 @@ from dspy_infra.errors import (
     UnknownTask,
 )
 from dspy_infra.events import EventBus, EventsDropped, ServiceEvent
+from dspy_infra.metrics import ClassMetrics, Metrics
 from dspy_infra.runners import load_runner
 from dspy_infra.scheduling.adaptive import ConcurrencyLimit
 from dspy_infra.scheduling.gpus import GpuInventory, detect_gpus
@@ -93,7 +95,6 @@ class ClassStatus:
         )
 
 
-Started = tuple[TaskRecord, Written]
 
 
 class _Class:
@@ -101,6 +102,7 @@ class _Class:
         "config",
         "limit",
         "local",
+        "metrics",
         "name",
         "queue",
         "receive",
@@ -111,8 +113,9 @@ class _Class:
         "workers",
     )
 
-    def __init__(self, name: str, config: TaskClass):
+    def __init__(self, name: str, config: TaskClass, metrics: ClassMetrics):
         self.name = name
+        self.metrics = metrics
         self.config = config
         self.queue = ClassQueue(config.aging)
         self.limit = ConcurrencyLimit(
@@ -122,14 +125,14 @@ class _Class:
         self.running = 0
         self.runner: Runner | None = None
         self.unavailable: str | None = None
-        self.send: MemoryObjectSendStream[Started]
-        self.receive: MemoryObjectReceiveStream[Started]
+        self.send: MemoryObjectSendStream[TaskRecord]
+        self.receive: MemoryObjectReceiveStream[TaskRecord]
         self.workers = 0
 
     def open_stream(self, stack: AsyncExitStack) -> None:
         # Started attempts go to long-lived workers through this stream:
         # handing one over costs a fraction of spawning a task per attempt.
-        self.send, self.receive = anyio.create_memory_object_stream[Started](math.inf)
+        self.send, self.receive = anyio.create_memory_object_stream[TaskRecord](math.inf)
         stack.callback(self.receive.close)
         stack.callback(self.send.close)
 
@@ -152,8 +155,10 @@ class LocalScheduler:
         services: ServiceManager,
         handlers: Mapping[str, Callable[..., Any]],
         instance_id: str,
+        metrics: Metrics,
     ):
         self.config = config
+        self._metrics = metrics
         self._settings = config.infra
         self._bus = bus
         self._services = services
@@ -168,7 +173,10 @@ class LocalScheduler:
         )
         self._store = store
         self._journal = Journal(store, threaded=config.infra.durable)
-        self._classes = {name: _Class(name, cls) for name, cls in config.classes.items()}
+        self._classes = {
+            name: _Class(name, cls, metrics.task_class(name))
+            for name, cls in config.classes.items()
+        }
         self._live: dict[str, TaskRecord] = {}
         self._recent: OrderedDict[str, TaskRecord] = OrderedDict()
         self._waiting: set[TaskRecord] = set()
@@ -191,6 +199,7 @@ class LocalScheduler:
             inventory = await detect_gpus(self._settings.gpus)
             self._pool = await self._resource_pool(inventory)
             self.gpu_source = inventory.source
+            self._watch_metrics()
             rows = await anyio.to_thread.run_sync(self._store.open)
             stack.callback(self._store.close)
             await self._open_runners(stack)
@@ -224,6 +233,14 @@ class LocalScheduler:
         if stack is not None:
             await stack.__aexit__(et, e, tb)
 
+    def _watch_metrics(self) -> None:
+        m = self._metrics
+        for name, cls in self._classes.items():
+            m.read(m.task_queue_depth, cls.queue.__len__, name)
+            m.read(m.class_concurrency_limit, functools.partial(_current_limit, cls), name)
+        m.read(m.gpus_total, lambda: len(self._pool.gpus))
+        m.read(m.gpus_in_use, lambda: self.gpus_in_use)
+
     def _close_gate(self) -> None:
         self._open = False
 
@@ -232,7 +249,7 @@ class LocalScheduler:
             cls.send.close()
             while True:
                 try:
-                    record, _ = cls.receive.receive_nowait()
+                    record = cls.receive.receive_nowait()
                 except (anyio.WouldBlock, anyio.EndOfStream):
                     break
                 self._interrupted(cls, record)
@@ -299,7 +316,7 @@ class LocalScheduler:
                 self._queued(record) if record.attempts == 0 else self._enqueue(record)
         for record in lost:
             self._live[record.task_id] = record
-            await self._finish(record, TaskState.LOST, None, record.error)
+            self._finish(record, TaskState.LOST, None, record.error)
         if rows:
             log.info("recovered %d unfinished tasks (%d lost)", len(rows), len(lost))
 
@@ -347,9 +364,10 @@ class LocalScheduler:
                 raise
         for record in records:
             record.committed = None
+            self._classes[record.task_class].metrics.submitted.inc()
             self._publish(record, TaskState.QUEUED)
             if record.cancel_requested:
-                await self._finish(record, TaskState.CANCELLED, None, "cancelled before it started")
+                self._finish(record, TaskState.CANCELLED, None, "cancelled before it started")
             elif record.task_class in self._classes:
                 self._queued(record)
         for task_id in task_ids:  # those submitted by a concurrent call: wait for their commit
@@ -394,11 +412,11 @@ class LocalScheduler:
                 record.scope.cancel()
         elif record.state is TaskState.WAITING_FOR_SERVICES:
             self._waiting.discard(record)
-            await self._finish(record, TaskState.CANCELLED, None, "cancelled while waiting")
+            self._finish(record, TaskState.CANCELLED, None, "cancelled while waiting")
         elif record.state is TaskState.QUEUED:
             if record.not_before is None:
                 self._classes[record.task_class].queue.discard(record)
-            await self._finish(record, TaskState.CANCELLED, None, "cancelled while queued")
+            self._finish(record, TaskState.CANCELLED, None, "cancelled while queued")
         return await self.wait(task_id)
 
     async def results(
@@ -553,8 +571,10 @@ class LocalScheduler:
 
     def _enqueue(self, record: TaskRecord) -> None:
         record.state = TaskState.QUEUED
-        self._classes[record.task_class].queue.push(record)
-        self._kick()
+        cls = self._classes[record.task_class]
+        cls.queue.push(record)
+        if self._open:
+            self._dispatch_class(cls)
 
     def _delay(self, record: TaskRecord, seconds: float) -> None:
         heapq.heappush(
@@ -570,20 +590,23 @@ class LocalScheduler:
             self._timer_wake.set()
 
     def _dispatch(self) -> None:
-        pool = self._pool
         for cls in self._classes.values():
-            queue = cls.queue
-            fits: Callable[[TaskRecord], bool] = (
-                (lambda r: pool.fits(r.need)) if cls.local else (lambda _: True)
-            )
-            while len(queue) and cls.running < cls.limit.limit:
-                record = queue.pop(fits)
-                if record is None:
-                    break
-                if record.needs and not self._services_ready(record.needs):
-                    self._wait_for_services(record)
-                    continue
-                self._start(cls, record)
+            self._dispatch_class(cls)
+
+    def _dispatch_class(self, cls: _Class) -> None:
+        queue = cls.queue
+        fits = self._fits if cls.local else _always
+        while len(queue) and cls.running < cls.limit.limit:
+            record = queue.pop(fits)
+            if record is None:
+                break
+            if record.needs and not self._services_ready(record.needs):
+                self._wait_for_services(record)
+                continue
+            self._start(cls, record)
+
+    def _fits(self, record: TaskRecord) -> bool:
+        return self._pool.fits(record.need)
 
     def _start(self, cls: _Class, record: TaskRecord) -> None:
         assert self._runs is not None
@@ -593,34 +616,51 @@ class LocalScheduler:
         record.attempts += 1
         record.started_at = time.time()
         record.deadline = None
-        written = self._journal.write(
-            ("start", (record.attempts, record.started_at, record.task_id))
+        if record.attempts == 1:
+            cls.metrics.wait.observe(record.started_at - record.submitted_at)
+        # The attempt reaches a worker once its start (attempt counted) is
+        # committed: a crash from here on finds it counted.
+        self._journal.write(
+            ("start", (record.attempts, record.started_at, record.task_id)),
+            then=functools.partial(self._hand_over, cls, record),
         )
-        cls.send.send_nowait((record, written))
         if cls.workers < cls.running:
             cls.workers += 1
             self._runs.start_soon(self._worker, cls)
 
+    def _hand_over(self, cls: _Class, record: TaskRecord) -> None:
+        try:
+            cls.send.send_nowait(record)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._interrupted(cls, record)  # committed while closing: never ran
+
     async def _worker(self, cls: _Class) -> None:
-        async for record, written in cls.receive:
-            await self._run(cls, record, written)
+        async for record in cls.receive:
+            await self._run(cls, record)
 
     # -- running an attempt ---------------------------------------------------
 
-    async def _run(self, cls: _Class, record: TaskRecord, written: Written) -> None:
+    async def _run(self, cls: _Class, record: TaskRecord) -> None:
         started = time.monotonic()
         ended = False
         try:
-            state, result, error = await self._attempt(cls, record, written)
+            state, result, error = await self._attempt(cls, record)
             ended = True
         finally:
             if not ended:
                 self._interrupted(cls, record)
             else:
                 self._release(cls, record)
-            self._kick()
+            if self._open:
+                # Its own class first; the others only if it held resources
+                # they may have been waiting for.
+                self._dispatch_class(cls)
+                if cls.local and any(record.need):
+                    self._dispatch()
+        latency = time.monotonic() - started
+        cls.metrics.duration.observe(latency)
         cls.limit.on_sample(
-            latency=time.monotonic() - started,
+            latency=latency,
             inflight=cls.running + 1,
             dropped=state in (TaskState.FAILED, TaskState.TIMED_OUT),
         )
@@ -631,7 +671,7 @@ class LocalScheduler:
         ):
             self._retry(cls, record, error)
         else:
-            await self._finish(record, state, result, error)
+            self._finish(record, state, result, error)
 
     def _release(self, cls: _Class, record: TaskRecord) -> None:
         cls.running -= 1
@@ -648,18 +688,17 @@ class LocalScheduler:
         self._journal.write(("requeue", (record.attempts, None, record.error, record.task_id)))
 
     async def _attempt(
-        self, cls: _Class, record: TaskRecord, written: Written
+        self, cls: _Class, record: TaskRecord
     ) -> tuple[TaskState, str | None, str | None]:
         assert cls.runner is not None
+        if record.cancel_requested:
+            return TaskState.CANCELLED, None, "cancelled before it started"
         timeout = record.timeout
         # One scope for both ways an attempt is cut short: its deadline is the
         # timeout, and cancel_task() cancels it.
         deadline = math.inf if timeout is None else anyio.current_time() + timeout
         with anyio.CancelScope(deadline=deadline) as scope:
             record.scope = scope
-            if record.cancel_requested:
-                scope.cancel()
-            await written.wait()
             self._publish(record, TaskState.RUNNING)
             run = TaskRun(
                 task_id=record.task_id,
@@ -710,23 +749,30 @@ class LocalScheduler:
         self._publish(record, TaskState.QUEUED, event_type=TaskEvent.RETRYING, error=error)
         self._delay(record, delay)
 
-    async def _finish(
+    def _finish(
         self, record: TaskRecord, state: TaskState, result: str | None, error: str | None
     ) -> None:
+        """Set the final state; waiters and subscribers learn of it once it is committed."""
         record.state = state
         record.result = result
         record.error = error
         record.finished_at = time.time()
-        await self._journal.commit(
-            ("finish", (state.value, record.finished_at, result, error, record.task_id))
+        self._journal.write(
+            ("finish", (state.value, record.finished_at, result, error, record.task_id)),
+            then=functools.partial(self._finished, record),
         )
+
+    def _finished(self, record: TaskRecord) -> None:
         self._live.pop(record.task_id, None)
         self._recent[record.task_id] = record
         if len(self._recent) > _RECENT:
             self._recent.popitem(last=False)
         if record.waiters is not None:
             record.waiters.set()
-        self._publish(record, state, result=result)
+        task_class = self._classes.get(record.task_class)
+        if task_class is not None:
+            task_class.metrics.finished[record.state.value].inc()
+        self._publish(record, record.state, result=record.result)
 
     def _publish(
         self,
@@ -737,9 +783,12 @@ class LocalScheduler:
         result: str | None = None,
         error: str | None = None,
     ) -> None:
+        event_type = event_type or TaskEvent.TYPES[state]
+        if not state.finished and not self._bus.wanted(event_type):
+            return  # a progress event nobody listens to: only final ones go to the history
         self._bus.publish(
             TaskEvent(
-                type=event_type or TaskEvent.TYPES[state],
+                type=event_type,
                 task_id=record.task_id,
                 task_class=record.task_class,
                 handler=record.handler,
@@ -763,14 +812,14 @@ class LocalScheduler:
                         record.not_before = None
                         self._enqueue(record)
                 elif record.deadline is not None and record.attempts == 0:
-                    await self._expire_now(record)
+                    self._expire_now(record)
             wait = self._timers[0][0] - time.monotonic() if self._timers else math.inf
             assert self._timer_wake is not None
             with anyio.move_on_after(max(wait, 0)):
                 await self._timer_wake.wait()
             self._timer_wake = anyio.Event()
 
-    async def _expire_now(self, record: TaskRecord) -> None:
+    def _expire_now(self, record: TaskRecord) -> None:
         if record.state is TaskState.QUEUED and record.committed is None:
             self._classes[record.task_class].queue.discard(record)
         elif record.state is TaskState.WAITING_FOR_SERVICES:
@@ -778,7 +827,7 @@ class LocalScheduler:
         else:
             return
         timeout = self._classes[record.task_class].config.queue_timeout
-        await self._finish(
+        self._finish(
             record, TaskState.TIMED_OUT, None, f"waited more than {timeout:g} s to start"
         )
 
@@ -806,14 +855,14 @@ class LocalScheduler:
         try:
             await self._services.start(names)
         except ServiceStartError as exc:
-            await self._fail_waiting(set(names), f"a service it needs could not start: {exc}")
+            self._fail_waiting(set(names), f"a service it needs could not start: {exc}")
         finally:
             self._starting_services.difference_update(names)
 
-    async def _fail_waiting(self, services: set[str], error: str) -> None:
+    def _fail_waiting(self, services: set[str], error: str) -> None:
         for record in [r for r in self._waiting if services.intersection(r.needs)]:
             self._waiting.discard(record)
-            await self._finish(record, TaskState.FAILED, None, error)
+            self._finish(record, TaskState.FAILED, None, error)
 
     async def _watch_services(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         types = _SERVICE_READY_EVENTS | _SERVICE_DOWN_EVENTS
@@ -827,9 +876,17 @@ class LocalScheduler:
                         self._waiting.discard(record)
                         self._enqueue(record)
                 elif not self._settings.start_needed_services:
-                    await self._fail_waiting(
+                    self._fail_waiting(
                         {event.service}, f"service {event.service!r} it needs failed"
                     )
+
+
+def _always(_: TaskRecord) -> bool:
+    return True
+
+
+def _current_limit(task_class: _Class) -> int:
+    return task_class.limit.limit
 
 
 def _final_event(status: TaskStatus) -> TaskEvent:

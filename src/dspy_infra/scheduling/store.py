@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.to_thread
+
+from dspy_infra.errors import InfraError
 
 __all__ = [
     "COLUMNS",
@@ -30,6 +32,7 @@ __all__ = [
     "Row",
     "SQLiteStore",
     "Store",
+    "StoreFailed",
     "Written",
     "dumps",
 ]
@@ -214,11 +217,16 @@ class MemoryStore:
         self._rows.clear()
 
 
+class StoreFailed(InfraError):
+    """Writing to the task store failed (disk full, file removed...)."""
+
+
 class _Batch:
-    __slots__ = ("done", "error", "ops")
+    __slots__ = ("callbacks", "done", "error", "ops")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
+        self.callbacks: list[Callable[[], object]] = []
         self.done = anyio.Event()
         self.error: BaseException | None = None
 
@@ -238,13 +246,22 @@ class Journal:
         self._wake = anyio.Event()
         self._closed = False
 
-    def write(self, op: Op) -> Written:
-        """Queue ``op``; the returned batch's ``wait()`` returns once it is committed."""
+    def write(self, op: Op, then: Callable[[], object] | None = None) -> Written:
+        """Queue ``op``; the returned batch's ``wait()`` returns once it is committed.
+
+        ``then`` is called (on the event loop) right after the commit: cheaper
+        than a task waiting for it, which is what the scheduler does for the
+        start and the end of every attempt.
+        """
         if not self._threaded:
             self._store.apply((op,))
+            if then is not None:
+                then()
             return _APPLIED
         batch = self._batch
         batch.ops.append(op)
+        if then is not None:
+            batch.callbacks.append(then)
         self._wake.set()
         return batch
 
@@ -266,9 +283,15 @@ class Journal:
                 continue
             try:
                 await anyio.to_thread.run_sync(self._store.apply, batch.ops)
-            except Exception as exc:  # noqa: BLE001 - handed to every waiter of the batch
+            except Exception as exc:
+                # Nothing can be promised any more: wake the waiters with the
+                # error, and stop the instance with it.
                 batch.error = exc
+                batch.done.set()
+                raise StoreFailed(f"the task store failed: {exc}") from exc
             batch.done.set()
+            for callback in batch.callbacks:
+                callback()
 
     def close(self) -> None:
         """Let the writer finish once what was written so far is committed."""
