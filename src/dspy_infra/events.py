@@ -11,7 +11,7 @@ resynchronise (every event carries a sequence number).
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from typing import ClassVar
@@ -95,6 +95,8 @@ class EventBus:
         self._buffer = buffer
         self._history: deque[Event] = deque(maxlen=history)
         self._subscribers: set[_Subscriber] = set()
+        # What the subscribers want, counted, so that wanted() is O(1).
+        self._wanted: Counter[str | None] = Counter()
         self._seq = 0
         self._on_drop = on_drop
         self._closed = False
@@ -133,7 +135,8 @@ class EventBus:
         building ones that nobody reads; such events are not kept in the
         history either.
         """
-        return any(sub.types is None or event_type in sub.types for sub in self._subscribers)
+        wanted = self._wanted
+        return bool(wanted[None] or wanted[event_type])
 
     def close(self) -> None:
         """End every subscription once its buffered events are read."""
@@ -143,25 +146,33 @@ class EventBus:
 
     @asynccontextmanager
     async def subscribe(
-        self, types: Collection[str] | None = None, *, since: int | None = None
+        self,
+        types: Collection[str] | None = None,
+        *,
+        since: int | None = None,
+        buffer: int | None = None,
     ) -> AsyncIterator[AsyncIterator[Event]]:
         """Subscribe to events of ``types`` (all when None).
 
         With ``since``, events after that sequence number that are still in the
         bus's history are replayed first, so a consumer can resume where it
-        stopped.
+        stopped. ``buffer`` replaces the bus's buffer size for this subscriber
+        (one that waits for a known number of events can hold them all).
         """
         wanted = frozenset(types) if types is not None else None
-        sub = _Subscriber(wanted, self._buffer)
+        sub = _Subscriber(wanted, self._buffer if buffer is None else buffer)
         backlog = [e for e in self._history if e.seq > since] if since is not None else []
         if self._closed:
             sub.send.close()
         else:
             self._subscribers.add(sub)
+            self._wanted.update(wanted if wanted is not None else (None,))
         try:
             yield self._iterate(sub, [e for e in backlog if sub.wants(e)])
         finally:
-            self._subscribers.discard(sub)
+            if sub in self._subscribers:
+                self._subscribers.discard(sub)
+                self._wanted.subtract(wanted if wanted is not None else (None,))
             sub.send.close()
             sub.receive.close()
 
@@ -171,7 +182,20 @@ class EventBus:
         # neither overlaps nor misses the live events that follow.
         for event in backlog:
             yield event
-        async for event in sub.receive:
+        receive = sub.receive
+        while True:
+            # What is already buffered is taken without a trip through the
+            # event loop (receive() always makes one): a reader of thousands
+            # of task results a second pays per batch, not per event.
+            try:
+                event = receive.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    event = await receive.receive()
+                except anyio.EndOfStream:
+                    return
+            except anyio.EndOfStream:
+                return
             if sub.dropped:
                 count, sub.dropped = sub.dropped, 0
                 yield EventsDropped(count=count)

@@ -116,3 +116,25 @@ def test_marker_rejects_positional_arguments(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(["*pass config=..., not positionally*"])
     assert result.ret != 0
+
+
+def test_marker_registers_task_handlers(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        async def double(payload):
+            return payload * 2
+
+        @pytest.mark.anyio
+        @pytest.mark.agent_infra(handlers={"double": double})
+        async def test_task_runs(agent_infra):
+            handle = await agent_infra.submit_task("double", 21)
+            assert await handle.result() == 42
+            status = await agent_infra.get_task_status(handle.task_id)
+            assert status.state == "succeeded"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from dspy_infra.abc import RunnerContext, TaskRun
+from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 
 __all__ = ["InProcessRunner", "Runner"]
 
@@ -65,7 +65,12 @@ class InProcessRunner:
         )
 
     async def run(self, run: TaskRun) -> Any:
-        handler = self._handlers[run.handler]
+        try:
+            handler = self._handlers[run.handler]
+        except KeyError:
+            # A task recovered from the store whose handler this program no
+            # longer registers.
+            raise RunFailed(self.validate(run.handler) or run.handler) from None
         args = (run.payload, run) if _wants_run(handler) else (run.payload,)
         if _is_async(handler):
             return await handler(*args)

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -37,7 +37,6 @@ from typing import Any, Literal, Self
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from dspy_infra.abc import Runner, RunnerContext, TaskRun
 from dspy_infra.config.model import Config, TaskClass
@@ -69,6 +68,7 @@ _REMOTE_RUNNERS = frozenset({"slurm"})
 # ones are read back from the store.
 _RECENT = 10_000
 _MAX_TASK_ID = 200
+_RUNS_PER_CHECKPOINT = 32
 _SERVICE_READY_EVENTS = frozenset({"service_started", "service_healthy", "service_completed"})
 _SERVICE_DOWN_EVENTS = frozenset({"service_failed"})
 
@@ -95,20 +95,18 @@ class ClassStatus:
         )
 
 
-
-
 class _Class:
     __slots__ = (
         "config",
+        "idle",
         "limit",
         "local",
         "metrics",
         "name",
         "queue",
-        "receive",
+        "ready",
         "runner",
         "running",
-        "send",
         "unavailable",
         "workers",
     )
@@ -125,23 +123,29 @@ class _Class:
         self.running = 0
         self.runner: Runner | None = None
         self.unavailable: str | None = None
-        self.send: MemoryObjectSendStream[TaskRecord]
-        self.receive: MemoryObjectReceiveStream[TaskRecord]
+        # Attempts whose start is committed wait here for a worker. Workers
+        # are long-lived and take the next one as soon as they are free, with
+        # no trip through the event loop while there is work; an idle one
+        # waits on its own event (in ``idle``) so that one attempt wakes one
+        # worker. Spawning a task per attempt costs several times more.
+        self.ready: deque[TaskRecord] = deque()
+        self.idle: list[anyio.Event] = []
         self.workers = 0
 
-    def open_stream(self, stack: AsyncExitStack) -> None:
-        # Started attempts go to long-lived workers through this stream:
-        # handing one over costs a fraction of spawning a task per attempt.
-        self.send, self.receive = anyio.create_memory_object_stream[TaskRecord](math.inf)
-        stack.callback(self.receive.close)
-        stack.callback(self.send.close)
+
+# Error messages are stored with the task: long enough for a traceback's
+# last lines, short enough that a handler raising a huge message cannot bloat
+# the store.
+_MAX_ERROR = 16_384
 
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
-    if isinstance(exc, Exception) and type(exc).__module__.startswith("dspy_infra"):
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if not (isinstance(exc, Exception) and type(exc).__module__.startswith("dspy_infra")):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if len(text) > _MAX_ERROR:
+        text = f"{text[:_MAX_ERROR]}... ({len(text) - _MAX_ERROR} more characters cut)"
+    return text
 
 
 class LocalScheduler:
@@ -215,8 +219,6 @@ class LocalScheduler:
             await self._recover(rows)
             self._tg.start_soon(self._timer_loop)
             await self._tg.start(self._watch_services)
-            for cls in self._classes.values():
-                cls.open_stream(stack)
             stack.callback(self._requeue_unclaimed)
             self._runs = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self._runs.cancel_scope.cancel)
@@ -246,13 +248,8 @@ class LocalScheduler:
 
     def _requeue_unclaimed(self) -> None:
         for cls in self._classes.values():
-            cls.send.close()
-            while True:
-                try:
-                    record = cls.receive.receive_nowait()
-                except (anyio.WouldBlock, anyio.EndOfStream):
-                    break
-                self._interrupted(cls, record)
+            while cls.ready:
+                self._interrupted(cls, cls.ready.popleft())
 
     async def _resource_pool(self, inventory: GpuInventory) -> ResourcePool:
         cpus = self._settings.cpus or float(os.cpu_count() or 1)
@@ -423,7 +420,10 @@ class LocalScheduler:
         self, task_ids: Collection[str] | None = None, *, since: int | None = None
     ) -> AsyncGenerator[TaskEvent, None]:
         pending = set(task_ids) if task_ids is not None else None
-        async with self._bus.subscribe(TaskEvent.FINAL_TYPES, since=since) as events:
+        # Waiting for known tasks, the buffer holds one final event per task:
+        # nothing is dropped, however many finish at once.
+        buffer = max(len(pending), 1) if pending is not None else None
+        async with self._bus.subscribe(TaskEvent.FINAL_TYPES, since=since, buffer=buffer) as events:
             if pending is not None and since is None:
                 # Those that finished before the subscription.
                 for finished in await self._finished_events(pending):
@@ -450,6 +450,9 @@ class LocalScheduler:
         """Final events of the ``pending`` tasks that have finished; they leave ``pending``."""
         found = []
         for task_id in sorted(pending):
+            live = self._live.get(task_id)
+            if live is not None and not live.state.finished:
+                continue
             status = await self.status(task_id)
             if status.finished:
                 pending.discard(task_id)
@@ -629,14 +632,28 @@ class LocalScheduler:
             self._runs.start_soon(self._worker, cls)
 
     def _hand_over(self, cls: _Class, record: TaskRecord) -> None:
-        try:
-            cls.send.send_nowait(record)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+        if not self._open:
             self._interrupted(cls, record)  # committed while closing: never ran
+            return
+        cls.ready.append(record)
+        if cls.idle:
+            cls.idle.pop().set()
 
     async def _worker(self, cls: _Class) -> None:
-        async for record in cls.receive:
-            await self._run(cls, record)
+        ready = cls.ready
+        while True:
+            for _ in range(_RUNS_PER_CHECKPOINT):
+                if not ready:
+                    break
+                await self._run(cls, ready.popleft())
+            else:
+                # Attempts that never await (no-op handlers) would otherwise
+                # keep this worker from ever letting others run.
+                await anyio.lowlevel.checkpoint()
+                continue
+            wake = anyio.Event()
+            cls.idle.append(wake)
+            await wake.wait()
 
     # -- running an attempt ---------------------------------------------------
 
@@ -827,9 +844,7 @@ class LocalScheduler:
         else:
             return
         timeout = self._classes[record.task_class].config.queue_timeout
-        self._finish(
-            record, TaskState.TIMED_OUT, None, f"waited more than {timeout:g} s to start"
-        )
+        self._finish(record, TaskState.TIMED_OUT, None, f"waited more than {timeout:g} s to start")
 
     # -- tasks that need services ---------------------------------------------
 
