@@ -1,13 +1,24 @@
 """dspy-infra: the infrastructure of DSPy agent training, inside your event loop."""
 
-from dspy_infra.abc import ContainerBackend, LaunchSpec, ServiceProcess
+from dspy_infra.abc import (
+    ContainerBackend,
+    LaunchSpec,
+    RunFailed,
+    Runner,
+    RunnerContext,
+    Scheduler,
+    ServiceProcess,
+    TaskRun,
+)
 from dspy_infra.config import (
     Backoff,
     Config,
     Dependency,
+    HandlerConfig,
     InfraSettings,
     Probe,
     ServiceConfig,
+    TaskClass,
     load_config,
 )
 from dspy_infra.errors import (
@@ -16,12 +27,28 @@ from dspy_infra.errors import (
     DependencyFailed,
     InfraClosed,
     InfraError,
+    InvalidTask,
     ServiceError,
     ServiceStartError,
+    TaskCancelled,
+    TaskError,
+    TaskFailed,
+    TaskLost,
+    TaskTimedOut,
     UnknownService,
+    UnknownTask,
 )
 from dspy_infra.events import Event, EventsDropped, ServiceEvent
 from dspy_infra.infra import AgentInfra, HealthReport
+from dspy_infra.scheduling.scheduler import ClassStatus
+from dspy_infra.scheduling.tasks import (
+    Resources,
+    TaskEvent,
+    TaskHandle,
+    TaskRequest,
+    TaskState,
+    TaskStatus,
+)
 from dspy_infra.services.manager import ServiceManager
 from dspy_infra.services.status import ServiceState, ServiceStatus
 
@@ -29,6 +56,7 @@ __all__ = [
     "AgentInfra",
     "BackendUnavailable",
     "Backoff",
+    "ClassStatus",
     "Config",
     "ConfigError",
     "ContainerBackend",
@@ -36,12 +64,19 @@ __all__ = [
     "DependencyFailed",
     "Event",
     "EventsDropped",
+    "HandlerConfig",
     "HealthReport",
     "InfraClosed",
     "InfraError",
     "InfraSettings",
+    "InvalidTask",
     "LaunchSpec",
     "Probe",
+    "Resources",
+    "RunFailed",
+    "Runner",
+    "RunnerContext",
+    "Scheduler",
     "ServiceConfig",
     "ServiceError",
     "ServiceEvent",
@@ -50,6 +85,19 @@ __all__ = [
     "ServiceStartError",
     "ServiceState",
     "ServiceStatus",
+    "TaskCancelled",
+    "TaskClass",
+    "TaskError",
+    "TaskEvent",
+    "TaskFailed",
+    "TaskHandle",
+    "TaskLost",
+    "TaskRequest",
+    "TaskRun",
+    "TaskState",
+    "TaskStatus",
+    "TaskTimedOut",
     "UnknownService",
+    "UnknownTask",
     "load_config",
 ]

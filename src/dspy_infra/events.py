@@ -132,7 +132,7 @@ class EventBus:
         """Whether a live subscriber wants events of this type.
 
         Lets a publisher of very frequent events (a task started) skip
-        building ones that nobody reads; such events are not kept in the
+        building ones that nobody reads; those it skips are not in the
         history either.
         """
         wanted = self._wanted

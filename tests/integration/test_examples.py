@@ -1,4 +1,4 @@
-"""The demo is the first thing a user runs: it must work, fast, and leave nothing behind."""
+"""The examples are the first thing a user runs: they must work, fast, and leave nothing behind."""
 
 from __future__ import annotations
 
@@ -8,22 +8,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEMO = Path(__file__).parents[2] / "examples" / "demo.py"
+EXAMPLES = Path(__file__).parents[2] / "examples"
 
 
-def test_demo_restarts_the_killed_worker_and_tears_down_cleanly() -> None:
-    # DSPY_INFRA_* variables of the surrounding run would override the demo's config.
+def run_example(name: str) -> str:
+    # DSPY_INFRA_* variables of the surrounding run would override the example's config.
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
     result = subprocess.run(
-        [sys.executable, str(DEMO)],
+        [sys.executable, str(EXAMPLES / name)],
         capture_output=True,
         text=True,
         timeout=60,
         env=env,
         check=False,
     )
-    out = result.stdout
-    assert result.returncode == 0, f"demo failed:\n{out}\n{result.stderr}"
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_demo_restarts_the_killed_worker_runs_tasks_and_tears_down_cleanly() -> None:
+    out = run_example("demo.py")
     # Started in dependency order, the one-shot migration completed.
     assert re.search(r"service_completed\s+migrate", out)
     assert re.search(r"service_healthy\s+api", out)
@@ -32,7 +36,29 @@ def test_demo_restarts_the_killed_worker_and_tears_down_cleanly() -> None:
     # SIGKILLed, the worker was restarted and is healthy again, with one restart.
     assert re.search(r"service_restarting\s+worker\s+exited with code -9", out)
     assert re.search(r"worker\W+healthy\W+\d+\W+1\W", out), out
+    # Tasks: the embed tasks waited for the embedder, which was started for them.
+    assert re.search(r"task_waiting\s+embed", out)
+    assert re.search(r"service_healthy\s+embedder", out)
+    # The priority 9 evaluation ran second; fetch was retried; train was cancelled.
+    assert "baseline (1) -> cot+rag (9) -> few-shot (1)" in out
+    assert re.search(r"task_retrying\s+fetch\s+attempt 1 failed: ConnectionError", out)
+    assert re.search(r"task_cancelled\s+train", out)
+    assert "found the best candidate: cot+rag" in out
     # Teardown stopped dependents first and left no process behind.
     stopped = re.findall(r"service_stopped\s+(\w+)", out)
     assert stopped.index("api") < stopped.index("kv")
-    assert "teardown clean" in out
+    assert "embedder" in stopped
+    assert "teardown clean: none of the 5 process groups" in out
+
+
+def test_the_tasks_example_runs() -> None:
+    out = run_example("tasks.py")
+    assert "square(7) = 49" in out
+    assert "squares: [0, 1, 4, 9, 16]" in out
+    assert "succeeded after 2 attempts" in out
+    assert "judge('') failed: ValueError: nothing to judge" in out
+    assert "wordcount = 4" in out
+    assert "cancel: cancelled" in out
+    # Picked up by the second run, from the store; the interrupted attempts given back.
+    for i in range(3):
+        assert f"nightly-{i}: succeeded, attempts 1" in out

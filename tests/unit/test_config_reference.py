@@ -20,9 +20,11 @@ from dspy_infra import (
     Backoff,
     ConfigError,
     Dependency,
+    HandlerConfig,
     InfraSettings,
     Probe,
     ServiceConfig,
+    TaskClass,
     load_config,
 )
 from dspy_infra.config.converter import converter
@@ -31,7 +33,15 @@ from dspy_infra.config.placeholders import KNOWN
 
 DOC_PATH = Path(__file__).parents[2] / "docs" / "configuration.md"
 DOC = DOC_PATH.read_text()
-CLASSES: list[type[Any]] = [InfraSettings, ServiceConfig, Probe, Dependency, Backoff]
+CLASSES: list[type[Any]] = [
+    InfraSettings,
+    ServiceConfig,
+    Probe,
+    Dependency,
+    Backoff,
+    TaskClass,
+    HandlerConfig,
+]
 ROW = re.compile(
     r"^\| `(?P<key>[^`]+)` \| (?P<type>[^|]+?) \| (?P<default>[^|]+?) \| (?P<meaning>.+) \|$"
 )

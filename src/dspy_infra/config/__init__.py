@@ -5,18 +5,22 @@ from dspy_infra.config.model import (
     Backoff,
     Config,
     Dependency,
+    HandlerConfig,
     InfraSettings,
     Probe,
     ServiceConfig,
+    TaskClass,
 )
 
 __all__ = [
     "Backoff",
     "Config",
     "Dependency",
+    "HandlerConfig",
     "InfraSettings",
     "Probe",
     "ServiceConfig",
+    "TaskClass",
     "dump_config",
     "load_config",
 ]

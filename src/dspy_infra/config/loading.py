@@ -248,13 +248,20 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     state_dir = config.infra.state_dir
     if not state_dir.is_absolute():
         state_dir = (base / state_dir).resolve()
-    services = {
-        name: evolve(svc, cwd=str((base / svc.cwd).resolve()))
-        if svc.cwd is not None and "{" not in svc.cwd and not Path(svc.cwd).is_absolute()
-        else svc
-        for name, svc in config.services.items()
-    }
-    return evolve(config, infra=evolve(config.infra, state_dir=state_dir), services=services)
+
+    def resolved(cwd: str | None) -> str | None:
+        if cwd is None or "{" in cwd or Path(cwd).is_absolute():
+            return cwd
+        return str((base / cwd).resolve())
+
+    services = {name: evolve(s, cwd=resolved(s.cwd)) for name, s in config.services.items()}
+    handlers = {name: evolve(h, cwd=resolved(h.cwd)) for name, h in config.handlers.items()}
+    return evolve(
+        config,
+        infra=evolve(config.infra, state_dir=state_dir),
+        services=services,
+        handlers=handlers,
+    )
 
 
 def dependency_closure(config: Config, name: str) -> list[str]:

@@ -26,6 +26,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
@@ -68,6 +69,7 @@ _REMOTE_RUNNERS = frozenset({"slurm"})
 # ones are read back from the store.
 _RECENT = 10_000
 _MAX_TASK_ID = 200
+_TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
 _RUNS_PER_CHECKPOINT = 32
 _SERVICE_READY_EVENTS = frozenset({"service_started", "service_healthy", "service_completed"})
 _SERVICE_DOWN_EVENTS = frozenset({"service_failed"})
@@ -424,8 +426,8 @@ class LocalScheduler:
         # nothing is dropped, however many finish at once.
         buffer = max(len(pending), 1) if pending is not None else None
         async with self._bus.subscribe(TaskEvent.FINAL_TYPES, since=since, buffer=buffer) as events:
-            if pending is not None and since is None:
-                # Those that finished before the subscription.
+            if pending is not None:
+                # Those that finished before the subscription (or before ``since``).
                 for finished in await self._finished_events(pending):
                     yield finished
             if pending is not None and not pending:
@@ -676,11 +678,12 @@ class LocalScheduler:
                     self._dispatch()
         latency = time.monotonic() - started
         cls.metrics.duration.observe(latency)
-        cls.limit.on_sample(
-            latency=latency,
-            inflight=cls.running + 1,
-            dropped=state in (TaskState.FAILED, TaskState.TIMED_OUT),
-        )
+        if state is not TaskState.CANCELLED:  # a cut-short run says nothing about load
+            cls.limit.on_sample(
+                latency=latency,
+                inflight=cls.running + 1,
+                dropped=state in (TaskState.FAILED, TaskState.TIMED_OUT),
+            )
         if (
             state in (TaskState.FAILED, TaskState.TIMED_OUT)
             and record.attempts < record.max_attempts
@@ -726,14 +729,20 @@ class LocalScheduler:
                 class_config=cls.config,
                 handler_config=self.config.handlers.get(record.handler),
                 gpus=record.gpus,
-                env={"CUDA_VISIBLE_DEVICES": ",".join(record.gpus)} if record.gpus else {},
+                env=_gpu_env(record.gpus) if record.gpus else {},
                 tasks_dir=self._tasks_dir,
             )
+            outcome: tuple[TaskState, str | None, str | None]
             try:
                 value = await cls.runner.run(run)
             except Exception as exc:  # noqa: BLE001 - any failure of the work fails the attempt
-                return TaskState.FAILED, None, _describe(exc)
-            return self._result(value)
+                outcome = TaskState.FAILED, None, _describe(exc)
+            else:
+                outcome = self._result(value)
+            if not scope.cancel_called:
+                return outcome
+            # Cut short, yet it returned: a sync handler's thread cannot be
+            # interrupted, so its late result is not taken either.
         if record.cancel_requested:
             return TaskState.CANCELLED, None, "cancelled while running"
         return TaskState.TIMED_OUT, None, f"ran longer than its timeout of {timeout:g} s"
@@ -896,6 +905,12 @@ class LocalScheduler:
                     )
 
 
+def _gpu_env(gpus: tuple[str, ...]) -> dict[str, str]:
+    # Leased ids are NVML / nvidia-smi indices, which follow the PCI bus
+    # order; CUDA's own default order is fastest first.
+    return {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
 def _always(_: TaskRecord) -> bool:
     return True
 
@@ -929,6 +944,12 @@ def _task_id_error(task_id: object) -> str | None:
         return f"task_id must be a non-empty string, got {task_id!r}"
     if len(task_id) > _MAX_TASK_ID:
         return f"task_id is {len(task_id)} characters long, over the limit of {_MAX_TASK_ID}"
+    if not _TASK_ID_RE.match(task_id):
+        # It names the task's directory under the state dir: no '/', no '..'.
+        return (
+            f"task_id {task_id!r} may only hold letters, digits and '_', '-', '.', ':', "
+            "starting with a letter, digit or '_'"
+        )
     return None
 
 
