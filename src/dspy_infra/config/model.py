@@ -95,6 +95,26 @@ def _name(_: object, attribute: Attribute[Any], value: str) -> None:
         )
 
 
+def _check_command(command: tuple[str, ...] | str | None, *, shell: bool) -> None:
+    if isinstance(command, str) and not shell:
+        raise FieldError(
+            "command",
+            "a string runs through a shell only with shell = true; "
+            "otherwise give a list of arguments",
+        )
+    if command is not None and not command:
+        raise FieldError("command", "must not be empty")
+
+
+def _gpu_ids(_: object, attribute: Attribute[Any], value: tuple[int, ...] | None) -> None:
+    if value is None:
+        return
+    if any(i < 0 for i in value):
+        raise FieldError(attribute.name, f"device ids are indices from 0, got {list(value)}")
+    if len(set(value)) != len(value):
+        raise FieldError(attribute.name, f"a device is listed twice: {list(value)}")
+
+
 @frozen(kw_only=True)
 class Backoff:
     """Exponential backoff with jitter: ``initial * factor**n``, capped at ``max``."""
@@ -203,14 +223,7 @@ class ServiceConfig:
     log_lines: int = field(default=1000, validator=_at_least_one)
 
     def __attrs_post_init__(self) -> None:
-        if isinstance(self.command, str) and not self.shell:
-            raise FieldError(
-                "command",
-                "a string runs through a shell only with shell = true; "
-                "otherwise give a list of arguments",
-            )
-        if self.command is not None and not self.command:
-            raise FieldError("command", "must not be empty")
+        _check_command(self.command, shell=self.shell)
         for port_name, port in self.ports.items():
             if not KEY_NAME_RE.match(port_name):
                 raise FieldError(
@@ -275,14 +288,7 @@ class HandlerConfig:
     cwd: str | None = None
 
     def __attrs_post_init__(self) -> None:
-        if isinstance(self.command, str) and not self.shell:
-            raise FieldError(
-                "command",
-                "a string runs through a shell only with shell = true; "
-                "otherwise give a list of arguments",
-            )
-        if self.command is not None and not self.command:
-            raise FieldError("command", "must not be empty")
+        _check_command(self.command, shell=self.shell)
 
 
 @frozen(kw_only=True)
@@ -311,7 +317,7 @@ class InfraSettings:
     max_priority: int = field(default=100, validator=_non_negative)
     cpus: float | None = field(default=None, validator=_positive)
     memory_mb: int | None = field(default=None, validator=_positive)
-    gpus: tuple[int, ...] | None = None
+    gpus: tuple[int, ...] | None = field(default=None, validator=_gpu_ids)
     start_needed_services: bool = True
     worker_threads: int = field(default=16, validator=_at_least_one)
 

@@ -221,6 +221,7 @@ class LocalScheduler:
             await self._recover(rows)
             self._tg.start_soon(self._timer_loop)
             await self._tg.start(self._watch_services)
+            stack.callback(self._release_waiters)
             stack.callback(self._requeue_unclaimed)
             self._runs = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self._runs.cancel_scope.cancel)
@@ -247,6 +248,12 @@ class LocalScheduler:
 
     def _close_gate(self) -> None:
         self._open = False
+
+    def _release_waiters(self) -> None:
+        """Those waiting for a task that will not finish in this instance stop waiting."""
+        for record in self._live.values():
+            if record.waiters is not None:
+                record.waiters.set()
 
     def _requeue_unclaimed(self) -> None:
         for cls in self._classes.values():
@@ -392,10 +399,17 @@ class LocalScheduler:
 
     async def wait(self, task_id: str) -> TaskStatus:
         record = self._live.get(task_id)
-        if record is not None:
+        if record is not None:  # unfinished, or its final state not yet committed
+            if not record.state.finished:
+                self._check_open()
             if record.waiters is None:
                 record.waiters = anyio.Event()
             await record.waiters.wait()
+            if not record.state.finished:
+                raise InfraClosed(
+                    f"the instance closed before task {task_id!r} finished; it is still in "
+                    "the store and runs when an instance opens on the same state_dir"
+                )
         return await self.status(task_id)
 
     async def cancel(self, task_id: str) -> TaskStatus:
@@ -522,6 +536,8 @@ class LocalScheduler:
         if timeout is not None and (not isinstance(timeout, int | float) or not timeout > 0):
             raise invalid(f"timeout must be a number of seconds above 0, got {timeout!r}")
         need = self._need(cls, request)
+        if problem := _need_error(need):
+            raise invalid(problem)
         if cls.local and (problem := self._pool.capacity_error(need)):
             raise invalid(problem)
         try:
@@ -903,6 +919,17 @@ class LocalScheduler:
                     self._fail_waiting(
                         {event.service}, f"service {event.service!r} it needs failed"
                     )
+
+
+def _need_error(need: Need) -> str | None:
+    for what, amount, kind in zip(
+        ("cpus", "memory_mb", "gpus"), need, (int | float, int, int), strict=True
+    ):
+        # ``not >= 0`` also refuses NaN.
+        if isinstance(amount, bool) or not isinstance(amount, kind) or not amount >= 0:
+            expected = "a number" if what == "cpus" else "an integer"
+            return f"resources.{what} must be {expected} of at least 0, got {amount!r}"
+    return None
 
 
 def _gpu_env(gpus: tuple[str, ...]) -> dict[str, str]:
