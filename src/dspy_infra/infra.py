@@ -249,7 +249,7 @@ class AgentInfra:
         ``handler`` names an in-process function (:meth:`task`) or a
         ``[handlers.NAME]`` entry; ``task_class`` decides the runner, limit
         and resources; higher ``priority`` runs first (0 to
-        ``max_priority``). ``needs`` names services that must be healthy
+        ``max_priority``). ``needs`` names services (one, or a list) that must be healthy
         before it starts. Submitting again with the same ``task_id`` returns
         the task already stored. Raises :class:`~dspy_infra.errors.InvalidTask`,
         storing nothing, for bad input.
@@ -260,7 +260,7 @@ class AgentInfra:
                 payload=payload,
                 task_class=task_class,
                 priority=priority,
-                needs=tuple(needs),
+                needs=(needs,) if isinstance(needs, str) else tuple(needs),
                 task_id=task_id,
                 workflow_id=workflow_id,
                 max_attempts=max_attempts,
@@ -289,7 +289,7 @@ class AgentInfra:
         produces many tasks at once; follow them with
         :meth:`stream_task_results`.
         """
-        needs = tuple(needs)
+        needs = (needs,) if isinstance(needs, str) else tuple(needs)
         task_ids = await self._tasks.submit_many(
             TaskRequest(
                 handler=handler,

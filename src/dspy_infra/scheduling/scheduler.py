@@ -509,6 +509,8 @@ class LocalScheduler:
         def invalid(message: str) -> InvalidTask:
             return InvalidTask(task_id, f"task {task_id!r} refused: {message}")
 
+        if problem := _shape_error(request):
+            raise invalid(problem)
         cls = self._classes.get(request.task_class)
         if cls is None:
             known = ", ".join(sorted(self._classes))
@@ -530,11 +532,9 @@ class LocalScheduler:
         max_attempts = (
             request.max_attempts if request.max_attempts is not None else cls.config.max_attempts
         )
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise invalid(f"max_attempts must be an integer of at least 1, got {max_attempts!r}")
         timeout = request.timeout if request.timeout is not None else cls.config.timeout
-        if timeout is not None and (not isinstance(timeout, int | float) or not timeout > 0):
-            raise invalid(f"timeout must be a number of seconds above 0, got {timeout!r}")
+        if problem := _attempts_error(max_attempts, timeout):
+            raise invalid(problem)
         need = self._need(cls, request)
         if problem := _need_error(need):
             raise invalid(problem)
@@ -919,6 +919,31 @@ class LocalScheduler:
                     self._fail_waiting(
                         {event.service}, f"service {event.service!r} it needs failed"
                     )
+
+
+def _shape_error(request: TaskRequest) -> str | None:
+    """Wrong types, before anything looks the values up (a list is not hashable)."""
+    for what in ("handler", "task_class"):
+        value = getattr(request, what)
+        if not isinstance(value, str):
+            return f"{what} must be a string, got {value!r}"
+    if request.workflow_id is not None and (
+        not isinstance(request.workflow_id, str) or len(request.workflow_id) > _MAX_TASK_ID
+    ):
+        return f"workflow_id must be a string of at most {_MAX_TASK_ID} characters or None"
+    if isinstance(request.needs, str) or not all(isinstance(n, str) for n in request.needs):
+        return f"needs must be a list of service names, got {request.needs!r}"
+    return None
+
+
+def _attempts_error(max_attempts: object, timeout: object) -> str | None:
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        return f"max_attempts must be an integer of at least 1, got {max_attempts!r}"
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+    ):
+        return f"timeout must be a number of seconds above 0, got {timeout!r}"
+    return None
 
 
 def _need_error(need: Need) -> str | None:

@@ -1,0 +1,838 @@
+"""The task scheduler through the public API, with a real SQLite store under tmp_path."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from dspy_infra import AgentInfra
+from dspy_infra.abc import TaskRun
+from dspy_infra.errors import (
+    InfraClosed,
+    InfraError,
+    InvalidTask,
+    TaskCancelled,
+    TaskFailed,
+    TaskTimedOut,
+    UnknownTask,
+)
+from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskState
+from dspy_infra.services.status import ServiceState
+from tests.integration.helpers import service
+
+pytestmark = pytest.mark.anyio
+
+Handler = Callable[..., Any]
+
+
+def start(
+    tmp_path: Path,
+    handlers: dict[str, Handler],
+    *,
+    classes: dict[str, Any] | None = None,
+    services: dict[str, Any] | None = None,
+    **infra: Any,
+) -> AgentInfra:
+    return AgentInfra.start(
+        {"infra": infra, "classes": classes or {}, "services": services or {}},
+        state_dir=tmp_path / "state",
+        handlers=handlers,
+    )
+
+
+async def until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
+    with anyio.fail_after(limit):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+async def until_state(infra: AgentInfra, task_id: str, state: TaskState) -> None:
+    with anyio.fail_after(5):
+        while (await infra.get_task_status(task_id)).state is not state:
+            await anyio.sleep(0.005)
+
+
+def rows(tmp_path: Path) -> dict[str, tuple[str, int]]:
+    """task_id -> (state, attempts), read from the SQLite file, read-only."""
+    db = sqlite3.connect(f"file:{tmp_path / 'state' / 'tasks.db'}?mode=ro", uri=True)
+    try:
+        return {
+            task_id: (state, attempts)
+            for task_id, state, attempts in db.execute("SELECT task_id, state, attempts FROM tasks")
+        }
+    finally:
+        db.close()
+
+
+class Gates:
+    """Handlers that block until the test opens their gate; what they saw, in order."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, anyio.Event] = {}
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.cancelled: list[str] = []
+        self.running: set[str] = set()
+        self.runs: dict[str, TaskRun] = {}
+
+    def gate(self, key: str) -> anyio.Event:
+        return self.gates.setdefault(key, anyio.Event())
+
+    def open(self, *keys: str) -> None:
+        for key in keys:
+            self.gate(key).set()
+
+    async def handler(self, payload: Any, run: TaskRun) -> Any:
+        key = payload["key"] if isinstance(payload, dict) else run.task_id
+        self.started.append(key)
+        self.running.add(key)
+        self.runs[key] = run
+        try:
+            await self.gate(key).wait()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled.append(key)
+            raise
+        finally:
+            self.running.discard(key)
+        self.finished.append(key)
+        return {"key": key}
+
+    async def wait_started(self, *keys: str) -> None:
+        await until(lambda: all(k in self.running for k in keys))
+
+
+async def echo(payload: Any) -> Any:
+    return payload
+
+
+# -- results and status ------------------------------------------------------------
+
+
+async def test_result_and_status_fields(tmp_path: Path) -> None:
+    async def boom(payload: Any) -> Any:
+        raise RuntimeError(f"broken on {payload}")
+
+    async with start(tmp_path, {"echo": echo, "boom": boom}) as infra:
+        before = time.time()
+        h = await infra.submit_task(
+            "echo", {"x": [1, 2.5, "z"]}, priority=3, workflow_id="wf-1", task_id="t-1"
+        )
+        assert h.task_id == "t-1"
+        assert await h.result() == {"x": [1, 2.5, "z"]}
+        status = await infra.get_task_status("t-1")
+        assert status.state is TaskState.SUCCEEDED
+        assert status.finished
+        assert (status.task_id, status.handler, status.task_class) == ("t-1", "echo", "cpu_short")
+        assert (status.priority, status.attempts, status.max_attempts) == (3, 1, 1)
+        assert status.workflow_id == "wf-1"
+        assert status.result == {"x": [1, 2.5, "z"]}
+        assert status.error is None
+        assert status.gpus == ()
+        assert status.started_at is not None
+        assert status.finished_at is not None
+        assert before <= status.submitted_at <= status.started_at <= status.finished_at
+        assert status.finished_at <= time.time()
+        assert await h.status() == status
+        # Stored: the SQLite row says the same.
+        assert rows(tmp_path)["t-1"] == ("succeeded", 1)
+
+        bad = await infra.submit_task("boom", 7)
+        with pytest.raises(TaskFailed, match="RuntimeError: broken on 7") as caught:
+            await bad.result()
+        assert caught.value.state == "failed"
+        failed = await bad.status()
+        assert failed.state is TaskState.FAILED
+        assert failed.error == "RuntimeError: broken on 7"
+        assert failed.result is None
+
+        with pytest.raises(UnknownTask, match="nope"):
+            await infra.get_task_status("nope")
+
+
+# -- priorities -----------------------------------------------------------------------
+
+
+async def test_priority_order_within_a_class_higher_first_fifo_among_equals(
+    tmp_path: Path,
+) -> None:
+    gates = Gates()
+    classes = {"one": {"max_concurrency": 1, "aging": 0}}
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes) as infra:
+        blocker = await infra.submit_task("gate", {"key": "blocker"}, task_class="one")
+        await gates.wait_started("blocker")
+        priorities = [1, 5, 1, 5, 3, 0, 3, 5]
+        handles = [
+            await infra.submit_task("gate", {"key": f"k{i}"}, task_class="one", priority=p)
+            for i, p in enumerate(priorities)
+        ]
+        for i in range(len(priorities)):
+            gates.open(f"k{i}")
+        assert [s.state for s in [await h.status() for h in handles]] == [TaskState.QUEUED] * 8
+        gates.open("blocker")
+        await blocker.result()
+        for h in handles:
+            await h.result()
+    expected = [f"k{i}" for i, _ in sorted(enumerate(priorities), key=lambda ip: -ip[1])]
+    assert gates.started == ["blocker", *expected]
+
+
+async def test_aging_lets_an_old_low_priority_task_overtake(tmp_path: Path) -> None:
+    for aging, old_first in ((0.05, True), (0.0, False)):
+        gates = Gates()
+        classes = {"one": {"max_concurrency": 1, "aging": aging}}
+        async with start(tmp_path / str(aging), {"gate": gates.handler}, classes=classes) as infra:
+            blocker = await infra.submit_task("gate", {"key": "blocker"}, task_class="one")
+            await gates.wait_started("blocker")
+            low = await infra.submit_task("gate", {"key": "low"}, task_class="one", priority=0)
+            await anyio.sleep(0.3)  # six levels' worth of waiting at 0.05 s per level
+            high = await infra.submit_task("gate", {"key": "high"}, task_class="one", priority=5)
+            gates.open("blocker", "low", "high")
+            for h in (blocker, low, high):
+                await h.result()
+        assert gates.started[1:] == (["low", "high"] if old_first else ["high", "low"])
+
+
+# -- resources and backfill --------------------------------------------------------------
+
+
+async def test_backfill_across_resources(tmp_path: Path) -> None:
+    gates = Gates()
+    held: list[float] = []
+    peak = [0.0]
+
+    async def sized(payload: Any, run: TaskRun) -> Any:
+        held.append(payload["cpus"])
+        peak[0] = max(peak[0], sum(held))
+        try:
+            return await gates.handler(payload, run)
+        finally:
+            held.remove(payload["cpus"])
+
+    classes = {
+        "big": {"cpus": 2, "max_concurrency": 8, "aging": 0},
+        "small": {"cpus": 1, "max_concurrency": 8, "aging": 0},
+    }
+    async with start(tmp_path, {"sized": sized}, classes=classes, cpus=2) as infra:
+        s1 = await infra.submit_task("sized", {"key": "s1", "cpus": 1}, task_class="small")
+        await gates.wait_started("s1")
+        big = await infra.submit_task(
+            "sized", {"key": "big", "cpus": 2}, task_class="big", priority=9
+        )
+        s2 = await infra.submit_task("sized", {"key": "s2", "cpus": 1}, task_class="small")
+        await gates.wait_started("s2")  # backfilled while the big one waits
+        assert (await big.status()).state is TaskState.QUEUED
+        assert infra.task_classes()["big"].queued == 1
+        s3 = await infra.submit_task("sized", {"key": "s3", "cpus": 1}, task_class="small")
+        await anyio.sleep(0.05)
+        assert (await s3.status()).state is TaskState.QUEUED  # no CPU left for it
+        gates.open("s1")
+        await s1.result()
+        await gates.wait_started("s3")  # the freed CPU: still not enough for the big one
+        assert (await big.status()).state is TaskState.QUEUED
+        gates.open("s2", "s3", "big")
+        for h in (s2, s3, big):
+            await h.result()
+    assert gates.started == ["s1", "s2", "s3", "big"]
+    assert peak[0] == 2
+
+
+async def test_backfill_within_a_class_past_a_head_that_does_not_fit(tmp_path: Path) -> None:
+    gates = Gates()
+    classes = {"mixed": {"cpus": 1, "max_concurrency": 8, "aging": 0}}
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes, cpus=2) as infra:
+        first = await infra.submit_task("gate", {"key": "first"}, task_class="mixed")
+        await gates.wait_started("first")
+        head = await infra.submit_task(
+            "gate", {"key": "head"}, task_class="mixed", priority=9, resources=Resources(cpus=2)
+        )
+        small = await infra.submit_task("gate", {"key": "small"}, task_class="mixed", priority=0)
+        await gates.wait_started("small")
+        assert (await head.status()).state is TaskState.QUEUED
+        gates.open("first", "small", "head")
+        for h in (first, small, head):
+            await h.result()
+    assert gates.started == ["first", "small", "head"]
+
+
+async def test_gpu_leases_are_disjoint_and_reach_the_handler(tmp_path: Path) -> None:
+    held: set[str] = set()
+    overlaps: list[str] = []
+    seen: dict[str, tuple[tuple[str, ...], str | None]] = {}
+    peak = [0]
+
+    async def train(payload: Any, run: TaskRun) -> Any:
+        overlaps.extend(device for device in run.gpus if device in held)
+        held.update(run.gpus)
+        peak[0] = max(peak[0], len(held))
+        seen[run.task_id] = (run.gpus, run.env.get("CUDA_VISIBLE_DEVICES"))
+        try:
+            await anyio.sleep(1000 if payload == "hang" else 0.02)
+        finally:
+            held.difference_update(run.gpus)
+        return list(run.gpus)
+
+    classes = {"g": {"gpus": 1, "max_concurrency": 8}}
+    async with start(tmp_path, {"train": train}, classes=classes, gpus=[0, 1]) as infra:
+        handles = await infra.submit_tasks("train", range(8), task_class="g")
+        pair = await infra.submit_task("train", None, task_class="g", resources=Resources(gpus=2))
+        results = [await h.result() for h in [*handles, pair]]
+        statuses = [await h.status() for h in [*handles, pair]]
+        with pytest.raises(InvalidTask, match="needs 3 GPUs; this machine has 2"):
+            await infra.submit_task("train", None, task_class="g", resources=Resources(gpus=3))
+        # Attempts that time out or are cancelled give their devices back.
+        stuck = await infra.submit_task(
+            "train", "hang", task_class="g", resources=Resources(gpus=2), timeout=0.05
+        )
+        with pytest.raises(TaskTimedOut):
+            await stuck.result()
+        cancelled = await infra.submit_task("train", "hang", task_class="g")
+        await until_state(infra, cancelled.task_id, TaskState.RUNNING)
+        await cancelled.cancel()
+        after = await infra.submit_task("train", None, task_class="g", resources=Resources(gpus=2))
+        with anyio.fail_after(5):
+            assert await after.result() == ["0", "1"]
+        assert infra.task_classes()["g"].running == 0
+    assert overlaps == []
+    assert peak[0] == 2
+    for h, result, status in zip([*handles, pair], results, statuses, strict=True):
+        gpus, visible = seen[h.task_id]
+        assert list(gpus) == result
+        assert status.gpus == gpus
+        assert visible == ",".join(gpus)
+        assert set(gpus) <= {"0", "1"}
+    assert all(len(seen[h.task_id][0]) == 1 for h in handles)
+    assert seen[pair.task_id] == (("0", "1"), "0,1")
+
+
+# -- services -----------------------------------------------------------------------------
+
+
+async def test_a_task_waits_for_a_service_it_needs_which_is_started_on_demand(
+    tmp_path: Path,
+) -> None:
+    seen: list[ServiceState] = []
+    infra_box: list[AgentInfra] = []
+
+    async def use(payload: Any) -> Any:
+        status = (await infra_box[0].services.status(["svc"]))["svc"]
+        seen.append(status.state)
+        async with await anyio.connect_tcp("127.0.0.1", status.ports["main"]):
+            pass
+        return "used"
+
+    services = {"svc": service("--delay", "0.3", port=True, autostart=False)}
+    async with start(tmp_path, {"use": use}, services=services, autostart=False) as infra:
+        infra_box.append(infra)
+        assert (await infra.services.status(["svc"]))["svc"].state is ServiceState.INACTIVE
+        h = await infra.submit_task("use", None, needs=["svc"])
+        assert (await h.status()).state is TaskState.WAITING_FOR_SERVICES
+        with anyio.fail_after(10):
+            assert await h.result() == "used"
+        assert seen == [ServiceState.HEALTHY]
+        status = await h.status()
+        assert status.needs == ("svc",)
+        assert status.attempts == 1
+        # The service is up now: the next task runs at once.
+        again = await infra.submit_task("use", None, needs=["svc"])
+        assert await again.result() == "used"
+
+
+async def test_a_task_waiting_for_services_times_out_is_cancelled_or_fails(
+    tmp_path: Path,
+) -> None:
+    ran: list[Any] = []
+
+    async def use(payload: Any) -> Any:
+        ran.append(payload)
+        return payload
+
+    services = {
+        "slow": service("--delay", "5", port=True, autostart=False),
+        # Exits at once, before its probe ever passes.
+        "broken": service(
+            "--code",
+            "3",
+            "--exit-after",
+            "0",
+            ports={"main": 0},
+            health={"tcp": "{port}"},
+            autostart=False,
+            start_retries=0,
+        ),
+    }
+    classes = {"qt": {"queue_timeout": 0.3}}
+    async with start(
+        tmp_path, {"use": use}, services=services, classes=classes, autostart=False
+    ) as infra:
+        timed = await infra.submit_task("use", "timed", task_class="qt", needs=["slow"])
+        cancelled = await infra.submit_task("use", "cancelled", needs=["slow"])
+        failed = await infra.submit_task("use", "failed", needs=["broken"])
+        assert (await timed.status()).state is TaskState.WAITING_FOR_SERVICES
+        assert (await cancelled.status()).state is TaskState.WAITING_FOR_SERVICES
+        status = await cancelled.cancel()
+        assert status.state is TaskState.CANCELLED
+        with anyio.fail_after(10):
+            with pytest.raises(TaskTimedOut, match="waited more than"):
+                await timed.result()
+            with pytest.raises(TaskFailed, match="could not start") as caught:
+                await failed.result()
+        assert "broken" in str(caught.value)
+        for h in (timed, cancelled, failed):
+            assert (await h.status()).attempts == 0
+    assert ran == []
+
+
+# -- idempotency ---------------------------------------------------------------------------
+
+
+async def test_submitting_the_same_task_id_twice_runs_it_once(tmp_path: Path) -> None:
+    calls: Counter[str] = Counter()
+
+    async def count(payload: Any, run: TaskRun) -> Any:
+        calls[run.task_id] += 1
+        await anyio.sleep(0.01)
+        return payload
+
+    async with start(tmp_path, {"count": count}) as infra:
+        a = await infra.submit_task("count", 1, task_id="same")
+        b = await infra.submit_task("count", 2, task_id="same")
+        assert a.task_id == b.task_id == "same"
+        assert await a.result() == 1
+        c = await infra.submit_task("count", 3, task_id="same")  # after it finished
+        assert await c.result() == 1
+        # Concurrent submits of one new id: one task.
+        ids: list[str] = []
+
+        async def submit(value: int) -> None:
+            ids.append((await infra.submit_task("count", value, task_id="racy")).task_id)
+
+        async with anyio.create_task_group() as tg:
+            for value in range(5):
+                tg.start_soon(submit, value)
+        assert ids == ["racy"] * 5
+        assert await infra.task_handle("racy").result() in range(5)
+    assert calls == {"same": 1, "racy": 1}
+    assert set(rows(tmp_path)) == {"same", "racy"}
+
+    async with start(tmp_path, {"count": count}) as infra:
+        again = await infra.submit_task("count", 4, task_id="same")
+        status = await again.wait()
+        assert status.state is TaskState.SUCCEEDED
+        assert status.result == 1
+        assert status.attempts == 1
+    assert calls == {"same": 1, "racy": 1}
+
+
+# -- streaming results ------------------------------------------------------------------------
+
+
+async def test_stream_task_results_for_ids_ends_when_all_have_finished(tmp_path: Path) -> None:
+    gates = Gates()
+    async with start(tmp_path, {"gate": gates.handler, "echo": echo}) as infra:
+        done = await infra.submit_task("echo", "early")
+        await done.result()
+        b = await infra.submit_task("gate", {"key": "b"})
+        c = await infra.submit_task("gate", {"key": "c"})
+        await gates.wait_started("b", "c")
+        received: list[TaskEvent] = []
+
+        async def read() -> None:
+            ids = [done.task_id, b.task_id, c.task_id]
+            async for event in infra.stream_task_results(ids):
+                received.append(event)  # noqa: PERF401 - seen by the test as each arrives
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                await until(lambda: len(received) == 1)
+                gates.open("c")
+                await until(lambda: len(received) == 2)
+                gates.open("b")
+        # The reader ended by itself once all three had finished.
+        assert [e.task_id for e in received] == [done.task_id, c.task_id, b.task_id]
+        assert [e.result for e in received] == ["early", {"key": "c"}, {"key": "b"}]
+        assert all(e.state is TaskState.SUCCEEDED for e in received)
+        assert received[1].seq < received[2].seq
+
+        # Resuming with since= (and no ids: following every task) replays the final
+        # events after that point, with their sequence numbers.
+        replayed: list[TaskEvent] = []
+        with anyio.fail_after(5):
+            async with aclosing(infra.stream_task_results(since=received[1].seq - 1)) as stream:
+                async for event in stream:
+                    replayed.append(event)
+                    if len(replayed) == 2:
+                        break
+        assert [(e.task_id, e.seq) for e in replayed] == [
+            (c.task_id, received[1].seq),
+            (b.task_id, received[2].seq),
+        ]
+        assert [e.result for e in replayed] == [{"key": "c"}, {"key": "b"}]
+        # Already finished, all of them: the stream ends at once, read from the store.
+        with anyio.fail_after(5):
+            finished = [e async for e in infra.stream_task_results([done.task_id, b.task_id])]
+        assert {(e.task_id, e.state) for e in finished} == {
+            (done.task_id, TaskState.SUCCEEDED),
+            (b.task_id, TaskState.SUCCEEDED),
+        }
+
+
+async def test_a_resumed_stream_of_ids_ends_when_all_have_finished(tmp_path: Path) -> None:
+    """A reader resumes with the ids it asked for and the last seq it saw: it gets the
+    rest and the stream ends, even though one of those tasks finished before that seq."""
+    gates = Gates()
+    async with start(tmp_path, {"gate": gates.handler}) as infra:
+        a = await infra.submit_task("gate", {"key": "a"})
+        b = await infra.submit_task("gate", {"key": "b"})
+        c = await infra.submit_task("gate", {"key": "c"})
+        await gates.wait_started("a", "b", "c")
+        ids = [a.task_id, b.task_id, c.task_id]
+        gates.open("a")
+        await a.result()
+        # The reader saw a's final event, with its sequence number...
+        with anyio.fail_after(5):
+            async with aclosing(infra.stream_events(TaskEvent.FINAL_TYPES, since=0)) as events:
+                async for event in events:
+                    if isinstance(event, TaskEvent) and event.task_id == a.task_id:
+                        seen = event.seq
+                        break
+        assert seen > 0
+        # ... and resumes after it, while b finishes and c is still running.
+        gates.open("b")
+        await b.result()
+        resumed: list[TaskEvent] = []
+
+        async def read() -> None:
+            async for event in infra.stream_task_results(ids, since=seen):
+                resumed.append(event)  # noqa: PERF401 - seen by the test as each arrives
+
+        with anyio.move_on_after(2) as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                await until(lambda: b.task_id in {e.task_id for e in resumed})
+                gates.open("c")
+        assert not scope.cancelled_caught, (
+            "the resumed stream did not end although every task it follows has finished"
+        )
+        assert resumed[-1].task_id == c.task_id
+        assert resumed[-1].seq > seen
+        assert {e.task_id for e in resumed} <= set(ids)
+        assert {b.task_id, c.task_id} <= {e.task_id for e in resumed}
+        assert len(resumed) == len({e.task_id for e in resumed})  # once each at most
+
+
+# -- timeouts, retries, cancellation ---------------------------------------------------------
+
+
+async def test_queue_timeout_and_run_timeout(tmp_path: Path) -> None:
+    gates = Gates()
+    classes = {"qt": {"max_concurrency": 1, "queue_timeout": 0.2}}
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes) as infra:
+        blocker = await infra.submit_task("gate", {"key": "blocker"}, task_class="qt")
+        await gates.wait_started("blocker")
+        waiting = await infra.submit_task("gate", {"key": "waiting"}, task_class="qt")
+        started = time.monotonic()
+        with anyio.fail_after(5), pytest.raises(TaskTimedOut, match=r"waited more than 0\.2 s"):
+            await waiting.result()
+        assert time.monotonic() - started >= 0.15
+        status = await waiting.status()
+        assert status.state is TaskState.TIMED_OUT
+        assert status.attempts == 0
+        assert infra.task_classes()["qt"].queued == 0
+        gates.open("blocker")
+        await blocker.result()
+        # A slow attempt: its own timeout cancels it.
+        slow = await infra.submit_task("gate", {"key": "slow"}, task_class="qt", timeout=0.1)
+        with anyio.fail_after(5), pytest.raises(TaskTimedOut, match="ran longer than its timeout"):
+            await slow.result()
+        assert (await slow.status()).state is TaskState.TIMED_OUT
+    assert "waiting" not in gates.started
+    assert gates.cancelled == ["slow"]
+    assert rows(tmp_path)[waiting.task_id] == ("timed_out", 0)
+
+
+async def test_retry_with_backoff(tmp_path: Path) -> None:
+    attempts: dict[str, list[tuple[int, float]]] = {}
+
+    async def flaky(payload: Any, run: TaskRun) -> Any:
+        attempts.setdefault(run.task_id, []).append((run.attempt, time.monotonic()))
+        if run.attempt <= payload["fail"]:
+            raise ValueError(f"attempt {run.attempt} fails")
+        return run.attempt
+
+    backoff = {"initial": 0.1, "max": 0.1, "factor": 1, "jitter": 0}
+    classes = {"r": {"max_attempts": 3, "retry_backoff": backoff}}
+    async with start(tmp_path, {"flaky": flaky}, classes=classes) as infra:
+        ok = await infra.submit_task("flaky", {"fail": 2}, task_class="r")
+        never = await infra.submit_task("flaky", {"fail": 99}, task_class="r")
+        once = await infra.submit_task("flaky", {"fail": 99}, task_class="r", max_attempts=1)
+        assert await ok.result() == 3
+        with pytest.raises(TaskFailed, match="ValueError: attempt 3 fails"):
+            await never.result()
+        with pytest.raises(TaskFailed, match="ValueError: attempt 1 fails"):
+            await once.result()
+        ok_status, never_status = await ok.status(), await never.status()
+        assert (ok_status.state, ok_status.attempts, ok_status.error) == (
+            TaskState.SUCCEEDED,
+            3,
+            None,
+        )
+        assert (never_status.state, never_status.attempts) == (TaskState.FAILED, 3)
+        assert (await once.status()).attempts == 1
+    assert [a for a, _ in attempts[ok.task_id]] == [1, 2, 3]
+    assert [a for a, _ in attempts[never.task_id]] == [1, 2, 3]
+    assert len(attempts[once.task_id]) == 1
+    for runs in attempts[ok.task_id], attempts[never.task_id]:
+        gaps = [b - a for (_, a), (_, b) in itertools.pairwise(runs)]
+        assert all(gap >= 0.09 for gap in gaps), gaps
+    assert rows(tmp_path)[ok.task_id] == ("succeeded", 3)
+
+
+async def test_cancel_during_a_retry_backoff(tmp_path: Path) -> None:
+    runs: list[int] = []
+
+    async def failing(payload: Any, run: TaskRun) -> Any:
+        runs.append(run.attempt)
+        raise ValueError("fails")
+
+    backoff = {"initial": 0.3, "max": 0.3, "jitter": 0}
+    classes = {"r": {"max_attempts": 3, "retry_backoff": backoff}}
+    async with start(tmp_path, {"failing": failing}, classes=classes) as infra:
+        h = await infra.submit_task("failing", None, task_class="r")
+        await until(lambda: runs == [1])
+        await anyio.sleep(0.02)
+        assert (await h.status()).state is TaskState.QUEUED  # waiting out its backoff
+        status = await h.cancel()
+        assert (status.state, status.attempts) == (TaskState.CANCELLED, 1)
+        await anyio.sleep(0.45)  # past the backoff: the timer must not run it again
+        assert runs == [1]
+        assert (await h.status()).state is TaskState.CANCELLED
+        assert infra.task_classes()["r"].queued == 0
+
+
+async def test_cancel_queued_and_running_tasks(tmp_path: Path) -> None:
+    gates = Gates()
+    classes = {"one": {"max_concurrency": 1}}
+    async with start(tmp_path, {"gate": gates.handler, "echo": echo}, classes=classes) as infra:
+        running = await infra.submit_task("gate", {"key": "running"}, task_class="one")
+        await gates.wait_started("running")
+        queued = await infra.submit_task("gate", {"key": "queued"}, task_class="one")
+        status = await infra.cancel_task(queued.task_id)
+        assert status.state is TaskState.CANCELLED
+        assert status.attempts == 0
+        assert infra.task_classes()["one"].queued == 0
+        with pytest.raises(TaskCancelled):
+            await queued.result()
+        status = await running.cancel()
+        assert status.state is TaskState.CANCELLED
+        assert status.attempts == 1
+        with pytest.raises(TaskCancelled):
+            await running.result()
+        assert infra.task_classes()["one"].running == 0
+        # The slot is free again; a finished task is not changed by a cancel.
+        done = await infra.submit_task("echo", 5, task_class="one")
+        assert await done.result() == 5
+        assert (await infra.cancel_task(done.task_id)).state is TaskState.SUCCEEDED
+        assert (await infra.cancel_task(queued.task_id)).state is TaskState.CANCELLED
+        with pytest.raises(UnknownTask):
+            await infra.cancel_task("nope")
+    assert gates.started == ["running"]
+    assert gates.cancelled == ["running"]
+    stored = rows(tmp_path)
+    assert stored[queued.task_id] == ("cancelled", 0)
+    assert stored[running.task_id] == ("cancelled", 1)
+
+
+# -- restarts ------------------------------------------------------------------------------
+
+
+async def test_a_restart_resumes_queued_tasks_and_reruns_an_interrupted_one(
+    tmp_path: Path,
+) -> None:
+    gates = Gates()
+    classes = {"one": {"max_concurrency": 1, "aging": 0}}
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes) as infra:
+        blocker = await infra.submit_task(
+            "gate", {"key": "blocker"}, task_class="one", task_id="blocker"
+        )
+        await gates.wait_started("blocker")
+        queued = [
+            (
+                await infra.submit_task(
+                    "gate", {"key": f"q{i}"}, task_class="one", priority=i % 2, task_id=f"q{i}"
+                )
+            ).task_id
+            for i in range(4)
+        ]
+        assert (await blocker.status()).attempts == 1
+    # Closed while the async handler waited: interrupted, its attempt given back.
+    assert gates.cancelled == ["blocker"]
+    assert gates.finished == []
+    stored = rows(tmp_path)
+    assert stored["blocker"] == ("queued", 0)
+    assert all(stored[q] == ("queued", 0) for q in queued)
+
+    again = Gates()
+    for key in ["blocker", *queued]:
+        again.open(key)
+    async with start(tmp_path, {"gate": again.handler}, classes=classes) as infra:
+        for task_id in ["blocker", *queued]:
+            status = await infra.task_handle(task_id).wait()
+            assert status.state is TaskState.SUCCEEDED
+            assert status.attempts == 1
+            assert status.result == {"key": task_id}
+    # By priority, FIFO among equals: the interrupted one keeps its place.
+    assert again.started == ["q1", "q3", "blocker", "q0", "q2"]
+    assert all(state == ("succeeded", 1) for state in rows(tmp_path).values())
+
+
+async def test_a_retry_waiting_out_its_backoff_survives_a_restart(tmp_path: Path) -> None:
+    runs: list[tuple[int, float]] = []
+
+    async def flaky(payload: Any, run: TaskRun) -> Any:
+        runs.append((run.attempt, time.time()))
+        if run.attempt == 1:
+            raise ValueError("first attempt fails")
+        return run.attempt
+
+    backoff = {"initial": 0.4, "max": 0.4, "jitter": 0}
+    classes = {"r": {"max_attempts": 2, "retry_backoff": backoff}}
+    async with start(tmp_path, {"flaky": flaky}, classes=classes) as infra:
+        h = await infra.submit_task("flaky", None, task_class="r", task_id="retry")
+        await until(lambda: len(runs) == 1)
+        await anyio.sleep(0.02)
+        status = await h.status()
+        assert (status.state, status.attempts) == (TaskState.QUEUED, 1)
+        assert status.error == "ValueError: first attempt fails"
+    assert rows(tmp_path)["retry"] == ("queued", 1)
+    async with start(tmp_path, {"flaky": flaky}, classes=classes) as infra:
+        with anyio.fail_after(5):
+            assert await infra.task_handle("retry").result() == 2
+        status = await infra.get_task_status("retry")
+        assert (status.state, status.attempts) == (TaskState.SUCCEEDED, 2)
+    assert [a for a, _ in runs] == [1, 2]
+    assert runs[1][1] - runs[0][1] >= 0.39  # the backoff was kept across the restart
+
+
+async def test_a_result_waiter_does_not_outlive_the_instance(tmp_path: Path) -> None:
+    """A task waiting on result() when the instance closes is told, not left hanging."""
+    gates = Gates()
+    outcome: list[BaseException] = []
+
+    async def wait_for(handle: TaskHandle) -> None:
+        try:
+            await handle.result()
+        except InfraError as exc:
+            outcome.append(exc)
+
+    with anyio.move_on_after(2) as scope:
+        # The waiter's task group is entered first: it outlives the instance.
+        async with (
+            anyio.create_task_group() as tg,
+            start(tmp_path, {"gate": gates.handler}) as infra,
+        ):
+            h = await infra.submit_task("gate", {"key": "hang"})
+            await gates.wait_started("hang")
+            tg.start_soon(wait_for, h)
+            await anyio.sleep(0.01)
+    assert not scope.cancelled_caught, "result() still waited 2 s after the instance closed"
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], InfraClosed)
+
+
+async def test_tasks_of_a_class_no_longer_configured_end_lost(tmp_path: Path) -> None:
+    gates = Gates()
+    classes = {"gone": {"max_concurrency": 1}}
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes) as infra:
+        await infra.submit_task("gate", {"key": "r"}, task_class="gone", task_id="r")
+        await gates.wait_started("r")
+        await infra.submit_task("gate", {"key": "q"}, task_class="gone", task_id="q")
+    async with start(tmp_path, {"gate": gates.handler}) as infra:
+        for task_id in ("r", "q"):
+            status = await infra.task_handle(task_id).wait()
+            assert status.state is TaskState.LOST
+            assert status.error == "its class 'gone' is no longer configured"
+    assert gates.started == ["r"]
+    assert rows(tmp_path) == {"r": ("lost", 0), "q": ("lost", 0)}
+
+
+async def test_durable_false_runs_tasks_in_memory_only(tmp_path: Path) -> None:
+    calls: Counter[str] = Counter()
+
+    async def flaky(payload: Any, run: TaskRun) -> Any:
+        calls[run.task_id] += 1
+        if run.attempt == 1:
+            raise ValueError("first attempt fails")
+        return payload
+
+    backoff = {"initial": 0.01, "max": 0.01, "jitter": 0}
+    classes = {"r": {"max_attempts": 2, "retry_backoff": backoff}}
+    async with start(tmp_path, {"flaky": flaky}, classes=classes, durable=False) as infra:
+        h = await infra.submit_task("flaky", [1, 2], task_class="r", task_id="mem")
+        assert (await infra.submit_task("flaky", 0, task_class="r", task_id="mem")).task_id == "mem"
+        assert await h.result() == [1, 2]
+        status = await h.status()
+        assert (status.state, status.attempts) == (TaskState.SUCCEEDED, 2)
+    assert calls == {"mem": 2}
+    assert not (tmp_path / "state" / "tasks.db").exists()
+    async with start(tmp_path, {"flaky": flaky}, classes=classes, durable=False) as infra:
+        with pytest.raises(UnknownTask):
+            await infra.get_task_status("mem")
+
+
+# -- adaptive concurrency ---------------------------------------------------------------------
+
+
+async def test_adaptive_limit_moves_within_its_bounds_under_load(tmp_path: Path) -> None:
+    running = [0]
+    peak = [0]
+    limits: list[int] = []
+    infra_box: list[AgentInfra] = []
+
+    async def work(payload: Any) -> Any:
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        limits.append(infra_box[0].task_classes()["ad"].limit)
+        try:
+            await anyio.sleep(0.002)
+            if payload["fail"]:
+                raise RuntimeError("overloaded")
+        finally:
+            running[0] -= 1
+        return None
+
+    classes = {"ad": {"adaptive": True, "min_concurrency": 2, "max_concurrency": 7}}
+    async with start(tmp_path, {"work": work}, classes=classes) as infra:
+        infra_box.append(infra)
+        initial = infra.task_classes()["ad"]
+        assert initial.adaptive
+        assert initial.limit == 4
+        handles = await infra.submit_tasks(
+            "work", [{"fail": False}] * 150, task_class="ad", max_attempts=1
+        )
+        for h in handles:
+            await h.result()
+        # Busy with steady latency, it grew (latency noise on a loaded machine may
+        # have cost it a step back, so the peak is what is checked).
+        grown = max(limits)
+        failing = await infra.submit_tasks(
+            "work", [{"fail": True}] * 100, task_class="ad", max_attempts=1
+        )
+        for h in failing:
+            assert (await h.wait()).state is TaskState.FAILED
+        shrunk = infra.task_classes()["ad"].limit
+        limits.append(shrunk)
+    assert grown > 4
+    assert shrunk == 2  # a run of failures took it down to its minimum
+    assert all(2 <= limit <= 7 for limit in limits)
+    assert peak[0] <= 7
+    assert peak[0] > 4  # the grown limit was used

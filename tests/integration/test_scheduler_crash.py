@@ -1,0 +1,125 @@
+"""A SIGKILLed owner loses no task: the next instance on its state dir re-runs what was
+running if it has an attempt left, marks it lost if not, and runs what was queued."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from dspy_infra import AgentInfra
+from dspy_infra.abc import TaskRun
+from dspy_infra.errors import TaskLost
+from dspy_infra.scheduling.tasks import TaskState
+
+pytestmark = pytest.mark.anyio
+
+CLASSES = {"work": {"max_concurrency": 4, "aging": 0}}
+# Started in the owner (the first four fill the class), then killed there.
+RUNNING = {"once-a": 1, "once-b": 1, "twice-a": 2, "twice-b": 2}
+# Queued behind them, never started before the kill.
+QUEUED = {"later-a": 1, "later-b": 2, "later-c": 1}
+
+OWNER = """
+import json, sys
+import anyio
+from dspy_infra import AgentInfra
+
+state_dir, classes, running, queued = sys.argv[1], *map(json.loads, sys.argv[2:])
+
+async def hang(payload):
+    print("started", payload, flush=True)
+    await anyio.sleep_forever()
+
+async def main():
+    config = {"classes": classes}
+    async with AgentInfra.start(config, state_dir=state_dir, handlers={"hang": hang}) as infra:
+        for task_id, attempts in [*running.items(), *queued.items()]:
+            await infra.submit_task(
+                "hang", task_id, task_class="work", task_id=task_id, max_attempts=attempts
+            )
+        print("submitted", flush=True)
+        await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+def started(lines: list[str]) -> list[str]:
+    return [line.split()[1] for line in lines if line.startswith("started ")]
+
+
+async def test_a_killed_owner_loses_no_task(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(OWNER))
+    argv = [
+        sys.executable,
+        str(script),
+        str(state_dir),
+        *(json.dumps(x) for x in (CLASSES, RUNNING, QUEUED)),
+    ]
+    lines: list[str] = []
+    async with await anyio.open_process(argv) as owner:
+        try:
+            assert owner.stdout is not None
+            buffer = b""
+            with anyio.fail_after(30):
+                while "submitted" not in lines or len(started(lines)) < len(RUNNING):
+                    buffer += await owner.stdout.receive()
+                    *complete, buffer = buffer.split(b"\n")
+                    lines.extend(line.decode() for line in complete)
+        finally:
+            os.kill(owner.pid, signal.SIGKILL)
+        assert await owner.wait() == -signal.SIGKILL
+    assert sorted(started(lines)) == sorted(RUNNING)
+
+    runs: list[tuple[str, int]] = []
+
+    async def hang(payload: Any, run: TaskRun) -> Any:
+        runs.append((run.task_id, run.attempt))
+        return f"done {payload}"
+
+    async with AgentInfra.start(
+        {"classes": CLASSES}, state_dir=state_dir, handlers={"hang": hang}
+    ) as infra:
+        statuses = {}
+        with anyio.fail_after(10):
+            for task_id in [*RUNNING, *QUEUED]:
+                statuses[task_id] = await infra.task_handle(task_id).wait()
+        for task_id in ("once-a", "once-b"):
+            status = statuses[task_id]
+            assert status.state is TaskState.LOST, status
+            assert status.attempts == 1
+            assert "running when its instance stopped" in (status.error or "")
+            with pytest.raises(TaskLost):
+                await infra.task_handle(task_id).result()
+        for task_id in ("twice-a", "twice-b"):
+            status = statuses[task_id]
+            assert (status.state, status.attempts) == (TaskState.SUCCEEDED, 2), status
+            assert status.result == f"done {task_id}"
+        for task_id in QUEUED:
+            status = statuses[task_id]
+            assert (status.state, status.attempts) == (TaskState.SUCCEEDED, 1), status
+            assert await infra.task_handle(task_id).result() == f"done {task_id}"
+    assert sorted(runs) == sorted(
+        [("twice-a", 2), ("twice-b", 2), ("later-a", 1), ("later-b", 1), ("later-c", 1)]
+    )
+
+    # And it stays so: a third instance finds every task finished, none to run.
+    runs.clear()
+    async with AgentInfra.start(
+        {"classes": CLASSES}, state_dir=state_dir, handlers={"hang": hang}
+    ) as infra:
+        for task_id in [*RUNNING, *QUEUED]:
+            assert (await infra.get_task_status(task_id)).state == statuses[task_id].state
+        assert infra.task_classes()["work"].queued == 0
+        await anyio.sleep(0.05)
+    assert runs == []
