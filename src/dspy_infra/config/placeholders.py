@@ -13,11 +13,11 @@ Grammar: ``{port}``, ``{ports.NAME}``, ``{host}``, ``{name}``,
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from attrs import field, frozen
 
-__all__ = ["Endpoint", "PlaceholderError", "RenderContext", "render"]
+__all__ = ["Endpoint", "PlaceholderError", "RenderContext", "render", "substitute"]
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 KNOWN = (
@@ -99,6 +99,14 @@ def _endpoint_field(endpoint: Endpoint, parts: list[str], owner: str, ref: str) 
 
 def render(template: str, ctx: RenderContext) -> str:
     """Fill ``template``'s placeholders from ``ctx``; raise PlaceholderError naming the bad one."""
+    return substitute(template, lambda ref: _lookup(ref, ctx))
+
+
+def substitute(template: str, lookup: Callable[[str], str]) -> str:
+    """Replace each ``{name}`` with ``lookup(name)``; ``{{`` and ``}}`` are literal braces.
+
+    ``lookup`` raises PlaceholderError for a name it does not know.
+    """
 
     def replace(match: re.Match[str]) -> str:
         text = match.group(0)
@@ -109,6 +117,6 @@ def render(template: str, ctx: RenderContext) -> str:
             raise PlaceholderError(
                 f"unmatched {text!r} in {template!r} (write {text * 2} for a literal)"
             )
-        return _lookup(ref.strip(), ctx)
+        return lookup(ref.strip())
 
     return _TOKEN.sub(replace, template)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -49,7 +48,7 @@ from dspy_infra._process_group import (
 )
 from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.config.model import HandlerConfig
-from dspy_infra.config.placeholders import PlaceholderError
+from dspy_infra.config.placeholders import PlaceholderError, substitute
 
 __all__ = ["PLACEHOLDERS", "ProcessRunner", "Runner"]
 
@@ -58,7 +57,6 @@ log = logging.getLogger("dspy_infra")
 PLACEHOLDERS = ("payload_file", "result_file", "task_id", "attempt", "work_dir")
 _KNOWN = ", ".join(f"{{{name}}}" for name in PLACEHOLDERS)
 # The grammar of dspy_infra.config.placeholders: ``{{`` and ``}}`` are literal braces.
-_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _STDERR_LINES = 20
 _STDERR_LINE_BYTES = 1000
 _PAYLOAD_FILE = "payload.json"
@@ -290,21 +288,13 @@ class _Tail:
 
 
 def _render(template: str, values: Mapping[str, str]) -> str:
-    def replace(match: re.Match[str]) -> str:
-        text = match.group(0)
-        if text in ("{{", "}}"):
-            return text[0]
-        ref = match.group(1)
-        if ref is None:
-            raise PlaceholderError(
-                f"unmatched {text!r} in {template!r} (write {text * 2} for a literal)"
-            )
+    def lookup(ref: str) -> str:
         try:
-            return values[ref.strip()]
+            return values[ref]
         except KeyError:
             raise PlaceholderError(f"unknown placeholder {{{ref}}} (known: {_KNOWN})") from None
 
-    return _TOKEN.sub(replace, template)
+    return substitute(template, lookup)
 
 
 def _argv(handler: HandlerConfig, values: Mapping[str, str]) -> list[str]:
