@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,8 +29,10 @@ from anyio.abc import Process
 from dspy_infra._procfs import group_alive, start_time
 
 __all__ = [
+    "LaunchFailed",
     "group_running",
     "kill_group",
+    "launch_group",
     "owner_identity",
     "signal_group",
     "stop_group",
@@ -39,6 +42,43 @@ __all__ = [
 ]
 
 _SWEEP_KILL_WAIT = 5.0
+
+
+class LaunchFailed(Exception):
+    """The command could not be started; ``reason`` says why, for a person."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+async def launch_group(
+    argv: list[str], *, env: Mapping[str, str], cwd: Path | None, stderr: int
+) -> Process:
+    """Start ``argv`` in a session (a process group) of its own, stdout piped.
+
+    Shielded: once the process exists it must be handed back, or a
+    cancellation here would leak it; a pending cancellation reaches the caller
+    at its next await, which then stops it.
+    """
+    with anyio.CancelScope(shield=True):
+        try:
+            process = await anyio.open_process(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                cwd=cwd,
+                env=dict(env),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            if cwd is not None and not await anyio.to_thread.run_sync(cwd.is_dir):
+                reason = f"working directory {str(cwd)!r} does not exist"
+            else:
+                reason = f"cannot run {argv[0]!r}: {exc.strerror or exc}"
+            raise LaunchFailed(reason) from None
+    return process
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -20,7 +20,14 @@ import anyio
 import anyio.to_thread
 from anyio.abc import Process
 
-from dspy_infra._process_group import owner_identity, stop_group, sweep, write_record
+from dspy_infra._process_group import (
+    LaunchFailed,
+    launch_group,
+    owner_identity,
+    stop_group,
+    sweep,
+    write_record,
+)
 from dspy_infra.abc import LaunchSpec
 from dspy_infra.errors import ServiceStartError
 
@@ -112,22 +119,11 @@ class LocalBackend:
         # back, or a cancellation here would leak it.
         with anyio.CancelScope(shield=True):
             try:
-                process = await anyio.open_process(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    cwd=spec.cwd,
-                    env=_environment(spec.env),
-                    start_new_session=True,
+                process = await launch_group(
+                    argv, env=_environment(spec.env), cwd=spec.cwd, stderr=subprocess.STDOUT
                 )
-            except OSError as exc:
-                cwd = spec.cwd
-                if cwd is not None and not await anyio.to_thread.run_sync(cwd.is_dir):
-                    reason = f"working directory {str(cwd)!r} does not exist"
-                else:
-                    reason = f"cannot run {argv[0]!r}: {exc.strerror or exc}"
-                raise ServiceStartError(spec.name, reason) from None
+            except LaunchFailed as exc:
+                raise ServiceStartError(spec.name, exc.reason) from None
             record = self._records / f"{self._instance_id}-{spec.name}-{process.pid}.json"
             data = {
                 **self._owner,

@@ -10,7 +10,6 @@ that must stop at once).
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,7 +22,6 @@ from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 __all__ = ["InProcessRunner", "Runner"]
 
 
-@functools.cache
 def _wants_run(handler: Callable[..., Any]) -> bool:
     """Whether the handler takes the :class:`TaskRun` as a second argument."""
     try:
@@ -34,7 +32,6 @@ def _wants_run(handler: Callable[..., Any]) -> bool:
     return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
-@functools.cache
 def _is_async(handler: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
         getattr(handler, "__call__", None)  # noqa: B004 - an async __call__ counts too
@@ -45,6 +42,9 @@ class InProcessRunner:
     def __init__(self) -> None:
         self._handlers: Mapping[str, Callable[..., Any]] = {}
         self._threads = anyio.CapacityLimiter(1)
+        # How each handler is called, found once per handler: inspect is slow,
+        # and kept by this runner only, so handlers are not held for ever.
+        self._shapes: dict[Callable[..., Any], tuple[bool, bool]] = {}
 
     @property
     def name(self) -> str:
@@ -71,8 +71,12 @@ class InProcessRunner:
             # A task recovered from the store whose handler this program no
             # longer registers.
             raise RunFailed(self.validate(run.handler) or run.handler) from None
-        args = (run.payload, run) if _wants_run(handler) else (run.payload,)
-        if _is_async(handler):
+        shape = self._shapes.get(handler)
+        if shape is None:
+            shape = self._shapes[handler] = (_wants_run(handler), _is_async(handler))
+        wants_run, is_async = shape
+        args = (run.payload, run) if wants_run else (run.payload,)
+        if is_async:
             return await handler(*args)
         return await anyio.to_thread.run_sync(handler, *args, limiter=self._threads)
 

@@ -37,10 +37,11 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from anyio.abc import Process
 
 from dspy_infra._process_group import (
+    LaunchFailed,
     group_running,
+    launch_group,
     owner_identity,
     stop_group,
     sweep,
@@ -149,7 +150,10 @@ class ProcessRunner:
         stdout = _Tail(1, context.config.infra.max_result_bytes)
         stderr = _Tail(_STDERR_LINES, _STDERR_LINE_BYTES)
         grace = run.class_config.cancel_grace
-        process = await _launch(argv, env, cwd)
+        try:
+            process = await launch_group(argv, env=env, cwd=cwd, stderr=subprocess.PIPE)
+        except LaunchFailed as exc:
+            raise RunFailed(exc.reason) from None
         record = records / f"{self._owner['instance']}-{process.pid}.json"
         data = {**self._owner, "task_id": run.task_id, "attempt": run.attempt, "pid": process.pid}
         finished = False
@@ -191,30 +195,6 @@ class ProcessRunner:
 
 
 Runner = ProcessRunner
-
-
-async def _launch(argv: list[str], env: dict[str, str], cwd: Path) -> Process:
-    # Shielded: once the process exists it must be handed back, or a
-    # cancellation here would leak it; a pending cancellation is delivered at
-    # the caller's next await, which then stops it.
-    with anyio.CancelScope(shield=True):
-        try:
-            process = await anyio.open_process(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            if not await anyio.to_thread.run_sync(cwd.is_dir):
-                reason = f"working directory {str(cwd)!r} does not exist"
-            else:
-                reason = f"cannot run {argv[0]!r}: {exc.strerror or exc}"
-            raise RunFailed(reason) from None
-    return process
 
 
 async def _record(path: Path, data: Mapping[str, Any]) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
+import json
 import logging
 import math
 import os
@@ -38,6 +39,7 @@ from typing import Any, Literal, Self
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
+from attrs import frozen
 
 from dspy_infra.abc import Runner, RunnerContext, TaskRun
 from dspy_infra.config.model import Config, TaskClass
@@ -75,26 +77,16 @@ _SERVICE_READY_EVENTS = frozenset({"service_started", "service_healthy", "servic
 _SERVICE_DOWN_EVENTS = frozenset({"service_failed"})
 
 
+@frozen(kw_only=True)
 class ClassStatus:
     """One task class at a glance: its current limit and load."""
 
-    __slots__ = ("adaptive", "limit", "name", "queued", "runner", "running")
-
-    def __init__(
-        self, *, name: str, runner: str, limit: int, adaptive: bool, running: int, queued: int
-    ):
-        self.name = name
-        self.runner = runner
-        self.limit = limit
-        self.adaptive = adaptive
-        self.running = running
-        self.queued = queued
-
-    def __repr__(self) -> str:
-        return (
-            f"ClassStatus(name={self.name!r}, runner={self.runner!r}, limit={self.limit}, "
-            f"adaptive={self.adaptive}, running={self.running}, queued={self.queued})"
-        )
+    name: str
+    runner: str
+    limit: int
+    adaptive: bool
+    running: int
+    queued: int
 
 
 class _Class:
@@ -339,6 +331,17 @@ class LocalScheduler:
     async def submit_many(self, requests: Iterable[TaskRequest]) -> list[str]:
         """Submit all or none: each is checked before any is stored; one commit for all."""
         self._check_open()
+        requests = list(requests)
+        # Ids given by the caller may be stored already, by an earlier
+        # instance: one look in the store for all of them.
+        stored = await self._journal.stored(
+            {
+                r.task_id
+                for r in requests
+                if isinstance(r.task_id, str) and r.task_id not in self._live
+            }
+            - self._recent.keys()
+        )
         task_ids: list[str] = []
         fresh: dict[str, TaskRecord] = {}
         for request in requests:
@@ -347,7 +350,7 @@ class LocalScheduler:
                 task_id in self._live
                 or task_id in self._recent
                 or task_id in fresh  # the same id twice in one call: stored once
-                or await self._journal.get(task_id) is not None  # stored earlier
+                or task_id in stored
             ):
                 record = self._record(request)
                 task_id = record.task_id
@@ -739,7 +742,7 @@ class LocalScheduler:
             run = TaskRun(
                 task_id=record.task_id,
                 handler=record.handler,
-                payload=_loads(record.payload),
+                payload=json.loads(record.payload),
                 attempt=record.attempts,
                 task_class=record.task_class,
                 class_config=cls.config,
@@ -837,7 +840,7 @@ class LocalScheduler:
                 state=state,
                 attempt=record.attempts,
                 workflow_id=record.workflow_id,
-                result=_loads(result) if result is not None else None,
+                result=json.loads(result) if result is not None else None,
                 error=error if error is not None else (record.error if state.finished else None),
             )
         )
@@ -983,12 +986,6 @@ def _final_event(status: TaskStatus) -> TaskEvent:
         result=status.result,
         error=status.error,
     )
-
-
-def _loads(text: str) -> Any:
-    import json  # noqa: PLC0415 - kept beside its one use
-
-    return json.loads(text)
 
 
 def _task_id_error(task_id: object) -> str | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -110,6 +110,7 @@ _SQL: dict[OpKind, str] = {
 }
 
 Row = tuple[Any, ...]
+_IN_CHUNK = 500  # ids per "IN (...)": well under SQLite's limit on parameters
 _INDEX = {name: i for i, name in enumerate(COLUMNS)}
 _SET: dict[OpKind, tuple[str, ...]] = {
     "start": ("attempts", "started_at"),
@@ -126,6 +127,9 @@ class Store(Protocol):
         """Apply the operations in one transaction."""
 
     def get(self, task_id: str) -> Row | None: ...
+
+    def stored(self, task_ids: Collection[str]) -> set[str]:
+        """Those of ``task_ids`` that the store holds."""
 
     def close(self) -> None: ...
 
@@ -178,6 +182,17 @@ class SQLiteStore:
         )
         return row
 
+    def stored(self, task_ids: Collection[str]) -> set[str]:
+        found: set[str] = set()
+        ids = list(task_ids)
+        db = self._connection()
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            query = f"SELECT task_id FROM tasks WHERE task_id IN ({marks})"  # noqa: S608 - only marks
+            found.update(task_id for (task_id,) in db.execute(query, chunk))
+        return found
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
@@ -208,6 +223,9 @@ class MemoryStore:
                 row[_INDEX[column]] = value
             if kind != "finish":
                 row[_INDEX["state"]] = "running" if kind == "start" else "queued"
+
+    def stored(self, task_ids: Collection[str]) -> set[str]:
+        return {t for t in task_ids if t in self._rows}
 
     def get(self, task_id: str) -> Row | None:
         row = self._rows.get(task_id)
@@ -272,6 +290,13 @@ class Journal:
         if not self._threaded:
             return self._store.get(task_id)
         return await anyio.to_thread.run_sync(self._store.get, task_id)
+
+    async def stored(self, task_ids: Collection[str]) -> set[str]:
+        if not task_ids:
+            return set()
+        if not self._threaded:
+            return self._store.stored(task_ids)
+        return await anyio.to_thread.run_sync(self._store.stored, task_ids)
 
     async def run(self) -> None:
         """The writer: runs until :meth:`close`, then writes what is left."""
