@@ -338,9 +338,10 @@ class LocalScheduler:
             {
                 r.task_id
                 for r in requests
-                if isinstance(r.task_id, str) and r.task_id not in self._live
+                if isinstance(r.task_id, str)
+                and r.task_id not in self._live
+                and r.task_id not in self._recent
             }
-            - self._recent.keys()
         )
         task_ids: list[str] = []
         fresh: dict[str, TaskRecord] = {}
