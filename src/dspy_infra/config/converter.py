@@ -225,6 +225,7 @@ converter.register_structure_hook(
             ServiceConfig,
             converter,
             command=override(struct_hook=_structure_command),
+            entrypoint=override(struct_hook=_structure_optional_argv),
             depends_on=override(struct_hook=_structure_depends_on),
             restart_backoff=override(
                 struct_hook=_backoff_with_defaults(ServiceConfig, "restart_backoff")
@@ -249,7 +250,10 @@ converter.register_structure_hook(
     HandlerConfig,
     _table(
         make_dict_structure_fn(
-            HandlerConfig, converter, command=override(struct_hook=_structure_command)
+            HandlerConfig,
+            converter,
+            command=override(struct_hook=_structure_command),
+            entrypoint=override(struct_hook=_structure_optional_argv),
         )
     ),
 )

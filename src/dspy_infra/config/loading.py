@@ -254,8 +254,24 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             return cwd
         return str((base / cwd).resolve())
 
-    services = {name: evolve(s, cwd=resolved(s.cwd)) for name, s in config.services.items()}
-    handlers = {name: evolve(h, cwd=resolved(h.cwd)) for name, h in config.handlers.items()}
+    def mount(volume: str) -> str:
+        # A source with a slash or a leading dot is a host path; else a volume name.
+        source, _, rest = volume.partition(":")
+        if source.startswith(".") or ("/" in source and not source.startswith("/")):
+            return f"{(base / source).resolve()}:{rest}"
+        return volume
+
+    def mounts(volumes: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(mount(v) for v in volumes)
+
+    services = {
+        name: evolve(s, cwd=resolved(s.cwd), volumes=mounts(s.volumes))
+        for name, s in config.services.items()
+    }
+    handlers = {
+        name: evolve(h, cwd=resolved(h.cwd), volumes=mounts(h.volumes))
+        for name, h in config.handlers.items()
+    }
     return evolve(
         config,
         infra=evolve(config.infra, state_dir=state_dir),
@@ -304,6 +320,8 @@ def validate(config: Config, origins: Mapping[tuple[str, ...], str] | None = Non
     for name, svc in config.services.items():
         if not svc.command and config.infra.backend == "local":
             raise fail(f"services.{name}.command", "required with the local backend")
+        if not svc.image and config.infra.backend == "docker":
+            raise fail(f"services.{name}.image", "required with the docker backend")
         for dep, spec in svc.depends_on.items():
             if dep not in config.services:
                 raise fail(

@@ -29,6 +29,7 @@ __all__ = [
     "InfraSettings",
     "Probe",
     "ProbeCallable",
+    "PullPolicy",
     "RestartPolicy",
     "ServiceConfig",
     "TaskClass",
@@ -36,6 +37,7 @@ __all__ = [
 
 Condition = Literal["started", "healthy", "completed_successfully", "log_ready"]
 RestartPolicy = Literal["no", "on-failure", "always", "unless-stopped"]
+PullPolicy = Literal["missing", "never", "always"]
 Synchronous = Literal["normal", "full"]
 ProbeCallable = Callable[[ServiceStatus], Awaitable[bool]]
 
@@ -104,6 +106,18 @@ def _check_command(command: tuple[str, ...] | str | None, *, shell: bool) -> Non
         )
     if command is not None and not command:
         raise FieldError("command", "must not be empty")
+
+
+def _volumes(_: object, attribute: Attribute[Any], value: tuple[str, ...]) -> None:
+    for volume in value:
+        source, sep, rest = volume.partition(":")
+        target, _, mode = rest.partition(":")
+        if not (source and sep and target.startswith("/")) or mode not in ("", "ro", "rw"):
+            raise FieldError(
+                attribute.name,
+                f"{volume!r} is not a volume: expected 'SOURCE:/container/path' or "
+                "'SOURCE:/container/path:ro' (SOURCE a host path or a volume name)",
+            )
 
 
 def _gpu_ids(_: object, attribute: Attribute[Any], value: tuple[int, ...] | None) -> None:
@@ -202,14 +216,31 @@ class Dependency:
 
 @frozen(kw_only=True)
 class ServiceConfig:
-    """One service: how to run it, what it needs, how to know it is up."""
+    """One service: how to run it, what it needs, how to know it is up.
+
+    ``image``, ``pull``, ``entrypoint``, ``container_ports``, ``volumes``,
+    ``cpus``, ``memory_mb`` and ``gpus`` apply to the docker backend.
+    ``ports`` are the ports on this machine (0 picks a free one);
+    ``container_ports`` the port inside the container for the same name,
+    which defaults to the host port, so that ``{port}`` in a command means
+    the same with either backend. ``pull = "missing"`` pulls an image that
+    is not present (reporting progress as events); ``"never"`` fails with a
+    clear error instead.
+    """
 
     command: tuple[str, ...] | str | None = None
     shell: bool = False
     image: str | None = None
+    pull: PullPolicy = "missing"
+    entrypoint: tuple[str, ...] | None = None
     env: dict[str, str] = field(factory=dict)
     cwd: str | None = None
     ports: dict[str, int] = field(factory=dict)
+    container_ports: dict[str, int] = field(factory=dict)
+    volumes: tuple[str, ...] = field(default=(), validator=_volumes)
+    cpus: float | None = field(default=None, validator=_positive)
+    memory_mb: int | None = field(default=None, validator=_positive)
+    gpus: int = field(default=0, validator=_non_negative)
     depends_on: dict[str, Dependency] = field(factory=dict)
     health: Probe | None = None
     restart: RestartPolicy = "no"
@@ -235,6 +266,16 @@ class ServiceConfig:
                 raise FieldError(
                     f"ports.{port_name}",
                     f"{port} is not a port number (0 to 65535; 0 picks a free one)",
+                )
+        for port_name, port in self.container_ports.items():
+            if port_name not in self.ports:
+                raise FieldError(
+                    f"container_ports.{port_name}",
+                    f"names no port in ports (ports: {', '.join(self.ports) or 'none'})",
+                )
+            if not 1 <= port <= 65535:
+                raise FieldError(
+                    f"container_ports.{port_name}", f"{port} is not a port number (1 to 65535)"
                 )
 
 
@@ -275,17 +316,23 @@ class TaskClass:
 
 @frozen(kw_only=True)
 class HandlerConfig:
-    """A handler run outside this process: a command for the process runner.
+    """A handler run outside this process: a command for the process or docker runner.
 
     ``command`` may use ``{payload_file}`` (the payload, as JSON),
     ``{result_file}`` (where to write the result, as JSON), ``{task_id}``,
-    ``{attempt}`` and ``{work_dir}``.
+    ``{attempt}`` and ``{work_dir}``. The docker runner runs ``command`` in
+    ``image``, with the task's work directory mounted at the same path, so
+    the placeholders mean the same inside the container.
     """
 
     command: tuple[str, ...] | str | None = None
     shell: bool = False
     env: dict[str, str] = field(factory=dict)
     cwd: str | None = None
+    image: str | None = None
+    pull: PullPolicy = "missing"
+    entrypoint: tuple[str, ...] | None = None
+    volumes: tuple[str, ...] = field(default=(), validator=_volumes)
 
     def __attrs_post_init__(self) -> None:
         _check_command(self.command, shell=self.shell)
