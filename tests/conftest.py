@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from tests.engines import require_docker
+
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+async def busybox() -> str:
+    """The name of a local busybox image; skips (or fails, when required) without Docker."""
+    return await require_docker()

@@ -8,6 +8,7 @@ implementation has to pass, rather than merely having the right methods.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -35,20 +36,39 @@ __all__ = [
 class LaunchSpec:
     """One run of a service, with every placeholder already filled in.
 
-    ``ports`` maps port names to the port to use: for the local backend the
-    port the process listens on (never 0: the manager picks free ports first).
-    ``labels`` identify the owner, so that leftovers can be found after a
-    crash.
+    ``ports`` maps port names to the port to use on this machine (never 0:
+    the manager picks free ports first): for the local backend the port the
+    process listens on. A container listens on ``container_ports`` (by
+    default the same numbers) and is published on ``ports``. ``labels``
+    identify the owner, so that leftovers can be found after a crash. The
+    fields after ``labels`` only concern container backends.
     """
 
     name: str
-    command: tuple[str, ...] | str
+    command: tuple[str, ...] | str | None
     shell: bool = False
     env: Mapping[str, str] = field(factory=dict)
     cwd: Path | None = None
     ports: Mapping[str, int] = field(factory=dict)
-    image: str | None = None
     labels: Mapping[str, str] = field(factory=dict)
+    image: str | None = None
+    pull: str = "missing"
+    entrypoint: tuple[str, ...] | None = None
+    container_ports: Mapping[str, int] = field(factory=dict)
+    volumes: tuple[str, ...] = ()
+    cpus: float | None = None
+    memory_mb: int | None = None
+    gpus: int = 0
+
+    def argv(self) -> list[str] | None:
+        """The command as an argument vector: a shell command runs as ``/bin/sh -c``."""
+        if self.command is None:
+            return None
+        if self.shell:
+            script = self.command if isinstance(self.command, str) else shlex.join(self.command)
+            return ["/bin/sh", "-c", script]
+        assert not isinstance(self.command, str), "checked when the configuration was loaded"
+        return list(self.command)
 
 
 @runtime_checkable
@@ -114,6 +134,15 @@ class ContainerBackend(Protocol):
         """Start one service. Raises :class:`~dspy_infra.errors.ServiceStartError`.
 
         If cancelled, leaves nothing running.
+        """
+
+    def peer_endpoint(
+        self, service: str, ports: Mapping[str, int], container_ports: Mapping[str, int]
+    ) -> tuple[str, Mapping[str, int]]:
+        """Where services reach ``service`` (``(host, ports by name)``), as their commands see it.
+
+        Local processes share this machine's loopback; containers reach each
+        other by name on the instance's network, at their container ports.
         """
 
     async def close(self) -> None:

@@ -15,7 +15,6 @@ import pytest
 
 from dspy_infra import (
     AgentInfra,
-    BackendUnavailable,
     Event,
     InfraClosed,
     ServiceEvent,
@@ -482,13 +481,3 @@ async def test_a_backend_object_replaces_the_configured_one(tmp_path: Path) -> N
     services = {"kv": service(port=True)}
     async with AgentInfra.start({"services": services}, state_dir=tmp_path, backend=backend):
         assert backend.launched == ["kv"]
-
-
-async def test_a_backend_this_version_lacks_is_refused_before_anything_starts(
-    tmp_path: Path,
-) -> None:
-    with pytest.raises(BackendUnavailable, match="no 'docker' backend"):
-        AgentInfra.start(
-            {"services": {"kv": service(port=True)}}, state_dir=tmp_path / "s", backend="docker"
-        )
-    assert not (tmp_path / "s").exists()

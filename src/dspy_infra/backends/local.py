@@ -10,7 +10,6 @@ SIGKILLed Python process leaks nothing past its next start.
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
@@ -114,7 +113,8 @@ class LocalBackend:
     async def launch(self, spec: LaunchSpec) -> LocalProcess:
         if self._records is None:
             raise RuntimeError("LocalBackend.launch() before open()")
-        argv = _argv(spec)
+        argv = spec.argv()
+        assert argv is not None, "checked when the configuration was loaded"
         # Shielded: once the process exists it must be recorded and handed
         # back, or a cancellation here would leak it.
         with anyio.CancelScope(shield=True):
@@ -134,19 +134,16 @@ class LocalBackend:
             await anyio.to_thread.run_sync(write_record, record, data)
         return LocalProcess(spec, process, record)
 
+    def peer_endpoint(
+        self, service: str, ports: Mapping[str, int], container_ports: Mapping[str, int]
+    ) -> tuple[str, Mapping[str, int]]:
+        return "127.0.0.1", ports
+
     async def close(self) -> None:
         self._records = None
 
 
 Backend = LocalBackend
-
-
-def _argv(spec: LaunchSpec) -> list[str]:
-    if spec.shell:
-        script = spec.command if isinstance(spec.command, str) else shlex.join(spec.command)
-        return ["/bin/sh", "-c", script]
-    assert not isinstance(spec.command, str)
-    return list(spec.command)
 
 
 def _environment(extra: Mapping[str, str]) -> dict[str, str]:

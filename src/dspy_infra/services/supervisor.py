@@ -335,21 +335,22 @@ async def _launch_spec(
     config: ServiceConfig = rt.config
     if rt.ports is None:
         rt.ports = {name: port or manager.free_port() for name, port in config.ports.items()}
-    ctx = await manager.render_context(rt)
+    ctx = await manager.render_context(rt, inside=True)
+    outside = await manager.render_context(rt, inside=False)
     try:
-        command: tuple[str, ...] | str = (
-            render(config.command, ctx)
-            if isinstance(config.command, str)
-            else tuple(render(arg, ctx) for arg in config.command or ())
-        )
+        command: tuple[str, ...] | str | None = config.command
+        if isinstance(command, str):
+            command = render(command, ctx)
+        elif command is not None:
+            command = tuple(render(arg, ctx) for arg in command)
         env = {key: render(value, ctx) for key, value in config.env.items()}
         cwd = render(config.cwd, ctx) if config.cwd is not None else None
         probe = config.health
         if probe is not None:
             probe = evolve(
                 probe,
-                tcp=render(probe.tcp, ctx) if probe.tcp else None,
-                http=render(probe.http, ctx) if probe.http else None,
+                tcp=render(probe.tcp, outside) if probe.tcp else None,
+                http=render(probe.http, outside) if probe.http else None,
                 command=tuple(render(a, ctx) for a in probe.command) if probe.command else None,
             )
     except ValueError as exc:  # validated at load time; only reachable with a hand-made Config
@@ -361,7 +362,14 @@ async def _launch_spec(
         env=env,
         cwd=Path(cwd) if cwd is not None else None,
         ports=rt.ports,
-        image=config.image,
         labels=manager.labels(rt),
+        image=config.image,
+        pull=config.pull,
+        entrypoint=config.entrypoint,
+        container_ports=config.container_ports,
+        volumes=config.volumes,
+        cpus=config.cpus,
+        memory_mb=config.memory_mb,
+        gpus=config.gpus,
     )
     return spec, probe

@@ -1,0 +1,117 @@
+"""The docker backend: each service is a container on the instance's own network.
+
+Containers behave like the local backend's process groups, so the same
+supervisor drives both: output is followed from the Docker log stream, exits
+come from the event stream, stop is SIGTERM then SIGKILL (``Init`` is on, so
+the service gets the signal rather than a PID 1 that ignores it), and
+``stop()`` returns once the container is removed. Ports are published on
+127.0.0.1, so probes run from this machine exactly as for local services.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
+from pathlib import Path
+
+from dspy_infra.abc import LaunchSpec
+from dspy_infra.docker.engine import Container, ContainerError, Engine
+from dspy_infra.docker.spec import container_config
+from dspy_infra.errors import ServiceStartError
+
+__all__ = ["Backend", "DockerBackend"]
+
+_HOST = "127.0.0.1"
+
+
+class DockerService:
+    """A service's container, as the supervisor sees a launched service."""
+
+    def __init__(self, container: Container, ports: Mapping[str, int]):
+        self._container = container
+        self._ports = dict(ports)
+
+    @property
+    def id(self) -> str:
+        return self._container.id[:12]
+
+    @property
+    def host(self) -> str:
+        return _HOST
+
+    @property
+    def ports(self) -> Mapping[str, int]:
+        return self._ports
+
+    async def output(self) -> AsyncGenerator[str, None]:
+        async with aclosing(self._container.output(tty=True)) as lines:
+            async for _, line in lines:
+                yield line
+
+    async def wait(self) -> int:
+        return await self._container.wait()
+
+    async def stop(self, grace: float) -> int:
+        return await self._container.stop(grace)
+
+    async def exec(self, argv: tuple[str, ...]) -> tuple[int, str]:
+        return await self._container.exec(argv)
+
+
+class DockerBackend:
+    """Services as Docker containers (``backend = "docker"``)."""
+
+    def __init__(self) -> None:
+        self._engine: Engine | None = None
+
+    @property
+    def name(self) -> str:
+        return "docker"
+
+    async def open(self, *, state_dir: Path, instance_id: str, project: str) -> list[str]:
+        engine = Engine(instance_id=instance_id, project=project)
+        await engine.__aenter__()
+        self._engine = engine
+        return await engine.sweep()
+
+    def peer_endpoint(
+        self, service: str, ports: Mapping[str, int], container_ports: Mapping[str, int]
+    ) -> tuple[str, Mapping[str, int]]:
+        return service, {name: container_ports.get(name, port) for name, port in ports.items()}
+
+    async def launch(self, spec: LaunchSpec) -> DockerService:
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError("DockerBackend.launch() before open()")
+        if spec.image is None:
+            raise ServiceStartError(spec.name, "the docker backend needs an image")
+        try:
+            image = await engine.image(spec.image, pull=spec.pull)
+            config = container_config(
+                image=spec.image,
+                command=spec.argv(),
+                entrypoint=spec.entrypoint,
+                env=spec.env,
+                cwd=str(spec.cwd) if spec.cwd is not None else None,
+                labels=engine.labels("service", spec.name, spec.labels),
+                ports={spec.container_ports.get(n, p): p for n, p in spec.ports.items()},
+                volumes=spec.volumes,
+                cpus=spec.cpus,
+                memory_mb=spec.memory_mb,
+                gpus=spec.gpus,
+                network=await engine.network(),
+                aliases=(spec.name,),
+                tty=True,
+            )
+            container = await engine.run(config, image=image)
+        except ContainerError as exc:
+            raise ServiceStartError(spec.name, exc.reason) from None
+        return DockerService(container, spec.ports)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            await engine.__aexit__(None, None, None)
+
+
+Backend = DockerBackend

@@ -1,0 +1,514 @@
+"""One connection to the Docker daemon, shared by everything an instance runs in containers.
+
+Three things make containers as dependable as local process groups:
+
+- **Events, not polling.** One stream of the daemon's events, filtered to
+  this instance's labels, tells each container when it died (with its exit
+  code) and when its image's HEALTHCHECK changed its verdict.
+- **Labels.** Every container and network carries the owner's pid and start
+  time (pids are reused), host, instance and project. An owner that is
+  SIGKILLed cannot clean up, so the next owner of the same project removes
+  what dead owners left (:meth:`Engine.sweep`); nothing else is touched.
+- **No half-started containers.** A container that fails to start is removed
+  before the error is raised, and creation is shielded from cancellation
+  until the container is in our hands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import aiodocker
+import aiohttp
+import anyio
+from aiodocker.containers import DockerContainer
+from aiohttp import ClientResponse
+from anyio.abc import TaskStatus
+
+from dspy_infra._procfs import start_time
+from dspy_infra.errors import BackendUnavailable
+
+__all__ = ["Container", "ContainerError", "Engine", "Labels"]
+
+log = logging.getLogger("dspy_infra.docker")
+
+_LABEL = "dspy-infra"
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_RECONNECT_DELAY = 0.5
+_KILL_WAIT = 30.0  # how long a SIGKILLed container may take to be reported dead
+_OUTPUT_DRAIN = 0.5  # how long stop() lets a reader take the last lines before removal
+_MAX_LINE = 64 * 1024
+
+
+class Labels:
+    """The label keys; values are strings, as Docker wants them."""
+
+    INSTANCE = f"{_LABEL}.instance"
+    PROJECT = f"{_LABEL}.project"
+    HOST = f"{_LABEL}.owner-host"
+    OWNER_PID = f"{_LABEL}.owner-pid"
+    OWNER_START = f"{_LABEL}.owner-start"
+    KIND = f"{_LABEL}.kind"  # "service" | "task" | "network"
+    NAME = f"{_LABEL}.name"  # the service name or the task id
+
+
+class ContainerError(Exception):
+    """A container could not be created or started; ``reason`` says why, for a person."""
+
+    def __init__(self, reason: str, exit_code: int | None = None):
+        self.reason = reason
+        self.exit_code = exit_code
+        super().__init__(reason)
+
+
+class _Watch:
+    """What the event stream has told us about one container."""
+
+    def __init__(self) -> None:
+        self.exited = anyio.Event()
+        self.exit_code: int | None = None
+        self.health: str | None = None
+        self.health_changed = anyio.Event()
+
+    def died(self, code: int) -> None:
+        if not self.exited.is_set():
+            self.exit_code = code
+            self.exited.set()
+
+    def set_health(self, health: str) -> None:
+        self.health = health
+        self.health_changed.set()
+        self.health_changed = anyio.Event()
+
+
+class Engine:
+    """The Docker daemon, as one AgentInfra instance uses it.
+
+    Use as an async context manager: entering connects (or raises
+    :class:`BackendUnavailable` saying how to fix it) and starts following
+    events; leaving stops that and closes the connection.
+    """
+
+    def __init__(self, *, instance_id: str, project: str):
+        self.instance_id = instance_id
+        self.project = project
+        self._owner = {
+            Labels.HOST: socket.gethostname(),
+            Labels.OWNER_PID: str(os.getpid()),
+            Labels.OWNER_START: str(start_time(os.getpid())),
+            Labels.INSTANCE: instance_id,
+            Labels.PROJECT: project,
+        }
+        self._docker: aiodocker.Docker | None = None
+        self._watches: dict[str, _Watch] = {}
+        self._network: str | None = None
+        self._network_lock = anyio.Lock()
+        self._stack = AsyncExitStack()
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        if self._docker is None:
+            raise RuntimeError("the Docker engine is used outside its `async with`")
+        return self._docker
+
+    async def __aenter__(self) -> Engine:
+        async with AsyncExitStack() as stack:
+            self._docker = await _connect()
+            stack.push_async_callback(self._close_client)
+            stack.push_async_callback(self._remove_network)
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)
+            await tg.start(self._follow_events)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stack.aclose()
+
+    async def _close_client(self) -> None:
+        if self._docker is not None:
+            with anyio.CancelScope(shield=True):
+                await self._docker.close()
+            self._docker = None
+
+    # -- labels and leftovers ---------------------------------------------------
+
+    def labels(
+        self, kind: str, name: str, extra: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        return {**(extra or {}), **self._owner, Labels.KIND: kind, Labels.NAME: name}
+
+    async def sweep(self) -> list[str]:
+        """Remove the containers and networks of this project whose owner died on this host."""
+        here = [f"{Labels.PROJECT}={self.project}", f"{Labels.HOST}={socket.gethostname()}"]
+        removed = []
+        containers = await self.docker.containers.list(
+            all=True, filters=json.dumps({"label": here})
+        )
+        for item in containers:
+            labels: dict[str, str] = item["Labels"] or {}
+            if _owner_alive(labels):
+                continue
+            await _remove(item)
+            removed.append(
+                f"{labels.get(Labels.KIND, 'container')} {labels.get(Labels.NAME, '?')} "
+                f"(container {item.id[:12]}, owner pid {labels.get(Labels.OWNER_PID)} gone)"
+            )
+        for network in await self.docker.networks.list(filters={"label": here}):
+            labels = network.get("Labels") or {}
+            if not _owner_alive(labels):
+                with contextlib.suppress(aiodocker.DockerError):
+                    await (await self.docker.networks.get(network["Id"])).delete()
+        return removed
+
+    # -- images -----------------------------------------------------------------
+
+    async def image(
+        self, image: str, *, pull: str, progress: Callable[[str], None] | None = None
+    ) -> dict[str, Any]:
+        """The image's metadata; pulled first when missing and ``pull`` allows it."""
+        if pull != "always":
+            with contextlib.suppress(aiodocker.DockerError):
+                return await self.docker.images.inspect(image)
+            if pull == "never":
+                raise ContainerError(
+                    f"image {image!r} is not present locally (pull = 'never'): build or load "
+                    "it first (docker build / docker load / dspy_infra.docker.build_image)"
+                )
+        error = None
+        try:
+            # Read to the end whatever happens: the stream's response is released there.
+            async for line in self.docker.images.pull(image, stream=True):
+                error = line.get("error", error)
+                if progress is not None and "status" in line:
+                    progress(" ".join(str(line[k]) for k in ("id", "status") if k in line))
+            if error is not None:
+                raise ContainerError(_unpullable(image, str(error)))
+            return await self.docker.images.inspect(image)
+        except aiodocker.DockerError as exc:
+            raise ContainerError(_unpullable(image, _reason(exc))) from None
+
+    # -- the instance network -----------------------------------------------------
+
+    async def network(self) -> str:
+        """This instance's network, created on first use: services reach each other by name."""
+        async with self._network_lock:
+            if self._network is None:
+                name = f"{_LABEL}-{self.project}-{self.instance_id}"
+                with anyio.CancelScope(shield=True):
+                    await self.docker.networks.create(
+                        {"Name": name, "Labels": self.labels("network", name), "Driver": "bridge"}
+                    )
+                self._network = name
+            return self._network
+
+    async def _remove_network(self) -> None:
+        if self._network is not None and self._docker is not None:
+            with anyio.CancelScope(shield=True), contextlib.suppress(aiodocker.DockerError):
+                await (await self.docker.networks.get(self._network)).delete()
+            self._network = None
+
+    # -- containers ---------------------------------------------------------------
+
+    async def run(self, config: dict[str, Any], *, image: Mapping[str, Any]) -> Container:
+        """Create and start a container; on any failure nothing of it is left.
+
+        ``image`` is the image's metadata (from :meth:`image`), used to check
+        that the program to run exists in it: with ``Init``, a missing program
+        would otherwise be a container that starts and exits 127.
+        """
+        with anyio.CancelScope(shield=True):
+            try:
+                created = await self.docker.containers.create(config)
+            except aiodocker.DockerError as exc:
+                raise ContainerError(_reason(exc)) from None
+            container = Container(self, created)
+            self._watches[created.id] = container.watch
+            try:
+                await self._check_program(created, config, image)
+                await created.start()
+            except BaseException as exc:
+                await container.remove()
+                if isinstance(exc, aiodocker.DockerError):
+                    raise ContainerError(_reason(exc)) from None
+                raise
+        return container
+
+    async def _check_program(
+        self, created: DockerContainer, config: Mapping[str, Any], image: Mapping[str, Any]
+    ) -> None:
+        image_config = image.get("Config") or {}
+        argv = config.get("Entrypoint") or image_config.get("Entrypoint") or config.get("Cmd")
+        argv = argv or image_config.get("Cmd")
+        if not argv:
+            raise ContainerError(f"image {config['Image']!r} has no command and none was given")
+        program = str(argv[0])
+        if "/" in program:
+            candidates = [program]
+        else:
+            variables = [*(image_config.get("Env") or []), *(config.get("Env") or [])]
+            env = dict(item.partition("=")[::2] for item in variables)
+            path = env.get("PATH") or _DEFAULT_PATH
+            candidates = [f"{d.rstrip('/')}/{program}" for d in path.split(":") if d]
+        for candidate in candidates:
+            if await self._exists(created, candidate):
+                return
+        raise ContainerError(f"cannot run {program!r}: not found in image {config['Image']!r}")
+
+    async def _exists(self, container: DockerContainer, path: str) -> bool:
+        try:
+            async with self.docker._query(
+                f"containers/{container.id}/archive", method="HEAD", params={"path": path}
+            ):
+                return True
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        except ValueError:
+            # aiodocker parses an error's JSON body, and the answer to HEAD has
+            # none: this is how a missing path (404) reaches us.
+            return False
+
+    @asynccontextmanager
+    async def stream(self, path: str, params: Mapping[str, str]) -> AsyncIterator[ClientResponse]:
+        """A long-lived GET (logs, events), released however the reader stops."""
+        async with self.docker._query(path, params=dict(params), timeout=None) as response:
+            try:
+                yield response
+            finally:
+                response.close()
+
+    def forget(self, container_id: str) -> None:
+        self._watches.pop(container_id, None)
+
+    # -- events -------------------------------------------------------------------
+
+    async def _follow_events(self, *, task_status: TaskStatus[None]) -> None:
+        filters = {"type": ["container"], "label": [f"{Labels.INSTANCE}={self.instance_id}"]}
+        started = False
+        while True:
+            try:
+                async with self.stream("events", {"filters": json.dumps(filters)}) as response:
+                    if not started:
+                        started = True
+                        task_status.started()
+                    else:
+                        await self._reconcile()
+                    async for line in response.content:
+                        if line.strip():
+                            self._dispatch(json.loads(line))
+            except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+                if not started:
+                    raise BackendUnavailable(f"cannot follow Docker events: {exc}") from None
+                log.warning("the Docker event stream broke (%s); reconnecting", exc)
+            await anyio.sleep(_RECONNECT_DELAY)
+
+    def _dispatch(self, event: Mapping[str, Any]) -> None:
+        watch = self._watches.get(event.get("id", ""))
+        if watch is None:
+            return
+        action = str(event.get("Action") or event.get("status") or "")
+        if action == "die":
+            attributes = (event.get("Actor") or {}).get("Attributes") or {}
+            watch.died(int(attributes.get("exitCode", -1)))
+        elif action.startswith("health_status:"):
+            watch.set_health(action.partition(":")[2].strip())
+
+    async def _reconcile(self) -> None:
+        """After a reconnect, learn what happened while the stream was down."""
+        for container_id, watch in list(self._watches.items()):
+            try:
+                state = (await self.docker.containers.container(container_id).show())["State"]
+            except aiodocker.DockerError:
+                watch.died(-1)
+                continue
+            if state.get("Status") in ("exited", "dead"):
+                watch.died(int(state.get("ExitCode", -1)))
+
+
+class Container:
+    """A started container: its exit, its output, its health, its removal."""
+
+    def __init__(self, engine: Engine, container: DockerContainer):
+        self._engine = engine
+        self._container = container
+        self.watch = _Watch()
+        self._removed = False
+        self._reading = False
+        self._output_done = anyio.Event()
+
+    @property
+    def id(self) -> str:
+        return self._container.id
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.watch.exit_code
+
+    async def wait(self) -> int:
+        await self.watch.exited.wait()
+        assert self.watch.exit_code is not None
+        return self.watch.exit_code
+
+    async def health(self) -> AsyncIterator[str]:
+        """The image HEALTHCHECK's verdicts as they change: starting, healthy, unhealthy."""
+        while True:
+            changed = self.watch.health_changed
+            if self.watch.health is not None:
+                yield self.watch.health
+            await changed.wait()
+
+    async def output(self, *, tty: bool = True) -> AsyncGenerator[tuple[int, str], None]:
+        """``(stream, line)`` from the start until the container ends: 1 stdout, 2 stderr.
+
+        With a terminal (``tty``) there is one stream, reported as stdout.
+        """
+        self._reading = True
+        pending = {1: b"", 2: b""}
+        try:
+            async with self._engine.stream(
+                f"containers/{self.id}/logs", {"follow": "1", "stdout": "1", "stderr": "1"}
+            ) as response:
+                async for number, chunk in _frames(response, tty=tty):
+                    data = pending[number] + chunk
+                    *lines, data = data.split(b"\n")
+                    for line in lines:
+                        yield number, _decode(line)
+                    while len(data) > _MAX_LINE:
+                        yield number, _decode(data[:_MAX_LINE])
+                        data = data[_MAX_LINE:]
+                    pending[number] = data
+            for number, data in pending.items():
+                if data:
+                    yield number, _decode(data)
+        except aiodocker.DockerError:
+            return  # removed before we could follow it: nothing more to read
+        finally:
+            self._output_done.set()
+
+    async def stop(self, grace: float) -> int:
+        """SIGTERM, SIGKILL after ``grace``; then remove it. Idempotent."""
+        with anyio.CancelScope(shield=True):
+            if not self._removed:
+                if not self.watch.exited.is_set():
+                    await self._signal("SIGTERM")
+                    with anyio.move_on_after(grace):
+                        await self.watch.exited.wait()
+                if not self.watch.exited.is_set():
+                    await self._signal("SIGKILL")
+                    with anyio.move_on_after(_KILL_WAIT):
+                        await self.watch.exited.wait()
+                if self._reading:
+                    with anyio.move_on_after(_OUTPUT_DRAIN):
+                        await self._output_done.wait()
+                await self.remove()
+        return self.watch.exit_code if self.watch.exit_code is not None else -9
+
+    async def remove(self) -> None:
+        if self._removed:
+            return
+        self._removed = True
+        with anyio.CancelScope(shield=True), contextlib.suppress(aiodocker.DockerError):
+            await self._container.delete(force=True, v=True)
+        self.watch.died(self.watch.exit_code if self.watch.exit_code is not None else -9)
+        self._engine.forget(self.id)
+
+    async def exec(self, argv: tuple[str, ...]) -> tuple[int, str]:
+        """Run ``argv`` inside the container, with its environment: ``(exit code, output)``."""
+        try:
+            execution = await self._container.exec(list(argv))
+            output = bytearray()
+            async with execution.start(detach=False) as stream:
+                while (message := await stream.read_out()) is not None:
+                    output += message.data
+                    del output[:-4096]
+            code = (await execution.inspect())["ExitCode"]
+        except aiodocker.DockerError as exc:
+            return 126, _reason(exc)
+        return int(code if code is not None else -1), output.decode(errors="replace")
+
+    async def _signal(self, name: str) -> None:
+        with contextlib.suppress(aiodocker.DockerError):  # it may have exited meanwhile
+            await self._container.kill(signal=name)
+
+
+async def _connect() -> aiodocker.Docker:
+    """A client that answers, or BackendUnavailable saying how to get one."""
+    try:
+        docker = aiodocker.Docker()
+    except ValueError as exc:
+        raise BackendUnavailable(
+            _HOW_TO_FIX.format(problem=f"no Docker engine found ({exc})")
+        ) from None
+    try:
+        await docker.version()
+    except aiodocker.DockerError as exc:
+        await docker.close()
+        problem = exc.message
+        if "ermission denied" in problem:
+            raise BackendUnavailable(
+                f"permission denied on the Docker socket ({problem}); add your user to the "
+                "'docker' group (sudo usermod -aG docker $USER, then log in again) or run as root"
+            ) from None
+        raise BackendUnavailable(_HOW_TO_FIX.format(problem=problem)) from None
+    return docker
+
+
+_HOW_TO_FIX = (
+    "Docker is not running: {problem}. Start it (sudo systemctl start docker, or "
+    "`sudo dockerd &`), or point DOCKER_HOST at a running engine; or use the local backend"
+)
+
+
+def _owner_alive(labels: Mapping[str, str]) -> bool:
+    try:
+        pid = int(labels[Labels.OWNER_PID])
+        owner_start = labels[Labels.OWNER_START]
+    except (KeyError, ValueError):
+        return True  # not a record we understand: not ours to touch
+    return str(start_time(pid)) == owner_start
+
+
+async def _remove(container: DockerContainer) -> None:
+    with contextlib.suppress(aiodocker.DockerError):
+        await container.delete(force=True, v=True)
+
+
+def _reason(exc: aiodocker.DockerError) -> str:
+    return str(exc.message).strip() or f"Docker API error {exc.status}"
+
+
+async def _frames(response: ClientResponse, *, tty: bool) -> AsyncIterator[tuple[int, bytes]]:
+    """Docker's log stream: raw with a terminal, else 8-byte-header frames per stream."""
+    if tty:
+        async for chunk in response.content.iter_any():
+            yield 1, chunk
+        return
+    while True:
+        try:
+            header = await response.content.readexactly(8)
+            size = int.from_bytes(header[4:], "big")
+            data = await response.content.readexactly(size) if size else b""
+        except asyncio.IncompleteReadError:
+            return
+        yield (2 if header[0] == 2 else 1), data
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode(errors="replace").rstrip("\r")
+
+
+def _unpullable(image: str, why: str) -> str:
+    return (
+        f"image {image!r} is not present locally and could not be pulled ({why}): "
+        "build or load it first (docker build / docker load / dspy_infra.docker.build_image)"
+    )

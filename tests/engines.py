@@ -1,0 +1,37 @@
+"""Real engines for tests: skipped where missing, unless the environment requires them.
+
+CI sets ``DSPY_INFRA_REQUIRE=docker,slurm``, so that a missing engine fails
+the run instead of silently skipping the tests that need it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import aiodocker
+import pytest
+
+from dspy_infra.docker import busybox_image
+
+__all__ = ["BUSYBOX", "missing_engine", "require_docker"]
+
+BUSYBOX = "local/busybox:latest"
+
+
+def missing_engine(engine: str, why: str) -> None:
+    """Skip the test, or fail it when the environment says the engine must be there."""
+    required = {e.strip() for e in os.environ.get("DSPY_INFRA_REQUIRE", "").split(",")}
+    if engine in required:
+        pytest.fail(f"{engine} is required (DSPY_INFRA_REQUIRE) but unavailable: {why}")
+    pytest.skip(f"{engine} is not available: {why}")
+
+
+async def require_docker() -> str:
+    """A reachable Docker engine with the busybox test image built; the image's name."""
+    try:
+        async with aiodocker.Docker() as docker:
+            await docker.version()
+    except (aiodocker.DockerError, ValueError, OSError) as exc:
+        missing_engine("docker", str(exc))
+    await busybox_image(BUSYBOX)
+    return BUSYBOX
