@@ -87,6 +87,14 @@ class ServiceProcess(Protocol):
     def ports(self) -> Mapping[str, int]:
         """The ports as reachable from this process, by name."""
 
+    @property
+    def health(self) -> str | None:
+        """The verdict of the service's own health check, None when it has none.
+
+        A container image's HEALTHCHECK: ``starting``, ``healthy`` or
+        ``unhealthy``, as Docker's events report it.
+        """
+
     def output(self) -> AsyncGenerator[str, None]:
         """The service's stdout and stderr, merged, line by line, until it closes.
 

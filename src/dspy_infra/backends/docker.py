@@ -43,6 +43,10 @@ class DockerService:
     def ports(self) -> Mapping[str, int]:
         return self._ports
 
+    @property
+    def health(self) -> str | None:
+        return self._container.watch.health
+
     async def output(self) -> AsyncGenerator[str, None]:
         async with aclosing(self._container.output(tty=True)) as lines:
             async for _, line in lines:

@@ -53,6 +53,10 @@ class LocalProcess:
     def ports(self) -> Mapping[str, int]:
         return self._spec.ports
 
+    @property
+    def health(self) -> str | None:
+        return None
+
     async def output(self) -> AsyncGenerator[str, None]:
         assert self._process.stdout is not None
         pending = b""

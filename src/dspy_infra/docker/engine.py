@@ -231,6 +231,8 @@ class Engine:
             except aiodocker.DockerError as exc:
                 raise ContainerError(_reason(exc)) from None
             container = Container(self, created)
+            if _has_healthcheck(config, image):
+                container.watch.health = "starting"  # events report only changes
             self._watches[created.id] = container.watch
             try:
                 await self._check_program(created, config, image)
@@ -264,19 +266,15 @@ class Engine:
         raise ContainerError(f"cannot run {program!r}: not found in image {config['Image']!r}")
 
     async def _exists(self, container: DockerContainer, path: str) -> bool:
+        # GET, not HEAD: an error's explanation is in the body, which HEAD lacks.
+        # Only the headers are read; the archive itself is never downloaded.
         try:
-            async with self.docker._query(
-                f"containers/{container.id}/archive", method="HEAD", params={"path": path}
-            ):
+            async with self.stream(f"containers/{container.id}/archive", {"path": path}):
                 return True
         except aiodocker.DockerError as exc:
             if exc.status == 404:
                 return False
             raise
-        except ValueError:
-            # aiodocker parses an error's JSON body, and the answer to HEAD has
-            # none: this is how a missing path (404) reaches us.
-            return False
 
     @asynccontextmanager
     async def stream(self, path: str, params: Mapping[str, str]) -> AsyncIterator[ClientResponse]:
@@ -512,3 +510,9 @@ def _unpullable(image: str, why: str) -> str:
         f"image {image!r} is not present locally and could not be pulled ({why}): "
         "build or load it first (docker build / docker load / dspy_infra.docker.build_image)"
     )
+
+
+def _has_healthcheck(config: Mapping[str, Any], image: Mapping[str, Any]) -> bool:
+    check = config.get("Healthcheck") or (image.get("Config") or {}).get("Healthcheck") or {}
+    test = check.get("Test") or []
+    return bool(test) and test[0] != "NONE"

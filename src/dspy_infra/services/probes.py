@@ -87,6 +87,10 @@ class ProbeRunner:
         if probe.command is not None:
             code, output = await self._process.exec(probe.command)
             return ProbeResult(ok=code == 0, detail=f"exit {code}: {output[-200:]}".strip())
+        if probe.container:
+            health = self._process.health
+            ok = health == "healthy"
+            return ProbeResult(ok=ok, detail="" if ok else f"container health: {health or 'none'}")
         if self._log_re is not None:
             found = self._logs.search(self._log_re, self._first_line)
             return ProbeResult(ok=found, detail="" if found else f"no line matches {probe.log!r}")

@@ -32,6 +32,9 @@ __all__ = ["supervise"]
 
 T = TypeVar("T")
 _PUMP_DRAIN = 0.5  # seconds to read a stopped service's last lines
+# A container whose image has a HEALTHCHECK and no probe of ours: wait for
+# Docker's verdict (reading it is free: events keep it up to date).
+_OWN_HEALTH = Probe(container=True, interval=0.02, max_interval=0.1, liveness_interval=1.0)
 
 
 @frozen
@@ -126,6 +129,8 @@ async def _run_once(manager: ServiceManager, rt: ServiceRuntime) -> _Run:
             return _Run(ready=False, exit_code=exc.exit_code, reason=exc.reason)
         async with _running(manager, rt, process):
             runner = None
+            if probe is None and process.health is not None:
+                probe = _OWN_HEALTH
             if probe is not None:
                 runner = manager.probe_runner(rt, probe, process, first_line)
                 exit_code, failure = await _race_exit(process, lambda: _probe_until_ready(runner))

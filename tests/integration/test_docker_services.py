@@ -1,0 +1,180 @@
+"""Services on the docker backend, against a real dockerd, through the public API."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+import anyio
+import pytest
+
+from dspy_infra import AgentInfra, BackendUnavailable, ServiceStartError, ServiceState
+from dspy_infra.docker import build_image
+
+pytestmark = pytest.mark.anyio
+
+HTTPD = ["httpd", "-f", "-p", "{port}", "-h", "/www"]
+
+
+def web(busybox: str, **fields: Any) -> dict[str, Any]:
+    """A busybox web server that serves its own name."""
+    script = "mkdir -p /www && echo {name} > /www/index.html && exec httpd -f -p {port} -h /www"
+    return {
+        "image": busybox,
+        "command": script,
+        "shell": True,
+        "ports": {"main": 0},
+        "health": {"http": "http://127.0.0.1:{port}/"},
+        **fields,
+    }
+
+
+async def labelled(label: str) -> tuple[list[str], list[str]]:
+    """Ids of the containers and networks carrying ``label`` (``key=value``)."""
+    async with aiodocker.Docker() as docker:
+        containers = await docker.containers.list(all=True, filters=json.dumps({"label": [label]}))
+        networks = await docker.networks.list(filters={"label": [label]})
+    return [c.id for c in containers], [n["Id"] for n in networks]
+
+
+@pytest.fixture
+async def project(tmp_path: Path) -> AsyncIterator[str]:
+    """A project name of this test's own; nothing of it may be left at the end."""
+    name = f"t{tmp_path.name[-20:].replace('_', '-').strip('-')}"
+    yield name
+    assert await labelled(f"dspy-infra.project={name}") == ([], [])
+
+
+def start(tmp_path: Path, project: str, services: dict[str, Any]) -> AgentInfra:
+    return AgentInfra.start(
+        {"infra": {"backend": "docker", "project": project}, "services": services},
+        state_dir=tmp_path / "state",
+    )
+
+
+async def fetch(url: str) -> str:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return await response.text()
+
+
+async def test_services_reach_each_other_by_name_and_are_probed_from_here(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    # `api` fetches from `kv` by its name and container port before serving:
+    # it only becomes healthy if the instance network and placeholders work.
+    api_script = (
+        "until wget -q -O /tmp/kv http://{services.kv.host}:{services.kv.port}/; "
+        "do sleep 0.05; done; mkdir -p /www && cp /tmp/kv /www/index.html && "
+        "exec httpd -f -p {port} -h /www"
+    )
+    services = {
+        "kv": web(busybox),
+        "api": web(busybox, command=api_script, depends_on=["kv"]),
+    }
+    async with start(tmp_path, project, services) as infra:
+        status = await infra.services.status()
+        assert status["api"].state is ServiceState.HEALTHY
+        assert status["kv"].host == "127.0.0.1"
+        body = await fetch(f"http://127.0.0.1:{status['api'].ports['main']}/")
+        assert body.strip() == "kv"
+        containers, networks = await labelled(f"dspy-infra.project={project}")
+        assert len(containers) == 2
+        assert len(networks) == 1
+
+
+async def test_fixed_container_port_is_published_on_a_free_host_port(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    services = {
+        "site": web(
+            busybox,
+            command="mkdir -p /www && echo fixed > /www/index.html && exec httpd -f -p 80 -h /www",
+            container_ports={"main": 80},
+        )
+    }
+    async with start(tmp_path, project, services) as infra:
+        port = (await infra.services.status())["site"].ports["main"]
+        assert port != 80
+        assert (await fetch(f"http://127.0.0.1:{port}/")).strip() == "fixed"
+
+
+async def test_a_killed_container_is_restarted(busybox: str, tmp_path: Path, project: str) -> None:
+    services = {"kv": web(busybox, restart="on-failure", restart_backoff={"initial": 0.05})}
+    async with start(tmp_path, project, services) as infra:
+        first = (await infra.services.status())["kv"].pid
+        assert first is not None
+        async with aiodocker.Docker() as docker:
+            await docker.containers.container(first).kill(signal="SIGKILL")
+        with anyio.fail_after(20):
+            while True:
+                status = (await infra.services.status())["kv"]
+                if status.state is ServiceState.HEALTHY and status.pid not in (None, first):
+                    break
+                await anyio.sleep(0.05)
+        assert status.restarts == 1
+
+
+async def test_image_healthcheck_decides_when_the_service_is_up(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    context = tmp_path / "image"
+    context.mkdir()
+    (context / "Dockerfile").write_text(
+        f"FROM {busybox}\n"
+        "HEALTHCHECK --interval=1s --timeout=1s CMD test -f /tmp/ready\n"
+        'CMD ["sh", "-c", "sleep 0.3; touch /tmp/ready; exec sleep 1000"]\n'
+    )
+
+    tag = f"local/{project}-healthy:latest"
+    await build_image(context, tag)
+    try:
+        services = {"slow": {"image": tag, "stop_timeout": 0.5}}
+        async with start(tmp_path, project, services) as infra:
+            status = (await infra.services.status())["slow"]
+            assert status.state is ServiceState.HEALTHY
+    finally:
+        async with aiodocker.Docker() as docker:
+            await docker.images.delete(tag, force=True)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"image": "local/no-such-image:1"}, "local/no-such-image:1"),
+        ({"volumes": ["/etc/hostname:/tmp"]}, "not a directory"),
+        ({"command": ["no-such-program"]}, "no-such-program"),
+    ],
+)
+async def test_a_container_that_cannot_start_is_a_clear_error_and_leaves_nothing(
+    busybox: str, tmp_path: Path, project: str, fields: dict[str, Any], message: str
+) -> None:
+    services = {"bad": {**web(busybox), "start_retries": 0, **fields}}
+    with pytest.raises(ServiceStartError, match=message):
+        async with start(tmp_path, project, services):
+            pass
+
+
+async def test_a_port_in_use_is_a_clear_error(busybox: str, tmp_path: Path, project: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        services = {"bad": web(busybox, ports={"main": port}, start_retries=0)}
+        with pytest.raises(ServiceStartError, match="already"):
+            async with start(tmp_path, project, services):
+                pass
+
+
+async def test_no_docker_engine_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    services = {"kv": {"image": "local/busybox:latest", "command": ["true"]}}
+    with pytest.raises(BackendUnavailable, match="Docker is not running"):
+        async with start(tmp_path, "nodocker", services):
+            pass
