@@ -41,7 +41,8 @@ class LaunchSpec:
     process listens on. A container listens on ``container_ports`` (by
     default the same numbers) and is published on ``ports``. ``labels``
     identify the owner, so that leftovers can be found after a crash. The
-    fields after ``labels`` only concern container backends.
+    fields after ``labels`` only concern container backends; ``progress``
+    is told what an image pull is doing, a line at a time.
     """
 
     name: str
@@ -59,6 +60,7 @@ class LaunchSpec:
     cpus: float | None = None
     memory_mb: int | None = None
     gpus: int = 0
+    progress: Callable[[str], None] | None = field(default=None, eq=False)
 
     def argv(self) -> list[str] | None:
         """The command as an argument vector: a shell command runs as ``/bin/sh -c``."""

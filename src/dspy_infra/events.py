@@ -38,6 +38,7 @@ class ServiceEvent(Event):
 
     TYPES: ClassVar[frozenset[str]] = frozenset(
         {
+            "service_pulling",
             "service_starting",
             "service_started",
             "service_healthy",

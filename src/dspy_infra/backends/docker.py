@@ -90,7 +90,7 @@ class DockerBackend:
         if spec.image is None:
             raise ServiceStartError(spec.name, "the docker backend needs an image")
         try:
-            image = await engine.image(spec.image, pull=spec.pull)
+            image = await engine.image(spec.image, pull=spec.pull, progress=spec.progress)
             config = container_config(
                 image=spec.image,
                 command=spec.argv(),

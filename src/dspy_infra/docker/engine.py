@@ -184,12 +184,15 @@ class Engine:
                     "it first (docker build / docker load / dspy_infra.docker.build_image)"
                 )
         error = None
+        said: dict[str, str] = {}  # per layer: byte counts change often, the status seldom
         try:
             # Read to the end whatever happens: the stream's response is released there.
             async for line in self.docker.images.pull(image, stream=True):
                 error = line.get("error", error)
-                if progress is not None and "status" in line:
-                    progress(" ".join(str(line[k]) for k in ("id", "status") if k in line))
+                layer, status = str(line.get("id", "")), str(line.get("status", ""))
+                if progress is not None and status and said.get(layer) != status:
+                    said[layer] = status
+                    progress(f"{image}: {layer} {status}" if layer else f"{image}: {status}")
             if error is not None:
                 raise ContainerError(_unpullable(image, str(error)))
             return await self.docker.images.inspect(image)
@@ -204,9 +207,22 @@ class Engine:
             if self._network is None:
                 name = f"{_LABEL}-{self.project}-{self.instance_id}"
                 with anyio.CancelScope(shield=True):
-                    await self.docker.networks.create(
-                        {"Name": name, "Labels": self.labels("network", name), "Driver": "bridge"}
-                    )
+                    try:
+                        await self.docker.networks.create(
+                            {
+                                "Name": name,
+                                "Labels": self.labels("network", name),
+                                "Driver": "bridge",
+                                "CheckDuplicate": True,
+                            }
+                        )
+                    except aiodocker.DockerError as exc:
+                        # The instance's other engine (the docker backend's, the
+                        # docker runner's) made it first: share it, so that
+                        # tasks reach services by name. Unchecked, Docker would
+                        # make a second network of the same name.
+                        if exc.status != 409:
+                            raise
                 self._network = name
             return self._network
 
@@ -370,24 +386,34 @@ class Container:
 
         With a terminal (``tty``) there is one stream, reported as stdout.
         """
-        self._reading = True
         pending = {1: b"", 2: b""}
+        async with contextlib.aclosing(self.chunks(tty=tty)) as chunks:
+            async for number, chunk in chunks:
+                data = pending[number] + chunk
+                *lines, data = data.split(b"\n")
+                for line in lines:
+                    yield number, _decode(line)
+                while len(data) > _MAX_LINE:
+                    yield number, _decode(data[:_MAX_LINE])
+                    data = data[_MAX_LINE:]
+                pending[number] = data
+        for number, data in pending.items():
+            if data:
+                yield number, _decode(data)
+
+    async def chunks(self, *, tty: bool = True) -> AsyncGenerator[tuple[int, bytes], None]:
+        """``(stream, bytes)`` as the log delivers them, until the container ends.
+
+        Lines may span chunks: for a reader that bounds lines itself (a
+        task's result line may be longer than :meth:`output` keeps whole).
+        """
+        self._reading = True
         try:
             async with self._engine.stream(
                 f"containers/{self.id}/logs", {"follow": "1", "stdout": "1", "stderr": "1"}
             ) as response:
-                async for number, chunk in _frames(response, tty=tty):
-                    data = pending[number] + chunk
-                    *lines, data = data.split(b"\n")
-                    for line in lines:
-                        yield number, _decode(line)
-                    while len(data) > _MAX_LINE:
-                        yield number, _decode(data[:_MAX_LINE])
-                        data = data[_MAX_LINE:]
-                    pending[number] = data
-            for number, data in pending.items():
-                if data:
-                    yield number, _decode(data)
+                async for item in _frames(response, tty=tty):
+                    yield item
         except aiodocker.DockerError:
             return  # removed before we could follow it: nothing more to read
         finally:

@@ -267,6 +267,7 @@ class ServiceManager:
             "dspy-infra.project": self.config.infra.project,
             "dspy-infra.instance": self._instance_id,
             "dspy-infra.service": rt.name,
+            "dspy-infra.config-hash": rt.config_hash,
         }
 
     # -- internals ------------------------------------------------------------

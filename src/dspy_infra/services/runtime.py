@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from functools import cached_property
+
 import anyio
 
 from dspy_infra.abc import ServiceProcess
+from dspy_infra.config.converter import converter
 from dspy_infra.config.model import ServiceConfig
 from dspy_infra.errors import ServiceStartError
 from dspy_infra.services.logs import LogBuffer
@@ -34,6 +39,12 @@ class ServiceRuntime:
         self.scope: anyio.CancelScope | None = None
         self.done = anyio.Event()
         self.done.set()  # no supervisor yet
+
+    @cached_property
+    def config_hash(self) -> str:
+        """Tells a container of this configuration from one of an edited one, as compose does."""
+        data = json.dumps(converter.unstructure(self.config), sort_keys=True, default=repr)
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
 
     @property
     def active(self) -> bool:

@@ -376,5 +376,6 @@ async def _launch_spec(
         cpus=config.cpus,
         memory_mb=config.memory_mb,
         gpus=config.gpus,
+        progress=lambda line: manager.set_state(rt, rt.state, "service_pulling", line),
     )
     return spec, probe
