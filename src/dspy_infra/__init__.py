@@ -23,6 +23,7 @@ from dspy_infra.config import (
 )
 from dspy_infra.errors import (
     BackendUnavailable,
+    ComposeWarning,
     ConfigError,
     DependencyFailed,
     InfraClosed,
@@ -57,6 +58,7 @@ __all__ = [
     "BackendUnavailable",
     "Backoff",
     "ClassStatus",
+    "ComposeWarning",
     "Config",
     "ConfigError",
     "ContainerBackend",

@@ -18,6 +18,9 @@ can catch the library's failures without catching their own bugs::
           │    ├── TaskTimedOut the queue or run timeout expired
           │    └── TaskLost     it was running when its instance died, with no attempt left
           └── TaskCancelled     it was cancelled
+
+One warning category, a :class:`UserWarning`: :class:`ComposeWarning`, what a
+compose file holds that has no counterpart here and was skipped.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "BackendUnavailable",
+    "ComposeWarning",
     "ConfigError",
     "DependencyFailed",
     "InfraClosed",
@@ -55,6 +59,10 @@ class ConfigError(InfraError):
         self.path = path
         where = ": ".join(part for part in (source, path) if part)
         super().__init__(f"{where}: {message}" if where else message)
+
+
+class ComposeWarning(UserWarning):
+    """A compose file holds keys with no counterpart here: they were skipped, and are named."""
 
 
 class BackendUnavailable(InfraError):

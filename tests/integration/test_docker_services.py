@@ -178,3 +178,34 @@ async def test_no_docker_engine_is_one_clear_error(
     with pytest.raises(BackendUnavailable, match="Docker is not running"):
         async with start(tmp_path, "nodocker", services):
             pass
+
+
+async def test_a_compose_file_starts_as_it_is(busybox: str, tmp_path: Path, project: str) -> None:
+    compose = tmp_path / "docker-compose.yml"
+    compose.write_text(
+        f"""
+name: {project}
+services:
+  kv:
+    image: {busybox}
+    command: sh -c "mkdir -p /www && echo kv > /www/index.html && httpd -f -p 80 -h /www"
+    ports: ["80"]
+    healthcheck:
+      test: ["CMD", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:80/"]
+      interval: 30s
+  api:
+    image: {busybox}
+    command: ["sh", "-c", "wget -q -O - http://kv:80/ && exec sleep 1000"]
+    depends_on:
+      kv: {{condition: service_healthy}}
+    restart: "no"
+"""
+    )
+    async with AgentInfra.start(compose, state_dir=tmp_path / "state") as infra:
+        status = await infra.services.status()
+        assert status["kv"].state is ServiceState.HEALTHY
+        assert status["api"].state is ServiceState.RUNNING
+        assert (await fetch(f"http://127.0.0.1:{status['kv'].ports['80']}/")).strip() == "kv"
+        with anyio.fail_after(10):
+            while "kv" not in [line async for line in infra.services.logs("api")]:
+                await anyio.sleep(0.05)

@@ -88,11 +88,6 @@ def test_bad_value_in_a_file_names_file_and_key_path(tmp_path: Path) -> None:
     assert (exc.source, exc.path) == (str(path), "services.redis.health.interval")
 
 
-def test_compose_files_are_refused_clearly(tmp_path: Path) -> None:
-    path = write(tmp_path / "docker-compose.yml", "services: {}\n")
-    assert str(error(path)).startswith(f"{path}: compose files are not supported")
-
-
 def test_several_errors_are_all_reported(tmp_path: Path) -> None:
     path = write(
         tmp_path / "dspy-infra.toml",
@@ -216,6 +211,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
         "DSPY_INFRA_SERVICES__REDIS__ENV": '{ A = "1" }',
         "DSPY_INFRA_SERVICES__KV__COMMAND": '["kv", "--port", "{port}"]',
         "DSPY_INFRA_SERVICES__KV__PORTS__MAIN": "6000",
+        "DSPY_INFRA_SERVICES__KV__IMAGE": "kv:1",
         "DSPY_INFRA_CONFIG": "/not/used/when/a/source/is/given.toml",
         "DSPY_INFRA_SOMETHING_ELSE": "ignored: belongs to another tool",
         "OTHER_TOOL_BACKEND": "ignored",

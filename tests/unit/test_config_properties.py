@@ -241,6 +241,8 @@ def valid_documents(draw: st.DrawFn, min_services: int = 0) -> Doc:
         if draw(st.booleans()):
             svc["health"] = draw(probes(ports, usable))
         svc |= draw(SERVICE_OPTIONAL)
+        # The docker backend needs an image: a generated one may be absent or empty.
+        svc |= {"image": svc.get("image") or f"image-{draw(NAMES)}"} if backend == "docker" else {}
     doc: Doc = {}
     if bool(infra) or draw(st.booleans()):
         doc["infra"] = infra

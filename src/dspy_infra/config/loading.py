@@ -20,6 +20,7 @@ import tomli_w
 from attrs import asdict, evolve, fields
 from cattrs.errors import BaseValidationError
 
+from dspy_infra.config.compose import read_compose
 from dspy_infra.config.converter import converter, describe_errors
 from dspy_infra.config.model import (
     DEFAULT_CLASSES,
@@ -52,6 +53,8 @@ def load_config(
 
     With nothing, ``$DSPY_INFRA_CONFIG``, then ``./dspy-infra.toml``, then
     ``[tool.dspy-infra]`` in ``./pyproject.toml`` are tried; else defaults.
+    A ``.yml`` or ``.yaml`` path is a Docker Compose file (see
+    :mod:`dspy_infra.config.compose`).
     """
     environ = os.environ if environ is None else environ
     if isinstance(source, Config):
@@ -68,7 +71,7 @@ def load_config(
         if path is None:
             raw, name, base = {}, None, Path.cwd()
         else:
-            raw, name, base = _read_file(path), str(path), path.parent
+            raw, name, base = _read_file(path, environ), str(path), path.parent
 
     origins: dict[tuple[str, ...], str] = {}
     for key_path, value, origin in _env_items(environ):
@@ -86,6 +89,8 @@ def load_config(
         origin = f"override {key}="
         _merge(raw, placed, value, origin)
         origins[placed] = origin
+    if not isinstance(source, Config):  # a Config holds its compose services already
+        origins = _with_compose(raw, base, environ, origins)
 
     _with_default_classes(raw)
     config = _structure(raw, name, origins)
@@ -121,11 +126,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from None
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _read_file(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
     if path.suffix in (".yml", ".yaml"):
-        raise ConfigError(
-            "compose files are not supported yet: write the services in TOML", source=str(path)
-        )
+        return read_compose(path, environ=environ)
     data = _read_toml(path)
     if path.name == "pyproject.toml":
         tool = data.get("tool")
@@ -194,6 +197,45 @@ def _copy_tables(table: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _copy_tables(v) if isinstance(v, Mapping) else v for k, v in table.items()}
 
 
+def _with_compose(
+    raw: dict[str, Any],
+    base: Path,
+    environ: Mapping[str, str],
+    origins: Mapping[tuple[str, ...], str],
+) -> dict[tuple[str, ...], str]:
+    """Put the services of ``[infra] compose`` under the configuration's own.
+
+    So a compose file is reused as it is, and TOML, the environment and
+    keywords change only the keys they set: a service table merges key by
+    key into the compose service of the same name. A ``health`` table with a
+    key that the compose probe lacks names another kind of probe (``http``,
+    ``tcp``, ...), which replaces the compose ``command``: one probe has one
+    kind. Returns the origins with the compose file's values added, lowest,
+    so that an error in one of them names the compose file.
+    """
+    infra = raw.get("infra")
+    compose = infra.get("compose") if isinstance(infra, dict) else None
+    own = raw.get("services", {})
+    if not isinstance(compose, str | os.PathLike) or not isinstance(own, dict):
+        return dict(origins)  # none, or a wrong type that the converter reports
+    path = base / compose
+    services: dict[str, Any] = read_compose(path, environ=environ)["services"]
+    found: dict[tuple[str, ...], str] = {}
+    for svc, table in services.items():
+        mine = own.get(svc)
+        if not isinstance(mine, Mapping):
+            found[("services", svc)] = str(path)
+            continue
+        found.update({("services", svc, key): str(path) for key in table if key not in mine})
+        theirs, health = table.get("health"), mine.get("health")
+        if isinstance(theirs, dict) and isinstance(health, Mapping) and health.keys() - theirs:
+            theirs.pop("command")
+    for svc, table in own.items():
+        _merge(services, (svc,), table, str(path))
+    raw["services"] = services
+    return {**found, **origins}
+
+
 def _with_default_classes(raw: dict[str, Any]) -> None:
     """A ``[classes.cpu_short]`` table changes only the keys it sets of the default class."""
     classes = raw.get("classes", {})
@@ -245,9 +287,9 @@ def _origin(path: str, origins: Mapping[tuple[str, ...], str], default: str | No
 
 def _resolve_paths(config: Config, base: Path) -> Config:
     """Relative paths are relative to the file they were written in (like compose)."""
-    state_dir = config.infra.state_dir
-    if not state_dir.is_absolute():
-        state_dir = (base / state_dir).resolve()
+
+    def absolute(path: Path) -> Path:
+        return path if path.is_absolute() else (base / path).resolve()
 
     def resolved(cwd: str | None) -> str | None:
         if cwd is None or "{" in cwd or Path(cwd).is_absolute():
@@ -274,7 +316,11 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     }
     return evolve(
         config,
-        infra=evolve(config.infra, state_dir=state_dir),
+        infra=evolve(
+            config.infra,
+            state_dir=absolute(config.infra.state_dir),
+            compose=None if config.infra.compose is None else absolute(config.infra.compose),
+        ),
         services=services,
         handlers=handlers,
     )
@@ -316,25 +362,12 @@ def validate(config: Config, origins: Mapping[tuple[str, ...], str] | None = Non
             "infra.backend",
             f"unknown backend {config.infra.backend!r} (expected one of: {known})",
         )
-    names = sorted(config.services)
     for name, svc in config.services.items():
         if not svc.command and config.infra.backend == "local":
             raise fail(f"services.{name}.command", "required with the local backend")
         if not svc.image and config.infra.backend == "docker":
             raise fail(f"services.{name}.image", "required with the docker backend")
-        for dep, spec in svc.depends_on.items():
-            if dep not in config.services:
-                raise fail(
-                    f"services.{name}.depends_on.{dep}",
-                    f"unknown service {dep!r} (configured: {', '.join(names)})",
-                )
-            if spec.condition == "log_ready" and spec.pattern is None:
-                probe = config.services[dep].health
-                if probe is None or probe.log is None:
-                    raise fail(
-                        f"services.{name}.depends_on.{dep}",
-                        f"condition 'log_ready' needs a pattern (or a log probe on {dep!r})",
-                    )
+        _check_dependencies(config, name, fail)
     _check_tasks(config, fail)
     _check_cycles(config, fail)
     for name in config.services:
@@ -344,6 +377,22 @@ def validate(config: Config, origins: Mapping[tuple[str, ...], str] | None = Non
                 render(template, ctx)
             except PlaceholderError as exc:
                 raise fail(f"services.{name}.{path}", str(exc)) from None
+
+
+def _check_dependencies(config: Config, name: str, fail: Any) -> None:
+    for dep, spec in config.services[name].depends_on.items():
+        if dep not in config.services:
+            raise fail(
+                f"services.{name}.depends_on.{dep}",
+                f"unknown service {dep!r} (configured: {', '.join(sorted(config.services))})",
+            )
+        if spec.condition == "log_ready" and spec.pattern is None:
+            probe = config.services[dep].health
+            if probe is None or probe.log is None:
+                raise fail(
+                    f"services.{name}.depends_on.{dep}",
+                    f"condition 'log_ready' needs a pattern (or a log probe on {dep!r})",
+                )
 
 
 def _check_tasks(config: Config, fail: Any) -> None:

@@ -145,6 +145,9 @@ class Backoff:
         return max(0.0, base + random.uniform(-spread, spread))  # noqa: S311 - jitter, not crypto
 
 
+_PROBE_KINDS = ("tcp", "http", "command", "log", "call", "container")
+
+
 @frozen(kw_only=True)
 class Probe:
     """How the library checks that a service is up, from outside the service.
@@ -153,7 +156,9 @@ class Probe:
     URL, with ``status`` and an optional ``body`` regex), ``command`` (argv;
     exit 0 is healthy), ``log`` (a regex over the service's output) or
     ``call`` (an async callable given the service's status, or a
-    ``"module:function"`` reference to one).
+    ``"module:function"`` reference to one), or ``container = true`` (the
+    verdict of the image's own HEALTHCHECK, docker backend; used by default
+    when a container service has no probe and its image has a HEALTHCHECK).
 
     The first startup check runs right after launch; then the probe waits
     ``interval``, backing off exponentially, with jitter, up to
@@ -171,6 +176,7 @@ class Probe:
     command: tuple[str, ...] | None = field(default=None)
     log: str | None = field(default=None, validator=_regex)
     call: ProbeCallable | str | None = None
+    container: bool = False
     interval: float = field(default=0.01, validator=_positive)
     max_interval: float = field(default=0.02, validator=_positive)
     timeout: float = field(default=1.0, validator=_positive)
@@ -181,11 +187,11 @@ class Probe:
     liveness_interval: float = field(default=5.0, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
-        kinds = [k for k in ("tcp", "http", "command", "log", "call") if getattr(self, k)]
+        kinds = [k for k in _PROBE_KINDS if getattr(self, k)]
         if len(kinds) != 1:
             found = ", ".join(kinds) if kinds else "none"
             raise ValueError(
-                f"a probe needs exactly one of tcp, http, command, log, call (found: {found})"
+                f"a probe needs exactly one of {', '.join(_PROBE_KINDS)} (found: {found})"
             )
         if (self.status is not None or self.body is not None) and self.http is None:
             raise ValueError("status and body apply only to an http probe")
@@ -194,7 +200,7 @@ class Probe:
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("tcp", "http", "command", "log", "call") if getattr(self, k))
+        return next(k for k in _PROBE_KINDS if getattr(self, k))
 
 
 @frozen(kw_only=True)
@@ -347,7 +353,10 @@ class InfraSettings:
     survive power loss too, at a cost (see docs/scheduling.md). ``cpus``,
     ``memory_mb`` and ``gpus`` are the capacity that task classes draw on:
     detected when not set (``gpus`` from NVML, nvidia-smi, or
-    ``CUDA_VISIBLE_DEVICES``).
+    ``CUDA_VISIBLE_DEVICES``). ``compose`` names a Docker Compose file
+    (relative to the configuration file) whose services are read under the
+    ``[services]`` tables, so that a compose file can be reused as it is and
+    only what differs is written in TOML (see docs/compose.md).
     """
 
     backend: str = field(default="local", validator=_name)
@@ -367,6 +376,7 @@ class InfraSettings:
     gpus: tuple[int, ...] | None = field(default=None, validator=_gpu_ids)
     start_needed_services: bool = True
     worker_threads: int = field(default=16, validator=_at_least_one)
+    compose: Path | None = None
 
 
 def _default_classes() -> dict[str, TaskClass]:
