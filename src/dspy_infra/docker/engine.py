@@ -111,6 +111,9 @@ class Engine:
         self._watches: dict[str, _Watch] = {}
         self._network: str | None = None
         self._network_lock = anyio.Lock()
+        # (image id, path) of programs found in a container of that image: checking
+        # again costs a rootfs mount (~50 ms) on every launch of the same image.
+        self._programs: set[tuple[str, str]] = set()
         self._stack = AsyncExitStack()
 
     @property
@@ -276,8 +279,17 @@ class Engine:
             env = dict(item.partition("=")[::2] for item in variables)
             path = env.get("PATH") or _DEFAULT_PATH
             candidates = [f"{d.rstrip('/')}/{program}" for d in path.split(":") if d]
+        # Found once in an image, a program is there for every container of it,
+        # unless a mount may hide it (a task's own work dir never does).
+        targets = [b.split(":")[1] for b in (config.get("HostConfig") or {}).get("Binds") or ()]
+        image_id = str(image.get("Id"))
+        for candidate in candidates:
+            hidden = any(candidate.startswith(target.rstrip("/") + "/") for target in targets)
+            if (image_id, candidate) in self._programs and not hidden:
+                return
         for candidate in candidates:
             if await self._exists(created, candidate):
+                self._programs.add((image_id, candidate))
                 return
         raise ContainerError(f"cannot run {program!r}: not found in image {config['Image']!r}")
 
@@ -401,23 +413,46 @@ class Container:
             if data:
                 yield number, _decode(data)
 
-    async def chunks(self, *, tty: bool = True) -> AsyncGenerator[tuple[int, bytes], None]:
+    async def chunks(
+        self, *, tty: bool = True, follow: bool = True
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
         """``(stream, bytes)`` as the log delivers them, until the container ends.
 
         Lines may span chunks: for a reader that bounds lines itself (a
         task's result line may be longer than :meth:`output` keeps whole).
+        Without ``follow``, what the log holds now.
+
+        Docker (20.10 at least) may end a followed log without the last lines
+        written just before the exit. So once a followed log ends, the
+        container's whole log is read again, unfollowed, and what the
+        followed one missed is delivered too.
         """
         self._reading = True
+        seen = {1: 0, 2: 0}
         try:
-            async with self._engine.stream(
-                f"containers/{self.id}/logs", {"follow": "1", "stdout": "1", "stderr": "1"}
-            ) as response:
-                async for item in _frames(response, tty=tty):
-                    yield item
+            async with contextlib.aclosing(self._log(tty=tty, follow=follow)) as log:
+                async for number, chunk in log:
+                    seen[number] += len(chunk)
+                    yield number, chunk
+            if follow:
+                with anyio.move_on_after(_OUTPUT_DRAIN):
+                    await self.watch.exited.wait()
+                async with contextlib.aclosing(self._log(tty=tty, follow=False)) as log:
+                    async for number, chunk in log:
+                        skip = min(seen[number], len(chunk))
+                        seen[number] -= skip
+                        if chunk[skip:]:
+                            yield number, chunk[skip:]
         except aiodocker.DockerError:
-            return  # removed before we could follow it: nothing more to read
+            return  # removed before we could read it: nothing more to read
         finally:
             self._output_done.set()
+
+    async def _log(self, *, tty: bool, follow: bool) -> AsyncGenerator[tuple[int, bytes], None]:
+        params = {"follow": "1" if follow else "0", "stdout": "1", "stderr": "1"}
+        async with self._engine.stream(f"containers/{self.id}/logs", params) as response:
+            async for item in _frames(response, tty=tty):
+                yield item
 
     async def stop(self, grace: float) -> int:
         """SIGTERM, SIGKILL after ``grace``; then remove it. Idempotent."""

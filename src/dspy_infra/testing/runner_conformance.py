@@ -28,6 +28,8 @@ Slurm), as in-process functions, or both: see :class:`RunnerHandlers`.
 :func:`python_scenario_handlers` and :func:`inprocess_scenario_handlers` are
 ready-made sets; :data:`PYTHON_SCENARIOS` holds the scripts, for a runner that
 needs to put them somewhere else (an image, a cluster's shared disk).
+:func:`shell_scenario_handlers` plays them as shell scripts, inline in the
+command, for where there is no Python (a busybox image).
 """
 
 from __future__ import annotations
@@ -51,10 +53,12 @@ from dspy_infra.scheduling.tasks import TaskHandle, TaskState
 __all__ = [
     "PYTHON_SCENARIOS",
     "SCENARIOS",
+    "SHELL_SCENARIOS",
     "RunnerConformance",
     "RunnerHandlers",
     "inprocess_scenario_handlers",
     "python_scenario_handlers",
+    "shell_scenario_handlers",
 ]
 
 SCENARIOS = ("echo", "fail", "sleep", "flaky")
@@ -91,6 +95,43 @@ PYTHON_SCENARIOS: Mapping[str, str] = {
         if os.environ["DSPY_INFRA_ATTEMPT"] == "1":
             sys.exit("flaky: attempt 1 fails on purpose")
         print('"ok"')
+    """,
+}
+
+
+# The same scenarios in POSIX shell, with what busybox has (sed, date, sleep):
+# each script gets the payload file as $1 and the result file as $2. The
+# payloads are the suite's own, written by json.dumps, so sed can pick their
+# fields. No braces: a command's braces are placeholders. busybox's date has
+# whole seconds only, so ``started`` may be up to 1 s early there: a suite
+# using these scripts adds 1 to ``margin``.
+_STRING = r'''sed -n 's/.*"%s": *"\([^"]*\)".*/\1/p' "$1"'''
+_NUMBER = r'''sed -n 's/.*"%s": *\([0-9.eE+-]*\).*/\1/p' "$1"'''
+SHELL_SCENARIOS: Mapping[str, str] = {
+    "echo": """
+        cat "$1" > "$2"
+    """,
+    "fail": f"""
+        echo "about to fail"
+        {_STRING % "message"} >&2
+        exit 1
+    """,
+    "sleep": f"""
+        seconds=$({_NUMBER % "seconds"})
+        started=$({_STRING % "started"})
+        marker=$({_STRING % "marker"})
+        now=$(date +%s.%N)
+        case $now in *N) now=$(date +%s) ;; esac
+        echo "$now" > "$started"
+        sleep "$seconds"
+        echo "the work was not stopped" > "$marker"
+    """,
+    "flaky": """
+        if [ "$DSPY_INFRA_ATTEMPT" = 1 ]; then
+            echo "flaky: attempt 1 fails on purpose" >&2
+            exit 1
+        fi
+        echo '"ok"'
     """,
 }
 
@@ -133,6 +174,23 @@ def python_scenario_handlers(
         script = directory / f"{name}.py"
         script.write_text(textwrap.dedent(source))
         config[name] = {"command": [*interpreter, str(script), "{payload_file}", "{result_file}"]}
+    return RunnerHandlers(config=config)
+
+
+def shell_scenario_handlers(
+    shell: Sequence[str] = ("sh",), *, options: Mapping[str, Any] | None = None
+) -> RunnerHandlers:
+    """The scenarios as inline :data:`SHELL_SCENARIOS` scripts, run by ``shell -c``.
+
+    Nothing is written anywhere: the script is in the command, so it runs
+    wherever ``shell`` does (an image without Python). ``options`` are added
+    to each ``[handlers.NAME]`` table (an ``image``, ``volumes``...).
+    """
+    config = {}
+    for name, script in SHELL_SCENARIOS.items():
+        # $0 is the scenario's name, for the shell's own messages.
+        argv = [*shell, "-c", textwrap.dedent(script), name, "{payload_file}", "{result_file}"]
+        config[name] = {**(options or {}), "command": argv}
     return RunnerHandlers(config=config)
 
 

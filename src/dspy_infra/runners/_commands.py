@@ -1,0 +1,256 @@
+"""What the runners of ``[handlers.NAME]`` commands share: files, argv, environment, result.
+
+The process and docker runners make the same promise to a command
+(docs/runners.md): the payload in ``payload.json``, the result in
+``result.json`` or else the last line of stdout, the same placeholders and
+``DSPY_INFRA_*`` variables, the same errors. Keeping that here, once, is what
+keeps a handler portable from one runner to the other.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+from collections import deque
+from collections.abc import AsyncIterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from attrs import frozen
+
+from dspy_infra.abc import RunFailed, TaskRun
+from dspy_infra.config.model import HandlerConfig
+from dspy_infra.config.placeholders import PlaceholderError, substitute
+
+__all__ = [
+    "DRAIN_SECONDS",
+    "PLACEHOLDERS",
+    "STDERR_LINES",
+    "STDERR_LINE_BYTES",
+    "AttemptFiles",
+    "Tail",
+    "attempt_env",
+    "check_command",
+    "command_argv",
+    "outcome",
+    "prepare",
+    "read_result",
+]
+
+PLACEHOLDERS = ("payload_file", "result_file", "task_id", "attempt", "work_dir")
+# The grammar of dspy_infra.config.placeholders: ``{{`` and ``}}`` are literal braces.
+_KNOWN = ", ".join(f"{{{name}}}" for name in PLACEHOLDERS)
+STDERR_LINES = 20
+STDERR_LINE_BYTES = 1000
+# How long output is still read once the work has exited: what holds the
+# stream open after that (a child that escaped) is not waited for.
+DRAIN_SECONDS = 2.0
+_PAYLOAD_FILE = "payload.json"
+_RESULT_FILE = "result.json"
+
+
+@frozen(kw_only=True)
+class AttemptFiles:
+    """Where one attempt's files are, and the placeholder values that name them."""
+
+    work_dir: Path
+    payload_file: Path
+    result_file: Path
+    values: Mapping[str, str]
+
+    @classmethod
+    def of(cls, run: TaskRun) -> AttemptFiles:
+        # Absolute, so that the command finds its files from any cwd (and a
+        # container, which mounts the work dir at this same path).
+        work_dir = run.work_dir.absolute()
+        payload_file = work_dir / _PAYLOAD_FILE
+        result_file = work_dir / _RESULT_FILE
+        values = {
+            "payload_file": str(payload_file),
+            "result_file": str(result_file),
+            "task_id": run.task_id,
+            "attempt": str(run.attempt),
+            "work_dir": str(work_dir),
+        }
+        return cls(
+            work_dir=work_dir, payload_file=payload_file, result_file=result_file, values=values
+        )
+
+
+def check_command(name: str, handler: HandlerConfig) -> str | None:
+    """Why the command's placeholders cannot be filled in, or None: checked at submit."""
+    try:
+        _argv(handler, dict.fromkeys(PLACEHOLDERS, "x"))
+    except PlaceholderError as exc:
+        return f"[handlers.{name}] command: {exc}"
+    return None
+
+
+def command_argv(name: str, handler: HandlerConfig, values: Mapping[str, str]) -> list[str]:
+    """The handler's command with the attempt's values; a shell command runs as ``/bin/sh -c``."""
+    try:
+        return _argv(handler, values)
+    except PlaceholderError as exc:
+        raise RunFailed(f"[handlers.{name}] command: {exc}") from None
+
+
+def attempt_env(handler: HandlerConfig, run: TaskRun, values: Mapping[str, str]) -> dict[str, str]:
+    """What the attempt adds to its command's environment, later entries winning."""
+    return {
+        # Python handlers block-buffer a piped stdout; unbuffer unless told not to.
+        "PYTHONUNBUFFERED": "1",
+        **handler.env,
+        **run.env,
+        "DSPY_INFRA_TASK_ID": run.task_id,
+        "DSPY_INFRA_ATTEMPT": values["attempt"],
+        "DSPY_INFRA_PAYLOAD_FILE": values["payload_file"],
+        "DSPY_INFRA_RESULT_FILE": values["result_file"],
+        "DSPY_INFRA_WORK_DIR": values["work_dir"],
+    }
+
+
+def prepare(files: AttemptFiles, payload: Any) -> None:
+    """Create the work dir and write the payload (blocking: run it in a thread)."""
+    files.work_dir.mkdir(parents=True, exist_ok=True)
+    files.payload_file.write_text(json.dumps(payload))
+    # A retry reuses the work dir: an earlier attempt's result must not pass for this one's.
+    files.result_file.unlink(missing_ok=True)
+
+
+def read_result(result_file: Path) -> bytes | None:
+    """The result file's content, or None when the command wrote none (blocking)."""
+    try:
+        return result_file.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def outcome(code: int, raw: bytes | None, result_file: Path, stdout: Tail, stderr: Tail) -> Any:
+    """The attempt's result, or :class:`RunFailed` saying why there is none.
+
+    ``code`` is the exit code (``-N`` for signal N), ``raw`` the result file's
+    content (None when there is none), ``stdout`` the tail holding the last
+    line of stdout.
+    """
+    if code != 0:
+        raise RunFailed(_exit_message(code), exit_code=code, output=stderr.text())
+    if raw and raw.strip():
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise RunFailed(
+                f"the result file {str(result_file)!r} is not valid JSON ({exc})",
+                exit_code=0,
+                output=stderr.text(),
+            ) from None
+    last = stdout.last()
+    if last is None:
+        return None
+    line, cut = last
+    if cut:
+        raise RunFailed(
+            "the last line of stdout, taken as the result, is longer than "
+            "[infra] max_result_bytes; write large results to the result file",
+            exit_code=0,
+            output=stderr.text(),
+        )
+    try:
+        return json.loads(line)
+    except ValueError:
+        return line
+
+
+class Tail:
+    """The last non-empty lines of a stream, bounded in number and length.
+
+    A chatty or binary-spewing process then costs a fixed amount of memory;
+    a line longer than the bound keeps its head and is marked as cut.
+    """
+
+    def __init__(self, lines: int, max_bytes: int):
+        self._lines: deque[tuple[bytes, bool]] = deque(maxlen=lines)
+        self._max = max_bytes
+        self._pending = b""
+        self._cut = False  # the pending line already lost its end
+
+    async def pump(self, stream: AsyncIterable[bytes] | None) -> None:
+        if stream is None:
+            return
+        async for chunk in stream:
+            self.feed(chunk)
+        self.end()
+
+    def end(self) -> None:
+        self._add(self._pending, self._cut)
+        self._pending, self._cut = b"", False
+
+    def feed(self, chunk: bytes) -> None:
+        if b"\n" not in chunk:
+            if not self._cut:
+                self._pending += chunk
+                if len(self._pending) > self._max:
+                    self._pending = self._pending[: self._max]
+                    self._cut = True
+            return
+        *complete, rest = (self._pending + chunk).split(b"\n")
+        cut, self._cut = self._cut, False
+        for line in complete:
+            self._add(line, cut)
+            cut = False
+        self._pending = b""
+        self.feed(rest)
+
+    def _add(self, line: bytes, cut: bool) -> None:
+        line = line.rstrip(b"\r")
+        if not line.strip():
+            return
+        if len(line) > self._max:
+            line, cut = line[: self._max], True
+        self._lines.append((line, cut))
+
+    def last(self) -> tuple[str, bool] | None:
+        """The last line and whether it was cut."""
+        if not self._lines:
+            return None
+        line, cut = self._lines[-1]
+        return line.decode(errors="replace"), cut
+
+    def text(self) -> list[str]:
+        return [
+            line.decode(errors="replace") + (" [...]" if cut else "") for line, cut in self._lines
+        ]
+
+
+def _exit_message(code: int) -> str:
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = str(-code)
+    return f"killed by signal {name}"
+
+
+def _render(template: str, values: Mapping[str, str]) -> str:
+    def lookup(ref: str) -> str:
+        try:
+            return values[ref]
+        except KeyError:
+            raise PlaceholderError(f"unknown placeholder {{{ref}}} (known: {_KNOWN})") from None
+
+    return substitute(template, lookup)
+
+
+def _argv(handler: HandlerConfig, values: Mapping[str, str]) -> list[str]:
+    command = handler.command
+    assert command is not None
+    if not handler.shell:
+        assert not isinstance(command, str)
+        return [_render(part, values) for part in command]
+    if isinstance(command, str):
+        quoted = {name: shlex.quote(value) for name, value in values.items()}
+        script = _render(command, quoted)
+    else:
+        script = shlex.join(_render(part, values) for part in command)
+    return ["/bin/sh", "-c", script]

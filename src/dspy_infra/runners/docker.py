@@ -1,0 +1,209 @@
+"""The docker runner: each attempt is a ``[handlers.NAME]`` command in a container of its own.
+
+A handler keeps the process runner's contract (docs/runners.md), so that it
+moves between the two by changing its class: the attempt's work dir is
+mounted into the container *at the same path*, so ``{payload_file}``,
+``{result_file}`` and ``{work_dir}`` (and the ``DSPY_INFRA_*`` variables)
+name the same files inside as outside; the result is the result file, else
+the last line of stdout; a failure carries the exit code and the tail of
+stderr. The container joins the instance's network, where the docker
+backend's services answer by name.
+
+Containers are found and followed through the shared
+:class:`~dspy_infra.docker.engine.Engine`: its labels mark them as this
+owner's tasks (so that the next owner removes what a crash left,
+:meth:`DockerRunner.open`), its event stream tells when they exit, and
+their log, read once they have exited, holds stdout and stderr apart (no
+terminal). However an attempt ends, its container is removed before
+:meth:`DockerRunner.run` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import aclosing
+from typing import Any
+
+import aiodocker
+import anyio
+import anyio.to_thread
+
+from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
+from dspy_infra.config.model import HandlerConfig
+from dspy_infra.docker.engine import Container, ContainerError, Engine
+from dspy_infra.docker.spec import container_config
+from dspy_infra.runners._commands import (
+    STDERR_LINE_BYTES,
+    STDERR_LINES,
+    AttemptFiles,
+    Tail,
+    attempt_env,
+    check_command,
+    command_argv,
+    outcome,
+    prepare,
+    read_result,
+)
+
+__all__ = ["DockerRunner", "Runner"]
+
+log = logging.getLogger("dspy_infra")
+
+_STDOUT, _STDERR = 1, 2
+
+
+class DockerRunner:
+    """Task attempts as Docker containers, one each, removed when the attempt ends."""
+
+    def __init__(self) -> None:
+        self._context: RunnerContext | None = None
+        self._engine: Engine | None = None
+
+    @property
+    def name(self) -> str:
+        return "docker"
+
+    async def open(self, context: RunnerContext) -> list[str]:
+        engine = Engine(instance_id=context.instance_id, project=context.project)
+        # Entered here and left in close(), by the same task (the scheduler's
+        # own): the engine's task group follows the daemon's events, and an
+        # anyio task group must be left by the task that entered it.
+        await engine.__aenter__()
+        try:
+            swept = await engine.sweep()
+        except BaseException:
+            await engine.__aexit__(None, None, None)
+            raise
+        self._context, self._engine = context, engine
+        return swept
+
+    def validate(self, handler: str) -> str | None:
+        if self._context is None:
+            return "the docker runner is not open"
+        config = self._context.config.handlers.get(handler)
+        if config is None or config.image is None:
+            names = ", ".join(sorted(self._context.config.handlers)) or "none"
+            return (
+                f"no [handlers.{handler}] with an image in the configuration (configured: {names})"
+            )
+        # Without a command, the image's own ENTRYPOINT/CMD runs; whether it
+        # has one is known once the image is at hand, when the attempt starts.
+        return None if config.command is None else check_command(handler, config)
+
+    async def run(self, run: TaskRun) -> Any:
+        context, engine = self._context, self._engine
+        if context is None or engine is None:
+            raise RuntimeError("DockerRunner.run() before open()")
+        handler = run.handler_config or context.config.handlers.get(run.handler)
+        if handler is None or handler.image is None:
+            raise RunFailed(self.validate(run.handler) or f"no image for {run.handler!r}")
+        files = AttemptFiles.of(run)
+        command = None
+        if handler.command is not None:
+            command = command_argv(run.handler, handler, files.values)
+        await anyio.to_thread.run_sync(prepare, files, run.payload)
+
+        container = await _start(engine, run, handler, files, command)
+        stdout = Tail(1, context.config.infra.max_result_bytes)
+        stderr = Tail(STDERR_LINES, STDERR_LINE_BYTES)
+        try:
+            code = await _wait_and_read(container, stdout, stderr)
+            raw = None
+            if code == 0:
+                raw = await anyio.to_thread.run_sync(read_result, files.result_file)
+        finally:
+            # However the attempt ends (its exit, a cancel, a timeout, an
+            # error here), the container goes before the attempt counts as
+            # over: SIGTERM, SIGKILL after the class's grace, then removal;
+            # only the removal when it has exited already.
+            with anyio.CancelScope(shield=True):
+                await container.stop(run.class_config.cancel_grace)
+        return outcome(code, raw, files.result_file, stdout, stderr)
+
+    async def close(self) -> None:
+        self._context = None
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            await engine.__aexit__(None, None, None)
+
+
+Runner = DockerRunner
+
+
+async def _start(
+    engine: Engine,
+    run: TaskRun,
+    handler: HandlerConfig,
+    files: AttemptFiles,
+    command: Sequence[str] | None,
+) -> Container:
+    """The attempt's container, started; or RunFailed saying why there is none."""
+    assert handler.image is not None
+
+    def progress(line: str) -> None:
+        log.info("task %r: pulling %s", run.task_id, line)
+
+    try:
+        image = await engine.image(handler.image, pull=handler.pull, progress=progress)
+        config = container_config(
+            image=handler.image,
+            command=command,
+            entrypoint=handler.entrypoint,
+            env=_container_env(handler, run, files),
+            cwd=handler.cwd if handler.cwd is not None else str(files.work_dir),
+            labels=engine.labels("task", run.task_id),
+            # The same path inside: the placeholders' paths hold there too.
+            volumes=(f"{files.work_dir}:{files.work_dir}", *handler.volumes),
+            # 0 in a class means "no reservation", which as a limit is none.
+            cpus=run.class_config.cpus or None,
+            memory_mb=run.class_config.memory_mb or None,
+            gpu_ids=run.gpus,
+            network=await engine.network(),
+            # Without a terminal, stdout (the result line) and stderr (the
+            # error's tail) reach the log apart.
+            tty=False,
+        )
+        return await engine.run(config, image=image)
+    except ContainerError as exc:
+        raise RunFailed(_explain(exc.reason, run)) from None
+    except aiodocker.DockerError as exc:  # the instance network could not be made
+        raise RunFailed(f"Docker refused the task's network: {exc.message}") from None
+
+
+def _explain(reason: str, run: TaskRun) -> str:
+    if run.gpus and "device driver" in reason:
+        # Docker's words for "no GPU support here", which few would recognise.
+        return (
+            f"{reason}: the task was leased GPU(s) {', '.join(run.gpus)}, and Docker needs "
+            "the NVIDIA Container Toolkit to give them to a container"
+        )
+    return reason
+
+
+def _container_env(handler: HandlerConfig, run: TaskRun, files: AttemptFiles) -> dict[str, str]:
+    env = attempt_env(handler, run, files.values)
+    if run.gpus:
+        # The leased ids (say "2,5") are this machine's device numbers; the
+        # container is given exactly those devices (gpu_ids), and sees them
+        # renumbered from 0, in the same (PCI bus) order. CUDA inside must
+        # therefore be told 0..n-1, not the host's numbers.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(run.gpus)))
+    return env
+
+
+async def _wait_and_read(container: Container, stdout: Tail, stderr: Tail) -> int:
+    """Wait for the container to exit, then read its output into the tails; its exit code.
+
+    Read once it has exited rather than followed while it runs: Docker may
+    end a followed log without the last lines written before the exit (the
+    error's message, the result line), and the tails only keep the end.
+    """
+    code = await container.wait()
+    tails = {_STDOUT: stdout, _STDERR: stderr}
+    async with aclosing(container.chunks(tty=False, follow=False)) as chunks:
+        async for stream, chunk in chunks:
+            tails[stream].feed(chunk)
+    for tail in tails.values():
+        tail.end()
+    return code

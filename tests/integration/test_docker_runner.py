@@ -1,0 +1,272 @@
+"""Tasks in containers (``runner = "docker"``), against a real dockerd, through the public API.
+
+Each test has a project of its own, and ends by checking that no container
+(task or otherwise) and no network of that project is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import anyio
+import pytest
+
+from dspy_infra import AgentInfra
+from dspy_infra.docker.engine import Engine, Labels
+from dspy_infra.errors import InvalidTask, TaskCancelled, TaskFailed, TaskTimedOut
+from dspy_infra.scheduling.tasks import TaskHandle, TaskState
+
+pytestmark = pytest.mark.anyio
+
+SLEEPER = ["sh", "-c", "echo up > {work_dir}/started; sleep 60"]
+
+
+async def labelled(*labels: str) -> tuple[list[str], list[str]]:
+    """Ids of the containers and networks carrying all ``labels`` (``key=value``)."""
+    async with aiodocker.Docker() as docker:
+        containers = await docker.containers.list(
+            all=True, filters=json.dumps({"label": list(labels)})
+        )
+        networks = await docker.networks.list(filters={"label": list(labels)})
+    return [c.id for c in containers], [n["Id"] for n in networks]
+
+
+@pytest.fixture
+async def project(tmp_path: Path, busybox: str) -> AsyncIterator[str]:
+    """A project name of this test's own; no task container of it may be left at the end."""
+    name = f"t{tmp_path.name[-20:].replace('_', '-').strip('-')}"
+    yield name
+    project = f"{Labels.PROJECT}={name}"
+    assert await labelled(project, f"{Labels.KIND}=task") == ([], [])
+    assert await labelled(project) == ([], [])
+
+
+def start(
+    tmp_path: Path,
+    project: str,
+    handlers: dict[str, dict[str, Any]],
+    *,
+    infra: dict[str, Any] | None = None,
+    services: dict[str, Any] | None = None,
+    **task_class: Any,
+) -> AgentInfra:
+    """An instance with the class ``box`` running ``handlers`` in containers."""
+    return AgentInfra.start(
+        {
+            "infra": {"project": project, **(infra or {})},
+            "classes": {"box": {"runner": "docker", "max_concurrency": 4, **task_class}},
+            "handlers": handlers,
+            "services": services or {},
+        },
+        state_dir=tmp_path / "state",
+    )
+
+
+def box(busybox: str, command: list[str] | str, **fields: Any) -> dict[str, Any]:
+    """A ``[handlers.NAME]`` table running ``command`` in the busybox image."""
+    return {"image": busybox, "pull": "never", "command": command, **fields}
+
+
+async def submit(
+    infra: AgentInfra, handler: str, payload: Any = None, **options: Any
+) -> TaskHandle:
+    return await infra.submit_task(handler, payload, task_class="box", **options)
+
+
+async def wait_for(path: Path) -> None:
+    with anyio.fail_after(30):
+        while not await anyio.Path(path).exists():
+            await anyio.sleep(0.02)
+
+
+async def test_the_result_file_and_the_attempts_files_and_environment(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    # The work dir is mounted at the same path: the placeholders, the
+    # environment and the working directory all name the host's files.
+    script = (
+        'test "$(cat {payload_file})" = "$(cat $DSPY_INFRA_PAYLOAD_FILE)" || exit 9; '
+        'echo "[\\"$PWD\\", \\"$DSPY_INFRA_TASK_ID\\", \\"$DSPY_INFRA_ATTEMPT\\", '
+        '\\"$GREETING\\", $(cat {payload_file})]" > {result_file}'
+    )
+    handlers = {"env": box(busybox, ["sh", "-c", script], env={"GREETING": "hi ✓"})}
+    async with start(tmp_path, project, handlers) as infra:
+        handle = await submit(infra, "env", {"n": [1, 2.5]}, task_id="env-1")
+        result = await handle.result()
+    work_dir = str((tmp_path / "state" / "tasks" / "env-1").absolute())
+    assert result == [work_dir, "env-1", "1", "hi ✓", {"n": [1, 2.5]}]
+
+
+async def test_the_last_stdout_line_is_the_result_without_a_result_file(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    handlers = {
+        "json": box(busybox, "echo noise >&2; echo first; echo '{{\"n\": 42}}'; echo", shell=True),
+        "words": box(busybox, ["echo", "plain words"]),
+        # Longer than a chunk of Docker's log stream, and than a line it keeps whole.
+        "long": box(busybox, "head -c 100000 /dev/zero | tr '\\0' a; echo", shell=True),
+        "silent": box(busybox, ["true"]),
+    }
+    async with start(tmp_path, project, handlers) as infra:
+        handles = {name: await submit(infra, name) for name in handlers}
+        assert await handles["json"].result() == {"n": 42}
+        assert await handles["words"].result() == "plain words"
+        assert await handles["long"].result() == "a" * 100_000
+        assert await handles["silent"].result() is None
+
+
+async def test_a_failure_names_the_exit_code_and_shows_the_end_of_stderr(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    script = "echo out; for i in $(seq 1 30); do echo line $i >&2; done; exit 3"
+    async with start(tmp_path, project, {"boom": box(busybox, ["sh", "-c", script])}) as infra:
+        handle = await submit(infra, "boom")
+        with pytest.raises(TaskFailed) as caught:
+            await handle.result()
+    error = caught.value.error
+    assert "exited with code 3" in error
+    assert "line 30" in error
+    assert "line 11" in error
+    assert "line 10\n" not in error  # the last 20 lines only
+    assert "out" not in error.split("last output lines:")[1]  # stderr, not stdout
+
+
+async def test_cancel_stops_the_container_promptly(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    # A long grace: the container must go on SIGTERM, not wait for SIGKILL.
+    async with start(
+        tmp_path, project, {"sleep": box(busybox, SLEEPER)}, cancel_grace=30.0
+    ) as infra:
+        handle = await submit(infra, "sleep", task_id="sleeper")
+        await wait_for(tmp_path / "state" / "tasks" / "sleeper" / "started")
+        began = time.monotonic()
+        await infra.cancel_task(handle.task_id)
+        with pytest.raises(TaskCancelled):
+            await handle.result()
+        assert time.monotonic() - began < 5
+        assert (await handle.wait()).state is TaskState.CANCELLED
+        # Gone already, not only once the instance closes.
+        assert await labelled(f"{Labels.PROJECT}={project}", f"{Labels.KIND}=task") == ([], [])
+
+
+async def test_a_container_that_ignores_sigterm_is_killed_after_the_grace(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    stubborn = ["sh", "-c", "trap '' TERM; echo up > {work_dir}/started; sleep 60 & wait"]
+    async with start(
+        tmp_path, project, {"stubborn": box(busybox, stubborn)}, cancel_grace=0.5
+    ) as infra:
+        handle = await submit(infra, "stubborn", task_id="stubborn")
+        await wait_for(tmp_path / "state" / "tasks" / "stubborn" / "started")
+        began = time.monotonic()
+        await infra.cancel_task(handle.task_id)
+        with pytest.raises(TaskCancelled):
+            await handle.result()
+        assert 0.5 <= time.monotonic() - began < 10
+
+
+async def test_a_timeout_stops_the_container(tmp_path: Path, project: str, busybox: str) -> None:
+    async with start(
+        tmp_path, project, {"sleep": box(busybox, SLEEPER)}, cancel_grace=1.0
+    ) as infra:
+        began = time.monotonic()
+        handle = await submit(infra, "sleep", timeout=1.5)
+        with pytest.raises(TaskTimedOut):
+            await handle.result()
+        assert time.monotonic() - began < 10
+        assert await labelled(f"{Labels.PROJECT}={project}", f"{Labels.KIND}=task") == ([], [])
+
+
+@pytest.mark.parametrize("pull", ["never", "missing"])
+async def test_an_unknown_image_fails_the_task_naming_it(
+    tmp_path: Path, project: str, busybox: str, pull: str
+) -> None:
+    image = "local/no-such-image:404"
+    handlers = {"ghost": {"image": image, "pull": pull, "command": ["true"]}}
+    async with start(tmp_path, project, handlers) as infra:
+        handle = await submit(infra, "ghost")
+        with pytest.raises(TaskFailed, match="local/no-such-image:404"):
+            await handle.result()
+
+
+async def test_a_program_missing_from_the_image_fails_the_task(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    async with start(tmp_path, project, {"py": box(busybox, ["python3", "-V"])}) as infra:
+        handle = await submit(infra, "py")
+        with pytest.raises(TaskFailed, match="cannot run 'python3'"):
+            await handle.result()
+
+
+async def test_a_handler_without_an_image_is_refused_at_submit(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    handlers = {"bare": {"command": ["true"]}, "typo": box(busybox, ["cat", "{payload}"])}
+    async with start(tmp_path, project, handlers) as infra:
+        with pytest.raises(InvalidTask, match=r"no \[handlers.bare\] with an image"):
+            await submit(infra, "bare")
+        with pytest.raises(InvalidTask, match=r"unknown placeholder \{payload\}"):
+            await submit(infra, "typo")
+
+
+async def test_a_task_reaches_a_docker_service_by_name(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    web = {
+        "image": busybox,
+        "command": "mkdir /www && echo served > /www/index.html && httpd -f -p {port} -h /www",
+        "shell": True,
+        "ports": {"main": 0},
+        "health": {"http": "http://127.0.0.1:{port}/"},
+    }
+    fetch = box(busybox, 'wget -qO- "http://web:$(cat {payload_file})/"', shell=True)
+    async with start(
+        tmp_path, project, {"fetch": fetch}, infra={"backend": "docker"}, services={"web": web}
+    ) as infra:
+        port = (await infra.services.status())["web"].ports["main"]
+        handle = await submit(infra, "fetch", port, needs=["web"])
+        assert await handle.result() == "served"
+
+
+async def test_gpus_are_requested_and_renumbered_from_zero(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    # Leased device 1 is the container's device 0. Without GPU support in
+    # Docker, the container cannot be made, and the task fails with why.
+    handlers = {"gpu": box(busybox, ["sh", "-c", 'echo "\\"$CUDA_VISIBLE_DEVICES\\""'])}
+    async with start(tmp_path, project, handlers, infra={"gpus": [0, 1]}, gpus=1) as infra:
+        status = await (await submit(infra, "gpu")).wait()
+    if status.state is TaskState.SUCCEEDED:
+        assert status.result == "0"
+    else:
+        assert status.error is not None
+        assert "gpu" in status.error.lower()
+
+
+async def test_leftovers_of_a_dead_owner_are_removed_at_start(
+    tmp_path: Path, project: str, busybox: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A task container of this project whose owner (a pid that is not
+    # running) cannot clean up any more: the next instance removes it.
+    labels = Engine(instance_id="dead", project=project).labels("task", "orphan-7")
+    labels[Labels.OWNER_PID] = "999999999"
+    async with aiodocker.Docker() as docker:
+        orphan = await docker.containers.run(
+            {"Image": busybox, "Cmd": ["sleep", "600"], "Labels": labels}
+        )
+        try:
+            caplog.set_level(logging.WARNING, logger="dspy_infra")
+            async with start(tmp_path, project, {"noop": box(busybox, ["true"])}):
+                assert await labelled(f"{Labels.PROJECT}={project}") == ([], [])
+            assert f"task orphan-7 (container {orphan.id[:12]}" in caplog.text
+        finally:
+            with contextlib.suppress(aiodocker.DockerError):  # removed already, unless it failed
+                await orphan.delete(force=True)
