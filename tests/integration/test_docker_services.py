@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import anyio
 import pytest
 
 from dspy_infra import AgentInfra, BackendUnavailable, ServiceStartError, ServiceState
+from dspy_infra._procfs import start_time
 from dspy_infra.docker import build_image
 
 pytestmark = pytest.mark.anyio
@@ -209,3 +211,28 @@ services:
         with anyio.fail_after(10):
             while "kv" not in [line async for line in infra.services.logs("api")]:
                 await anyio.sleep(0.05)
+
+
+async def test_containers_it_did_not_create_are_never_touched(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    # One without our labels, one of this project whose owner (this test) is alive.
+    alive = {
+        "dspy-infra.project": project,
+        "dspy-infra.owner-host": socket.gethostname(),
+        "dspy-infra.owner-pid": str(os.getpid()),
+        "dspy-infra.owner-start": str(start_time(os.getpid())),
+    }
+    async with aiodocker.Docker() as docker:
+        foreign = [
+            await docker.containers.create({"Image": busybox, "Cmd": ["true"], "Labels": labels})
+            for labels in ({}, alive)
+        ]
+        try:
+            async with start(tmp_path, project, {"kv": web(busybox)}):
+                pass
+            for container in foreign:
+                assert (await container.show())["Id"] == container.id
+        finally:
+            for container in foreign:
+                await container.delete(force=True)
