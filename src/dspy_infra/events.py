@@ -136,8 +136,9 @@ class EventBus:
         building ones that nobody reads; those it skips are not in the
         history either.
         """
-        wanted = self._wanted
-        return bool(wanted[None] or wanted[event_type])
+        # dict.get: Counter's [] on a missing key goes through __missing__.
+        get = self._wanted.get
+        return bool(get(None) or get(event_type))
 
     def close(self) -> None:
         """End every subscription once its buffered events are read."""

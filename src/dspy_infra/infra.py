@@ -290,7 +290,8 @@ class AgentInfra:
         :meth:`stream_task_results`.
         """
         needs = (needs,) if isinstance(needs, str) else tuple(needs)
-        task_ids = await self._tasks.submit_many(
+        tasks = self._tasks
+        task_ids = await tasks.submit_many(
             TaskRequest(
                 handler=handler,
                 payload=payload,
@@ -304,7 +305,8 @@ class AgentInfra:
             )
             for payload in payloads
         )
-        return [TaskHandle(task_id, scheduler=self._tasks) for task_id in task_ids]
+        self._check_open()  # as each handle's look-up of the scheduler did
+        return [TaskHandle(task_id, scheduler=tasks) for task_id in task_ids]
 
     async def get_task_status(self, task_id: str) -> TaskStatus:
         """The task's current status; :class:`~dspy_infra.errors.UnknownTask` if there is none."""

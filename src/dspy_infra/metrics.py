@@ -3,15 +3,20 @@
 Each instance owns its registry, so that two instances in one process (or a
 test's instances) never share counters. Values that the scheduler already
 knows at any moment (queue depths, limits, GPUs in use) are read when
-scraped, not updated per task; per-task counters and histograms use label
-children bound once per class, which keeps them off the hot path's profile.
+scraped, not updated per task. The per-task counters and histograms are plain
+numbers per class (an increment, or a bucket found by bisection: a fraction
+of what a ``prometheus_client`` child costs with its lock), turned into
+metric families by a collector of this registry when it is scraped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
 
 __all__ = ["ClassMetrics", "Metrics"]
@@ -21,19 +26,95 @@ PREFIX = "dspy_infra_"
 _BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600, 14400)
 
 
+_STATUSES = ("succeeded", "failed", "cancelled", "timed_out", "lost")
+
+
+class Count:
+    """A counter without labels of its own: ``value`` may also be added to directly."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class Observations:
+    """A histogram's buckets (not cumulative; the last one is +Inf) and sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, amount: float) -> None:
+        # As prometheus_client: the first bucket whose bound is >= amount.
+        self.counts[bisect_left(_BUCKETS, amount)] += 1
+        self.total += amount
+
+
 class ClassMetrics:
-    """The per-task metrics of one task class, with their labels bound."""
+    """The per-task metrics of one task class."""
 
-    __slots__ = ("duration", "finished", "submitted", "wait")
+    __slots__ = ("created", "duration", "finished", "submitted", "wait")
 
-    def __init__(self, metrics: Metrics, task_class: str):
-        self.submitted = metrics.tasks_submitted.labels(task_class)
-        self.wait = metrics.task_wait.labels(task_class)
-        self.duration = metrics.task_duration.labels(task_class)
-        self.finished = {
-            status: metrics.tasks_finished.labels(task_class, status)
-            for status in ("succeeded", "failed", "cancelled", "timed_out", "lost")
-        }
+    def __init__(self) -> None:
+        self.created = time.time()
+        self.submitted = Count()
+        self.wait = Observations()
+        self.duration = Observations()
+        self.finished = {status: Count() for status in _STATUSES}
+
+
+class _TaskCollector:
+    """Reports every class's per-task metrics when the registry is scraped."""
+
+    def __init__(self, classes: dict[str, ClassMetrics]):
+        self._classes = classes
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(dict(self._classes))
+
+    @staticmethod
+    def _families(classes: dict[str, ClassMetrics]) -> Iterator[Metric]:
+        submitted = CounterMetricFamily(
+            f"{PREFIX}tasks_submitted", "Tasks stored", labels=["task_class"]
+        )
+        finished = CounterMetricFamily(
+            f"{PREFIX}tasks_finished",
+            "Tasks that reached a final state",
+            labels=["task_class", "status"],
+        )
+        wait = HistogramMetricFamily(
+            f"{PREFIX}task_wait_seconds",
+            "Time from submit to the first start",
+            labels=["task_class"],
+        )
+        duration = HistogramMetricFamily(
+            f"{PREFIX}task_duration_seconds", "Run time of one attempt", labels=["task_class"]
+        )
+        for name, m in classes.items():
+            submitted.add_metric([name], float(m.submitted.value), created=m.created)
+            for status, finished_count in m.finished.items():
+                finished.add_metric([name, status], float(finished_count.value), created=m.created)
+            for family, observed in ((wait, m.wait), (duration, m.duration)):
+                cumulative, buckets = 0, []
+                for bound, count in zip(_BOUNDS, observed.counts, strict=True):
+                    cumulative += count
+                    buckets.append((bound, float(cumulative)))
+                family.add_metric([name], buckets, observed.total)
+                family.add_sample(f"{family.name}_created", {"task_class": name}, m.created)
+        yield from (submitted, finished, wait, duration)
+
+
+# As prometheus_client writes them (its floatToGoString, for these values).
+_BOUNDS = (*(repr(float(b)) for b in _BUCKETS), "+Inf")
 
 
 class Metrics:
@@ -42,29 +123,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.tasks_submitted = Counter(
-            f"{PREFIX}tasks_submitted", "Tasks stored", ["task_class"], registry=r
-        )
-        self.tasks_finished = Counter(
-            f"{PREFIX}tasks_finished",
-            "Tasks that reached a final state",
-            ["task_class", "status"],
-            registry=r,
-        )
-        self.task_wait = Histogram(
-            f"{PREFIX}task_wait_seconds",
-            "Time from submit to the first start",
-            ["task_class"],
-            buckets=_BUCKETS,
-            registry=r,
-        )
-        self.task_duration = Histogram(
-            f"{PREFIX}task_duration_seconds",
-            "Run time of one attempt",
-            ["task_class"],
-            buckets=_BUCKETS,
-            registry=r,
-        )
+        self._classes: dict[str, ClassMetrics] = {}
+        # tasks_submitted, tasks_finished, task_wait_seconds, task_duration_seconds
+        r.register(_TaskCollector(self._classes))
         self.task_queue_depth = Gauge(
             f"{PREFIX}task_queue_depth", "Tasks queued, by class", ["task_class"], registry=r
         )
@@ -79,12 +140,11 @@ class Metrics:
         self.events_dropped = Counter(
             f"{PREFIX}events_dropped", "Events a slow subscriber did not receive", registry=r
         )
-        self._classes: dict[str, ClassMetrics] = {}
 
     def task_class(self, name: str) -> ClassMetrics:
         found = self._classes.get(name)
         if found is None:
-            found = self._classes[name] = ClassMetrics(self, name)
+            found = self._classes[name] = ClassMetrics()
         return found
 
     @staticmethod

@@ -115,15 +115,19 @@ class ResourcePool:
         cpus, memory_mb, gpus = need
         self.used_cpus += cpus
         self.used_memory_mb += memory_mb
+        if not gpus:
+            return ()
         leased = tuple(self.free_gpus[:gpus])
         del self.free_gpus[:gpus]
         return leased
 
     def release(self, need: Need, gpus: tuple[str, ...]) -> None:
         cpus, memory_mb, _ = need
-        self.used_cpus = max(0.0, self.used_cpus - cpus)
-        if math.isclose(self.used_cpus, 0.0, abs_tol=1e-9):
-            self.used_cpus = 0.0
+        if cpus:
+            self.used_cpus = max(0.0, self.used_cpus - cpus)
+            if math.isclose(self.used_cpus, 0.0, abs_tol=1e-9):
+                self.used_cpus = 0.0
         self.used_memory_mb -= memory_mb
-        # Returned in device order, so that leases stay predictable.
-        self.free_gpus = sorted([*self.free_gpus, *gpus], key=self.gpus.index)
+        if gpus:
+            # Returned in device order, so that leases stay predictable.
+            self.free_gpus = sorted([*self.free_gpus, *gpus], key=self.gpus.index)

@@ -72,7 +72,9 @@ _REMOTE_RUNNERS = frozenset({"slurm"})
 _RECENT = 10_000
 _MAX_TASK_ID = 200
 _TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
-_RUNS_PER_CHECKPOINT = 32
+_RUNS_PER_CHECKPOINT = 8
+# Distinct request shapes whose checks are remembered (see _record).
+_CHECKED = 256
 _SERVICE_READY_EVENTS = frozenset({"service_started", "service_healthy", "service_completed"})
 _SERVICE_DOWN_EVENTS = frozenset({"service_failed"})
 
@@ -102,6 +104,7 @@ class _Class:
         "runner",
         "running",
         "unavailable",
+        "waking",
         "workers",
     )
 
@@ -120,12 +123,20 @@ class _Class:
         # Attempts whose start is committed wait here for a worker. Workers
         # are long-lived and take the next one as soon as they are free, with
         # no trip through the event loop while there is work; an idle one
-        # waits on its own event (in ``idle``) so that one attempt wakes one
-        # worker. Spawning a task per attempt costs several times more.
+        # waits on its own event (in ``idle``). One idle worker at a time is
+        # woken (``waking``); it wakes the next only if work is left once it
+        # has taken its own. Attempts that never wait (no-op handlers) are
+        # then run back to back by one worker instead of one wake-up each,
+        # and attempts that do wait still get a worker each, one step apart.
+        # Spawning a task per attempt costs several times more.
         self.ready: deque[TaskRecord] = deque()
         self.idle: list[anyio.Event] = []
+        self.waking = False
         self.workers = 0
 
+
+# A request's checked values: its class, priority, needs, max_attempts, timeout, need.
+_Checked = tuple[_Class, int, tuple[str, ...], int, float | None, Need]
 
 # Error messages are stored with the task: long enough for a traceback's
 # last lines, short enough that a handler raising a huge message cannot bloat
@@ -176,6 +187,7 @@ class LocalScheduler:
             for name, cls in config.classes.items()
         }
         self._live: dict[str, TaskRecord] = {}
+        self._checked: dict[tuple[Any, ...], _Checked] = {}
         self._recent: OrderedDict[str, TaskRecord] = OrderedDict()
         self._waiting: set[TaskRecord] = set()
         self._timers: list[tuple[float, int, Literal["retry", "expire"], TaskRecord]] = []
@@ -372,25 +384,38 @@ class LocalScheduler:
                 for record in records:
                     self._live.pop(record.task_id, None)
                 raise
-        for record in records:
-            record.committed = None
-            self._classes[record.task_class].metrics.submitted.inc()
-            self._publish(record, TaskState.QUEUED)
-            if record.cancel_requested:
-                self._finish(record, TaskState.CANCELLED, None, "cancelled before it started")
-            elif record.task_class in self._classes:
-                self._queued(record)
+        self._accepted(records)
         for task_id in task_ids:  # those submitted by a concurrent call: wait for their commit
             other = self._live.get(task_id)
             if other is not None and other.committed is not None:
                 await other.committed.wait()
         return task_ids
 
-    def _queued(self, record: TaskRecord) -> None:
+    def _accepted(self, records: list[TaskRecord]) -> None:
+        """Their inserts are committed: queue them."""
+        publish = self._bus.wanted(TaskEvent.TYPES[TaskState.QUEUED])
+        queued: dict[str, _Class] = {}
+        for record in records:
+            record.committed = None
+            cls = self._classes[record.task_class]
+            cls.metrics.submitted.value += 1
+            if publish:
+                self._publish(record, TaskState.QUEUED)
+            if record.cancel_requested:
+                self._finish(record, TaskState.CANCELLED, None, "cancelled before it started")
+            else:
+                # Dispatched once all are queued: the best of them first.
+                self._queued(record, dispatch=False)
+                queued[cls.name] = cls
+        if self._open:
+            for cls in queued.values():
+                self._dispatch_class(cls)
+
+    def _queued(self, record: TaskRecord, *, dispatch: bool = True) -> None:
         queue_timeout = self._classes[record.task_class].config.queue_timeout
         if queue_timeout is not None:
             self._expire(record, queue_timeout)
-        self._enqueue(record)
+        self._enqueue(record, dispatch=dispatch)
 
     async def status(self, task_id: str) -> TaskStatus:
         record = self._live.get(task_id) or self._recent.get(task_id)
@@ -505,10 +530,65 @@ class LocalScheduler:
 
     def _record(self, request: TaskRequest) -> TaskRecord:
         """Check everything about the request; the record to store, or InvalidTask."""
-        task_id = request.task_id if request.task_id is not None else os.urandom(16).hex()
-        bad = _task_id_error(task_id)
-        if bad:
+        task_id = request.task_id
+        if task_id is None:
+            # 32 hex digits, valid by construction: the time in ms, then 80
+            # random bits. Ids of tasks submitted together sort together, so
+            # the store's index on them is written and read in order, not at
+            # random pages (which cost SQLite a fifth to a third more time
+            # per task with 100k tasks stored).
+            task_id = f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+        elif bad := _task_id_error(task_id):
             raise InvalidTask(str(task_id), bad)
+        # Everything but the id, the payload and the workflow was checked
+        # already for an earlier request with the same values (of the same
+        # types: True == 1, but True is no priority); those are checked here.
+        key = _shape_key(request)
+        if key is None or (checked := self._checked.get(key)) is None:
+            checked = self._check(task_id, request)
+            if key is not None:
+                if len(self._checked) >= _CHECKED:
+                    self._checked.clear()
+                self._checked[key] = checked
+        else:
+            workflow_id = request.workflow_id
+            if workflow_id is not None and (
+                not isinstance(workflow_id, str) or len(workflow_id) > _MAX_TASK_ID
+            ):
+                # The message _shape_error gives: the checks before it passed.
+                raise InvalidTask(task_id, f"task {task_id!r} refused: {_shape_error(request)}")
+        cls, priority, needs, max_attempts, timeout, need = checked
+        try:
+            payload = dumps(request.payload)
+        except (TypeError, ValueError) as exc:
+            raise InvalidTask(
+                task_id, f"task {task_id!r} refused: the payload is not JSON-compatible ({exc})"
+            ) from None
+        # ASCII (dumps escapes the rest), so its length is its size in bytes.
+        size = len(payload)
+        if size > self._settings.max_payload_bytes:
+            raise InvalidTask(
+                task_id,
+                f"task {task_id!r} refused: the payload is {size} bytes as JSON, over the limit "
+                f"of {self._settings.max_payload_bytes} (infra.max_payload_bytes)",
+            )
+        return TaskRecord(
+            task_id=task_id,
+            handler=request.handler,
+            task_class=cls.name,
+            priority=priority,
+            payload=payload,
+            needs=needs,
+            workflow_id=request.workflow_id,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            need=need,
+            submitted_at=time.time(),
+            seq=next(self._seq),
+        )
+
+    def _check(self, task_id: str, request: TaskRequest) -> _Checked:
+        """Check all but the payload: what the record is made of, or InvalidTask."""
 
         def invalid(message: str) -> InvalidTask:
             return InvalidTask(task_id, f"task {task_id!r} refused: {message}")
@@ -544,29 +624,13 @@ class LocalScheduler:
             raise invalid(problem)
         if cls.local and (problem := self._pool.capacity_error(need)):
             raise invalid(problem)
-        try:
-            payload = dumps(request.payload)
-        except (TypeError, ValueError) as exc:
-            raise invalid(f"the payload is not JSON-compatible ({exc})") from None
-        size = len(payload.encode())
-        if size > self._settings.max_payload_bytes:
-            raise invalid(
-                f"the payload is {size} bytes as JSON, over the limit of "
-                f"{self._settings.max_payload_bytes} (infra.max_payload_bytes)"
-            )
-        return TaskRecord(
-            task_id=task_id,
-            handler=request.handler,
-            task_class=request.task_class,
-            priority=priority,
-            payload=payload,
-            needs=tuple(request.needs),
-            workflow_id=request.workflow_id,
-            max_attempts=max_attempts,
-            timeout=float(timeout) if timeout is not None else None,
-            need=need,
-            submitted_at=time.time(),
-            seq=next(self._seq),
+        return (
+            cls,
+            priority,
+            tuple(request.needs),
+            max_attempts,
+            float(timeout) if timeout is not None else None,
+            need,
         )
 
     @staticmethod
@@ -594,11 +658,11 @@ class LocalScheduler:
         if self._open:
             self._dispatch()
 
-    def _enqueue(self, record: TaskRecord) -> None:
+    def _enqueue(self, record: TaskRecord, *, dispatch: bool = True) -> None:
         record.state = TaskState.QUEUED
         cls = self._classes[record.task_class]
         cls.queue.push(record)
-        if self._open:
+        if dispatch and self._open:
             self._dispatch_class(cls)
 
     def _delay(self, record: TaskRecord, seconds: float) -> None:
@@ -616,7 +680,8 @@ class LocalScheduler:
 
     def _dispatch(self) -> None:
         for cls in self._classes.values():
-            self._dispatch_class(cls)
+            if len(cls.queue):
+                self._dispatch_class(cls)
 
     def _dispatch_class(self, cls: _Class) -> None:
         queue = cls.queue
@@ -647,71 +712,116 @@ class LocalScheduler:
         # committed: a crash from here on finds it counted.
         self._journal.write(
             ("start", (record.attempts, record.started_at, record.task_id)),
-            then=functools.partial(self._hand_over, cls, record),
+            self._hand_over,
+            record,
         )
         if cls.workers < cls.running:
             cls.workers += 1
             self._runs.start_soon(self._worker, cls)
 
-    def _hand_over(self, cls: _Class, record: TaskRecord) -> None:
+    def _hand_over(self, record: TaskRecord) -> None:
+        cls = self._classes[record.task_class]
         if not self._open:
             self._interrupted(cls, record)  # committed while closing: never ran
             return
         cls.ready.append(record)
-        if cls.idle:
+        if cls.idle and not cls.waking:
+            cls.waking = True
             cls.idle.pop().set()
 
     async def _worker(self, cls: _Class) -> None:
+        # The attempt in hand, and when it started: (record, monotonic time).
+        current: list[tuple[TaskRecord, float]] = []
+        while True:
+            # One cancel scope serves the attempts of this worker until one
+            # of them is cut short (cancel_task() cancels it, a timeout is its
+            # deadline while that attempt runs): a scope per attempt costs
+            # more than the rest of a no-op attempt's run.
+            try:
+                with anyio.CancelScope() as scope:
+                    await self._attempts(cls, scope, current)
+            except BaseException:
+                # Not this scope's own cancellation: the scheduler is closing.
+                if current:
+                    record, _ = current.pop()
+                    self._interrupted(cls, record)
+                    self._dispatch_after(cls, record)
+                raise
+            if current:  # cut short while it waited: the scope took its cancellation
+                record, started = current.pop()
+                self._ended(cls, record, started, self._cut_short(record))
+
+    async def _attempts(
+        self, cls: _Class, scope: anyio.CancelScope, current: list[tuple[TaskRecord, float]]
+    ) -> None:
+        """Run attempts as they become ready; return once ``scope`` was cancelled."""
         ready = cls.ready
+        idle = cls.idle
         while True:
             for _ in range(_RUNS_PER_CHECKPOINT):
                 if not ready:
                     break
-                await self._run(cls, ready.popleft())
+                record = ready.popleft()
+                if ready and idle and not cls.waking:
+                    # More is ready: another worker takes it if this attempt waits.
+                    cls.waking = True
+                    idle.pop().set()
+                started = time.monotonic()
+                current.append((record, started))
+                outcome = await self._attempt(cls, record, scope)
+                current.pop()
+                if scope.cancel_called:
+                    # Cut short, yet it returned: a sync handler's thread cannot
+                    # be interrupted, so its late result is not taken either.
+                    self._ended(cls, record, started, self._cut_short(record))
+                    return
+                self._ended(cls, record, started, outcome)
             else:
                 # Attempts that never await (no-op handlers) would otherwise
                 # keep this worker from ever letting others run.
                 await anyio.lowlevel.checkpoint()
                 continue
             wake = anyio.Event()
-            cls.idle.append(wake)
+            idle.append(wake)
             await wake.wait()
+            cls.waking = False
 
     # -- running an attempt ---------------------------------------------------
 
-    async def _run(self, cls: _Class, record: TaskRecord) -> None:
-        started = time.monotonic()
-        ended = False
-        try:
-            state, result, error = await self._attempt(cls, record)
-            ended = True
-        finally:
-            if not ended:
-                self._interrupted(cls, record)
-            else:
-                self._release(cls, record)
-            if self._open:
-                # Its own class first; the others only if it held resources
-                # they may have been waiting for.
-                self._dispatch_class(cls)
-                if cls.local and any(record.need):
-                    self._dispatch()
+    def _ended(
+        self,
+        cls: _Class,
+        record: TaskRecord,
+        started: float,
+        outcome: tuple[TaskState, str | None, str | None],
+    ) -> None:
+        state, result, error = outcome
+        self._release(cls, record)
+        self._dispatch_after(cls, record)
         latency = time.monotonic() - started
         cls.metrics.duration.observe(latency)
         if state is not TaskState.CANCELLED:  # a cut-short run says nothing about load
             cls.limit.on_sample(
                 latency=latency,
                 inflight=cls.running + 1,
-                dropped=state in (TaskState.FAILED, TaskState.TIMED_OUT),
+                dropped=state is TaskState.FAILED or state is TaskState.TIMED_OUT,
             )
         if (
-            state in (TaskState.FAILED, TaskState.TIMED_OUT)
+            (state is TaskState.FAILED or state is TaskState.TIMED_OUT)
             and record.attempts < record.max_attempts
             and not record.cancel_requested
         ):
             self._retry(cls, record, error)
         else:
             self._finish(record, state, result, error)
+
+    def _dispatch_after(self, cls: _Class, record: TaskRecord) -> None:
+        if self._open:
+            # Its own class first; the others only if it held resources
+            # they may have been waiting for.
+            self._dispatch_class(cls)
+            if cls.local and any(record.need):
+                self._dispatch()
 
     def _release(self, cls: _Class, record: TaskRecord) -> None:
         cls.running -= 1
@@ -728,46 +838,59 @@ class LocalScheduler:
         self._journal.write(("requeue", (record.attempts, None, record.error, record.task_id)))
 
     async def _attempt(
-        self, cls: _Class, record: TaskRecord
+        self, cls: _Class, record: TaskRecord, scope: anyio.CancelScope
     ) -> tuple[TaskState, str | None, str | None]:
+        """Run one attempt in the worker's ``scope``; its outcome, unless it is cut short."""
         assert cls.runner is not None
         if record.cancel_requested:
             return TaskState.CANCELLED, None, "cancelled before it started"
         timeout = record.timeout
-        # One scope for both ways an attempt is cut short: its deadline is the
-        # timeout, and cancel_task() cancels it.
-        deadline = math.inf if timeout is None else anyio.current_time() + timeout
-        with anyio.CancelScope(deadline=deadline) as scope:
-            record.scope = scope
+        if timeout is not None:
+            scope.deadline = anyio.current_time() + timeout
+        # cancel_task() cancels the scope while it is the record's.
+        record.scope = scope
+        if self._bus.wanted("task_started"):
             self._publish(record, TaskState.RUNNING)
-            run = TaskRun(
-                task_id=record.task_id,
-                handler=record.handler,
-                payload=json.loads(record.payload),
-                attempt=record.attempts,
-                task_class=record.task_class,
-                class_config=cls.config,
-                handler_config=self.config.handlers.get(record.handler),
-                gpus=record.gpus,
-                env=_gpu_env(record.gpus) if record.gpus else {},
-                tasks_dir=self._tasks_dir,
+        run = TaskRun(
+            task_id=record.task_id,
+            handler=record.handler,
+            payload=json.loads(record.payload),
+            attempt=record.attempts,
+            task_class=record.task_class,
+            class_config=cls.config,
+            handler_config=self.config.handlers.get(record.handler),
+            gpus=record.gpus,
+            env=_gpu_env(record.gpus) if record.gpus else {},
+            tasks_dir=self._tasks_dir,
+        )
+        try:
+            value = await cls.runner.run(run)
+        except Exception as exc:  # noqa: BLE001 - any failure of the work fails the attempt
+            outcome: tuple[TaskState, str | None, str | None] = (
+                TaskState.FAILED,
+                None,
+                _describe(exc),
             )
-            outcome: tuple[TaskState, str | None, str | None]
-            try:
-                value = await cls.runner.run(run)
-            except Exception as exc:  # noqa: BLE001 - any failure of the work fails the attempt
-                outcome = TaskState.FAILED, None, _describe(exc)
-            else:
-                outcome = self._result(value)
-            if not scope.cancel_called:
-                return outcome
-            # Cut short, yet it returned: a sync handler's thread cannot be
-            # interrupted, so its late result is not taken either.
+        else:
+            outcome = self._result(value)
+        record.scope = None
+        if timeout is not None and not scope.cancel_called:
+            scope.deadline = math.inf
+        return outcome
+
+    @staticmethod
+    def _cut_short(record: TaskRecord) -> tuple[TaskState, str | None, str | None]:
         if record.cancel_requested:
             return TaskState.CANCELLED, None, "cancelled while running"
-        return TaskState.TIMED_OUT, None, f"ran longer than its timeout of {timeout:g} s"
+        return (
+            TaskState.TIMED_OUT,
+            None,
+            f"ran longer than its timeout of {record.timeout or 0:g} s",
+        )
 
     def _result(self, value: Any) -> tuple[TaskState, str | None, str | None]:
+        if value is None:
+            return _SUCCEEDED_NONE
         try:
             result = dumps(value)
         except (TypeError, ValueError) as exc:
@@ -805,7 +928,8 @@ class LocalScheduler:
         record.finished_at = time.time()
         self._journal.write(
             ("finish", (state.value, record.finished_at, result, error, record.task_id)),
-            then=functools.partial(self._finished, record),
+            self._finished,
+            record,
         )
 
     def _finished(self, record: TaskRecord) -> None:
@@ -817,7 +941,7 @@ class LocalScheduler:
             record.waiters.set()
         task_class = self._classes.get(record.task_class)
         if task_class is not None:
-            task_class.metrics.finished[record.state.value].inc()
+            task_class.metrics.finished[record.state.value].value += 1
         self._publish(record, record.state, result=record.result)
 
     def _publish(
@@ -841,7 +965,7 @@ class LocalScheduler:
                 state=state,
                 attempt=record.attempts,
                 workflow_id=record.workflow_id,
-                result=json.loads(result) if result is not None else None,
+                result=_decode(result) if result is not None else None,
                 error=error if error is not None else (record.error if state.finished else None),
             )
         )
@@ -940,6 +1064,35 @@ def _shape_error(request: TaskRequest) -> str | None:
     return None
 
 
+def _shape_key(request: TaskRequest) -> tuple[Any, ...] | None:
+    """What the checks of ``request`` depend on, by value and type; None: check it all."""
+    if request.resources is not None:
+        return None
+    needs = request.needs
+    if type(needs) is not tuple:
+        return None
+    handler, task_class = request.handler, request.task_class
+    priority, max_attempts, timeout = request.priority, request.max_attempts, request.timeout
+    key = (
+        type(handler),
+        handler,
+        type(task_class),
+        task_class,
+        type(priority),
+        priority,
+        needs,
+        type(max_attempts),
+        max_attempts,
+        type(timeout),
+        timeout,
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 def _attempts_error(max_attempts: object, timeout: object) -> str | None:
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
         return f"max_attempts must be an integer of at least 1, got {max_attempts!r}"
@@ -965,6 +1118,13 @@ def _gpu_env(gpus: tuple[str, ...]) -> dict[str, str]:
     # Leased ids are NVML / nvidia-smi indices, which follow the PCI bus
     # order; CUDA's own default order is fastest first.
     return {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+_SUCCEEDED_NONE: tuple[TaskState, str | None, str | None] = (TaskState.SUCCEEDED, "null", None)
+
+
+def _decode(text: str) -> Any:
+    return None if text == "null" else json.loads(text)
 
 
 def _always(_: TaskRecord) -> bool:

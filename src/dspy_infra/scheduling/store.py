@@ -117,6 +117,12 @@ _SET: dict[OpKind, tuple[str, ...]] = {
     "requeue": ("attempts", "not_before", "error"),
     "finish": ("state", "finished_at", "result", "error"),
 }
+# The same as column positions, and the state each kind sets (None: in its parameters).
+_SET_AT: dict[OpKind, tuple[tuple[int, ...], str | None]] = {
+    kind: (tuple(_INDEX[c] for c in columns), {"start": "running", "requeue": "queued"}.get(kind))
+    for kind, columns in _SET.items()
+}
+_STATE_AT = _INDEX["state"]
 
 
 class Store(Protocol):
@@ -214,15 +220,18 @@ class MemoryStore:
         return []
 
     def apply(self, ops: Sequence[Op]) -> None:
+        rows = self._rows
         for kind, params in ops:
             if kind == "insert":
-                self._rows.setdefault(params[0], list(params))
+                if params[0] not in rows:
+                    rows[params[0]] = list(params)
                 continue
-            row = self._rows[params[-1]]
-            for column, value in zip(_SET[kind], params[:-1], strict=True):
-                row[_INDEX[column]] = value
-            if kind != "finish":
-                row[_INDEX["state"]] = "running" if kind == "start" else "queued"
+            row = rows[params[-1]]
+            at, state = _SET_AT[kind]
+            for i, value in zip(at, params, strict=False):  # params end with the task id
+                row[i] = value
+            if state is not None:
+                row[_STATE_AT] = state
 
     def stored(self, task_ids: Collection[str]) -> set[str]:
         return {t for t in task_ids if t in self._rows}
@@ -244,7 +253,7 @@ class _Batch:
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
-        self.callbacks: list[Callable[[], object]] = []
+        self.callbacks: list[tuple[Callable[[Any], object], Any]] = []
         self.done = anyio.Event()
         self.error: BaseException | None = None
 
@@ -255,16 +264,27 @@ class _Batch:
 
 
 class Journal:
-    """Batches store writes: one transaction, one thread hop, per round."""
+    """Batches store writes: one transaction, one thread hop, per round.
+
+    (A writer thread of its own, taking the next batch as soon as the last is
+    committed, was tried: it is no faster. The event loop and the writer
+    share the GIL, and a thread that gets it back after each SQLite step
+    while the loop runs Python waits for the loop's switch interval; so the
+    two take turns either way, and this way the loop is idle, not contended,
+    while SQLite works.)
+    """
 
     def __init__(self, store: Store, *, threaded: bool):
         self._store = store
         self._threaded = threaded
         self._batch = _Batch()
         self._wake = anyio.Event()
+        self._woken = False
         self._closed = False
 
-    def write(self, op: Op, then: Callable[[], object] | None = None) -> Written:
+    def write(
+        self, op: Op, then: Callable[[Any], object] | None = None, arg: Any = None
+    ) -> Written:
         """Queue ``op``; the returned batch's ``wait()`` returns once it is committed.
 
         ``then`` is called (on the event loop) right after the commit: cheaper
@@ -274,13 +294,15 @@ class Journal:
         if not self._threaded:
             self._store.apply((op,))
             if then is not None:
-                then()
+                then(arg)
             return _APPLIED
         batch = self._batch
         batch.ops.append(op)
         if then is not None:
-            batch.callbacks.append(then)
-        self._wake.set()
+            batch.callbacks.append((then, arg))
+        if not self._woken:
+            self._woken = True
+            self._wake.set()
         return batch
 
     async def commit(self, op: Op) -> None:
@@ -303,6 +325,7 @@ class Journal:
         while not (self._closed and not self._batch.ops):
             await self._wake.wait()
             self._wake = anyio.Event()
+            self._woken = False
             batch, self._batch = self._batch, _Batch()
             if not batch.ops:
                 continue
@@ -315,12 +338,13 @@ class Journal:
                 batch.done.set()
                 raise StoreFailed(f"the task store failed: {exc}") from exc
             batch.done.set()
-            for callback in batch.callbacks:
-                callback()
+            for then, arg in batch.callbacks:
+                then(arg)
 
     def close(self) -> None:
         """Let the writer finish once what was written so far is committed."""
         self._closed = True
+        self._woken = True
         self._wake.set()
 
 
