@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio.to_thread
+import pytest
+
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
 
@@ -62,3 +65,12 @@ def test_the_tasks_example_runs() -> None:
     # Picked up by the second run, from the store; the interrupted attempts given back.
     for i in range(3):
         assert f"nightly-{i}: succeeded, attempts 1" in out
+
+
+@pytest.mark.anyio
+async def test_the_docker_example_runs(busybox: str) -> None:
+    out = await anyio.to_thread.run_sync(run_example, "docker_stack.py")
+    assert "client read: 'hello from web'" in out
+    assert "wordcount = 3" in out
+    assert "shout = HELLO" in out
+    assert "teardown clean: 0 containers left" in out
