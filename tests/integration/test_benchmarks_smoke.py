@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.engines import missing_engine
 
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 
@@ -25,6 +31,18 @@ SCHEDULER_KEYS = {
     "process_baseline_tps",
     "process_ratio",
     "ray",
+}
+
+DOCKER_STARTUP_KEYS = {
+    "ours_s",
+    "compose_s",
+    "speedup",
+    "ours_teardown_s",
+    "compose_teardown_s",
+    "single_ours_ms",
+    "single_bare_ms",
+    "single_ratio",
+    "runs",
 }
 
 
@@ -47,3 +65,27 @@ def test_scheduler_benchmark_quick_prints_its_summary_last() -> None:
     numbers = SCHEDULER_KEYS - {"ray"}
     assert all(isinstance(summary[k], int | float) and summary[k] > 0 for k in numbers), summary
     assert summary["ray"] is None or isinstance(summary["ray"], dict)
+
+
+@pytest.mark.anyio
+async def test_docker_startup_benchmark_quick_prints_its_summary_last(busybox: str) -> None:
+    if shutil.which("docker-compose") is None:
+        missing_engine(
+            "docker", "docker-compose is not installed (Debian: apt-get install docker-compose)"
+        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
+    # About 15 s: one run of each side (compose needs ~7 s) and 3 single-container samples.
+    with anyio.fail_after(60):
+        result = await anyio.run_process(
+            [sys.executable, str(BENCHMARKS / "docker_startup.py"), "--quick"], env=env, check=False
+        )
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, f"benchmark failed:\n{out}\n{err}"
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert isinstance(summary, dict)
+    missing = DOCKER_STARTUP_KEYS - summary.keys()
+    assert not missing, missing
+    numbers = DOCKER_STARTUP_KEYS
+    assert all(isinstance(summary[k], int | float) and summary[k] > 0 for k in numbers), summary
+    assert summary["runs"] == 1
+    assert {"cpus", "docker"} <= summary["machine"].keys()
