@@ -103,6 +103,15 @@ class ServiceProcess(Protocol):
         Called once per process; lines have no trailing newline.
         """
 
+    def reach(self, host: str, port: int) -> tuple[str, int]:
+        """Where a connection from this machine to ``host:port`` should really go.
+
+        Docker's port proxy accepts a connection on a published port as soon
+        as the container starts, before anything listens inside: a TCP probe
+        must go to the container's own address instead. Local services are
+        reached where they are.
+        """
+
     async def wait(self) -> int:
         """Wait for the service to exit; return its exit code (``-N`` for signal N)."""
 

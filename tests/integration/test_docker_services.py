@@ -236,3 +236,18 @@ async def test_containers_it_did_not_create_are_never_touched(
         finally:
             for container in foreign:
                 await container.delete(force=True)
+
+
+async def test_a_tcp_probe_waits_for_the_service_not_for_dockers_port_proxy(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    # Docker's proxy accepts on the published port at once; the service listens a second later.
+    services = {
+        "late": web(busybox, command="sleep 1; exec httpd -f -p {port}", health={"tcp": "{port}"})
+    }
+    started = anyio.current_time()
+    async with start(tmp_path, project, services) as infra:
+        assert anyio.current_time() - started > 1.0
+        port = (await infra.services.status())["late"].ports["main"]
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        await stream.aclose()

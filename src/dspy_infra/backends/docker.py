@@ -22,14 +22,16 @@ from dspy_infra.errors import ServiceStartError
 __all__ = ["Backend", "DockerBackend"]
 
 _HOST = "127.0.0.1"
+_LOOPBACK = (_HOST, "localhost")
 
 
 class DockerService:
     """A service's container, as the supervisor sees a launched service."""
 
-    def __init__(self, container: Container, ports: Mapping[str, int]):
+    def __init__(self, container: Container, ports: Mapping[str, int], inside: Mapping[int, int]):
         self._container = container
         self._ports = dict(ports)
+        self._inside = inside  # published host port -> container port
 
     @property
     def id(self) -> str:
@@ -46,6 +48,12 @@ class DockerService:
     @property
     def health(self) -> str | None:
         return self._container.watch.health
+
+    def reach(self, host: str, port: int) -> tuple[str, int]:
+        address = self._container.address
+        if host in _LOOPBACK and port in self._inside and address is not None:
+            return address, self._inside[port]
+        return host, port
 
     async def output(self) -> AsyncGenerator[str, None]:
         async with aclosing(self._container.output(tty=True)) as lines:
@@ -91,6 +99,7 @@ class DockerBackend:
             raise ServiceStartError(spec.name, "the docker backend needs an image")
         try:
             image = await engine.image(spec.image, pull=spec.pull, progress=spec.progress)
+            inside = {port: spec.container_ports.get(n, port) for n, port in spec.ports.items()}
             config = container_config(
                 image=spec.image,
                 command=spec.argv(),
@@ -98,7 +107,7 @@ class DockerBackend:
                 env=spec.env,
                 cwd=str(spec.cwd) if spec.cwd is not None else None,
                 labels=engine.labels("service", spec.name, spec.labels),
-                ports={spec.container_ports.get(n, p): p for n, p in spec.ports.items()},
+                ports={container: host for host, container in inside.items()},
                 volumes=spec.volumes,
                 cpus=spec.cpus,
                 memory_mb=spec.memory_mb,
@@ -110,7 +119,7 @@ class DockerBackend:
             container = await engine.run(config, image=image)
         except ContainerError as exc:
             raise ServiceStartError(spec.name, exc.reason) from None
-        return DockerService(container, spec.ports)
+        return DockerService(container, spec.ports, inside)
 
     async def close(self) -> None:
         if self._engine is not None:

@@ -57,6 +57,9 @@ class LocalProcess:
     def health(self) -> str | None:
         return None
 
+    def reach(self, host: str, port: int) -> tuple[str, int]:
+        return host, port
+
     async def output(self) -> AsyncGenerator[str, None]:
         assert self._process.stdout is not None
         pending = b""

@@ -256,12 +256,25 @@ class Engine:
             try:
                 await self._check_program(created, config, image)
                 await created.start()
+                container.address = await self._address(created, config)
             except BaseException as exc:
                 await container.remove()
                 if isinstance(exc, aiodocker.DockerError):
                     raise ContainerError(_reason(exc)) from None
                 raise
         return container
+
+    async def _address(self, created: DockerContainer, config: Mapping[str, Any]) -> str | None:
+        """The container's address on its network, when this machine can reach it.
+
+        A local engine's bridge networks are reachable from this machine; a
+        remote engine's (``DOCKER_HOST=tcp://...``) are not.
+        """
+        network = (config.get("HostConfig") or {}).get("NetworkMode")
+        if network is None or not self.docker.docker_host.startswith("unix://"):
+            return None
+        settings = (await created.show())["NetworkSettings"]["Networks"].get(network) or {}
+        return settings.get("IPAddress") or None
 
     async def _check_program(
         self, created: DockerContainer, config: Mapping[str, Any], image: Mapping[str, Any]
@@ -368,6 +381,7 @@ class Container:
         self._engine = engine
         self._container = container
         self.watch = _Watch()
+        self.address: str | None = None  # on the instance network, when reachable from here
         self._removed = False
         self._reading = False
         self._output_done = anyio.Event()

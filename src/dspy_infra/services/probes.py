@@ -67,7 +67,8 @@ class ProbeRunner:
         probe = self.probe
         if probe.tcp is not None:
             host, _, port = probe.tcp.rpartition(":")
-            stream = await anyio.connect_tcp(host or self._process.host, int(port))
+            target = self._process.reach(host or self._process.host, int(port))
+            stream = await anyio.connect_tcp(*target)
             await stream.aclose()
             return ProbeResult(ok=True)
         if probe.http is not None:
