@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -23,13 +23,18 @@ from attrs import field, frozen
 from dspy_infra.abc import ContainerBackend
 from dspy_infra.backends import load_backend
 from dspy_infra.config import Config, load_config
-from dspy_infra.errors import InfraClosed
+from dspy_infra.errors import BackendUnavailable, InfraClosed
 from dspy_infra.events import Event, EventBus
 from dspy_infra.metrics import Metrics
 from dspy_infra.scheduling.scheduler import ClassStatus, LocalScheduler
 from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskRequest, TaskStatus
 from dspy_infra.services.manager import ServiceManager
 from dspy_infra.services.status import ServiceState, ServiceStatus
+
+if TYPE_CHECKING:
+    import ssl as ssl_module
+
+    from dspy_infra.remote.client import RemoteAgentInfra
 
 __all__ = ["AgentInfra", "HealthReport"]
 
@@ -119,6 +124,28 @@ class AgentInfra:
             backend=None if isinstance(backend, str) else backend,
             handlers=handlers,
         )
+
+    @classmethod
+    def connect(
+        cls,
+        address: str = "127.0.0.1:50052",
+        *,
+        token: str | None = None,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> RemoteAgentInfra:
+        """The same task and service API, over gRPC to ``dspy-infra serve``; ``async with`` it.
+
+        ``token`` is the server's token, if it has one; ``ssl`` a client TLS
+        context for a server that serves TLS. Needs the ``grpc`` extra, which
+        is imported only here, so that in-process use never pays for it.
+        """
+        try:
+            from dspy_infra.remote.client import RemoteAgentInfra  # noqa: PLC0415 - optional extra
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"the remote client needs the grpc extra: pip install 'dspy-infra[grpc]' ({exc})"
+            ) from exc
+        return RemoteAgentInfra(address, token=token, ssl=ssl)
 
     def task(self, name: str | None = None) -> Callable[[H], H]:
         """Register an in-process handler: ``@infra.task("embed")``.

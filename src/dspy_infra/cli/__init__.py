@@ -5,6 +5,7 @@ Usage::
     dspy-infra config init [PATH] [--force]    write a commented starter dspy-infra.toml
     dspy-infra config show [-c PATH]           print the resolved configuration as TOML
     dspy-infra config validate [-c PATH]       check a configuration
+    dspy-infra serve [-c PATH] [--address HOST:PORT]   serve over gRPC until SIGTERM/SIGINT
     dspy-infra --version
 
 Exit codes (the contract scripts rely on):
@@ -30,7 +31,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from dspy_infra.cli import config_cmd
+from dspy_infra.cli import config_cmd, serve_cmd
 from dspy_infra.cli._common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -43,7 +44,7 @@ from dspy_infra.errors import ConfigError, InfraError
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
-_FAMILIES = (config_cmd,)
+_FAMILIES = (config_cmd, serve_cmd)
 
 
 def _version() -> str:

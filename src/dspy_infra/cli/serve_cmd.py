@@ -1,0 +1,107 @@
+"""``dspy-infra serve``: run one AgentInfra and serve it over gRPC until SIGTERM or SIGINT.
+
+The token is never a command-line argument (any user can read those with
+``ps``): it comes from ``$DSPY_INFRA_TOKEN`` or from a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import ssl
+import sys
+from pathlib import Path
+
+import anyio
+
+from dspy_infra.cli._common import EXIT_OK, EXIT_USAGE, CommandError, Subparsers, add_config_option
+from dspy_infra.config import load_config
+
+__all__ = ["TOKEN_ENV", "register"]
+
+TOKEN_ENV = "DSPY_INFRA_TOKEN"  # noqa: S105 - the variable's name, not a secret
+DEFAULT_ADDRESS = "127.0.0.1:50052"  # as dspy_infra.remote.DEFAULT_ADDRESS, without importing grpc
+
+
+def register(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the configured infrastructure and serve it over gRPC",
+        description=(
+            "Start the configured services and scheduler, and serve them over gRPC until "
+            "SIGTERM or SIGINT; then stop every call, task and service, and exit 0. "
+            "Prints 'serving on HOST:PORT' once it listens (the port chosen, for port 0)."
+        ),
+    )
+    add_config_option(parser)
+    parser.add_argument(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        metavar="HOST:PORT",
+        help=(
+            f"where to listen (default: {DEFAULT_ADDRESS}); an address that is not loopback "
+            "needs --tls-cert, --tls-key and a token"
+        ),
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help=f"a file holding the token every call must carry (default: ${TOKEN_ENV}, if set)",
+    )
+    parser.add_argument("--tls-cert", type=Path, metavar="PATH", help="PEM certificate chain")
+    parser.add_argument("--tls-key", type=Path, metavar="PATH", help="PEM private key")
+    parser.set_defaults(handler=_serve)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise CommandError(f"cannot read the token file: {exc}", code=EXIT_USAGE) from None
+        if not token:
+            raise CommandError(f"the token file {args.token_file} is empty", code=EXIT_USAGE)
+        return str(token)
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CommandError("give both --tls-cert and --tls-key, or neither", code=EXIT_USAGE)
+    if args.tls_cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.set_alpn_protocols(["h2"])
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise CommandError(f"cannot load the TLS certificate: {exc}", code=EXIT_USAGE) from None
+    return context
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from dspy_infra.infra import AgentInfra  # noqa: PLC0415 - keeps `config` commands light
+        from dspy_infra.remote import serve  # noqa: PLC0415 - the grpc extra, only here
+    except ImportError as exc:
+        raise CommandError(
+            f"serving needs the grpc extra: pip install 'dspy-infra[grpc]' ({exc})"
+        ) from None
+    config = load_config(args.config)
+    token, tls = _token(args), _tls(args)
+
+    async def run() -> None:
+        async with (
+            AgentInfra(config) as infra,
+            serve(infra, args.address, token=token, ssl=tls) as server,
+        ):
+            print(f"serving on {server.address}", flush=True)
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    print(f"{signal.Signals(signum).name}: shutting down", file=sys.stderr)
+                    return
+
+    anyio.run(run)
+    return EXIT_OK

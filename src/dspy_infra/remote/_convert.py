@@ -1,0 +1,217 @@
+"""Between the library's types and the generated protocol messages, both ways.
+
+The server and the client both use these, so that one value makes the same
+round trip whichever side encodes it. JSON values travel as JSON text (see
+the proto files for why); an empty string stands for null.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from dspy_infra.events import Event, EventsDropped, ServiceEvent
+from dspy_infra.remote._generated.env_manager import v1 as env_pb
+from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
+from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskState, TaskStatus
+from dspy_infra.services.status import ServiceState, ServiceStatus
+
+__all__ = [
+    "dump_json",
+    "event_from_proto",
+    "event_to_proto",
+    "load_json",
+    "resources_from_proto",
+    "resources_to_proto",
+    "service_status_from_proto",
+    "service_status_to_proto",
+    "statuses_by_name",
+    "statuses_to_proto",
+    "task_event_from_proto",
+    "task_event_to_proto",
+    "task_status_from_proto",
+    "task_status_to_proto",
+]
+
+# The store's encoder: compact, and NaN is refused as it is in-process.
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def dump_json(value: Any) -> str:
+    """JSON text of ``value``; "" for None. Raises TypeError/ValueError as json does."""
+    return "" if value is None else _encode(value)
+
+
+def load_json(text: str) -> Any:
+    return None if not text else json.loads(text)
+
+
+def resources_to_proto(resources: Resources | None) -> orch_pb.Resources | None:
+    if resources is None:
+        return None
+    return orch_pb.Resources(
+        cpus=resources.cpus, memory_mb=resources.memory_mb, gpus=resources.gpus
+    )
+
+
+def resources_from_proto(message: orch_pb.Resources | None) -> Resources | None:
+    if message is None:
+        return None
+    return Resources(cpus=message.cpus, memory_mb=message.memory_mb, gpus=message.gpus)
+
+
+def task_status_to_proto(status: TaskStatus) -> orch_pb.TaskStatus:
+    return orch_pb.TaskStatus(
+        task_id=status.task_id,
+        handler=status.handler,
+        task_class=status.task_class,
+        state=status.state.value,
+        priority=status.priority,
+        attempts=status.attempts,
+        max_attempts=status.max_attempts,
+        needs=list(status.needs),
+        workflow_id=status.workflow_id,
+        submitted_at=status.submitted_at,
+        started_at=status.started_at,
+        finished_at=status.finished_at,
+        result_json=dump_json(status.result),
+        error=status.error,
+        gpus=list(status.gpus),
+    )
+
+
+def task_status_from_proto(message: orch_pb.TaskStatus) -> TaskStatus:
+    return TaskStatus(
+        task_id=message.task_id,
+        handler=message.handler,
+        task_class=message.task_class,
+        state=TaskState(message.state),
+        priority=message.priority,
+        attempts=message.attempts,
+        max_attempts=message.max_attempts,
+        needs=tuple(message.needs),
+        workflow_id=message.workflow_id,
+        submitted_at=message.submitted_at,
+        started_at=message.started_at,
+        finished_at=message.finished_at,
+        result=load_json(message.result_json),
+        error=message.error,
+        gpus=tuple(message.gpus),
+    )
+
+
+def task_event_to_proto(event: TaskEvent) -> orch_pb.TaskEvent:
+    return orch_pb.TaskEvent(
+        seq=event.seq,
+        time=event.time,
+        type=event.type,
+        task_id=event.task_id,
+        task_class=event.task_class,
+        handler=event.handler,
+        state=event.state.value,
+        attempt=event.attempt,
+        workflow_id=event.workflow_id,
+        result_json=dump_json(event.result),
+        error=event.error,
+    )
+
+
+def task_event_from_proto(message: orch_pb.TaskEvent) -> TaskEvent:
+    return TaskEvent(
+        seq=message.seq,
+        time=message.time,
+        type=message.type,
+        task_id=message.task_id,
+        task_class=message.task_class,
+        handler=message.handler,
+        state=TaskState(message.state),
+        attempt=message.attempt,
+        workflow_id=message.workflow_id,
+        result=load_json(message.result_json),
+        error=message.error,
+    )
+
+
+def event_to_proto(event: Event) -> orch_pb.Event:
+    if isinstance(event, TaskEvent):
+        return orch_pb.Event(task=task_event_to_proto(event))
+    if isinstance(event, ServiceEvent):
+        return orch_pb.Event(
+            service=orch_pb.ServiceEvent(
+                seq=event.seq,
+                time=event.time,
+                type=event.type,
+                service=event.service,
+                state=event.state,
+                exit_code=event.exit_code,
+                message=event.message,
+                dependents=list(event.dependents),
+            )
+        )
+    if isinstance(event, EventsDropped):
+        return orch_pb.Event(
+            dropped=orch_pb.EventsDropped(
+                seq=event.seq, time=event.time, type=event.type, count=event.count
+            )
+        )
+    return orch_pb.Event(other=orch_pb.OtherEvent(seq=event.seq, time=event.time, type=event.type))
+
+
+def event_from_proto(message: orch_pb.Event) -> Event:
+    if message.task is not None:
+        return task_event_from_proto(message.task)
+    if (service := message.service) is not None:
+        return ServiceEvent(
+            seq=service.seq,
+            time=service.time,
+            type=service.type,
+            service=service.service,
+            state=service.state,
+            exit_code=service.exit_code,
+            message=service.message,
+            dependents=tuple(service.dependents),
+        )
+    if (dropped := message.dropped) is not None:
+        return EventsDropped(
+            seq=dropped.seq, time=dropped.time, type=dropped.type, count=dropped.count
+        )
+    other = message.other if message.other is not None else orch_pb.OtherEvent()
+    return Event(seq=other.seq, time=other.time, type=other.type)
+
+
+def service_status_to_proto(status: ServiceStatus) -> env_pb.ServiceStatus:
+    return env_pb.ServiceStatus(
+        name=status.name,
+        state=status.state.value,
+        host=status.host,
+        ports=dict(status.ports),
+        pid=status.pid,
+        restarts=status.restarts,
+        exit_code=status.exit_code,
+        message=status.message,
+    )
+
+
+def service_status_from_proto(message: env_pb.ServiceStatus) -> ServiceStatus:
+    return ServiceStatus(
+        name=message.name,
+        state=ServiceState(message.state),
+        host=message.host,
+        ports=dict(message.ports),
+        pid=message.pid,
+        restarts=message.restarts,
+        exit_code=message.exit_code,
+        message=message.message,
+    )
+
+
+def statuses_by_name(
+    messages: list[env_pb.ServiceStatus],
+) -> dict[str, ServiceStatus]:
+    """In the order received: the server sends them in the in-process order."""
+    return {m.name: service_status_from_proto(m) for m in messages}
+
+
+def statuses_to_proto(statuses: Mapping[str, ServiceStatus]) -> list[env_pb.ServiceStatus]:
+    return [service_status_to_proto(s) for s in statuses.values()]

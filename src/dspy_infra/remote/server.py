@@ -1,0 +1,400 @@
+"""The gRPC server: one :class:`~dspy_infra.AgentInfra`, served with grpclib.
+
+::
+
+    async with AgentInfra.start(config) as infra, serve(infra, "127.0.0.1:50052") as server:
+        await anyio.sleep_forever()
+
+Security: the server binds loopback by default. Any other address is refused
+unless both TLS (``ssl``) and a ``token`` are given; a token, when given, is
+checked on every call (``authorization: Bearer <token>``, compared in
+constant time), and a call without it is UNAUTHENTICATED.
+
+Errors: the library's exceptions become statuses — :class:`InvalidTask` is
+INVALID_ARGUMENT, :class:`UnknownTask` and :class:`UnknownService` NOT_FOUND,
+any other :class:`InfraError` FAILED_PRECONDITION — with the library's
+message, and the exception's class in the trailing metadata so that
+:mod:`dspy_infra.remote.client` raises the same type. Anything else is a bug:
+it is logged here with its traceback, and the client gets INTERNAL with a
+message that says nothing of the server's insides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import socket
+import ssl as ssl_module
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import aclosing, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import anyio
+from attrs import frozen
+from grpclib.const import Handler, Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server, Stream
+
+from dspy_infra.errors import (
+    ConfigError,
+    InfraError,
+    InvalidTask,
+    ServiceError,
+    TaskError,
+    UnknownService,
+    UnknownTask,
+)
+from dspy_infra.remote import _convert as convert
+from dspy_infra.remote._generated.env_manager import v1 as env_pb
+from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
+from dspy_infra.remote._wire import (
+    DEFAULT_ADDRESS,
+    ERROR_KEY,
+    SERVICE_KEY,
+    TASK_KEY,
+    TOKEN_KEY,
+    format_address,
+    is_loopback,
+    parse_address,
+)
+
+if TYPE_CHECKING:
+    from grpclib._typing import IServable
+
+    from dspy_infra.infra import AgentInfra
+
+__all__ = ["DEFAULT_ADDRESS", "RemoteServer", "serve"]
+
+log = logging.getLogger("dspy_infra.remote")
+
+_WORKFLOWS_PENDING = (
+    "workflows are not served yet: this server implements tasks, events, metrics and services"
+)
+
+
+@frozen
+class RemoteServer:
+    """A server that is listening: ``address`` is where (the port chosen, if 0 was asked)."""
+
+    address: str
+    tls: bool
+    authenticated: bool
+
+
+@asynccontextmanager
+async def serve(
+    infra: AgentInfra,
+    address: str = DEFAULT_ADDRESS,
+    *,
+    token: str | None = None,
+    ssl: ssl_module.SSLContext | None = None,
+) -> AsyncIterator[RemoteServer]:
+    """Serve ``infra`` on ``address`` until the block ends; then close every call and the socket.
+
+    Raises :class:`~dspy_infra.errors.ConfigError`, binding nothing, for an
+    address that is not loopback without both ``ssl`` and ``token``, and
+    :class:`OSError` if the address cannot be bound.
+    """
+    host, port = parse_address(address)
+    if token is not None and not token:
+        raise ConfigError("the token is empty: give a secret, or no token")
+    if not await is_loopback(host) and (ssl is None or token is None):
+        raise ConfigError(
+            f"refusing to serve on {address}: it is not a loopback address, and any other "
+            "address needs TLS and a token (give both a certificate and a token, "
+            "or bind 127.0.0.1)"
+        )
+    guard = _Guard(token)
+    server = Server(
+        [guard.wrap(_Orchestrator(infra)), guard.wrap(_EnvManager(infra))],
+    )
+    sock = await _bind(host or "0.0.0.0", port)  # noqa: S104 - refused above without TLS and token
+    try:
+        await server.start(sock=sock, ssl=ssl)
+    except BaseException:
+        sock.close()
+        raise
+    bound_host, bound_port = sock.getsockname()[:2]
+    listening = RemoteServer(
+        address=format_address(bound_host, bound_port),
+        tls=ssl is not None,
+        authenticated=token is not None,
+    )
+    log.info("serving on %s (tls: %s, token: %s)", listening.address, listening.tls, bool(token))
+    try:
+        yield listening
+    finally:
+        # close() cancels the calls in progress (streams that follow events
+        # forever included); wait_closed() returns once each has finished.
+        guard.closing = True
+        server.close()
+        with anyio.CancelScope(shield=True):
+            await server.wait_closed()
+
+
+async def _bind(host: str, port: int) -> socket.socket:
+    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    # proto=IPPROTO_TCP: asyncio switches Nagle off (TCP_NODELAY) only on
+    # sockets that say they are TCP; with it on, every call waits ~40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# -- the guard around every call ----------------------------------------------
+
+
+class _Guarded:
+    """A servable whose every method goes through the guard first."""
+
+    def __init__(self, service: IServable, guard: _Guard):
+        self._service = service
+        self._guard = guard
+
+    def __mapping__(self) -> Mapping[str, Handler]:
+        return {
+            route: Handler(self._guard.around(route, handler.func), *handler[1:])
+            for route, handler in self._service.__mapping__().items()
+        }
+
+
+_Method = Callable[["Stream[Any, Any]"], Any]
+
+
+class _Guard:
+    """Checks the token, and turns the library's exceptions into statuses."""
+
+    def __init__(self, token: str | None):
+        self._expected = None if token is None else f"Bearer {token}".encode()
+        self.closing = False
+
+    def wrap(self, service: IServable) -> _Guarded:
+        return _Guarded(service, self)
+
+    def around(self, route: str, method: _Method) -> _Method:
+        async def guarded(stream: Stream[Any, Any]) -> None:
+            self._authorize(stream)
+            try:
+                await method(stream)
+            except asyncio.CancelledError:
+                # grpclib cancels the calls in progress when the server
+                # closes, and tells their clients nothing: a client following
+                # a stream would wait forever. Say why the call ends instead.
+                if self.closing:
+                    with contextlib.suppress(Exception):
+                        await stream.send_trailing_metadata(
+                            status=Status.UNAVAILABLE, status_message="the server is shutting down"
+                        )
+                raise
+            except GRPCError:
+                raise
+            except InfraError as exc:
+                await stream.send_trailing_metadata(
+                    status=_status_of(exc), status_message=str(exc), metadata=_error_metadata(exc)
+                )
+            except Exception:
+                log.exception("a call to %s failed", route)
+                raise GRPCError(
+                    Status.INTERNAL, "internal server error (the server's log has the details)"
+                ) from None
+
+        return guarded
+
+    def _authorize(self, stream: Stream[Any, Any]) -> None:
+        if self._expected is None:
+            return
+        metadata = stream.metadata
+        given = metadata.get(TOKEN_KEY, "") if metadata is not None else ""
+        given_bytes = given.encode() if isinstance(given, str) else given
+        if not hmac.compare_digest(given_bytes, self._expected):
+            raise GRPCError(Status.UNAUTHENTICATED, "missing or wrong token")
+
+
+def _status_of(exc: InfraError) -> Status:
+    if isinstance(exc, InvalidTask):
+        return Status.INVALID_ARGUMENT
+    if isinstance(exc, UnknownTask | UnknownService):
+        return Status.NOT_FOUND
+    return Status.FAILED_PRECONDITION
+
+
+def _error_metadata(exc: InfraError) -> list[tuple[str, str]]:
+    # Metadata values are non-empty ASCII: ids and names are percent-encoded,
+    # and left out when empty (a task refused before it had an id).
+    metadata = [(ERROR_KEY, type(exc).__name__)]
+    if isinstance(exc, TaskError) and exc.task_id:
+        metadata.append((TASK_KEY, quote(exc.task_id, safe="")))
+    if isinstance(exc, ServiceError) and exc.service:
+        metadata.append((SERVICE_KEY, quote(exc.service, safe="")))
+    return metadata
+
+
+# -- the services ---------------------------------------------------------------
+
+
+class _Streaming:
+    """Server streams that are closed when the call ends, however it ends.
+
+    The generated base iterates a handler's generator and leaves it to the
+    garbage collector when the client goes away; closing it here releases
+    what it holds (an event-bus subscription) at once.
+    """
+
+    async def _call_rpc_handler_server_stream(
+        self,
+        handler: Callable[[Any], AsyncGenerator[Any, None]],
+        stream: Stream[Any, Any],
+        request: Any,
+    ) -> None:
+        async with aclosing(handler(request)) as messages:
+            async for message in messages:
+                await stream.send_message(message)
+
+
+def _load_payload(text: str, task_id: str | None) -> Any:
+    try:
+        return convert.load_json(text)
+    except ValueError as exc:
+        raise InvalidTask(
+            task_id or "", f"task refused: payload_json is not JSON ({exc})"
+        ) from None
+
+
+class _Orchestrator(_Streaming, orch_pb.OrchestratorBase):
+    def __init__(self, infra: AgentInfra):
+        self._infra = infra
+
+    async def health(self, message: orch_pb.HealthRequest) -> orch_pb.HealthResponse:
+        report = await self._infra.health_check()
+        return orch_pb.HealthResponse(
+            status=report.status, services=convert.statuses_to_proto(report.services)
+        )
+
+    async def get_metrics(self, message: orch_pb.GetMetricsRequest) -> orch_pb.GetMetricsResponse:
+        return orch_pb.GetMetricsResponse(values=await self._infra.get_metrics())
+
+    async def submit_task(self, message: orch_pb.SubmitTaskRequest) -> orch_pb.SubmitTaskResponse:
+        handle = await self._infra.submit_task(
+            message.handler,
+            _load_payload(message.payload_json, message.task_id),
+            task_class=message.task_class if message.task_class is not None else "cpu_short",
+            priority=message.priority,
+            needs=message.needs,
+            task_id=message.task_id,
+            workflow_id=message.workflow_id,
+            max_attempts=message.max_attempts,
+            timeout=message.timeout,
+            resources=convert.resources_from_proto(message.resources),
+        )
+        return orch_pb.SubmitTaskResponse(task_id=handle.task_id)
+
+    async def submit_tasks(
+        self, message: orch_pb.SubmitTasksRequest
+    ) -> orch_pb.SubmitTasksResponse:
+        payloads = [_load_payload(text, None) for text in message.payloads_json]
+        handles = await self._infra.submit_tasks(
+            message.handler,
+            payloads,
+            task_class=message.task_class if message.task_class is not None else "cpu_short",
+            priority=message.priority,
+            needs=message.needs,
+            workflow_id=message.workflow_id,
+            max_attempts=message.max_attempts,
+            timeout=message.timeout,
+            resources=convert.resources_from_proto(message.resources),
+        )
+        return orch_pb.SubmitTasksResponse(task_ids=[h.task_id for h in handles])
+
+    async def get_task_status(
+        self, message: orch_pb.GetTaskStatusRequest
+    ) -> orch_pb.GetTaskStatusResponse:
+        if message.wait:
+            status = await self._infra.task_handle(message.task_id).wait()
+        else:
+            status = await self._infra.get_task_status(message.task_id)
+        return orch_pb.GetTaskStatusResponse(status=convert.task_status_to_proto(status))
+
+    async def cancel_task(self, message: orch_pb.CancelTaskRequest) -> orch_pb.CancelTaskResponse:
+        status = await self._infra.cancel_task(message.task_id)
+        return orch_pb.CancelTaskResponse(status=convert.task_status_to_proto(status))
+
+    async def stream_task_results(
+        self, message: orch_pb.StreamTaskResultsRequest
+    ) -> AsyncGenerator[orch_pb.TaskEvent, None]:
+        if message.all_tasks and message.task_ids:
+            raise GRPCError(Status.INVALID_ARGUMENT, "give task_ids or all_tasks, not both")
+        task_ids = None if message.all_tasks else message.task_ids
+        async with aclosing(self._infra.stream_task_results(task_ids, since=message.since)) as rs:
+            async for event in rs:
+                yield convert.task_event_to_proto(event)
+
+    async def stream_events(
+        self, message: orch_pb.StreamEventsRequest
+    ) -> AsyncGenerator[orch_pb.Event, None]:
+        types = message.types or None
+        async with aclosing(self._infra.stream_events(types, since=message.since)) as events:
+            async for event in events:
+                yield convert.event_to_proto(event)
+
+    async def create_workflow(
+        self, message: orch_pb.CreateWorkflowRequest
+    ) -> orch_pb.CreateWorkflowResponse:
+        raise GRPCError(Status.UNIMPLEMENTED, _WORKFLOWS_PENDING)
+
+    async def start_workflow_run(
+        self, message: orch_pb.StartWorkflowRunRequest
+    ) -> orch_pb.StartWorkflowRunResponse:
+        raise GRPCError(Status.UNIMPLEMENTED, _WORKFLOWS_PENDING)
+
+    async def stream_workflow_status(
+        self, message: orch_pb.StreamWorkflowStatusRequest
+    ) -> AsyncGenerator[orch_pb.WorkflowRunStatus, None]:
+        raise GRPCError(Status.UNIMPLEMENTED, _WORKFLOWS_PENDING)
+        yield orch_pb.WorkflowRunStatus()  # pragma: no cover - makes this a generator
+
+
+class _EnvManager(_Streaming, env_pb.EnvManagerBase):
+    def __init__(self, infra: AgentInfra):
+        self._infra = infra
+
+    async def start_services(
+        self, message: env_pb.StartServicesRequest
+    ) -> env_pb.StartServicesResponse:
+        statuses = await self._infra.services.start(message.names or None)
+        return env_pb.StartServicesResponse(services=convert.statuses_to_proto(statuses))
+
+    async def stop_services(
+        self, message: env_pb.StopServicesRequest
+    ) -> env_pb.StopServicesResponse:
+        await self._infra.services.stop(message.names or None)
+        return env_pb.StopServicesResponse()
+
+    async def get_service_status(
+        self, message: env_pb.GetServiceStatusRequest
+    ) -> env_pb.GetServiceStatusResponse:
+        statuses = await self._infra.services.status(message.names or None)
+        return env_pb.GetServiceStatusResponse(services=convert.statuses_to_proto(statuses))
+
+    async def list_services(
+        self, message: env_pb.ListServicesRequest
+    ) -> env_pb.ListServicesResponse:
+        return env_pb.ListServicesResponse(names=self._infra.services.list())
+
+    async def stream_logs(
+        self, message: env_pb.StreamLogsRequest
+    ) -> AsyncGenerator[env_pb.LogLine, None]:
+        lines = self._infra.services.logs(message.name, follow=message.follow, tail=message.tail)
+        async with aclosing(lines):
+            seq = 0
+            async for line in lines:
+                seq += 1
+                yield env_pb.LogLine(seq=seq, line=line)

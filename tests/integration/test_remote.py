@@ -1,0 +1,492 @@
+"""One behavioural suite for every AgentInfra: in-process, and remote over a real loopback socket.
+
+The ``api`` fixture is parametrized: each test runs against ``AgentInfra``
+itself and against ``AgentInfra.connect()`` to a server serving such an
+instance, and must see the same results, types and exceptions. The remote
+side's own concerns (tokens, the loopback rule, no server) follow the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from dspy_infra import AgentInfra
+from dspy_infra.errors import (
+    BackendUnavailable,
+    ConfigError,
+    InvalidTask,
+    TaskCancelled,
+    TaskFailed,
+    UnknownService,
+    UnknownTask,
+)
+from dspy_infra.events import Event
+from dspy_infra.remote import RemoteAgentInfra, serve
+from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
+from dspy_infra.scheduling.tasks import TaskEvent, TaskState, TaskStatus
+from dspy_infra.services.status import ServiceState, ServiceStatus
+from tests.integration.helpers import service
+
+pytestmark = pytest.mark.anyio
+
+Api = AgentInfra | RemoteAgentInfra
+
+
+async def echo(payload: Any) -> Any:
+    return payload
+
+
+async def sleepy(payload: Any) -> Any:
+    await anyio.sleep(60)
+    return payload
+
+
+async def boom(payload: Any) -> Any:
+    raise RuntimeError(f"boom: {payload}")
+
+
+def make_infra(tmp_path: Path) -> AgentInfra:
+    return AgentInfra.start(
+        {
+            "infra": {},
+            "services": {
+                "web": service("--say", "hello", "--say", "ready", port=True, autostart=False)
+            },
+        },
+        state_dir=tmp_path / "state",
+        handlers={"echo": echo, "sleepy": sleepy, "boom": boom},
+    )
+
+
+@pytest.fixture(params=["inprocess", "remote"])
+async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Api]:
+    async with make_infra(tmp_path) as infra:
+        if request.param == "inprocess":
+            yield infra
+            return
+        async with (
+            serve(infra, "127.0.0.1:0") as server,
+            AgentInfra.connect(server.address) as remote,
+        ):
+            yield remote
+
+
+async def until_state(api: Api, task_id: str, state: TaskState) -> None:
+    with anyio.fail_after(5):
+        while (await api.get_task_status(task_id)).state is not state:
+            await anyio.sleep(0.005)
+
+
+# -- the suite: the same for both ----------------------------------------------
+
+
+async def test_submit_and_result(api: Api) -> None:
+    # 2**60 + 1 is not a double: JSON text carries it exactly.
+    payload = {"n": 2**60 + 1, "text": "héllo", "items": [1.5, None, True], "nested": {"a": []}}
+    handle = await api.submit_task("echo", payload)
+    assert await handle.result() == payload
+    assert await api.submit_task("echo") is not None  # no payload: null
+
+
+async def test_status_after_finish(api: Api) -> None:
+    handle = await api.submit_task("echo", [1, 2], priority=3)
+    await handle.result()
+    status = await api.get_task_status(handle.task_id)
+    assert isinstance(status, TaskStatus)
+    assert status.state is TaskState.SUCCEEDED
+    assert (status.task_id, status.handler, status.task_class) == (
+        handle.task_id,
+        "echo",
+        "cpu_short",
+    )
+    assert status.result == [1, 2]
+    assert status.priority == 3
+    assert status.finished_at is not None
+    assert status == await handle.status()
+
+
+async def test_submit_is_idempotent_by_task_id(api: Api) -> None:
+    first = await api.submit_task("echo", 1, task_id="same-id")
+    second = await api.submit_task("echo", 2, task_id="same-id")
+    assert first.task_id == second.task_id == "same-id"
+    assert await second.result() == 1
+
+
+async def test_failed_task_raises_task_failed(api: Api) -> None:
+    handle = await api.submit_task("boom", "x")
+    with pytest.raises(TaskFailed, match="boom: x"):
+        await handle.result()
+    status = await handle.wait()
+    assert status.state is TaskState.FAILED
+
+
+async def test_cancel(api: Api) -> None:
+    handle = await api.submit_task("sleepy", None)
+    await until_state(api, handle.task_id, TaskState.RUNNING)
+    status = await api.cancel_task(handle.task_id)
+    assert status.state is TaskState.CANCELLED
+    with pytest.raises(TaskCancelled):
+        await handle.result()
+
+
+async def test_unknown_task(api: Api) -> None:
+    with pytest.raises(UnknownTask, match="unknown task 'nope'") as info:
+        await api.get_task_status("nope")
+    assert info.value.task_id == "nope"
+    with pytest.raises(UnknownTask):
+        await api.cancel_task("nope")
+    with pytest.raises(UnknownTask):
+        await api.task_handle("nope").result()
+
+
+async def test_invalid_task(api: Api) -> None:
+    with pytest.raises(InvalidTask, match="unknown task class 'nope'"):
+        await api.submit_task("echo", 1, task_class="nope")
+    with pytest.raises(InvalidTask, match="priority"):
+        await api.submit_task("echo", 1, priority=-1)
+    with pytest.raises(InvalidTask, match="not JSON-compatible"):
+        await api.submit_task("echo", object())
+    with pytest.raises(InvalidTask, match="not JSON-compatible"):
+        await api.submit_task("echo", float("nan"))
+
+
+async def test_submit_tasks(api: Api) -> None:
+    handles = await api.submit_tasks("echo", [1, "two", {"three": 3}])
+    assert [await h.result() for h in handles] == [1, "two", {"three": 3}]
+    assert await api.submit_tasks("echo", []) == []
+
+
+async def test_stream_task_results_and_since(api: Api) -> None:
+    handles = await api.submit_tasks("echo", [1, 2, 3])
+    ids = [h.task_id for h in handles]
+    with anyio.fail_after(10):
+        finals = [r async for r in api.stream_task_results(ids)]
+    assert all(isinstance(r, TaskEvent) for r in finals)
+    assert sorted(r.task_id for r in finals) == sorted(ids)
+    assert sorted(r.result for r in finals) == [1, 2, 3]
+    assert all(r.seq > 0 and r.type == "task_completed" for r in finals)
+
+    # Following every task, since just before the first: the three are replayed.
+    first = min(r.seq for r in finals)
+    replayed: list[TaskEvent] = []
+    with anyio.fail_after(10):
+        async with aclosing(api.stream_task_results(since=first - 1)) as results:
+            async for r in results:
+                replayed.append(r)
+                if len(replayed) == 3:
+                    break
+    assert [(r.seq, r.task_id, r.result) for r in replayed] == sorted(
+        (r.seq, r.task_id, r.result) for r in finals
+    )
+    assert [r async for r in api.stream_task_results([])] == []
+
+
+async def test_stream_events(api: Api) -> None:
+    handle = await api.submit_task("echo", "e")
+    await handle.result()
+    seen: list[Event] = []
+    with anyio.fail_after(10):
+        async with aclosing(api.stream_events({"task_completed"}, since=0)) as events:
+            async for event in events:
+                seen.append(event)
+                if isinstance(event, TaskEvent) and event.task_id == handle.task_id:
+                    break
+    last = seen[-1]
+    assert isinstance(last, TaskEvent)
+    assert (last.type, last.state, last.result) == ("task_completed", TaskState.SUCCEEDED, "e")
+    assert all(e.type == "task_completed" for e in seen)
+
+
+async def test_services(api: Api) -> None:
+    assert api.services.list() == ["web"]
+    before = await api.services.status()
+    assert list(before) == ["web"]
+    assert isinstance(before["web"], ServiceStatus)
+    assert before["web"].state is ServiceState.INACTIVE
+
+    started = await api.services.start(["web"])
+    assert started["web"].state is ServiceState.HEALTHY
+    assert started["web"].ports["main"] > 0
+    assert (await api.services.status(["web"]))["web"].healthy
+    with anyio.fail_after(5):
+        while "ready" not in [line async for line in api.services.logs("web")]:
+            await anyio.sleep(0.01)
+    assert [line async for line in api.services.logs("web", tail=1)] == ["ready"]
+    report = await api.health_check()
+    assert report.healthy
+    assert report.services["web"].state is ServiceState.HEALTHY
+
+    await api.services.stop(["web"])
+    assert (await api.services.status())["web"].state is ServiceState.STOPPED
+    assert await api.services.status([]) == {}
+
+
+async def test_unknown_service(api: Api) -> None:
+    with pytest.raises(UnknownService, match="unknown service 'nope'") as info:
+        await api.services.start(["nope"])
+    assert info.value.service == "nope"
+    with pytest.raises(UnknownService):
+        await api.services.status(["nope"])
+    with pytest.raises(UnknownService):
+        [line async for line in api.services.logs("nope")]
+
+
+async def test_metrics(api: Api) -> None:
+    await (await api.submit_task("echo", 1)).result()
+    metrics = await api.get_metrics()
+    submitted = {k: v for k, v in metrics.items() if k.startswith("dspy_infra_tasks_submitted")}
+    assert submitted
+    assert sum(submitted.values()) >= 1
+
+
+# -- the remote side's own concerns ----------------------------------------------
+
+
+async def test_token_is_checked_on_every_call(tmp_path: Path) -> None:
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0", token="s3cret") as srv:
+        assert srv.authenticated
+        with pytest.raises(BackendUnavailable, match="refused this client"):
+            async with AgentInfra.connect(srv.address):
+                pass
+        with pytest.raises(BackendUnavailable, match="missing or wrong token"):
+            async with AgentInfra.connect(srv.address, token="wrong"):
+                pass
+        async with AgentInfra.connect(srv.address, token="s3cret") as remote:
+            assert await (await remote.submit_task("echo", 7)).result() == 7
+        # A raw call without the token, to a method the client never opens with.
+        channel = Channel("127.0.0.1", int(srv.address.rsplit(":", 1)[1]))
+        try:
+            stub = orch_pb.OrchestratorStub(channel)
+            with pytest.raises(GRPCError) as info:
+                await stub.get_metrics(orch_pb.GetMetricsRequest())
+            assert info.value.status is Status.UNAUTHENTICATED
+        finally:
+            channel.close()
+
+
+async def test_non_loopback_needs_tls_and_token(tmp_path: Path) -> None:
+    async with make_infra(tmp_path) as infra:
+        for address, token in [("0.0.0.0:0", None), ("0.0.0.0:0", "t"), (":0", None)]:
+            with pytest.raises(ConfigError, match="not a loopback address"):
+                async with serve(infra, address, token=token):
+                    pass
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        with pytest.raises(ConfigError, match="not a loopback address"):
+            async with serve(infra, "0.0.0.0:0", ssl=context):
+                pass
+        with pytest.raises(ConfigError, match="HOST:PORT"):
+            async with serve(infra, "localhost"):
+                pass
+        async with serve(infra, "localhost:0") as srv:  # a name that is loopback is fine
+            assert not srv.tls
+
+
+async def test_client_refuses_to_send_a_token_in_clear_off_loopback() -> None:
+    with pytest.raises(ConfigError, match="without TLS"):
+        async with AgentInfra.connect("192.0.2.1:50052", token="t"):
+            pass
+
+
+async def test_no_server_is_a_clear_error() -> None:
+    # A port that was just free: nothing listens there.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(
+        BackendUnavailable, match=f"no dspy-infra server answers at 127.0.0.1:{port}"
+    ):
+        async with AgentInfra.connect(f"127.0.0.1:{port}"):
+            pass
+
+
+async def test_connection_is_entered_once_and_closed_after(tmp_path: Path) -> None:
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        remote = AgentInfra.connect(srv.address)
+        async with remote:
+            pass
+        with pytest.raises(Exception, match="closed"):
+            await remote.get_metrics()
+        with pytest.raises(Exception, match="entered once"):
+            async with remote:
+                pass
+
+
+async def test_workflow_rpcs_are_unimplemented_with_a_reason(tmp_path: Path) -> None:
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        channel = Channel("127.0.0.1", int(srv.address.rsplit(":", 1)[1]))
+        try:
+            stub = orch_pb.OrchestratorStub(channel)
+            with pytest.raises(GRPCError) as info:
+                await stub.create_workflow(orch_pb.CreateWorkflowRequest(spec_json="{}"))
+            assert info.value.status is Status.UNIMPLEMENTED
+            assert "workflows are not served yet" in (info.value.message or "")
+            with pytest.raises(GRPCError) as info:
+                [
+                    s
+                    async for s in stub.stream_workflow_status(
+                        orch_pb.StreamWorkflowStatusRequest()
+                    )
+                ]
+            assert info.value.status is Status.UNIMPLEMENTED
+        finally:
+            channel.close()
+
+
+async def test_bad_payload_json_from_another_client_is_invalid_argument(tmp_path: Path) -> None:
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        channel = Channel("127.0.0.1", int(srv.address.rsplit(":", 1)[1]))
+        try:
+            stub = orch_pb.OrchestratorStub(channel)
+            with pytest.raises(GRPCError) as info:
+                await stub.submit_task(
+                    orch_pb.SubmitTaskRequest(handler="echo", payload_json="{not json")
+                )
+            assert info.value.status is Status.INVALID_ARGUMENT
+            assert "payload_json is not JSON" in (info.value.message or "")
+        finally:
+            channel.close()
+
+
+async def test_a_client_closing_an_open_stream_does_not_hang(tmp_path: Path) -> None:
+    async with make_infra(tmp_path) as infra:
+        async with serve(infra, "127.0.0.1:0") as srv, AgentInfra.connect(srv.address) as remote:
+            handle = await remote.submit_task("echo", 1)
+            await handle.result()
+            events = remote.stream_events(since=0)
+            with anyio.fail_after(5):
+                first = await events.__anext__()
+            assert first.seq > 0
+        # The stream was left open: closing the client and the server ended it.
+        with anyio.fail_after(5):
+            await events.aclose()
+
+
+async def first_live_event(api: Api, events: AsyncIterator[Event]) -> Event:
+    """The first event of a stream that follows task completions as they happen.
+
+    The subscription starts when the stream is first read, at a moment the
+    caller cannot see: tasks are submitted until one of them is seen.
+    """
+    seen: list[Event] = []
+
+    async def read() -> None:
+        seen.append(await events.__anext__())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        while not seen:
+            await api.submit_task("echo", 1)
+            await anyio.sleep(0.02)
+    return seen[0]
+
+
+async def test_a_server_closing_ends_open_streams_with_a_reason(tmp_path: Path) -> None:
+    async with make_infra(tmp_path) as infra:
+        remote: RemoteAgentInfra | None = None
+        try:
+            async with serve(infra, "127.0.0.1:0") as srv:
+                remote = await AgentInfra.connect(srv.address).__aenter__()
+                events = remote.stream_events({"task_completed"})
+                with anyio.fail_after(5):
+                    await first_live_event(remote, events)
+            # The server is closed; the client is still connected, following events.
+            with anyio.fail_after(5), pytest.raises(BackendUnavailable, match="shutting down"):
+                async for _ in events:
+                    pass
+        finally:
+            if remote is not None:
+                await remote.__aexit__(None, None, None)
+
+
+async def test_unary_round_trip_is_fast(tmp_path: Path) -> None:
+    """Nagle is off (the socket says it is TCP): a status call takes well under 40 ms."""
+    async with (
+        make_infra(tmp_path) as infra,
+        serve(infra, "127.0.0.1:0") as srv,
+        AgentInfra.connect(srv.address) as remote,
+    ):
+        handle = await remote.submit_task("echo", 1)
+        await handle.result()
+        times = []
+        for _ in range(200):
+            start = time.perf_counter()
+            await remote.get_task_status(handle.task_id)
+            times.append(time.perf_counter() - start)
+        p50 = statistics.median(times)
+        print(f"unary GetTaskStatus round trip p50: {p50 * 1000:.2f} ms")
+        assert p50 < 0.02
+
+
+# -- dspy-infra serve ---------------------------------------------------------------
+
+
+async def test_cli_serve_runs_until_sigterm(tmp_path: Path) -> None:
+    config = tmp_path / "dspy-infra.toml"
+    # TOML strings and arrays of strings are written as JSON writes them.
+    web = json.dumps(service("--say", "hello")["command"])
+    state_dir = json.dumps(str(tmp_path / "state"))
+    config.write_text(
+        f"[infra]\nstate_dir = {state_dir}\n\n[services.web]\ncommand = {web}\nautostart = false\n"
+    )
+    env = {**os.environ, "DSPY_INFRA_TOKEN": "from-env"}
+    command = [sys.executable, "-m", "dspy_infra.cli", "serve", "-c", str(config)]
+    async with await anyio.open_process([*command, "--address", "127.0.0.1:0"], env=env) as process:
+        assert process.stdout is not None
+        try:
+            with anyio.fail_after(30):
+                line = (await process.stdout.receive()).decode()
+            assert line.startswith("serving on 127.0.0.1:"), line
+            address = line.split()[-1]
+            with pytest.raises(BackendUnavailable, match="refused"):
+                async with AgentInfra.connect(address):
+                    pass
+            async with AgentInfra.connect(address, token="from-env") as remote:
+                assert remote.services.list() == ["web"]
+                assert (await remote.health_check()).healthy
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(15):
+                assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+
+
+def test_cli_serve_refuses_a_public_address_without_tls(tmp_path: Path) -> None:
+    config = tmp_path / "dspy-infra.toml"
+    config.write_text(f'[infra]\nstate_dir = "{tmp_path / "state"}"\n')
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dspy_infra.cli",
+            "serve",
+            "-c",
+            str(config),
+            "--address",
+            "0.0.0.0:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "not a loopback address" in done.stderr
