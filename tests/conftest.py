@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engines import require_docker
+from tests.engines import require_docker, require_slurm
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +16,9 @@ def anyio_backend() -> str:
 async def busybox() -> str:
     """The name of a local busybox image; skips (or fails, when required) without Docker."""
     return await require_docker()
+
+
+@pytest.fixture(scope="session")
+def slurm() -> str:
+    """The default partition of a Slurm cluster that answers; skips (or fails) without one."""
+    return require_slurm()

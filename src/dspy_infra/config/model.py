@@ -8,9 +8,11 @@ a time; :func:`dspy_infra.config.loading.validate` checks what spans fields
 
 from __future__ import annotations
 
+import ipaddress
 import operator
 import random
 import re
+import signal as signal_module
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +29,7 @@ __all__ = [
     "FieldError",
     "HandlerConfig",
     "InfraSettings",
+    "MetricsSettings",
     "Probe",
     "ProbeCallable",
     "PullPolicy",
@@ -127,6 +130,40 @@ def _gpu_ids(_: object, attribute: Attribute[Any], value: tuple[int, ...] | None
         raise FieldError(attribute.name, f"device ids are indices from 0, got {list(value)}")
     if len(set(value)) != len(value):
         raise FieldError(attribute.name, f"a device is listed twice: {list(value)}")
+
+
+# Slurm's own syntax: ``[SIG]NAME`` or a number, then ``@SECONDS`` (60 when left out).
+_SLURM_SIGNAL_RE = re.compile(r"^(?:SIG)?([A-Z][A-Z0-9]*|[0-9]+)(?:@([0-9]+))?$")
+
+
+def _slurm_word(_: object, attribute: Attribute[Any], value: str | None) -> None:
+    # Passed to sbatch as one argument: no shell, but an empty or spaced value
+    # is a typo that sbatch would report far from the configuration.
+    if value is not None and (not value or any(c.isspace() for c in value)):
+        raise FieldError(attribute.name, f"expected a Slurm name without spaces, got {value!r}")
+
+
+def _slurm_signal(_: object, attribute: Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    match = _SLURM_SIGNAL_RE.match(value)
+    if match is None or not _is_signal(match[1]):
+        raise FieldError(
+            attribute.name,
+            "expected a signal and the seconds before the time limit to send it, "
+            f"as in 'USR1@120' (Slurm's --signal), got {value!r}",
+        )
+
+
+def _is_signal(name: str) -> bool:
+    try:
+        if name.isdigit():
+            signal_module.Signals(int(name))
+        else:
+            signal_module.Signals[f"SIG{name}"]
+    except (KeyError, ValueError):
+        return False
+    return True
 
 
 @frozen(kw_only=True)
@@ -299,6 +336,19 @@ class TaskClass:
     ``timeout`` bounds one attempt's run, ``queue_timeout`` the wait before
     its first start. ``cancel_grace`` is how long a cancelled process gets
     between SIGTERM and SIGKILL.
+
+    The keys after ``cancel_grace`` apply to the ``slurm`` runner only, which
+    passes them to ``sbatch``: ``partition``, ``account``, ``qos`` and
+    ``gres`` as they are; ``time_limit`` (seconds) as ``--time``, rounded up
+    to minutes (by default the attempt's timeout plus ``cancel_grace`` and a
+    minute, so that a job outlives a crashed owner by little); ``signal``
+    (``"USR1@120"``: a signal and how many seconds before the time limit) as
+    ``--signal=B:...``, passed on to the command so that it can checkpoint
+    before Slurm ends the job; ``array_throttle`` as the
+    ``%N`` of the job arrays that bursts of tasks are submitted as: at most
+    N of one burst's jobs run at once; ``pack`` runs up to N tasks of a
+    burst one after another in one job, for short tasks, which would
+    otherwise spend more time in Slurm's start and end of a job than at work.
     """
 
     runner: str = field(default="inprocess", validator=_name)
@@ -314,6 +364,14 @@ class TaskClass:
     retry_backoff: Backoff = field(factory=lambda: Backoff(initial=0.1, max=30.0))
     aging: float = field(default=60.0, validator=_non_negative)
     cancel_grace: float = field(default=5.0, validator=_non_negative)
+    partition: str | None = field(default=None, validator=_slurm_word)
+    account: str | None = field(default=None, validator=_slurm_word)
+    qos: str | None = field(default=None, validator=_slurm_word)
+    time_limit: float | None = field(default=None, validator=_positive)
+    gres: str | None = field(default=None, validator=_slurm_word)
+    signal: str | None = field(default=None, validator=_slurm_signal)
+    array_throttle: int | None = field(default=None, validator=_at_least_one)
+    pack: int | None = field(default=None, validator=_at_least_one)
 
     def __attrs_post_init__(self) -> None:
         if self.min_concurrency > self.max_concurrency:
@@ -379,6 +437,56 @@ class InfraSettings:
     compose: Path | None = None
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"``, ``"[::1]:9464"``, ``"localhost:0"`` -> (host, port)."""
+    host, sep, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected 'HOST:PORT' (port 0 to 65535; 0 picks one), got {address!r}")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@frozen(kw_only=True)
+class MetricsSettings:
+    """The ``[metrics]`` table: the HTTP endpoint and the event-loop lag gauge.
+
+    ``address`` (``"127.0.0.1:9464"``; port 0 picks a free one) turns on an
+    HTTP server in the instance's event loop, serving ``/metrics``,
+    ``/health`` and ``/ready``; none (the default) serves nothing. It must
+    be a loopback address unless ``allow_remote`` is true: the endpoint has
+    no authentication. ``loop_lag_interval`` is how often the event-loop lag
+    is measured (0 turns it off).
+    """
+
+    address: str | None = None
+    allow_remote: bool = False
+    loop_lag_interval: float = field(default=0.5, validator=_non_negative)
+
+    def __attrs_post_init__(self) -> None:
+        if self.address is None:
+            return
+        try:
+            host, _ = split_address(self.address)
+        except ValueError as exc:
+            raise FieldError("address", str(exc)) from None
+        if not self.allow_remote and not is_loopback(host):
+            raise FieldError(
+                "address",
+                f"{host!r} is not a loopback address: the endpoint has no authentication, "
+                "so serving it beyond this machine needs allow_remote = true",
+            )
+
+
 def _default_classes() -> dict[str, TaskClass]:
     return {
         "cpu_short": TaskClass(runner="inprocess", max_concurrency=64),
@@ -404,4 +512,5 @@ class Config:
     services: dict[str, ServiceConfig] = field(factory=dict)
     classes: dict[str, TaskClass] = field(factory=_default_classes)
     handlers: dict[str, HandlerConfig] = field(factory=dict)
+    metrics: MetricsSettings = field(factory=MetricsSettings)
     source: str | None = field(default=None, eq=False, metadata={"internal": True})

@@ -1,0 +1,443 @@
+"""The Slurm runner itself: attempts in, jobs out, results back.
+
+See the package's docstring for the whole picture. This module ties the
+parts together: :class:`~dspy_infra.runners.slurm.submit.Submitter` turns
+attempts into jobs, :class:`~dspy_infra.runners.slurm.poller.Poller` says
+when they end, :mod:`~dspy_infra.runners.slurm.files` reads what they left;
+here are the attempt's life (:meth:`SlurmRunner.run`), stopping a job, and
+re-attaching to the jobs of a previous owner of the state dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskGroup
+
+from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
+from dspy_infra.config.model import HandlerConfig
+from dspy_infra.errors import BackendUnavailable
+from dspy_infra.runners._commands import (
+    AttemptFiles,
+    attempt_env,
+    check_command,
+    command_argv,
+    outcome,
+)
+from dspy_infra.runners.slurm.cli import SlurmCli, SlurmError
+from dspy_infra.runners.slurm.files import (
+    Entry,
+    JobOutput,
+    Manifest,
+    exit_code,
+    read_manifests,
+    read_output,
+    request_cancel,
+)
+from dspy_infra.runners.slurm.poller import GONE, JobInfo, Poller, list_jobs
+from dspy_infra.runners.slurm.script import JobOptions, owner_name, task_script
+from dspy_infra.runners.slurm.submit import Batch, Request, Submitter
+
+__all__ = ["SlurmRunner"]
+
+log = logging.getLogger("dspy_infra.slurm")
+
+# Ends that are the cluster's doing, not the task's: the job is submitted
+# again within the same attempt, so that they use up none of its retries.
+_CLUSTER_FAULTS = frozenset({"PREEMPTED", "NODE_FAIL", "BOOT_FAIL"})
+_MAX_RESUBMITS = 3
+_ENDED = frozenset({"COMPLETED", "FAILED"})
+# After SIGKILL, how long a job may take to leave the running states.
+_STOP_WAIT = 30.0
+# How long close() waits for submissions in flight and the cancelling of
+# jobs nobody claimed.
+_CLOSE_WAIT = 30.0
+_DEVNULL = Path(os.devnull)
+
+
+class SlurmRunner:
+    """Task attempts as Slurm jobs; bursts as job arrays; one poller for all."""
+
+    _open: ClassVar[weakref.WeakValueDictionary[str, SlurmRunner]] = weakref.WeakValueDictionary()
+
+    def __init__(self) -> None:
+        self._context: RunnerContext | None = None
+        self._cli: SlurmCli | None = None
+        self._poller: Poller | None = None
+        self._submitter: Submitter | None = None
+        self._group: TaskGroup | None = None
+        self._name = ""
+        self._manifests: list[Manifest] | None = None
+        self._orphans: dict[str, Request] = {}
+        self._recovering = anyio.Lock()
+
+    @property
+    def name(self) -> str:
+        return "slurm"
+
+    @classmethod
+    def of_instance(cls, instance_id: str) -> SlurmRunner | None:
+        """The open Slurm runner of an :class:`~dspy_infra.AgentInfra`, by its ``instance_id``.
+
+        For tests and benchmarks, which count the runner's calls to Slurm.
+        """
+        return cls._open.get(instance_id)
+
+    @property
+    def calls(self) -> Mapping[str, int]:
+        """Slurm commands run so far, by command (``sbatch``, ``squeue``...)."""
+        return dict(self._cli.calls) if self._cli is not None else {}
+
+    @property
+    def poll_cycles(self) -> int:
+        return self._poller.cycles if self._poller is not None else 0
+
+    @property
+    def job_name(self) -> str:
+        """The job name every job of this owner carries."""
+        return self._name
+
+    async def open(self, context: RunnerContext) -> list[str]:
+        directory = (context.state_dir / "slurm").absolute()
+
+        def look() -> tuple[list[str], list[Manifest]]:
+            missing = SlurmCli.missing()
+            return missing, ([] if missing else read_manifests(directory))
+
+        missing, manifests = await anyio.to_thread.run_sync(look)
+        if missing:
+            raise BackendUnavailable(
+                f"the slurm runner needs the Slurm commands on PATH; missing: {', '.join(missing)} "
+                "(run on a cluster's login node, or install the Slurm client: "
+                "apt-get install slurm-client)"
+            )
+        cli = SlurmCli()
+        name = owner_name(context.project, context.state_dir, str(os.getuid()))
+        # Entered here and left in close(), by the same task (the scheduler's):
+        # the poller and the submissions live in it.
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        poller = Poller(cli, name)
+        group.start_soon(poller.run)
+        self._context, self._cli, self._poller, self._group = context, cli, poller, group
+        self._submitter = Submitter(cli, directory, name, group)
+        self._name = name
+        # Jobs of a previous owner are looked for when they matter: at the
+        # first attempt, or at close. An instance that never uses Slurm
+        # never calls it.
+        self._manifests = manifests or None
+        self._open[context.instance_id] = self
+        return []
+
+    def validate(self, handler: str) -> str | None:
+        if self._context is None:
+            return "the slurm runner is not open"
+        config = self._context.config.handlers.get(handler)
+        if config is None or config.command is None:
+            names = ", ".join(sorted(self._context.config.handlers)) or "none"
+            return (
+                f"no [handlers.{handler}] with a command in the configuration (configured: {names})"
+            )
+        return check_command(handler, config)
+
+    async def run(self, run: TaskRun) -> Any:
+        context, poller, submitter = self._context, self._poller, self._submitter
+        if context is None or poller is None or submitter is None:
+            raise RuntimeError("SlurmRunner.run() before open()")
+        handler = run.handler_config or context.config.handlers.get(run.handler)
+        if handler is None or handler.command is None:
+            raise RunFailed(self.validate(run.handler) or f"no command for {run.handler!r}")
+        files = AttemptFiles.of(run)
+        if self._manifests is not None:
+            await self._recover()
+        request = self._orphans.pop(run.task_id, None)
+        if request is not None:
+            log.info("task %r: re-attached to Slurm job %s", run.task_id, request.job_id)
+        resubmits = 0
+        while True:
+            if request is None:
+                request = self._request(run, handler, files)
+                submitter.add(request)
+            try:
+                info = await self._follow(request, run.class_config.cancel_grace)
+                output = await anyio.to_thread.run_sync(
+                    read_output,
+                    request.entry.paths,
+                    files.result_file,
+                    request.slurm_log or _DEVNULL,
+                    context.config.infra.max_result_bytes,
+                )
+            finally:
+                if request.job_id is not None:
+                    poller.forget(request.job_id)
+                    submitter.release(request)
+            cluster_fault = output.code is None and info.state in _CLUSTER_FAULTS
+            if cluster_fault and resubmits < _MAX_RESUBMITS:
+                resubmits += 1
+                log.warning(
+                    "task %r: Slurm job %s ended %s: submitting it again (%d of %d)",
+                    run.task_id,
+                    info.job_id,
+                    info.state,
+                    resubmits,
+                    _MAX_RESUBMITS,
+                )
+                request = None
+                continue
+            return _result(info, output, files, packed=request.packed)
+
+    def _request(self, run: TaskRun, handler: HandlerConfig, files: AttemptFiles) -> Request:
+        entry = Entry(task_id=run.task_id, attempt=run.attempt, work_dir=files.work_dir)
+        # The attempt's timeout is the deadline of the scope it runs in.
+        seconds_left = anyio.current_effective_deadline() - anyio.current_time()
+        options = JobOptions.of(run.class_config, seconds_left=seconds_left)
+        script = task_script(
+            title=f"task {run.task_id} attempt {run.attempt} (handler {run.handler})",
+            argv=command_argv(run.handler, handler, files.values),
+            env=attempt_env(handler, run, files.values),
+            cwd=Path(handler.cwd) if handler.cwd is not None else files.work_dir,
+            paths=entry.paths,
+            forward=options.forward,
+            packed=options.pack > 1,
+            grace=run.class_config.cancel_grace,
+        )
+        return Request(entry, options=options, files=files, payload=run.payload, script=script)
+
+    async def _follow(self, request: Request, grace: float) -> JobInfo:
+        """Wait for the request's job to end; stop it if the attempt is cut short."""
+        poller = self._poller
+        assert poller is not None
+        ended = False
+        try:
+            job_id = await request.submitted()
+            if request.final is not None:
+                info = request.final
+            elif request.packed:
+                info = await poller.ended(job_id, request.entry.paths.exit)
+            else:
+                info = await poller.final(job_id)
+            ended = True
+        finally:
+            if not ended:
+                with anyio.CancelScope(shield=True):
+                    if request.abandon() and request.job_id is not None:
+                        if request.packed:
+                            await self._stop_packed(request, grace)
+                        else:
+                            await self._stop(request.job_id, grace)
+            request.stopping = True
+        return info
+
+    async def _stop_packed(self, request: Request, grace: float) -> None:
+        """Stop one attempt of a pack: by its file, or the whole job if it is the last one."""
+        job_id, poller = request.job_id, self._poller
+        assert job_id is not None
+        assert poller is not None
+        request.stopping = True
+        if all(r.stopping or r.cancelled for r in request.group):
+            await self._stop(job_id, grace)
+            return
+        try:
+            started = await anyio.to_thread.run_sync(request_cancel, request.entry.paths)
+        except OSError as exc:
+            log.warning("cannot tell task %r to stop: %s", request.entry.task_id, exc)
+            return
+        if started:  # else its script will see the file when its turn comes, and exit
+            poller.hurry()
+            with anyio.move_on_after(grace + _STOP_WAIT):
+                await poller.ended(job_id, request.entry.paths.exit)
+                return
+            log.warning("task %r of Slurm job %s has not stopped", request.entry.task_id, job_id)
+
+    async def _stop(self, job_id: str, grace: float) -> None:
+        """SIGTERM to every process of the job, SIGKILL after ``grace``; then wait for its end."""
+        cli, poller = self._cli, self._poller
+        assert cli is not None
+        assert poller is not None
+        info = poller.latest(job_id)
+        try:
+            if info is not None and info.running:
+                poller.hurry()
+                # Bounded: Slurm retries a signal to a job in transition.
+                with anyio.move_on_after(max(grace, 1.0)):
+                    await cli.scancel([job_id], signal="TERM", full=True)
+                    await poller.final(job_id)
+                    return
+                with anyio.move_on_after(_STOP_WAIT):
+                    await cli.scancel([job_id], signal="KILL", full=True)
+            # Pending (or not seen yet): cancelling it is all there is to do.
+            await cli.scancel([job_id])
+            with anyio.move_on_after(_STOP_WAIT):
+                await poller.final(job_id)
+                return
+            log.warning(
+                "Slurm job %s was cancelled but has not ended after %g s", job_id, _STOP_WAIT
+            )
+        except SlurmError as exc:
+            log.warning("cannot stop Slurm job %s: %s", job_id, exc)
+
+    # -- jobs of a previous owner ---------------------------------------------
+
+    async def _recover(self) -> None:
+        """Find the jobs that a previous owner of the state dir left, once.
+
+        Those still running (or finished well: their result is in the work
+        dir) wait in ``_orphans`` for their task's next attempt, which takes
+        them over instead of submitting again. Jobs of this owner that no
+        manifest explains are cancelled.
+        """
+        cli, submitter = self._cli, self._submitter
+        assert cli is not None
+        assert submitter is not None
+        async with self._recovering:
+            manifests, self._manifests = self._manifests, None
+            if not manifests:
+                return
+            try:
+                jobs = await list_jobs(cli, self._name)
+            except SlurmError as exc:
+                log.warning("cannot look for the Slurm jobs of a previous run: %s", exc)
+                return
+            ours = [m for m in manifests if m.name == self._name]
+            candidates: list[tuple[Request, JobInfo | None]] = []
+            explained: set[str] = set()
+            for manifest in ours:
+                batch = Batch(manifest.batch, len(manifest.entries))
+                groups: dict[int, list[Request]] = {}
+                for entry in manifest.entries:
+                    info = _job_of(jobs, manifest, entry)
+                    if info is not None:
+                        explained.add(info.job_id)
+                    request = Request.attached(entry, info.job_id if info else "", batch)
+                    request.group = groups.setdefault(entry.index, [])
+                    request.group.append(request)
+                    candidates.append((request, info))
+            codes = await anyio.to_thread.run_sync(
+                lambda: [
+                    None if i and not i.final else exit_code(r.entry.paths) for r, i in candidates
+                ]
+            )
+            for (request, info), code in zip(candidates, codes, strict=True):
+                task_id = request.entry.task_id
+                if info is not None and not info.final:
+                    self._orphans[task_id] = request
+                elif code == 0:
+                    # It ended well while nobody watched: its result is in its work dir.
+                    request.final = info or JobInfo(job_id=request.job_id or "?", state=GONE)
+                    self._orphans[task_id] = request
+                else:  # it failed, or left no trace: its task runs again
+                    request.stopping = True
+                    submitter.release(request)
+            strays = [j for j in jobs.values() if not j.final and j.job_id not in explained]
+            if strays:
+                log.warning(
+                    "cancelling %d Slurm job(s) of this state dir that no record explains: %s",
+                    len(strays),
+                    ", ".join(j.job_id for j in strays),
+                )
+                await cli.scancel([j.job_id for j in strays])
+            if self._orphans:
+                log.info("found %d Slurm job(s) of a previous run to re-attach", len(self._orphans))
+
+    async def _cancel_orphans(self) -> None:
+        """Jobs of a previous owner that no attempt took over do not outlive this one."""
+        cli, submitter = self._cli, self._submitter
+        assert cli is not None
+        assert submitter is not None
+        orphans, self._orphans = self._orphans, {}
+        live = sorted({r.job_id for r in orphans.values() if r.final is None and r.job_id})
+        if live:
+            log.warning(
+                "cancelling %d Slurm job(s) of a previous run that no task took over", len(live)
+            )
+            try:
+                await cli.scancel(live)
+            except SlurmError as exc:
+                log.warning("cannot cancel Slurm jobs %s: %s", ", ".join(live), exc)
+                return
+        for request in orphans.values():
+            submitter.release(request)
+
+    async def close(self) -> None:
+        group, submitter = self._group, self._submitter
+        if self._context is not None:
+            self._open.pop(self._context.instance_id, None)
+        self._context = None
+        if group is None or submitter is None:
+            return
+        self._group = None
+        try:
+            with anyio.move_on_after(_CLOSE_WAIT, shield=True):
+                await submitter.drain()
+                if self._manifests is not None:
+                    await self._recover()
+                await self._cancel_orphans()
+                await submitter.drain()  # the files of the batches just released
+        finally:
+            group.cancel_scope.cancel()
+            await group.__aexit__(None, None, None)
+
+
+Runner = SlurmRunner
+
+
+def _job_of(jobs: Mapping[str, JobInfo], manifest: Manifest, entry: Entry) -> JobInfo | None:
+    batch_id = manifest.batch.batch_id
+    alone = f"{batch_id}/{entry.task_id}/{entry.attempt}"
+    for info in jobs.values():
+        if len(manifest.entries) == 1:
+            if info.comment == alone:
+                return info
+        elif info.comment == batch_id and (
+            manifest.batch.size == 1 or info.job_id.endswith(f"_{entry.index}")
+        ):
+            return info
+    return None
+
+
+def _decode(status: int) -> int:
+    """A raw wait status as an exit code, ``-N`` for signal N."""
+    return -(status & 0x7F) if status & 0x7F else status >> 8
+
+
+def _result(info: JobInfo, output: JobOutput, files: AttemptFiles, *, packed: bool) -> Any:
+    code = output.code
+    if code is None and packed:
+        pass  # the job's exit status is its last task's, not necessarily this one's
+    elif code is None and info.exit_status is not None and info.state in _ENDED:
+        # No exit file (not yet visible here, on a slow shared disk?): Slurm's word.
+        code = _decode(info.exit_status)
+    elif code is not None and 128 < code <= 128 + 64:
+        code = 128 - code  # the shell's way to say "killed by signal N"
+    if code is not None:
+        return outcome(code, output.raw, files.result_file, output.stdout, output.stderr)
+    raise RunFailed(
+        f"Slurm job {info.job_id} {_why(info)}",
+        output=[*output.stderr.text(), *output.slurm],
+    )
+
+
+def _why(info: JobInfo) -> str:
+    state = info.state
+    if state == "TIMEOUT":
+        return "reached its time limit (time_limit, or the partition's)"
+    if state == "CANCELLED":
+        return "was cancelled from outside (scancel, or an administrator)"
+    if state == "OUT_OF_MEMORY":
+        return "ran out of memory (memory_mb)"
+    if state in _CLUSTER_FAULTS:
+        return f"ended {state} {_MAX_RESUBMITS + 1} times: the cluster could not run it"
+    if state == "GONE":
+        return (
+            "left the queue without recording an exit code (it had ended longer ago than "
+            "the cluster's MinJobAge, and accounting is off)"
+        )
+    reason = f", {info.reason}" if info.reason and info.reason != "None" else ""
+    return f"ended {state}{reason} before its command could record an exit code"

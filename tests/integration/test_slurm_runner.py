@@ -1,0 +1,391 @@
+"""Tasks as Slurm jobs (``runner = "slurm"``), against a real cluster, through the public API.
+
+Most tests share one instance (jobs take a few tenths of a second to start,
+an instance nothing): each looks only at its own tasks and jobs. Those that
+break the cluster on purpose (no commands, no controller) or crash an owner
+have instances of their own. The last tests need no cluster: they pin the
+pieces that the real cluster cannot show on demand (array syntax, error
+sorting, the AIMD pacer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from dspy_infra import AgentInfra
+from dspy_infra.errors import InvalidTask, TaskCancelled, TaskFailed, TaskTimedOut
+from dspy_infra.runners.slurm import SlurmRunner
+from dspy_infra.runners.slurm.cli import Pacer, classify
+from dspy_infra.runners.slurm.poller import MIN_INTERVAL, parse_sacct, parse_squeue
+from dspy_infra.runners.slurm.script import JobOptions, array_ranges
+from dspy_infra.scheduling.tasks import TaskState
+
+pytestmark = pytest.mark.anyio
+
+ECHO = "import json, sys; json.dump(json.load(open(sys.argv[1])), open(sys.argv[2], 'w'))"
+# Appends a line to payload["log"] each time it starts, then sleeps.
+SLEEP = """
+import json, sys, time
+payload = json.load(open(sys.argv[1]))
+with open(payload["log"], "a") as f:
+    f.write("started\\n")
+time.sleep(payload["seconds"])
+print(json.dumps({"slept": payload["seconds"]}))
+"""
+ACTIVE = ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "REQUEUED")
+
+
+def handlers(directory: Path) -> dict[str, Any]:
+    directory.mkdir(parents=True, exist_ok=True)
+    sleep = directory / "sleep.py"
+    sleep.write_text(textwrap.dedent(SLEEP))
+    return {
+        "echo": {"command": [sys.executable, "-c", ECHO, "{payload_file}", "{result_file}"]},
+        "fail": {
+            "command": "echo starting; echo 'first words' >&2; echo 'last words' >&2; exit 3",
+            "shell": True,
+        },
+        "sleep": {"command": [sys.executable, str(sleep), "{payload_file}"]},
+    }
+
+
+def config(directory: Path) -> dict[str, Any]:
+    base = {"runner": "slurm", "cancel_grace": 1.0}
+    return {
+        "classes": {
+            "s": base,
+            "bad_partition": {**base, "partition": "no-such-partition"},
+            "bad_gres": {**base, "gres": "gpu:no-such-gpu:1"},
+            "packed": {**base, "pack": 3},
+        },
+        "handlers": handlers(directory),
+    }
+
+
+async def command(*argv: str) -> str:
+    """Run a Slurm command as a person would; its stdout."""
+    return (await anyio.run_process(argv)).stdout.decode()
+
+
+async def active(runner: SlurmRunner, task_id: str | None = None) -> list[tuple[str, str]]:
+    """``(job id, state)`` of the runner's jobs in the queue (of ``task_id``'s) that still run."""
+    out = await command(
+        "squeue",
+        "--noheader",
+        "--array",
+        "--states=all",
+        f"--name={runner.job_name}",
+        "--Format=JobArrayID:|,State:|,Comment:",
+    )
+    jobs = [line.split("|") for line in out.splitlines() if "|" in line]
+    return [
+        (job_id, state)
+        for job_id, state, comment, *_ in jobs
+        if state.strip() in ACTIVE and (task_id is None or f"/{task_id}/" in comment)
+    ]
+
+
+@pytest.fixture(scope="module")
+async def infra(slurm: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[AgentInfra]:
+    directory = tmp_path_factory.mktemp("slurm")
+    async with AgentInfra.start(config(directory), state_dir=directory / "state") as instance:
+        yield instance
+
+
+@pytest.fixture
+def runner(infra: AgentInfra) -> SlurmRunner:
+    found = SlurmRunner.of_instance(infra.instance_id)
+    assert found is not None
+    return found
+
+
+async def wait_for_line(path: Path, lines: int = 1) -> None:
+    file = anyio.Path(path)
+    with anyio.fail_after(30):
+        while not await file.exists() or len((await file.read_text()).splitlines()) < lines:
+            await anyio.sleep(0.02)
+
+
+async def test_results_and_failures_come_back(infra: AgentInfra) -> None:
+    payload = {"text": "hi ✓", "nested": {"n": [1, 2.5, None]}}
+    handle = await infra.submit_task("echo", payload, task_class="s")
+    assert await handle.result() == payload
+    handle = await infra.submit_task("fail", None, task_class="s")
+    with pytest.raises(TaskFailed) as caught:
+        await handle.result()
+    assert "exited with code 3" in caught.value.error
+    assert "first words" in caught.value.error
+    assert "last words" in caught.value.error
+    assert "starting" not in caught.value.error  # stdout is not the error's
+
+
+async def test_a_burst_goes_as_one_job_array(infra: AgentInfra, runner: SlurmRunner) -> None:
+    before, cycles = dict(runner.calls), runner.poll_cycles
+    started = time.monotonic()
+    handles = await infra.submit_tasks("echo", [{"i": i} for i in range(20)], task_class="s")
+    results = [await handle.result() for handle in handles]
+    elapsed = time.monotonic() - started
+    assert results == [{"i": i} for i in range(20)]
+    calls = {k: v - before.get(k, 0) for k, v in runner.calls.items()}
+    assert calls.get("sbatch", 0) <= 2, calls
+    # One squeue per poll cycle for all 20 jobs, and cycles at most every
+    # MIN_INTERVAL: the calls follow the time taken, not the number of tasks.
+    assert calls.get("squeue", 0) == runner.poll_cycles - cycles, calls
+    assert calls.get("squeue", 0) <= elapsed / MIN_INTERVAL + 2, (calls, elapsed)
+
+
+async def test_cancel_removes_the_job(
+    infra: AgentInfra, runner: SlurmRunner, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    handle = await infra.submit_task(
+        "sleep", {"log": str(log), "seconds": 60}, task_class="s", task_id="cancel-me"
+    )
+    await wait_for_line(log)
+    assert await active(runner, "cancel-me")
+    started = time.monotonic()
+    await infra.cancel_task(handle.task_id)
+    with pytest.raises(TaskCancelled):
+        await handle.result()
+    assert time.monotonic() - started < 10
+    assert await active(runner, "cancel-me") == []
+
+
+async def test_a_timeout_stops_the_job(
+    infra: AgentInfra, runner: SlurmRunner, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    handle = await infra.submit_task(
+        "sleep", {"log": str(log), "seconds": 60}, task_class="s", task_id="slow", timeout=2
+    )
+    with pytest.raises(TaskTimedOut):
+        await handle.result()
+    assert await anyio.Path(log).read_text() == "started\n"
+    assert await active(runner, "slow") == []
+
+
+async def test_a_requeued_job_does_not_use_up_an_attempt(
+    infra: AgentInfra, runner: SlurmRunner, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    handle = await infra.submit_task(
+        "sleep", {"log": str(log), "seconds": 2}, task_class="s", task_id="requeued"
+    )
+    await wait_for_line(log)
+    ((job_id, _),) = await active(runner, "requeued")
+    await command("scontrol", "requeue", job_id)
+    # Slurm holds a requeued job back for a while; let it go at once...
+    with anyio.fail_after(10):
+        while "BeginTime" not in await command("squeue", "-h", f"--jobs={job_id}", "--format=%r"):
+            await anyio.sleep(0.1)
+    # ... or nearly: slurmd may still be ending the first run, and would end
+    # the second one too (it has the same job id).
+    await anyio.sleep(2)
+    await command("scontrol", "update", f"jobid={job_id}", "starttime=now")
+    assert await handle.result() == {"slept": 2}
+    assert await anyio.Path(log).read_text() == "started\nstarted\n"
+    assert (await handle.wait()).attempts == 1
+
+
+async def test_packed_tasks_share_a_job_and_stop_alone(
+    infra: AgentInfra, runner: SlurmRunner, tmp_path: Path
+) -> None:
+    logs = [tmp_path / f"log{i}" for i in range(3)]
+    payloads = [
+        {"log": str(log), "seconds": s} for log, s in zip(logs, (60, 0.3, 0.3), strict=True)
+    ]
+    sbatch = runner.calls.get("sbatch", 0)
+    first, second, third = await infra.submit_tasks("sleep", payloads, task_class="packed")
+    await wait_for_line(logs[0])
+    (job,) = [j for j in await active(runner) if j[1].strip() == "RUNNING"]
+    # The third waits for its turn: cancelled, it never starts.
+    await infra.cancel_task(third.task_id)
+    with pytest.raises(TaskCancelled):
+        await third.result()
+    # The first runs: cancelled, it stops, and the job goes on with the next.
+    await infra.cancel_task(first.task_id)
+    with anyio.fail_after(10), pytest.raises(TaskCancelled):
+        await first.result()
+    assert await second.result() == {"slept": 0.3}
+    assert runner.calls.get("sbatch", 0) == sbatch + 1, "one job for the three"
+    assert not logs[2].exists()
+    with anyio.fail_after(10):
+        while job in await active(runner):
+            await anyio.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("task_class", "words"),
+    [("bad_partition", "invalid partition"), ("bad_gres", "generic resource")],
+)
+async def test_what_slurm_refuses_fails_the_task_clearly(
+    infra: AgentInfra, runner: SlurmRunner, task_class: str, words: str
+) -> None:
+    handle = await infra.submit_task("echo", {}, task_class=task_class, task_id=task_class)
+    with pytest.raises(TaskFailed) as caught:
+        await handle.result()
+    assert "Slurm refused the job" in caught.value.error
+    assert words in caught.value.error.lower()
+    assert await active(runner, task_class) == []
+
+
+async def test_without_the_slurm_commands_the_class_refuses_tasks_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
+        with pytest.raises(InvalidTask, match=r"Slurm commands on PATH; missing: sbatch"):
+            await infra.submit_task("echo", {}, task_class="s")
+        with pytest.raises(InvalidTask, match="slurm-client"):
+            await infra.submit_task("echo", {}, task_class="gpu_slurm")
+
+
+async def test_without_slurmctld_a_task_fails_clearly(
+    slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same cluster, as seen through a configuration whose controller
+    # port nobody listens on: slurmctld "down", without stopping the real one.
+    real = await anyio.Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")).read_text()
+    text = re.sub(r"(?im)^\s*(SlurmctldPort|MessageTimeout)\s*=.*$", "", real)
+    dead = tmp_path / "slurm.conf"
+    dead.write_text(f"SlurmctldPort=9\nMessageTimeout=3\n{text}")
+    monkeypatch.setenv("SLURM_CONF", str(dead))
+    async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
+        handle = await infra.submit_task("echo", {}, task_class="s")
+        with anyio.fail_after(30), pytest.raises(TaskFailed, match="slurmctld does not answer"):
+            await handle.result()
+        assert (await handle.wait()).state is TaskState.FAILED
+
+
+OWNER = """
+import json, sys
+import anyio
+from dspy_infra import AgentInfra
+
+state_dir, config, payload = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+
+async def main():
+    async with AgentInfra.start(config, state_dir=state_dir) as infra:
+        await infra.submit_task(
+            "sleep", payload, task_class="s", task_id="survivor", max_attempts=2
+        )
+        await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+async def test_after_a_crash_the_next_owner_re_attaches_the_running_job(
+    slurm: str, tmp_path: Path
+) -> None:
+    settings = config(tmp_path / "handlers")
+    state_dir = tmp_path / "state"
+    log = tmp_path / "log"
+    payload = {"log": str(log), "seconds": 4}
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(OWNER))
+    argv = [sys.executable, str(script), str(state_dir), json.dumps(settings), json.dumps(payload)]
+    async with await anyio.open_process(argv) as owner:
+        try:
+            await wait_for_line(log)
+        finally:
+            os.kill(owner.pid, signal.SIGKILL)
+    async with AgentInfra.start(settings, state_dir=state_dir) as infra:
+        runner = SlurmRunner.of_instance(infra.instance_id)
+        assert runner is not None
+        handle = await infra.submit_task(
+            "sleep", payload, task_class="s", task_id="survivor", max_attempts=2
+        )
+        assert await handle.result() == {"slept": 4}
+        assert runner.calls.get("sbatch", 0) == 0, "re-attached, not submitted again"
+        assert await anyio.Path(log).read_text() == "started\n"
+        assert (await handle.wait()).attempts == 2  # the crash used one up, the job did not
+    assert not list((state_dir / "slurm").glob("*.json")), "the batch's files are gone"
+
+
+# -- pieces the cluster cannot show on demand ---------------------------------
+
+
+def test_array_indices_are_written_as_ranges() -> None:
+    assert array_ranges([0, 1, 2, 3]) == "0-3"
+    assert array_ranges([0, 2, 3, 4, 7, 9, 10]) == "0,2-4,7,9-10"
+    assert array_ranges([5]) == "5"
+
+
+def test_job_options_come_from_the_class_and_the_attempts_timeout() -> None:
+    from dspy_infra.config.model import TaskClass  # noqa: PLC0415
+
+    task_class = TaskClass(
+        runner="slurm",
+        partition="gpu",
+        account="lab",
+        qos="high",
+        gres="gpu:a100:2",
+        cpus=1.5,
+        memory_mb=2048,
+        signal="USR1@90",
+        array_throttle=4,
+        cancel_grace=5,
+    )
+    options = JobOptions.of(task_class, seconds_left=600)
+    assert options.args() == [
+        "--partition=gpu",
+        "--account=lab",
+        "--qos=high",
+        "--gres=gpu:a100:2",
+        "--time=12",  # 600 s + grace + a minute, in minutes, rounded up
+        "--cpus-per-task=2",
+        "--mem=2048M",
+        "--signal=B:USR1@90",
+    ]
+    assert options.forward == "USR1"
+    assert JobOptions.of(TaskClass(runner="slurm"), seconds_left=float("inf")).args() == []
+
+
+def test_squeue_and_sacct_lines_are_read() -> None:
+    jobs = parse_squeue("12_3|COMPLETED|768|abc|None\n13|PENDING|0|(null)|Resources\n")
+    assert jobs["12_3"].state == "COMPLETED"
+    assert jobs["12_3"].exit_status == 768
+    assert jobs["12_3"].final
+    assert jobs["13"].comment == ""
+    assert not jobs["13"].final
+    done = parse_sacct("12_3|CANCELLED by 0|0:15\n14|FAILED|3:0\n")
+    assert done["12_3"].state == "CANCELLED"
+    assert done["12_3"].exit_status == 15
+    assert done["14"].exit_status == 3 << 8
+
+
+def test_slurm_errors_are_sorted_by_what_to_do_about_them() -> None:
+    down = "sbatch: error: Batch job submission failed: Unable to contact slurm controller"
+    assert classify(down) == "unreachable"
+    limit = "sbatch: error: QOSMaxSubmitJobPerUserLimit"
+    assert classify(limit) == "busy"
+    assert classify("sbatch: error: Slurm temporarily unable to accept job") == "busy"
+    assert classify("sbatch: error: invalid partition specified: x") == "final"
+
+
+async def test_the_pacer_halves_its_rate_on_trouble_and_recovers_step_by_step() -> None:
+    pacer = Pacer(rate=40, burst=1, max_rate=40, step=2)
+    pacer.trouble()
+    pacer.trouble()
+    assert pacer.rate == 10
+    started = time.monotonic()
+    for _ in range(3):
+        await pacer.acquire()
+    # The bucket was emptied by the trouble: three tokens at 10/s take ~0.3 s.
+    assert time.monotonic() - started >= 0.25
+    for _ in range(20):
+        pacer.success()
+    assert pacer.rate == 40
