@@ -89,3 +89,21 @@ async def test_docker_startup_benchmark_quick_prints_its_summary_last(busybox: s
     assert all(isinstance(summary[k], int | float) and summary[k] > 0 for k in numbers), summary
     assert summary["runs"] == 1
     assert {"cpus", "docker"} <= summary["machine"].keys()
+
+
+@pytest.mark.anyio
+async def test_slurm_benchmark_quick_counts_calls_by_poll_cycle(slurm: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
+    with anyio.fail_after(90):
+        result = await anyio.run_process(
+            [sys.executable, str(BENCHMARKS / "slurm.py"), "--quick"], env=env, check=False
+        )
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, f"benchmark failed:\n{out}\n{err}"
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["tasks"] == 50
+    assert summary["ours_s"] > 0
+    # One sbatch for the burst; squeue once per poll cycle, whatever the number of tasks.
+    assert summary["calls"]["sbatch"] == 1
+    assert summary["calls"]["squeue"] <= summary["poll_cycles"]
+    assert summary["calls_ok"] is True
