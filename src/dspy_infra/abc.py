@@ -174,6 +174,9 @@ class TaskRun:
 
     ``gpus`` are the devices leased to this attempt; ``env`` holds what the
     work must see in its environment (``CUDA_VISIBLE_DEVICES``...).
+    ``cpus``, ``memory_mb`` and ``gpu_count`` are what the attempt holds: the
+    task's own resources, else its class's; a runner that runs elsewhere (a
+    container, a Slurm job) asks for them there.
     ``work_dir`` is this task's own directory under ``tasks_dir``; runners
     create it when they need it.
     """
@@ -188,6 +191,9 @@ class TaskRun:
     gpus: tuple[str, ...] = ()
     env: Mapping[str, str] = field(factory=dict)
     tasks_dir: Path
+    cpus: float = 0.0
+    memory_mb: int = 0
+    gpu_count: int = 0
 
     @property
     def work_dir(self) -> Path:

@@ -324,7 +324,8 @@ def test_array_indices_are_written_as_ranges() -> None:
     assert array_ranges([5]) == "5"
 
 
-def test_job_options_come_from_the_class_and_the_attempts_timeout() -> None:
+def test_job_options_come_from_the_class_the_resources_and_the_timeout(tmp_path: Path) -> None:
+    from dspy_infra.abc import TaskRun  # noqa: PLC0415
     from dspy_infra.config.model import TaskClass  # noqa: PLC0415
 
     task_class = TaskClass(
@@ -333,13 +334,26 @@ def test_job_options_come_from_the_class_and_the_attempts_timeout() -> None:
         account="lab",
         qos="high",
         gres="gpu:a100:2",
-        cpus=1.5,
-        memory_mb=2048,
+        cpus=1.0,
         signal="USR1@90",
         array_throttle=4,
         cancel_grace=5,
     )
-    options = JobOptions.of(task_class, seconds_left=600)
+
+    def attempt(**resources: Any) -> TaskRun:
+        return TaskRun(
+            task_id="t",
+            handler="h",
+            payload=None,
+            attempt=1,
+            task_class="sl",
+            class_config=task_class,
+            tasks_dir=tmp_path,
+            **resources,
+        )
+
+    # The scheduler fills in the task's own resources, else the class's.
+    options = JobOptions.of(attempt(cpus=1.5, memory_mb=2048), seconds_left=600)
     assert options.args() == [
         "--partition=gpu",
         "--account=lab",
@@ -351,7 +365,17 @@ def test_job_options_come_from_the_class_and_the_attempts_timeout() -> None:
         "--signal=B:USR1@90",
     ]
     assert options.forward == "USR1"
-    assert JobOptions.of(TaskClass(runner="slurm"), seconds_left=float("inf")).args() == []
+    assert JobOptions.of(attempt(gpu_count=2), seconds_left=600).args()[5] == "--gpus=2"
+    bare = TaskRun(
+        task_id="t",
+        handler="h",
+        payload=None,
+        attempt=1,
+        task_class="sl",
+        class_config=TaskClass(runner="slurm"),
+        tasks_dir=tmp_path,
+    )
+    assert JobOptions.of(bare, seconds_left=float("inf")).args() == []
 
 
 def test_squeue_and_sacct_lines_are_read() -> None:

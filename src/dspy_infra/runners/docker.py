@@ -155,9 +155,9 @@ async def _start(
             labels=engine.labels("task", run.task_id),
             # The same path inside: the placeholders' paths hold there too.
             volumes=(f"{files.work_dir}:{files.work_dir}", *handler.volumes),
-            # 0 in a class means "no reservation", which as a limit is none.
-            cpus=run.class_config.cpus or None,
-            memory_mb=run.class_config.memory_mb or None,
+            # 0 means "no reservation", which as a limit is none.
+            cpus=run.cpus or None,
+            memory_mb=run.memory_mb or None,
             gpu_ids=run.gpus,
             network=await engine.network(),
             # Without a terminal, stdout (the result line) and stderr (the

@@ -862,6 +862,9 @@ class LocalScheduler:
             gpus=record.gpus,
             env=_gpu_env(record.gpus) if record.gpus else {},
             tasks_dir=self._tasks_dir,
+            cpus=record.need[0],
+            memory_mb=record.need[1],
+            gpu_count=record.need[2],
         )
         try:
             value = await cls.runner.run(run)

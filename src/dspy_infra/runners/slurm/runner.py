@@ -197,7 +197,7 @@ class SlurmRunner:
         entry = Entry(task_id=run.task_id, attempt=run.attempt, work_dir=files.work_dir)
         # The attempt's timeout is the deadline of the scope it runs in.
         seconds_left = anyio.current_effective_deadline() - anyio.current_time()
-        options = JobOptions.of(run.class_config, seconds_left=seconds_left)
+        options = JobOptions.of(run, seconds_left=seconds_left)
         script = task_script(
             title=f"task {run.task_id} attempt {run.attempt} (handler {run.handler})",
             argv=command_argv(run.handler, handler, files.values),

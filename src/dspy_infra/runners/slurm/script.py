@@ -25,7 +25,7 @@ from pathlib import Path
 
 from attrs import frozen
 
-from dspy_infra.config.model import TaskClass
+from dspy_infra.abc import TaskRun
 
 __all__ = [
     "JobOptions",
@@ -83,8 +83,9 @@ class JobOptions:
     pack: int = 1
 
     @classmethod
-    def of(cls, task_class: TaskClass, *, seconds_left: float) -> JobOptions:
-        """From the class, and the time the attempt has left before its timeout (or inf)."""
+    def of(cls, run: TaskRun, *, seconds_left: float) -> JobOptions:
+        """From the attempt's class and resources, and the time it has left (or inf)."""
+        task_class = run.class_config
         limit = task_class.time_limit
         if limit is None and math.isfinite(seconds_left):
             # Past the attempt's own timeout the runner stops the job itself;
@@ -96,9 +97,9 @@ class JobOptions:
             qos=task_class.qos,
             time_minutes=None if limit is None else max(1, math.ceil(limit / 60)),
             gres=task_class.gres,
-            gpus=task_class.gpus,
-            cpus=math.ceil(task_class.cpus),
-            memory_mb=task_class.memory_mb,
+            gpus=run.gpu_count,
+            cpus=math.ceil(run.cpus),
+            memory_mb=run.memory_mb,
             signal=task_class.signal,
             throttle=task_class.array_throttle,
             pack=task_class.pack or 1,
