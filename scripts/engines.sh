@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install and start the real engines the tests run against, idempotently:
 # a package already installed is not reinstalled, a daemon that already
-# answers is reused. Usage: scripts/engines.sh docker [slurm]
+# answers is reused. Usage: scripts/engines.sh docker [slurm] [promtool]
 # Needs root (CI machines are Debian 12, as root).
 set -euo pipefail
 
@@ -147,10 +147,27 @@ slurm_engine() {
     log "slurm ready: node $(hostname -s) is $state"
 }
 
+promtool_engine() {
+    # Only the checker, not a Prometheus server: the binary from the Debian
+    # package, unpacked, so that no daemon is installed or started.
+    if command -v promtool >/dev/null 2>&1; then
+        return
+    fi
+    log "installing promtool (from Debian's prometheus package)"
+    local tmp
+    tmp=$(mktemp -d)
+    chmod 755 "$tmp"  # apt downloads as the _apt user
+    (cd "$tmp" && apt-get update -qq && apt-get download -qq prometheus >/dev/null)
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
+    install -m 0755 "$tmp/root/usr/bin/promtool" /usr/local/bin/promtool
+    rm -rf "$tmp"
+}
+
 for engine in "$@"; do
     case "$engine" in
         docker) docker_engine ;;
         slurm) slurm_engine ;;
+        promtool) promtool_engine ;;
         *) log "unknown engine: $engine"; exit 2 ;;
     esac
 done

@@ -21,6 +21,7 @@ from dspy_infra.config import (
     TaskClass,
     load_config,
 )
+from dspy_infra.config.model import MetricsSettings
 from dspy_infra.errors import (
     BackendUnavailable,
     ComposeWarning,
@@ -52,6 +53,22 @@ from dspy_infra.scheduling.tasks import (
 )
 from dspy_infra.services.manager import ServiceManager
 from dspy_infra.services.status import ServiceState, ServiceStatus
+from dspy_infra.workflows import (
+    InvalidWorkflow,
+    RunHandle,
+    RunState,
+    RunStatus,
+    Step,
+    StepState,
+    StepStatus,
+    UnknownRun,
+    UnknownWorkflow,
+    Workflow,
+    WorkflowEngine,
+    WorkflowError,
+    WorkflowEvent,
+    WorkflowSpec,
+)
 
 __all__ = [
     "AgentInfra",
@@ -72,10 +89,15 @@ __all__ = [
     "InfraError",
     "InfraSettings",
     "InvalidTask",
+    "InvalidWorkflow",
     "LaunchSpec",
+    "MetricsSettings",
     "Probe",
     "Resources",
     "RunFailed",
+    "RunHandle",
+    "RunState",
+    "RunStatus",
     "Runner",
     "RunnerContext",
     "Scheduler",
@@ -87,6 +109,9 @@ __all__ = [
     "ServiceStartError",
     "ServiceState",
     "ServiceStatus",
+    "Step",
+    "StepState",
+    "StepStatus",
     "TaskCancelled",
     "TaskClass",
     "TaskError",
@@ -99,7 +124,14 @@ __all__ = [
     "TaskState",
     "TaskStatus",
     "TaskTimedOut",
+    "UnknownRun",
     "UnknownService",
     "UnknownTask",
+    "UnknownWorkflow",
+    "Workflow",
+    "WorkflowEngine",
+    "WorkflowError",
+    "WorkflowEvent",
+    "WorkflowSpec",
     "load_config",
 ]

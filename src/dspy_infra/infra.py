@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 from attrs import field, frozen
 
@@ -25,11 +26,13 @@ from dspy_infra.backends import load_backend
 from dspy_infra.config import Config, load_config
 from dspy_infra.errors import BackendUnavailable, InfraClosed
 from dspy_infra.events import Event, EventBus
+from dspy_infra.http import MetricsServer, health_document
 from dspy_infra.metrics import Metrics
 from dspy_infra.scheduling.scheduler import ClassStatus, LocalScheduler
 from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskRequest, TaskStatus
 from dspy_infra.services.manager import ServiceManager
 from dspy_infra.services.status import ServiceState, ServiceStatus
+from dspy_infra.workflows.engine import WorkflowEngine
 
 if TYPE_CHECKING:
     import ssl as ssl_module
@@ -95,7 +98,11 @@ class AgentInfra:
         self._bus: EventBus | None = None
         self._services: ServiceManager | None = None
         self._scheduler: LocalScheduler | None = None
+        self._workflows: WorkflowEngine | None = None
         self.metrics = Metrics()
+        # Where /metrics, /health and /ready are served ([metrics] address, with
+        # the port picked for 0), while the instance is open; None when not served.
+        self.metrics_address: str | None = None
 
     @classmethod
     def start(
@@ -174,12 +181,15 @@ class AgentInfra:
         async with AsyncExitStack() as stack:
             state_dir = self.config.infra.state_dir
             await anyio.to_thread.run_sync(lambda: state_dir.mkdir(parents=True, exist_ok=True))
-            swept = await self._backend.open(
-                state_dir=state_dir, instance_id=self.instance_id, project=self.config.infra.project
-            )
+            with self.metrics.backend_call(self._backend.name, "open"):
+                swept = await self._backend.open(
+                    state_dir=state_dir,
+                    instance_id=self.instance_id,
+                    project=self.config.infra.project,
+                )
             for leftover in swept:
                 log.warning("removed a leftover of a crashed instance: %s", leftover)
-            stack.push_async_callback(self._backend.close)
+            stack.push_async_callback(self._close_backend)
             self._bus = EventBus(
                 buffer=self.config.infra.event_buffer,
                 history=self.config.infra.event_history,
@@ -193,8 +203,13 @@ class AgentInfra:
                 bus=self._bus,
                 task_group=task_group,
                 instance_id=self.instance_id,
+                metrics=self.metrics,
             )
             stack.push_async_callback(self._services.aclose)
+            if self.config.metrics.loop_lag_interval > 0:
+                lag = anyio.CancelScope()
+                task_group.start_soon(self._watch_loop_lag, lag)
+                stack.callback(lag.cancel)
             try:
                 self._scheduler = await stack.enter_async_context(
                     LocalScheduler(
@@ -206,6 +221,28 @@ class AgentInfra:
                         metrics=self.metrics,
                     )
                 )
+                # Closed before the scheduler (the stack unwinds in reverse):
+                # runs cut short stay 'running' in the store, to be resumed.
+                self._workflows = await stack.enter_async_context(
+                    WorkflowEngine(
+                        scheduler=self._scheduler,
+                        journal=self._scheduler._journal,
+                        store=self._scheduler._store,
+                        bus=self._bus,
+                        metrics=self.metrics,
+                    )
+                )
+                if self.config.metrics.address is not None:
+                    # Stopped first on the way out (the stack unwinds in
+                    # reverse), while what it reports is still open.
+                    server = MetricsServer(
+                        self.config.metrics.address,
+                        exposition=self.metrics.exposition,
+                        health=self._health_document,
+                    )
+                    serving = anyio.CancelScope()
+                    self.metrics_address = await task_group.start(self._serve, server, serving)
+                    stack.callback(serving.cancel)
                 if self.config.infra.autostart:
                     await self._services.start()
             except Exception as exc:  # noqa: BLE001 - re-raised below, unwrapped
@@ -236,6 +273,27 @@ class AgentInfra:
                 raise
         return False
 
+    async def _close_backend(self) -> None:
+        with self.metrics.backend_call(self._backend.name, "close"):
+            await self._backend.close()
+
+    async def _watch_loop_lag(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            await self.metrics.watch_loop_lag(self.config.metrics.loop_lag_interval)
+
+    @staticmethod
+    async def _serve(
+        server: MetricsServer,
+        scope: anyio.CancelScope,
+        *,
+        task_status: anyio.abc.TaskStatus[str],
+    ) -> None:
+        with scope:
+            await server.serve(task_status=task_status)
+
+    async def _health_document(self) -> dict[str, Any]:
+        return await health_document(self, self._tasks)
+
     # -- the API --------------------------------------------------------------
 
     @property
@@ -244,6 +302,13 @@ class AgentInfra:
         self._check_open()
         assert self._services is not None
         return self._services
+
+    @property
+    def workflows(self) -> WorkflowEngine:
+        """Create workflows, start, follow and cancel their runs (see docs/workflows.md)."""
+        self._check_open()
+        assert self._workflows is not None
+        return self._workflows
 
     async def health_check(self) -> HealthReport:
         """Overall health, and each service's status."""

@@ -14,16 +14,30 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+import anyio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
 
-__all__ = ["ClassMetrics", "Metrics"]
+__all__ = ["CONTENT_TYPE", "ClassMetrics", "Metrics"]
 
 PREFIX = "dspy_infra_"
+# What /metrics answers with: the Prometheus text format (prometheus_client's latest).
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Seconds: from sub-millisecond in-process tasks to hour-long training runs.
 _BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600, 14400)
+# Seconds: a probe or a backend call takes from a fraction of a millisecond
+# (a TCP connect on loopback) to its timeout (a slow image pull).
+_CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 _STATUSES = ("succeeded", "failed", "cancelled", "timed_out", "lost")
@@ -140,6 +154,57 @@ class Metrics:
         self.events_dropped = Counter(
             f"{PREFIX}events_dropped", "Events a slow subscriber did not receive", registry=r
         )
+        # Services: updated by the service manager and supervisors as they go.
+        self.service_starts = Counter(
+            f"{PREFIX}service_starts",
+            "Launches of a service, by outcome (succeeded: it became ready; failed: it did not)",
+            ["service", "status"],
+            registry=r,
+        )
+        self.service_stops = Counter(
+            f"{PREFIX}service_stops",
+            "Services that ended, by how (stopped on request, completed, failed)",
+            ["service", "status"],
+            registry=r,
+        )
+        self.service_start_failures = Counter(
+            f"{PREFIX}service_start_failures",
+            "Launches that did not become ready, by reason "
+            "(launch, exited, unhealthy, dependency, internal)",
+            ["service", "reason"],
+            registry=r,
+        )
+        self.active_services = Gauge(
+            f"{PREFIX}active_services", "Services up (running or healthy)", registry=r
+        )
+        self.health_check_duration = Histogram(
+            f"{PREFIX}health_check_duration_seconds",
+            "Time one health probe took, by service and verdict (healthy, unhealthy)",
+            ["service", "status"],
+            buckets=_CALL_BUCKETS,
+            registry=r,
+        )
+        self.backend_api_duration = Histogram(
+            f"{PREFIX}backend_api_duration_seconds",
+            "Time a call to the container backend took (open, launch, stop, close), by outcome",
+            ["backend", "operation", "status"],
+            buckets=_CALL_BUCKETS,
+            registry=r,
+        )
+        self.workflow_runs = Counter(
+            f"{PREFIX}workflow_runs",
+            "Workflow runs that reached a final state (succeeded, failed, cancelled)",
+            ["status"],
+            registry=r,
+        )
+        self.workflow_runs_active = Gauge(
+            f"{PREFIX}workflow_runs_active", "Workflow runs not finished yet", registry=r
+        )
+        self.event_loop_lag = Gauge(
+            f"{PREFIX}event_loop_lag_seconds",
+            "How late the event loop woke a periodic timer, last measured",
+            registry=r,
+        )
 
     def task_class(self, name: str) -> ClassMetrics:
         found = self._classes.get(name)
@@ -153,6 +218,30 @@ class Metrics:
         target: MetricWrapperBase = gauge.labels(*labels) if labels else gauge
         assert isinstance(target, Gauge)
         target.set_function(function)
+
+    async def watch_loop_lag(self, interval: float) -> None:
+        """Measure, every ``interval`` seconds, how late the loop wakes a timer; forever."""
+        gauge = self.event_loop_lag
+        while True:
+            expected = anyio.current_time() + interval
+            await anyio.sleep(interval)
+            gauge.set(max(0.0, anyio.current_time() - expected))
+
+    @contextmanager
+    def backend_call(self, backend: str, operation: str) -> Iterator[None]:
+        """Time the ``with`` body as a call to the container backend."""
+        started = time.perf_counter()
+        status = "cancelled"  # left by a cancellation (a stop, the instance closing)
+        try:
+            yield
+        except Exception:
+            status = "error"
+            raise
+        else:
+            status = "ok"
+        finally:
+            elapsed = time.perf_counter() - started
+            self.backend_api_duration.labels(backend, operation, status).observe(elapsed)
 
     def values(self) -> dict[str, float]:
         """Every sample, by name with its labels: ``name{label="value"}``."""

@@ -22,6 +22,7 @@ from dspy_infra import (
     Dependency,
     HandlerConfig,
     InfraSettings,
+    MetricsSettings,
     Probe,
     ServiceConfig,
     TaskClass,
@@ -41,6 +42,7 @@ CLASSES: list[type[Any]] = [
     Backoff,
     TaskClass,
     HandlerConfig,
+    MetricsSettings,
 ]
 ROW = re.compile(
     r"^\| `(?P<key>[^`]+)` \| (?P<type>[^|]+?) \| (?P<default>[^|]+?) \| (?P<meaning>.+) \|$"

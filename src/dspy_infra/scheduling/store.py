@@ -17,12 +17,14 @@ import json
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
 
 from dspy_infra.errors import InfraError
+
+T = TypeVar("T")
 
 __all__ = [
     "COLUMNS",
@@ -30,9 +32,12 @@ __all__ = [
     "MemoryStore",
     "Op",
     "Row",
+    "RunRow",
     "SQLiteStore",
+    "StepRow",
     "Store",
     "StoreFailed",
+    "WorkflowRow",
     "Written",
     "dumps",
 ]
@@ -85,10 +90,52 @@ CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks (state)
     WHERE state IN ('queued', 'running');
 PRAGMA user_version = 1;
 """
+# Workflows (dspy_infra.workflows) keep their specs, runs and steps beside the
+# tasks, in the same file and through the same journal: a run's rows and its
+# steps' tasks are written by the same writer, in order.
+_WORKFLOW_SCHEMA = """
+CREATE TABLE IF NOT EXISTS workflows (
+    workflow_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workflow_runs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL UNIQUE,
+    workflow_id TEXT NOT NULL,
+    inputs TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS workflow_runs_unfinished ON workflow_runs (state)
+    WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS workflow_steps (
+    run_id TEXT NOT NULL,
+    step TEXT NOT NULL,
+    state TEXT NOT NULL,
+    task_ids TEXT NOT NULL,
+    result TEXT,
+    error TEXT,
+    started_at REAL,
+    finished_at REAL,
+    PRIMARY KEY (run_id, step)
+);
+"""
+# (workflow_id, name, spec, created_at)
+WorkflowRow = tuple[str, str, str, float]
+# (run_id, workflow_id, inputs, state, created_at, finished_at, error)
+RunRow = tuple[Any, ...]
+# (run_id, step, state, task_ids, result, error, started_at, finished_at)
+StepRow = tuple[Any, ...]
+_RUN_COLUMNS = "run_id, workflow_id, inputs, state, created_at, finished_at, error"
+
 # Built from the constant column names above; values always go through "?".
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM tasks"  # noqa: S608
 
-OpKind = Literal["insert", "start", "requeue", "finish"]
+OpKind = Literal["insert", "start", "requeue", "finish", "workflow", "run", "run_state", "step"]
 # (kind, parameters). insert: a full row in COLUMNS order; start: (attempts,
 # started_at, task_id); requeue: (attempts, not_before, error, task_id);
 # finish: (state, finished_at, result, error, task_id).
@@ -107,7 +154,21 @@ _SQL: dict[OpKind, str] = {
     "finish": (
         "UPDATE tasks SET state = ?, finished_at = ?, result = ?, error = ? WHERE task_id = ?"
     ),
+    # workflow: a WorkflowRow; run: a RunRow; run_state: (state, finished_at,
+    # error, run_id); step: a StepRow, replacing the step's row.
+    "workflow": (
+        "INSERT OR IGNORE INTO workflows (workflow_id, name, spec, created_at) VALUES (?, ?, ?, ?)"
+    ),
+    "run": (
+        f"INSERT OR IGNORE INTO workflow_runs ({_RUN_COLUMNS}) "  # noqa: S608 - constant names
+        "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    ),
+    "run_state": (
+        "UPDATE workflow_runs SET state = ?, finished_at = ?, error = ? WHERE run_id = ?"
+    ),
+    "step": "INSERT OR REPLACE INTO workflow_steps VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
 }
+_WORKFLOW_KINDS = frozenset({"workflow", "run", "run_state", "step"})
 
 Row = tuple[Any, ...]
 _IN_CHUNK = 500  # ids per "IN (...)": well under SQLite's limit on parameters
@@ -137,6 +198,15 @@ class Store(Protocol):
     def stored(self, task_ids: Collection[str]) -> set[str]:
         """Those of ``task_ids`` that the store holds."""
 
+    def workflows(self) -> list[WorkflowRow]:
+        """Every workflow stored."""
+
+    def runs(self, run_id: str | None = None) -> list[RunRow]:
+        """The unfinished runs (state 'running'), in start order; or the run ``run_id``."""
+
+    def steps(self, run_id: str) -> list[StepRow]:
+        """The stored steps of one run."""
+
     def close(self) -> None: ...
 
 
@@ -155,6 +225,7 @@ class SQLiteStore:
             db.execute("PRAGMA journal_mode = WAL")
             db.execute(f"PRAGMA synchronous = {self._synchronous}")
             db.executescript(_SCHEMA)
+            db.executescript(_WORKFLOW_SCHEMA)
             rows = db.execute(
                 f"{_SELECT} WHERE state IN ('queued', 'running') ORDER BY seq"
             ).fetchall()
@@ -199,6 +270,21 @@ class SQLiteStore:
             found.update(task_id for (task_id,) in db.execute(query, chunk))
         return found
 
+    def workflows(self) -> list[WorkflowRow]:
+        query = "SELECT workflow_id, name, spec, created_at FROM workflows"
+        return list(self._connection().execute(query))
+
+    def runs(self, run_id: str | None = None) -> list[RunRow]:
+        db = self._connection()
+        select = f"SELECT {_RUN_COLUMNS} FROM workflow_runs"  # noqa: S608 - constant names
+        if run_id is not None:
+            return list(db.execute(f"{select} WHERE run_id = ?", (run_id,)))
+        return list(db.execute(f"{select} WHERE state = 'running' ORDER BY seq"))
+
+    def steps(self, run_id: str) -> list[StepRow]:
+        query = "SELECT * FROM workflow_steps WHERE run_id = ?"
+        return list(self._connection().execute(query, (run_id,)))
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
@@ -215,13 +301,41 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._rows: dict[str, list[Any]] = {}
+        self._workflows: dict[str, WorkflowRow] = {}
+        self._runs: dict[str, list[Any]] = {}
+        self._steps: dict[tuple[str, str], StepRow] = {}
 
     def open(self) -> list[Row]:
         return []
 
+    def _apply_workflow(self, kind: OpKind, params: tuple[Any, ...]) -> None:
+        if kind == "workflow":
+            self._workflows.setdefault(params[0], params)
+        elif kind == "run":
+            self._runs.setdefault(params[0], list(params))
+        elif kind == "run_state":
+            run = self._runs[params[-1]]
+            run[3], run[5], run[6] = params[:3]
+        else:
+            self._steps[params[0], params[1]] = params
+
+    def workflows(self) -> list[WorkflowRow]:
+        return list(self._workflows.values())
+
+    def runs(self, run_id: str | None = None) -> list[RunRow]:
+        if run_id is not None:
+            return [tuple(self._runs[run_id])] if run_id in self._runs else []
+        return [tuple(r) for r in self._runs.values() if r[3] == "running"]
+
+    def steps(self, run_id: str) -> list[StepRow]:
+        return [row for (run, _), row in self._steps.items() if run == run_id]
+
     def apply(self, ops: Sequence[Op]) -> None:
         rows = self._rows
         for kind, params in ops:
+            if kind in _WORKFLOW_KINDS:
+                self._apply_workflow(kind, params)
+                continue
             if kind == "insert":
                 if params[0] not in rows:
                     rows[params[0]] = list(params)
@@ -281,6 +395,10 @@ class Journal:
         self._wake = anyio.Event()
         self._woken = False
         self._closed = False
+        # Prefixes (before a ':') of task ids that cannot be in the store: the
+        # workflow engine's ids for a run whose id it has just generated.
+        # stored() answers for them without a look-up (a thread hop each).
+        self.fresh_prefixes: set[str] = set()
 
     def write(
         self, op: Op, then: Callable[[Any], object] | None = None, arg: Any = None
@@ -314,11 +432,20 @@ class Journal:
         return await anyio.to_thread.run_sync(self._store.get, task_id)
 
     async def stored(self, task_ids: Collection[str]) -> set[str]:
+        if self.fresh_prefixes and task_ids:
+            fresh = self.fresh_prefixes
+            task_ids = [t for t in task_ids if t.partition(":")[0] not in fresh]
         if not task_ids:
             return set()
         if not self._threaded:
             return self._store.stored(task_ids)
         return await anyio.to_thread.run_sync(self._store.stored, task_ids)
+
+    async def read(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)``, a read of the store, off the event loop when it is SQLite."""
+        if not self._threaded:
+            return function(*args)
+        return await anyio.to_thread.run_sync(function, *args)
 
     async def run(self) -> None:
         """The writer: runs until :meth:`close`, then writes what is left."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, Iterable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from dspy_infra.config.model import Config, Probe
 from dspy_infra.config.placeholders import Endpoint, RenderContext
 from dspy_infra.errors import DependencyFailed, ServiceStartError, UnknownService
 from dspy_infra.events import EventBus, ServiceEvent
+from dspy_infra.metrics import Metrics
 from dspy_infra.services.ports import PortAllocator
 from dspy_infra.services.probes import ProbeRunner
 from dspy_infra.services.runtime import ServiceRuntime
@@ -29,6 +31,8 @@ __all__ = ["ServiceManager"]
 
 _SETTLED_OK = (ServiceState.RUNNING, ServiceState.HEALTHY, ServiceState.COMPLETED)
 _ENDED = (ServiceState.FAILED, ServiceState.STOPPED, ServiceState.INACTIVE)
+# Final states, counted in service_stops_total{status}.
+_STOPS = (ServiceState.STOPPED, ServiceState.COMPLETED, ServiceState.FAILED)
 
 
 class _Slot:
@@ -65,9 +69,12 @@ class ServiceManager:
         bus: EventBus,
         task_group: TaskGroup,
         instance_id: str,
+        metrics: Metrics | None = None,
     ):
         self.config = config
         self.backend = backend
+        # A manager of its own when none is given: supervisors always have one to update.
+        self.metrics = metrics if metrics is not None else Metrics()
         self.log = logging.getLogger("dspy_infra.services")
         self._bus = bus
         self._tg = task_group
@@ -78,6 +85,7 @@ class ServiceManager:
         self._log_watchers = 0
         self._http: aiohttp.ClientSession | None = None
         self._ports = PortAllocator()
+        self.metrics.read(self.metrics.active_services, self._up_count)
 
     # -- public API -----------------------------------------------------------
 
@@ -181,6 +189,8 @@ class ServiceManager:
         *,
         exit_code: int | None = None,
     ) -> None:
+        if state in _STOPS and rt.state is not state:
+            self.metrics.service_stops.labels(rt.name, state.value).inc()
         rt.state = state
         rt.message = message
         if exit_code is not None:
@@ -202,6 +212,18 @@ class ServiceManager:
                 )
             )
         self.notify()
+
+    def start_failed(self, rt: ServiceRuntime, reason: str) -> None:
+        """A launch of ``rt`` did not become ready; ``reason`` is a short category."""
+        self.metrics.service_starts.labels(rt.name, "failed").inc()
+        self.metrics.service_start_failures.labels(rt.name, reason).inc()
+
+    def backend_call(self, operation: str) -> contextlib.AbstractContextManager[None]:
+        """Time the ``with`` body as a call to the backend."""
+        return self.metrics.backend_call(self.backend.name, operation)
+
+    def _up_count(self) -> float:
+        return float(sum(1 for rt in self._runtimes.values() if rt.state.is_up))
 
     def log_appended(self) -> None:
         # Only services waiting on log_ready care about single lines.

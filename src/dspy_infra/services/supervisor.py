@@ -21,7 +21,7 @@ from dspy_infra.abc import LaunchSpec, ServiceProcess
 from dspy_infra.config.model import Dependency, Probe, ServiceConfig
 from dspy_infra.config.placeholders import render
 from dspy_infra.errors import DependencyFailed, ServiceStartError
-from dspy_infra.services.probes import ProbeRunner
+from dspy_infra.services.probes import ProbeResult, ProbeRunner
 from dspy_infra.services.runtime import ServiceRuntime
 from dspy_infra.services.status import ServiceState
 
@@ -56,11 +56,14 @@ async def supervise(manager: ServiceManager, rt: ServiceRuntime) -> None:
                 await _lifecycle(manager, rt)
             except ServiceStartError as exc:
                 rt.error = exc
+                if isinstance(exc, DependencyFailed):
+                    manager.start_failed(rt, "dependency")
                 manager.set_state(
                     rt, ServiceState.FAILED, "service_failed", exc.reason, exit_code=exc.exit_code
                 )
             except Exception as exc:  # a bug here must not take the whole instance down
                 manager.log.exception("supervisor of %r crashed", rt.name)
+                manager.start_failed(rt, "internal")
                 rt.error = rt.failure(f"internal error: {exc!r}")
                 manager.set_state(rt, ServiceState.FAILED, "service_failed", rt.error.reason)
         if rt.stop_requested:
@@ -124,8 +127,10 @@ async def _run_once(manager: ServiceManager, rt: ServiceRuntime) -> _Run:
         manager.set_state(rt, ServiceState.STARTING, "service_starting")
         first_line = rt.logs.next_line
         try:
-            process = await manager.backend.launch(spec)
+            with manager.backend_call("launch"):
+                process = await manager.backend.launch(spec)
         except ServiceStartError as exc:
+            manager.start_failed(rt, "launch")
             return _Run(ready=False, exit_code=exc.exit_code, reason=exc.reason)
         async with _running(manager, rt, process):
             runner = None
@@ -133,12 +138,17 @@ async def _run_once(manager: ServiceManager, rt: ServiceRuntime) -> _Run:
                 probe = _OWN_HEALTH
             if probe is not None:
                 runner = manager.probe_runner(rt, probe, process, first_line)
-                exit_code, failure = await _race_exit(process, lambda: _probe_until_ready(runner))
+                exit_code, failure = await _race_exit(
+                    process, lambda: _probe_until_ready(manager, rt, runner)
+                )
                 if exit_code is not None:
+                    manager.start_failed(rt, "exited")
                     reason = f"exited with code {exit_code} before becoming healthy"
                     return _Run(ready=False, exit_code=exit_code, reason=reason)
                 if failure is not None:
+                    manager.start_failed(rt, "unhealthy")
                     return _Run(ready=False, exit_code=None, reason=failure)
+            manager.metrics.service_starts.labels(rt.name, "succeeded").inc()
             slot.release()
             return await _watch(manager, rt, process, runner)
 
@@ -163,7 +173,8 @@ async def _running(
                 with anyio.CancelScope(shield=True):
                     if rt.stop_requested:
                         manager.set_state(rt, ServiceState.STOPPING, "service_stopping")
-                    await process.stop(rt.config.stop_timeout)
+                    with manager.backend_call("stop"):
+                        await process.stop(rt.config.stop_timeout)
                     with anyio.move_on_after(_PUMP_DRAIN):
                         await pump_done.wait()
                     tg.cancel_scope.cancel()
@@ -218,14 +229,26 @@ async def _race_exit(
     return exit_code, result
 
 
-async def _probe_until_ready(runner: ProbeRunner) -> str | None:
+async def _check(manager: ServiceManager, rt: ServiceRuntime, runner: ProbeRunner) -> ProbeResult:
+    """One probe, timed into health_check_duration_seconds."""
+    started = time.perf_counter()
+    result = await runner.check()
+    manager.metrics.health_check_duration.labels(
+        rt.name, "healthy" if result.ok else "unhealthy"
+    ).observe(time.perf_counter() - started)
+    return result
+
+
+async def _probe_until_ready(
+    manager: ServiceManager, rt: ServiceRuntime, runner: ProbeRunner
+) -> str | None:
     """Startup probing with exponential backoff; None when ready, else why not."""
     probe = runner.probe
     deadline = anyio.current_time() + probe.deadline
     delay = probe.interval
     attempts = successes = 0
     while True:
-        result = await runner.check()
+        result = await _check(manager, rt, runner)
         attempts += 1
         if result.ok:
             successes += 1
@@ -254,7 +277,7 @@ async def _liveness(manager: ServiceManager, rt: ServiceRuntime, runner: ProbeRu
     failures = 0
     while True:
         await anyio.sleep(probe.liveness_interval)
-        result = await runner.check()
+        result = await _check(manager, rt, runner)
         if result.ok:
             failures = 0
             if rt.state is ServiceState.UNHEALTHY:

@@ -1,0 +1,765 @@
+"""``infra.workflows``: DAG runs on top of the scheduler.
+
+A run is driven by one task of the engine's task group. A step starts when
+all its dependencies have succeeded; it is submitted to the scheduler as
+ordinary tasks (one, or one per element for a fan-out), with ids derived
+from the run and the step (``RUN:STEP``, ``RUN:STEP:INDEX``). The tasks are
+therefore what makes a run durable: after a crash, the next instance
+re-drives every unfinished run from its first step, and submitting a step's
+tasks again is idempotent, so that a step whose tasks had finished is not
+run again (its results are read back), one whose tasks were queued or
+running goes on as the scheduler recovered them, and the others start.
+
+The run and step rows (in the task store's file, through its journal) are
+what :meth:`WorkflowEngine.get_run` reads for runs that are not in memory,
+and say which runs to resume. A step's row is written without waiting for
+its commit: a crash that loses it loses nothing that the tasks do not hold.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import anyio
+from anyio.abc import TaskGroup
+
+from dspy_infra.errors import InfraClosed, InvalidTask
+from dspy_infra.events import EventBus, EventsDropped
+from dspy_infra.metrics import Metrics
+from dspy_infra.scheduling.store import Journal, RunRow, StepRow, Store, dumps
+from dspy_infra.scheduling.tasks import TaskRequest, TaskState
+from dspy_infra.workflows.model import (
+    RunHandle,
+    RunState,
+    RunStatus,
+    StepState,
+    StepStatus,
+    Workflow,
+    WorkflowEvent,
+)
+from dspy_infra.workflows.spec import (
+    InvalidWorkflow,
+    ReferenceError_,
+    Step,
+    UnknownRun,
+    UnknownWorkflow,
+    WorkflowSpec,
+    resolve,
+)
+
+if TYPE_CHECKING:
+    from dspy_infra.scheduling.scheduler import LocalScheduler
+
+__all__ = ["WorkflowEngine"]
+
+log = logging.getLogger("dspy_infra.workflows")
+
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_MAX_RUN_ID = 100
+_RECENT = 1000  # finished runs kept in memory; older ones are read from the store
+
+
+class _Step:
+    __slots__ = (
+        "error",
+        "finished_at",
+        "name",
+        "result",
+        "spec",
+        "started_at",
+        "state",
+        "task_ids",
+    )
+
+    def __init__(self, spec: Step):
+        self.spec = spec
+        self.name = spec.name
+        self.state = StepState.PENDING
+        self.task_ids: tuple[str, ...] = ()
+        self.result: Any = None
+        self.error: str | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+
+    def status(self) -> StepStatus:
+        return StepStatus(
+            name=self.name,
+            state=self.state,
+            task_ids=self.task_ids,
+            result=self.result,
+            error=self.error,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+        )
+
+    def row(self, run_id: str) -> StepRow:
+        result = dumps(self.result) if self.state is StepState.SUCCEEDED else None
+        return (
+            run_id,
+            self.name,
+            self.state.value,
+            json.dumps(self.task_ids),
+            result,
+            self.error,
+            self.started_at,
+            self.finished_at,
+        )
+
+
+class _Run:
+    def __init__(self, run_id: str, workflow: Workflow, inputs: dict[str, Any], created_at: float):
+        self.run_id = run_id
+        self.workflow = workflow
+        self.inputs = inputs
+        self.created_at = created_at
+        self.state = RunState.RUNNING
+        self.finished_at: float | None = None
+        self.error: str | None = None
+        self.steps = {s.name: _Step(s) for s in workflow.spec.steps}
+        self.dependents: dict[str, builtins.list[_Step]] = {name: [] for name in self.steps}
+        for step in self.steps.values():
+            for dep in step.spec.depends_on:
+                self.dependents[dep].append(step)
+        self.events: list[WorkflowEvent] = []
+        self.done = anyio.Event()
+        self.scope: anyio.CancelScope | None = None
+        self.cancel_requested = False
+
+    def status(self) -> RunStatus:
+        return RunStatus(
+            run_id=self.run_id,
+            workflow_id=self.workflow.workflow_id,
+            state=self.state,
+            inputs=self.inputs,
+            steps={name: step.status() for name, step in self.steps.items()},
+            created_at=self.created_at,
+            finished_at=self.finished_at,
+            error=self.error,
+        )
+
+
+class WorkflowEngine:
+    """Create workflows, start, follow and cancel their runs. Reached as ``infra.workflows``."""
+
+    def __init__(
+        self,
+        *,
+        scheduler: LocalScheduler,
+        journal: Journal,
+        store: Store,
+        bus: EventBus,
+        metrics: Metrics,
+    ):
+        self._scheduler = scheduler
+        self._journal = journal
+        self._store = store
+        self._bus = bus
+        self._metrics = metrics
+        self._workflows: dict[str, Workflow] = {}
+        self._runs: dict[str, _Run] = {}  # unfinished, and the recent finished ones
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._tg: TaskGroup | None = None
+        self._stack: AsyncExitStack | None = None
+        self._open = False
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        async with AsyncExitStack() as stack:
+            for workflow_id, _, spec, created_at in await self._journal.read(self._store.workflows):
+                try:
+                    loaded = WorkflowSpec.from_mapping(json.loads(spec))
+                except (ValueError, InvalidWorkflow) as exc:
+                    # Stored by a version that accepted it: its runs cannot be resumed.
+                    log.warning("stored workflow %s is not valid any more: %s", workflow_id, exc)
+                    continue
+                self._workflows[workflow_id] = Workflow(
+                    workflow_id=workflow_id, spec=loaded, created_at=created_at
+                )
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            # On the way out the drivers are cancelled before anything else
+            # closes: a run cut short by close() stays 'running' in the store,
+            # for the next instance to resume.
+            stack.callback(self._tg.cancel_scope.cancel)
+            stack.callback(self._close_gate)
+            self._metrics.read(self._metrics.workflow_runs_active, self._active)
+            self._open = True
+            await self._resume()
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(et, e, tb)
+
+    def _close_gate(self) -> None:
+        self._open = False
+
+    def _active(self) -> float:
+        return float(sum(1 for run in self._runs.values() if not run.state.finished))
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise InfraClosed("the workflow engine is not running: use it inside `async with`")
+
+    async def _resume(self) -> None:
+        rows = await self._journal.read(self._store.runs)
+        for row in rows:
+            run = self._run_from_row(row)
+            if run is None:
+                continue
+            for step_row in await self._journal.read(self._store.steps, run.run_id):
+                step = run.steps.get(step_row[1])
+                if step is not None and step_row[2] == StepState.SUCCEEDED.value:
+                    self._restore_step(step, step_row)
+            self._runs[run.run_id] = run
+            self._publish(run, "workflow_run_resumed", RunState.RUNNING.value)
+            assert self._tg is not None
+            self._tg.start_soon(self._drive, run)
+        if rows:
+            log.info("resumed %d unfinished workflow runs", len(rows))
+
+    def _run_from_row(self, row: RunRow) -> _Run | None:
+        run_id, workflow_id, inputs, state, created_at, finished_at, error = row
+        workflow = self._workflows.get(workflow_id)
+        if workflow is None:
+            log.warning("run %s: its workflow %s is not stored; skipped", run_id, workflow_id)
+            return None
+        run = _Run(run_id, workflow, json.loads(inputs), created_at)
+        run.state = RunState(state)
+        run.finished_at = finished_at
+        run.error = error
+        return run
+
+    @staticmethod
+    def _restore_step(step: _Step, row: StepRow) -> None:
+        _, _, state, task_ids, result, error, started_at, finished_at = row
+        step.state = StepState(state)
+        step.task_ids = tuple(json.loads(task_ids))
+        step.result = json.loads(result) if result is not None else None
+        step.error = error
+        step.started_at = started_at
+        step.finished_at = finished_at
+
+    # -- the API --------------------------------------------------------------
+
+    async def create(
+        self, spec: WorkflowSpec | Mapping[str, Any] | str | os.PathLike[str]
+    ) -> Workflow:
+        """Validate and store a workflow; the same spec gives the same ``workflow_id``.
+
+        ``spec`` is a :class:`WorkflowSpec`, a mapping (the TOML layout), or
+        the path of a TOML file. Raises :class:`InvalidWorkflow`, storing
+        nothing: cycles (with the whole path), unknown steps in
+        ``depends_on`` or references, unknown classes and handlers, and
+        anything a task submit would refuse but the payload.
+        """
+        self._check_open()
+        if isinstance(spec, str | os.PathLike):
+            spec = WorkflowSpec.from_file(spec)
+        elif not isinstance(spec, WorkflowSpec):
+            spec = WorkflowSpec.from_mapping(spec)
+        spec.validate()
+        for step in spec.steps:
+            self._check_step(spec, step)
+        workflow_id = spec.workflow_id()
+        found = self._workflows.get(workflow_id)
+        if found is not None:
+            return found
+        workflow = Workflow(workflow_id=workflow_id, spec=spec, created_at=time.time())
+        await self._journal.commit(
+            (
+                "workflow",
+                (workflow_id, spec.name, json.dumps(spec.to_mapping()), workflow.created_at),
+            )
+        )
+        self._workflows[workflow_id] = workflow
+        return workflow
+
+    def _check_step(self, spec: WorkflowSpec, step: Step) -> None:
+        request = TaskRequest(
+            handler=step.handler,
+            task_class=step.task_class,
+            priority=step.priority,
+            needs=step.needs,
+            max_attempts=step.max_attempts,
+            timeout=step.timeout,
+        )
+        try:
+            # The scheduler's own checks of a submit, but for the payload
+            # (which references fill in only when the step starts).
+            self._scheduler._check(step.name, request)
+        except InvalidTask as exc:
+            reason = str(exc).split(" refused: ", 1)[-1]
+            raise InvalidWorkflow(f"workflow {spec.name!r}: step {step.name!r}: {reason}") from None
+
+    def get(self, workflow_id: str) -> Workflow:
+        """A stored workflow; :class:`UnknownWorkflow` if there is none."""
+        self._check_open()
+        try:
+            return self._workflows[workflow_id]
+        except KeyError:
+            raise UnknownWorkflow(workflow_id) from None
+
+    def list(self) -> builtins.list[Workflow]:
+        """Every stored workflow, oldest first."""
+        self._check_open()
+        return sorted(self._workflows.values(), key=lambda w: w.created_at)
+
+    async def start_run(
+        self,
+        workflow_id: str,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+    ) -> RunHandle:
+        """Start a run of the workflow with ``inputs``; returns once it is stored.
+
+        Starting again with the same ``run_id`` returns the run already there.
+        Raises :class:`InvalidWorkflow` when an input its references use is
+        missing or the inputs are not JSON-compatible.
+        """
+        workflow = self.get(workflow_id)
+        fresh = False
+        if run_id is not None:
+            if (
+                not isinstance(run_id, str)
+                or not _RUN_ID_RE.match(run_id)
+                or len(run_id) > _MAX_RUN_ID
+            ):
+                raise InvalidWorkflow(
+                    f"run_id {run_id!r}: letters, digits, '_', '.', '-', at most {_MAX_RUN_ID}"
+                )
+            stored = run_id in self._runs or bool(
+                await self._journal.read(self._store.runs, run_id)
+            )
+            if stored:
+                return RunHandle(run_id, engine=self)
+        else:
+            run_id = f"{time.time_ns() // 1_000_000:012x}{os.urandom(6).hex()}"
+            # Its tasks' ids (RUN:STEP...) cannot be stored yet, and each step
+            # is submitted once per instance: the scheduler need not look them
+            # up in the store (a thread hop per step, most of a chain's cost).
+            fresh = True
+        inputs = dict(inputs or {})
+        missing = sorted(workflow.spec.inputs() - set(inputs))
+        if missing:
+            raise InvalidWorkflow(
+                f"run of {workflow_id!r} refused: missing inputs {', '.join(missing)}"
+            )
+        try:
+            inputs_json = dumps(inputs)
+        except (TypeError, ValueError) as exc:
+            raise InvalidWorkflow(
+                f"run of {workflow_id!r} refused: the inputs are not JSON-compatible ({exc})"
+            ) from None
+        run = _Run(run_id, workflow, json.loads(inputs_json), time.time())
+        self._runs[run_id] = run
+        if fresh:
+            self._journal.fresh_prefixes.add(run_id)
+        try:
+            await self._journal.commit(
+                (
+                    "run",
+                    (run_id, workflow_id, inputs_json, run.state.value, run.created_at, None, None),
+                )
+            )
+        except BaseException:
+            self._runs.pop(run_id, None)
+            self._journal.fresh_prefixes.discard(run_id)
+            raise
+        self._publish(run, "workflow_run_started", RunState.RUNNING.value)
+        assert self._tg is not None
+        self._tg.start_soon(self._drive, run)
+        return RunHandle(run_id, engine=self)
+
+    async def get_run(self, run_id: str) -> RunStatus:
+        """The run's status now; :class:`UnknownRun` if there is none."""
+        run = self._runs.get(run_id)
+        if run is not None:
+            return run.status()
+        rows = await self._journal.read(self._store.runs, run_id)
+        if not rows:
+            raise UnknownRun(run_id)
+        stored = self._run_from_row(rows[0])
+        if stored is None:
+            raise UnknownRun(run_id)
+        for step_row in await self._journal.read(self._store.steps, run_id):
+            step = stored.steps.get(step_row[1])
+            if step is not None:
+                self._restore_step(step, step_row)
+        return stored.status()
+
+    async def wait_run(self, run_id: str) -> RunStatus:
+        """Wait until the run has finished; its final status."""
+        run = self._runs.get(run_id)
+        if run is not None and not run.state.finished:
+            self._check_open()
+            await run.done.wait()
+            if not run.state.finished:
+                raise InfraClosed(
+                    f"the instance closed before run {run_id!r} finished; it resumes when an "
+                    "instance opens on the same state_dir"
+                )
+        return await self.get_run(run_id)
+
+    async def cancel_run(self, run_id: str) -> RunStatus:
+        """Cancel a run: its running steps' tasks are cancelled, its pending steps never start.
+
+        Returns once it has stopped, with its status. A finished run is left as it is.
+        """
+        self._check_open()
+        run = self._runs.get(run_id)
+        if run is None:
+            return await self.get_run(run_id)
+        if not run.state.finished:
+            run.cancel_requested = True
+            if run.scope is not None:
+                run.scope.cancel()
+        return await self.wait_run(run_id)
+
+    async def stream_status(
+        self, run_id: str, *, since: int | None = None
+    ) -> AsyncGenerator[WorkflowEvent, None]:
+        """The run's events, from its start (or after ``since``), until it finishes.
+
+        Each is a :class:`WorkflowEvent` (``type``, ``seq``, ``step``,
+        ``state``, ...). Pass the ``seq`` of the last one read as ``since`` to
+        resume. A run that is not in this instance's memory (finished long
+        ago) gives its final state, rebuilt from the store (``seq`` 0).
+        """
+        self._check_open()
+        run = self._runs.get(run_id)
+        if run is None:
+            for event in _from_status(await self.get_run(run_id)):
+                yield event
+            return
+        last = since or 0
+        async with self._bus.subscribe(WorkflowEvent.TYPES) as live:
+            # Taken in the same step as the subscription: nothing is missed
+            # between the two, and `last` drops what both hold.
+            for event in [e for e in run.events if e.seq > last]:
+                last = event.seq
+                yield event
+                if event.type in WorkflowEvent.RUN_FINAL_TYPES:
+                    return
+            async for item in live:
+                if isinstance(item, EventsDropped):
+                    for missed in [e for e in run.events if e.seq > last]:
+                        last = missed.seq
+                        yield missed
+                        if missed.type in WorkflowEvent.RUN_FINAL_TYPES:
+                            return
+                    continue
+                if not isinstance(item, WorkflowEvent) or item.run_id != run_id:
+                    continue
+                if item.seq <= last:
+                    continue
+                last = item.seq
+                yield item
+                if item.type in WorkflowEvent.RUN_FINAL_TYPES:
+                    return
+
+    # -- driving a run --------------------------------------------------------
+
+    async def _drive(self, run: _Run) -> None:
+        failed: builtins.list[_Step] = []
+        with anyio.CancelScope() as scope:
+            run.scope = scope
+            if not run.cancel_requested:
+                async with anyio.create_task_group() as tg:
+                    self._start_ready(run, tg, failed)
+        run.scope = None
+        # Here only if the run ended, failed or was cancelled by cancel_run():
+        # a close() of the instance cancels this task from outside, and the
+        # run stays 'running' in the store.
+        if run.cancel_requested:
+            await self._cascade(run, "cancelled by cancel_run()")
+            await self._finish(run, RunState.CANCELLED, "cancelled")
+        elif failed:
+            first = failed[0]
+            await self._cascade(run, f"not run: step {first.name!r} failed")
+            await self._finish(run, RunState.FAILED, f"step {first.name!r} failed: {first.error}")
+        else:
+            await self._finish(run, RunState.SUCCEEDED, None)
+
+    def _start_ready(self, run: _Run, tg: TaskGroup, failed: builtins.list[_Step]) -> None:
+        ready = _ready(run, run.steps.values())
+        if ready:
+            tg.start_soon(self._launch, run, ready, tg, failed)
+
+    async def _launch(
+        self, run: _Run, steps: builtins.list[_Step], tg: TaskGroup, failed: builtins.list[_Step]
+    ) -> None:
+        """Submit the tasks of ``steps`` together, then wait for each step's.
+
+        One submit for all the steps that became ready at once: the scheduler
+        looks ids given by the caller up in the store (a thread hop per
+        call), so a wide DAG pays one look-up and one commit, not one per step.
+        """
+        while steps:
+            submitted = await self._submit(run, steps, tg, failed)
+            if len(submitted) != 1:
+                for step in submitted:
+                    tg.start_soon(self._await_step, run, step, tg, failed)
+                return
+            # One step (a chain): this task waits for it and goes on with
+            # what it makes ready, with no task spawned per step.
+            step = submitted[0]
+            steps = self._step_ended(run, step, await self._outcome(step), tg, failed)
+
+    async def _submit(
+        self, run: _Run, steps: builtins.list[_Step], tg: TaskGroup, failed: builtins.list[_Step]
+    ) -> builtins.list[_Step]:
+        """Plan and submit the tasks of ``steps``; those whose tasks were accepted."""
+        submitted: builtins.list[tuple[_Step, builtins.list[TaskRequest]]] = []
+        for step in steps:
+            planned = _plan(run, step)
+            if isinstance(planned, str):
+                self._step_ended(run, step, planned, tg, failed)
+                continue
+            payloads, task_ids = planned
+            step.task_ids = tuple(task_ids)
+            self._journal.write(("step", step.row(run.run_id)))
+            self._publish(run, "workflow_step_started", step.state.value, step=step.name)
+            requests = [
+                _request(run, step.spec, payload, task_id)
+                for payload, task_id in zip(payloads, task_ids, strict=True)
+            ]
+            submitted.append((step, requests))
+        try:
+            await self._scheduler.submit_many(r for _, requests in submitted for r in requests)
+        except InvalidTask:
+            # One refused task refuses the whole call: find out whose it was.
+            accepted = []
+            for step, requests in submitted:
+                try:
+                    await self._scheduler.submit_many(requests)
+                except InvalidTask as exc:
+                    self._step_ended(run, step, str(exc), tg, failed)
+                else:
+                    accepted.append((step, requests))
+            submitted = accepted
+        return [step for step, _ in submitted]
+
+    async def _await_step(
+        self, run: _Run, step: _Step, tg: TaskGroup, failed: builtins.list[_Step]
+    ) -> None:
+        ready = self._step_ended(run, step, await self._outcome(step), tg, failed)
+        if ready:
+            await self._launch(run, ready, tg, failed)
+
+    def _step_ended(
+        self,
+        run: _Run,
+        step: _Step,
+        error: str | None,
+        tg: TaskGroup,
+        failed: builtins.list[_Step],
+    ) -> builtins.list[_Step]:
+        """Record how the step ended; the steps that this made ready, already marked running."""
+        step.finished_at = time.time()
+        if error is None:
+            step.state = StepState.SUCCEEDED
+            self._journal.write(("step", step.row(run.run_id)))
+            self._publish(run, "workflow_step_succeeded", step.state.value, step=step.name)
+            # Only its dependents can have become ready: a wide DAG must not
+            # rescan every step for each one that finishes.
+            return _ready(run, run.dependents[step.name])
+        step.state = StepState.FAILED
+        step.error = error
+        self._journal.write(("step", step.row(run.run_id)))
+        self._publish(run, "workflow_step_failed", step.state.value, step=step.name, error=error)
+        failed.append(step)
+        tg.cancel_scope.cancel()
+        return []
+
+    async def _outcome(self, step: _Step) -> str | None:
+        """Wait for the step's tasks; None when all succeeded (``result`` set), else why not."""
+        task_ids = step.task_ids
+        if step.spec.fan_out is None:
+            status = await self._scheduler.wait(task_ids[0])
+            if status.state is not TaskState.SUCCEEDED:
+                return _task_error(status.task_id, status.state, status.error)
+            step.result = status.result
+            return None
+        results: dict[str, Any] = {}
+        if task_ids:
+            async for event in self._scheduler.results(task_ids):
+                if event.state is not TaskState.SUCCEEDED:
+                    return _task_error(event.task_id, event.state, event.error)
+                results[event.task_id] = event.result
+        step.result = [results[t] for t in task_ids]
+        return None
+
+    async def _cascade(self, run: _Run, reason: str) -> None:
+        """Cancel the tasks of the steps still running; the pending steps never start."""
+        async with anyio.create_task_group() as tg:
+            for step in run.steps.values():
+                if step.state is StepState.RUNNING:
+                    for task_id in step.task_ids:
+                        tg.start_soon(self._cancel_task, task_id)
+        for step in run.steps.values():
+            if not step.state.finished:
+                step.state = StepState.CANCELLED
+                step.error = reason
+                step.finished_at = time.time()
+                self._journal.write(("step", step.row(run.run_id)))
+                self._publish(
+                    run, "workflow_step_cancelled", step.state.value, step=step.name, error=reason
+                )
+
+    async def _cancel_task(self, task_id: str) -> None:
+        try:
+            await self._scheduler.cancel(task_id)
+        except Exception:  # not submitted yet, or already gone: nothing to stop
+            log.debug("cancelling task %s of a run", task_id, exc_info=True)
+
+    async def _finish(self, run: _Run, state: RunState, error: str | None) -> None:
+        self._journal.fresh_prefixes.discard(run.run_id)
+        run.state = state
+        run.error = error
+        run.finished_at = time.time()
+        await self._journal.commit(("run_state", (state.value, run.finished_at, error, run.run_id)))
+        self._metrics.workflow_runs.labels(state.value).inc()
+        self._publish(run, f"workflow_run_{state.value}", state.value, error=error)
+        run.done.set()
+        self._recent[run.run_id] = None
+        if len(self._recent) > _RECENT:
+            old, _ = self._recent.popitem(last=False)
+            self._runs.pop(old, None)
+
+    def _publish(
+        self,
+        run: _Run,
+        event_type: str,
+        state: str,
+        *,
+        step: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        event = self._bus.publish(
+            WorkflowEvent(
+                type=event_type,
+                run_id=run.run_id,
+                workflow_id=run.workflow.workflow_id,
+                step=step,
+                state=state,
+                error=error,
+            )
+        )
+        assert isinstance(event, WorkflowEvent)
+        run.events.append(event)
+
+
+def _ready(run: _Run, candidates: Iterable[_Step]) -> list[_Step]:
+    """Those of ``candidates`` whose dependencies have all succeeded, marked running."""
+    ready = []
+    for step in candidates:
+        if step.state is StepState.PENDING and all(
+            run.steps[d].state is StepState.SUCCEEDED for d in step.spec.depends_on
+        ):
+            step.state = StepState.RUNNING
+            step.started_at = time.time()
+            ready.append(step)
+    return ready
+
+
+def _request(run: _Run, spec: Step, payload: Any, task_id: str) -> TaskRequest:
+    return TaskRequest(
+        handler=spec.handler,
+        payload=payload,
+        task_class=spec.task_class,
+        priority=spec.priority,
+        needs=spec.needs,
+        task_id=task_id,
+        workflow_id=run.workflow.workflow_id,
+        max_attempts=spec.max_attempts,
+        timeout=spec.timeout,
+    )
+
+
+class _Results(Mapping[str, Mapping[str, Any]]):
+    """``steps.NAME.result`` for the references: the succeeded steps, looked up on demand
+    (a copy per step would cost a wide DAG time quadratic in its width)."""
+
+    def __init__(self, steps: Mapping[str, _Step]):
+        self._steps = steps
+
+    def __getitem__(self, name: str) -> Mapping[str, Any]:
+        step = self._steps[name]
+        if step.state is not StepState.SUCCEEDED:
+            raise KeyError(name)
+        return {"result": step.result}
+
+    def __contains__(self, name: object) -> bool:
+        step = self._steps.get(name) if isinstance(name, str) else None
+        return step is not None and step.state is StepState.SUCCEEDED
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n, s in self._steps.items() if s.state is StepState.SUCCEEDED)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _plan(run: _Run, step: _Step) -> tuple[list[Any], list[str]] | str:
+    """The step's payloads and task ids, references filled in; or why they cannot be."""
+    spec = step.spec
+    context: dict[str, Any] = {"inputs": run.inputs, "steps": _Results(run.steps)}
+    try:
+        if spec.fan_out is None:
+            return [resolve(spec.payload, context)], [f"{run.run_id}:{step.name}"]
+        items = resolve(spec.fan_out, context)
+        if not isinstance(items, list):
+            return f"fan_out {spec.fan_out} is not a list: {items!r}"[:2000]
+        payloads = [
+            resolve(spec.payload, {**context, "item": item, "index": i})
+            for i, item in enumerate(items)
+        ]
+    except ReferenceError_ as exc:
+        return str(exc)
+    return payloads, [f"{run.run_id}:{step.name}:{i}" for i in range(len(items))]
+
+
+def _task_error(task_id: str, state: TaskState, error: str | None) -> str:
+    return f"task {task_id!r} {state.value}: {error or 'no error message'}"
+
+
+def _from_status(status: RunStatus) -> list[WorkflowEvent]:
+    events = [
+        WorkflowEvent(
+            type=f"workflow_step_{step.state.value}",
+            run_id=status.run_id,
+            workflow_id=status.workflow_id,
+            step=step.name,
+            state=step.state.value,
+            error=step.error,
+        )
+        for step in status.steps.values()
+        if step.state.finished
+    ]
+    if status.state.finished:
+        events.append(
+            WorkflowEvent(
+                type=f"workflow_run_{status.state.value}",
+                run_id=status.run_id,
+                workflow_id=status.workflow_id,
+                state=status.state.value,
+                error=status.error,
+            )
+        )
+    return events

@@ -1,0 +1,140 @@
+"""What a workflow run looks like from outside: states, statuses, events, handles."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from attrs import field, frozen
+
+from dspy_infra.events import Event
+from dspy_infra.workflows.spec import WorkflowSpec
+
+if TYPE_CHECKING:
+    from dspy_infra.workflows.engine import WorkflowEngine
+
+__all__ = [
+    "RunHandle",
+    "RunState",
+    "RunStatus",
+    "StepState",
+    "StepStatus",
+    "Workflow",
+    "WorkflowEvent",
+]
+
+
+class RunState(enum.StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self is not RunState.RUNNING
+
+
+class StepState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (StepState.PENDING, StepState.RUNNING)
+
+
+@frozen(kw_only=True)
+class Workflow:
+    """A stored workflow: its id (``NAME-HASH`` of the spec) and spec."""
+
+    workflow_id: str
+    spec: WorkflowSpec
+    created_at: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@frozen(kw_only=True)
+class StepStatus:
+    """One step of a run. ``result`` is set once it succeeded (a list for a fan-out)."""
+
+    name: str
+    state: StepState
+    task_ids: tuple[str, ...] = ()
+    result: Any = None
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@frozen(kw_only=True)
+class RunStatus:
+    """A snapshot of one run."""
+
+    run_id: str
+    workflow_id: str
+    state: RunState
+    inputs: Mapping[str, Any] = field(factory=dict)
+    steps: Mapping[str, StepStatus] = field(factory=dict)
+    created_at: float = 0.0
+    finished_at: float | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state.finished
+
+    def results(self) -> dict[str, Any]:
+        """Each succeeded step's result, by step name."""
+        return {n: s.result for n, s in self.steps.items() if s.state is StepState.SUCCEEDED}
+
+
+@frozen(kw_only=True)
+class WorkflowEvent(Event):
+    """A run or one of its steps changed state (``step`` is None for the run's own events)."""
+
+    RUN_FINAL_TYPES: ClassVar[frozenset[str]] = frozenset(
+        {"workflow_run_succeeded", "workflow_run_failed", "workflow_run_cancelled"}
+    )
+    TYPES: ClassVar[frozenset[str]] = frozenset(
+        {
+            "workflow_run_started",
+            "workflow_run_resumed",
+            "workflow_step_started",
+            "workflow_step_succeeded",
+            "workflow_step_failed",
+            "workflow_step_cancelled",
+        }
+        | RUN_FINAL_TYPES
+    )
+
+    run_id: str
+    workflow_id: str
+    state: str
+    step: str | None = None
+    error: str | None = None
+
+
+@frozen
+class RunHandle:
+    """A started run: wait for it, look at it, follow it, cancel it."""
+
+    run_id: str
+    _engine: WorkflowEngine = field(repr=False, alias="engine")
+
+    async def wait(self) -> RunStatus:
+        """Wait until the run has finished; its final status."""
+        return await self._engine.wait_run(self.run_id)
+
+    async def status(self) -> RunStatus:
+        return await self._engine.get_run(self.run_id)
+
+    async def cancel(self) -> RunStatus:
+        return await self._engine.cancel_run(self.run_id)

@@ -1,0 +1,416 @@
+"""What a workflow is: steps (task specs with ``depends_on``), references, validation.
+
+A step's ``payload`` (and its ``fan_out``) may hold *references*: a string
+that is exactly ``"${...}"`` is replaced by the value it names when the step
+starts:
+
+- ``${inputs.NAME}`` (and deeper keys, ``${inputs.NAME.key.0}``): the run's inputs;
+- ``${steps.NAME.result}`` (and deeper): the result of an upstream step (the
+  list of results, in order, for a fan-out step);
+- ``${item}`` and ``${index}`` in a fan-out step: the element it runs for and its position.
+
+``"$${...}"`` is the literal text ``"${...}"``. A reference is the whole
+string: ``"model-${inputs.size}"`` is left as it is (build names in a
+handler).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from attrs import field, frozen
+
+from dspy_infra.errors import InfraError
+
+__all__ = [
+    "InvalidWorkflow",
+    "Step",
+    "UnknownRun",
+    "UnknownWorkflow",
+    "WorkflowError",
+    "WorkflowSpec",
+    "resolve",
+]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+_WORKFLOW_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_MAX_NAME = 64
+_REF_RE = re.compile(r"^\$\{([^{}]+)\}$")
+_STEP_KEYS = (
+    "handler",
+    "payload",
+    "depends_on",
+    "fan_out",
+    "task_class",
+    "priority",
+    "max_attempts",
+    "timeout",
+    "needs",
+)
+
+
+class WorkflowError(InfraError):
+    """A problem with a workflow or one of its runs."""
+
+
+class InvalidWorkflow(WorkflowError, ValueError):
+    """A workflow spec (or a run's inputs) that cannot be used; nothing was stored."""
+
+
+class UnknownWorkflow(WorkflowError, KeyError):
+    """A workflow id that the store does not hold."""
+
+    def __init__(self, workflow_id: str):
+        self.workflow_id = workflow_id
+        super().__init__(f"unknown workflow {workflow_id!r}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class UnknownRun(WorkflowError, KeyError):
+    """A run id that the store does not hold."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        super().__init__(f"unknown workflow run {run_id!r}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+@frozen(kw_only=True)
+class Step:
+    """One step: a task spec (as :meth:`AgentInfra.submit_task` takes) plus ``depends_on``.
+
+    With ``fan_out`` (a ``"${...}"`` reference to a list), the step runs one
+    task per element, all at once; its result is the list of their results.
+    """
+
+    name: str
+    handler: str
+    payload: Any = None
+    depends_on: tuple[str, ...] = field(default=(), converter=_names)
+    fan_out: str | None = None
+    task_class: str = "cpu_short"
+    priority: int = 0
+    max_attempts: int | None = None
+    timeout: float | None = None
+    needs: tuple[str, ...] = field(default=(), converter=_names)
+
+    def to_mapping(self) -> dict[str, Any]:
+        table: dict[str, Any] = {"handler": self.handler}
+        for key in _STEP_KEYS[1:]:
+            value = getattr(self, key)
+            if value is not None and value != ():
+                table[key] = list(value) if isinstance(value, tuple) else value
+        return table
+
+
+def _steps(value: Iterable[Step]) -> tuple[Step, ...]:
+    return tuple(value)
+
+
+@frozen(kw_only=True)
+class WorkflowSpec:
+    """A named DAG of steps. Build it in Python, or read it with :meth:`from_mapping`
+    (a TOML document: ``name = ...`` and one ``[steps.NAME]`` table per step)."""
+
+    name: str
+    steps: tuple[Step, ...] = field(converter=_steps)
+
+    def __attrs_post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> WorkflowSpec:
+        """``{"name": ..., "steps": {NAME: {handler, payload, depends_on, ...}}}``.
+
+        ``steps`` may also be a list of tables with a ``name`` each.
+        """
+        if not isinstance(data, Mapping):
+            raise InvalidWorkflow(f"a workflow is a table, got {data!r}")
+        unknown = sorted(set(data) - {"name", "steps"})
+        if unknown:
+            raise InvalidWorkflow(f"unknown workflow keys {unknown} (expected: name, steps)")
+        name = data.get("name")
+        if not isinstance(name, str):
+            raise InvalidWorkflow(f"a workflow needs a name (a string), got {name!r}")
+        steps = [_step(name, step_name, table) for step_name, table in _tables(name, data)]
+        return cls(name=name, steps=tuple(steps))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> WorkflowSpec:
+        """Read a TOML file (see :meth:`from_mapping`)."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidWorkflow(f"{path}: {exc}") from None
+        try:
+            return cls.from_mapping(data)
+        except InvalidWorkflow as exc:
+            raise InvalidWorkflow(f"{path}: {exc}") from None
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {"name": self.name, "steps": {s.name: s.to_mapping() for s in self.steps}}
+
+    def workflow_id(self) -> str:
+        """``NAME-HASH``: the same spec always gets the same id; a changed one another."""
+        text = json.dumps(self.to_mapping(), sort_keys=True, separators=(",", ":"))
+        return f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+    def step(self, name: str) -> Step:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    def inputs(self) -> set[str]:
+        """The names of the inputs its references use."""
+        found = set()
+        for step in self.steps:
+            for path in _references(step):
+                if path[0] == "inputs" and len(path) > 1:
+                    found.add(path[1])
+        return found
+
+    def order(self) -> list[str]:
+        """The step names, each after its dependencies (the spec must be valid)."""
+        done: dict[str, None] = {}
+        by_name = {s.name: s for s in self.steps}
+
+        def visit(name: str) -> None:
+            if name not in done:
+                for dep in by_name[name].depends_on:
+                    visit(dep)
+                done[name] = None
+
+        for step in self.steps:
+            visit(step.name)
+        return list(done)
+
+    def validate(self) -> None:
+        """Everything that needs no instance; raises :class:`InvalidWorkflow`."""
+        where = f"workflow {self.name!r}"
+        if (
+            not isinstance(self.name, str)
+            or not _WORKFLOW_NAME_RE.match(self.name)
+            or len(self.name) > _MAX_NAME
+        ):
+            raise InvalidWorkflow(
+                f"{where}: a workflow name is letters, digits, '_', '.', '-' "
+                f"(at most {_MAX_NAME}, not starting with '.' or '-')"
+            )
+        if not self.steps:
+            raise InvalidWorkflow(f"{where}: it has no steps")
+        by_name: dict[str, Step] = {}
+        for step in self.steps:
+            if not isinstance(step, Step):
+                raise InvalidWorkflow(f"{where}: a step must be a Step, got {step!r}")
+            _check_step_shape(where, step)
+            if step.name in by_name:
+                raise InvalidWorkflow(f"{where}: step {step.name!r} is declared twice")
+            by_name[step.name] = step
+        known = ", ".join(by_name)
+        for step in self.steps:
+            for dep in step.depends_on:
+                if dep == step.name:
+                    raise InvalidWorkflow(f"{where}: step {step.name!r} depends on itself")
+                if dep not in by_name:
+                    raise InvalidWorkflow(
+                        f"{where}: step {step.name!r}: depends_on: unknown step {dep!r} "
+                        f"(steps: {known})"
+                    )
+        _check_cycles(where, by_name)
+        ancestors = _ancestors(by_name)
+        for step in self.steps:
+            _check_references(where, step, ancestors[step.name])
+
+
+def _tables(name: str, data: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    raw = data.get("steps")
+    if isinstance(raw, Mapping):
+        return list(raw.items())
+    if not isinstance(raw, list):
+        raise InvalidWorkflow(f"workflow {name!r}: steps must be a table of steps")
+    tables = []
+    for i, table in enumerate(raw):
+        if not isinstance(table, Mapping) or not isinstance(table.get("name"), str):
+            raise InvalidWorkflow(f"workflow {name!r}: steps[{i}] needs a name")
+        tables.append((table["name"], {k: v for k, v in table.items() if k != "name"}))
+    return tables
+
+
+def _step(name: str, step_name: str, table: Any) -> Step:
+    where = f"workflow {name!r}: step {step_name!r}"
+    if not isinstance(table, Mapping):
+        raise InvalidWorkflow(f"{where}: expected a table, got {table!r}")
+    extra = sorted(set(table) - set(_STEP_KEYS))
+    if extra:
+        raise InvalidWorkflow(f"{where}: unknown keys {extra} (expected: {', '.join(_STEP_KEYS)})")
+    if "handler" not in table:
+        raise InvalidWorkflow(f"{where}: handler is required")
+    try:
+        return Step(name=step_name, **table)
+    except TypeError as exc:
+        raise InvalidWorkflow(f"{where}: {exc}") from None
+
+
+def _check_step_shape(where: str, step: Step) -> None:
+    if not isinstance(step.name, str) or not _NAME_RE.match(step.name) or len(step.name) > 64:
+        raise InvalidWorkflow(
+            f"{where}: step name {step.name!r}: letters, digits, '_' and '-', at most 64 "
+            "(not starting with '-')"
+        )
+    at = f"{where}: step {step.name!r}"
+    for key in ("handler", "task_class"):
+        if not isinstance(getattr(step, key), str):
+            raise InvalidWorkflow(f"{at}: {key} must be a string, got {getattr(step, key)!r}")
+    for key in ("depends_on", "needs"):
+        if not all(isinstance(n, str) for n in getattr(step, key)):
+            raise InvalidWorkflow(f"{at}: {key} must be a list of names")
+    try:
+        json.dumps(step.payload, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidWorkflow(f"{at}: the payload is not JSON-compatible ({exc})") from None
+    if step.fan_out is not None and (
+        not isinstance(step.fan_out, str) or not _REF_RE.match(step.fan_out)
+    ):
+        raise InvalidWorkflow(
+            f"{at}: fan_out must be a reference to a list, as in "
+            f"'${{steps.prepare.result}}' or '${{inputs.items}}', got {step.fan_out!r}"
+        )
+
+
+def _check_cycles(where: str, by_name: Mapping[str, Step]) -> None:
+    state: dict[str, int] = {}  # 1: on the current path; 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in by_name[name].depends_on:
+            if state.get(dep) == 1:
+                cycle = [*path[path.index(dep) :], dep]
+                raise InvalidWorkflow(f"{where}: cycle: {' -> '.join(cycle)}")
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[name] = 2
+
+    for name in by_name:
+        if name not in state:
+            visit(name, [name])
+
+
+def _ancestors(by_name: Mapping[str, Step]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+
+    def of(name: str) -> set[str]:
+        if name not in found:
+            mine: set[str] = set()
+            for dep in by_name[name].depends_on:
+                mine.add(dep)
+                mine |= of(dep)
+            found[name] = mine
+        return found[name]
+
+    for name in by_name:
+        of(name)
+    return found
+
+
+def _walk_strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _walk_strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _walk_strings(v)
+
+
+def _references(step: Step) -> Iterator[list[str]]:
+    texts = list(_walk_strings(step.payload))
+    if step.fan_out is not None:
+        texts.append(step.fan_out)
+    for text in texts:
+        match = _REF_RE.match(text)
+        if match is not None:
+            yield match[1].strip().split(".")
+
+
+def _check_references(where: str, step: Step, ancestors: set[str]) -> None:
+    at = f"{where}: step {step.name!r}"
+    for path in _references(step):
+        text = "${" + ".".join(path) + "}"
+        root = path[0]
+        if root == "inputs":
+            if len(path) < 2 or not path[1]:
+                raise InvalidWorkflow(f"{at}: {text}: name an input, as in ${{inputs.dataset}}")
+        elif root == "steps":
+            if len(path) < 3 or path[2] != "result":
+                raise InvalidWorkflow(
+                    f"{at}: {text}: a step is referred to as ${{steps.NAME.result}}"
+                )
+            if path[1] not in ancestors:
+                raise InvalidWorkflow(
+                    f"{at}: {text} refers to step {path[1]!r}, which is not among its "
+                    "dependencies (add it to depends_on)"
+                )
+        elif root in ("item", "index"):
+            if step.fan_out is None or (len(path) > 1 and root == "index"):
+                raise InvalidWorkflow(f"{at}: {text} is only meaningful in a fan_out step")
+        else:
+            raise InvalidWorkflow(
+                f"{at}: {text}: unknown reference (expected inputs.NAME, steps.NAME.result, "
+                "item or index)"
+            )
+
+
+class ReferenceError_(ValueError):  # noqa: N801 - not the builtin ReferenceError
+    """A reference names something that the run does not have."""
+
+
+def _lookup(value: Any, path: list[str], text: str) -> Any:
+    for i, key in enumerate(path):
+        if isinstance(value, Mapping) and key in value:
+            value = value[key]
+        elif (
+            isinstance(value, list)
+            and key.lstrip("-").isdigit()
+            and -len(value) <= int(key) < len(value)
+        ):
+            value = value[int(key)]
+        else:
+            at = ".".join(path[: i + 1])
+            raise ReferenceError_(f"{text}: nothing at {at!r}")
+    return value
+
+
+def resolve(value: Any, context: Mapping[str, Any]) -> Any:
+    """``value`` with each ``"${...}"`` string replaced by what it names in ``context``."""
+    if isinstance(value, str):
+        if value.startswith("$${"):
+            return value[1:]
+        match = _REF_RE.match(value)
+        if match is None:
+            return value
+        return _lookup(context, match[1].strip().split("."), value)
+    if isinstance(value, Mapping):
+        return {k: resolve(v, context) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [resolve(v, context) for v in value]
+    return value

@@ -1,0 +1,266 @@
+"""Metrics, /metrics, /health and /ready over real loopback, with real services and tasks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+
+from dspy_infra import AgentInfra, ConfigError, load_config
+from dspy_infra.config.model import MetricsSettings
+from tests.engines import missing_engine
+from tests.integration.helpers import service
+from tests.unit.test_config_reference import documented, public_fields, real_default
+
+pytestmark = pytest.mark.anyio
+
+PREFIX = "dspy_infra_"
+GPUS_TOTAL_LINT = 'non-counter metrics should not have "_total" suffix'
+# Every metric DESIGN.md names, as it appears in the text format.
+DESIGN_METRICS = [
+    "service_starts_total",
+    "service_stops_total",
+    "service_start_failures_total",
+    "active_services",
+    "health_check_duration_seconds",
+    "backend_api_duration_seconds",
+    "tasks_submitted_total",
+    "tasks_finished_total",
+    "task_queue_depth",
+    "task_wait_seconds",
+    "task_duration_seconds",
+    "class_concurrency_limit",
+    "gpus_total",
+    "gpus_in_use",
+    "workflow_runs_total",
+    "events_dropped_total",
+]
+
+
+async def get(url: str) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, response.headers["Content-Type"], await response.text()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of the text format, or None."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    head = f"{name}{{{wanted}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == head or (labels and key.startswith(name + "{") and _same(key, head)):
+            return float(value)
+    return None
+
+
+def _same(key: str, head: str) -> bool:
+    def labels(text: str) -> set[str]:
+        return set(text[text.index("{") + 1 : -1].split(","))
+
+    return labels(key) == labels(head)
+
+
+async def noop(payload: Any) -> Any:
+    return payload
+
+
+def config(tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "infra": {"state_dir": str(tmp_path / "state"), "gpus": []},
+        "metrics": {"address": "127.0.0.1:0", "loop_lag_interval": 0.02},
+        "services": {"kv": service(port=True)},
+        **extra,
+    }
+
+
+async def test_metrics_health_and_ready_are_served_on_loopback(tmp_path: Path) -> None:
+    async with AgentInfra.start(config(tmp_path), handlers={"noop": noop}) as infra:
+        address = infra.metrics_address
+        assert address is not None
+        assert address.startswith("127.0.0.1:")
+        assert not address.endswith(":0")
+        handles = await infra.submit_tasks("noop", range(5))
+        for h in handles:
+            await h.result()
+        await anyio.sleep(0.1)  # a few loop-lag measurements
+
+        status, content_type, text = await get(f"http://{address}/metrics")
+        assert status == 200
+        assert content_type.startswith("text/plain; version=")
+        for name in DESIGN_METRICS:
+            assert f"# TYPE {PREFIX}{name.removesuffix('_total')}" in text, name
+        assert sample(text, f"{PREFIX}tasks_submitted_total", task_class="cpu_short") == 5
+        assert (
+            sample(
+                text, f"{PREFIX}tasks_finished_total", task_class="cpu_short", status="succeeded"
+            )
+            == 5
+        )
+        assert sample(text, f"{PREFIX}active_services") == 1
+        assert sample(text, f"{PREFIX}service_starts_total", service="kv", status="succeeded") == 1
+        healthy_checks = sample(
+            text, f"{PREFIX}health_check_duration_seconds_count", service="kv", status="healthy"
+        )
+        assert healthy_checks is not None
+        assert healthy_checks >= 1
+        launches = sample(
+            text,
+            f"{PREFIX}backend_api_duration_seconds_count",
+            backend="local",
+            operation="launch",
+            status="ok",
+        )
+        assert launches == 1
+        lag = sample(text, f"{PREFIX}event_loop_lag_seconds")
+        assert lag is not None
+        assert 0 <= lag < 1
+
+        # get_metrics() returns the same values.
+        values = await infra.get_metrics()
+        assert values['dspy_infra_service_starts_total{service="kv",status="succeeded"}'] == 1
+        assert values["dspy_infra_active_services"] == 1
+
+        status, content_type, text = await get(f"http://{address}/health")
+        assert status == 200
+        assert content_type.startswith("application/json")
+        import json  # noqa: PLC0415
+
+        health = json.loads(text)
+        assert health["status"] == "healthy"
+        assert health["services"]["kv"]["state"] == "healthy"
+        assert health["scheduler"]["classes"]["cpu_short"]["limit"] == 64
+        assert health["scheduler"]["gpus_total"] == 0
+
+        status, _, text = await get(f"http://{address}/ready")
+        assert (status, json.loads(text)["ready"]) == (200, True)
+
+        await infra.services.stop(["kv"])
+        status, _, text = await get(f"http://{address}/ready")
+        assert (status, json.loads(text)["ready"]) == (200, True)  # a stopped service is fine
+        values = await infra.get_metrics()
+        assert values['dspy_infra_service_stops_total{service="kv",status="stopped"}'] == 1
+        assert values["dspy_infra_active_services"] == 0
+    # Closed: nothing listens any more.
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await get(f"http://{address}/metrics")
+
+
+async def test_a_failing_service_is_counted_and_makes_health_503(tmp_path: Path) -> None:
+    cfg = config(
+        tmp_path,
+        services={
+            "flaky": service(
+                "--exit-after", "0.3", "--code", "3", port=True, restart="no", start_retries=0
+            )
+        },
+    )
+    async with AgentInfra.start(cfg) as infra:
+        address = infra.metrics_address
+        with anyio.fail_after(10):
+            while (await infra.services.status())["flaky"].state.value != "failed":
+                await anyio.sleep(0.02)
+        status, _, _ = await get(f"http://{address}/health")
+        assert status == 503
+        status, _, _ = await get(f"http://{address}/ready")
+        assert status == 503
+        values = await infra.get_metrics()
+        assert values['dspy_infra_service_stops_total{service="flaky",status="failed"}'] == 1
+
+
+async def test_a_start_failure_is_counted_with_its_reason(tmp_path: Path) -> None:
+    cfg = config(
+        tmp_path,
+        services={
+            "dies": service("--code", "4", "--exit-after", "0", start_retries=1, port=True),
+        },
+    )
+    cfg["infra"]["autostart"] = False
+    async with AgentInfra.start(cfg) as infra:
+        with pytest.raises(Exception, match="exited with code 4"):
+            await infra.services.start(["dies"])
+        values = await infra.get_metrics()
+        failures = 'dspy_infra_service_start_failures_total{reason="exited",service="dies"}'
+        assert values[failures] == 2
+        assert values['dspy_infra_service_starts_total{service="dies",status="failed"}'] == 2
+
+
+async def test_no_endpoint_by_default(tmp_path: Path) -> None:
+    async with AgentInfra.start(state_dir=tmp_path / "state") as infra:
+        assert infra.metrics_address is None
+        assert "dspy_infra_event_loop_lag_seconds" in await infra.get_metrics()
+
+
+def test_a_remote_address_needs_allow_remote() -> None:
+    with pytest.raises(ConfigError, match=r"metrics\.address: '0\.0\.0\.0' is not a loopback"):
+        load_config({"metrics": {"address": "0.0.0.0:9464"}}, environ={})
+    allowed = load_config(
+        {"metrics": {"address": "0.0.0.0:9464", "allow_remote": True}}, environ={}
+    )
+    assert allowed.metrics.address == "0.0.0.0:9464"
+    from_env = load_config(None, environ={"DSPY_INFRA_METRICS__ADDRESS": "[::1]:9464"})
+    assert from_env.metrics.address == "[::1]:9464"
+    with pytest.raises(ConfigError, match="expected 'HOST:PORT'"):
+        load_config({"metrics": {"address": "9464"}}, environ={})
+
+
+def test_metrics_settings_are_documented_like_the_other_classes() -> None:
+    # The checks of tests/unit/test_config_reference.py, for [metrics].
+    rows = documented(MetricsSettings)
+    assert list(rows) == [a.name for a in public_fields(MetricsSettings)]
+    for attribute in public_fields(MetricsSettings):
+        cell = rows[attribute.name][1]
+        expected = real_default(attribute)
+        if cell == "none":
+            assert expected is None
+        else:
+            assert cell == f"`{str(expected).lower()}`" or cell == f"`{expected!r}`", cell
+
+
+async def test_promtool_accepts_a_real_scrape(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        missing_engine("promtool", "not on PATH (Debian: apt-get install prometheus)")
+    cfg = config(tmp_path)
+    async with AgentInfra.start(cfg, handlers={"noop": noop}) as infra:
+        for h in await infra.submit_tasks("noop", range(3)):
+            await h.result()
+        _, _, text = await get(f"http://{infra.metrics_address}/metrics")
+    assert promtool is not None
+    result = await anyio.run_process(
+        [promtool, "check", "metrics"], input=text.encode(), check=False
+    )
+    stderr = result.stderr.decode()
+    # Exit 1: the text does not parse. Exit 3: it parses, with lint remarks. The one
+    # remark expected is about a name DESIGN.md fixes as a contract: `gpus_total` is a
+    # gauge (the number of GPUs), and the lint wants "_total" on counters only.
+    problems = [line for line in stderr.splitlines() if line.strip()]
+    assert result.returncode in (0, 3), stderr
+    assert problems == (
+        [] if result.returncode == 0 else [f"{PREFIX}gpus_total {GPUS_TOTAL_LINT}"]
+    ), problems
+
+
+async def test_the_grafana_dashboard_uses_only_metrics_that_exist(tmp_path: Path) -> None:
+    import json  # noqa: PLC0415
+    import re  # noqa: PLC0415
+
+    dashboard = Path(__file__).parents[2] / "docs" / "grafana" / "dspy-infra.json"
+    text = dashboard.read_text()
+    json.loads(text)
+    used = set(re.findall(r"dspy_infra_[a-z_]+", text))
+    async with AgentInfra.start(config(tmp_path)) as infra:
+        exposed = infra.metrics.exposition().decode()
+    declared = set(re.findall(r"^# TYPE (dspy_infra_[a-z_]+)", exposed, flags=re.MULTILINE))
+    samples = {
+        line.split("{")[0].split(" ")[0]
+        for line in exposed.splitlines()
+        if not line.startswith("#")
+    }
+    missing = {name for name in used if name not in declared | samples}
+    assert not missing, missing

@@ -1,0 +1,253 @@
+"""Workflow runs on a real instance: ordering, fan-out, failure, cancellation, streaming."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dspy_infra import AgentInfra
+from dspy_infra.scheduling.tasks import TaskState
+from dspy_infra.workflows import (
+    InvalidWorkflow,
+    RunState,
+    StepState,
+    UnknownRun,
+    UnknownWorkflow,
+    WorkflowEvent,
+)
+
+# -- hypothesis: random DAGs --------------------------------------------------
+
+
+@st.composite
+def dags(draw: st.DrawFn) -> dict[str, Any]:
+    """Steps s0..sN, each depending on some earlier ones; some fan out; maybe one fails."""
+    n = draw(st.integers(1, 10))
+    steps: dict[str, dict[str, Any]] = {}
+    widths: dict[str, int] = {}
+    for i in range(n):
+        name = f"s{i}"
+        earlier = [f"s{j}" for j in range(i)]
+        deps = sorted(draw(st.sets(st.sampled_from(earlier), max_size=3))) if earlier else []
+        payload: dict[str, Any] = {
+            "step": name,
+            "deps": {d: f"${{steps.{d}.result}}" for d in deps},
+        }
+        table: dict[str, Any] = {"handler": "work", "depends_on": deps, "payload": payload}
+        if draw(st.booleans()):
+            widths[name] = draw(st.integers(0, 3))
+            table["fan_out"] = f"${{inputs.{name}}}"
+            payload["item"] = "${item}"
+        steps[name] = table
+    failing = draw(st.none() | st.sampled_from(sorted(steps)))
+    return {"steps": steps, "widths": widths, "failing": failing}
+
+
+def expected_result(name: str, widths: dict[str, int]) -> Any:
+    if name in widths:
+        return [[name, i] for i in range(widths[name])]
+    return [name, None]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dag=dags(), seed=st.integers(0, 2**16))
+def test_every_step_runs_after_its_dependencies_and_once(
+    tmp_path_factory: pytest.TempPathFactory, dag: dict[str, Any], seed: int
+) -> None:
+    steps, widths, failing = dag["steps"], dag["widths"], dag["failing"]
+    rng = random.Random(seed)
+    log: list[tuple[str, str, Any]] = []  # ("start" | "end", step, item)
+
+    async def work(payload: dict[str, Any]) -> Any:
+        name, item = payload["step"], payload.get("item")
+        log.append(("start", name, item))
+        for dep, value in payload["deps"].items():
+            assert value == expected_result(dep, widths), (name, dep, value)
+        await anyio.sleep(rng.choice([0, 0, 0.001, 0.003]))
+        log.append(("end", name, item))
+        if name == failing:
+            raise RuntimeError(f"{name} fails")
+        return [name, item]
+
+    state_dir = tmp_path_factory.mktemp("wf")
+
+    async def main() -> None:
+        async with AgentInfra.start(
+            state_dir=state_dir, durable=False, handlers={"work": work}
+        ) as infra:
+            wf = await infra.workflows.create({"name": "dag", "steps": steps})
+            inputs = {name: list(range(w)) for name, w in widths.items()}
+            run = await infra.workflows.start_run(wf.workflow_id, inputs)
+            with anyio.fail_after(30):
+                status = await run.wait()
+            check(status)
+
+    def check(status: Any) -> None:
+        position = {(kind, s, i): n for n, (kind, s, i) in enumerate(log)}
+        starts = [(s, i) for kind, s, i in log if kind == "start"]
+        assert len(starts) == len(set(starts)), "a task ran twice"
+        for name, item in starts:
+            for dep in steps[name]["depends_on"]:
+                items = range(widths[dep]) if dep in widths else [None]
+                for dep_item in items:
+                    assert position[("end", dep, dep_item)] < position[("start", name, item)]
+        descendants = _descendants(steps, failing) if failing else set()
+        if failing is None or (failing in widths and widths[failing] == 0):
+            assert status.state is RunState.SUCCEEDED, status
+            for name in steps:
+                assert status.steps[name].state is StepState.SUCCEEDED
+                assert status.steps[name].result == expected_result(name, widths)
+                items = range(widths[name]) if name in widths else [None]
+                assert all((name, i) in starts for i in items), "a step did not run"
+        else:
+            assert status.state is RunState.FAILED, status
+            assert status.steps[failing].state is StepState.FAILED
+            assert f"{failing} fails" in (status.error or "")
+            for name in descendants:
+                assert all(s != name for s, _ in starts), f"{name} ran after a failed dependency"
+                assert status.steps[name].state is StepState.CANCELLED
+            assert all(s.state.finished for s in status.steps.values())
+
+    anyio.run(main, backend="asyncio")
+
+
+def _descendants(steps: dict[str, Any], root: str) -> set[str]:
+    found: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for name, table in steps.items():
+            if name not in found and ({root} | found) & set(table["depends_on"]):
+                found.add(name)
+                changed = True
+    return found
+
+
+# -- behaviour on one instance ------------------------------------------------
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_cancel_run_cascades_to_running_and_pending_steps(tmp_path: Path) -> None:
+    started: list[Any] = []
+    cancelled: list[Any] = []
+
+    async def quick(payload: Any) -> Any:
+        return [1, 2, 3]
+
+    async def hang(payload: Any) -> Any:
+        started.append(payload)
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(payload)
+            raise
+
+    spec = {
+        "name": "cancel-me",
+        "steps": {
+            "a": {"handler": "quick"},
+            "b": {"handler": "hang", "depends_on": ["a"], "fan_out": "${steps.a.result}"},
+            "c": {"handler": "hang", "depends_on": ["a"], "payload": "c"},
+            "d": {"handler": "quick", "depends_on": ["b", "c"]},
+        },
+    }
+    async with AgentInfra.start(
+        state_dir=tmp_path / "state", handlers={"quick": quick, "hang": hang}
+    ) as infra:
+        wf = await infra.workflows.create(spec)
+        run = await infra.workflows.start_run(wf.workflow_id)
+        with anyio.fail_after(10):
+            while len(started) < 4:
+                await anyio.sleep(0.01)
+        status = await run.cancel()
+        assert status.state is RunState.CANCELLED
+        assert status.steps["a"].state is StepState.SUCCEEDED
+        for name in ("b", "c", "d"):
+            assert status.steps[name].state is StepState.CANCELLED, name
+        assert sorted(map(str, cancelled)) == sorted(map(str, started))
+        for task_id in [*status.steps["b"].task_ids, *status.steps["c"].task_ids]:
+            assert (await infra.get_task_status(task_id)).state is TaskState.CANCELLED
+        assert status.steps["d"].task_ids == ()
+        events = [e async for e in infra.workflows.stream_status(run.run_id)]
+        assert events[-1].type == "workflow_run_cancelled"
+        values = await infra.get_metrics()
+        assert values['dspy_infra_workflow_runs_total{status="cancelled"}'] == 1
+        # Cancelling again, or a finished run, changes nothing.
+        assert (await infra.workflows.cancel_run(run.run_id)).state is RunState.CANCELLED
+
+
+async def test_status_streams_resume_from_a_sequence_number(tmp_path: Path) -> None:
+    gate = anyio.Event()
+
+    async def step(payload: Any) -> Any:
+        if payload == "wait":
+            await gate.wait()
+        return payload
+
+    spec = {
+        "name": "stream",
+        "steps": {
+            "one": {"handler": "step", "payload": "one"},
+            "two": {"handler": "step", "payload": "wait", "depends_on": ["one"]},
+            "three": {"handler": "step", "payload": "three", "depends_on": ["two"]},
+        },
+    }
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers={"step": step}) as infra:
+        wf = await infra.workflows.create(spec)
+        run = await infra.workflows.start_run(wf.workflow_id)
+        seen: list[WorkflowEvent] = []
+        async for event in infra.workflows.stream_status(run.run_id):
+            seen.append(event)
+            if event.type == "workflow_step_started" and event.step == "two":
+                break
+        gate.set()
+        rest = [e async for e in infra.workflows.stream_status(run.run_id, since=seen[-1].seq)]
+        everything = [e async for e in infra.workflows.stream_status(run.run_id)]
+        assert [e.seq for e in everything] == [e.seq for e in seen + rest]
+        assert [(e.type, e.step) for e in rest] == [
+            ("workflow_step_succeeded", "two"),
+            ("workflow_step_started", "three"),
+            ("workflow_step_succeeded", "three"),
+            ("workflow_run_succeeded", None),
+        ]
+        assert (await run.wait()).results() == {"one": "one", "two": "wait", "three": "three"}
+
+
+async def test_bad_workflows_and_runs_are_refused_with_clear_errors(tmp_path: Path) -> None:
+    async def h(payload: Any) -> Any:
+        return payload
+
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers={"h": h}) as infra:
+        wfs = infra.workflows
+        with pytest.raises(
+            InvalidWorkflow, match=r"step 'b': no in-process handler 'nope' is registered"
+        ):
+            await wfs.create(
+                {"name": "x", "steps": {"a": {"handler": "h"}, "b": {"handler": "nope"}}}
+            )
+        with pytest.raises(InvalidWorkflow, match=r"step 'a': unknown task class 'huge'"):
+            await wfs.create({"name": "x", "steps": {"a": {"handler": "h", "task_class": "huge"}}})
+        with pytest.raises(InvalidWorkflow, match=r"priority must be an integer"):
+            await wfs.create({"name": "x", "steps": {"a": {"handler": "h", "priority": 1000}}})
+        with pytest.raises(UnknownWorkflow):
+            await wfs.start_run("no-such-workflow")
+        with pytest.raises(UnknownRun):
+            await wfs.get_run("no-such-run")
+        wf = await wfs.create(
+            {"name": "x", "steps": {"a": {"handler": "h", "payload": "${inputs.n}"}}}
+        )
+        assert (await wfs.create(wf.spec)).workflow_id == wf.workflow_id  # idempotent
+        with pytest.raises(InvalidWorkflow, match=r"missing inputs n"):
+            await wfs.start_run(wf.workflow_id)
+        # Inputs are any JSON; the same run_id is the same run, whatever the inputs.
+        run = await wfs.start_run(wf.workflow_id, {"n": {"deeper": 1}}, run_id="mine")
+        assert (await run.wait()).results() == {"a": {"deeper": 1}}
+        again = await wfs.start_run(wf.workflow_id, {"n": 2}, run_id="mine")  # same run
+        assert (await again.wait()).results() == {"a": {"deeper": 1}}

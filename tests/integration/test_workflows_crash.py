@@ -1,0 +1,184 @@
+"""A SIGKILLed owner loses no run: the next instance on its state dir resumes it, without
+running again the steps (and fan-out tasks) that had finished."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from dspy_infra import AgentInfra
+from dspy_infra.workflows import RunState, StepState
+
+pytestmark = pytest.mark.anyio
+
+SPEC = {
+    "name": "resumable",
+    "steps": {
+        "prepare": {"handler": "prepare", "payload": "${inputs.n}"},
+        # Two attempts: the task running at the crash is run again, not lost.
+        "evaluate": {
+            "handler": "evaluate",
+            "depends_on": ["prepare"],
+            "fan_out": "${steps.prepare.result}",
+            "payload": "${item}",
+            "max_attempts": 2,
+        },
+        "aggregate": {
+            "handler": "aggregate",
+            "depends_on": ["evaluate"],
+            "payload": "${steps.evaluate.result}",
+        },
+    },
+}
+
+OWNER = """
+import json, sys
+import anyio
+from dspy_infra import AgentInfra
+
+state_dir, spec = sys.argv[1], json.loads(sys.argv[2])
+
+async def prepare(n):
+    print("ran prepare", flush=True)
+    return list(range(n))
+
+async def evaluate(item):
+    if item == 2:
+        print("started evaluate 2", flush=True)
+        await anyio.sleep_forever()
+    print(f"ran evaluate {item}", flush=True)
+    return item * 10
+
+async def aggregate(results):
+    raise AssertionError("not reached before the kill")
+
+async def main():
+    handlers: dict[str, Callable[..., Any]] = {
+        "prepare": prepare,
+        "evaluate": evaluate,
+        "aggregate": aggregate,
+    }
+    async with AgentInfra.start(state_dir=state_dir, handlers=handlers) as infra:
+        wf = await infra.workflows.create(spec)
+        await infra.workflows.start_run(wf.workflow_id, {"n": 3}, run_id="r1")
+        # Printed once a task's success is committed (a handler's own print comes
+        # before: a kill in between re-runs the task, which has an attempt left).
+        async for event in infra.stream_events({"task_completed"}, since=0):
+            print("completed", event.task_id, flush=True)
+
+anyio.run(main)
+"""
+
+
+async def test_a_killed_owner_resumes_its_run_without_rerunning_finished_steps(
+    tmp_path: Path,
+) -> None:
+    import json  # noqa: PLC0415
+
+    state_dir = tmp_path / "state"
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(OWNER))
+    argv = [sys.executable, str(script), str(state_dir), json.dumps(SPEC)]
+    lines: list[str] = []
+    wanted = {
+        "completed r1:prepare",
+        "completed r1:evaluate:0",
+        "completed r1:evaluate:1",
+        "started evaluate 2",
+    }
+    async with await anyio.open_process(argv) as owner:
+        try:
+            assert owner.stdout is not None
+            buffer = b""
+            with anyio.fail_after(30):
+                while not wanted <= set(lines):
+                    buffer += await owner.stdout.receive()
+                    *complete, buffer = buffer.split(b"\n")
+                    lines.extend(line.decode() for line in complete)
+        finally:
+            os.kill(owner.pid, signal.SIGKILL)
+        assert await owner.wait() == -signal.SIGKILL
+
+    calls: list[tuple[str, Any]] = []
+
+    async def prepare(n: int) -> list[int]:
+        calls.append(("prepare", n))
+        return list(range(n))
+
+    async def evaluate(item: int) -> int:
+        calls.append(("evaluate", item))
+        return item * 10
+
+    async def aggregate(results: list[int]) -> int:
+        calls.append(("aggregate", results))
+        return sum(results)
+
+    handlers: dict[str, Callable[..., Any]] = {
+        "prepare": prepare,
+        "evaluate": evaluate,
+        "aggregate": aggregate,
+    }
+    async with AgentInfra.start(state_dir=state_dir, handlers=handlers) as infra:
+        with anyio.fail_after(10):
+            status = await infra.workflows.wait_run("r1")
+        assert status.state is RunState.SUCCEEDED, status
+        assert status.results() == {"prepare": [0, 1, 2], "evaluate": [0, 10, 20], "aggregate": 30}
+        assert all(s.state is StepState.SUCCEEDED for s in status.steps.values())
+        task = await infra.get_task_status("r1:evaluate:2")
+        assert task.attempts == 2  # the one running at the kill, run again
+    assert calls == [("evaluate", 2), ("aggregate", [0, 10, 20])]
+
+    # And it stays so: a third instance has nothing to resume.
+    calls.clear()
+    async with AgentInfra.start(state_dir=state_dir, handlers=handlers) as infra:
+        status = await infra.workflows.get_run("r1")
+        assert status.state is RunState.SUCCEEDED
+        assert status.results()["aggregate"] == 30
+        events = [e async for e in infra.workflows.stream_status("r1")]
+        assert events[-1].type == "workflow_run_succeeded"
+        await anyio.sleep(0.05)
+    assert calls == []
+
+
+async def test_a_run_cut_short_by_close_resumes_in_the_next_instance(tmp_path: Path) -> None:
+    gate = anyio.Event()
+    calls: list[str] = []
+
+    async def step(name: str) -> str:
+        calls.append(name)
+        if name == "slow":
+            await gate.wait()
+        return name
+
+    spec = {
+        "name": "closing",
+        "steps": {
+            "fast": {"handler": "step", "payload": "fast"},
+            "slow": {"handler": "step", "payload": "slow", "depends_on": ["fast"]},
+            "after": {"handler": "step", "payload": "after", "depends_on": ["slow"]},
+        },
+    }
+    state_dir = tmp_path / "state"
+    async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
+        wf = await infra.workflows.create(spec)
+        run = await infra.workflows.start_run(wf.workflow_id, run_id="cut")
+        with anyio.fail_after(10):
+            while "slow" not in calls:
+                await anyio.sleep(0.01)
+        assert (await run.status()).state is RunState.RUNNING
+    assert calls == ["fast", "slow"]
+    gate.set()
+    async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
+        with anyio.fail_after(10):
+            status = await infra.workflows.wait_run("cut")
+        assert status.state is RunState.SUCCEEDED
+    # The interrupted attempt does not count: 'slow' runs again, 'fast' does not.
+    assert calls == ["fast", "slow", "slow", "after"]

@@ -1,0 +1,109 @@
+"""Workflow specs: parsing and the validation that needs no instance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dspy_infra.workflows import InvalidWorkflow, Step, WorkflowSpec
+from dspy_infra.workflows.spec import ReferenceError_, resolve
+
+
+def spec(**steps: dict[str, Any]) -> WorkflowSpec:
+    return WorkflowSpec.from_mapping({"name": "wf", "steps": steps})
+
+
+def test_a_cycle_is_refused_with_its_whole_path() -> None:
+    with pytest.raises(InvalidWorkflow, match=r"workflow 'wf': cycle: a -> c -> b -> a"):
+        spec(
+            a={"handler": "h", "depends_on": ["c"]},
+            b={"handler": "h", "depends_on": ["a"]},
+            c={"handler": "h", "depends_on": ["b"]},
+        )
+
+
+def test_unknown_steps_and_references_are_named() -> None:
+    with pytest.raises(InvalidWorkflow, match=r"step 'b': depends_on: unknown step 'x'"):
+        spec(a={"handler": "h"}, b={"handler": "h", "depends_on": ["x"]})
+    with pytest.raises(InvalidWorkflow, match=r"refers to step 'a', which is not among its"):
+        spec(a={"handler": "h"}, b={"handler": "h", "payload": "${steps.a.result}"})
+    with pytest.raises(InvalidWorkflow, match=r"only meaningful in a fan_out step"):
+        spec(a={"handler": "h", "payload": ["${item}"]})
+    with pytest.raises(InvalidWorkflow, match=r"unknown reference"):
+        spec(a={"handler": "h", "payload": "${nothing.here}"})
+    with pytest.raises(InvalidWorkflow, match=r"unknown keys \['retries'\]"):
+        spec(a={"handler": "h", "retries": 3})
+    with pytest.raises(InvalidWorkflow, match=r"declared twice"):
+        WorkflowSpec(name="wf", steps=[Step(name="a", handler="h"), Step(name="a", handler="h")])
+    with pytest.raises(InvalidWorkflow, match=r"fan_out must be a reference"):
+        spec(a={"handler": "h", "fan_out": "[1, 2]"})
+
+
+def test_a_reference_through_an_ancestor_is_fine_and_the_order_follows_dependencies() -> None:
+    s = spec(
+        last={"handler": "h", "depends_on": ["mid"], "payload": {"x": "${steps.first.result}"}},
+        mid={"handler": "h", "depends_on": "first"},
+        first={"handler": "h", "payload": "${inputs.size}"},
+    )
+    assert s.order() == ["first", "mid", "last"]
+    assert s.inputs() == {"size"}
+
+
+def test_the_id_depends_on_the_content_only() -> None:
+    a = spec(x={"handler": "h", "payload": {"k": 1}})
+    b = WorkflowSpec(name="wf", steps=[Step(name="x", handler="h", payload={"k": 1})])
+    c = spec(x={"handler": "h", "payload": {"k": 2}})
+    assert a.workflow_id() == b.workflow_id() != c.workflow_id()
+    assert a.workflow_id().startswith("wf-")
+
+
+def test_references_resolve_whole_strings_only() -> None:
+    context = {"inputs": {"n": 3, "xs": [1, 2]}, "steps": {"a": {"result": {"k": "v"}}}}
+    payload = {
+        "n": "${inputs.n}",
+        "second": "${inputs.xs.1}",
+        "k": "${steps.a.result.k}",
+        "text": "size-${inputs.n}",
+        "literal": "$${inputs.n}",
+    }
+    assert resolve(payload, context) == {
+        "n": 3,
+        "second": 2,
+        "k": "v",
+        "text": "size-${inputs.n}",
+        "literal": "${inputs.n}",
+    }
+    with pytest.raises(ReferenceError_, match=r"nothing at 'inputs\.missing'"):
+        resolve("${inputs.missing}", context)
+
+
+def test_a_toml_file(tmp_path: Path) -> None:
+    path = tmp_path / "wf.toml"
+    path.write_text(
+        """
+name = "gepa"
+
+[steps.prepare]
+handler = "prepare"
+payload = { dataset = "${inputs.dataset}" }
+
+[steps.evaluate]
+handler = "evaluate"
+depends_on = ["prepare"]
+fan_out = "${steps.prepare.result.candidates}"
+payload = { candidate = "${item}", index = "${index}" }
+max_attempts = 3
+timeout = 600.0
+"""
+    )
+    s = WorkflowSpec.from_file(path)
+    assert [step.name for step in s.steps] == ["prepare", "evaluate"]
+    assert s.step("evaluate").max_attempts == 3
+    assert s.step("evaluate").depends_on == ("prepare",)
+    path.write_text('name = "x"\n[steps.a]\nhandler = "h"\ndepends_on = ["a"]\n')
+    with pytest.raises(
+        InvalidWorkflow, match=r"wf\.toml: workflow 'x': step 'a' depends on itself"
+    ):
+        WorkflowSpec.from_file(path)
