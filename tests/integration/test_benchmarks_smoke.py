@@ -107,3 +107,72 @@ async def test_slurm_benchmark_quick_counts_calls_by_poll_cycle(slurm: str) -> N
     assert summary["calls"]["sbatch"] == 1
     assert summary["calls"]["squeue"] <= summary["poll_cycles"]
     assert summary["calls_ok"] is True
+
+
+GRPC_KEYS = {
+    "submit_p50_ms",
+    "submit_p99_ms",
+    "echo_p50_ms",
+    "echo_p99_ms",
+    "ratio_p50",
+    "memory_submit_p50_ms",
+    "memory_ratio_p50",
+    "submit_tps_64",
+    "echo_tps_64",
+    "stream_messages",
+    "stream_msgs_per_s",
+    "echo_stream_msgs_per_s",
+}
+
+
+def test_grpc_benchmark_quick_prints_its_summary_last() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "grpc.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, f"benchmark failed:\n{result.stdout}\n{result.stderr}"
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert isinstance(summary, dict)
+    missing = GRPC_KEYS - summary.keys()
+    assert not missing, missing
+    assert all(isinstance(summary[k], int | float) and summary[k] > 0 for k in GRPC_KEYS), summary
+    assert isinstance(summary["ratio_ok"], bool)
+
+
+WORKFLOW_KEYS = {
+    "wide_ratio",
+    "chain_ratio",
+    "wide_step_overhead_ms",
+    "chain_step_overhead_ms",
+    "wide_step_ms",
+    "chain_step_ms",
+    "wide_workflow_s",
+    "wide_direct_s",
+    "chain_workflow_s",
+    "chain_direct_s",
+}
+
+
+def test_workflows_benchmark_quick_prints_its_summary_last() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "workflows.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, f"benchmark failed:\n{result.stdout}\n{result.stderr}"
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    missing = WORKFLOW_KEYS - summary.keys()
+    assert not missing, missing
+    # Overheads may be negative (a DAG batches its submits); the rest are positive numbers.
+    positive = WORKFLOW_KEYS - {"wide_step_overhead_ms", "chain_step_overhead_ms"}
+    assert all(isinstance(summary[k], int | float) and summary[k] > 0 for k in positive), summary
+    assert (summary["wide_steps"], summary["chain_steps"]) == (100, 20)

@@ -8,8 +8,10 @@ side's own concerns (tokens, the loopback rule, no server) follow the suite.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -27,6 +29,8 @@ import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dspy_infra import AgentInfra
 from dspy_infra.errors import (
@@ -490,3 +494,287 @@ def test_cli_serve_refuses_a_public_address_without_tls(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert "not a loopback address" in done.stderr
+
+
+# -- any gRPC client: stock grpcio-tools code, and bad input ---------------------------
+
+PROTO_DIR = Path(__file__).resolve().parents[2] / "proto"
+
+# Calls every RPC with code that stock grpcio-tools generates from proto/: no
+# line of this library runs on the client side. It prints what it saw as JSON.
+GRPCIO_CLIENT = """
+import json, sys, time
+import grpc
+from env_manager.v1 import env_manager_pb2 as e, env_manager_pb2_grpc as eg
+from orchestrator.v1 import orchestrator_pb2 as o, orchestrator_pb2_grpc as og
+
+out = {}
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    orch, env = og.OrchestratorStub(channel), eg.EnvManagerStub(channel)
+    out["list"] = list(env.ListServices(e.ListServicesRequest()).names)
+    started = env.StartServices(e.StartServicesRequest(names=["web"])).services
+    out["started"] = {s.name: [s.state, s.ports["main"] > 0] for s in started}
+    lines = []
+    while "ready" not in lines:
+        lines = [m.line for m in env.StreamLogs(e.StreamLogsRequest(name="web"))]
+        time.sleep(0.01)
+    out["logs"] = lines
+    out["health"] = orch.Health(o.HealthRequest()).status
+    env.StopServices(e.StopServicesRequest(names=["web"]))
+    status = env.GetServiceStatus(e.GetServiceStatusRequest(names=["web"])).services
+    out["stopped"] = status[0].state
+
+    request = o.SubmitTaskRequest(
+        handler="echo", payload_json='{"n": 18446744073709551617}', task_class="cpu_short",
+        priority=2, resources=o.Resources(cpus=0.5),
+    )
+    task_id = orch.SubmitTask(request).task_id
+    status = orch.GetTaskStatus(o.GetTaskStatusRequest(task_id=task_id, wait=True)).status
+    out["task"] = [status.task_id == task_id, status.state, status.result_json, status.priority]
+    batch = o.SubmitTasksRequest(handler="echo", payloads_json=["1", "2"])
+    ids = list(orch.SubmitTasks(batch).task_ids)
+    finals = orch.StreamTaskResults(o.StreamTaskResultsRequest(task_ids=ids))
+    out["results"] = sorted(event.result_json for event in finals)
+    slow = orch.SubmitTask(o.SubmitTaskRequest(handler="sleepy")).task_id
+    out["cancelled"] = orch.CancelTask(o.CancelTaskRequest(task_id=slow)).status.state
+    events = orch.StreamEvents(o.StreamEventsRequest(types=["task_completed"], since=0))
+    first = next(events)
+    events.cancel()
+    out["event"] = [first.WhichOneof("event"), first.task.type, first.task.seq > 0]
+    values = orch.GetMetrics(o.GetMetricsRequest()).values
+    out["metrics"] = any(k.startswith("dspy_infra_tasks_submitted") for k in values)
+
+    codes = {}
+    calls = {
+        "CreateWorkflow": lambda: orch.CreateWorkflow(o.CreateWorkflowRequest(spec_json="{}")),
+        "StartWorkflowRun": lambda: orch.StartWorkflowRun(o.StartWorkflowRunRequest()),
+        "StreamWorkflowStatus": lambda: list(
+            orch.StreamWorkflowStatus(o.StreamWorkflowStatusRequest())
+        ),
+        "GetTaskStatus": lambda: orch.GetTaskStatus(o.GetTaskStatusRequest(task_id="nope")),
+        "SubmitTask": lambda: orch.SubmitTask(o.SubmitTaskRequest(handler="echo", priority=-1)),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+        except grpc.RpcError as exc:
+            trailers = dict(exc.trailing_metadata() or ())
+            codes[name] = [exc.code().name, trailers.get("dspy-infra-error")]
+    out["errors"] = codes
+print(json.dumps(out))
+"""
+
+
+async def test_a_stock_grpcio_client_calls_every_rpc(tmp_path: Path) -> None:
+    out = tmp_path / "grpcio"
+    out.mkdir()
+    protos = [str(p.relative_to(PROTO_DIR)) for p in sorted(PROTO_DIR.rglob("*.proto"))]
+    await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO_DIR}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            *protos,
+        ]
+    )
+    (out / "client.py").write_text(GRPCIO_CLIENT)
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        with anyio.fail_after(60):
+            done = await anyio.run_process(
+                [sys.executable, str(out / "client.py"), srv.address], cwd=out, check=False
+            )
+    assert done.returncode == 0, done.stderr.decode()
+    seen = json.loads(done.stdout)
+    assert seen["list"] == ["web"]
+    assert seen["started"] == {"web": ["healthy", True]}
+    assert seen["logs"] == ["hello", "ready"]
+    assert seen["health"] == "healthy"
+    assert seen["stopped"] == "stopped"
+    assert seen["task"] == [True, "succeeded", '{"n":18446744073709551617}', 2]
+    assert seen["results"] == ["1", "2"]
+    assert seen["cancelled"] == "cancelled"
+    assert seen["event"] == ["task", "task_completed", True]
+    assert seen["metrics"] is True
+    assert seen["errors"] == {
+        "CreateWorkflow": ["UNIMPLEMENTED", None],
+        "StartWorkflowRun": ["UNIMPLEMENTED", None],
+        "StreamWorkflowStatus": ["UNIMPLEMENTED", None],
+        "GetTaskStatus": ["NOT_FOUND", "UnknownTask"],
+        "SubmitTask": ["INVALID_ARGUMENT", "InvalidTask"],
+    }
+
+
+_ORCH = "/orchestrator.v1.Orchestrator/"
+_ENV = "/env_manager.v1.EnvManager/"
+_text = st.text(max_size=12)
+_maybe_text = st.none() | _text
+_int32 = st.integers(-(2**31), 2**31 - 1)
+_double = st.none() | st.floats()
+_resources = st.none() | st.builds(
+    orch_pb.Resources,
+    cpus=_double,
+    memory_mb=st.none() | st.integers(-(2**63), 2**63 - 1),
+    gpus=st.none() | _int32,
+)
+_handlers = st.sampled_from(["echo", "boom", ""]) | _text
+_payloads = st.sampled_from(["", "{", "null", "[1]", '"x"', "NaN", "1e999"]) | _text
+# Every unary RPC, with messages of its own type whose fields are anything the
+# wire allows (streams are left out: a random follow=true would wait forever).
+_calls = st.one_of(
+    st.tuples(
+        st.just(_ORCH + "SubmitTask"),
+        st.builds(
+            orch_pb.SubmitTaskRequest,
+            handler=_handlers,
+            payload_json=_payloads,
+            task_class=st.none() | st.sampled_from(["cpu_short", "gpu", ""]) | _text,
+            priority=_int32,
+            needs=st.lists(_text, max_size=2),
+            task_id=_maybe_text,
+            workflow_id=_maybe_text,
+            max_attempts=st.none() | _int32,
+            timeout=_double,
+            resources=_resources,
+        ),
+    ),
+    st.tuples(
+        st.just(_ORCH + "SubmitTasks"),
+        st.builds(
+            orch_pb.SubmitTasksRequest,
+            handler=_handlers,
+            payloads_json=st.lists(_payloads, max_size=3),
+            task_class=_maybe_text,
+            priority=_int32,
+            max_attempts=st.none() | _int32,
+            timeout=_double,
+            resources=_resources,
+        ),
+    ),
+    st.tuples(
+        st.just(_ORCH + "GetTaskStatus"),
+        st.builds(orch_pb.GetTaskStatusRequest, task_id=_text, wait=st.just(False)),
+    ),
+    st.tuples(st.just(_ORCH + "CancelTask"), st.builds(orch_pb.CancelTaskRequest, task_id=_text)),
+    st.tuples(
+        st.just(_ORCH + "CreateWorkflow"), st.builds(orch_pb.CreateWorkflowRequest, spec_json=_text)
+    ),
+    st.tuples(
+        st.sampled_from([_ENV + "StartServices", _ENV + "StopServices", _ENV + "GetServiceStatus"]),
+        st.builds(orch_pb.StreamEventsRequest, types=st.lists(_text, min_size=1, max_size=2)),
+    ),
+    st.tuples(st.sampled_from([_ORCH + "Health", _ORCH + "GetMetrics"]), st.just(None)),
+).map(lambda call: (call[0], b"" if call[1] is None else bytes(call[1])))
+# And bytes that are not a message at all.
+_garbage = st.tuples(
+    st.sampled_from([_ORCH + "SubmitTask", _ORCH + "GetTaskStatus", _ENV + "StartServices"]),
+    st.binary(max_size=40),
+)
+_REFUSALS = {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "UNIMPLEMENTED"}
+
+
+def _fuzz(address: str) -> None:
+    grpc = importlib.import_module("grpc")
+    with grpc.insecure_channel(address) as channel:
+
+        @settings(max_examples=300, deadline=None, database=None)
+        @given(call=_calls | _garbage)
+        def one(call: tuple[str, bytes]) -> None:
+            route, body = call
+            try:
+                channel.unary_unary(route)(body, timeout=20)
+            except grpc.RpcError as exc:
+                refused = exc.code().name, exc.details()
+            else:
+                return
+            assert refused[0] in _REFUSALS, (route, body, refused)
+
+        one()
+
+
+async def test_random_and_bad_fields_never_crash_the_server(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        # The server runs in this loop; the client (grpcio, raw bytes) in a thread.
+        await anyio.to_thread.run_sync(_fuzz, srv.address)
+        async with AgentInfra.connect(srv.address) as remote:
+            assert await (await remote.submit_task("echo", "still here")).result() == "still here"
+            assert (await remote.health_check()).healthy
+    assert not [r for r in caplog.records if r.name == "dspy_infra.remote"], "a call failed inside"
+
+
+# -- TLS, with a self-signed certificate made here ---------------------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key (openssl CLI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+            "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-keyout", str(key), "-out", str(cert),
+            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def server_tls(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.set_alpn_protocols(["h2"])
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def client_tls(cert: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=cert)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+async def test_tls_and_token_end_to_end(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    tls = server_tls(cert, key)
+    async with (
+        make_infra(tmp_path) as infra,
+        # Not loopback: allowed, since both TLS and a token are given.
+        serve(infra, "0.0.0.0:0", token="s3cret", ssl=tls) as srv,
+    ):
+        assert (srv.tls, srv.authenticated) == (True, True)
+        address = f"127.0.0.1:{srv.address.rsplit(':', 1)[1]}"
+        async with AgentInfra.connect(address, token="s3cret", ssl=client_tls(cert)) as remote:
+            assert await (await remote.submit_task("echo", {"over": "tls"})).result() == {
+                "over": "tls"
+            }
+            assert remote.services.list() == ["web"]
+        # TLS, but a certificate the client does not trust.
+        with anyio.fail_after(10), pytest.raises(BackendUnavailable):
+            async with AgentInfra.connect(
+                address, token="s3cret", ssl=ssl.create_default_context()
+            ):
+                pass
+        # TLS, trusted, without the token.
+        with pytest.raises(BackendUnavailable, match="refused this client"):
+            async with AgentInfra.connect(address, ssl=client_tls(cert)):
+                pass
+        # The command line: --tls-ca, and the token from the environment.
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")},
+            "DSPY_INFRA_TOKEN": "s3cret",
+        }
+        command = [sys.executable, "-m", "dspy_infra.cli", "status", "--json"]
+        with anyio.fail_after(60):
+            done = await anyio.run_process(
+                [*command, "--address", address, "--tls-ca", str(cert)], env=env, check=False
+            )
+        assert done.returncode == 0, done.stderr.decode()
+        assert json.loads(done.stdout)["status"] == "healthy"

@@ -6,14 +6,29 @@ Usage::
     dspy-infra config show [-c PATH]           print the resolved configuration as TOML
     dspy-infra config validate [-c PATH]       check a configuration
     dspy-infra serve [-c PATH] [--address HOST:PORT]   serve over gRPC until SIGTERM/SIGINT
+    dspy-infra start [NAME...]                 start services, live state until healthy or failed
+    dspy-infra stop [NAME...]                  stop services
+    dspy-infra status [--json]                 health and each service's state
+    dspy-infra logs NAME [-f] [--tail N]       a service's log lines
+    dspy-infra submit HANDLER [PAYLOAD] [--wait]   submit a task, print its id
+    dspy-infra task ID [--wait] [--json]       a task's status
+    dspy-infra cancel ID                       cancel a task
+    dspy-infra events [-f] [--type TYPE]       the server's events
     dspy-infra --version
+
+The commands from ``start`` on talk to a server (``--address``, default
+``$DSPY_INFRA_ADDRESS`` else 127.0.0.1:50052; token from ``$DSPY_INFRA_TOKEN``
+or ``--token-file``).
 
 Exit codes (the contract scripts rely on):
 
     0    success
-    1    runtime failure (a file could not be written, a service failed, ...)
+    1    runtime failure (a file could not be written, a service failed,
+         a task failed, ``status`` not healthy, ...)
     2    usage or configuration error (bad arguments, invalid configuration,
-         a file that would be overwritten without --force)
+         a file that would be overwritten without --force, a task refused)
+    3    no server answers at the address (or it refused the token, or went away)
+    4    the server holds no such task or service
     130  interrupted (Ctrl-C)
 
 Errors go to stderr as ``error: <message>``; results go to stdout.
@@ -31,10 +46,12 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from dspy_infra.cli import config_cmd, serve_cmd
+from dspy_infra.cli import client_cmd, config_cmd, serve_cmd
 from dspy_infra.cli._common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
+    EXIT_NO_SERVER,
+    EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
@@ -42,9 +59,17 @@ from dspy_infra.cli._common import (
 )
 from dspy_infra.errors import ConfigError, InfraError
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_NOT_FOUND",
+    "EXIT_NO_SERVER",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
 
-_FAMILIES = (config_cmd, serve_cmd)
+_FAMILIES = (config_cmd, serve_cmd, client_cmd)
 
 
 def _version() -> str:
@@ -59,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dspy-infra",
         description="Services, tasks and workflows for DSPy agent stacks.",
-        epilog="exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error",
+        epilog=(
+            "exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, "
+            "3 no server answers, 4 no such task or service"
+        ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     # Not required: a bare `dspy-infra` (or `dspy-infra config`) prints the

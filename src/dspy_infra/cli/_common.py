@@ -1,25 +1,33 @@
-"""What every command family shares: exit codes, errors, the ``-c`` option."""
+"""What every command family shares: exit codes, errors, the ``-c`` option, the token."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeAlias
 
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
+    "EXIT_NO_SERVER",
     "EXIT_OK",
     "EXIT_USAGE",
+    "TOKEN_ENV",
     "CommandError",
     "Handler",
     "Subparsers",
     "add_config_option",
+    "read_token",
 ]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_NO_SERVER = 3  # no server answers at the address, it went away, or it refused the token
+EXIT_NOT_FOUND = 4  # the server answers, but holds no such task or service
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 Handler = Callable[[argparse.Namespace], int]
@@ -49,3 +57,22 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
             "else [tool.dspy-infra] in ./pyproject.toml)"
         ),
     )
+
+
+TOKEN_ENV = "DSPY_INFRA_TOKEN"  # noqa: S105 - the variable's name, not a secret
+
+
+def read_token(token_file: Path | None) -> str | None:
+    """The token from ``token_file``, else ``$DSPY_INFRA_TOKEN``, else None.
+
+    Never from an argument: any user can read those with ``ps``.
+    """
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise CommandError(f"cannot read the token file: {exc}", code=EXIT_USAGE) from None
+        if not token:
+            raise CommandError(f"the token file {token_file} is empty", code=EXIT_USAGE)
+        return token
+    return os.environ.get(TOKEN_ENV) or None

@@ -7,7 +7,6 @@ The token is never a command-line argument (any user can read those with
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import ssl
 import sys
@@ -15,12 +14,19 @@ from pathlib import Path
 
 import anyio
 
-from dspy_infra.cli._common import EXIT_OK, EXIT_USAGE, CommandError, Subparsers, add_config_option
+from dspy_infra.cli._common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    TOKEN_ENV,
+    CommandError,
+    Subparsers,
+    add_config_option,
+    read_token,
+)
 from dspy_infra.config import load_config
 
-__all__ = ["TOKEN_ENV", "register"]
+__all__ = ["DEFAULT_ADDRESS", "TOKEN_ENV", "register"]
 
-TOKEN_ENV = "DSPY_INFRA_TOKEN"  # noqa: S105 - the variable's name, not a secret
 DEFAULT_ADDRESS = "127.0.0.1:50052"  # as dspy_infra.remote.DEFAULT_ADDRESS, without importing grpc
 
 
@@ -55,18 +61,6 @@ def register(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_serve)
 
 
-def _token(args: argparse.Namespace) -> str | None:
-    if args.token_file is not None:
-        try:
-            token = args.token_file.read_text().strip()
-        except OSError as exc:
-            raise CommandError(f"cannot read the token file: {exc}", code=EXIT_USAGE) from None
-        if not token:
-            raise CommandError(f"the token file {args.token_file} is empty", code=EXIT_USAGE)
-        return str(token)
-    return os.environ.get(TOKEN_ENV) or None
-
-
 def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CommandError("give both --tls-cert and --tls-key, or neither", code=EXIT_USAGE)
@@ -90,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
             f"serving needs the grpc extra: pip install 'dspy-infra[grpc]' ({exc})"
         ) from None
     config = load_config(args.config)
-    token, tls = _token(args), _tls(args)
+    token, tls = read_token(args.token_file), _tls(args)
 
     async def run() -> None:
         async with (

@@ -6,7 +6,14 @@ The protocol is in ``proto/``; ``_generated`` is written by
 ``scripts/generate_proto.py`` and never edited by hand.
 """
 
-from dspy_infra.remote.client import RemoteAgentInfra, RemoteServices
+from dspy_infra.remote.client import RemoteAgentInfra, RemoteServices, ServerUnavailable
 from dspy_infra.remote.server import DEFAULT_ADDRESS, RemoteServer, serve
 
-__all__ = ["DEFAULT_ADDRESS", "RemoteAgentInfra", "RemoteServer", "RemoteServices", "serve"]
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "RemoteAgentInfra",
+    "RemoteServer",
+    "RemoteServices",
+    "ServerUnavailable",
+    "serve",
+]

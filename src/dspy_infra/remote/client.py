@@ -64,12 +64,21 @@ from dspy_infra.remote._wire import (
 from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskRequest, TaskStatus
 from dspy_infra.services.status import ServiceStatus
 
-__all__ = ["RemoteAgentInfra", "RemoteServices"]
+__all__ = ["RemoteAgentInfra", "RemoteServices", "ServerUnavailable"]
 
 R = TypeVar("R", bound=betterproto2.Message)
 
 _ORCH = "/orchestrator.v1.Orchestrator/"
 _ENV = "/env_manager.v1.EnvManager/"
+
+
+class ServerUnavailable(BackendUnavailable):
+    """No dspy-infra server answers at the address, it went away, or it refused the token.
+
+    A :class:`~dspy_infra.errors.BackendUnavailable`, told apart from one
+    that the server raised itself (its Docker engine is down, say): the
+    command line exits 3 for this one.
+    """
 
 
 class _Lifecycle(enum.Enum):
@@ -143,7 +152,7 @@ class _Connection:
         except GRPCError as exc:
             raise self._error(exc, opened) from None
         except (OSError, StreamTerminatedError) as exc:
-            raise BackendUnavailable(
+            raise ServerUnavailable(
                 f"no dspy-infra server answers at {self.address} ({exc or type(exc).__name__}): "
                 "is `dspy-infra serve` running there?"
             ) from exc
@@ -159,12 +168,12 @@ class _Connection:
             error.args = (message,)
             return error
         if exc.status is Status.UNAUTHENTICATED:
-            return BackendUnavailable(
+            return ServerUnavailable(
                 f"the dspy-infra server at {self.address} refused this client: {message} "
                 "(pass the server's token: AgentInfra.connect(address, token=...))"
             )
         if exc.status is Status.UNAVAILABLE:
-            return BackendUnavailable(
+            return ServerUnavailable(
                 f"the dspy-infra server at {self.address} is unavailable: {message}"
             )
         if exc.status is Status.UNIMPLEMENTED:

@@ -1,0 +1,525 @@
+"""``dspy-infra start|stop|status|logs|submit|task|cancel|events``: a running server, over gRPC.
+
+Each command connects to ``--address`` (default ``$DSPY_INFRA_ADDRESS``, else
+127.0.0.1:50052) through :meth:`AgentInfra.connect`, with the token of
+``$DSPY_INFRA_TOKEN`` or ``--token-file``, and over TLS with ``--tls`` or
+``--tls-ca PATH``. Beyond the common exit codes: 3 when no server answers
+(or it refuses the token, or goes away), 4 when it holds no such task or
+service.
+
+What a script reads goes to stdout, plain (a task id, a result as JSON, log
+lines, ``--json`` objects); tables and live progress are drawn with rich,
+and only a terminal sees the live redraws: a pipe gets the final table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import ssl
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import aclosing
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from dspy_infra.cli._common import (
+    EXIT_FAILURE,
+    EXIT_NO_SERVER,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    TOKEN_ENV,
+    CommandError,
+    Handler,
+    Subparsers,
+    read_token,
+)
+from dspy_infra.errors import InvalidTask, ServiceStartError, UnknownService, UnknownTask
+
+if TYPE_CHECKING:
+    from dspy_infra.events import Event
+    from dspy_infra.remote import RemoteAgentInfra
+    from dspy_infra.scheduling.tasks import TaskStatus
+    from dspy_infra.services.status import ServiceStatus
+
+__all__ = ["ADDRESS_ENV", "EVENTS_IDLE", "register"]
+
+ADDRESS_ENV = "DSPY_INFRA_ADDRESS"
+DEFAULT_ADDRESS = "127.0.0.1:50052"  # as dspy_infra.remote.DEFAULT_ADDRESS, without importing grpc
+# `events` without -f: the server replays what it holds at once, then waits
+# for new events; the wire cannot say "that was all", so a pause this long does.
+EVENTS_IDLE = 0.5
+POLL = 0.1  # `start`: how often the live table asks for the services' states
+
+_Command = Callable[["RemoteAgentInfra", argparse.Namespace], Awaitable[int]]
+
+
+def register(subparsers: Subparsers) -> None:
+    remote = argparse.ArgumentParser(add_help=False)
+    group = remote.add_argument_group("server")
+    group.add_argument(
+        "--address",
+        default=None,
+        metavar="HOST:PORT",
+        help=f"the server (default: ${ADDRESS_ENV}, else {DEFAULT_ADDRESS})",
+    )
+    group.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help=f"a file holding the server's token (default: ${TOKEN_ENV}, if set)",
+    )
+    group.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
+    group.add_argument(
+        "--tls-ca", type=Path, metavar="PATH", help="connect with TLS, trusting this PEM CA file"
+    )
+
+    def add(name: str, command: _Command, help_text: str, description: str) -> Any:
+        parser = subparsers.add_parser(
+            name, parents=[remote], help=help_text, description=description
+        )
+        parser.set_defaults(handler=_handler(command))
+        return parser
+
+    p = add(
+        "start",
+        _start,
+        "start services and show their state until healthy or failed",
+        "Start services (default: every configured one) and their dependencies, showing each "
+        "service's state live until they are healthy (exit 0) or one failed (exit 1).",
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="services to start")
+
+    p = add(
+        "stop",
+        _stop,
+        "stop services",
+        "Stop services (default: all), dependents before their dependencies.",
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="services to stop")
+
+    p = add(
+        "status",
+        _status,
+        "the server's health and each service's state",
+        "Show overall health and each service's state. Exits 0 when healthy, 1 when a "
+        "service is starting, failed or fails its probe.",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = add("logs", _logs, "a service's log lines", "Print a service's buffered log lines.")
+    p.add_argument("name", metavar="NAME", help="the service")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("--tail", type=int, metavar="N", help="only the last N buffered lines")
+
+    p = add(
+        "submit",
+        _submit,
+        "submit a task; print its id",
+        "Submit a task to HANDLER and print its id. With --wait, also wait for it: print its "
+        "result as JSON and exit 0, or exit 1 when it failed, timed out or was cancelled.",
+    )
+    # Not "handler": that name holds the function that runs the command.
+    p.add_argument("task_handler", metavar="HANDLER", help="the task's handler")
+    p.add_argument(
+        "payload",
+        nargs="?",
+        metavar="PAYLOAD",
+        help="the payload as JSON text; - reads it from stdin (default: null)",
+    )
+    p.add_argument("--class", dest="task_class", default="cpu_short", help="the task class")
+    p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    p.add_argument(
+        "--needs", action="append", default=[], metavar="SERVICE", help="a required service"
+    )
+    p.add_argument("--task-id", help="the id (submitting the same id twice is one task)")
+    p.add_argument("--max-attempts", type=int, metavar="N", help="starts allowed, retries included")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="the task's run timeout")
+    p.add_argument("--wait", action="store_true", help="wait for the task to finish")
+
+    p = add(
+        "task",
+        _task,
+        "a task's status",
+        "Show a task's status. With --wait, once it has finished: exit 0 if it succeeded, "
+        "1 otherwise.",
+    )
+    p.add_argument("task_id", metavar="ID")
+    p.add_argument("--wait", action="store_true", help="wait for the task to finish")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = add(
+        "cancel",
+        _cancel,
+        "cancel a task",
+        "Cancel a task that has not finished, and print its state once it has stopped.",
+    )
+    p.add_argument("task_id", metavar="ID")
+
+    p = add(
+        "events",
+        _events,
+        "the server's events",
+        "Print the events the server still holds, one per line; with -f, keep printing new "
+        f"ones. Without -f it ends once none has come for {EVENTS_IDLE} s.",
+    )
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    p.add_argument(
+        "--type",
+        dest="types",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="only events of this type (repeatable, or comma-separated): task_completed, ...",
+    )
+    p.add_argument("--since", type=int, default=0, metavar="SEQ", help="only events after this seq")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+# -- running a command against the server ---------------------------------------------
+
+
+def _handler(command: _Command) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        return _run(command, args)
+
+    return handler
+
+
+def _run(command: _Command, args: argparse.Namespace) -> int:
+    try:
+        from dspy_infra.infra import AgentInfra  # noqa: PLC0415 - keeps `config` commands light
+        from dspy_infra.remote import ServerUnavailable  # noqa: PLC0415 - the grpc extra
+    except ImportError as exc:
+        raise CommandError(
+            f"this command needs the grpc extra: pip install 'dspy-infra[grpc]' ({exc})"
+        ) from None
+    address = args.address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+    token = read_token(args.token_file)
+    context = _tls(args)
+
+    async def main() -> int:
+        async with AgentInfra.connect(address, token=token, ssl=context) as infra:
+            return await command(infra, args)
+
+    try:
+        return anyio.run(main)
+    except ServerUnavailable as exc:
+        raise CommandError(str(exc), code=EXIT_NO_SERVER) from None
+    except (UnknownTask, UnknownService) as exc:
+        raise CommandError(str(exc), code=EXIT_NOT_FOUND) from None
+    except InvalidTask as exc:
+        raise CommandError(str(exc), code=EXIT_USAGE) from None
+
+
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.tls_ca is None and not args.tls:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=args.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise CommandError(f"cannot load the TLS CA file: {exc}", code=EXIT_USAGE) from None
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def _out() -> Console:
+    # Made per call, so that it writes to the sys.stdout of the moment (tests capture it).
+    return Console(highlight=False, soft_wrap=False)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, default=str), flush=True)
+
+
+# -- services ----------------------------------------------------------------------------
+
+_STATE_STYLE = {
+    "healthy": "green",
+    "running": "green",
+    "completed": "green",
+    "failed": "bold red",
+    "unhealthy": "red",
+    "waiting": "yellow",
+    "starting": "yellow",
+    "restarting": "yellow",
+}
+
+
+def _services_table(statuses: Mapping[str, ServiceStatus]) -> Table:
+    table = Table("SERVICE", "STATE", "PORTS", "PID", "RESTARTS", "MESSAGE", box=None)
+    for s in statuses.values():
+        style = _STATE_STYLE.get(s.state.value, "")
+        ports = " ".join(f"{k}={s.host}:{v}" for k, v in s.ports.items())
+        table.add_row(
+            s.name,
+            f"[{style}]{s.state.value}[/]" if style else s.state.value,
+            ports,
+            s.pid or "",
+            str(s.restarts),
+            s.message,
+        )
+    return table
+
+
+async def _start(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
+    names = args.names or infra.services.list()
+    if not names:
+        print("no services are configured", file=sys.stderr)
+        return EXIT_OK
+    done = anyio.Event()
+    failure: Exception | None = None
+
+    async def start() -> None:
+        nonlocal failure
+        try:
+            await infra.services.start(names)
+        except Exception as exc:  # noqa: BLE001 - raised again below, outside the task group
+            failure = exc
+        finally:
+            done.set()
+
+    # The start call returns once every service is up or one failed; a
+    # terminal meanwhile sees what each is doing, as the server sees it.
+    out = _out()
+    if out.is_terminal:
+        with Live(console=out, auto_refresh=False) as live:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(start)
+                while True:
+                    live.update(_services_table(await infra.services.status()), refresh=True)
+                    if done.is_set():
+                        break
+                    with anyio.move_on_after(POLL):
+                        await done.wait()
+    else:
+        await start()
+        out.print(_services_table(await infra.services.status()))
+    if isinstance(failure, ServiceStartError):
+        print(f"error: {failure}", file=sys.stderr)
+        return EXIT_FAILURE
+    if failure is not None:
+        raise failure
+    return EXIT_OK
+
+
+async def _stop(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
+    await infra.services.stop(args.names or None)
+    _out().print(_services_table(await infra.services.status(args.names or None)))
+    return EXIT_OK
+
+
+async def _status(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
+    report = await infra.health_check()
+    if args.json:
+        _print_json(
+            {
+                "address": infra.address,
+                "status": report.status,
+                "services": {n: _service_json(s) for n, s in report.services.items()},
+            }
+        )
+    else:
+        out = _out()
+        style = "green" if report.healthy else "red"
+        out.print(f"{infra.address}: [{style}]{report.status}[/]")
+        if report.services:
+            out.print(_services_table(report.services))
+    return EXIT_OK if report.healthy else EXIT_FAILURE
+
+
+def _service_json(s: ServiceStatus) -> dict[str, Any]:
+    return {
+        "state": s.state.value,
+        "host": s.host,
+        "ports": dict(s.ports),
+        "pid": s.pid,
+        "restarts": s.restarts,
+        "exit_code": s.exit_code,
+        "message": s.message,
+    }
+
+
+async def _logs(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
+    # Plain print: a log line is the service's text, never rich markup.
+    lines = infra.services.logs(args.name, follow=args.follow, tail=args.tail)
+    async with aclosing(lines):
+        async for line in lines:
+            print(line, flush=args.follow)
+    return EXIT_OK
+
+
+# -- tasks ---------------------------------------------------------------------------------
+
+
+def _payload(text: str | None) -> Any:
+    if text is None:
+        return None
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CommandError(f"the payload is not JSON: {exc}", code=EXIT_USAGE) from None
+
+
+async def _submit(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
+    handle = await infra.submit_task(
+        args.task_handler,
+        _payload(args.payload),
+        task_class=args.task_class,
+        priority=args.priority,
+        needs=args.needs,
+        task_id=args.task_id,
+        max_attempts=args.max_attempts,
+        timeout=args.timeout,
+    )
+    print(handle.task_id, flush=True)
+    if not args.wait:
+        return EXIT_OK
+    with Console(stderr=True).status(f"waiting for {handle.task_id}"):
+        status = await handle.wait()
+    return _outcome(status, print_result=True)
+
+
+def _outcome(status: TaskStatus, *, print_result: bool) -> int:
+    if status.state.value == "succeeded":
+        if print_result:
+            _print_json(status.result)
+        return EXIT_OK
+    detail = f": {status.error}" if status.error else ""
+    print(f"error: task {status.task_id} {status.state.value}{detail}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return ""
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="milliseconds")
+
+
+def _task_json(status: TaskStatus) -> dict[str, Any]:
+    return {
+        "task_id": status.task_id,
+        "handler": status.handler,
+        "task_class": status.task_class,
+        "state": status.state.value,
+        "priority": status.priority,
+        "attempts": status.attempts,
+        "max_attempts": status.max_attempts,
+        "needs": list(status.needs),
+        "workflow_id": status.workflow_id,
+        "submitted_at": status.submitted_at,
+        "started_at": status.started_at,
+        "finished_at": status.finished_at,
+        "result": status.result,
+        "error": status.error,
+        "gpus": list(status.gpus),
+    }
+
+
+async def _task(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
+    if args.wait:
+        with Console(stderr=True).status(f"waiting for {args.task_id}"):
+            status = await infra.task_handle(args.task_id).wait()
+    else:
+        status = await infra.get_task_status(args.task_id)
+    if args.json:
+        _print_json(_task_json(status))
+    else:
+        table = Table.grid(padding=(0, 2))
+        rows = {
+            "task": status.task_id,
+            "state": status.state.value,
+            "handler": status.handler,
+            "class": status.task_class,
+            "priority": str(status.priority),
+            "attempts": f"{status.attempts} of {status.max_attempts}",
+            "needs": ", ".join(status.needs),
+            "workflow": status.workflow_id or "",
+            "gpus": ", ".join(status.gpus),
+            "submitted": _when(status.submitted_at),
+            "started": _when(status.started_at),
+            "finished": _when(status.finished_at),
+            "result": "" if status.result is None else json.dumps(status.result),
+            "error": status.error or "",
+        }
+        for key, value in rows.items():
+            if value:
+                table.add_row(f"[bold]{key}[/]", value.replace("[", r"\["))
+        _out().print(table)
+    if args.wait:
+        return _outcome(status, print_result=False)
+    return EXIT_OK
+
+
+async def _cancel(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
+    status = await infra.cancel_task(args.task_id)
+    print(f"{status.task_id}: {status.state.value}")
+    return EXIT_OK
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+def _event_json(event: Event) -> dict[str, Any]:
+    data: dict[str, Any] = {"seq": event.seq, "time": event.time, "type": event.type}
+    for key in (
+        "task_id",
+        "task_class",
+        "handler",
+        "state",
+        "attempt",
+        "workflow_id",
+        "result",
+        "error",
+        "service",
+        "exit_code",
+        "message",
+        "dependents",
+        "count",
+    ):
+        if hasattr(event, key):
+            value = getattr(event, key)
+            data[key] = list(value) if isinstance(value, tuple) else value
+    return data
+
+
+def _event_line(event: Event) -> str:
+    data = _event_json(event)
+    when = datetime.fromtimestamp(event.time).strftime("%H:%M:%S.%f")[:-3]
+    skip = {"seq", "time", "type", "task_class", "workflow_id", "dependents"}
+    rest = " ".join(
+        f"{k}={json.dumps(v) if k == 'result' else v}"
+        for k, v in data.items()
+        if k not in skip and v not in (None, "", [])
+    )
+    return f"{event.seq:>7} {when} {event.type:<18} {rest}".rstrip()
+
+
+async def _events(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
+    types = {t.strip() for given in args.types for t in given.split(",") if t.strip()}
+    events = infra.stream_events(types or None, since=args.since)
+    async with aclosing(events):
+        while True:
+            if args.follow:
+                event = await anext(events, None)
+            else:
+                event = None
+                with anyio.move_on_after(EVENTS_IDLE):
+                    event = await anext(events, None)
+            if event is None:
+                break
+            if args.json:
+                _print_json(_event_json(event))
+            else:
+                print(_event_line(event), flush=args.follow)
+    return EXIT_OK

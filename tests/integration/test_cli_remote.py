@@ -1,0 +1,303 @@
+"""The client commands of dspy-infra against a real server on a loopback port.
+
+The server runs in the test's event loop; each command runs as ``main(argv)``
+in a worker thread (its own event loop, as from a shell), or as a real
+process where the process matters (no server, following until Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from dspy_infra import AgentInfra
+from dspy_infra.cli import main
+from dspy_infra.remote import serve
+from tests.integration.helpers import service
+
+pytestmark = pytest.mark.anyio
+
+
+async def echo(payload: Any) -> Any:
+    return payload
+
+
+async def sleepy(payload: Any) -> Any:
+    await anyio.sleep(60)
+    return payload
+
+
+async def boom(payload: Any) -> Any:
+    raise RuntimeError(f"boom: {payload}")
+
+
+def clean_environ() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
+
+
+@pytest.fixture(autouse=True)
+def no_developer_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("DSPY_INFRA_"):
+            monkeypatch.delenv(name)
+
+
+def start_infra(tmp_path: Path) -> AgentInfra:
+    return AgentInfra.start(
+        {
+            "infra": {},
+            "services": {
+                "web": service("--say", "hello [x]", "--say", "ready", port=True, autostart=False),
+                # Never listens on its port, and exits 3: its probe never passes.
+                "broken": service(
+                    "--exit-after",
+                    "0.2",
+                    "--code",
+                    "3",
+                    ports={"main": 0},
+                    health={"tcp": "{port}"},
+                    autostart=False,
+                    start_retries=0,
+                ),
+            },
+        },
+        state_dir=tmp_path / "state",
+        handlers={"echo": echo, "sleepy": sleepy, "boom": boom},
+    )
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[tuple[AgentInfra, str]]:
+    async with start_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        yield infra, srv.address
+
+
+class Cli:
+    """``dspy-infra ARGV --address ADDRESS`` in a worker thread; stdout and stderr captured."""
+
+    def __init__(self, address: str, capsys: pytest.CaptureFixture[str]):
+        self.address = address
+        self._capsys = capsys
+
+    async def __call__(self, *argv: str) -> tuple[int, str, str]:
+        self._capsys.readouterr()
+        code = await anyio.to_thread.run_sync(main, [*argv, "--address", self.address])
+        out, err = self._capsys.readouterr()
+        return code, out, err
+
+
+@pytest.fixture
+def cli(server: tuple[AgentInfra, str], capsys: pytest.CaptureFixture[str]) -> Cli:
+    return Cli(server[1], capsys)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_no_server_is_exit_3_with_a_clear_message(tmp_path: Path) -> None:
+    port = free_port()
+    for argv in (["status"], ["submit", "echo", "1"], ["events", "-f"], ["logs", "web"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "dspy_infra.cli", *argv, "--address", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=clean_environ(),
+            check=False,
+        )
+        assert done.returncode == 3, (argv, done.stderr)
+        assert done.stdout == ""
+        assert done.stderr.startswith(f"error: no dspy-infra server answers at 127.0.0.1:{port}")
+        assert "dspy-infra serve" in done.stderr
+
+
+async def test_submit_task_and_wait(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, err = await cli("submit", "echo", '{"n": 18446744073709551617}')
+    assert (code, err) == (0, "")
+    task_id = out.strip()
+    assert len(out.splitlines()) == 1
+
+    code, out, _ = await cli("task", task_id, "--wait", "--json")
+    assert code == 0
+    status = json.loads(out)
+    assert status["task_id"] == task_id
+    assert (status["state"], status["handler"], status["task_class"]) == (
+        "succeeded",
+        "echo",
+        "cpu_short",
+    )
+    assert status["result"] == {"n": 2**64 + 1}
+
+    code, out, _ = await cli("task", task_id)
+    assert code == 0
+    assert task_id in out
+    assert "succeeded" in out
+
+    # --wait prints the id, then the result as JSON; - reads the payload from stdin.
+    monkeypatch.setattr("sys.stdin", io.StringIO('[1, "two"]'))
+    code, out, _ = await cli("submit", "echo", "-", "--wait", "--priority", "3", "--task-id", "t1")
+    assert code == 0
+    assert out.splitlines() == ["t1", '[1, "two"]']
+
+
+async def test_a_failed_task_exits_1(cli: Cli) -> None:
+    code, out, err = await cli("submit", "boom", '"x"', "--wait")
+    assert code == 1
+    task_id = out.splitlines()[0]
+    assert f"error: task {task_id} failed: " in err
+    assert "boom: x" in err
+    code, _, _ = await cli("task", task_id, "--wait")
+    assert code == 1
+    code, _, _ = await cli("task", task_id)
+    assert code == 0  # it exists; without --wait the state is not the exit code
+
+
+async def test_bad_input_exits_2_and_unknown_ids_exit_4(cli: Cli) -> None:
+    code, out, err = await cli("submit", "echo", "{not json")
+    assert (code, out) == (2, "")
+    assert "error: the payload is not JSON" in err
+    code, _, err = await cli("submit", "echo", "1", "--class", "nope")
+    assert code == 2
+    assert "unknown task class 'nope'" in err
+    for argv in (["task", "nope"], ["cancel", "nope"]):
+        code, out, err = await cli(*argv)
+        assert (code, out) == (4, "")
+        assert "error: unknown task 'nope'" in err
+    for argv in (["logs", "nope"], ["start", "nope"], ["stop", "nope"]):
+        code, _, err = await cli(*argv)
+        assert code == 4, argv
+        assert "unknown service 'nope'" in err
+
+
+async def test_cancel(cli: Cli, server: tuple[AgentInfra, str]) -> None:
+    infra, _ = server
+    code, out, _ = await cli("submit", "sleepy")
+    task_id = out.strip()
+    with anyio.fail_after(5):
+        while (await infra.get_task_status(task_id)).state.value != "running":
+            await anyio.sleep(0.01)
+    code, out, _ = await cli("cancel", task_id)
+    assert (code, out) == (0, f"{task_id}: cancelled\n")
+
+
+async def test_start_status_logs_stop(cli: Cli) -> None:
+    code, out, _ = await cli("status")
+    assert code == 0
+    assert "healthy" in out.splitlines()[0]
+
+    code, out, _ = await cli("start", "web")
+    assert code == 0, out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
+    assert rows == {"web": "healthy", "broken": "inactive"}
+
+    code, out, _ = await cli("status", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["status"] == "healthy"
+    assert report["services"]["web"]["state"] == "healthy"
+    assert report["services"]["web"]["ports"]["main"] > 0
+
+    with anyio.fail_after(5):
+        while "ready" not in (await cli("logs", "web"))[1]:
+            await anyio.sleep(0.02)
+    code, out, _ = await cli("logs", "web")
+    # Printed as they are: brackets are the service's text, not markup.
+    assert (code, out) == (0, "hello [x]\nready\n")
+    assert await cli("logs", "web", "--tail", "1") == (0, "ready\n", "")
+
+    code, out, _ = await cli("stop")
+    assert code == 0
+    assert "stopped" in out
+    code, out, _ = await cli("status", "--json")
+    assert json.loads(out)["services"]["web"]["state"] == "stopped"
+
+
+async def test_a_service_that_fails_to_start_exits_1(cli: Cli) -> None:
+    code, out, err = await cli("start", "broken")
+    assert code == 1
+    assert "error: " in err
+    assert "broken" in err
+    assert "failed" in out
+    code, out, _ = await cli("status")
+    assert code == 1  # unhealthy
+    assert "unhealthy" in out.splitlines()[0]
+
+
+async def test_events(cli: Cli) -> None:
+    code, out, _ = await cli("submit", "echo", '"e"', "--wait")
+    task_id = out.splitlines()[0]
+    code, out, _ = await cli("events", "--type", "task_completed", "--json")
+    assert code == 0
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events
+    assert {e["type"] for e in events} == {"task_completed"}
+    assert any(e["task_id"] == task_id and e["result"] == "e" for e in events)
+
+    code, out, _ = await cli("events", "--type", "task_submitted,task_completed")
+    assert code == 0
+    assert any(task_id in line and "task_completed" in line for line in out.splitlines())
+    last = events[-1]["seq"]
+    code, out, _ = await cli("events", "--since", str(last), "--type", "task_completed")
+    assert (code, out) == (0, "")
+
+
+async def test_events_follow_until_interrupted(server: tuple[AgentInfra, str]) -> None:
+    infra, address = server
+    argv = ["events", "-f", "--json", "--type", "task_completed", "--address", address]
+    command = [sys.executable, "-m", "dspy_infra.cli", *argv]
+    async with await anyio.open_process(command, env=clean_environ()) as process:
+        assert process.stdout is not None
+        try:
+            seen = b""
+            with anyio.fail_after(30):
+                while b"\n" not in seen:
+                    await infra.submit_task("echo", "live")
+                    with anyio.move_on_after(0.2):
+                        seen += await process.stdout.receive()
+            event = json.loads(seen.split(b"\n")[0])
+            assert (event["type"], event["result"]) == ("task_completed", "live")
+            process.send_signal(signal.SIGINT)
+            with anyio.fail_after(10):
+                assert await process.wait() == 130
+        finally:
+            if process.returncode is None:
+                process.kill()
+
+
+async def test_token_from_the_environment_or_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with start_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0", token="s3") as srv:
+        cli = Cli(srv.address, capsys)
+        code, out, err = await cli("status")
+        assert (code, out) == (3, "")
+        assert "refused this client" in err
+        token_file = tmp_path / "token"
+        token_file.write_text("s3\n")
+        assert (await cli("status", "--token-file", str(token_file)))[0] == 0
+        monkeypatch.setenv("DSPY_INFRA_TOKEN", "s3")
+        assert (await cli("status"))[0] == 0
+        monkeypatch.setenv("DSPY_INFRA_TOKEN", "wrong")
+        assert (await cli("status"))[0] == 3
+
+
+async def test_address_from_the_environment(
+    server: tuple[AgentInfra, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DSPY_INFRA_ADDRESS", server[1])
+    assert await anyio.to_thread.run_sync(main, ["status"]) == 0
