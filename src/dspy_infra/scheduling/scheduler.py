@@ -587,6 +587,24 @@ class LocalScheduler:
             seq=next(self._seq),
         )
 
+    @property
+    def store(self) -> Store:
+        """The task store, which workflows keep their own tables in."""
+        return self._store
+
+    @property
+    def journal(self) -> Journal:
+        """The store's one writer: what shares the store writes (and reads) through it."""
+        return self._journal
+
+    def check(self, task_id: str, request: TaskRequest) -> None:
+        """Raise :class:`InvalidTask` if ``request`` could never run, storing nothing.
+
+        All the checks of a submit but the payload's: for a workflow step,
+        whose payload is only known when it starts.
+        """
+        self._check(task_id, request)
+
     def _check(self, task_id: str, request: TaskRequest) -> _Checked:
         """Check all but the payload: what the record is made of, or InvalidTask."""
 

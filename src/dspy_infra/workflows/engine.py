@@ -301,7 +301,7 @@ class WorkflowEngine:
         try:
             # The scheduler's own checks of a submit, but for the payload
             # (which references fill in only when the step starts).
-            self._scheduler._check(step.name, request)
+            self._scheduler.check(step.name, request)
         except InvalidTask as exc:
             reason = str(exc).split(" refused: ", 1)[-1]
             raise InvalidWorkflow(f"workflow {spec.name!r}: step {step.name!r}: {reason}") from None
