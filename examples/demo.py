@@ -32,7 +32,14 @@ import anyio
 from rich.console import Console
 from rich.table import Table
 
-from dspy_infra import AgentInfra, Event, InfraError, ServiceEvent, ServiceStatus
+from dspy_infra import (
+    AgentInfra,
+    Event,
+    InfraError,
+    ServiceEvent,
+    ServiceStatus,
+    WorkflowEvent,
+)
 from dspy_infra.abc import TaskRun
 from dspy_infra.scheduling.tasks import TaskEvent, TaskHandle, TaskState, TaskStatus
 
@@ -67,7 +74,15 @@ class EventPrinter:
         self._changed = anyio.Event()
 
     def label(self, task_id: str) -> str:
-        return self.labels.get(task_id, task_id[:8])
+        if task_id in self.labels:
+            return self.labels[task_id]
+        # A workflow step's task is RUN:STEP, or RUN:STEP:INDEX when it fans out.
+        match task_id.split(":"):
+            case [_, step]:
+                return step
+            case [_, step, index]:
+                return f"{step}[{index}]"
+        return task_id[:8]
 
     async def run(self, infra: AgentInfra) -> None:
         # since=0 first replays what happened while the services were starting;
@@ -86,9 +101,11 @@ class EventPrinter:
                     "task_started": f"attempt {event.attempt}",
                 }.get(event.type, "")
                 self.print(event, self.label(event.task_id), message)
+            elif isinstance(event, WorkflowEvent):
+                self.print(event, f"{event.step or 'run'}", event.state)
 
     def print(self, event: Event, subject: str, message: str) -> None:
-        print(f"  {event.time - self.start:6.2f}s  {event.type:<19} {subject:<20} {message}")
+        print(f"  {event.time - self.start:6.2f}s  {event.type:<23} {subject:<20} {message}")
 
     async def wait_until(self, seen: Callable[[Event], bool], *, after: int = 0) -> None:
         """Wait until an event for which ``seen`` is true was printed (counting from ``after``)."""
@@ -152,6 +169,19 @@ def register_handlers(infra: AgentInfra) -> None:
         if run.attempt == 1:
             raise ConnectionError(f"{url} hung up")
         return f"200 OK on attempt {run.attempt}"
+
+    @infra.task("candidates")
+    async def candidates(dataset: str) -> list[str]:
+        return sorted(SCORES)
+
+    @infra.task("pick_best")
+    async def pick_best(scored: list[list[Any]]) -> str:
+        return str(max(scored, key=lambda pair: pair[1])[0])
+
+    @infra.task("score")
+    async def score(candidate: str) -> list[Any]:
+        await anyio.sleep(0.01)
+        return [candidate, SCORES[candidate]]
 
     @infra.task("train")
     async def train(steps: int) -> int:
@@ -252,6 +282,39 @@ async def run_tasks(infra: AgentInfra, printer: EventPrinter) -> None:
     sum_up(statuses, embedder, retried)
 
 
+OPTIMISE = {
+    "name": "optimise",
+    "steps": {
+        "prepare": {"handler": "candidates", "payload": "${inputs.dataset}"},
+        "evaluate": {
+            "handler": "score",
+            "depends_on": ["prepare"],
+            "fan_out": "${steps.prepare.result}",  # one task per candidate, all at once
+            "payload": "${item}",
+        },
+        "select": {
+            "handler": "pick_best",
+            "depends_on": ["evaluate"],
+            "payload": "${steps.evaluate.result}",  # the list of the evaluations
+        },
+    },
+}
+
+
+async def run_workflow(infra: AgentInfra) -> None:
+    """A DAG of tasks: prepare -> evaluate every candidate (fan-out) -> select."""
+    workflow = await infra.workflows.create(OPTIMISE)
+    run = await infra.workflows.start_run(workflow.workflow_id, inputs={"dataset": "hotpot"})
+    # The run's own events, resumable with since=; they end with the run.
+    seen = [event.type async for event in infra.workflows.stream_status(run.run_id)]
+    status = await run.wait()
+    print(f"stream_status(run): {len(seen)} events, the last {seen[-1]}")
+    best = status.results()["select"]
+    print(f"workflow optimise: {status.state.value}, {len(SCORES)} candidates, best: {best}")
+    if best != max(SCORES, key=SCORES.__getitem__):
+        raise DemoFailed(f"the workflow did not select the best candidate: {status}")
+
+
 def sum_up(
     statuses: dict[str, TaskStatus], embedder: ServiceStatus, retried: list[str | None]
 ) -> None:
@@ -330,6 +393,9 @@ async def main() -> None:
                 print("tasks:")
                 with anyio.fail_after(20):
                     await run_tasks(infra, printer)
+                print("a workflow (infra.workflows):")
+                with anyio.fail_after(20):
+                    await run_workflow(infra)
                 statuses = await infra.services.status()
                 pids.update(int(s.pid) for s in statuses.values() if s.pid)
                 print("leaving the `async with` block: teardown, dependents first")

@@ -47,6 +47,10 @@ def test_demo_restarts_the_killed_worker_runs_tasks_and_tears_down_cleanly() -> 
     assert re.search(r"task_retrying\s+fetch\s+attempt 1 failed: ConnectionError", out)
     assert re.search(r"task_cancelled\s+train", out)
     assert "found the best candidate: cot+rag" in out
+    # The workflow fanned out one evaluation per candidate, then selected the best.
+    assert re.search(r"task_started\s+evaluate\[4\]", out)
+    assert re.search(r"workflow_run_succeeded\s+run", out)
+    assert "workflow optimise: succeeded, 5 candidates, best: cot+rag" in out
     # Teardown stopped dependents first and left no process behind.
     stopped = re.findall(r"service_stopped\s+(\w+)", out)
     assert stopped.index("api") < stopped.index("kv")
