@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 PACKAGE_DIR = ROOT / "src" / "dspy_infra" / "remote" / "_generated"
-OPTIONS = "client_generation=async,server_generation=async"
+# google_protobuf_descriptors: the descriptors too (they need `protobuf` at
+# runtime), which the server hands to its reflection service.
+OPTIONS = "client_generation=async,server_generation=async,google_protobuf_descriptors"
+# protobuf ships no type information (its stubs are the separate types-protobuf):
+# mypy --strict is told so where the generated code imports it, and nowhere else.
+_PROTOBUF_IMPORT = re.compile(r"^(from google\.protobuf[\w.]* import [^#\n]*?)$", re.MULTILINE)
+_UNTYPED = "  # type: ignore[import-untyped]"
 
 
 def proto_files() -> list[Path]:
@@ -54,6 +61,11 @@ def generate(out: Path) -> None:
             env=env,
             stdout=subprocess.DEVNULL,
         )
+        for module in staging.rglob("*.py"):
+            text = module.read_text()
+            marked = _PROTOBUF_IMPORT.sub(lambda m: m.group(1) + _UNTYPED, text)
+            if marked != text:
+                module.write_text(marked)
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(staging, out)

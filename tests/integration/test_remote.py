@@ -8,6 +8,7 @@ side's own concerns (tokens, the loopback rule, no server) follow the suite.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -29,6 +30,8 @@ import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,6 +50,17 @@ from dspy_infra.remote import RemoteAgentInfra, serve
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.scheduling.tasks import TaskEvent, TaskState, TaskStatus
 from dspy_infra.services.status import ServiceState, ServiceStatus
+from dspy_infra.workflows import (
+    InvalidWorkflow,
+    RunHandle,
+    RunState,
+    RunStatus,
+    StepState,
+    UnknownRun,
+    UnknownWorkflow,
+    Workflow,
+    WorkflowEvent,
+)
 from tests.integration.helpers import service
 
 pytestmark = pytest.mark.anyio
@@ -261,6 +275,181 @@ async def test_metrics(api: Api) -> None:
     assert sum(submitted.values()) >= 1
 
 
+CHAIN = {
+    "name": "chain",
+    "steps": {
+        "first": {"handler": "echo", "payload": {"n": "${inputs.n}"}},
+        "second": {
+            "handler": "echo",
+            "depends_on": ["first"],
+            "fan_out": "${steps.first.result.n}",
+            "payload": {"item": "${item}", "index": "${index}"},
+        },
+    },
+}
+
+
+async def test_workflow_create_run_and_stream(api: Api) -> None:
+    workflow = await api.workflows.create(CHAIN)
+    assert isinstance(workflow, Workflow)
+    assert workflow.workflow_id.startswith("chain-")
+    assert [s.name for s in workflow.spec.steps] == ["first", "second"]
+    again = await api.workflows.create(CHAIN)  # the same spec: the same workflow
+    assert (again.workflow_id, again.created_at) == (workflow.workflow_id, workflow.created_at)
+
+    # 2**60 + 1 is not a double: JSON text carries it exactly.
+    run = await api.workflows.start_run(workflow.workflow_id, inputs={"n": [2**60 + 1, "b"]})
+    assert isinstance(run, RunHandle)
+    with anyio.fail_after(10):
+        events = [e async for e in api.workflows.stream_status(run.run_id)]
+    assert all(isinstance(e, WorkflowEvent) for e in events)
+    assert [e.seq for e in events] == sorted(e.seq for e in events)
+    assert all(e.seq > 0 and e.run_id == run.run_id for e in events)
+    assert [(e.type, e.step, e.state) for e in events] == [
+        ("workflow_run_started", None, "running"),
+        ("workflow_step_started", "first", "running"),
+        ("workflow_step_succeeded", "first", "succeeded"),
+        ("workflow_step_started", "second", "running"),
+        ("workflow_step_succeeded", "second", "succeeded"),
+        ("workflow_run_succeeded", None, "succeeded"),
+    ]
+    # Resumed after the first event: the rest, and nothing before.
+    with anyio.fail_after(10):
+        rest = [e async for e in api.workflows.stream_status(run.run_id, since=events[0].seq)]
+    assert rest == events[1:]
+
+    status = await run.wait()
+    assert isinstance(status, RunStatus)
+    assert status.state is RunState.SUCCEEDED
+    assert status.workflow_id == workflow.workflow_id
+    assert status.inputs == {"n": [2**60 + 1, "b"]}
+    assert status.results() == {
+        "first": {"n": [2**60 + 1, "b"]},
+        "second": [{"item": 2**60 + 1, "index": 0}, {"item": "b", "index": 1}],
+    }
+    assert status.steps["second"].task_ids == (
+        f"{run.run_id}:second:0",
+        f"{run.run_id}:second:1",
+    )
+    assert status == await api.workflows.get_run(run.run_id) == await run.status()
+    # Its tasks are ordinary tasks.
+    task = await api.get_task_status(f"{run.run_id}:first")
+    assert (task.state, task.workflow_id) == (TaskState.SUCCEEDED, workflow.workflow_id)
+    # Starting again with the same run_id returns the same run.
+    named = await api.workflows.start_run(workflow.workflow_id, {"n": []}, run_id="mine")
+    again_named = await api.workflows.start_run(workflow.workflow_id, {"n": [1]}, run_id="mine")
+    assert named.run_id == again_named.run_id == "mine"
+    assert (await again_named.wait()).inputs == {"n": []}
+
+
+async def test_workflow_failure(api: Api) -> None:
+    spec = {"name": "fails", "steps": {"bad": {"handler": "boom", "payload": "x"}}}
+    workflow = await api.workflows.create(spec)
+    run = await api.workflows.start_run(workflow.workflow_id)
+    with anyio.fail_after(10):
+        events = [e async for e in api.workflows.stream_status(run.run_id)]
+    assert events[-1].type == "workflow_run_failed"
+    status = await run.wait()
+    assert status.state is RunState.FAILED
+    assert status.steps["bad"].state is StepState.FAILED
+    assert "boom: x" in (status.error or "")
+
+
+async def test_workflow_cancel(api: Api) -> None:
+    spec = {
+        "name": "slow",
+        "steps": {
+            "wait": {"handler": "sleepy"},
+            "after": {"handler": "echo", "depends_on": ["wait"]},
+        },
+    }
+    workflow = await api.workflows.create(spec)
+    run = await api.workflows.start_run(workflow.workflow_id)
+    # Its task running, not only its step (marked running before its task is stored).
+    task_id = f"{run.run_id}:wait"
+    with anyio.fail_after(5):
+        while True:
+            with contextlib.suppress(UnknownTask):
+                if (await api.get_task_status(task_id)).state is TaskState.RUNNING:
+                    break
+            await anyio.sleep(0.005)
+    assert (await run.status()).steps["wait"].state is StepState.RUNNING
+    status = await api.workflows.cancel_run(run.run_id)
+    assert status.state is RunState.CANCELLED
+    assert status.steps["after"].state is StepState.CANCELLED
+    assert (await run.cancel()).state is RunState.CANCELLED  # a finished run is left as it is
+    with anyio.fail_after(10):
+        events = [e async for e in api.workflows.stream_status(run.run_id)]
+    assert events[-1].type == "workflow_run_cancelled"
+    assert (await api.get_task_status(task_id)).state is TaskState.CANCELLED
+
+
+async def test_workflow_errors(api: Api) -> None:
+    cycle = {
+        "name": "loop",
+        "steps": {
+            "a": {"handler": "echo", "depends_on": ["b"]},
+            "b": {"handler": "echo", "depends_on": ["a"]},
+        },
+    }
+    with pytest.raises(InvalidWorkflow, match="cycle: a -> b -> a"):
+        await api.workflows.create(cycle)
+    with pytest.raises(InvalidWorkflow, match="no in-process handler 'nope'"):
+        await api.workflows.create({"name": "x", "steps": {"a": {"handler": "nope"}}})
+    with pytest.raises(InvalidWorkflow, match="unknown task class 'gpus'"):
+        await api.workflows.create(
+            {"name": "x", "steps": {"a": {"handler": "echo", "task_class": "gpus"}}}
+        )
+    with pytest.raises(UnknownWorkflow, match="unknown workflow 'nope'") as unknown:
+        await api.workflows.start_run("nope")
+    assert unknown.value.workflow_id == "nope"
+    workflow = await api.workflows.create(CHAIN)
+    with pytest.raises(InvalidWorkflow, match="missing inputs n"):
+        await api.workflows.start_run(workflow.workflow_id)
+    with pytest.raises(InvalidWorkflow, match="not JSON-compatible"):
+        await api.workflows.start_run(workflow.workflow_id, {"n": object()})
+    with pytest.raises(InvalidWorkflow, match="run_id"):
+        await api.workflows.start_run(workflow.workflow_id, {"n": []}, run_id="no spaces")
+    with pytest.raises(UnknownRun, match="unknown workflow run 'nope'") as info:
+        await api.workflows.get_run("nope")
+    assert info.value.run_id == "nope"
+    with pytest.raises(UnknownRun):
+        await api.workflows.cancel_run("nope")
+    with pytest.raises(UnknownRun):
+        [e async for e in api.workflows.stream_status("nope")]
+
+
+async def test_workflow_from_a_toml_file(api: Api, tmp_path: Path) -> None:
+    # A path is read where the caller is (the client, remotely): the server gets the spec.
+    path = tmp_path / "one.toml"
+    path.write_text('name = "one"\n\n[steps.only]\nhandler = "echo"\npayload = "${inputs.x}"\n')
+    workflow = await api.workflows.create(path)
+    run = await api.workflows.start_run(workflow.workflow_id, {"x": 5})
+    assert (await run.wait()).results() == {"only": 5}
+    with pytest.raises(InvalidWorkflow, match=r"missing\.toml"):
+        await api.workflows.create(tmp_path / "missing.toml")
+
+
+async def test_workflow_events_on_the_event_stream(api: Api) -> None:
+    workflow = await api.workflows.create(CHAIN)
+    run = await api.workflows.start_run(workflow.workflow_id, {"n": []})
+    await run.wait()
+    seen: list[Event] = []
+    with anyio.fail_after(10):
+        async with aclosing(api.stream_events({"workflow_run_succeeded"}, since=0)) as events:
+            async for event in events:
+                seen.append(event)
+                if isinstance(event, WorkflowEvent) and event.run_id == run.run_id:
+                    break
+    last = seen[-1]
+    assert isinstance(last, WorkflowEvent)
+    assert (last.type, last.state, last.workflow_id) == (
+        "workflow_run_succeeded",
+        "succeeded",
+        workflow.workflow_id,
+    )
+
+
 # -- the remote side's own concerns ----------------------------------------------
 
 
@@ -333,23 +522,34 @@ async def test_connection_is_entered_once_and_closed_after(tmp_path: Path) -> No
                 pass
 
 
-async def test_workflow_rpcs_are_unimplemented_with_a_reason(tmp_path: Path) -> None:
+async def test_workflow_json_from_another_client_is_invalid_argument(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.toml"
+    secret.write_text('name = "secret"\n[steps.a]\nhandler = "echo"\n')
     async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
         channel = Channel("127.0.0.1", int(srv.address.rsplit(":", 1)[1]))
         try:
             stub = orch_pb.OrchestratorStub(channel)
-            with pytest.raises(GRPCError) as info:
-                await stub.create_workflow(orch_pb.CreateWorkflowRequest(spec_json="{}"))
-            assert info.value.status is Status.UNIMPLEMENTED
-            assert "workflows are not served yet" in (info.value.message or "")
-            with pytest.raises(GRPCError) as info:
-                [
-                    s
-                    async for s in stub.stream_workflow_status(
-                        orch_pb.StreamWorkflowStatusRequest()
+            refusals = {
+                "{not json": "spec_json is not JSON",
+                # A path is never opened on the server: the spec is the JSON itself.
+                json.dumps(str(secret)): "a workflow is a table",
+            }
+            for spec_json, message in refusals.items():
+                with pytest.raises(GRPCError) as info:
+                    await stub.create_workflow(orch_pb.CreateWorkflowRequest(spec_json=spec_json))
+                assert info.value.status is Status.INVALID_ARGUMENT
+                assert message in (info.value.message or "")
+            created = await stub.create_workflow(
+                orch_pb.CreateWorkflowRequest(spec_json=json.dumps(CHAIN))
+            )
+            for inputs_json in ["[1]", "{"]:
+                with pytest.raises(GRPCError) as info:
+                    await stub.start_workflow_run(
+                        orch_pb.StartWorkflowRunRequest(
+                            workflow_id=created.workflow_id, inputs_json=inputs_json
+                        )
                     )
-                ]
-            assert info.value.status is Status.UNIMPLEMENTED
+                assert info.value.status is Status.INVALID_ARGUMENT
         finally:
             channel.close()
 
@@ -544,12 +744,38 @@ with grpc.insecure_channel(sys.argv[1]) as channel:
     values = orch.GetMetrics(o.GetMetricsRequest()).values
     out["metrics"] = any(k.startswith("dspy_infra_tasks_submitted") for k in values)
 
+    spec = {"name": "pair", "steps": {"a": {"handler": "echo", "payload": "${inputs.x}"},
+                                      "b": {"handler": "echo", "depends_on": ["a"],
+                                            "payload": "${steps.a.result}"}}}
+    created = orch.CreateWorkflow(o.CreateWorkflowRequest(spec_json=json.dumps(spec)))
+    run_id = orch.StartWorkflowRun(
+        o.StartWorkflowRunRequest(workflow_id=created.workflow_id, inputs_json='{"x": 7}')
+    ).run_id
+    stream = list(orch.StreamWorkflowStatus(o.StreamWorkflowStatusRequest(run_id=run_id)))
+    final = stream[-1]
+    out["workflow_stream"] = [[m.type, m.step if m.HasField("step") else None] for m in stream]
+    out["workflow_final"] = [final.run.state, [[s.name, s.state, s.result_json]
+                                               for s in final.run.steps]]
+    run = orch.GetWorkflowRun(o.GetWorkflowRunRequest(run_id=run_id, wait=True)).run
+    out["workflow_run"] = [run.workflow_id == created.workflow_id, run.state, run.inputs_json]
+    slow = json.dumps({"name": "slow", "steps": {"s": {"handler": "sleepy"}}})
+    slow_id = orch.CreateWorkflow(o.CreateWorkflowRequest(spec_json=slow)).workflow_id
+    slow_run = orch.StartWorkflowRun(o.StartWorkflowRunRequest(workflow_id=slow_id)).run_id
+    cancelled = orch.CancelWorkflowRun(o.CancelWorkflowRunRequest(run_id=slow_run)).run
+    out["workflow_cancelled"] = [cancelled.state, cancelled.steps[0].state]
+
     codes = {}
     calls = {
         "CreateWorkflow": lambda: orch.CreateWorkflow(o.CreateWorkflowRequest(spec_json="{}")),
-        "StartWorkflowRun": lambda: orch.StartWorkflowRun(o.StartWorkflowRunRequest()),
+        "StartWorkflowRun": lambda: orch.StartWorkflowRun(
+            o.StartWorkflowRunRequest(workflow_id="nope")
+        ),
+        "GetWorkflowRun": lambda: orch.GetWorkflowRun(o.GetWorkflowRunRequest(run_id="nope")),
+        "CancelWorkflowRun": lambda: orch.CancelWorkflowRun(
+            o.CancelWorkflowRunRequest(run_id="nope")
+        ),
         "StreamWorkflowStatus": lambda: list(
-            orch.StreamWorkflowStatus(o.StreamWorkflowStatusRequest())
+            orch.StreamWorkflowStatus(o.StreamWorkflowStatusRequest(run_id="nope"))
         ),
         "GetTaskStatus": lambda: orch.GetTaskStatus(o.GetTaskStatusRequest(task_id="nope")),
         "SubmitTask": lambda: orch.SubmitTask(o.SubmitTaskRequest(handler="echo", priority=-1)),
@@ -598,13 +824,264 @@ async def test_a_stock_grpcio_client_calls_every_rpc(tmp_path: Path) -> None:
     assert seen["cancelled"] == "cancelled"
     assert seen["event"] == ["task", "task_completed", True]
     assert seen["metrics"] is True
+    assert seen["workflow_stream"] == [
+        ["workflow_run_started", None],
+        ["workflow_step_started", "a"],
+        ["workflow_step_succeeded", "a"],
+        ["workflow_step_started", "b"],
+        ["workflow_step_succeeded", "b"],
+        ["workflow_run_succeeded", None],
+    ]
+    assert seen["workflow_final"] == [
+        "succeeded",
+        [["a", "succeeded", "7"], ["b", "succeeded", "7"]],
+    ]
+    assert seen["workflow_run"] == [True, "succeeded", '{"x":7}']
+    assert seen["workflow_cancelled"] == ["cancelled", "cancelled"]
     assert seen["errors"] == {
-        "CreateWorkflow": ["UNIMPLEMENTED", None],
-        "StartWorkflowRun": ["UNIMPLEMENTED", None],
-        "StreamWorkflowStatus": ["UNIMPLEMENTED", None],
+        "CreateWorkflow": ["INVALID_ARGUMENT", "InvalidWorkflow"],
+        "StartWorkflowRun": ["NOT_FOUND", "UnknownWorkflow"],
+        "GetWorkflowRun": ["NOT_FOUND", "UnknownRun"],
+        "CancelWorkflowRun": ["NOT_FOUND", "UnknownRun"],
+        "StreamWorkflowStatus": ["NOT_FOUND", "UnknownRun"],
         "GetTaskStatus": ["NOT_FOUND", "UnknownTask"],
         "SubmitTask": ["INVALID_ARGUMENT", "InvalidTask"],
     }
+
+
+# -- grpc.health.v1 and server reflection, from stock grpcio --------------------------
+
+# The standard protos, as grpc publishes them (comments and options left out):
+# grpcio ships stubs for neither (they are grpcio-health-checking and
+# grpcio-reflection), so the test generates them with grpcio-tools. Their
+# packages make the wire names; the files are put under standard/, as grpc/
+# would shadow grpcio itself.
+HEALTH_PROTO = """
+syntax = "proto3";
+package grpc.health.v1;
+message HealthCheckRequest { string service = 1; }
+message HealthCheckResponse {
+  enum ServingStatus { UNKNOWN = 0; SERVING = 1; NOT_SERVING = 2; SERVICE_UNKNOWN = 3; }
+  ServingStatus status = 1;
+}
+service Health {
+  rpc Check(HealthCheckRequest) returns (HealthCheckResponse);
+  rpc Watch(HealthCheckRequest) returns (stream HealthCheckResponse);
+}
+"""
+REFLECTION_PROTO = """
+syntax = "proto3";
+package grpc.reflection.v1;
+service ServerReflection {
+  rpc ServerReflectionInfo(stream ServerReflectionRequest)
+      returns (stream ServerReflectionResponse);
+}
+message ServerReflectionRequest {
+  string host = 1;
+  oneof message_request {
+    string file_by_filename = 3;
+    string file_containing_symbol = 4;
+    ExtensionRequest file_containing_extension = 5;
+    string all_extension_numbers_of_type = 6;
+    string list_services = 7;
+  }
+}
+message ExtensionRequest { string containing_type = 1; int32 extension_number = 2; }
+message ServerReflectionResponse {
+  string valid_host = 1;
+  ServerReflectionRequest original_request = 2;
+  oneof message_response {
+    FileDescriptorResponse file_descriptor_response = 4;
+    ExtensionNumberResponse all_extension_numbers_response = 5;
+    ListServiceResponse list_services_response = 6;
+    ErrorResponse error_response = 7;
+  }
+}
+message FileDescriptorResponse { repeated bytes file_descriptor_proto = 1; }
+message ExtensionNumberResponse { string base_type_name = 1; repeated int32 extension_number = 2; }
+message ListServiceResponse { repeated ServiceResponse service = 1; }
+message ServiceResponse { string name = 1; }
+message ErrorResponse { int32 error_code = 1; string error_message = 2; }
+"""
+
+# check NAME...: each name's status (or the error code); watch NAME: the first
+# status, then the next one; reflect: what reflection says of our services.
+STANDARD_CLIENT = """
+import json, sys
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from standard import health_pb2 as h, health_pb2_grpc as hg
+from standard import reflection_pb2 as r, reflection_pb2_grpc as rg
+
+def status(response):
+    return h.HealthCheckResponse.ServingStatus.Name(response.status)
+
+def files(response):
+    return [descriptor_pb2.FileDescriptorProto.FromString(b)
+            for b in response.file_descriptor_response.file_descriptor_proto]
+
+address, mode, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+with grpc.insecure_channel(address) as channel:
+    health = hg.HealthStub(channel)
+    if mode == "check":
+        out = {}
+        for name in names:
+            try:
+                out[name] = status(health.Check(h.HealthCheckRequest(service=name)))
+            except grpc.RpcError as exc:
+                out[name] = exc.code().name
+        print(json.dumps(out))
+    elif mode == "watch":
+        updates = health.Watch(h.HealthCheckRequest(service=names[0]))
+        print(status(next(updates)), flush=True)
+        print(status(next(updates)), flush=True)
+        updates.cancel()
+    elif mode == "reflect":
+        requests = [
+            r.ServerReflectionRequest(list_services=""),
+            r.ServerReflectionRequest(file_containing_symbol="orchestrator.v1.Orchestrator"),
+            r.ServerReflectionRequest(file_by_filename="env_manager/v1/env_manager.proto"),
+            r.ServerReflectionRequest(file_containing_symbol="orchestrator.v1.SubmitTaskRequest"),
+            r.ServerReflectionRequest(file_containing_symbol="grpc.health.v1.Health"),
+            r.ServerReflectionRequest(file_containing_symbol="no.such.Symbol"),
+        ]
+        listed, orch, env, message, health_file, missing = list(
+            rg.ServerReflectionStub(channel).ServerReflectionInfo(iter(requests))
+        )
+        pool = descriptor_pool.DescriptorPool()
+        for proto in files(env) + files(orch):
+            pool.Add(proto)
+        service = pool.FindServiceByName("orchestrator.v1.Orchestrator")
+        submit = pool.FindMethodByName("orchestrator.v1.Orchestrator.SubmitTask")
+        print(json.dumps({
+            "services": sorted(s.name for s in listed.list_services_response.service),
+            "orchestrator_file": [f.name for f in files(orch)],
+            "methods": [m.name for m in service.methods],
+            "submit_fields": [f.name for f in submit.input_type.fields][:3],
+            "message_file": [f.name for f in files(message)],
+            "health_file": [f.name for f in files(health_file)],
+            "missing": missing.error_response.error_code,
+        }))
+"""
+
+
+async def standard_client(tmp_path: Path) -> Path:
+    """grpcio-tools stubs of grpc.health.v1 and grpc.reflection.v1, and the client using them."""
+    out = tmp_path / "grpcio-standard"
+    (out / "standard").mkdir(parents=True)
+    for name, text in [("health", HEALTH_PROTO), ("reflection", REFLECTION_PROTO)]:
+        (out / "standard" / f"{name}.proto").write_text(text)
+    await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{out}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            "standard/health.proto",
+            "standard/reflection.proto",
+        ]
+    )
+    (out / "client.py").write_text(STANDARD_CLIENT)
+    return out
+
+
+async def run_standard(out: Path, address: str, *args: str) -> Any:
+    with anyio.fail_after(60):
+        done = await anyio.run_process(
+            [sys.executable, str(out / "client.py"), address, *args], cwd=out, check=False
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    return json.loads(done.stdout)
+
+
+_SERVICES = ["", "orchestrator.v1.Orchestrator", "env_manager.v1.EnvManager"]
+
+
+async def test_grpc_health_reflects_the_instance(tmp_path: Path) -> None:
+    out = await standard_client(tmp_path)
+    infra_config = {
+        "infra": {},
+        "services": {
+            "web": service("--say", "ready", port=True, autostart=False),
+            "bad": service("--exit-after", "0.1", "--code", "1", autostart=False),
+        },
+    }
+    infra = AgentInfra.start(infra_config, state_dir=tmp_path / "state", handlers={})
+    async with infra, serve(infra, "127.0.0.1:0") as srv:
+        # Nothing active: the instance and both services serve; a configured
+        # service that is not up does not; an unknown name is NOT_FOUND.
+        seen = await run_standard(out, srv.address, "check", *_SERVICES, "web", "nope")
+        assert seen == {
+            **dict.fromkeys(_SERVICES, "SERVING"),
+            "web": "NOT_SERVING",
+            "nope": "NOT_FOUND",
+        }
+
+        # A Watch sees the service come up.
+        command = [sys.executable, str(out / "client.py"), srv.address, "watch", "web"]
+        async with await anyio.open_process(command, cwd=out) as watch:
+            assert watch.stdout is not None
+            try:
+                with anyio.fail_after(30):
+                    first = (await watch.stdout.receive()).decode()
+                    assert first == "NOT_SERVING\n"
+                    await infra.services.start(["web"])
+                    rest = b""
+                    async for chunk in watch.stdout:
+                        rest += chunk
+                    assert rest.decode() == "SERVING\n"
+                    assert await watch.wait() == 0
+            finally:
+                if watch.returncode is None:
+                    watch.kill()
+
+        # A service that failed: the instance is not serving any more, per name too.
+        await infra.services.start(["bad"])
+        with anyio.fail_after(10):
+            while (await infra.services.status(["bad"]))["bad"].state is not ServiceState.FAILED:
+                await anyio.sleep(0.01)
+        seen = await run_standard(out, srv.address, "check", *_SERVICES, "web", "bad")
+        assert seen == {
+            **dict.fromkeys(_SERVICES, "NOT_SERVING"),
+            "web": "SERVING",
+            "bad": "NOT_SERVING",
+        }
+
+
+async def test_health_and_reflection_need_the_token(tmp_path: Path) -> None:
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0", token="s3cret") as srv:
+        channel = Channel("127.0.0.1", int(srv.address.rsplit(":", 1)[1]))
+        try:
+            with pytest.raises(GRPCError) as info:
+                await HealthStub(channel).Check(HealthCheckRequest(service=""))
+            assert info.value.status is Status.UNAUTHENTICATED
+            reply = await HealthStub(channel).Check(
+                HealthCheckRequest(service=""), metadata={"authorization": "Bearer s3cret"}
+            )
+            assert reply.status == HealthCheckResponse.SERVING
+        finally:
+            channel.close()
+
+
+async def test_server_reflection_describes_every_service(tmp_path: Path) -> None:
+    out = await standard_client(tmp_path)
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        seen = await run_standard(out, srv.address, "reflect")
+    assert seen["services"] == [
+        "env_manager.v1.EnvManager",
+        "grpc.health.v1.Health",
+        "orchestrator.v1.Orchestrator",
+    ]
+    assert seen["orchestrator_file"] == ["orchestrator/v1/orchestrator.proto"]
+    assert {"SubmitTask", "CreateWorkflow", "GetWorkflowRun", "StreamWorkflowStatus"} <= set(
+        seen["methods"]
+    )
+    assert seen["submit_fields"] == ["handler", "payload_json", "task_class"]
+    assert seen["message_file"] == ["orchestrator/v1/orchestrator.proto"]
+    assert seen["health_file"] == ["grpclib/health/v1/health.proto"]
+    assert seen["missing"] == Status.NOT_FOUND.value
 
 
 _ORCH = "/orchestrator.v1.Orchestrator/"
@@ -660,6 +1137,19 @@ _calls = st.one_of(
     st.tuples(st.just(_ORCH + "CancelTask"), st.builds(orch_pb.CancelTaskRequest, task_id=_text)),
     st.tuples(
         st.just(_ORCH + "CreateWorkflow"), st.builds(orch_pb.CreateWorkflowRequest, spec_json=_text)
+    ),
+    st.tuples(
+        st.just(_ORCH + "StartWorkflowRun"),
+        st.builds(
+            orch_pb.StartWorkflowRunRequest,
+            workflow_id=_text,
+            inputs_json=_payloads,
+            run_id=_maybe_text,
+        ),
+    ),
+    st.tuples(
+        st.sampled_from([_ORCH + "GetWorkflowRun", _ORCH + "CancelWorkflowRun"]),
+        st.builds(orch_pb.CancelWorkflowRunRequest, run_id=_text),
     ),
     st.tuples(
         st.sampled_from([_ENV + "StartServices", _ENV + "StopServices", _ENV + "GetServiceStatus"]),

@@ -1,12 +1,17 @@
 """gRPC access to an :class:`~dspy_infra.AgentInfra`: the server and the remote client.
 
-Needs the ``grpc`` extra (grpclib and betterproto2), imported here at the
+Needs the ``grpc`` extra (grpclib, betterproto2 and protobuf), imported here at the
 top: importing this package without it fails at once, naming what is missing.
 The protocol is in ``proto/``; ``_generated`` is written by
 ``scripts/generate_proto.py`` and never edited by hand.
 """
 
-from dspy_infra.remote.client import RemoteAgentInfra, RemoteServices, ServerUnavailable
+from dspy_infra.remote.client import (
+    RemoteAgentInfra,
+    RemoteServices,
+    RemoteWorkflows,
+    ServerUnavailable,
+)
 from dspy_infra.remote.server import DEFAULT_ADDRESS, RemoteServer, serve
 
 __all__ = [
@@ -14,6 +19,7 @@ __all__ = [
     "RemoteAgentInfra",
     "RemoteServer",
     "RemoteServices",
+    "RemoteWorkflows",
     "ServerUnavailable",
     "serve",
 ]

@@ -16,6 +16,7 @@ from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskState, TaskStatus
 from dspy_infra.services.status import ServiceState, ServiceStatus
+from dspy_infra.workflows.model import RunState, RunStatus, StepState, StepStatus, WorkflowEvent
 
 __all__ = [
     "dump_json",
@@ -24,6 +25,8 @@ __all__ = [
     "load_json",
     "resources_from_proto",
     "resources_to_proto",
+    "run_status_from_proto",
+    "run_status_to_proto",
     "service_status_from_proto",
     "service_status_to_proto",
     "statuses_by_name",
@@ -32,6 +35,8 @@ __all__ = [
     "task_event_to_proto",
     "task_status_from_proto",
     "task_status_to_proto",
+    "workflow_event_from_proto",
+    "workflow_event_to_proto",
 ]
 
 # The store's encoder: compact, and NaN is refused as it is in-process.
@@ -136,6 +141,8 @@ def task_event_from_proto(message: orch_pb.TaskEvent) -> TaskEvent:
 def event_to_proto(event: Event) -> orch_pb.Event:
     if isinstance(event, TaskEvent):
         return orch_pb.Event(task=task_event_to_proto(event))
+    if isinstance(event, WorkflowEvent):
+        return orch_pb.Event(workflow=workflow_event_to_proto(event))
     if isinstance(event, ServiceEvent):
         return orch_pb.Event(
             service=orch_pb.ServiceEvent(
@@ -161,6 +168,8 @@ def event_to_proto(event: Event) -> orch_pb.Event:
 def event_from_proto(message: orch_pb.Event) -> Event:
     if message.task is not None:
         return task_event_from_proto(message.task)
+    if message.workflow is not None:
+        return workflow_event_from_proto(message.workflow)
     if (service := message.service) is not None:
         return ServiceEvent(
             seq=service.seq,
@@ -215,3 +224,81 @@ def statuses_by_name(
 
 def statuses_to_proto(statuses: Mapping[str, ServiceStatus]) -> list[env_pb.ServiceStatus]:
     return [service_status_to_proto(s) for s in statuses.values()]
+
+
+def run_status_to_proto(status: RunStatus) -> orch_pb.WorkflowRun:
+    return orch_pb.WorkflowRun(
+        run_id=status.run_id,
+        workflow_id=status.workflow_id,
+        state=status.state.value,
+        inputs_json=dump_json(dict(status.inputs)),
+        steps=[
+            orch_pb.WorkflowStep(
+                name=step.name,
+                state=step.state.value,
+                task_ids=list(step.task_ids),
+                result_json=dump_json(step.result),
+                error=step.error,
+                started_at=step.started_at,
+                finished_at=step.finished_at,
+            )
+            for step in status.steps.values()
+        ],
+        created_at=status.created_at,
+        finished_at=status.finished_at,
+        error=status.error,
+    )
+
+
+def run_status_from_proto(message: orch_pb.WorkflowRun) -> RunStatus:
+    inputs = load_json(message.inputs_json)
+    return RunStatus(
+        run_id=message.run_id,
+        workflow_id=message.workflow_id,
+        state=RunState(message.state),
+        inputs=inputs if inputs is not None else {},
+        steps={
+            step.name: StepStatus(
+                name=step.name,
+                state=StepState(step.state),
+                task_ids=tuple(step.task_ids),
+                result=load_json(step.result_json),
+                error=step.error,
+                started_at=step.started_at,
+                finished_at=step.finished_at,
+            )
+            for step in message.steps
+        },
+        created_at=message.created_at,
+        finished_at=message.finished_at,
+        error=message.error,
+    )
+
+
+def workflow_event_to_proto(
+    event: WorkflowEvent, run: RunStatus | None = None
+) -> orch_pb.WorkflowRunStatus:
+    return orch_pb.WorkflowRunStatus(
+        seq=event.seq,
+        run_id=event.run_id,
+        workflow_id=event.workflow_id,
+        state=event.state,
+        type=event.type,
+        time=event.time,
+        step=event.step,
+        error=event.error,
+        run=run_status_to_proto(run) if run is not None else None,
+    )
+
+
+def workflow_event_from_proto(message: orch_pb.WorkflowRunStatus) -> WorkflowEvent:
+    return WorkflowEvent(
+        seq=message.seq,
+        time=message.time,
+        type=message.type,
+        run_id=message.run_id,
+        workflow_id=message.workflow_id,
+        state=message.state,
+        step=message.step,
+        error=message.error,
+    )

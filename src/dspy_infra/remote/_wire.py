@@ -12,9 +12,11 @@ from dspy_infra.errors import ConfigError
 __all__ = [
     "DEFAULT_ADDRESS",
     "ERROR_KEY",
+    "RUN_KEY",
     "SERVICE_KEY",
     "TASK_KEY",
     "TOKEN_KEY",
+    "WORKFLOW_KEY",
     "format_address",
     "is_loopback",
     "parse_address",
@@ -30,6 +32,8 @@ TOKEN_KEY = "authorization"  # noqa: S105 - a metadata key, not a secret
 ERROR_KEY = "dspy-infra-error"
 TASK_KEY = "dspy-infra-task-id"
 SERVICE_KEY = "dspy-infra-service"
+WORKFLOW_KEY = "dspy-infra-workflow-id"
+RUN_KEY = "dspy-infra-run-id"
 
 
 def parse_address(address: str) -> tuple[str, int]:

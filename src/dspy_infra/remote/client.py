@@ -1,4 +1,4 @@
-"""The remote client: the task and service API of :class:`~dspy_infra.AgentInfra`, over gRPC.
+"""The remote client: tasks, services and workflows of a :class:`~dspy_infra.AgentInfra` over gRPC.
 
 ::
 
@@ -22,8 +22,16 @@ from __future__ import annotations
 
 import builtins
 import enum
+import os
 import ssl as ssl_module
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+)
 from contextlib import aclosing, asynccontextmanager
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -55,16 +63,26 @@ from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.remote._wire import (
     ERROR_KEY,
+    RUN_KEY,
     SERVICE_KEY,
     TASK_KEY,
     TOKEN_KEY,
+    WORKFLOW_KEY,
     is_loopback,
     parse_address,
 )
 from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskRequest, TaskStatus
 from dspy_infra.services.status import ServiceStatus
+from dspy_infra.workflows.model import RunHandle, RunStatus, Workflow, WorkflowEvent
+from dspy_infra.workflows.spec import (
+    InvalidWorkflow,
+    UnknownRun,
+    UnknownWorkflow,
+    WorkflowError,
+    WorkflowSpec,
+)
 
-__all__ = ["RemoteAgentInfra", "RemoteServices", "ServerUnavailable"]
+__all__ = ["RemoteAgentInfra", "RemoteServices", "RemoteWorkflows", "ServerUnavailable"]
 
 R = TypeVar("R", bound=betterproto2.Message)
 
@@ -90,20 +108,26 @@ class _Lifecycle(enum.Enum):
 # How to raise again, from its message, an error that the server names.
 # The message replaces what the constructor builds, so it is the server's
 # word for word; attributes the wire does not carry are left at their defaults.
-_Rebuild = Callable[[str, str, str], InfraError]
+# Each takes the message and the trailers' ids: task, service, workflow, run.
+_Rebuild = Callable[[str, dict[str, str]], InfraError]
 _ERRORS: dict[str, _Rebuild] = {
-    "InvalidTask": lambda message, task_id, _: InvalidTask(task_id, message),
-    "UnknownTask": lambda _, task_id, __: UnknownTask(task_id),
-    "TaskCancelled": lambda _, task_id, __: TaskCancelled(task_id),
-    "TaskError": lambda message, task_id, _: TaskError(task_id, message),
-    "UnknownService": lambda _, __, service: UnknownService(service, ()),
-    "DependencyFailed": lambda message, _, service: DependencyFailed(service, "", message),
-    "ServiceStartError": lambda message, _, service: ServiceStartError(service, message),
-    "ServiceError": lambda message, _, service: ServiceError(service, message),
-    "ConfigError": lambda message, _, __: ConfigError(message),
-    "BackendUnavailable": lambda message, _, __: BackendUnavailable(message),
-    "InfraClosed": lambda message, _, __: InfraClosed(message),
+    "InvalidTask": lambda message, ids: InvalidTask(ids[TASK_KEY], message),
+    "UnknownTask": lambda _, ids: UnknownTask(ids[TASK_KEY]),
+    "TaskCancelled": lambda _, ids: TaskCancelled(ids[TASK_KEY]),
+    "TaskError": lambda message, ids: TaskError(ids[TASK_KEY], message),
+    "UnknownService": lambda _, ids: UnknownService(ids[SERVICE_KEY], ()),
+    "DependencyFailed": lambda message, ids: DependencyFailed(ids[SERVICE_KEY], "", message),
+    "ServiceStartError": lambda message, ids: ServiceStartError(ids[SERVICE_KEY], message),
+    "ServiceError": lambda message, ids: ServiceError(ids[SERVICE_KEY], message),
+    "ConfigError": lambda message, _: ConfigError(message),
+    "BackendUnavailable": lambda message, _: BackendUnavailable(message),
+    "InfraClosed": lambda message, _: InfraClosed(message),
+    "InvalidWorkflow": lambda message, _: InvalidWorkflow(message),
+    "UnknownWorkflow": lambda _, ids: UnknownWorkflow(ids[WORKFLOW_KEY]),
+    "UnknownRun": lambda _, ids: UnknownRun(ids[RUN_KEY]),
+    "WorkflowError": lambda message, _: WorkflowError(message),
 }
+_ID_KEYS = (TASK_KEY, SERVICE_KEY, WORKFLOW_KEY, RUN_KEY)
 
 
 class _Connection:
@@ -162,9 +186,8 @@ class _Connection:
         trailers = stream.trailing_metadata if stream is not None else None
         name = trailers.get(ERROR_KEY) if trailers is not None else None
         if trailers is not None and isinstance(name, str) and name in _ERRORS:
-            task_id = unquote(str(trailers.get(TASK_KEY, "")))
-            service = unquote(str(trailers.get(SERVICE_KEY, "")))
-            error = _ERRORS[name](message, task_id, service)
+            ids = {key: unquote(str(trailers.get(key, ""))) for key in _ID_KEYS}
+            error = _ERRORS[name](message, ids)
             error.args = (message,)
             return error
         if exc.status is Status.UNAUTHENTICATED:
@@ -347,6 +370,96 @@ class RemoteServices:
                 yield reply.line
 
 
+class RemoteWorkflows:
+    """``infra.workflows`` of a remote instance: the run API of :class:`~dspy_infra.WorkflowEngine`.
+
+    A spec given as a path is read here, by the client, as a mapping is
+    checked here: the server is sent the spec, never a path to open.
+    """
+
+    def __init__(self, connection: _Connection):
+        self._rpc = connection
+
+    async def create(
+        self, spec: WorkflowSpec | Mapping[str, Any] | str | os.PathLike[str]
+    ) -> Workflow:
+        """Validate and store a workflow on the server; see :meth:`WorkflowEngine.create`."""
+        if isinstance(spec, str | os.PathLike):
+            spec = WorkflowSpec.from_file(spec)
+        elif not isinstance(spec, WorkflowSpec):
+            spec = WorkflowSpec.from_mapping(spec)
+        reply = await self._rpc.unary(
+            _ORCH + "CreateWorkflow",
+            orch_pb.CreateWorkflowRequest(spec_json=convert.dump_json(spec.to_mapping())),
+            orch_pb.CreateWorkflowResponse,
+        )
+        return Workflow(
+            workflow_id=reply.workflow_id,
+            spec=WorkflowSpec.from_mapping(convert.load_json(reply.spec_json)),
+            created_at=reply.created_at,
+        )
+
+    async def start_run(
+        self,
+        workflow_id: str,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+    ) -> RunHandle:
+        """Start a run; returns once it is stored. See :meth:`WorkflowEngine.start_run`."""
+        try:
+            inputs_json = convert.dump_json(dict(inputs or {}))
+        except (TypeError, ValueError) as exc:
+            raise InvalidWorkflow(
+                f"run of {workflow_id!r} refused: the inputs are not JSON-compatible ({exc})"
+            ) from None
+        reply = await self._rpc.unary(
+            _ORCH + "StartWorkflowRun",
+            orch_pb.StartWorkflowRunRequest(
+                workflow_id=workflow_id, inputs_json=inputs_json, run_id=run_id
+            ),
+            orch_pb.StartWorkflowRunResponse,
+        )
+        return RunHandle(reply.run_id, engine=self)
+
+    async def get_run(self, run_id: str) -> RunStatus:
+        """The run's status now; :class:`~dspy_infra.UnknownRun` if there is none."""
+        return await self._run(run_id, wait=False)
+
+    async def wait_run(self, run_id: str) -> RunStatus:
+        """Wait until the run has finished; its final status."""
+        return await self._run(run_id, wait=True)
+
+    async def _run(self, run_id: str, *, wait: bool) -> RunStatus:
+        reply = await self._rpc.unary(
+            _ORCH + "GetWorkflowRun",
+            orch_pb.GetWorkflowRunRequest(run_id=run_id, wait=wait),
+            orch_pb.GetWorkflowRunResponse,
+        )
+        return convert.run_status_from_proto(_present(reply.run, "run"))
+
+    async def cancel_run(self, run_id: str) -> RunStatus:
+        """Cancel a run; returns once it has stopped, with its status."""
+        reply = await self._rpc.unary(
+            _ORCH + "CancelWorkflowRun",
+            orch_pb.CancelWorkflowRunRequest(run_id=run_id),
+            orch_pb.CancelWorkflowRunResponse,
+        )
+        return convert.run_status_from_proto(_present(reply.run, "run"))
+
+    async def stream_status(
+        self, run_id: str, *, since: int | None = None
+    ) -> AsyncGenerator[WorkflowEvent, None]:
+        """The run's events, from its start (or after ``since``), until it finishes."""
+        request = orch_pb.StreamWorkflowStatusRequest(run_id=run_id, since=since)
+        replies = self._rpc.stream(
+            _ORCH + "StreamWorkflowStatus", request, orch_pb.WorkflowRunStatus
+        )
+        async with aclosing(replies):
+            async for reply in replies:
+                yield convert.workflow_event_from_proto(reply)
+
+
 class RemoteAgentInfra:
     """An :class:`~dspy_infra.AgentInfra` served elsewhere, used through ``async with``.
 
@@ -369,6 +482,7 @@ class RemoteAgentInfra:
         self._connection: _Connection | None = None
         self._scheduler: _RemoteScheduler | None = None
         self._services: RemoteServices | None = None
+        self._workflows: RemoteWorkflows | None = None
 
     async def __aenter__(self) -> Self:
         if self._lifecycle is not _Lifecycle.UNOPENED:
@@ -393,6 +507,7 @@ class RemoteAgentInfra:
         self._connection = connection
         self._scheduler = _RemoteScheduler(connection)
         self._services = RemoteServices(connection, list(names.names))
+        self._workflows = RemoteWorkflows(connection)
         self._lifecycle = _Lifecycle.OPEN
         return self
 
@@ -412,6 +527,13 @@ class RemoteAgentInfra:
         self._check_open()
         assert self._services is not None
         return self._services
+
+    @property
+    def workflows(self) -> RemoteWorkflows:
+        """Create workflows, start, follow and cancel their runs, on the server."""
+        self._check_open()
+        assert self._workflows is not None
+        return self._workflows
 
     async def health_check(self) -> HealthReport:
         """Overall health, and each service's status."""

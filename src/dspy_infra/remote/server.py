@@ -10,24 +10,33 @@ unless both TLS (``ssl``) and a ``token`` are given; a token, when given, is
 checked on every call (``authorization: Bearer <token>``, compared in
 constant time), and a call without it is UNAUTHENTICATED.
 
-Errors: the library's exceptions become statuses — :class:`InvalidTask` is
-INVALID_ARGUMENT, :class:`UnknownTask` and :class:`UnknownService` NOT_FOUND,
-any other :class:`InfraError` FAILED_PRECONDITION — with the library's
+Errors: the library's exceptions become statuses — :class:`InvalidTask` and
+:class:`InvalidWorkflow` are INVALID_ARGUMENT, :class:`UnknownTask`,
+:class:`UnknownService`, :class:`UnknownWorkflow` and :class:`UnknownRun`
+NOT_FOUND, any other :class:`InfraError` FAILED_PRECONDITION — with the library's
 message, and the exception's class in the trailing metadata so that
 :mod:`dspy_infra.remote.client` raises the same type. Anything else is a bug:
 it is logged here with its traceback, and the client gets INTERNAL with a
 message that says nothing of the server's insides.
+
+Besides ``orchestrator.v1`` and ``env_manager.v1``, the server answers the
+standard ``grpc.health.v1.Health`` (SERVING while the instance is open, the
+server is not closing and every active service is up; per gRPC service name
+and per configured service name too) and server reflection (v1 and v1alpha),
+which describes every service it serves from the descriptors generated with
+the code. Both go through the token check like every other call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import socket
 import ssl as ssl_module
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -37,10 +46,15 @@ from attrs import frozen
 from grpclib.const import Handler, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
+from grpclib.health.check import CheckBase
+from grpclib.health.service import OVERALL, Health
+from grpclib.health.v1 import health_pb2
+from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 
 from dspy_infra.errors import (
     ConfigError,
+    InfraClosed,
     InfraError,
     InvalidTask,
     ServiceError,
@@ -50,17 +64,24 @@ from dspy_infra.errors import (
 )
 from dspy_infra.remote import _convert as convert
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
+from dspy_infra.remote._generated.google_proto_descriptor_pool import (
+    default_google_proto_descriptor_pool,
+)
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.remote._wire import (
     DEFAULT_ADDRESS,
     ERROR_KEY,
+    RUN_KEY,
     SERVICE_KEY,
     TASK_KEY,
     TOKEN_KEY,
+    WORKFLOW_KEY,
     format_address,
     is_loopback,
     parse_address,
 )
+from dspy_infra.workflows.model import WorkflowEvent
+from dspy_infra.workflows.spec import InvalidWorkflow, UnknownRun, UnknownWorkflow, WorkflowSpec
 
 if TYPE_CHECKING:
     from grpclib._typing import IServable
@@ -71,9 +92,8 @@ __all__ = ["DEFAULT_ADDRESS", "RemoteServer", "serve"]
 
 log = logging.getLogger("dspy_infra.remote")
 
-_WORKFLOWS_PENDING = (
-    "workflows are not served yet: this server implements tasks, events, metrics and services"
-)
+# How often a Watch of grpc.health.v1.Health looks at the instance again.
+HEALTH_WATCH_INTERVAL = 1.0
 
 
 @frozen
@@ -109,10 +129,7 @@ async def serve(
             "or bind 127.0.0.1)"
         )
     guard = _Guard(token)
-    server = Server(
-        [guard.wrap(_Orchestrator(infra)), guard.wrap(_EnvManager(infra))],
-        codec=_Codec(),
-    )
+    server = Server([guard.wrap(s) for s in _services(infra, guard)], codec=_Codec())
     sock = await _bind(host or "0.0.0.0", port)  # noqa: S104 - refused above without TLS and token
     try:
         await server.start(sock=sock, ssl=ssl)
@@ -135,6 +152,111 @@ async def serve(
         server.close()
         with anyio.CancelScope(shield=True):
             await server.wait_closed()
+
+
+def _services(infra: AgentInfra, guard: _Guard) -> list[IServable]:
+    """Ours, grpc.health.v1.Health, and reflection over all of them."""
+    ours: list[IServable] = [_Orchestrator(infra), _EnvManager(infra)]
+    overall = _Check(lambda: _overall_health(infra, guard))
+    checks: dict[Any, list[CheckBase]] = {OVERALL: [overall]}
+    checks.update({service: [overall] for service in ours})
+    for name in infra.services.list():
+        if "/" not in name:  # health names a service by a route's middle part
+            probe = functools.partial(_service_health, infra, guard, name)
+            checks.setdefault(_Named(name), [_Check(probe)])
+    health = Health(checks)
+    return ServerReflection.extend([*ours, health], pool=_descriptors())
+
+
+def _descriptors() -> Any:  # a google.protobuf DescriptorPool (protobuf ships no types)
+    """The generated descriptors, with grpc.health.v1's (which it lacks) added once."""
+    pool = default_google_proto_descriptor_pool
+    try:
+        pool.FindFileByName(health_pb2.DESCRIPTOR.name)
+    except KeyError:
+        pool.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+    return pool
+
+
+async def _overall_health(infra: AgentInfra, guard: _Guard) -> bool:
+    # The instance is open (its scheduler, opened before and closed after it
+    # is, with it) and every active service is up.
+    if guard.closing:
+        return False
+    try:
+        return (await infra.health_check()).healthy
+    except InfraClosed:
+        return False
+
+
+async def _service_health(infra: AgentInfra, guard: _Guard, name: str) -> bool:
+    if guard.closing:
+        return False
+    try:
+        statuses = await infra.services.status([name])
+    except InfraClosed:
+        return False
+    return statuses[name].healthy
+
+
+class _Named:
+    """A key of Health's checks that is a name only (a configured service)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __mapping__(self) -> dict[str, Any]:
+        return {f"/{self._name}/": None}
+
+
+class _Check(CheckBase):
+    """A health check asked afresh by each Check call, and polled while a Watch follows it.
+
+    (grpclib's ServiceCheck caches its answer for its polling interval, so
+    that a Check right after a service failed would still say SERVING.)
+    """
+
+    def __init__(self, probe: Callable[[], Awaitable[bool]]):
+        self._probe = probe
+        self._value: bool | None = None
+        self._events: set[asyncio.Event] = set()
+        self._poll: asyncio.Task[None] | None = None
+
+    def __status__(self) -> bool | None:
+        return self._value
+
+    async def __check__(self) -> bool | None:
+        try:
+            value = await self._probe()
+        except Exception:
+            log.exception("the health check failed")
+            value = False
+        if value != self._value:
+            self._value = value
+            for event in self._events:
+                event.set()
+        return value
+
+    async def __subscribe__(self) -> asyncio.Event:
+        await self.__check__()  # the first answer of a Watch is current, never UNKNOWN
+        if self._poll is None:
+            self._poll = asyncio.create_task(self._polling())
+        event = asyncio.Event()
+        self._events.add(event)
+        return event
+
+    async def __unsubscribe__(self, event: asyncio.Event) -> None:
+        self._events.discard(event)
+        if not self._events and self._poll is not None:
+            poll, self._poll = self._poll, None
+            poll.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poll
+
+    async def _polling(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_WATCH_INTERVAL)
+            await self.__check__()
 
 
 async def _bind(host: str, port: int) -> socket.socket:
@@ -245,9 +367,9 @@ class _Guard:
 
 
 def _status_of(exc: InfraError) -> Status:
-    if isinstance(exc, InvalidTask):
+    if isinstance(exc, InvalidTask | InvalidWorkflow):
         return Status.INVALID_ARGUMENT
-    if isinstance(exc, UnknownTask | UnknownService):
+    if isinstance(exc, UnknownTask | UnknownService | UnknownWorkflow | UnknownRun):
         return Status.NOT_FOUND
     return Status.FAILED_PRECONDITION
 
@@ -260,6 +382,10 @@ def _error_metadata(exc: InfraError) -> list[tuple[str, str]]:
         metadata.append((TASK_KEY, quote(str(exc.task_id), safe="")))
     if isinstance(exc, ServiceError) and exc.service:
         metadata.append((SERVICE_KEY, quote(str(exc.service), safe="")))
+    if isinstance(exc, UnknownWorkflow) and exc.workflow_id:
+        metadata.append((WORKFLOW_KEY, quote(str(exc.workflow_id), safe="")))
+    if isinstance(exc, UnknownRun) and exc.run_id:
+        metadata.append((RUN_KEY, quote(str(exc.run_id), safe="")))
     return metadata
 
 
@@ -283,6 +409,13 @@ class _Streaming:
         async with aclosing(handler(request)) as messages:
             async for message in messages:
                 await stream.send_message(message)
+
+
+def _load_json(text: str, what: str) -> Any:
+    try:
+        return convert.load_json(text)
+    except ValueError as exc:
+        raise InvalidWorkflow(f"{what} is not JSON ({exc})") from None
 
 
 def _load_payload(text: str, task_id: str | None) -> Any:
@@ -373,18 +506,53 @@ class _Orchestrator(_Streaming, orch_pb.OrchestratorBase):
     async def create_workflow(
         self, message: orch_pb.CreateWorkflowRequest
     ) -> orch_pb.CreateWorkflowResponse:
-        raise GRPCError(Status.UNIMPLEMENTED, _WORKFLOWS_PENDING)
+        # Always a mapping, never a path: nothing here reads the server's files.
+        data = _load_json(message.spec_json, "workflow refused: spec_json")
+        workflow = await self._infra.workflows.create(WorkflowSpec.from_mapping(data))
+        return orch_pb.CreateWorkflowResponse(
+            workflow_id=workflow.workflow_id,
+            spec_json=convert.dump_json(workflow.spec.to_mapping()),
+            created_at=workflow.created_at,
+        )
 
     async def start_workflow_run(
         self, message: orch_pb.StartWorkflowRunRequest
     ) -> orch_pb.StartWorkflowRunResponse:
-        raise GRPCError(Status.UNIMPLEMENTED, _WORKFLOWS_PENDING)
+        refused = f"run of {message.workflow_id!r} refused"
+        inputs = _load_json(message.inputs_json, f"{refused}: inputs_json")
+        if inputs is not None and not isinstance(inputs, dict):
+            raise InvalidWorkflow(f"{refused}: inputs_json must be a JSON object, got {inputs!r}")
+        handle = await self._infra.workflows.start_run(
+            message.workflow_id, inputs, run_id=message.run_id
+        )
+        return orch_pb.StartWorkflowRunResponse(run_id=handle.run_id)
+
+    async def get_workflow_run(
+        self, message: orch_pb.GetWorkflowRunRequest
+    ) -> orch_pb.GetWorkflowRunResponse:
+        workflows = self._infra.workflows
+        if message.wait:
+            status = await workflows.wait_run(message.run_id)
+        else:
+            status = await workflows.get_run(message.run_id)
+        return orch_pb.GetWorkflowRunResponse(run=convert.run_status_to_proto(status))
+
+    async def cancel_workflow_run(
+        self, message: orch_pb.CancelWorkflowRunRequest
+    ) -> orch_pb.CancelWorkflowRunResponse:
+        status = await self._infra.workflows.cancel_run(message.run_id)
+        return orch_pb.CancelWorkflowRunResponse(run=convert.run_status_to_proto(status))
 
     async def stream_workflow_status(
         self, message: orch_pb.StreamWorkflowStatusRequest
     ) -> AsyncGenerator[orch_pb.WorkflowRunStatus, None]:
-        raise GRPCError(Status.UNIMPLEMENTED, _WORKFLOWS_PENDING)
-        yield orch_pb.WorkflowRunStatus()  # pragma: no cover - makes this a generator
+        workflows = self._infra.workflows
+        events = workflows.stream_status(message.run_id, since=message.since)
+        async with aclosing(events):
+            async for event in events:
+                final = event.type in WorkflowEvent.RUN_FINAL_TYPES
+                run = await workflows.get_run(event.run_id) if final else None
+                yield convert.workflow_event_to_proto(event, run)
 
 
 class _EnvManager(_Streaming, env_pb.EnvManagerBase):

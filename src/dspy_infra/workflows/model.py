@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from attrs import field, frozen
 
 from dspy_infra.events import Event
 from dspy_infra.workflows.spec import WorkflowSpec
-
-if TYPE_CHECKING:
-    from dspy_infra.workflows.engine import WorkflowEngine
 
 __all__ = [
     "RunHandle",
@@ -122,12 +119,22 @@ class WorkflowEvent(Event):
     error: str | None = None
 
 
+class _Runs(Protocol):
+    """What a handle calls: the engine in-process, its remote counterpart over gRPC."""
+
+    async def wait_run(self, run_id: str) -> RunStatus: ...
+
+    async def get_run(self, run_id: str) -> RunStatus: ...
+
+    async def cancel_run(self, run_id: str) -> RunStatus: ...
+
+
 @frozen
 class RunHandle:
     """A started run: wait for it, look at it, follow it, cancel it."""
 
     run_id: str
-    _engine: WorkflowEngine = field(repr=False, alias="engine")
+    _engine: _Runs = field(repr=False, alias="engine")
 
     async def wait(self) -> RunStatus:
         """Wait until the run has finished; its final status."""

@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING
 import betterproto2
 import grpclib
 from betterproto2 import grpclib as betterproto2_grpclib
+from google.protobuf.descriptor import Descriptor  # type: ignore[import-untyped]
 
+from ...google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from ...message_pool import default_message_pool
 
 if TYPE_CHECKING:
@@ -40,6 +42,13 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class GetServiceStatusRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ENV_MANAGER_V1_ENV_MANAGER_PROTO_DESCRIPTOR.message_types_by_name[
+            "GetServiceStatusRequest"
+        ]
+
     names: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
     """
     Empty: every service.
@@ -53,6 +62,13 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class GetServiceStatusResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ENV_MANAGER_V1_ENV_MANAGER_PROTO_DESCRIPTOR.message_types_by_name[
+            "GetServiceStatusResponse"
+        ]
+
     services: "list[ServiceStatus]" = betterproto2.field(
         1, betterproto2.TYPE_MESSAGE, repeated=True
     )
@@ -68,6 +84,13 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ListServicesRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ENV_MANAGER_V1_ENV_MANAGER_PROTO_DESCRIPTOR.message_types_by_name[
+            "ListServicesRequest"
+        ]
+
     pass
 
 
@@ -76,6 +99,13 @@ default_message_pool.register_message("env_manager.v1", "ListServicesRequest", L
 
 @dataclass(eq=False, repr=False)
 class ListServicesResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ENV_MANAGER_V1_ENV_MANAGER_PROTO_DESCRIPTOR.message_types_by_name[
+            "ListServicesResponse"
+        ]
+
     names: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
 
 
@@ -86,6 +116,11 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class LogLine(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ENV_MANAGER_V1_ENV_MANAGER_PROTO_DESCRIPTOR.message_types_by_name["LogLine"]
+
     seq: "int" = betterproto2.field(1, betterproto2.TYPE_INT64)
     """
     1 for the first line of this stream, increasing by one.
@@ -99,6 +134,11 @@ default_message_pool.register_message("env_manager.v1", "LogLine", LogLine)
 
 @dataclass(eq=False, repr=False)
 class ServiceStatus(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ENV_MANAGER_V1_ENV_MANAGER_PROTO_DESCRIPTOR.message_types_by_name["ServiceStatus"]
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     state: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -133,6 +173,13 @@ default_message_pool.register_message("env_manager.v1", "ServiceStatus", Service
 
 @dataclass(eq=False, repr=False)
 class StartServicesRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ENV_MANAGER_V1_ENV_MANAGER_PROTO_DESCRIPTOR.message_types_by_name[
+            "StartServicesRequest"
+        ]
+
     names: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
     """
     Empty: every service configured with autostart.
@@ -146,6 +193,13 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class StartServicesResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ENV_MANAGER_V1_ENV_MANAGER_PROTO_DESCRIPTOR.message_types_by_name[
+            "StartServicesResponse"
+        ]
+
     services: "list[ServiceStatus]" = betterproto2.field(
         1, betterproto2.TYPE_MESSAGE, repeated=True
     )
@@ -161,6 +215,13 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class StopServicesRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ENV_MANAGER_V1_ENV_MANAGER_PROTO_DESCRIPTOR.message_types_by_name[
+            "StopServicesRequest"
+        ]
+
     names: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
     """
     Empty: every service.
@@ -172,6 +233,13 @@ default_message_pool.register_message("env_manager.v1", "StopServicesRequest", S
 
 @dataclass(eq=False, repr=False)
 class StopServicesResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ENV_MANAGER_V1_ENV_MANAGER_PROTO_DESCRIPTOR.message_types_by_name[
+            "StopServicesResponse"
+        ]
+
     pass
 
 
@@ -182,6 +250,13 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class StreamLogsRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ENV_MANAGER_V1_ENV_MANAGER_PROTO_DESCRIPTOR.message_types_by_name[
+            "StreamLogsRequest"
+        ]
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     follow: "bool" = betterproto2.field(2, betterproto2.TYPE_BOOL)
@@ -308,6 +383,11 @@ class EnvManagerStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         ):
             yield response
+
+
+ENV_MANAGER_V1_ENV_MANAGER_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
+    b'\n env_manager/v1/env_manager.proto\x12\x0eenv_manager.v1"\xcc\x02\n\rServiceStatus\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x12\n\x04host\x18\x03 \x01(\tR\x04host\x12>\n\x05ports\x18\x04 \x03(\x0b2(.env_manager.v1.ServiceStatus.PortsEntryR\x05ports\x12\x15\n\x03pid\x18\x05 \x01(\tH\x00R\x03pid\x88\x01\x01\x12\x1a\n\x08restarts\x18\x06 \x01(\x05R\x08restarts\x12 \n\texit_code\x18\x07 \x01(\x05H\x01R\x08exitCode\x88\x01\x01\x12\x18\n\x07message\x18\x08 \x01(\tR\x07message\x1a8\n\nPortsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01B\x06\n\x04_pidB\x0c\n\n_exit_code",\n\x14StartServicesRequest\x12\x14\n\x05names\x18\x01 \x03(\tR\x05names"R\n\x15StartServicesResponse\x129\n\x08services\x18\x01 \x03(\x0b2\x1d.env_manager.v1.ServiceStatusR\x08services"+\n\x13StopServicesRequest\x12\x14\n\x05names\x18\x01 \x03(\tR\x05names"\x16\n\x14StopServicesResponse"/\n\x17GetServiceStatusRequest\x12\x14\n\x05names\x18\x01 \x03(\tR\x05names"U\n\x18GetServiceStatusResponse\x129\n\x08services\x18\x01 \x03(\x0b2\x1d.env_manager.v1.ServiceStatusR\x08services"\x15\n\x13ListServicesRequest",\n\x14ListServicesResponse\x12\x14\n\x05names\x18\x01 \x03(\tR\x05names"a\n\x11StreamLogsRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n\x06follow\x18\x02 \x01(\x08R\x06follow\x12\x17\n\x04tail\x18\x03 \x01(\x05H\x00R\x04tail\x88\x01\x01B\x07\n\x05_tail"/\n\x07LogLine\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x12\n\x04line\x18\x02 \x01(\tR\x04line2\xd3\x03\n\nEnvManager\x12\\\n\rStartServices\x12$.env_manager.v1.StartServicesRequest\x1a%.env_manager.v1.StartServicesResponse\x12Y\n\x0cStopServices\x12#.env_manager.v1.StopServicesRequest\x1a$.env_manager.v1.StopServicesResponse\x12e\n\x10GetServiceStatus\x12\'.env_manager.v1.GetServiceStatusRequest\x1a(.env_manager.v1.GetServiceStatusResponse\x12Y\n\x0cListServices\x12#.env_manager.v1.ListServicesRequest\x1a$.env_manager.v1.ListServicesResponse\x12J\n\nStreamLogs\x12!.env_manager.v1.StreamLogsRequest\x1a\x17.env_manager.v1.LogLine0\x01b\x06proto3'
+)
 
 
 class EnvManagerBase(betterproto2_grpclib.ServiceBase):

@@ -6,6 +6,8 @@
 __all__ = (
     "CancelTaskRequest",
     "CancelTaskResponse",
+    "CancelWorkflowRunRequest",
+    "CancelWorkflowRunResponse",
     "CreateWorkflowRequest",
     "CreateWorkflowResponse",
     "Event",
@@ -14,6 +16,8 @@ __all__ = (
     "GetMetricsResponse",
     "GetTaskStatusRequest",
     "GetTaskStatusResponse",
+    "GetWorkflowRunRequest",
+    "GetWorkflowRunResponse",
     "HealthRequest",
     "HealthResponse",
     "OrchestratorBase",
@@ -32,7 +36,9 @@ __all__ = (
     "SubmitTasksResponse",
     "TaskEvent",
     "TaskStatus",
+    "WorkflowRun",
     "WorkflowRunStatus",
+    "WorkflowStep",
 )
 
 from collections.abc import AsyncIterator
@@ -42,7 +48,9 @@ from typing import TYPE_CHECKING
 import betterproto2
 import grpclib
 from betterproto2 import grpclib as betterproto2_grpclib
+from google.protobuf.descriptor import Descriptor  # type: ignore[import-untyped]
 
+from ...google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from ...message_pool import default_message_pool
 
 if TYPE_CHECKING:
@@ -56,6 +64,13 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class CancelTaskRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "CancelTaskRequest"
+        ]
+
     task_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -64,6 +79,13 @@ default_message_pool.register_message("orchestrator.v1", "CancelTaskRequest", Ca
 
 @dataclass(eq=False, repr=False)
 class CancelTaskResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "CancelTaskResponse"
+        ]
+
     status: "TaskStatus | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -71,7 +93,53 @@ default_message_pool.register_message("orchestrator.v1", "CancelTaskResponse", C
 
 
 @dataclass(eq=False, repr=False)
+class CancelWorkflowRunRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "CancelWorkflowRunRequest"
+        ]
+
+    run_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message(
+    "orchestrator.v1", "CancelWorkflowRunRequest", CancelWorkflowRunRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class CancelWorkflowRunResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "CancelWorkflowRunResponse"
+        ]
+
+    run: "WorkflowRun | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message(
+    "orchestrator.v1", "CancelWorkflowRunResponse", CancelWorkflowRunResponse
+)
+
+
+@dataclass(eq=False, repr=False)
 class CreateWorkflowRequest(betterproto2.Message):
+    """
+    A workflow as TOML declares it, as JSON: {"name": ..., "steps": {NAME: {...}}}
+    (see docs/workflows.md).
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "CreateWorkflowRequest"
+        ]
+
     spec_json: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -82,7 +150,21 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class CreateWorkflowResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "CreateWorkflowResponse"
+        ]
+
     workflow_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    spec_json: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    The stored spec (the one stored first, for a spec created again).
+    """
+
+    created_at: "float" = betterproto2.field(3, betterproto2.TYPE_DOUBLE)
 
 
 default_message_pool.register_message(
@@ -98,6 +180,11 @@ class Event(betterproto2.Message):
     Oneofs:
         - event:
     """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["Event"]
 
     task: "TaskEvent | None" = betterproto2.field(
         1, betterproto2.TYPE_MESSAGE, optional=True, group="event"
@@ -115,6 +202,10 @@ class Event(betterproto2.Message):
         4, betterproto2.TYPE_MESSAGE, optional=True, group="event"
     )
 
+    workflow: "WorkflowRunStatus | None" = betterproto2.field(
+        5, betterproto2.TYPE_MESSAGE, optional=True, group="event"
+    )
+
 
 default_message_pool.register_message("orchestrator.v1", "Event", Event)
 
@@ -126,6 +217,11 @@ class EventsDropped(betterproto2.Message):
     Local to the subscription, so its seq is 0; the gap in the seq of the
     events around it shows what was missed.
     """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["EventsDropped"]
 
     seq: "int" = betterproto2.field(1, betterproto2.TYPE_INT64)
 
@@ -141,6 +237,13 @@ default_message_pool.register_message("orchestrator.v1", "EventsDropped", Events
 
 @dataclass(eq=False, repr=False)
 class GetMetricsRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "GetMetricsRequest"
+        ]
+
     pass
 
 
@@ -149,6 +252,13 @@ default_message_pool.register_message("orchestrator.v1", "GetMetricsRequest", Ge
 
 @dataclass(eq=False, repr=False)
 class GetMetricsResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "GetMetricsResponse"
+        ]
+
     values: "dict[str, float]" = betterproto2.field(
         1,
         betterproto2.TYPE_MAP,
@@ -164,6 +274,13 @@ default_message_pool.register_message("orchestrator.v1", "GetMetricsResponse", G
 
 @dataclass(eq=False, repr=False)
 class GetTaskStatusRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "GetTaskStatusRequest"
+        ]
+
     task_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     wait: "bool" = betterproto2.field(2, betterproto2.TYPE_BOOL)
@@ -179,6 +296,13 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class GetTaskStatusResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "GetTaskStatusResponse"
+        ]
+
     status: "TaskStatus | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -188,7 +312,51 @@ default_message_pool.register_message(
 
 
 @dataclass(eq=False, repr=False)
+class GetWorkflowRunRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "GetWorkflowRunRequest"
+        ]
+
+    run_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    wait: "bool" = betterproto2.field(2, betterproto2.TYPE_BOOL)
+    """
+    Answer once the run has finished, however it ended.
+    """
+
+
+default_message_pool.register_message(
+    "orchestrator.v1", "GetWorkflowRunRequest", GetWorkflowRunRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class GetWorkflowRunResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "GetWorkflowRunResponse"
+        ]
+
+    run: "WorkflowRun | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message(
+    "orchestrator.v1", "GetWorkflowRunResponse", GetWorkflowRunResponse
+)
+
+
+@dataclass(eq=False, repr=False)
 class HealthRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["HealthRequest"]
+
     pass
 
 
@@ -197,6 +365,11 @@ default_message_pool.register_message("orchestrator.v1", "HealthRequest", Health
 
 @dataclass(eq=False, repr=False)
 class HealthResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["HealthResponse"]
+
     status: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
     "healthy", "starting" or "unhealthy".
@@ -216,6 +389,11 @@ class OtherEvent(betterproto2.Message):
     Any other event: its common fields only.
     """
 
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["OtherEvent"]
+
     seq: "int" = betterproto2.field(1, betterproto2.TYPE_INT64)
 
     time: "float" = betterproto2.field(2, betterproto2.TYPE_DOUBLE)
@@ -232,6 +410,11 @@ class Resources(betterproto2.Message):
     What one task holds while it runs; unset takes its class's value.
     """
 
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["Resources"]
+
     cpus: "float | None" = betterproto2.field(1, betterproto2.TYPE_DOUBLE, optional=True)
 
     memory_mb: "int | None" = betterproto2.field(2, betterproto2.TYPE_INT64, optional=True)
@@ -247,6 +430,11 @@ class ServiceEvent(betterproto2.Message):
     """
     A service changed state.
     """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["ServiceEvent"]
 
     seq: "int" = betterproto2.field(1, betterproto2.TYPE_INT64)
 
@@ -270,9 +458,24 @@ default_message_pool.register_message("orchestrator.v1", "ServiceEvent", Service
 
 @dataclass(eq=False, repr=False)
 class StartWorkflowRunRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "StartWorkflowRunRequest"
+        ]
+
     workflow_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     inputs_json: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    A JSON object; empty: no inputs.
+    """
+
+    run_id: "str | None" = betterproto2.field(3, betterproto2.TYPE_STRING, optional=True)
+    """
+    Starting again with the same id returns the run already stored.
+    """
 
 
 default_message_pool.register_message(
@@ -282,6 +485,13 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class StartWorkflowRunResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "StartWorkflowRunResponse"
+        ]
+
     run_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -292,6 +502,13 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class StreamEventsRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "StreamEventsRequest"
+        ]
+
     types: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
     """
     Event types ("task_completed", "service_healthy", ...); empty: all.
@@ -305,6 +522,13 @@ default_message_pool.register_message("orchestrator.v1", "StreamEventsRequest", 
 
 @dataclass(eq=False, repr=False)
 class StreamTaskResultsRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "StreamTaskResultsRequest"
+        ]
+
     task_ids: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
     """
     The tasks to follow; the stream ends once each has finished.
@@ -325,6 +549,13 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class StreamWorkflowStatusRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "StreamWorkflowStatusRequest"
+        ]
+
     run_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     since: "int | None" = betterproto2.field(2, betterproto2.TYPE_INT64, optional=True)
@@ -337,6 +568,13 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class SubmitTaskRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "SubmitTaskRequest"
+        ]
+
     handler: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     payload_json: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -372,6 +610,13 @@ default_message_pool.register_message("orchestrator.v1", "SubmitTaskRequest", Su
 
 @dataclass(eq=False, repr=False)
 class SubmitTaskResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "SubmitTaskResponse"
+        ]
+
     task_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -380,6 +625,13 @@ default_message_pool.register_message("orchestrator.v1", "SubmitTaskResponse", S
 
 @dataclass(eq=False, repr=False)
 class SubmitTasksRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "SubmitTasksRequest"
+        ]
+
     handler: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     payloads_json: "list[str]" = betterproto2.field(2, betterproto2.TYPE_STRING, repeated=True)
@@ -404,6 +656,13 @@ default_message_pool.register_message("orchestrator.v1", "SubmitTasksRequest", S
 
 @dataclass(eq=False, repr=False)
 class SubmitTasksResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "SubmitTasksResponse"
+        ]
+
     task_ids: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
     """
     In the order of the payloads.
@@ -418,6 +677,11 @@ class TaskEvent(betterproto2.Message):
     """
     A task changed state; final events carry the result or the error.
     """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["TaskEvent"]
 
     seq: "int" = betterproto2.field(1, betterproto2.TYPE_INT64)
 
@@ -454,6 +718,11 @@ class TaskStatus(betterproto2.Message):
     A snapshot of one task. Times are UNIX timestamps in seconds.
     """
 
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["TaskStatus"]
+
     task_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     handler: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -489,7 +758,54 @@ default_message_pool.register_message("orchestrator.v1", "TaskStatus", TaskStatu
 
 
 @dataclass(eq=False, repr=False)
+class WorkflowRun(betterproto2.Message):
+    """
+    A snapshot of one run; its steps in the order of the spec.
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["WorkflowRun"]
+
+    run_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    workflow_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    state: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    "running", "succeeded", "failed" or "cancelled".
+    """
+
+    inputs_json: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+
+    steps: "list[WorkflowStep]" = betterproto2.field(5, betterproto2.TYPE_MESSAGE, repeated=True)
+
+    created_at: "float" = betterproto2.field(6, betterproto2.TYPE_DOUBLE)
+
+    finished_at: "float | None" = betterproto2.field(7, betterproto2.TYPE_DOUBLE, optional=True)
+
+    error: "str | None" = betterproto2.field(8, betterproto2.TYPE_STRING, optional=True)
+
+
+default_message_pool.register_message("orchestrator.v1", "WorkflowRun", WorkflowRun)
+
+
+@dataclass(eq=False, repr=False)
 class WorkflowRunStatus(betterproto2.Message):
+    """
+    A run or one of its steps changed state ("workflow_run_started",
+    "workflow_step_succeeded", ..., "workflow_run_succeeded"). The stream ends
+    after the run's final event, which also carries the run's final status.
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "WorkflowRunStatus"
+        ]
+
     seq: "int" = betterproto2.field(1, betterproto2.TYPE_INT64)
 
     run_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -497,14 +813,60 @@ class WorkflowRunStatus(betterproto2.Message):
     workflow_id: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
 
     state: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
-
-    status_json: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
     """
-    The run's status as JSON (each task's state, result and error).
+    The run's state, or the step's for a step's event.
+    """
+
+    type: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+
+    time: "float" = betterproto2.field(7, betterproto2.TYPE_DOUBLE)
+
+    step: "str | None" = betterproto2.field(8, betterproto2.TYPE_STRING, optional=True)
+    """
+    Unset for the run's own events.
+    """
+
+    error: "str | None" = betterproto2.field(9, betterproto2.TYPE_STRING, optional=True)
+
+    run: "WorkflowRun | None" = betterproto2.field(10, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    Set on the run's final event only.
     """
 
 
 default_message_pool.register_message("orchestrator.v1", "WorkflowRunStatus", WorkflowRunStatus)
+
+
+@dataclass(eq=False, repr=False)
+class WorkflowStep(betterproto2.Message):
+    """
+    One step of a run. `result_json` is set once it succeeded (a list for a fan-out).
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["WorkflowStep"]
+
+    name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    state: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    "pending", "running", "succeeded", "failed" or "cancelled".
+    """
+
+    task_ids: "list[str]" = betterproto2.field(3, betterproto2.TYPE_STRING, repeated=True)
+
+    result_json: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+
+    error: "str | None" = betterproto2.field(5, betterproto2.TYPE_STRING, optional=True)
+
+    started_at: "float | None" = betterproto2.field(6, betterproto2.TYPE_DOUBLE, optional=True)
+
+    finished_at: "float | None" = betterproto2.field(7, betterproto2.TYPE_DOUBLE, optional=True)
+
+
+default_message_pool.register_message("orchestrator.v1", "WorkflowStep", WorkflowStep)
 
 
 class OrchestratorStub(betterproto2_grpclib.ServiceStub):
@@ -671,7 +1033,7 @@ class OrchestratorStub(betterproto2_grpclib.ServiceStub):
         metadata: "MetadataLike | None" = None,
     ) -> "CreateWorkflowResponse":
         """
-        Store a workflow (a DAG of task specs).
+        Validate and store a workflow (a DAG of task specs); the same spec gives the same id.
         """
 
         return await self._unary_unary(
@@ -692,13 +1054,55 @@ class OrchestratorStub(betterproto2_grpclib.ServiceStub):
         metadata: "MetadataLike | None" = None,
     ) -> "StartWorkflowRunResponse":
         """
-        Start a run of a stored workflow.
+        Start a run of a stored workflow; answers once the run is stored.
         """
 
         return await self._unary_unary(
             "/orchestrator.v1.Orchestrator/StartWorkflowRun",
             message,
             StartWorkflowRunResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def get_workflow_run(
+        self,
+        message: "GetWorkflowRunRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "GetWorkflowRunResponse":
+        """
+        A run's status; with `wait`, once it has finished.
+        """
+
+        return await self._unary_unary(
+            "/orchestrator.v1.Orchestrator/GetWorkflowRun",
+            message,
+            GetWorkflowRunResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def cancel_workflow_run(
+        self,
+        message: "CancelWorkflowRunRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "CancelWorkflowRunResponse":
+        """
+        Cancel a run; answers once it has stopped, with its status.
+        """
+
+        return await self._unary_unary(
+            "/orchestrator.v1.Orchestrator/CancelWorkflowRun",
+            message,
+            CancelWorkflowRunResponse,
             timeout=timeout,
             deadline=deadline,
             metadata=metadata,
@@ -713,7 +1117,7 @@ class OrchestratorStub(betterproto2_grpclib.ServiceStub):
         metadata: "MetadataLike | None" = None,
     ) -> "AsyncIterator[WorkflowRunStatus]":
         """
-        A run's status each time it changes, until it ends.
+        A run's events (run and step state changes) as they happen, until it ends.
         """
 
         async for response in self._unary_stream(
@@ -750,6 +1154,10 @@ class OrchestratorStub(betterproto2_grpclib.ServiceStub):
 
 
 from ...env_manager import v1 as __env_manager__v1__
+
+ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
+    b'\n"orchestrator/v1/orchestrator.proto\x12\x0forchestrator.v1\x1a env_manager/v1/env_manager.proto"\x0f\n\rHealthRequest"c\n\x0eHealthResponse\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x129\n\x08services\x18\x02 \x03(\x0b2\x1d.env_manager.v1.ServiceStatusR\x08services"\x13\n\x11GetMetricsRequest"\x98\x01\n\x12GetMetricsResponse\x12G\n\x06values\x18\x01 \x03(\x0b2/.orchestrator.v1.GetMetricsResponse.ValuesEntryR\x06values\x1a9\n\x0bValuesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x01R\x05value:\x028\x01"\x7f\n\tResources\x12\x17\n\x04cpus\x18\x01 \x01(\x01H\x00R\x04cpus\x88\x01\x01\x12 \n\tmemory_mb\x18\x02 \x01(\x03H\x01R\x08memoryMb\x88\x01\x01\x12\x17\n\x04gpus\x18\x03 \x01(\x05H\x02R\x04gpus\x88\x01\x01B\x07\n\x05_cpusB\x0c\n\n_memory_mbB\x07\n\x05_gpus"\xc6\x03\n\x11SubmitTaskRequest\x12\x18\n\x07handler\x18\x01 \x01(\tR\x07handler\x12!\n\x0cpayload_json\x18\x02 \x01(\tR\x0bpayloadJson\x12"\n\ntask_class\x18\x03 \x01(\tH\x00R\ttaskClass\x88\x01\x01\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12\x14\n\x05needs\x18\x05 \x03(\tR\x05needs\x12\x1c\n\x07task_id\x18\x06 \x01(\tH\x01R\x06taskId\x88\x01\x01\x12$\n\x0bworkflow_id\x18\x07 \x01(\tH\x02R\nworkflowId\x88\x01\x01\x12&\n\x0cmax_attempts\x18\x08 \x01(\x05H\x03R\x0bmaxAttempts\x88\x01\x01\x12\x1d\n\x07timeout\x18\t \x01(\x01H\x04R\x07timeout\x88\x01\x01\x12=\n\tresources\x18\n \x01(\x0b2\x1a.orchestrator.v1.ResourcesH\x05R\tresources\x88\x01\x01B\r\n\x0b_task_classB\n\n\x08_task_idB\x0e\n\x0c_workflow_idB\x0f\n\r_max_attemptsB\n\n\x08_timeoutB\x0c\n\n_resources"-\n\x12SubmitTaskResponse\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId"\x9f\x03\n\x12SubmitTasksRequest\x12\x18\n\x07handler\x18\x01 \x01(\tR\x07handler\x12#\n\rpayloads_json\x18\x02 \x03(\tR\x0cpayloadsJson\x12"\n\ntask_class\x18\x03 \x01(\tH\x00R\ttaskClass\x88\x01\x01\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12\x14\n\x05needs\x18\x05 \x03(\tR\x05needs\x12$\n\x0bworkflow_id\x18\x06 \x01(\tH\x01R\nworkflowId\x88\x01\x01\x12&\n\x0cmax_attempts\x18\x07 \x01(\x05H\x02R\x0bmaxAttempts\x88\x01\x01\x12\x1d\n\x07timeout\x18\x08 \x01(\x01H\x03R\x07timeout\x88\x01\x01\x12=\n\tresources\x18\t \x01(\x0b2\x1a.orchestrator.v1.ResourcesH\x04R\tresources\x88\x01\x01B\r\n\x0b_task_classB\x0e\n\x0c_workflow_idB\x0f\n\r_max_attemptsB\n\n\x08_timeoutB\x0c\n\n_resources"0\n\x13SubmitTasksResponse\x12\x19\n\x08task_ids\x18\x01 \x03(\tR\x07taskIds"\x81\x04\n\nTaskStatus\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x18\n\x07handler\x18\x02 \x01(\tR\x07handler\x12\x1d\n\ntask_class\x18\x03 \x01(\tR\ttaskClass\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1a\n\x08priority\x18\x05 \x01(\x05R\x08priority\x12\x1a\n\x08attempts\x18\x06 \x01(\x05R\x08attempts\x12!\n\x0cmax_attempts\x18\x07 \x01(\x05R\x0bmaxAttempts\x12\x14\n\x05needs\x18\x08 \x03(\tR\x05needs\x12$\n\x0bworkflow_id\x18\t \x01(\tH\x00R\nworkflowId\x88\x01\x01\x12!\n\x0csubmitted_at\x18\n \x01(\x01R\x0bsubmittedAt\x12"\n\nstarted_at\x18\x0b \x01(\x01H\x01R\tstartedAt\x88\x01\x01\x12$\n\x0bfinished_at\x18\x0c \x01(\x01H\x02R\nfinishedAt\x88\x01\x01\x12\x1f\n\x0bresult_json\x18\r \x01(\tR\nresultJson\x12\x19\n\x05error\x18\x0e \x01(\tH\x03R\x05error\x88\x01\x01\x12\x12\n\x04gpus\x18\x0f \x03(\tR\x04gpusB\x0e\n\x0c_workflow_idB\r\n\x0b_started_atB\x0e\n\x0c_finished_atB\x08\n\x06_error"C\n\x14GetTaskStatusRequest\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x12\n\x04wait\x18\x02 \x01(\x08R\x04wait"L\n\x15GetTaskStatusResponse\x123\n\x06status\x18\x01 \x01(\x0b2\x1b.orchestrator.v1.TaskStatusR\x06status",\n\x11CancelTaskRequest\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId"I\n\x12CancelTaskResponse\x123\n\x06status\x18\x01 \x01(\x0b2\x1b.orchestrator.v1.TaskStatusR\x06status"w\n\x18StreamTaskResultsRequest\x12\x19\n\x08task_ids\x18\x01 \x03(\tR\x07taskIds\x12\x1b\n\tall_tasks\x18\x02 \x01(\x08R\x08allTasks\x12\x19\n\x05since\x18\x03 \x01(\x03H\x00R\x05since\x88\x01\x01B\x08\n\x06_since"\xc3\x02\n\tTaskEvent\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x12\n\x04time\x18\x02 \x01(\x01R\x04time\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x17\n\x07task_id\x18\x04 \x01(\tR\x06taskId\x12\x1d\n\ntask_class\x18\x05 \x01(\tR\ttaskClass\x12\x18\n\x07handler\x18\x06 \x01(\tR\x07handler\x12\x14\n\x05state\x18\x07 \x01(\tR\x05state\x12\x18\n\x07attempt\x18\x08 \x01(\x05R\x07attempt\x12$\n\x0bworkflow_id\x18\t \x01(\tH\x00R\nworkflowId\x88\x01\x01\x12\x1f\n\x0bresult_json\x18\n \x01(\tR\nresultJson\x12\x19\n\x05error\x18\x0b \x01(\tH\x01R\x05error\x88\x01\x01B\x0e\n\x0c_workflow_idB\x08\n\x06_error"\xe2\x01\n\x0cServiceEvent\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x12\n\x04time\x18\x02 \x01(\x01R\x04time\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x18\n\x07service\x18\x04 \x01(\tR\x07service\x12\x14\n\x05state\x18\x05 \x01(\tR\x05state\x12 \n\texit_code\x18\x06 \x01(\x05H\x00R\x08exitCode\x88\x01\x01\x12\x18\n\x07message\x18\x07 \x01(\tR\x07message\x12\x1e\n\ndependents\x18\x08 \x03(\tR\ndependentsB\x0c\n\n_exit_code"_\n\rEventsDropped\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x12\n\x04time\x18\x02 \x01(\x01R\x04time\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x14\n\x05count\x18\x04 \x01(\x03R\x05count"F\n\nOtherEvent\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x12\n\x04time\x18\x02 \x01(\x01R\x04time\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type"\xb0\x02\n\x05Event\x120\n\x04task\x18\x01 \x01(\x0b2\x1a.orchestrator.v1.TaskEventH\x00R\x04task\x129\n\x07service\x18\x02 \x01(\x0b2\x1d.orchestrator.v1.ServiceEventH\x00R\x07service\x12:\n\x07dropped\x18\x03 \x01(\x0b2\x1e.orchestrator.v1.EventsDroppedH\x00R\x07dropped\x123\n\x05other\x18\x04 \x01(\x0b2\x1b.orchestrator.v1.OtherEventH\x00R\x05other\x12@\n\x08workflow\x18\x05 \x01(\x0b2".orchestrator.v1.WorkflowRunStatusH\x00R\x08workflowB\x07\n\x05event"P\n\x13StreamEventsRequest\x12\x14\n\x05types\x18\x01 \x03(\tR\x05types\x12\x19\n\x05since\x18\x02 \x01(\x03H\x00R\x05since\x88\x01\x01B\x08\n\x06_since"4\n\x15CreateWorkflowRequest\x12\x1b\n\tspec_json\x18\x01 \x01(\tR\x08specJson"u\n\x16CreateWorkflowResponse\x12\x1f\n\x0bworkflow_id\x18\x01 \x01(\tR\nworkflowId\x12\x1b\n\tspec_json\x18\x02 \x01(\tR\x08specJson\x12\x1d\n\ncreated_at\x18\x03 \x01(\x01R\tcreatedAt"\x82\x01\n\x17StartWorkflowRunRequest\x12\x1f\n\x0bworkflow_id\x18\x01 \x01(\tR\nworkflowId\x12\x1f\n\x0binputs_json\x18\x02 \x01(\tR\ninputsJson\x12\x1a\n\x06run_id\x18\x03 \x01(\tH\x00R\x05runId\x88\x01\x01B\t\n\x07_run_id"1\n\x18StartWorkflowRunResponse\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId"\x82\x02\n\x0cWorkflowStep\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x19\n\x08task_ids\x18\x03 \x03(\tR\x07taskIds\x12\x1f\n\x0bresult_json\x18\x04 \x01(\tR\nresultJson\x12\x19\n\x05error\x18\x05 \x01(\tH\x00R\x05error\x88\x01\x01\x12"\n\nstarted_at\x18\x06 \x01(\x01H\x01R\tstartedAt\x88\x01\x01\x12$\n\x0bfinished_at\x18\x07 \x01(\x01H\x02R\nfinishedAt\x88\x01\x01B\x08\n\x06_errorB\r\n\x0b_started_atB\x0e\n\x0c_finished_at"\xab\x02\n\x0bWorkflowRun\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x1f\n\x0bworkflow_id\x18\x02 \x01(\tR\nworkflowId\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12\x1f\n\x0binputs_json\x18\x04 \x01(\tR\ninputsJson\x123\n\x05steps\x18\x05 \x03(\x0b2\x1d.orchestrator.v1.WorkflowStepR\x05steps\x12\x1d\n\ncreated_at\x18\x06 \x01(\x01R\tcreatedAt\x12$\n\x0bfinished_at\x18\x07 \x01(\x01H\x00R\nfinishedAt\x88\x01\x01\x12\x19\n\x05error\x18\x08 \x01(\tH\x01R\x05error\x88\x01\x01B\x0e\n\x0c_finished_atB\x08\n\x06_error"B\n\x15GetWorkflowRunRequest\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x12\n\x04wait\x18\x02 \x01(\x08R\x04wait"H\n\x16GetWorkflowRunResponse\x12.\n\x03run\x18\x01 \x01(\x0b2\x1c.orchestrator.v1.WorkflowRunR\x03run"1\n\x18CancelWorkflowRunRequest\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId"K\n\x19CancelWorkflowRunResponse\x12.\n\x03run\x18\x01 \x01(\x0b2\x1c.orchestrator.v1.WorkflowRunR\x03run"Y\n\x1bStreamWorkflowStatusRequest\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x19\n\x05since\x18\x02 \x01(\x03H\x00R\x05since\x88\x01\x01B\x08\n\x06_since"\xb2\x02\n\x11WorkflowRunStatus\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x15\n\x06run_id\x18\x02 \x01(\tR\x05runId\x12\x1f\n\x0bworkflow_id\x18\x03 \x01(\tR\nworkflowId\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x12\n\x04type\x18\x06 \x01(\tR\x04type\x12\x12\n\x04time\x18\x07 \x01(\x01R\x04time\x12\x17\n\x04step\x18\x08 \x01(\tH\x00R\x04step\x88\x01\x01\x12\x19\n\x05error\x18\t \x01(\tH\x01R\x05error\x88\x01\x01\x123\n\x03run\x18\n \x01(\x0b2\x1c.orchestrator.v1.WorkflowRunH\x02R\x03run\x88\x01\x01B\x07\n\x05_stepB\x08\n\x06_errorB\x06\n\x04_runJ\x04\x08\x05\x10\x06R\x0bstatus_json2\xcd\t\n\x0cOrchestrator\x12I\n\x06Health\x12\x1e.orchestrator.v1.HealthRequest\x1a\x1f.orchestrator.v1.HealthResponse\x12U\n\nGetMetrics\x12".orchestrator.v1.GetMetricsRequest\x1a#.orchestrator.v1.GetMetricsResponse\x12U\n\nSubmitTask\x12".orchestrator.v1.SubmitTaskRequest\x1a#.orchestrator.v1.SubmitTaskResponse\x12X\n\x0bSubmitTasks\x12#.orchestrator.v1.SubmitTasksRequest\x1a$.orchestrator.v1.SubmitTasksResponse\x12^\n\rGetTaskStatus\x12%.orchestrator.v1.GetTaskStatusRequest\x1a&.orchestrator.v1.GetTaskStatusResponse\x12U\n\nCancelTask\x12".orchestrator.v1.CancelTaskRequest\x1a#.orchestrator.v1.CancelTaskResponse\x12\\\n\x11StreamTaskResults\x12).orchestrator.v1.StreamTaskResultsRequest\x1a\x1a.orchestrator.v1.TaskEvent0\x01\x12a\n\x0eCreateWorkflow\x12&.orchestrator.v1.CreateWorkflowRequest\x1a\'.orchestrator.v1.CreateWorkflowResponse\x12g\n\x10StartWorkflowRun\x12(.orchestrator.v1.StartWorkflowRunRequest\x1a).orchestrator.v1.StartWorkflowRunResponse\x12a\n\x0eGetWorkflowRun\x12&.orchestrator.v1.GetWorkflowRunRequest\x1a\'.orchestrator.v1.GetWorkflowRunResponse\x12j\n\x11CancelWorkflowRun\x12).orchestrator.v1.CancelWorkflowRunRequest\x1a*.orchestrator.v1.CancelWorkflowRunResponse\x12j\n\x14StreamWorkflowStatus\x12,.orchestrator.v1.StreamWorkflowStatusRequest\x1a".orchestrator.v1.WorkflowRunStatus0\x01\x12N\n\x0cStreamEvents\x12$.orchestrator.v1.StreamEventsRequest\x1a\x16.orchestrator.v1.Event0\x01b\x06proto3'
+)
 
 
 class OrchestratorBase(betterproto2_grpclib.ServiceBase):
@@ -807,7 +1215,7 @@ class OrchestratorBase(betterproto2_grpclib.ServiceBase):
 
     async def create_workflow(self, message: "CreateWorkflowRequest") -> "CreateWorkflowResponse":
         """
-        Store a workflow (a DAG of task specs).
+        Validate and store a workflow (a DAG of task specs); the same spec gives the same id.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
@@ -816,7 +1224,23 @@ class OrchestratorBase(betterproto2_grpclib.ServiceBase):
         self, message: "StartWorkflowRunRequest"
     ) -> "StartWorkflowRunResponse":
         """
-        Start a run of a stored workflow.
+        Start a run of a stored workflow; answers once the run is stored.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def get_workflow_run(self, message: "GetWorkflowRunRequest") -> "GetWorkflowRunResponse":
+        """
+        A run's status; with `wait`, once it has finished.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def cancel_workflow_run(
+        self, message: "CancelWorkflowRunRequest"
+    ) -> "CancelWorkflowRunResponse":
+        """
+        Cancel a run; answers once it has stopped, with its status.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
@@ -825,7 +1249,7 @@ class OrchestratorBase(betterproto2_grpclib.ServiceBase):
         self, message: "StreamWorkflowStatusRequest"
     ) -> "AsyncIterator[WorkflowRunStatus]":
         """
-        A run's status each time it changes, until it ends.
+        A run's events (run and step state changes) as they happen, until it ends.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
@@ -914,6 +1338,22 @@ class OrchestratorBase(betterproto2_grpclib.ServiceBase):
         response = await self.start_workflow_run(request)
         await stream.send_message(response)
 
+    async def __rpc_get_workflow_run(
+        self, stream: "grpclib.server.Stream[GetWorkflowRunRequest, GetWorkflowRunResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.get_workflow_run(request)
+        await stream.send_message(response)
+
+    async def __rpc_cancel_workflow_run(
+        self, stream: "grpclib.server.Stream[CancelWorkflowRunRequest, CancelWorkflowRunResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.cancel_workflow_run(request)
+        await stream.send_message(response)
+
     async def __rpc_stream_workflow_status(
         self, stream: "grpclib.server.Stream[StreamWorkflowStatusRequest, WorkflowRunStatus]"
     ) -> None:
@@ -991,6 +1431,18 @@ class OrchestratorBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 StartWorkflowRunRequest,
                 StartWorkflowRunResponse,
+            ),
+            "/orchestrator.v1.Orchestrator/GetWorkflowRun": grpclib.const.Handler(
+                self.__rpc_get_workflow_run,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                GetWorkflowRunRequest,
+                GetWorkflowRunResponse,
+            ),
+            "/orchestrator.v1.Orchestrator/CancelWorkflowRun": grpclib.const.Handler(
+                self.__rpc_cancel_workflow_run,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                CancelWorkflowRunRequest,
+                CancelWorkflowRunResponse,
             ),
             "/orchestrator.v1.Orchestrator/StreamWorkflowStatus": grpclib.const.Handler(
                 self.__rpc_stream_workflow_status,
