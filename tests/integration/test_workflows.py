@@ -183,6 +183,28 @@ async def test_cancel_run_cascades_to_running_and_pending_steps(tmp_path: Path) 
         assert (await infra.workflows.cancel_run(run.run_id)).state is RunState.CANCELLED
 
 
+async def test_a_run_cancelled_as_its_step_starts_leaves_no_task_behind(tmp_path: Path) -> None:
+    async def work(payload: Any) -> Any:
+        await anyio.sleep(0.5)
+        return payload
+
+    spec = {"name": "racy", "steps": {"only": {"handler": "work", "fan_out": "${inputs.items}"}}}
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers={"work": work}) as infra:
+        wf = await infra.workflows.create(spec)
+        for _ in range(5):
+            run = await infra.workflows.start_run(wf.workflow_id, inputs={"items": [1, 2, 3]})
+            # Cancel the moment the step is reported started: its tasks may
+            # still be on their way into the store.
+            async for event in infra.workflows.stream_status(run.run_id):
+                if event.type == "workflow_step_started":
+                    break
+            status = await run.cancel()
+            assert status.state is RunState.CANCELLED
+            for task_id in status.steps["only"].task_ids:
+                task = await infra.get_task_status(task_id)
+                assert task.state is TaskState.CANCELLED, task
+
+
 async def test_status_streams_resume_from_a_sequence_number(tmp_path: Path) -> None:
     gate = anyio.Event()
 
@@ -218,6 +240,11 @@ async def test_status_streams_resume_from_a_sequence_number(tmp_path: Path) -> N
             ("workflow_run_succeeded", None),
         ]
         assert (await run.wait()).results() == {"one": "one", "two": "wait", "three": "three"}
+        # Resumed after the last event of a finished run: nothing more, and no wait.
+        with anyio.fail_after(5):
+            assert [
+                e async for e in infra.workflows.stream_status(run.run_id, since=everything[-1].seq)
+            ] == []
 
 
 async def test_bad_workflows_and_runs_are_refused_with_clear_errors(tmp_path: Path) -> None:

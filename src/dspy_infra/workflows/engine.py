@@ -456,6 +456,8 @@ class WorkflowEngine:
                 yield event
                 if event.type in WorkflowEvent.RUN_FINAL_TYPES:
                     return
+            if run.state.finished:
+                return  # resumed after its last event: nothing more will come
             async for item in live:
                 if isinstance(item, EventsDropped):
                     for missed in [e for e in run.events if e.seq > last]:
@@ -540,19 +542,23 @@ class WorkflowEngine:
                 for payload, task_id in zip(payloads, task_ids, strict=True)
             ]
             submitted.append((step, requests))
-        try:
-            await self._scheduler.submit_many(r for _, requests in submitted for r in requests)
-        except InvalidTask:
-            # One refused task refuses the whole call: find out whose it was.
-            accepted = []
-            for step, requests in submitted:
-                try:
-                    await self._scheduler.submit_many(requests)
-                except InvalidTask as exc:
-                    self._step_ended(run, step, str(exc), tg, failed)
-                else:
-                    accepted.append((step, requests))
-            submitted = accepted
+        # Shielded: a cancel_run() that lands while the tasks are being stored
+        # must find them stored, or it could not cancel them and they would
+        # run after their run was cancelled.
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._scheduler.submit_many(r for _, requests in submitted for r in requests)
+            except InvalidTask:
+                # One refused task refuses the whole call: find out whose it was.
+                accepted = []
+                for step, requests in submitted:
+                    try:
+                        await self._scheduler.submit_many(requests)
+                    except InvalidTask as exc:
+                        self._step_ended(run, step, str(exc), tg, failed)
+                    else:
+                        accepted.append((step, requests))
+                submitted = accepted
         return [step for step, _ in submitted]
 
     async def _await_step(
