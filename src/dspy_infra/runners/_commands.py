@@ -19,7 +19,7 @@ from typing import Any
 
 from attrs import frozen
 
-from dspy_infra.abc import RunFailed, TaskRun
+from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.config.model import HandlerConfig
 from dspy_infra.config.placeholders import PlaceholderError, substitute
 
@@ -36,6 +36,7 @@ __all__ = [
     "outcome",
     "prepare",
     "read_result",
+    "validate_handler",
 ]
 
 PLACEHOLDERS = ("payload_file", "result_file", "task_id", "attempt", "work_dir")
@@ -76,6 +77,27 @@ class AttemptFiles:
         return cls(
             work_dir=work_dir, payload_file=payload_file, result_file=result_file, values=values
         )
+
+
+def validate_handler(
+    runner: str, context: RunnerContext | None, handler: str, *, needs: str = "command"
+) -> str | None:
+    """Why ``handler`` cannot run on ``runner``: not open, not configured, bad placeholders.
+
+    ``needs`` is the key the handler's table must set (``command``; the
+    docker runner's ``image``, where the image's own command may do).
+    """
+    if context is None:
+        return f"the {runner} runner is not open"
+    config = context.config.handlers.get(handler)
+    if config is None or getattr(config, needs) is None:
+        names = ", ".join(sorted(context.config.handlers)) or "none"
+        article = "an" if needs[0] in "aeiou" else "a"
+        return (
+            f"no [handlers.{handler}] with {article} {needs} in the configuration "
+            f"(configured: {names})"
+        )
+    return None if config.command is None else check_command(handler, config)
 
 
 def check_command(name: str, handler: HandlerConfig) -> str | None:

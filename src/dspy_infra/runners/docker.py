@@ -39,11 +39,11 @@ from dspy_infra.runners._commands import (
     AttemptFiles,
     Tail,
     attempt_env,
-    check_command,
     command_argv,
     outcome,
     prepare,
     read_result,
+    validate_handler,
 )
 
 __all__ = ["DockerRunner", "Runner"]
@@ -79,17 +79,9 @@ class DockerRunner:
         return swept
 
     def validate(self, handler: str) -> str | None:
-        if self._context is None:
-            return "the docker runner is not open"
-        config = self._context.config.handlers.get(handler)
-        if config is None or config.image is None:
-            names = ", ".join(sorted(self._context.config.handlers)) or "none"
-            return (
-                f"no [handlers.{handler}] with an image in the configuration (configured: {names})"
-            )
         # Without a command, the image's own ENTRYPOINT/CMD runs; whether it
         # has one is known once the image is at hand, when the attempt starts.
-        return None if config.command is None else check_command(handler, config)
+        return validate_handler("docker", self._context, handler, needs="image")
 
     async def run(self, run: TaskRun) -> Any:
         context, engine = self._context, self._engine

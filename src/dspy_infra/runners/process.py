@@ -52,11 +52,11 @@ from dspy_infra.runners._commands import (
     AttemptFiles,
     Tail,
     attempt_env,
-    check_command,
     command_argv,
     outcome,
     prepare,
     read_result,
+    validate_handler,
 )
 
 __all__ = ["PLACEHOLDERS", "ProcessRunner", "Runner"]
@@ -96,15 +96,7 @@ class ProcessRunner:
         return await anyio.to_thread.run_sync(setup)
 
     def validate(self, handler: str) -> str | None:
-        if self._context is None:
-            return "the process runner is not open"
-        config = self._context.config.handlers.get(handler)
-        if config is None or config.command is None:
-            names = ", ".join(sorted(self._context.config.handlers)) or "none"
-            return (
-                f"no [handlers.{handler}] with a command in the configuration (configured: {names})"
-            )
-        return check_command(handler, config)
+        return validate_handler("process", self._context, handler)
 
     async def run(self, run: TaskRun) -> Any:
         context, records = self._context, self._records

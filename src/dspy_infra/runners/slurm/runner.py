@@ -27,9 +27,9 @@ from dspy_infra.errors import BackendUnavailable
 from dspy_infra.runners._commands import (
     AttemptFiles,
     attempt_env,
-    check_command,
     command_argv,
     outcome,
+    validate_handler,
 )
 from dspy_infra.runners.slurm.cli import SlurmCli, SlurmError
 from dspy_infra.runners.slurm.files import (
@@ -137,15 +137,7 @@ class SlurmRunner:
         return []
 
     def validate(self, handler: str) -> str | None:
-        if self._context is None:
-            return "the slurm runner is not open"
-        config = self._context.config.handlers.get(handler)
-        if config is None or config.command is None:
-            names = ", ".join(sorted(self._context.config.handlers)) or "none"
-            return (
-                f"no [handlers.{handler}] with a command in the configuration (configured: {names})"
-            )
-        return check_command(handler, config)
+        return validate_handler("slurm", self._context, handler)
 
     async def run(self, run: TaskRun) -> Any:
         context, poller, submitter = self._context, self._poller, self._submitter
