@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -15,6 +15,28 @@ import pytest
 from tests.engines import missing_engine
 
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+
+
+async def quick_summary(script: str, seconds: float) -> dict[str, Any]:
+    """Run ``benchmarks/SCRIPT --quick``; its summary, the last line of its output."""
+    # DSPY_INFRA_* variables of the surrounding run would override the benchmark's config.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
+    with anyio.fail_after(seconds):
+        result = await anyio.run_process(
+            [sys.executable, str(BENCHMARKS / script), "--quick"], env=env, check=False
+        )
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, f"benchmark failed:\n{out}\n{err}"
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert isinstance(summary, dict)
+    return summary
+
+
+def positive(summary: dict[str, Any], keys: set[str]) -> None:
+    missing = keys - summary.keys()
+    assert not missing, missing
+    assert all(isinstance(summary[k], int | float) and summary[k] > 0 for k in keys), summary
+
 
 SCHEDULER_KEYS = {
     "durable_tps",
@@ -46,24 +68,10 @@ DOCKER_STARTUP_KEYS = {
 }
 
 
-def test_scheduler_benchmark_quick_prints_its_summary_last() -> None:
-    # DSPY_INFRA_* variables of the surrounding run would override the benchmark's config.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "scheduler.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
-    assert result.returncode == 0, f"benchmark failed:\n{result.stdout}\n{result.stderr}"
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert isinstance(summary, dict)
-    missing = SCHEDULER_KEYS - summary.keys()
-    assert not missing, missing
-    numbers = SCHEDULER_KEYS - {"ray"}
-    assert all(isinstance(summary[k], int | float) and summary[k] > 0 for k in numbers), summary
+@pytest.mark.anyio
+async def test_scheduler_benchmark_quick_prints_its_summary_last() -> None:
+    summary = await quick_summary("scheduler.py", 60)
+    positive(summary, SCHEDULER_KEYS - {"ray"})
     assert summary["ray"] is None or isinstance(summary["ray"], dict)
 
 
@@ -73,34 +81,16 @@ async def test_docker_startup_benchmark_quick_prints_its_summary_last(busybox: s
         missing_engine(
             "docker", "docker-compose is not installed (Debian: apt-get install docker-compose)"
         )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
     # About 15 s: one run of each side (compose needs ~7 s) and 3 single-container samples.
-    with anyio.fail_after(60):
-        result = await anyio.run_process(
-            [sys.executable, str(BENCHMARKS / "docker_startup.py"), "--quick"], env=env, check=False
-        )
-    out, err = result.stdout.decode(), result.stderr.decode()
-    assert result.returncode == 0, f"benchmark failed:\n{out}\n{err}"
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert isinstance(summary, dict)
-    missing = DOCKER_STARTUP_KEYS - summary.keys()
-    assert not missing, missing
-    numbers = DOCKER_STARTUP_KEYS
-    assert all(isinstance(summary[k], int | float) and summary[k] > 0 for k in numbers), summary
+    summary = await quick_summary("docker_startup.py", 60)
+    positive(summary, DOCKER_STARTUP_KEYS)
     assert summary["runs"] == 1
     assert {"cpus", "docker"} <= summary["machine"].keys()
 
 
 @pytest.mark.anyio
 async def test_slurm_benchmark_quick_counts_calls_by_poll_cycle(slurm: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
-    with anyio.fail_after(90):
-        result = await anyio.run_process(
-            [sys.executable, str(BENCHMARKS / "slurm.py"), "--quick"], env=env, check=False
-        )
-    out, err = result.stdout.decode(), result.stderr.decode()
-    assert result.returncode == 0, f"benchmark failed:\n{out}\n{err}"
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary = await quick_summary("slurm.py", 90)
     assert summary["tasks"] == 50
     assert summary["ours_s"] > 0
     # One sbatch for the burst; squeue once per poll cycle, whatever the number of tasks.
@@ -125,22 +115,10 @@ GRPC_KEYS = {
 }
 
 
-def test_grpc_benchmark_quick_prints_its_summary_last() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "grpc.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env=env,
-        check=False,
-    )
-    assert result.returncode == 0, f"benchmark failed:\n{result.stdout}\n{result.stderr}"
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert isinstance(summary, dict)
-    missing = GRPC_KEYS - summary.keys()
-    assert not missing, missing
-    assert all(isinstance(summary[k], int | float) and summary[k] > 0 for k in GRPC_KEYS), summary
+@pytest.mark.anyio
+async def test_grpc_benchmark_quick_prints_its_summary_last() -> None:
+    summary = await quick_summary("grpc.py", 90)
+    positive(summary, GRPC_KEYS)
     assert isinstance(summary["ratio_ok"], bool)
 
 
@@ -158,21 +136,9 @@ WORKFLOW_KEYS = {
 }
 
 
-def test_workflows_benchmark_quick_prints_its_summary_last() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "workflows.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
-    assert result.returncode == 0, f"benchmark failed:\n{result.stdout}\n{result.stderr}"
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    missing = WORKFLOW_KEYS - summary.keys()
-    assert not missing, missing
+@pytest.mark.anyio
+async def test_workflows_benchmark_quick_prints_its_summary_last() -> None:
+    summary = await quick_summary("workflows.py", 60)
     # Overheads may be negative (a DAG batches its submits); the rest are positive numbers.
-    positive = WORKFLOW_KEYS - {"wide_step_overhead_ms", "chain_step_overhead_ms"}
-    assert all(isinstance(summary[k], int | float) and summary[k] > 0 for k in positive), summary
+    positive(summary, WORKFLOW_KEYS - {"wide_step_overhead_ms", "chain_step_overhead_ms"})
     assert (summary["wide_steps"], summary["chain_steps"]) == (100, 20)
