@@ -616,3 +616,57 @@ def test_a_partial_backoff_keeps_its_own_defaults() -> None:
     assert (a.start_backoff.initial, a.start_backoff.max) == (0.2, 1.0)
     assert (a.restart_backoff.initial, a.restart_backoff.factor) == (0.1, 3.0)
     assert load_config(services(a=svc()), environ={}).services["a"].start_backoff.initial == 0.2
+
+
+# --- container keys ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (
+            {"volumes": ["data"]},
+            "<mapping>: services.web.volumes: 'data' is not a volume: expected "
+            "'SOURCE:/container/path'",
+        ),
+        (
+            {"volumes": ["./data:relative"]},
+            "<mapping>: services.web.volumes: './data:relative' is not a volume",
+        ),
+        (
+            {"volumes": ["/data:/data:rx"]},
+            "<mapping>: services.web.volumes: '/data:/data:rx' is not a volume",
+        ),
+        (
+            {"ports": {"main": 0}, "container_ports": {"http": 80}},
+            "<mapping>: services.web.container_ports.http: names no port in ports (ports: main)",
+        ),
+        (
+            {"ports": {"main": 0}, "container_ports": {"main": 0}},
+            "<mapping>: services.web.container_ports.main: 0 is not a port number (1 to 65535)",
+        ),
+        ({"pull": "sometimes"}, "<mapping>: services.web.pull: expected one of"),
+    ],
+)
+def test_bad_container_keys_are_refused_naming_the_key(
+    fields: dict[str, Any], expected: str
+) -> None:
+    doc = {"infra": {"backend": "docker"}, "services": {"web": {"image": "img", **fields}}}
+    before = repr(doc)
+    assert str(error(doc)).startswith(expected)
+    assert repr(doc) == before, "loading changed its input"
+
+
+def test_the_docker_backend_needs_an_image() -> None:
+    doc = {"infra": {"backend": "docker"}, "services": {"web": svc()}}
+    assert str(error(doc)) == ("<mapping>: services.web.image: required with the docker backend")
+
+
+def test_volume_sources_are_relative_to_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "dspy-infra.toml",
+        '[infra]\nbackend = "docker"\n[services.web]\nimage = "img"\n'
+        'volumes = ["./data:/data:ro", "cache:/cache", "/abs:/abs"]\n',
+    )
+    volumes = load_config(path, environ={}).services["web"].volumes
+    assert volumes == (f"{tmp_path / 'data'}:/data:ro", "cache:/cache", "/abs:/abs")
