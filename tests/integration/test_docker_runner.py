@@ -206,6 +206,20 @@ async def test_a_program_missing_from_the_image_fails_the_task(
             await handle.result()
 
 
+async def test_a_refused_network_fails_the_task_saying_so(
+    tmp_path: Path, project: str, busybox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refuse(*args: Any, **kwargs: Any) -> None:
+        raise aiodocker.DockerError(500, "no address pool left")
+
+    monkeypatch.setattr(aiodocker.networks.DockerNetworks, "create", refuse)
+    async with start(tmp_path, project, {"noop": box(busybox, ["true"])}) as infra:
+        handle = await submit(infra, "noop")
+        with pytest.raises(TaskFailed, match=r"Docker refused the instance network .*address pool"):
+            await handle.result()
+    # The project fixture checks that no container or network was left.
+
+
 async def test_a_handler_without_an_image_is_refused_at_submit(
     tmp_path: Path, project: str, busybox: str
 ) -> None:

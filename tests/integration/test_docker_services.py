@@ -161,6 +161,19 @@ async def test_a_container_that_cannot_start_is_a_clear_error_and_leaves_nothing
             pass
 
 
+async def test_a_refused_network_is_a_clear_error(
+    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refuse(*args: Any, **kwargs: Any) -> None:
+        raise aiodocker.DockerError(500, "no address pool left")
+
+    monkeypatch.setattr(aiodocker.networks.DockerNetworks, "create", refuse)
+    services = {"kv": web(busybox, start_retries=0)}
+    with pytest.raises(ServiceStartError, match="Docker refused the instance network"):
+        async with start(tmp_path, project, services):
+            pass
+
+
 async def test_a_port_in_use_is_a_clear_error(busybox: str, tmp_path: Path, project: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

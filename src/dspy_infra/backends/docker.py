@@ -11,11 +11,10 @@ the service gets the signal rather than a PID 1 that ignores it), and
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping
-from contextlib import aclosing
 from pathlib import Path
 
 from dspy_infra.abc import LaunchSpec
-from dspy_infra.docker.engine import Container, ContainerError, Engine
+from dspy_infra.docker.engine import Container, ContainerError, Engine, open_engine
 from dspy_infra.docker.spec import container_config
 from dspy_infra.errors import ServiceStartError
 
@@ -55,10 +54,8 @@ class DockerService:
             return address, self._inside[port]
         return host, port
 
-    async def output(self) -> AsyncGenerator[str, None]:
-        async with aclosing(self._container.output(tty=True)) as lines:
-            async for _, line in lines:
-                yield line
+    def output(self) -> AsyncGenerator[str, None]:
+        return self._container.output()
 
     async def wait(self) -> int:
         return await self._container.wait()
@@ -81,10 +78,8 @@ class DockerBackend:
         return "docker"
 
     async def open(self, *, state_dir: Path, instance_id: str, project: str) -> list[str]:
-        engine = Engine(instance_id=instance_id, project=project)
-        await engine.__aenter__()
-        self._engine = engine
-        return await engine.sweep()
+        self._engine, swept = await open_engine(instance_id=instance_id, project=project)
+        return swept
 
     def peer_endpoint(
         self, service: str, ports: Mapping[str, int], container_ports: Mapping[str, int]

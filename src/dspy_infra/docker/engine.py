@@ -36,7 +36,7 @@ from anyio.abc import TaskStatus
 from dspy_infra._procfs import start_time
 from dspy_infra.errors import BackendUnavailable
 
-__all__ = ["Container", "ContainerError", "Engine", "Labels"]
+__all__ = ["Container", "ContainerError", "Engine", "Labels", "open_engine"]
 
 log = logging.getLogger("dspy_infra.docker")
 
@@ -46,6 +46,7 @@ _RECONNECT_DELAY = 0.5
 _KILL_WAIT = 30.0  # how long a SIGKILLed container may take to be reported dead
 _OUTPUT_DRAIN = 0.5  # how long stop() lets a reader take the last lines before removal
 _MAX_LINE = 64 * 1024
+_GET_IMAGE = "build or load it first (docker build / docker load / dspy_infra.docker.build_image)"
 
 
 class Labels:
@@ -63,9 +64,8 @@ class Labels:
 class ContainerError(Exception):
     """A container could not be created or started; ``reason`` says why, for a person."""
 
-    def __init__(self, reason: str, exit_code: int | None = None):
+    def __init__(self, reason: str):
         self.reason = reason
-        self.exit_code = exit_code
         super().__init__(reason)
 
 
@@ -75,18 +75,12 @@ class _Watch:
     def __init__(self) -> None:
         self.exited = anyio.Event()
         self.exit_code: int | None = None
-        self.health: str | None = None
-        self.health_changed = anyio.Event()
+        self.health: str | None = None  # the image HEALTHCHECK's latest verdict
 
     def died(self, code: int) -> None:
         if not self.exited.is_set():
             self.exit_code = code
             self.exited.set()
-
-    def set_health(self, health: str) -> None:
-        self.health = health
-        self.health_changed.set()
-        self.health_changed = anyio.Event()
 
 
 class Engine:
@@ -183,8 +177,7 @@ class Engine:
                 return await self.docker.images.inspect(image)
             if pull == "never":
                 raise ContainerError(
-                    f"image {image!r} is not present locally (pull = 'never'): build or load "
-                    "it first (docker build / docker load / dspy_infra.docker.build_image)"
+                    f"image {image!r} is not present locally (pull = 'never'): {_GET_IMAGE}"
                 )
         error = None
         said: dict[str, str] = {}  # per layer: byte counts change often, the status seldom
@@ -205,7 +198,10 @@ class Engine:
     # -- the instance network -----------------------------------------------------
 
     async def network(self) -> str:
-        """This instance's network, created on first use: services reach each other by name."""
+        """This instance's network, created on first use: services reach each other by name.
+
+        Raises :class:`ContainerError` when Docker refuses to make it.
+        """
         async with self._network_lock:
             if self._network is None:
                 name = f"{_LABEL}-{self.project}-{self.instance_id}"
@@ -225,7 +221,9 @@ class Engine:
                         # tasks reach services by name. Unchecked, Docker would
                         # make a second network of the same name.
                         if exc.status != 409:
-                            raise
+                            raise ContainerError(
+                                f"Docker refused the instance network {name!r}: {_reason(exc)}"
+                            ) from None
                 self._network = name
             return self._network
 
@@ -268,10 +266,17 @@ class Engine:
         """The container's address on its network, when this machine can reach it.
 
         A local engine's bridge networks are reachable from this machine; a
-        remote engine's (``DOCKER_HOST=tcp://...``) are not.
+        remote engine's (``DOCKER_HOST=tcp://...``) are not. Only asked for
+        (one more API call) when ports are published: the address is for
+        reaching those without Docker's port proxy (a task publishes none).
         """
-        network = (config.get("HostConfig") or {}).get("NetworkMode")
-        if network is None or not self.docker.docker_host.startswith("unix://"):
+        host_config = config.get("HostConfig") or {}
+        network = host_config.get("NetworkMode")
+        if (
+            network is None
+            or not host_config.get("PortBindings")
+            or not self.docker.docker_host.startswith("unix://")
+        ):
             return None
         settings = (await created.show())["NetworkSettings"]["Networks"].get(network) or {}
         return settings.get("IPAddress") or None
@@ -360,7 +365,7 @@ class Engine:
             attributes = (event.get("Actor") or {}).get("Attributes") or {}
             watch.died(int(attributes.get("exitCode", -1)))
         elif action.startswith("health_status:"):
-            watch.set_health(action.partition(":")[2].strip())
+            watch.health = action.partition(":")[2].strip()
 
     async def _reconcile(self) -> None:
         """After a reconnect, learn what happened while the stream was down."""
@@ -375,7 +380,7 @@ class Engine:
 
 
 class Container:
-    """A started container: its exit, its output, its health, its removal."""
+    """A started container: its exit, its output, its removal."""
 
     def __init__(self, engine: Engine, container: DockerContainer):
         self._engine = engine
@@ -390,42 +395,27 @@ class Container:
     def id(self) -> str:
         return self._container.id
 
-    @property
-    def exit_code(self) -> int | None:
-        return self.watch.exit_code
-
     async def wait(self) -> int:
         await self.watch.exited.wait()
         assert self.watch.exit_code is not None
         return self.watch.exit_code
 
-    async def health(self) -> AsyncIterator[str]:
-        """The image HEALTHCHECK's verdicts as they change: starting, healthy, unhealthy."""
-        while True:
-            changed = self.watch.health_changed
-            if self.watch.health is not None:
-                yield self.watch.health
-            await changed.wait()
+    async def output(self) -> AsyncGenerator[str, None]:
+        """A terminal container's output, line by line, from the start until it ends.
 
-    async def output(self, *, tty: bool = True) -> AsyncGenerator[tuple[int, str], None]:
-        """``(stream, line)`` from the start until the container ends: 1 stdout, 2 stderr.
-
-        With a terminal (``tty``) there is one stream, reported as stdout.
+        With a terminal, stdout and stderr are one stream, in the order written.
         """
-        pending = {1: b"", 2: b""}
-        async with contextlib.aclosing(self.chunks(tty=tty)) as chunks:
-            async for number, chunk in chunks:
-                data = pending[number] + chunk
-                *lines, data = data.split(b"\n")
+        pending = b""
+        async with contextlib.aclosing(self.chunks(tty=True)) as chunks:
+            async for _, chunk in chunks:
+                *lines, pending = (pending + chunk).split(b"\n")
                 for line in lines:
-                    yield number, _decode(line)
-                while len(data) > _MAX_LINE:
-                    yield number, _decode(data[:_MAX_LINE])
-                    data = data[_MAX_LINE:]
-                pending[number] = data
-        for number, data in pending.items():
-            if data:
-                yield number, _decode(data)
+                    yield _decode(line)
+                while len(pending) > _MAX_LINE:
+                    yield _decode(pending[:_MAX_LINE])
+                    pending = pending[_MAX_LINE:]
+        if pending:
+            yield _decode(pending)
 
     async def chunks(
         self, *, tty: bool = True, follow: bool = True
@@ -514,6 +504,22 @@ class Container:
             await self._container.kill(signal=name)
 
 
+async def open_engine(*, instance_id: str, project: str) -> tuple[Engine, list[str]]:
+    """An entered engine and what its :meth:`~Engine.sweep` removed; left again if that fails.
+
+    Leave it (``__aexit__``) from the task that called this: the engine's task
+    group follows the daemon's events, and an anyio task group must be left
+    by the task that entered it.
+    """
+    engine = Engine(instance_id=instance_id, project=project)
+    await engine.__aenter__()
+    try:
+        return engine, await engine.sweep()
+    except BaseException:
+        await engine.__aexit__(None, None, None)
+        raise
+
+
 async def _connect() -> aiodocker.Docker:
     """A client that answers, or BackendUnavailable saying how to get one."""
     try:
@@ -581,10 +587,7 @@ def _decode(raw: bytes) -> str:
 
 
 def _unpullable(image: str, why: str) -> str:
-    return (
-        f"image {image!r} is not present locally and could not be pulled ({why}): "
-        "build or load it first (docker build / docker load / dspy_infra.docker.build_image)"
-    )
+    return f"image {image!r} is not present locally and could not be pulled ({why}): {_GET_IMAGE}"
 
 
 def _has_healthcheck(config: Mapping[str, Any], image: Mapping[str, Any]) -> bool:

@@ -25,13 +25,12 @@ from collections.abc import Sequence
 from contextlib import aclosing
 from typing import Any
 
-import aiodocker
 import anyio
 import anyio.to_thread
 
 from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.config.model import HandlerConfig
-from dspy_infra.docker.engine import Container, ContainerError, Engine
+from dspy_infra.docker.engine import Container, ContainerError, Engine, open_engine
 from dspy_infra.docker.spec import container_config
 from dspy_infra.runners._commands import (
     STDERR_LINE_BYTES,
@@ -65,16 +64,8 @@ class DockerRunner:
         return "docker"
 
     async def open(self, context: RunnerContext) -> list[str]:
-        engine = Engine(instance_id=context.instance_id, project=context.project)
-        # Entered here and left in close(), by the same task (the scheduler's
-        # own): the engine's task group follows the daemon's events, and an
-        # anyio task group must be left by the task that entered it.
-        await engine.__aenter__()
-        try:
-            swept = await engine.sweep()
-        except BaseException:
-            await engine.__aexit__(None, None, None)
-            raise
+        # Left in close(), by the same task (the scheduler's own): see open_engine.
+        engine, swept = await open_engine(instance_id=context.instance_id, project=context.project)
         self._context, self._engine = context, engine
         return swept
 
@@ -159,8 +150,6 @@ async def _start(
         return await engine.run(config, image=image)
     except ContainerError as exc:
         raise RunFailed(_explain(exc.reason, run)) from None
-    except aiodocker.DockerError as exc:  # the instance network could not be made
-        raise RunFailed(f"Docker refused the task's network: {exc.message}") from None
 
 
 def _explain(reason: str, run: TaskRun) -> str:
