@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -70,6 +71,7 @@ from rich.table import Table
 
 from dspy_infra import AgentInfra
 from dspy_infra.runners.slurm import SlurmRunner
+from dspy_infra.runners.slurm.cli import ClusterConfig
 
 SPEEDUP_TARGET = 3.0
 DOUBLE = """
@@ -150,11 +152,11 @@ def quiet_stderr() -> Iterator[None]:
 
 
 def accounting() -> bool:
+    """Whether the cluster keeps accounting: the runner's own reading of its configuration."""
     out = subprocess.run(
         ["scontrol", "show", "config"], capture_output=True, text=True, check=True
     ).stdout
-    storage = next((line for line in out.splitlines() if "AccountingStorageType" in line), "")
-    return not storage.rstrip().endswith("accounting_storage/none")
+    return ClusterConfig.parse(out).accounting
 
 
 @frozen
@@ -167,28 +169,30 @@ class Rounds:
 
 def measure(tasks: int, pack: int, repeats: int, submitit: Any | None) -> Rounds:
     base = Path(tempfile.mkdtemp(prefix="dspy-infra-slurm-bench-"))
-    counter = iter(range(1_000_000))
+    counter = itertools.count()
 
     def fresh() -> Path:
         path = base / f"round-{next(counter)}"
         path.mkdir()
         return path
 
-    rounds = Rounds([], [], [], Round("ours", 0, 0.0, {}))
+    packed: list[Round] = []
+    unpacked: list[Round] = []
+    others: list[Round] = []
     try:
         # Warm-up: imports, page cache, the node's first jobs of the run.
         anyio.run(ours, 5, fresh(), None)
         if submitit is not None:
             submitit_round(submitit, 5, fresh())
         for _ in range(repeats):
-            rounds.ours.append(anyio.run(ours, tasks, fresh(), pack))
-            rounds.unpacked.append(anyio.run(ours, tasks, fresh(), None))
+            packed.append(anyio.run(ours, tasks, fresh(), pack))
+            unpacked.append(anyio.run(ours, tasks, fresh(), None))
             if submitit is not None:
-                rounds.submitit.append(submitit_round(submitit, tasks, fresh()))
+                others.append(submitit_round(submitit, tasks, fresh()))
         small = anyio.run(ours, max(1, tasks // 5), fresh(), pack)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    return Rounds(rounds.ours, rounds.unpacked, rounds.submitit, small)
+    return Rounds(packed, unpacked, others, small)
 
 
 def median_round(rounds: Sequence[Round]) -> Round:
@@ -286,7 +290,7 @@ def report(console: Console, s: dict[str, Any], note: str | None) -> None:
     )
     console.print(table)
     if note:
-        console.print(note)
+        console.print(note, markup=False)  # it says '.[bench]', which is not markup
 
 
 def main(argv: Sequence[str] | None = None) -> int:

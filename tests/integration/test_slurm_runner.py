@@ -25,7 +25,13 @@ import anyio
 import pytest
 
 from dspy_infra import AgentInfra
-from dspy_infra.errors import InvalidTask, TaskCancelled, TaskFailed, TaskTimedOut
+from dspy_infra.errors import (
+    InvalidTask,
+    TaskCancelled,
+    TaskFailed,
+    TaskTimedOut,
+    UnknownTask,
+)
 from dspy_infra.runners.slurm import SlurmRunner
 from dspy_infra.runners.slurm.cli import Pacer, classify
 from dspy_infra.runners.slurm.poller import MIN_INTERVAL, parse_sacct, parse_squeue
@@ -247,9 +253,11 @@ async def test_without_the_slurm_commands_the_class_refuses_tasks_and_says_why(
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
         with pytest.raises(InvalidTask, match=r"Slurm commands on PATH; missing: sbatch"):
-            await infra.submit_task("echo", {}, task_class="s")
+            await infra.submit_task("echo", {}, task_class="s", task_id="refused")
         with pytest.raises(InvalidTask, match="slurm-client"):
-            await infra.submit_task("echo", {}, task_class="gpu_slurm")
+            await infra.submit_task("echo", {}, task_class="gpu_slurm", task_id="refused")
+        with pytest.raises(UnknownTask):  # refused, not recorded
+            await infra.get_task_status("refused")
 
 
 async def test_without_slurmctld_a_task_fails_clearly(
@@ -410,6 +418,8 @@ async def test_the_pacer_halves_its_rate_on_trouble_and_recovers_step_by_step() 
         await pacer.acquire()
     # The bucket was emptied by the trouble: three tokens at 10/s take ~0.3 s.
     assert time.monotonic() - started >= 0.25
+    pacer.success()
+    assert pacer.rate == 12  # one step up, not straight back
     for _ in range(20):
         pacer.success()
-    assert pacer.rate == 40
+    assert pacer.rate == 40  # and no further than max_rate

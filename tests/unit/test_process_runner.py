@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from dspy_infra._procfs import group_alive
 from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.config.model import Config, HandlerConfig, InfraSettings, TaskClass
-from dspy_infra.runners.process import ProcessRunner, _Tail
+from dspy_infra.runners._commands import Tail
+from dspy_infra.runners.process import ProcessRunner
 
 pytestmark = pytest.mark.anyio
 
@@ -477,7 +478,7 @@ def test_the_tail_keeps_the_last_non_empty_lines_across_chunk_boundaries(
 ) -> None:
     data = "\n".join(lines).encode()
     bounds = sorted({0, len(data), *(c for c in cuts if c < len(data))})
-    tail = _Tail(3, 10)
+    tail = Tail(3, 10)
     for start, end in itertools.pairwise(bounds):
         tail.feed(data[start:end])
     tail.end()
@@ -486,7 +487,7 @@ def test_the_tail_keeps_the_last_non_empty_lines_across_chunk_boundaries(
 
 
 def test_the_tail_drops_carriage_returns() -> None:
-    tail = _Tail(5, 100)
+    tail = Tail(5, 100)
     tail.feed(b"one\r\ntw")
     tail.feed(b"o\r\n\r\n")
     tail.end()

@@ -24,14 +24,12 @@ from dspy_infra.config.model import HandlerConfig
 from dspy_infra.config.placeholders import PlaceholderError, substitute
 
 __all__ = [
-    "DRAIN_SECONDS",
     "PLACEHOLDERS",
     "STDERR_LINES",
     "STDERR_LINE_BYTES",
     "AttemptFiles",
     "Tail",
     "attempt_env",
-    "check_command",
     "command_argv",
     "outcome",
     "prepare",
@@ -44,9 +42,6 @@ PLACEHOLDERS = ("payload_file", "result_file", "task_id", "attempt", "work_dir")
 _KNOWN = ", ".join(f"{{{name}}}" for name in PLACEHOLDERS)
 STDERR_LINES = 20
 STDERR_LINE_BYTES = 1000
-# How long output is still read once the work has exited: what holds the
-# stream open after that (a child that escaped) is not waited for.
-DRAIN_SECONDS = 2.0
 _PAYLOAD_FILE = "payload.json"
 _RESULT_FILE = "result.json"
 
@@ -97,10 +92,10 @@ def validate_handler(
             f"no [handlers.{handler}] with {article} {needs} in the configuration "
             f"(configured: {names})"
         )
-    return None if config.command is None else check_command(handler, config)
+    return None if config.command is None else _check_command(handler, config)
 
 
-def check_command(name: str, handler: HandlerConfig) -> str | None:
+def _check_command(name: str, handler: HandlerConfig) -> str | None:
     """Why the command's placeholders cannot be filled in, or None: checked at submit."""
     try:
         _argv(handler, dict.fromkeys(PLACEHOLDERS, "x"))

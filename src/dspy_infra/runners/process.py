@@ -45,7 +45,6 @@ from dspy_infra._process_group import (
 )
 from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.runners._commands import (
-    DRAIN_SECONDS,
     PLACEHOLDERS,
     STDERR_LINE_BYTES,
     STDERR_LINES,
@@ -63,8 +62,9 @@ __all__ = ["PLACEHOLDERS", "ProcessRunner", "Runner"]
 
 log = logging.getLogger("dspy_infra")
 
-# The tail's name from when it was defined here, which the unit tests import.
-_Tail = Tail
+# How long output is still read once the work has exited: what holds the
+# stream open after that (a child that escaped) is not waited for.
+_DRAIN_SECONDS = 2.0
 
 
 class ProcessRunner:
@@ -139,7 +139,7 @@ class ProcessRunner:
                 # The pumps read what is left in the pipes, then see their
                 # end; a child that left the group (setsid) may hold them open
                 # for ever, so the reading ends after a while regardless.
-                group.cancel_scope.deadline = anyio.current_time() + DRAIN_SECONDS
+                group.cancel_scope.deadline = anyio.current_time() + _DRAIN_SECONDS
             raw = await anyio.to_thread.run_sync(
                 _conclude, record, files.result_file if code == 0 else None
             )

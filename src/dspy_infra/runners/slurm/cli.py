@@ -21,13 +21,12 @@ A missing command is :class:`SlurmUnavailable`, which names what to install.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import re
+import shutil
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import anyio
@@ -166,7 +165,6 @@ class ClusterConfig:
 
     max_array_size: int = 1001
     accounting: bool = False
-    min_job_age: int = 300
 
     @classmethod
     def parse(cls, text: str) -> ClusterConfig:
@@ -179,7 +177,6 @@ class ClusterConfig:
         return cls(
             max_array_size=_int(values.get("MaxArraySize"), 1001),
             accounting=not storage.endswith("/none"),
-            min_job_age=_int(values.get("MinJobAge"), 300),
         )
 
 
@@ -191,11 +188,8 @@ def _int(text: str | None, default: int) -> int:
 class SlurmCli:
     """Runs the Slurm commands for one runner; counts them in ``calls``, by command."""
 
-    def __init__(self, env: Mapping[str, str] | None = None, pacer: Pacer | None = None):
-        # None: this process's environment as it is at each call, so that
-        # SLURM_CONF and PATH set after the runner opened still count.
-        self._env = dict(env) if env is not None else None
-        self.pacer = pacer or Pacer()
+    def __init__(self) -> None:
+        self.pacer = Pacer()
         self.calls: Counter[str] = Counter()
         self._answered = False  # the controller has answered at least once
         self._config: ClusterConfig | None = None
@@ -203,8 +197,6 @@ class SlurmCli:
     @staticmethod
     def missing() -> list[str]:
         """The commands this runner needs that are not on PATH (blocking: a few stats)."""
-        import shutil  # noqa: PLC0415 - only the check needs it
-
         return [name for name in COMMANDS if shutil.which(name) is None]
 
     async def call(self, argv: Sequence[str], *, retry: bool = True) -> str:
@@ -264,15 +256,14 @@ class SlurmCli:
 
     async def _run(self, argv: Sequence[str]) -> tuple[int, str, str]:
         self.calls[argv[0]] += 1
-        env = self._env if self._env is not None else dict(os.environ)
         try:
             # Shielded: a command that ran is one whose effect must be known
             # (the id of a job that sbatch submitted); a pending cancellation
-            # reaches the caller at its next await.
+            # reaches the caller at its next await. The environment is this
+            # process's as it is now: SLURM_CONF and PATH set after the runner
+            # opened still count.
             with anyio.CancelScope(shield=True), anyio.fail_after(_CALL_TIMEOUT):
-                result = await anyio.run_process(
-                    list(argv), check=False, stdin=subprocess.DEVNULL, env=env
-                )
+                result = await anyio.run_process(list(argv), check=False, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
             raise SlurmUnavailable(
                 argv[0],
@@ -323,8 +314,3 @@ def _message(command: str, stderr: str, code: int) -> str:
     prefix = re.compile(rf"^{re.escape(command)}: (error: )?")
     text = "; ".join(prefix.sub("", line) for line in lines[-3:])
     return text or f"exited with code {code} and said nothing"
-
-
-def ceil_minutes(seconds: float) -> int:
-    """Slurm counts time limits in whole minutes."""
-    return max(1, math.ceil(seconds / 60))

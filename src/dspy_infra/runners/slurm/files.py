@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from attrs import frozen
@@ -146,9 +146,7 @@ def read_manifests(directory: Path) -> list[Manifest]:
 
 
 def remove_batch(batch: BatchFiles) -> None:
-    paths: Iterable[Path] = [batch.manifest, batch.script]
-    paths = [*paths, *(batch.log(i) for i in range(batch.size))]
-    for path in paths:
+    for path in (batch.manifest, batch.script, *map(batch.log, range(batch.size))):
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
 
@@ -165,11 +163,15 @@ class JobOutput:
     slurm: tuple[str, ...]
 
 
-def read_output(paths: TaskPaths, result_file: Path, slurm_log: Path, max_result: int) -> JobOutput:
-    code = _read_code(paths.exit)
+def read_output(
+    paths: TaskPaths, result_file: Path, slurm_log: Path | None, max_result: int
+) -> JobOutput:
+    code = exit_code(paths)
     stdout = _tail(paths.stdout, 1, max_result)
     stderr = _tail(paths.stderr, STDERR_LINES, STDERR_LINE_BYTES)
-    slurm = _tail(slurm_log, _SLURM_LOG_LINES, STDERR_LINE_BYTES).text()
+    slurm = (
+        [] if slurm_log is None else _tail(slurm_log, _SLURM_LOG_LINES, STDERR_LINE_BYTES).text()
+    )
     # Without an exit code of its own, Slurm's may still say 0.
     raw = read_result(result_file) if code in (0, None) else None
     return JobOutput(code=code, raw=raw, stdout=stdout, stderr=stderr, slurm=tuple(slurm))
@@ -183,12 +185,8 @@ def request_cancel(paths: TaskPaths) -> bool:
 
 def exit_code(paths: TaskPaths) -> int | None:
     """The recorded exit code of a task's job, None when it has none (blocking)."""
-    return _read_code(paths.exit)
-
-
-def _read_code(path: Path) -> int | None:
     try:
-        return int(path.read_text().strip())
+        return int(paths.exit.read_text().strip())
     except (OSError, ValueError):
         return None
 

@@ -29,6 +29,7 @@ import anyio
 import anyio.to_thread
 from attrs import frozen
 
+from dspy_infra.config.model import Backoff
 from dspy_infra.runners.slurm.cli import SlurmCli, SlurmError
 
 __all__ = [
@@ -49,6 +50,8 @@ MIN_INTERVAL = 0.05
 MAX_INTERVAL = 2.0
 GROWTH = 1.5
 _ERROR_INTERVAL = 10.0
+# After a failed squeue: twice MIN_INTERVAL, doubling up to _ERROR_INTERVAL.
+_RETRY = Backoff(initial=2 * MIN_INTERVAL, max=_ERROR_INTERVAL, jitter=0.0)
 _DUTY = 10.0
 GONE = "GONE"
 # States after which the job does nothing more (squeue's long names).
@@ -263,7 +266,7 @@ class Poller:
                 log.warning(
                     "cannot read the state of Slurm jobs (%d times): %s", self._failures, exc
                 )
-            self._next = started + min(_ERROR_INTERVAL, MIN_INTERVAL * 2**self._failures)
+            self._next = started + _RETRY.delay(self._failures - 1)
             return
         self._failures = 0
         self.cycles += 1

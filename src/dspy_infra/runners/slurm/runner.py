@@ -59,7 +59,6 @@ _STOP_WAIT = 30.0
 # How long close() waits for submissions in flight and the cancelling of
 # jobs nobody claimed.
 _CLOSE_WAIT = 30.0
-_DEVNULL = Path(os.devnull)
 
 
 class SlurmRunner:
@@ -163,7 +162,7 @@ class SlurmRunner:
                     read_output,
                     request.entry.paths,
                     files.result_file,
-                    request.slurm_log or _DEVNULL,
+                    request.slurm_log,
                     context.config.infra.max_result_bytes,
                 )
             finally:

@@ -264,10 +264,11 @@ class Submitter:
             self._refuse(requests, "cancelled before it was submitted")
             return
         job = out.strip().split(";")[0]
+        submitted = set(included)
         # No await until every request knows its job: a cancellation now
         # must not lose a job id.
         for request in requests:
-            if request.index in included:
+            if request.index in submitted:
                 request.job_id = job if single else f"{job}_{request.index}"
             else:
                 request.error = "cancelled before it was submitted"
