@@ -7,6 +7,7 @@ process where the process matters (no server, following until Ctrl-C).
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -22,8 +23,8 @@ import anyio
 import pytest
 
 from dspy_infra import AgentInfra
-from dspy_infra.cli import main
-from dspy_infra.remote import serve
+from dspy_infra.cli import _common, main
+from dspy_infra.remote import DEFAULT_ADDRESS, serve
 from tests.integration.helpers import service
 
 pytestmark = pytest.mark.anyio
@@ -170,7 +171,7 @@ async def test_a_failed_task_exits_1(cli: Cli) -> None:
 async def test_bad_input_exits_2_and_unknown_ids_exit_4(cli: Cli) -> None:
     code, out, err = await cli("submit", "echo", "{not json")
     assert (code, out) == (2, "")
-    assert "error: the payload is not JSON" in err
+    assert "argument PAYLOAD: the payload is not JSON" in err
     code, _, err = await cli("submit", "echo", "1", "--class", "nope")
     assert code == 2
     assert "unknown task class 'nope'" in err
@@ -301,3 +302,37 @@ async def test_address_from_the_environment(
 ) -> None:
     monkeypatch.setenv("DSPY_INFRA_ADDRESS", server[1])
     assert await anyio.to_thread.run_sync(main, ["status"]) == 0
+
+
+def test_bad_local_input_is_exit_2_before_any_connection(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing listens at the address: each is refused before a connection is tried.
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dspy-infra.toml").write_text(f'[infra]\nstate_dir = "{tmp_path / "state"}"\n')
+    empty, cert = tmp_path / "empty-token", tmp_path / "cert.pem"
+    empty.write_text("\n")
+    cert.write_text("not a certificate\n")
+    refusals = {
+        ("submit", "echo", "{"): "argument PAYLOAD: the payload is not JSON",
+        ("status", "--token-file", str(empty)): f"error: the token file {empty} is empty",
+        ("status", "--token-file", str(tmp_path / "none")): "error: cannot read the token file",
+        ("status", "--tls-ca", str(cert)): "error: cannot load the TLS CA file",
+        ("serve", "--tls-cert", str(cert)): "error: give both --tls-cert and --tls-key",
+        ("serve", "--tls-cert", str(cert), "--tls-key", str(cert)): (
+            "error: cannot load the TLS certificate"
+        ),
+    }
+    for argv, message in refusals.items():
+        capsys.readouterr()
+        assert main([*argv, "--address", address]) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert message in err, (argv, err)
+
+
+def test_the_default_addresses_agree() -> None:
+    # The command line and AgentInfra.connect name it without importing grpc.
+    assert _common.DEFAULT_ADDRESS == DEFAULT_ADDRESS
+    assert inspect.signature(AgentInfra.connect).parameters["address"].default == DEFAULT_ADDRESS

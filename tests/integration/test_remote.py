@@ -1025,8 +1025,11 @@ async def test_grpc_health_reflects_the_instance(tmp_path: Path) -> None:
             assert watch.stdout is not None
             try:
                 with anyio.fail_after(30):
-                    first = (await watch.stdout.receive()).decode()
-                    assert first == "NOT_SERVING\n"
+                    # A pipe may hand the line over in pieces: read up to its end.
+                    first = b""
+                    while not first.endswith(b"\n"):
+                        first += await watch.stdout.receive()
+                    assert first.decode() == "NOT_SERVING\n"
                     await infra.services.start(["web"])
                     rest = b""
                     async for chunk in watch.stdout:
@@ -1194,6 +1197,32 @@ async def test_random_and_bad_fields_never_crash_the_server(
             assert await (await remote.submit_task("echo", "still here")).result() == "still here"
             assert (await remote.health_check()).healthy
     assert not [r for r in caplog.records if r.name == "dspy_infra.remote"], "a call failed inside"
+
+
+def _call_raw(address: str, route: str, body: bytes) -> tuple[str, str]:
+    grpc = importlib.import_module("grpc")
+    with grpc.insecure_channel(address) as channel:
+        try:
+            channel.unary_unary(route)(body, timeout=20)
+        except grpc.RpcError as exc:
+            return exc.code().name, exc.details()
+    return "OK", ""
+
+
+async def test_a_field_of_another_wire_type_is_invalid_argument(tmp_path: Path) -> None:
+    refusals = {
+        # SubmitTaskRequest.handler (field 1, a string) sent as a varint.
+        (_ORCH + "SubmitTask", b"\x08\x05"): "not a valid SubmitTaskRequest",
+        # ... and as bytes that are not UTF-8.
+        (_ORCH + "SubmitTask", b"\x0a\x01\xff"): "not a valid SubmitTaskRequest",
+        # GetTaskStatusRequest.wait (field 2, a bool) sent length-delimited.
+        (_ORCH + "GetTaskStatus", b"\x12\x01\x01"): "not a valid GetTaskStatusRequest",
+    }
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        for (route, body), message in refusals.items():
+            code, details = await anyio.to_thread.run_sync(_call_raw, srv.address, route, body)
+            assert code == "INVALID_ARGUMENT", (route, body, details)
+            assert f"the request is {message}" in details
 
 
 # -- TLS, with a self-signed certificate made here ---------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 __all__ = [
+    "DEFAULT_ADDRESS",
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_NOT_FOUND",
@@ -59,6 +60,8 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# As dspy_infra.remote.DEFAULT_ADDRESS, without importing grpc (a test keeps them equal).
+DEFAULT_ADDRESS = "127.0.0.1:50052"
 TOKEN_ENV = "DSPY_INFRA_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
 

@@ -31,6 +31,7 @@ from rich.live import Live
 from rich.table import Table
 
 from dspy_infra.cli._common import (
+    DEFAULT_ADDRESS,
     EXIT_FAILURE,
     EXIT_NO_SERVER,
     EXIT_NOT_FOUND,
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 __all__ = ["ADDRESS_ENV", "EVENTS_IDLE", "register"]
 
 ADDRESS_ENV = "DSPY_INFRA_ADDRESS"
-DEFAULT_ADDRESS = "127.0.0.1:50052"  # as dspy_infra.remote.DEFAULT_ADDRESS, without importing grpc
 # `events` without -f: the server replays what it holds at once, then waits
 # for new events; the wire cannot say "that was all", so a pause this long does.
 EVENTS_IDLE = 0.5
@@ -132,6 +132,7 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument(
         "payload",
         nargs="?",
+        type=_payload,
         metavar="PAYLOAD",
         help="the payload as JSON text; - reads it from stdin (default: null)",
     )
@@ -360,21 +361,21 @@ async def _logs(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
 # -- tasks ---------------------------------------------------------------------------------
 
 
-def _payload(text: str | None) -> Any:
-    if text is None:
-        return None
+def _payload(text: str) -> Any:
+    # An argparse type: a bad payload is a usage error (exit 2) before any
+    # connection is made, and stdin is read before the event loop runs.
     if text == "-":
         text = sys.stdin.read()
     try:
         return json.loads(text)
     except ValueError as exc:
-        raise CommandError(f"the payload is not JSON: {exc}", code=EXIT_USAGE) from None
+        raise argparse.ArgumentTypeError(f"the payload is not JSON: {exc}") from None
 
 
 async def _submit(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
     handle = await infra.submit_task(
         args.task_handler,
-        _payload(args.payload),
+        args.payload,
         task_class=args.task_class,
         priority=args.priority,
         needs=args.needs,

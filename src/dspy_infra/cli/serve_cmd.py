@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 
 from dspy_infra.cli._common import (
+    DEFAULT_ADDRESS,
     EXIT_OK,
     EXIT_USAGE,
     TOKEN_ENV,
@@ -26,8 +27,6 @@ from dspy_infra.cli._common import (
 from dspy_infra.config import load_config
 
 __all__ = ["DEFAULT_ADDRESS", "TOKEN_ENV", "register"]
-
-DEFAULT_ADDRESS = "127.0.0.1:50052"  # as dspy_infra.remote.DEFAULT_ADDRESS, without importing grpc
 
 
 def register(subparsers: Subparsers) -> None:

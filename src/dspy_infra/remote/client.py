@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import unquote
 
+import anyio.to_thread
 import betterproto2
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality, Status
@@ -323,35 +324,35 @@ class RemoteServices:
 
     async def start(self, names: Iterable[str] | None = None) -> dict[str, ServiceStatus]:
         """Start ``names`` (default: every ``autostart`` service) and their dependencies."""
-        wanted = None if names is None else builtins.list(names)
-        if wanted == []:
+        wanted = _request_names(names)
+        if wanted is None:
             return {}
         reply = await self._rpc.unary(
             _ENV + "StartServices",
-            env_pb.StartServicesRequest(names=wanted or []),
+            env_pb.StartServicesRequest(names=wanted),
             env_pb.StartServicesResponse,
         )
         return convert.statuses_by_name(reply.services)
 
     async def stop(self, names: Iterable[str] | None = None) -> None:
         """Stop ``names`` (default: all), dependents before their dependencies."""
-        wanted = None if names is None else builtins.list(names)
-        if wanted == []:
+        wanted = _request_names(names)
+        if wanted is None:
             return
         await self._rpc.unary(
             _ENV + "StopServices",
-            env_pb.StopServicesRequest(names=wanted or []),
+            env_pb.StopServicesRequest(names=wanted),
             env_pb.StopServicesResponse,
         )
 
     async def status(self, names: Iterable[str] | None = None) -> dict[str, ServiceStatus]:
         """A snapshot of each service (default: all)."""
-        wanted = None if names is None else builtins.list(names)
-        if wanted == []:
+        wanted = _request_names(names)
+        if wanted is None:
             return {}
         reply = await self._rpc.unary(
             _ENV + "GetServiceStatus",
-            env_pb.GetServiceStatusRequest(names=wanted or []),
+            env_pb.GetServiceStatusRequest(names=wanted),
             env_pb.GetServiceStatusResponse,
         )
         return convert.statuses_by_name(reply.services)
@@ -370,6 +371,18 @@ class RemoteServices:
                 yield reply.line
 
 
+def _request_names(names: Iterable[str] | None) -> list[str] | None:
+    """``names`` as a request carries them, or None when there is nothing to ask for.
+
+    On the wire an empty list means every service: ``names=None`` is sent as
+    ``[]``, and an empty ``names`` is answered here, as in-process, without a call.
+    """
+    if names is None:
+        return []
+    wanted = list(names)
+    return wanted or None
+
+
 class RemoteWorkflows:
     """``infra.workflows`` of a remote instance: the run API of :class:`~dspy_infra.WorkflowEngine`.
 
@@ -385,7 +398,7 @@ class RemoteWorkflows:
     ) -> Workflow:
         """Validate and store a workflow on the server; see :meth:`WorkflowEngine.create`."""
         if isinstance(spec, str | os.PathLike):
-            spec = WorkflowSpec.from_file(spec)
+            spec = await anyio.to_thread.run_sync(WorkflowSpec.from_file, spec)
         elif not isinstance(spec, WorkflowSpec):
             spec = WorkflowSpec.from_mapping(spec)
         reply = await self._rpc.unary(
