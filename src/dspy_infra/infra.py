@@ -226,8 +226,6 @@ class AgentInfra:
                 self._workflows = await stack.enter_async_context(
                     WorkflowEngine(
                         scheduler=self._scheduler,
-                        journal=self._scheduler.journal,
-                        store=self._scheduler.store,
                         bus=self._bus,
                         metrics=self.metrics,
                     )

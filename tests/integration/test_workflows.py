@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dspy_infra import AgentInfra
+from dspy_infra.errors import UnknownTask
 from dspy_infra.scheduling.tasks import TaskState
 from dspy_infra.workflows import (
     InvalidWorkflow,
@@ -263,16 +264,29 @@ async def test_bad_workflows_and_runs_are_refused_with_clear_errors(tmp_path: Pa
             await wfs.create({"name": "x", "steps": {"a": {"handler": "h", "task_class": "huge"}}})
         with pytest.raises(InvalidWorkflow, match=r"priority must be an integer"):
             await wfs.create({"name": "x", "steps": {"a": {"handler": "h", "priority": 1000}}})
-        with pytest.raises(UnknownWorkflow):
+        bad_file = tmp_path / "bad.toml"
+        bad_file.write_text('name = "x"\n[steps.a]\nhandler = "h"\ndepends_on = ["b"]\n')
+        with pytest.raises(InvalidWorkflow, match=r"bad\.toml: .*unknown step 'b'"):
+            await wfs.create(bad_file)
+        assert wfs.list() == []  # nothing refused was stored
+        with pytest.raises(UnknownWorkflow, match=r"^unknown workflow 'no-such-workflow'$"):
             await wfs.start_run("no-such-workflow")
-        with pytest.raises(UnknownRun):
+        with pytest.raises(UnknownRun, match=r"^unknown workflow run 'no-such-run'$"):
             await wfs.get_run("no-such-run")
         wf = await wfs.create(
             {"name": "x", "steps": {"a": {"handler": "h", "payload": "${inputs.n}"}}}
         )
         assert (await wfs.create(wf.spec)).workflow_id == wf.workflow_id  # idempotent
         with pytest.raises(InvalidWorkflow, match=r"missing inputs n"):
-            await wfs.start_run(wf.workflow_id)
+            await wfs.start_run(wf.workflow_id, run_id="refused")
+        with pytest.raises(InvalidWorkflow, match=r"the inputs are not JSON-compatible"):
+            await wfs.start_run(wf.workflow_id, {"n": float("nan")}, run_id="refused")
+        with pytest.raises(InvalidWorkflow, match=r"run_id 'no/slash': letters, digits"):
+            await wfs.start_run(wf.workflow_id, {"n": 1}, run_id="no/slash")
+        with pytest.raises(UnknownRun):  # none of the refused runs was stored
+            await wfs.get_run("refused")
+        with pytest.raises(UnknownTask):
+            await infra.get_task_status("refused:a")
         # Inputs are any JSON; the same run_id is the same run, whatever the inputs.
         run = await wfs.start_run(wf.workflow_id, {"n": {"deeper": 1}}, run_id="mine")
         assert (await run.wait()).results() == {"a": {"deeper": 1}}

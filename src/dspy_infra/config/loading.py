@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from dspy_infra.config.model import (
 from dspy_infra.config.placeholders import Endpoint, PlaceholderError, RenderContext, render
 from dspy_infra.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "dump_config", "load_config", "service_templates"]
+__all__ = ["ENV_PREFIX", "dump_config", "find_cycle", "load_config", "service_templates"]
 
 ENV_PREFIX = "DSPY_INFRA_"
 DEFAULT_FILE = "dspy-infra.toml"
@@ -415,21 +415,34 @@ def _check_tasks(config: Config, fail: Any) -> None:
 
 
 def _check_cycles(config: Config, fail: Any) -> None:
+    graph = {name: config.services[name].depends_on for name in sorted(config.services)}
+    cycle = find_cycle(graph)
+    if cycle is not None:
+        raise fail(f"services.{cycle[0]}.depends_on", "cycle: " + " -> ".join(cycle))
+
+
+def find_cycle(graph: Mapping[str, Iterable[str]]) -> list[str] | None:
+    """The first cycle of ``depends_on`` edges, as ``[a, b, a]``; None if there is none.
+
+    Searched from each name in ``graph``'s order; a dependency that ``graph``
+    does not hold is a leaf. Serves services and workflow steps alike.
+    """
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 
-    def visit(name: str, path: list[str]) -> None:
+    def visit(name: str, path: list[str]) -> list[str] | None:
         state[name] = 1
-        for dep in config.services[name].depends_on:
+        for dep in graph.get(name, ()):
             if state.get(dep) == 1:
-                cycle = [*path[path.index(dep) :], dep]
-                raise fail(f"services.{cycle[0]}.depends_on", "cycle: " + " -> ".join(cycle))
-            if dep not in state:
-                visit(dep, [*path, dep])
+                return [*path[path.index(dep) :], dep]
+            if dep not in state and (cycle := visit(dep, [*path, dep])) is not None:
+                return cycle
         state[name] = 2
+        return None
 
-    for name in sorted(config.services):
-        if name not in state:
-            visit(name, [name])
+    for name in graph:
+        if name not in state and (cycle := visit(name, [name])) is not None:
+            return cycle
+    return None
 
 
 def _validation_context(config: Config, name: str) -> RenderContext:

@@ -340,20 +340,31 @@ class LocalScheduler:
         (task_id,) = await self.submit_many([request])
         return task_id
 
-    async def submit_many(self, requests: Iterable[TaskRequest]) -> list[str]:
-        """Submit all or none: each is checked before any is stored; one commit for all."""
+    async def submit_many(
+        self, requests: Iterable[TaskRequest], *, lookup: bool = True
+    ) -> list[str]:
+        """Submit all or none: each is checked before any is stored; one commit for all.
+
+        ``lookup=False``: the caller knows that none of the ids it gives can be
+        stored by an earlier instance (the workflow engine, for the tasks of a
+        run whose id it has just made), which spares the store look-up.
+        """
         self._check_open()
         requests = list(requests)
         # Ids given by the caller may be stored already, by an earlier
         # instance: one look in the store for all of them.
-        stored = await self._journal.stored(
-            {
-                r.task_id
-                for r in requests
-                if isinstance(r.task_id, str)
-                and r.task_id not in self._live
-                and r.task_id not in self._recent
-            }
+        stored = (
+            await self._journal.stored(
+                {
+                    r.task_id
+                    for r in requests
+                    if isinstance(r.task_id, str)
+                    and r.task_id not in self._live
+                    and r.task_id not in self._recent
+                }
+            )
+            if lookup
+            else set()
         )
         task_ids: list[str] = []
         fresh: dict[str, TaskRecord] = {}

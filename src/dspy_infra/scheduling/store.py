@@ -395,10 +395,6 @@ class Journal:
         self._wake = anyio.Event()
         self._woken = False
         self._closed = False
-        # Prefixes (before a ':') of task ids that cannot be in the store: the
-        # workflow engine's ids for a run whose id it has just generated.
-        # stored() answers for them without a look-up (a thread hop each).
-        self.fresh_prefixes: set[str] = set()
 
     def write(
         self, op: Op, then: Callable[[Any], object] | None = None, arg: Any = None
@@ -432,9 +428,6 @@ class Journal:
         return await anyio.to_thread.run_sync(self._store.get, task_id)
 
     async def stored(self, task_ids: Collection[str]) -> set[str]:
-        if self.fresh_prefixes and task_ids:
-            fresh = self.fresh_prefixes
-            task_ids = [t for t in task_ids if t.partition(":")[0] not in fresh]
         if not task_ids:
             return set()
         if not self._threaded:

@@ -363,8 +363,7 @@ async def _launch_spec(
     config: ServiceConfig = rt.config
     if rt.ports is None:
         rt.ports = {name: port or manager.free_port() for name, port in config.ports.items()}
-    ctx = await manager.render_context(rt, inside=True)
-    outside = await manager.render_context(rt, inside=False)
+    ctx, outside = await manager.render_contexts(rt)
     try:
         command: tuple[str, ...] | str | None = config.command
         if isinstance(command, str):

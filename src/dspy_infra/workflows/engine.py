@@ -31,12 +31,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
+import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from dspy_infra.errors import InfraClosed, InvalidTask
 from dspy_infra.events import EventBus, EventsDropped
 from dspy_infra.metrics import Metrics
-from dspy_infra.scheduling.store import Journal, RunRow, StepRow, Store, dumps
+from dspy_infra.scheduling.store import RunRow, StepRow, dumps
 from dspy_infra.scheduling.tasks import TaskRequest, TaskState
 from dspy_infra.workflows.model import (
     RunHandle,
@@ -134,6 +135,9 @@ class _Run:
         self.done = anyio.Event()
         self.scope: anyio.CancelScope | None = None
         self.cancel_requested = False
+        # Its id was made by this instance: its tasks' ids (RUN:STEP...)
+        # cannot be stored, and the scheduler need not look them up.
+        self.fresh = False
 
     def status(self) -> RunStatus:
         return RunStatus(
@@ -155,14 +159,13 @@ class WorkflowEngine:
         self,
         *,
         scheduler: LocalScheduler,
-        journal: Journal,
-        store: Store,
         bus: EventBus,
         metrics: Metrics,
     ):
         self._scheduler = scheduler
-        self._journal = journal
-        self._store = store
+        # The runs' rows live in the tasks' store, written by its one writer.
+        self._journal = scheduler.journal
+        self._store = scheduler.store
         self._bus = bus
         self._metrics = metrics
         self._workflows: dict[str, Workflow] = {}
@@ -269,10 +272,10 @@ class WorkflowEngine:
         """
         self._check_open()
         if isinstance(spec, str | os.PathLike):
-            spec = WorkflowSpec.from_file(spec)
+            spec = await anyio.to_thread.run_sync(WorkflowSpec.from_file, spec)
         elif not isinstance(spec, WorkflowSpec):
             spec = WorkflowSpec.from_mapping(spec)
-        spec.validate()
+        # A WorkflowSpec validated itself when it was made (it is frozen).
         for step in spec.steps:
             self._check_step(spec, step)
         workflow_id = spec.workflow_id()
@@ -333,7 +336,7 @@ class WorkflowEngine:
         missing or the inputs are not JSON-compatible.
         """
         workflow = self.get(workflow_id)
-        fresh = False
+        fresh = run_id is None
         if run_id is not None:
             if (
                 not isinstance(run_id, str)
@@ -350,10 +353,6 @@ class WorkflowEngine:
                 return RunHandle(run_id, engine=self)
         else:
             run_id = f"{time.time_ns() // 1_000_000:012x}{os.urandom(6).hex()}"
-            # Its tasks' ids (RUN:STEP...) cannot be stored yet, and each step
-            # is submitted once per instance: the scheduler need not look them
-            # up in the store (a thread hop per step, most of a chain's cost).
-            fresh = True
         inputs = dict(inputs or {})
         missing = sorted(workflow.spec.inputs() - set(inputs))
         if missing:
@@ -367,9 +366,10 @@ class WorkflowEngine:
                 f"run of {workflow_id!r} refused: the inputs are not JSON-compatible ({exc})"
             ) from None
         run = _Run(run_id, workflow, json.loads(inputs_json), time.time())
+        # Spares the scheduler a store look-up (a thread hop) per submit,
+        # most of a chain's cost.
+        run.fresh = fresh
         self._runs[run_id] = run
-        if fresh:
-            self._journal.fresh_prefixes.add(run_id)
         try:
             await self._journal.commit(
                 (
@@ -379,7 +379,6 @@ class WorkflowEngine:
             )
         except BaseException:
             self._runs.pop(run_id, None)
-            self._journal.fresh_prefixes.discard(run_id)
             raise
         self._publish(run, "workflow_run_started", RunState.RUNNING.value)
         assert self._tg is not None
@@ -547,13 +546,15 @@ class WorkflowEngine:
         # run after their run was cancelled.
         with anyio.CancelScope(shield=True):
             try:
-                await self._scheduler.submit_many(r for _, requests in submitted for r in requests)
+                await self._scheduler.submit_many(
+                    (r for _, requests in submitted for r in requests), lookup=not run.fresh
+                )
             except InvalidTask:
                 # One refused task refuses the whole call: find out whose it was.
                 accepted = []
                 for step, requests in submitted:
                     try:
-                        await self._scheduler.submit_many(requests)
+                        await self._scheduler.submit_many(requests, lookup=not run.fresh)
                     except InvalidTask as exc:
                         self._step_ended(run, step, str(exc), tg, failed)
                     else:
@@ -635,7 +636,6 @@ class WorkflowEngine:
             log.debug("cancelling task %s of a run", task_id, exc_info=True)
 
     async def _finish(self, run: _Run, state: RunState, error: str | None) -> None:
-        self._journal.fresh_prefixes.discard(run.run_id)
         run.state = state
         run.error = error
         run.finished_at = time.time()

@@ -27,6 +27,7 @@ from typing import Any
 
 from attrs import field, frozen
 
+from dspy_infra.config.loading import find_cycle
 from dspy_infra.errors import InfraError
 
 __all__ = [
@@ -64,26 +65,25 @@ class InvalidWorkflow(WorkflowError, ValueError):
     """A workflow spec (or a run's inputs) that cannot be used; nothing was stored."""
 
 
-class UnknownWorkflow(WorkflowError, KeyError):
+class _NotStored(WorkflowError, KeyError):
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0])
+
+
+class UnknownWorkflow(_NotStored):
     """A workflow id that the store does not hold."""
 
     def __init__(self, workflow_id: str):
         self.workflow_id = workflow_id
         super().__init__(f"unknown workflow {workflow_id!r}")
 
-    def __str__(self) -> str:
-        return str(self.args[0])
 
-
-class UnknownRun(WorkflowError, KeyError):
+class UnknownRun(_NotStored):
     """A run id that the store does not hold."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         super().__init__(f"unknown workflow run {run_id!r}")
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def _names(value: Any) -> tuple[str, ...]:
@@ -235,7 +235,9 @@ class WorkflowSpec:
                         f"{where}: step {step.name!r}: depends_on: unknown step {dep!r} "
                         f"(steps: {known})"
                     )
-        _check_cycles(where, by_name)
+        cycle = find_cycle({name: step.depends_on for name, step in by_name.items()})
+        if cycle is not None:
+            raise InvalidWorkflow(f"{where}: cycle: {' -> '.join(cycle)}")
         ancestors = _ancestors(by_name)
         for step in self.steps:
             _check_references(where, step, ancestors[step.name])
@@ -294,24 +296,6 @@ def _check_step_shape(where: str, step: Step) -> None:
             f"{at}: fan_out must be a reference to a list, as in "
             f"'${{steps.prepare.result}}' or '${{inputs.items}}', got {step.fan_out!r}"
         )
-
-
-def _check_cycles(where: str, by_name: Mapping[str, Step]) -> None:
-    state: dict[str, int] = {}  # 1: on the current path; 2: done
-
-    def visit(name: str, path: list[str]) -> None:
-        state[name] = 1
-        for dep in by_name[name].depends_on:
-            if state.get(dep) == 1:
-                cycle = [*path[path.index(dep) :], dep]
-                raise InvalidWorkflow(f"{where}: cycle: {' -> '.join(cycle)}")
-            if dep not in state:
-                visit(dep, [*path, dep])
-        state[name] = 2
-
-    for name in by_name:
-        if name not in state:
-            visit(name, [name])
 
 
 def _ancestors(by_name: Mapping[str, Step]) -> dict[str, set[str]]:
