@@ -383,19 +383,28 @@ class LocalScheduler:
         # Claimed only now, so that an invalid request leaves nothing behind;
         # one that a concurrent call claimed meanwhile is that call's.
         records = [r for r in fresh.values() if r.task_id not in self._live]
+        # A lone task that its class can start at once is stored started (its
+        # first attempt counted): one commit between submit and start, not two.
+        early = records[0] if len(records) == 1 and self._startable(records[0]) else None
+        if early is not None:
+            self._claim(self._classes[early.task_class], early)
         written: Written | None = None
         for record in records:
             self._live[record.task_id] = record
             written = self._journal.write(("insert", record.row()))
             record.committed = written
         if written is not None:
+            # Queued by the commit itself, not by this call: once committed,
+            # they run even if this call is cancelled meanwhile.
+            written.then(self._accepted, records)
             try:
                 await written.wait()
-            except BaseException:
+            except Exception:  # the commit failed: nothing was stored
                 for record in records:
                     self._live.pop(record.task_id, None)
+                if early is not None:
+                    self._release(self._classes[early.task_class], early)
                 raise
-        self._accepted(records)
         for task_id in task_ids:  # those submitted by a concurrent call: wait for their commit
             other = self._live.get(task_id)
             if other is not None and other.committed is not None:
@@ -412,7 +421,9 @@ class LocalScheduler:
             cls.metrics.submitted.value += 1
             if publish:
                 self._publish(record, TaskState.QUEUED)
-            if record.cancel_requested:
+            if record.state is TaskState.RUNNING:  # stored started: see submit_many
+                self._hand_over(record)
+            elif record.cancel_requested:
                 self._finish(record, TaskState.CANCELLED, None, "cancelled before it started")
             else:
                 # Dispatched once all are queued: the best of them first.
@@ -727,7 +738,29 @@ class LocalScheduler:
     def _fits(self, record: TaskRecord) -> bool:
         return self._pool.fits(record.need)
 
+    def _startable(self, record: TaskRecord) -> bool:
+        """Would a dispatch start this new task now, ahead of nothing queued?"""
+        cls = self._classes[record.task_class]
+        return (
+            self._open
+            and not len(cls.queue)
+            and cls.running < cls.limit.limit
+            and (not cls.local or self._fits(record))
+            and not (record.needs and not self._services_ready(record.needs))
+        )
+
     def _start(self, cls: _Class, record: TaskRecord) -> None:
+        self._claim(cls, record)
+        # The attempt reaches a worker once its start (attempt counted) is
+        # committed: a crash from here on finds it counted.
+        self._journal.write(
+            ("start", (record.attempts, record.started_at, record.task_id)),
+            self._hand_over,
+            record,
+        )
+
+    def _claim(self, cls: _Class, record: TaskRecord) -> None:
+        """Take a slot (and resources) for the record's next attempt, and count it."""
         assert self._runs is not None
         record.gpus = self._pool.acquire(record.need) if cls.local else ()
         cls.running += 1
@@ -737,13 +770,6 @@ class LocalScheduler:
         record.deadline = None
         if record.attempts == 1:
             cls.metrics.wait.observe(record.started_at - record.submitted_at)
-        # The attempt reaches a worker once its start (attempt counted) is
-        # committed: a crash from here on finds it counted.
-        self._journal.write(
-            ("start", (record.attempts, record.started_at, record.task_id)),
-            self._hand_over,
-            record,
-        )
         if cls.workers < cls.running:
             cls.workers += 1
             self._runs.start_soon(self._worker, cls)
