@@ -17,10 +17,13 @@ SubmitTask round trip
     the same request and reply messages (``SubmitTaskRequest`` /
     ``SubmitTaskResponse``) to a handler that answers at once: the cost of
     gRPC itself on this machine. ``ratio_p50`` = our p50 / the bare p50,
-    target <= 1.5. p99 is shown beside it. After a warm-up of 100 calls each.
-    The same is measured against a second served instance with
-    ``durable = false`` (``memory_ratio_p50``): the difference between the
-    two is the store's commit, which the durable submit waits for.
+    target <= 1.5. p99 is shown beside it. The same is measured against a
+    second served instance with ``durable = false`` (``memory_ratio_p50``):
+    the difference between the two is the store's commit, which the durable
+    submit waits for. After a warm-up of 100 calls each, the three sides
+    take turns of 50 back-to-back calls (the first three of each turn not
+    counted) until each has ``N``: on a shared machine whose speed drifts,
+    sides measured one after the other would compare different minutes.
 concurrent submit throughput
     64 callers on one connection, each submitting sequentially, ``M`` tasks
     in all: tasks accepted per second (first call to last reply). Beside it
@@ -48,7 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -180,30 +183,55 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def ours_latency(infra: RemoteAgentInfra, samples: int) -> list[float]:
-    for i in range(100):
-        await infra.submit_task("noop", {"i": i})
-    times = []
-    for i in range(samples):
-        t0 = time.perf_counter()
-        await infra.submit_task("noop", {"i": i})
-        times.append(time.perf_counter() - t0)
+Call = Callable[[int], Awaitable[object]]
+BLOCK = 50  # sequential calls to one side before the next side's turn
+
+
+async def latencies(sides: Mapping[str, Call], samples: int) -> dict[str, list[float]]:
+    """Round trips of sequential calls, ``samples`` per side, taken in turns of ``BLOCK``.
+
+    Each side makes its calls back to back, as one caller would; the sides
+    take turns so that a machine whose speed drifts (a shared VM) slows them
+    alike, instead of whichever was measured in the slow minute. The first
+    three calls of each turn are not counted (the switch between servers).
+    """
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for call in sides.values():  # warm-up
+        for i in range(100):
+            await call(i)
+    i = 0
+    while min(len(t) for t in times.values()) < samples:
+        for name, call in sides.items():
+            for k in range(BLOCK):
+                t0 = time.perf_counter()
+                await call(i)
+                elapsed = time.perf_counter() - t0
+                i += 1
+                if k >= 3 and len(times[name]) < samples:
+                    times[name].append(elapsed)
     return times
 
 
-async def bare_latency(channel: Channel, samples: int) -> list[float]:
-    call = UnaryUnaryMethod(channel, SUBMIT, orch_pb.SubmitTaskRequest, orch_pb.SubmitTaskResponse)
-    for i in range(100):
-        await call(_request(i))
-    times = []
-    for i in range(samples):
-        t0 = time.perf_counter()
-        await call(_request(i))
-        times.append(time.perf_counter() - t0)
-    return times
+def ours_call(infra: RemoteAgentInfra) -> Call:
+    async def call(i: int) -> object:
+        return await infra.submit_task("noop", {"i": i})
+
+    return call
 
 
-async def _concurrently(total: int, one: Any) -> float:
+def bare_call(channel: Channel) -> Call:
+    method = UnaryUnaryMethod(
+        channel, SUBMIT, orch_pb.SubmitTaskRequest, orch_pb.SubmitTaskResponse
+    )
+
+    async def call(i: int) -> object:
+        return await method(_request(i))
+
+    return call
+
+
+async def throughput(one: Call, total: int) -> float:
+    """Calls accepted per second with ``CALLERS`` callers, each calling sequentially."""
     per_caller = total // CALLERS
 
     async def caller(c: int) -> None:
@@ -215,22 +243,6 @@ async def _concurrently(total: int, one: Any) -> float:
         for c in range(CALLERS):
             tg.start_soon(caller, c)
     return per_caller * CALLERS / (time.perf_counter() - t0)
-
-
-async def ours_throughput(infra: RemoteAgentInfra, total: int) -> float:
-    async def one(i: int) -> None:
-        await infra.submit_task("noop", {"i": i})
-
-    return await _concurrently(total, one)
-
-
-async def bare_throughput(channel: Channel, total: int) -> float:
-    call = UnaryUnaryMethod(channel, SUBMIT, orch_pb.SubmitTaskRequest, orch_pb.SubmitTaskResponse)
-
-    async def one(i: int) -> None:
-        await call(_request(i))
-
-    return await _concurrently(total, one)
 
 
 async def _replay(
@@ -308,13 +320,21 @@ async def measure(sizes: Sizes) -> Results:
                 host, port = addresses["bare"].rsplit(":", 1)
                 channel = Channel(host, int(port))
                 try:
-                    async with AgentInfra.connect(addresses["memory"]) as memory:
-                        memory_lat = await ours_latency(memory, sizes.latency_samples)
-                    async with AgentInfra.connect(addresses["ours"]) as infra:
-                        ours_lat = await ours_latency(infra, sizes.latency_samples)
-                        bare_lat = await bare_latency(channel, sizes.latency_samples)
-                        ours_tps = await ours_throughput(infra, sizes.throughput_tasks)
-                        bare_tps = await bare_throughput(channel, sizes.throughput_tasks)
+                    async with (
+                        AgentInfra.connect(addresses["memory"]) as memory,
+                        AgentInfra.connect(addresses["ours"]) as infra,
+                    ):
+                        lat = await latencies(
+                            {
+                                "ours": ours_call(infra),
+                                "memory": ours_call(memory),
+                                "bare": bare_call(channel),
+                            },
+                            sizes.latency_samples,
+                        )
+                        ours_lat, memory_lat, bare_lat = lat["ours"], lat["memory"], lat["bare"]
+                        ours_tps = await throughput(ours_call(infra), sizes.throughput_tasks)
+                        bare_tps = await throughput(bare_call(channel), sizes.throughput_tasks)
                         total, ours_rate = await ours_stream(infra, sizes)
                         bare_rate = await bare_stream(channel, total, sizes.repeats)
                 finally:

@@ -518,7 +518,9 @@ class LocalScheduler:
         found = []
         for task_id in sorted(pending):
             live = self._live.get(task_id)
-            if live is not None and not live.state.finished:
+            if live is not None:
+                # Unfinished, or its final state not yet committed: the bus
+                # brings its final event once it is.
                 continue
             status = await self.status(task_id)
             if status.finished:
