@@ -8,6 +8,7 @@ side's own concerns (tokens, the loopback rule, no server) follow the suite.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import json
@@ -1281,6 +1282,12 @@ async def test_tls_and_token_end_to_end(tmp_path: Path, certificate: tuple[Path,
                 address, token="s3cret", ssl=ssl.create_default_context()
             ):
                 pass
+        # A plain-text client: a clear error, and its task is not left
+        # cancelled (grpclib cancels it to wake it when the connection drops).
+        with anyio.fail_after(10), pytest.raises(BackendUnavailable, match="serves TLS"):
+            async with AgentInfra.connect(address, token="s3cret"):
+                pass
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
         # TLS, trusted, without the token.
         with pytest.raises(BackendUnavailable, match="refused this client"):
             async with AgentInfra.connect(address, ssl=client_tls(cert)):

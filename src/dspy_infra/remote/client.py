@@ -20,6 +20,7 @@ One connection (HTTP/2, multiplexed) serves every call; it is opened by
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import enum
 import os
@@ -134,9 +135,10 @@ _ID_KEYS = (TASK_KEY, SERVICE_KEY, WORKFLOW_KEY, RUN_KEY)
 class _Connection:
     """One channel to one server, and the translation of its failures."""
 
-    def __init__(self, address: str, channel: Channel, token: str | None):
+    def __init__(self, address: str, channel: Channel, token: str | None, *, tls: bool):
         self.address = address
         self._channel = channel
+        self._tls = tls
         self._metadata = {TOKEN_KEY: f"Bearer {token}"} if token is not None else None
 
     def close(self) -> None:
@@ -165,6 +167,8 @@ class _Connection:
         reply_type: type[R],
     ) -> AsyncIterator[Stream[Any, R]]:
         opened: Stream[Any, R] | None = None
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
         try:
             async with self._channel.request(
                 route, cardinality, type(request), reply_type, metadata=self._metadata
@@ -177,9 +181,18 @@ class _Connection:
         except GRPCError as exc:
             raise self._error(exc, opened) from None
         except (OSError, StreamTerminatedError) as exc:
+            # grpclib wakes a call whose connection is lost by cancelling
+            # its task, then raises its own error instead of the
+            # CancelledError, and leaves the task's cancel request standing:
+            # the next cancel scope to exit would raise it for nothing.
+            # (anyio delivers its own cancellations again until they land.)
+            while task is not None and task.cancelling() > cancelling:
+                task.uncancel()
+            # A TLS server drops a plain-text client's connection at once.
+            hint = "" if self._tls else " If it serves TLS, pass ssl=... (--tls-ca on the CLI)."
             raise ServerUnavailable(
                 f"no dspy-infra server answers at {self.address} ({exc or type(exc).__name__}): "
-                "is `dspy-infra serve` running there?"
+                f"is `dspy-infra serve` running there?{hint}"
             ) from exc
 
     def _error(self, exc: GRPCError, stream: Stream[Any, Any] | None) -> Exception:
@@ -509,7 +522,9 @@ class RemoteAgentInfra:
             raise ConfigError(
                 f"refusing to send the token to {self.address} without TLS: pass ssl=..."
             )
-        connection = _Connection(self.address, Channel(host, port, ssl=self._ssl), self._token)
+        connection = _Connection(
+            self.address, Channel(host, port, ssl=self._ssl), self._token, tls=self._ssl is not None
+        )
         try:
             names = await connection.unary(
                 _ENV + "ListServices", env_pb.ListServicesRequest(), env_pb.ListServicesResponse
