@@ -138,6 +138,21 @@ async def test_a_failure_names_the_exit_code_and_shows_the_end_of_stderr(
     assert "out" not in error.split("last output lines:")[1]  # stderr, not stdout
 
 
+async def test_running_out_of_memory_is_named_as_such(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    # dd's 64 MB buffer in a container held to 8 MB: the kernel's OOM killer.
+    hog = box(busybox, ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"])
+    async with start(tmp_path, project, {"hog": hog}, memory_mb=8) as infra:
+        handle = await submit(infra, "hog")
+        with pytest.raises(TaskFailed) as caught:
+            await handle.result()
+    error = caught.value.error
+    assert "ran out of memory" in error
+    assert "exit code 137" in error
+    assert "limit is 8 MB" in error
+
+
 async def test_cancel_stops_the_container_promptly(
     tmp_path: Path, project: str, busybox: str
 ) -> None:

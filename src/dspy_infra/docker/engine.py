@@ -76,6 +76,7 @@ class _Watch:
         self.exited = anyio.Event()
         self.exit_code: int | None = None
         self.health: str | None = None  # the image HEALTHCHECK's latest verdict
+        self.oom = False  # the kernel killed a process of it for want of memory
 
     def died(self, code: int) -> None:
         if not self.exited.is_set():
@@ -366,6 +367,8 @@ class Engine:
             watch.died(int(attributes.get("exitCode", -1)))
         elif action.startswith("health_status:"):
             watch.health = action.partition(":")[2].strip()
+        elif action == "oom":  # comes before the "die" of the process it killed
+            watch.oom = True
 
     async def _reconcile(self) -> None:
         """After a reconnect, learn what happened while the stream was down."""
@@ -376,6 +379,7 @@ class Engine:
                 watch.died(-1)
                 continue
             if state.get("Status") in ("exited", "dead"):
+                watch.oom = watch.oom or bool(state.get("OOMKilled"))
                 watch.died(int(state.get("ExitCode", -1)))
 
 

@@ -92,6 +92,8 @@ class DockerRunner:
         stderr = Tail(STDERR_LINES, STDERR_LINE_BYTES)
         try:
             code = await _wait_and_read(container, stdout, stderr)
+            if code != 0 and container.watch.oom:
+                raise RunFailed(_out_of_memory(code, run), exit_code=code, output=stderr.text())
             raw = None
             if code == 0:
                 raw = await anyio.to_thread.run_sync(read_result, files.result_file)
@@ -160,6 +162,16 @@ def _explain(reason: str, run: TaskRun) -> str:
             "the NVIDIA Container Toolkit to give them to a container"
         )
     return reason
+
+
+def _out_of_memory(code: int, run: TaskRun) -> str:
+    """Exit code 137 alone reads as a kill from anywhere; Docker knows it was the memory."""
+    limit = (
+        f"its container's limit is {run.memory_mb:g} MB (memory_mb of its class or task)"
+        if run.memory_mb
+        else "its container had no limit (memory_mb): the machine ran out"
+    )
+    return f"ran out of memory: the kernel killed it (exit code {code}); {limit}"
 
 
 def _container_env(handler: HandlerConfig, run: TaskRun, files: AttemptFiles) -> dict[str, str]:
