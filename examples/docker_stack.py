@@ -40,9 +40,8 @@ services:
 
 CONFIG = r"""
 [infra]
-backend = "docker"
 project = "docker-example"
-compose = "docker-compose.yml"
+compose = "docker-compose.yml"   # brings backend = "docker" with it
 
 [classes.boxed]
 runner = "docker"

@@ -968,6 +968,19 @@ def test_compose_key_reads_services_under_the_toml(tmp_path: Path) -> None:
     assert config.services["db"] == ServiceConfig(image="postgres")
 
 
+def test_compose_key_brings_the_docker_backend_and_project_unless_set(tmp_path: Path) -> None:
+    write(tmp_path / "docker-compose.yml", "name: shop\n" + COMPOSE)
+    path = write(tmp_path / "dspy-infra.toml", '[infra]\ncompose = "docker-compose.yml"\n')
+    config = load(path)
+    assert (config.infra.backend, config.infra.project) == ("docker", "shop")
+    # What the TOML (or the environment) sets wins.
+    config = load(path, DSPY_INFRA_PROJECT="mine")
+    assert (config.infra.backend, config.infra.project) == ("docker", "mine")
+    path.write_text('[infra]\nbackend = "local"\ncompose = "docker-compose.yml"\n')
+    with pytest.raises(ConfigError, match="required with the local backend"):
+        load(path)
+
+
 def test_compose_key_from_the_environment_and_overrides(tmp_path: Path) -> None:
     write(tmp_path / "docker-compose.yml", COMPOSE)
     path = write(tmp_path / "dspy-infra.toml", '[infra]\nbackend = "docker"\n')

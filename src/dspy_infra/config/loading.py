@@ -216,11 +216,21 @@ def _with_compose(
     infra = raw.get("infra")
     compose = infra.get("compose") if isinstance(infra, dict) else None
     own = raw.get("services", {})
-    if not isinstance(compose, str | os.PathLike) or not isinstance(own, dict):
+    if (
+        not isinstance(infra, dict)
+        or not isinstance(compose, str | os.PathLike)
+        or not isinstance(own, dict)
+    ):
         return dict(origins)  # none, or a wrong type that the converter reports
     path = base / compose
-    services: dict[str, Any] = read_compose(path, environ=environ)["services"]
+    document = read_compose(path, environ=environ)
+    services: dict[str, Any] = document["services"]
     found: dict[tuple[str, ...], str] = {}
+    # Its backend ("docker": images are what it describes) and project, lowest too.
+    for key, value in document["infra"].items():
+        if key not in infra:
+            infra[key] = value
+            found[("infra", key)] = str(path)
     for svc, table in services.items():
         mine = own.get(svc)
         if not isinstance(mine, Mapping):
