@@ -11,6 +11,7 @@ can catch the library's failures without catching their own bugs::
      │    └── ServiceStartError a service could not be brought up (exit code, log tail)
      │         └── DependencyFailed   ... because a service it depends on failed first
      ├── InfraClosed            an AgentInfra used outside its ``async with`` block
+     ├── StateDirInUse          another live instance holds the state directory's task store
      └── TaskError              a problem with one task (``task_id``)
           ├── InvalidTask       bad submit input (class, handler, payload, priority); nothing stored
           ├── UnknownTask       a task id the store does not hold
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidTask",
     "ServiceError",
     "ServiceStartError",
+    "StateDirInUse",
     "TaskCancelled",
     "TaskError",
     "TaskFailed",
@@ -71,6 +73,14 @@ class BackendUnavailable(InfraError):
 
 class InfraClosed(InfraError):
     """The AgentInfra instance is not open (never entered, or already closed)."""
+
+
+class StateDirInUse(InfraError):
+    """Another live instance holds this state directory's task store.
+
+    Two would both run the tasks stored there: each instance needs a state
+    directory of its own (``state_dir``), or ``durable = false``.
+    """
 
 
 class ServiceError(InfraError):

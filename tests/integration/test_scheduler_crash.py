@@ -16,7 +16,7 @@ import pytest
 
 from dspy_infra import AgentInfra
 from dspy_infra.abc import TaskRun
-from dspy_infra.errors import TaskLost
+from dspy_infra.errors import StateDirInUse, TaskLost
 from dspy_infra.scheduling.tasks import TaskState
 
 pytestmark = pytest.mark.anyio
@@ -123,3 +123,44 @@ async def test_a_killed_owner_loses_no_task(tmp_path: Path) -> None:
         assert infra.task_classes()["work"].queued == 0
         await anyio.sleep(0.05)
     assert runs == []
+
+
+HOLDER = """
+import sys
+import anyio
+from dspy_infra import AgentInfra
+
+async def hang(payload):
+    await anyio.sleep_forever()
+
+async def main():
+    async with AgentInfra.start(state_dir=sys.argv[1], handlers={"work": hang}) as infra:
+        await infra.submit_task("work", None, task_id="held", max_attempts=2)
+        print("ready", flush=True)
+        await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+async def test_one_live_instance_per_state_dir(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    script = tmp_path / "holder.py"
+    script.write_text(textwrap.dedent(HOLDER))
+    async with await anyio.open_process([sys.executable, str(script), str(state_dir)]) as holder:
+        try:
+            assert holder.stdout is not None
+            with anyio.fail_after(30):
+                assert (await holder.stdout.receive()).startswith(b"ready")
+            # Both would run the tasks stored there: refused, naming the holder.
+            with pytest.raises(StateDirInUse, match=rf"in use by .* \(pid {holder.pid}\)"):
+                async with AgentInfra.start(state_dir=state_dir):
+                    pass
+        finally:
+            os.kill(holder.pid, signal.SIGKILL)
+        await holder.wait()
+    # The kernel let go of the lock with its holder: the next instance opens,
+    # and finds the holder's task as the holder left it.
+    async with AgentInfra.start(state_dir=state_dir, handlers={"work": lambda _: "ran"}) as infra:
+        assert await infra.task_handle("held").result() == "ran"
+        assert (await infra.get_task_status("held")).attempts == 2

@@ -14,7 +14,9 @@ With ``durable = false`` the same operations are applied to a dict, at once.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -25,7 +27,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import anyio
 import anyio.to_thread
 
-from dspy_infra.errors import InfraError
+from dspy_infra.errors import InfraError, StateDirInUse
 
 T = TypeVar("T")
 
@@ -223,9 +225,18 @@ class SQLiteStore:
         self.path = path
         self._synchronous = synchronous.upper()
         self._db: sqlite3.Connection | None = None
+        self._lock: int | None = None
 
     def open(self) -> list[Row]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _hold(self.path.with_name(self.path.name + ".lock"))
+        try:
+            return self._open()
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self) -> list[Row]:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode = WAL")
@@ -295,11 +306,44 @@ class SQLiteStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # and with it the lock
+            self._lock = None
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
             raise RuntimeError("the task store is not open")
         return self._db
+
+
+def _hold(path: Path) -> int:
+    """An exclusive lock on ``path``, held by the returned descriptor.
+
+    Two instances on one store would both run the tasks they find there. The
+    kernel drops the lock when its holder dies, however it dies, so a crash
+    never leaves the state directory locked; the file keeps the holder's pid
+    for the message of the next one refused.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateDirInUse(
+            f"the state directory {str(path.parent)!r} is in use by another AgentInfra "
+            f"(pid {holder}), which would run the same stored tasks: give each instance "
+            "its own state_dir (or durable = false)"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class MemoryStore:
