@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -787,6 +788,73 @@ async def test_durable_false_runs_tasks_in_memory_only(tmp_path: Path) -> None:
     async with start(tmp_path, {"flaky": flaky}, classes=classes, durable=False) as infra:
         with pytest.raises(UnknownTask):
             await infra.get_task_status("mem")
+
+
+async def test_keep_finished_forgets_old_tasks_and_their_work_dirs(tmp_path: Path) -> None:
+    gate = anyio.Event()
+
+    async def wait_for_gate(payload: Any) -> Any:
+        await gate.wait()
+        return payload
+
+    handlers: dict[str, Handler] = {"gated": wait_for_gate}
+    classes = {"proc": {"runner": "process"}}
+    tasks_dir = tmp_path / "state" / "tasks"
+    infra_config = {"handlers": {"hello": {"command": [sys.executable, "-c", "print(1)"]}}}
+    # Finished by an instance that keeps everything...
+    async with AgentInfra.start(
+        {"classes": classes, **infra_config}, state_dir=tmp_path / "state", handlers=handlers
+    ) as infra:
+        early = await infra.submit_task("hello", None, task_class="proc", task_id="early")
+        assert await early.result() == 1
+        assert (tasks_dir / "early").is_dir()
+    await anyio.sleep(0.3)
+    # ... forgotten by the next one, which keeps 0.2 s, as it starts.
+    config = {"infra": {"keep_finished": 0.2}, "classes": classes, **infra_config}
+    async with AgentInfra.start(config, state_dir=tmp_path / "state", handlers=handlers) as infra:
+        with anyio.fail_after(5):
+            while (tasks_dir / "early").exists():
+                await anyio.sleep(0.01)
+        with pytest.raises(UnknownTask):
+            await infra.get_task_status("early")
+        # And its own tasks once they are 0.2 s past their end; an unfinished one stays.
+        late = await infra.submit_task("hello", None, task_class="proc", task_id="late")
+        waiting = await infra.submit_task("gated", "still here", task_id="waiting")
+        assert await late.result() == 1
+        with anyio.fail_after(5):
+            while (tasks_dir / "late").exists():
+                await anyio.sleep(0.01)
+        with pytest.raises(UnknownTask):
+            await infra.get_task_status("late")
+        await anyio.sleep(0.3)
+        assert (await waiting.status()).state is TaskState.RUNNING
+        gate.set()
+        assert await waiting.result() == "still here"
+    # What was forgotten stays so: an instance that keeps everything finds
+    # the last task only.
+    async with AgentInfra.start(
+        {"classes": classes, **infra_config}, state_dir=tmp_path / "state", handlers=handlers
+    ) as infra:
+        assert (await infra.get_task_status("waiting")).state is TaskState.SUCCEEDED
+        for task_id in ("early", "late"):
+            with pytest.raises(UnknownTask):
+                await infra.get_task_status(task_id)
+
+
+async def test_keep_finished_without_a_store(tmp_path: Path) -> None:
+    async def echo(payload: Any) -> Any:
+        return payload
+
+    async with start(tmp_path, {"echo": echo}, durable=False, keep_finished=0.1) as infra:
+        handle = await infra.submit_task("echo", 1)
+        assert await handle.result() == 1
+        with anyio.fail_after(5):
+            while True:
+                try:
+                    await handle.status()
+                except UnknownTask:
+                    break
+                await anyio.sleep(0.01)
 
 
 # -- adaptive concurrency ---------------------------------------------------------------------

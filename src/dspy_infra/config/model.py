@@ -415,6 +415,10 @@ class InfraSettings:
     (relative to the configuration file) whose services are read under the
     ``[services]`` tables, so that a compose file can be reused as it is and
     only what differs is written in TOML (see docs/compose.md).
+    ``keep_finished`` (seconds) forgets tasks that finished longer ago than
+    that, with their work directories: a long-running instance's store and
+    disk stop growing (as Celery's result expiry); unset, nothing is
+    forgotten.
     """
 
     backend: str = field(default="local", validator=_name)
@@ -435,6 +439,7 @@ class InfraSettings:
     start_needed_services: bool = True
     worker_threads: int = field(default=16, validator=_at_least_one)
     compose: Path | None = None
+    keep_finished: float | None = field(default=None, validator=_positive)
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
@@ -70,6 +71,10 @@ _REMOTE_RUNNERS = frozenset({"slurm"})
 # Finished tasks kept in memory for status queries and late waiters; older
 # ones are read back from the store.
 _RECENT = 10_000
+# keep_finished: forgotten this many at a time (one commit each), checked at
+# most this often (s).
+_FORGET_BATCH = 1000
+_FORGET_EVERY = 600.0
 _MAX_TASK_ID = 200
 _TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
 _RUNS_PER_CHECKPOINT = 8
@@ -224,6 +229,8 @@ class LocalScheduler:
             stack.callback(self._tg.cancel_scope.cancel)
             await self._recover(rows)
             self._tg.start_soon(self._timer_loop)
+            if self._settings.keep_finished is not None:
+                self._tg.start_soon(self._forget_loop, self._settings.keep_finished)
             await self._tg.start(self._watch_services)
             stack.callback(self._release_waiters)
             stack.callback(self._requeue_unclaimed)
@@ -1049,6 +1056,23 @@ class LocalScheduler:
                 await self._timer_wake.wait()
             self._timer_wake = anyio.Event()
 
+    async def _forget_loop(self, keep: float) -> None:
+        """Forget the tasks finished more than ``keep`` seconds ago, now and every keep / 10."""
+        while True:
+            await self._forget(time.time() - keep)
+            await anyio.sleep(min(keep / 10, _FORGET_EVERY))
+
+    async def _forget(self, cutoff: float) -> None:
+        while ids := await self._journal.read(self._store.finished_before, cutoff, _FORGET_BATCH):
+            written = None
+            for task_id in ids:
+                written = self._journal.write(("forget", (task_id,)))
+                self._recent.pop(task_id, None)
+            assert written is not None
+            await written.wait()
+            await anyio.to_thread.run_sync(_remove_work_dirs, self._tasks_dir, ids)
+            log.debug("forgot %d tasks finished before %s", len(ids), time.ctime(cutoff))
+
     def _expire_now(self, record: TaskRecord) -> None:
         if record.state is TaskState.QUEUED and record.committed is None:
             self._classes[record.task_class].queue.discard(record)
@@ -1181,6 +1205,12 @@ def _gpu_env(gpus: tuple[str, ...]) -> dict[str, str]:
 
 
 _SUCCEEDED_NONE: tuple[TaskState, str | None, str | None] = (TaskState.SUCCEEDED, "null", None)
+
+
+def _remove_work_dirs(tasks_dir: Path, task_ids: list[str]) -> None:
+    for task_id in task_ids:
+        # Files a container wrote as another user may resist: what can go, goes.
+        shutil.rmtree(tasks_dir / task_id, ignore_errors=True)
 
 
 def _decode(text: str) -> Any:

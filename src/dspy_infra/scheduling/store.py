@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import json
 import os
 import queue
@@ -143,10 +144,13 @@ _RUN_COLUMNS = "run_id, workflow_id, inputs, state, created_at, finished_at, err
 # Built from the constant column names above; values always go through "?".
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM tasks"  # noqa: S608
 
-OpKind = Literal["insert", "start", "requeue", "finish", "workflow", "run", "run_state", "step"]
+OpKind = Literal[
+    "insert", "start", "requeue", "finish", "forget", "workflow", "run", "run_state", "step"
+]
 # (kind, parameters). insert: a full row in COLUMNS order; start: (attempts,
 # started_at, task_id); requeue: (attempts, not_before, error, task_id);
-# finish: (state, finished_at, result, error, task_id).
+# finish: (state, finished_at, result, error, task_id); forget: (task_id,),
+# which removes a finished task's row (an unfinished one stays).
 Op = tuple[OpKind, tuple[Any, ...]]
 
 _SQL: dict[OpKind, str] = {
@@ -162,6 +166,7 @@ _SQL: dict[OpKind, str] = {
     "finish": (
         "UPDATE tasks SET state = ?, finished_at = ?, result = ?, error = ? WHERE task_id = ?"
     ),
+    "forget": "DELETE FROM tasks WHERE task_id = ? AND finished_at IS NOT NULL",
     # workflow: a WorkflowRow; run: a RunRow; run_state: (state, finished_at,
     # error, run_id); step: a StepRow, replacing the step's row.
     "workflow": (
@@ -192,6 +197,7 @@ _SET_AT: dict[OpKind, tuple[tuple[int, ...], str | None]] = {
     for kind, columns in _SET.items()
 }
 _STATE_AT = _INDEX["state"]
+_FINISHED_AT = _INDEX["finished_at"]
 
 
 class Store(Protocol):
@@ -205,6 +211,9 @@ class Store(Protocol):
 
     def stored(self, task_ids: Collection[str]) -> set[str]:
         """Those of ``task_ids`` that the store holds."""
+
+    def finished_before(self, cutoff: float, limit: int) -> list[str]:
+        """Up to ``limit`` tasks that reached their final state before ``cutoff`` (epoch s)."""
 
     def workflows(self) -> list[WorkflowRow]:
         """Every workflow stored."""
@@ -286,6 +295,12 @@ class SQLiteStore:
             query = f"SELECT task_id FROM tasks WHERE task_id IN ({marks})"  # noqa: S608 - only marks
             found.update(task_id for (task_id,) in db.execute(query, chunk))
         return found
+
+    def finished_before(self, cutoff: float, limit: int) -> list[str]:
+        # No index on finished_at: one scan now and then, off the loop, costs
+        # less than an index written by every task's end.
+        query = "SELECT task_id FROM tasks WHERE finished_at < ? LIMIT ?"
+        return [task_id for (task_id,) in self._connection().execute(query, (cutoff, limit))]
 
     def workflows(self) -> list[WorkflowRow]:
         query = "SELECT workflow_id, name, spec, created_at FROM workflows"
@@ -390,6 +405,11 @@ class MemoryStore:
                 if params[0] not in rows:
                     rows[params[0]] = list(params)
                 continue
+            if kind == "forget":
+                row = rows.get(params[0])
+                if row is not None and row[_FINISHED_AT] is not None:
+                    del rows[params[0]]
+                continue
             row = rows[params[-1]]
             at, state = _SET_AT[kind]
             for i, value in zip(at, params, strict=False):  # params end with the task id
@@ -399,6 +419,10 @@ class MemoryStore:
 
     def stored(self, task_ids: Collection[str]) -> set[str]:
         return {t for t in task_ids if t in self._rows}
+
+    def finished_before(self, cutoff: float, limit: int) -> list[str]:
+        found = (t for t, row in self._rows.items() if (row[_FINISHED_AT] or cutoff) < cutoff)
+        return list(itertools.islice(found, limit))
 
     def get(self, task_id: str) -> Row | None:
         row = self._rows.get(task_id)
