@@ -19,6 +19,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import Process
 
+from dspy_infra._lines import decode, lines
 from dspy_infra._process_group import (
     LaunchFailed,
     launch_group,
@@ -31,8 +32,6 @@ from dspy_infra.abc import LaunchSpec
 from dspy_infra.errors import ServiceStartError
 
 __all__ = ["Backend", "LocalBackend"]
-
-_MAX_LINE = 64 * 1024
 
 
 class LocalProcess:
@@ -60,19 +59,9 @@ class LocalProcess:
     def reach(self, host: str, port: int) -> tuple[str, int]:
         return host, port
 
-    async def output(self) -> AsyncGenerator[str, None]:
+    def output(self) -> AsyncGenerator[str, None]:
         assert self._process.stdout is not None
-        pending = b""
-        async for chunk in self._process.stdout:
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                yield _decode(line)
-            while len(pending) > _MAX_LINE:
-                yield _decode(pending[:_MAX_LINE])
-                pending = pending[_MAX_LINE:]
-        if pending:
-            yield _decode(pending)
+        return lines(self._process.stdout)
 
     async def wait(self) -> int:
         return await self._process.wait()
@@ -90,7 +79,7 @@ class LocalProcess:
             cwd=self._spec.cwd,
             env=_environment(self._spec.env),
         )
-        return result.returncode, _decode(result.stdout[-4096:])
+        return result.returncode, decode(result.stdout[-4096:])
 
 
 class LocalBackend:
@@ -157,10 +146,6 @@ def _environment(extra: Mapping[str, str]) -> dict[str, str]:
     # Python services block-buffer a piped stdout, which would hide the very
     # lines that log probes and log_ready wait for; unbuffer unless told not to.
     return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
-
-
-def _decode(raw: bytes) -> str:
-    return raw.decode(errors="replace").rstrip("\r")
 
 
 def _describe(record: Mapping[str, Any]) -> str:

@@ -33,6 +33,7 @@ from aiodocker.containers import DockerContainer
 from aiohttp import ClientResponse
 from anyio.abc import TaskStatus
 
+from dspy_infra._lines import lines
 from dspy_infra._procfs import start_time
 from dspy_infra.errors import BackendUnavailable
 
@@ -45,7 +46,6 @@ _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _RECONNECT_DELAY = 0.5
 _KILL_WAIT = 30.0  # how long a SIGKILLed container may take to be reported dead
 _OUTPUT_DRAIN = 0.5  # how long stop() lets a reader take the last lines before removal
-_MAX_LINE = 64 * 1024
 _GET_IMAGE = "build or load it first (docker build / docker load / dspy_infra.docker.build_image)"
 
 
@@ -409,17 +409,12 @@ class Container:
 
         With a terminal, stdout and stderr are one stream, in the order written.
         """
-        pending = b""
-        async with contextlib.aclosing(self.chunks(tty=True)) as chunks:
-            async for _, chunk in chunks:
-                *lines, pending = (pending + chunk).split(b"\n")
-                for line in lines:
-                    yield _decode(line)
-                while len(pending) > _MAX_LINE:
-                    yield _decode(pending[:_MAX_LINE])
-                    pending = pending[_MAX_LINE:]
-        if pending:
-            yield _decode(pending)
+        async with (
+            contextlib.aclosing(self.chunks(tty=True)) as chunks,
+            contextlib.aclosing(lines(chunk async for _, chunk in chunks)) as output,
+        ):
+            async for line in output:
+                yield line
 
     async def chunks(
         self, *, tty: bool = True, follow: bool = True
@@ -584,10 +579,6 @@ async def _frames(response: ClientResponse, *, tty: bool) -> AsyncIterator[tuple
         except asyncio.IncompleteReadError:
             return
         yield (2 if header[0] == 2 else 1), data
-
-
-def _decode(raw: bytes) -> str:
-    return raw.decode(errors="replace").rstrip("\r")
 
 
 def _unpullable(image: str, why: str) -> str:
