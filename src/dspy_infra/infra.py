@@ -11,7 +11,7 @@ import enum
 import logging
 import os
 import uuid
-from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -28,8 +28,8 @@ from dspy_infra.errors import BackendUnavailable, InfraClosed
 from dspy_infra.events import Event, EventBus
 from dspy_infra.http import MetricsServer, health_document
 from dspy_infra.metrics import Metrics
+from dspy_infra.scheduling.api import TaskMethods
 from dspy_infra.scheduling.scheduler import ClassStatus, LocalScheduler
-from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskRequest, TaskStatus
 from dspy_infra.services.manager import ServiceManager
 from dspy_infra.services.status import ServiceState, ServiceStatus
 from dspy_infra.workflows.engine import WorkflowEngine
@@ -73,7 +73,7 @@ _UNHEALTHY = {ServiceState.FAILED, ServiceState.UNHEALTHY}
 _STARTING = {ServiceState.WAITING, ServiceState.STARTING, ServiceState.RESTARTING}
 
 
-class AgentInfra:
+class AgentInfra(TaskMethods):
     """The infrastructure of one training, optimisation or streaming program.
 
     Use :meth:`start` in an ``async with`` block::
@@ -319,112 +319,6 @@ class AgentInfra:
         else:
             overall = "healthy"
         return HealthReport(status=overall, services=statuses)
-
-    async def submit_task(
-        self,
-        handler: str,
-        payload: Any = None,
-        *,
-        task_class: str = "cpu_short",
-        priority: int = 0,
-        needs: Iterable[str] = (),
-        task_id: str | None = None,
-        workflow_id: str | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the task's timeout, not this call's
-        resources: Resources | None = None,
-    ) -> TaskHandle:
-        """Store a task and queue it; return once it is durably stored.
-
-        ``handler`` names an in-process function (:meth:`task`) or a
-        ``[handlers.NAME]`` entry; ``task_class`` decides the runner, limit
-        and resources; higher ``priority`` runs first (0 to
-        ``max_priority``). ``needs`` names services (one, or a list) that must be healthy
-        before it starts. Submitting again with the same ``task_id`` returns
-        the task already stored. Raises :class:`~dspy_infra.errors.InvalidTask`,
-        storing nothing, for bad input.
-        """
-        task_id = await self._tasks.submit(
-            TaskRequest(
-                handler=handler,
-                payload=payload,
-                task_class=task_class,
-                priority=priority,
-                needs=(needs,) if isinstance(needs, str) else tuple(needs),
-                task_id=task_id,
-                workflow_id=workflow_id,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                resources=resources,
-            )
-        )
-        return TaskHandle(task_id, scheduler=self._tasks)
-
-    async def submit_tasks(
-        self,
-        handler: str,
-        payloads: Iterable[Any],
-        *,
-        task_class: str = "cpu_short",
-        priority: int = 0,
-        needs: Iterable[str] = (),
-        workflow_id: str | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the tasks' timeout, not this call's
-        resources: Resources | None = None,
-    ) -> list[TaskHandle]:
-        """Submit one task per payload, all or none, in one commit; their handles in order.
-
-        Much cheaper per task than calls to :meth:`submit_task` when a loop
-        produces many tasks at once; follow them with
-        :meth:`stream_task_results`.
-        """
-        needs = (needs,) if isinstance(needs, str) else tuple(needs)
-        tasks = self._tasks
-        task_ids = await tasks.submit_many(
-            TaskRequest(
-                handler=handler,
-                payload=payload,
-                task_class=task_class,
-                priority=priority,
-                needs=needs,
-                workflow_id=workflow_id,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                resources=resources,
-            )
-            for payload in payloads
-        )
-        self._check_open()  # as each handle's look-up of the scheduler did
-        return [TaskHandle(task_id, scheduler=tasks) for task_id in task_ids]
-
-    async def get_task_status(self, task_id: str) -> TaskStatus:
-        """The task's current status; :class:`~dspy_infra.errors.UnknownTask` if there is none."""
-        return await self._tasks.status(task_id)
-
-    async def cancel_task(self, task_id: str) -> TaskStatus:
-        """Cancel a task that has not finished; return once it has stopped, with its status.
-
-        A running attempt is cancelled where it is: at its next ``await`` for
-        an in-process handler, by SIGTERM then SIGKILL for a process.
-        """
-        return await self._tasks.cancel(task_id)
-
-    def task_handle(self, task_id: str) -> TaskHandle:
-        """A handle on a task submitted earlier (by this or a previous instance)."""
-        return TaskHandle(task_id, scheduler=self._tasks)
-
-    async def stream_task_results(
-        self, task_ids: Collection[str] | None = None, *, since: int | None = None
-    ) -> AsyncGenerator[TaskEvent, None]:
-        """The final event of each task as it finishes (``r.result``, ``r.error``, ``r.seq``).
-
-        With ``task_ids``, those that already finished come first and the
-        stream ends when all have; without, it follows every task. With
-        ``since``, final events after that sequence number are replayed first.
-        """
-        async for event in self._tasks.results(task_ids, since=since):
-            yield event
 
     async def get_metrics(self) -> dict[str, float]:
         """Every metric sample by name and labels: ``{'dspy_infra_gpus_total': 2.0, ...}``."""

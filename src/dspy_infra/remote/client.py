@@ -73,7 +73,8 @@ from dspy_infra.remote._wire import (
     is_loopback,
     parse_address,
 )
-from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskRequest, TaskStatus
+from dspy_infra.scheduling.api import TaskMethods
+from dspy_infra.scheduling.tasks import TaskEvent, TaskRequest, TaskStatus
 from dspy_infra.services.status import ServiceStatus
 from dspy_infra.workflows.model import RunHandle, RunStatus, Workflow, WorkflowEvent
 from dspy_infra.workflows.spec import (
@@ -486,7 +487,7 @@ class RemoteWorkflows:
                 yield convert.workflow_event_from_proto(reply)
 
 
-class RemoteAgentInfra:
+class RemoteAgentInfra(TaskMethods):
     """An :class:`~dspy_infra.AgentInfra` served elsewhere, used through ``async with``.
 
     Made by :meth:`AgentInfra.connect`. Entered once: the connection is
@@ -569,90 +570,6 @@ class RemoteAgentInfra:
             _ORCH + "Health", orch_pb.HealthRequest(), orch_pb.HealthResponse
         )
         return HealthReport(status=reply.status, services=convert.statuses_by_name(reply.services))
-
-    async def submit_task(
-        self,
-        handler: str,
-        payload: Any = None,
-        *,
-        task_class: str = "cpu_short",
-        priority: int = 0,
-        needs: Iterable[str] = (),
-        task_id: str | None = None,
-        workflow_id: str | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the task's timeout, not this call's
-        resources: Resources | None = None,
-    ) -> TaskHandle:
-        """Store a task on the server and queue it; see :meth:`AgentInfra.submit_task`."""
-        scheduler = self._tasks
-        task_id = await scheduler.submit(
-            TaskRequest(
-                handler=handler,
-                payload=payload,
-                task_class=task_class,
-                priority=priority,
-                needs=(needs,) if isinstance(needs, str) else tuple(needs),
-                task_id=task_id,
-                workflow_id=workflow_id,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                resources=resources,
-            )
-        )
-        return TaskHandle(task_id, scheduler=scheduler)
-
-    async def submit_tasks(
-        self,
-        handler: str,
-        payloads: Iterable[Any],
-        *,
-        task_class: str = "cpu_short",
-        priority: int = 0,
-        needs: Iterable[str] = (),
-        workflow_id: str | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the tasks' timeout, not this call's
-        resources: Resources | None = None,
-    ) -> list[TaskHandle]:
-        """One task per payload, all or none, in one call; see :meth:`AgentInfra.submit_tasks`."""
-        needs = (needs,) if isinstance(needs, str) else tuple(needs)
-        scheduler = self._tasks
-        task_ids = await scheduler.submit_many(
-            TaskRequest(
-                handler=handler,
-                payload=payload,
-                task_class=task_class,
-                priority=priority,
-                needs=needs,
-                workflow_id=workflow_id,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                resources=resources,
-            )
-            for payload in payloads
-        )
-        return [TaskHandle(task_id, scheduler=scheduler) for task_id in task_ids]
-
-    async def get_task_status(self, task_id: str) -> TaskStatus:
-        """The task's current status; :class:`~dspy_infra.errors.UnknownTask` if there is none."""
-        return await self._tasks.status(task_id)
-
-    async def cancel_task(self, task_id: str) -> TaskStatus:
-        """Cancel a task that has not finished; return once it has stopped, with its status."""
-        return await self._tasks.cancel(task_id)
-
-    def task_handle(self, task_id: str) -> TaskHandle:
-        """A handle on a task submitted earlier."""
-        return TaskHandle(task_id, scheduler=self._tasks)
-
-    async def stream_task_results(
-        self, task_ids: Collection[str] | None = None, *, since: int | None = None
-    ) -> AsyncGenerator[TaskEvent, None]:
-        """Final events of tasks as they finish; see :meth:`AgentInfra.stream_task_results`."""
-        async with aclosing(self._tasks.results(task_ids, since=since)) as results:
-            async for event in results:
-                yield event
 
     async def stream_events(
         self, types: Collection[str] | None = None, *, since: int | None = None

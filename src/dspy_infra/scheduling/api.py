@@ -1,0 +1,139 @@
+"""The task methods of ``AgentInfra``, written once for both of its sides.
+
+The in-process instance (``AgentInfra.start``) and the remote client
+(``AgentInfra.connect``) differ only in the :class:`~dspy_infra.abc.Scheduler`
+behind these methods: a local one, or one that speaks gRPC. Keeping the
+methods here, once, is what keeps "the same API from another process" true
+as the API grows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Collection, Iterable
+from contextlib import aclosing
+from typing import Any
+
+from dspy_infra.abc import Scheduler
+from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskRequest, TaskStatus
+
+__all__ = ["TaskMethods"]
+
+
+class TaskMethods:
+    """Submit, follow and cancel tasks through ``self._tasks``."""
+
+    @property
+    def _tasks(self) -> Scheduler:
+        """The scheduler, once open; raises InfraClosed otherwise."""
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        raise NotImplementedError
+
+    async def submit_task(
+        self,
+        handler: str,
+        payload: Any = None,
+        *,
+        task_class: str = "cpu_short",
+        priority: int = 0,
+        needs: Iterable[str] = (),
+        task_id: str | None = None,
+        workflow_id: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the task's timeout, not this call's
+        resources: Resources | None = None,
+    ) -> TaskHandle:
+        """Store a task and queue it; return once it is durably stored.
+
+        ``handler`` names an in-process function (:meth:`task`) or a
+        ``[handlers.NAME]`` entry; ``task_class`` decides the runner, limit
+        and resources; higher ``priority`` runs first (0 to
+        ``max_priority``). ``needs`` names services (one, or a list) that must be healthy
+        before it starts. Submitting again with the same ``task_id`` returns
+        the task already stored. Raises :class:`~dspy_infra.errors.InvalidTask`,
+        storing nothing, for bad input.
+        """
+        scheduler = self._tasks
+        task_id = await scheduler.submit(
+            TaskRequest(
+                handler=handler,
+                payload=payload,
+                task_class=task_class,
+                priority=priority,
+                needs=(needs,) if isinstance(needs, str) else tuple(needs),
+                task_id=task_id,
+                workflow_id=workflow_id,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                resources=resources,
+            )
+        )
+        return TaskHandle(task_id, scheduler=scheduler)
+
+    async def submit_tasks(
+        self,
+        handler: str,
+        payloads: Iterable[Any],
+        *,
+        task_class: str = "cpu_short",
+        priority: int = 0,
+        needs: Iterable[str] = (),
+        workflow_id: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the tasks' timeout, not this call's
+        resources: Resources | None = None,
+    ) -> list[TaskHandle]:
+        """Submit one task per payload, all or none, in one commit; their handles in order.
+
+        Much cheaper per task than calls to :meth:`submit_task` when a loop
+        produces many tasks at once; follow them with
+        :meth:`stream_task_results`.
+        """
+        needs = (needs,) if isinstance(needs, str) else tuple(needs)
+        scheduler = self._tasks
+        task_ids = await scheduler.submit_many(
+            TaskRequest(
+                handler=handler,
+                payload=payload,
+                task_class=task_class,
+                priority=priority,
+                needs=needs,
+                workflow_id=workflow_id,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                resources=resources,
+            )
+            for payload in payloads
+        )
+        self._check_open()  # as each handle's look-up of the scheduler would
+        return [TaskHandle(task_id, scheduler=scheduler) for task_id in task_ids]
+
+    async def get_task_status(self, task_id: str) -> TaskStatus:
+        """The task's current status; :class:`~dspy_infra.errors.UnknownTask` if there is none."""
+        return await self._tasks.status(task_id)
+
+    async def cancel_task(self, task_id: str) -> TaskStatus:
+        """Cancel a task that has not finished; return once it has stopped, with its status.
+
+        A running attempt is cancelled where it is: at its next ``await`` for
+        an in-process handler, by SIGTERM then SIGKILL for a process.
+        """
+        return await self._tasks.cancel(task_id)
+
+    def task_handle(self, task_id: str) -> TaskHandle:
+        """A handle on a task submitted earlier (by this or a previous instance)."""
+        return TaskHandle(task_id, scheduler=self._tasks)
+
+    async def stream_task_results(
+        self, task_ids: Collection[str] | None = None, *, since: int | None = None
+    ) -> AsyncGenerator[TaskEvent, None]:
+        """The final event of each task as it finishes (``r.result``, ``r.error``, ``r.seq``).
+
+        With ``task_ids``, those that already finished come first and the
+        stream ends when all have; without, it follows every task. With
+        ``since``, final events after that sequence number are replayed first.
+        """
+        async with aclosing(self._tasks.results(task_ids, since=since)) as results:
+            async for event in results:
+                yield event
