@@ -186,6 +186,27 @@ async def test_priority_order_within_a_class_higher_first_fifo_among_equals(
     assert gates.started == ["blocker", *expected]
 
 
+async def test_a_lone_submit_does_not_overtake_tasks_still_being_stored(tmp_path: Path) -> None:
+    # A lone task its class can start at once is stored started; not while
+    # the tasks of an earlier submit, of higher priority, are being committed.
+    order: list[str] = []
+
+    async def work(payload: str) -> None:
+        order.append(payload)
+
+    classes = {"one": {"max_concurrency": 1, "aging": 0}}
+    async with start(tmp_path, {"work": work}, classes=classes) as infra:
+        urgent = [f"urgent{i}" for i in range(2000)]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                lambda: infra.submit_tasks("work", urgent, task_class="one", priority=100)
+            )
+            await anyio.lowlevel.checkpoint()  # that call's inserts are being committed
+            await infra.submit_task("work", "lowly", task_class="one", priority=0)
+        await until(lambda: len(order) == 2001, limit=30)
+    assert order == [*urgent, "lowly"]
+
+
 async def test_aging_lets_an_old_low_priority_task_overtake(tmp_path: Path) -> None:
     for aging, old_first in ((0.05, True), (0.0, False)):
         gates = Gates()
@@ -724,6 +745,37 @@ async def test_a_retry_waiting_out_its_backoff_survives_a_restart(tmp_path: Path
     assert runs[1][1] - runs[0][1] >= 0.39  # the backoff was kept across the restart
 
 
+async def test_a_cancel_scope_around_the_instance_gives_the_attempt_back(tmp_path: Path) -> None:
+    # As close() does: the interrupted attempt is not counted, so a task with
+    # one attempt runs in the next instance instead of being found lost.
+    started = anyio.Event()
+    runs: list[str] = []
+
+    async def slow(payload: str) -> str:
+        runs.append(payload)
+        started.set()
+        await anyio.sleep_forever()
+        return payload
+
+    with anyio.CancelScope() as outer:
+        async with start(tmp_path, {"slow": slow}) as infra:
+            await infra.submit_task("slow", "once", max_attempts=1, task_id="t")
+            await started.wait()
+            outer.cancel()
+            await anyio.sleep_forever()
+    assert outer.cancelled_caught
+
+    async def quick(payload: str) -> str:
+        runs.append(payload)
+        return payload
+
+    async with start(tmp_path, {"slow": quick}) as infra:
+        with anyio.fail_after(5):
+            status = await infra.task_handle("t").wait()
+    assert (status.state, status.attempts) == (TaskState.SUCCEEDED, 1)
+    assert runs == ["once", "once"]
+
+
 async def test_a_result_waiter_does_not_outlive_the_instance(tmp_path: Path) -> None:
     """A task waiting on result() when the instance closes is told, not left hanging."""
     gates = Gates()
@@ -790,6 +842,17 @@ async def test_durable_false_runs_tasks_in_memory_only(tmp_path: Path) -> None:
             await infra.get_task_status("mem")
 
 
+async def forgotten(infra: AgentInfra, task_id: str) -> None:
+    """Wait until ``task_id`` is unknown (keep_finished looks every second at most)."""
+    with anyio.fail_after(5):
+        while True:
+            try:
+                await infra.get_task_status(task_id)
+            except UnknownTask:
+                return
+            await anyio.sleep(0.01)
+
+
 async def test_keep_finished_forgets_old_tasks_and_their_work_dirs(tmp_path: Path) -> None:
     gate = anyio.Event()
 
@@ -812,20 +875,14 @@ async def test_keep_finished_forgets_old_tasks_and_their_work_dirs(tmp_path: Pat
     # ... forgotten by the next one, which keeps 0.2 s, as it starts.
     config = {"infra": {"keep_finished": 0.2}, "classes": classes, **infra_config}
     async with AgentInfra.start(config, state_dir=tmp_path / "state", handlers=handlers) as infra:
-        with anyio.fail_after(5):
-            while (tasks_dir / "early").exists():
-                await anyio.sleep(0.01)
-        with pytest.raises(UnknownTask):
-            await infra.get_task_status("early")
+        await forgotten(infra, "early")
+        assert not (tasks_dir / "early").exists()
         # And its own tasks once they are 0.2 s past their end; an unfinished one stays.
         late = await infra.submit_task("hello", None, task_class="proc", task_id="late")
         waiting = await infra.submit_task("gated", "still here", task_id="waiting")
         assert await late.result() == 1
-        with anyio.fail_after(5):
-            while (tasks_dir / "late").exists():
-                await anyio.sleep(0.01)
-        with pytest.raises(UnknownTask):
-            await infra.get_task_status("late")
+        await forgotten(infra, "late")
+        assert not (tasks_dir / "late").exists()
         await anyio.sleep(0.3)
         assert (await waiting.status()).state is TaskState.RUNNING
         gate.set()
@@ -848,13 +905,7 @@ async def test_keep_finished_without_a_store(tmp_path: Path) -> None:
     async with start(tmp_path, {"echo": echo}, durable=False, keep_finished=0.1) as infra:
         handle = await infra.submit_task("echo", 1)
         assert await handle.result() == 1
-        with anyio.fail_after(5):
-            while True:
-                try:
-                    await handle.status()
-                except UnknownTask:
-                    break
-                await anyio.sleep(0.01)
+        await forgotten(infra, handle.task_id)
 
 
 # -- adaptive concurrency ---------------------------------------------------------------------

@@ -182,3 +182,44 @@ async def test_a_run_cut_short_by_close_resumes_in_the_next_instance(tmp_path: P
         assert status.state is RunState.SUCCEEDED
     # The interrupted attempt does not count: 'slow' runs again, 'fast' does not.
     assert calls == ["fast", "slow", "slow", "after"]
+
+
+async def test_keep_finished_spares_the_tasks_of_a_run_not_yet_finished(tmp_path: Path) -> None:
+    # Item 0 finishes, item 1 is cut short by close(); the instance is down for
+    # longer than keep_finished. The resumed run must find item 0 done, not
+    # submit (and run) it again because its task was forgotten.
+    calls: dict[int, int] = {0: 0, 1: 0}
+    gate = anyio.Event()
+
+    async def evaluate(item: int) -> int:
+        calls[item] += 1
+        if item == 1:
+            await gate.wait()
+        return item * 10
+
+    spec = {
+        "name": "fan",
+        "steps": {
+            "evaluate": {"handler": "evaluate", "fan_out": "${inputs.items}", "payload": "${item}"}
+        },
+    }
+    config = {"infra": {"keep_finished": 0.2}}
+    state_dir = tmp_path / "state"
+    async with AgentInfra.start(
+        config, state_dir=state_dir, handlers={"evaluate": evaluate}
+    ) as infra:
+        workflow = await infra.workflows.create(spec)
+        await infra.workflows.start_run(workflow.workflow_id, {"items": [0, 1]}, run_id="r1")
+        with anyio.fail_after(5):
+            while calls[0] == 0 or calls[1] == 0:
+                await anyio.sleep(0.01)
+            await infra.task_handle("r1:evaluate:0").wait()
+    await anyio.sleep(0.4)
+    gate.set()
+    async with AgentInfra.start(
+        config, state_dir=state_dir, handlers={"evaluate": evaluate}
+    ) as infra:
+        with anyio.fail_after(10):
+            status = await infra.workflows.wait_run("r1")
+    assert status.state is RunState.SUCCEEDED
+    assert calls == {0: 1, 1: 2}

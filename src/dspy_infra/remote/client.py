@@ -183,11 +183,15 @@ class _Connection:
             raise self._error(exc, opened) from None
         except (OSError, StreamTerminatedError) as exc:
             # grpclib wakes a call whose connection is lost by cancelling
-            # its task, then raises its own error instead of the
+            # its task, then raises its own error in place of the
             # CancelledError, and leaves the task's cancel request standing:
-            # the next cancel scope to exit would raise it for nothing.
-            # (anyio delivers its own cancellations again until they land.)
-            while task is not None and task.cancelling() > cancelling:
+            # the next cancel scope to exit would raise it for nothing. That
+            # one request is withdrawn; any other stands.
+            if (
+                task is not None
+                and task.cancelling() > cancelling
+                and isinstance(exc.__context__, asyncio.CancelledError)
+            ):
                 task.uncancel()
             # A TLS server drops a plain-text client's connection at once.
             hint = "" if self._tls else " If it serves TLS, pass ssl=... (--tls-ca on the CLI)."

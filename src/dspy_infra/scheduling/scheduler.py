@@ -71,10 +71,10 @@ _REMOTE_RUNNERS = frozenset({"slurm"})
 # Finished tasks kept in memory for status queries and late waiters; older
 # ones are read back from the store.
 _RECENT = 10_000
-# keep_finished: forgotten this many at a time (one commit each), checked at
-# most this often (s).
+# keep_finished: forgotten this many at a time (one commit each), checked
+# every keep / 10 seconds, within these bounds.
 _FORGET_BATCH = 1000
-_FORGET_EVERY = 600.0
+_FORGET_EVERY = (1.0, 600.0)  # at least, at most
 _MAX_TASK_ID = 200
 _TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
 _RUNS_PER_CHECKPOINT = 8
@@ -98,6 +98,7 @@ class ClassStatus:
 
 class _Class:
     __slots__ = (
+        "committing",
         "config",
         "idle",
         "limit",
@@ -123,6 +124,7 @@ class _Class:
         )
         self.local = config.runner not in _REMOTE_RUNNERS
         self.running = 0
+        self.committing = 0  # submitted, not yet queued: their insert is being committed
         self.runner: Runner | None = None
         self.unavailable: str | None = None
         # Attempts whose start is committed wait here for a worker. Workers
@@ -398,6 +400,7 @@ class LocalScheduler:
         written: Written | None = None
         for record in records:
             self._live[record.task_id] = record
+            self._classes[record.task_class].committing += 1
             written = self._journal.write(("insert", record.row()))
             record.committed = written
         if written is not None:
@@ -409,6 +412,7 @@ class LocalScheduler:
             except Exception:  # the commit failed: nothing was stored
                 for record in records:
                     self._live.pop(record.task_id, None)
+                    self._classes[record.task_class].committing -= 1
                 if early is not None:
                     self._release(self._classes[early.task_class], early)
                 raise
@@ -425,6 +429,7 @@ class LocalScheduler:
         for record in records:
             record.committed = None
             cls = self._classes[record.task_class]
+            cls.committing -= 1
             cls.metrics.submitted.value += 1
             if publish:
                 self._publish(record, TaskState.QUEUED)
@@ -748,11 +753,13 @@ class LocalScheduler:
         return self._pool.fits(record.need)
 
     def _startable(self, record: TaskRecord) -> bool:
-        """Would a dispatch start this new task now, ahead of nothing queued?"""
+        """Would a dispatch start this new task now, ahead of nothing queued, or
+        about to be (the tasks of submits still being committed)?"""
         cls = self._classes[record.task_class]
         return (
             self._open
             and not len(cls.queue)
+            and not cls.committing
             and cls.running < cls.limit.limit
             and (not cls.local or self._fits(record))
             and not (record.needs and not self._services_ready(record.needs))
@@ -785,8 +792,12 @@ class LocalScheduler:
 
     def _hand_over(self, record: TaskRecord) -> None:
         cls = self._classes[record.task_class]
-        if not self._open:
-            self._interrupted(cls, record)  # committed while closing: never ran
+        if not self._open:  # committed while closing: it never ran
+            if record.cancel_requested:
+                self._release(cls, record)
+                self._finish(record, TaskState.CANCELLED, None, "cancelled before it started")
+            else:
+                self._interrupted(cls, record)
             return
         cls.ready.append(record)
         if cls.idle and not cls.waking:
@@ -1058,19 +1069,22 @@ class LocalScheduler:
 
     async def _forget_loop(self, keep: float) -> None:
         """Forget the tasks finished more than ``keep`` seconds ago, now and every keep / 10."""
+        every = min(max(keep / 10, _FORGET_EVERY[0]), _FORGET_EVERY[1])
         while True:
             await self._forget(time.time() - keep)
-            await anyio.sleep(min(keep / 10, _FORGET_EVERY))
+            await anyio.sleep(every)
 
     async def _forget(self, cutoff: float) -> None:
         while ids := await self._journal.read(self._store.finished_before, cutoff, _FORGET_BATCH):
+            # The work dirs first: once the rows are gone, an id may be
+            # submitted again, and its new attempt's files must stay.
+            await anyio.to_thread.run_sync(_remove_work_dirs, self._tasks_dir, ids)
             written = None
             for task_id in ids:
                 written = self._journal.write(("forget", (task_id,)))
                 self._recent.pop(task_id, None)
             assert written is not None
             await written.wait()
-            await anyio.to_thread.run_sync(_remove_work_dirs, self._tasks_dir, ids)
             log.debug("forgot %d tasks finished before %s", len(ids), time.ctime(cutoff))
 
     def _expire_now(self, record: TaskRecord) -> None:

@@ -14,6 +14,7 @@ With ``durable = false`` the same operations are applied to a dict, at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import itertools
 import json
@@ -28,7 +29,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import anyio
 import anyio.to_thread
 
-from dspy_infra.errors import InfraError, StateDirInUse
+from dspy_infra.errors import InfraClosed, InfraError, StateDirInUse
 
 T = TypeVar("T")
 
@@ -183,6 +184,16 @@ _SQL: dict[OpKind, str] = {
 }
 _WORKFLOW_KINDS = frozenset({"workflow", "run", "run_state", "step"})
 
+# Finished tasks, except those of workflow runs still running: a resumed run
+# looks its steps' tasks up by id (RUN:STEP[:i]), and must find them. The
+# range on task_id is the ids that begin with "RUN:" (";" follows ":").
+_FINISHED_BEFORE = """
+SELECT task_id FROM tasks WHERE finished_at < ? AND NOT EXISTS (
+    SELECT 1 FROM workflow_runs AS r WHERE r.state = 'running'
+    AND tasks.task_id >= r.run_id || ':' AND tasks.task_id < r.run_id || ';'
+) LIMIT ?
+"""
+
 Row = tuple[Any, ...]
 _IN_CHUNK = 500  # ids per "IN (...)": well under SQLite's limit on parameters
 _INDEX = {name: i for i, name in enumerate(COLUMNS)}
@@ -228,12 +239,16 @@ class Store(Protocol):
 
 
 class SQLiteStore:
-    """Used from one thread at a time (the journal's writer, or a reader hop)."""
+    """Two connections: the journal's writer thread writes through one, reads
+    (from worker threads) go through the other, so that a long read (the
+    scan of ``keep_finished``) never holds a commit up: WAL lets a reader
+    and the writer work at once."""
 
     def __init__(self, path: Path, *, synchronous: str = "normal"):
         self.path = path
         self._synchronous = synchronous.upper()
         self._db: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
         self._lock: int | None = None
 
     def open(self) -> list[Row]:
@@ -255,10 +270,11 @@ class SQLiteStore:
             rows = db.execute(
                 f"{_SELECT} WHERE state IN ('queued', 'running') ORDER BY seq"
             ).fetchall()
+            reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         except sqlite3.DatabaseError:
             db.close()
             raise
-        self._db = db
+        self._db, self._reader = db, reader
         return rows
 
     def apply(self, ops: Sequence[Op]) -> None:
@@ -281,14 +297,14 @@ class SQLiteStore:
 
     def get(self, task_id: str) -> Row | None:
         row: Row | None = (
-            self._connection().execute(f"{_SELECT} WHERE task_id = ?", (task_id,)).fetchone()
+            self._reading().execute(f"{_SELECT} WHERE task_id = ?", (task_id,)).fetchone()
         )
         return row
 
     def stored(self, task_ids: Collection[str]) -> set[str]:
         found: set[str] = set()
         ids = list(task_ids)
-        db = self._connection()
+        db = self._reading()
         for start in range(0, len(ids), _IN_CHUNK):
             chunk = ids[start : start + _IN_CHUNK]
             marks = ", ".join("?" * len(chunk))
@@ -297,17 +313,17 @@ class SQLiteStore:
         return found
 
     def finished_before(self, cutoff: float, limit: int) -> list[str]:
-        # No index on finished_at: one scan now and then, off the loop, costs
-        # less than an index written by every task's end.
-        query = "SELECT task_id FROM tasks WHERE finished_at < ? LIMIT ?"
-        return [task_id for (task_id,) in self._connection().execute(query, (cutoff, limit))]
+        # No index on finished_at: one scan now and then, on the reader's
+        # connection, costs less than an index written by every task's end.
+        rows = self._reading().execute(_FINISHED_BEFORE, (cutoff, limit))
+        return [task_id for (task_id,) in rows]
 
     def workflows(self) -> list[WorkflowRow]:
         query = "SELECT workflow_id, name, spec, created_at FROM workflows"
-        return list(self._connection().execute(query))
+        return list(self._reading().execute(query))
 
     def runs(self, run_id: str | None = None) -> list[RunRow]:
-        db = self._connection()
+        db = self._reading()
         select = f"SELECT {_RUN_COLUMNS} FROM workflow_runs"  # noqa: S608 - constant names
         if run_id is not None:
             return list(db.execute(f"{select} WHERE run_id = ?", (run_id,)))
@@ -315,12 +331,13 @@ class SQLiteStore:
 
     def steps(self, run_id: str) -> list[StepRow]:
         query = "SELECT * FROM workflow_steps WHERE run_id = ?"
-        return list(self._connection().execute(query, (run_id,)))
+        return list(self._reading().execute(query, (run_id,)))
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        for db in (self._reader, self._db):
+            if db is not None:
+                db.close()
+        self._db = self._reader = None
         self._release()
 
     def _release(self) -> None:
@@ -332,6 +349,11 @@ class SQLiteStore:
         if self._db is None:
             raise RuntimeError("the task store is not open")
         return self._db
+
+    def _reading(self) -> sqlite3.Connection:
+        if self._reader is None:
+            raise RuntimeError("the task store is not open")
+        return self._reader
 
 
 def _hold(path: Path) -> int:
@@ -346,19 +368,34 @@ def _hold(path: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        holder = os.read(fd, 64).decode(errors="replace").strip()
         os.close(fd)
         raise StateDirInUse(
             f"the state directory {str(path.parent)!r} is in use by another AgentInfra "
-            f"(pid {holder}), which would run the same stored tasks: give each instance "
-            "its own state_dir (or durable = false)"
+            f"({_describe_holder(holder)}), which would run the same stored tasks: give "
+            "each instance its own state_dir (or durable = false)"
         ) from None
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # the pid is for a message only
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _describe_holder(pid: str) -> str:
+    if not pid.isdigit():
+        return "pid unknown"
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        # The lock outlives its taker in a child forked without exec (a
+        # multiprocessing worker, say) that is still running.
+        return f"pid {pid}, now gone: a process it forked still holds the lock"
+    except PermissionError:
+        pass
+    return f"pid {pid}"
 
 
 class MemoryStore:
@@ -421,7 +458,12 @@ class MemoryStore:
         return {t for t in task_ids if t in self._rows}
 
     def finished_before(self, cutoff: float, limit: int) -> list[str]:
-        found = (t for t, row in self._rows.items() if (row[_FINISHED_AT] or cutoff) < cutoff)
+        running = tuple(f"{r[0]}:" for r in self._runs.values() if r[3] == "running")
+        found = (
+            task_id
+            for task_id, row in self._rows.items()
+            if (row[_FINISHED_AT] or cutoff) < cutoff and not task_id.startswith(running)
+        )
         return list(itertools.islice(found, limit))
 
     def get(self, task_id: str) -> Row | None:
@@ -481,6 +523,9 @@ class Journal:
         self._writing = False  # a batch is with the writer thread
         self._handing_over = False  # a hand-over is scheduled
         self._closed = False
+        self._ended = False  # run() has returned: nothing is written any more
+        # What stopped the journal: a failed commit (StoreFailed), a failed
+        # callback, or a write after the end. Every waiter gets it from then on.
         self._failure: BaseException | None = None
         self._done = anyio.Event()  # closed and all committed, or failed
 
@@ -491,7 +536,8 @@ class Journal:
 
         ``then`` is called (on the event loop) right after the commit: cheaper
         than a task waiting for it, which is what the scheduler does for the
-        start and the end of every attempt.
+        start and the end of every attempt. Once the journal has stopped, the
+        batch returned has failed with the reason, and ``then`` is not called.
         """
         if not self._threaded:
             self._store.apply((op,))
@@ -499,7 +545,7 @@ class Journal:
         else:
             written = self._batch
             written.ops.append(op)
-            if not (self._writing or self._handing_over):
+            if not (self._writing or self._handing_over or self._failure is not None):
                 self._handing_over = True
                 asyncio.get_running_loop().call_soon(self._hand_over)
         if then is not None:
@@ -514,6 +560,9 @@ class Journal:
             if self._closed:
                 self._done.set()
             return
+        if self._ended:
+            self._stop(InfraClosed("the task store is closed: this write came after its end"))
+            return
         if self._writer is None:
             self._writer = _Writer(self._store.apply, asyncio.get_running_loop())
         batch, self._batch = self._batch, _Batch()
@@ -526,14 +575,30 @@ class Journal:
         if error is not None:
             # Nothing can be promised any more: wake the waiters with the
             # error, and stop the instance with it (see run).
-            self._failure = batch.error = error
+            batch.error = error
             batch.done.set()
-            self._done.set()
+            failure = StoreFailed(f"the task store failed: {error}")
+            failure.__cause__ = error
+            self._stop(failure)
             return
         batch.done.set()
-        for then, arg in batch.callbacks:
-            then(arg)
+        try:
+            for then, arg in batch.callbacks:
+                then(arg)
+        except BaseException as exc:  # noqa: BLE001 - run() raises it
+            # A bug of the scheduler's: it stops the instance (through run),
+            # as it would have in a task; the loop must not merely log it.
+            self._stop(exc)
+            return
         self._hand_over()
+
+    def _stop(self, failure: BaseException) -> None:
+        """Fail what is written and not committed, and all later writes; end :meth:`run`."""
+        if self._failure is None:
+            self._failure = failure
+        self._batch.error = self._failure
+        self._batch.done.set()
+        self._done.set()
 
     async def commit(self, op: Op) -> None:
         await self.write(op).wait()
@@ -558,15 +623,27 @@ class Journal:
 
     async def run(self) -> None:
         """Owns the writer thread: returns once :meth:`close` was called and all is
-        committed; raises :class:`StoreFailed` when a commit fails."""
+        committed; raises what stopped the journal (:class:`StoreFailed` when a
+        commit failed).
+
+        Cancelled from outside (a cancel scope around the instance, Ctrl-C),
+        it still commits what the scheduler writes on its way out (the
+        requeues of interrupted attempts) until :meth:`close`, then re-raises.
+        """
         try:
-            await self._done.wait()
+            try:
+                await self._done.wait()
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    await self._done.wait()
+                raise
         finally:
+            self._ended = True
             if self._writer is not None:
                 with anyio.CancelScope(shield=True):
                     await self._writer.close()
         if self._failure is not None:
-            raise StoreFailed(f"the task store failed: {self._failure}") from self._failure
+            raise self._failure
 
     def close(self) -> None:
         """Let :meth:`run` return once what was written so far is committed."""

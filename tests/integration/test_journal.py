@@ -1,0 +1,125 @@
+"""The task store's journal, on a real SQLite file: what its waiters learn when
+a commit fails, when a callback fails, when it is cancelled, and after its end."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from dspy_infra.errors import InfraClosed
+from dspy_infra.scheduling.store import COLUMNS, Journal, SQLiteStore, StoreFailed
+
+pytestmark = pytest.mark.anyio
+
+
+def row(task_id: str) -> tuple[Any, ...]:
+    values: dict[str, Any] = dict.fromkeys(COLUMNS)
+    values.update(
+        task_id=task_id,
+        handler="h",
+        task_class="c",
+        priority=0,
+        payload="null",
+        needs="[]",
+        state="queued",
+        attempts=0,
+        max_attempts=1,
+        resources="[0,0,0]",
+        submitted_at=0.0,
+    )
+    return tuple(values[c] for c in COLUMNS)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    store = SQLiteStore(tmp_path / "tasks.db")
+    await anyio.to_thread.run_sync(store.open)
+    yield store
+    store.close()
+
+
+def writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "dspy-infra-journal"]
+
+
+async def test_a_failed_commit_fails_its_waiters_later_writes_and_run(store: SQLiteStore) -> None:
+    journal = Journal(store, threaded=True)
+    seen: dict[str, str] = {}
+
+    async def wait(name: str, written: Any) -> None:
+        try:
+            await written.wait()
+        except Exception as exc:  # noqa: BLE001 - what each waiter learns is the point
+            seen[name] = type(exc).__name__
+
+    with pytest.raises(ExceptionGroup) as caught:  # noqa: PT012
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal.run)
+            # Too few values for the statement: SQLite refuses the whole batch.
+            bad = journal.write(("insert", ("only-an-id",)))
+            await anyio.lowlevel.checkpoint()  # handed over: the next write waits its turn
+            queued = journal.write(("insert", row("queued")))
+            tg.start_soon(wait, "bad", bad)
+            tg.start_soon(wait, "queued", queued)
+    assert caught.group_contains(StoreFailed, match="the task store failed")
+    # And a write after that fails at once; its callback never runs.
+    called: list[object] = []
+    await wait("late", journal.write(("insert", row("late")), called.append, "late"))
+    assert seen == {"bad": "ProgrammingError", "queued": "StoreFailed", "late": "StoreFailed"}
+    assert called == []
+    assert await anyio.to_thread.run_sync(store.stored, ["queued", "late"]) == set()
+    assert writer_threads() == []
+
+
+async def test_a_failing_callback_stops_the_journal_loudly(store: SQLiteStore) -> None:
+    journal = Journal(store, threaded=True)
+
+    def bug(_: object) -> None:
+        raise RuntimeError("a bug in a callback")
+
+    with pytest.raises(ExceptionGroup) as caught:  # noqa: PT012
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal.run)
+            first = journal.write(("insert", row("a")), bug, None)
+            await anyio.lowlevel.checkpoint()
+            second = journal.write(("insert", row("b")))
+            await first.wait()  # committed: its callbacks are what failed
+            with anyio.fail_after(5), pytest.raises(RuntimeError, match="a bug"):
+                await second.wait()  # not left waiting for ever
+    assert caught.group_contains(RuntimeError, match="a bug in a callback")
+    assert writer_threads() == []
+
+
+async def test_cancelled_it_commits_until_closed(store: SQLiteStore) -> None:
+    journal = Journal(store, threaded=True)
+    with anyio.CancelScope() as outer:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal.run)
+            await journal.write(("insert", row("before"))).wait()
+            outer.cancel()
+            # What a closing scheduler still writes (its requeues) is committed.
+            after = journal.write(("insert", row("after")))
+            journal.close()
+    assert outer.cancelled_caught
+    await after.wait()
+    assert await anyio.to_thread.run_sync(store.stored, ["before", "after"]) == {
+        "before",
+        "after",
+    }
+    assert writer_threads() == []
+
+
+async def test_a_write_after_the_end_fails_and_starts_no_thread(store: SQLiteStore) -> None:
+    journal = Journal(store, threaded=True)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(journal.run)
+        await anyio.lowlevel.checkpoint()
+        journal.close()
+    with anyio.fail_after(5), pytest.raises(InfraClosed, match="after its end"):
+        await journal.write(("insert", row("late"))).wait()
+    assert writer_threads() == []
