@@ -462,7 +462,9 @@ class MemoryStore:
         found = (
             task_id
             for task_id, row in self._rows.items()
-            if (row[_FINISHED_AT] or cutoff) < cutoff and not task_id.startswith(running)
+            if (finished := row[_FINISHED_AT]) is not None
+            and finished < cutoff
+            and not task_id.startswith(running)
         )
         return list(itertools.islice(found, limit))
 
