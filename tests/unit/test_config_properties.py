@@ -392,6 +392,7 @@ OUT_OF_RANGE: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "max_concurrent_starts": st.integers(max_value=0),
         "event_buffer": st.integers(max_value=0),
         "event_history": st.integers(max_value=-1),
+        "keep_finished": st.floats(max_value=0),
     },
     "service": {
         "max_restarts": st.integers(max_value=-1),

@@ -218,7 +218,7 @@ class LocalScheduler:
             self.gpu_source = inventory.source
             self._watch_metrics()
             rows = await anyio.to_thread.run_sync(self._store.open)
-            stack.callback(self._store.close)
+            stack.push_async_callback(self._close_store)
             await self._open_runners(stack)
             self._timer_wake = anyio.Event()
             # Unwound in reverse: stop dispatching, interrupt the attempts,
@@ -250,6 +250,13 @@ class LocalScheduler:
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.__aexit__(et, e, tb)
+
+    async def _close_store(self) -> None:
+        # Closing SQLite's last connection checkpoints the WAL into the
+        # database file: file I/O, so off the loop, and done even when the
+        # instance is closing because it was cancelled.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._store.close)
 
     def _watch_metrics(self) -> None:
         m = self._metrics
