@@ -160,7 +160,7 @@ async def test_a_failed_one_shot_fails_its_dependents_with_exit_code_and_log_tai
     assert info.value.service == "migrate"
     assert info.value.exit_code == 3
     assert "schema is broken" in info.value.log_tail
-    assert not list((tmp_path / "state" / "local").glob("*.json")), "a process record was left"
+    assert not list((tmp_path / "state" / "local").iterdir()), "a launch record was left"
 
 
 async def test_log_ready_waits_for_the_matching_line(tmp_path: Path) -> None:
@@ -245,7 +245,7 @@ async def test_a_probe_that_never_passes_hits_its_deadline_and_leaves_nothing(
     with pytest.raises(ServiceStartError, match=r"not healthy within 0\.4s"):
         await infra.__aenter__()
     assert time.monotonic() - started < 5
-    assert not list((tmp_path / "state" / "local").glob("*.json"))
+    assert not list((tmp_path / "state" / "local").iterdir())
 
 
 @pytest.mark.parametrize("policy", ["no", "on-failure", "always", "unless-stopped"])

@@ -2,9 +2,9 @@
 
 Every service runs in its own session, so that stopping it can signal the
 whole group (a shell wrapper's children included) and wait until the group is
-empty. Each launch is recorded under the state dir with its owner's pid and
-start time; a later ``open()`` kills the groups whose owner is gone, so a
-SIGKILLed Python process leaks nothing past its next start.
+empty. Each launch is recorded in a ledger under the state dir with its
+owner's pid and start time; a later ``open()`` kills the groups whose owner is
+gone, so a SIGKILLed Python process leaks nothing past its next start.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from anyio.abc import Process
 from dspy_infra._lines import decode, lines
 from dspy_infra._process_group import (
     LaunchFailed,
+    Ledger,
     launch_group,
     owner_identity,
     stop_group,
     sweep,
-    write_record,
 )
 from dspy_infra.abc import LaunchSpec
 from dspy_infra.errors import ServiceStartError
@@ -35,10 +35,10 @@ __all__ = ["Backend", "LocalBackend"]
 
 
 class LocalProcess:
-    def __init__(self, spec: LaunchSpec, process: Process, record: Path):
+    def __init__(self, spec: LaunchSpec, process: Process, ledger: Ledger):
         self._spec = spec
         self._process = process
-        self._record = record
+        self._ledger = ledger
 
     @property
     def id(self) -> str:
@@ -68,7 +68,7 @@ class LocalProcess:
 
     async def stop(self, grace: float) -> int:
         code = await stop_group(self._process, grace)
-        await anyio.to_thread.run_sync(lambda: self._record.unlink(missing_ok=True))
+        await anyio.to_thread.run_sync(self._ledger.ended, self._process.pid)
         return code
 
     async def exec(self, argv: tuple[str, ...]) -> tuple[int, str]:
@@ -86,28 +86,27 @@ class LocalBackend:
     """Services as local process groups."""
 
     def __init__(self) -> None:
-        self._records: Path | None = None
-        self._instance_id = ""
-        self._owner: dict[str, Any] = {}
+        self._ledger: Ledger | None = None
 
     @property
     def name(self) -> str:
         return "local"
 
     async def open(self, *, state_dir: Path, instance_id: str, project: str) -> list[str]:
-        self._records = state_dir / "local"
-        self._instance_id = instance_id
-        self._owner = {
-            **owner_identity(),
-            "instance": instance_id,
-            "project": project,
-        }
-        records = self._records
-        await anyio.to_thread.run_sync(lambda: records.mkdir(parents=True, exist_ok=True))
-        return await anyio.to_thread.run_sync(sweep, records, _describe)
+        records = state_dir / "local"
+        owner = {**owner_identity(), "instance": instance_id, "project": project}
+
+        def setup() -> list[str]:
+            records.mkdir(parents=True, exist_ok=True)
+            return sweep(records, _describe)
+
+        swept = await anyio.to_thread.run_sync(setup)
+        self._ledger = Ledger(records, instance_id, owner)
+        return swept
 
     async def launch(self, spec: LaunchSpec) -> LocalProcess:
-        if self._records is None:
+        ledger = self._ledger
+        if ledger is None:
             raise RuntimeError("LocalBackend.launch() before open()")
         argv = spec.argv()
         assert argv is not None, "checked when the configuration was loaded"
@@ -120,15 +119,17 @@ class LocalBackend:
                 )
             except LaunchFailed as exc:
                 raise ServiceStartError(spec.name, exc.reason) from None
-            record = self._records / f"{self._instance_id}-{spec.name}-{process.pid}.json"
-            data = {
-                **self._owner,
-                "service": spec.name,
-                "pid": process.pid,
-                "labels": dict(spec.labels),
-            }
-            await anyio.to_thread.run_sync(write_record, record, data)
-        return LocalProcess(spec, process, record)
+            data = {"service": spec.name, "labels": dict(spec.labels)}
+            try:
+                await anyio.to_thread.run_sync(ledger.launched, process.pid, data)
+            except OSError as exc:
+                # Unrecorded, a crash would leak it: it does not run at all.
+                await stop_group(process, 0)
+                await process.aclose()
+                raise ServiceStartError(
+                    spec.name, f"cannot record its launch in {str(ledger.path)!r}: {exc}"
+                ) from None
+        return LocalProcess(spec, process, ledger)
 
     def peer_endpoint(
         self, service: str, ports: Mapping[str, int], container_ports: Mapping[str, int]
@@ -136,7 +137,9 @@ class LocalBackend:
         return "127.0.0.1", ports
 
     async def close(self) -> None:
-        self._records = None
+        ledger, self._ledger = self._ledger, None
+        if ledger is not None:
+            await anyio.to_thread.run_sync(ledger.close)
 
 
 Backend = LocalBackend

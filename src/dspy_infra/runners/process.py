@@ -12,12 +12,12 @@ write ``cat {payload_file}``, not ``cat "{payload_file}"``.
 Every attempt runs in its own session, so that stopping it (a cancel, a
 timeout, or leftovers after the command exits) reaches its whole process
 group; the attempt is over only when that group is empty. Running attempts
-are recorded under ``state_dir/process/``, and :meth:`ProcessRunner.open`
-kills the groups of owners that died without cleaning up, as the local
-backend does for services.
+are recorded in a ledger under ``state_dir/process/``, and
+:meth:`ProcessRunner.open` kills the groups of owners that died without
+cleaning up, as the local backend does for services.
 
 The hot path waits for one thread hop before the launch (work dir, payload,
-stale result) and one after it (result file, record); the record is written
+stale result) and one after it (result file, ledger); the launch is recorded
 while the command runs. There is no polling: the process's exit is awaited,
 and a single ``killpg(pgid, 0)`` tells that nothing of its group is left.
 """
@@ -36,12 +36,12 @@ import anyio.to_thread
 
 from dspy_infra._process_group import (
     LaunchFailed,
+    Ledger,
     group_running,
     launch_group,
     owner_identity,
     stop_group,
     sweep,
-    write_record,
 )
 from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.runners._commands import (
@@ -72,8 +72,7 @@ class ProcessRunner:
 
     def __init__(self) -> None:
         self._context: RunnerContext | None = None
-        self._records: Path | None = None
-        self._owner: dict[str, Any] = {}
+        self._ledger: Ledger | None = None
 
     @property
     def name(self) -> str:
@@ -81,26 +80,23 @@ class ProcessRunner:
 
     async def open(self, context: RunnerContext) -> list[str]:
         records = context.state_dir / "process"
-        self._context = context
-        self._records = records
-        self._owner = {
-            **owner_identity(),
-            "instance": context.instance_id,
-            "project": context.project,
-        }
+        owner = {**owner_identity(), "instance": context.instance_id, "project": context.project}
 
         def setup() -> list[str]:
             records.mkdir(parents=True, exist_ok=True)
             return sweep(records, _describe)
 
-        return await anyio.to_thread.run_sync(setup)
+        swept = await anyio.to_thread.run_sync(setup)
+        self._context = context
+        self._ledger = Ledger(records, context.instance_id, owner)
+        return swept
 
     def validate(self, handler: str) -> str | None:
         return validate_handler("process", self._context, handler)
 
     async def run(self, run: TaskRun) -> Any:
-        context, records = self._context, self._records
-        if context is None or records is None:
+        context, ledger = self._context, self._ledger
+        if context is None or ledger is None:
             raise RuntimeError("ProcessRunner.run() before open()")
         handler = run.handler_config or context.config.handlers.get(run.handler)
         if handler is None or handler.command is None:
@@ -119,15 +115,14 @@ class ProcessRunner:
             process = await launch_group(argv, env=env, cwd=cwd, stderr=subprocess.PIPE)
         except LaunchFailed as exc:
             raise RunFailed(exc.reason) from None
-        record = records / f"{self._owner['instance']}-{process.pid}.json"
-        data = {**self._owner, "task_id": run.task_id, "attempt": run.attempt, "pid": process.pid}
+        pid = process.pid
         finished = False
         try:
             async with anyio.create_task_group() as group:
                 # Beside the process rather than before it: the record is for
                 # a crash of this owner, and a short command should not wait
                 # for a thread to write it.
-                group.start_soon(_record, record, data)
+                group.start_soon(_record, ledger, pid, run)
                 group.start_soon(stdout.pump, process.stdout)
                 group.start_soon(stderr.pump, process.stderr)
                 code = await process.wait()
@@ -141,7 +136,7 @@ class ProcessRunner:
                 # for ever, so the reading ends after a while regardless.
                 group.cancel_scope.deadline = anyio.current_time() + _DRAIN_SECONDS
             raw = await anyio.to_thread.run_sync(
-                _conclude, record, files.result_file if code == 0 else None
+                _conclude, ledger, pid, files.result_file if code == 0 else None
             )
             finished = True
         finally:
@@ -150,29 +145,35 @@ class ProcessRunner:
                     # Cancelled (task cancel or timeout) or broken: stop the
                     # work before the attempt counts as over.
                     await stop_group(process, grace)
-                    await anyio.to_thread.run_sync(_conclude, record, None)
+                    await anyio.to_thread.run_sync(_conclude, ledger, pid, None)
                 await process.aclose()
         return outcome(code, raw, files.result_file, stdout, stderr)
 
     async def close(self) -> None:
-        self._context = None
-        self._records = None
+        ledger, self._ledger, self._context = self._ledger, None, None
+        if ledger is not None:
+            await anyio.to_thread.run_sync(ledger.close)
 
 
 Runner = ProcessRunner
 
 
-async def _record(path: Path, data: Mapping[str, Any]) -> None:
+async def _record(ledger: Ledger, pid: int, run: TaskRun) -> None:
     try:
-        await anyio.to_thread.run_sync(write_record, path, data)
+        await anyio.to_thread.run_sync(
+            ledger.launched, pid, {"task_id": run.task_id, "attempt": run.attempt}
+        )
     except OSError as exc:
         # The attempt itself is fine; only a crash of this owner would now
         # leave it running, which is no reason to fail it.
-        log.warning("cannot record task %r attempt %s: %s", data["task_id"], data["attempt"], exc)
+        log.warning("cannot record task %r attempt %s: %s", run.task_id, run.attempt, exc)
 
 
-def _conclude(record: Path, result_file: Path | None) -> bytes | None:
-    record.unlink(missing_ok=True)
+def _conclude(ledger: Ledger, pid: int, result_file: Path | None) -> bytes | None:
+    try:
+        ledger.ended(pid)
+    except OSError as exc:  # as in _record: the attempt itself is fine
+        log.warning("cannot record the end of process %d: %s", pid, exc)
     return None if result_file is None else read_result(result_file)
 
 
