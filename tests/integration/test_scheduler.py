@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import sqlite3
 import sys
 import time
@@ -283,6 +284,60 @@ async def test_backfill_within_a_class_past_a_head_that_does_not_fit(tmp_path: P
         for h in (first, small, head):
             await h.result()
     assert gates.started == ["first", "small", "head"]
+
+
+@pytest.mark.parametrize(
+    ("reserve_after", "order"),
+    [
+        (0.2, ["s1", "s2", "big", "s3"]),  # passed over 0.2 s: what s1 and s2 free is kept
+        (math.inf, ["s1", "s2", "s3", "big"]),  # never reserved: s3 takes s1's CPU
+    ],
+)
+async def test_a_task_passed_over_for_reserve_after_gets_what_is_freed(
+    tmp_path: Path, reserve_after: float, order: list[str]
+) -> None:
+    gates = Gates()
+    classes = {
+        "big": {"cpus": 2, "aging": 0, "reserve_after": reserve_after},
+        "small": {"cpus": 1, "aging": 0},
+    }
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes, cpus=2) as infra:
+        s1 = await infra.submit_task("gate", {"key": "s1"}, task_class="small")
+        await gates.wait_started("s1")
+        big = await infra.submit_task("gate", {"key": "big"}, task_class="big")
+        s2 = await infra.submit_task("gate", {"key": "s2"}, task_class="small")
+        await gates.wait_started("s2")  # backfilled: the big one has not waited long yet
+        await anyio.sleep(0.3)
+        s3 = await infra.submit_task("gate", {"key": "s3"}, task_class="small")
+        gates.open("s1")
+        await s1.result()
+        await anyio.sleep(0.05)
+        gates.open("s2")
+        await s2.result()
+        gates.open("big", "s3")
+        for h in (big, s3):
+            await h.result()
+    assert gates.started == order
+
+
+async def test_a_reservation_ends_when_its_task_is_cancelled(tmp_path: Path) -> None:
+    gates = Gates()
+    classes = {
+        "big": {"cpus": 2, "aging": 0, "reserve_after": 0},
+        "small": {"cpus": 1, "aging": 0},
+    }
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes, cpus=2) as infra:
+        s1 = await infra.submit_task("gate", {"key": "s1"}, task_class="small")
+        await gates.wait_started("s1")
+        big = await infra.submit_task("gate", {"key": "big"}, task_class="big")
+        s2 = await infra.submit_task("gate", {"key": "s2"}, task_class="small")
+        await anyio.sleep(0.05)
+        assert (await s2.status()).state is TaskState.QUEUED, "the free CPU is kept for big"
+        assert (await big.cancel()).state is TaskState.CANCELLED
+        await gates.wait_started("s2")  # nothing is reserved any more
+        gates.open("s1", "s2")
+        for h in (s1, s2):
+            await h.result()
 
 
 async def test_gpu_leases_are_disjoint_and_reach_the_handler(tmp_path: Path) -> None:

@@ -283,6 +283,21 @@ def test_fits_acquire_release() -> None:
     assert pool.used_memory_mb == 40
 
 
+def test_a_reservation_keeps_its_need_from_every_other_task() -> None:
+    pool = ResourcePool(cpus=4, memory_mb=100, gpus=["0", "1", "2", "3"])
+    pool.acquire((1.0, 10, 2))  # two GPUs taken: a 4-GPU task does not fit
+    pool.reserve((1.0, 10, 4))
+    assert not pool.fits((0.0, 0, 1)), "a GPU freed would go to the reservation"
+    assert not pool.fits((0.0, 0, 4), reserved=True), "its own need is still taken"
+    assert pool.fits((2.0, 80, 0)), "what the reservation leaves, others may use"
+    assert not pool.fits((2.5, 0, 0))
+    pool.release((1.0, 10, 2), ("0", "1"))
+    assert pool.fits((0.0, 0, 4), reserved=True)
+    assert not pool.fits((0.0, 0, 1))
+    pool.unreserve()
+    assert pool.fits((0.0, 0, 1))
+
+
 def test_fractional_cpus_add_up() -> None:
     pool = ResourcePool(cpus=0.3, memory_mb=1, gpus=[])
     held = []
@@ -318,6 +333,12 @@ pool_ops = st.lists(
             st.just(0),
         ),
         st.tuples(st.just("release"), st.just((0.0, 0, 0)), st.integers(0, 100)),
+        st.tuples(
+            st.just("reserve"),
+            st.tuples(st.sampled_from([0.0, 1.0, 2.0]), st.integers(0, 500), st.integers(0, 3)),
+            st.just(0),
+        ),
+        st.tuples(st.just("unreserve"), st.just((0.0, 0, 0)), st.just(0)),
     ),
     max_size=80,
 )
@@ -331,16 +352,32 @@ def test_pool_never_over_capacity_and_gpu_leases_disjoint(
     gpus = [f"g{i}" for i in range(gpu_count)]
     pool = ResourcePool(cpus=2.0, memory_mb=500, gpus=gpus)
     held: list[tuple[Need, tuple[str, ...]]] = []
+    reserved: Need = (0.0, 0, 0)
     for op, need, index in ops:
-        if op == "acquire":
+        if op == "reserve":
+            reserved = need
+            pool.reserve(need)
+        elif op == "unreserve":
+            reserved = (0.0, 0, 0)
+            pool.unreserve()
+        elif op == "acquire":
             if pool.capacity_error(need) is not None:
                 continue
+            # A need it takes must leave the reservation whole.
+            kept = [r if n else 0 for n, r in zip(need, reserved, strict=True)]
             expected_fit = (
-                sum(n[0] for n, _ in held) + need[0] <= 2.0 + 1e-9
-                and sum(n[1] for n, _ in held) + need[1] <= 500
-                and sum(n[2] for n, _ in held) + need[2] <= gpu_count
+                sum(n[0] for n, _ in held) + need[0] + kept[0] <= 2.0 + 1e-9
+                and sum(n[1] for n, _ in held) + need[1] + kept[1] <= 500
+                and sum(n[2] for n, _ in held) + need[2] + kept[2] <= gpu_count
             )
             assert pool.fits(need) == expected_fit
+            if reserved != (0.0, 0, 0):
+                own_fit = (
+                    sum(n[0] for n, _ in held) + need[0] <= 2.0 + 1e-9
+                    and sum(n[1] for n, _ in held) + need[1] <= 500
+                    and sum(n[2] for n, _ in held) + need[2] <= gpu_count
+                )
+                assert pool.fits(need, reserved=True) == own_fit
             if expected_fit:
                 leased = pool.acquire(need)
                 assert len(leased) == need[2]

@@ -77,10 +77,27 @@ class ClassQueue:
         return found
 
 
-class ResourcePool:
-    """The machine's CPUs, memory and GPU devices, as tasks hold them."""
+_NOTHING: Need = (0.0, 0, 0)
 
-    __slots__ = ("cpus", "free_gpus", "gpus", "memory_mb", "used_cpus", "used_memory_mb")
+
+class ResourcePool:
+    """The machine's CPUs, memory and GPU devices, as tasks hold them.
+
+    One task at a time may hold a reservation (:meth:`reserve`): what it
+    needs is kept out of reach of every other task, so that what they free
+    accumulates until it fits. Without it, backfill could pass a large task
+    over for ever.
+    """
+
+    __slots__ = (
+        "cpus",
+        "free_gpus",
+        "gpus",
+        "memory_mb",
+        "reserved",
+        "used_cpus",
+        "used_memory_mb",
+    )
 
     def __init__(self, *, cpus: float, memory_mb: int, gpus: Sequence[str]):
         self.cpus = cpus
@@ -89,6 +106,7 @@ class ResourcePool:
         self.free_gpus = list(gpus)
         self.used_cpus = 0.0
         self.used_memory_mb = 0
+        self.reserved = _NOTHING
 
     def capacity_error(self, need: Need) -> str | None:
         """Why a task needing ``need`` could never run here, or None."""
@@ -101,14 +119,30 @@ class ResourcePool:
             return f"needs {gpus} GPUs; this machine has {len(self.gpus)}"
         return None
 
-    def fits(self, need: Need) -> bool:
+    def fits(self, need: Need, *, reserved: bool = False) -> bool:
+        """Whether ``need`` is free, besides the reservation (unless it is ``reserved``'s own)."""
         cpus, memory_mb, gpus = need
+        if not reserved and self.reserved is not _NOTHING:
+            # What it takes must leave the reservation whole; what it does
+            # not take at all, it cannot take from the reservation.
+            if cpus:
+                cpus += self.reserved[0]
+            if memory_mb:
+                memory_mb += self.reserved[1]
+            if gpus:
+                gpus += self.reserved[2]
         # A small tolerance: 0.1 + 0.2 CPUs must fit in 0.3.
         return (
             self.used_cpus + cpus <= self.cpus + 1e-9
             and self.used_memory_mb + memory_mb <= self.memory_mb
             and gpus <= len(self.free_gpus)
         )
+
+    def reserve(self, need: Need) -> None:
+        self.reserved = need
+
+    def unreserve(self) -> None:
+        self.reserved = _NOTHING
 
     def acquire(self, need: Need) -> tuple[str, ...]:
         """Take ``need`` (it must fit); the GPU devices leased."""

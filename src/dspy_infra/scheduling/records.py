@@ -30,6 +30,7 @@ class TaskRecord:
 
     __slots__ = (
         "attempts",
+        "blocked_since",
         "cancel_requested",
         "committed",
         "deadline",
@@ -91,6 +92,7 @@ class TaskRecord:
         self.finished_at: float | None = None
         self.not_before: float | None = None
         self.deadline: float | None = None  # monotonic: queue timeout
+        self.blocked_since: float | None = None  # monotonic: first found not fitting
         self.result: str | None = None  # JSON text
         self.error: str | None = None
         self.gpus: tuple[str, ...] = ()

@@ -202,6 +202,8 @@ class LocalScheduler:
         self._seq = itertools.count(1)
         self._starting_services: set[str] = set()
         self._pool = ResourcePool(cpus=1, memory_mb=1, gpus=())
+        self._reserved_for: TaskRecord | None = None  # see _fits
+        self._blocked: deque[TaskRecord] = deque()  # found not fitting, in that order
         self.gpu_source = "none"
         self._timer_wake: anyio.Event | None = None
         self._stack: AsyncExitStack | None = None
@@ -747,17 +749,62 @@ class LocalScheduler:
     def _dispatch_class(self, cls: _Class) -> None:
         queue = cls.queue
         fits = self._fits if cls.local else _always
+        released = False
         while len(queue) and cls.running < cls.limit.limit:
             record = queue.pop(fits)
             if record is None:
                 break
             if record.needs and not self._services_ready(record.needs):
+                released |= self._unreserve(record)
                 self._wait_for_services(record)
                 continue
             self._start(cls, record)
+        if released:  # what it held back from the other classes is theirs again
+            self._dispatch()
 
     def _fits(self, record: TaskRecord) -> bool:
-        return self._pool.fits(record.need)
+        """Whether the record's resources are free, besides those reserved.
+
+        Backfill alone could pass a large task over for ever, as long as
+        smaller ones keep taking what is freed. So the task that has found
+        its resources taken the longest has them reserved once it has waited
+        its class's ``reserve_after``: from then on, what others free is kept
+        for it, one such task at a time.
+        """
+        if self._blocked and self._reserved_for is None:
+            self._reserve_if_due()
+        if self._pool.fits(record.need, reserved=record is self._reserved_for):
+            return True
+        if record.blocked_since is None:
+            record.blocked_since = time.monotonic()
+            if self._classes[record.task_class].config.reserve_after < math.inf:
+                self._blocked.append(record)
+        return False
+
+    def _reserve_if_due(self) -> None:
+        blocked = self._blocked
+        # Those that started, or left the queue, since they were found blocked.
+        while blocked and (
+            blocked[0].state is not TaskState.QUEUED or blocked[0].blocked_since is None
+        ):
+            blocked.popleft()
+        if not blocked:
+            return
+        first = blocked[0]
+        assert first.blocked_since is not None
+        wait = self._classes[first.task_class].config.reserve_after
+        if time.monotonic() - first.blocked_since >= wait:
+            blocked.popleft()
+            self._reserved_for = first
+            self._pool.reserve(first.need)
+
+    def _unreserve(self, record: TaskRecord) -> bool:
+        """The record no longer waits in the queue: release its reservation, if it has one."""
+        if record is not self._reserved_for:
+            return False
+        self._reserved_for = None
+        self._pool.unreserve()
+        return True
 
     def _startable(self, record: TaskRecord) -> bool:
         """Would a dispatch start this new task now, ahead of nothing queued, or
@@ -786,6 +833,8 @@ class LocalScheduler:
         """Take a slot (and resources) for the record's next attempt, and count it."""
         assert self._runs is not None
         record.gpus = self._pool.acquire(record.need) if cls.local else ()
+        record.blocked_since = None
+        self._unreserve(record)
         cls.running += 1
         record.state = TaskState.RUNNING
         record.attempts += 1
@@ -1016,6 +1065,8 @@ class LocalScheduler:
             self._finished,
             record,
         )
+        if self._unreserve(record):  # cancelled, or timed out, while it waited
+            self._kick()
 
     def _finished(self, record: TaskRecord) -> None:
         self._live.pop(record.task_id, None)
