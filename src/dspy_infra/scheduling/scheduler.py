@@ -371,19 +371,18 @@ class LocalScheduler:
         requests = list(requests)
         # Ids given by the caller may be stored already, by an earlier
         # instance: one look in the store for all of them.
-        stored = (
-            await self._journal.stored(
-                {
-                    r.task_id
-                    for r in requests
-                    if isinstance(r.task_id, str)
-                    and r.task_id not in self._live
-                    and r.task_id not in self._recent
-                }
-            )
+        unknown = (
+            {
+                r.task_id
+                for r in requests
+                if isinstance(r.task_id, str)
+                and r.task_id not in self._live
+                and r.task_id not in self._recent
+            }
             if lookup
-            else set()
+            else None
         )
+        stored = await self._journal.read(self._store.stored, unknown) if unknown else set()
         task_ids: list[str] = []
         fresh: dict[str, TaskRecord] = {}
         for request in requests:
@@ -464,7 +463,7 @@ class LocalScheduler:
         record = self._live.get(task_id) or self._recent.get(task_id)
         if record is not None:
             return record.status()
-        row = await self._journal.get(task_id)
+        row = await self._journal.read(self._store.get, task_id)
         if row is None:
             raise UnknownTask(task_id)
         return TaskRecord.from_row(row, 0).status()

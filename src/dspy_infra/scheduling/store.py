@@ -605,18 +605,6 @@ class Journal:
     async def commit(self, op: Op) -> None:
         await self.write(op).wait()
 
-    async def get(self, task_id: str) -> Row | None:
-        if not self._threaded:
-            return self._store.get(task_id)
-        return await anyio.to_thread.run_sync(self._store.get, task_id)
-
-    async def stored(self, task_ids: Collection[str]) -> set[str]:
-        if not task_ids:
-            return set()
-        if not self._threaded:
-            return self._store.stored(task_ids)
-        return await anyio.to_thread.run_sync(self._store.stored, task_ids)
-
     async def read(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)``, a read of the store, off the event loop when it is SQLite."""
         if not self._threaded:
