@@ -211,25 +211,21 @@ class AgentInfra(TaskMethods):
                 task_group.start_soon(self._watch_loop_lag, lag)
                 stack.callback(lag.cancel)
             try:
-                self._scheduler = await stack.enter_async_context(
-                    LocalScheduler(
-                        self.config,
-                        bus=self._bus,
-                        services=self._services,
-                        handlers=self._handlers,
-                        instance_id=self.instance_id,
-                        metrics=self.metrics,
-                    )
+                scheduler = LocalScheduler(
+                    self.config,
+                    bus=self._bus,
+                    services=self._services,
+                    handlers=self._handlers,
+                    instance_id=self.instance_id,
+                    metrics=self.metrics,
                 )
+                # Made before the scheduler opens, which is when it first
+                # forgets what keep_finished says, runs included.
+                workflows = WorkflowEngine(scheduler=scheduler, bus=self._bus, metrics=self.metrics)
+                self._scheduler = await stack.enter_async_context(scheduler)
                 # Closed before the scheduler (the stack unwinds in reverse):
                 # runs cut short stay 'running' in the store, to be resumed.
-                self._workflows = await stack.enter_async_context(
-                    WorkflowEngine(
-                        scheduler=self._scheduler,
-                        bus=self._bus,
-                        metrics=self.metrics,
-                    )
-                )
+                self._workflows = await stack.enter_async_context(workflows)
                 if self.config.metrics.address is not None:
                     # Stopped first on the way out (the stack unwinds in
                     # reverse), while what it reports is still open.

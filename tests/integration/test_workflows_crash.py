@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from dspy_infra import AgentInfra
+from dspy_infra import AgentInfra, UnknownRun, UnknownTask
 from dspy_infra.workflows import RunState, StepState
 
 pytestmark = pytest.mark.anyio
@@ -223,3 +223,35 @@ async def test_keep_finished_spares_the_tasks_of_a_run_not_yet_finished(tmp_path
             status = await infra.workflows.wait_run("r1")
     assert status.state is RunState.SUCCEEDED
     assert calls == {0: 1, 1: 2}
+
+
+@pytest.mark.parametrize("durable", [True, False])
+async def test_keep_finished_forgets_finished_runs_with_their_steps_and_tasks(
+    tmp_path: Path, durable: bool
+) -> None:
+    async def double(x: int) -> int:
+        return 2 * x
+
+    spec = {"name": "one", "steps": {"double": {"handler": "double", "payload": "${inputs.x}"}}}
+    config = {"infra": {"keep_finished": 0.2, "durable": durable}}
+    async with AgentInfra.start(
+        config, state_dir=tmp_path / "state", handlers={"double": double}
+    ) as infra:
+        workflow = await infra.workflows.create(spec)
+        old = await infra.workflows.start_run(workflow.workflow_id, {"x": 1}, run_id="old")
+        assert (await old.wait()).state is RunState.SUCCEEDED
+        # The pass after the next (every second at least) finds it 0.2 s old.
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    await infra.workflows.get_run("old")
+                except UnknownRun:
+                    break
+                await anyio.sleep(0.05)
+        with pytest.raises(UnknownTask):
+            await infra.get_task_status("old:double")
+        # Forgotten, its id is free, and a run under it starts afresh.
+        again = await infra.workflows.start_run(workflow.workflow_id, {"x": 5}, run_id="old")
+        status = await again.wait()
+    assert status.state is RunState.SUCCEEDED
+    assert status.steps["double"].result == 10

@@ -418,10 +418,10 @@ class InfraSettings:
     (relative to the configuration file) whose services are read under the
     ``[services]`` tables, so that a compose file can be reused as it is and
     only what differs is written in TOML (see docs/compose.md).
-    ``keep_finished`` (seconds) forgets tasks that finished longer ago than
-    that, with their work directories: a long-running instance's store and
-    disk stop growing (as Celery's result expiry); unset, nothing is
-    forgotten.
+    ``keep_finished`` (seconds) forgets tasks and workflow runs that finished
+    longer ago than that, with the tasks' work directories: a long-running
+    instance's store and disk stop growing (as Celery's result expiry);
+    unset, nothing is forgotten.
     """
 
     backend: str = field(default="local", validator=_name)

@@ -31,7 +31,7 @@ import re
 import shutil
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -58,7 +58,15 @@ from dspy_infra.scheduling.adaptive import ConcurrencyLimit
 from dspy_infra.scheduling.gpus import GpuInventory, detect_gpus
 from dspy_infra.scheduling.queues import ClassQueue, ResourcePool
 from dspy_infra.scheduling.records import Need, TaskRecord
-from dspy_infra.scheduling.store import Journal, MemoryStore, SQLiteStore, Store, Written, dumps
+from dspy_infra.scheduling.store import (
+    Journal,
+    MemoryStore,
+    OpKind,
+    SQLiteStore,
+    Store,
+    Written,
+    dumps,
+)
 from dspy_infra.scheduling.tasks import TaskEvent, TaskRequest, TaskState, TaskStatus
 from dspy_infra.services.manager import ServiceManager
 
@@ -142,6 +150,11 @@ class _Class:
         self.workers = 0
 
 
+# What keep_finished forgets: (find, op kind, forgetting); see forget_also.
+_Forgettable = tuple[
+    Callable[[float, int], list[str]], OpKind, Callable[[list[str]], Awaitable[None]]
+]
+
 # A request's checked values: its class, priority, needs, max_attempts, timeout, need.
 _Checked = tuple[_Class, int, tuple[str, ...], int, float | None, Need]
 
@@ -206,6 +219,10 @@ class LocalScheduler:
         self._blocked: deque[TaskRecord] = deque()  # found not fitting, in that order
         self.gpu_source = "none"
         self._timer_wake: anyio.Event | None = None
+        # What keep_finished forgets: see forget_also.
+        self._forgettable: list[_Forgettable] = [
+            (store.finished_before, "forget", self._forgetting_tasks)
+        ]
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._runs: TaskGroup | None = None
@@ -1124,25 +1141,46 @@ class LocalScheduler:
                 await self._timer_wake.wait()
             self._timer_wake = anyio.Event()
 
+    def forget_also(
+        self,
+        find: Callable[[float, int], list[str]],
+        kind: OpKind,
+        forgetting: Callable[[list[str]], Awaitable[None]],
+    ) -> None:
+        """Have ``keep_finished`` forget more than tasks (the workflow engine's runs).
+
+        Each pass, ``find(cutoff, limit)`` (a read of the store) names what
+        finished before the cutoff; ``forgetting(ids)`` drops what is kept
+        of them in memory; a ``(kind, (id,))`` operation each removes them
+        from the store. Registered before the scheduler opens, it takes part
+        in the pass at the start too.
+        """
+        self._forgettable.append((find, kind, forgetting))
+
     async def _forget_loop(self, keep: float) -> None:
-        """Forget the tasks finished more than ``keep`` seconds ago, now and every keep / 10."""
+        """Forget what finished more than ``keep`` seconds ago, now and every keep / 10."""
         every = min(max(keep / 10, _FORGET_EVERY[0]), _FORGET_EVERY[1])
         while True:
-            await self._forget(time.time() - keep)
+            cutoff = time.time() - keep
+            for find, kind, forgetting in self._forgettable:
+                while ids := await self._journal.read(find, cutoff, _FORGET_BATCH):
+                    await forgetting(ids)
+                    written = None
+                    for forgotten in ids:
+                        written = self._journal.write((kind, (forgotten,)))
+                    assert written is not None
+                    await written.wait()
+                    log.debug(
+                        "forgot %d (%s) finished before %s", len(ids), kind, time.ctime(cutoff)
+                    )
             await anyio.sleep(every)
 
-    async def _forget(self, cutoff: float) -> None:
-        while ids := await self._journal.read(self._store.finished_before, cutoff, _FORGET_BATCH):
-            # The work dirs first: once the rows are gone, an id may be
-            # submitted again, and its new attempt's files must stay.
-            await anyio.to_thread.run_sync(_remove_work_dirs, self._tasks_dir, ids)
-            written = None
-            for task_id in ids:
-                written = self._journal.write(("forget", (task_id,)))
-                self._recent.pop(task_id, None)
-            assert written is not None
-            await written.wait()
-            log.debug("forgot %d tasks finished before %s", len(ids), time.ctime(cutoff))
+    async def _forgetting_tasks(self, task_ids: list[str]) -> None:
+        # The work dirs first: once the rows are gone, an id may be
+        # submitted again, and its new attempt's files must stay.
+        await anyio.to_thread.run_sync(_remove_work_dirs, self._tasks_dir, task_ids)
+        for task_id in task_ids:
+            self._recent.pop(task_id, None)
 
     def _expire_now(self, record: TaskRecord) -> None:
         if record.state is TaskState.QUEUED and record.committed is None:

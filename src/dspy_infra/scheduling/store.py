@@ -122,6 +122,11 @@ CREATE TABLE IF NOT EXISTS workflow_runs (
 );
 CREATE INDEX IF NOT EXISTS workflow_runs_unfinished ON workflow_runs (state)
     WHERE state = 'running';
+-- A run forgotten (keep_finished) takes its steps with it.
+CREATE TRIGGER IF NOT EXISTS workflow_runs_forgotten AFTER DELETE ON workflow_runs
+BEGIN
+    DELETE FROM workflow_steps WHERE run_id = old.run_id;
+END;
 CREATE TABLE IF NOT EXISTS workflow_steps (
     run_id TEXT NOT NULL,
     step TEXT NOT NULL,
@@ -146,7 +151,16 @@ _RUN_COLUMNS = "run_id, workflow_id, inputs, state, created_at, finished_at, err
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM tasks"  # noqa: S608
 
 OpKind = Literal[
-    "insert", "start", "requeue", "finish", "forget", "workflow", "run", "run_state", "step"
+    "insert",
+    "start",
+    "requeue",
+    "finish",
+    "forget",
+    "workflow",
+    "run",
+    "run_state",
+    "step",
+    "forget_run",
 ]
 # (kind, parameters). insert: a full row in COLUMNS order; start: (attempts,
 # started_at, task_id); requeue: (attempts, not_before, error, task_id);
@@ -169,7 +183,8 @@ _SQL: dict[OpKind, str] = {
     ),
     "forget": "DELETE FROM tasks WHERE task_id = ? AND finished_at IS NOT NULL",
     # workflow: a WorkflowRow; run: a RunRow; run_state: (state, finished_at,
-    # error, run_id); step: a StepRow, replacing the step's row.
+    # error, run_id); step: a StepRow, replacing the step's row; forget_run:
+    # (run_id,), which removes a finished run and its steps.
     "workflow": (
         "INSERT OR IGNORE INTO workflows (workflow_id, name, spec, created_at) VALUES (?, ?, ?, ?)"
     ),
@@ -181,8 +196,9 @@ _SQL: dict[OpKind, str] = {
         "UPDATE workflow_runs SET state = ?, finished_at = ?, error = ? WHERE run_id = ?"
     ),
     "step": "INSERT OR REPLACE INTO workflow_steps VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    "forget_run": "DELETE FROM workflow_runs WHERE run_id = ? AND state != 'running'",
 }
-_WORKFLOW_KINDS = frozenset({"workflow", "run", "run_state", "step"})
+_WORKFLOW_KINDS = frozenset({"workflow", "run", "run_state", "step", "forget_run"})
 
 # Finished tasks, except those of workflow runs still running: a resumed run
 # looks its steps' tasks up by id (RUN:STEP[:i]), and must find them. The
@@ -225,6 +241,9 @@ class Store(Protocol):
 
     def finished_before(self, cutoff: float, limit: int) -> list[str]:
         """Up to ``limit`` tasks that reached their final state before ``cutoff`` (epoch s)."""
+
+    def runs_finished_before(self, cutoff: float, limit: int) -> list[str]:
+        """Up to ``limit`` workflow runs that finished before ``cutoff`` (epoch s)."""
 
     def workflows(self) -> list[WorkflowRow]:
         """Every workflow stored."""
@@ -317,6 +336,12 @@ class SQLiteStore:
         # connection, costs less than an index written by every task's end.
         rows = self._reading().execute(_FINISHED_BEFORE, (cutoff, limit))
         return [task_id for (task_id,) in rows]
+
+    def runs_finished_before(self, cutoff: float, limit: int) -> list[str]:
+        query = (
+            "SELECT run_id FROM workflow_runs WHERE state != 'running' AND finished_at < ? LIMIT ?"
+        )
+        return [run_id for (run_id,) in self._reading().execute(query, (cutoff, limit))]
 
     def workflows(self) -> list[WorkflowRow]:
         query = "SELECT workflow_id, name, spec, created_at FROM workflows"
@@ -418,6 +443,12 @@ class MemoryStore:
         elif kind == "run_state":
             run = self._runs[params[-1]]
             run[3], run[5], run[6] = params[:3]
+        elif kind == "forget_run":
+            (run_id,) = params
+            if run_id in self._runs and self._runs[run_id][3] != "running":
+                del self._runs[run_id]
+                for key in [k for k in self._steps if k[0] == run_id]:
+                    del self._steps[key]
         else:
             self._steps[params[0], params[1]] = params
 
@@ -465,6 +496,14 @@ class MemoryStore:
             if (finished := row[_FINISHED_AT]) is not None
             and finished < cutoff
             and not task_id.startswith(running)
+        )
+        return list(itertools.islice(found, limit))
+
+    def runs_finished_before(self, cutoff: float, limit: int) -> list[str]:
+        found = (
+            run_id
+            for run_id, run in self._runs.items()
+            if run[3] != "running" and run[5] is not None and run[5] < cutoff
         )
         return list(itertools.islice(found, limit))
 

@@ -174,6 +174,8 @@ class WorkflowEngine:
         self._tg: TaskGroup | None = None
         self._stack: AsyncExitStack | None = None
         self._open = False
+        # keep_finished forgets finished runs (and their steps) as it does tasks.
+        scheduler.forget_also(self._store.runs_finished_before, "forget_run", self._forgetting)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -210,6 +212,11 @@ class WorkflowEngine:
 
     def _close_gate(self) -> None:
         self._open = False
+
+    async def _forgetting(self, run_ids: list[str]) -> None:
+        for run_id in run_ids:
+            self._runs.pop(run_id, None)
+            self._recent.pop(run_id, None)
 
     def _active(self) -> float:
         return float(sum(1 for run in self._runs.values() if not run.state.finished))
