@@ -14,6 +14,7 @@ so nothing leaks past the next start.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -47,6 +48,7 @@ _SWEEP_KILL_WAIT = 5.0
 # A ledger is rewritten with only its open launches once it holds this many
 # lines and four times as many as it has open.
 _COMPACT_AT = 1024
+_STALE_REWRITE = 60.0  # seconds after which an unreadable rewrite is left behind
 _SUFFIX = ".jsonl"
 
 
@@ -133,49 +135,68 @@ def owner_identity() -> dict[str, Any]:
 
 
 class Ledger:
-    """One owner's launches: ``RECORDS/NAME.jsonl``, appended to, never rewritten in place.
+    """One owner's launches: a file of JSON lines, appended to, replaced whole when rewritten.
 
     The first line is the owner (its identity and whatever the caller adds);
-    then a line per launch (``pid``, the process's ``start`` time, and the
-    caller's data) and a line per end (``{"ended": pid}``). One file per owner
-    instead of one per launch: creating and deleting a file for every attempt
-    of a short command cost more than the rest of its bookkeeping (on an ext4
-    without a journal, whose inode allocation skips every recently deleted
-    inode, several times more). The file is created at the first launch, is
-    rewritten with only the open launches once mostly closed ones fill it, and
-    is removed by :meth:`close` when nothing is open.
+    then a line per launch (its number ``n``, ``pid``, the process's
+    ``start`` time, and the caller's data) and a line per end
+    (``{"ended": n}``). One file per owner instead of one per launch:
+    creating and deleting a file for every attempt of a short command cost
+    more than the rest of its bookkeeping (on an ext4 without a journal,
+    whose inode allocation skips every recently deleted inode, several times
+    more). The file is created at the first launch; it is rewritten with only
+    the launches still open once mostly ended ones fill it, or after a write
+    failed (which may have left part of a line); :meth:`close` removes it
+    when nothing is open.
 
-    Blocking and thread-safe: call the methods from worker threads.
+    Blocking and thread-safe: call the methods from worker threads (but
+    :meth:`number`, which is cheap, from anywhere).
     """
 
     def __init__(self, records: Path, name: str, owner: Mapping[str, Any]):
-        self.path = records / f"{name}{_SUFFIX}"
+        # A file of its own even if another owner was given the same name.
+        self.path = records / f"{name}-{os.urandom(4).hex()}{_SUFFIX}"
         self._owner = dict(owner)
-        self._open: dict[int, str] = {}  # pid -> its launch line
+        self._numbers = itertools.count(1)
+        self._open: dict[int, str] = {}  # launch number -> its line
         self._lines = 0
         self._fd: int | None = None
+        self._stale = True  # the file is to be (re)written before the next line
+        self._closed = False
         self._lock = threading.Lock()
 
-    def launched(self, pid: int, data: Mapping[str, Any]) -> None:
-        # The start time tells this process apart from a later one with its pid.
-        line = json.dumps({**data, "pid": pid, "start": start_time(pid)}) + "\n"
-        with self._lock:
-            if self._fd is None:
-                self._reopen("")
-            self._open[pid] = line
-            self._append(line)
+    def number(self) -> int:
+        """A number for the next launch: what :meth:`launched` and :meth:`ended` are given.
 
-    def ended(self, pid: int) -> None:
+        Not the pid: a pid may be another child's by the time its end is
+        recorded.
+        """
+        return next(self._numbers)
+
+    def launched(self, number: int, pid: int, data: Mapping[str, Any]) -> None:
+        """Record a launch; on OSError, it is not recorded."""
+        # The start time tells this process apart from a later one with its pid.
+        line = json.dumps({**data, "n": number, "pid": pid, "start": start_time(pid)}) + "\n"
         with self._lock:
-            if self._open.pop(pid, None) is None or self._fd is None:
+            if self._closed:
+                raise RuntimeError("a launch recorded in a closed ledger")
+            self._append(line)
+            self._open[number] = line
+
+    def ended(self, number: int) -> None:
+        """Record a launch's end (its whole group is gone)."""
+        with self._lock:
+            if self._open.pop(number, None) is None:
                 return
-            self._append(json.dumps({"ended": pid}) + "\n")
             if self._lines >= _COMPACT_AT and self._lines >= 4 * (len(self._open) + 1):
-                self._reopen("".join(self._open.values()))
+                self._rewrite()
+            else:
+                self._append(json.dumps({"ended": number}) + "\n")
 
     def close(self) -> None:
         """Close the file; remove it if nothing it records is still open."""
         with self._lock:
+            self._closed = True
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -183,36 +204,56 @@ class Ledger:
                 self.path.unlink(missing_ok=True)
 
     def _append(self, line: str) -> None:
+        if self._stale:
+            self._rewrite()
         assert self._fd is not None
-        os.write(self._fd, line.encode())
+        try:
+            _write_all(self._fd, line.encode())
+        except OSError:
+            self._stale = True
+            raise
         self._lines += 1
 
-    def _reopen(self, body: str) -> None:
-        """(Re)write the file as the header and ``body``, atomically, and append to it."""
-        header = json.dumps({"owner": self._owner}) + "\n"
+    def _rewrite(self) -> None:
+        """Replace the file by the owner and the launches still open; append to the new one."""
         partial = self.path.with_name(self.path.name + ".tmp")
-        partial.write_text(header + body)
-        os.replace(partial, self.path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+        fd = os.open(partial, flags, 0o644)
+        try:
+            header = json.dumps({"owner": self._owner}) + "\n"
+            _write_all(fd, (header + "".join(self._open.values())).encode())
+            os.replace(partial, self.path)
+        except BaseException:
+            os.close(fd)
+            self._stale = True  # tried again before the next line
+            raise
         if self._fd is not None:
             os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self._lines = 1 + body.count("\n")
+        self._fd = fd
+        self._lines = 1 + len(self._open)
+        self._stale = False
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _read_ledger(path: Path) -> tuple[Mapping[str, Any], list[dict[str, Any]]]:
     """A ledger's owner and its launches still open; ValueError, KeyError if malformed."""
     lines = path.read_text().splitlines()
     owner = json.loads(lines[0])["owner"]
-    launches: dict[int, dict[str, Any]] = {}
+    launches: dict[Any, dict[str, Any]] = {}
     for line in lines[1:]:
         try:
             entry = json.loads(line)
-        except ValueError:
-            continue  # a line cut short (a crash of the machine mid-write)
-        if "ended" in entry:
-            launches.pop(entry["ended"], None)
-        else:
-            launches[entry["pid"]] = entry
+            if "ended" in entry:
+                launches.pop(entry["ended"], None)
+            else:
+                launches[entry["n"]] = entry
+        except (ValueError, TypeError, KeyError):
+            continue  # a line cut short (a crash of the machine mid-write), or not ours
     return owner, list(launches.values())
 
 
@@ -225,12 +266,19 @@ def sweep(records: Path, describe: Callable[[Mapping[str, Any]], str]) -> list[s
     Blocking: run it in a worker thread.
     """
     removed = []
-    for path in sorted(records.glob(f"*{_SUFFIX}")):
+    # A ".tmp" is a rewrite that its owner did not get to finish: as good a
+    # ledger as the one it was to replace.
+    for path in sorted([*records.glob(f"*{_SUFFIX}"), *records.glob(f"*{_SUFFIX}.tmp")]):
         try:
             owner, launches = _read_ledger(path)
             owner_pid, owner_start = owner["owner_pid"], owner["owner_start"]
         except (OSError, ValueError, KeyError, TypeError, IndexError):
-            _remove_ledger(path)
+            # Unreadable: nothing to go by. But a rewrite may be under way
+            # (an owner alive, sharing the directory): a ".tmp" goes only
+            # once it is clearly left behind.
+            with contextlib.suppress(OSError):
+                if path.suffix != ".tmp" or time.time() - path.stat().st_mtime > _STALE_REWRITE:
+                    path.unlink(missing_ok=True)
             continue
         if start_time(owner_pid) == owner_start:
             continue  # its owner is alive: not ours to touch
@@ -246,13 +294,8 @@ def sweep(records: Path, describe: Callable[[Mapping[str, Any]], str]) -> list[s
             if (leader_start is None or leader_start == launch.get("start")) and group_alive(pgid):
                 kill_group(pgid)
                 removed.append(f"{description} (pid {pgid}, owner pid {owner_pid} gone)")
-        _remove_ledger(path)
+        path.unlink(missing_ok=True)
     return removed
-
-
-def _remove_ledger(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    path.with_name(path.name + ".tmp").unlink(missing_ok=True)
 
 
 def kill_group(pgid: int) -> None:

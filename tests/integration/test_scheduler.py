@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import sqlite3
 import sys
 import time
@@ -289,25 +288,25 @@ async def test_backfill_within_a_class_past_a_head_that_does_not_fit(tmp_path: P
 @pytest.mark.parametrize(
     ("reserve_after", "order"),
     [
-        (0.2, ["s1", "s2", "big", "s3"]),  # passed over 0.2 s: what s1 and s2 free is kept
-        (math.inf, ["s1", "s2", "s3", "big"]),  # never reserved: s3 takes s1's CPU
+        (0.5, ["s1", "s2", "big", "s3"]),  # passed over 0.5 s: what s1 and s2 free is kept
+        (None, ["s1", "s2", "s3", "big"]),  # never reserved: s3 takes s1's CPU
     ],
 )
 async def test_a_task_passed_over_for_reserve_after_gets_what_is_freed(
-    tmp_path: Path, reserve_after: float, order: list[str]
+    tmp_path: Path, reserve_after: float | None, order: list[str]
 ) -> None:
     gates = Gates()
-    classes = {
-        "big": {"cpus": 2, "aging": 0, "reserve_after": reserve_after},
-        "small": {"cpus": 1, "aging": 0},
-    }
+    big_class: dict[str, Any] = {"cpus": 2, "aging": 0}
+    if reserve_after is not None:
+        big_class["reserve_after"] = reserve_after
+    classes = {"big": big_class, "small": {"cpus": 1, "aging": 0}}
     async with start(tmp_path, {"gate": gates.handler}, classes=classes, cpus=2) as infra:
         s1 = await infra.submit_task("gate", {"key": "s1"}, task_class="small")
         await gates.wait_started("s1")
         big = await infra.submit_task("gate", {"key": "big"}, task_class="big")
         s2 = await infra.submit_task("gate", {"key": "s2"}, task_class="small")
         await gates.wait_started("s2")  # backfilled: the big one has not waited long yet
-        await anyio.sleep(0.3)
+        await anyio.sleep(0.6)
         s3 = await infra.submit_task("gate", {"key": "s3"}, task_class="small")
         gates.open("s1")
         await s1.result()
@@ -320,12 +319,39 @@ async def test_a_task_passed_over_for_reserve_after_gets_what_is_freed(
     assert gates.started == order
 
 
-async def test_a_reservation_ends_when_its_task_is_cancelled(tmp_path: Path) -> None:
+async def test_the_reserved_task_starts_however_many_are_ranked_above_it(tmp_path: Path) -> None:
+    # Once "big" holds the reservation, more tasks than backfill looks past
+    # (64) rank above it and cannot fit beside it: it must still be found
+    # when what it needs is free, or what is kept for it stays idle for ever.
     gates = Gates()
-    classes = {
-        "big": {"cpus": 2, "aging": 0, "reserve_after": 0},
-        "small": {"cpus": 1, "aging": 0},
-    }
+    classes = {"mixed": {"cpus": 1, "aging": 0, "reserve_after": 0, "max_concurrency": 100}}
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes, cpus=4) as infra:
+        first = await infra.submit_task("gate", {"key": "first"}, task_class="mixed")
+        await gates.wait_started("first")
+        big = await infra.submit_task(
+            "gate", {"key": "big"}, task_class="mixed", resources=Resources(cpus=4)
+        )
+        keys = [f"p{i}" for i in range(80)]
+        urgent = await infra.submit_tasks(
+            "gate", [{"key": k} for k in keys], task_class="mixed", priority=5
+        )
+        await anyio.sleep(0.05)
+        assert gates.started == ["first"], "the free CPUs are kept for big"
+        gates.open("first", "big", *keys)
+        for h in (first, big, *urgent):
+            await h.result()
+    assert gates.started[:2] == ["first", "big"]
+
+
+@pytest.mark.parametrize("ending", ["cancel", "queue_timeout"])
+async def test_a_reservation_ends_when_its_task_leaves_the_queue(
+    tmp_path: Path, ending: str
+) -> None:
+    gates = Gates()
+    big_class: dict[str, Any] = {"cpus": 2, "aging": 0, "reserve_after": 0}
+    if ending == "queue_timeout":
+        big_class["queue_timeout"] = 0.3
+    classes = {"big": big_class, "small": {"cpus": 1, "aging": 0}}
     async with start(tmp_path, {"gate": gates.handler}, classes=classes, cpus=2) as infra:
         s1 = await infra.submit_task("gate", {"key": "s1"}, task_class="small")
         await gates.wait_started("s1")
@@ -333,7 +359,10 @@ async def test_a_reservation_ends_when_its_task_is_cancelled(tmp_path: Path) -> 
         s2 = await infra.submit_task("gate", {"key": "s2"}, task_class="small")
         await anyio.sleep(0.05)
         assert (await s2.status()).state is TaskState.QUEUED, "the free CPU is kept for big"
-        assert (await big.cancel()).state is TaskState.CANCELLED
+        if ending == "cancel":
+            assert (await big.cancel()).state is TaskState.CANCELLED
+        else:
+            assert (await big.wait()).state is TaskState.TIMED_OUT
         await gates.wait_started("s2")  # nothing is reserved any more
         gates.open("s1", "s2")
         for h in (s1, s2):

@@ -22,6 +22,7 @@ from dspy_infra import (
     ServiceState,
     UnknownService,
 )
+from dspy_infra._process_group import Ledger
 from dspy_infra._procfs import group_alive
 from dspy_infra.abc import LaunchSpec
 from dspy_infra.backends.local import LocalBackend
@@ -481,3 +482,33 @@ async def test_a_backend_object_replaces_the_configured_one(tmp_path: Path) -> N
     services = {"kv": service(port=True)}
     async with AgentInfra.start({"services": services}, state_dir=tmp_path, backend=backend):
         assert backend.launched == ["kv"]
+
+
+async def test_a_launch_that_cannot_be_recorded_is_stopped_not_leaked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unrecorded, a crash of this program would leave it running for good.
+    marker = f"{os.getpid() % 1000}.{time.time_ns() % 10**6:06d}"  # sleep's argument: unique
+    services = {"worker": {"command": ["sleep", marker], "start_retries": 0}}
+
+    def disk_full(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Ledger, "launched", disk_full)
+    started = time.monotonic()
+    with pytest.raises(ServiceStartError, match=r"cannot record its launch.*No space left"):
+        await infra_for(tmp_path, services).__aenter__()
+    assert time.monotonic() - started < 5, "it was waited for, not stopped"
+    assert _running_with(marker) == []
+
+
+def _running_with(argument: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if argument.encode() in (entry / "cmdline").read_bytes():
+                    found.append(entry.name)
+            except OSError:
+                pass  # gone meanwhile
+    return found

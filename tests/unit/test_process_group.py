@@ -22,7 +22,7 @@ _NO_PROCESS = 5_000_000
 
 
 def _describe(launch: Mapping[str, Any]) -> str:
-    return f"launch {launch['n']}"
+    return f"launch {launch['what']}"
 
 
 @pytest.fixture
@@ -34,48 +34,94 @@ def dead_owner() -> dict[str, Any]:
     return identity
 
 
+def _group() -> subprocess.Popen[bytes]:
+    """A real process group, as the runners launch them."""
+    return subprocess.Popen(["sh", "-c", "sleep 1000 & wait"], start_new_session=True)
+
+
 @pytest.fixture
-def group() -> Iterator[int]:
-    """A real process group, as the runners launch them: its leader's pid."""
-    process = subprocess.Popen(["sh", "-c", "sleep 1000 & wait"], start_new_session=True)
-    yield process.pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+def groups() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _launch(ledger: Ledger, pid: int, what: object) -> int:
+    number = ledger.number()
+    ledger.launched(number, pid, {"what": what})
+    return number
 
 
 def test_the_sweep_kills_exactly_the_launches_left_open(
-    tmp_path: Path, dead_owner: dict[str, Any], group: int
+    tmp_path: Path, dead_owner: dict[str, Any], groups: list[subprocess.Popen[bytes]]
 ) -> None:
+    left, ended = _group(), _group()
+    groups += [left, ended]
     ledger = Ledger(tmp_path, "crashed", dead_owner)
-    ledger.launched(group, {"n": "left open"})
-    # Thousands of launches that ended: the file is rewritten as it goes, and
-    # what is still open stays in it.
+    _launch(ledger, left.pid, "left open")
+    # A launch whose end is recorded is not the sweep's, even if its group
+    # still runs (here: it is not; its owner stopped it, say).
+    ledger.ended(_launch(ledger, ended.pid, "ended"))
+    # Thousands of launches that ended, as a long-running owner records: the
+    # file is rewritten as it goes, and what is still open stays in it.
     for n in range(3000):
-        ledger.launched(_NO_PROCESS + n, {"n": n})
-        ledger.ended(_NO_PROCESS + n)
+        ledger.ended(_launch(ledger, _NO_PROCESS + n, n))
     lines = ledger.path.read_text().splitlines()
     assert len(lines) < 1100, "never compacted"
     assert json.loads(lines[0]) == {"owner": dead_owner}
-    assert json.loads(lines[1])["pid"] == group
-    # The owner "crashes" with a line cut short by the crash of its machine.
+    assert json.loads(lines[1])["pid"] == left.pid
+    # The owner "crashes" with a line cut short by the crash of its machine,
+    # and one that is not a launch at all.
     with ledger.path.open("a") as file:
-        file.write('{"pid": 12')
+        file.write('[1, 2]\n{"pid": 12')
 
     removed = sweep(tmp_path, _describe)
 
-    assert removed == [f"launch left open (pid {group}, owner pid {dead_owner['owner_pid']} gone)"]
-    assert not group_alive(group)
+    assert removed == [
+        f"launch left open (pid {left.pid}, owner pid {dead_owner['owner_pid']} gone)"
+    ]
+    assert not group_alive(left.pid)
+    assert group_alive(ended.pid)
     assert list(tmp_path.iterdir()) == [], "the ledger is removed once swept"
 
 
-def test_the_ledger_of_a_live_owner_is_left_alone(tmp_path: Path, group: int) -> None:
-    ledger = Ledger(tmp_path, "alive", owner_identity())
-    ledger.launched(group, {"n": 1})
+def test_a_rewrite_the_owner_did_not_finish_is_swept_too(
+    tmp_path: Path, dead_owner: dict[str, Any], groups: list[subprocess.Popen[bytes]]
+) -> None:
+    left = _group()
+    groups.append(left)
+    header = json.dumps({"owner": dead_owner})
+    line = json.dumps(
+        {"what": "mid-rewrite", "n": 1, "pid": left.pid, "start": start_time(left.pid)}
+    )
+    (tmp_path / "crashed-0.jsonl.tmp").write_text(f"{header}\n{line}\n")
+    assert sweep(tmp_path, _describe) == [
+        f"launch mid-rewrite (pid {left.pid}, owner pid {dead_owner['owner_pid']} gone)"
+    ]
+    assert not group_alive(left.pid)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ledgers_of_live_owners_are_left_alone_and_two_owners_of_one_name_do_not_collide(
+    tmp_path: Path, groups: list[subprocess.Popen[bytes]]
+) -> None:
+    first, second = _group(), _group()
+    groups += [first, second]
+    one = Ledger(tmp_path, "same", owner_identity())
+    other = Ledger(tmp_path, "same", owner_identity())
+    _launch(one, first.pid, 1)
+    _launch(other, second.pid, 2)
+    assert one.path != other.path
     assert sweep(tmp_path, _describe) == []
-    assert group_alive(group)
-    ledger.close()
-    assert ledger.path.exists(), "a launch is still open: its line must stay"
+    assert group_alive(first.pid)
+    assert group_alive(second.pid)
+    one.close()
+    other.close()
+    assert one.path.exists(), "a launch is open: its line stays"
+    assert other.path.exists()
 
 
 def test_a_closed_ledger_with_nothing_open_leaves_no_file(tmp_path: Path) -> None:
@@ -83,14 +129,49 @@ def test_a_closed_ledger_with_nothing_open_leaves_no_file(tmp_path: Path) -> Non
     ledger.close()
     assert list(tmp_path.iterdir()) == [], "nothing launched: no file"
     ledger = Ledger(tmp_path, "tidy", owner_identity())
-    ledger.launched(_NO_PROCESS, {"n": 1})
-    ledger.ended(_NO_PROCESS)
+    ledger.ended(_launch(ledger, _NO_PROCESS, 1))
     ledger.close()
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError):
+        _launch(ledger, _NO_PROCESS, 2)
+
+
+def test_after_a_failed_write_the_file_is_rewritten_whole(
+    tmp_path: Path, dead_owner: dict[str, Any], groups: list[subprocess.Popen[bytes]]
+) -> None:
+    left = _group()
+    groups.append(left)
+    ledger = Ledger(tmp_path, "flaky", dead_owner)
+    _launch(ledger, left.pid, "open")
+    # The disk fills up mid-line: simulated by a write that fails after part of a line.
+    real_write = os.write
+    calls = 0
+
+    def failing(fd: int, data: bytes | memoryview) -> int:
+        nonlocal calls
+        calls += 1
+        real_write(fd, bytes(data)[:5])
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "write", failing)
+        with pytest.raises(OSError, match="No space"):
+            _launch(ledger, _NO_PROCESS, "lost")
+    assert calls == 1
+    _launch(ledger, _NO_PROCESS + 1, "after")
+    lines = ledger.path.read_text().splitlines()
+    assert [json.loads(line).get("what") for line in lines[1:]] == ["open", "after"]
+    assert sweep(tmp_path, _describe)[0].startswith("launch open")
 
 
 def test_an_unreadable_ledger_is_removed(tmp_path: Path) -> None:
     (tmp_path / "garbage.jsonl").write_text("not json\n")
     (tmp_path / "empty.jsonl").write_text("")
+    fresh = tmp_path / "busy.jsonl.tmp"  # perhaps a live owner's rewrite under way
+    fresh.write_text('{"own')
     assert sweep(tmp_path, _describe) == []
+    assert list(tmp_path.iterdir()) == [fresh]
+    old = os.stat(fresh).st_mtime - 3600
+    os.utime(fresh, (old, old))
+    sweep(tmp_path, _describe)
     assert list(tmp_path.iterdir()) == []

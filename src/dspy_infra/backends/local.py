@@ -9,6 +9,7 @@ gone, so a SIGKILLed Python process leaks nothing past its next start.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections.abc import AsyncGenerator, Mapping
@@ -33,12 +34,15 @@ from dspy_infra.errors import ServiceStartError
 
 __all__ = ["Backend", "LocalBackend"]
 
+log = logging.getLogger("dspy_infra")
+
 
 class LocalProcess:
-    def __init__(self, spec: LaunchSpec, process: Process, ledger: Ledger):
+    def __init__(self, spec: LaunchSpec, process: Process, ledger: Ledger, launch: int):
         self._spec = spec
         self._process = process
         self._ledger = ledger
+        self._launch = launch
 
     @property
     def id(self) -> str:
@@ -68,7 +72,10 @@ class LocalProcess:
 
     async def stop(self, grace: float) -> int:
         code = await stop_group(self._process, grace)
-        await anyio.to_thread.run_sync(self._ledger.ended, self._process.pid)
+        try:
+            await anyio.to_thread.run_sync(self._ledger.ended, self._launch)
+        except OSError as exc:  # it is stopped all the same
+            log.warning("cannot record that service %s stopped: %s", self._spec.name, exc)
         return code
 
     async def exec(self, argv: tuple[str, ...]) -> tuple[int, str]:
@@ -120,8 +127,9 @@ class LocalBackend:
             except LaunchFailed as exc:
                 raise ServiceStartError(spec.name, exc.reason) from None
             data = {"service": spec.name, "labels": dict(spec.labels)}
+            launch = ledger.number()
             try:
-                await anyio.to_thread.run_sync(ledger.launched, process.pid, data)
+                await anyio.to_thread.run_sync(ledger.launched, launch, process.pid, data)
             except OSError as exc:
                 # Unrecorded, a crash would leak it: it does not run at all.
                 await stop_group(process, 0)
@@ -129,7 +137,7 @@ class LocalBackend:
                 raise ServiceStartError(
                     spec.name, f"cannot record its launch in {str(ledger.path)!r}: {exc}"
                 ) from None
-        return LocalProcess(spec, process, ledger)
+        return LocalProcess(spec, process, ledger, launch)
 
     def peer_endpoint(
         self, service: str, ports: Mapping[str, int], container_ports: Mapping[str, int]

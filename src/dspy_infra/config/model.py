@@ -331,9 +331,10 @@ class TaskClass:
     are leased as whole devices. ``adaptive`` lets the concurrency limit move
     between ``min_concurrency`` and ``max_concurrency`` with the latency and
     failures of its tasks. ``aging`` is how many seconds of waiting are worth
-    one priority level (0 turns aging off: strict priority). A task whose
-    resources have been taken for ``reserve_after`` seconds has them
-    reserved: what other tasks free is kept for it (``inf``: never). A task is tried
+    one priority level (0 turns aging off: strict priority). With
+    ``reserve_after``, a task first in line whose resources have been taken
+    that many seconds has them reserved: what other tasks free is kept for it
+    (unset: never, pure backfill). A task is tried
     ``max_attempts`` times in all, waiting ``retry_backoff`` between attempts;
     ``timeout`` bounds one attempt's run, ``queue_timeout`` the wait before
     its first start. ``cancel_grace`` is how long a cancelled process gets
@@ -365,7 +366,7 @@ class TaskClass:
     max_attempts: int = field(default=1, validator=_at_least_one)
     retry_backoff: Backoff = field(factory=lambda: Backoff(initial=0.1, max=30.0))
     aging: float = field(default=60.0, validator=_non_negative)
-    reserve_after: float = field(default=60.0, validator=_non_negative)
+    reserve_after: float | None = field(default=None, validator=_non_negative)
     cancel_grace: float = field(default=5.0, validator=_non_negative)
     partition: str | None = field(default=None, validator=_slurm_word)
     account: str | None = field(default=None, validator=_slurm_word)

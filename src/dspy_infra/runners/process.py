@@ -115,14 +115,14 @@ class ProcessRunner:
             process = await launch_group(argv, env=env, cwd=cwd, stderr=subprocess.PIPE)
         except LaunchFailed as exc:
             raise RunFailed(exc.reason) from None
-        pid = process.pid
+        launch = ledger.number()
         finished = False
         try:
             async with anyio.create_task_group() as group:
                 # Beside the process rather than before it: the record is for
                 # a crash of this owner, and a short command should not wait
                 # for a thread to write it.
-                group.start_soon(_record, ledger, pid, run)
+                group.start_soon(_record, ledger, launch, process.pid, run)
                 group.start_soon(stdout.pump, process.stdout)
                 group.start_soon(stderr.pump, process.stderr)
                 code = await process.wait()
@@ -136,7 +136,7 @@ class ProcessRunner:
                 # for ever, so the reading ends after a while regardless.
                 group.cancel_scope.deadline = anyio.current_time() + _DRAIN_SECONDS
             raw = await anyio.to_thread.run_sync(
-                _conclude, ledger, pid, files.result_file if code == 0 else None
+                _conclude, ledger, launch, files.result_file if code == 0 else None
             )
             finished = True
         finally:
@@ -145,7 +145,7 @@ class ProcessRunner:
                     # Cancelled (task cancel or timeout) or broken: stop the
                     # work before the attempt counts as over.
                     await stop_group(process, grace)
-                    await anyio.to_thread.run_sync(_conclude, ledger, pid, None)
+                    await anyio.to_thread.run_sync(_conclude, ledger, launch, None)
                 await process.aclose()
         return outcome(code, raw, files.result_file, stdout, stderr)
 
@@ -158,10 +158,10 @@ class ProcessRunner:
 Runner = ProcessRunner
 
 
-async def _record(ledger: Ledger, pid: int, run: TaskRun) -> None:
+async def _record(ledger: Ledger, launch: int, pid: int, run: TaskRun) -> None:
     try:
         await anyio.to_thread.run_sync(
-            ledger.launched, pid, {"task_id": run.task_id, "attempt": run.attempt}
+            ledger.launched, launch, pid, {"task_id": run.task_id, "attempt": run.attempt}
         )
     except OSError as exc:
         # The attempt itself is fine; only a crash of this owner would now
@@ -169,11 +169,11 @@ async def _record(ledger: Ledger, pid: int, run: TaskRun) -> None:
         log.warning("cannot record task %r attempt %s: %s", run.task_id, run.attempt, exc)
 
 
-def _conclude(ledger: Ledger, pid: int, result_file: Path | None) -> bytes | None:
+def _conclude(ledger: Ledger, launch: int, result_file: Path | None) -> bytes | None:
     try:
-        ledger.ended(pid)
+        ledger.ended(launch)
     except OSError as exc:  # as in _record: the attempt itself is fine
-        log.warning("cannot record the end of process %d: %s", pid, exc)
+        log.warning("cannot record the end of a task's process in %s: %s", ledger.path, exc)
     return None if result_file is None else read_result(result_file)
 
 

@@ -55,8 +55,16 @@ class ClassQueue:
         record.version += 1
         self._size -= 1
 
-    def pop(self, fits: Callable[[TaskRecord], bool]) -> TaskRecord | None:
-        """The best task that ``fits``, searching at most BACKFILL_DEPTH past one that does not."""
+    def pop(
+        self,
+        fits: Callable[[TaskRecord], bool],
+        blocked: Callable[[TaskRecord], None] | None = None,
+    ) -> TaskRecord | None:
+        """The best task that ``fits``, searching at most BACKFILL_DEPTH past one that does not.
+
+        ``blocked(head)`` is told when the first task does not fit, before
+        any behind it is looked at.
+        """
         skipped: list[tuple[float, int, int, TaskRecord]] = []
         found: TaskRecord | None = None
         heap = self._heap
@@ -68,6 +76,8 @@ class ClassQueue:
             if fits(record):
                 found = record
                 break
+            if blocked is not None and not skipped:
+                blocked(record)
             skipped.append(entry)
         for entry in skipped:
             heapq.heappush(heap, entry)

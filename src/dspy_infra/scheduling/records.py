@@ -92,7 +92,7 @@ class TaskRecord:
         self.finished_at: float | None = None
         self.not_before: float | None = None
         self.deadline: float | None = None  # monotonic: queue timeout
-        self.blocked_since: float | None = None  # monotonic: first found not fitting
+        self.blocked_since: float | None = None  # monotonic: first found not fitting, first in line
         self.result: str | None = None  # JSON text
         self.error: str | None = None
         self.gpus: tuple[str, ...] = ()

@@ -215,8 +215,10 @@ class LocalScheduler:
         self._seq = itertools.count(1)
         self._starting_services: set[str] = set()
         self._pool = ResourcePool(cpus=1, memory_mb=1, gpus=())
-        self._reserved_for: TaskRecord | None = None  # see _fits
-        self._blocked: deque[TaskRecord] = deque()  # found not fitting, in that order
+        # Backfill reservations (reserve_after): the task holding the one
+        # reservation, and each class's first in line found not fitting.
+        self._reserved_for: TaskRecord | None = None
+        self._blocked_heads: dict[str, TaskRecord] = {}
         self.gpu_source = "none"
         self._timer_wake: anyio.Event | None = None
         # What keep_finished forgets: see forget_also.
@@ -765,9 +767,10 @@ class LocalScheduler:
     def _dispatch_class(self, cls: _Class) -> None:
         queue = cls.queue
         fits = self._fits if cls.local else _always
+        blocked = self._head_blocked if cls.local and cls.config.reserve_after is not None else None
         released = False
         while len(queue) and cls.running < cls.limit.limit:
-            record = queue.pop(fits)
+            record = self._reserved_ready(cls) or queue.pop(fits, blocked)
             if record is None:
                 break
             if record.needs and not self._services_ready(record.needs):
@@ -782,37 +785,51 @@ class LocalScheduler:
         """Whether the record's resources are free, besides those reserved.
 
         Backfill alone could pass a large task over for ever, as long as
-        smaller ones keep taking what is freed. So the task that has found
-        its resources taken the longest has them reserved once it has waited
-        its class's ``reserve_after``: from then on, what others free is kept
-        for it, one such task at a time.
+        smaller ones keep taking what is freed. So in a class with
+        ``reserve_after``, a task first in line that has found its resources
+        taken that long has them reserved: from then on, what others free is
+        kept for it. One reservation at a time.
         """
-        if self._blocked and self._reserved_for is None:
+        if self._blocked_heads and self._reserved_for is None:
             self._reserve_if_due()
-        if self._pool.fits(record.need, reserved=record is self._reserved_for):
-            return True
+        return self._pool.fits(record.need, reserved=record is self._reserved_for)
+
+    def _head_blocked(self, record: TaskRecord) -> None:
+        """The first in its class's queue does not fit (only with ``reserve_after``)."""
         if record.blocked_since is None:
             record.blocked_since = time.monotonic()
-            if self._classes[record.task_class].config.reserve_after < math.inf:
-                self._blocked.append(record)
-        return False
+        self._blocked_heads[record.task_class] = record
+        if self._reserved_for is None:
+            self._reserve_if_due()
 
     def _reserve_if_due(self) -> None:
-        blocked = self._blocked
-        # Those that started, or left the queue, since they were found blocked.
-        while blocked and (
-            blocked[0].state is not TaskState.QUEUED or blocked[0].blocked_since is None
+        now = time.monotonic()
+        for name, record in list(self._blocked_heads.items()):
+            # Gone from the queue since (started, cancelled, waiting for services).
+            if record.state is not TaskState.QUEUED or record.blocked_since is None:
+                del self._blocked_heads[name]
+                continue
+            wait = self._classes[name].config.reserve_after
+            if wait is not None and now - record.blocked_since >= wait:
+                del self._blocked_heads[name]
+                self._reserved_for = record
+                self._pool.reserve(record.need)
+                return
+
+    def _reserved_ready(self, cls: _Class) -> TaskRecord | None:
+        """The task holding the reservation, taken out of the queue, if it is
+        ``cls``'s and fits now. Looked at before the queue: the tasks ranked
+        above it that do not fit (more than BACKFILL_DEPTH) must not hide it,
+        which would keep what is held for it idle for ever."""
+        record = self._reserved_for
+        if (
+            record is None
+            or record.task_class != cls.name
+            or not self._pool.fits(record.need, reserved=True)
         ):
-            blocked.popleft()
-        if not blocked:
-            return
-        first = blocked[0]
-        assert first.blocked_since is not None
-        wait = self._classes[first.task_class].config.reserve_after
-        if time.monotonic() - first.blocked_since >= wait:
-            blocked.popleft()
-            self._reserved_for = first
-            self._pool.reserve(first.need)
+            return None
+        cls.queue.discard(record)
+        return record
 
     def _unreserve(self, record: TaskRecord) -> bool:
         """The record no longer waits in the queue: release its reservation, if it has one."""
@@ -1203,6 +1220,7 @@ class LocalScheduler:
 
     def _wait_for_services(self, record: TaskRecord) -> None:
         record.state = TaskState.WAITING_FOR_SERVICES
+        record.blocked_since = None  # back in the queue, it is found blocked afresh
         self._waiting.add(record)
         self._publish(record, TaskState.WAITING_FOR_SERVICES)
         if not self._settings.start_needed_services:
