@@ -296,15 +296,9 @@ async def test_a_task_passed_over_for_reserve_after_gets_what_is_freed(
     tmp_path: Path, reserve_after: float | None, order: list[str]
 ) -> None:
     gates = Gates()
-    big_class: dict[str, Any] = {"cpus": 2, "aging": 0}
-    if reserve_after is not None:
-        big_class["reserve_after"] = reserve_after
-    classes = {"big": big_class, "small": {"cpus": 1, "aging": 0}}
-    async with start(tmp_path, {"gate": gates.handler}, classes=classes, cpus=2) as infra:
-        s1 = await infra.submit_task("gate", {"key": "s1"}, task_class="small")
-        await gates.wait_started("s1")
-        big = await infra.submit_task("gate", {"key": "big"}, task_class="big")
-        s2 = await infra.submit_task("gate", {"key": "s2"}, task_class="small")
+    big = {} if reserve_after is None else {"reserve_after": reserve_after}
+    async with start(tmp_path, {"gate": gates.handler}, **_two_cpus(big)) as infra:
+        s1, big_task, s2 = await _big_behind_one_small(infra, gates)
         await gates.wait_started("s2")  # backfilled: the big one has not waited long yet
         await anyio.sleep(0.6)
         s3 = await infra.submit_task("gate", {"key": "s3"}, task_class="small")
@@ -314,9 +308,26 @@ async def test_a_task_passed_over_for_reserve_after_gets_what_is_freed(
         gates.open("s2")
         await s2.result()
         gates.open("big", "s3")
-        for h in (big, s3):
+        for h in (big_task, s3):
             await h.result()
     assert gates.started == order
+
+
+def _two_cpus(big: dict[str, Any]) -> dict[str, Any]:
+    """2 CPUs; class "big" takes both (and ``big``'s keys), "small" one."""
+    classes = {"big": {"cpus": 2, "aging": 0, **big}, "small": {"cpus": 1, "aging": 0}}
+    return {"classes": classes, "cpus": 2}
+
+
+async def _big_behind_one_small(
+    infra: AgentInfra, gates: Gates
+) -> tuple[TaskHandle, TaskHandle, TaskHandle]:
+    """s1 runs; then "big" is submitted, which does not fit beside it, then s2."""
+    s1 = await infra.submit_task("gate", {"key": "s1"}, task_class="small")
+    await gates.wait_started("s1")
+    big = await infra.submit_task("gate", {"key": "big"}, task_class="big")
+    s2 = await infra.submit_task("gate", {"key": "s2"}, task_class="small")
+    return s1, big, s2
 
 
 async def test_the_reserved_task_starts_however_many_are_ranked_above_it(tmp_path: Path) -> None:
@@ -348,15 +359,11 @@ async def test_a_reservation_ends_when_its_task_leaves_the_queue(
     tmp_path: Path, ending: str
 ) -> None:
     gates = Gates()
-    big_class: dict[str, Any] = {"cpus": 2, "aging": 0, "reserve_after": 0}
+    big_class: dict[str, Any] = {"reserve_after": 0}
     if ending == "queue_timeout":
         big_class["queue_timeout"] = 0.3
-    classes = {"big": big_class, "small": {"cpus": 1, "aging": 0}}
-    async with start(tmp_path, {"gate": gates.handler}, classes=classes, cpus=2) as infra:
-        s1 = await infra.submit_task("gate", {"key": "s1"}, task_class="small")
-        await gates.wait_started("s1")
-        big = await infra.submit_task("gate", {"key": "big"}, task_class="big")
-        s2 = await infra.submit_task("gate", {"key": "s2"}, task_class="small")
+    async with start(tmp_path, {"gate": gates.handler}, **_two_cpus(big_class)) as infra:
+        s1, big, s2 = await _big_behind_one_small(infra, gates)
         await anyio.sleep(0.05)
         assert (await s2.status()).state is TaskState.QUEUED, "the free CPU is kept for big"
         if ending == "cancel":
