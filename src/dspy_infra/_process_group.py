@@ -186,7 +186,7 @@ class Ledger:
     def ended(self, number: int) -> None:
         """Record a launch's end (its whole group is gone)."""
         with self._lock:
-            if self._open.pop(number, None) is None:
+            if self._open.pop(number, None) is None or self._closed:
                 return
             if self._lines >= _COMPACT_AT and self._lines >= 4 * (len(self._open) + 1):
                 self._rewrite()
@@ -225,13 +225,16 @@ class Ledger:
             os.replace(partial, self.path)
         except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
             self._stale = True  # tried again before the next line
             raise
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd = fd
+        old, self._fd = self._fd, fd
         self._lines = 1 + len(self._open)
         self._stale = False
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.close(old)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -272,7 +275,9 @@ def sweep(records: Path, describe: Callable[[Mapping[str, Any]], str]) -> list[s
         try:
             owner, launches = _read_ledger(path)
             owner_pid, owner_start = owner["owner_pid"], owner["owner_start"]
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
+        except OSError:
+            continue  # gone meanwhile, or not readable now: not ours to judge
+        except (ValueError, KeyError, TypeError, IndexError):
             # Unreadable: nothing to go by. But a rewrite may be under way
             # (an owner alive, sharing the directory): a ".tmp" goes only
             # once it is clearly left behind.

@@ -361,7 +361,7 @@ async def test_a_reservation_ends_when_its_task_leaves_the_queue(
     gates = Gates()
     big_class: dict[str, Any] = {"reserve_after": 0}
     if ending == "queue_timeout":
-        big_class["queue_timeout"] = 0.3
+        big_class["queue_timeout"] = 2.0
     async with start(tmp_path, {"gate": gates.handler}, **_two_cpus(big_class)) as infra:
         s1, big, s2 = await _big_behind_one_small(infra, gates)
         await anyio.sleep(0.05)

@@ -130,10 +130,12 @@ class LocalBackend:
             launch = ledger.number()
             try:
                 await anyio.to_thread.run_sync(ledger.launched, launch, process.pid, data)
-            except OSError as exc:
+            except Exception as exc:
                 # Unrecorded, a crash would leak it: it does not run at all.
                 await stop_group(process, 0)
                 await process.aclose()
+                if not isinstance(exc, OSError):
+                    raise
                 raise ServiceStartError(
                     spec.name, f"cannot record its launch in {str(ledger.path)!r}: {exc}"
                 ) from None

@@ -115,6 +115,7 @@ class _Class:
         "name",
         "queue",
         "ready",
+        "reserves",
         "runner",
         "running",
         "unavailable",
@@ -131,6 +132,9 @@ class _Class:
             minimum=config.min_concurrency, maximum=config.max_concurrency, adaptive=config.adaptive
         )
         self.local = config.runner not in _REMOTE_RUNNERS
+        # Whether its first task in line may be reserved for (see LocalScheduler._fits).
+        reserve_after = config.reserve_after
+        self.reserves = self.local and reserve_after is not None and reserve_after < math.inf
         self.running = 0
         self.committing = 0  # submitted, not yet queued: their insert is being committed
         self.runner: Runner | None = None
@@ -219,6 +223,7 @@ class LocalScheduler:
         # reservation, and each class's first in line found not fitting.
         self._reserved_for: TaskRecord | None = None
         self._blocked_heads: dict[str, TaskRecord] = {}
+        self._next_due = math.inf  # monotonic: when the first of them is due
         self.gpu_source = "none"
         self._timer_wake: anyio.Event | None = None
         # What keep_finished forgets: see forget_also.
@@ -767,7 +772,7 @@ class LocalScheduler:
     def _dispatch_class(self, cls: _Class) -> None:
         queue = cls.queue
         fits = self._fits if cls.local else _always
-        blocked = self._head_blocked if cls.local and cls.config.reserve_after is not None else None
+        blocked = self._head_blocked if cls.reserves else None
         released = False
         while len(queue) and cls.running < cls.limit.limit:
             record = self._reserved_ready(cls) or queue.pop(fits, blocked)
@@ -790,7 +795,7 @@ class LocalScheduler:
         taken that long has them reserved: from then on, what others free is
         kept for it. One reservation at a time.
         """
-        if self._blocked_heads and self._reserved_for is None:
+        if self._reserved_for is None and time.monotonic() >= self._next_due:
             self._reserve_if_due()
         return self._pool.fits(record.need, reserved=record is self._reserved_for)
 
@@ -803,18 +808,22 @@ class LocalScheduler:
             self._reserve_if_due()
 
     def _reserve_if_due(self) -> None:
+        """Reserve for the first blocked head that has waited its class's
+        ``reserve_after``; note when the next one is due."""
         now = time.monotonic()
+        self._next_due = math.inf
         for name, record in list(self._blocked_heads.items()):
             # Gone from the queue since (started, cancelled, waiting for services).
             if record.state is not TaskState.QUEUED or record.blocked_since is None:
                 del self._blocked_heads[name]
                 continue
-            wait = self._classes[name].config.reserve_after
-            if wait is not None and now - record.blocked_since >= wait:
+            due = record.blocked_since + (self._classes[name].config.reserve_after or 0.0)
+            if due <= now and self._reserved_for is None:
                 del self._blocked_heads[name]
                 self._reserved_for = record
                 self._pool.reserve(record.need)
-                return
+            else:
+                self._next_due = min(self._next_due, due)
 
     def _reserved_ready(self, cls: _Class) -> TaskRecord | None:
         """The task holding the reservation, taken out of the queue, if it is
@@ -828,6 +837,8 @@ class LocalScheduler:
             or not self._pool.fits(record.need, reserved=True)
         ):
             return None
+        assert record.state is TaskState.QUEUED
+        assert record.not_before is None
         cls.queue.discard(record)
         return record
 
@@ -837,6 +848,7 @@ class LocalScheduler:
             return False
         self._reserved_for = None
         self._pool.unreserve()
+        self._next_due = 0.0  # another blocked head may be due already
         return True
 
     def _startable(self, record: TaskRecord) -> bool:
@@ -1187,6 +1199,8 @@ class LocalScheduler:
                         written = self._journal.write((kind, (forgotten,)))
                     assert written is not None
                     await written.wait()
+                    # A store in memory answers at once: let others run between batches.
+                    await anyio.lowlevel.checkpoint()
                     log.debug(
                         "forgot %d (%s) finished before %s", len(ids), kind, time.ctime(cutoff)
                     )

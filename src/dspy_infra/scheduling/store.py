@@ -430,7 +430,7 @@ class MemoryStore:
         self._rows: dict[str, list[Any]] = {}
         self._workflows: dict[str, WorkflowRow] = {}
         self._runs: dict[str, list[Any]] = {}
-        self._steps: dict[tuple[str, str], StepRow] = {}
+        self._steps: dict[str, dict[str, StepRow]] = {}  # run -> step -> row
 
     def open(self) -> list[Row]:
         return []
@@ -447,10 +447,9 @@ class MemoryStore:
             (run_id,) = params
             if run_id in self._runs and self._runs[run_id][3] != "running":
                 del self._runs[run_id]
-                for key in [k for k in self._steps if k[0] == run_id]:
-                    del self._steps[key]
+                self._steps.pop(run_id, None)
         else:
-            self._steps[params[0], params[1]] = params
+            self._steps.setdefault(params[0], {})[params[1]] = params
 
     def workflows(self) -> list[WorkflowRow]:
         return list(self._workflows.values())
@@ -461,7 +460,7 @@ class MemoryStore:
         return [tuple(r) for r in self._runs.values() if r[3] == "running"]
 
     def steps(self, run_id: str) -> list[StepRow]:
-        return [row for (run, _), row in self._steps.items() if run == run_id]
+        return list(self._steps.get(run_id, {}).values())
 
     def apply(self, ops: Sequence[Op]) -> None:
         rows = self._rows
