@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import sqlite3
 import sys
@@ -1046,3 +1047,50 @@ async def test_adaptive_limit_moves_within_its_bounds_under_load(tmp_path: Path)
     assert all(2 <= limit <= 7 for limit in limits)
     assert peak[0] <= 7
     assert peak[0] > 4  # the grown limit was used
+
+
+def _nested(depth: int) -> list[Any]:
+    """A list nested ``depth`` deep: more than JSON's encoder recurses through."""
+    outer: list[Any] = []
+    inner = outer
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]
+    return outer
+
+
+async def test_a_handler_that_escapes_its_attempt_fails_alone(tmp_path: Path) -> None:
+    # Each of these used to stop the whole instance (and, the attempt given
+    # back, every instance after it): they fail their own task instead.
+    async def stray_cancel(payload: Any) -> None:
+        other = asyncio.ensure_future(asyncio.sleep(10))
+        other.cancel()
+        await other  # its CancelledError is not a cancel of this task
+
+    def quits(payload: Any) -> None:
+        sys.exit(3)
+
+    async def too_deep(payload: Any) -> Any:
+        return _nested(100_000)
+
+    handlers = {"stray": stray_cancel, "quits": quits, "deep": too_deep, "echo": echo}
+    async with start(tmp_path, handlers) as infra:
+        for handler, error in [
+            ("stray", "CancelledError"),
+            ("quits", "it called sys.exit(3)"),
+            ("deep", "its result is not JSON-compatible"),
+        ]:
+            status = await (await infra.submit_task(handler, None)).wait()
+            assert status.state is TaskState.FAILED, handler
+            assert status.error is not None
+            assert error in status.error
+        assert await (await infra.submit_task("echo", 1)).result() == 1  # still serving
+
+
+async def test_unusable_ids_and_payloads_are_refused_with_invalid_task(tmp_path: Path) -> None:
+    async with start(tmp_path, {"echo": echo}) as infra:
+        with pytest.raises(InvalidTask, match="task_id must be a non-empty string"):
+            await infra.submit_task("echo", 1, task_id=["not", "hashable"])  # type: ignore[arg-type]
+        with pytest.raises(InvalidTask, match="not JSON-compatible"):
+            await infra.submit_task("echo", _nested(100_000))
+        assert infra.task_classes()["cpu_short"].queued == 0

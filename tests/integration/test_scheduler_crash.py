@@ -164,3 +164,92 @@ async def test_one_live_instance_per_state_dir(tmp_path: Path) -> None:
     async with AgentInfra.start(state_dir=state_dir, handlers={"work": lambda _: "ran"}) as infra:
         assert await infra.task_handle("held").result() == "ran"
         assert (await infra.get_task_status("held")).attempts == 2
+
+
+async def _left_running(state_dir: Path, config: dict[str, Any], **submit: Any) -> str:
+    """An instance is closed while a task of class "c" runs: the task is stored to run again."""
+    started = anyio.Event()
+
+    async def block(payload: Any) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with AgentInfra.start(config, state_dir=state_dir, handlers={"h": block}) as infra:
+        handle = await infra.submit_task("h", None, task_class="c", **submit)
+        await started.wait()
+    return handle.task_id
+
+
+async def _echo(payload: Any) -> Any:
+    return payload
+
+
+async def test_tasks_of_a_class_whose_runner_is_gone_wait_for_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state_dir = tmp_path / "state"
+    task_id = await _left_running(state_dir, {"classes": {"c": {}}})
+    # The class's runner cannot be opened now (Slurm, without its commands on
+    # PATH): its task waits, and the instance works, instead of failing.
+    with monkeypatch.context() as patched:
+        patched.setenv("PATH", str(tmp_path / "empty"))
+        gone = {"classes": {"c": {"runner": "slurm"}}}
+        async with AgentInfra.start(gone, state_dir=state_dir, handlers={"echo": _echo}) as infra:
+            assert await (await infra.submit_task("echo", 7)).result() == 7
+            assert (await infra.get_task_status(task_id)).state is TaskState.QUEUED
+    assert "1 recovered tasks of class 'c' wait for an instance that can run them" in caplog.text
+    async with AgentInfra.start(
+        {"classes": {"c": {}}}, state_dir=state_dir, handlers={"h": _echo}
+    ) as infra:
+        assert (await infra.task_handle(task_id).wait()).state is TaskState.SUCCEEDED
+
+
+async def test_a_recovered_task_that_can_never_fit_is_lost_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    with_gpu = {"classes": {"c": {"gpus": 1}}, "infra": {"gpus": [0]}}
+    task_id = await _left_running(state_dir, with_gpu)
+    without = {"classes": {"c": {"gpus": 1}}, "infra": {"gpus": []}}
+    async with AgentInfra.start(without, state_dir=state_dir, handlers={"h": _echo}) as infra:
+        status = await infra.task_handle(task_id).wait()
+    assert status.state is TaskState.LOST
+    assert status.error == "it can never run here: it needs 1 GPUs; this machine has 0"
+
+
+async def test_a_task_being_cancelled_when_its_instance_closes_stays_cancelled(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    started = anyio.Event()
+    runs = 0
+
+    async def slow_to_stop(payload: Any) -> None:
+        nonlocal runs
+        runs += 1
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.5)  # cleaning up, as a process given its cancel_grace
+
+    handlers = {"s": slow_to_stop}
+    cancelled: list[TaskState] = []
+    async with (
+        anyio.create_task_group() as outside,
+        AgentInfra.start({}, state_dir=state_dir, handlers=handlers) as infra,
+    ):
+        handle = await infra.submit_task("s", None)
+        await started.wait()
+
+        async def cancel() -> None:
+            cancelled.append((await handle.cancel()).state)
+
+        outside.start_soon(cancel)
+        await anyio.sleep(0.1)  # the cancel is under way: leave the block meanwhile
+    assert cancelled == [TaskState.CANCELLED]
+    async with AgentInfra.start({}, state_dir=state_dir, handlers=handlers) as infra:
+        status = await infra.task_handle(handle.task_id).wait()
+    assert status.state is TaskState.CANCELLED
+    assert runs == 1, "a cancelled task ran again"

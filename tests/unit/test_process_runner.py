@@ -172,6 +172,16 @@ async def test_a_stdout_result_over_the_size_limit_fails_the_attempt(
         await runner.run(make_run("h"))
 
 
+async def test_a_result_file_over_the_size_limit_fails_the_attempt_unread(
+    runner_with: RunnerWith, make_run: MakeRun, python: Python
+) -> None:
+    # 64 MB of valid JSON: read in full, it would be parsed before the limit is checked.
+    code = 'import sys; f = open(sys.argv[1], "w"); f.write("[" + "1," * 2**25 + "1]")'
+    runner = await runner_with({"h": python(code, "{result_file}")}, max_result_bytes=100)
+    with pytest.raises(RunFailed, match=r"result\.json' is over the limit of 100 bytes"):
+        await runner.run(make_run("h"))
+
+
 async def test_a_failure_carries_the_exit_code_and_the_stderr_tail(
     runner_with: RunnerWith, make_run: MakeRun, python: Python
 ) -> None:

@@ -135,23 +135,38 @@ def prepare(files: AttemptFiles, payload: Any) -> None:
     files.result_file.unlink(missing_ok=True)
 
 
-def read_result(result_file: Path) -> bytes | None:
-    """The result file's content, or None when the command wrote none (blocking)."""
+def read_result(result_file: Path, limit: int) -> bytes | None:
+    """The result file's content, or None when the command wrote none (blocking).
+
+    At most ``limit + 1`` bytes are read, so that a huge file costs no more
+    memory than one just over the limit (which :func:`outcome` refuses).
+    """
     try:
-        return result_file.read_bytes()
+        with result_file.open("rb") as file:
+            return file.read(limit + 1)
     except FileNotFoundError:
         return None
 
 
-def outcome(code: int, raw: bytes | None, result_file: Path, stdout: Tail, stderr: Tail) -> Any:
+def outcome(
+    code: int, raw: bytes | None, result_file: Path, stdout: Tail, stderr: Tail, *, limit: int
+) -> Any:
     """The attempt's result, or :class:`RunFailed` saying why there is none.
 
     ``code`` is the exit code (``-N`` for signal N), ``raw`` the result file's
-    content (None when there is none), ``stdout`` the tail holding the last
-    line of stdout.
+    content (None when there is none; see :func:`read_result`), ``stdout``
+    the tail holding the last line of stdout, ``limit`` the largest result
+    (``[infra] max_result_bytes``).
     """
     if code != 0:
         raise RunFailed(_exit_message(code), exit_code=code, output=stderr.text())
+    if raw is not None and len(raw) > limit:
+        raise RunFailed(
+            f"the result file {str(result_file)!r} is over the limit of {limit} bytes "
+            "([infra] max_result_bytes)",
+            exit_code=0,
+            output=stderr.text(),
+        )
     if raw and raw.strip():
         try:
             return json.loads(raw)

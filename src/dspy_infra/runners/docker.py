@@ -88,7 +88,8 @@ class DockerRunner:
         await anyio.to_thread.run_sync(prepare, files, run.payload)
 
         container = await _start(engine, run, handler, files, command)
-        stdout = Tail(1, context.config.infra.max_result_bytes)
+        limit = context.config.infra.max_result_bytes
+        stdout = Tail(1, limit)
         stderr = Tail(STDERR_LINES, STDERR_LINE_BYTES)
         try:
             code = await _wait_and_read(container, stdout, stderr)
@@ -96,7 +97,7 @@ class DockerRunner:
                 raise RunFailed(_out_of_memory(code, run), exit_code=code, output=stderr.text())
             raw = None
             if code == 0:
-                raw = await anyio.to_thread.run_sync(read_result, files.result_file)
+                raw = await anyio.to_thread.run_sync(read_result, files.result_file, limit)
         finally:
             # However the attempt ends (its exit, a cancel, a timeout, an
             # error here), the container goes before the attempt counts as
@@ -104,7 +105,7 @@ class DockerRunner:
             # only the removal when it has exited already.
             with anyio.CancelScope(shield=True):
                 await container.stop(run.class_config.cancel_grace)
-        return outcome(code, raw, files.result_file, stdout, stderr)
+        return outcome(code, raw, files.result_file, stdout, stderr, limit=limit)
 
     async def close(self) -> None:
         self._context = None

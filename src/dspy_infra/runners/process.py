@@ -108,7 +108,8 @@ class ProcessRunner:
         cwd = Path(handler.cwd) if handler.cwd is not None else files.work_dir
         await anyio.to_thread.run_sync(prepare, files, run.payload)
 
-        stdout = Tail(1, context.config.infra.max_result_bytes)
+        limit = context.config.infra.max_result_bytes
+        stdout = Tail(1, limit)
         stderr = Tail(STDERR_LINES, STDERR_LINE_BYTES)
         grace = run.class_config.cancel_grace
         try:
@@ -136,7 +137,7 @@ class ProcessRunner:
                 # for ever, so the reading ends after a while regardless.
                 group.cancel_scope.deadline = anyio.current_time() + _DRAIN_SECONDS
             raw = await anyio.to_thread.run_sync(
-                _conclude, ledger, launch, files.result_file if code == 0 else None
+                _conclude, ledger, launch, files.result_file if code == 0 else None, limit
             )
             finished = True
         finally:
@@ -145,9 +146,9 @@ class ProcessRunner:
                     # Cancelled (task cancel or timeout) or broken: stop the
                     # work before the attempt counts as over.
                     await stop_group(process, grace)
-                    await anyio.to_thread.run_sync(_conclude, ledger, launch, None)
+                    await anyio.to_thread.run_sync(_conclude, ledger, launch, None, limit)
                 await process.aclose()
-        return outcome(code, raw, files.result_file, stdout, stderr)
+        return outcome(code, raw, files.result_file, stdout, stderr, limit=limit)
 
     async def close(self) -> None:
         ledger, self._ledger, self._context = self._ledger, None, None
@@ -169,12 +170,12 @@ async def _record(ledger: Ledger, launch: int, pid: int, run: TaskRun) -> None:
         log.warning("cannot record task %r attempt %s: %s", run.task_id, run.attempt, exc)
 
 
-def _conclude(ledger: Ledger, launch: int, result_file: Path | None) -> bytes | None:
+def _conclude(ledger: Ledger, launch: int, result_file: Path | None, limit: int) -> bytes | None:
     try:
         ledger.ended(launch)
     except OSError as exc:  # as in _record: the attempt itself is fine
         log.warning("cannot record the end of a task's process in %s: %s", ledger.path, exc)
-    return None if result_file is None else read_result(result_file)
+    return None if result_file is None else read_result(result_file, limit)
 
 
 def _describe(record: Mapping[str, Any]) -> str:

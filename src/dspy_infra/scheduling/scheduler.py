@@ -20,6 +20,7 @@ queued again for the next start), then commit what is left, then stop.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import heapq
 import itertools
@@ -30,7 +31,7 @@ import os
 import re
 import shutil
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -345,12 +346,21 @@ class LocalScheduler:
     async def _recover(self, rows: list[tuple[Any, ...]]) -> None:
         """Queue what was queued; re-run what was running if it has an attempt left."""
         lost: list[TaskRecord] = []
+        waiting: Counter[str] = Counter()  # of classes whose runner is unavailable
         for row in rows:
             record = TaskRecord.from_row(row, next(self._seq))
-            if record.task_class not in self._classes:
+            cls = self._classes.get(record.task_class)
+            if cls is None:
                 record.error = f"its class {record.task_class!r} is no longer configured"
                 lost.append(record)
                 continue
+            if cls.local and (problem := self._pool.capacity_error(record.need)):
+                # Submitted to an instance with more: it would wait for ever.
+                record.error = f"it can never run here: it {problem}"
+                lost.append(record)
+                continue
+            if cls.runner is None:
+                waiting[cls.name] += 1
             if record.state is TaskState.RUNNING:
                 if record.attempts >= record.max_attempts:
                     record.error = (
@@ -371,6 +381,13 @@ class LocalScheduler:
             self._finish(record, TaskState.LOST, None, record.error)
         if rows:
             log.info("recovered %d unfinished tasks (%d lost)", len(rows), len(lost))
+        for name, count in waiting.items():
+            log.warning(
+                "%d recovered tasks of class %r wait for an instance that can run them: %s",
+                count,
+                name,
+                self._classes[name].unavailable,
+            )
 
     def _check_open(self) -> None:
         if not self._open:
@@ -393,6 +410,7 @@ class LocalScheduler:
         """
         self._check_open()
         requests = list(requests)
+        _check_ids(requests)  # first: an id must be valid before it is looked up
         # Ids given by the caller may be stored already, by an earlier
         # instance: one look in the store for all of them.
         unknown = (
@@ -445,6 +463,8 @@ class LocalScheduler:
                 for record in records:
                     self._live.pop(record.task_id, None)
                     self._classes[record.task_class].committing -= 1
+                    if record.waiters is not None:  # a cancel() of it, say
+                        record.waiters.set()
                 if early is not None:
                     self._release(self._classes[early.task_class], early)
                 raise
@@ -606,8 +626,6 @@ class LocalScheduler:
             # random pages (which cost SQLite a fifth to a third more time
             # per task with 100k tasks stored).
             task_id = f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
-        elif bad := _task_id_error(task_id):
-            raise InvalidTask(str(task_id), bad)
         # Everything but the id, the payload and the workflow was checked
         # already for an earlier request with the same values (of the same
         # types: True == 1, but True is no priority); those are checked here.
@@ -628,7 +646,7 @@ class LocalScheduler:
         cls, priority, needs, max_attempts, timeout, need = checked
         try:
             payload = dumps(request.payload)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidTask(
                 task_id, f"task {task_id!r} refused: the payload is not JSON-compatible ({exc})"
             ) from None
@@ -770,6 +788,8 @@ class LocalScheduler:
                 self._dispatch_class(cls)
 
     def _dispatch_class(self, cls: _Class) -> None:
+        if cls.runner is None:  # unavailable: its recovered tasks wait for an instance with it
+            return
         queue = cls.queue
         fits = self._fits if cls.local else _always
         blocked = self._head_blocked if cls.reserves else None
@@ -894,11 +914,7 @@ class LocalScheduler:
     def _hand_over(self, record: TaskRecord) -> None:
         cls = self._classes[record.task_class]
         if not self._open:  # committed while closing: it never ran
-            if record.cancel_requested:
-                self._release(cls, record)
-                self._finish(record, TaskState.CANCELLED, None, "cancelled before it started")
-            else:
-                self._interrupted(cls, record)
+            self._interrupted(cls, record)
             return
         cls.ready.append(record)
         if cls.idle and not cls.waking:
@@ -920,7 +936,7 @@ class LocalScheduler:
                 # Not this scope's own cancellation: the scheduler is closing.
                 if current:
                     record, _ = current.pop()
-                    self._interrupted(cls, record)
+                    self._interrupted(cls, record, running=True)
                     self._dispatch_after(cls, record)
                 raise
             if current:  # cut short while it waited: the scope took its cancellation
@@ -1005,10 +1021,14 @@ class LocalScheduler:
             self._pool.release(record.need, record.gpus)
         record.scope = None
 
-    def _interrupted(self, cls: _Class, record: TaskRecord) -> None:
+    def _interrupted(self, cls: _Class, record: TaskRecord, *, running: bool = False) -> None:
         """Stopped by close(): not the task's fault, so the attempt is given back
-        and the task is queued for the next start."""
+        and the task is queued for the next start; unless it was being cancelled."""
         self._release(cls, record)
+        if record.cancel_requested:
+            why = "cancelled while running" if running else "cancelled before it started"
+            self._finish(record, TaskState.CANCELLED, None, why)
+            return
         record.attempts -= 1
         record.state = TaskState.QUEUED
         self._journal.write(("requeue", (record.attempts, None, record.error, record.task_id)))
@@ -1042,14 +1062,20 @@ class LocalScheduler:
             memory_mb=record.need[1],
             gpu_count=record.need[2],
         )
+        outcome: tuple[TaskState, str | None, str | None]
         try:
             value = await cls.runner.run(run)
         except Exception as exc:  # noqa: BLE001 - any failure of the work fails the attempt
-            outcome: tuple[TaskState, str | None, str | None] = (
-                TaskState.FAILED,
-                None,
-                _describe(exc),
-            )
+            outcome = (TaskState.FAILED, None, _describe(exc))
+        except anyio.get_cancelled_exc_class() as exc:
+            if scope.cancel_called or _cancelling():
+                raise
+            # Not a cancel of this attempt (nor of the scheduler): the handler
+            # let out the cancellation of something it awaited. Its failure;
+            # raised on, it would stop the instance, and every later one.
+            outcome = (TaskState.FAILED, None, _describe(exc))
+        except SystemExit as exc:  # a sync handler's sys.exit(): its failure too
+            outcome = (TaskState.FAILED, None, f"it called sys.exit({exc.code!r})")
         else:
             outcome = self._result(value)
         record.scope = None
@@ -1072,7 +1098,7 @@ class LocalScheduler:
             return _SUCCEEDED_NONE
         try:
             result = dumps(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             return TaskState.FAILED, None, f"its result is not JSON-compatible ({exc})"
         limit = self._settings.max_result_bytes
         if len(result) > limit and len(result.encode()) > limit:
@@ -1378,6 +1404,19 @@ def _final_event(status: TaskStatus) -> TaskEvent:
         result=status.result,
         error=status.error,
     )
+
+
+def _check_ids(requests: Iterable[TaskRequest]) -> None:
+    for request in requests:
+        task_id = request.task_id
+        if task_id is not None and (bad := _task_id_error(task_id)):
+            raise InvalidTask(str(task_id), bad)
+
+
+def _cancelling() -> bool:
+    """Whether the current task is being cancelled (by a cancel scope around it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _task_id_error(task_id: object) -> str | None:

@@ -173,7 +173,7 @@ def read_output(
         [] if slurm_log is None else _tail(slurm_log, _SLURM_LOG_LINES, STDERR_LINE_BYTES).text()
     )
     # Without an exit code of its own, Slurm's may still say 0.
-    raw = read_result(result_file) if code in (0, None) else None
+    raw = read_result(result_file, max_result) if code in (0, None) else None
     return JobOutput(code=code, raw=raw, stdout=stdout, stderr=stderr, slurm=tuple(slurm))
 
 

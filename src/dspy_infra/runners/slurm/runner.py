@@ -182,7 +182,13 @@ class SlurmRunner:
                 )
                 request = None
                 continue
-            return _result(info, output, files, packed=request.packed)
+            return _result(
+                info,
+                output,
+                files,
+                packed=request.packed,
+                limit=context.config.infra.max_result_bytes,
+            )
 
     def _request(self, run: TaskRun, handler: HandlerConfig, files: AttemptFiles) -> Request:
         entry = Entry(task_id=run.task_id, attempt=run.attempt, work_dir=files.work_dir)
@@ -398,7 +404,9 @@ def _decode(status: int) -> int:
     return -(status & 0x7F) if status & 0x7F else status >> 8
 
 
-def _result(info: JobInfo, output: JobOutput, files: AttemptFiles, *, packed: bool) -> Any:
+def _result(
+    info: JobInfo, output: JobOutput, files: AttemptFiles, *, packed: bool, limit: int
+) -> Any:
     code = output.code
     if code is None and packed:
         pass  # the job's exit status is its last task's, not necessarily this one's
@@ -408,7 +416,9 @@ def _result(info: JobInfo, output: JobOutput, files: AttemptFiles, *, packed: bo
     elif code is not None and 128 < code <= 128 + 64:
         code = 128 - code  # the shell's way to say "killed by signal N"
     if code is not None:
-        return outcome(code, output.raw, files.result_file, output.stdout, output.stderr)
+        return outcome(
+            code, output.raw, files.result_file, output.stdout, output.stderr, limit=limit
+        )
     raise RunFailed(
         f"Slurm job {info.job_id} {_why(info)}",
         output=[*output.stderr.text(), *output.slurm],
