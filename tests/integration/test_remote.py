@@ -47,7 +47,7 @@ from dspy_infra.errors import (
     UnknownTask,
 )
 from dspy_infra.events import Event
-from dspy_infra.remote import RemoteAgentInfra, serve
+from dspy_infra.remote import RemoteAgentInfra, ServerUnavailable, serve
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.scheduling.tasks import TaskEvent, TaskState, TaskStatus
 from dspy_infra.services.status import ServiceState, ServiceStatus
@@ -616,6 +616,10 @@ async def test_a_server_closing_ends_open_streams_with_a_reason(tmp_path: Path) 
             with anyio.fail_after(5), pytest.raises(BackendUnavailable, match="shutting down"):
                 async for _ in events:
                     pass
+            # Its connection is closed too: no call is taken on it any more,
+            # though the instance behind it is still open.
+            with anyio.fail_after(5), pytest.raises(ServerUnavailable):
+                await remote.submit_task("echo", 1)
         finally:
             if remote is not None:
                 await remote.__aexit__(None, None, None)

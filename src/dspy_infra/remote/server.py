@@ -36,6 +36,7 @@ import hmac
 import logging
 import socket
 import ssl as ssl_module
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.health.check import CheckBase
 from grpclib.health.service import OVERALL, Health
 from grpclib.health.v1 import health_pb2
+from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 
@@ -129,7 +131,7 @@ async def serve(
             "or bind 127.0.0.1)"
         )
     guard = _Guard(token)
-    server = Server([guard.wrap(s) for s in _services(infra, guard)], codec=_Codec())
+    server = _Server([guard.wrap(s) for s in _services(infra, guard)], codec=_Codec())
     sock = await _bind(host or "0.0.0.0", port)  # noqa: S104 - refused above without TLS and token
     try:
         await server.start(sock=sock, ssl=ssl)
@@ -146,12 +148,41 @@ async def serve(
     try:
         yield listening
     finally:
-        # close() cancels the calls in progress (streams that follow events
-        # forever included); wait_closed() returns once each has finished.
-        guard.closing = True
-        server.close()
+        guard.closing = True  # from now on, a call is UNAVAILABLE
         with anyio.CancelScope(shield=True):
-            await server.wait_closed()
+            await server.shut_down()
+
+
+class _Server(Server):
+    """grpclib's server, closing the connections it accepted when it shuts down.
+
+    grpclib's ``close()`` stops listening and cancels the calls in progress,
+    but leaves each client's connection open, taking new calls; and from
+    Python 3.12, asyncio's ``wait_closed()`` waits for those connections to
+    close, which a client that stays connected never does.
+    """
+
+    def __init__(self, handlers: list[IServable], *, codec: ProtoCodec):
+        super().__init__(handlers, codec=codec)
+        self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = super()._protocol_factory()
+        self._protocols.add(protocol)
+        return protocol
+
+    async def shut_down(self) -> None:
+        """Stop listening; cancel the calls in progress and let them end (with
+        UNAVAILABLE: see _Guard); then close every connection."""
+        self.close()
+        async with anyio.create_task_group() as group:
+            for handler in self._handlers:
+                group.start_soon(handler.wait_closed)
+        for protocol in list(self._protocols):
+            connection = getattr(protocol, "connection", None)  # made once it is connected
+            if connection is not None:
+                connection.close()
+        await self.wait_closed()
 
 
 def _services(infra: AgentInfra, guard: _Guard) -> list[IServable]:
@@ -331,6 +362,8 @@ class _Guard:
 
     def around(self, route: str, method: _Method) -> _Method:
         async def guarded(stream: Stream[Any, Any]) -> None:
+            if self.closing:  # on a connection still open: refused, as a new one would be
+                raise GRPCError(Status.UNAVAILABLE, "the server is shutting down")
             self._authorize(stream)
             try:
                 await method(stream)
