@@ -61,6 +61,15 @@ def start_infra(tmp_path: Path) -> AgentInfra:
             "services": {
                 "web": service("--say", "hello [x]", "--say", "ready", port=True, autostart=False),
                 # Never listens on its port, and exits 3: its probe never passes.
+                # Its probe says what is wrong in words that Rich would read as markup.
+                "misconfigured": service(
+                    health={
+                        "command": ["sh", "-c", "echo '[/etc/app.conf] missing'; exit 1"],
+                        "deadline": 0.5,
+                    },
+                    autostart=False,
+                    start_retries=0,
+                ),
                 "broken": service(
                     "--exit-after",
                     "0.2",
@@ -204,7 +213,7 @@ async def test_start_status_logs_stop(cli: Cli) -> None:
     code, out, _ = await cli("start", "web")
     assert code == 0, out
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
-    assert rows == {"web": "healthy", "broken": "inactive"}
+    assert rows == {"web": "healthy", "misconfigured": "inactive", "broken": "inactive"}
 
     code, out, _ = await cli("status", "--json")
     assert code == 0
@@ -237,6 +246,16 @@ async def test_a_service_that_fails_to_start_exits_1(cli: Cli) -> None:
     code, out, _ = await cli("status")
     assert code == 1  # unhealthy
     assert "unhealthy" in out.splitlines()[0]
+
+
+async def test_service_messages_are_shown_as_they_are(cli: Cli) -> None:
+    code, out, err = await cli("start", "misconfigured")
+    assert code == 1
+    assert "Traceback" not in err
+    assert "[/etc/app.conf] missing" in err
+    code, out, err = await cli("status")
+    assert "Traceback" not in err
+    assert "[/etc/app.conf]" in out
 
 
 async def test_events(cli: Cli) -> None:

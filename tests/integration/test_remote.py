@@ -37,6 +37,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dspy_infra import AgentInfra
+from dspy_infra._procfs import group_alive
 from dspy_infra.errors import (
     BackendUnavailable,
     ConfigError,
@@ -676,6 +677,65 @@ async def test_cli_serve_runs_until_sigterm(tmp_path: Path) -> None:
         finally:
             if process.returncode is None:
                 process.kill()
+
+
+def _serve_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
+    config = tmp_path / "dspy-infra.toml"
+    if not config.exists():
+        config.write_text(f'[infra]\nstate_dir = "{tmp_path / "state"}"\n')
+    return [sys.executable, "-m", "dspy_infra.cli", "serve", "-c", str(config), *args]
+
+
+def test_cli_serve_on_a_taken_port_says_so(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        done = subprocess.run(
+            _serve_cli(tmp_path, "--address", address),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"error: cannot listen on {address}: "), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_refuses_a_token_that_cannot_be_sent(tmp_path: Path) -> None:
+    env = {**os.environ, "DSPY_INFRA_TOKEN": "pässwörd"}
+    for argv in (_serve_cli(tmp_path), [sys.executable, "-m", "dspy_infra.cli", "status"]):
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, check=False, env=env
+        )
+        assert done.returncode == 2, done.stderr
+        assert "the token may only hold visible ASCII characters" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+async def test_cli_serve_stopped_while_starting_stops_what_it_started(tmp_path: Path) -> None:
+    # A service that takes long to be ready: SIGTERM comes while it starts.
+    pid_file = tmp_path / "slow.pid"
+    slow = json.dumps(["sh", "-c", f"echo $$ > {pid_file}; exec sleep 1000"])
+    config = tmp_path / "dspy-infra.toml"
+    config.write_text(
+        f'[infra]\nstate_dir = "{tmp_path / "state"}"\n\n[services.slow]\ncommand = {slow}\n'
+        '[services.slow.health]\ncommand = ["false"]\ndeadline = 60\n'
+    )
+    async with await anyio.open_process(_serve_cli(tmp_path)) as process:
+        try:
+            with anyio.fail_after(30):
+                while not pid_file.exists():
+                    await anyio.sleep(0.05)
+            pid = int(pid_file.read_text())
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(20):
+                await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+    assert not group_alive(pid), "the service outlived the server that started it"
 
 
 def test_cli_serve_refuses_a_public_address_without_tls(tmp_path: Path) -> None:

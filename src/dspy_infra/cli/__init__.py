@@ -56,6 +56,7 @@ from dspy_infra.cli._common import (
     EXIT_USAGE,
     CommandError,
     Handler,
+    ungrouped,
 )
 from dspy_infra.errors import ConfigError, InfraError
 
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(handler: Handler, args: argparse.Namespace) -> int:
     """Call the command; turn the failures a user can act on into a message and a code."""
     try:
-        return handler(args)
+        return ungrouped(handler, args)
     except CommandError as exc:
         _error(str(exc))
         return exc.code

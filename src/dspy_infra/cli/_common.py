@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -22,7 +22,11 @@ __all__ = [
     "Subparsers",
     "add_config_option",
     "read_token",
+    "ungrouped",
 ]
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -79,3 +83,26 @@ def read_token(token_file: Path | None) -> str | None:
             raise CommandError(f"the token file {token_file} is empty", code=EXIT_USAGE)
         return token
     return os.environ.get(TOKEN_ENV) or None
+
+
+def ungrouped(function: Callable[[A], R], arg: A) -> R:
+    """``function(arg)``, with a lone failure that an anyio task group wrapped unwrapped.
+
+    anyio's task groups raise what fails in them as an exception group, even
+    one failure alone; the commands tell a user what failed, not how.
+    """
+    try:
+        return function(arg)
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if len(leaves) != 1:
+            raise
+        raise leaves[0] from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

@@ -29,6 +29,7 @@ import anyio
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from dspy_infra.cli._common import (
     DEFAULT_ADDRESS,
@@ -42,6 +43,7 @@ from dspy_infra.cli._common import (
     Handler,
     Subparsers,
     read_token,
+    ungrouped,
 )
 from dspy_infra.errors import InvalidTask, ServiceStartError, UnknownService, UnknownTask
 
@@ -212,7 +214,7 @@ def _run(command: _Command, args: argparse.Namespace) -> int:
             return await command(infra, args)
 
     try:
-        return anyio.run(main)
+        return ungrouped(anyio.run, main)
     except ServerUnavailable as exc:
         raise CommandError(str(exc), code=EXIT_NO_SERVER) from None
     except (UnknownTask, UnknownService) as exc:
@@ -260,13 +262,14 @@ def _services_table(statuses: Mapping[str, ServiceStatus]) -> Table:
     for s in statuses.values():
         style = _STATE_STYLE.get(s.state.value, "")
         ports = " ".join(f"{k}={s.host}:{v}" for k, v in s.ports.items())
+        # Text, not markup: a message quotes what a service printed ("[/etc/app.conf] missing").
         table.add_row(
-            s.name,
-            f"[{style}]{s.state.value}[/]" if style else s.state.value,
-            ports,
-            s.pid or "",
+            Text(s.name),
+            Text(s.state.value, style=style),
+            Text(ports),
+            Text(str(s.pid or "")),
             str(s.restarts),
-            s.message,
+            Text(s.message),
         )
     return table
 
@@ -455,7 +458,7 @@ async def _task(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
         }
         for key, value in rows.items():
             if value:
-                table.add_row(f"[bold]{key}[/]", value.replace("[", r"\["))
+                table.add_row(Text(key, style="bold"), Text(value))
         _out().print(table)
     if args.wait:
         return _outcome(status, print_result=False)

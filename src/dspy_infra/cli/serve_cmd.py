@@ -10,6 +10,8 @@ import argparse
 import signal
 import ssl
 import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -77,7 +79,10 @@ def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
 def _serve(args: argparse.Namespace) -> int:
     try:
         from dspy_infra.infra import AgentInfra  # noqa: PLC0415 - keeps `config` commands light
-        from dspy_infra.remote import serve  # noqa: PLC0415 - the grpc extra, only here
+        from dspy_infra.remote.server import (  # noqa: PLC0415 - the grpc extra, only here
+            check_serving,
+            serve,
+        )
     except ImportError as exc:
         raise CommandError(
             f"serving needs the grpc extra: pip install 'dspy-infra[grpc]' ({exc})"
@@ -86,15 +91,30 @@ def _serve(args: argparse.Namespace) -> int:
     token, tls = read_token(args.token_file), _tls(args)
 
     async def run() -> None:
-        async with (
-            AgentInfra(config) as infra,
-            serve(infra, args.address, token=token, ssl=tls) as server,
-        ):
-            print(f"serving on {server.address}", flush=True)
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    print(f"{signal.Signals(signum).name}: shutting down", file=sys.stderr)
-                    return
+        # Before anything starts: a wrong address or token is told at once.
+        await check_serving(args.address, token=token, ssl=tls)
+        # From the start: a signal while the services come up stops them too.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with anyio.create_task_group() as group:
+                group.start_soon(_stop_on_signal, signals, group.cancel_scope)
+                async with AgentInfra(config) as infra, AsyncExitStack() as stack:
+                    try:
+                        server = await stack.enter_async_context(
+                            serve(infra, args.address, token=token, ssl=tls)
+                        )
+                    except OSError as exc:  # the port is taken, say
+                        raise CommandError(
+                            f"cannot listen on {args.address}: {exc.strerror or exc}"
+                        ) from None
+                    print(f"serving on {server.address}", flush=True)
+                    await anyio.sleep_forever()
 
     anyio.run(run)
     return EXIT_OK
+
+
+async def _stop_on_signal(signals: AsyncIterator[int], scope: anyio.CancelScope) -> None:
+    async for signum in signals:
+        print(f"{signal.Signals(signum).name}: shutting down", file=sys.stderr)
+        scope.cancel()
+        return

@@ -36,6 +36,20 @@ WORKFLOW_KEY = "dspy-infra-workflow-id"
 RUN_KEY = "dspy-infra-run-id"
 
 
+def token_error(token: str | None) -> str | None:
+    """Why ``token`` cannot be sent (a gRPC metadata value: visible ASCII), or None."""
+    if token is None:
+        return None
+    if not token:
+        return "the token is empty: give a secret, or no token"
+    if not all("!" <= c <= "~" for c in token):
+        return (
+            "the token may only hold visible ASCII characters (no spaces, no accents): "
+            "it travels in a gRPC metadata value"
+        )
+    return None
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` into its parts; ConfigError for anything else."""
     host, sep, port = address.rpartition(":")

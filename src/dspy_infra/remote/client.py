@@ -72,6 +72,7 @@ from dspy_infra.remote._wire import (
     WORKFLOW_KEY,
     is_loopback,
     parse_address,
+    token_error,
 )
 from dspy_infra.scheduling.api import TaskMethods
 from dspy_infra.scheduling.tasks import TaskEvent, TaskRequest, TaskStatus
@@ -523,6 +524,8 @@ class RemoteAgentInfra(TaskMethods):
             )
         self._lifecycle = _Lifecycle.CLOSED  # until it is open
         host, port = parse_address(self.address)
+        if problem := token_error(self._token):
+            raise ConfigError(problem)
         if self._token is not None and self._ssl is None and not await is_loopback(host):
             raise ConfigError(
                 f"refusing to send the token to {self.address} without TLS: pass ssl=..."

@@ -81,6 +81,7 @@ from dspy_infra.remote._wire import (
     format_address,
     is_loopback,
     parse_address,
+    token_error,
 )
 from dspy_infra.workflows.model import WorkflowEvent
 from dspy_infra.workflows.spec import InvalidWorkflow, UnknownRun, UnknownWorkflow, WorkflowSpec
@@ -90,7 +91,7 @@ if TYPE_CHECKING:
 
     from dspy_infra.infra import AgentInfra
 
-__all__ = ["DEFAULT_ADDRESS", "RemoteServer", "serve"]
+__all__ = ["DEFAULT_ADDRESS", "RemoteServer", "check_serving", "serve"]
 
 log = logging.getLogger("dspy_infra.remote")
 
@@ -121,15 +122,7 @@ async def serve(
     address that is not loopback without both ``ssl`` and ``token``, and
     :class:`OSError` if the address cannot be bound.
     """
-    host, port = parse_address(address)
-    if token is not None and not token:
-        raise ConfigError("the token is empty: give a secret, or no token")
-    if not await is_loopback(host) and (ssl is None or token is None):
-        raise ConfigError(
-            f"refusing to serve on {address}: it is not a loopback address, and any other "
-            "address needs TLS and a token (give both a certificate and a token, "
-            "or bind 127.0.0.1)"
-        )
+    host, port = await check_serving(address, token=token, ssl=ssl)
     guard = _Guard(token)
     server = _Server([guard.wrap(s) for s in _services(infra, guard)], codec=_Codec())
     sock = await _bind(host or "0.0.0.0", port)  # noqa: S104 - refused above without TLS and token
@@ -151,6 +144,26 @@ async def serve(
         guard.closing = True  # from now on, a call is UNAVAILABLE
         with anyio.CancelScope(shield=True):
             await server.shut_down()
+
+
+async def check_serving(
+    address: str, *, token: str | None = None, ssl: ssl_module.SSLContext | None = None
+) -> tuple[str, int]:
+    """What :func:`serve` checks before it binds: the host and port, or ConfigError.
+
+    For a caller that has more to start first (``dspy-infra serve``), so that
+    a mistake is reported before anything started.
+    """
+    host, port = parse_address(address)
+    if problem := token_error(token):
+        raise ConfigError(problem)
+    if not await is_loopback(host) and (ssl is None or token is None):
+        raise ConfigError(
+            f"refusing to serve on {address}: it is not a loopback address, and any other "
+            "address needs TLS and a token (give both a certificate and a token, "
+            "or bind 127.0.0.1)"
+        )
+    return host, port
 
 
 class _Server(Server):
