@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 import pytest
 from grpclib.client import Channel
-from grpclib.const import Status
+from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
@@ -186,6 +186,35 @@ async def test_invalid_task(api: Api) -> None:
         await api.submit_task("echo", object())
     with pytest.raises(InvalidTask, match="not JSON-compatible"):
         await api.submit_task("echo", float("nan"))
+    # Beyond what the wire holds in 32 bits: refused, never cut to 50 or 0.
+    for huge in (2**32 + 50, 2**40):
+        with pytest.raises(InvalidTask, match="priority"):
+            await api.submit_task("echo", 1, priority=huge)
+        with pytest.raises(InvalidTask, match="priority"):
+            await api.submit_tasks("echo", [1], priority=huge)
+        # As many attempts as ever: the same on the wire (where it becomes 2**31 - 1).
+        assert await (await api.submit_task("echo", 1, max_attempts=huge)).result() == 1
+
+
+async def test_a_call_without_its_request_message_is_invalid_argument(tmp_path: Path) -> None:
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        channel = Channel("127.0.0.1", int(srv.address.rsplit(":", 1)[1]))
+        try:
+            route = "/orchestrator.v1.Orchestrator/SubmitTask"
+            request = channel.request(
+                route,
+                Cardinality.STREAM_UNARY,  # as a client that sends no message may
+                orch_pb.SubmitTaskRequest,
+                orch_pb.SubmitTaskResponse,
+            )
+            async with request as stream:
+                await stream.send_request(end=True)  # and no message
+                with pytest.raises(GRPCError) as info:
+                    await stream.recv_message()
+            assert info.value.status is Status.INVALID_ARGUMENT
+            assert "no request message" in (info.value.message or "")
+        finally:
+            channel.close()
 
 
 async def test_submit_tasks(api: Api) -> None:

@@ -233,6 +233,7 @@ class _RemoteScheduler:
         self._rpc = connection
 
     async def submit(self, request: TaskRequest) -> str:
+        _check_ranges(request)
         reply = await self._rpc.unary(
             _ORCH + "SubmitTask",
             orch_pb.SubmitTaskRequest(
@@ -243,7 +244,7 @@ class _RemoteScheduler:
                 needs=list(request.needs),
                 task_id=request.task_id,
                 workflow_id=request.workflow_id,
-                max_attempts=request.max_attempts,
+                max_attempts=_attempts(request.max_attempts),
                 timeout=request.timeout,
                 resources=convert.resources_to_proto(request.resources),
             ),
@@ -257,6 +258,7 @@ class _RemoteScheduler:
         if not requests:
             return []
         first = requests[0]
+        _check_ranges(first)
         reply = await self._rpc.unary(
             _ORCH + "SubmitTasks",
             orch_pb.SubmitTasksRequest(
@@ -266,7 +268,7 @@ class _RemoteScheduler:
                 priority=first.priority,
                 needs=list(first.needs),
                 workflow_id=first.workflow_id,
-                max_attempts=first.max_attempts,
+                max_attempts=_attempts(first.max_attempts),
                 timeout=first.timeout,
                 resources=convert.resources_to_proto(first.resources),
             ),
@@ -308,6 +310,32 @@ class _RemoteScheduler:
         async with aclosing(replies):
             async for reply in replies:
                 yield convert.task_event_from_proto(reply)
+
+
+# What the wire holds in 32 (or 64) bits: beyond, betterproto2 would cut a
+# number silently (2**32 + 50 arrives as 50).
+_INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _check_ranges(request: TaskRequest) -> None:
+    resources = request.resources
+    for name, value, (low, high) in (
+        ("priority", request.priority, _INT32),
+        ("resources.gpus", resources.gpus if resources else None, _INT32),
+        ("resources.memory_mb", resources.memory_mb if resources else None, _INT64),
+    ):
+        if isinstance(value, int) and not low <= value <= high:
+            raise InvalidTask(
+                request.task_id or "", f"task refused: {name} is out of range, got {value!r}"
+            )
+
+
+def _attempts(max_attempts: int | None) -> int | None:
+    # More than the wire holds is as many as ever: the most it holds.
+    if isinstance(max_attempts, int) and max_attempts > _INT32[1]:
+        return _INT32[1]
+    return max_attempts
 
 
 def _payload_json(payload: Any, task_id: str | None) -> str:
@@ -382,7 +410,10 @@ class RemoteServices:
         """The service's buffered log lines; with ``follow``, new ones until it stops."""
         replies = self._rpc.stream(
             _ENV + "StreamLogs",
-            env_pb.StreamLogsRequest(name=name, follow=follow, tail=tail),
+            # More than the wire's 32 bits hold is "all of them", as in-process.
+            env_pb.StreamLogsRequest(
+                name=name, follow=follow, tail=None if tail is None else min(tail, _INT32[1])
+            ),
             env_pb.LogLine,
         )
         async with aclosing(replies):

@@ -44,7 +44,7 @@ from urllib.parse import quote
 
 import anyio
 from attrs import frozen
-from grpclib.const import Handler, Status
+from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.health.check import CheckBase
@@ -355,9 +355,16 @@ class _Guarded:
 
     def __mapping__(self) -> Mapping[str, Handler]:
         return {
-            route: Handler(self._guard.around(route, handler.func), *handler[1:])
+            route: Handler(
+                self._guard.around(route, handler.func, unary=handler.cardinality in _UNARY),
+                *handler[1:],
+            )
             for route, handler in self._service.__mapping__().items()
         }
+
+
+# Calls whose request is one message (the server may stream its answer).
+_UNARY = frozenset({Cardinality.UNARY_UNARY, Cardinality.UNARY_STREAM})
 
 
 _Method = Callable[["Stream[Any, Any]"], Any]
@@ -373,11 +380,12 @@ class _Guard:
     def wrap(self, service: IServable) -> _Guarded:
         return _Guarded(service, self)
 
-    def around(self, route: str, method: _Method) -> _Method:
+    def around(self, route: str, method: _Method, *, unary: bool) -> _Method:
         async def guarded(stream: Stream[Any, Any]) -> None:
             if self.closing:  # on a connection still open: refused, as a new one would be
                 raise GRPCError(Status.UNAVAILABLE, "the server is shutting down")
             self._authorize(stream)
+            _check_requests(stream, unary=unary)
             try:
                 await method(stream)
             except asyncio.CancelledError:
@@ -412,6 +420,24 @@ class _Guard:
         given_bytes = given.encode() if isinstance(given, str) else given
         if not hmac.compare_digest(given_bytes, self._expected):
             raise GRPCError(Status.UNAUTHENTICATED, "missing or wrong token")
+
+
+def _check_requests(stream: Stream[Any, Any], *, unary: bool) -> None:
+    """A client's mistakes in what it sends are its own, not a bug of the server's:
+    a unary call without its message is INVALID_ARGUMENT, a compressed message
+    (which grpclib does not read) UNIMPLEMENTED."""
+    receive = stream.recv_message
+
+    async def recv_message() -> Any:
+        try:
+            message = await receive()
+        except NotImplementedError:  # grpclib's word for a compressed message
+            raise GRPCError(Status.UNIMPLEMENTED, "compressed messages are not supported") from None
+        if message is None and unary:
+            raise GRPCError(Status.INVALID_ARGUMENT, "the call carries no request message")
+        return message
+
+    stream.recv_message = recv_message  # type: ignore[method-assign]
 
 
 def _status_of(exc: InfraError) -> Status:
