@@ -21,7 +21,7 @@ from dspy_infra.config import (
     TaskClass,
     load_config,
 )
-from dspy_infra.config.model import MetricsSettings
+from dspy_infra.config.model import MetricsSettings, ServerSettings
 from dspy_infra.errors import (
     BackendUnavailable,
     ComposeWarning,
@@ -102,6 +102,7 @@ __all__ = [
     "Runner",
     "RunnerContext",
     "Scheduler",
+    "ServerSettings",
     "ServiceConfig",
     "ServiceError",
     "ServiceEvent",

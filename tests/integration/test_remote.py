@@ -682,12 +682,14 @@ async def test_cli_serve_runs_until_sigterm(tmp_path: Path) -> None:
     # TOML strings and arrays of strings are written as JSON writes them.
     web = json.dumps(service("--say", "hello")["command"])
     state_dir = json.dumps(str(tmp_path / "state"))
+    # Where to listen from the configuration's [server] table.
     config.write_text(
         f"[infra]\nstate_dir = {state_dir}\n\n[services.web]\ncommand = {web}\nautostart = false\n"
+        '\n[server]\naddress = "127.0.0.1:0"\n'
     )
     env = {**os.environ, "DSPY_INFRA_TOKEN": "from-env"}
     command = [sys.executable, "-m", "dspy_infra.cli", "serve", "-c", str(config)]
-    async with await anyio.open_process([*command, "--address", "127.0.0.1:0"], env=env) as process:
+    async with await anyio.open_process(command, env=env) as process:
         assert process.stdout is not None
         try:
             with anyio.fail_after(30):

@@ -670,3 +670,12 @@ def test_volume_sources_are_relative_to_the_file(tmp_path: Path) -> None:
     )
     volumes = load_config(path, environ={}).services["web"].volumes
     assert volumes == (f"{tmp_path / 'data'}:/data:ro", "cache:/cache", "/abs:/abs")
+
+
+def test_a_server_address_that_is_not_host_port_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "dspy-infra.toml"
+    path.write_text('[server]\naddress = "localhost"\n')
+    with pytest.raises(ConfigError, match=r"server\.address"):
+        load_config(path)
+    path.write_text('[server]\naddress = "0.0.0.0:50052"\n')
+    assert load_config(path).server.address == "0.0.0.0:50052"  # TLS and a token: checked by serve

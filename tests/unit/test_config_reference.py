@@ -24,6 +24,7 @@ from dspy_infra import (
     InfraSettings,
     MetricsSettings,
     Probe,
+    ServerSettings,
     ServiceConfig,
     TaskClass,
     load_config,
@@ -43,6 +44,7 @@ CLASSES: list[type[Any]] = [
     TaskClass,
     HandlerConfig,
     MetricsSettings,
+    ServerSettings,
 ]
 ROW = re.compile(
     r"^\| `(?P<key>[^`]+)` \| (?P<type>[^|]+?) \| (?P<default>[^|]+?) \| (?P<meaning>.+) \|$"

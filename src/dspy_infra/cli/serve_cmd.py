@@ -44,11 +44,11 @@ def register(subparsers: Subparsers) -> None:
     add_config_option(parser)
     parser.add_argument(
         "--address",
-        default=DEFAULT_ADDRESS,
         metavar="HOST:PORT",
         help=(
-            f"where to listen (default: {DEFAULT_ADDRESS}); an address that is not loopback "
-            "needs --tls-cert, --tls-key and a token"
+            "where to listen (default: [server] address of the configuration, else "
+            f"{DEFAULT_ADDRESS}); an address that is not loopback needs --tls-cert, "
+            "--tls-key and a token"
         ),
     )
     parser.add_argument(
@@ -89,10 +89,11 @@ def _serve(args: argparse.Namespace) -> int:
         ) from None
     config = load_config(args.config)
     token, tls = read_token(args.token_file), _tls(args)
+    address = args.address or config.server.address
 
     async def run() -> None:
         # Before anything starts: a wrong address or token is told at once.
-        await check_serving(args.address, token=token, ssl=tls)
+        await check_serving(address, token=token, ssl=tls)
         # From the start: a signal while the services come up stops them too.
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with anyio.create_task_group() as group:
@@ -100,11 +101,11 @@ def _serve(args: argparse.Namespace) -> int:
                 async with AgentInfra(config) as infra, AsyncExitStack() as stack:
                     try:
                         server = await stack.enter_async_context(
-                            serve(infra, args.address, token=token, ssl=tls)
+                            serve(infra, address, token=token, ssl=tls)
                         )
                     except OSError as exc:  # the port is taken, say
                         raise CommandError(
-                            f"cannot listen on {args.address}: {exc.strerror or exc}"
+                            f"cannot listen on {address}: {exc.strerror or exc}"
                         ) from None
                     print(f"serving on {server.address}", flush=True)
                     await anyio.sleep_forever()

@@ -38,6 +38,7 @@ from dspy_infra.config.model import (
     MetricsSettings,
     Probe,
     ProbeCallable,
+    ServerSettings,
     ServiceConfig,
     TaskClass,
 )
@@ -184,7 +185,7 @@ def _dict_hook(tp: type[Any]) -> Callable[[Any, type[Any]], Any]:
 converter.register_structure_hook(Path, _structure_path)
 converter.register_structure_hook_func(_is_literal, _structure_literal)
 converter.register_structure_hook_factory(_is_dict, _dict_hook)
-for _cl in (Backoff, Dependency, InfraSettings, MetricsSettings):
+for _cl in (Backoff, Dependency, InfraSettings, MetricsSettings, ServerSettings):
     converter.register_structure_hook(_cl, _table(make_dict_structure_fn(_cl, converter)))
 # Field-level hooks: these types are unions or generics that cattrs cannot
 # dispatch on, and their meaning (a command, a dependency table) is per field.

@@ -34,6 +34,7 @@ __all__ = [
     "ProbeCallable",
     "PullPolicy",
     "RestartPolicy",
+    "ServerSettings",
     "ServiceConfig",
     "TaskClass",
 ]
@@ -496,6 +497,24 @@ class MetricsSettings:
             )
 
 
+@frozen(kw_only=True)
+class ServerSettings:
+    """The ``[server]`` table: where ``dspy-infra serve`` listens.
+
+    ``address`` is ``"HOST:PORT"`` (port 0 picks a free one). Serving on an
+    address that is not loopback needs TLS and a token as well, which
+    ``dspy-infra serve`` checks when it starts.
+    """
+
+    address: str = "127.0.0.1:50052"
+
+    def __attrs_post_init__(self) -> None:
+        try:
+            split_address(self.address)
+        except ValueError as exc:
+            raise FieldError("address", str(exc)) from None
+
+
 def _default_classes() -> dict[str, TaskClass]:
     return {
         "cpu_short": TaskClass(runner="inprocess", max_concurrency=64),
@@ -522,4 +541,5 @@ class Config:
     classes: dict[str, TaskClass] = field(factory=_default_classes)
     handlers: dict[str, HandlerConfig] = field(factory=dict)
     metrics: MetricsSettings = field(factory=MetricsSettings)
+    server: ServerSettings = field(factory=ServerSettings)
     source: str | None = field(default=None, eq=False, metadata={"internal": True})
