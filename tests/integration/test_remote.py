@@ -49,6 +49,7 @@ from dspy_infra.errors import (
 )
 from dspy_infra.events import Event
 from dspy_infra.remote import RemoteAgentInfra, ServerUnavailable, serve
+from dspy_infra.remote import client as remote_client
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.scheduling.tasks import TaskEvent, TaskState, TaskStatus
 from dspy_infra.services.status import ServiceState, ServiceStatus
@@ -194,6 +195,19 @@ async def test_invalid_task(api: Api) -> None:
             await api.submit_tasks("echo", [1], priority=huge)
         # As many attempts as ever: the same on the wire (where it becomes 2**31 - 1).
         assert await (await api.submit_task("echo", 1, max_attempts=huge)).result() == 1
+
+
+async def test_connecting_to_a_peer_that_never_answers_gives_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(remote_client, "CONNECT_TIMEOUT", 0.5)
+    with socket.socket() as silent:  # takes connections (the kernel does), says nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        with anyio.fail_after(10), pytest.raises(ServerUnavailable, match="no answer from"):
+            async with AgentInfra.connect(address):
+                pass
 
 
 async def test_a_call_without_its_request_message_is_invalid_argument(tmp_path: Path) -> None:

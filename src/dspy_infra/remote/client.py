@@ -94,6 +94,10 @@ _ORCH = "/orchestrator.v1.Orchestrator/"
 _ENV = "/env_manager.v1.EnvManager/"
 
 
+# How long connecting waits for the server's first answer.
+CONNECT_TIMEOUT = 10.0
+
+
 class ServerUnavailable(BackendUnavailable):
     """No dspy-infra server answers at the address, it went away, or it refused the token.
 
@@ -565,9 +569,18 @@ class RemoteAgentInfra(TaskMethods):
             self.address, Channel(host, port, ssl=self._ssl), self._token, tls=self._ssl is not None
         )
         try:
-            names = await connection.unary(
-                _ENV + "ListServices", env_pb.ListServicesRequest(), env_pb.ListServicesResponse
-            )
+            # A peer that takes the connection but never answers (not a
+            # dspy-infra server, or one hung) must not hang the caller.
+            with anyio.fail_after(CONNECT_TIMEOUT):
+                names = await connection.unary(
+                    _ENV + "ListServices", env_pb.ListServicesRequest(), env_pb.ListServicesResponse
+                )
+        except TimeoutError:
+            connection.close()
+            raise ServerUnavailable(
+                f"no answer from {self.address} within {CONNECT_TIMEOUT:g} s: is it a "
+                "dspy-infra server (dspy-infra serve)?"
+            ) from None
         except BaseException:
             connection.close()
             raise
