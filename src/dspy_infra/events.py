@@ -72,15 +72,20 @@ class EventsDropped(Event):
 
 
 class _Subscriber:
-    def __init__(self, types: frozenset[str] | None, buffer: int):
+    def __init__(
+        self, types: frozenset[str] | None, buffer: int, accept: Callable[[Event], bool] | None
+    ):
         self.types = types
+        self.accept = accept
         self.send: MemoryObjectSendStream[Event]
         self.receive: MemoryObjectReceiveStream[Event]
         self.send, self.receive = anyio.create_memory_object_stream[Event](buffer)
         self.dropped = 0
 
     def wants(self, event: Event) -> bool:
-        return self.types is None or event.type in self.types
+        return (self.types is None or event.type in self.types) and (
+            self.accept is None or self.accept(event)
+        )
 
 
 class EventBus:
@@ -153,16 +158,19 @@ class EventBus:
         *,
         since: int | None = None,
         buffer: int | None = None,
+        accept: Callable[[Event], bool] | None = None,
     ) -> AsyncIterator[AsyncIterator[Event]]:
         """Subscribe to events of ``types`` (all when None).
 
         With ``since``, events after that sequence number that are still in the
         bus's history are replayed first, so a consumer can resume where it
         stopped. ``buffer`` replaces the bus's buffer size for this subscriber
-        (one that waits for a known number of events can hold them all).
+        (one that waits for a known number of events can hold them all);
+        ``accept`` narrows what it is sent (the events of some tasks), so that
+        others never fill that buffer.
         """
         wanted = frozenset(types) if types is not None else None
-        sub = _Subscriber(wanted, self._buffer if buffer is None else buffer)
+        sub = _Subscriber(wanted, self._buffer if buffer is None else buffer, accept)
         backlog = [e for e in self._history if e.seq > since] if since is not None else []
         if self._closed:
             sub.send.close()

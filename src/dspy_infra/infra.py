@@ -177,6 +177,16 @@ class AgentInfra(TaskMethods):
                 "create a new one with AgentInfra.start()"
             )
         self._lifecycle = _Lifecycle.OPEN
+        try:
+            return await self._open()
+        except BaseException:
+            # However the start failed (an error, a cancellation), this
+            # instance is closed: it answers no call, and is not entered again.
+            self._lifecycle = _Lifecycle.CLOSED
+            self.metrics_address = None
+            raise
+
+    async def _open(self) -> Self:
         failure: Exception | None = None
         async with AsyncExitStack() as stack:
             state_dir = self.config.infra.state_dir
@@ -246,7 +256,6 @@ class AgentInfra(TaskMethods):
             else:
                 self._stack = stack.pop_all()
         if failure is not None:
-            self._lifecycle = _Lifecycle.CLOSED
             raise failure
         return self
 

@@ -1094,3 +1094,23 @@ async def test_unusable_ids_and_payloads_are_refused_with_invalid_task(tmp_path:
         with pytest.raises(InvalidTask, match="not JSON-compatible"):
             await infra.submit_task("echo", _nested(100_000))
         assert infra.task_classes()["cpu_short"].queued == 0
+
+
+async def test_following_some_tasks_drops_no_event_of_the_others(tmp_path: Path) -> None:
+    gates = Gates()
+    async with start(tmp_path, {"gate": gates.handler, "echo": echo}) as infra:
+        followed = await infra.submit_task("gate", {"key": "followed"})
+        async with aclosing(infra.stream_task_results([followed.task_id])) as results:
+            # Others finish meanwhile: not this stream's, they must not fill its buffer.
+            for h in await infra.submit_tasks("echo", range(300)):
+                await h.result()
+            gates.open("followed")
+            assert [e.task_id async for e in results] == [followed.task_id]
+        assert (await infra.get_metrics())["dspy_infra_events_dropped_total"] == 0
+    assert gates.finished == ["followed"]
+
+
+async def test_a_task_id_with_a_line_break_is_refused(tmp_path: Path) -> None:
+    async with start(tmp_path, {"echo": echo}) as infra:
+        with pytest.raises(InvalidTask, match="may only hold"):
+            await infra.submit_task("echo", 1, task_id="job-1\n")

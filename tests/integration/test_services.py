@@ -512,3 +512,17 @@ def _running_with(argument: str) -> list[str]:
             except OSError:
                 pass  # gone meanwhile
     return found
+
+
+async def test_an_instance_whose_start_was_cut_short_is_closed(tmp_path: Path) -> None:
+    # A service slow to be ready: the start is cancelled while it waits.
+    slow = {"command": ["sleep", "1000"], "health": {"command": ["false"], "deadline": 60}}
+    infra = infra_for(tmp_path, {"slow": slow})
+    with anyio.move_on_after(0.5):
+        async with infra:
+            pytest.fail("it started")
+    with pytest.raises(InfraClosed):
+        await infra.health_check()
+    with pytest.raises(InfraClosed, match="closed"):
+        async with infra:
+            pass

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -292,3 +293,106 @@ async def test_bad_workflows_and_runs_are_refused_with_clear_errors(tmp_path: Pa
         assert (await run.wait()).results() == {"a": {"deeper": 1}}
         again = await wfs.start_run(wf.workflow_id, {"n": 2}, run_id="mine")  # same run
         assert (await again.wait()).results() == {"a": {"deeper": 1}}
+
+
+async def _double(x: int) -> int:
+    return 2 * x
+
+
+_ONE_STEP = {"name": "one", "steps": {"double": {"handler": "double", "payload": "${inputs.x}"}}}
+
+
+async def test_two_starts_of_one_run_id_at_once_are_one_run(tmp_path: Path) -> None:
+    async with AgentInfra.start(
+        state_dir=tmp_path / "state", handlers={"double": _double}
+    ) as infra:
+        workflow = await infra.workflows.create(_ONE_STEP)
+        handles = []
+
+        async def start() -> None:
+            handles.append(
+                await infra.workflows.start_run(workflow.workflow_id, {"x": 2}, run_id="r")
+            )
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(start)
+            group.start_soon(start)
+        assert (await handles[0].wait()).state is RunState.SUCCEEDED
+        events = [e async for e in infra.workflows.stream_status("r", since=0)]
+        assert [e.type for e in events].count("workflow_run_started") == 1
+        metrics = await infra.get_metrics()
+        assert metrics['dspy_infra_workflow_runs_total{status="succeeded"}'] == 1.0
+
+
+async def test_waiting_for_a_run_ends_when_the_instance_closes(tmp_path: Path) -> None:
+    started = anyio.Event()
+
+    async def stuck(payload: Any) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    spec = {"name": "stuck", "steps": {"s": {"handler": "stuck"}}}
+    outcome: list[BaseException] = []
+    async with anyio.create_task_group() as outside:
+        async with AgentInfra.start(
+            state_dir=tmp_path / "state", handlers={"stuck": stuck}
+        ) as infra:
+            workflow = await infra.workflows.create(spec)
+            run = await infra.workflows.start_run(workflow.workflow_id)
+
+            async def wait() -> None:
+                try:
+                    await run.wait()
+                except Exception as exc:  # noqa: BLE001 - what it raised is the test
+                    outcome.append(exc)
+
+            outside.start_soon(wait)
+            await started.wait()
+        with anyio.fail_after(5):  # it used to wait for ever
+            while not outcome:
+                await anyio.sleep(0.01)
+    assert "the instance closed before run" in str(outcome[0])
+
+
+async def test_a_status_stream_opened_as_a_run_finishes_ends_with_its_final_event(
+    tmp_path: Path,
+) -> None:
+    async with AgentInfra.start(
+        state_dir=tmp_path / "state", handlers={"double": _double}
+    ) as infra:
+        workflow = await infra.workflows.create(_ONE_STEP)
+        for i in range(10):
+            run = await infra.workflows.start_run(workflow.workflow_id, {"x": i})
+            while (await run.status()).state is RunState.RUNNING:
+                await anyio.lowlevel.checkpoint()
+            # Finished, its final state perhaps not yet committed nor published.
+            events = [e async for e in infra.workflows.stream_status(run.run_id)]
+            assert events[-1].type == "workflow_run_succeeded", [e.type for e in events]
+
+
+async def test_a_reference_that_cannot_be_filled_in_fails_its_run_not_the_instance(
+    tmp_path: Path,
+) -> None:
+    # "²" is a digit to str.isdigit(), not to int(): it passes the checks.
+    spec = {"name": "odd", "steps": {"double": {"handler": "double", "payload": "${inputs.xs.²}"}}}
+    async with AgentInfra.start(
+        state_dir=tmp_path / "state", handlers={"double": _double}
+    ) as infra:
+        workflow = await infra.workflows.create(spec)
+        status = await (await infra.workflows.start_run(workflow.workflow_id, {"xs": [1]})).wait()
+        assert status.state is RunState.FAILED
+        assert "nothing at 'inputs.xs.²'" in (status.error or "")
+        again = await infra.workflows.start_run(workflow.workflow_id, {"xs": [1]})
+        assert (await again.wait()).state is RunState.FAILED  # still serving
+
+
+async def test_inputs_that_are_not_a_mapping_are_invalid_workflow(tmp_path: Path) -> None:
+    async with AgentInfra.start(
+        state_dir=tmp_path / "state", handlers={"double": _double}
+    ) as infra:
+        workflow = await infra.workflows.create(_ONE_STEP)
+        for inputs in (5, "abc", [1, 2]):
+            with pytest.raises(InvalidWorkflow, match="inputs must be a mapping"):
+                await infra.workflows.start_run(workflow.workflow_id, inputs)  # type: ignore[arg-type]
+        with pytest.raises(InvalidWorkflow, match="run_id"):
+            await infra.workflows.start_run(workflow.workflow_id, {"x": 1}, run_id="r1\n")

@@ -85,7 +85,7 @@ _RECENT = 10_000
 _FORGET_BATCH = 1000
 _FORGET_EVERY = (1.0, 600.0)  # at least, at most
 _MAX_TASK_ID = 200
-_TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
+_TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*\Z")
 _RUNS_PER_CHECKPOINT = 8
 # Distinct request shapes whose checks are remembered (see _record).
 _CHECKED = 256
@@ -551,10 +551,17 @@ class LocalScheduler:
         self, task_ids: Collection[str] | None = None, *, since: int | None = None
     ) -> AsyncGenerator[TaskEvent, None]:
         pending = set(task_ids) if task_ids is not None else None
-        # Waiting for known tasks, the buffer holds one final event per task:
-        # nothing is dropped, however many finish at once.
+        # Waiting for known tasks, the buffer holds one final event per task,
+        # and is sent no other: nothing is dropped, however many finish at once.
         buffer = max(len(pending), 1) if pending is not None else None
-        async with self._bus.subscribe(TaskEvent.FINAL_TYPES, since=since, buffer=buffer) as events:
+        accept = (
+            (lambda event: getattr(event, "task_id", None) in pending)
+            if pending is not None
+            else None
+        )
+        async with self._bus.subscribe(
+            TaskEvent.FINAL_TYPES, since=since, buffer=buffer, accept=accept
+        ) as events:
             if pending is not None:
                 # Those that finished before the subscription (or before ``since``).
                 for finished in await self._finished_events(pending):

@@ -65,7 +65,7 @@ __all__ = ["WorkflowEngine"]
 
 log = logging.getLogger("dspy_infra.workflows")
 
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 _MAX_RUN_ID = 100
 _RECENT = 1000  # finished runs kept in memory; older ones are read from the store
 
@@ -191,6 +191,9 @@ class WorkflowEngine:
                 self._workflows[workflow_id] = Workflow(
                     workflow_id=workflow_id, spec=loaded, created_at=created_at
                 )
+            # Last on the way out, once the drivers are gone: who waits for a
+            # run that did not finish in this instance stops waiting.
+            stack.callback(self._release_waiters)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             # On the way out the drivers are cancelled before anything else
             # closes: a run cut short by close() stays 'running' in the store,
@@ -212,6 +215,10 @@ class WorkflowEngine:
 
     def _close_gate(self) -> None:
         self._open = False
+
+    def _release_waiters(self) -> None:
+        for run in self._runs.values():
+            run.done.set()
 
     async def _forgetting(self, run_ids: list[str]) -> None:
         for run_id in run_ids:
@@ -356,10 +363,17 @@ class WorkflowEngine:
             stored = run_id in self._runs or bool(
                 await self._journal.read(self._store.runs, run_id)
             )
-            if stored:
+            # Again after the read: a concurrent call with this id may have
+            # registered its run meanwhile.
+            if stored or run_id in self._runs:
                 return RunHandle(run_id, engine=self)
         else:
             run_id = f"{time.time_ns() // 1_000_000:012x}{os.urandom(6).hex()}"
+        if inputs is not None and not isinstance(inputs, Mapping):
+            raise InvalidWorkflow(
+                f"run of {workflow_id!r} refused: inputs must be a mapping of names to values, "
+                f"got {type(inputs).__name__}"
+            )
         inputs = dict(inputs or {})
         missing = sorted(workflow.spec.inputs() - set(inputs))
         if missing:
@@ -368,7 +382,7 @@ class WorkflowEngine:
             )
         try:
             inputs_json = dumps(inputs)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidWorkflow(
                 f"run of {workflow_id!r} refused: the inputs are not JSON-compatible ({exc})"
             ) from None
@@ -378,12 +392,11 @@ class WorkflowEngine:
         run.fresh = fresh
         self._runs[run_id] = run
         try:
-            await self._journal.commit(
-                (
-                    "run",
-                    (run_id, workflow_id, inputs_json, run.state.value, run.created_at, None, None),
-                )
-            )
+            # Shielded: once written, the run is stored, and must be driven
+            # here (a cancelled caller would leave it for the next instance).
+            row = (run_id, workflow_id, inputs_json, run.state.value, run.created_at, None, None)
+            with anyio.CancelScope(shield=True):
+                await self._journal.commit(("run", row))
         except BaseException:
             self._runs.pop(run_id, None)
             raise
@@ -462,8 +475,8 @@ class WorkflowEngine:
                 yield event
                 if event.type in WorkflowEvent.RUN_FINAL_TYPES:
                     return
-            if run.state.finished:
-                return  # resumed after its last event: nothing more will come
+            if run.done.is_set():
+                return  # resumed after its last event (published): nothing more will come
             async for item in live:
                 if isinstance(item, EventsDropped):
                     for missed in [e for e in run.events if e.seq > last]:
@@ -745,6 +758,8 @@ def _plan(run: _Run, step: _Step) -> tuple[list[Any], list[str]] | str:
         ]
     except ReferenceError_ as exc:
         return str(exc)
+    except Exception as exc:  # noqa: BLE001 - a reference the checks let through: the step's failure
+        return f"cannot fill in the step's references: {type(exc).__name__}: {exc}"[:2000]
     return payloads, [f"{run.run_id}:{step.name}:{i}" for i in range(len(items))]
 
 

@@ -40,10 +40,10 @@ __all__ = [
     "resolve",
 ]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
-_WORKFLOW_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*\Z")
+_WORKFLOW_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 _MAX_NAME = 64
-_REF_RE = re.compile(r"^\$\{([^{}]+)\}$")
+_REF_RE = re.compile(r"^\$\{([^{}]+)\}\Z")
 _STEP_KEYS = (
     "handler",
     "payload",
@@ -374,6 +374,7 @@ def _lookup(value: Any, path: list[str], text: str) -> Any:
             value = value[key]
         elif (
             isinstance(value, list)
+            and key.lstrip("-").isascii()  # "²" is a digit to isdigit(), not to int()
             and key.lstrip("-").isdigit()
             and -len(value) <= int(key) < len(value)
         ):
