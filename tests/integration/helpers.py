@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,3 +19,21 @@ def service(*args: str, port: bool = False, **fields: Any) -> dict[str, Any]:
         table.setdefault("ports", {"main": 0})
         table.setdefault("health", {"tcp": "{port}"})
     return table
+
+
+def unique_seconds() -> str:
+    """A number of seconds for ``sleep`` that tells its processes apart from any other's."""
+    return f"{os.getpid() % 1000}.{time.time_ns() % 10**6:06d}"
+
+
+def running_with(argument: str) -> list[str]:
+    """The pids of the processes whose command line holds ``argument``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if argument.encode() in (entry / "cmdline").read_bytes():
+                    found.append(entry.name)
+            except OSError:
+                pass  # gone meanwhile
+    return found

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from dspy_infra import AgentInfra, ServiceStartError, ServiceState, ServiceStatus
+from tests.integration.helpers import running_with, unique_seconds
 
 pytestmark = pytest.mark.anyio
 
@@ -107,3 +108,34 @@ async def test_service_dir_and_state_dir_placeholders(tmp_path: Path) -> None:
             if len(seen) == 2:
                 break
         assert seen == [str(state_dir / "services" / "job"), str(state_dir)]
+
+
+refusals: list[str] = []
+
+
+async def refused_twice(status: ServiceStatus) -> bool:
+    if len(refusals) < 2:
+        refusals.append(status.name)
+        raise RuntimeError("connection refused")  # as a client library says it, not an OSError
+    return True
+
+
+async def test_a_probe_that_raises_is_a_failed_check_and_retried(tmp_path: Path) -> None:
+    refusals.clear()
+    job = {"command": ["sleep", "1000"], "health": {"call": f"{__name__}:refused_twice"}}
+    async with start(tmp_path, job=job) as infra:
+        assert (await infra.services.status())["job"].state is ServiceState.HEALTHY
+    assert refusals == ["job", "job"]
+
+
+async def test_a_command_probe_cut_short_leaves_no_process(tmp_path: Path) -> None:
+    marker = unique_seconds()
+    job = {
+        "command": ["sleep", "1000"],
+        "health": {"command": ["sh", "-c", f"sleep {marker}; true"], "timeout": 0.2, "deadline": 1},
+        "start_retries": 0,
+    }
+    with pytest.raises(ServiceStartError):
+        async with start(tmp_path, job=job):
+            pass
+    assert running_with(marker) == []

@@ -26,7 +26,7 @@ from dspy_infra._process_group import Ledger
 from dspy_infra._procfs import group_alive
 from dspy_infra.abc import LaunchSpec
 from dspy_infra.backends.local import LocalBackend
-from tests.integration.helpers import service
+from tests.integration.helpers import running_with, service, unique_seconds
 
 pytestmark = pytest.mark.anyio
 
@@ -488,7 +488,7 @@ async def test_a_launch_that_cannot_be_recorded_is_stopped_not_leaked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Unrecorded, a crash of this program would leave it running for good.
-    marker = f"{os.getpid() % 1000}.{time.time_ns() % 10**6:06d}"  # sleep's argument: unique
+    marker = unique_seconds()
     services = {"worker": {"command": ["sleep", marker], "start_retries": 0}}
 
     def disk_full(*args: Any) -> None:
@@ -499,30 +499,34 @@ async def test_a_launch_that_cannot_be_recorded_is_stopped_not_leaked(
     with pytest.raises(ServiceStartError, match=r"cannot record its launch.*No space left"):
         await infra_for(tmp_path, services).__aenter__()
     assert time.monotonic() - started < 5, "it was waited for, not stopped"
-    assert _running_with(marker) == []
+    assert running_with(marker) == []
 
 
-def _running_with(argument: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if argument.encode() in (entry / "cmdline").read_bytes():
-                    found.append(entry.name)
-            except OSError:
-                pass  # gone meanwhile
-    return found
+async def test_what_a_service_prints_while_it_stops_is_in_its_log(tmp_path: Path) -> None:
+    job = {
+        "command": "trap 'echo got-term; exit 0' TERM; echo up; while true; do sleep 0.05; done",
+        "shell": True,
+        "health": {"log": "^up$"},
+    }
+    async with infra_for(tmp_path, {"job": job}) as infra:
+        await infra.services.stop(["job"])
+        lines = [line async for line in infra.services.logs("job")]
+        assert lines[0] == "up"
+        assert lines[-1] == "got-term", lines  # the shell may say its sleep was "Terminated"
 
 
-async def test_an_instance_whose_start_was_cut_short_is_closed(tmp_path: Path) -> None:
-    # A service slow to be ready: the start is cancelled while it waits.
-    slow = {"command": ["sleep", "1000"], "health": {"command": ["false"], "deadline": 60}}
-    infra = infra_for(tmp_path, {"slow": slow})
-    with anyio.move_on_after(0.5):
-        async with infra:
-            pytest.fail("it started")
-    with pytest.raises(InfraClosed):
-        await infra.health_check()
-    with pytest.raises(InfraClosed, match="closed"):
-        async with infra:
-            pass
+async def test_a_started_dependency_does_not_wait_for_its_health(tmp_path: Path) -> None:
+    services = {
+        # Healthy only after 2 s; "started" as soon as it runs.
+        "dep": {
+            "command": "sleep 2; echo ready; sleep 1000",
+            "shell": True,
+            "health": {"log": "ready"},
+        },
+        "app": {"command": ["sleep", "1000"], "depends_on": {"dep": {"condition": "started"}}},
+    }
+    async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
+        pass
+    starting = recorder.first("service_starting", "app")
+    healthy = recorder.first("service_healthy", "dep")
+    assert starting.seq < healthy.seq, "app waited for dep's health"

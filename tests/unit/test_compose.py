@@ -188,6 +188,7 @@ def test_env_files_relative_to_the_compose_file(
         B = spaced
         export C="quoted # not a comment"
         D=plain # a comment
+        F="quoted, then" # a comment
         """,
     )
     write(tmp_path / "deploy" / "web.env", "A=from web\nE='single'\n")
@@ -212,6 +213,7 @@ def test_env_files_relative_to_the_compose_file(
         "C": "quoted # not a comment",
         "D": "plain",
         "E": "from environment",
+        "F": "quoted, then",
     }
     assert config.services["db"].env == {"A": "from web", "E": "single"}
 
@@ -255,6 +257,9 @@ def test_bad_env_files_name_the_key(
         ("{target: 80, published: 8080}", 8080, 80),
         ('{target: 80, published: "8080", host_ip: 127.0.0.1, protocol: tcp}', 8080, 80),
         ("{target: 80}", 0, 80),
+        # Integers as compose reads them: 08080 is not a (bad) octal but 8080.
+        ("{target: 080, published: 08080}", 8080, 80),
+        ("{target: 0x50, published: 0o17620}", 8080, 80),
     ],
 )
 def test_ports(tmp_path: Path, spec: str, host: int, container: int) -> None:

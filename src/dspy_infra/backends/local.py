@@ -37,6 +37,9 @@ __all__ = ["Backend", "LocalBackend"]
 log = logging.getLogger("dspy_infra")
 
 
+_EXEC_TAIL = 4096  # bytes of a command's output kept (a probe's failure message)
+
+
 class LocalProcess:
     def __init__(self, spec: LaunchSpec, process: Process, ledger: Ledger, launch: int):
         self._spec = spec
@@ -79,14 +82,28 @@ class LocalProcess:
         return code
 
     async def exec(self, argv: tuple[str, ...]) -> tuple[int, str]:
-        result = await anyio.run_process(
-            list(argv),
-            check=False,
-            stderr=subprocess.STDOUT,
-            cwd=self._spec.cwd,
-            env=_environment(self._spec.env),
-        )
-        return result.returncode, decode(result.stdout[-4096:])
+        # In a group of its own, stopped whole however the call ends: a probe
+        # cut short by its timeout (a shell and its children) leaves nothing.
+        try:
+            process = await launch_group(
+                list(argv),
+                env=_environment(self._spec.env),
+                cwd=self._spec.cwd,
+                stderr=subprocess.STDOUT,
+            )
+        except LaunchFailed as exc:
+            return 127, exc.reason
+        tail = b""
+        try:
+            assert process.stdout is not None
+            async for chunk in process.stdout:
+                tail = (tail + chunk)[-_EXEC_TAIL:]
+            code = await process.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stop_group(process, 0)
+                await process.aclose()
+        return code, decode(tail)
 
 
 class LocalBackend:

@@ -174,7 +174,24 @@ def _yaml12_loader() -> type[yaml.SafeLoader]:
         Loader.add_implicit_resolver(
             f"tag:yaml.org,2002:{tag}", re.compile(f"^(?:{pattern})$"), list(first)
         )
+    Loader.add_constructor("tag:yaml.org,2002:int", _compose_int)
     return Loader
+
+
+def _compose_int(loader: Any, node: Any) -> int | float:
+    """An integer as compose (Go's yaml.v3) reads it: ``0x1f``, ``0o17``, and
+    YAML 1.1's octal ``017`` still; what is not a valid octal (``08080``) is
+    the number it reads as otherwise, not an error."""
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    try:
+        if digits[:2] in ("0x", "0o"):
+            return sign * int(digits[2:], 16 if digits[1] == "x" else 8)
+        return sign * int(digits, 8 if len(digits) > 1 and digits[0] == "0" else 10)
+    except ValueError:
+        number = float(digits)
+        return sign * (int(number) if number.is_integer() else number)
 
 
 def _read_text(path: Path) -> str:
@@ -210,8 +227,11 @@ def _parse_env(text: str) -> dict[str, str | None]:
 
 
 def _unquote(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        # A quoted value, perhaps followed by a comment: A="hello world" # why
+        if end > 0 and (value[end + 1 :].strip() == "" or value[end + 1 :].lstrip()[:1] == "#"):
+            return value[1:end]
     comment = value.find(" #")
     return value[:comment].rstrip() if comment >= 0 else value
 

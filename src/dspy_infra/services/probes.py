@@ -62,6 +62,10 @@ class ProbeRunner:
             return ProbeResult(ok=False, detail=f"timed out after {self.probe.timeout:g}s")
         except (OSError, aiohttp.ClientError) as exc:
             return ProbeResult(ok=False, detail=str(exc) or type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - a probe that fails in its own way fails
+            # (a `call` probe's client raising its "connection refused"): retried
+            # as any failed check, instead of ending the service's supervision.
+            return ProbeResult(ok=False, detail=f"{type(exc).__name__}: {exc}")
 
     async def _check(self) -> ProbeResult:  # noqa: PLR0911 - one return per probe kind
         probe = self.probe
@@ -74,7 +78,7 @@ class ProbeRunner:
         if probe.http is not None:
             session = await self._http()
             async with session.get(probe.http, allow_redirects=False) as response:
-                body = await response.text() if self._body_re else ""
+                body = await response.text(errors="replace") if self._body_re else ""
             status_ok = (
                 response.status == probe.status
                 if probe.status is not None

@@ -163,10 +163,14 @@ async def _running(
     stop), the process group is stopped and its last lines read.
     """
     rt.process = process
+    manager.notify()  # dependents waiting for it to be "started"
     pump_done = anyio.Event()
+    # Shielded: a stop cancels the body, and the pump must go on reading what
+    # the service prints while it stops (a SIGTERM handler's last words).
+    pump = anyio.CancelScope(shield=True)
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_pump_logs, manager, rt, process, pump_done)
+            tg.start_soon(_pump_in, pump, manager, rt, process, pump_done)
             try:
                 yield
             finally:
@@ -177,7 +181,7 @@ async def _running(
                         await process.stop(rt.config.stop_timeout)
                     with anyio.move_on_after(_PUMP_DRAIN):
                         await pump_done.wait()
-                    tg.cancel_scope.cancel()
+                    pump.cancel()
     finally:
         rt.process = None
 
@@ -289,6 +293,17 @@ async def _liveness(manager: ServiceManager, rt: ServiceRuntime, runner: ProbeRu
             manager.set_state(rt, ServiceState.UNHEALTHY, "service_unhealthy", reason)
             if rt.config.restart != "no":
                 return reason
+
+
+async def _pump_in(
+    scope: anyio.CancelScope,
+    manager: ServiceManager,
+    rt: ServiceRuntime,
+    process: ServiceProcess,
+    done: anyio.Event,
+) -> None:
+    with scope:
+        await _pump_logs(manager, rt, process, done)
 
 
 async def _pump_logs(
