@@ -822,7 +822,12 @@ class LocalScheduler:
         taken that long has them reserved: from then on, what others free is
         kept for it. One reservation at a time.
         """
-        if self._reserved_for is None and time.monotonic() >= self._next_due:
+        # No clock read on the hot path unless a blocked head is waiting to be due.
+        if (
+            self._next_due < math.inf
+            and self._reserved_for is None
+            and time.monotonic() >= self._next_due
+        ):
             self._reserve_if_due()
         return self._pool.fits(record.need, reserved=record is self._reserved_for)
 
