@@ -1,5 +1,6 @@
 """The task store's journal, on a real SQLite file: what its waiters learn when
-a commit fails, when a callback fails, when it is cancelled, and after its end."""
+a commit fails, when a callback fails, when it is cancelled, and after its end;
+when a write that nobody waits for is committed."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import anyio
 import pytest
 
 from dspy_infra.errors import InfraClosed
+from dspy_infra.scheduling import store as store_module
 from dspy_infra.scheduling.store import COLUMNS, Journal, SQLiteStore, StoreFailed
 
 pytestmark = pytest.mark.anyio
@@ -122,4 +124,55 @@ async def test_a_write_after_the_end_fails_and_starts_no_thread(store: SQLiteSto
         journal.close()
     with anyio.fail_after(5), pytest.raises(InfraClosed, match="after its end"):
         await journal.write(("insert", row("late"))).wait()
+    assert writer_threads() == []
+
+
+async def stored(store: SQLiteStore, *task_ids: str) -> set[str]:
+    return await anyio.to_thread.run_sync(store.stored, list(task_ids))
+
+
+async def test_a_deferrable_write_waits_for_the_next_write_or_its_deadline(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "DEFER_SECONDS", 1.5)
+    journal = Journal(store, threaded=True)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(journal.run)
+        try:
+            # Alone, it waits for company...
+            lone = journal.write(("insert", row("lone")), deferrable=True)
+            await anyio.sleep(0.1)
+            assert await stored(store, "lone") == set()
+            # ...and is committed by its deadline, with nothing else written.
+            with anyio.fail_after(5):
+                await lone.wait()
+            assert await stored(store, "lone") == {"lone"}
+            # Joined by a write that is waited for, it is committed with it, at once.
+            joined = journal.write(("insert", row("joined")), deferrable=True)
+            with anyio.fail_after(0.75):
+                await journal.write(("insert", row("urgent"))).wait()
+            assert await stored(store, "joined", "urgent") == {"joined", "urgent"}
+            await joined.wait()
+            # hurry(): someone came to wait for it.
+            hurried = journal.write(("insert", row("hurried")), deferrable=True)
+            await anyio.lowlevel.checkpoint()
+            journal.hurry()
+            with anyio.fail_after(0.75):
+                await hurried.wait()
+        finally:
+            journal.close()
+
+
+async def test_closing_commits_a_deferred_write_at_once(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "DEFER_SECONDS", 60.0)
+    journal = Journal(store, threaded=True)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal.run)
+            journal.write(("insert", row("deferred")), deferrable=True)
+            await anyio.sleep(0.05)
+            journal.close()
+    assert await stored(store, "deferred") == {"deferred"}
     assert writer_threads() == []

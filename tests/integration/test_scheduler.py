@@ -27,6 +27,7 @@ from dspy_infra.errors import (
     TaskTimedOut,
     UnknownTask,
 )
+from dspy_infra.scheduling import store as store_module
 from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskState
 from dspy_infra.services.status import ServiceState
 from tests.integration.helpers import service
@@ -908,6 +909,46 @@ async def test_tasks_of_a_class_no_longer_configured_end_lost(tmp_path: Path) ->
             assert status.error == "its class 'gone' is no longer configured"
     assert gates.started == ["r"]
     assert rows(tmp_path) == {"r": ("lost", 0), "q": ("lost", 0)}
+
+
+async def test_a_final_state_nobody_waits_for_is_committed_soon_after(tmp_path: Path) -> None:
+    async def echo(payload: Any) -> Any:
+        return payload
+
+    async with start(tmp_path, {"echo": echo}) as infra:
+        await infra.submit_task("echo", 1, task_id="unwatched")
+        await until_state(infra, "unwatched", TaskState.SUCCEEDED)
+        await until(lambda: rows(tmp_path)["unwatched"] == ("succeeded", 1))
+
+
+async def test_a_deferred_final_state_is_committed_once_someone_waits_or_it_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A final state nobody waits for waits for company (a group commit): here
+    # for longer than the test, so that only a waiter or the close commits it.
+    monkeypatch.setattr(store_module, "DEFER_SECONDS", 60.0)
+
+    async def echo(payload: Any) -> Any:
+        return payload
+
+    async def finished_unwatched(infra: AgentInfra, payload: str) -> TaskHandle:
+        handle = await infra.submit_task("echo", payload)
+        await until_state(infra, handle.task_id, TaskState.SUCCEEDED)
+        assert rows(tmp_path)[handle.task_id] == ("running", 1)
+        return handle
+
+    async with start(tmp_path, {"echo": echo}) as infra:
+        waited = await finished_unwatched(infra, "w")
+        with anyio.fail_after(5):
+            assert await waited.result() == "w"
+        assert rows(tmp_path)[waited.task_id] == ("succeeded", 1)
+        streamed = await finished_unwatched(infra, "s")
+        with anyio.fail_after(5):
+            async with aclosing(infra.stream_task_results([streamed.task_id])) as results:
+                assert [e.result async for e in results] == ["s"]
+        assert rows(tmp_path)[streamed.task_id] == ("succeeded", 1)
+        closed = await finished_unwatched(infra, "c")
+    assert rows(tmp_path)[closed.task_id] == ("succeeded", 1)
 
 
 async def test_durable_false_runs_tasks_in_memory_only(tmp_path: Path) -> None:

@@ -515,7 +515,9 @@ class LocalScheduler:
     async def wait(self, task_id: str) -> TaskStatus:
         record = self._live.get(task_id)
         if record is not None:  # unfinished, or its final state not yet committed
-            if not record.state.finished:
+            if record.state.finished:
+                self._journal.hurry()
+            else:
                 self._check_open()
             if record.waiters is None:
                 record.waiters = anyio.Event()
@@ -592,6 +594,8 @@ class LocalScheduler:
             if live is not None:
                 # Unfinished, or its final state not yet committed: the bus
                 # brings its final event once it is.
+                if live.state.finished:
+                    self._journal.hurry()
                 continue
             status = await self.status(task_id)
             if status.finished:
@@ -1147,6 +1151,7 @@ class LocalScheduler:
             ("finish", (state.value, record.finished_at, result, error, record.task_id)),
             self._finished,
             record,
+            deferrable=record.waiters is None and not self._bus.wanted(TaskEvent.TYPES[state]),
         )
         if self._unreserve(record):  # cancelled, or timed out, while it waited
             self._kick()

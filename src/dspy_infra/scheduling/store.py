@@ -211,6 +211,10 @@ SELECT task_id FROM tasks WHERE finished_at < ? AND NOT EXISTS (
 """
 
 Row = tuple[Any, ...]
+# How long a write that nobody waits for may wait for company (Journal):
+# about the gap between two calls of a client that submits one task at a
+# time over gRPC, and short beside anything a person or a poll would notice.
+DEFER_SECONDS = 0.002
 _IN_CHUNK = 500  # ids per "IN (...)": well under SQLite's limit on parameters
 _INDEX = {name: i for i, name in enumerate(COLUMNS)}
 _SET: dict[OpKind, tuple[str, ...]] = {
@@ -519,13 +523,14 @@ class StoreFailed(InfraError):
 
 
 class _Batch:
-    __slots__ = ("callbacks", "done", "error", "ops")
+    __slots__ = ("callbacks", "done", "error", "ops", "urgent")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
         self.callbacks: list[tuple[Callable[[Any], object], Any]] = []
         self.done = anyio.Event()
         self.error: BaseException | None = None
+        self.urgent = False  # something in it is waited for: hand it over at once
 
     def then(self, function: Callable[[Any], object], arg: Any) -> None:
         """Call ``function(arg)`` on the event loop right after the commit."""
@@ -553,6 +558,12 @@ class Journal:
     GIL, and the writer, needing it back after each SQLite step while the
     loop runs Python, waits for the loop to let go of it; so the two take
     turns, and batching is what makes the turns cheap.
+
+    A write that nobody is waiting for (the final state of a task that no
+    caller or stream waits on) may wait up to :data:`DEFER_SECONDS` for
+    company: a group commit. Handed over alone, it would often still be in
+    the writer when the next submit comes, and that submit would wait for
+    it; joined to the next batch, it costs that batch a row.
     """
 
     def __init__(self, store: Store, *, threaded: bool):
@@ -562,6 +573,7 @@ class Journal:
         self._writer: _Writer | None = None
         self._writing = False  # a batch is with the writer thread
         self._handing_over = False  # a hand-over is scheduled
+        self._deferred: asyncio.TimerHandle | None = None  # a late hand-over is
         self._closed = False
         self._ended = False  # run() has returned: nothing is written any more
         # What stopped the journal: a failed commit (StoreFailed), a failed
@@ -570,7 +582,12 @@ class Journal:
         self._done = anyio.Event()  # closed and all committed, or failed
 
     def write(
-        self, op: Op, then: Callable[[Any], object] | None = None, arg: Any = None
+        self,
+        op: Op,
+        then: Callable[[Any], object] | None = None,
+        arg: Any = None,
+        *,
+        deferrable: bool = False,
     ) -> Written:
         """Queue ``op``; the returned batch's ``wait()`` returns once it is committed.
 
@@ -578,6 +595,8 @@ class Journal:
         than a task waiting for it, which is what the scheduler does for the
         start and the end of every attempt. Once the journal has stopped, the
         batch returned has failed with the reason, and ``then`` is not called.
+        A ``deferrable`` write (nobody waits for it) may be committed up to
+        :data:`DEFER_SECONDS` later, with whatever is written meanwhile.
         """
         if not self._threaded:
             self._store.apply((op,))
@@ -585,12 +604,24 @@ class Journal:
         else:
             written = self._batch
             written.ops.append(op)
+            if not deferrable:
+                written.urgent = True
             if not (self._writing or self._handing_over or self._failure is not None):
-                self._handing_over = True
-                asyncio.get_running_loop().call_soon(self._hand_over)
+                if written.urgent:
+                    self._handing_over = True
+                    asyncio.get_running_loop().call_soon(self._hand_over)
+                elif self._deferred is None:
+                    self._deferred = asyncio.get_running_loop().call_later(
+                        DEFER_SECONDS, self._hand_over_deferred
+                    )
         if then is not None:
             written.then(then, arg)
         return written
+
+    def _hand_over_deferred(self) -> None:
+        self._cancel_deferred()
+        self._batch.urgent = True
+        self._hand_over()
 
     def _hand_over(self) -> None:
         self._handing_over = False
@@ -600,6 +631,13 @@ class Journal:
             if self._closed:
                 self._done.set()
             return
+        if not (self._batch.urgent or self._closed):
+            if self._deferred is None:
+                self._deferred = asyncio.get_running_loop().call_later(
+                    DEFER_SECONDS, self._hand_over_deferred
+                )
+            return
+        self._cancel_deferred()
         if self._ended:
             self._stop(InfraClosed("the task store is closed: this write came after its end"))
             return
@@ -636,9 +674,20 @@ class Journal:
         """Fail what is written and not committed, and all later writes; end :meth:`run`."""
         if self._failure is None:
             self._failure = failure
+        self._cancel_deferred()
         self._batch.error = self._failure
         self._batch.done.set()
         self._done.set()
+
+    def hurry(self) -> None:
+        """Hand over a deferred write now: someone has come to wait for it."""
+        if self._deferred is not None:
+            self._hand_over_deferred()
+
+    def _cancel_deferred(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
 
     async def commit(self, op: Op) -> None:
         await self.write(op).wait()
@@ -667,6 +716,7 @@ class Journal:
                 raise
         finally:
             self._ended = True
+            self._cancel_deferred()
             if self._writer is not None:
                 with anyio.CancelScope(shield=True):
                     await self._writer.close()
