@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from dspy_infra import AgentInfra
 from dspy_infra.errors import UnknownTask
+from dspy_infra.scheduling.store import Journal, Op, Written
 from dspy_infra.scheduling.tasks import TaskState
 from dspy_infra.workflows import (
     InvalidWorkflow,
@@ -396,3 +397,38 @@ async def test_inputs_that_are_not_a_mapping_are_invalid_workflow(tmp_path: Path
                 await infra.workflows.start_run(workflow.workflow_id, inputs)  # type: ignore[arg-type]
         with pytest.raises(InvalidWorkflow, match="run_id"):
             await infra.workflows.start_run(workflow.workflow_id, {"x": 1}, run_id="r1\n")
+
+
+async def test_a_run_whose_caller_is_cancelled_once_it_is_written_is_driven(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doubled: list[int] = []
+
+    async def double(x: int) -> int:
+        doubled.append(x)
+        return await _double(x)
+
+    caller = anyio.CancelScope()
+    write = Journal.write
+
+    def write_then_cancel_the_caller(self: Journal, op: Op, *args: Any, **kwargs: Any) -> Written:
+        written = write(self, op, *args, **kwargs)
+        if op[0] == "run":
+            caller.cancel()  # lands while start_run waits for the run's commit
+        return written
+
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers={"double": double}) as infra:
+        workflow = await infra.workflows.create(_ONE_STEP)
+        with monkeypatch.context() as patched, caller:
+            patched.setattr(Journal, "write", write_then_cancel_the_caller)
+            await infra.workflows.start_run(workflow.workflow_id, {"x": 2}, run_id="r")
+            await anyio.sleep_forever()
+        assert caller.cancelled_caught
+        with anyio.fail_after(10):
+            status = await infra.workflows.wait_run("r")
+        assert status.state is RunState.SUCCEEDED, status
+        assert status.results() == {"double": 4}
+        # Started again by the caller that did not hear back: the same run, not run again.
+        again = await infra.workflows.start_run(workflow.workflow_id, {"x": 2}, run_id="r")
+        assert (await again.wait()).results() == {"double": 4}
+    assert doubled == [2]
