@@ -18,6 +18,7 @@ import signal
 import socket
 import ssl
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from typing import Any
 
 import anyio
 import pytest
-from grpclib.client import Channel
+from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.v1.health_grpc import HealthStub
@@ -210,25 +211,48 @@ async def test_connecting_to_a_peer_that_never_answers_gives_up(
                 pass
 
 
+@contextlib.asynccontextmanager
+async def raw_submit_task(
+    address: str,
+) -> AsyncIterator[Stream[orch_pb.SubmitTaskRequest, orch_pb.SubmitTaskResponse]]:
+    """A SubmitTask call whose messages the test sends itself, as no AgentInfra client would."""
+    channel = Channel("127.0.0.1", int(address.rsplit(":", 1)[1]))
+    try:
+        async with channel.request(
+            "/orchestrator.v1.Orchestrator/SubmitTask",
+            Cardinality.STREAM_UNARY,  # as a client that sends no message may
+            orch_pb.SubmitTaskRequest,
+            orch_pb.SubmitTaskResponse,
+        ) as stream:
+            yield stream
+    finally:
+        channel.close()
+
+
 async def test_a_call_without_its_request_message_is_invalid_argument(tmp_path: Path) -> None:
     async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
-        channel = Channel("127.0.0.1", int(srv.address.rsplit(":", 1)[1]))
-        try:
-            route = "/orchestrator.v1.Orchestrator/SubmitTask"
-            request = channel.request(
-                route,
-                Cardinality.STREAM_UNARY,  # as a client that sends no message may
-                orch_pb.SubmitTaskRequest,
-                orch_pb.SubmitTaskResponse,
-            )
-            async with request as stream:
-                await stream.send_request(end=True)  # and no message
-                with pytest.raises(GRPCError) as info:
-                    await stream.recv_message()
-            assert info.value.status is Status.INVALID_ARGUMENT
-            assert "no request message" in (info.value.message or "")
-        finally:
-            channel.close()
+        async with raw_submit_task(srv.address) as stream:
+            await stream.send_request(end=True)  # and no message
+            with pytest.raises(GRPCError) as info:
+                await stream.recv_message()
+        assert info.value.status is Status.INVALID_ARGUMENT
+        assert "no request message" in (info.value.message or "")
+
+
+async def test_a_compressed_request_message_is_unimplemented(tmp_path: Path) -> None:
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        async with raw_submit_task(srv.address) as stream:
+            await stream.send_request()
+            message = bytes(orch_pb.SubmitTaskRequest(handler="echo", payload_json="1"))
+            # The message's 5-byte prefix with its compressed flag set, which
+            # grpclib's own send_message never sets: written on the HTTP/2 stream.
+            prefix = struct.pack(">?I", True, len(message))
+            await stream._stream.send_data(prefix + message)
+            await stream.end()
+            with pytest.raises(GRPCError) as info:
+                await stream.recv_message()
+        assert info.value.status is Status.UNIMPLEMENTED
+        assert info.value.message == "compressed messages are not supported"
 
 
 async def test_submit_tasks(api: Api) -> None:
