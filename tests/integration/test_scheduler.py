@@ -8,8 +8,8 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
-from contextlib import aclosing
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing, closing
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from dspy_infra.errors import (
     UnknownTask,
 )
 from dspy_infra.scheduling import store as store_module
+from dspy_infra.scheduling.store import StoreFailed
 from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskState
 from dspy_infra.services.status import ServiceState
 from tests.integration.helpers import service
@@ -893,6 +894,54 @@ async def test_a_result_waiter_does_not_outlive_the_instance(tmp_path: Path) -> 
     assert not scope.cancelled_caught, "result() still waited 2 s after the instance closed"
     assert len(outcome) == 1
     assert isinstance(outcome[0], InfraClosed)
+
+
+async def test_a_cancel_of_a_task_whose_submit_fails_to_commit_is_told(tmp_path: Path) -> None:
+    outcomes: dict[str, object] = {}
+
+    async def outcome(name: str, call: Callable[[], Awaitable[object]]) -> None:
+        try:
+            outcomes[name] = await call()
+        except Exception as exc:  # noqa: BLE001 - what each call ends with is the test
+            outcomes[name] = exc
+
+    async def cancel(infra: AgentInfra, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()  # before cancel_task, which waits on the task with no await before
+        await outcome("cancel", lambda: infra.cancel_task("doomed"))
+
+    # The calls' task group outlives the instance, which the failed commit stops.
+    async with anyio.create_task_group() as calls:
+        with pytest.raises(ExceptionGroup) as stopped:  # noqa: PT012
+            async with start(tmp_path, {"echo": echo}) as infra:
+                # Another connection holds the write lock, so that the submit's
+                # insert waits for it; it lets go once the cancel waits, adding
+                # a trigger that makes the insert fail.
+                db = sqlite3.connect(tmp_path / "state" / "tasks.db", isolation_level=None)
+                with closing(db):
+                    db.execute("BEGIN IMMEDIATE")
+                    db.execute(
+                        "CREATE TRIGGER refuse BEFORE INSERT ON tasks WHEN NEW.task_id = 'doomed' "
+                        "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+                    )
+                    calls.start_soon(
+                        outcome, "submit", lambda: infra.submit_task("echo", 1, task_id="doomed")
+                    )
+                    with anyio.fail_after(5):
+                        while True:  # until the submit has written it, and waits for the commit
+                            try:
+                                await infra.get_task_status("doomed")
+                                break
+                            except UnknownTask:
+                                await anyio.sleep(0.005)
+                    await calls.start(cancel, infra)
+                    db.execute("COMMIT")
+                await anyio.sleep_forever()
+        await until(lambda: "cancel" in outcomes)  # not woken by the failed submit: for ever
+    assert stopped.group_contains(StoreFailed, match="refused by the test")
+    assert isinstance(outcomes["submit"], sqlite3.IntegrityError)
+    assert isinstance(outcomes["cancel"], InfraClosed)
+    assert "'doomed' was never stored" in str(outcomes["cancel"])
+    assert "doomed" not in rows(tmp_path)
 
 
 async def test_tasks_of_a_class_no_longer_configured_end_lost(tmp_path: Path) -> None:

@@ -523,6 +523,11 @@ class LocalScheduler:
                 record.waiters = anyio.Event()
             await record.waiters.wait()
             if not record.state.finished:
+                if self._live.get(task_id) is not record:  # let go by its failed submit
+                    raise InfraClosed(
+                        f"task {task_id!r} was never stored: the commit of its submit failed, "
+                        "which stops the instance"
+                    )
                 raise InfraClosed(
                     f"the instance closed before task {task_id!r} finished; it is still in "
                     "the store and runs when an instance opens on the same state_dir"
