@@ -12,17 +12,18 @@ marker, or for the whole run with an ini option::
     async def test_cache(agent_infra): ...
 
 ``services=[...]`` starts only those services (and their dependencies)
-instead of every ``autostart`` one; other keyword arguments are config
-overrides. Each fixture gets its own state directory under pytest's
-``tmp_path``. ``agent_infra_session`` is one instance for the whole session
-(it needs a session-scoped ``anyio_backend`` fixture in your conftest).
-When a test fails, the last log lines of every service that is not up are
-added to its report.
+instead of every ``autostart`` one; ``services={...}`` (service tables) is
+merged into the configuration's services, as ``AgentInfra.start(services=...)``
+does; other keyword arguments are config overrides. Each fixture gets its
+own state directory under pytest's ``tmp_path``. ``agent_infra_session`` is
+one instance for the whole session (it needs a session-scoped
+``anyio_backend`` fixture in your conftest). When a test fails, the last log
+lines of every service that is not up are added to its report.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,10 @@ def _settings(request: pytest.FixtureRequest) -> tuple[Any, list[str] | None, di
         overrides = dict(marker.kwargs)
         config = overrides.pop("config", config)
         services = overrides.pop("services", None)
+        if isinstance(services, Mapping):
+            # Service definitions, not names: an override of the services
+            # table, merged into it as AgentInfra.start(services={...}) does.
+            overrides["services"], services = services, None
     if services is not None:
         overrides["autostart"] = False
     return config, services, overrides

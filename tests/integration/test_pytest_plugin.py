@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import SERVICE
+from tests.integration.helpers import SERVICE, service
 
 pytest_plugins = ["pytester"]
 
@@ -18,6 +18,8 @@ import pytest
 def anyio_backend():
     return "asyncio"
 """
+
+EXTRA = service("--say", "ready", port=True)
 
 
 def config(tmp: Path, pid_file: Path) -> str:
@@ -71,6 +73,42 @@ def test_fixture_starts_services_and_cleans_up(pytester: pytest.Pytester, tmp_pa
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
+
+
+def test_marker_services_table_is_merged_into_the_configuration(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    pytester.makefile(".toml", **{"dspy-infra": config(tmp_path, tmp_path / "flaky.pid")})
+    pytester.makeini("[pytest]\nagent_infra_config = dspy-infra.toml\n")
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.anyio
+        @pytest.mark.agent_infra(services={{"kv": {{"autostart": False}}, "extra": {EXTRA!r}}})
+        async def test_added_and_overridden(agent_infra):
+            status = await agent_infra.services.status()
+            assert status["extra"].healthy  # added, and started as every autostart one
+            assert status["kv"].state == "inactive"  # one key overridden...
+            await agent_infra.services.start(["kv"])  # ... the rest of its table kept
+            assert (await agent_infra.services.status())["kv"].healthy
+
+        @pytest.mark.anyio
+        @pytest.mark.agent_infra(services={{"kv": {{"restart": "sometimes"}}}})
+        async def test_refused_as_the_configuration_refuses_it(agent_infra):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*::test_added_and_overridden PASSED*",
+            "*::test_refused_as_the_configuration_refuses_it ERROR*",
+            "*ConfigError: override services=: services.kv.restart: expected one of *'sometimes'",
+        ]
+    )
 
 
 def test_failing_test_report_shows_the_logs_of_unhealthy_services(
