@@ -26,8 +26,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import anyio
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality, Status
@@ -42,6 +46,7 @@ from dspy_infra._procfs import group_alive
 from dspy_infra.errors import (
     BackendUnavailable,
     ConfigError,
+    InfraError,
     InvalidTask,
     TaskCancelled,
     TaskFailed,
@@ -51,6 +56,7 @@ from dspy_infra.errors import (
 from dspy_infra.events import Event
 from dspy_infra.remote import RemoteAgentInfra, ServerUnavailable, serve
 from dspy_infra.remote import client as remote_client
+from dspy_infra.remote import server as server_module
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.scheduling.tasks import TaskEvent, TaskState, TaskStatus
 from dspy_infra.services.status import ServiceState, ServiceStatus
@@ -1357,6 +1363,72 @@ async def test_a_field_of_another_wire_type_is_invalid_argument(tmp_path: Path) 
             code, details = await anyio.to_thread.run_sync(_call_raw, srv.address, route, body)
             assert code == "INVALID_ARGUMENT", (route, body, details)
             assert f"the request is {message}" in details
+
+
+async def test_a_request_over_the_size_limit_is_refused_before_its_body(tmp_path: Path) -> None:
+    # A client that announces a 1 GiB message and sends none of it: the
+    # server answers on the announced size, without waiting for the body, and
+    # resets the stream so that a client which is sending it stops.
+    async with (
+        make_infra(tmp_path) as infra,
+        serve(infra, "127.0.0.1:0") as srv,
+        await anyio.connect_tcp("127.0.0.1", int(srv.address.rsplit(":", 1)[1])) as sock,
+    ):
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        conn.initiate_connection()
+        stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(
+            stream_id,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", _ORCH + "SubmitTask"),
+                (":authority", srv.address),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ],
+        )
+        conn.send_data(stream_id, b"\0" + (1 << 30).to_bytes(4, "big"))
+        await sock.send(conn.data_to_send())
+        answer: dict[str, str] = {}
+        reset = False
+        with anyio.fail_after(10):
+            while not reset:
+                for event in conn.receive_data(await sock.receive()):
+                    if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                        answer.update(event.headers)  # type: ignore[arg-type] # str: header_encoding
+                    reset = reset or isinstance(event, h2.events.StreamReset)
+                await sock.send(conn.data_to_send())
+    assert answer["grpc-status"] == str(Status.RESOURCE_EXHAUSTED.value)
+    limit = server_module.MIN_MAX_REQUEST_BYTES
+    assert unquote(answer["grpc-message"]) == (
+        f"the request message is {1 << 30} bytes, over the server's limit of {limit} bytes"
+    )
+
+
+async def test_the_request_size_limit_refuses_no_task_the_instance_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever the fixed minimum, a task of the largest payload goes through;
+    # a batch of them over the limit is refused, and says why.
+    monkeypatch.setattr(server_module, "MIN_MAX_REQUEST_BYTES", 1024)
+    largest = "x" * ((1 << 20) - 2)  # its JSON text is max_payload_bytes (1 MiB) long
+    async with (
+        make_infra(tmp_path) as infra,
+        serve(infra, "127.0.0.1:0") as srv,
+        AgentInfra.connect(srv.address) as remote,
+    ):
+        assert await (await remote.submit_task("echo", largest)).result() == largest
+        limit = server_module.max_request_bytes(infra.config.infra.max_payload_bytes)
+        refusal = (
+            r"RESOURCE_EXHAUSTED: the request message is \d+ bytes, "
+            f"over the server's limit of {limit} bytes"
+        )
+        with pytest.raises(InfraError, match=refusal):
+            await remote.submit_tasks("echo", [largest] * 3)
+        assert await (await remote.submit_task("echo", 1)).result() == 1
 
 
 # -- TLS, with a self-signed certificate made here ---------------------------------------

@@ -182,22 +182,21 @@ class _Connection:
                 opened = stream
                 await stream.send_message(request, end=True)
                 yield stream
-        # A status can arrive with the first message or in the trailers that
-        # the stream reads on its way out: both are translated here.
-        except GRPCError as exc:
-            raise self._error(exc, opened) from None
-        except (OSError, StreamTerminatedError) as exc:
-            # grpclib wakes a call whose connection is lost by cancelling
-            # its task, then raises its own error in place of the
-            # CancelledError, and leaves the task's cancel request standing:
-            # the next cancel scope to exit would raise it for nothing. That
-            # one request is withdrawn; any other stands.
-            if (
-                task is not None
-                and task.cancelling() > cancelling
-                and isinstance(exc.__context__, asyncio.CancelledError)
-            ):
+        except (GRPCError, OSError, StreamTerminatedError) as exc:
+            # grpclib wakes a call whose connection is lost, or whose stream
+            # the server reset (as it does when it refuses a request before
+            # reading all of it), by cancelling its task, then raises its own
+            # error in place of the CancelledError (and, for a reset stream,
+            # the status of the trailers in place of that), and leaves the
+            # task's cancel request standing: the next cancel scope to exit
+            # would raise it for nothing. That one request is withdrawn; any
+            # other stands.
+            if task is not None and task.cancelling() > cancelling and _woken(exc):
                 task.uncancel()
+            # A status can arrive with the first message or in the trailers
+            # that the stream reads on its way out: both are translated here.
+            if isinstance(exc, GRPCError):
+                raise self._error(exc, opened) from None
             # A TLS server drops a plain-text client's connection at once.
             hint = "" if self._tls else " If it serves TLS, pass ssl=... (--tls-ca on the CLI)."
             raise ServerUnavailable(
@@ -228,6 +227,16 @@ class _Connection:
         if exc.status is Status.INVALID_ARGUMENT:
             return InvalidTask("", message)
         return InfraError(f"the server at {self.address} answered {exc.status.name}: {message}")
+
+
+def _woken(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while a CancelledError was handled: grpclib's wake-up call."""
+    context = exc.__context__
+    while context is not None:
+        if isinstance(context, asyncio.CancelledError):
+            return True
+        context = context.__context__
+    return False
 
 
 class _RemoteScheduler:

@@ -8,7 +8,9 @@
 Security: the server binds loopback by default. Any other address is refused
 unless both TLS (``ssl``) and a ``token`` are given; a token, when given, is
 checked on every call (``authorization: Bearer <token>``, compared in
-constant time), and a call without it is UNAUTHENTICATED.
+constant time), and a call without it is UNAUTHENTICATED. A request message
+over :func:`max_request_bytes` is RESOURCE_EXHAUSTED, refused on the size it
+announces, before its body is read.
 
 Errors: the library's exceptions become statuses — :class:`InvalidTask` and
 :class:`InvalidWorkflow` are INVALID_ARGUMENT, :class:`UnknownTask`,
@@ -91,12 +93,32 @@ if TYPE_CHECKING:
 
     from dspy_infra.infra import AgentInfra
 
-__all__ = ["DEFAULT_ADDRESS", "RemoteServer", "check_serving", "serve"]
+__all__ = ["DEFAULT_ADDRESS", "RemoteServer", "check_serving", "max_request_bytes", "serve"]
 
 log = logging.getLogger("dspy_infra.remote")
 
 # How often a Watch of grpc.health.v1.Health looks at the instance again.
 HEALTH_WATCH_INTERVAL = 1.0
+
+# The server reads a request message this large whatever the configuration
+# (a larger max_payload_bytes raises it): a SubmitTasks batch of 64 payloads
+# of the default largest size, a workflow spec of thousands of steps. gRPC's
+# own default, 4 MiB, would refuse a batch of four such payloads.
+MIN_MAX_REQUEST_BYTES = 64 << 20
+# What a request holds besides its one payload (ids, names, resources), with room to spare.
+_REQUEST_OVERHEAD = 1 << 20
+
+
+def max_request_bytes(max_payload_bytes: int) -> int:
+    """The largest request message a server of an instance with this ``max_payload_bytes`` reads.
+
+    Never less than one SubmitTask of the largest payload the instance
+    accepts, so that the limit refuses no task the instance would take. A
+    SubmitTasks batch or a workflow spec has no bound in the configuration:
+    they get MIN_MAX_REQUEST_BYTES at least, and a larger batch is split by
+    its caller.
+    """
+    return max(MIN_MAX_REQUEST_BYTES, max_payload_bytes + _REQUEST_OVERHEAD)
 
 
 @frozen
@@ -123,7 +145,7 @@ async def serve(
     :class:`OSError` if the address cannot be bound.
     """
     host, port = await check_serving(address, token=token, ssl=ssl)
-    guard = _Guard(token)
+    guard = _Guard(token, max_request_bytes(infra.config.infra.max_payload_bytes))
     server = _Server([guard.wrap(s) for s in _services(infra, guard)], codec=_Codec())
     sock = await _bind(host or "0.0.0.0", port)  # noqa: S104 - refused above without TLS and token
     try:
@@ -371,10 +393,11 @@ _Method = Callable[["Stream[Any, Any]"], Any]
 
 
 class _Guard:
-    """Checks the token, and turns the library's exceptions into statuses."""
+    """Checks the token and the requests' sizes; turns the library's exceptions into statuses."""
 
-    def __init__(self, token: str | None):
+    def __init__(self, token: str | None, max_request: int):
         self._expected = None if token is None else f"Bearer {token}".encode()
+        self._max_request = max_request
         self.closing = False
 
     def wrap(self, service: IServable) -> _Guarded:
@@ -385,7 +408,7 @@ class _Guard:
             if self.closing:  # on a connection still open: refused, as a new one would be
                 raise GRPCError(Status.UNAVAILABLE, "the server is shutting down")
             self._authorize(stream)
-            _check_requests(stream, unary=unary)
+            _check_requests(stream, unary=unary, max_size=self._max_request)
             try:
                 await method(stream)
             except asyncio.CancelledError:
@@ -422,10 +445,28 @@ class _Guard:
             raise GRPCError(Status.UNAUTHENTICATED, "missing or wrong token")
 
 
-def _check_requests(stream: Stream[Any, Any], *, unary: bool) -> None:
+def _check_requests(stream: Stream[Any, Any], *, unary: bool, max_size: int) -> None:
     """A client's mistakes in what it sends are its own, not a bug of the server's:
     a unary call without its message is INVALID_ARGUMENT, a compressed message
-    (which grpclib does not read) UNIMPLEMENTED."""
+    (which grpclib does not read) UNIMPLEMENTED, a message over ``max_size``
+    RESOURCE_EXHAUSTED."""
+    # grpclib reads a message's 5-byte prefix, then as many bytes as the
+    # prefix announces, whatever that is, before any of our code sees them.
+    # The read of the body is refused here, on its size: until the server
+    # reads, a client cannot send more of it than the stream's flow-control
+    # window (grpclib's 4 MiB), and the refusal resets the stream.
+    frames = stream._stream  # the HTTP/2 stream, whose reads grpclib sizes
+    read = frames.recv_data
+
+    async def recv_data(size: int) -> bytes:
+        if size > max_size:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"the request message is {size} bytes, over the server's limit of {max_size} bytes",
+            )
+        return await read(size)
+
+    frames.recv_data = recv_data  # type: ignore[method-assign]
     receive = stream.recv_message
 
     async def recv_message() -> Any:
