@@ -11,6 +11,10 @@ otherwise.
   scheduler's; 200 unless something is unhealthy (503).
 - ``/ready``: 200 once every active service is up and the scheduler is
   open, else 503; for load balancers and ``kubectl``-style readiness checks.
+
+Once the instance has begun to close, both say ``closing`` (503): the
+endpoint stops first, but answers the requests it had taken, and the
+instance answers no call by then.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import anyio
 from aiohttp import web
 
 from dspy_infra.config.model import split_address
+from dspy_infra.errors import InfraClosed
 from dspy_infra.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -30,6 +35,10 @@ if TYPE_CHECKING:
     from dspy_infra.scheduling.scheduler import LocalScheduler
 
 __all__ = ["MetricsServer", "health_document"]
+
+# The status of /health and /ready once the instance has begun to close.
+CLOSING = "closing"
+_UNAVAILABLE = frozenset({"unhealthy", CLOSING})
 
 
 async def health_document(infra: AgentInfra, scheduler: LocalScheduler) -> dict[str, Any]:
@@ -77,10 +86,12 @@ class MetricsServer:
         self,
         address: str,
         *,
+        instance: str,
         exposition: Callable[[], bytes],
         health: Callable[[], Awaitable[dict[str, Any]]],
     ):
         self._host, self._port = split_address(address)
+        self._instance = instance
         self._exposition = exposition
         self._health = health
         self.address: str | None = None
@@ -110,13 +121,19 @@ class MetricsServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def _health_route(self, _: web.Request) -> web.Response:
-        document = await self._health()
-        status = 503 if document["status"] == "unhealthy" else 200
+        document = await self._document()
+        status = 503 if document["status"] in _UNAVAILABLE else 200
         return web.json_response(document, status=status)
 
     async def _ready(self, _: web.Request) -> web.Response:
-        document = await self._health()
+        document = await self._document()
         ready = document["status"] == "healthy"
         return web.json_response(
             {"ready": ready, "status": document["status"]}, status=200 if ready else 503
         )
+
+    async def _document(self) -> dict[str, Any]:
+        try:
+            return await self._health()
+        except InfraClosed:
+            return {"status": CLOSING, "instance": self._instance}

@@ -241,6 +241,7 @@ class AgentInfra(TaskMethods):
                     # reverse), while what it reports is still open.
                     server = MetricsServer(
                         self.config.metrics.address,
+                        instance=self.instance_id,
                         exposition=self.metrics.exposition,
                         health=self._health_document,
                     )

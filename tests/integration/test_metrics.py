@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,31 @@ async def test_a_failing_service_is_counted_and_makes_health_503(tmp_path: Path)
         assert status == 503
         values = await infra.get_metrics()
         assert values['dspy_infra_service_stops_total{service="flaky",status="failed"}'] == 1
+
+
+async def test_health_and_ready_say_503_while_the_instance_closes(tmp_path: Path) -> None:
+    # Requests sent on open connections as the block ends: the endpoint reads
+    # them once the instance has begun to close (it set itself closed before
+    # its first await), and answers them as unavailable, not as its own bug.
+    async with AgentInfra.start(config(tmp_path)) as infra:
+        address = infra.metrics_address
+        assert address is not None
+        host, port = address.rsplit(":", 1)
+        streams = {path: await anyio.connect_tcp(host, int(port)) for path in ("/health", "/ready")}
+        for path, stream in streams.items():
+            request = f"GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+            await stream.send(request.encode())
+    answers = {}
+    for path, stream in streams.items():
+        async with stream:
+            with anyio.fail_after(10):
+                response = b"".join([chunk async for chunk in stream])
+        head, _, body = response.partition(b"\r\n\r\n")
+        answers[path] = int(head.split()[1]), body
+    assert {path: code for path, (code, _) in answers.items()} == {"/health": 503, "/ready": 503}
+    closing = {"status": "closing", "instance": infra.instance_id}
+    assert json.loads(answers["/health"][1]) == closing
+    assert json.loads(answers["/ready"][1]) == {"ready": False, "status": "closing"}
 
 
 async def test_a_start_failure_is_counted_with_its_reason(tmp_path: Path) -> None:
