@@ -41,15 +41,25 @@ from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dspy_infra
 from dspy_infra import AgentInfra
+from dspy_infra import errors as errors_module
 from dspy_infra._procfs import group_alive
 from dspy_infra.errors import (
     BackendUnavailable,
     ConfigError,
+    DependencyFailed,
+    InfraClosed,
     InfraError,
     InvalidTask,
+    ServiceError,
+    ServiceStartError,
+    StateDirInUse,
     TaskCancelled,
+    TaskError,
     TaskFailed,
+    TaskLost,
+    TaskTimedOut,
     UnknownService,
     UnknownTask,
 )
@@ -69,6 +79,7 @@ from dspy_infra.workflows import (
     UnknownRun,
     UnknownWorkflow,
     Workflow,
+    WorkflowError,
     WorkflowEvent,
 )
 from tests.integration.helpers import service
@@ -642,6 +653,73 @@ async def test_bad_payload_json_from_another_client_is_invalid_argument(tmp_path
             assert "payload_json is not JSON" in (info.value.message or "")
         finally:
             channel.close()
+
+
+# One of each exception class the library exports, with ids that need quoting.
+_RAISED: dict[type[InfraError], InfraError] = {
+    error.__class__: error
+    for error in [
+        InfraError("the instance is confused"),
+        ConfigError("expected a table", source="a.toml", path="services.kv"),
+        BackendUnavailable("the Docker engine does not answer"),
+        InfraClosed("this AgentInfra is closed"),
+        StateDirInUse("the task store is held by pid 1"),
+        ServiceError("kv é/1", "kv broke"),
+        UnknownService("kv é/1", ["web"]),
+        ServiceStartError("kv é/1", "exited with code 3", exit_code=3, log_tail=["oops"]),
+        DependencyFailed("web", "kv é/1", "failed"),
+        TaskError("t é/1", "something about the task"),
+        InvalidTask("t é/1", "task refused: bad priority"),
+        UnknownTask("t é/1"),
+        TaskFailed("t é/1", "failed", "RuntimeError: boom: with: colons"),
+        TaskTimedOut("t é/1", "timed_out", "ran longer than 1 s"),
+        TaskLost("t é/1", "lost", "it was running when its instance died"),
+        TaskCancelled("t é/1"),
+        WorkflowError("the run broke"),
+        InvalidWorkflow("step 'a' has no handler"),
+        UnknownWorkflow("wf é/1"),
+        UnknownRun("run é/1"),
+    ]
+}
+# What the wire carries besides the class and the message.
+_CARRIED = ("task_id", "service", "workflow_id", "run_id", "state", "error")
+
+
+_EXPORTED_ERRORS = sorted(
+    {
+        exported
+        for module in (dspy_infra, errors_module)
+        for exported in (getattr(module, name) for name in module.__all__)
+        if isinstance(exported, type) and issubclass(exported, InfraError)
+    },
+    key=lambda cls: cls.__name__,
+)
+
+
+@pytest.mark.parametrize(
+    "error_type", _EXPORTED_ERRORS, ids=[cls.__name__ for cls in _EXPORTED_ERRORS]
+)
+async def test_every_library_error_raised_by_the_server_is_raised_again_by_the_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error_type: type[InfraError]
+) -> None:
+    raised = _RAISED[error_type]  # a new exception class needs an example here
+
+    async def fail() -> dict[str, float]:
+        raise raised
+
+    async with (
+        AgentInfra.start({"infra": {}}, state_dir=tmp_path / "state") as infra,
+        serve(infra, "127.0.0.1:0") as srv,
+        AgentInfra.connect(srv.address) as remote,
+    ):
+        monkeypatch.setattr(infra, "get_metrics", fail)
+        with pytest.raises(InfraError) as info:
+            await remote.get_metrics()
+    again = info.value
+    assert type(again) is error_type
+    assert (str(again), again.args) == (str(raised), raised.args)
+    carried = [name for name in _CARRIED if hasattr(raised, name)]
+    assert [getattr(again, name) for name in carried] == [getattr(raised, n) for n in carried]
 
 
 async def test_a_client_closing_an_open_stream_does_not_hang(tmp_path: Path) -> None:

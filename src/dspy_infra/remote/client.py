@@ -53,8 +53,12 @@ from dspy_infra.errors import (
     InvalidTask,
     ServiceError,
     ServiceStartError,
+    StateDirInUse,
     TaskCancelled,
     TaskError,
+    TaskFailed,
+    TaskLost,
+    TaskTimedOut,
     UnknownService,
     UnknownTask,
 )
@@ -75,7 +79,7 @@ from dspy_infra.remote._wire import (
     token_error,
 )
 from dspy_infra.scheduling.api import TaskMethods
-from dspy_infra.scheduling.tasks import TaskEvent, TaskRequest, TaskStatus
+from dspy_infra.scheduling.tasks import TaskEvent, TaskRequest, TaskState, TaskStatus
 from dspy_infra.services.status import ServiceStatus
 from dspy_infra.workflows.model import RunHandle, RunStatus, Workflow, WorkflowEvent
 from dspy_infra.workflows.spec import (
@@ -118,10 +122,26 @@ class _Lifecycle(enum.Enum):
 # word for word; attributes the wire does not carry are left at their defaults.
 # Each takes the message and the trailers' ids: task, service, workflow, run.
 _Rebuild = Callable[[str, dict[str, str]], InfraError]
+
+
+def _task_failed(error_type: type[TaskFailed], state: TaskState) -> _Rebuild:
+    # Each of these is raised for one state only (TaskStatus.outcome), and its
+    # message is "task '<id>' <state>: <error>".
+    def rebuild(message: str, ids: dict[str, str]) -> InfraError:
+        task_id = ids[TASK_KEY]
+        error = message.removeprefix(f"task {task_id!r} {state.value}: ")
+        return error_type(task_id, state.value, error)
+
+    return rebuild
+
+
 _ERRORS: dict[str, _Rebuild] = {
     "InvalidTask": lambda message, ids: InvalidTask(ids[TASK_KEY], message),
     "UnknownTask": lambda _, ids: UnknownTask(ids[TASK_KEY]),
     "TaskCancelled": lambda _, ids: TaskCancelled(ids[TASK_KEY]),
+    "TaskFailed": _task_failed(TaskFailed, TaskState.FAILED),
+    "TaskTimedOut": _task_failed(TaskTimedOut, TaskState.TIMED_OUT),
+    "TaskLost": _task_failed(TaskLost, TaskState.LOST),
     "TaskError": lambda message, ids: TaskError(ids[TASK_KEY], message),
     "UnknownService": lambda _, ids: UnknownService(ids[SERVICE_KEY], ()),
     "DependencyFailed": lambda message, ids: DependencyFailed(ids[SERVICE_KEY], "", message),
@@ -130,10 +150,12 @@ _ERRORS: dict[str, _Rebuild] = {
     "ConfigError": lambda message, _: ConfigError(message),
     "BackendUnavailable": lambda message, _: BackendUnavailable(message),
     "InfraClosed": lambda message, _: InfraClosed(message),
+    "StateDirInUse": lambda message, _: StateDirInUse(message),
     "InvalidWorkflow": lambda message, _: InvalidWorkflow(message),
     "UnknownWorkflow": lambda _, ids: UnknownWorkflow(ids[WORKFLOW_KEY]),
     "UnknownRun": lambda _, ids: UnknownRun(ids[RUN_KEY]),
     "WorkflowError": lambda message, _: WorkflowError(message),
+    "InfraError": lambda message, _: InfraError(message),
 }
 _ID_KEYS = (TASK_KEY, SERVICE_KEY, WORKFLOW_KEY, RUN_KEY)
 
