@@ -41,6 +41,7 @@ __all__ = [
     "signal_group",
     "stop_group",
     "sweep",
+    "wait_group_empty",
     "wait_group_gone",
 ]
 
@@ -102,15 +103,21 @@ async def group_running(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:
+        pass  # another user's group (a container's): /proc still tells
     return await anyio.to_thread.run_sync(group_alive, pgid)
+
+
+async def wait_group_empty(pgid: int) -> None:
+    delay = 0.005
+    while await group_running(pgid):
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 async def wait_group_gone(process: Process) -> None:
     await process.wait()
-    delay = 0.005
-    while await group_running(process.pid):
-        await anyio.sleep(delay)
-        delay = min(delay * 2, 0.1)
+    await wait_group_empty(process.pid)
 
 
 async def stop_group(process: Process, grace: float) -> int:

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["group_alive", "group_members", "start_time"]
+__all__ = ["container_group", "group_alive", "group_members", "start_time"]
 
 _PROC = Path("/proc")
 _HAS_PROC = sys.platform.startswith("linux") and _PROC.is_dir()
@@ -65,3 +65,26 @@ def group_alive(pgid: int) -> bool:
             return False
         return True
     return bool(group_members(pgid))
+
+
+def container_group(pgid: int, container_id: str) -> int | None:
+    """What process group ``pgid`` is called inside container ``container_id``, if it runs there.
+
+    A Docker engine reports its containers' processes by their pids on its
+    own machine. A live member whose cgroup path holds the container's id
+    tells that ``pgid`` is that group here too, and not another one: the
+    engine may be on another machine, or this program in another PID
+    namespace. None when no member is seen.
+    """
+    for member in group_members(pgid):
+        try:
+            cgroups = (_PROC / str(member) / "cgroup").read_text()
+            status = (_PROC / str(member) / "status").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        if container_id not in cgroups:
+            return None
+        for line in status.splitlines():
+            if line.startswith("NSpgid:"):
+                return int(line.split()[-1])
+    return None

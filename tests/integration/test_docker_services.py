@@ -264,3 +264,38 @@ async def test_a_tcp_probe_waits_for_the_service_not_for_dockers_port_proxy(
         port = (await infra.services.status())["late"].ports["main"]
         stream = await anyio.connect_tcp("127.0.0.1", port)
         await stream.aclose()
+
+
+@pytest.mark.parametrize("signalled_from", ["here", "inside"])
+async def test_timed_out_command_probes_leave_no_process_in_the_container(
+    busybox: str,
+    tmp_path: Path,
+    project: str,
+    monkeypatch: pytest.MonkeyPatch,
+    signalled_from: str,
+) -> None:
+    if signalled_from == "inside":  # a docker group member cannot signal a root container
+
+        def refuse(pgid: int, sig: int) -> None:
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "killpg", refuse)
+    # Healthy at the first check; every later one hangs until its timeout.
+    hang = "if [ -e /tmp/probed ]; then sleep 999; fi; touch /tmp/probed"
+    health = {
+        "command": ["sh", "-c", hang],
+        "timeout": 0.3,
+        "liveness_interval": 0.1,
+        "failure_threshold": 2,
+    }
+    services = {"kv": {"image": busybox, "command": ["sleep", "1000"], "health": health}}
+    async with start(tmp_path, project, services) as infra:
+        with anyio.fail_after(30):
+            while (await infra.services.status())["kv"].state is not ServiceState.UNHEALTHY:
+                await anyio.sleep(0.05)
+        container_id = (await infra.services.status())["kv"].pid
+        assert container_id is not None
+        async with aiodocker.Docker() as docker:
+            top = await docker.containers.container(container_id).top()
+        probes = [p for p in top["Processes"] if "sleep 999" in " ".join(p)]
+        assert len(probes) <= 1, f"timed-out probes still run: {probes}"

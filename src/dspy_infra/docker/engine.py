@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -29,12 +30,15 @@ from typing import Any
 import aiodocker
 import aiohttp
 import anyio
+import anyio.to_thread
 from aiodocker.containers import DockerContainer
+from aiodocker.execs import Exec
 from aiohttp import ClientResponse
 from anyio.abc import TaskStatus
 
 from dspy_infra._lines import lines
-from dspy_infra._procfs import start_time
+from dspy_infra._process_group import wait_group_empty
+from dspy_infra._procfs import container_group, start_time
 from dspy_infra.errors import BackendUnavailable
 
 __all__ = ["Container", "ContainerError", "Engine", "Labels", "open_engine"]
@@ -485,18 +489,66 @@ class Container:
         self._engine.forget(self.id)
 
     async def exec(self, argv: tuple[str, ...]) -> tuple[int, str]:
-        """Run ``argv`` inside the container, with its environment: ``(exit code, output)``."""
+        """Run ``argv`` inside the container, with its environment: ``(exit code, output)``.
+
+        Docker neither stops an exec whose caller hangs up nor has a call to
+        stop one: an exec cut short (a probe's timeout, a stop) has its
+        process group killed by :meth:`_kill_exec` before this returns.
+        """
         try:
             execution = await self._container.exec(list(argv))
+        except aiodocker.DockerError as exc:
+            return 126, _reason(exc)
+        ended = False
+        try:
             output = bytearray()
             async with execution.start(detach=False) as stream:
                 while (message := await stream.read_out()) is not None:
                     output += message.data
                     del output[:-4096]
             code = (await execution.inspect())["ExitCode"]
+            ended = True
         except aiodocker.DockerError as exc:
             return 126, _reason(exc)
+        finally:
+            if not ended:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(_KILL_WAIT):
+                    await self._kill_exec(execution, argv)
         return int(code if code is not None else -1), output.decode(errors="replace")
+
+    async def _kill_exec(self, execution: Exec, argv: tuple[str, ...]) -> None:
+        """SIGKILL the process group of an exec cut short; return once it is empty.
+
+        Each exec runs in a session of its own, so its group is its command
+        and what that started (a shell's children), as with the local
+        backend's commands. The group is signalled from this machine when
+        it may, else from inside with the container's own ``kill``; an
+        engine on another machine leaves no way to reach it.
+        """
+        with contextlib.suppress(aiodocker.DockerError):
+            info = await execution.inspect()
+            pgid = int(info.get("Pid") or 0)  # the command's pid on the engine's machine
+            if not pgid:
+                return  # it never started
+            inside = await anyio.to_thread.run_sync(container_group, pgid, self.id)
+            if inside is None:
+                if info.get("Running"):
+                    log.warning(
+                        "cannot stop %r in container %s: its processes are not visible from here",
+                        argv,
+                        self.id[:12],
+                    )
+                return
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            except PermissionError:  # a member of the docker group, and a root container
+                code, output = await self.exec(("kill", "-KILL", "--", f"-{inside}"))
+                if code != 0:
+                    log.warning("cannot stop %r in container %s: %s", argv, self.id[:12], output)
+                    return
+            await wait_group_empty(pgid)
 
     async def _signal(self, name: str) -> None:
         with contextlib.suppress(aiodocker.DockerError):  # it may have exited meanwhile

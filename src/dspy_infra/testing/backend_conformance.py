@@ -170,6 +170,31 @@ class ContainerBackendConformance:
             code, output = await process.exec(("sh", "-c", 'echo "$GREETING"; exit 4'))
         assert (code, output.strip()) == (4, "hi")
 
+    @pytest.mark.parametrize("then", ["wait", "exit 0"])
+    async def test_a_cancelled_exec_leaves_nothing_of_its_command(
+        self, backend: ContainerBackend, sh: Callable[..., LaunchSpec], then: str
+    ) -> None:
+        # A command probe cut short by its timeout: a shell whose child, which
+        # ignores SIGTERM, counts in a file for as long as it runs (and keeps
+        # the output open, after the shell exited too).
+        counter = f"/tmp/dspy-infra-exec-{os.getpid()}-{time.monotonic_ns()}"
+        loop = f"trap '' TERM; i=0; while :; do i=$((i+1)); echo $i > {counter}; sleep 0.02; done"
+        async with self.launched(backend, sh("sleep 1000")) as process:
+            with anyio.move_on_after(1.0) as cut:
+                await process.exec(("sh", "-c", f"({loop}) & {then}"))
+            assert cut.cancelled_caught
+
+            async def count() -> str:
+                return (await process.exec(("cat", counter)))[1].strip()
+
+            try:
+                before = await count()
+                await anyio.sleep(0.5)
+                assert before, "the command never ran"
+                assert await count() == before, "the exec's command is still running"
+            finally:
+                await process.exec(("rm", "-f", counter))
+
     async def test_published_port_accepts_connections(
         self,
         backend: ContainerBackend,
