@@ -148,9 +148,18 @@ async def test_running_out_of_memory_is_named_as_such(
         with pytest.raises(TaskFailed) as caught:
             await handle.result()
     error = caught.value.error
-    assert "ran out of memory" in error
-    assert "exit code 137" in error
+    assert "ran out of memory (killed by signal SIGKILL)" in error
     assert "limit is 8 MB" in error
+
+
+async def test_a_command_killed_by_a_signal_says_so(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    handlers = {"killed": box(busybox, ["sh", "-c", "kill -USR1 $$"])}
+    async with start(tmp_path, project, handlers) as infra:
+        handle = await submit(infra, "killed")
+        with pytest.raises(TaskFailed, match="killed by signal SIGUSR1"):
+            await handle.result()
 
 
 async def test_cancel_stops_the_container_promptly(

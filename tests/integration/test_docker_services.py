@@ -119,6 +119,7 @@ async def test_a_killed_container_is_restarted(busybox: str, tmp_path: Path, pro
                     break
                 await anyio.sleep(0.05)
         assert status.restarts == 1
+        assert status.exit_code == -9
 
 
 async def test_image_healthcheck_decides_when_the_service_is_up(

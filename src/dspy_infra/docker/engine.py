@@ -36,6 +36,7 @@ from aiodocker.execs import Exec
 from aiohttp import ClientResponse
 from anyio.abc import TaskStatus
 
+from dspy_infra._exit_codes import from_shell
 from dspy_infra._lines import lines
 from dspy_infra._process_group import wait_group_empty
 from dspy_infra._procfs import container_group, start_time
@@ -368,7 +369,7 @@ class Engine:
         action = str(event.get("Action") or event.get("status") or "")
         if action == "die":
             attributes = (event.get("Actor") or {}).get("Attributes") or {}
-            watch.died(int(attributes.get("exitCode", -1)))
+            watch.died(_exit_code(attributes.get("exitCode")))
         elif action.startswith("health_status:"):
             watch.health = action.partition(":")[2].strip()
         elif action == "oom":  # comes before the "die" of the process it killed
@@ -384,7 +385,7 @@ class Engine:
                 continue
             if state.get("Status") in ("exited", "dead"):
                 watch.oom = watch.oom or bool(state.get("OOMKilled"))
-                watch.died(int(state.get("ExitCode", -1)))
+                watch.died(_exit_code(state.get("ExitCode")))
 
 
 class Container:
@@ -514,7 +515,7 @@ class Container:
             if not ended:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(_KILL_WAIT):
                     await self._kill_exec(execution, argv)
-        return int(code if code is not None else -1), output.decode(errors="replace")
+        return _exit_code(code), output.decode(errors="replace")
 
     async def _kill_exec(self, execution: Exec, argv: tuple[str, ...]) -> None:
         """SIGKILL the process group of an exec cut short; return once it is empty.
@@ -631,6 +632,11 @@ async def _frames(response: ClientResponse, *, tty: bool) -> AsyncIterator[tuple
         except asyncio.IncompleteReadError:
             return
         yield (2 if header[0] == 2 else 1), data
+
+
+def _exit_code(reported: int | str | None) -> int:
+    """An exit code as Docker reports it (128 + N for signal N: PID 1 is an init); -1 if none."""
+    return -1 if reported is None else from_shell(int(reported))
 
 
 def _unpullable(image: str, why: str) -> str:

@@ -31,6 +31,7 @@ __all__ = [
     "Tail",
     "attempt_env",
     "command_argv",
+    "exit_message",
     "outcome",
     "prepare",
     "read_result",
@@ -159,7 +160,7 @@ def outcome(
     (``[infra] max_result_bytes``).
     """
     if code != 0:
-        raise RunFailed(_exit_message(code), exit_code=code, output=stderr.text())
+        raise RunFailed(exit_message(code), exit_code=code, output=stderr.text())
     if raw is not None and len(raw) > limit:
         raise RunFailed(
             f"the result file {str(result_file)!r} is over the limit of {limit} bytes "
@@ -254,7 +255,7 @@ class Tail:
         ]
 
 
-def _exit_message(code: int) -> str:
+def exit_message(code: int) -> str:
     if code >= 0:
         return f"exited with code {code}"
     try:

@@ -39,6 +39,7 @@ from dspy_infra.runners._commands import (
     Tail,
     attempt_env,
     command_argv,
+    exit_message,
     outcome,
     prepare,
     read_result,
@@ -166,13 +167,13 @@ def _explain(reason: str, run: TaskRun) -> str:
 
 
 def _out_of_memory(code: int, run: TaskRun) -> str:
-    """Exit code 137 alone reads as a kill from anywhere; Docker knows it was the memory."""
+    """A SIGKILL alone reads as a kill from anywhere; Docker knows it was the memory."""
     limit = (
         f"its container's limit is {run.memory_mb:g} MB (memory_mb of its class or task)"
         if run.memory_mb
         else "its container had no limit (memory_mb): the machine ran out"
     )
-    return f"ran out of memory: the kernel killed it (exit code {code}); {limit}"
+    return f"ran out of memory ({exit_message(code)}); {limit}"
 
 
 def _container_env(handler: HandlerConfig, run: TaskRun, files: AttemptFiles) -> dict[str, str]:

@@ -137,7 +137,7 @@ class ContainerBackendConformance:
             code = await process.stop(0.5)
             elapsed = time.monotonic() - started
             assert 0.4 < elapsed < 5.0
-            assert code != 0
+            assert code == -signal.SIGKILL
             assert await is_gone(process.id)
 
     async def test_stop_takes_the_whole_process_group(
@@ -151,6 +151,13 @@ class ContainerBackendConformance:
             assert await process.wait() == 0
             await process.stop(0.3)
             assert await is_gone(process.id)
+
+    async def test_death_by_a_signal_is_minus_the_signal(
+        self, backend: ContainerBackend, sh: Callable[..., LaunchSpec]
+    ) -> None:
+        async with self.launched(backend, sh("kill -USR1 $$")) as process:
+            assert await process.wait() == -signal.SIGUSR1
+            assert await process.stop(1.0) == -signal.SIGUSR1
 
     async def test_stop_after_exit_is_prompt_and_idempotent(
         self, backend: ContainerBackend, sh: Callable[..., LaunchSpec]

@@ -21,6 +21,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
+from dspy_infra._exit_codes import from_shell
 from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.config.model import HandlerConfig
 from dspy_infra.errors import BackendUnavailable
@@ -413,8 +414,8 @@ def _result(
     elif code is None and info.exit_status is not None and info.state in _ENDED:
         # No exit file (not yet visible here, on a slow shared disk?): Slurm's word.
         code = _decode(info.exit_status)
-    elif code is not None and 128 < code <= 128 + 64:
-        code = 128 - code  # the shell's way to say "killed by signal N"
+    elif code is not None:
+        code = from_shell(code)  # the batch script's shell reports a signal as 128 + N
     if code is not None:
         return outcome(
             code, output.raw, files.result_file, output.stdout, output.stderr, limit=limit
