@@ -390,6 +390,28 @@ async def test_logs_follow_streams_new_lines(tmp_path: Path) -> None:
         ]
 
 
+async def test_following_a_service_that_is_not_running_ends_with_what_is_buffered(
+    tmp_path: Path,
+) -> None:
+    services = {
+        "idle": {"command": ["sleep", "1000"], "autostart": False},
+        "broken": {
+            "command": "echo oops; exit 3",
+            "shell": True,
+            "health": {"log": "ready"},
+            "start_retries": 0,
+            "autostart": False,
+        },
+    }
+    async with infra_for(tmp_path, services) as infra:
+        with anyio.fail_after(10):
+            assert [line async for line in infra.services.logs("idle", follow=True)] == []
+            with pytest.raises(ServiceStartError):
+                await infra.services.start(["broken"])
+            lines = [line async for line in infra.services.logs("broken", follow=True)]
+        assert lines == ["oops"]
+
+
 async def test_stopping_and_restarting_a_service_by_name(tmp_path: Path) -> None:
     services = {"kv": service(port=True), "api": service(port=True, depends_on=["kv"])}
     async with infra_for(tmp_path, services) as infra:

@@ -16,14 +16,17 @@ class LogBuffer:
 
     Followers wait on an event that is replaced on every append, so a
     follower never misses a line that is still in the buffer, and a slow
-    follower only loses lines that have left it.
+    follower only loses lines that have left it. The buffer is open only
+    while a supervisor may append to it (:meth:`reopen`, :meth:`close`):
+    following a service that is not running, or never ran, ends with what
+    is buffered instead of waiting for lines that no one will write.
     """
 
     def __init__(self, size: int):
         self._lines: deque[str] = deque(maxlen=size)
         self._next = 0  # number of the next line appended
         self._changed = anyio.Event()
-        self._closed = False
+        self._closed = True
 
     @property
     def next_line(self) -> int:
