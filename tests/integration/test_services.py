@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +28,7 @@ from dspy_infra._process_group import Ledger
 from dspy_infra._procfs import group_alive
 from dspy_infra.abc import LaunchSpec
 from dspy_infra.backends.local import LocalBackend
+from dspy_infra.services import ports
 from tests.integration.helpers import running_with, service, unique_seconds
 
 pytestmark = pytest.mark.anyio
@@ -410,6 +413,30 @@ async def test_following_a_service_that_is_not_running_ends_with_what_is_buffere
                 await infra.services.start(["broken"])
             lines = [line async for line in infra.services.logs("broken", follow=True)]
         assert lines == ["oops"]
+
+
+async def test_a_free_port_is_never_one_that_another_service_has_fixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two free ports make the whole range the allocator draws from; one of
+    # them is fixed for a service that is not running (so it is free too).
+    while True:
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            low = first.getsockname()[1]
+            with contextlib.suppress(OSError):
+                second.bind(("127.0.0.1", low + 1))
+                break
+    monkeypatch.setattr(ports, "_LOWEST", low)
+    monkeypatch.setattr(ports, "_ephemeral_start", lambda: low + 2)
+    services = {
+        "fixed": {"command": ["sleep", "1000"], "ports": {"main": low}, "autostart": False},
+        "auto": {"command": ["sleep", "1000"], "ports": {"a": 0, "b": 0}},
+    }
+    async with infra_for(tmp_path, services) as infra:
+        given = (await infra.services.status())["auto"].ports
+    assert low not in given.values()
+    assert low + 1 in given.values()
 
 
 async def test_stopping_and_restarting_a_service_by_name(tmp_path: Path) -> None:

@@ -84,7 +84,8 @@ class ServiceManager:
         self._changed = anyio.Event()
         self._log_watchers = 0
         self._http: aiohttp.ClientSession | None = None
-        self._ports = PortAllocator()
+        fixed = (port for svc in config.services.values() for port in svc.ports.values() if port)
+        self._ports = PortAllocator(reserved=fixed)
         self.metrics.read(self.metrics.active_services, self._up_count)
 
     # -- public API -----------------------------------------------------------

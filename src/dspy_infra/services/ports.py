@@ -5,13 +5,15 @@ ephemeral range — the same range it takes the source ports of outgoing
 connections from, our own probes' included — and it may hand the same port
 out twice in a row. Both make a service fail to bind now and then. So ports
 are drawn below the ephemeral range, checked by binding, and never handed out
-twice by the same instance.
+twice by the same instance, nor when a configured service has it fixed
+(free now only because that service is not running yet).
 """
 
 from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["PortAllocator"]
@@ -37,10 +39,10 @@ def _bindable(port: int) -> bool:
 
 
 class PortAllocator:
-    """Free loopback ports, each handed out at most once."""
+    """Free loopback ports, each handed out at most once, none of ``reserved``."""
 
-    def __init__(self) -> None:
-        self._given: set[int] = set()
+    def __init__(self, reserved: Iterable[int] = ()) -> None:
+        self._given = set(reserved)
         self._high = _ephemeral_start() - 1
         self._random = random.Random()  # noqa: S311 - spreading ports, not secrets
 
