@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,17 @@ async def test_a_command_probe_cut_short_leaves_no_process(tmp_path: Path) -> No
         async with start(tmp_path, job=job):
             pass
     assert running_with(marker) == []
+
+
+async def test_a_check_still_running_at_the_deadline_is_cut_short_there(tmp_path: Path) -> None:
+    job = {
+        "command": ["sleep", "1000"],
+        "health": {"command": ["sleep", "1000"], "timeout": 30, "deadline": 1},
+        "start_retries": 0,
+    }
+    started = time.monotonic()
+    with pytest.raises(ServiceStartError, match="not healthy within 1s") as caught:
+        async with start(tmp_path, job=job):
+            pass
+    assert time.monotonic() - started < 15, "the check ran out its own timeout, past the deadline"
+    assert "still running at the deadline" in caught.value.reason

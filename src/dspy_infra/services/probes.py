@@ -7,6 +7,7 @@ thresholds) are in the supervisor.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Awaitable, Callable
 
@@ -24,8 +25,11 @@ __all__ = ["ProbeResult", "ProbeRunner"]
 
 @frozen
 class ProbeResult:
+    """``cut_short``: the check was stopped at the caller's deadline, before its own timeout."""
+
     ok: bool
     detail: str = ""
+    cut_short: bool = False
 
 
 class ProbeRunner:
@@ -54,12 +58,19 @@ class ProbeRunner:
         """Return when the service prints a line: often the moment it became ready."""
         await self._logs.wait_changed()
 
-    async def check(self) -> ProbeResult:
+    async def check(self, deadline: float = math.inf) -> ProbeResult:
+        """One check, bounded by the probe's timeout and cut short at ``deadline``.
+
+        ``deadline`` is on anyio's clock: the end of the startup probing,
+        which a check started just before it must not overrun by a timeout.
+        """
+        own = anyio.current_time() + self.probe.timeout
         try:
-            with anyio.fail_after(self.probe.timeout):
+            with anyio.CancelScope(deadline=min(own, deadline)):
                 return await self._check()
-        except TimeoutError:
-            return ProbeResult(ok=False, detail=f"timed out after {self.probe.timeout:g}s")
+            if own <= deadline:
+                return ProbeResult(ok=False, detail=f"timed out after {self.probe.timeout:g}s")
+            return ProbeResult(ok=False, detail="still running at the deadline", cut_short=True)
         except (OSError, aiohttp.ClientError) as exc:
             return ProbeResult(ok=False, detail=str(exc) or type(exc).__name__)
         except Exception as exc:  # noqa: BLE001 - a probe that fails in its own way fails

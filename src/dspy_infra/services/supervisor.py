@@ -7,6 +7,7 @@ shielded clean-up stops the process group and waits until it is gone.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -233,10 +234,12 @@ async def _race_exit(
     return exit_code, result
 
 
-async def _check(manager: ServiceManager, rt: ServiceRuntime, runner: ProbeRunner) -> ProbeResult:
+async def _check(
+    manager: ServiceManager, rt: ServiceRuntime, runner: ProbeRunner, deadline: float = math.inf
+) -> ProbeResult:
     """One probe, timed into health_check_duration_seconds."""
     started = time.perf_counter()
-    result = await runner.check()
+    result = await runner.check(deadline)
     manager.metrics.health_check_duration.labels(
         rt.name, "healthy" if result.ok else "unhealthy"
     ).observe(time.perf_counter() - started)
@@ -251,9 +254,14 @@ async def _probe_until_ready(
     deadline = anyio.current_time() + probe.deadline
     delay = probe.interval
     attempts = successes = 0
+    told: ProbeResult | None = None  # the last check that had its say
     while True:
-        result = await _check(manager, rt, runner)
+        result = await _check(manager, rt, runner, deadline)
         attempts += 1
+        # A check cut short by the deadline says less than the one before it
+        # ("HTTP 404"), which is what the failure reports.
+        if told is None or not result.cut_short:
+            told = result
         if result.ok:
             successes += 1
             if successes >= probe.success_threshold:
@@ -261,10 +269,10 @@ async def _probe_until_ready(
         else:
             successes = 0
             if probe.retries is not None and attempts >= probe.retries:
-                return f"{probe.kind} probe failed {attempts} times: {result.detail}"
+                return f"{probe.kind} probe failed {attempts} times: {told.detail}"
         remaining = deadline - anyio.current_time()
         if remaining <= 0:
-            return f"not healthy within {probe.deadline:g}s ({probe.kind} probe: {result.detail})"
+            return f"not healthy within {probe.deadline:g}s ({probe.kind} probe: {told.detail})"
         jittered = delay * (0.8 + 0.4 * (attempts % 5) / 4)  # spread, not synchronised probes
         # Probe again after the backoff delay, or sooner when the service
         # prints something (servers announce that they listen), but never
