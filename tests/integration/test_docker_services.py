@@ -300,3 +300,49 @@ async def test_timed_out_command_probes_leave_no_process_in_the_container(
             top = await docker.containers.container(container_id).top()
         probes = [p for p in top["Processes"] if "sleep 999" in " ".join(p)]
         assert len(probes) <= 1, f"timed-out probes still run: {probes}"
+
+
+class BreaksAfterOneChunk:
+    """A response body that breaks after its first chunk, as a reset connection would."""
+
+    def __init__(self, content: aiohttp.StreamReader):
+        self._content = content
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        async for chunk in self._content.iter_any():
+            yield chunk
+            break
+        raise aiohttp.ClientPayloadError("Response payload is not completed")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._content, name)
+
+
+async def test_a_broken_log_stream_is_read_again_and_the_service_goes_on(
+    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first followed log connection breaks after its first chunk, as a
+    # connection reset or a cut chunked body would (aiohttp's payload error).
+    real_query = aiodocker.Docker._do_query
+    broken: list[str] = []
+
+    async def flaky(self: aiodocker.Docker, path: Any, *args: Any, **kwargs: Any) -> Any:
+        response = await real_query(self, path, *args, **kwargs)
+        if str(path).endswith("/logs") and kwargs["params"]["follow"] == "1" and not broken:
+            broken.append(str(path))
+            response.content = BreaksAfterOneChunk(response.content)  # type: ignore[assignment]
+        return response
+
+    monkeypatch.setattr(aiodocker.Docker, "_do_query", flaky)
+    script = "echo one; sleep 1; echo two; exec sleep 1000"
+    services = {"talker": {"image": busybox, "command": script, "shell": True}}
+    async with start(tmp_path, project, services) as infra:
+        with anyio.fail_after(20):
+            while (lines := [line async for line in infra.services.logs("talker")]) != [
+                "one",
+                "two",
+            ]:
+                assert len(lines) <= 2, f"lines read twice: {lines}"
+                await anyio.sleep(0.05)
+        assert broken, "the log stream was never broken"
+        assert (await infra.services.status())["talker"].state is ServiceState.RUNNING

@@ -49,6 +49,9 @@ log = logging.getLogger("dspy_infra.docker")
 _LABEL = "dspy-infra"
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _RECONNECT_DELAY = 0.5
+_LOG_RETRIES = 5  # reads of a container's log in a row that may break with nothing new
+# What a broken connection to the daemon raises (aiohttp's, the socket's), beside DockerError.
+_BROKEN = (aiohttp.ClientError, OSError)
 _KILL_WAIT = 30.0  # how long a SIGKILLed container may take to be reported dead
 _OUTPUT_DRAIN = 0.5  # how long stop() lets a reader take the last lines before removal
 _GET_IMAGE = "build or load it first (docker build / docker load / dspy_infra.docker.build_image)"
@@ -356,7 +359,7 @@ class Engine:
                     async for line in response.content:
                         if line.strip():
                             self._dispatch(json.loads(line))
-            except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+            except (aiodocker.DockerError, *_BROKEN) as exc:
                 if not started:
                     raise BackendUnavailable(f"cannot follow Docker events: {exc}") from None
                 log.warning("the Docker event stream broke (%s); reconnecting", exc)
@@ -434,27 +437,60 @@ class Container:
         written just before the exit. So once a followed log ends, the
         container's whole log is read again, unfollowed, and what the
         followed one missed is delivered too.
+
+        A connection that breaks (reset, a body cut short) is read again the
+        same way, followed or not, rather than ending the reader: a service's
+        log pump runs beside its supervision, and would take it down.
         """
         self._reading = True
-        seen = {1: 0, 2: 0}
+        delivered = {1: 0, 2: 0}
         try:
-            async with contextlib.aclosing(self._log(tty=tty, follow=follow)) as log:
-                async for number, chunk in log:
-                    seen[number] += len(chunk)
-                    yield number, chunk
+            async with contextlib.aclosing(self._read(delivered, tty=tty, follow=follow)) as log:
+                async for item in log:
+                    yield item
             if follow:
                 with anyio.move_on_after(_OUTPUT_DRAIN):
                     await self.watch.exited.wait()
-                async with contextlib.aclosing(self._log(tty=tty, follow=False)) as log:
-                    async for number, chunk in log:
-                        skip = min(seen[number], len(chunk))
-                        seen[number] -= skip
-                        if chunk[skip:]:
-                            yield number, chunk[skip:]
+                async with contextlib.aclosing(self._read(delivered, tty=tty, follow=False)) as log:
+                    async for item in log:
+                        yield item
         except aiodocker.DockerError:
             return  # removed before we could read it: nothing more to read
         finally:
             self._output_done.set()
+
+    async def _read(
+        self, delivered: dict[int, int], *, tty: bool, follow: bool
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
+        """The log past the bytes of each stream already ``delivered`` (kept up to date).
+
+        Read again from its start when the connection breaks, up to
+        ``_LOG_RETRIES`` times in a row without anything new; then what is
+        left goes unread, with a warning.
+        """
+        failures = 0
+        while True:
+            offsets = {1: 0, 2: 0}
+            try:
+                async with contextlib.aclosing(self._log(tty=tty, follow=follow)) as frames:
+                    async for number, chunk in frames:
+                        new = chunk[max(0, delivered[number] - offsets[number]) :]
+                        offsets[number] += len(chunk)
+                        if new:
+                            delivered[number] += len(new)
+                            failures = 0
+                            yield number, new
+            except _BROKEN as exc:
+                failures += 1
+                if failures > _LOG_RETRIES:
+                    log.warning("gave up reading the log of container %s: %r", self.id[:12], exc)
+                    return
+                log.warning(
+                    "the log stream of container %s broke (%r); reading it again", self.id[:12], exc
+                )
+            else:
+                return
+            await anyio.sleep(_RECONNECT_DELAY)
 
     async def _log(self, *, tty: bool, follow: bool) -> AsyncGenerator[tuple[int, bytes], None]:
         params = {"follow": "1" if follow else "0", "stdout": "1", "stderr": "1"}
