@@ -604,7 +604,7 @@ class Journal:
         else:
             written = self._batch
             written.ops.append(op)
-            if not deferrable:
+            if not deferrable or self._closed:  # once closing, nothing waits for company
                 written.urgent = True
             if not (self._writing or self._handing_over or self._failure is not None):
                 if written.urgent:
@@ -680,7 +680,13 @@ class Journal:
         self._done.set()
 
     def hurry(self) -> None:
-        """Hand over a deferred write now: someone has come to wait for it."""
+        """Hand over a deferred write now: someone has come to wait for it.
+
+        With a batch at the writer, the one being gathered is marked urgent,
+        so that it follows as soon as the writer is done, not a deadline later.
+        """
+        if self._batch.ops:
+            self._batch.urgent = True
         if self._deferred is not None:
             self._hand_over_deferred()
 
@@ -716,7 +722,6 @@ class Journal:
                 raise
         finally:
             self._ended = True
-            self._cancel_deferred()
             if self._writer is not None:
                 with anyio.CancelScope(shield=True):
                     await self._writer.close()
