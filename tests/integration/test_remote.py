@@ -722,6 +722,37 @@ async def test_every_library_error_raised_by_the_server_is_raised_again_by_the_c
     assert [getattr(again, name) for name in carried] == [getattr(raised, n) for n in carried]
 
 
+async def test_a_huge_or_unencodable_error_is_sent_cut_and_spares_the_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Over 64 KiB of trailers, the client would drop the connection, and
+    # with it every other call on it (here: a stream being followed).
+    errors = iter([UnknownTask("é" * 40_000), InfraError("bad \udcff byte")])
+
+    async def fail() -> dict[str, float]:
+        raise next(errors)
+
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        monkeypatch.setattr(infra, "get_metrics", fail)
+        async with AgentInfra.connect(srv.address) as remote:
+            events = remote.stream_events(since=0)
+            await remote.submit_task("echo", 1)
+            with anyio.fail_after(5):
+                await events.__anext__()
+                with pytest.raises(UnknownTask) as unknown:
+                    await remote.get_metrics()
+                with pytest.raises(InfraError, match=r"bad \\udcff byte") as odd:
+                    await remote.get_metrics()
+                assert type(odd.value) is InfraError
+                await remote.submit_task("echo", 2)
+                assert (await events.__anext__()).type  # the stream still follows
+            await events.aclose()
+    assert str(unknown.value).endswith("…")
+    assert 4_000 < len(str(unknown.value).encode()) <= 8_192
+    assert unknown.value.task_id.startswith("éé")
+    assert len(unknown.value.task_id) < 1_100
+
+
 async def test_a_client_closing_an_open_stream_does_not_hang(tmp_path: Path) -> None:
     async with make_infra(tmp_path) as infra:
         async with serve(infra, "127.0.0.1:0") as srv, AgentInfra.connect(srv.address) as remote:

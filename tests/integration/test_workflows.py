@@ -422,7 +422,9 @@ async def test_a_run_whose_caller_is_cancelled_once_it_is_written_is_driven(
         with monkeypatch.context() as patched, caller:
             patched.setattr(Journal, "write", write_then_cancel_the_caller)
             await infra.workflows.start_run(workflow.workflow_id, {"x": 2}, run_id="r")
-            await anyio.sleep_forever()
+            # start_run was cancelled from within, while its commit was under way.
+            assert caller.cancel_called
+            await anyio.lowlevel.checkpoint()
         assert caller.cancelled_caught
         with anyio.fail_after(10):
             status = await infra.workflows.wait_run("r")

@@ -425,7 +425,9 @@ class _Guard:
                 raise
             except InfraError as exc:
                 await stream.send_trailing_metadata(
-                    status=_status_of(exc), status_message=str(exc), metadata=_error_metadata(exc)
+                    status=_status_of(exc),
+                    status_message=_sendable(str(exc), _MAX_MESSAGE_BYTES),
+                    metadata=_error_metadata(exc),
                 )
             except Exception:
                 log.exception("a call to %s failed", route)
@@ -489,18 +491,36 @@ def _status_of(exc: InfraError) -> Status:
     return Status.FAILED_PRECONDITION
 
 
+# An error's trailers must stay well under the 64 KiB that a grpclib client
+# accepts for a header list: over it, the client drops the whole connection,
+# and every call on it fails. Percent-encoding can triple a byte.
+_MAX_MESSAGE_BYTES = 8192
+_MAX_ID_BYTES = 2048
+
+
+def _sendable(text: str, limit: int) -> str:
+    """``text`` as it can travel in a trailer: at most ``limit`` bytes of UTF-8,
+    cut with an ellipsis, and what UTF-8 cannot encode (a lone surrogate)
+    written as an escape instead of failing the call."""
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) > limit:
+        return data[: limit - 3].decode("utf-8", "ignore") + "…"  # the ellipsis: 3 bytes
+    return data.decode()
+
+
 def _error_metadata(exc: InfraError) -> list[tuple[str, str]]:
     # Metadata values are non-empty ASCII: ids and names are percent-encoded,
     # and left out when empty (a task refused before it had an id).
     metadata = [(ERROR_KEY, type(exc).__name__)]
-    if isinstance(exc, TaskError) and exc.task_id:
-        metadata.append((TASK_KEY, quote(str(exc.task_id), safe="")))
-    if isinstance(exc, ServiceError) and exc.service:
-        metadata.append((SERVICE_KEY, quote(str(exc.service), safe="")))
-    if isinstance(exc, UnknownWorkflow) and exc.workflow_id:
-        metadata.append((WORKFLOW_KEY, quote(str(exc.workflow_id), safe="")))
-    if isinstance(exc, UnknownRun) and exc.run_id:
-        metadata.append((RUN_KEY, quote(str(exc.run_id), safe="")))
+    ids = [
+        (TASK_KEY, exc.task_id if isinstance(exc, TaskError) else None),
+        (SERVICE_KEY, exc.service if isinstance(exc, ServiceError) else None),
+        (WORKFLOW_KEY, exc.workflow_id if isinstance(exc, UnknownWorkflow) else None),
+        (RUN_KEY, exc.run_id if isinstance(exc, UnknownRun) else None),
+    ]
+    metadata.extend(
+        (key, quote(_sendable(str(value), _MAX_ID_BYTES), safe="")) for key, value in ids if value
+    )
     return metadata
 
 
