@@ -17,6 +17,7 @@ import pytest
 from dspy_infra import AgentInfra, BackendUnavailable, ServiceStartError, ServiceState
 from dspy_infra._procfs import start_time
 from dspy_infra.docker import build_image
+from dspy_infra.docker.engine import Container, Engine
 
 pytestmark = pytest.mark.anyio
 
@@ -302,20 +303,58 @@ async def test_timed_out_command_probes_leave_no_process_in_the_container(
         assert len(probes) <= 1, f"timed-out probes still run: {probes}"
 
 
-class BreaksAfterOneChunk:
-    """A response body that breaks after its first chunk, as a reset connection would."""
+class BreaksAfter:
+    """A response body that breaks once it has given ``mark``, as a reset connection would."""
 
-    def __init__(self, content: aiohttp.StreamReader):
+    def __init__(self, content: aiohttp.StreamReader, mark: bytes):
         self._content = content
+        self._mark = mark
 
     async def iter_any(self) -> AsyncIterator[bytes]:
+        seen = b""
         async for chunk in self._content.iter_any():
             yield chunk
-            break
+            seen += chunk
+            if self._mark in seen:
+                break
         raise aiohttp.ClientPayloadError("Response payload is not completed")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._content, name)
+
+
+def break_first_followed_log(
+    monkeypatch: pytest.MonkeyPatch, mark: bytes, *, then_wait: float = 0.0
+) -> list[str]:
+    """Break the first followed log connection once it has given ``mark``; the paths broken.
+
+    The next followed connection is made ``then_wait`` seconds late.
+    """
+    real_query = aiodocker.Docker._do_query
+    broken: list[str] = []
+
+    async def flaky(self: aiodocker.Docker, path: Any, *args: Any, **kwargs: Any) -> Any:
+        followed = str(path).endswith("/logs") and kwargs["params"]["follow"] == "1"
+        if followed and len(broken) == 1:
+            broken.append(str(path))
+            await anyio.sleep(then_wait)
+        response = await real_query(self, path, *args, **kwargs)
+        if followed and not broken:
+            broken.append(str(path))
+            response.content = BreaksAfter(response.content, mark)  # type: ignore[assignment]
+        return response
+
+    monkeypatch.setattr(aiodocker.Docker, "_do_query", flaky)
+    return broken
+
+
+async def logged(infra: AgentInfra, name: str, expected: list[str]) -> None:
+    """Wait until the service's log is ``expected``, every line once and in order."""
+    with anyio.move_on_after(20):
+        while (lines := [line async for line in infra.services.logs(name)]) != expected:
+            assert lines == expected[: len(lines)], f"lines lost, repeated or out of order: {lines}"
+            await anyio.sleep(0.05)
+    assert lines == expected, "lines missing"
 
 
 async def test_a_broken_log_stream_is_read_again_and_the_service_goes_on(
@@ -323,26 +362,40 @@ async def test_a_broken_log_stream_is_read_again_and_the_service_goes_on(
 ) -> None:
     # The first followed log connection breaks after its first chunk, as a
     # connection reset or a cut chunked body would (aiohttp's payload error).
-    real_query = aiodocker.Docker._do_query
-    broken: list[str] = []
-
-    async def flaky(self: aiodocker.Docker, path: Any, *args: Any, **kwargs: Any) -> Any:
-        response = await real_query(self, path, *args, **kwargs)
-        if str(path).endswith("/logs") and kwargs["params"]["follow"] == "1" and not broken:
-            broken.append(str(path))
-            response.content = BreaksAfterOneChunk(response.content)  # type: ignore[assignment]
-        return response
-
-    monkeypatch.setattr(aiodocker.Docker, "_do_query", flaky)
+    broken = break_first_followed_log(monkeypatch, b"")
     script = "echo one; sleep 1; echo two; exec sleep 1000"
     services = {"talker": {"image": busybox, "command": script, "shell": True}}
     async with start(tmp_path, project, services) as infra:
-        with anyio.fail_after(20):
-            while (lines := [line async for line in infra.services.logs("talker")]) != [
-                "one",
-                "two",
-            ]:
-                assert len(lines) <= 2, f"lines read twice: {lines}"
-                await anyio.sleep(0.05)
+        await logged(infra, "talker", ["one", "two"])
         assert broken, "the log stream was never broken"
         assert (await infra.services.status())["talker"].state is ServiceState.RUNNING
+
+
+async def test_a_log_stream_broken_after_the_log_rotated_goes_on_where_it_was(
+    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Docker rotates the log at 1 kB and keeps 2 files. The stream breaks after
+    # a first line of over 1 kB; 19 short lines then rotate the log once, which
+    # drops the first line's file: the log's start has moved on when the
+    # stream is read again, and what follows the first line must all arrive.
+    # (The lines come while nothing follows the log: Docker 20.10 repeats a
+    # line when it rotates a json-file log that it follows.)
+    real_run = Engine.run
+
+    async def rotating(self: Engine, config: dict[str, Any], *, image: Any) -> Container:
+        rotation = {"max-size": "1k", "max-file": "2"}
+        config["HostConfig"]["LogConfig"] = {"Type": "json-file", "Config": rotation}
+        return await real_run(self, config, image=image)
+
+    monkeypatch.setattr(Engine, "run", rotating)
+    broken = break_first_followed_log(monkeypatch, b"\r\n", then_wait=2.0)
+    first = "first " + "0" * 1100
+    script = (
+        f"sleep 1; echo {first}; sleep 0.5; "
+        'i=1; while [ $i -lt 20 ]; do i=$((i+1)); echo "line $i"; done; '
+        "sleep 3; echo after; exec sleep 1000"
+    )
+    services = {"talker": {"image": busybox, "command": script, "shell": True}}
+    async with start(tmp_path, project, services) as infra:
+        await logged(infra, "talker", [first, *(f"line {i}" for i in range(2, 21)), "after"])
+        assert len(broken) == 2, "the log stream was never broken"

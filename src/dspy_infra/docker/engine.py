@@ -21,10 +21,12 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import aiodocker
@@ -49,7 +51,9 @@ log = logging.getLogger("dspy_infra.docker")
 _LABEL = "dspy-infra"
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _RECONNECT_DELAY = 0.5
-_LOG_RETRIES = 5  # reads of a container's log in a row that may break with nothing new
+_LOG_RETRIES = 5  # short reads of a container's log in a row that may break with nothing new
+_LOG_STEADY = 10.0  # a read of a log that breaks after this long does not count toward giving up
+_LOG_BACKOFF = 8.0  # the longest wait before a broken log is read again
 # What a broken connection to the daemon raises (aiohttp's, the socket's), beside DockerError.
 _BROKEN = (aiohttp.ClientError, OSError)
 _KILL_WAIT = 30.0  # how long a SIGKILLed container may take to be reported dead
@@ -434,69 +438,95 @@ class Container:
         Without ``follow``, what the log holds now.
 
         Docker (20.10 at least) may end a followed log without the last lines
-        written just before the exit. So once a followed log ends, the
-        container's whole log is read again, unfollowed, and what the
-        followed one missed is delivered too.
+        written just before the exit. So once a followed log ends, the rest
+        of the log is read, unfollowed, and what the followed one missed is
+        delivered too.
 
-        A connection that breaks (reset, a body cut short) is read again the
-        same way, followed or not, rather than ending the reader: a service's
+        A connection that breaks (reset, a body cut short, a followed log
+        that ends while the container runs) is read again from where it was
+        (see :class:`_LogCursor`) rather than ending the reader: a service's
         log pump runs beside its supervision, and would take it down.
         """
         self._reading = True
-        delivered = {1: 0, 2: 0}
         try:
-            async with contextlib.aclosing(self._read(delivered, tty=tty, follow=follow)) as log:
+            async with contextlib.aclosing(self._read(tty=tty, follow=follow)) as log:
                 async for item in log:
                     yield item
-            if follow:
-                with anyio.move_on_after(_OUTPUT_DRAIN):
-                    await self.watch.exited.wait()
-                async with contextlib.aclosing(self._read(delivered, tty=tty, follow=False)) as log:
-                    async for item in log:
-                        yield item
         except aiodocker.DockerError:
             return  # removed before we could read it: nothing more to read
         finally:
             self._output_done.set()
 
-    async def _read(
-        self, delivered: dict[int, int], *, tty: bool, follow: bool
-    ) -> AsyncGenerator[tuple[int, bytes], None]:
-        """The log past the bytes of each stream already ``delivered`` (kept up to date).
+    async def _read(self, *, tty: bool, follow: bool) -> AsyncGenerator[tuple[int, bytes], None]:
+        """The log, read again from where it was, after a backoff, when it breaks.
 
-        Read again from its start when the connection breaks, up to
-        ``_LOG_RETRIES`` times in a row without anything new; then what is
-        left goes unread, with a warning.
+        Only a break of a read that lasted less than ``_LOG_STEADY`` and
+        brought nothing new counts toward giving up (with a warning, after
+        ``_LOG_RETRIES`` in a row; the rest goes unread): a connection cut
+        because it was idle (a proxy's timeout) is read again for as long
+        as the container runs.
         """
-        failures = 0
+        cursor = _LogCursor()
+        breaks = 0
+        delay = _RECONNECT_DELAY
         while True:
-            offsets = {1: 0, 2: 0}
+            opened = anyio.current_time()
+            new = False
             try:
-                async with contextlib.aclosing(self._log(tty=tty, follow=follow)) as frames:
-                    async for number, chunk in frames:
-                        new = chunk[max(0, delivered[number] - offsets[number]) :]
-                        offsets[number] += len(chunk)
-                        if new:
-                            delivered[number] += len(new)
-                            failures = 0
-                            yield number, new
-            except _BROKEN as exc:
-                failures += 1
-                if failures > _LOG_RETRIES:
-                    log.warning("gave up reading the log of container %s: %r", self.id[:12], exc)
+                async with contextlib.aclosing(self._log(cursor, tty=tty, follow=follow)) as read:
+                    async for item in read:
+                        new = True
+                        yield item
+                if not follow:
                     return
-                log.warning(
-                    "the log stream of container %s broke (%r); reading it again", self.id[:12], exc
-                )
+                if not await self._still_running():
+                    follow = False  # the rest: what a followed log may end without
+                    continue
+                problem = "it ended while the container runs"
+            except _BROKEN as exc:
+                problem = repr(exc)
+            if new or anyio.current_time() - opened >= _LOG_STEADY:
+                breaks, delay = 0, _RECONNECT_DELAY
+                log.info("the log stream of container %s broke (%s)", self.id[:12], problem)
             else:
-                return
-            await anyio.sleep(_RECONNECT_DELAY)
+                breaks += 1
+                if breaks >= _LOG_RETRIES:
+                    log.warning(
+                        "gave up reading the log of container %s, broken %d times in a row (%s)",
+                        self.id[:12],
+                        breaks,
+                        problem,
+                    )
+                    return
+                log.warning("the log stream of container %s broke (%s)", self.id[:12], problem)
+            await anyio.sleep(delay)
+            delay = min(2 * delay, _LOG_BACKOFF)
 
-    async def _log(self, *, tty: bool, follow: bool) -> AsyncGenerator[tuple[int, bytes], None]:
-        params = {"follow": "1" if follow else "0", "stdout": "1", "stderr": "1"}
-        async with self._engine.stream(f"containers/{self.id}/logs", params) as response:
-            async for item in _frames(response, tty=tty):
-                yield item
+    async def _still_running(self) -> bool:
+        """Whether a followed log that ended was cut: it ends when the container does.
+
+        Its exit may be reported a little after the log ends, and is then
+        waited for: Docker may still be writing the last lines.
+        """
+        with anyio.move_on_after(_OUTPUT_DRAIN):
+            await self.watch.exited.wait()
+        if self.watch.exited.is_set():
+            return False
+        return bool((await self._container.show())["State"].get("Running"))
+
+    async def _log(
+        self, cursor: _LogCursor, *, tty: bool, follow: bool
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
+        """One read of the log, of what is past ``cursor``, which it keeps up to date."""
+        params = {"follow": "1" if follow else "0", "stdout": "1", "stderr": "1", "timestamps": "1"}
+        params |= cursor.query()
+        async with (
+            self._engine.stream(f"containers/{self.id}/logs", params) as response,
+            contextlib.aclosing(_records(response, tty=tty)) as records,
+        ):
+            async for number, stamp, piece, ends in records:
+                if new := cursor.take(stamp, piece, ends=ends):
+                    yield number, new
 
     async def stop(self, grace: float) -> int:
         """SIGTERM, SIGKILL after ``grace``; then remove it. Idempotent."""
@@ -652,6 +682,131 @@ async def _remove(container: DockerContainer) -> None:
 
 def _reason(exc: aiodocker.DockerError) -> str:
     return str(exc.message).strip() or f"Docker API error {exc.status}"
+
+
+class _LogCursor:
+    """How far a container's log was delivered, so that a read after a break goes on from there.
+
+    Docker stamps each record of a log (a line; a line longer than its 16
+    KiB buffer is cut in pieces that share the first one's stamp) with the
+    time it was written, to the nanosecond, and reads a log from a time on
+    (``since``, that time included) wherever rotation has moved its start.
+    Delivered are all records stamped before ``stamp``, the first ``done``
+    at ``stamp``, and ``offset`` bytes of the next one there. Each read
+    begins with :meth:`query`. (A record whose stamp is earlier than one
+    delivered before it, one of the other stream's written meanwhile, is
+    delivered, but ``since`` would not read it again after a break.)
+    """
+
+    def __init__(self) -> None:
+        self.stamp = -1  # nanoseconds since the epoch; -1: nothing delivered
+        self.done = 0
+        self.offset = 0
+        self._seen = 0  # records at ``stamp`` begun on this read
+        self._place: int | None = None  # the current record's among those (None: not there)
+        self._read: int | None = None  # bytes of the current record read (None: between records)
+
+    def query(self) -> dict[str, str]:
+        """The log's query parameter for a read that goes on from here."""
+        self._seen, self._read = 0, None
+        if self.stamp < 0:
+            return {}
+        seconds, nanoseconds = divmod(self.stamp, 10**9)
+        return {"since": f"{seconds}.{nanoseconds:09d}"}
+
+    def take(self, stamp: int, piece: bytes, *, ends: bool) -> bytes:
+        """What is new of ``piece`` of a record stamped ``stamp``; ``ends``: its last piece."""
+        if self._read is None:  # a record begins
+            self._read = 0
+            if stamp > self.stamp:
+                self.stamp, self.done, self.offset, self._seen = stamp, 0, 0, 0
+            if stamp == self.stamp:
+                self._place, self._seen = self._seen, self._seen + 1
+            else:
+                self._place = None
+        start = self._read
+        self._read += len(piece)
+        place = self._place
+        if ends:
+            self._read = None
+        if place is None:
+            return piece
+        if place < self.done:
+            return b""
+        new = piece[max(0, self.offset - start) :]
+        self.offset = max(self.offset, start + len(piece))
+        if ends:
+            self.done, self.offset = self.done + 1, 0
+        return new
+
+
+_STAMP = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
+
+
+def _nanoseconds(stamp: bytes) -> int:
+    """A log record's stamp (RFC 3339) in nanoseconds since the epoch, as ``since`` takes it.
+
+    -1 for what is no stamp: such records all count as of one moment, so
+    that after a break the log is read again from its start, skipping as
+    many of them as were delivered.
+    """
+    match = _STAMP.fullmatch(stamp)
+    if match is None:
+        return -1
+    whole, fraction, zone = match.group(1, 2, 3)
+    seconds = int(datetime.fromisoformat((whole + zone).decode()).timestamp())
+    return seconds * 10**9 + int((fraction or b"").ljust(9, b"0"))
+
+
+async def _records(
+    response: ClientResponse, *, tty: bool
+) -> AsyncGenerator[tuple[int, int, bytes, bool], None]:
+    """A log read with timestamps: ``(stream, stamp, piece of a record, whether it ends it)``.
+
+    The stamps (and the space after each) are taken out. Without a terminal,
+    each frame is one record. With one, the records come back to back: a
+    record ends with its newline, or, a piece of a long line, where the next
+    piece begins with the same stamp. Pieces are passed on as they come,
+    less a tail that may be the start of that stamp.
+    """
+    if not tty:
+        async for number, frame in _frames(response, tty=False):
+            prefix, _, content = frame.partition(b" ")
+            yield number, _nanoseconds(prefix), content, True
+        return
+    pending = bytearray()
+    mark = b""  # the current record's stamp and space; empty between records
+    stamp = -1
+    async for _, chunk in _frames(response, tty=True):
+        pending += chunk
+        while pending:
+            if not mark:
+                space = pending.find(b" ")
+                if space < 0:
+                    break
+                mark = bytes(pending[: space + 1])
+                stamp = _nanoseconds(mark[:-1])
+                del pending[: space + 1]
+                continue
+            newline = pending.find(b"\n")
+            follows = pending.find(mark)
+            if follows >= 0 and (newline < 0 or follows < newline):
+                end = follows
+            elif newline >= 0:
+                end = newline + 1
+            else:
+                keep = next(
+                    (k for k in range(len(mark) - 1, 0, -1) if pending.endswith(mark[:k])), 0
+                )
+                if len(pending) > keep:
+                    yield 1, stamp, bytes(pending[: len(pending) - keep]), False
+                    del pending[: len(pending) - keep]
+                break
+            yield 1, stamp, bytes(pending[:end]), True
+            del pending[:end]
+            mark = b""
+    if mark:
+        yield 1, stamp, bytes(pending), True
 
 
 async def _frames(response: ClientResponse, *, tty: bool) -> AsyncIterator[tuple[int, bytes]]:
