@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 import aiodocker
+import anyio
 import pytest
 
-from dspy_infra.abc import LaunchSpec
+from dspy_infra.abc import ContainerBackend, LaunchSpec
 from dspy_infra.testing.backend_conformance import ContainerBackendConformance, IsGone
 
 
@@ -42,3 +45,27 @@ class TestDockerBackend(ContainerBackendConformance):
             return False
 
         return gone
+
+    async def test_a_cancelled_exec_killed_from_inside_is_gone_when_it_returns(
+        self,
+        backend: ContainerBackend,
+        sh: Callable[..., LaunchSpec],
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        # A member of the docker group may not signal a root container's
+        # processes: the exec's group is killed from inside, with busybox's
+        # kill here, and is gone, without a word, when the exec returns.
+        def refuse(pgid: int, sig: int) -> None:
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "killpg", refuse)
+        caplog.set_level(logging.WARNING, logger="dspy_infra.docker")
+        async with self.launched(backend, sh("sleep 1000")) as process:
+            with anyio.move_on_after(1.0) as cut:
+                await process.exec(("sh", "-c", "sleep 999 & sleep 999"))
+            assert cut.cancelled_caught
+            async with aiodocker.Docker() as docker:
+                top = await docker.containers.container(process.id).top(ps_args="-o pid,args")
+            assert [row for row in top["Processes"] if row[-1] == "sleep 999"] == []
+        assert caplog.records == []

@@ -579,7 +579,7 @@ class Container:
             return 126, _reason(exc)
         finally:
             if not ended:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(_KILL_WAIT):
+                with anyio.CancelScope(shield=True):
                     await self._kill_exec(execution, argv)
         return _exit_code(code), output.decode(errors="replace")
 
@@ -589,10 +589,11 @@ class Container:
         Each exec runs in a session of its own, so its group is its command
         and what that started (a shell's children), as with the local
         backend's commands. The group is signalled from this machine when
-        it may, else from inside with the container's own ``kill``; an
-        engine on another machine leaves no way to reach it.
+        it may, else from inside with the kill of the container's shell; an
+        engine on another machine leaves no way to reach it. A group still
+        there after ``_KILL_WAIT`` is left, with a warning.
         """
-        with contextlib.suppress(aiodocker.DockerError):
+        with anyio.move_on_after(_KILL_WAIT) as waited, contextlib.suppress(aiodocker.DockerError):
             info = await execution.inspect()
             pgid = int(info.get("Pid") or 0)  # the command's pid on the engine's machine
             if not pgid:
@@ -611,11 +612,23 @@ class Container:
             except ProcessLookupError:
                 return
             except PermissionError:  # a member of the docker group, and a root container
-                code, output = await self.exec(("kill", "-KILL", "--", f"-{inside}"))
-                if code != 0:
+                # The shell's kill, as every shell has it: the kill programs
+                # disagree (procps's kills nothing of a group without a "--"
+                # before it, busybox's kills it but fails on the "--"). Its
+                # exit status says little (1 when the group is already gone):
+                # whether the group empties says whether it worked.
+                code, output = await self.exec(("sh", "-c", f"kill -KILL -{inside}"))
+                if code in (126, 127):  # no shell to run it
                     log.warning("cannot stop %r in container %s: %s", argv, self.id[:12], output)
                     return
             await wait_group_empty(pgid)
+        if waited.cancelled_caught:
+            log.warning(
+                "cannot stop %r in container %s: it still runs %gs after it was killed",
+                argv,
+                self.id[:12],
+                _KILL_WAIT,
+            )
 
     async def _signal(self, name: str) -> None:
         with contextlib.suppress(aiodocker.DockerError):  # it may have exited meanwhile
