@@ -13,6 +13,7 @@ import aiodocker
 import aiohttp
 import anyio
 import pytest
+from aiodocker.containers import DockerContainer
 
 from dspy_infra import AgentInfra, BackendUnavailable, ServiceStartError, ServiceState
 from dspy_infra._procfs import start_time
@@ -58,6 +59,12 @@ def start(tmp_path: Path, project: str, services: dict[str, Any]) -> AgentInfra:
         {"infra": {"backend": "docker", "project": project}, "services": services},
         state_dir=tmp_path / "state",
     )
+
+
+async def commands(container: DockerContainer) -> list[str]:
+    """The command lines of the processes in ``container``."""
+    top = await container.top(ps_args="-o pid,args")
+    return [command for *_, command in top["Processes"]]
 
 
 async def fetch(url: str) -> str:
@@ -297,9 +304,17 @@ async def test_timed_out_command_probes_leave_no_process_in_the_container(
                 await anyio.sleep(0.05)
         container_id = (await infra.services.status())["kv"].pid
         assert container_id is not None
+        # Looked at while a probe runs, its shell beside its sleep: only the
+        # processes that are exactly a sleep tell how many probes run.
         async with aiodocker.Docker() as docker:
-            top = await docker.containers.container(container_id).top()
-        probes = [p for p in top["Processes"] if "sleep 999" in " ".join(p)]
+            container = docker.containers.container(container_id)
+            with anyio.fail_after(10):
+                while True:
+                    running = await commands(container)
+                    if any("sleep 999" in c and c != "sleep 999" for c in running):
+                        break
+                    await anyio.sleep(0.02)
+        probes = [c for c in running if c == "sleep 999"]
         assert len(probes) <= 1, f"timed-out probes still run: {probes}"
 
 
