@@ -74,8 +74,10 @@ def container_group(pgid: int, container_id: str) -> int | None:
     own machine. A live member whose cgroup path holds the container's id
     tells that ``pgid`` is that group here too, and not another one: the
     engine may be on another machine, or this program in another PID
-    namespace. None when no member is seen.
+    namespace. None when no member is seen (as on a machine without /proc).
     """
+    if not _HAS_PROC:
+        return None
     for member in group_members(pgid):
         try:
             cgroups = (_PROC / str(member) / "cgroup").read_text()

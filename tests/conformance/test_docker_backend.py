@@ -10,6 +10,7 @@ from typing import Any
 import aiodocker
 import anyio
 import pytest
+from aiodocker.execs import Exec
 
 from dspy_infra.abc import ContainerBackend, LaunchSpec
 from dspy_infra.testing.backend_conformance import ContainerBackendConformance, IsGone
@@ -69,3 +70,21 @@ class TestDockerBackend(ContainerBackendConformance):
                 top = await docker.containers.container(process.id).top(ps_args="-o pid,args")
             assert [row for row in top["Processes"] if row[-1] == "sleep 999"] == []
         assert caplog.records == []
+
+    async def test_a_connection_lost_while_killing_a_cancelled_exec_keeps_the_cancellation(
+        self,
+        backend: ContainerBackend,
+        sh: Callable[..., LaunchSpec],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        # The daemon's connection breaks as the exec cut short is looked up to
+        # be killed: the exec is left, and the caller is still cancelled.
+        async with self.launched(backend, sh("sleep 1000")) as process:
+
+            async def broken(self: Exec) -> Any:
+                raise ConnectionResetError(104, "Connection reset by peer")
+
+            monkeypatch.setattr(Exec, "inspect", broken)
+            with anyio.move_on_after(0.5) as cut:
+                await process.exec(("sleep", "999"))
+            assert cut.cancelled_caught

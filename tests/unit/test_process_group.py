@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from dspy_infra import _procfs
 from dspy_infra._process_group import Ledger, owner_identity, sweep
-from dspy_infra._procfs import group_alive, start_time
+from dspy_infra._procfs import container_group, group_alive, start_time
 
 # Pids above Linux's largest possible pid (2**22): never a running process.
 _NO_PROCESS = 5_000_000
@@ -175,3 +176,13 @@ def test_an_unreadable_ledger_is_removed(tmp_path: Path) -> None:
     os.utime(fresh, (old, old))
     sweep(tmp_path, _describe)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_without_proc_no_group_is_found_in_a_container(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # On a machine without /proc (macOS, with Docker Desktop's engine) a
+    # docker exec cut short cannot be found from here: that is no error.
+    monkeypatch.setattr(_procfs, "_PROC", tmp_path / "proc")
+    monkeypatch.setattr(_procfs, "_HAS_PROC", False)
+    assert container_group(os.getpid(), "0" * 64) is None

@@ -593,7 +593,12 @@ class Container:
         engine on another machine leaves no way to reach it. A group still
         there after ``_KILL_WAIT`` is left, with a warning.
         """
-        with anyio.move_on_after(_KILL_WAIT) as waited, contextlib.suppress(aiodocker.DockerError):
+        # Whatever the daemon's connection raises: this runs as the exec's
+        # caller is cancelled, which an error from here would replace.
+        with (
+            anyio.move_on_after(_KILL_WAIT) as waited,
+            contextlib.suppress(aiodocker.DockerError, *_BROKEN),
+        ):
             info = await execution.inspect()
             pgid = int(info.get("Pid") or 0)  # the command's pid on the engine's machine
             if not pgid:
