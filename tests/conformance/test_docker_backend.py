@@ -13,6 +13,7 @@ import pytest
 from aiodocker.execs import Exec
 
 from dspy_infra.abc import ContainerBackend, LaunchSpec
+from dspy_infra.docker import engine
 from dspy_infra.testing.backend_conformance import ContainerBackendConformance, IsGone
 
 
@@ -88,3 +89,24 @@ class TestDockerBackend(ContainerBackendConformance):
             with anyio.move_on_after(0.5) as cut:
                 await process.exec(("sleep", "999"))
             assert cut.cancelled_caught
+
+    async def test_a_cancelled_exec_out_of_reach_is_warned_about_while_its_group_lives(
+        self,
+        backend: ContainerBackend,
+        sh: Callable[..., LaunchSpec],
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        # Its processes out of sight from here (another PID namespace, an
+        # engine elsewhere), an exec cut short is left running. Its shell
+        # has exited, its child has not: that is still warned about.
+        monkeypatch.setattr(engine, "container_group", lambda pgid, container_id: None)
+        caplog.set_level(logging.WARNING, logger="dspy_infra.docker")
+        async with self.launched(backend, sh("sleep 1000")) as process:
+            with anyio.move_on_after(1.0) as cut:
+                await process.exec(("sh", "-c", "sleep 999 & exit 0"))
+            assert cut.cancelled_caught
+        assert [record.getMessage() for record in caplog.records] == [
+            f"cannot stop ('sh', '-c', 'sleep 999 & exit 0') in container {process.id[:12]}: "
+            "its processes are not visible from here"
+        ]

@@ -605,7 +605,9 @@ class Container:
                 return  # it never started
             inside = await anyio.to_thread.run_sync(container_group, pgid, self.id)
             if inside is None:
-                if info.get("Running"):
+                # Out of reach from here. Docker tells whether anything of it is
+                # left: its command may have exited and left a child running.
+                if await self._group_left(pgid):
                     log.warning(
                         "cannot stop %r in container %s: its processes are not visible from here",
                         argv,
@@ -634,6 +636,20 @@ class Container:
                 self.id[:12],
                 _KILL_WAIT,
             )
+
+    async def _group_left(self, pgid: int) -> bool:
+        """Whether Docker lists a process of group ``pgid`` (the engine machine's) in the container.
+
+        True when it cannot say (its ``ps`` lacks the column, or it cannot
+        list the container's processes): what could not be stopped is
+        likelier left than not.
+        """
+        try:
+            top = await self._container.top(ps_args="-o pid,pgid")
+            column = (top.get("Titles") or []).index("PGID")
+        except (aiodocker.DockerError, ValueError):
+            return True
+        return any(row[column] == str(pgid) for row in top.get("Processes") or ())
 
     async def _signal(self, name: str) -> None:
         with contextlib.suppress(aiodocker.DockerError):  # it may have exited meanwhile
