@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from dspy_infra import AgentInfra, ServiceStartError, ServiceState, ServiceStatus
@@ -154,3 +155,24 @@ async def test_a_check_still_running_at_the_deadline_is_cut_short_there(tmp_path
             pass
     assert time.monotonic() - started < 15, "the check ran out its own timeout, past the deadline"
     assert "still running at the deadline" in caught.value.reason
+
+
+checks: list[float] = []
+
+
+async def never_ready(status: ServiceStatus) -> bool:
+    checks.append(anyio.current_time())
+    return False
+
+
+async def test_no_check_begins_at_the_deadline(tmp_path: Path) -> None:
+    # Checks 0.4 s apart (spread by 0.9, 1.0, 1.1): at about 0, 0.36 and
+    # 0.76 s; the next one would come after the 1 s deadline, when a check
+    # could only be cut short as it begins, and must not be made at all.
+    checks.clear()
+    health = {"call": f"{__name__}:never_ready", "interval": 0.4, "max_interval": 0.4}
+    job = {"command": ["sleep", "1000"], "health": {**health, "deadline": 1}, "start_retries": 0}
+    with pytest.raises(ServiceStartError, match="not healthy within 1s"):
+        async with start(tmp_path, job=job):
+            pass
+    assert checks[-1] - checks[0] < 0.9, f"a check began at the deadline: {checks}"

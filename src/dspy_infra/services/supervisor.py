@@ -271,15 +271,18 @@ async def _probe_until_ready(
             if probe.retries is not None and attempts >= probe.retries:
                 return f"{probe.kind} probe failed {attempts} times: {told.detail}"
         remaining = deadline - anyio.current_time()
-        if remaining <= 0:
+        if remaining > 0:
+            jittered = delay * (0.8 + 0.4 * (attempts % 5) / 4)  # spread, not synchronised probes
+            # Probe again after the backoff delay, or sooner when the service
+            # prints something (servers announce that they listen), but never
+            # more often than every `interval`, however chatty it is.
+            with anyio.move_on_after(min(jittered, remaining)):
+                await anyio.sleep(probe.interval)
+                await runner.output_changed()
+        # A wait that ran to the deadline leaves no time for a check: one begun
+        # there would be cut short at once (a docker exec created, never run).
+        if anyio.current_time() >= deadline:
             return f"not healthy within {probe.deadline:g}s ({probe.kind} probe: {told.detail})"
-        jittered = delay * (0.8 + 0.4 * (attempts % 5) / 4)  # spread, not synchronised probes
-        # Probe again after the backoff delay, or sooner when the service
-        # prints something (servers announce that they listen), but never
-        # more often than every `interval`, however chatty it is.
-        with anyio.move_on_after(min(jittered, remaining)):
-            await anyio.sleep(probe.interval)
-            await runner.output_changed()
         delay = min(delay * 2, probe.max_interval)
 
 
