@@ -4,16 +4,41 @@ Shells, Docker (whose containers run under an init) and Slurm's batch
 scripts report a command killed by signal N as the exit code 128 + N. Read
 back through them, such a code means the kill it stands for: a program
 that exits 137 of its own accord cannot be told from one killed by SIGKILL,
-and reads as -9 too.
+and reads as -9 too. So that nothing reported is lost, such a code keeps
+the one it was read back from (:class:`ReadBack`), which the messages for
+a person give beside it (:func:`reported`).
 """
 
 from __future__ import annotations
 
-__all__ = ["from_shell"]
+__all__ = ["ReadBack", "from_shell", "reported"]
 
 _LAST_SIGNAL = 64  # SIGRTMAX on Linux
 
 
-def from_shell(code: int) -> int:
-    """``code`` as a shell reports it (128 + N for signal N), in the library's convention."""
-    return 128 - code if 128 < code <= 128 + _LAST_SIGNAL else code
+class ReadBack(int):
+    """``-N``, read back from ``raw`` (128 + N) as ``by`` reported it; an int for all else."""
+
+    raw: int
+    by: str
+
+    def __new__(cls, code: int, raw: int, by: str) -> ReadBack:
+        self = super().__new__(cls, code)
+        self.raw = raw
+        self.by = by
+        return self
+
+    def __getnewargs__(self) -> tuple[int, int, str]:  # type: ignore[override]
+        return int(self), self.raw, self.by
+
+
+def from_shell(code: int, *, by: str) -> int:
+    """``code`` as ``by`` reports it (128 + N for signal N), in the library's convention."""
+    if 128 < code <= 128 + _LAST_SIGNAL:
+        return ReadBack(128 - code, code, by)
+    return code
+
+
+def reported(code: int) -> str:
+    """What a message about ``code`` adds: the code it was read back from, if it was."""
+    return f" (exit code {code.raw} from {code.by})" if isinstance(code, ReadBack) else ""

@@ -414,3 +414,32 @@ async def test_a_log_stream_broken_after_the_log_rotated_goes_on_where_it_was(
     async with start(tmp_path, project, services) as infra:
         await logged(infra, "talker", [first, *(f"line {i}" for i in range(2, 21)), "after"])
         assert len(broken) == 2, "the log stream was never broken"
+
+
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        (
+            {"command": "sleep 0.5; exit 143", "health": {"command": ["false"]}},
+            "exited with code -15 (exit code 143 from Docker) before becoming healthy",
+        ),
+        (
+            {
+                "command": "exec sleep 1000",
+                "health": {"command": ["sh", "-c", "exit 143"], "deadline": 1},
+            },
+            "exit -15 (exit code 143 from Docker)",
+        ),
+    ],
+    ids=["service", "command probe"],
+)
+async def test_an_exit_code_docker_reports_as_a_signal_is_kept_in_messages(
+    busybox: str, tmp_path: Path, project: str, fields: dict[str, Any], said: str
+) -> None:
+    # A program that exits 143 of its own accord reads as killed by SIGTERM
+    # (-15), as Docker reports both the same; the messages keep Docker's 143.
+    service = {"image": busybox, "shell": True, "start_retries": 0, **fields}
+    with pytest.raises(ServiceStartError) as caught:
+        async with start(tmp_path, project, {"quitter": service}):
+            pass
+    assert said in caught.value.reason

@@ -64,6 +64,7 @@ def handlers(directory: Path) -> dict[str, Any]:
             "shell": True,
         },
         "sleep": {"command": [sys.executable, str(sleep), "{payload_file}"]},
+        "quit": {"command": "exit 143", "shell": True},
     }
 
 
@@ -135,6 +136,17 @@ async def test_results_and_failures_come_back(infra: AgentInfra) -> None:
     assert "first words" in caught.value.error
     assert "last words" in caught.value.error
     assert "starting" not in caught.value.error  # stdout is not the error's
+
+
+async def test_an_exit_code_read_as_a_signal_keeps_the_recorded_one_in_the_message(
+    infra: AgentInfra,
+) -> None:
+    # The batch script records a death by SIGTERM as 143, as a command's own
+    # exit 143: both read as -15, and the message keeps the 143.
+    handle = await infra.submit_task("quit", None, task_class="s")
+    with pytest.raises(TaskFailed) as caught:
+        await handle.result()
+    assert "killed by signal SIGTERM (exit code 143 from its batch script)" in caught.value.error
 
 
 async def test_a_burst_goes_as_one_job_array(infra: AgentInfra, runner: SlurmRunner) -> None:

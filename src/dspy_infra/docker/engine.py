@@ -861,7 +861,7 @@ async def _frames(response: ClientResponse, *, tty: bool) -> AsyncIterator[tuple
 
 def _exit_code(reported: int | str | None) -> int:
     """An exit code as Docker reports it (128 + N for signal N: PID 1 is an init); -1 if none."""
-    return -1 if reported is None else from_shell(int(reported))
+    return -1 if reported is None else from_shell(int(reported), by="Docker")
 
 
 def _unpullable(image: str, why: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 from attrs import frozen
 
+from dspy_infra._exit_codes import reported
 from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.config.model import HandlerConfig
 from dspy_infra.config.placeholders import PlaceholderError, substitute
@@ -262,7 +263,7 @@ def exit_message(code: int) -> str:
         name = signal.Signals(-code).name
     except ValueError:
         name = str(-code)
-    return f"killed by signal {name}"
+    return f"killed by signal {name}{reported(code)}"
 
 
 def _render(template: str, values: Mapping[str, str]) -> str:

@@ -173,7 +173,7 @@ def _out_of_memory(code: int, run: TaskRun) -> str:
         if run.memory_mb
         else "its container had no limit (memory_mb): the machine ran out"
     )
-    return f"ran out of memory ({exit_message(code)}); {limit}"
+    return f"ran out of memory: {exit_message(code)}; {limit}"
 
 
 def _container_env(handler: HandlerConfig, run: TaskRun, files: AttemptFiles) -> dict[str, str]:

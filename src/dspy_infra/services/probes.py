@@ -15,6 +15,7 @@ import aiohttp
 import anyio
 from attrs import frozen
 
+from dspy_infra._exit_codes import reported
 from dspy_infra.abc import ServiceProcess
 from dspy_infra.config.model import Probe
 from dspy_infra.services.logs import LogBuffer
@@ -102,7 +103,8 @@ class ProbeRunner:
             return ProbeResult(ok=True)
         if probe.command is not None:
             code, output = await self._process.exec(probe.command)
-            return ProbeResult(ok=code == 0, detail=f"exit {code}: {output[-200:]}".strip())
+            detail = f"exit {code}{reported(code)}: {output[-200:]}".strip()
+            return ProbeResult(ok=code == 0, detail=detail)
         if probe.container:
             health = self._process.health
             ok = health == "healthy"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 from attrs import evolve, frozen
 
+from dspy_infra._exit_codes import reported
 from dspy_infra.abc import LaunchSpec, ServiceProcess
 from dspy_infra.config.model import Dependency, Probe, ServiceConfig
 from dspy_infra.config.placeholders import render
@@ -144,7 +145,9 @@ async def _run_once(manager: ServiceManager, rt: ServiceRuntime) -> _Run:
                 )
                 if exit_code is not None:
                     manager.start_failed(rt, "exited")
-                    reason = f"exited with code {exit_code} before becoming healthy"
+                    reason = (
+                        f"exited with code {exit_code}{reported(exit_code)} before becoming healthy"
+                    )
                     return _Run(ready=False, exit_code=exit_code, reason=reason)
                 if failure is not None:
                     manager.start_failed(rt, "unhealthy")
@@ -203,14 +206,17 @@ async def _watch(
         return _Run(
             ready=True,
             exit_code=code,
-            reason=f"exited with code {code}",
+            reason=f"exited with code {code}{reported(code)}",
             up_for=time.monotonic() - up_since,
         )
     exit_code, unhealthy = await _race_exit(process, lambda: _liveness(manager, rt, runner))
     up_for = time.monotonic() - up_since
     if exit_code is not None:
         return _Run(
-            ready=True, exit_code=exit_code, reason=f"exited with code {exit_code}", up_for=up_for
+            ready=True,
+            exit_code=exit_code,
+            reason=f"exited with code {exit_code}{reported(exit_code)}",
+            up_for=up_for,
         )
     return _Run(ready=True, exit_code=None, reason=unhealthy or "unhealthy", up_for=up_for)
 

@@ -415,7 +415,7 @@ def _result(
         # No exit file (not yet visible here, on a slow shared disk?): Slurm's word.
         code = _decode(info.exit_status)
     elif code is not None:
-        code = from_shell(code)  # the batch script's shell reports a signal as 128 + N
+        code = from_shell(code, by="its batch script")  # which reports a signal as 128 + N
     if code is not None:
         return outcome(
             code, output.raw, files.result_file, output.stdout, output.stderr, limit=limit
