@@ -229,6 +229,9 @@ async def test_start_status_logs_stop(cli: Cli) -> None:
     # Printed as they are: brackets are the service's text, not markup.
     assert (code, out) == (0, "hello [x]\nready\n")
     assert await cli("logs", "web", "--tail", "1") == (0, "ready\n", "")
+    code, out, err = await cli("logs", "web", "--tail", "-1")
+    assert (code, out) == (2, "")
+    assert "--tail: expected 0 or more, got -1" in err
 
     code, out, _ = await cli("stop")
     assert code == 0
@@ -274,6 +277,18 @@ async def test_events(cli: Cli) -> None:
     last = events[-1]["seq"]
     code, out, _ = await cli("events", "--since", str(last), "--type", "task_completed")
     assert (code, out) == (0, "")
+
+
+async def test_events_are_one_line_each_whatever_they_hold(cli: Cli) -> None:
+    # A failed task's error holds what it printed: line breaks, and text
+    # that could pass for an event line.
+    fake = "two\\n      1 00:00:00.000 task_completed"
+    code, _, _ = await cli("submit", "boom", f'"{fake}"', "--wait")
+    assert code == 1
+    code, out, _ = await cli("events", "--type", "task_failed")
+    assert code == 0
+    (line,) = out.splitlines()
+    assert 'error="RuntimeError: boom: two\\n      1 00:00:00.000 task_completed"' in line
 
 
 async def test_events_follow_until_interrupted(server: tuple[AgentInfra, str]) -> None:

@@ -67,6 +67,7 @@ from dspy_infra.events import Event
 from dspy_infra.remote import RemoteAgentInfra, ServerUnavailable, serve
 from dspy_infra.remote import client as remote_client
 from dspy_infra.remote import server as server_module
+from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.scheduling.tasks import TaskEvent, TaskState, TaskStatus
 from dspy_infra.services.status import ServiceState, ServiceStatus
@@ -334,6 +335,8 @@ async def test_services(api: Api) -> None:
         while "ready" not in [line async for line in api.services.logs("web")]:
             await anyio.sleep(0.01)
     assert [line async for line in api.services.logs("web", tail=1)] == ["ready"]
+    with pytest.raises(ValueError, match="tail must be 0 or more"):
+        [line async for line in api.services.logs("web", tail=-1)]
     report = await api.health_check()
     assert report.healthy
     assert report.services["web"].state is ServiceState.HEALTHY
@@ -651,6 +654,22 @@ async def test_bad_payload_json_from_another_client_is_invalid_argument(tmp_path
                 )
             assert info.value.status is Status.INVALID_ARGUMENT
             assert "payload_json is not JSON" in (info.value.message or "")
+        finally:
+            channel.close()
+
+
+async def test_a_negative_logs_tail_from_another_client_is_invalid_argument(
+    tmp_path: Path,
+) -> None:
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        channel = Channel("127.0.0.1", int(srv.address.rsplit(":", 1)[1]))
+        try:
+            stub = env_pb.EnvManagerStub(channel)
+            with pytest.raises(GRPCError) as info:
+                async for _ in stub.stream_logs(env_pb.StreamLogsRequest(name="web", tail=-1)):
+                    pass
+            assert info.value.status is Status.INVALID_ARGUMENT
+            assert "tail must be 0 or more, got -1" in (info.value.message or "")
         finally:
             channel.close()
 

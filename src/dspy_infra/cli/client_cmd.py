@@ -120,7 +120,7 @@ def register(subparsers: Subparsers) -> None:
     p = add("logs", _logs, "a service's log lines", "Print a service's buffered log lines.")
     p.add_argument("name", metavar="NAME", help="the service")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    p.add_argument("--tail", type=int, metavar="N", help="only the last N buffered lines")
+    p.add_argument("--tail", type=_count, metavar="N", help="only the last N buffered lines")
 
     p = add(
         "submit",
@@ -364,6 +364,17 @@ async def _logs(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
 # -- tasks ---------------------------------------------------------------------------------
 
 
+def _count(text: str) -> int:
+    # An argparse type: a negative count is a usage error (exit 2).
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {count}")
+    return count
+
+
 def _payload(text: str) -> Any:
     # An argparse type: a bad payload is a usage error (exit 2) before any
     # connection is made, and stdin is read before the event loop runs.
@@ -498,15 +509,21 @@ def _event_json(event: Event) -> dict[str, Any]:
 
 
 def _event_line(event: Event) -> str:
+    """One line per event, whatever it holds: a result is JSON, and so is a text
+    that would break the line (an error with the task's output in it), so that
+    ``grep`` and ``wc -l`` count events and no output can pass for one."""
     data = _event_json(event)
     when = datetime.fromtimestamp(event.time).strftime("%H:%M:%S.%f")[:-3]
     skip = {"seq", "time", "type", "task_class", "workflow_id", "dependents"}
-    rest = " ".join(
-        f"{k}={json.dumps(v) if k == 'result' else v}"
-        for k, v in data.items()
-        if k not in skip and v not in (None, "", [])
-    )
+    shown = {k: v for k, v in data.items() if k not in skip and v not in (None, "", [])}
+    rest = " ".join(f"{k}={_one_line(k, v)}" for k, v in shown.items())
     return f"{event.seq:>7} {when} {event.type:<18} {rest}".rstrip()
+
+
+def _one_line(key: str, value: Any) -> Any:
+    if key == "result" or (isinstance(value, str) and not value.isprintable()):
+        return json.dumps(value)
+    return value
 
 
 async def _events(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:

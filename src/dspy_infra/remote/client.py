@@ -80,6 +80,7 @@ from dspy_infra.remote._wire import (
 )
 from dspy_infra.scheduling.api import TaskMethods
 from dspy_infra.scheduling.tasks import TaskEvent, TaskRequest, TaskState, TaskStatus
+from dspy_infra.services.logs import check_tail
 from dspy_infra.services.status import ServiceStatus
 from dspy_infra.workflows.model import RunHandle, RunStatus, Workflow, WorkflowEvent
 from dspy_infra.workflows.spec import (
@@ -443,6 +444,7 @@ class RemoteServices:
         self, name: str, *, follow: bool = False, tail: int | None = None
     ) -> AsyncGenerator[str, None]:
         """The service's buffered log lines; with ``follow``, new ones until it stops."""
+        check_tail(tail)
         replies = self._rpc.stream(
             _ENV + "StreamLogs",
             # More than the wire's 32 bits hold is "all of them", as in-process.

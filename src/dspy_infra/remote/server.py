@@ -720,6 +720,8 @@ class _EnvManager(_Streaming, env_pb.EnvManagerBase):
     async def stream_logs(
         self, message: env_pb.StreamLogsRequest
     ) -> AsyncGenerator[env_pb.LogLine, None]:
+        if message.tail is not None and message.tail < 0:
+            raise GRPCError(Status.INVALID_ARGUMENT, f"tail must be 0 or more, got {message.tail}")
         lines = self._infra.services.logs(message.name, follow=message.follow, tail=message.tail)
         async with aclosing(lines):
             seq = 0

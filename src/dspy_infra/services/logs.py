@@ -8,7 +8,14 @@ from collections.abc import AsyncGenerator
 
 import anyio
 
-__all__ = ["LogBuffer"]
+__all__ = ["LogBuffer", "check_tail"]
+
+
+def check_tail(tail: int | None) -> None:
+    """A negative count of last lines is a mistake: refused, rather than
+    read as "skip the next lines to come"."""
+    if tail is not None and tail < 0:
+        raise ValueError(f"tail must be 0 or more (the last lines to give), got {tail}")
 
 
 class LogBuffer:
@@ -63,6 +70,7 @@ class LogBuffer:
     async def follow(
         self, tail: int | None = None, *, follow: bool = True
     ) -> AsyncGenerator[str, None]:
+        check_tail(tail)
         buffered = len(self._lines) if tail is None else min(tail, len(self._lines))
         cursor = self._next - buffered
         while True:
