@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,17 @@ async def test_a_write_after_the_end_fails_and_starts_no_thread(store: SQLiteSto
     assert writer_threads() == []
 
 
+@asynccontextmanager
+async def running(journal: Journal) -> AsyncIterator[Journal]:
+    """``journal`` with its writer, closed (all committed) on the way out."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(journal.run)
+        try:
+            yield journal
+        finally:
+            journal.close()
+
+
 async def stored(store: SQLiteStore, *task_ids: str) -> set[str]:
     return await anyio.to_thread.run_sync(store.stored, list(task_ids))
 
@@ -136,15 +148,10 @@ async def test_a_deferrable_write_alone_is_committed_by_its_deadline(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(store_module, "DEFER_SECONDS", 0.2)
-    journal = Journal(store, threaded=True)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(journal.run)
-        try:
-            with anyio.fail_after(10):
-                await journal.write(("insert", row("lone")), deferrable=True).wait()
-            assert await stored(store, "lone") == {"lone"}
-        finally:
-            journal.close()
+    async with running(Journal(store, threaded=True)) as journal:
+        with anyio.fail_after(10):
+            await journal.write(("insert", row("lone")), deferrable=True).wait()
+        assert await stored(store, "lone") == {"lone"}
 
 
 async def test_a_deferrable_write_goes_with_the_next_write_or_once_hurried(
@@ -153,34 +160,29 @@ async def test_a_deferrable_write_goes_with_the_next_write_or_once_hurried(
     # A deadline far beyond the test: only company or hurry() commits these
     # (fail_after is a guard against hanging, not a measurement).
     monkeypatch.setattr(store_module, "DEFER_SECONDS", 60.0)
-    journal = Journal(store, threaded=True)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(journal.run)
-        try:
-            joined = journal.write(("insert", row("joined")), deferrable=True)
-            await anyio.sleep(0.1)
-            assert await stored(store, "joined") == set()
-            with anyio.fail_after(10):
-                await journal.write(("insert", row("urgent"))).wait()
-                await joined.wait()
-            assert await stored(store, "joined", "urgent") == {"joined", "urgent"}
-            # hurry() with the writer idle...
-            idle = journal.write(("insert", row("idle")), deferrable=True)
-            await anyio.lowlevel.checkpoint()
-            journal.hurry()
-            with anyio.fail_after(10):
-                await idle.wait()
-            # ...and while a batch is with the writer (it stays "with the
-            # writer" until the loop runs its answer, after this step).
-            busy = journal.write(("insert", row("ahead")))
-            await anyio.lowlevel.checkpoint()
-            behind = journal.write(("insert", row("behind")), deferrable=True)
-            journal.hurry()
-            with anyio.fail_after(10):
-                await busy.wait()
-                await behind.wait()
-        finally:
-            journal.close()
+    async with running(Journal(store, threaded=True)) as journal:
+        joined = journal.write(("insert", row("joined")), deferrable=True)
+        await anyio.sleep(0.1)
+        assert await stored(store, "joined") == set()
+        with anyio.fail_after(10):
+            await journal.write(("insert", row("urgent"))).wait()
+            await joined.wait()
+        assert await stored(store, "joined", "urgent") == {"joined", "urgent"}
+        # hurry() with the writer idle...
+        idle = journal.write(("insert", row("idle")), deferrable=True)
+        await anyio.lowlevel.checkpoint()
+        journal.hurry()
+        with anyio.fail_after(10):
+            await idle.wait()
+        # ...and while a batch is with the writer (it stays "with the
+        # writer" until the loop runs its answer, after this step).
+        busy = journal.write(("insert", row("ahead")))
+        await anyio.lowlevel.checkpoint()
+        behind = journal.write(("insert", row("behind")), deferrable=True)
+        journal.hurry()
+        with anyio.fail_after(10):
+            await busy.wait()
+            await behind.wait()
 
 
 async def test_a_deferrable_write_after_close_is_not_left_hanging(
