@@ -294,44 +294,52 @@ import json, sys
 import anyio
 from dspy_infra import AgentInfra
 
-state_dir, config, payload = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+state_dir, config, payloads = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 
 async def main():
     async with AgentInfra.start(config, state_dir=state_dir) as infra:
-        await infra.submit_task(
-            "sleep", payload, task_class="s", task_id="survivor", max_attempts=2
-        )
+        for i, payload in enumerate(payloads):
+            await infra.submit_task(
+                "sleep", payload, task_class="s", task_id=f"survivor{i}", max_attempts=2
+            )
         await anyio.sleep_forever()
 
 anyio.run(main)
 """
 
 
-async def test_after_a_crash_the_next_owner_re_attaches_the_running_job(
+async def test_after_a_crash_the_next_owner_re_attaches_the_running_jobs(
     slurm: str, tmp_path: Path
 ) -> None:
     settings = config(tmp_path / "handlers")
     state_dir = tmp_path / "state"
-    log = tmp_path / "log"
-    payload = {"log": str(log), "seconds": 4}
+    logs = [tmp_path / f"log{i}" for i in range(3)]
+    payloads = [{"log": str(log), "seconds": 4} for log in logs]
     script = tmp_path / "owner.py"
     script.write_text(textwrap.dedent(OWNER))
-    argv = [sys.executable, str(script), str(state_dir), json.dumps(settings), json.dumps(payload)]
+    argv = [sys.executable, str(script), str(state_dir), json.dumps(settings), json.dumps(payloads)]
     async with await anyio.open_process(argv) as owner:
         try:
-            await wait_for_line(log)
+            await wait_for_line(logs[0])
         finally:
             os.kill(owner.pid, signal.SIGKILL)
     async with AgentInfra.start(settings, state_dir=state_dir) as infra:
         runner = SlurmRunner.of_instance(infra.instance_id)
         assert runner is not None
-        handle = await infra.submit_task(
-            "sleep", payload, task_class="s", task_id="survivor", max_attempts=2
-        )
-        assert await handle.result() == {"slept": 4}
+        # All at once: none may look for its job before the search for them is done.
+        handles = [
+            await infra.submit_task(
+                "sleep", payload, task_class="s", task_id=f"survivor{i}", max_attempts=2
+            )
+            for i, payload in enumerate(payloads)
+        ]
+        for handle in handles:
+            assert await handle.result() == {"slept": 4}
         assert runner.calls.get("sbatch", 0) == 0, "re-attached, not submitted again"
-        assert await anyio.Path(log).read_text() == "started\n"
-        assert (await handle.wait()).attempts == 2  # the crash used one up, the job did not
+        for log in logs:
+            assert await anyio.Path(log).read_text() == "started\n"
+        for handle in handles:
+            assert (await handle.wait()).attempts == 2  # the crash used one up, the job did not
     assert not list((state_dir / "slurm").glob("*.json")), "the batch's files are gone"
 
 

@@ -74,9 +74,13 @@ class SlurmRunner:
         self._submitter: Submitter | None = None
         self._group: TaskGroup | None = None
         self._name = ""
-        self._manifests: list[Manifest] | None = None
+        self._manifests: list[Manifest] = []
         self._orphans: dict[str, Request] = {}
         self._recovering = anyio.Lock()
+        # Set once the jobs of a previous owner are sorted: until then an
+        # attempt cannot tell whether its task's job is still running.
+        # (The lock makes the others wait while the first one looks.)
+        self._recovered = False
 
     @property
     def name(self) -> str:
@@ -132,7 +136,8 @@ class SlurmRunner:
         # Jobs of a previous owner are looked for when they matter: at the
         # first attempt, or at close. An instance that never uses Slurm
         # never calls it.
-        self._manifests = manifests or None
+        self._manifests = manifests
+        self._recovered = not manifests
         self._open[context.instance_id] = self
         return []
 
@@ -147,7 +152,7 @@ class SlurmRunner:
         if handler is None or handler.command is None:
             raise RunFailed(self.validate(run.handler) or f"no command for {run.handler!r}")
         files = AttemptFiles.of(run)
-        if self._manifests is not None:
+        if not self._recovered:
             await self._recover()
         request = self._orphans.pop(run.task_id, None)
         if request is not None:
@@ -286,6 +291,9 @@ class SlurmRunner:
     async def _recover(self) -> None:
         """Find the jobs that a previous owner of the state dir left, once.
 
+        Every caller waits for the first one to finish: an attempt that
+        looked in ``_orphans`` before would submit its task again while
+        its job still runs (and the new job would be cancelled as a stray).
         Those still running (or finished well: their result is in the work
         dir) wait in ``_orphans`` for their task's next attempt, which takes
         them over instead of submitting again. Jobs of this owner that no
@@ -295,13 +303,14 @@ class SlurmRunner:
         assert cli is not None
         assert submitter is not None
         async with self._recovering:
-            manifests, self._manifests = self._manifests, None
-            if not manifests:
+            if self._recovered:
                 return
+            manifests = self._manifests  # kept until done: a cancelled search starts over
             try:
                 jobs = await list_jobs(cli, self._name)
             except SlurmError as exc:
                 log.warning("cannot look for the Slurm jobs of a previous run: %s", exc)
+                self._done_recovering()
                 return
             ours = [m for m in manifests if m.name == self._name]
             candidates: list[tuple[Request, JobInfo | None]] = []
@@ -333,6 +342,7 @@ class SlurmRunner:
                 else:  # it failed, or left no trace: its task runs again
                     request.stopping = True
                     submitter.release(request)
+            self._done_recovering()  # sorted: what is left cannot be undone by doing it again
             strays = [j for j in jobs.values() if not j.final and j.job_id not in explained]
             if strays:
                 log.warning(
@@ -343,6 +353,9 @@ class SlurmRunner:
                 await cli.scancel([j.job_id for j in strays])
             if self._orphans:
                 log.info("found %d Slurm job(s) of a previous run to re-attach", len(self._orphans))
+
+    def _done_recovering(self) -> None:
+        self._manifests, self._recovered = [], True
 
     async def _cancel_orphans(self) -> None:
         """Jobs of a previous owner that no attempt took over do not outlive this one."""
@@ -374,7 +387,7 @@ class SlurmRunner:
         try:
             with anyio.move_on_after(_CLOSE_WAIT, shield=True):
                 await submitter.drain()
-                if self._manifests is not None:
+                if not self._recovered:
                     await self._recover()
                 await self._cancel_orphans()
                 await submitter.drain()  # the files of the batches just released
