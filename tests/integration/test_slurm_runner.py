@@ -289,6 +289,24 @@ async def test_without_slurmctld_a_task_fails_clearly(
         assert (await handle.wait()).state is TaskState.FAILED
 
 
+async def test_an_instance_closed_by_a_cancel_around_it_stops_its_jobs_at_once(
+    slurm: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    with anyio.CancelScope() as scope:  # as Ctrl-C, or a timeout around the instance
+        async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
+            runner = SlurmRunner.of_instance(infra.instance_id)
+            assert runner is not None
+            await infra.submit_task("sleep", {"log": str(log), "seconds": 60}, task_class="s")
+            await wait_for_line(log)
+            started = time.monotonic()
+            scope.cancel()
+            await anyio.sleep_forever()
+    assert time.monotonic() - started < 10
+    assert runner is not None
+    assert await active(runner) == []
+
+
 OWNER = """
 import json, sys
 import anyio

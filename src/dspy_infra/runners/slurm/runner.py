@@ -77,6 +77,10 @@ class SlurmRunner:
         self._manifests: list[Manifest] = []
         self._orphans: dict[str, Request] = {}
         self._recovering = anyio.Lock()
+        # The poller's scope: shielded, so that it outlives a cancel of the
+        # scope around the instance (Ctrl-C), which the attempts' stopping
+        # and close() still need it for; close() ends it.
+        self._polling = anyio.CancelScope(shield=True)
         # Set once the jobs of a previous owner are sorted: until then an
         # attempt cannot tell whether its task's job is still running.
         # (The lock makes the others wait while the first one looks.)
@@ -129,7 +133,7 @@ class SlurmRunner:
         group = anyio.create_task_group()
         await group.__aenter__()
         poller = Poller(cli, name)
-        group.start_soon(poller.run)
+        group.start_soon(self._poll, poller)
         self._context, self._cli, self._poller, self._group = context, cli, poller, group
         self._submitter = Submitter(cli, directory, name, group)
         self._name = name
@@ -140,6 +144,10 @@ class SlurmRunner:
         self._recovered = not manifests
         self._open[context.instance_id] = self
         return []
+
+    async def _poll(self, poller: Poller) -> None:
+        with self._polling:
+            await poller.run()
 
     def validate(self, handler: str) -> str | None:
         return validate_handler("slurm", self._context, handler)
@@ -392,6 +400,7 @@ class SlurmRunner:
                 await self._cancel_orphans()
                 await submitter.drain()  # the files of the batches just released
         finally:
+            self._polling.cancel()
             group.cancel_scope.cancel()
             await group.__aexit__(None, None, None)
 
