@@ -181,6 +181,28 @@ async def test_cancel_removes_the_job(
     assert await active(runner, "cancel-me") == []
 
 
+@pytest.mark.parametrize(
+    ("slurm_command", "words"),
+    [
+        (["scancel", "{}"], "was cancelled from outside"),
+        # The shortest limit sbatch takes is a minute; scontrol takes seconds.
+        (["scontrol", "update", "TimeLimit=0:01", "JobId={}"], "reached its time limit"),
+    ],
+)
+async def test_a_job_ended_by_slurm_says_why(
+    infra: AgentInfra, runner: SlurmRunner, tmp_path: Path, slurm_command: list[str], words: str
+) -> None:
+    log = tmp_path / "log"
+    handle = await infra.submit_task("sleep", {"log": str(log), "seconds": 300}, task_class="s")
+    await wait_for_line(log)
+    ((job_id, _),) = await active(runner, handle.task_id)
+    await command(*(word.format(job_id) for word in slurm_command))
+    with anyio.fail_after(120), pytest.raises(TaskFailed) as caught:
+        await handle.result()
+    assert f"Slurm job {job_id} {words}" in caught.value.error
+    assert "signal" not in caught.value.error
+
+
 async def test_a_timeout_stops_the_job(
     infra: AgentInfra, runner: SlurmRunner, tmp_path: Path
 ) -> None:

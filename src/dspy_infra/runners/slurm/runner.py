@@ -55,6 +55,9 @@ log = logging.getLogger("dspy_infra.slurm")
 _CLUSTER_FAULTS = frozenset({"PREEMPTED", "NODE_FAIL", "BOOT_FAIL"})
 _MAX_RESUBMITS = 3
 _ENDED = frozenset({"COMPLETED", "FAILED"})
+# Ends that Slurm brings about itself: a command that recorded how it died
+# of them was killed by Slurm, which says better why.
+_ENDED_BY_SLURM = frozenset({"TIMEOUT", "CANCELLED", "OUT_OF_MEMORY"})
 # After SIGKILL, how long a job may take to leave the running states.
 _STOP_WAIT = 30.0
 # How long close() waits for submissions in flight and the cancelling of
@@ -431,6 +434,11 @@ def _result(
     info: JobInfo, output: JobOutput, files: AttemptFiles, *, packed: bool, limit: int
 ) -> Any:
     code = output.code
+    if code and info.state in _ENDED_BY_SLURM:
+        # Only a job that ended on its own comes here: one this runner
+        # stopped is cancelled with its attempt. A command that finished
+        # well before Slurm ended its job keeps its result.
+        code = None
     if code is None and packed:
         pass  # the job's exit status is its last task's, not necessarily this one's
     elif code is None and info.exit_status is not None and info.state in _ENDED:

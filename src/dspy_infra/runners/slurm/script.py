@@ -249,11 +249,16 @@ fi
 child=$!
 {traps}
 {watch}# wait returns early for each signal trapped above; the child's own status
-# is the one of the last wait, once it is gone.
-while kill -0 "$child" 2>/dev/null; do wait "$child"; done
-wait "$child"
-code=$?
-{after}record "$code"
+# is the one of the wait after which it is gone. A wait after that one
+# may not know it any more: bash says -1 once Slurm's SIGCONT (sent before
+# its SIGTERM) has come.
+code=
+while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done
+[ -n "$code" ] || {{ wait "$child"; code=$?; }}
+{after}if [ "$code" -lt 0 ]; then
+    exit 1  # unknown: the runner goes by the job's state
+fi
+record "$code"
 exit "$code"
 """
 
