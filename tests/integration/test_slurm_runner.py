@@ -329,6 +329,20 @@ async def test_an_instance_closed_by_a_cancel_around_it_stops_its_jobs_at_once(
     assert await active(runner) == []
 
 
+async def test_any_state_dir_and_cwd_will_do(slurm: str, tmp_path: Path) -> None:
+    # Bash would expand $ and ` in the script, and end a quote at '.
+    odd = tmp_path / "done, it's $HOME `true`"
+    settings = config(odd / "handlers")
+    settings["handlers"]["nowhere"] = {"command": ["true"], "cwd": str(odd / "gone")}
+    async with AgentInfra.start(settings, state_dir=odd / "state") as infra:
+        handle = await infra.submit_task("echo", {"odd": True}, task_class="s")
+        assert await handle.result() == {"odd": True}
+        handle = await infra.submit_task("nowhere", {}, task_class="s")
+        with pytest.raises(TaskFailed) as caught:
+            await handle.result()
+        assert f"working directory {odd / 'gone'} does not exist on" in caught.value.error
+
+
 OWNER = """
 import json, sys
 import anyio

@@ -241,7 +241,7 @@ exec </dev/null >{_Q(str(paths.stdout))} 2>{_Q(str(paths.stderr))}
 {before}{exports}
 record() {{ printf '%s\\n' "$1" >{exit_tmp} && mv -f {exit_tmp} {exit_file}; }}
 if ! cd {_Q(str(cwd))}; then
-    echo "working directory {_Q(str(cwd))} does not exist on $(hostname)" >&2
+    echo {_Q(f"working directory {cwd} does not exist on ")}"$(hostname)" >&2
     record 127
     exit 127
 fi
