@@ -25,6 +25,7 @@ import anyio
 import pytest
 
 from dspy_infra import AgentInfra
+from dspy_infra.abc import RunFailed
 from dspy_infra.errors import (
     InvalidTask,
     TaskCancelled,
@@ -32,9 +33,12 @@ from dspy_infra.errors import (
     TaskTimedOut,
     UnknownTask,
 )
+from dspy_infra.runners._commands import AttemptFiles, Tail
 from dspy_infra.runners.slurm import SlurmRunner
 from dspy_infra.runners.slurm.cli import Pacer, classify
-from dspy_infra.runners.slurm.poller import MIN_INTERVAL, parse_sacct, parse_squeue
+from dspy_infra.runners.slurm.files import JobOutput
+from dspy_infra.runners.slurm.poller import MIN_INTERVAL, JobInfo, parse_sacct, parse_squeue
+from dspy_infra.runners.slurm.runner import _result
 from dspy_infra.runners.slurm.script import JobOptions, array_ranges
 from dspy_infra.scheduling.tasks import TaskState
 
@@ -330,8 +334,8 @@ async def test_an_instance_closed_by_a_cancel_around_it_stops_its_jobs_at_once(
 
 
 async def test_any_state_dir_and_cwd_will_do(slurm: str, tmp_path: Path) -> None:
-    # Bash would expand $ and ` in the script, and end a quote at '.
-    odd = tmp_path / "done, it's $HOME `true`"
+    # sbatch expands % in --output; bash $, ` and quotes in the script.
+    odd = tmp_path / "50%j done, it's $HOME `true`"
     settings = config(odd / "handlers")
     settings["handlers"]["nowhere"] = {"command": ["true"], "cwd": str(odd / "gone")}
     async with AgentInfra.start(settings, state_dir=odd / "state") as infra:
@@ -341,6 +345,16 @@ async def test_any_state_dir_and_cwd_will_do(slurm: str, tmp_path: Path) -> None
         with pytest.raises(TaskFailed) as caught:
             await handle.result()
         assert f"working directory {odd / 'gone'} does not exist on" in caught.value.error
+
+
+def test_a_job_slurm_could_not_launch_is_not_read_as_killed_by_a_signal(tmp_path: Path) -> None:
+    info = JobInfo(job_id="7", state="FAILED", exit_status=4021, reason="JobLaunchFailure")
+    output = JobOutput(code=None, raw=None, stdout=Tail(1, 10), stderr=Tail(1, 10), slurm=())
+    files = AttemptFiles(
+        work_dir=tmp_path, payload_file=tmp_path / "p", result_file=tmp_path / "r", values={}
+    )
+    with pytest.raises(RunFailed, match=r"Slurm job 7 could not be started .*JobLaunchFailure"):
+        _result(info, output, files, packed=False, limit=100)
 
 
 OWNER = """

@@ -76,9 +76,13 @@ class BatchFiles:
 
     @property
     def output(self) -> Path:
-        """sbatch's ``--output``: one file for a job, one per index (``%a``) for an array."""
+        """sbatch's ``--output``: one file for a job, one per index (``%a``) for an array.
+
+        A pattern: a ``%`` of the directory's own (``50%j done``) is
+        doubled, else sbatch would expand it and the job fail to start.
+        """
         suffix = ".log" if self.size == 1 else ".%a.log"
-        return self.directory / f"{self.batch_id}{suffix}"
+        return Path(str(self.directory).replace("%", "%%")) / f"{self.batch_id}{suffix}"
 
     def log(self, index: int) -> Path:
         suffix = ".log" if self.size == 1 else f".{index}.log"

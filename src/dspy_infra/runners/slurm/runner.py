@@ -54,6 +54,9 @@ log = logging.getLogger("dspy_infra.slurm")
 # again within the same attempt, so that they use up none of its retries.
 _CLUSTER_FAULTS = frozenset({"PREEMPTED", "NODE_FAIL", "BOOT_FAIL"})
 _MAX_RESUBMITS = 3
+# The reason of a job whose script slurmd could not start: its exit status
+# is then Slurm's error number (4021), no wait status.
+_LAUNCH_FAILED = "JobLaunchFailure"
 _ENDED = frozenset({"COMPLETED", "FAILED"})
 # Ends that Slurm brings about itself: a command that recorded how it died
 # of them was killed by Slurm, which says better why.
@@ -441,7 +444,12 @@ def _result(
         code = None
     if code is None and packed:
         pass  # the job's exit status is its last task's, not necessarily this one's
-    elif code is None and info.exit_status is not None and info.state in _ENDED:
+    elif (
+        code is None
+        and info.exit_status is not None
+        and info.state in _ENDED
+        and info.reason != _LAUNCH_FAILED
+    ):
         # No exit file (not yet visible here, on a slow shared disk?): Slurm's word.
         code = _decode(info.exit_status)
     elif code is not None:
@@ -456,20 +464,27 @@ def _result(
     )
 
 
+_WHY = {
+    "TIMEOUT": "reached its time limit (time_limit, or the partition's)",
+    "CANCELLED": "was cancelled from outside (scancel, or an administrator)",
+    "OUT_OF_MEMORY": "ran out of memory (memory_mb)",
+    GONE: (
+        "left the queue without recording an exit code (it had ended longer ago than "
+        "the cluster's MinJobAge, and accounting is off)"
+    ),
+    _LAUNCH_FAILED: (
+        "could not be started on its node (JobLaunchFailure: see Slurm's output below, "
+        "or slurmd's log there)"
+    ),
+}
+
+
 def _why(info: JobInfo) -> str:
     state = info.state
-    if state == "TIMEOUT":
-        return "reached its time limit (time_limit, or the partition's)"
-    if state == "CANCELLED":
-        return "was cancelled from outside (scancel, or an administrator)"
-    if state == "OUT_OF_MEMORY":
-        return "ran out of memory (memory_mb)"
+    why = _WHY.get(info.reason if info.reason == _LAUNCH_FAILED else state)
+    if why is not None:
+        return why
     if state in _CLUSTER_FAULTS:
         return f"ended {state} {_MAX_RESUBMITS + 1} times: the cluster could not run it"
-    if state == "GONE":
-        return (
-            "left the queue without recording an exit code (it had ended longer ago than "
-            "the cluster's MinJobAge, and accounting is off)"
-        )
     reason = f", {info.reason}" if info.reason and info.reason != "None" else ""
     return f"ended {state}{reason} before its command could record an exit code"
