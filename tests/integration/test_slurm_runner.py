@@ -35,7 +35,7 @@ from dspy_infra.errors import (
 )
 from dspy_infra.runners._commands import AttemptFiles, Tail
 from dspy_infra.runners.slurm import SlurmRunner
-from dspy_infra.runners.slurm.cli import Pacer, classify
+from dspy_infra.runners.slurm.cli import Pacer, SlurmCli, classify
 from dspy_infra.runners.slurm.files import JobOutput
 from dspy_infra.runners.slurm.poller import MIN_INTERVAL, JobInfo, parse_sacct, parse_squeue
 from dspy_infra.runners.slurm.runner import _result
@@ -511,3 +511,17 @@ async def test_the_pacer_halves_its_rate_on_trouble_and_recovers_step_by_step() 
     for _ in range(20):
         pacer.success()
     assert pacer.rate == 40  # and no further than max_rate
+
+
+async def test_a_hung_query_gives_way_to_a_cancel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    squeue = tmp_path / "bin" / "squeue"  # of a controller that does not answer
+    squeue.parent.mkdir()
+    squeue.write_text("#!/bin/sh\nexec sleep 1000\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{squeue.parent}{os.pathsep}{os.environ['PATH']}")
+    started = time.monotonic()
+    with anyio.move_on_after(0.5):  # as close() ends the poller
+        await SlurmCli().call(["squeue"], retry=False)
+    assert time.monotonic() - started < 5

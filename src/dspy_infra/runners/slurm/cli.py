@@ -77,6 +77,8 @@ _BUSY = (
 # controller on their own (MessageTimeout, ~10 s by default); this only
 # bounds a client that hangs.
 _CALL_TIMEOUT = 120.0
+# The commands whose effect the runner must know once they ran.
+_EFFECTFUL = frozenset({"sbatch", "scancel"})
 # How long an unreachable controller that answered before is waited for,
 # per call, before the call fails.
 _PATIENCE = 300.0
@@ -257,12 +259,15 @@ class SlurmCli:
     async def _run(self, argv: Sequence[str]) -> tuple[int, str, str]:
         self.calls[argv[0]] += 1
         try:
-            # Shielded: a command that ran is one whose effect must be known
-            # (the id of a job that sbatch submitted); a pending cancellation
-            # reaches the caller at its next await. The environment is this
-            # process's as it is now: SLURM_CONF and PATH set after the runner
-            # opened still count.
-            with anyio.CancelScope(shield=True), anyio.fail_after(_CALL_TIMEOUT):
+            # A command that changes something is shielded: its effect must
+            # be known (the id of a job that sbatch submitted); a pending
+            # cancellation reaches the caller at its next await. A query is
+            # not: a hung squeue must not hold up whoever no longer wants
+            # its answer (close()). The environment is this process's as it
+            # is now: SLURM_CONF and PATH set after the runner opened still
+            # count.
+            shield = argv[0] in _EFFECTFUL
+            with anyio.CancelScope(shield=shield), anyio.fail_after(_CALL_TIMEOUT):
                 result = await anyio.run_process(list(argv), check=False, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
             raise SlurmUnavailable(
