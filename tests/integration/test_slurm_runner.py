@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import textwrap
@@ -355,6 +356,41 @@ def test_a_job_slurm_could_not_launch_is_not_read_as_killed_by_a_signal(tmp_path
     )
     with pytest.raises(RunFailed, match=r"Slurm job 7 could not be started .*JobLaunchFailure"):
         _result(info, output, files, packed=False, limit=100)
+
+
+@pytest.mark.parametrize("empty_answers", [1, 2])
+async def test_a_job_missing_from_squeue_is_believed_gone_only_twice_and_then_cancelled(
+    slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_answers: int
+) -> None:
+    # squeue answers, without error, as if the queue were empty: a
+    # controller's hiccup (as the first time), or the job has gone.
+    real, empties = shutil.which("squeue"), tmp_path / "empties"
+    squeue = tmp_path / "bin" / "squeue"
+    squeue.parent.mkdir()
+    squeue.write_text(
+        f"#!/bin/bash\nn=$(cat {empties} 2>/dev/null || echo 0)\n"
+        f'if [ "$n" -gt 0 ]; then echo $((n - 1)) >{empties}; exit 0; fi\nexec {real} "$@"\n'
+    )
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{squeue.parent}{os.pathsep}{os.environ['PATH']}")
+    log = tmp_path / "log"
+    async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
+        runner = SlurmRunner.of_instance(infra.instance_id)
+        assert runner is not None
+        seconds = 3 if empty_answers == 1 else 60
+        payload = {"log": str(log), "seconds": seconds}
+        handle = await infra.submit_task("sleep", payload, task_class="s")
+        await wait_for_line(log)
+        empties.write_text(str(empty_answers))
+        if empty_answers == 1:
+            assert await handle.result() == {"slept": 3}
+        else:
+            with pytest.raises(TaskFailed, match="left the queue without recording"):
+                await handle.result()
+            empties.write_text("0")
+            with anyio.fail_after(10):  # cancelled, not left running
+                while await active(runner):
+                    await anyio.sleep(0.1)
 
 
 OWNER = """

@@ -12,9 +12,10 @@ never shorter than ten times what the last ``squeue`` took, so that a slow
 With nothing to watch, the poller makes no call at all.
 
 A job that left the queue (older than the cluster's ``MinJobAge``) is looked
-up in ``sacct`` when the cluster keeps accounting; otherwise it is reported
-``GONE``, and the runner reads what the job script wrote in the task's work
-dir: the state of a job never has to come from accounting.
+up in ``sacct`` when the cluster keeps accounting; otherwise, once two
+listings in a row lacked it (one may be a controller's hiccup), it is
+reported ``GONE``, and the runner reads what the job script wrote in the
+task's work dir: the state of a job never has to come from accounting.
 """
 
 from __future__ import annotations
@@ -183,6 +184,9 @@ class Poller:
         self._next = math.inf
         self._interval = MIN_INTERVAL
         self._failures = 0
+        # Jobs that the last listing lacked: one answer without a job may be
+        # the controller's hiccup; a second one in a row is believed.
+        self._missed: set[str] = set()
         self.cycles = 0
 
     def latest(self, job_id: str) -> JobInfo | None:
@@ -270,11 +274,18 @@ class Poller:
             return
         self._failures = 0
         self.cycles += 1
-        missing = [job_id for job_id in asked if job_id not in jobs]
+        missing = {job_id for job_id in asked if job_id not in jobs}
         if missing:
             log.debug("jobs %s are not in the queue (it holds %s)", missing, sorted(jobs))
-            jobs.update(await self._left_queue(missing))
-        changed = self._update(jobs)
+            left = await self._left_queue(missing)
+            jobs.update(
+                (job_id, info)
+                for job_id, info in left.items()
+                if info.state != GONE or job_id in self._missed
+            )
+        missed_first = bool(missing - self._missed)  # the second listing is wanted soon
+        self._missed = missing
+        changed = self._update(jobs) or missed_first
         changed = await self._check_files(jobs) or changed
         hurry = changed or any(
             self._latest.get(job_id, _UNSEEN).state == "COMPLETING" for job_id in self._watches

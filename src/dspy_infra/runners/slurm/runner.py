@@ -189,6 +189,8 @@ class SlurmRunner:
                 if request.job_id is not None:
                     poller.forget(request.job_id)
                     submitter.release(request)
+            if info.state == GONE and output.code is None:
+                await self._cancel_gone(info.job_id)
             cluster_fault = output.code is None and info.state in _CLUSTER_FAULTS
             if cluster_fault and resubmits < _MAX_RESUBMITS:
                 resubmits += 1
@@ -299,6 +301,16 @@ class SlurmRunner:
             )
         except SlurmError as exc:
             log.warning("cannot stop Slurm job %s: %s", job_id, exc)
+
+    async def _cancel_gone(self, job_id: str) -> None:
+        """A job judged gone that left no exit code may yet run, unseen: it must not outlive
+        its attempt."""
+        cli = self._cli
+        assert cli is not None
+        try:
+            await cli.scancel([job_id])
+        except SlurmError as exc:
+            log.warning("cannot cancel Slurm job %s, which left no exit code: %s", job_id, exc)
 
     # -- jobs of a previous owner ---------------------------------------------
 
