@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -40,7 +41,7 @@ from dspy_infra.runners.slurm.cli import Pacer, SlurmCli, classify
 from dspy_infra.runners.slurm.files import JobOutput
 from dspy_infra.runners.slurm.poller import MIN_INTERVAL, JobInfo, parse_sacct, parse_squeue
 from dspy_infra.runners.slurm.runner import _result
-from dspy_infra.runners.slurm.script import JobOptions, array_ranges
+from dspy_infra.runners.slurm.script import JobOptions, TaskPaths, array_ranges, task_script
 from dspy_infra.scheduling.tasks import TaskState
 
 pytestmark = pytest.mark.anyio
@@ -348,6 +349,16 @@ async def test_any_state_dir_and_cwd_will_do(slurm: str, tmp_path: Path) -> None
         assert f"working directory {odd / 'gone'} does not exist on" in caught.value.error
 
 
+async def test_a_state_dir_slurm_cannot_take_is_refused_with_the_reason(
+    slurm: str, tmp_path: Path
+) -> None:
+    # slurmd drops a backslash from --output: every job would fail to launch.
+    odd = tmp_path / "a\\b"
+    async with AgentInfra.start(config(odd / "handlers"), state_dir=odd / "state") as infra:
+        with pytest.raises(InvalidTask, match="cannot use a state_dir with a backslash"):
+            await infra.submit_task("echo", {}, task_class="s")
+
+
 def test_a_job_slurm_could_not_launch_is_not_read_as_killed_by_a_signal(tmp_path: Path) -> None:
     info = JobInfo(job_id="7", state="FAILED", exit_status=4021, reason="JobLaunchFailure")
     output = JobOutput(code=None, raw=None, stdout=Tail(1, 10), stderr=Tail(1, 10), slurm=())
@@ -356,6 +367,57 @@ def test_a_job_slurm_could_not_launch_is_not_read_as_killed_by_a_signal(tmp_path
     )
     with pytest.raises(RunFailed, match=r"Slurm job 7 could not be started .*JobLaunchFailure"):
         _result(info, output, files, packed=False, limit=100)
+
+
+@pytest.mark.parametrize(
+    ("code", "said"), [(1, "exited with code 1"), (143, "reached its time limit")]
+)
+def test_a_task_of_a_pack_slurm_ended_is_told_by_its_own_code_unless_killed(
+    tmp_path: Path, code: int, said: str
+) -> None:
+    # The pack's TIMEOUT is the state of every task in it: a task that failed
+    # of its own accord before the end keeps its failure.
+    info = JobInfo(job_id="7_0", state="TIMEOUT", exit_status=None, reason="TimeLimit")
+    output = JobOutput(code=code, raw=None, stdout=Tail(1, 10), stderr=Tail(1, 10), slurm=())
+    files = AttemptFiles(
+        work_dir=tmp_path, payload_file=tmp_path / "p", result_file=tmp_path / "r", values={}
+    )
+    with pytest.raises(RunFailed, match=said):
+        _result(info, output, files, packed=True, limit=100)
+
+
+@pytest.mark.parametrize("forward", ["USR1", "TERM"])
+def test_a_command_ending_on_the_signal_passed_on_is_recorded_as_it_ended(
+    tmp_path: Path, forward: str
+) -> None:
+    # The signal cuts the task script's wait short (128 + N), often as the
+    # command exits: only the command's own status may be recorded. The
+    # script run by bash directly, as a job runs it, many times over (the
+    # two moments race).
+    for i in range(20):
+        work = tmp_path / str(i)
+        work.mkdir()
+        paths, ready = TaskPaths.of(work, 1), work / "ready"
+        command = [
+            "bash",
+            "-c",
+            # Waiting in the shell (not in sleep), it exits the moment the signal comes.
+            f"sleep 100 & s=$!; trap 'kill $s; exit 3' {forward}; touch {ready}; wait",
+        ]
+        paths.script.write_text(
+            task_script(title="t", argv=command, env={}, cwd=work, paths=paths, forward=forward)
+        )
+        script = subprocess.Popen(["bash", str(paths.script)])
+        try:
+            deadline = time.monotonic() + 10
+            while not ready.exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            script.send_signal(getattr(signal, f"SIG{forward}"))
+            script.wait(timeout=10)
+        finally:
+            script.kill()
+            script.wait()
+        assert (i, paths.exit.read_text()) == (i, "3\n")
 
 
 @pytest.mark.parametrize("empty_answers", [1, 2])
@@ -377,13 +439,13 @@ async def test_a_job_missing_from_squeue_is_believed_gone_only_twice_and_then_ca
     async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
         runner = SlurmRunner.of_instance(infra.instance_id)
         assert runner is not None
-        seconds = 3 if empty_answers == 1 else 60
+        seconds = 10 if empty_answers == 1 else 60
         payload = {"log": str(log), "seconds": seconds}
         handle = await infra.submit_task("sleep", payload, task_class="s")
         await wait_for_line(log)
         empties.write_text(str(empty_answers))
         if empty_answers == 1:
-            assert await handle.result() == {"slept": 3}
+            assert await handle.result() == {"slept": seconds}
         else:
             with pytest.raises(TaskFailed, match="left the queue without recording"):
                 await handle.result()

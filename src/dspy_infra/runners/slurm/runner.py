@@ -125,6 +125,13 @@ class SlurmRunner:
             missing = SlurmCli.missing()
             return missing, ([] if missing else read_manifests(directory))
 
+        if "\\" in str(directory):
+            # slurmd drops a backslash from --output (and stops expanding %
+            # there): every job would fail to launch, not to be submitted.
+            raise BackendUnavailable(
+                f"the slurm runner cannot use a state_dir with a backslash in it "
+                f"({str(context.state_dir)!r}): Slurm reads the log paths under it wrongly"
+            )
         missing, manifests = await anyio.to_thread.run_sync(look)
         if missing:
             raise BackendUnavailable(
@@ -369,16 +376,21 @@ class SlurmRunner:
                     request.stopping = True
                     submitter.release(request)
             self._done_recovering()  # sorted: what is left cannot be undone by doing it again
-            strays = [j for j in jobs.values() if not j.final and j.job_id not in explained]
-            if strays:
-                log.warning(
-                    "cancelling %d Slurm job(s) of this state dir that no record explains: %s",
-                    len(strays),
-                    ", ".join(j.job_id for j in strays),
-                )
-                await cli.scancel([j.job_id for j in strays])
+            strays = [j.job_id for j in jobs.values() if not j.final and j.job_id not in explained]
             if self._orphans:
                 log.info("found %d Slurm job(s) of a previous run to re-attach", len(self._orphans))
+        # Out of the lock: the attempts waiting for the search need not wait
+        # for a slow controller to cancel what nobody will take over.
+        if strays:
+            log.warning(
+                "cancelling %d Slurm job(s) of this state dir that no record explains: %s",
+                len(strays),
+                ", ".join(strays),
+            )
+            try:
+                await cli.scancel(strays)
+            except SlurmError as exc:
+                log.warning("cannot cancel them: %s", exc)
 
     def _done_recovering(self) -> None:
         self._manifests, self._recovered = [], True
@@ -449,10 +461,12 @@ def _result(
     info: JobInfo, output: JobOutput, files: AttemptFiles, *, packed: bool, limit: int
 ) -> Any:
     code = output.code
-    if code and info.state in _ENDED_BY_SLURM:
+    if code and info.state in _ENDED_BY_SLURM and (not packed or code > 128):
         # Only a job that ended on its own comes here: one this runner
         # stopped is cancelled with its attempt. A command that finished
-        # well before Slurm ended its job keeps its result.
+        # well before Slurm ended its job keeps its result; so does a task
+        # of a pack that failed of its own accord (not by a signal) before
+        # the pack's end, whose state is the pack's.
         code = None
     if code is None and packed:
         pass  # the job's exit status is its last task's, not necessarily this one's

@@ -212,11 +212,11 @@ def task_script(
     exit_tmp = _Q(str(paths.exit.with_suffix(".exit.tmp")))
     cancel = _Q(str(paths.cancel))
     if forward == "TERM":
-        traps = "trap 'kill -s TERM \"$child\" 2>/dev/null' TERM"
+        traps = "trap 'trapped=1; kill -s TERM \"$child\" 2>/dev/null' TERM"
     else:
-        traps = "trap : TERM"
+        traps = "trap 'trapped=1' TERM"
         if forward is not None:
-            traps += f"\ntrap 'kill -s {forward} \"$child\" 2>/dev/null' {forward}"
+            traps += f"\ntrap 'trapped=1; kill -s {forward} \"$child\" 2>/dev/null' {forward}"
     before = watch = after = ""
     if packed:
         before = f"[ -e {cancel} ] && exit 0  # cancelled before its turn\n"
@@ -248,14 +248,22 @@ fi
 {shlex.join(argv)} &
 child=$!
 {traps}
-{watch}# wait returns early for each signal trapped above; the child's own status
-# is the one of the wait after which it is gone. A wait after that one
-# may not know it any more: bash says -1 once Slurm's SIGCONT (sent before
-# its SIGTERM) has come.
+{watch}# wait returns early (128 + N) for each signal trapped above, even when the
+# child has exited meanwhile: only a wait that no trap cut short gives the
+# child's status. The last wait, once it is gone, gives it too, unless bash
+# no longer knows it (-1, once Slurm's SIGCONT, sent before its SIGTERM,
+# has come): then the last uncut wait's status stands, if there was one.
 code=
-while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done
-[ -n "$code" ] || {{ wait "$child"; code=$?; }}
-{after}if [ "$code" -lt 0 ]; then
+while kill -0 "$child" 2>/dev/null; do
+    trapped=
+    wait "$child"
+    status=$?
+    [ -n "$trapped" ] || code=$status
+done
+wait "$child"
+status=$?
+[ "$status" -lt 0 ] || code=$status
+{after}if [ -z "$code" ]; then
     exit 1  # unknown: the runner goes by the job's state
 fi
 record "$code"
