@@ -54,6 +54,9 @@ _RECONNECT_DELAY = 0.5
 _LOG_RETRIES = 5  # short reads of a container's log in a row that may break with nothing new
 _LOG_STEADY = 10.0  # a read of a log that breaks after this long does not count toward giving up
 _LOG_BACKOFF = 8.0  # the longest wait before a broken log is read again
+# How far before its last delivered record a broken log is read again: more
+# than stdout's and stderr's copiers ever stamp apart (see _LogCursor).
+_LOG_OVERLAP = 1_000_000_000  # ns
 # What a broken connection to the daemon raises (aiohttp's, the socket's), beside DockerError.
 _BROKEN = (aiohttp.ClientError, OSError)
 _KILL_WAIT = 30.0  # how long a SIGKILLed container may take to be reported dead
@@ -525,7 +528,7 @@ class Container:
             contextlib.aclosing(_records(response, tty=tty)) as records,
         ):
             async for number, stamp, piece, ends in records:
-                if new := cursor.take(stamp, piece, ends=ends):
+                if new := cursor.take(number, stamp, piece, ends=ends):
                     yield number, new
 
     async def stop(self, grace: float) -> int:
@@ -725,28 +728,51 @@ class _LogCursor:
     KiB buffer is cut in pieces that share the first one's stamp) with the
     time it was written, to the nanosecond, and reads a log from a time on
     (``since``, that time included) wherever rotation has moved its start.
-    Delivered are all records stamped before ``stamp``, the first ``done``
-    at ``stamp``, and ``offset`` bytes of the next one there. Each read
-    begins with :meth:`query`. (A record whose stamp is earlier than one
-    delivered before it, one of the other stream's written meanwhile, is
-    delivered, but ``since`` would not read it again after a break.)
+    Stamps rise within a stream, but not across stdout and stderr, whose
+    records are stamped by a copier each: so each stream keeps its own place
+    (:class:`_StreamCursor`), and a read after a break begins a little
+    before the earliest of them (``_LOG_OVERLAP``), so that a record of one
+    stream stamped before the other's last one is read again, and what was
+    delivered already is skipped.
     """
+
+    def __init__(self) -> None:
+        self._streams: dict[int, _StreamCursor] = {}
+
+    def query(self) -> dict[str, str]:
+        """The log's query parameter for a read that goes on from here."""
+        for stream in self._streams.values():
+            stream.restart()
+        stamps = [s.stamp for s in self._streams.values() if s.stamp >= 0]
+        if not stamps:
+            return {}
+        seconds, nanoseconds = divmod(max(0, min(stamps) - _LOG_OVERLAP), 10**9)
+        return {"since": f"{seconds}.{nanoseconds:09d}"}
+
+    def take(self, number: int, stamp: int, piece: bytes, *, ends: bool) -> bytes:
+        """What is new of ``piece`` of a record of stream ``number`` stamped ``stamp``."""
+        stream = self._streams.get(number)
+        if stream is None:
+            stream = self._streams[number] = _StreamCursor()
+        return stream.take(stamp, piece, ends=ends)
+
+
+class _StreamCursor:
+    """How far one stream of a log was delivered: all records stamped before
+    ``stamp``, the first ``done`` at ``stamp``, and ``offset`` bytes of the
+    next one there."""
 
     def __init__(self) -> None:
         self.stamp = -1  # nanoseconds since the epoch; -1: nothing delivered
         self.done = 0
         self.offset = 0
         self._seen = 0  # records at ``stamp`` begun on this read
-        self._place: int | None = None  # the current record's among those (None: not there)
+        self._place: int | None = None  # the current record's among those (None: an older one)
         self._read: int | None = None  # bytes of the current record read (None: between records)
 
-    def query(self) -> dict[str, str]:
-        """The log's query parameter for a read that goes on from here."""
+    def restart(self) -> None:
+        """A new read begins (at or before ``stamp``)."""
         self._seen, self._read = 0, None
-        if self.stamp < 0:
-            return {}
-        seconds, nanoseconds = divmod(self.stamp, 10**9)
-        return {"since": f"{seconds}.{nanoseconds:09d}"}
 
     def take(self, stamp: int, piece: bytes, *, ends: bool) -> bytes:
         """What is new of ``piece`` of a record stamped ``stamp``; ``ends``: its last piece."""
@@ -757,15 +783,13 @@ class _LogCursor:
             if stamp == self.stamp:
                 self._place, self._seen = self._seen, self._seen + 1
             else:
-                self._place = None
+                self._place = None  # older than one delivered: read again, so delivered
         start = self._read
         self._read += len(piece)
         place = self._place
         if ends:
             self._read = None
-        if place is None:
-            return piece
-        if place < self.done:
+        if place is None or place < self.done:
             return b""
         new = piece[max(0, self.offset - start) :]
         self.offset = max(self.offset, start + len(piece))
