@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -110,3 +111,25 @@ class TestDockerBackend(ContainerBackendConformance):
             f"cannot stop ('sh', '-c', 'sleep 999 & exit 0') in container {process.id[:12]}: "
             "its processes are not visible from here"
         ]
+
+    async def test_a_cancelled_exec_out_of_reach_is_not_warned_about_once_its_container_exited(
+        self,
+        backend: ContainerBackend,
+        sh: Callable[..., LaunchSpec],
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        # Out of sight from here as above, but the container stops as the
+        # exec is cut short: nothing of it is left, and Docker's refusal to
+        # list the processes of a stopped container (409) is no reason to
+        # warn that it could not be stopped.
+        def stopped(pgid: int, container_id: str) -> None:
+            subprocess.run(["docker", "kill", container_id], check=True, capture_output=True)
+
+        monkeypatch.setattr(engine, "container_group", stopped)
+        caplog.set_level(logging.WARNING, logger="dspy_infra.docker")
+        async with self.launched(backend, sh("sleep 1000")) as process:
+            with anyio.move_on_after(1.0) as cut:
+                await process.exec(("sleep", "999"))
+            assert cut.cancelled_caught
+        assert caplog.records == []
