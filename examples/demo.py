@@ -82,7 +82,7 @@ class EventPrinter:
                 return step
             case [_, step, index]:
                 return f"{step}[{index}]"
-        return task_id[:8]
+        return task_id[-8:]  # ids begin with the submit time: the end tells them apart
 
     async def run(self, infra: AgentInfra) -> None:
         # since=0 first replays what happened while the services were starting;
