@@ -134,6 +134,16 @@ class EventBus:
                         self._on_drop(1)
         return event
 
+    def replay(self, since: int, types: Collection[str]) -> tuple[list[Event], bool]:
+        """The events of ``types`` after ``since`` still in the history, and whether that is all.
+
+        False when the history no longer reaches back to ``since``: events
+        older than its last ``history`` are gone.
+        """
+        history = self._history
+        complete = not history or history[0].seq <= since + 1
+        return [e for e in history if e.seq > since and e.type in types], complete
+
     def wanted(self, event_type: str) -> bool:
         """Whether a live subscriber wants events of this type.
 

@@ -676,6 +676,32 @@ async def test_queue_timeout_and_run_timeout(tmp_path: Path) -> None:
     assert rows(tmp_path)[waiting.task_id] == ("timed_out", 0)
 
 
+async def test_the_queue_timeout_counts_from_the_submit_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    gates = Gates()
+    classes = {"qt": {"max_concurrency": 1, "queue_timeout": 1.0}}
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes) as infra:
+        await infra.submit_task("gate", {"key": "blocker"}, task_class="qt")
+        await gates.wait_started("blocker")
+        waiting = await infra.submit_task("gate", {"key": "waiting"}, task_class="qt")
+        submitted = time.monotonic()
+        await anyio.sleep(0.6)
+    # 0.6 s waited, 0.6 s more with no instance open: past its 1 s.
+    await anyio.sleep(0.6)
+    gates.open("blocker")
+    gates.open("waiting")
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes) as infra:
+        with anyio.fail_after(5):
+            async with aclosing(infra.stream_task_results([waiting.task_id])) as results:
+                (final,) = [event async for event in results]
+    assert time.monotonic() - submitted < 2.5
+    assert final.state is TaskState.TIMED_OUT
+    assert final.error == "waited more than 1 s to start"
+    # Not started by the restart either, though the blocker's slot was free.
+    assert "waiting" not in gates.started
+
+
 async def test_retry_with_backoff(tmp_path: Path) -> None:
     attempts: dict[str, list[tuple[int, float]]] = {}
 
@@ -1163,17 +1189,48 @@ async def test_a_handler_that_escapes_its_attempt_fails_alone(tmp_path: Path) ->
     async def too_deep(payload: Any) -> Any:
         return _nested(100_000)
 
-    handlers = {"stray": stray_cancel, "quits": quits, "deep": too_deep, "echo": echo}
+    async def undecodable(payload: Any) -> None:
+        # A file name read with surrogateescape: its text is no UTF-8.
+        raise FileNotFoundError(b"/data/\xff.bin".decode(errors="surrogateescape"))
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    async def unprintable(payload: Any) -> None:
+        raise Unprintable
+
+    handlers = {
+        "stray": stray_cancel,
+        "quits": quits,
+        "deep": too_deep,
+        "undecodable": undecodable,
+        "unprintable": unprintable,
+        "echo": echo,
+    }
     async with start(tmp_path, handlers) as infra:
         for handler, error in [
             ("stray", "CancelledError"),
             ("quits", "it called sys.exit(3)"),
             ("deep", "its result is not JSON-compatible"),
+            ("undecodable", "FileNotFoundError: /data/\\udcff.bin"),
+            ("unprintable", "Unprintable: <str() of it raised RuntimeError>"),
         ]:
             status = await (await infra.submit_task(handler, None)).wait()
             assert status.state is TaskState.FAILED, handler
             assert status.error is not None
             assert error in status.error
+        assert await (await infra.submit_task("echo", 1)).result() == 1  # still serving
+    # Stored as they were told: a new instance reads them back.
+    async with start(tmp_path, handlers) as infra:
+        assert await (await infra.submit_task("echo", 2)).result() == 2
+
+
+async def test_a_handler_name_that_utf8_cannot_encode_is_refused(tmp_path: Path) -> None:
+    name = "echo-\udc80"
+    async with start(tmp_path, {name: echo, "echo": echo}) as infra:
+        with pytest.raises(InvalidTask, match="handler must be text that UTF-8 can encode"):
+            await infra.submit_task(name, 1)
         assert await (await infra.submit_task("echo", 1)).result() == 1  # still serving
 
 
@@ -1198,6 +1255,63 @@ async def test_following_some_tasks_drops_no_event_of_the_others(tmp_path: Path)
             assert [e.task_id async for e in results] == [followed.task_id]
         assert (await infra.get_metrics())["dspy_infra_events_dropped_total"] == 0
     assert gates.finished == ["followed"]
+
+
+async def test_a_stream_of_every_result_that_falls_behind_misses_none(tmp_path: Path) -> None:
+    # A buffer of 4 final events: a slow reader of 60 results falls behind,
+    # and gets the rest from the instance's history, each once, in order.
+    async with start(tmp_path, {"echo": echo}, event_buffer=4) as infra:
+        seen: list[TaskEvent] = []
+
+        async def read() -> None:
+            async with aclosing(infra.stream_task_results()) as results:
+                async for event in results:
+                    seen.append(event)
+                    await anyio.sleep(0.005)
+                    if len(seen) == 60:
+                        return
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(read)
+            await anyio.sleep(0.01)
+            handles = await infra.submit_tasks("echo", range(60))
+        assert (await infra.get_metrics())["dspy_infra_events_dropped_total"] > 0
+    assert [e.task_id for e in seen] == [h.task_id for h in handles]
+    assert [e.seq for e in seen] == sorted({e.seq for e in seen})
+
+
+async def test_a_stream_of_every_result_further_behind_than_the_history_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The reader stops at its first result until all 40 have finished: its
+    # buffer holds 2, the history the last 8; some in between are gone.
+    async with start(tmp_path, {"echo": echo}, event_buffer=2, event_history=8) as infra:
+        seen: list[str] = []
+        finished = anyio.Event()
+
+        async def read() -> None:
+            async with aclosing(infra.stream_task_results()) as results:
+                async for event in results:
+                    seen.append(event.task_id)
+                    await finished.wait()
+                    if event.task_id == handles[-1].task_id:
+                        return
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as group:
+                group.start_soon(read)
+                await anyio.sleep(0.01)
+                handles = await infra.submit_tasks("echo", range(40))
+                for handle in handles:
+                    await handle.result()
+                finished.set()
+    # Each once, in order, up to the last; some missed, and said so.
+    order = [h.task_id for h in handles]
+    indices = [order.index(task_id) for task_id in seen]
+    assert indices == sorted(set(indices))
+    assert indices[-1] == 39
+    assert len(indices) < 40
+    assert "fell more than event_history events behind" in caplog.text
 
 
 async def test_a_task_id_with_a_line_break_is_refused(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "priority above max": ({"priority": MAX_PRIORITY + 1}, "got 11"),
     "bool priority": ({"priority": True}, "priority must be an integer"),
     "float priority": ({"priority": 1.5}, "priority must be an integer"),
-    "max_attempts 0": ({"max_attempts": 0}, "max_attempts must be an integer of at least 1"),
+    "max_attempts 0": ({"max_attempts": 0}, "max_attempts must be an integer from 1 to"),
     "max_attempts bool": ({"max_attempts": True}, "max_attempts must be an integer"),
     "timeout 0": ({"timeout": 0}, "timeout must be a number of seconds above 0, got 0"),
     "negative timeout": ({"timeout": -1.5}, "timeout must be a number of seconds above 0"),
@@ -96,6 +96,18 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "nan cpus": ({"resources": Resources(cpus=math.nan)}, "cpus"),
     "negative memory": ({"resources": Resources(memory_mb=-5)}, "memory"),
     "bool timeout": ({"timeout": True}, "timeout must be a number of seconds above 0"),
+    # Beyond what the store's columns hold: the insert failed, and with it the instance.
+    "max_attempts beyond 64 bits": (
+        {"max_attempts": 2**63},
+        f"max_attempts must be an integer from 1 to {2**63 - 1}",
+    ),
+    "timeout beyond a float": ({"timeout": 10**400}, "timeout must be a number of seconds"),
+    "memory beyond 64 bits": (
+        {"resources": Resources(memory_mb=2**63)},
+        "resources.memory_mb must be an integer from 0 to",
+    ),
+    # Text that UTF-8 cannot encode (a lone surrogate), which SQLite refuses.
+    "unencodable workflow_id": ({"workflow_id": "run-\udc80"}, "workflow_id must be a string"),
     # Types the signature does not allow, as a caller without a type checker passes them:
     # a clear InvalidTask, not a TypeError from deep inside (or a store that fails).
     "dict workflow_id": ({"workflow_id": {"run": 1}}, "workflow_id"),

@@ -30,13 +30,14 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, cast
 
 import anyio
 import anyio.to_thread
@@ -167,14 +168,29 @@ _Checked = tuple[_Class, int, tuple[str, ...], int, float | None, Need]
 # last lines, short enough that a handler raising a huge message cannot bloat
 # the store.
 _MAX_ERROR = 16_384
+# SQLite's INTEGER is 64-bit; a larger int is not a float either.
+_MAX_STORED_INT = 2**63 - 1
+_MAX_FLOAT_INT = int(sys.float_info.max)
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    """The error text stored for a failed attempt: it must never fail to be made or stored.
+
+    A handler's exception is the handler's to write: its ``__str__`` may
+    raise, and its text may hold what UTF-8 cannot encode (a lone surrogate,
+    from bytes decoded with ``surrogateescape``), which SQLite refuses; either
+    used to fail the store, and with it the instance, on every restart.
+    """
+    try:
+        text = str(exc)
+    except Exception as error:  # noqa: BLE001 - the task's own failure to describe itself
+        text = f"<str() of it raised {type(error).__name__}>"
     if not (isinstance(exc, Exception) and type(exc).__module__.startswith("dspy_infra")):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     if len(text) > _MAX_ERROR:
         text = f"{text[:_MAX_ERROR]}... ({len(text) - _MAX_ERROR} more characters cut)"
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
 
 
@@ -500,7 +516,13 @@ class LocalScheduler:
     def _queued(self, record: TaskRecord, *, dispatch: bool = True) -> None:
         queue_timeout = self._classes[record.task_class].config.queue_timeout
         if queue_timeout is not None:
-            self._expire(record, queue_timeout)
+            # Counted from the submit, not from now: a task recovered after a
+            # restart has waited already, while no instance was open too.
+            left = queue_timeout - max(0.0, time.time() - record.submitted_at)
+            if left <= 0:
+                self._waited_too_long(record)
+                return
+            self._expire(record, left)
         self._enqueue(record, dispatch=dispatch)
 
     async def status(self, task_id: str) -> TaskStatus:
@@ -554,42 +576,63 @@ class LocalScheduler:
             self._finish(record, TaskState.CANCELLED, None, "cancelled while queued")
         return await self.wait(task_id)
 
-    async def results(
+    def results(
         self, task_ids: Collection[str] | None = None, *, since: int | None = None
     ) -> AsyncGenerator[TaskEvent, None]:
-        pending = set(task_ids) if task_ids is not None else None
-        # Waiting for known tasks, the buffer holds one final event per task,
-        # and is sent no other: nothing is dropped, however many finish at once.
-        buffer = max(len(pending), 1) if pending is not None else None
-        accept = (
-            (lambda event: getattr(event, "task_id", None) in pending)
-            if pending is not None
-            else None
-        )
+        if task_ids is None:
+            return self._every_result(since)
+        return self._results_of(set(task_ids), since)
+
+    async def _results_of(
+        self, pending: set[str], since: int | None
+    ) -> AsyncGenerator[TaskEvent, None]:
+        # The buffer holds one final event per task, and is sent no other:
+        # nothing is dropped, however many finish at once.
         async with self._bus.subscribe(
-            TaskEvent.FINAL_TYPES, since=since, buffer=buffer, accept=accept
+            TaskEvent.FINAL_TYPES,
+            since=since,
+            buffer=max(len(pending), 1),
+            accept=lambda event: getattr(event, "task_id", None) in pending,
         ) as events:
-            if pending is not None:
-                # Those that finished before the subscription (or before ``since``).
-                for finished in await self._finished_events(pending):
-                    yield finished
-            if pending is not None and not pending:
+            # Those that finished before the subscription (or before ``since``).
+            for finished in await self._finished_events(pending):
+                yield finished
+            if not pending:
                 return
             async for event in events:
-                if isinstance(event, EventsDropped) and pending is not None:
+                if isinstance(event, EventsDropped):
                     # This reader fell behind and the bus dropped some events:
                     # what they said is in the store.
                     for missed in await self._finished_events(pending):
                         yield missed
-                elif not isinstance(event, TaskEvent):
-                    continue
-                elif pending is None:
-                    yield event
-                elif event.task_id in pending:
+                elif isinstance(event, TaskEvent) and event.task_id in pending:
                     pending.discard(event.task_id)
                     yield event
-                if pending is not None and not pending:
+                if not pending:
                     return
+
+    async def _every_result(self, since: int | None) -> AsyncGenerator[TaskEvent, None]:
+        # The seq of the last event yielded, taken in the same step as the subscription.
+        last = since if since is not None else self._bus.last_seq
+        async with self._bus.subscribe(TaskEvent.FINAL_TYPES, since=since) as events:
+            async for event in events:
+                if isinstance(event, EventsDropped):
+                    # This reader fell behind and the bus dropped some events:
+                    # what they said is in its history, if still there.
+                    missed, complete = self._bus.replay(last, TaskEvent.FINAL_TYPES)
+                    if not complete:
+                        log.warning(
+                            "a stream of every task's result fell more than event_history "
+                            "events behind: results finished before seq %d were missed",
+                            missed[0].seq if missed else self._bus.last_seq,
+                        )
+                    # Those still in this reader's buffer come again, and are skipped.
+                    for replayed in missed:
+                        last = replayed.seq
+                        yield cast(TaskEvent, replayed)
+                elif isinstance(event, TaskEvent) and event.seq > last:
+                    last = event.seq
+                    yield event
 
     async def _finished_events(self, pending: set[str]) -> list[TaskEvent]:
         """Final events of the ``pending`` tasks that have finished; they leave ``pending``."""
@@ -652,13 +695,8 @@ class LocalScheduler:
                 if len(self._checked) >= _CHECKED:
                     self._checked.clear()
                 self._checked[key] = checked
-        else:
-            workflow_id = request.workflow_id
-            if workflow_id is not None and (
-                not isinstance(workflow_id, str) or len(workflow_id) > _MAX_TASK_ID
-            ):
-                # The message _shape_error gives: the checks before it passed.
-                raise InvalidTask(task_id, f"task {task_id!r} refused: {_shape_error(request)}")
+        elif problem := _workflow_id_error(request.workflow_id):
+            raise InvalidTask(task_id, f"task {task_id!r} refused: {problem}")
         cls, priority, needs, max_attempts, timeout, need = checked
         try:
             payload = dumps(request.payload)
@@ -1268,7 +1306,10 @@ class LocalScheduler:
             self._waiting.discard(record)
         else:
             return
-        timeout = self._classes[record.task_class].config.queue_timeout
+        self._waited_too_long(record)
+
+    def _waited_too_long(self, record: TaskRecord) -> None:
+        timeout = self._classes[record.task_class].config.queue_timeout or 0
         self._finish(record, TaskState.TIMED_OUT, None, f"waited more than {timeout:g} s to start")
 
     # -- tasks that need services ---------------------------------------------
@@ -1328,13 +1369,39 @@ def _shape_error(request: TaskRequest) -> str | None:
         value = getattr(request, what)
         if not isinstance(value, str):
             return f"{what} must be a string, got {value!r}"
-    if request.workflow_id is not None and (
-        not isinstance(request.workflow_id, str) or len(request.workflow_id) > _MAX_TASK_ID
-    ):
-        return f"workflow_id must be a string of at most {_MAX_TASK_ID} characters or None"
+    if problem := _workflow_id_error(request.workflow_id):
+        return problem
     if isinstance(request.needs, str) or not all(isinstance(n, str) for n in request.needs):
         return f"needs must be a list of service names, got {request.needs!r}"
+    for what in ("handler", "task_class"):
+        if not _encodable(value := getattr(request, what)):
+            # A handler registered under such a name would reach the store.
+            return f"{what} must be text that UTF-8 can encode, got {value!r}"
     return None
+
+
+def _workflow_id_error(workflow_id: object) -> str | None:
+    if workflow_id is None or (
+        isinstance(workflow_id, str)
+        and len(workflow_id) <= _MAX_TASK_ID
+        and _encodable(workflow_id)
+    ):
+        return None
+    return (
+        f"workflow_id must be a string of at most {_MAX_TASK_ID} characters (that UTF-8 "
+        f"can encode) or None, got {workflow_id!r}"
+    )
+
+
+def _encodable(text: str) -> bool:
+    """Whether SQLite can store ``text``: UTF-8 encodes anything but lone surrogates."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _shape_key(request: TaskRequest) -> tuple[Any, ...] | None:
@@ -1367,10 +1434,19 @@ def _shape_key(request: TaskRequest) -> tuple[Any, ...] | None:
 
 
 def _attempts_error(max_attempts: object, timeout: object) -> str | None:
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-        return f"max_attempts must be an integer of at least 1, got {max_attempts!r}"
+    # Bounded by what the store's INTEGER and REAL hold: beyond, the insert
+    # fails, and a failed commit stops the instance.
+    if (
+        isinstance(max_attempts, bool)
+        or not isinstance(max_attempts, int)
+        or not 1 <= max_attempts <= _MAX_STORED_INT
+    ):
+        return f"max_attempts must be an integer from 1 to {_MAX_STORED_INT}, got {max_attempts!r}"
     if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not timeout > 0
+        or (isinstance(timeout, int) and timeout > _MAX_FLOAT_INT)
     ):
         return f"timeout must be a number of seconds above 0, got {timeout!r}"
     return None
@@ -1380,10 +1456,17 @@ def _need_error(need: Need) -> str | None:
     for what, amount, kind in zip(
         ("cpus", "memory_mb", "gpus"), need, (int | float, int, int), strict=True
     ):
-        # ``not >= 0`` also refuses NaN.
-        if isinstance(amount, bool) or not isinstance(amount, kind) or not amount >= 0:
+        # ``not >= 0`` also refuses NaN; stored, an amount must fit the store's columns.
+        if (
+            isinstance(amount, bool)
+            or not isinstance(amount, kind)
+            or not amount >= 0
+            or (isinstance(amount, int) and amount > _MAX_STORED_INT)
+        ):
             expected = "a number" if what == "cpus" else "an integer"
-            return f"resources.{what} must be {expected} of at least 0, got {amount!r}"
+            return (
+                f"resources.{what} must be {expected} from 0 to {_MAX_STORED_INT}, got {amount!r}"
+            )
     return None
 
 
