@@ -986,6 +986,24 @@ async def test_tasks_of_a_class_no_longer_configured_end_lost(tmp_path: Path) ->
     assert rows(tmp_path) == {"r": ("lost", 0), "q": ("lost", 0)}
 
 
+async def test_tasks_needing_a_service_no_longer_configured_end_lost(tmp_path: Path) -> None:
+    # Recovered, such a task was dispatched like any other, and the look-up of
+    # its service raised UnknownService out of the instance's start: no
+    # instance could open the state_dir any more.
+    services = {"svc": service("--delay", "30", port=True, autostart=False)}
+    async with start(
+        tmp_path, {"echo": echo}, services=services, start_needed_services=False
+    ) as infra:
+        waiting = await infra.submit_task("echo", "w", needs=["svc"], task_id="w")
+        assert (await waiting.status()).state is TaskState.WAITING_FOR_SERVICES
+    async with start(tmp_path, {"echo": echo}) as infra:
+        status = await infra.task_handle("w").wait()
+        assert status.state is TaskState.LOST
+        assert status.error == "it needs services no longer configured: 'svc'"
+        assert await (await infra.submit_task("echo", "fine")).result() == "fine"
+    assert rows(tmp_path)["w"] == ("lost", 0)
+
+
 async def test_a_final_state_nobody_waits_for_is_committed_soon_after(tmp_path: Path) -> None:
     async def echo(payload: Any) -> Any:
         return payload

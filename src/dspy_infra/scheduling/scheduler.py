@@ -370,6 +370,13 @@ class LocalScheduler:
                 record.error = f"its class {record.task_class!r} is no longer configured"
                 lost.append(record)
                 continue
+            if unknown := [n for n in record.needs if n not in self.config.services]:
+                # Its dispatch would look the service up and fail the instance's
+                # start, and every later one on this state_dir: it can never run.
+                names = ", ".join(repr(n) for n in unknown)
+                record.error = f"it needs services no longer configured: {names}"
+                lost.append(record)
+                continue
             if cls.local and (problem := self._pool.capacity_error(record.need)):
                 # Submitted to an instance with more: it would wait for ever.
                 record.error = f"it can never run here: it {problem}"
