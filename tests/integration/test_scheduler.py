@@ -1183,6 +1183,42 @@ async def test_adaptive_limit_moves_within_its_bounds_under_load(tmp_path: Path)
     assert peak[0] > 4  # the grown limit was used
 
 
+async def test_an_adaptive_limit_is_filled_as_it_grows_and_grows_only_with_use(
+    tmp_path: Path,
+) -> None:
+    # The sample of a finished attempt used to go in after the dispatch of its
+    # class: a limit it raised stayed one below what ran until the next end,
+    # and the tasks the dispatch had just started counted as load.
+    gates = Gates()
+    classes = {
+        "ad": {"adaptive": True, "max_concurrency": 20},
+        "bound": {"adaptive": True, "max_concurrency": 20, "cpus": 1},
+    }
+    async with start(
+        tmp_path, {"gate": gates.handler, "echo": echo}, classes=classes, cpus=2
+    ) as infra:
+        keys = [f"k{i}" for i in range(10)]
+        handles = await infra.submit_tasks("gate", [{"key": k} for k in keys], task_class="ad")
+        await gates.wait_started(*keys[:4])
+        assert infra.task_classes()["ad"].limit == 4
+        gates.open("k0")
+        await handles[0].result()
+        # Busy, it grew by one, and the new slot is taken at once.
+        assert infra.task_classes()["ad"].limit == 5
+        await until(lambda: len(gates.running) == 5, limit=2)
+        assert infra.task_classes()["ad"].running == 5
+        gates.open(*keys)
+        for h in handles:
+            await h.result()
+
+        # Two CPUs: at most two of these run at once, so the limit grows only
+        # while two is at least half of it.
+        bound = await infra.submit_tasks("echo", list(range(200)), task_class="bound")
+        for h in bound:
+            await h.result()
+        assert 1 <= infra.task_classes()["bound"].limit <= 5
+
+
 def _nested(depth: int) -> list[Any]:
     """A list nested ``depth`` deep: more than JSON's encoder recurses through."""
     outer: list[Any] = []

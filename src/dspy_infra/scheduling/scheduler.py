@@ -1055,15 +1055,20 @@ class LocalScheduler:
     ) -> None:
         state, result, error = outcome
         self._release(cls, record)
-        self._dispatch_after(cls, record)
         latency = time.monotonic() - started
         cls.metrics.duration.observe(latency)
+        # The sample goes in before the dispatch: a limit it raises is filled
+        # now, not at the next attempt's end (the class ran one below its limit
+        # while it grew), and ``running`` counts what ran beside this attempt,
+        # not what the dispatch starts in its place (which made a class that
+        # resources keep from its limit look busy enough to grow).
         if state is not TaskState.CANCELLED:  # a cut-short run says nothing about load
             cls.limit.on_sample(
                 latency=latency,
                 inflight=cls.running + 1,
                 dropped=state is TaskState.FAILED or state is TaskState.TIMED_OUT,
             )
+        self._dispatch_after(cls, record)
         if (
             (state is TaskState.FAILED or state is TaskState.TIMED_OUT)
             and record.attempts < record.max_attempts
