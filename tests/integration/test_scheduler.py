@@ -22,6 +22,7 @@ from dspy_infra.errors import (
     InfraClosed,
     InfraError,
     InvalidTask,
+    ServiceStartError,
     TaskCancelled,
     TaskFailed,
     TaskTimedOut,
@@ -505,6 +506,38 @@ async def test_a_task_waiting_for_services_times_out_is_cancelled_or_fails(
         for h in (timed, cancelled, failed):
             assert (await h.status()).attempts == 0
     assert ran == []
+
+
+async def test_a_task_needing_a_service_that_has_failed_fails_when_none_are_started(
+    tmp_path: Path,
+) -> None:
+    # With start_needed_services = false, a task waiting when its service
+    # failed failed; one whose turn came after the failure waited for ever.
+    async def use(payload: Any) -> Any:
+        return payload
+
+    services = {
+        "broken": service(
+            "--code",
+            "3",
+            "--exit-after",
+            "0",
+            ports={"main": 0},
+            health={"tcp": "{port}"},
+            autostart=False,
+            start_retries=0,
+        ),
+    }
+    async with start(
+        tmp_path, {"use": use}, services=services, autostart=False, start_needed_services=False
+    ) as infra:
+        with pytest.raises(ServiceStartError):
+            await infra.services.start(["broken"])
+        assert (await infra.services.status(["broken"]))["broken"].state is ServiceState.FAILED
+        h = await infra.submit_task("use", "late", needs=["broken"])
+        with anyio.fail_after(5), pytest.raises(TaskFailed, match="'broken' it needs failed"):
+            await h.result()
+        assert (await h.status()).attempts == 0
 
 
 # -- idempotency ---------------------------------------------------------------------------

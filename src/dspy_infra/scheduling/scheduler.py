@@ -1333,7 +1333,21 @@ class LocalScheduler:
                 return False
         return True
 
+    def _failed_service(self, names: tuple[str, ...]) -> str | None:
+        """The first of ``names`` that has failed (its supervisor gave up on it), or None."""
+        for name in names:
+            if self._services.runtime(name).state.value == "failed":
+                return name
+        return None
+
     def _wait_for_services(self, record: TaskRecord) -> None:
+        if not self._settings.start_needed_services and (
+            failed := self._failed_service(record.needs)
+        ):
+            # As if it had been waiting when the service failed: without this,
+            # a task whose turn came just after the failure waited for ever.
+            self._finish(record, TaskState.FAILED, None, f"service {failed!r} it needs failed")
+            return
         record.state = TaskState.WAITING_FOR_SERVICES
         record.blocked_since = None  # back in the queue, it is found blocked afresh
         self._waiting.add(record)
