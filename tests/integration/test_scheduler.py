@@ -463,6 +463,70 @@ async def test_a_task_waits_for_a_service_it_needs_which_is_started_on_demand(
         assert await again.result() == "used"
 
 
+async def test_a_service_that_cannot_start_fails_only_the_tasks_that_need_it(
+    tmp_path: Path,
+) -> None:
+    # The services a waiting task needed were started in one call: when one
+    # could not start, the tasks waiting for any service of that call failed
+    # with its error, those that needed one already up, or one started beside
+    # it (which the failed call stopped again), included.
+    async def use(payload: Any) -> Any:
+        return payload
+
+    services = {
+        "up": service(port=True, autostart=False),
+        "slow": service("--delay", "0.3", port=True, autostart=False),
+        "beside": service("--delay", "0.3", port=True, autostart=False),
+        "broken": service(
+            "--code",
+            "3",
+            "--exit-after",
+            "0",
+            ports={"main": 0},
+            health={"tcp": "{port}"},
+            autostart=False,
+            start_retries=0,
+        ),
+    }
+    async with start(tmp_path, {"use": use}, services=services, autostart=False) as infra:
+        await infra.services.start(["up"])
+        doomed = [
+            await infra.submit_task("use", "ub", needs=["up", "broken"]),
+            await infra.submit_task("use", "bb", needs=["broken", "beside"]),
+        ]
+        fine = [
+            await infra.submit_task("use", "us", needs=["up", "slow"]),
+            await infra.submit_task("use", "b", needs=["beside"]),
+        ]
+        with anyio.fail_after(10):
+            for h in doomed:
+                with pytest.raises(TaskFailed, match="'broken' failed"):
+                    await h.result()
+            assert [await h.result() for h in fine] == ["us", "b"]
+
+
+async def test_a_task_waiting_for_services_fails_when_one_that_was_up_fails(
+    tmp_path: Path,
+) -> None:
+    # It waits for "slow", which is started for it; "dies", up when it came to
+    # wait, fails meanwhile, and nothing starts it again for the task.
+    async def use(payload: Any) -> Any:
+        return payload
+
+    services = {
+        "dies": service(
+            "--exit-after", "0.5", "--code", "1", port=True, autostart=False, restart="no"
+        ),
+        "slow": service("--delay", "1", port=True, autostart=False),
+    }
+    async with start(tmp_path, {"use": use}, services=services, autostart=False) as infra:
+        await infra.services.start(["dies"])
+        h = await infra.submit_task("use", None, needs=["dies", "slow"])
+        assert (await h.status()).state is TaskState.WAITING_FOR_SERVICES
+        with anyio.fail_after(10), pytest.raises(TaskFailed, match="'dies' it needs failed"):
+            await h.result()
+
+
 async def test_a_task_waiting_for_services_times_out_is_cancelled_or_fails(
     tmp_path: Path,
 ) -> None:

@@ -1352,20 +1352,25 @@ class LocalScheduler:
         record.blocked_since = None  # back in the queue, it is found blocked afresh
         self._waiting.add(record)
         self._publish(record, TaskState.WAITING_FOR_SERVICES)
-        if not self._settings.start_needed_services:
+        if not self._settings.start_needed_services or self._tg is None:
             return
-        missing = [n for n in record.needs if n not in self._starting_services]
-        if missing and self._tg is not None:
-            self._starting_services.update(missing)
-            self._tg.start_soon(self._start_services, missing)
+        # One start per service that is not up: a start that fails stops what
+        # it launched and fails the tasks waiting for what it was asked to
+        # start, so one call for all of them failed a task that needed a
+        # service up already, or one started beside the failed one, with the
+        # error of a service it did not need.
+        for name in record.needs:
+            if name not in self._starting_services and not self._services_ready((name,)):
+                self._starting_services.add(name)
+                self._tg.start_soon(self._start_service, name)
 
-    async def _start_services(self, names: list[str]) -> None:
+    async def _start_service(self, name: str) -> None:
         try:
-            await self._services.start(names)
+            await self._services.start([name])
         except ServiceStartError as exc:
-            self._fail_waiting(set(names), f"a service it needs could not start: {exc}")
+            self._fail_waiting({name}, f"a service it needs could not start: {exc}")
         finally:
-            self._starting_services.difference_update(names)
+            self._starting_services.discard(name)
 
     def _fail_waiting(self, services: set[str], error: str) -> None:
         for record in [r for r in self._waiting if services.intersection(r.needs)]:
@@ -1383,7 +1388,11 @@ class LocalScheduler:
                     for record in [r for r in self._waiting if self._services_ready(r.needs)]:
                         self._waiting.discard(record)
                         self._enqueue(record)
-                elif not self._settings.start_needed_services:
+                elif event.service not in self._starting_services:
+                    # Not being started for them (start_needed_services is
+                    # false, or it was up when they came to wait): nothing
+                    # will bring it back for them. One being started fails
+                    # them through its start.
                     self._fail_waiting(
                         {event.service}, f"service {event.service!r} it needs failed"
                     )
