@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import sqlite3
 import sys
@@ -1383,6 +1384,38 @@ async def test_a_handler_name_that_utf8_cannot_encode_is_refused(tmp_path: Path)
         with pytest.raises(InvalidTask, match="handler must be text that UTF-8 can encode"):
             await infra.submit_task(name, 1)
         assert await (await infra.submit_task("echo", 1)).result() == 1  # still serving
+
+
+@dataclasses.dataclass
+class _Scale:
+    """A handler that is an object with a ``__call__``: a dataclass, so not hashable."""
+
+    factor: int
+
+    async def __call__(self, payload: int) -> int:
+        return payload * self.factor
+
+
+@dataclasses.dataclass
+class _SyncScale:
+    factor: int
+
+    def __call__(self, payload: int, run: TaskRun) -> list[int]:
+        return [payload * self.factor, run.attempt]
+
+
+async def test_a_handler_may_be_a_callable_object_that_is_not_hashable(tmp_path: Path) -> None:
+    # The runner cached how to call each handler in a dict keyed by the
+    # handler: every attempt of an unhashable one failed with
+    # "TypeError: unhashable type".
+    handlers: dict[str, Handler] = {"scale": _Scale(2), "sync": _SyncScale(3)}
+    infra = start(tmp_path, handlers)
+    async with infra:
+        assert await (await infra.submit_task("scale", 5)).result() == 10
+        assert await (await infra.submit_task("sync", 5)).result() == [15, 1]
+        # The same name registered again: the new handler, called its own way.
+        infra.task("scale")(_SyncScale(4))
+        assert await (await infra.submit_task("scale", 5)).result() == [20, 1]
 
 
 async def test_unusable_ids_and_payloads_are_refused_with_invalid_task(tmp_path: Path) -> None:

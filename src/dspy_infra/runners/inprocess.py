@@ -44,7 +44,11 @@ class InProcessRunner:
         self._threads = anyio.CapacityLimiter(1)
         # How each handler is called, found once per handler: inspect is slow,
         # and kept by this runner only, so handlers are not held for ever.
-        self._shapes: dict[Callable[..., Any], tuple[bool, bool]] = {}
+        # Keyed by name, not by the handler: a callable object need not be
+        # hashable (a dataclass or attrs instance with a ``__call__`` is not),
+        # and one that is not failed every attempt. The handler is kept to
+        # tell a name registered again.
+        self._shapes: dict[str, tuple[Callable[..., Any], bool, bool]] = {}
 
     @property
     def name(self) -> str:
@@ -71,10 +75,11 @@ class InProcessRunner:
             # A task recovered from the store whose handler this program no
             # longer registers.
             raise RunFailed(self.validate(run.handler) or run.handler) from None
-        shape = self._shapes.get(handler)
-        if shape is None:
-            shape = self._shapes[handler] = (_wants_run(handler), _is_async(handler))
-        wants_run, is_async = shape
+        shape = self._shapes.get(run.handler)
+        if shape is None or shape[0] is not handler:
+            shape = (handler, _wants_run(handler), _is_async(handler))
+            self._shapes[run.handler] = shape
+        _, wants_run, is_async = shape
         args = (run.payload, run) if wants_run else (run.payload,)
         if is_async:
             return await handler(*args)
