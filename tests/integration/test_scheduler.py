@@ -1020,6 +1020,38 @@ async def test_a_result_waiter_does_not_outlive_the_instance(tmp_path: Path) -> 
     assert isinstance(outcome[0], InfraClosed)
 
 
+async def test_a_results_stream_does_not_end_quietly_when_the_instance_closes(
+    tmp_path: Path,
+) -> None:
+    # As result() above: a stream of tasks that have not all finished is
+    # told the instance closed, not ended as if they had.
+    gates = Gates()
+    seen: list[str] = []
+    outcome: list[BaseException] = []
+
+    async def read(infra: AgentInfra, task_ids: list[str]) -> None:
+        try:
+            async with aclosing(infra.stream_task_results(task_ids)) as results:
+                async for event in results:
+                    seen.append(event.task_id)  # noqa: PERF401 - watched as they come
+        except InfraError as exc:
+            outcome.append(exc)
+
+    with anyio.fail_after(5):
+        async with (
+            anyio.create_task_group() as tg,
+            start(tmp_path, {"gate": gates.handler, "echo": echo}) as infra,
+        ):
+            done = await infra.submit_task("echo", 1)
+            hung = await infra.submit_task("gate", {"key": "hang"})
+            await done.result()
+            tg.start_soon(read, infra, [done.task_id, hung.task_id])
+            await until(lambda: seen == [done.task_id])
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], InfraClosed)
+    assert hung.task_id in str(outcome[0])
+
+
 async def test_a_cancel_of_a_task_whose_submit_fails_to_commit_is_told(tmp_path: Path) -> None:
     outcomes: dict[str, object] = {}
 

@@ -617,6 +617,13 @@ class LocalScheduler:
                     yield event
                 if not pending:
                     return
+        # The bus closed with the instance: as wait() says, not a quiet end
+        # that a reader would take for all of them.
+        raise InfraClosed(
+            f"the instance closed before {len(pending)} of the tasks finished (such as "
+            f"{min(pending)!r}); they are still in the store and run when an instance opens "
+            "on the same state_dir"
+        )
 
     async def _every_result(self, since: int | None) -> AsyncGenerator[TaskEvent, None]:
         # The seq of the last event yielded, taken in the same step as the subscription.
