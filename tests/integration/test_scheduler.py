@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import sqlite3
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -429,6 +430,71 @@ async def test_gpu_leases_are_disjoint_and_reach_the_handler(tmp_path: Path) -> 
         assert set(gpus) <= {"0", "1"}
     assert all(len(seen[h.task_id][0]) == 1 for h in handles)
     assert seen[pair.task_id] == (("0", "1"), "0,1")
+
+
+async def test_a_process_task_sees_its_leased_gpus_in_its_environment(tmp_path: Path) -> None:
+    script = (
+        "import json, os; print(json.dumps([os.environ.get('CUDA_VISIBLE_DEVICES'), "
+        "os.environ.get('CUDA_DEVICE_ORDER')]))"
+    )
+    infra = AgentInfra.start(
+        {
+            "infra": {"gpus": [0, 1]},
+            "classes": {"gp": {"runner": "process", "gpus": 1, "cpus": 0}},
+            "handlers": {"env": {"command": [sys.executable, "-c", script]}},
+        },
+        state_dir=tmp_path / "state",
+    )
+    async with infra:
+        one = await infra.submit_task("env", None, task_class="gp")
+        two = await infra.submit_task("env", None, task_class="gp", resources=Resources(gpus=2))
+        with anyio.fail_after(30):
+            assert (await one.result())[1] == "PCI_BUS_ID"
+            assert (await one.result())[0] in {"0", "1"}
+            assert await two.result() == ["0,1", "PCI_BUS_ID"]
+
+
+async def test_sync_handlers_run_at_most_worker_threads_at_once(tmp_path: Path) -> None:
+    lock = threading.Lock()
+    running = [0, 0]  # now, peak
+
+    def slow(payload: Any) -> None:
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+
+    async with start(tmp_path, {"slow": slow}, worker_threads=2) as infra:
+        handles = await infra.submit_tasks("slow", range(8))
+        with anyio.fail_after(10):
+            for handle in handles:
+                await handle.result()
+    assert running == [0, 2]
+
+
+async def test_an_in_process_result_over_the_limit_fails_its_task(tmp_path: Path) -> None:
+    async def big(payload: int) -> str:
+        return "x" * payload
+
+    async with start(tmp_path, {"big": big}, max_result_bytes=100) as infra:
+        status = await (await infra.submit_task("big", 200)).wait()
+        assert status.state is TaskState.FAILED
+        assert status.error == (
+            "its result is 202 bytes as JSON, over the limit of 100 (infra.max_result_bytes)"
+        )
+        assert await (await infra.submit_task("big", 50)).result() == "x" * 50
+
+
+async def test_the_store_is_a_sqlite_file_in_wal_mode(tmp_path: Path) -> None:
+    async with start(tmp_path, {"echo": echo}) as infra:
+        await (await infra.submit_task("echo", 1)).result()
+        db = sqlite3.connect(tmp_path / "state" / "tasks.db")
+        try:
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        finally:
+            db.close()
 
 
 # -- services -----------------------------------------------------------------------------

@@ -178,7 +178,11 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based)."""
-        base = min(self.max, self.initial * self.factor ** min(attempt, 64))
+        try:
+            grown = self.initial * self.factor ** min(attempt, 64)
+        except OverflowError:  # a float power past 1e308 raises; it is capped by max anyway
+            grown = self.max
+        base = min(self.max, grown)
         spread = base * self.jitter
         return max(0.0, base + random.uniform(-spread, spread))  # noqa: S311 - jitter, not crypto
 
