@@ -1179,11 +1179,11 @@ class LocalScheduler:
         except (TypeError, ValueError, RecursionError) as exc:
             return TaskState.FAILED, None, f"its result is not JSON-compatible ({exc})"
         limit = self._settings.max_result_bytes
-        if len(result) > limit and len(result.encode()) > limit:
+        if len(result) > limit:  # ASCII (dumps escapes the rest): its length is its size
             return (
                 TaskState.FAILED,
                 None,
-                f"its result is {len(result.encode())} bytes as JSON, over the limit of "
+                f"its result is {len(result)} bytes as JSON, over the limit of "
                 f"{limit} (infra.max_result_bytes)",
             )
         return TaskState.SUCCEEDED, result, None
