@@ -296,6 +296,8 @@ class Scheduler(Protocol):
     ) -> AsyncGenerator[TaskEvent, None]:
         """Final events of ``task_ids`` (all tasks when None) as they finish.
 
-        With task ids, ends once each has finished. With ``since``, results
-        after that event sequence number are replayed first.
+        With task ids, ends once each has finished, or raises
+        :class:`~dspy_infra.errors.InfraClosed` when the scheduler closes
+        first. With ``since``, results after that event sequence number are
+        replayed first.
         """

@@ -81,6 +81,9 @@ class _Subscriber:
         self.receive: MemoryObjectReceiveStream[Event]
         self.send, self.receive = anyio.create_memory_object_stream[Event](buffer)
         self.dropped = 0
+        # The seq of the first event dropped since the last notice: the
+        # notice goes where the gap is, after the events buffered before it.
+        self.gap = 0
 
     def wants(self, event: Event) -> bool:
         return (self.types is None or event.type in self.types) and (
@@ -129,6 +132,8 @@ class EventBus:
                 try:
                     sub.send.send_nowait(event)
                 except anyio.WouldBlock:
+                    if not sub.dropped:
+                        sub.gap = self._seq
                     sub.dropped += 1
                     if self._on_drop is not None:
                         self._on_drop(1)
@@ -141,8 +146,8 @@ class EventBus:
         older than its last ``history`` are gone.
         """
         history = self._history
-        complete = not history or history[0].seq <= since + 1
-        return [e for e in history if e.seq > since and e.type in types], complete
+        oldest = history[0].seq if history else self._seq + 1
+        return [e for e in history if e.seq > since and e.type in types], oldest <= since + 1
 
     def wanted(self, event_type: str) -> bool:
         """Whether a live subscriber wants events of this type.
@@ -210,13 +215,21 @@ class EventBus:
             try:
                 event = receive.receive_nowait()
             except anyio.WouldBlock:
+                if sub.dropped:  # all that came before the gap is read: say so now
+                    yield _dropped(sub)
                 try:
                     event = await receive.receive()
                 except anyio.EndOfStream:
-                    return
+                    break
             except anyio.EndOfStream:
-                return
-            if sub.dropped:
-                count, sub.dropped = sub.dropped, 0
-                yield EventsDropped(count=count)
+                break
+            if sub.dropped and event.seq > sub.gap:
+                yield _dropped(sub)
             yield event
+        if sub.dropped:
+            yield _dropped(sub)
+
+
+def _dropped(sub: _Subscriber) -> EventsDropped:
+    count, sub.dropped = sub.dropped, 0
+    return EventsDropped(count=count)

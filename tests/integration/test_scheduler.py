@@ -866,6 +866,26 @@ async def test_the_queue_timeout_counts_from_the_submit_across_a_restart(
     assert "waiting" not in gates.started
 
 
+async def test_a_started_task_given_back_at_close_is_not_timed_out_by_its_queue_timeout(
+    tmp_path: Path,
+) -> None:
+    # It started within its queue_timeout, ran past it, and the close gave
+    # its attempt back: the next instance runs it again.
+    gates = Gates()
+    classes = {"qt": {"queue_timeout": 0.5}}
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes) as infra:
+        handle = await infra.submit_task("gate", {"key": "long"}, task_class="qt")
+        await gates.wait_started("long")
+        await anyio.sleep(0.7)
+    gates.open("long")
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes) as infra:
+        with anyio.fail_after(5):
+            async with aclosing(infra.stream_task_results([handle.task_id])) as results:
+                (final,) = [event async for event in results]
+    assert final.state is TaskState.SUCCEEDED
+    assert gates.started == ["long", "long"]
+
+
 async def test_retry_with_backoff(tmp_path: Path) -> None:
     attempts: dict[str, list[tuple[int, float]]] = {}
 
@@ -1587,13 +1607,60 @@ async def test_a_stream_of_every_result_further_behind_than_the_history_warns(
                 for handle in handles:
                     await handle.result()
                 finished.set()
-    # Each once, in order, up to the last; some missed, and said so.
+    # The first, the two it had buffered, then what the history kept; the
+    # rest missed, and said so.
     order = [h.task_id for h in handles]
-    indices = [order.index(task_id) for task_id in seen]
-    assert indices == sorted(set(indices))
-    assert indices[-1] == 39
-    assert len(indices) < 40
+    assert [order.index(task_id) for task_id in seen] == [0, 1, 2, *range(32, 40)]
     assert "fell more than event_history events behind" in caplog.text
+
+
+async def test_a_stream_of_every_result_without_history_warns_when_it_misses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with start(tmp_path, {"echo": echo}, event_buffer=2, event_history=0) as infra:
+        seen: list[str] = []
+        finished = anyio.Event()
+
+        async def read() -> None:
+            async with aclosing(infra.stream_task_results()) as results:
+                async for event in results:
+                    seen.append(event.task_id)
+                    await finished.wait()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(read)
+            await anyio.sleep(0.01)
+            handles = await infra.submit_tasks("echo", range(10))
+            for handle in handles:
+                await handle.result()
+            finished.set()
+            await anyio.sleep(0.05)
+            group.cancel_scope.cancel()
+    assert seen == [h.task_id for h in handles[:3]]
+    assert "fell more than event_history events behind" in caplog.text
+
+
+async def test_a_stream_of_every_result_since_a_seq_of_an_earlier_instance_gets_all(
+    tmp_path: Path,
+) -> None:
+    # Seqs begin at 1 in each instance: a reader resuming with a seq of the
+    # last one (above this one's) is given the results that come.
+    async with start(tmp_path, {"echo": echo}) as infra:
+        seen: list[str] = []
+
+        async def read() -> None:
+            async with aclosing(infra.stream_task_results(since=1000)) as results:
+                async for event in results:
+                    seen.append(event.task_id)
+                    if len(seen) == 3:
+                        return
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as group:
+                group.start_soon(read)
+                await anyio.sleep(0.01)
+                handles = await infra.submit_tasks("echo", range(3))
+    assert seen == [h.task_id for h in handles]
 
 
 async def test_a_task_id_with_a_line_break_is_refused(tmp_path: Path) -> None:

@@ -32,10 +32,64 @@ async def test_a_slow_subscriber_never_blocks_the_publisher_and_is_told_what_it_
         bus.close()
         received = [e async for e in slow]
         assert len([e async for e in other]) == 4  # 3 + the drop notice
-    assert isinstance(received[0], EventsDropped)
-    assert received[0].count == 7
-    assert [e.type for e in received[1:]] == ["e0", "e1", "e2"]
+    # The notice where the gap is: after the three it had buffered.
+    assert [e.type for e in received[:3]] == ["e0", "e1", "e2"]
+    assert isinstance(received[3], EventsDropped)
+    assert received[3].count == 7
     assert sum(drops) == 14  # 7 for each of the two subscribers
+
+
+async def test_the_drop_notice_comes_between_the_events_around_the_gap() -> None:
+    bus = EventBus(buffer=2)
+    async with bus.subscribe() as events:
+        for i in range(5):  # e0 e1 buffered, e2 e3 e4 dropped
+            bus.publish(Event(type=f"e{i}"))
+        first = await anext(events)
+        bus.publish(Event(type="e5"))  # the buffer has room again: after the gap
+        bus.close()
+        rest = [e async for e in events]
+    received = [first, *rest]
+    assert [(e.type, e.seq) for e in received] == [
+        ("e0", 1),
+        ("e1", 2),
+        ("events_dropped", 0),
+        ("e5", 6),
+    ]
+    assert isinstance(received[2], EventsDropped)
+    assert received[2].count == 3
+
+
+async def test_a_reader_that_has_read_up_to_the_gap_is_told_at_once() -> None:
+    bus = EventBus(buffer=1)
+    async with bus.subscribe() as events:
+        bus.publish(Event(type="e0"))
+        bus.publish(Event(type="e1"))  # dropped
+        assert (await anext(events)).type == "e0"
+        # Nothing more is coming yet: the notice does not wait for it.
+        notice = await anext(events)
+        assert isinstance(notice, EventsDropped)
+        assert notice.count == 1
+
+
+@pytest.mark.parametrize(
+    ("history", "since", "types", "complete"),
+    [
+        (5, 7, ["e8", "e9"], True),  # e6..e10 kept: all after 7 are there
+        (5, 3, ["e6", "e7", "e8", "e9"], False),  # e4, e5 are gone
+        (0, 10, [], True),  # nothing after 10 was published
+        (0, 8, [], False),  # e9, e10 were, and none is kept
+    ],
+)
+def test_replay_says_whether_the_history_reaches_back(
+    history: int, since: int, types: list[str], complete: bool
+) -> None:
+    bus = EventBus(history=history)
+    for i in range(1, 11):
+        bus.publish(Event(type=f"e{i}"))
+    wanted = {f"e{i}" for i in range(1, 10)}  # not e10
+    replayed, whole = bus.replay(since, wanted)
+    assert [e.type for e in replayed] == types
+    assert whole is complete
 
 
 async def test_since_replays_history_then_continues_live() -> None:

@@ -645,14 +645,14 @@ class Container:
 
         True when it cannot say (its ``ps`` lacks the column, or it cannot
         list the container's processes): what could not be stopped is
-        likelier left than not. A container that is not running (409) has
-        no processes left.
+        likelier left than not. A container that is not running (409), or
+        no longer there (404), has no processes left.
         """
         try:
             top = await self._container.top(ps_args="-o pid,pgid")
             column = (top.get("Titles") or []).index("PGID")
         except aiodocker.DockerError as exc:
-            return exc.status != 409
+            return exc.status not in (404, 409)
         except ValueError:
             return True
         return any(row[column] == str(pgid) for row in top.get("Processes") or ())

@@ -131,7 +131,8 @@ class TaskMethods:
         """The final event of each task as it finishes (``r.result``, ``r.error``, ``r.seq``).
 
         With ``task_ids``, those that already finished come first and the
-        stream ends when all have; without, it follows every task. With
+        stream ends when all have (:class:`~dspy_infra.errors.InfraClosed` if
+        the instance closes first); without, it follows every task. With
         ``since``, final events after that sequence number are replayed first.
         """
         async with aclosing(self._tasks.results(task_ids, since=since)) as results:

@@ -71,6 +71,7 @@ from dspy_infra.scheduling.store import (
 )
 from dspy_infra.scheduling.tasks import TaskEvent, TaskRequest, TaskState, TaskStatus
 from dspy_infra.services.manager import ServiceManager
+from dspy_infra.services.status import ServiceState
 
 __all__ = ["ClassStatus", "LocalScheduler"]
 
@@ -187,10 +188,10 @@ def _describe(exc: BaseException) -> str:
         text = f"<str() of it raised {type(error).__name__}>"
     if not (isinstance(exc, Exception) and type(exc).__module__.startswith("dspy_infra")):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    if len(text) > _MAX_ERROR:
-        text = f"{text[:_MAX_ERROR]}... ({len(text) - _MAX_ERROR} more characters cut)"
     if not text.isascii():
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > _MAX_ERROR:
+        text = f"{text[:_MAX_ERROR]}... ({len(text) - _MAX_ERROR} more characters cut)"
     return text
 
 
@@ -382,8 +383,6 @@ class LocalScheduler:
                 record.error = f"it can never run here: it {problem}"
                 lost.append(record)
                 continue
-            if cls.runner is None:
-                waiting[cls.name] += 1
             if record.state is TaskState.RUNNING:
                 if record.attempts >= record.max_attempts:
                     record.error = (
@@ -399,6 +398,8 @@ class LocalScheduler:
             else:
                 record.not_before = None
                 self._queued(record) if record.attempts == 0 else self._enqueue(record)
+            if cls.runner is None and not record.state.finished:  # not timed out at once
+                waiting[cls.name] += 1
         for record in lost:
             self._live[record.task_id] = record
             self._finish(record, TaskState.LOST, None, record.error)
@@ -524,8 +525,11 @@ class LocalScheduler:
         queue_timeout = self._classes[record.task_class].config.queue_timeout
         if queue_timeout is not None:
             # Counted from the submit, not from now: a task recovered after a
-            # restart has waited already, while no instance was open too.
-            left = queue_timeout - max(0.0, time.time() - record.submitted_at)
+            # restart has waited already, while no instance was open too. One
+            # whose attempt a close gave back (started, none counted) did
+            # start: it waits again from now, as a retry would.
+            waited = 0.0 if record.started_at is not None else time.time() - record.submitted_at
+            left = queue_timeout - max(0.0, waited)
             if left <= 0:
                 self._waited_too_long(record)
                 return
@@ -626,19 +630,24 @@ class LocalScheduler:
         )
 
     async def _every_result(self, since: int | None) -> AsyncGenerator[TaskEvent, None]:
-        # The seq of the last event yielded, taken in the same step as the subscription.
-        last = since if since is not None else self._bus.last_seq
+        # The seq of the last event yielded, taken in the same step as the
+        # subscription. A ``since`` from an earlier instance (whose seqs began
+        # at 1 as this one's did) may be above it: then all live ones are new.
+        last = self._bus.last_seq if since is None else min(since, self._bus.last_seq)
+        warned = False
         async with self._bus.subscribe(TaskEvent.FINAL_TYPES, since=since) as events:
             async for event in events:
                 if isinstance(event, EventsDropped):
-                    # This reader fell behind and the bus dropped some events:
-                    # what they said is in its history, if still there.
+                    # This reader fell behind and the bus dropped some events
+                    # (the notice comes where they were): what they said is in
+                    # its history, if still there.
                     missed, complete = self._bus.replay(last, TaskEvent.FINAL_TYPES)
-                    if not complete:
+                    if not (complete or warned):
+                        warned = True  # once a stream: a reader that slow would flood the log
                         log.warning(
                             "a stream of every task's result fell more than event_history "
                             "events behind: results finished before seq %d were missed",
-                            missed[0].seq if missed else self._bus.last_seq,
+                            missed[0].seq if missed else self._bus.last_seq + 1,
                         )
                     # Those still in this reader's buffer come again, and are skipped.
                     for replayed in missed:
@@ -1328,6 +1337,7 @@ class LocalScheduler:
         self._waited_too_long(record)
 
     def _waited_too_long(self, record: TaskRecord) -> None:
+        """End a task that did not start within its class's ``queue_timeout`` (which is set)."""
         timeout = self._classes[record.task_class].config.queue_timeout or 0
         self._finish(record, TaskState.TIMED_OUT, None, f"waited more than {timeout:g} s to start")
 
@@ -1395,7 +1405,11 @@ class LocalScheduler:
                     for record in [r for r in self._waiting if self._services_ready(r.needs)]:
                         self._waiting.discard(record)
                         self._enqueue(record)
-                elif event.service not in self._starting_services:
+                elif (
+                    event.service not in self._starting_services
+                    # Not an old word: restarted since, it no longer fails them.
+                    and self._services.runtime(event.service).state is ServiceState.FAILED
+                ):
                     # Not being started for them (start_needed_services is
                     # false, or it was up when they came to wait): nothing
                     # will bring it back for them. One being started fails
