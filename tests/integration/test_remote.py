@@ -216,6 +216,26 @@ async def test_invalid_task(api: Api) -> None:
         assert await (await api.submit_task("echo", 1, max_attempts=huge)).result() == 1
 
 
+def nested(depth: int) -> list[Any]:
+    """A list in a list ... ``depth`` deep: JSON, but deeper than Python recurses."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def test_values_nested_too_deeply_are_refused(api: Api) -> None:
+    too_deep = nested(5000)
+    with pytest.raises(InvalidTask, match="not JSON-compatible"):
+        await api.submit_task("echo", too_deep)
+    with pytest.raises(InvalidTask, match="not JSON-compatible"):
+        await api.submit_tasks("echo", [1, too_deep])
+    workflow = await api.workflows.create(CHAIN)
+    with pytest.raises(InvalidWorkflow, match="not JSON-compatible"):
+        await api.workflows.start_run(workflow.workflow_id, {"n": too_deep})
+    assert await (await api.submit_task("echo", nested(50))).result() == nested(50)
+
+
 async def test_connecting_to_a_peer_that_never_answers_gives_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -656,6 +676,57 @@ async def test_bad_payload_json_from_another_client_is_invalid_argument(tmp_path
             assert "payload_json is not JSON" in (info.value.message or "")
         finally:
             channel.close()
+
+
+async def test_json_nested_too_deeply_from_another_client_is_invalid_argument(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every depth up to well past what Python decodes, in each JSON field: a
+    # value just shallow enough to decode may be too deep for what walks it
+    # next (a workflow spec's checks), and that too is the client's mistake.
+    limit = sys.getrecursionlimit()
+    depths = [*range(limit - 250, limit + 10), 100_000]
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        channel = Channel("127.0.0.1", int(srv.address.rsplit(":", 1)[1]))
+        try:
+            stub = orch_pb.OrchestratorStub(channel)
+            spec = {"name": "deep", "steps": {"s": {"handler": "echo", "payload": "${inputs.x}"}}}
+            created = await stub.create_workflow(
+                orch_pb.CreateWorkflowRequest(spec_json=json.dumps(spec))
+            )
+            refused: set[str] = set()
+            for depth in depths:
+                deep = "[" * depth + "]" * depth
+                calls = [
+                    stub.submit_task(orch_pb.SubmitTaskRequest(handler="echo", payload_json=deep)),
+                    stub.submit_tasks(
+                        orch_pb.SubmitTasksRequest(handler="echo", payloads_json=["1", deep])
+                    ),
+                    stub.create_workflow(
+                        orch_pb.CreateWorkflowRequest(
+                            spec_json=json.dumps(spec).replace('"${inputs.x}"', deep)
+                        )
+                    ),
+                    stub.start_workflow_run(
+                        orch_pb.StartWorkflowRunRequest(
+                            workflow_id=created.workflow_id, inputs_json=f'{{"x": {deep}}}'
+                        )
+                    ),
+                ]
+                for call in calls:
+                    try:
+                        await call
+                    except GRPCError as exc:
+                        refused.add(f"{exc.status.name}: {exc.message}")
+        finally:
+            channel.close()
+    assert refused == {
+        "INVALID_ARGUMENT: task refused: payload_json is nested too deeply",
+        "INVALID_ARGUMENT: workflow refused: spec_json is nested too deeply",
+        f"INVALID_ARGUMENT: run of {created.workflow_id!r} refused: "
+        "inputs_json is nested too deeply",
+    }
+    assert not [r for r in caplog.records if r.name == "dspy_infra.remote"], "a call failed inside"
 
 
 async def test_a_negative_logs_tail_from_another_client_is_invalid_argument(
@@ -1368,7 +1439,13 @@ _resources = st.none() | st.builds(
     gpus=st.none() | _int32,
 )
 _handlers = st.sampled_from(["echo", "boom", ""]) | _text
-_payloads = st.sampled_from(["", "{", "null", "[1]", '"x"', "NaN", "1e999"]) | _text
+# JSON nested deeper than Python recurses, and about as deep (which decodes,
+# and may still be too deep for what uses it).
+_depths = st.integers(1, 100_000) | st.integers(-300, 10).map(sys.getrecursionlimit().__add__)
+_deep = _depths.map(lambda depth: "[" * depth + "]" * depth)
+_payloads = st.sampled_from(["", "{", "null", "[1]", '"x"', "NaN", "1e999"]) | _text | _deep
+_DEEP_SPEC = '{"name": "a", "steps": {"s": {"handler": "echo", "payload": DEEP}}}'
+_specs = _text | _deep.map(lambda deep: _DEEP_SPEC.replace("DEEP", deep))
 # Every unary RPC, with messages of its own type whose fields are anything the
 # wire allows (streams are left out: a random follow=true would wait forever).
 _calls = st.one_of(
@@ -1407,7 +1484,8 @@ _calls = st.one_of(
     ),
     st.tuples(st.just(_ORCH + "CancelTask"), st.builds(orch_pb.CancelTaskRequest, task_id=_text)),
     st.tuples(
-        st.just(_ORCH + "CreateWorkflow"), st.builds(orch_pb.CreateWorkflowRequest, spec_json=_text)
+        st.just(_ORCH + "CreateWorkflow"),
+        st.builds(orch_pb.CreateWorkflowRequest, spec_json=_specs),
     ),
     st.tuples(
         st.just(_ORCH + "StartWorkflowRun"),

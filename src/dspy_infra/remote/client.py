@@ -377,7 +377,7 @@ def _attempts(max_attempts: int | None) -> int | None:
 def _payload_json(payload: Any, task_id: str | None) -> str:
     try:
         return convert.dump_json(payload)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         # Refused before it is sent, as the in-process scheduler refuses it.
         raise InvalidTask(
             task_id or "", f"task refused: the payload is not JSON-compatible ({exc})"
@@ -509,7 +509,7 @@ class RemoteWorkflows:
         """Start a run; returns once it is stored. See :meth:`WorkflowEngine.start_run`."""
         try:
             inputs_json = convert.dump_json(dict(inputs or {}))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidWorkflow(
                 f"run of {workflow_id!r} refused: the inputs are not JSON-compatible ({exc})"
             ) from None

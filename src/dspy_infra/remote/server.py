@@ -39,7 +39,14 @@ import logging
 import socket
 import ssl as ssl_module
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+)
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -546,20 +553,39 @@ class _Streaming:
                 await stream.send_message(message)
 
 
-def _load_json(text: str, what: str) -> Any:
+@contextlib.contextmanager
+def _json_field(field: str, refuse: Callable[[str], InfraError]) -> Iterator[None]:
+    """Around the decoding of a JSON field and what uses the value: ``refuse(why)``
+    for JSON nested deeper than Python recurses.
+
+    That depth (about a thousand levels, less what the stack holds already)
+    is the client's mistake as much as a syntax error is, never a failure of
+    the server's; and a value just shallow enough to decode may still be too
+    deep for the code that walks it next (a workflow spec's checks).
+    """
     try:
-        return convert.load_json(text)
-    except ValueError as exc:
-        raise InvalidWorkflow(f"{what} is not JSON ({exc})") from None
+        yield
+    except RecursionError:
+        raise refuse(f"{field} is nested too deeply") from None
+
+
+def _load_json(text: str, field: str, refuse: Callable[[str], InfraError]) -> Any:
+    """``text`` decoded, or ``refuse(why)`` raised, naming ``field``."""
+    with _json_field(field, refuse):
+        try:
+            return convert.load_json(text)
+        except ValueError as exc:
+            raise refuse(f"{field} is not JSON ({exc})") from None
 
 
 def _load_payload(text: str, task_id: str | None) -> Any:
-    try:
-        return convert.load_json(text)
-    except ValueError as exc:
-        raise InvalidTask(
-            task_id or "", f"task refused: payload_json is not JSON ({exc})"
-        ) from None
+    return _load_json(
+        text, "payload_json", lambda why: InvalidTask(task_id or "", f"task refused: {why}")
+    )
+
+
+def _refuse_workflow(why: str) -> InvalidWorkflow:
+    return InvalidWorkflow(f"workflow refused: {why}")
 
 
 class _Orchestrator(_Streaming, orch_pb.OrchestratorBase):
@@ -642,8 +668,9 @@ class _Orchestrator(_Streaming, orch_pb.OrchestratorBase):
         self, message: orch_pb.CreateWorkflowRequest
     ) -> orch_pb.CreateWorkflowResponse:
         # Always a mapping, never a path: nothing here reads the server's files.
-        data = _load_json(message.spec_json, "workflow refused: spec_json")
-        workflow = await self._infra.workflows.create(WorkflowSpec.from_mapping(data))
+        data = _load_json(message.spec_json, "spec_json", _refuse_workflow)
+        with _json_field("spec_json", _refuse_workflow):
+            workflow = await self._infra.workflows.create(WorkflowSpec.from_mapping(data))
         return orch_pb.CreateWorkflowResponse(
             workflow_id=workflow.workflow_id,
             spec_json=convert.dump_json(workflow.spec.to_mapping()),
@@ -654,12 +681,17 @@ class _Orchestrator(_Streaming, orch_pb.OrchestratorBase):
         self, message: orch_pb.StartWorkflowRunRequest
     ) -> orch_pb.StartWorkflowRunResponse:
         refused = f"run of {message.workflow_id!r} refused"
-        inputs = _load_json(message.inputs_json, f"{refused}: inputs_json")
+
+        def refuse(why: str) -> InvalidWorkflow:
+            return InvalidWorkflow(f"{refused}: {why}")
+
+        inputs = _load_json(message.inputs_json, "inputs_json", refuse)
         if inputs is not None and not isinstance(inputs, dict):
-            raise InvalidWorkflow(f"{refused}: inputs_json must be a JSON object, got {inputs!r}")
-        handle = await self._infra.workflows.start_run(
-            message.workflow_id, inputs, run_id=message.run_id
-        )
+            raise refuse(f"inputs_json must be a JSON object, got {inputs!r}")
+        with _json_field("inputs_json", refuse):
+            handle = await self._infra.workflows.start_run(
+                message.workflow_id, inputs, run_id=message.run_id
+            )
         return orch_pb.StartWorkflowRunResponse(run_id=handle.run_id)
 
     async def get_workflow_run(
