@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -69,7 +70,7 @@ from dspy_infra.remote import client as remote_client
 from dspy_infra.remote import server as server_module
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
-from dspy_infra.scheduling.tasks import TaskEvent, TaskState, TaskStatus
+from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskState, TaskStatus
 from dspy_infra.services.status import ServiceState, ServiceStatus
 from dspy_infra.workflows import (
     InvalidWorkflow,
@@ -214,6 +215,52 @@ async def test_invalid_task(api: Api) -> None:
             await api.submit_tasks("echo", [1], priority=huge)
         # As many attempts as ever: the same on the wire (where it becomes 2**31 - 1).
         assert await (await api.submit_task("echo", 1, max_attempts=huge)).result() == 1
+
+
+# Arguments of the wrong type, as a caller without a type checker passes them,
+# and what each side says of them: the same words. The wire could carry none
+# of them (True would arrive as 1, None as 0 or the default class).
+_WRONG_TYPES: dict[str, tuple[dict[str, Any], str]] = {
+    "str priority": ({"priority": "x"}, "priority must be an integer, got 'x'"),
+    "float priority": ({"priority": 1.5}, "priority must be an integer, got 1.5"),
+    "bool priority": ({"priority": True}, "priority must be an integer, got True"),
+    "no priority": ({"priority": None}, "priority must be an integer, got None"),
+    "float max_attempts": (
+        {"max_attempts": 2.5},
+        f"max_attempts must be an integer from 1 to {2**63 - 1}, got 2.5",
+    ),
+    "str timeout": ({"timeout": "5"}, "timeout must be a number of seconds above 0, got '5'"),
+    "str cpus": (
+        {"resources": Resources(cpus="1")},  # type: ignore[arg-type]
+        f"resources.cpus must be a number from 0 to {2**63 - 1}, got '1'",
+    ),
+    "dict resources": (
+        {"resources": {"cpus": 1}},
+        "resources must be a Resources or None, got {'cpus': 1}",
+    ),
+    "int handler": ({"handler": 5}, "handler must be a string, got 5"),
+    "int service name": ({"needs": [1]}, "needs must be a list of service names, got (1,)"),
+    "int workflow_id": ({"workflow_id": 5}, "workflow_id must be a string of at most 200"),
+    "no task_class": ({"task_class": None}, "task_class must be a string, got None"),
+}
+
+
+@pytest.mark.parametrize("case", list(_WRONG_TYPES))
+async def test_arguments_of_the_wrong_type_are_refused_alike(api: Api, case: str) -> None:
+    changes, message = _WRONG_TYPES[case]
+    arguments: dict[str, Any] = {"handler": "echo", "task_id": "bad-1", **changes}
+    with pytest.raises(InvalidTask) as caught:
+        await api.submit_task(arguments.pop("handler"), 1, **arguments)
+    assert str(caught.value).startswith(f"task 'bad-1' refused: {message}")
+    assert caught.value.task_id == "bad-1"
+    with pytest.raises(UnknownTask):
+        await api.get_task_status("bad-1")
+    arguments.pop("task_id")
+    with pytest.raises(InvalidTask, match=f"refused: {re.escape(message)}"):
+        await api.submit_tasks(changes.get("handler", "echo"), [1], **arguments)
+    with pytest.raises(InvalidTask, match="task_id must be a non-empty string, got 5"):
+        await api.submit_task("echo", 1, task_id=5)  # type: ignore[arg-type]
+    assert await (await api.submit_task("echo", 1)).result() == 1
 
 
 def nested(depth: int) -> list[Any]:

@@ -79,6 +79,7 @@ from dspy_infra.remote._wire import (
     token_error,
 )
 from dspy_infra.scheduling.api import TaskMethods
+from dspy_infra.scheduling.checks import check_ids, refused, request_error
 from dspy_infra.scheduling.tasks import TaskEvent, TaskRequest, TaskState, TaskStatus
 from dspy_infra.services.logs import check_tail
 from dspy_infra.services.status import ServiceStatus
@@ -269,7 +270,8 @@ class _RemoteScheduler:
         self._rpc = connection
 
     async def submit(self, request: TaskRequest) -> str:
-        _check_ranges(request)
+        check_ids([request])
+        _check(request)
         reply = await self._rpc.unary(
             _ORCH + "SubmitTask",
             orch_pb.SubmitTaskRequest(
@@ -293,8 +295,9 @@ class _RemoteScheduler:
         requests = list(requests)
         if not requests:
             return []
+        check_ids(requests)
         first = requests[0]
-        _check_ranges(first)
+        _check(first)
         reply = await self._rpc.unary(
             _ORCH + "SubmitTasks",
             orch_pb.SubmitTasksRequest(
@@ -348,23 +351,26 @@ class _RemoteScheduler:
                 yield convert.task_event_from_proto(reply)
 
 
-# What the wire holds in 32 (or 64) bits: beyond, betterproto2 would cut a
-# number silently (2**32 + 50 arrives as 50).
+# What the wire holds in 32 bits: beyond, betterproto2 would cut a number
+# silently (2**32 + 50 arrives as 50). The store's 64 bits, which
+# resources.memory_mb travels in, are checked with the rest.
 _INT32 = (-(2**31), 2**31 - 1)
-_INT64 = (-(2**63), 2**63 - 1)
 
 
-def _check_ranges(request: TaskRequest) -> None:
+def _check(request: TaskRequest) -> None:
+    """Refuse, before it is encoded, what in-process code would refuse whatever its
+    configuration, in the same words: the wire cannot carry a wrong type (True
+    arrives as 1, None as 0), and encoding one fails with a bare TypeError. Then
+    what the wire cannot hold."""
+    if problem := request_error(request):
+        raise refused(request.task_id, problem)
     resources = request.resources
-    for name, value, (low, high) in (
-        ("priority", request.priority, _INT32),
-        ("resources.gpus", resources.gpus if resources else None, _INT32),
-        ("resources.memory_mb", resources.memory_mb if resources else None, _INT64),
+    for name, value in (
+        ("priority", request.priority),
+        ("resources.gpus", resources.gpus if resources else None),
     ):
-        if isinstance(value, int) and not low <= value <= high:
-            raise InvalidTask(
-                request.task_id or "", f"task refused: {name} is out of range, got {value!r}"
-            )
+        if value is not None and not _INT32[0] <= value <= _INT32[1]:
+            raise refused(request.task_id, f"{name} is out of range, got {value!r}")
 
 
 def _attempts(max_attempts: int | None) -> int | None:
@@ -379,9 +385,7 @@ def _payload_json(payload: Any, task_id: str | None) -> str:
         return convert.dump_json(payload)
     except (TypeError, ValueError, RecursionError) as exc:
         # Refused before it is sent, as the in-process scheduler refuses it.
-        raise InvalidTask(
-            task_id or "", f"task refused: the payload is not JSON-compatible ({exc})"
-        ) from None
+        raise refused(task_id, f"the payload is not JSON-compatible ({exc})") from None
 
 
 def _present(value: R | None, name: str) -> R:

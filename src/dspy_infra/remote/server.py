@@ -92,6 +92,7 @@ from dspy_infra.remote._wire import (
     parse_address,
     token_error,
 )
+from dspy_infra.scheduling.checks import refused
 from dspy_infra.workflows.model import WorkflowEvent
 from dspy_infra.workflows.spec import InvalidWorkflow, UnknownRun, UnknownWorkflow, WorkflowSpec
 
@@ -579,9 +580,7 @@ def _load_json(text: str, field: str, refuse: Callable[[str], InfraError]) -> An
 
 
 def _load_payload(text: str, task_id: str | None) -> Any:
-    return _load_json(
-        text, "payload_json", lambda why: InvalidTask(task_id or "", f"task refused: {why}")
-    )
+    return _load_json(text, "payload_json", functools.partial(refused, task_id))
 
 
 def _refuse_workflow(why: str) -> InvalidWorkflow:

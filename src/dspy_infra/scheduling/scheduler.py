@@ -28,9 +28,7 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
-import sys
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Mapping
@@ -57,6 +55,16 @@ from dspy_infra.events import EventBus, EventsDropped, ServiceEvent
 from dspy_infra.metrics import ClassMetrics, Metrics
 from dspy_infra.runners import load_runner
 from dspy_infra.scheduling.adaptive import ConcurrencyLimit
+from dspy_infra.scheduling.checks import (
+    check_ids,
+    max_attempts_error,
+    priority_error,
+    refused,
+    resources_error,
+    shape_error,
+    timeout_error,
+    workflow_id_error,
+)
 from dspy_infra.scheduling.gpus import GpuInventory, detect_gpus
 from dspy_infra.scheduling.queues import ClassQueue, ResourcePool
 from dspy_infra.scheduling.records import Need, TaskRecord
@@ -86,8 +94,6 @@ _RECENT = 10_000
 # every keep / 10 seconds, within these bounds.
 _FORGET_BATCH = 1000
 _FORGET_EVERY = (1.0, 600.0)  # at least, at most
-_MAX_TASK_ID = 200
-_TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*\Z")
 _RUNS_PER_CHECKPOINT = 8
 # Distinct request shapes whose checks are remembered (see _record).
 _CHECKED = 256
@@ -169,9 +175,6 @@ _Checked = tuple[_Class, int, tuple[str, ...], int, float | None, Need]
 # last lines, short enough that a handler raising a huge message cannot bloat
 # the store.
 _MAX_ERROR = 16_384
-# SQLite's INTEGER is 64-bit; a larger int is not a float either.
-_MAX_STORED_INT = 2**63 - 1
-_MAX_FLOAT_INT = int(sys.float_info.max)
 
 
 def _describe(exc: BaseException) -> str:
@@ -434,7 +437,7 @@ class LocalScheduler:
         """
         self._check_open()
         requests = list(requests)
-        _check_ids(requests)  # first: an id must be valid before it is looked up
+        check_ids(requests)  # first: an id must be valid before it is looked up
         # Ids given by the caller may be stored already, by an earlier
         # instance: one look in the store for all of them.
         unknown = (
@@ -718,21 +721,19 @@ class LocalScheduler:
                 if len(self._checked) >= _CHECKED:
                     self._checked.clear()
                 self._checked[key] = checked
-        elif problem := _workflow_id_error(request.workflow_id):
-            raise InvalidTask(task_id, f"task {task_id!r} refused: {problem}")
+        elif problem := workflow_id_error(request.workflow_id):
+            raise refused(task_id, problem)
         cls, priority, needs, max_attempts, timeout, need = checked
         try:
             payload = dumps(request.payload)
         except (TypeError, ValueError, RecursionError) as exc:
-            raise InvalidTask(
-                task_id, f"task {task_id!r} refused: the payload is not JSON-compatible ({exc})"
-            ) from None
+            raise refused(task_id, f"the payload is not JSON-compatible ({exc})") from None
         # ASCII (dumps escapes the rest), so its length is its size in bytes.
         size = len(payload)
         if size > self._settings.max_payload_bytes:
-            raise InvalidTask(
+            raise refused(
                 task_id,
-                f"task {task_id!r} refused: the payload is {size} bytes as JSON, over the limit "
+                f"the payload is {size} bytes as JSON, over the limit "
                 f"of {self._settings.max_payload_bytes} (infra.max_payload_bytes)",
             )
         return TaskRecord(
@@ -772,9 +773,9 @@ class LocalScheduler:
         """Check all but the payload: what the record is made of, or InvalidTask."""
 
         def invalid(message: str) -> InvalidTask:
-            return InvalidTask(task_id, f"task {task_id!r} refused: {message}")
+            return refused(task_id, message)
 
-        if problem := _shape_error(request):
+        if problem := shape_error(request):
             raise invalid(problem)
         cls = self._classes.get(request.task_class)
         if cls is None:
@@ -785,8 +786,10 @@ class LocalScheduler:
         if problem := cls.runner.validate(request.handler):
             raise invalid(problem)
         priority = request.priority
+        if problem := priority_error(priority):
+            raise invalid(problem)
         top = self._settings.max_priority
-        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= top:
+        if not 0 <= priority <= top:
             raise invalid(
                 f"priority must be an integer from 0 to {top} (max_priority), got {priority!r}"
             )
@@ -798,10 +801,10 @@ class LocalScheduler:
             request.max_attempts if request.max_attempts is not None else cls.config.max_attempts
         )
         timeout = request.timeout if request.timeout is not None else cls.config.timeout
-        if problem := _attempts_error(max_attempts, timeout):
+        if problem := max_attempts_error(max_attempts) or timeout_error(timeout):
             raise invalid(problem)
         need = self._need(cls, request)
-        if problem := _need_error(need):
+        if problem := resources_error(*need):
             raise invalid(problem)
         if cls.local and (problem := self._pool.capacity_error(need)):
             raise invalid(problem)
@@ -1419,47 +1422,6 @@ class LocalScheduler:
                     )
 
 
-def _shape_error(request: TaskRequest) -> str | None:
-    """Wrong types, before anything looks the values up (a list is not hashable)."""
-    for what in ("handler", "task_class"):
-        value = getattr(request, what)
-        if not isinstance(value, str):
-            return f"{what} must be a string, got {value!r}"
-    if problem := _workflow_id_error(request.workflow_id):
-        return problem
-    if isinstance(request.needs, str) or not all(isinstance(n, str) for n in request.needs):
-        return f"needs must be a list of service names, got {request.needs!r}"
-    for what in ("handler", "task_class"):
-        if not _encodable(value := getattr(request, what)):
-            # A handler registered under such a name would reach the store.
-            return f"{what} must be text that UTF-8 can encode, got {value!r}"
-    return None
-
-
-def _workflow_id_error(workflow_id: object) -> str | None:
-    if workflow_id is None or (
-        isinstance(workflow_id, str)
-        and len(workflow_id) <= _MAX_TASK_ID
-        and _encodable(workflow_id)
-    ):
-        return None
-    return (
-        f"workflow_id must be a string of at most {_MAX_TASK_ID} characters (that UTF-8 "
-        f"can encode) or None, got {workflow_id!r}"
-    )
-
-
-def _encodable(text: str) -> bool:
-    """Whether SQLite can store ``text``: UTF-8 encodes anything but lone surrogates."""
-    if text.isascii():
-        return True
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _shape_key(request: TaskRequest) -> tuple[Any, ...] | None:
     """What the checks of ``request`` depend on, by value and type; None: check it all."""
     if request.resources is not None:
@@ -1487,43 +1449,6 @@ def _shape_key(request: TaskRequest) -> tuple[Any, ...] | None:
     except TypeError:
         return None
     return key
-
-
-def _attempts_error(max_attempts: object, timeout: object) -> str | None:
-    # Bounded by what the store's INTEGER and REAL hold: beyond, the insert
-    # fails, and a failed commit stops the instance.
-    if (
-        isinstance(max_attempts, bool)
-        or not isinstance(max_attempts, int)
-        or not 1 <= max_attempts <= _MAX_STORED_INT
-    ):
-        return f"max_attempts must be an integer from 1 to {_MAX_STORED_INT}, got {max_attempts!r}"
-    if timeout is not None and (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not timeout > 0
-        or (isinstance(timeout, int) and timeout > _MAX_FLOAT_INT)
-    ):
-        return f"timeout must be a number of seconds above 0, got {timeout!r}"
-    return None
-
-
-def _need_error(need: Need) -> str | None:
-    for what, amount, kind in zip(
-        ("cpus", "memory_mb", "gpus"), need, (int | float, int, int), strict=True
-    ):
-        # ``not >= 0`` also refuses NaN; stored, an amount must fit the store's columns.
-        if (
-            isinstance(amount, bool)
-            or not isinstance(amount, kind)
-            or not amount >= 0
-            or (isinstance(amount, int) and amount > _MAX_STORED_INT)
-        ):
-            expected = "a number" if what == "cpus" else "an integer"
-            return (
-                f"resources.{what} must be {expected} from 0 to {_MAX_STORED_INT}, got {amount!r}"
-            )
-    return None
 
 
 def _gpu_env(gpus: tuple[str, ...]) -> dict[str, str]:
@@ -1567,31 +1492,10 @@ def _final_event(status: TaskStatus) -> TaskEvent:
     )
 
 
-def _check_ids(requests: Iterable[TaskRequest]) -> None:
-    for request in requests:
-        task_id = request.task_id
-        if task_id is not None and (bad := _task_id_error(task_id)):
-            raise InvalidTask(str(task_id), bad)
-
-
 def _cancelling() -> bool:
     """Whether the current task is being cancelled (by a cancel scope around it)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-def _task_id_error(task_id: object) -> str | None:
-    if not isinstance(task_id, str) or not task_id:
-        return f"task_id must be a non-empty string, got {task_id!r}"
-    if len(task_id) > _MAX_TASK_ID:
-        return f"task_id is {len(task_id)} characters long, over the limit of {_MAX_TASK_ID}"
-    if not _TASK_ID_RE.match(task_id):
-        # It names the task's directory under the state dir: no '/', no '..'.
-        return (
-            f"task_id {task_id!r} may only hold letters, digits and '_', '-', '.', ':', "
-            "starting with a letter, digit or '_'"
-        )
-    return None
 
 
 def _total_memory_mb() -> int:

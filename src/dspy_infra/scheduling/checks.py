@@ -1,0 +1,178 @@
+"""The checks of a task request that need no configuration, written once for both sides.
+
+The local scheduler runs them with the checks that need its configuration
+(the class, the handler, ``max_priority``, the services, the machine's
+capacity); the remote client runs them before it encodes a request, since
+the wire cannot carry a wrong type (``True`` arrives as 1, ``None`` as 0 or
+the default class) and encoding one fails with a bare TypeError. Both raise
+the same :class:`~dspy_infra.errors.InvalidTask` with the same words.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable
+
+from dspy_infra.errors import InvalidTask
+from dspy_infra.scheduling.tasks import Resources, TaskRequest
+
+__all__ = [
+    "MAX_STORED_INT",
+    "check_ids",
+    "max_attempts_error",
+    "priority_error",
+    "refused",
+    "request_error",
+    "resources_error",
+    "shape_error",
+    "timeout_error",
+    "workflow_id_error",
+]
+
+_MAX_TASK_ID = 200
+_TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*\Z")
+# SQLite's INTEGER is 64-bit; a larger int is not a float either.
+MAX_STORED_INT = 2**63 - 1
+_MAX_FLOAT_INT = int(sys.float_info.max)
+
+
+def refused(task_id: str | None, problem: str) -> InvalidTask:
+    """The error for a request refused for ``problem``; a task without an id yet is named so."""
+    if not task_id:
+        return InvalidTask("", f"task refused: {problem}")
+    return InvalidTask(task_id, f"task {task_id!r} refused: {problem}")
+
+
+def check_ids(requests: Iterable[TaskRequest]) -> None:
+    """Raise InvalidTask for the first id given that could not name a task."""
+    for request in requests:
+        task_id = request.task_id
+        if task_id is not None and (bad := _task_id_error(task_id)):
+            raise InvalidTask(str(task_id), bad)
+
+
+def _task_id_error(task_id: object) -> str | None:
+    if not isinstance(task_id, str) or not task_id:
+        return f"task_id must be a non-empty string, got {task_id!r}"
+    if len(task_id) > _MAX_TASK_ID:
+        return f"task_id is {len(task_id)} characters long, over the limit of {_MAX_TASK_ID}"
+    if not _TASK_ID_RE.match(task_id):
+        # It names the task's directory under the state dir: no '/', no '..'.
+        return (
+            f"task_id {task_id!r} may only hold letters, digits and '_', '-', '.', ':', "
+            "starting with a letter, digit or '_'"
+        )
+    return None
+
+
+def request_error(request: TaskRequest) -> str | None:
+    """What is wrong with ``request`` whatever the configuration, or None.
+
+    Values left to the class (None) are not looked at: the class's are
+    checked where the configuration is.
+    """
+    resources = request.resources
+    return (
+        shape_error(request)
+        or priority_error(request.priority)
+        or (None if request.max_attempts is None else max_attempts_error(request.max_attempts))
+        or timeout_error(request.timeout)
+        or (
+            None
+            if resources is None
+            else resources_error(resources.cpus, resources.memory_mb, resources.gpus)
+        )
+    )
+
+
+def shape_error(request: TaskRequest) -> str | None:
+    """Wrong types, before anything looks the values up (a list is not hashable)."""
+    for what in ("handler", "task_class"):
+        value = getattr(request, what)
+        if not isinstance(value, str):
+            return f"{what} must be a string, got {value!r}"
+    if problem := workflow_id_error(request.workflow_id):
+        return problem
+    if isinstance(request.needs, str) or not all(isinstance(n, str) for n in request.needs):
+        return f"needs must be a list of service names, got {request.needs!r}"
+    if request.resources is not None and not isinstance(request.resources, Resources):
+        return f"resources must be a Resources or None, got {request.resources!r}"
+    for what in ("handler", "task_class"):
+        if not _encodable(value := getattr(request, what)):
+            # A handler registered under such a name would reach the store.
+            return f"{what} must be text that UTF-8 can encode, got {value!r}"
+    return None
+
+
+def workflow_id_error(workflow_id: object) -> str | None:
+    if workflow_id is None or (
+        isinstance(workflow_id, str)
+        and len(workflow_id) <= _MAX_TASK_ID
+        and _encodable(workflow_id)
+    ):
+        return None
+    return (
+        f"workflow_id must be a string of at most {_MAX_TASK_ID} characters (that UTF-8 "
+        f"can encode) or None, got {workflow_id!r}"
+    )
+
+
+def _encodable(text: str) -> bool:
+    """Whether SQLite can store ``text``: UTF-8 encodes anything but lone surrogates."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def priority_error(priority: object) -> str | None:
+    """Its type only (True == 1, but True is no priority): its range is the configuration's."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        return f"priority must be an integer, got {priority!r}"
+    return None
+
+
+# Bounded by what the store's INTEGER and REAL hold: beyond, the insert
+# fails, and a failed commit stops the instance.
+
+
+def max_attempts_error(max_attempts: object) -> str | None:
+    if (
+        isinstance(max_attempts, bool)
+        or not isinstance(max_attempts, int)
+        or not 1 <= max_attempts <= MAX_STORED_INT
+    ):
+        return f"max_attempts must be an integer from 1 to {MAX_STORED_INT}, got {max_attempts!r}"
+    return None
+
+
+def timeout_error(timeout: object) -> str | None:
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not timeout > 0
+        or (isinstance(timeout, int) and timeout > _MAX_FLOAT_INT)
+    ):
+        return f"timeout must be a number of seconds above 0, got {timeout!r}"
+    return None
+
+
+def resources_error(cpus: object, memory_mb: object, gpus: object) -> str | None:
+    """What is wrong with the amounts a task holds; None is the class's, not looked at."""
+    for what, amount, kind in zip(
+        ("cpus", "memory_mb", "gpus"), (cpus, memory_mb, gpus), (int | float, int, int), strict=True
+    ):
+        # ``not >= 0`` also refuses NaN; stored, an amount must fit the store's columns.
+        if amount is not None and (
+            isinstance(amount, bool)
+            or not isinstance(amount, kind)
+            or not amount >= 0
+            or (isinstance(amount, int) and amount > MAX_STORED_INT)
+        ):
+            expected = "a number" if what == "cpus" else "an integer"
+            return f"resources.{what} must be {expected} from 0 to {MAX_STORED_INT}, got {amount!r}"
+    return None
