@@ -412,6 +412,12 @@ async def test_services(api: Api) -> None:
     assert (await api.services.status())["web"].state is ServiceState.STOPPED
     assert await api.services.status([]) == {}
 
+    # A string is one name, not the characters it holds.
+    assert (await api.services.start("web"))["web"].state is ServiceState.HEALTHY
+    assert list(await api.services.status("web")) == ["web"]
+    await api.services.stop("web")
+    assert (await api.services.status("web"))["web"].state is ServiceState.STOPPED
+
 
 async def test_unknown_service(api: Api) -> None:
     with pytest.raises(UnknownService, match="unknown service 'nope'") as info:

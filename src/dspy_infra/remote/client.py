@@ -467,10 +467,11 @@ def _request_names(names: Iterable[str] | None) -> list[str] | None:
 
     On the wire an empty list means every service: ``names=None`` is sent as
     ``[]``, and an empty ``names`` is answered here, as in-process, without a call.
+    A string is one name, as in-process, not the characters it holds.
     """
     if names is None:
         return []
-    wanted = list(names)
+    wanted = [names] if isinstance(names, str) else list(names)
     return wanted or None
 
 
