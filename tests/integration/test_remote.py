@@ -727,6 +727,14 @@ async def test_bad_payload_json_from_another_client_is_invalid_argument(tmp_path
                 )
             assert info.value.status is Status.INVALID_ARGUMENT
             assert "payload_json is not JSON" in (info.value.message or "")
+            with pytest.raises(GRPCError) as info:
+                await stub.submit_tasks(
+                    orch_pb.SubmitTasksRequest(handler="echo", payloads_json=["1", "{not json"])
+                )
+            assert info.value.status is Status.INVALID_ARGUMENT
+            assert (info.value.message or "").startswith(
+                "task refused: payloads_json[1] is not JSON ("
+            )
         finally:
             channel.close()
 
@@ -775,6 +783,7 @@ async def test_json_nested_too_deeply_from_another_client_is_invalid_argument(
             channel.close()
     assert refused == {
         "INVALID_ARGUMENT: task refused: payload_json is nested too deeply",
+        "INVALID_ARGUMENT: task refused: payloads_json[1] is nested too deeply",
         "INVALID_ARGUMENT: workflow refused: spec_json is nested too deeply",
         f"INVALID_ARGUMENT: run of {created.workflow_id!r} refused: "
         "inputs_json is nested too deeply",
@@ -1609,19 +1618,40 @@ def _call_raw(address: str, route: str, body: bytes) -> tuple[str, str]:
 
 
 async def test_a_field_of_another_wire_type_is_invalid_argument(tmp_path: Path) -> None:
+    # Each refusal names the field (by number and name) and what it must be,
+    # in words, never with the parser's exception.
     refusals = {
         # SubmitTaskRequest.handler (field 1, a string) sent as a varint.
-        (_ORCH + "SubmitTask", b"\x08\x05"): "not a valid SubmitTaskRequest",
+        (_ORCH + "SubmitTask", b"\x08\x05"): (
+            "SubmitTaskRequest: field 1 (handler) must be a string, got a varint"
+        ),
         # ... and as bytes that are not UTF-8.
-        (_ORCH + "SubmitTask", b"\x0a\x01\xff"): "not a valid SubmitTaskRequest",
+        (_ORCH + "SubmitTask", b"\x0a\x01\xff"): (
+            "SubmitTaskRequest: field 1 (handler) must be a string, got bytes that are not UTF-8"
+        ),
         # GetTaskStatusRequest.wait (field 2, a bool) sent length-delimited.
-        (_ORCH + "GetTaskStatus", b"\x12\x01\x01"): "not a valid GetTaskStatusRequest",
+        (_ORCH + "GetTaskStatus", b"\x12\x01\x01"): (
+            "GetTaskStatusRequest: field 2 (wait) must be a bool, got length-delimited bytes"
+        ),
+        # SubmitTaskRequest.timeout (field 9, a double) sent length-delimited.
+        (_ORCH + "SubmitTask", b"\x4a\x01x"): (
+            "SubmitTaskRequest: field 9 (timeout) must be a double, got length-delimited bytes"
+        ),
+        # Resources.gpus (field 3 of SubmitTaskRequest.resources, field 10), after a good field.
+        (_ORCH + "SubmitTask", b"\x0a\x04echo\x52\x03\x1a\x01x"): (
+            "SubmitTaskRequest: field 10.3 (resources.gpus) must be an int32, "
+            "got length-delimited bytes"
+        ),
+        # The second of the repeated SubmitTasksRequest.payloads_json (field 2).
+        (_ORCH + "SubmitTasks", b"\x12\x011\x12\x01\xff"): (
+            "SubmitTasksRequest: field 2 (payloads_json[1]) must be a string, "
+            "got bytes that are not UTF-8"
+        ),
     }
     async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
         for (route, body), message in refusals.items():
             code, details = await anyio.to_thread.run_sync(_call_raw, srv.address, route, body)
-            assert code == "INVALID_ARGUMENT", (route, body, details)
-            assert f"the request is {message}" in details
+            assert (code, details) == ("INVALID_ARGUMENT", f"the request is not a valid {message}")
 
 
 async def test_a_request_over_the_size_limit_is_refused_before_its_body(tmp_path: Path) -> None:

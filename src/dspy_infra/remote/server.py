@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import anyio
+import betterproto2
 from attrs import frozen
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.proto import ProtoCodec
@@ -363,14 +364,97 @@ class _Codec(ProtoCodec):
 
     def decode(self, data: bytes, message_type: Any) -> Any:
         try:
-            message = super().decode(data, message_type)
-            message.SerializeToString()
-        except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the input is bad
+            return _parsed(message_type, data)
+        except Exception:  # noqa: BLE001 - whatever the parser raises, the input is bad
             name = getattr(message_type, "__name__", "message")
+            problem = _wire_problem(data, message_type)
+            detail = f": {problem}" if problem else ""
             raise GRPCError(
-                Status.INVALID_ARGUMENT, f"the request is not a valid {name}: {exc!r}"
+                Status.INVALID_ARGUMENT, f"the request is not a valid {name}{detail}"
             ) from None
-        return message
+
+
+def _parsed(message_type: Any, data: bytes) -> Any:
+    """``data`` as a ``message_type``, which encodes again; or whatever the parser raises."""
+    message = message_type.FromString(data)  # as grpclib's ProtoCodec decodes
+    message.SerializeToString()
+    return message
+
+
+# How each wire type reads in a refusal.
+_WIRE_TYPES = {
+    betterproto2.WIRE_VARINT: "a varint",
+    betterproto2.WIRE_FIXED_64: "8 fixed bytes",
+    betterproto2.WIRE_LEN_DELIM: "length-delimited bytes",
+    betterproto2.WIRE_FIXED_32: "4 fixed bytes",
+}
+
+
+def _wire_problem(data: bytes, message_type: Any, number: str = "", path: str = "") -> str | None:
+    """Which field of ``data`` the message type cannot take, and why; None if none is to blame.
+
+    Each field is decoded (and encoded again) alone, as the whole message
+    was, so that the field named is the one the parser failed on, whatever
+    it accepts besides (a varint for a double); a message field is looked
+    into for the field of its own to blame. Only for a message that failed:
+    it costs a parse per field.
+    """
+    if not (isinstance(message_type, type) and issubclass(message_type, betterproto2.Message)):
+        return None  # grpc.health.v1's and reflection's, from protobuf
+    # (betterproto2 types its classproperty for a Message's subclasses only.)
+    meta = message_type._betterproto  # type: ignore[arg-type]
+    try:
+        fields = list(betterproto2.parse_fields(data))
+    except (EOFError, ValueError):
+        return None
+    seen: dict[int, int] = {}
+    for parsed in fields:
+        name = meta.field_name_by_number.get(parsed.number)
+        if name is None:  # an unknown field is kept aside, never the problem
+            continue
+        index = seen[parsed.number] = seen.get(parsed.number, -1) + 1
+        if _decodes(message_type, parsed.raw):
+            continue
+        proto_type = meta.meta_by_field_name[name].proto_type
+        label = f"{path}{name}"
+        if meta.meta_by_field_name[name].repeated and proto_type in _NEVER_PACKED:
+            label = f"{label}[{index}]"
+        where = f"field {number}{parsed.number} ({label})"
+        if parsed.wire_type != betterproto2.WIRE_LEN_DELIM or proto_type not in _NEVER_PACKED:
+            sent = _WIRE_TYPES.get(parsed.wire_type, f"wire type {parsed.wire_type}")
+            return f"{where} must be {_kind(proto_type)}, got {sent}"
+        if proto_type == betterproto2.TYPE_STRING:
+            return f"{where} must be a string, got bytes that are not UTF-8"
+        inner = meta.cls_by_field[name]
+        return (
+            _wire_problem(parsed.value, inner, f"{number}{parsed.number}.", f"{label}.")
+            or f"{where} must be {_kind(proto_type)}, got bytes that are not one"
+        )
+    return None
+
+
+def _decodes(message_type: type[betterproto2.Message], data: bytes) -> bool:
+    try:
+        _parsed(message_type, data)
+    except Exception:  # noqa: BLE001 - whatever the parser raises, these bytes are bad
+        return False
+    return True
+
+
+# Length-delimited, each element a field of its own: never packed together.
+_NEVER_PACKED = frozenset(
+    {
+        betterproto2.TYPE_STRING,
+        betterproto2.TYPE_BYTES,
+        betterproto2.TYPE_MESSAGE,
+        betterproto2.TYPE_MAP,
+    }
+)
+
+
+def _kind(proto_type: str) -> str:
+    article = "an" if proto_type[0] in "aeiou" else "a"
+    return f"{article} {proto_type}"
 
 
 # -- the guard around every call ----------------------------------------------
@@ -579,8 +663,8 @@ def _load_json(text: str, field: str, refuse: Callable[[str], InfraError]) -> An
             raise refuse(f"{field} is not JSON ({exc})") from None
 
 
-def _load_payload(text: str, task_id: str | None) -> Any:
-    return _load_json(text, "payload_json", functools.partial(refused, task_id))
+def _load_payload(text: str, task_id: str | None, field: str = "payload_json") -> Any:
+    return _load_json(text, field, functools.partial(refused, task_id))
 
 
 def _refuse_workflow(why: str) -> InvalidWorkflow:
@@ -618,7 +702,10 @@ class _Orchestrator(_Streaming, orch_pb.OrchestratorBase):
     async def submit_tasks(
         self, message: orch_pb.SubmitTasksRequest
     ) -> orch_pb.SubmitTasksResponse:
-        payloads = [_load_payload(text, None) for text in message.payloads_json]
+        payloads = [
+            _load_payload(text, None, f"payloads_json[{i}]")
+            for i, text in enumerate(message.payloads_json)
+        ]
         handles = await self._infra.submit_tasks(
             message.handler,
             payloads,
