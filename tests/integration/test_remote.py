@@ -1345,8 +1345,16 @@ with grpc.insecure_channel(address) as channel:
             r.ServerReflectionRequest(file_containing_symbol="orchestrator.v1.SubmitTaskRequest"),
             r.ServerReflectionRequest(file_containing_symbol="grpc.health.v1.Health"),
             r.ServerReflectionRequest(file_containing_symbol="no.such.Symbol"),
+            # A method, as grpcurl describe asks for one; and one the service lacks.
+            r.ServerReflectionRequest(
+                file_containing_symbol="orchestrator.v1.Orchestrator.SubmitTask"
+            ),
+            r.ServerReflectionRequest(file_containing_symbol="orchestrator.v1.Orchestrator.Nope"),
+            r.ServerReflectionRequest(
+                file_containing_symbol="grpc.reflection.v1.ServerReflection"
+            ),
         ]
-        listed, orch, env, message, health_file, missing = list(
+        listed, orch, env, message, health_file, missing, method, no_method, itself = list(
             rg.ServerReflectionStub(channel).ServerReflectionInfo(iter(requests))
         )
         pool = descriptor_pool.DescriptorPool()
@@ -1362,6 +1370,9 @@ with grpc.insecure_channel(address) as channel:
             "message_file": [f.name for f in files(message)],
             "health_file": [f.name for f in files(health_file)],
             "missing": missing.error_response.error_code,
+            "method_file": [f.name for f in files(method)],
+            "no_method": no_method.error_response.error_code,
+            "reflection_file": [f.name for f in files(itself)],
         }))
 """
 
@@ -1476,6 +1487,8 @@ async def test_server_reflection_describes_every_service(tmp_path: Path) -> None
     assert seen["services"] == [
         "env_manager.v1.EnvManager",
         "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
         "orchestrator.v1.Orchestrator",
     ]
     assert seen["orchestrator_file"] == ["orchestrator/v1/orchestrator.proto"]
@@ -1486,6 +1499,9 @@ async def test_server_reflection_describes_every_service(tmp_path: Path) -> None
     assert seen["message_file"] == ["orchestrator/v1/orchestrator.proto"]
     assert seen["health_file"] == ["grpclib/health/v1/health.proto"]
     assert seen["missing"] == Status.NOT_FOUND.value
+    assert seen["method_file"] == ["orchestrator/v1/orchestrator.proto"]
+    assert seen["no_method"] == Status.NOT_FOUND.value
+    assert seen["reflection_file"] == ["grpclib/reflection/v1/reflection.proto"]
 
 
 _ORCH = "/orchestrator.v1.Orchestrator/"

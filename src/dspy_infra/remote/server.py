@@ -62,6 +62,8 @@ from grpclib.health.service import OVERALL, Health
 from grpclib.health.v1 import health_pb2
 from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
+from grpclib.reflection.v1 import reflection_pb2 as reflection_v1
+from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha
 from grpclib.server import Server, Stream
 
 from dspy_infra.errors import (
@@ -240,17 +242,56 @@ def _services(infra: AgentInfra, guard: _Guard) -> list[IServable]:
             probe = functools.partial(_service_health, infra, guard, name)
             checks.setdefault(_Named(name), [_Check(probe)])
     health = Health(checks)
-    return ServerReflection.extend([*ours, health], pool=_descriptors())
+    # Reflection lists itself too, as gRPC's own servers do: grpclib's lists
+    # what it is given, which names are enough for (and left out of what is served).
+    itself = [_Named(file.services_by_name["ServerReflection"].full_name) for file in _REFLECTION]
+    served = ServerReflection.extend([*ours, health, *itself], pool=_Descriptors(_descriptors()))
+    return [s for s in served if not isinstance(s, _Named)]
+
+
+# grpc.reflection.v1's and v1alpha's protocol files, as grpclib serves them.
+_REFLECTION = (reflection_v1.DESCRIPTOR, reflection_v1alpha.DESCRIPTOR)
 
 
 def _descriptors() -> Any:  # a google.protobuf DescriptorPool (protobuf ships no types)
-    """The generated descriptors, with grpc.health.v1's (which it lacks) added once."""
+    """The generated descriptors, with grpc.health.v1's and reflection's (which it lacks)
+    added once."""
     pool = default_google_proto_descriptor_pool
-    try:
-        pool.FindFileByName(health_pb2.DESCRIPTOR.name)
-    except KeyError:
-        pool.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+    for file in (health_pb2.DESCRIPTOR, *_REFLECTION):
+        try:
+            pool.FindFileByName(file.name)
+        except KeyError:
+            pool.AddSerializedFile(file.serialized_pb)
     return pool
+
+
+class _Descriptors:
+    """A descriptor pool that also finds the file of a method, for reflection.
+
+    The reflection protocol names a method ``package.Service.Method``
+    (``grpcurl describe`` asks for one so), and protobuf's upb pool resolves
+    the service's name but not its methods': such a query was NOT_FOUND.
+    Everything else is the pool's own.
+    """
+
+    def __init__(self, pool: Any):
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 - protobuf's name
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service_name, _, method = symbol.rpartition(".")
+            try:
+                service = self._pool.FindServiceByName(service_name)
+            except KeyError:
+                service = None
+            if service is None or method not in service.methods_by_name:
+                raise
+            return service.file
 
 
 async def _overall_health(infra: AgentInfra, guard: _Guard) -> bool:
@@ -275,7 +316,8 @@ async def _service_health(infra: AgentInfra, guard: _Guard, name: str) -> bool:
 
 
 class _Named:
-    """A key of Health's checks that is a name only (a configured service)."""
+    """A service that is a name only: a key of Health's checks (a configured service),
+    or one that reflection lists."""
 
     def __init__(self, name: str):
         self._name = name
