@@ -35,7 +35,7 @@ from dspy_infra.services.status import ServiceState, ServiceStatus
 from dspy_infra.workflows.engine import WorkflowEngine
 
 if TYPE_CHECKING:
-    import ssl as ssl_module
+    import ssl
 
     from dspy_infra.remote.client import RemoteAgentInfra
 
@@ -138,13 +138,15 @@ class AgentInfra(TaskMethods):
         address: str = "127.0.0.1:50052",
         *,
         token: str | None = None,
-        ssl: ssl_module.SSLContext | None = None,
+        tls: ssl.SSLContext | bool | None = None,
     ) -> RemoteAgentInfra:
         """The same task and service API, over gRPC to ``dspy-infra serve``; ``async with`` it.
 
-        ``token`` is the server's token, if it has one; ``ssl`` a client TLS
-        context for a server that serves TLS. Needs the ``grpc`` extra, which
-        is imported only here, so that in-process use never pays for it.
+        ``token`` is the server's token, if it has one. ``tls``, for a server
+        that serves TLS: a client :class:`ssl.SSLContext`, or True for one
+        that trusts the system's CAs; None or False connect in plain text.
+        Needs the ``grpc`` extra, which is imported only here, so that
+        in-process use never pays for it.
         """
         try:
             from dspy_infra.remote.client import RemoteAgentInfra  # noqa: PLC0415 - optional extra
@@ -152,7 +154,7 @@ class AgentInfra(TaskMethods):
             raise BackendUnavailable(
                 f"the remote client needs the grpc extra: pip install 'dspy-infra[grpc]' ({exc})"
             ) from exc
-        return RemoteAgentInfra(address, token=token, ssl=ssl)
+        return RemoteAgentInfra(address, token=token, tls=tls)
 
     def task(self, name: str | None = None) -> Callable[[H], H]:
         """Register an in-process handler: ``@infra.task("embed")``.

@@ -645,7 +645,7 @@ async def test_non_loopback_needs_tls_and_token(tmp_path: Path) -> None:
                     pass
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         with pytest.raises(ConfigError, match="not a loopback address"):
-            async with serve(infra, "0.0.0.0:0", ssl=context):
+            async with serve(infra, "0.0.0.0:0", tls=context):
                 pass
         with pytest.raises(ConfigError, match="HOST:PORT"):
             async with serve(infra, "localhost"):
@@ -1771,36 +1771,44 @@ def client_tls(cert: Path) -> ssl.SSLContext:
     return context
 
 
-async def test_tls_and_token_end_to_end(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
+async def test_tls_and_token_end_to_end(
+    tmp_path: Path, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     cert, key = certificate
     tls = server_tls(cert, key)
     async with (
         make_infra(tmp_path) as infra,
         # Not loopback: allowed, since both TLS and a token are given.
-        serve(infra, "0.0.0.0:0", token="s3cret", ssl=tls) as srv,
+        serve(infra, "0.0.0.0:0", token="s3cret", tls=tls) as srv,
     ):
         assert (srv.tls, srv.authenticated) == (True, True)
         address = f"127.0.0.1:{srv.address.rsplit(':', 1)[1]}"
-        async with AgentInfra.connect(address, token="s3cret", ssl=client_tls(cert)) as remote:
+        async with AgentInfra.connect(address, token="s3cret", tls=client_tls(cert)) as remote:
             assert await (await remote.submit_task("echo", {"over": "tls"})).result() == {
                 "over": "tls"
             }
             assert remote.services.list() == ["web"]
-        # TLS, but a certificate the client does not trust.
+        # TLS, but a certificate the client does not trust: not one of the system's CAs.
         with anyio.fail_after(10), pytest.raises(BackendUnavailable):
-            async with AgentInfra.connect(
-                address, token="s3cret", ssl=ssl.create_default_context()
-            ):
+            async with AgentInfra.connect(address, token="s3cret", tls=True):
                 pass
-        # A plain-text client: a clear error, and its task is not left
-        # cancelled (grpclib cancels it to wake it when the connection drops).
-        with anyio.fail_after(10), pytest.raises(BackendUnavailable, match="serves TLS"):
-            async with AgentInfra.connect(address, token="s3cret"):
-                pass
-        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+        # tls=True is the system's CAs, which OpenSSL reads where $SSL_CERT_FILE says.
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        async with AgentInfra.connect(address, token="s3cret", tls=True) as remote:
+            assert (await remote.health_check()).healthy
+        monkeypatch.delenv("SSL_CERT_FILE")
+        with pytest.raises(ConfigError, match=r"tls must be an ssl\.SSLContext, True"):
+            AgentInfra.connect(address, tls="yes")  # type: ignore[arg-type]
+        # A plain-text client (tls None or False): a clear error, and its task is
+        # not left cancelled (grpclib cancels it to wake it when the connection drops).
+        for plain in (None, False):
+            with anyio.fail_after(10), pytest.raises(BackendUnavailable, match="serves TLS"):
+                async with AgentInfra.connect(address, token="s3cret", tls=plain):
+                    pass
+            assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
         # TLS, trusted, without the token.
         with pytest.raises(BackendUnavailable, match="refused this client"):
-            async with AgentInfra.connect(address, ssl=client_tls(cert)):
+            async with AgentInfra.connect(address, tls=client_tls(cert)):
                 pass
         # The command line: --tls-ca, and the token from the environment.
         env = {
@@ -1814,3 +1822,11 @@ async def test_tls_and_token_end_to_end(tmp_path: Path, certificate: tuple[Path,
             )
         assert done.returncode == 0, done.stderr.decode()
         assert json.loads(done.stdout)["status"] == "healthy"
+        # --tls: the system's CAs.
+        with anyio.fail_after(60):
+            done = await anyio.run_process(
+                [*command, "--address", address, "--tls"],
+                env={**env, "SSL_CERT_FILE": str(cert)},
+                check=False,
+            )
+        assert done.returncode == 0, done.stderr.decode()

@@ -207,10 +207,10 @@ def _run(command: _Command, args: argparse.Namespace) -> int:
         ) from None
     address = args.address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
     token = read_token(args.token_file)
-    context = _tls(args)
+    tls = _tls(args)
 
     async def main() -> int:
-        async with AgentInfra.connect(address, token=token, ssl=context) as infra:
+        async with AgentInfra.connect(address, token=token, tls=tls) as infra:
             return await command(infra, args)
 
     try:
@@ -223,15 +223,17 @@ def _run(command: _Command, args: argparse.Namespace) -> int:
         raise CommandError(str(exc), code=EXIT_USAGE) from None
 
 
-def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
-    if args.tls_ca is None and not args.tls:
-        return None
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | bool:
+    """What ``AgentInfra.connect`` takes as ``tls``: a context trusting ``--tls-ca``,
+    else whether ``--tls`` was given (True: the system's CAs)."""
+    if args.tls_ca is None:
+        return bool(args.tls)
+    from dspy_infra.remote.client import tls_context  # noqa: PLC0415 - the grpc extra, imported
+
     try:
-        context = ssl.create_default_context(cafile=args.tls_ca)
+        return tls_context(args.tls_ca)
     except (OSError, ssl.SSLError) as exc:
         raise CommandError(f"cannot load the TLS CA file: {exc}", code=EXIT_USAGE) from None
-    context.set_alpn_protocols(["h2"])
-    return context
 
 
 def _out() -> Console:

@@ -93,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         # Before anything starts: a wrong address or token is told at once.
-        await check_serving(address, token=token, ssl=tls)
+        await check_serving(address, token=token, tls=tls)
         # From the start: a signal while the services come up stops them too.
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with anyio.create_task_group() as group:
@@ -101,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
                 async with AgentInfra(config) as infra, AsyncExitStack() as stack:
                     try:
                         server = await stack.enter_async_context(
-                            serve(infra, address, token=token, ssl=tls)
+                            serve(infra, address, token=token, tls=tls)
                         )
                     except OSError as exc:  # the port is taken, say
                         raise CommandError(

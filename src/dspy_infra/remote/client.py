@@ -24,7 +24,7 @@ import asyncio
 import builtins
 import enum
 import os
-import ssl as ssl_module
+import ssl
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -92,7 +92,13 @@ from dspy_infra.workflows.spec import (
     WorkflowSpec,
 )
 
-__all__ = ["RemoteAgentInfra", "RemoteServices", "RemoteWorkflows", "ServerUnavailable"]
+__all__ = [
+    "RemoteAgentInfra",
+    "RemoteServices",
+    "RemoteWorkflows",
+    "ServerUnavailable",
+    "tls_context",
+]
 
 R = TypeVar("R", bound=betterproto2.Message)
 
@@ -222,7 +228,7 @@ class _Connection:
             if isinstance(exc, GRPCError):
                 raise self._error(exc, opened) from None
             # A TLS server drops a plain-text client's connection at once.
-            hint = "" if self._tls else " If it serves TLS, pass ssl=... (--tls-ca on the CLI)."
+            hint = "" if self._tls else " If it serves TLS, pass tls=... (--tls on the CLI)."
             raise ServerUnavailable(
                 f"no dspy-infra server answers at {self.address} ({exc or type(exc).__name__}): "
                 f"is `dspy-infra serve` running there?{hint}"
@@ -565,6 +571,29 @@ class RemoteWorkflows:
                 yield convert.workflow_event_from_proto(reply)
 
 
+def tls_context(cafile: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """A client TLS context for a dspy-infra server: the system's CAs, or ``cafile``'s.
+
+    It offers HTTP/2 (ALPN ``h2``), which gRPC runs on.
+    """
+    context = ssl.create_default_context(cafile=cafile)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def _client_tls(tls: object) -> ssl.SSLContext | None:
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return tls_context()
+    raise ConfigError(
+        "tls must be an ssl.SSLContext, True (TLS trusting the system's CAs), "
+        f"or None or False (plain text), got {tls!r}"
+    )
+
+
 class RemoteAgentInfra(TaskMethods):
     """An :class:`~dspy_infra.AgentInfra` served elsewhere, used through ``async with``.
 
@@ -578,11 +607,11 @@ class RemoteAgentInfra(TaskMethods):
         address: str,
         *,
         token: str | None = None,
-        ssl: ssl_module.SSLContext | None = None,
+        tls: ssl.SSLContext | bool | None = None,
     ):
         self.address = address
         self._token = token
-        self._ssl = ssl
+        self._tls = _client_tls(tls)
         self._lifecycle = _Lifecycle.UNOPENED
         self._connection: _Connection | None = None
         self._scheduler: _RemoteScheduler | None = None
@@ -599,12 +628,12 @@ class RemoteAgentInfra(TaskMethods):
         host, port = parse_address(self.address)
         if problem := token_error(self._token):
             raise ConfigError(problem)
-        if self._token is not None and self._ssl is None and not await is_loopback(host):
+        if self._token is not None and self._tls is None and not await is_loopback(host):
             raise ConfigError(
-                f"refusing to send the token to {self.address} without TLS: pass ssl=..."
+                f"refusing to send the token to {self.address} without TLS: pass tls=..."
             )
         connection = _Connection(
-            self.address, Channel(host, port, ssl=self._ssl), self._token, tls=self._ssl is not None
+            self.address, Channel(host, port, ssl=self._tls), self._token, tls=self._tls is not None
         )
         try:
             # A peer that takes the connection but never answers (not a

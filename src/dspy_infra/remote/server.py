@@ -6,7 +6,7 @@
         await anyio.sleep_forever()
 
 Security: the server binds loopback by default. Any other address is refused
-unless both TLS (``ssl``) and a ``token`` are given; a token, when given, is
+unless both TLS (``tls``) and a ``token`` are given; a token, when given, is
 checked on every call (``authorization: Bearer <token>``, compared in
 constant time), and a call without it is UNAUTHENTICATED. A request message
 over :func:`max_request_bytes` is RESOURCE_EXHAUSTED, refused on the size it
@@ -37,7 +37,7 @@ import functools
 import hmac
 import logging
 import socket
-import ssl as ssl_module
+import ssl
 import weakref
 from collections.abc import (
     AsyncGenerator,
@@ -147,27 +147,28 @@ async def serve(
     address: str = DEFAULT_ADDRESS,
     *,
     token: str | None = None,
-    ssl: ssl_module.SSLContext | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[RemoteServer]:
     """Serve ``infra`` on ``address`` until the block ends; then close every call and the socket.
 
-    Raises :class:`~dspy_infra.errors.ConfigError`, binding nothing, for an
-    address that is not loopback without both ``ssl`` and ``token``, and
-    :class:`OSError` if the address cannot be bound.
+    ``tls`` is a server TLS context (its certificate loaded, ALPN ``h2``
+    offered). Raises :class:`~dspy_infra.errors.ConfigError`, binding
+    nothing, for an address that is not loopback without both ``tls`` and
+    ``token``, and :class:`OSError` if the address cannot be bound.
     """
-    host, port = await check_serving(address, token=token, ssl=ssl)
+    host, port = await check_serving(address, token=token, tls=tls)
     guard = _Guard(token, max_request_bytes(infra.config.infra.max_payload_bytes))
     server = _Server([guard.wrap(s) for s in _services(infra, guard)], codec=_Codec())
     sock = await _bind(host or "0.0.0.0", port)  # noqa: S104 - refused above without TLS and token
     try:
-        await server.start(sock=sock, ssl=ssl)
+        await server.start(sock=sock, ssl=tls)
     except BaseException:
         sock.close()
         raise
     bound_host, bound_port = sock.getsockname()[:2]
     listening = RemoteServer(
         address=format_address(bound_host, bound_port),
-        tls=ssl is not None,
+        tls=tls is not None,
         authenticated=token is not None,
     )
     log.info("serving on %s (tls: %s, token: %s)", listening.address, listening.tls, bool(token))
@@ -180,7 +181,7 @@ async def serve(
 
 
 async def check_serving(
-    address: str, *, token: str | None = None, ssl: ssl_module.SSLContext | None = None
+    address: str, *, token: str | None = None, tls: ssl.SSLContext | None = None
 ) -> tuple[str, int]:
     """What :func:`serve` checks before it binds: the host and port, or ConfigError.
 
@@ -190,7 +191,7 @@ async def check_serving(
     host, port = parse_address(address)
     if problem := token_error(token):
         raise ConfigError(problem)
-    if not await is_loopback(host) and (ssl is None or token is None):
+    if not await is_loopback(host) and (tls is None or token is None):
         raise ConfigError(
             f"refusing to serve on {address}: it is not a loopback address, and any other "
             "address needs TLS and a token (give both a certificate and a token, "
