@@ -321,7 +321,11 @@ async def test_token_from_the_environment_or_a_file(
         cli = Cli(srv.address, capsys)
         code, out, err = await cli("status")
         assert (code, out) == (3, "")
-        assert "refused this client" in err
+        # What a command line user does about it; not what a Python caller would.
+        assert err == (
+            f"error: the dspy-infra server at {srv.address} refused this client: missing or "
+            "wrong token (give its token with --token-file PATH or $DSPY_INFRA_TOKEN)\n"
+        )
         token_file = tmp_path / "token"
         token_file.write_text("s3\n")
         assert (await cli("status", "--token-file", str(token_file)))[0] == 0

@@ -216,7 +216,10 @@ def _run(command: _Command, args: argparse.Namespace) -> int:
     try:
         return ungrouped(anyio.run, main)
     except ServerUnavailable as exc:
-        raise CommandError(str(exc), code=EXIT_NO_SERVER) from None
+        # The library's message is for every caller; how to give a token is the command line's.
+        hint = f" (give its token with --token-file PATH or ${TOKEN_ENV})"
+        message = f"{exc}{hint}" if exc.token_refused else str(exc)
+        raise CommandError(message, code=EXIT_NO_SERVER) from None
     except (UnknownTask, UnknownService) as exc:
         raise CommandError(str(exc), code=EXIT_NOT_FOUND) from None
     except InvalidTask as exc:

@@ -115,8 +115,14 @@ class ServerUnavailable(BackendUnavailable):
 
     A :class:`~dspy_infra.errors.BackendUnavailable`, told apart from one
     that the server raised itself (its Docker engine is down, say): the
-    command line exits 3 for this one.
+    command line exits 3 for this one. ``token_refused`` tells the last case,
+    so that a caller can say how its user gives a token (the message is the
+    same for all callers).
     """
+
+    def __init__(self, message: str, *, token_refused: bool = False):
+        super().__init__(message)
+        self.token_refused = token_refused
 
 
 class _Lifecycle(enum.Enum):
@@ -245,8 +251,8 @@ class _Connection:
             return error
         if exc.status is Status.UNAUTHENTICATED:
             return ServerUnavailable(
-                f"the dspy-infra server at {self.address} refused this client: {message} "
-                "(pass the server's token: AgentInfra.connect(address, token=...))"
+                f"the dspy-infra server at {self.address} refused this client: {message}",
+                token_refused=True,
             )
         if exc.status is Status.UNAVAILABLE:
             return ServerUnavailable(
