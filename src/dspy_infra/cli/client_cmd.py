@@ -297,26 +297,29 @@ async def _start(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
             done.set()
 
     # The start call returns once every service is up or one failed; a
-    # terminal meanwhile sees what each is doing, as the server sees it.
+    # terminal meanwhile sees what each is doing, as the server sees it. The
+    # live table goes when it ends (and is first drawn after a poll, by when
+    # a call refused as a whole, for an unknown name, has failed): that call
+    # prints its error alone, the others the final table.
     out = _out()
     if out.is_terminal:
-        with Live(console=out, auto_refresh=False) as live:
+        with Live(console=out, auto_refresh=False, transient=True) as live:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(start)
                 while True:
-                    live.update(_services_table(await infra.services.status()), refresh=True)
-                    if done.is_set():
-                        break
                     with anyio.move_on_after(POLL):
                         await done.wait()
+                    if done.is_set():
+                        break
+                    live.update(_services_table(await infra.services.status()), refresh=True)
     else:
         await start()
-        out.print(_services_table(await infra.services.status()))
-    if isinstance(failure, ServiceStartError):
+    if failure is not None and not isinstance(failure, ServiceStartError):
+        raise failure
+    out.print(_services_table(await infra.services.status()))
+    if failure is not None:
         print(f"error: {failure}", file=sys.stderr)
         return EXIT_FAILURE
-    if failure is not None:
-        raise failure
     return EXIT_OK
 
 
