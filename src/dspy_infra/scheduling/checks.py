@@ -18,7 +18,6 @@ from dspy_infra.errors import InvalidTask
 from dspy_infra.scheduling.tasks import Resources, TaskRequest
 
 __all__ = [
-    "MAX_STORED_INT",
     "check_ids",
     "max_attempts_error",
     "priority_error",
@@ -33,7 +32,7 @@ __all__ = [
 _MAX_TASK_ID = 200
 _TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*\Z")
 # SQLite's INTEGER is 64-bit; a larger int is not a float either.
-MAX_STORED_INT = 2**63 - 1
+_MAX_STORED_INT = 2**63 - 1
 _MAX_FLOAT_INT = int(sys.float_info.max)
 
 
@@ -144,9 +143,9 @@ def max_attempts_error(max_attempts: object) -> str | None:
     if (
         isinstance(max_attempts, bool)
         or not isinstance(max_attempts, int)
-        or not 1 <= max_attempts <= MAX_STORED_INT
+        or not 1 <= max_attempts <= _MAX_STORED_INT
     ):
-        return f"max_attempts must be an integer from 1 to {MAX_STORED_INT}, got {max_attempts!r}"
+        return f"max_attempts must be an integer from 1 to {_MAX_STORED_INT}, got {max_attempts!r}"
     return None
 
 
@@ -166,13 +165,10 @@ def resources_error(cpus: object, memory_mb: object, gpus: object) -> str | None
     for what, amount, kind in zip(
         ("cpus", "memory_mb", "gpus"), (cpus, memory_mb, gpus), (int | float, int, int), strict=True
     ):
-        # ``not >= 0`` also refuses NaN; stored, an amount must fit the store's columns.
+        # ``not >= 0`` also refuses NaN. (Stored as JSON: any size fits.)
         if amount is not None and (
-            isinstance(amount, bool)
-            or not isinstance(amount, kind)
-            or not amount >= 0
-            or (isinstance(amount, int) and amount > MAX_STORED_INT)
+            isinstance(amount, bool) or not isinstance(amount, kind) or not amount >= 0
         ):
             expected = "a number" if what == "cpus" else "an integer"
-            return f"resources.{what} must be {expected} from 0 to {MAX_STORED_INT}, got {amount!r}"
+            return f"resources.{what} must be {expected} of at least 0, got {amount!r}"
     return None
