@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dspy_infra import AgentInfra
-from dspy_infra.errors import UnknownTask
+from dspy_infra.errors import InfraClosed, UnknownTask
 from dspy_infra.scheduling.store import Journal, Op, Written
 from dspy_infra.scheduling.tasks import TaskState
 from dspy_infra.workflows import (
@@ -352,6 +352,42 @@ async def test_waiting_for_a_run_ends_when_the_instance_closes(tmp_path: Path) -
         with anyio.fail_after(5):  # it used to wait for ever
             while not outcome:
                 await anyio.sleep(0.01)
+    assert "the instance closed before run" in str(outcome[0])
+
+
+async def test_a_status_stream_raises_when_the_instance_closes_before_the_run_ends(
+    tmp_path: Path,
+) -> None:
+    started = anyio.Event()
+
+    async def stuck(payload: Any) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    spec = {"name": "stuck", "steps": {"s": {"handler": "stuck"}}}
+    seen: list[str] = []
+    outcome: list[BaseException] = []
+    async with anyio.create_task_group() as outside:
+        async with AgentInfra.start(
+            state_dir=tmp_path / "state", handlers={"stuck": stuck}
+        ) as infra:
+            workflow = await infra.workflows.create(spec)
+            run = await infra.workflows.start_run(workflow.workflow_id)
+
+            async def follow() -> None:
+                try:
+                    async for event in infra.workflows.stream_status(run.run_id):
+                        seen.append(event.type)  # noqa: PERF401 - those before the raise count
+                except InfraClosed as exc:
+                    outcome.append(exc)
+
+            outside.start_soon(follow)
+            await started.wait()
+        with anyio.fail_after(5):
+            while not outcome:
+                await anyio.sleep(0.01)
+    # It ended quietly, as if the run had ended, with no final event.
+    assert seen == ["workflow_run_started", "workflow_step_started"]
     assert "the instance closed before run" in str(outcome[0])
 
 

@@ -184,6 +184,52 @@ async def test_a_run_cut_short_by_close_resumes_in_the_next_instance(tmp_path: P
     assert calls == ["fast", "slow", "slow", "after"]
 
 
+async def test_a_status_stream_resumed_with_a_seq_of_the_previous_instance_follows_the_run(
+    tmp_path: Path,
+) -> None:
+    # A reader (a remote client, say) back after a restart passes the seq it
+    # had read in the previous instance, whose seqs ran further than this
+    # one's have yet: it must get this instance's events of the run, to its end.
+    gate = anyio.Event()
+
+    async def step(name: str) -> str:
+        if name == "slow":
+            await gate.wait()
+        return name
+
+    spec: dict[str, Any] = {
+        "name": "reader",
+        "steps": {
+            "fast": {"handler": "step", "payload": "fast"},
+            "slow": {"handler": "step", "payload": "slow", "depends_on": ["fast"]},
+        },
+    }
+    state_dir = tmp_path / "state"
+    async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
+        other = await infra.workflows.create(
+            {"name": "other", "steps": {"fast": spec["steps"]["fast"]}}
+        )
+        for _ in range(3):  # other runs: this instance's seqs run ahead of the next one's
+            await (await infra.workflows.start_run(other.workflow_id)).wait()
+        wf = await infra.workflows.create(spec)
+        await infra.workflows.start_run(wf.workflow_id, run_id="followed")
+        last = 0
+        async for event in infra.workflows.stream_status("followed"):
+            last = event.seq
+            if event.type == "workflow_step_started" and event.step == "slow":
+                break
+    gate.set()
+    async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
+        with anyio.fail_after(10):  # it waited for ever
+            events = [e async for e in infra.workflows.stream_status("followed", since=last)]
+    assert [(e.type, e.step) for e in events] == [
+        ("workflow_run_resumed", None),
+        ("workflow_step_started", "slow"),
+        ("workflow_step_succeeded", "slow"),
+        ("workflow_run_succeeded", None),
+    ]
+
+
 async def test_keep_finished_spares_the_tasks_of_a_run_not_yet_finished(tmp_path: Path) -> None:
     # Item 0 finishes, item 1 is cut short by close(); the instance is down for
     # longer than keep_finished. The resumed run must find item 0 done, not

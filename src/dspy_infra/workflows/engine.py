@@ -429,10 +429,7 @@ class WorkflowEngine:
             self._check_open()
             await run.done.wait()
             if not run.state.finished:
-                raise InfraClosed(
-                    f"the instance closed before run {run_id!r} finished; it resumes when an "
-                    "instance opens on the same state_dir"
-                )
+                raise _closed_before(run_id)
         return await self.get_run(run_id)
 
     async def cancel_run(self, run_id: str) -> RunStatus:
@@ -459,6 +456,8 @@ class WorkflowEngine:
         ``state``, ...). Pass the ``seq`` of the last one read as ``since`` to
         resume. A run that is not in this instance's memory (finished long
         ago) gives its final state, rebuilt from the store (``seq`` 0).
+        Raises :class:`InfraClosed` when the instance closes before the run's
+        final event, as :meth:`wait_run` does.
         """
         self._check_open()
         run = self._runs.get(run_id)
@@ -466,7 +465,7 @@ class WorkflowEngine:
             for event in _from_status(await self.get_run(run_id)):
                 yield event
             return
-        last = since or 0
+        last = self._resume_after(since)
         async with self._bus.subscribe(WorkflowEvent.TYPES) as live:
             # Taken in the same step as the subscription: nothing is missed
             # between the two, and `last` drops what both hold.
@@ -476,7 +475,10 @@ class WorkflowEngine:
                 if event.type in WorkflowEvent.RUN_FINAL_TYPES:
                     return
             if run.done.is_set():
-                return  # resumed after its last event (published): nothing more will come
+                # Resumed after its last event (published): nothing more will
+                # come. Or its instance is closing, before that event.
+                _check_finished(run)
+                return
             async for item in live:
                 if isinstance(item, EventsDropped):
                     for missed in [e for e in run.events if e.seq > last]:
@@ -493,6 +495,20 @@ class WorkflowEngine:
                 yield item
                 if item.type in WorkflowEvent.RUN_FINAL_TYPES:
                     return
+        # The bus closed with the instance before the run's final event: not a
+        # quiet end, which a reader would take for the end of the run.
+        raise _closed_before(run_id)
+
+    def _resume_after(self, since: int | None) -> int:
+        """The seq after which a status stream given ``since`` starts."""
+        if since is not None and since > self._bus.last_seq:
+            # A seq this instance has not reached is from an earlier one (whose
+            # seqs began at 1, as this one's did): a reader back after a
+            # restart. Every event of the run here is new to it, from
+            # workflow_run_resumed on; skipping those below its old seq hid
+            # them, and the final one too, so that the stream never ended.
+            return 0
+        return since or 0
 
     # -- driving a run --------------------------------------------------------
 
@@ -761,6 +777,20 @@ def _plan(run: _Run, step: _Step) -> tuple[list[Any], list[str]] | str:
     except Exception as exc:  # noqa: BLE001 - a reference the checks let through: the step's failure
         return f"cannot fill in the step's references: {type(exc).__name__}: {exc}"[:2000]
     return payloads, [f"{run.run_id}:{step.name}:{i}" for i in range(len(items))]
+
+
+def _check_finished(run: _Run) -> None:
+    """Raise what a reader is told when the closing instance cut the run short."""
+    if not run.state.finished:
+        raise _closed_before(run.run_id)
+
+
+def _closed_before(run_id: str) -> InfraClosed:
+    """What a reader of a run that the closing instance cut short is told."""
+    return InfraClosed(
+        f"the instance closed before run {run_id!r} finished; it resumes when an "
+        "instance opens on the same state_dir"
+    )
 
 
 def _task_error(task_id: str, state: TaskState, error: str | None) -> str:
