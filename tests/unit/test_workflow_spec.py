@@ -107,3 +107,23 @@ timeout = 600.0
         InvalidWorkflow, match=r"wf\.toml: workflow 'x': step 'a' depends on itself"
     ):
         WorkflowSpec.from_file(path)
+
+
+def test_a_chain_longer_than_the_recursion_limit_is_validated_and_ordered() -> None:
+    # Declared last step first, so that every walk goes the chain's whole length.
+    n = 5000
+    steps = {
+        f"s{i}": {"handler": "h", "depends_on": [f"s{i - 1}"] if i else []}
+        for i in reversed(range(n))
+    }
+    steps[f"s{n - 1}"]["payload"] = "${steps.s0.result}"  # an ancestor at the far end
+    chain = spec(**steps)
+    assert chain.order() == [f"s{i}" for i in range(n)]
+    # The same chain closed into a cycle, and a reference to a step not upstream.
+    steps["s0"]["depends_on"] = [f"s{n - 1}"]
+    with pytest.raises(InvalidWorkflow, match=rf"cycle: s{n - 1} -> s{n - 2} -> "):
+        spec(**steps)
+    steps["s0"]["depends_on"] = []
+    steps["s0"]["payload"] = f"${{steps.s{n - 1}.result}}"
+    with pytest.raises(InvalidWorkflow, match=rf"refers to step 's{n - 1}', which is not among"):
+        spec(**steps)

@@ -436,22 +436,30 @@ def find_cycle(graph: Mapping[str, Iterable[str]]) -> list[str] | None:
 
     Searched from each name in ``graph``'s order; a dependency that ``graph``
     does not hold is a leaf. Serves services and workflow steps alike.
+
+    Depth first with a stack of its own, not recursion: a workflow of a few
+    thousand steps in a chain is a path longer than Python's recursion limit.
     """
-    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
-
-    def visit(name: str, path: list[str]) -> list[str] | None:
-        state[name] = 1
-        for dep in graph.get(name, ()):
-            if state.get(dep) == 1:
-                return [*path[path.index(dep) :], dep]
-            if dep not in state and (cycle := visit(dep, [*path, dep])) is not None:
-                return cycle
-        state[name] = 2
-        return None
-
-    for name in graph:
-        if name not in state and (cycle := visit(name, [name])) is not None:
-            return cycle
+    done: set[str] = set()
+    for root in graph:
+        if root in done:
+            continue
+        path = [root]  # the names being visited, each a dependency of the one before
+        on_path = {root: 0}  # their positions in path
+        left = [iter(graph.get(root, ()))]  # the dependencies each has yet to visit
+        while left:
+            dep = next(left[-1], None)
+            if dep is None:
+                name = path.pop()
+                del on_path[name]
+                done.add(name)
+                left.pop()
+            elif dep in on_path:
+                return [*path[on_path[dep] :], dep]
+            elif dep not in done:
+                on_path[dep] = len(path)
+                path.append(dep)
+                left.append(iter(graph.get(dep, ())))
     return None
 
 

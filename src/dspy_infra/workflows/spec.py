@@ -192,15 +192,18 @@ class WorkflowSpec:
         """The step names, each after its dependencies (the spec must be valid)."""
         done: dict[str, None] = {}
         by_name = {s.name: s for s in self.steps}
-
-        def visit(name: str) -> None:
-            if name not in done:
-                for dep in by_name[name].depends_on:
-                    visit(dep)
-                done[name] = None
-
         for step in self.steps:
-            visit(step.name)
+            # Depth first with a stack of its own: a chain of steps may be
+            # longer than Python's recursion limit.
+            stack = [(step.name, iter(step.depends_on))]
+            while stack:
+                name, deps = stack[-1]
+                dep = next(deps, None)
+                if dep is None:
+                    stack.pop()
+                    done[name] = None
+                elif dep not in done:
+                    stack.append((dep, iter(by_name[dep].depends_on)))
         return list(done)
 
     def validate(self) -> None:
@@ -238,9 +241,8 @@ class WorkflowSpec:
         cycle = find_cycle({name: step.depends_on for name, step in by_name.items()})
         if cycle is not None:
             raise InvalidWorkflow(f"{where}: cycle: {' -> '.join(cycle)}")
-        ancestors = _ancestors(by_name)
         for step in self.steps:
-            _check_references(where, step, ancestors[step.name])
+            _check_references(where, step, by_name)
 
 
 def _tables(name: str, data: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -298,20 +300,20 @@ def _check_step_shape(where: str, step: Step) -> None:
         )
 
 
-def _ancestors(by_name: Mapping[str, Step]) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {}
+def _ancestors(by_name: Mapping[str, Step], step: Step) -> set[str]:
+    """The steps that ``step`` depends on, directly or not.
 
-    def of(name: str) -> set[str]:
+    Found for one step at a time, when a reference needs them: the sets of
+    every step at once took memory quadratic in the length of a chain
+    (gigabytes for 10,000 steps), each time the spec was validated.
+    """
+    found: set[str] = set()
+    stack = list(step.depends_on)
+    while stack:
+        name = stack.pop()
         if name not in found:
-            mine: set[str] = set()
-            for dep in by_name[name].depends_on:
-                mine.add(dep)
-                mine |= of(dep)
-            found[name] = mine
-        return found[name]
-
-    for name in by_name:
-        of(name)
+            found.add(name)
+            stack.extend(by_name[name].depends_on)
     return found
 
 
@@ -336,8 +338,9 @@ def _references(step: Step) -> Iterator[list[str]]:
             yield match[1].strip().split(".")
 
 
-def _check_references(where: str, step: Step, ancestors: set[str]) -> None:
+def _check_references(where: str, step: Step, by_name: Mapping[str, Step]) -> None:
     at = f"{where}: step {step.name!r}"
+    ancestors: set[str] | None = None  # found when a reference is not to a direct dependency
     for path in _references(step):
         text = "${" + ".".join(path) + "}"
         root = path[0]
@@ -349,7 +352,9 @@ def _check_references(where: str, step: Step, ancestors: set[str]) -> None:
                 raise InvalidWorkflow(
                     f"{at}: {text}: a step is referred to as ${{steps.NAME.result}}"
                 )
-            if path[1] not in ancestors:
+            if path[1] not in step.depends_on and ancestors is None:
+                ancestors = _ancestors(by_name, step)
+            if path[1] not in (step.depends_on if ancestors is None else ancestors):
                 raise InvalidWorkflow(
                     f"{at}: {text} refers to step {path[1]!r}, which is not among its "
                     "dependencies (add it to depends_on)"
