@@ -127,3 +127,23 @@ def test_a_chain_longer_than_the_recursion_limit_is_validated_and_ordered() -> N
     steps["s0"]["payload"] = f"${{steps.s{n - 1}.result}}"
     with pytest.raises(InvalidWorkflow, match=rf"refers to step 's{n - 1}', which is not among"):
         spec(**steps)
+
+
+def test_payloads_that_json_cannot_write_are_invalid_workflow(tmp_path: Path) -> None:
+    deep: Any = "${inputs.x}"
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(InvalidWorkflow, match=r"step 'a': the payload is not JSON-compatible"):
+        spec(a={"handler": "h", "payload": deep})
+    # Keys of mixed types: json writes them, but cannot sort them for the id.
+    with pytest.raises(InvalidWorkflow, match=r"step 'a': the payload is not JSON-compatible"):
+        spec(a={"handler": "h", "payload": {1: "one", "two": 2}})
+    toml = tmp_path / "deep.toml"
+    toml.write_text('name = "deep"\n[steps.a]\nhandler = "h"\npayload = ' + "[" * 5000 + "]" * 5000)
+    with pytest.raises(InvalidWorkflow, match=r"deep\.toml: "):
+        WorkflowSpec.from_file(toml)
+    # Deep, but not too deep for JSON: fine, and its references are found.
+    deep = "${inputs.x}"
+    for _ in range(500):
+        deep = {"k": deep}
+    assert spec(a={"handler": "h", "payload": deep}).inputs() == {"x"}

@@ -184,8 +184,9 @@ class WorkflowEngine:
             for workflow_id, _, spec, created_at in await self._journal.read(self._store.workflows):
                 try:
                     loaded = WorkflowSpec.from_mapping(json.loads(spec))
-                except (ValueError, InvalidWorkflow) as exc:
-                    # Stored by a version that accepted it: its runs cannot be resumed.
+                except (ValueError, RecursionError, InvalidWorkflow) as exc:
+                    # Stored by a version that accepted it (or read deeper in
+                    # the stack than it was written): its runs cannot be resumed.
                     log.warning("stored workflow %s is not valid any more: %s", workflow_id, exc)
                     continue
                 self._workflows[workflow_id] = Workflow(

@@ -158,7 +158,7 @@ class WorkflowSpec:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, tomllib.TOMLDecodeError, RecursionError) as exc:  # arrays nested deeply
             raise InvalidWorkflow(f"{path}: {exc}") from None
         try:
             return cls.from_mapping(data)
@@ -288,8 +288,11 @@ def _check_step_shape(where: str, step: Step) -> None:
         if not all(isinstance(n, str) for n in getattr(step, key)):
             raise InvalidWorkflow(f"{at}: {key} must be a list of names")
     try:
-        json.dumps(step.payload, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        # Sorted as workflow_id() sorts it: keys of mixed types (1 and "a")
+        # cannot be, and failed there with a bare TypeError. A payload nested
+        # too deeply raises RecursionError, as the scheduler's check knows.
+        json.dumps(step.payload, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidWorkflow(f"{at}: the payload is not JSON-compatible ({exc})") from None
     if step.fan_out is not None and (
         not isinstance(step.fan_out, str) or not _REF_RE.match(step.fan_out)
@@ -318,14 +321,22 @@ def _ancestors(by_name: Mapping[str, Step], step: Step) -> set[str]:
 
 
 def _walk_strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _walk_strings(v)
-    elif isinstance(value, list | tuple):
-        for v in value:
-            yield from _walk_strings(v)
+    """The strings in ``value``, in order; with a stack of its own, not recursion,
+    which a payload nested deeply enough would exhaust."""
+    stack: list[Iterator[Any]] = [iter((value,))]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, str):
+            yield item
+        elif isinstance(item, Mapping):
+            stack.append(iter(item.values()))
+        elif isinstance(item, list | tuple):
+            stack.append(iter(item))
+
+
+_END = object()
 
 
 def _references(step: Step) -> Iterator[list[str]]:
