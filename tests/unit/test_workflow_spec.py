@@ -39,6 +39,10 @@ def test_unknown_steps_and_references_are_named() -> None:
         WorkflowSpec(name="wf", steps=[Step(name="a", handler="h"), Step(name="a", handler="h")])
     with pytest.raises(InvalidWorkflow, match=r"fan_out must be a reference"):
         spec(a={"handler": "h", "fan_out": "[1, 2]"})
+    # The item is what a fan-out makes, not what it is made from.
+    for made in ("${item}", "${ index }", "${item.list}"):
+        with pytest.raises(InvalidWorkflow, match=r"step 'a': fan_out \$\{.*\}: \$\{item\} and"):
+            spec(a={"handler": "h", "fan_out": made, "payload": "${item}"})
 
 
 def test_a_reference_through_an_ancestor_is_fine_and_the_order_follows_dependencies() -> None:
