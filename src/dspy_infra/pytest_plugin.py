@@ -23,6 +23,7 @@ lines of every service that is not up are added to its report.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Generator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -64,6 +65,11 @@ def _settings(request: pytest.FixtureRequest) -> tuple[Any, list[str] | None, di
             raise pytest.UsageError("agent_infra marker: pass config=..., not positionally")
         overrides = dict(marker.kwargs)
         config = overrides.pop("config", config)
+        if isinstance(config, str | os.PathLike):
+            # Relative to the rootdir, as the ini option's path is: not to the
+            # working directory, which `cd tests && pytest` or an IDE that
+            # runs a test from its own directory changes.
+            config = request.config.rootpath / config
         services = overrides.pop("services", None)
         if isinstance(services, Mapping):
             # Service definitions, not names: an override of the services

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,36 @@ def test_failing_test_report_shows_the_logs_of_unhealthy_services(
     result.stdout.fnmatch_lines(
         ["*agent_infra: service 'flaky'*", "[[]restarting[]] exited with code 4*", "about to crash"]
     )
+
+
+def test_marker_config_path_is_relative_to_the_rootdir_as_the_ini_option_is(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Run from the tests' own directory (`cd tests && pytest`, or an IDE):
+    # the ini option's path was found, the marker's was looked for in tests/.
+    pytester.makefile(".toml", **{"dspy-infra": config(tmp_path, tmp_path / "flaky.pid")})
+    pytester.makeini("[pytest]\nagent_infra_config = dspy-infra.toml\n")
+    tests = pytester.mkdir("tests")
+    (tests / "conftest.py").write_text(CONFTEST)
+    (tests / "test_paths.py").write_text(
+        textwrap.dedent(
+            """
+            import pytest
+
+            @pytest.mark.anyio
+            async def test_ini_path(agent_infra):
+                assert "kv" in agent_infra.config.services
+
+            @pytest.mark.anyio
+            @pytest.mark.agent_infra(config="dspy-infra.toml", services=["kv"])
+            async def test_marker_path(agent_infra):
+                assert (await agent_infra.services.status())["kv"].healthy
+            """
+        )
+    )
+    monkeypatch.chdir(tests)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "test_paths.py")
+    result.assert_outcomes(passed=2)
 
 
 def test_marker_rejects_positional_arguments(pytester: pytest.Pytester) -> None:
