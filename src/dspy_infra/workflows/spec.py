@@ -294,12 +294,19 @@ def _check_step_shape(where: str, step: Step) -> None:
         json.dumps(step.payload, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidWorkflow(f"{at}: the payload is not JSON-compatible ({exc})") from None
-    if step.fan_out is not None and (
-        not isinstance(step.fan_out, str) or not _REF_RE.match(step.fan_out)
-    ):
+    if step.fan_out is None:
+        return
+    match = _REF_RE.match(step.fan_out) if isinstance(step.fan_out, str) else None
+    if match is None:
         raise InvalidWorkflow(
             f"{at}: fan_out must be a reference to a list, as in "
             f"'${{steps.prepare.result}}' or '${{inputs.items}}', got {step.fan_out!r}"
+        )
+    if match[1].strip().split(".")[0] in ("item", "index"):
+        # What the fan-out makes cannot be what it is made from: every run failed.
+        raise InvalidWorkflow(
+            f"{at}: fan_out {step.fan_out}: ${{item}} and ${{index}} are what a fan-out makes; "
+            "fan_out names a list in the inputs or an upstream step's result"
         )
 
 
