@@ -1632,3 +1632,14 @@ async def test_a_task_id_with_a_line_break_is_refused(tmp_path: Path) -> None:
     async with start(tmp_path, {"echo": echo}) as infra:
         with pytest.raises(InvalidTask, match="may only hold"):
             await infra.submit_task("echo", 1, task_id="job-1\n")
+
+
+async def test_a_handle_used_after_its_instance_closed_is_told_so(tmp_path: Path) -> None:
+    # A task of an earlier instance, held by no memory of this one: its
+    # status is read from the store, which is closed with the instance.
+    async with start(tmp_path, {"echo": echo}) as infra:
+        await (await infra.submit_task("echo", 1, task_id="earlier")).result()
+    async with start(tmp_path, {"echo": echo}) as infra:
+        handle = await infra.submit_task("echo", 1, task_id="earlier")
+    with pytest.raises(InfraClosed, match="the task store is closed"):
+        await handle.status()

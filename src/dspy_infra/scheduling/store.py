@@ -376,12 +376,14 @@ class SQLiteStore:
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
-            raise RuntimeError("the task store is not open")
+            raise _closed()
         return self._db
 
     def _reading(self) -> sqlite3.Connection:
         if self._reader is None:
-            raise RuntimeError("the task store is not open")
+            # A handle kept past its instance's end, asking for what is not in
+            # memory: the caller's mistake, told as InfraClosed, not a bug.
+            raise _closed()
         return self._reader
 
 
@@ -516,6 +518,13 @@ class MemoryStore:
 
     def close(self) -> None:
         self._rows.clear()
+
+
+def _closed() -> InfraClosed:
+    return InfraClosed(
+        "the task store is closed: use the instance (and its task and run handles) inside "
+        "`async with`"
+    )
 
 
 class StoreFailed(InfraError):
