@@ -579,3 +579,68 @@ async def test_a_started_dependency_does_not_wait_for_its_health(tmp_path: Path)
     starting = recorder.first("service_starting", "app")
     healthy = recorder.first("service_healthy", "dep")
     assert starting.seq < healthy.seq, "app waited for dep's health"
+
+
+@pytest.mark.parametrize(
+    ("api_delay", "broken_after", "order"),
+    [(0.0, 2.0, ["api", "broken"]), (1.5, 0.3, ["broken", "api"])],
+    ids=["other-up-first", "other-still-starting"],
+)
+async def test_a_failed_start_leaves_a_shared_dependency_to_the_start_beside_it(
+    tmp_path: Path, api_delay: float, broken_after: float, order: list[str]
+) -> None:
+    # Two starts at once (as tasks that need different services make them)
+    # share a dependency; the one that fails must not stop it under the other,
+    # whether the other is up already or still starting.
+    services = {
+        "kv": service(port=True),
+        "broken": service(
+            "--exit-after",
+            str(broken_after),
+            "--code",
+            "3",
+            depends_on=["kv"],
+            start_retries=0,
+            ports={"main": 0},
+            health={"tcp": "{port}"},
+        ),
+        "api": service("--delay", str(api_delay), port=True, depends_on=["kv"]),
+    }
+    async with infra_for(tmp_path, services, autostart=False) as infra:
+        outcome: dict[str, object] = {}
+
+        async def start(name: str) -> None:
+            try:
+                outcome[name] = (await infra.services.start([name]))[name].state
+            except ServiceStartError as exc:
+                outcome[name] = exc.service
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start, "broken")
+            tg.start_soon(start, "api")
+        assert list(outcome) == order
+        assert outcome == {"broken": "broken", "api": ServiceState.HEALTHY}
+        status = await infra.services.status()
+        assert status["kv"].state is ServiceState.HEALTHY
+        assert status["api"].state is ServiceState.HEALTHY
+        assert status["broken"].state is ServiceState.FAILED
+
+
+async def test_a_start_during_a_stop_starts_the_service_again(tmp_path: Path) -> None:
+    # Ignores SIGTERM: its stop takes stop_timeout, during which it is asked to start.
+    stubborn = {
+        "command": "trap '' TERM; while true; do sleep 0.05; done",
+        "shell": True,
+        "stop_timeout": 0.5,
+    }
+    async with infra_for(tmp_path, {"svc": stubborn}) as infra:
+        old = (await infra.services.status())["svc"].pid
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(infra.services.stop, ["svc"])
+            with anyio.fail_after(5):
+                while (await infra.services.status())["svc"].state is not ServiceState.STOPPING:
+                    await anyio.sleep(0.01)
+            result = await infra.services.start(["svc"])
+        assert result["svc"].state is ServiceState.RUNNING
+        assert result["svc"].pid != old
+        assert not alive(old)

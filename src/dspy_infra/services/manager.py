@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncGenerator, Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -18,7 +19,7 @@ from dspy_infra.abc import ContainerBackend, ServiceProcess
 from dspy_infra.config.loading import dependency_closure
 from dspy_infra.config.model import Config, Probe
 from dspy_infra.config.placeholders import Endpoint, RenderContext
-from dspy_infra.errors import DependencyFailed, ServiceStartError, UnknownService
+from dspy_infra.errors import DependencyFailed, InfraClosed, ServiceStartError, UnknownService
 from dspy_infra.events import EventBus, ServiceEvent
 from dspy_infra.metrics import Metrics
 from dspy_infra.services.ports import PortAllocator
@@ -58,6 +59,20 @@ class _Slot:
         self.release()
 
 
+class _StartCall:
+    """One ``start()`` in progress: the services it waits for, and those it launched.
+
+    What a failed call launched is stopped again, unless another call in
+    progress waits for it: then that call takes it over (and stops it if it
+    fails too), so that one failed start does not fail another that shares a
+    dependency with it.
+    """
+
+    def __init__(self, wanted: Iterable[str]) -> None:
+        self.wanted = set(wanted)
+        self.launched: builtins.list[ServiceRuntime] = []
+
+
 class ServiceManager:
     """The services of one AgentInfra. Reached as ``infra.services``."""
 
@@ -83,6 +98,11 @@ class ServiceManager:
         self._slots = anyio.Semaphore(config.infra.max_concurrent_starts)
         self._changed = anyio.Event()
         self._log_watchers = 0
+        self._start_calls: builtins.list[_StartCall] = []
+        # Services that a stop() is stopping (or about to, once their
+        # dependents have stopped): a start() waits for that to end.
+        self._stopping: Counter[str] = Counter()
+        self._closing = False
         self._http: aiohttp.ClientSession | None = None
         fixed = (port for svc in config.services.values() for port in svc.ports.values() if port)
         self._ports = PortAllocator(reserved=fixed)
@@ -104,7 +124,10 @@ class ServiceManager:
 
         Returns once all of them are up (healthy, running, or completed for
         one-shot services). If any fails, the services this call started are
-        stopped again and the first failure is raised.
+        stopped again (but those that another start() in progress waits for,
+        or that a service left running depends on) and the first failure is
+        raised. A service that is being stopped is started again once it has
+        stopped.
         """
         wanted = (
             [n for n in self.list() if self.config.services[n].autostart]
@@ -112,21 +135,18 @@ class ServiceManager:
             else self._known(names)
         )
         closure = {n: None for w in wanted for n in [*dependency_closure(self.config, w), w]}
-        launched = []
-        for name in self.list():
-            rt = self._runtimes[name]
-            # Dependencies that ended are started again; so is anything named
-            # explicitly, a completed one-shot job included.
-            if name in closure and not rt.active and (rt.state in _ENDED or name in wanted):
-                self._spawn(rt)
-                launched.append(rt)
+        call = _StartCall(closure)
+        self._start_calls.append(call)
         targets = [self._runtimes[n] for n in closure]
         try:
+            await self._launch(call, wanted)
             await self._wait_settled(targets)
         except BaseException:
+            self._start_calls.remove(call)
             with anyio.CancelScope(shield=True):
-                await self._stop_runtimes(launched)
+                await self._stop_runtimes(self._not_needed(call))
             raise
+        self._start_calls.remove(call)
         return {rt.name: rt.status() for rt in targets}
 
     async def stop(self, names: Iterable[str] | None = None) -> None:
@@ -158,6 +178,7 @@ class ServiceManager:
 
     async def aclose(self) -> None:
         """Stop everything and release what the manager holds."""
+        self._closing = True
         with anyio.CancelScope(shield=True):
             await self.stop()
             if self._http is not None:
@@ -316,6 +337,22 @@ class ServiceManager:
         self.set_state(rt, ServiceState.WAITING)
         self._tg.start_soon(supervise, self, rt, name=f"dspy-infra service {rt.name}")
 
+    async def _launch(self, call: _StartCall, wanted: builtins.list[str]) -> None:
+        """Spawn a supervisor for each service of ``call`` that is not active."""
+        for name in call.wanted:
+            # Not reported as "stopped" to a call that asks for it now.
+            if self._stopping[name]:
+                await self._runtimes[name].done.wait()
+        if self._closing:  # what is launched now would outlive the teardown's stop
+            raise InfraClosed("the instance is closing: no service is started now")
+        for name in self.list():
+            rt = self._runtimes[name]
+            # Dependencies that ended are started again; so is anything named
+            # explicitly, a completed one-shot job included.
+            if name in call.wanted and not rt.active and (rt.state in _ENDED or name in wanted):
+                self._spawn(rt)
+                call.launched.append(rt)
+
     async def _wait_settled(self, targets: builtins.list[ServiceRuntime]) -> None:
         while True:
             changed = self._changed
@@ -325,6 +362,33 @@ class ServiceManager:
             if all(rt.state in _SETTLED_OK for rt in targets):
                 return
             await changed.wait()
+
+    def _not_needed(self, call: _StartCall) -> builtins.list[ServiceRuntime]:
+        """What the failed ``call`` launched that nothing else needs: to be stopped.
+
+        A service that another start() in progress waits for is handed over
+        to that call; one that a service staying active depends on (started
+        meanwhile beside this call) is left running, as any dependency of a
+        running service is.
+        """
+        unneeded = {rt.name: rt for rt in call.launched}
+        changed = True
+        while changed:  # what is kept keeps its own dependencies in turn
+            changed = False
+            for name in list(unneeded):
+                taker = next((c for c in self._start_calls if name in c.wanted), None)
+                if taker is not None:
+                    taker.launched.append(unneeded.pop(name))
+                    changed = True
+                elif any(
+                    other.active
+                    and other.name not in unneeded
+                    and name in dependency_closure(self.config, other.name)
+                    for other in self._runtimes.values()
+                ):
+                    del unneeded[name]
+                    changed = True
+        return list(unneeded.values())
 
     async def _stop_runtimes(self, runtimes: builtins.list[ServiceRuntime]) -> None:
         selected = {rt.name for rt in runtimes}
@@ -338,10 +402,14 @@ class ServiceManager:
                 rt.scope.cancel()
             await rt.done.wait()
 
-        async with anyio.create_task_group() as tg:
-            for rt in runtimes:
-                if rt.active:
+        stopping = [rt for rt in runtimes if rt.active]
+        self._stopping.update(rt.name for rt in stopping)
+        try:
+            async with anyio.create_task_group() as tg:
+                for rt in stopping:
                     tg.start_soon(stop_one, rt)
+        finally:
+            self._stopping.subtract(rt.name for rt in stopping)
 
     async def _http_session(self) -> aiohttp.ClientSession:
         if self._http is None:
