@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import pytest
 
 from dspy_infra import AgentInfra
 from dspy_infra._procfs import group_alive
-from tests.integration.helpers import service
+from tests.integration.helpers import running_with, service, unique_seconds
 
 pytestmark = pytest.mark.anyio
 
@@ -53,3 +54,51 @@ async def test_services_of_a_killed_owner_are_removed_on_next_start(tmp_path: Pa
         mp.chdir(tmp_path)
         async with AgentInfra.start({}, state_dir=state_dir):
             assert not any(group_alive(int(pid)) for pid in pids.values())
+
+
+async def test_a_command_probe_of_a_killed_owner_is_removed_on_next_start(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    seconds = unique_seconds()
+    # The probe is still running (it would for a long time) when the owner is killed.
+    services = {
+        "svc": {
+            "command": ["sleep", "1000"],
+            "health": {"command": ["sh", "-c", f"sleep {seconds}"], "timeout": 1000},
+        }
+    }
+    owner = textwrap.dedent(
+        f"""
+        import anyio, json
+        from dspy_infra import AgentInfra
+
+        async def main() -> None:
+            config = {{"services": json.loads({json.dumps(json.dumps(services))})}}
+            async with AgentInfra.start(config, state_dir={str(state_dir)!r}):
+                pass
+
+        anyio.run(main)
+        """
+    )
+
+    def probes(owner_pid: int) -> set[str]:
+        # The probe's shell and its sleep; the owner's command line names them too.
+        return set(running_with(seconds)) - {str(owner_pid)}
+
+    async with await anyio.open_process([sys.executable, "-c", owner]) as child:
+        with anyio.fail_after(30):
+            while not probes(child.pid):
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.2)  # the probe's launch is recorded beside it
+        os.kill(child.pid, signal.SIGKILL)
+        await child.wait()
+    left = probes(child.pid)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(tmp_path)
+            async with AgentInfra.start({}, state_dir=state_dir):
+                assert left, "nothing was left to sweep"
+                assert not probes(child.pid)
+    finally:  # whatever the sweep missed
+        for pid in probes(child.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)

@@ -84,6 +84,8 @@ class LocalProcess:
     async def exec(self, argv: tuple[str, ...]) -> tuple[int, str]:
         # In a group of its own, stopped whole however the call ends: a probe
         # cut short by its timeout (a shell and its children) leaves nothing.
+        # Recorded in the ledger as the service is, so that a probe running
+        # when this program is SIGKILLed is swept at the next start too.
         try:
             process = await launch_group(
                 list(argv),
@@ -93,17 +95,36 @@ class LocalProcess:
             )
         except LaunchFailed as exc:
             return 127, exc.reason
+        launch = self._ledger.number()
         tail = b""
         try:
-            assert process.stdout is not None
-            async for chunk in process.stdout:
-                tail = (tail + chunk)[-_EXEC_TAIL:]
-            code = await process.wait()
+            async with anyio.create_task_group() as tg:
+                # Beside the probe, not before it: a check should not wait for
+                # a thread to write the record.
+                tg.start_soon(self._record_probe, launch, process.pid)
+                assert process.stdout is not None
+                async for chunk in process.stdout:
+                    tail = (tail + chunk)[-_EXEC_TAIL:]
+                code = await process.wait()
         finally:
             with anyio.CancelScope(shield=True):
                 await stop_group(process, 0)
                 await process.aclose()
+                await self._record_end(launch)
         return code, decode(tail)
+
+    async def _record_probe(self, launch: int, pid: int) -> None:
+        data = {"service": f"{self._spec.name} (probe)", "labels": dict(self._spec.labels)}
+        try:
+            await anyio.to_thread.run_sync(self._ledger.launched, launch, pid, data)
+        except OSError as exc:  # the check itself is fine; only a crash would leak it now
+            log.warning("cannot record a probe of service %s: %s", self._spec.name, exc)
+
+    async def _record_end(self, launch: int) -> None:
+        try:
+            await anyio.to_thread.run_sync(self._ledger.ended, launch)
+        except OSError as exc:  # it is stopped all the same
+            log.warning("cannot record that a probe of %s ended: %s", self._spec.name, exc)
 
 
 class LocalBackend:
