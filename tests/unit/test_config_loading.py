@@ -443,6 +443,39 @@ def test_port_placeholder_needs_one_obvious_port() -> None:
     assert "has no port 'main' (ports: grpc, http)" in str(exc)
 
 
+@pytest.mark.parametrize(
+    ("probe", "good"),
+    [
+        ({"tcp": "{port}"}, True),
+        ({"tcp": "{host}:{port}"}, True),
+        ({"tcp": "localhost:6379"}, True),
+        ({"tcp": "localhost"}, False),  # the port left out
+        ({"tcp": "localhost:"}, False),
+        ({"tcp": ":6379"}, False),
+        ({"tcp": "70000"}, False),
+        ({"tcp": "{port}/tcp"}, False),
+        ({"http": "http://127.0.0.1:{port}/healthz"}, True),
+        ({"http": "https://{host}:{port}"}, True),
+        ({"http": "localhost:{port}/healthz"}, False),  # no scheme
+        ({"http": "/healthz"}, False),
+        ({"http": "ftp://127.0.0.1:{port}/"}, False),
+        ({"http": "http://127.0.0.1:{port}x/"}, False),
+    ],
+)
+def test_a_probe_target_that_no_check_can_reach_is_refused(
+    probe: dict[str, str], good: bool
+) -> None:
+    # Such a probe failed every check until its deadline, a minute after the start.
+    doc = services(a=svc(ports={"main": 0}, health=probe))
+    if good:
+        load_config(doc, environ={})
+        return
+    exc = error(doc)
+    kind, target = next(iter(probe.items()))
+    assert exc.path == f"services.a.health.{kind}"
+    assert str(exc).endswith(f"got {target!r}")
+
+
 def test_log_ready_needs_a_pattern_or_a_log_probe() -> None:
     def doc(dep: dict[str, Any], **b: Any) -> dict[str, Any]:
         return services(a=svc(depends_on={"b": dep}), b=svc(**b))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+import yarl
 from attrs import asdict, evolve, fields
 from cattrs.errors import BaseValidationError
 
@@ -384,9 +385,40 @@ def validate(config: Config, origins: Mapping[tuple[str, ...], str] | None = Non
         ctx = _validation_context(config, name)
         for path, template in service_templates(config.services[name]):
             try:
-                render(template, ctx)
+                rendered = render(template, ctx)
             except PlaceholderError as exc:
                 raise fail(f"services.{name}.{path}", str(exc)) from None
+            if problem := _probe_target_problem(path, template, rendered):
+                raise fail(f"services.{name}.{path}", problem)
+
+
+def _probe_target_problem(path: str, template: str, target: str) -> str | None:
+    """What makes a ``tcp`` or ``http`` probe's target (placeholders filled) unusable, if anything.
+
+    Checked at load time: a target that no check can reach (``tcp = "localhost"``,
+    an URL without its ``http://``) otherwise failed every check until the
+    probe's deadline, a minute later, with a message that named no key.
+    Auto ports read as 0 here, so 0 passes.
+    """
+    if path == "health.tcp":
+        host, sep, port = target.rpartition(":")
+        if not (port.isascii() and port.isdigit()) or int(port) > 65535 or (sep and not host):
+            return (
+                "expected a port or 'HOST:PORT' (as in '{port}' or '127.0.0.1:{port}'), "
+                f"got {template!r}"
+            )
+    elif path == "health.http":
+        try:
+            url = yarl.URL(target)
+            ok = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+        except ValueError:
+            ok = False
+        if not ok:
+            return (
+                "expected an http:// or https:// URL with a host "
+                f"(as in 'http://127.0.0.1:{{port}}/health'), got {template!r}"
+            )
+    return None
 
 
 def _check_dependencies(config: Config, name: str, fail: Any) -> None:
