@@ -644,3 +644,18 @@ async def test_a_start_during_a_stop_starts_the_service_again(tmp_path: Path) ->
         assert result["svc"].state is ServiceState.RUNNING
         assert result["svc"].pid != old
         assert not alive(old)
+
+
+async def test_a_port_that_another_program_listens_on_is_a_start_failure(
+    tmp_path: Path,
+) -> None:
+    # The probe would reach the other program and pass while the service,
+    # unable to bind, exits: it must not be reported up.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        services = {"web": service(port=True, ports={"main": port}, start_retries=0)}
+        with pytest.raises(ServiceStartError, match=rf"port {port} \(main\) is already in use"):
+            async with infra_for(tmp_path, services):
+                pass

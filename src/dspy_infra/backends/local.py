@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
@@ -155,6 +156,8 @@ class LocalBackend:
             raise RuntimeError("LocalBackend.launch() before open()")
         argv = spec.argv()
         assert argv is not None, "checked when the configuration was loaded"
+        if taken := _taken(spec.ports):
+            raise ServiceStartError(spec.name, taken)
         # Shielded: once the process exists it must be recorded and handed
         # back, or a cancellation here would leak it.
         with anyio.CancelScope(shield=True):
@@ -197,6 +200,24 @@ def _environment(extra: Mapping[str, str]) -> dict[str, str]:
     # Python services block-buffer a piped stdout, which would hide the very
     # lines that log probes and log_ready wait for; unbuffer unless told not to.
     return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _taken(ports: Mapping[str, int]) -> str | None:
+    """Why a port of the service cannot be its own (one that a program listens on), or None.
+
+    Checked before the launch: a service that cannot bind its port exits, but
+    a probe of that port reaches the other program first and passes, so the
+    service was reported up until it ended. With SO_REUSEADDR, as servers
+    bind, so that connections of an earlier run left in TIME_WAIT do not count.
+    """
+    for name, port in ports.items():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError as exc:
+                return f"port {port} ({name}) is already in use on 127.0.0.1: {exc.strerror}"
+    return None
 
 
 def _describe(record: Mapping[str, Any]) -> str:
