@@ -712,3 +712,16 @@ def test_a_server_address_that_is_not_host_port_is_refused(tmp_path: Path) -> No
         load_config(path)
     path.write_text('[server]\naddress = "0.0.0.0:50052"\n')
     assert load_config(path).server.address == "0.0.0.0:50052"  # TLS and a token: checked by serve
+
+
+@pytest.mark.parametrize(
+    ("doc", "path"),
+    [
+        ({"infra": {"event_history": 10**30}}, "infra.event_history"),
+        ({"services": {"s": {"command": ["true"], "log_lines": 10**30}}}, "services.s.log_lines"),
+    ],
+)
+def test_counts_kept_in_memory_beyond_a_deque_are_refused(doc: dict[str, Any], path: str) -> None:
+    # They used to load, then fail the start with OverflowError.
+    with pytest.raises(ConfigError, match=rf"{path}: expected a number <="):
+        load_config(doc)

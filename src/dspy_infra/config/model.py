@@ -13,6 +13,7 @@ import operator
 import random
 import re
 import signal as signal_module
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +61,11 @@ class FieldError(ValueError):
 
 
 Validator = Callable[[object, "Attribute[Any]", Any], None]
+
+
+# Counts of lines or events kept: a deque holds at most this many (more is an
+# OverflowError at start, not a configuration error).
+_MAX_KEPT = sys.maxsize
 
 
 def _bound(op: str, bound: float) -> Validator:
@@ -299,7 +305,7 @@ class ServiceConfig:
     start_backoff: Backoff = field(factory=lambda: Backoff(initial=0.2, max=5.0))
     stop_timeout: float = field(default=10.0, validator=_non_negative)
     autostart: bool = True
-    log_lines: int = field(default=1000, validator=_at_least_one)
+    log_lines: int = field(default=1000, validator=[_at_least_one, _bound("<=", _MAX_KEPT)])
 
     def __attrs_post_init__(self) -> None:
         _check_command(self.command, shell=self.shell)
@@ -436,7 +442,7 @@ class InfraSettings:
     autostart: bool = True
     max_concurrent_starts: int = field(default=5, validator=_at_least_one)
     event_buffer: int = field(default=1024, validator=_at_least_one)
-    event_history: int = field(default=10_000, validator=_non_negative)
+    event_history: int = field(default=10_000, validator=[_non_negative, _bound("<=", _MAX_KEPT)])
     durable: bool = True
     synchronous: Synchronous = "normal"
     max_payload_bytes: int = field(default=1 << 20, validator=_at_least_one)
