@@ -139,15 +139,17 @@ class EventBus:
                         self._on_drop(1)
         return event
 
-    def replay(self, since: int, types: Collection[str]) -> tuple[list[Event], bool]:
-        """The events of ``types`` after ``since`` still in the history, and whether that is all.
+    def replay(self, since: int, types: Collection[str] | None = None) -> tuple[list[Event], bool]:
+        """The events of ``types`` (all when None) after ``since`` still in the history,
+        and whether that is all.
 
         False when the history no longer reaches back to ``since``: events
         older than its last ``history`` are gone.
         """
         history = self._history
         oldest = history[0].seq if history else self._seq + 1
-        return [e for e in history if e.seq > since and e.type in types], oldest <= since + 1
+        events = [e for e in history if e.seq > since and (types is None or e.type in types)]
+        return events, oldest <= since + 1
 
     def wanted(self, event_type: str) -> bool:
         """Whether a live subscriber wants events of this type.

@@ -344,14 +344,27 @@ class AgentInfra(TaskMethods):
         return self._scheduler
 
     async def stream_events(
-        self, types: Collection[str] | None = None, *, since: int | None = None
+        self,
+        types: Collection[str] | None = None,
+        *,
+        since: int | None = None,
+        follow: bool = True,
     ) -> AsyncGenerator[Event, None]:
         """Events of ``types`` (all when None) as they happen, until the instance closes.
 
         With ``since``, recent events after that sequence number come first.
+        With ``follow=False``, the events still in the history after ``since``
+        (all of them when None, as with 0) as of the first read, and then the
+        end, however busy the instance is: a reader of what happened could
+        not tell a pause of a follower's stream from its end.
         """
         self._check_open()
         assert self._bus is not None
+        if not follow:
+            history, _ = self._bus.replay(since or 0, types)
+            for event in history:
+                yield event
+            return
         async with self._bus.subscribe(types, since=since) as events:
             async for event in events:
                 yield event

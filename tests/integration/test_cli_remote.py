@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -277,6 +278,32 @@ async def test_events(cli: Cli) -> None:
     last = events[-1]["seq"]
     code, out, _ = await cli("events", "--since", str(last), "--type", "task_completed")
     assert (code, out) == (0, "")
+
+
+async def test_events_without_follow_exit_on_a_busy_server(
+    cli: Cli, server: tuple[AgentInfra, str]
+) -> None:
+    infra, _ = server
+    await (await infra.submit_task("echo", "held")).result()
+    busy_for = 20.0
+
+    async def busy() -> None:  # a task completes every few hundredths of a second
+        with anyio.move_on_after(busy_for):
+            while True:
+                await (await infra.submit_task("echo", "busy")).result()
+                await anyio.sleep(0.02)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(busy)
+        started = time.monotonic()
+        code, out, _ = await cli("events", "--type", "task_completed", "--json")
+        took = time.monotonic() - started
+        tg.cancel_scope.cancel()
+    assert code == 0
+    assert json.loads(out.splitlines()[0])["result"] == "held"
+    # It printed what the server held and ended, while events kept coming:
+    # it used to end only after half a second without one.
+    assert took < busy_for
 
 
 async def test_events_are_one_line_each_whatever_they_hold(cli: Cli) -> None:

@@ -387,6 +387,39 @@ async def test_stream_events(api: Api) -> None:
     assert all(e.type == "task_completed" for e in seen)
 
 
+async def test_stream_events_without_follow_ends_with_what_was_held(api: Api) -> None:
+    held = await api.submit_tasks("echo", ["a", "b"])
+    for h in held:
+        await h.result()
+
+    async def history(**kwargs: Any) -> list[Event]:
+        with anyio.fail_after(10):
+            return [e async for e in api.stream_events(follow=False, **kwargs)]
+
+    everything = await history()
+    assert everything == await history(since=0)  # since=None: all that is held, as 0
+    assert [e.seq for e in everything] == sorted({e.seq for e in everything})
+    completed = await history(types={"task_completed"})
+    assert [(e.type, e.task_id) for e in completed if isinstance(e, TaskEvent)] == [
+        ("task_completed", h.task_id) for h in held
+    ]
+    assert await history(types={"task_completed"}, since=completed[-1].seq) == []
+
+    # What is held as of the first read; what comes while it is read is not:
+    # a busy instance does not keep the stream open.
+    later: str | None = None
+    with anyio.fail_after(10):
+        async with aclosing(api.stream_events({"task_completed"}, follow=False)) as events:
+            async for event in events:
+                if later is None:
+                    handle = await api.submit_task("echo", "later")
+                    await handle.result()
+                    later = handle.task_id
+                assert isinstance(event, TaskEvent)
+                assert event.task_id != later
+    assert later is not None
+
+
 async def test_services(api: Api) -> None:
     assert api.services.list() == ["web"]
     before = await api.services.status()
@@ -1148,6 +1181,14 @@ with grpc.insecure_channel(sys.argv[1]) as channel:
     first = next(events)
     events.cancel()
     out["event"] = [first.WhichOneof("event"), first.task.type, first.task.seq > 0]
+    request = o.StreamEventsRequest(types=["task_completed"], since=0, follow=False)
+    held = [m.task for m in orch.StreamEvents(request)]  # ends by itself
+    out["held"] = sorted(e.result_json for e in held)
+    # Without `follow`, as clients older than the field ask: new events keep coming.
+    events = orch.StreamEvents(o.StreamEventsRequest(types=["task_completed"], since=held[-1].seq))
+    new = orch.SubmitTask(o.SubmitTaskRequest(handler="echo", payload_json='"new"')).task_id
+    out["followed"] = next(events).task.task_id == new
+    events.cancel()
     values = orch.GetMetrics(o.GetMetricsRequest()).values
     out["metrics"] = any(k.startswith("dspy_infra_tasks_submitted") for k in values)
 
@@ -1230,6 +1271,8 @@ async def test_a_stock_grpcio_client_calls_every_rpc(tmp_path: Path) -> None:
     assert seen["results"] == ["1", "2"]
     assert seen["cancelled"] == "cancelled"
     assert seen["event"] == ["task", "task_completed", True]
+    assert seen["held"] == ["1", "2", '{"n":18446744073709551617}']
+    assert seen["followed"] is True
     assert seen["metrics"] is True
     assert seen["workflow_stream"] == [
         ["workflow_run_started", None],

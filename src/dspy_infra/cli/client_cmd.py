@@ -53,12 +53,9 @@ if TYPE_CHECKING:
     from dspy_infra.scheduling.tasks import TaskStatus
     from dspy_infra.services.status import ServiceStatus
 
-__all__ = ["ADDRESS_ENV", "EVENTS_IDLE", "register"]
+__all__ = ["ADDRESS_ENV", "register"]
 
 ADDRESS_ENV = "DSPY_INFRA_ADDRESS"
-# `events` without -f: the server replays what it holds at once, then waits
-# for new events; the wire cannot say "that was all", so a pause this long does.
-EVENTS_IDLE = 0.5
 POLL = 0.1  # `start`: how often the live table asks for the services' states
 
 _Command = Callable[["RemoteAgentInfra", argparse.Namespace], Awaitable[int]]
@@ -171,8 +168,8 @@ def register(subparsers: Subparsers) -> None:
         "events",
         _events,
         "the server's events",
-        "Print the events the server still holds, one per line; with -f, keep printing new "
-        f"ones. Without -f it ends once none has come for {EVENTS_IDLE} s.",
+        "Print the events the server still holds, one per line, and exit; with -f, keep "
+        "printing new ones until interrupted.",
     )
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
     p.add_argument(
@@ -536,17 +533,9 @@ def _one_line(key: str, value: Any) -> Any:
 
 async def _events(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
     types = {t.strip() for given in args.types for t in given.split(",") if t.strip()}
-    events = infra.stream_events(types or None, since=args.since)
+    events = infra.stream_events(types or None, since=args.since, follow=args.follow)
     async with aclosing(events):
-        while True:
-            if args.follow:
-                event = await anext(events, None)
-            else:
-                event = None
-                with anyio.move_on_after(EVENTS_IDLE):
-                    event = await anext(events, None)
-            if event is None:
-                break
+        async for event in events:
             if args.json:
                 _print_json(_event_json(event))
             else:

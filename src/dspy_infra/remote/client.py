@@ -696,10 +696,15 @@ class RemoteAgentInfra(TaskMethods):
         return HealthReport(status=reply.status, services=convert.statuses_by_name(reply.services))
 
     async def stream_events(
-        self, types: Collection[str] | None = None, *, since: int | None = None
+        self,
+        types: Collection[str] | None = None,
+        *,
+        since: int | None = None,
+        follow: bool = True,
     ) -> AsyncGenerator[Event, None]:
-        """Events of ``types`` (all when None) as they happen, until the server closes."""
-        request = orch_pb.StreamEventsRequest(types=list(types or ()), since=since)
+        """Events of ``types`` (all when None) as they happen, until the server closes;
+        with ``follow=False``, those it still holds after ``since``, then the end."""
+        request = orch_pb.StreamEventsRequest(types=list(types or ()), since=since, follow=follow)
         replies = self._rpc.stream(_ORCH + "StreamEvents", request, orch_pb.Event)
         async with aclosing(replies):
             async for reply in replies:

@@ -789,7 +789,10 @@ class _Orchestrator(_Streaming, orch_pb.OrchestratorBase):
         self, message: orch_pb.StreamEventsRequest
     ) -> AsyncGenerator[orch_pb.Event, None]:
         types = message.types or None
-        async with aclosing(self._infra.stream_events(types, since=message.since)) as events:
+        # Absent is following: what every client got before the field existed.
+        follow = message.follow is not False
+        events = self._infra.stream_events(types, since=message.since, follow=follow)
+        async with aclosing(events):
             async for event in events:
                 yield convert.event_to_proto(event)
 
