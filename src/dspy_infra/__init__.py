@@ -38,6 +38,7 @@ from dspy_infra.errors import (
     TaskFailed,
     TaskLost,
     TaskTimedOut,
+    UnknownEventType,
     UnknownService,
     UnknownTask,
 )
@@ -127,6 +128,7 @@ __all__ = [
     "TaskState",
     "TaskStatus",
     "TaskTimedOut",
+    "UnknownEventType",
     "UnknownRun",
     "UnknownService",
     "UnknownTask",

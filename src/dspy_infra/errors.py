@@ -12,6 +12,7 @@ can catch the library's failures without catching their own bugs::
      │         └── DependencyFailed   ... because a service it depends on failed first
      ├── InfraClosed            an AgentInfra used outside its ``async with`` block
      ├── StateDirInUse          another live instance holds the state directory's task store
+     ├── UnknownEventType       a subscription to event types that nothing publishes (a ValueError)
      └── TaskError              a problem with one task (``task_id``)
           ├── InvalidTask       bad submit input (class, handler, payload, priority); nothing stored
           ├── UnknownTask       a task id the store does not hold
@@ -26,7 +27,7 @@ compose file holds that has no counterpart here and was skipped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 __all__ = [
     "BackendUnavailable",
@@ -44,6 +45,7 @@ __all__ = [
     "TaskFailed",
     "TaskLost",
     "TaskTimedOut",
+    "UnknownEventType",
     "UnknownService",
     "UnknownTask",
 ]
@@ -81,6 +83,24 @@ class StateDirInUse(InfraError):
     Two would both run the tasks stored there: each instance needs a state
     directory of its own (``state_dir``), or ``durable = false``.
     """
+
+
+class UnknownEventType(InfraError, ValueError):
+    """A subscription named event types that no part of dspy-infra publishes.
+
+    Refused rather than followed: a misspelt type would otherwise wait
+    forever for events that never come. ``reason`` is the message without
+    the parameter's name, for callers that name it their own way (the CLI's
+    ``--type``).
+    """
+
+    def __init__(self, unknown: Collection[str] = (), known: Collection[str] = ()):
+        self.unknown = tuple(sorted(unknown))
+        self.known = tuple(sorted(known))
+        plural = "s" if len(self.unknown) > 1 else ""
+        names = ", ".join(repr(name) for name in self.unknown)
+        self.reason = f"unknown event type{plural} {names} (known: {', '.join(self.known)})"
+        super().__init__(f"types: {self.reason}")
 
 
 class ServiceError(InfraError):

@@ -67,7 +67,9 @@ class EventsDropped(Event):
     sequence numbers of the events around it shows what was missed.
     """
 
-    type: str = "events_dropped"
+    TYPE: ClassVar[str] = "events_dropped"
+
+    type: str = TYPE
     count: int
 
 

@@ -24,22 +24,24 @@ from attrs import field, frozen
 from dspy_infra.abc import ContainerBackend
 from dspy_infra.backends import load_backend
 from dspy_infra.config import Config, load_config
-from dspy_infra.errors import BackendUnavailable, InfraClosed
-from dspy_infra.events import Event, EventBus
+from dspy_infra.errors import BackendUnavailable, InfraClosed, UnknownEventType
+from dspy_infra.events import Event, EventBus, EventsDropped, ServiceEvent
 from dspy_infra.http import MetricsServer, health_document
 from dspy_infra.metrics import Metrics
 from dspy_infra.scheduling.api import TaskMethods
 from dspy_infra.scheduling.scheduler import ClassStatus, LocalScheduler
+from dspy_infra.scheduling.tasks import TaskEvent
 from dspy_infra.services.manager import ServiceManager
 from dspy_infra.services.status import ServiceState, ServiceStatus
 from dspy_infra.workflows.engine import WorkflowEngine
+from dspy_infra.workflows.model import WorkflowEvent
 
 if TYPE_CHECKING:
     import ssl
 
     from dspy_infra.remote.client import RemoteAgentInfra
 
-__all__ = ["AgentInfra", "HealthReport"]
+__all__ = ["EVENT_TYPES", "AgentInfra", "HealthReport", "check_event_types"]
 
 log = logging.getLogger("dspy_infra")
 
@@ -67,6 +69,25 @@ class HealthReport:
     @property
     def healthy(self) -> bool:
         return self.status == "healthy"
+
+
+# Every event type an instance publishes. Gathered here, where the parts are
+# composed: each part's module imports the bus's, so the bus cannot import them.
+EVENT_TYPES: frozenset[str] = (
+    ServiceEvent.TYPES
+    | frozenset(TaskEvent.TYPES.values())
+    | {TaskEvent.RETRYING}
+    | WorkflowEvent.TYPES
+    | {EventsDropped.TYPE}
+)
+
+
+def check_event_types(types: Collection[str]) -> None:
+    """Refuse, with :class:`UnknownEventType`, types that no part publishes:
+    following one (a misspelt name) would wait forever for nothing."""
+    unknown = set(types) - EVENT_TYPES
+    if unknown:
+        raise UnknownEventType(unknown, EVENT_TYPES)
 
 
 _UNHEALTHY = {ServiceState.FAILED, ServiceState.UNHEALTHY}
@@ -356,10 +377,14 @@ class AgentInfra(TaskMethods):
         With ``follow=False``, the events still in the history after ``since``
         (all of them when None, as with 0) as of the first read, and then the
         end, however busy the instance is: a reader of what happened could
-        not tell a pause of a follower's stream from its end.
+        not tell a pause of a follower's stream from its end. A type that
+        :data:`EVENT_TYPES` lacks is refused with :class:`UnknownEventType`
+        (a ValueError) on the first read.
         """
         self._check_open()
         assert self._bus is not None
+        if types is not None:
+            check_event_types(types)
         if not follow:
             history, _ = self._bus.replay(since or 0, types)
             for event in history:

@@ -24,7 +24,7 @@ import anyio
 import pytest
 
 from dspy_infra import AgentInfra
-from dspy_infra.cli import _common, main
+from dspy_infra.cli import _common, client_cmd, main
 from dspy_infra.remote import DEFAULT_ADDRESS, serve
 from tests.integration.helpers import service
 
@@ -272,7 +272,7 @@ async def test_events(cli: Cli) -> None:
     assert {e["type"] for e in events} == {"task_completed"}
     assert any(e["task_id"] == task_id and e["result"] == "e" for e in events)
 
-    code, out, _ = await cli("events", "--type", "task_submitted,task_completed")
+    code, out, _ = await cli("events", "--type", "task_queued,task_completed")
     assert code == 0
     assert any(task_id in line and "task_completed" in line for line in out.splitlines())
     last = events[-1]["seq"]
@@ -304,6 +304,17 @@ async def test_events_without_follow_exit_on_a_busy_server(
     # It printed what the server held and ended, while events kept coming:
     # it used to end only after half a second without one.
     assert took < busy_for
+
+
+async def test_an_event_type_the_server_does_not_publish_is_exit_2(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The command line checks the types it knows; a server that publishes
+    # fewer (an older one) refuses the rest, and that is a usage error too.
+    monkeypatch.setattr(client_cmd, "check_event_types", lambda types: None)
+    code, out, err = await cli("events", "--type", "task_paused")
+    assert (code, out) == (2, "")
+    assert err.startswith("error: types: unknown event type 'task_paused' (known: ")
 
 
 async def test_events_are_one_line_each_whatever_they_hold(cli: Cli) -> None:
@@ -381,6 +392,10 @@ def test_bad_local_input_is_exit_2_before_any_connection(
     cert.write_text("not a certificate\n")
     refusals = {
         ("submit", "echo", "{"): "argument PAYLOAD: the payload is not JSON",
+        # With -f it would wait forever for a type that nothing publishes.
+        ("events", "-f", "--type", "task_completed,nope"): (
+            "argument --type: unknown event type 'nope' (known: events_dropped, "
+        ),
         ("status", "--token-file", str(empty)): f"error: the token file {empty} is empty",
         ("status", "--token-file", str(tmp_path / "none")): "error: cannot read the token file",
         ("status", "--tls-ca", str(cert)): "error: cannot load the TLS CA file",

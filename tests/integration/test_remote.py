@@ -61,10 +61,12 @@ from dspy_infra.errors import (
     TaskFailed,
     TaskLost,
     TaskTimedOut,
+    UnknownEventType,
     UnknownService,
     UnknownTask,
 )
 from dspy_infra.events import Event
+from dspy_infra.infra import EVENT_TYPES
 from dspy_infra.remote import RemoteAgentInfra, ServerUnavailable, serve
 from dspy_infra.remote import client as remote_client
 from dspy_infra.remote import server as server_module
@@ -418,6 +420,23 @@ async def test_stream_events_without_follow_ends_with_what_was_held(api: Api) ->
                 assert isinstance(event, TaskEvent)
                 assert event.task_id != later
     assert later is not None
+
+
+async def test_stream_events_refuses_types_that_nothing_publishes(api: Api) -> None:
+    # A misspelt type would wait forever for events that never come.
+    async def first(types: set[str], *, follow: bool = True) -> Event:
+        async with aclosing(api.stream_events(types, follow=follow)) as events:
+            with anyio.fail_after(10):
+                return await anext(events)
+
+    with pytest.raises(UnknownEventType) as info:
+        await first({"task_completed", "task_done", "nope"})
+    assert isinstance(info.value, ValueError)
+    message = str(info.value)
+    assert message.startswith("types: unknown event types 'nope', 'task_done' (known: ")
+    assert all(name in message for name in EVENT_TYPES)
+    with pytest.raises(UnknownEventType, match=r"^types: unknown event type 'nope' "):
+        await first({"nope"}, follow=False)
 
 
 async def test_services(api: Api) -> None:
@@ -870,6 +889,7 @@ _RAISED: dict[type[InfraError], InfraError] = {
         InvalidWorkflow("step 'a' has no handler"),
         UnknownWorkflow("wf é/1"),
         UnknownRun("run é/1"),
+        UnknownEventType({"nope é/1"}, EVENT_TYPES),
     ]
 }
 # What the wire carries besides the class and the message.
@@ -1227,14 +1247,20 @@ with grpc.insecure_channel(sys.argv[1]) as channel:
         ),
         "GetTaskStatus": lambda: orch.GetTaskStatus(o.GetTaskStatusRequest(task_id="nope")),
         "SubmitTask": lambda: orch.SubmitTask(o.SubmitTaskRequest(handler="echo", priority=-1)),
+        "StreamEvents": lambda: list(
+            orch.StreamEvents(o.StreamEventsRequest(types=["task_completed", "nope"]))
+        ),
     }
+    details = {}
     for name, call in calls.items():
         try:
             call()
         except grpc.RpcError as exc:
             trailers = dict(exc.trailing_metadata() or ())
             codes[name] = [exc.code().name, trailers.get("dspy-infra-error")]
+            details[name] = exc.details()
     out["errors"] = codes
+    out["details"] = details
 print(json.dumps(out))
 """
 
@@ -1296,7 +1322,9 @@ async def test_a_stock_grpcio_client_calls_every_rpc(tmp_path: Path) -> None:
         "StreamWorkflowStatus": ["NOT_FOUND", "UnknownRun"],
         "GetTaskStatus": ["NOT_FOUND", "UnknownTask"],
         "SubmitTask": ["INVALID_ARGUMENT", "InvalidTask"],
+        "StreamEvents": ["INVALID_ARGUMENT", "UnknownEventType"],
     }
+    assert seen["details"]["StreamEvents"].startswith("types: unknown event type 'nope' (known: ")
 
 
 # -- grpc.health.v1 and server reflection, from stock grpcio --------------------------

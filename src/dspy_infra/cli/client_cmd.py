@@ -45,7 +45,14 @@ from dspy_infra.cli._common import (
     read_token,
     ungrouped,
 )
-from dspy_infra.errors import InvalidTask, ServiceStartError, UnknownService, UnknownTask
+from dspy_infra.errors import (
+    InvalidTask,
+    ServiceStartError,
+    UnknownEventType,
+    UnknownService,
+    UnknownTask,
+)
+from dspy_infra.infra import check_event_types
 
 if TYPE_CHECKING:
     from dspy_infra.events import Event
@@ -177,6 +184,7 @@ def register(subparsers: Subparsers) -> None:
         dest="types",
         action="append",
         default=[],
+        type=_event_types,
         metavar="TYPE",
         help="only events of this type (repeatable, or comma-separated): task_completed, ...",
     )
@@ -219,7 +227,7 @@ def _run(command: _Command, args: argparse.Namespace) -> int:
         raise CommandError(message, code=EXIT_NO_SERVER) from None
     except (UnknownTask, UnknownService) as exc:
         raise CommandError(str(exc), code=EXIT_NOT_FOUND) from None
-    except InvalidTask as exc:
+    except (InvalidTask, UnknownEventType) as exc:
         raise CommandError(str(exc), code=EXIT_USAGE) from None
 
 
@@ -531,8 +539,19 @@ def _one_line(key: str, value: Any) -> Any:
     return value
 
 
+def _event_types(text: str) -> list[str]:
+    # An argparse type: a type that no part publishes is a usage error (exit
+    # 2) before any connection is made, where `-f` would wait for it forever.
+    types = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        check_event_types(types)
+    except UnknownEventType as exc:
+        raise argparse.ArgumentTypeError(exc.reason) from None
+    return types
+
+
 async def _events(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
-    types = {t.strip() for given in args.types for t in given.split(",") if t.strip()}
+    types = {t for given in args.types for t in given}
     events = infra.stream_events(types or None, since=args.since, follow=args.follow)
     async with aclosing(events):
         async for event in events:

@@ -59,6 +59,7 @@ from dspy_infra.errors import (
     TaskFailed,
     TaskLost,
     TaskTimedOut,
+    UnknownEventType,
     UnknownService,
     UnknownTask,
 )
@@ -168,6 +169,7 @@ _ERRORS: dict[str, _Rebuild] = {
     "InvalidWorkflow": lambda message, _: InvalidWorkflow(message),
     "UnknownWorkflow": lambda _, ids: UnknownWorkflow(ids[WORKFLOW_KEY]),
     "UnknownRun": lambda _, ids: UnknownRun(ids[RUN_KEY]),
+    "UnknownEventType": lambda _, __: UnknownEventType(),
     "WorkflowError": lambda message, _: WorkflowError(message),
     "InfraError": lambda message, _: InfraError(message),
 }
@@ -703,7 +705,12 @@ class RemoteAgentInfra(TaskMethods):
         follow: bool = True,
     ) -> AsyncGenerator[Event, None]:
         """Events of ``types`` (all when None) as they happen, until the server closes;
-        with ``follow=False``, those it still holds after ``since``, then the end."""
+        with ``follow=False``, those it still holds after ``since``, then the end.
+
+        The server judges the types, so that a client talks to a newer server
+        that publishes more of them; one it does not know is refused with
+        :class:`UnknownEventType` on the first read.
+        """
         request = orch_pb.StreamEventsRequest(types=list(types or ()), since=since, follow=follow)
         replies = self._rpc.stream(_ORCH + "StreamEvents", request, orch_pb.Event)
         async with aclosing(replies):

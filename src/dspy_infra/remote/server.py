@@ -12,14 +12,15 @@ constant time), and a call without it is UNAUTHENTICATED. A request message
 over :func:`max_request_bytes` is RESOURCE_EXHAUSTED, refused on the size it
 announces, before its body is read.
 
-Errors: the library's exceptions become statuses — :class:`InvalidTask` and
-:class:`InvalidWorkflow` are INVALID_ARGUMENT, :class:`UnknownTask`,
-:class:`UnknownService`, :class:`UnknownWorkflow` and :class:`UnknownRun`
-NOT_FOUND, any other :class:`InfraError` FAILED_PRECONDITION — with the library's
-message, and the exception's class in the trailing metadata so that
-:mod:`dspy_infra.remote.client` raises the same type. Anything else is a bug:
-it is logged here with its traceback, and the client gets INTERNAL with a
-message that says nothing of the server's insides.
+Errors: the library's exceptions become statuses — :class:`InvalidTask`,
+:class:`InvalidWorkflow` and :class:`UnknownEventType` are INVALID_ARGUMENT,
+:class:`UnknownTask`, :class:`UnknownService`, :class:`UnknownWorkflow` and
+:class:`UnknownRun` NOT_FOUND, any other :class:`InfraError`
+FAILED_PRECONDITION — with the library's message, and the exception's class
+in the trailing metadata so that :mod:`dspy_infra.remote.client` raises the
+same type. Anything else is a bug: it is logged here with its traceback,
+and the client gets INTERNAL with a message that says nothing of the
+server's insides.
 
 Besides ``orchestrator.v1`` and ``env_manager.v1``, the server answers the
 standard ``grpc.health.v1.Health`` (SERVING while the instance is open, the
@@ -73,6 +74,7 @@ from dspy_infra.errors import (
     InvalidTask,
     ServiceError,
     TaskError,
+    UnknownEventType,
     UnknownService,
     UnknownTask,
 )
@@ -619,7 +621,7 @@ def _check_requests(stream: Stream[Any, Any], *, unary: bool, max_size: int) -> 
 
 
 def _status_of(exc: InfraError) -> Status:
-    if isinstance(exc, InvalidTask | InvalidWorkflow):
+    if isinstance(exc, InvalidTask | InvalidWorkflow | UnknownEventType):
         return Status.INVALID_ARGUMENT
     if isinstance(exc, UnknownTask | UnknownService | UnknownWorkflow | UnknownRun):
         return Status.NOT_FOUND

@@ -511,7 +511,8 @@ class StreamEventsRequest(betterproto2.Message):
 
     types: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
     """
-    Event types ("task_completed", "service_healthy", ...); empty: all.
+    Event types ("task_completed", "service_healthy", ...); empty: all. A
+    type that the server does not publish is INVALID_ARGUMENT.
     """
 
     since: "int | None" = betterproto2.field(2, betterproto2.TYPE_INT64, optional=True)
