@@ -552,9 +552,9 @@ def test_huge_numbers_are_clear() -> None:
     assert str(exc) == (
         "<mapping>: services.a.health.interval: expected a number, got an integer too large"
     )
-    # A huge count is just a large count.
-    config = load_config({"infra": {"event_history": 10**30}}, environ={})
-    assert config.infra.event_history == 10**30
+    # A huge count is just a large count (where nothing holds that many).
+    config = load_config({"infra": {"event_buffer": 10**30}}, environ={})
+    assert config.infra.event_buffer == 10**30
 
 
 # --- paths -------------------------------------------------------------------------
