@@ -102,13 +102,15 @@ class EventBus:
         buffer: int = 1024,
         history: int = 10_000,
         on_drop: Callable[[int], None] | None = None,
+        start: int = 0,
     ):
+        """``start``: the seq before the first event's (an instance's begins at its start time)."""
         self._buffer = buffer
         self._history: deque[Event] = deque(maxlen=history)
         self._subscribers: set[_Subscriber] = set()
         # What the subscribers want, counted, so that wanted() is O(1).
         self._wanted: Counter[str | None] = Counter()
-        self._seq = 0
+        self._seq = start
         self._on_drop = on_drop
         self._closed = False
 

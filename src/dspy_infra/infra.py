@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Collection, Mapping
 from contextlib import AsyncExitStack
@@ -227,6 +228,10 @@ class AgentInfra(TaskMethods):
                 buffer=self.config.infra.event_buffer,
                 history=self.config.infra.event_history,
                 on_drop=self.metrics.events_dropped.inc,
+                # Seqs go on increasing across instances: a reader resuming
+                # with the seq of an earlier one gets all of this one's (from
+                # 1, they would collide: its since would skip as many).
+                start=time.time_ns() // 1000,
             )
             stack.callback(self._bus.close)
             task_group = await stack.enter_async_context(anyio.create_task_group())

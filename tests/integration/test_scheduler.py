@@ -1605,6 +1605,31 @@ async def test_a_stream_of_every_result_further_behind_than_the_history_warns(
     assert "fell more than event_history events behind" in caplog.text
 
 
+async def test_seqs_go_on_increasing_across_instances_so_a_stream_resumes_in_the_next(
+    tmp_path: Path,
+) -> None:
+    # A reader kept the seq of the last result it read from the first
+    # instance; the second has published more events than that by the time
+    # the reader comes back: it still gets every result of the second.
+    async with (
+        start(tmp_path, {"echo": echo}) as infra,
+        aclosing(infra.stream_task_results()) as results,
+    ):
+        await infra.submit_task("echo", 0)
+        kept = (await anext(results)).seq
+    async with start(tmp_path, {"echo": echo}) as infra:
+        handles = await infra.submit_tasks("echo", range(1, 30))
+        for handle in handles:
+            await handle.result()
+        seen: list[TaskEvent] = []
+        with anyio.move_on_after(0.5):
+            async with aclosing(infra.stream_task_results(since=kept)) as results:
+                async for event in results:
+                    seen.append(event)  # noqa: PERF401 - read until the time is up
+    assert [e.task_id for e in seen] == [h.task_id for h in handles]
+    assert all(e.seq > kept for e in seen)
+
+
 async def test_a_stream_of_every_result_since_a_seq_of_an_earlier_instance_gets_all(
     tmp_path: Path,
 ) -> None:
