@@ -626,24 +626,81 @@ async def test_a_failed_start_leaves_a_shared_dependency_to_the_start_beside_it(
         assert status["broken"].state is ServiceState.FAILED
 
 
-async def test_a_start_during_a_stop_starts_the_service_again(tmp_path: Path) -> None:
-    # Ignores SIGTERM: its stop takes stop_timeout, during which it is asked to start.
-    stubborn = {
-        "command": "trap '' TERM; while true; do sleep 0.05; done",
+def stubborn(stop_timeout: float, **fields: Any) -> dict[str, Any]:
+    """A service that ignores SIGTERM: its stop takes ``stop_timeout``, a window to act in.
+
+    Healthy once its trap is set: a SIGTERM before that, as on a loaded
+    machine, would end it at once and close the window.
+    """
+    return {
+        "command": "trap '' TERM; echo ready; while true; do sleep 0.05; done",
         "shell": True,
-        "stop_timeout": 0.5,
+        "stop_timeout": stop_timeout,
+        "health": {"log": "^ready$"},
+        **fields,
     }
-    async with infra_for(tmp_path, {"svc": stubborn}) as infra:
+
+
+async def until_state(infra: AgentInfra, name: str, state: ServiceState) -> None:
+    with anyio.fail_after(5):
+        while (await infra.services.status())[name].state is not state:
+            await anyio.sleep(0.01)
+
+
+async def test_a_start_during_a_stop_starts_the_service_again(tmp_path: Path) -> None:
+    async with infra_for(tmp_path, {"svc": stubborn(0.5)}) as infra:
         old = (await infra.services.status())["svc"].pid
         async with anyio.create_task_group() as tg:
             tg.start_soon(infra.services.stop, ["svc"])
-            with anyio.fail_after(5):
-                while (await infra.services.status())["svc"].state is not ServiceState.STOPPING:
-                    await anyio.sleep(0.01)
+            await until_state(infra, "svc", ServiceState.STOPPING)
             result = await infra.services.start(["svc"])
-        assert result["svc"].state is ServiceState.RUNNING
+        assert result["svc"].state is ServiceState.HEALTHY
         assert result["svc"].pid != old
         assert not alive(old)
+
+
+async def test_a_service_started_again_during_a_longer_stop_counts_as_up(
+    tmp_path: Path,
+) -> None:
+    # x is started again while the stop that stopped it still waits for y:
+    # a later start finds x up, without waiting for anything.
+    services = {"x": {"command": f"exec sleep {unique_seconds()}", "shell": True}, "y": stubborn(2)}
+    async with infra_for(tmp_path, services) as infra:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(infra.services.stop, ["x", "y"])
+            await until_state(infra, "y", ServiceState.STOPPING)
+            first = await infra.services.start(["x"])
+            assert first["x"].state is ServiceState.RUNNING
+            with anyio.fail_after(1):
+                second = await infra.services.start(["x"])
+            assert (await infra.services.status())["y"].state is ServiceState.STOPPING
+        assert second["x"].pid == first["x"].pid
+        assert (await infra.services.status())["x"].state is ServiceState.RUNNING
+
+
+async def test_a_dependency_that_ends_while_its_stop_waits_is_started_again(
+    tmp_path: Path,
+) -> None:
+    # kv's stop waits for api's; kv ends by itself meanwhile, and is started
+    # again: the stop, when its turn comes, must not stop the new kv.
+    services = {
+        "kv": {"command": f"exec sleep {unique_seconds()}", "shell": True, "restart": "no"},
+        "api": stubborn(1.5, depends_on=["kv"]),
+    }
+    async with infra_for(tmp_path, services) as infra:
+        old = (await infra.services.status())["kv"].pid
+        assert old is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(infra.services.stop, ["api", "kv"])
+            await until_state(infra, "api", ServiceState.STOPPING)
+            os.killpg(int(old), signal.SIGKILL)
+            await until_state(infra, "kv", ServiceState.FAILED)
+            result = await infra.services.start(["kv"])
+        assert result["kv"].state is ServiceState.RUNNING
+        status = await infra.services.status()
+        assert status["kv"].state is ServiceState.RUNNING
+        assert status["kv"].pid == result["kv"].pid != old
+        assert alive(status["kv"].pid)
 
 
 async def test_a_port_that_another_program_listens_on_is_a_start_failure(

@@ -100,7 +100,8 @@ class ServiceManager:
         self._log_watchers = 0
         self._start_calls: builtins.list[_StartCall] = []
         # Services that a stop() is stopping (or about to, once their
-        # dependents have stopped): a start() waits for that to end.
+        # dependents have stopped), counted until that stop of the service is
+        # over: a start() waits for that, not for the process to end.
         self._stopping: Counter[str] = Counter()
         self._closing = False
         self._http: aiohttp.ClientSession | None = None
@@ -338,11 +339,19 @@ class ServiceManager:
         self._tg.start_soon(supervise, self, rt, name=f"dspy-infra service {rt.name}")
 
     async def _launch(self, call: _StartCall, wanted: builtins.list[str]) -> None:
-        """Spawn a supervisor for each service of ``call`` that is not active."""
-        for name in call.wanted:
-            # Not reported as "stopped" to a call that asks for it now.
-            if self._stopping[name]:
-                await self._runtimes[name].done.wait()
+        """Spawn a supervisor for each service of ``call`` that is not active.
+
+        A service that a stop() is stopping is started again once that stop
+        is over, rather than reported "stopped" to a call that asks for it
+        now; not as soon as its process is gone, since a stop still waiting
+        for the service's dependents would then stop the new lifetime.
+        Raises InfraClosed once the instance is closing.
+        """
+        while True:
+            changed = self._changed
+            if not any(self._stopping[name] for name in call.wanted):
+                break
+            await changed.wait()
         if self._closing:  # what is launched now would outlive the teardown's stop
             raise InfraClosed("the instance is closing: no service is started now")
         for name in self.list():
@@ -394,22 +403,23 @@ class ServiceManager:
         selected = {rt.name for rt in runtimes}
 
         async def stop_one(rt: ServiceRuntime) -> None:
-            for other in runtimes:  # dependents first
-                if rt.name in other.config.depends_on and other.name in selected:
-                    await other.done.wait()
-            rt.stop_requested = True
-            if rt.scope is not None:
-                rt.scope.cancel()
-            await rt.done.wait()
+            try:
+                for other in runtimes:  # dependents first
+                    if rt.name in other.config.depends_on and other.name in selected:
+                        await other.done.wait()
+                rt.stop_requested = True
+                if rt.scope is not None:
+                    rt.scope.cancel()
+                await rt.done.wait()
+            finally:  # anyio runs each task it is given, even in a cancelled group
+                self._stopping[rt.name] -= 1
+                self.notify()
 
         stopping = [rt for rt in runtimes if rt.active]
         self._stopping.update(rt.name for rt in stopping)
-        try:
-            async with anyio.create_task_group() as tg:
-                for rt in stopping:
-                    tg.start_soon(stop_one, rt)
-        finally:
-            self._stopping.subtract(rt.name for rt in stopping)
+        async with anyio.create_task_group() as tg:
+            for rt in stopping:
+                tg.start_soon(stop_one, rt)
 
     async def _http_session(self) -> aiohttp.ClientSession:
         if self._http is None:
