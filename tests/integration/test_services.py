@@ -716,3 +716,45 @@ async def test_a_port_that_another_program_listens_on_is_a_start_failure(
         with pytest.raises(ServiceStartError, match=rf"port {port} \(main\) is already in use"):
             async with infra_for(tmp_path, services):
                 pass
+
+
+async def test_a_failed_start_stops_a_dependency_after_a_dependent_being_stopped(
+    tmp_path: Path,
+) -> None:
+    # api, which depends on kv, is being stopped when a failed start that
+    # launched kv again stops what it launched: api does not keep kv running,
+    # and kv stops only once api has.
+    services = {
+        "kv": {"command": f"exec sleep {unique_seconds()}", "shell": True, "restart": "no"},
+        "api": stubborn(1, depends_on=["kv"]),
+        "broken": service(
+            "--exit-after",
+            "0.2",
+            "--code",
+            "3",
+            depends_on=["kv"],
+            start_retries=0,
+            ports={"main": 0},
+            health={"tcp": "{port}"},
+        ),
+    }
+    async with (
+        infra_for(tmp_path, services, autostart=False) as infra,
+        recording(infra) as recorder,
+    ):
+        await infra.services.start(["api"])
+        kv = (await infra.services.status())["kv"].pid
+        assert kv is not None
+        os.killpg(int(kv), signal.SIGKILL)
+        await until_state(infra, "kv", ServiceState.FAILED)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(infra.services.stop, ["api"])
+            await until_state(infra, "api", ServiceState.STOPPING)
+            with pytest.raises(ServiceStartError) as failed:
+                await infra.services.start(["broken"])
+        assert failed.value.service == "broken"
+        status = await infra.services.status()
+        assert status["kv"].state is ServiceState.STOPPED
+        assert recorder.first("service_stopped", "api").seq < (
+            recorder.first("service_stopped", "kv").seq
+        )

@@ -378,7 +378,8 @@ class ServiceManager:
         A service that another start() in progress waits for is handed over
         to that call; one that a service staying active depends on (started
         meanwhile beside this call) is left running, as any dependency of a
-        running service is.
+        running service is. A service being stopped is not staying: what it
+        depends on is stopped after it.
         """
         unneeded = {rt.name: rt for rt in call.launched}
         changed = True
@@ -391,6 +392,7 @@ class ServiceManager:
                     changed = True
                 elif any(
                     other.active
+                    and not self._stopping[other.name]
                     and other.name not in unneeded
                     and name in dependency_closure(self.config, other.name)
                     for other in self._runtimes.values()
@@ -400,12 +402,16 @@ class ServiceManager:
         return list(unneeded.values())
 
     async def _stop_runtimes(self, runtimes: builtins.list[ServiceRuntime]) -> None:
-        selected = {rt.name for rt in runtimes}
+        """Stop ``runtimes``, each after its dependents that are being stopped.
+
+        By this call or by another: a failed start() stops what it launched
+        while a stop() may still be stopping a service that depends on it.
+        """
 
         async def stop_one(rt: ServiceRuntime) -> None:
             try:
-                for other in runtimes:  # dependents first
-                    if rt.name in other.config.depends_on and other.name in selected:
+                for other in self._runtimes.values():  # dependents first
+                    if rt.name in other.config.depends_on and self._stopping[other.name]:
                         await other.done.wait()
                 rt.stop_requested = True
                 if rt.scope is not None:
