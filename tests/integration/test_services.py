@@ -758,3 +758,24 @@ async def test_a_failed_start_stops_a_dependency_after_a_dependent_being_stopped
         assert recorder.first("service_stopped", "api").seq < (
             recorder.first("service_stopped", "kv").seq
         )
+
+
+async def test_a_start_during_the_teardown_raises_infra_closed(tmp_path: Path) -> None:
+    # What it started would outlive the teardown's stop, which it waits for.
+    outcome: list[BaseException] = []
+    async with (
+        anyio.create_task_group() as tg,
+        infra_for(tmp_path, {"svc": stubborn(0.5)}) as infra,
+    ):
+        services = infra.services
+
+        async def start_during_teardown() -> None:
+            while (await services.status())["svc"].state is not ServiceState.STOPPING:
+                await anyio.sleep(0.01)
+            with anyio.fail_after(5), pytest.raises(InfraClosed) as closed:
+                await services.start(["svc"])
+            outcome.append(closed.value)
+
+        tg.start_soon(start_during_teardown)
+    assert "closing" in str(outcome[0])
+    assert (await services.status())["svc"].state is ServiceState.STOPPED

@@ -68,8 +68,8 @@ class _StartCall:
     dependency with it.
     """
 
-    def __init__(self, wanted: Iterable[str]) -> None:
-        self.wanted = set(wanted)
+    def __init__(self, waits_for: Iterable[str]) -> None:
+        self.waits_for = set(waits_for)
         self.launched: builtins.list[ServiceRuntime] = []
 
 
@@ -125,9 +125,9 @@ class ServiceManager:
 
         Returns once all of them are up (healthy, running, or completed for
         one-shot services). If any fails, the services this call started are
-        stopped again (but those that another start() in progress waits for,
-        or that a service left running depends on) and the first failure is
-        raised. A service that is being stopped is started again once it has
+        stopped again, except those that another start() in progress waits
+        for, or that a service left running depends on, and the first failure
+        is raised. A service that is being stopped is started again once it has
         stopped.
         """
         wanted = (
@@ -349,7 +349,7 @@ class ServiceManager:
         """
         while True:
             changed = self._changed
-            if not any(self._stopping[name] for name in call.wanted):
+            if not any(self._stopping[name] for name in call.waits_for):
                 break
             await changed.wait()
         if self._closing:  # what is launched now would outlive the teardown's stop
@@ -358,7 +358,7 @@ class ServiceManager:
             rt = self._runtimes[name]
             # Dependencies that ended are started again; so is anything named
             # explicitly, a completed one-shot job included.
-            if name in call.wanted and not rt.active and (rt.state in _ENDED or name in wanted):
+            if name in call.waits_for and not rt.active and (rt.state in _ENDED or name in wanted):
                 self._spawn(rt)
                 call.launched.append(rt)
 
@@ -386,7 +386,7 @@ class ServiceManager:
         while changed:  # what is kept keeps its own dependencies in turn
             changed = False
             for name in list(unneeded):
-                taker = next((c for c in self._start_calls if name in c.wanted), None)
+                taker = next((c for c in self._start_calls if name in c.waits_for), None)
                 if taker is not None:
                     taker.launched.append(unneeded.pop(name))
                     changed = True
