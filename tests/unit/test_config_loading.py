@@ -449,6 +449,11 @@ def test_port_placeholder_needs_one_obvious_port() -> None:
         ({"tcp": "{port}"}, True),
         ({"tcp": "{host}:{port}"}, True),
         ({"tcp": "localhost:6379"}, True),
+        # The check reads the port with int(), which allows whitespace around it.
+        ({"tcp": " {port}"}, True),
+        ({"tcp": "{port} "}, True),
+        ({"tcp": "localhost: {port}"}, True),
+        ({"tcp": "-1"}, False),
         ({"tcp": "localhost"}, False),  # the port left out
         ({"tcp": "localhost:"}, False),
         ({"tcp": ":6379"}, False),

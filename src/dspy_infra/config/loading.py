@@ -398,11 +398,17 @@ def _probe_target_problem(path: str, template: str, target: str) -> str | None:
     Checked at load time: a target that no check can reach (``tcp = "localhost"``,
     an URL without its ``http://``) otherwise failed every check until the
     probe's deadline, a minute later, with a message that named no key.
-    Auto ports read as 0 here, so 0 passes.
+    Auto ports read as 0 here, so 0 passes. The port is read with int(), as
+    the check reads it: what the check reaches (``" {port}"``, whitespace
+    included) must load.
     """
     if path == "health.tcp":
         host, sep, port = target.rpartition(":")
-        if not (port.isascii() and port.isdigit()) or int(port) > 65535 or (sep and not host):
+        try:
+            reachable = 0 <= int(port) <= 65535 and bool(host or not sep)
+        except ValueError:
+            reachable = False
+        if not reachable:
             return (
                 "expected a port or 'HOST:PORT' (as in '{port}' or '127.0.0.1:{port}'), "
                 f"got {template!r}"
