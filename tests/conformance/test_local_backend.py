@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from dspy_infra._procfs import group_alive
-from dspy_infra.abc import LaunchSpec
+from dspy_infra.abc import ContainerBackend, LaunchSpec
 from dspy_infra.testing.backend_conformance import ContainerBackendConformance, IsGone
 
 LISTEN = """
@@ -42,3 +42,13 @@ class TestLocalBackend(ContainerBackendConformance):
             return not group_alive(int(process_id))
 
         return gone
+
+    async def test_what_fails_in_an_exec_is_raised_as_itself(
+        self, backend: ContainerBackend, sh: Callable[..., LaunchSpec]
+    ) -> None:
+        # Its record fails, the backend being closed: a probe's failure names
+        # that, not an exception group around it.
+        async with self.launched(backend, sh("sleep 1000")) as process:
+            await backend.close()
+            with pytest.raises(RuntimeError, match="a launch recorded in a closed ledger"):
+                await process.exec(("true",))

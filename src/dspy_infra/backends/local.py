@@ -21,6 +21,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import Process
 
+from dspy_infra._groups import ungrouped
 from dspy_infra._lines import decode, lines
 from dspy_infra._process_group import (
     LaunchFailed,
@@ -99,14 +100,17 @@ class LocalProcess:
         launch = self._ledger.number()
         tail = b""
         try:
-            async with anyio.create_task_group() as tg:
-                # Beside the probe, not before it: a check should not wait for
-                # a thread to write the record.
-                tg.start_soon(self._record_probe, launch, process.pid)
-                assert process.stdout is not None
-                async for chunk in process.stdout:
-                    tail = (tail + chunk)[-_EXEC_TAIL:]
-                code = await process.wait()
+            # What fails in the task group is raised as itself: a probe's
+            # failure says what went wrong, not "unhandled errors in a TaskGroup".
+            with ungrouped():
+                async with anyio.create_task_group() as tg:
+                    # Written beside the check, not before it: the thread hop
+                    # overlaps the command's run instead of adding to it.
+                    tg.start_soon(self._record_probe, launch, process.pid)
+                    assert process.stdout is not None
+                    async for chunk in process.stdout:
+                        tail = (tail + chunk)[-_EXEC_TAIL:]
+                    code = await process.wait()
         finally:
             with anyio.CancelScope(shield=True):
                 await stop_group(process, 0)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeAlias, TypeVar
+
+from dspy_infra import _groups
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -88,21 +90,7 @@ def read_token(token_file: Path | None) -> str | None:
 def ungrouped(function: Callable[[A], R], arg: A) -> R:
     """``function(arg)``, with a lone failure that an anyio task group wrapped unwrapped.
 
-    anyio's task groups raise what fails in them as an exception group, even
-    one failure alone; the commands tell a user what failed, not how.
+    The commands tell a user what failed, not how.
     """
-    try:
+    with _groups.ungrouped():
         return function(arg)
-    except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        if len(leaves) != 1:
-            raise
-        raise leaves[0] from None
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
