@@ -217,6 +217,20 @@ async def test_invalid_task(api: Api) -> None:
             await api.submit_tasks("echo", [1], priority=huge)
         # As many attempts as ever: the same on the wire (where it becomes 2**31 - 1).
         assert await (await api.submit_task("echo", 1, max_attempts=huge)).result() == 1
+    # Beyond what the wire holds in 64 (memory_mb) or 32 bits (gpus): refused with
+    # the number as given, never cut (2**64 + 5 arriving as 5) or made negative.
+    # In-process no machine has that much; remotely the client refuses it first.
+    for resources, huge in [
+        *((Resources(memory_mb=n), n) for n in (2**63, 2**64 + 5)),
+        *((Resources(gpus=n), n) for n in (2**31, 2**32 + 5)),
+    ]:
+        with pytest.raises(InvalidTask, match=rf"\b{huge}\b") as caught:
+            await api.submit_task("echo", 1, resources=resources)
+        if isinstance(api, RemoteAgentInfra):
+            field = "memory_mb" if resources.memory_mb else "gpus"
+            assert f"resources.{field} is out of range, got {huge}" in str(caught.value)
+        with pytest.raises(InvalidTask, match=rf"\b{huge}\b"):
+            await api.submit_tasks("echo", [1], resources=resources)
 
 
 # Arguments of the wrong type, as a caller without a type checker passes them,

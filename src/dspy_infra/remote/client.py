@@ -365,10 +365,11 @@ class _RemoteScheduler:
                 yield convert.task_event_from_proto(reply)
 
 
-# What the wire holds in 32 bits: beyond, betterproto2 would cut a number
-# silently (2**32 + 50 arrives as 50). The store's 64 bits, which
-# resources.memory_mb travels in, are checked with the rest.
+# What the wire holds in 32 and 64 bits: beyond, betterproto2 would cut a
+# number silently (2**32 + 50 arrives as 50, 2**64 + 5 as 5). In-process, an
+# amount of any size is checked against the machine.
 _INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 def _check(request: TaskRequest) -> None:
@@ -379,11 +380,12 @@ def _check(request: TaskRequest) -> None:
     if problem := request_error(request):
         raise refused(request.task_id, problem)
     resources = request.resources
-    for name, value in (
-        ("priority", request.priority),
-        ("resources.gpus", resources.gpus if resources else None),
+    for name, value, (low, high) in (
+        ("priority", request.priority, _INT32),
+        ("resources.memory_mb", resources.memory_mb if resources else None, _INT64),
+        ("resources.gpus", resources.gpus if resources else None, _INT32),
     ):
-        if value is not None and not _INT32[0] <= value <= _INT32[1]:
+        if value is not None and not low <= value <= high:
             raise refused(request.task_id, f"{name} is out of range, got {value!r}")
 
 
