@@ -1,17 +1,26 @@
-"""The protocol: the committed generated code is current, and messages round-trip."""
+"""The protocol: the committed generated code is current, messages round-trip, and the
+server's codec reads what protobuf reads and refuses what it refuses."""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hypothesis import given
+import betterproto2
+import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dspy_infra.remote import _convert as convert
+from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
+from dspy_infra.remote.server import _Codec
 from dspy_infra.scheduling.tasks import TaskState, TaskStatus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,3 +123,166 @@ def test_task_status_round_trips(status: TaskStatus) -> None:
     message = convert.task_status_to_proto(status)
     parsed = orch_pb.TaskStatus.parse(bytes(message))
     assert convert.task_status_from_proto(parsed) == status
+
+
+# -- the server's codec ----------------------------------------------------------
+
+# What the requests do not have, and the codec reads all the same: packed
+# numbers of each wire type, a map, a repeated message, bytes. (Messages as
+# betterproto2 generates them: its field() is how a dataclass field is declared.)
+
+
+@dataclass(eq=False, repr=False)
+class _Everything(betterproto2.Message):
+    ints: list[int] = betterproto2.field(1, betterproto2.TYPE_SINT64, repeated=True)
+    doubles: list[float] = betterproto2.field(2, betterproto2.TYPE_DOUBLE, repeated=True)
+    fixed: list[int] = betterproto2.field(3, betterproto2.TYPE_FIXED32, repeated=True)
+    resources: list[orch_pb.Resources] = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    ports: dict[str, int] = betterproto2.field(
+        5,
+        betterproto2.TYPE_MAP,
+        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_INT32),
+    )
+    blob: bytes = betterproto2.field(6, betterproto2.TYPE_BYTES)
+    flag: bool | None = betterproto2.field(7, betterproto2.TYPE_BOOL, optional=True)
+    name: str = betterproto2.field(8, betterproto2.TYPE_STRING)
+
+
+_int64 = st.integers(-(2**63), 2**63 - 1)
+everything = st.builds(
+    _Everything,
+    ints=st.lists(_int64, max_size=4),
+    doubles=st.lists(st.floats(allow_nan=False), max_size=3),
+    fixed=st.lists(st.integers(0, 2**32 - 1), max_size=3),
+    resources=st.lists(
+        st.builds(
+            orch_pb.Resources,
+            cpus=st.none() | st.floats(allow_nan=False),
+            memory_mb=st.none() | _int64,
+            gpus=st.none() | int32,
+        ),
+        max_size=3,
+    ),
+    ports=st.dictionaries(st.text(max_size=5), int32, max_size=3),
+    blob=st.binary(max_size=10),
+    flag=st.none() | st.booleans(),
+    name=st.text(max_size=10),
+)
+
+
+@given(everything)
+def test_the_codec_reads_what_betterproto2_writes(message: _Everything) -> None:
+    data = bytes(message)
+    assert _Codec().decode(data, _Everything) == message
+
+
+@st.composite
+def mangled(draw: st.DrawFn, encodings: st.SearchStrategy[bytes]) -> bytes:
+    """An encoding with a few bytes changed, put in or taken out."""
+    data = bytearray(draw(encodings))
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(data)))
+        edit = draw(st.sampled_from(["change", "insert", "delete"]))
+        byte = draw(st.integers(0, 255))
+        if edit == "insert":
+            data.insert(at, byte)
+        elif at < len(data):
+            if edit == "change":
+                data[at] = byte
+            else:
+                del data[at]
+    return bytes(data)
+
+
+_REQUEST_TYPES: list[type[betterproto2.Message]] = [
+    orch_pb.SubmitTaskRequest,
+    orch_pb.SubmitTasksRequest,
+    orch_pb.StreamEventsRequest,
+    env_pb.StreamLogsRequest,
+    # Not requests, but they have maps and repeated messages.
+    orch_pb.HealthResponse,
+    orch_pb.GetMetricsResponse,
+]
+_encodings = st.one_of(
+    submit_requests.map(bytes),
+    task_statuses.map(lambda status: bytes(convert.task_status_to_proto(status))),
+    st.just(bytes(orch_pb.GetMetricsResponse(values={"a": 1.0, "b": -2.5}))),
+    st.just(
+        bytes(
+            orch_pb.HealthResponse(
+                status="ok",
+                services=[env_pb.ServiceStatus(name="web", ports={"http": 8080})],
+            )
+        )
+    ),
+    st.binary(max_size=40),
+)
+
+
+@settings(max_examples=500)
+@given(data=mangled(_encodings), message_type=st.sampled_from(_REQUEST_TYPES))
+def test_the_codec_refuses_what_protobuf_refuses(
+    data: bytes, message_type: type[betterproto2.Message]
+) -> None:
+    # protobuf's own parser (upb) is the reference: what it refuses (a field
+    # cut short, bad UTF-8, a field number out of range, ...), the codec
+    # refuses, naming what is wrong; what the codec takes, protobuf reads
+    # alike. The codec is stricter in one way: protobuf keeps a field of a
+    # known number sent with another wire type aside, as an unknown field.
+    reference = _protobuf_parsed(data, message_type)
+    protobuf_reads = reference is not None
+    name = message_type.__name__
+    outcome = _decoded(data, message_type)
+    if isinstance(outcome, GRPCError):
+        assert outcome.status is Status.INVALID_ARGUMENT
+        assert (outcome.message or "").startswith(f"the request is not a valid {name}: ")
+        assert not protobuf_reads or "must be" in (outcome.message or ""), outcome.message
+    else:
+        assert protobuf_reads
+        assert outcome == message_type.FromString(reference.SerializeToString())
+
+
+def _protobuf_parsed(data: bytes, message_type: type[betterproto2.Message]) -> Any:
+    """``data`` as protobuf's own parser reads it (protobuf ships no types), or None."""
+    factory = importlib.import_module("google.protobuf.message_factory")
+    errors = importlib.import_module("google.protobuf.message")
+    # The generated classes hold their descriptors, from which protobuf makes its own.
+    reference = factory.GetMessageClass(getattr(message_type, "DESCRIPTOR"))()  # noqa: B009
+    try:
+        reference.ParseFromString(data)
+    except errors.DecodeError:
+        return None
+    return reference
+
+
+def _decoded(data: bytes, message_type: type[betterproto2.Message]) -> Any:
+    """The message the codec makes of ``data``, or the error it raises."""
+    try:
+        return _Codec().decode(data, message_type)
+    except GRPCError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"\x0a\x05\x01\x02", "field 1 (ints) is cut short: its length is 5 bytes, and 2 follow"),
+        (b"\x0a\x01\x80", "field 1 (ints) must be packed sint64s, got a varint cut short"),
+        (b"\x0a\x0b" + b"\xff" * 11, "field 1 (ints) must be packed sint64s, got a varint of over"),
+        (b"\x12\x04\x00\x00\x00\x00", "field 2 (doubles) must be packed doubles, got 4 bytes"),
+        (b"\x19" + b"\x00" * 8, "field 3 (fixed) must be a fixed32, got 8 fixed bytes"),
+        (b"\x22\x00\x22\x02\x0a\x00", "field 4.1 (resources[1].cpus) must be a double, got"),
+        (b"\x2a\x03\x0a\x01\xff", "field 5.1 (ports[0].key) must be a string, got bytes that"),
+        (b"\x32\x02\x00", "field 6 (blob) is cut short: its length is 2 bytes, and 1 follow"),
+        (b"\x22\x01\x80", "field 4 (resources[0]) ends inside a field's key (at byte 2)"),
+    ],
+)
+def test_the_codec_names_what_is_wrong(data: bytes, problem: str) -> None:
+    with pytest.raises(GRPCError) as caught:
+        _Codec().decode(data, _Everything)
+    assert caught.value.status is Status.INVALID_ARGUMENT
+    assert (caught.value.message or "").startswith(
+        f"the request is not a valid _Everything: {problem}"
+    )

@@ -49,7 +49,7 @@ from collections.abc import (
     Mapping,
 )
 from contextlib import aclosing, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
 import anyio
@@ -395,36 +395,73 @@ async def _bind(host: str, port: int) -> socket.socket:
 
 
 class _Codec(ProtoCodec):
-    """grpclib's codec, with bytes that are not the request (bad UTF-8, bad wire format) refused.
+    """grpclib's codec, with bytes that are not the request refused before they are parsed.
 
-    Without it the decoding error escapes from inside the handler, and the
-    client of a bad message would get INTERNAL, as for a bug of the server.
-    betterproto2 also accepts a field sent with another wire type than its
-    own (a number where a string belongs) and keeps the number: encoding the
-    message again finds that (~10-20 us for a SubmitTaskRequest, about as
-    much as parsing it), so that no handler sees a string field that is not
-    a str. It lets through what encodes again: an integer sent for a double
-    (``timeout``, ``Resources.cpus``) arrives as an int.
+    betterproto2's parser trusts its bytes: it keeps a field sent with another
+    wire type than its own as it came (a number where a string belongs, which
+    a handler would then trip on; for a message or bytes field, a number n
+    that encoding turns into n bytes, so that six bytes could make the server
+    allocate gigabytes), and reads a length prefix longer than what follows
+    as whatever follows. So one pass over the bytes (:class:`_WireCheck`)
+    comes first: it refuses, naming the field, one whose wire type is not its
+    type's, one cut short, and a string that is not UTF-8, before
+    betterproto2 sees any of it. Left to the parser then are bytes it reads
+    right; whatever it raises besides is refused as not a valid message, but
+    a MemoryError is the server's own failure, not the request's.
     """
 
     def decode(self, data: bytes, message_type: Any) -> Any:
-        try:
-            return _parsed(message_type, data)
-        except Exception:  # noqa: BLE001 - whatever the parser raises, the input is bad
-            name = getattr(message_type, "__name__", "message")
-            problem = _wire_problem(data, message_type)
-            detail = f": {problem}" if problem else ""
+        name = getattr(message_type, "__name__", "message")
+        # (Not a betterproto2 message: one of grpc.health.v1's or reflection's,
+        # which protobuf parses.)
+        ours = isinstance(message_type, type) and issubclass(message_type, betterproto2.Message)
+        if ours and (problem := _WireCheck(memoryview(data)).problem(message_type)):
             raise GRPCError(
-                Status.INVALID_ARGUMENT, f"the request is not a valid {name}{detail}"
-            ) from None
+                Status.INVALID_ARGUMENT, f"the request is not a valid {name}: {problem}"
+            )
+        try:
+            return message_type.FromString(data)  # as grpclib's ProtoCodec decodes
+        except MemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - whatever else the parser raises, the input is bad
+            raise GRPCError(Status.INVALID_ARGUMENT, f"the request is not a valid {name}") from None
 
 
-def _parsed(message_type: Any, data: bytes) -> Any:
-    """``data`` as a ``message_type``, which encodes again; or whatever the parser raises."""
-    message = message_type.FromString(data)  # as grpclib's ProtoCodec decodes
-    message.SerializeToString()
-    return message
+# A varint holds at most 64 bits, 7 to a byte: 10 bytes, as betterproto2 reads it.
+_VARINT_MAX_BYTES = 10
+# Protobuf numbers a field from 1 to 2**29 - 1.
+_MAX_FIELD_NUMBER = 2**29 - 1
+# The positions that _varint gives for bytes that end inside a varint, and
+# for a varint over _VARINT_MAX_BYTES.
+_CUT = -1
+_TOO_LONG = -2
 
+
+def _varint(data: memoryview, pos: int, end: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it; or 0 and _CUT or _TOO_LONG."""
+    value = shift = 0
+    for i in range(pos, min(end, pos + _VARINT_MAX_BYTES)):
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i + 1
+        shift += 7
+    return 0, _CUT if end < pos + _VARINT_MAX_BYTES else _TOO_LONG
+
+
+# The wire type that each proto type is sent as. Besides, a repeated number
+# may come packed: length-delimited, as proto3 sends it.
+_WIRE_TYPE_OF = {
+    **dict.fromkeys(betterproto2.WIRE_VARINT_TYPES, betterproto2.WIRE_VARINT),
+    **dict.fromkeys(betterproto2.WIRE_FIXED_32_TYPES, betterproto2.WIRE_FIXED_32),
+    **dict.fromkeys(betterproto2.WIRE_FIXED_64_TYPES, betterproto2.WIRE_FIXED_64),
+    **dict.fromkeys(betterproto2.WIRE_LEN_DELIM_TYPES, betterproto2.WIRE_LEN_DELIM),
+}
+_FIXED_SIZE = {betterproto2.WIRE_FIXED_64: 8, betterproto2.WIRE_FIXED_32: 4}
+_PACKABLE = frozenset(betterproto2.PACKED_TYPES)
+# Length-delimited, each element a field of its own: never packed together.
+_NEVER_PACKED = frozenset(betterproto2.WIRE_LEN_DELIM_TYPES)
+_MESSAGES = frozenset({betterproto2.TYPE_MESSAGE, betterproto2.TYPE_MAP})
 
 # How each wire type reads in a refusal.
 _WIRE_TYPES = {
@@ -435,69 +472,183 @@ _WIRE_TYPES = {
 }
 
 
-def _wire_problem(data: bytes, message_type: Any, number: str = "", path: str = "") -> str | None:
-    """Which field of ``data`` the message type cannot take, and why; None if none is to blame.
+class _WireCheck:
+    """One pass over a request's bytes, as protobuf's wire format reads them.
 
-    Each field is decoded (and encoded again) alone, as the whole message
-    was, so that the field named is the one the parser failed on, whatever
-    it accepts besides (a varint for a double); a message field is looked
-    into for the field of its own to blame. Only for a message that failed:
-    it costs a parse per field.
+    :meth:`problem` says which field a message type cannot take from them,
+    and why, or None: a field cut short (a length or a varint that runs past
+    the end of its message, a varint over 10 bytes), one of a known number
+    whose wire type is not its type's, a string that is not UTF-8, and the
+    same within each message field. Each field is read once, and only a
+    string is decoded (as UTF-8) and a message field looked into; nothing is
+    kept but a count per repeated field, and the pass stops at the first
+    problem.
     """
-    if not (isinstance(message_type, type) and issubclass(message_type, betterproto2.Message)):
-        return None  # grpc.health.v1's and reflection's, from protobuf
-    # (betterproto2 types its classproperty for a Message's subclasses only.)
-    meta = message_type._betterproto  # type: ignore[arg-type]
-    try:
-        fields = list(betterproto2.parse_fields(data))
-    except (EOFError, ValueError):
+
+    def __init__(self, data: memoryview):
+        self._data = data
+
+    def problem(
+        self,
+        message_type: type[betterproto2.Message],
+        start: int = 0,
+        end: int | None = None,
+        *,
+        number: str = "",
+        path: str = "",
+        within: str = "the message",
+    ) -> str | None:
+        """What is wrong with the message between ``start`` and ``end``, or None.
+
+        ``number``, ``path`` and ``within`` say where the message is (``10.``,
+        ``resources.``, ``field 10 (resources)``): at the top, nothing.
+        """
+        data = self._data
+        end = len(data) if end is None else end
+        # (betterproto2 types its classproperty for a Message's subclasses only.)
+        meta = message_type._betterproto  # type: ignore[arg-type]
+        counts: dict[int, int] = {}
+        pos = start
+        while pos < end:
+            key = data[pos]
+            key, after = (key, pos + 1) if key < 0x80 else _varint(data, pos, end)
+            field_number, wire_type = key >> 3, key & 7
+            if after < 0 or not 0 < field_number <= _MAX_FIELD_NUMBER:
+                return f"{within} {_key_problem(after, field_number)} (at byte {pos})"
+            name = meta.field_name_by_number.get(field_number)
+            if name is None:  # kept aside by betterproto2, never the problem unless cut short
+                span = _span(data, after, end, wire_type)
+                if isinstance(span, str):
+                    return f"field {number}{field_number} {span}"
+                pos = span[1]
+                continue
+            field = meta.meta_by_field_name[name]
+            nth = -1
+            if field.repeated or field.proto_type == betterproto2.TYPE_MAP:  # an entry a field
+                nth = counts[field_number] = counts.get(field_number, -1) + 1
+            at = _At(number, field_number, path, name, nth)
+            if wire_type != _WIRE_TYPE_OF[field.proto_type] and not (
+                wire_type == betterproto2.WIRE_LEN_DELIM
+                and field.repeated
+                and field.proto_type in _PACKABLE
+            ):
+                sent = _WIRE_TYPES.get(wire_type, f"wire type {wire_type}")
+                return f"{at.where(meta)} must be {_kind(meta, name)}, got {sent}"
+            span = _span(data, after, end, wire_type)
+            if isinstance(span, str):
+                return f"{at.where(meta)} {span}"
+            if problem := self._value(meta, wire_type, span, at):
+                return problem
+            pos = span[1]
         return None
-    seen: dict[int, int] = {}
-    for parsed in fields:
-        name = meta.field_name_by_number.get(parsed.number)
-        if name is None:  # an unknown field is kept aside, never the problem
-            continue
-        index = seen[parsed.number] = seen.get(parsed.number, -1) + 1
-        if _decodes(message_type, parsed.raw):
-            continue
-        proto_type = meta.meta_by_field_name[name].proto_type
-        label = f"{path}{name}"
-        if meta.meta_by_field_name[name].repeated and proto_type in _NEVER_PACKED:
-            label = f"{label}[{index}]"
-        where = f"field {number}{parsed.number} ({label})"
-        if parsed.wire_type != betterproto2.WIRE_LEN_DELIM or proto_type not in _NEVER_PACKED:
-            sent = _WIRE_TYPES.get(parsed.wire_type, f"wire type {parsed.wire_type}")
-            return f"{where} must be {_kind(proto_type)}, got {sent}"
-        if proto_type == betterproto2.TYPE_STRING:
-            return f"{where} must be a string, got bytes that are not UTF-8"
-        inner = meta.cls_by_field[name]
-        return (
-            _wire_problem(parsed.value, inner, f"{number}{parsed.number}.", f"{label}.")
-            or f"{where} must be {_kind(proto_type)}, got bytes that are not one"
-        )
+
+    def _value(self, meta: Any, wire_type: int, span: tuple[int, int], at: _At) -> str | None:
+        """What is wrong with the value, in ``span``, of the known field ``at``, or None."""
+        begin, end = span
+        proto_type = meta.meta_by_field_name[at.name].proto_type
+        expected = _WIRE_TYPE_OF[proto_type]
+        if wire_type != expected:  # numbers, packed
+            if problem := _packed_problem(self._data, begin, end, expected):
+                return f"{at.where(meta)} must be packed {proto_type}s, got {problem}"
+        elif proto_type == betterproto2.TYPE_STRING:
+            try:
+                str(self._data[begin:end], "utf-8")
+            except UnicodeDecodeError:
+                return f"{at.where(meta)} must be a string, got bytes that are not UTF-8"
+        elif proto_type in _MESSAGES:
+            return self.problem(
+                _message_class(meta, at.name),
+                begin,
+                end,
+                number=f"{at.number}{at.field_number}.",
+                path=f"{at.label(meta)}.",
+                within=at.where(meta),
+            )
+        return None
+
+
+class _At(NamedTuple):
+    """Where a known field is, put in words only for a refusal."""
+
+    number: str  # the numbers of the messages it is in: "10." within resources
+    field_number: int
+    path: str  # their names: "resources."
+    name: str
+    nth: int  # which one of a repeated field it is (from 0), else -1
+
+    def label(self, meta: Any) -> str:
+        """``resources.gpus``, or ``payloads_json[1]``: an element of a repeated
+        string, bytes or message field by its index."""
+        proto_type = meta.meta_by_field_name[self.name].proto_type
+        if self.nth >= 0 and proto_type in _NEVER_PACKED:
+            return f"{self.path}{self.name}[{self.nth}]"
+        return f"{self.path}{self.name}"
+
+    def where(self, meta: Any) -> str:
+        """``field 10.3 (resources.gpus)``"""
+        return f"field {self.number}{self.field_number} ({self.label(meta)})"
+
+
+def _span(data: memoryview, after: int, end: int, wire_type: int) -> tuple[int, int] | str:
+    """Where the value of a field whose key ends at ``after`` begins, and where
+    the next field does; or what is wrong with it."""
+    if wire_type == betterproto2.WIRE_VARINT:
+        begin = after
+        _, pos = _varint(data, after, end)
+    elif wire_type == betterproto2.WIRE_LEN_DELIM:
+        length = data[after] if after < end else 0x80
+        length, begin = (length, after + 1) if length < 0x80 else _varint(data, after, end)
+        if begin < 0:
+            return _varint_problem(" length", begin)
+        pos = begin + length
+        if pos > end:
+            return f"is cut short: its length is {length} bytes, and {end - begin} follow"
+    elif size := _FIXED_SIZE.get(wire_type):
+        begin, pos = after, after + size
+        if pos > end:
+            return f"is cut short: it is {size} bytes, and {end - after} follow"
+    else:  # a group (3 and 4, which proto3 has not), or none (6 and 7)
+        return f"has wire type {wire_type}, which this server does not read"
+    return (begin, pos) if pos >= 0 else _varint_problem("", pos)
+
+
+def _packed_problem(data: memoryview, begin: int, end: int, wire_type: int) -> str | None:
+    """What is wrong with the packed numbers between ``begin`` and ``end``, or None."""
+    if size := _FIXED_SIZE.get(wire_type):
+        length = end - begin
+        return f"{length} bytes, not a multiple of {size}" if length % size else None
+    pos = begin
+    while pos < end:
+        _, pos = _varint(data, pos, end)
+        if pos < 0:
+            return "a varint cut short" if pos == _CUT else "a varint of over 10 bytes"
     return None
 
 
-def _decodes(message_type: type[betterproto2.Message], data: bytes) -> bool:
-    try:
-        _parsed(message_type, data)
-    except Exception:  # noqa: BLE001 - whatever the parser raises, these bytes are bad
-        return False
-    return True
+def _key_problem(after: int, field_number: int) -> str:
+    if after == _CUT:
+        return "ends inside a field's key"
+    if after == _TOO_LONG:
+        return "has a field's key of over 10 bytes"
+    return f"has a field numbered {field_number}, which no field can be (1 to {_MAX_FIELD_NUMBER})"
 
 
-# Length-delimited, each element a field of its own: never packed together.
-_NEVER_PACKED = frozenset(
-    {
-        betterproto2.TYPE_STRING,
-        betterproto2.TYPE_BYTES,
-        betterproto2.TYPE_MESSAGE,
-        betterproto2.TYPE_MAP,
-    }
-)
+def _varint_problem(what: str, pos: int) -> str:
+    if pos == _CUT:
+        return f"is cut short: the bytes end inside its{what} varint"
+    return f"has a{what} varint of over 10 bytes"
 
 
-def _kind(proto_type: str) -> str:
+def _message_class(meta: Any, name: str) -> type[betterproto2.Message]:
+    """The class of a message field's value, from its type's metadata."""
+    unwrap = meta.meta_by_field_name[name].unwrap
+    return unwrap() if unwrap else meta.cls_by_field[name]  # type: ignore[no-any-return]
+
+
+def _kind(meta: Any, name: str) -> str:
+    proto_type: str = meta.meta_by_field_name[name].proto_type
+    if proto_type == betterproto2.TYPE_MESSAGE:
+        return f"a {_message_class(meta, name).__name__} message"
     article = "an" if proto_type[0] in "aeiou" else "a"
     return f"{article} {proto_type}"
 
