@@ -150,6 +150,27 @@ class _Everything(betterproto2.Message):
     name: str = betterproto2.field(8, betterproto2.TYPE_STRING)
 
 
+@dataclass(eq=False, repr=False)
+class _Fewer(betterproto2.Message):
+    """_Everything as an older server knows it: fields 1, 3, 6 and 8 unknown, and
+    field 3 of each Resources."""
+
+    doubles: list[float] = betterproto2.field(2, betterproto2.TYPE_DOUBLE, repeated=True)
+    resources: list[_OldResources] = betterproto2.field(4, betterproto2.TYPE_MESSAGE, repeated=True)
+    ports: dict[str, int] = betterproto2.field(
+        5,
+        betterproto2.TYPE_MAP,
+        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_INT32),
+    )
+    flag: bool | None = betterproto2.field(7, betterproto2.TYPE_BOOL, optional=True)
+
+
+@dataclass(eq=False, repr=False)
+class _OldResources(betterproto2.Message):
+    cpus: float | None = betterproto2.field(1, betterproto2.TYPE_DOUBLE, optional=True)
+    memory_mb: int | None = betterproto2.field(2, betterproto2.TYPE_INT64, optional=True)
+
+
 _int64 = st.integers(-(2**63), 2**63 - 1)
 everything = st.builds(
     _Everything,
@@ -176,6 +197,13 @@ everything = st.builds(
 def test_the_codec_reads_what_betterproto2_writes(message: _Everything) -> None:
     data = bytes(message)
     assert _Codec().decode(data, _Everything) == message
+    # A field that the type does not know is left out, at any depth.
+    fewer = _Codec().decode(data, _Fewer)
+    assert fewer == _Fewer.FromString(data)
+    assert fewer.doubles == message.doubles
+    assert [r.memory_mb for r in fewer.resources] == [r.memory_mb for r in message.resources]
+    assert fewer._unknown_fields == b""
+    assert all(r._unknown_fields == b"" for r in fewer.resources)
 
 
 @st.composite
