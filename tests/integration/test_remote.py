@@ -717,6 +717,23 @@ async def test_non_loopback_needs_tls_and_token(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="not a loopback address"):
             async with serve(infra, "0.0.0.0:0", tls=context):
                 pass
+        # False is plain text, as for connect(): refused here as None is, never
+        # let through to fail in asyncio ("ssl argument must be an SSLContext").
+        with pytest.raises(ConfigError, match="not a loopback address"):
+            await server_module.check_serving("0.0.0.0:0", token="t", tls=False)
+        with pytest.raises(ConfigError, match="not a loopback address"):
+            async with serve(infra, "0.0.0.0:0", token="t", tls=False):
+                pass
+        # Anything else is no TLS setting: never served as if it were TLS.
+        for wrong in ("yes", True, 1):
+            for address in ("0.0.0.0:0", "127.0.0.1:0"):
+                with pytest.raises(ConfigError, match=r"tls must be an ssl\.SSLContext .* got"):
+                    await server_module.check_serving(address, token="t", tls=wrong)  # type: ignore[arg-type]
+                with pytest.raises(ConfigError, match=r"tls must be an ssl\.SSLContext .* got"):
+                    async with serve(infra, address, token="t", tls=wrong):  # type: ignore[arg-type]
+                        pass
+        async with serve(infra, "127.0.0.1:0", tls=False) as srv:
+            assert not srv.tls
         with pytest.raises(ConfigError, match="HOST:PORT"):
             async with serve(infra, "localhost"):
                 pass

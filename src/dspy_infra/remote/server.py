@@ -149,16 +149,18 @@ async def serve(
     address: str = DEFAULT_ADDRESS,
     *,
     token: str | None = None,
-    tls: ssl.SSLContext | None = None,
+    tls: ssl.SSLContext | bool | None = None,
 ) -> AsyncIterator[RemoteServer]:
     """Serve ``infra`` on ``address`` until the block ends; then close every call and the socket.
 
     ``tls`` is a server TLS context (its certificate loaded, ALPN ``h2``
-    offered). Raises :class:`~dspy_infra.errors.ConfigError`, binding
-    nothing, for an address that is not loopback without both ``tls`` and
-    ``token``, and :class:`OSError` if the address cannot be bound.
+    offered), or None or False for plain text. Raises
+    :class:`~dspy_infra.errors.ConfigError`, binding nothing, for a ``tls``
+    that is neither, for an address that is not loopback without both
+    ``tls`` and ``token``, and :class:`OSError` if the address cannot be bound.
     """
     host, port = await check_serving(address, token=token, tls=tls)
+    tls = _server_tls(tls)
     guard = _Guard(token, max_request_bytes(infra.config.infra.max_payload_bytes))
     server = _Server([guard.wrap(s) for s in _services(infra, guard)], codec=_Codec())
     sock = await _bind(host or "0.0.0.0", port)  # noqa: S104 - refused above without TLS and token
@@ -183,7 +185,7 @@ async def serve(
 
 
 async def check_serving(
-    address: str, *, token: str | None = None, tls: ssl.SSLContext | None = None
+    address: str, *, token: str | None = None, tls: ssl.SSLContext | bool | None = None
 ) -> tuple[str, int]:
     """What :func:`serve` checks before it binds: the host and port, or ConfigError.
 
@@ -193,13 +195,26 @@ async def check_serving(
     host, port = parse_address(address)
     if problem := token_error(token):
         raise ConfigError(problem)
-    if not await is_loopback(host) and (tls is None or token is None):
+    context = _server_tls(tls)
+    if not await is_loopback(host) and (context is None or token is None):
         raise ConfigError(
             f"refusing to serve on {address}: it is not a loopback address, and any other "
             "address needs TLS and a token (give both a certificate and a token, "
             "or bind 127.0.0.1)"
         )
     return host, port
+
+
+def _server_tls(tls: object) -> ssl.SSLContext | None:
+    """``tls`` as a context, or None for plain text; ConfigError for what is neither."""
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if tls is None or tls is False:
+        return None
+    raise ConfigError(
+        "tls must be an ssl.SSLContext (a server context, its certificate loaded), "
+        f"or None or False (plain text), got {tls!r}"
+    )
 
 
 class _Server(Server):
