@@ -135,6 +135,32 @@ def test_no_server_is_exit_3_with_a_clear_message(tmp_path: Path) -> None:
         assert done.stdout == ""
         assert done.stderr.startswith(f"error: no dspy-infra server answers at 127.0.0.1:{port}")
         assert "dspy-infra serve" in done.stderr
+        # Connected in plain text: how to connect with TLS, as this command does it.
+        assert done.stderr.endswith(
+            "If it serves TLS, connect with TLS "
+            "(--tls, or --tls-ca FILE for a self-signed certificate)\n"
+        )
+    # Connected with TLS: nothing of the kind.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dspy_infra.cli",
+            "status",
+            "--tls",
+            "--address",
+            f"127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=clean_environ(),
+        check=False,
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.startswith(f"error: no dspy-infra server answers at 127.0.0.1:{port}")
+    assert "TLS" not in done.stderr
 
 
 async def test_submit_task_and_wait(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -753,10 +753,20 @@ async def test_no_server_is_a_clear_error() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(
-        BackendUnavailable, match=f"no dspy-infra server answers at 127.0.0.1:{port}"
-    ):
+        ServerUnavailable, match=f"no dspy-infra server answers at 127.0.0.1:{port}"
+    ) as caught:
         async with AgentInfra.connect(f"127.0.0.1:{port}"):
             pass
+    # Perhaps a server that serves TLS, which drops a plain-text client: said
+    # so for any caller, and told apart so that a caller can say how it is done.
+    assert str(caught.value).endswith("If it serves TLS, connect with TLS")
+    assert caught.value.plain_text
+    assert not caught.value.token_refused
+    with pytest.raises(ServerUnavailable) as caught:
+        async with AgentInfra.connect(f"127.0.0.1:{port}", tls=True):
+            pass
+    assert not caught.value.plain_text
+    assert "TLS" not in str(caught.value)
 
 
 async def test_connection_is_entered_once_and_closed_after(tmp_path: Path) -> None:
@@ -2012,7 +2022,10 @@ async def test_tls_and_token_end_to_end(
         # A plain-text client (tls None or False): a clear error, and its task is
         # not left cancelled (grpclib cancels it to wake it when the connection drops).
         for plain in (None, False):
-            with anyio.fail_after(10), pytest.raises(BackendUnavailable, match="serves TLS"):
+            with (
+                anyio.fail_after(10),
+                pytest.raises(ServerUnavailable, match=r"If it serves TLS, connect with TLS$"),
+            ):
                 async with AgentInfra.connect(address, token="s3cret", tls=plain):
                     pass
             assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
@@ -2040,3 +2053,11 @@ async def test_tls_and_token_end_to_end(
                 check=False,
             )
         assert done.returncode == 0, done.stderr.decode()
+        # Neither: the command line's own advice, --tls-ca for this self-signed certificate.
+        with anyio.fail_after(60):
+            done = await anyio.run_process([*command, "--address", address], env=env, check=False)
+        assert done.returncode == 3, done.stderr.decode()
+        assert done.stderr.decode().endswith(
+            "If it serves TLS, connect with TLS "
+            "(--tls, or --tls-ca FILE for a self-signed certificate)\n"
+        )

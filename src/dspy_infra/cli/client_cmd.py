@@ -221,9 +221,13 @@ def _run(command: _Command, args: argparse.Namespace) -> int:
     try:
         return ungrouped(anyio.run, main)
     except ServerUnavailable as exc:
-        # The library's message is for every caller; how to give a token is the command line's.
-        hint = f" (give its token with --token-file PATH or ${TOKEN_ENV})"
-        message = f"{exc}{hint}" if exc.token_refused else str(exc)
+        # The library's message is for every caller; how to give a token, or
+        # to connect with TLS, is the command line's.
+        message = str(exc)
+        if exc.token_refused:
+            message = f"{message} (give its token with --token-file PATH or ${TOKEN_ENV})"
+        elif exc.plain_text:
+            message = f"{message} (--tls, or --tls-ca FILE for a self-signed certificate)"
         raise CommandError(message, code=EXIT_NO_SERVER) from None
     except (UnknownTask, UnknownService) as exc:
         raise CommandError(str(exc), code=EXIT_NOT_FOUND) from None

@@ -117,13 +117,17 @@ class ServerUnavailable(BackendUnavailable):
     A :class:`~dspy_infra.errors.BackendUnavailable`, told apart from one
     that the server raised itself (its Docker engine is down, say): the
     command line exits 3 for this one. ``token_refused`` tells the last case,
-    so that a caller can say how its user gives a token (the message is the
-    same for all callers).
+    so that a caller can say how its user gives a token; ``plain_text``
+    tells that no server answered a client that connected without TLS (a
+    server that serves TLS drops such a client at once), so that a caller
+    can say how its user connects with TLS. The message is the same for all
+    callers.
     """
 
-    def __init__(self, message: str, *, token_refused: bool = False):
+    def __init__(self, message: str, *, token_refused: bool = False, plain_text: bool = False):
         super().__init__(message)
         self.token_refused = token_refused
+        self.plain_text = plain_text
 
 
 class _Lifecycle(enum.Enum):
@@ -236,10 +240,11 @@ class _Connection:
             if isinstance(exc, GRPCError):
                 raise self._error(exc, opened) from None
             # A TLS server drops a plain-text client's connection at once.
-            hint = "" if self._tls else " If it serves TLS, pass tls=... (--tls on the CLI)."
+            hint = "" if self._tls else " If it serves TLS, connect with TLS"
             raise ServerUnavailable(
                 f"no dspy-infra server answers at {self.address} ({exc or type(exc).__name__}): "
-                f"is `dspy-infra serve` running there?{hint}"
+                f"is `dspy-infra serve` running there?{hint}",
+                plain_text=not self._tls,
             ) from exc
 
     def _error(self, exc: GRPCError, stream: Stream[Any, Any] | None) -> Exception:
