@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -889,6 +889,40 @@ async def test_json_nested_too_deeply_from_another_client_is_invalid_argument(
         "inputs_json is nested too deeply",
     }
     assert not [r for r in caplog.records if r.name == "dspy_infra.remote"], "a call failed inside"
+
+
+async def test_a_recursion_error_inside_the_library_is_not_the_clients_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only decoding a JSON field is the client's mistake when it recurses too
+    # deeply: the same error from inside create() or start_run() is a bug of
+    # the library's, INTERNAL and logged, never "spec_json is nested too deeply".
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    async with (
+        make_infra(tmp_path) as infra,
+        serve(infra, "127.0.0.1:0") as srv,
+        AgentInfra.connect(srv.address) as remote,
+    ):
+        workflow = await remote.workflows.create(CHAIN)
+        monkeypatch.setattr(infra.workflows, "create", broken)
+        monkeypatch.setattr(infra.workflows, "start_run", broken)
+        calls: list[Callable[[], Awaitable[Any]]] = [
+            lambda: remote.workflows.create(CHAIN),
+            lambda: remote.workflows.start_run(workflow.workflow_id, {"n": 1}),
+        ]
+        for call in calls:
+            with pytest.raises(
+                InfraError, match="answered INTERNAL: internal server error"
+            ) as info:
+                await call()
+            assert not isinstance(info.value, InvalidWorkflow)
+    failed = [r.getMessage() for r in caplog.records if r.name == "dspy_infra.remote"]
+    assert failed == [
+        "a call to /orchestrator.v1.Orchestrator/CreateWorkflow failed",
+        "a call to /orchestrator.v1.Orchestrator/StartWorkflowRun failed",
+    ]
 
 
 async def test_a_negative_logs_tail_from_another_client_is_invalid_argument(

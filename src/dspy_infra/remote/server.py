@@ -45,7 +45,6 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Iterator,
     Mapping,
 )
 from contextlib import aclosing, asynccontextmanager
@@ -902,29 +901,23 @@ class _Streaming:
                 await stream.send_message(message)
 
 
-@contextlib.contextmanager
-def _json_field(field: str, refuse: Callable[[str], InfraError]) -> Iterator[None]:
-    """Around the decoding of a JSON field and what uses the value: ``refuse(why)``
-    for JSON nested deeper than Python recurses.
+def _load_json(text: str, field: str, refuse: Callable[[str], InfraError]) -> Any:
+    """``text`` decoded, or ``refuse(why)`` raised, naming ``field``.
 
-    That depth (about a thousand levels, less what the stack holds already)
-    is the client's mistake as much as a syntax error is, never a failure of
-    the server's; and a value just shallow enough to decode may still be too
-    deep for the code that walks it next (a workflow spec's checks).
+    JSON nested deeper than Python recurses (about a thousand levels, less
+    what the stack holds already) is the client's mistake as much as a
+    syntax error is, never a failure of the server's. Only the decoding is
+    looked at: a value just shallow enough to decode, and too deep for what
+    walks it next, is refused there (a workflow spec's checks of its
+    payloads, the engine's of a run's inputs), and a RecursionError anywhere
+    else is a bug.
     """
     try:
-        yield
+        return convert.load_json(text)
     except RecursionError:
         raise refuse(f"{field} is nested too deeply") from None
-
-
-def _load_json(text: str, field: str, refuse: Callable[[str], InfraError]) -> Any:
-    """``text`` decoded, or ``refuse(why)`` raised, naming ``field``."""
-    with _json_field(field, refuse):
-        try:
-            return convert.load_json(text)
-        except ValueError as exc:
-            raise refuse(f"{field} is not JSON ({exc})") from None
+    except ValueError as exc:
+        raise refuse(f"{field} is not JSON ({exc})") from None
 
 
 def _load_payload(text: str, task_id: str | None, field: str = "payload_json") -> Any:
@@ -1022,8 +1015,7 @@ class _Orchestrator(_Streaming, orch_pb.OrchestratorBase):
     ) -> orch_pb.CreateWorkflowResponse:
         # Always a mapping, never a path: nothing here reads the server's files.
         data = _load_json(message.spec_json, "spec_json", _refuse_workflow)
-        with _json_field("spec_json", _refuse_workflow):
-            workflow = await self._infra.workflows.create(WorkflowSpec.from_mapping(data))
+        workflow = await self._infra.workflows.create(WorkflowSpec.from_mapping(data))
         return orch_pb.CreateWorkflowResponse(
             workflow_id=workflow.workflow_id,
             spec_json=convert.dump_json(workflow.spec.to_mapping()),
@@ -1041,10 +1033,9 @@ class _Orchestrator(_Streaming, orch_pb.OrchestratorBase):
         inputs = _load_json(message.inputs_json, "inputs_json", refuse)
         if inputs is not None and not isinstance(inputs, dict):
             raise refuse(f"inputs_json must be a JSON object, got {inputs!r}")
-        with _json_field("inputs_json", refuse):
-            handle = await self._infra.workflows.start_run(
-                message.workflow_id, inputs, run_id=message.run_id
-            )
+        handle = await self._infra.workflows.start_run(
+            message.workflow_id, inputs, run_id=message.run_id
+        )
         return orch_pb.StartWorkflowRunResponse(run_id=handle.run_id)
 
     async def get_workflow_run(
