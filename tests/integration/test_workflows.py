@@ -470,3 +470,40 @@ async def test_a_run_whose_caller_is_cancelled_once_it_is_written_is_driven(
         again = await infra.workflows.start_run(workflow.workflow_id, {"x": 2}, run_id="r")
         assert (await again.wait()).results() == {"double": 4}
     assert doubled == [2]
+
+
+async def test_a_failed_step_cancels_running_steps_and_never_runs_pending_ones(
+    tmp_path: Path,
+) -> None:
+    started = anyio.Event()
+
+    async def hang(payload: Any) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async def fail(payload: Any) -> None:
+        await started.wait()
+        raise RuntimeError("broken")
+
+    spec = {
+        "name": "fails",
+        "steps": {
+            "bad": {"handler": "fail"},
+            "slow": {"handler": "hang"},
+            "later": {"handler": "hang", "depends_on": ["slow"]},
+        },
+    }
+    async with AgentInfra.start(
+        state_dir=tmp_path / "state", handlers={"hang": hang, "fail": fail}
+    ) as infra:
+        workflow = await infra.workflows.create(spec)
+        with anyio.fail_after(10):
+            status = await (await infra.workflows.start_run(workflow.workflow_id)).wait()
+        assert status.state is RunState.FAILED
+        assert status.steps["bad"].state is StepState.FAILED
+        # 'slow' ran (it was cut short); 'later' never did: each is told so.
+        slow, later = status.steps["slow"], status.steps["later"]
+        assert (slow.state, slow.error) == (StepState.CANCELLED, "cancelled: step 'bad' failed")
+        assert (later.state, later.error) == (StepState.CANCELLED, "not run: step 'bad' failed")
+        assert (await infra.get_task_status(slow.task_ids[0])).state is TaskState.CANCELLED
+        assert later.task_ids == ()

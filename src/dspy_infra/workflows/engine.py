@@ -525,11 +525,15 @@ class WorkflowEngine:
         # a close() of the instance cancels this task from outside, and the
         # run stays 'running' in the store.
         if run.cancel_requested:
-            await self._cascade(run, "cancelled by cancel_run()")
+            await self._cascade(run, "cancelled by cancel_run()", "cancelled by cancel_run()")
             await self._finish(run, RunState.CANCELLED, "cancelled")
         elif failed:
             first = failed[0]
-            await self._cascade(run, f"not run: step {first.name!r} failed")
+            await self._cascade(
+                run,
+                f"cancelled: step {first.name!r} failed",
+                f"not run: step {first.name!r} failed",
+            )
             await self._finish(run, RunState.FAILED, f"step {first.name!r} failed: {first.error}")
         else:
             await self._finish(run, RunState.SUCCEEDED, None)
@@ -649,8 +653,13 @@ class WorkflowEngine:
         step.result = [results[t] for t in task_ids]
         return None
 
-    async def _cascade(self, run: _Run, reason: str) -> None:
-        """Cancel the tasks of the steps still running; the pending steps never start."""
+    async def _cascade(self, run: _Run, running: str, pending: str) -> None:
+        """Cancel the tasks of the steps still running; the pending steps never start.
+
+        Each is marked cancelled, with the error ``running`` for a step whose
+        tasks were submitted (they may have done part of their work) and
+        ``pending`` for one that never submitted any.
+        """
         async with anyio.create_task_group() as tg:
             for step in run.steps.values():
                 if step.state is StepState.RUNNING:
@@ -658,6 +667,7 @@ class WorkflowEngine:
                         tg.start_soon(self._cancel_task, task_id)
         for step in run.steps.values():
             if not step.state.finished:
+                reason = running if step.task_ids else pending
                 step.state = StepState.CANCELLED
                 step.error = reason
                 step.finished_at = time.time()
