@@ -21,7 +21,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -241,8 +241,7 @@ class WorkflowSpec:
         cycle = find_cycle({name: step.depends_on for name, step in by_name.items()})
         if cycle is not None:
             raise InvalidWorkflow(f"{where}: cycle: {' -> '.join(cycle)}")
-        for step in self.steps:
-            _check_references(where, step, by_name)
+        _check_references(where, self.steps, by_name, self.order)
 
 
 def _tables(name: str, data: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -310,20 +309,44 @@ def _check_step_shape(where: str, step: Step) -> None:
         )
 
 
-def _ancestors(by_name: Mapping[str, Step], step: Step) -> set[str]:
-    """The steps that ``step`` depends on, directly or not.
+def _ancestors_among(
+    by_name: Mapping[str, Step], order: Iterable[str], asked: Mapping[str, set[str]]
+) -> dict[str, set[str]]:
+    """For each step of ``asked``, those of the steps asked about that are its ancestors.
 
-    Found for one step at a time, when a reference needs them: the sets of
-    every step at once took memory quadratic in the length of a chain
-    (gigabytes for 10,000 steps), each time the spec was validated.
+    One pass in topological ``order``: a step's ancestors among the steps
+    asked about (``wanted``) are a bit set, the union of its dependencies'
+    (and of each dependency that is wanted). Only the sets of the steps whose
+    dependents are still to come are kept: a chain holds one or two at a
+    time. A chain of N steps each referring to its first costs N small unions
+    (not a walk back to the first from each, N * N / 2 steps); each referring
+    to a different earlier step, N unions of N bits, in C.
     """
-    found: set[str] = set()
-    stack = list(step.depends_on)
-    while stack:
-        name = stack.pop()
-        if name not in found:
-            found.add(name)
-            stack.extend(by_name[name].depends_on)
+    wanted: dict[str, int] = {}  # its bit's position (not the bit: N of those are N * N bits)
+    for names in asked.values():
+        for name in names:
+            if name in by_name and name not in wanted:
+                wanted[name] = len(wanted)
+    left: dict[str, int] = dict.fromkeys(by_name, 0)  # dependents still to come, per step
+    for step in by_name.values():
+        for dep in dict.fromkeys(step.depends_on):
+            left[dep] += 1
+    kept: dict[str, int] = {}
+    found: dict[str, set[str]] = {}
+    for name in order:
+        step = by_name[name]
+        bits = 0
+        for dep in dict.fromkeys(step.depends_on):
+            bits |= kept[dep]
+            if dep in wanted:
+                bits |= 1 << wanted[dep]
+            left[dep] -= 1
+            if not left[dep]:
+                del kept[dep]
+        if name in asked:
+            found[name] = {a for a in asked[name] if a in wanted and bits >> wanted[a] & 1}
+        if left[name]:
+            kept[name] = bits
     return found
 
 
@@ -356,35 +379,66 @@ def _references(step: Step) -> Iterator[list[str]]:
             yield match[1].strip().split(".")
 
 
-def _check_references(where: str, step: Step, by_name: Mapping[str, Step]) -> None:
-    at = f"{where}: step {step.name!r}"
-    ancestors: set[str] | None = None  # found when a reference is not to a direct dependency
-    for path in _references(step):
-        text = "${" + ".".join(path) + "}"
-        root = path[0]
-        if root == "inputs":
-            if len(path) < 2 or not path[1]:
-                raise InvalidWorkflow(f"{at}: {text}: name an input, as in ${{inputs.dataset}}")
-        elif root == "steps":
-            if len(path) < 3 or path[2] != "result":
+def _check_references(
+    where: str,
+    steps: Iterable[Step],
+    by_name: Mapping[str, Step],
+    order: Callable[[], Iterable[str]],
+) -> None:
+    """Raise for the first bad reference, in the steps' order and each step's.
+
+    A reference to a step that is not a direct dependency must be to an
+    ancestor: those are found for all such references at once, afterwards
+    (found for each step alone, a chain of N steps each referring to its first
+    walked back to it from each, N * N / 2 steps).
+    """
+    checks: list[tuple[str, str, list[tuple[str, str]], str | None]] = []
+    asked: dict[str, set[str]] = {}  # step -> the steps it refers to beyond its depends_on
+    for step in steps:
+        at = f"{where}: step {step.name!r}"
+        further: list[tuple[str, str]] = []  # (step referred to, reference), in order
+        problem = None
+        for path in _references(step):
+            problem = _reference_problem(at, step, path)
+            if problem is not None:
+                break  # what comes after it in this step is not looked at
+            if path[0] == "steps" and path[1] not in step.depends_on:
+                further.append((path[1], "${" + ".".join(path) + "}"))
+        if further:
+            asked[step.name] = {name for name, _ in further}
+        if further or problem is not None:
+            checks.append((step.name, at, further, problem))
+    ancestors = _ancestors_among(by_name, order(), asked) if asked else {}
+    for name_of_step, at, further, problem in checks:
+        for name, text in further:
+            if name not in ancestors[name_of_step]:
                 raise InvalidWorkflow(
-                    f"{at}: {text}: a step is referred to as ${{steps.NAME.result}}"
-                )
-            if path[1] not in step.depends_on and ancestors is None:
-                ancestors = _ancestors(by_name, step)
-            if path[1] not in (step.depends_on if ancestors is None else ancestors):
-                raise InvalidWorkflow(
-                    f"{at}: {text} refers to step {path[1]!r}, which is not among its "
+                    f"{at}: {text} refers to step {name!r}, which is not among its "
                     "dependencies (add it to depends_on)"
                 )
-        elif root in ("item", "index"):
-            if step.fan_out is None or (len(path) > 1 and root == "index"):
-                raise InvalidWorkflow(f"{at}: {text} is only meaningful in a fan_out step")
-        else:
-            raise InvalidWorkflow(
-                f"{at}: {text}: unknown reference (expected inputs.NAME, steps.NAME.result, "
-                "item or index)"
-            )
+        if problem is not None:
+            raise InvalidWorkflow(problem)
+
+
+def _reference_problem(at: str, step: Step, path: list[str]) -> str | None:
+    """What is wrong with one reference of ``step`` whatever the other steps are, or None."""
+    text = "${" + ".".join(path) + "}"
+    root = path[0]
+    if root == "inputs":
+        if len(path) < 2 or not path[1]:
+            return f"{at}: {text}: name an input, as in ${{inputs.dataset}}"
+    elif root == "steps":
+        if len(path) < 3 or path[2] != "result":
+            return f"{at}: {text}: a step is referred to as ${{steps.NAME.result}}"
+    elif root in ("item", "index"):
+        if step.fan_out is None or (len(path) > 1 and root == "index"):
+            return f"{at}: {text} is only meaningful in a fan_out step"
+    else:
+        return (
+            f"{at}: {text}: unknown reference (expected inputs.NAME, steps.NAME.result, "
+            "item or index)"
+        )
+    return None
 
 
 class ReferenceError_(ValueError):  # noqa: N801 - not the builtin ReferenceError
