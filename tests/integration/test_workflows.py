@@ -507,3 +507,55 @@ async def test_a_failed_step_cancels_running_steps_and_never_runs_pending_ones(
         assert (later.state, later.error) == (StepState.CANCELLED, "not run: step 'bad' failed")
         assert (await infra.get_task_status(slow.task_ids[0])).state is TaskState.CANCELLED
         assert later.task_ids == ()
+
+
+async def test_a_status_is_a_copy_that_its_caller_may_change(tmp_path: Path) -> None:
+    # A status held the engine's own inputs and results: changing them
+    # changed what later statuses said and what later steps received.
+    gate = anyio.Event()
+    received: list[Any] = []
+
+    async def first(payload: Any) -> Any:
+        return {"xs": [1, 2]}
+
+    async def hold(payload: Any) -> None:
+        await gate.wait()
+
+    async def second(payload: Any) -> Any:
+        received.append(payload)
+        return payload
+
+    spec = {
+        "name": "copies",
+        "steps": {
+            "a": {"handler": "first"},
+            "hold": {"handler": "hold", "depends_on": ["a"]},
+            "b": {
+                "handler": "second",
+                "depends_on": ["hold"],
+                "payload": {"a": "${steps.a.result}", "cfg": "${inputs.cfg}"},
+            },
+        },
+    }
+    handlers = {"first": first, "hold": hold, "second": second}
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers=handlers) as infra:
+        workflow = await infra.workflows.create(spec)
+        run = await infra.workflows.start_run(workflow.workflow_id, {"cfg": {"k": "v"}})
+        with anyio.fail_after(10):
+            while (status := await run.status()).steps["a"].state is not StepState.SUCCEEDED:
+                await anyio.sleep(0.01)
+        status.inputs["cfg"]["k"] = "changed"
+        status.steps["a"].result["xs"].append(3)
+        assert status.steps["a"].result == {"xs": [1, 2, 3]}  # its own copy, kept
+        assert status.results()["a"] is status.steps["a"].result
+        gate.set()
+        with anyio.fail_after(10):
+            final = await run.wait()
+        assert received == [{"a": {"xs": [1, 2]}, "cfg": {"k": "v"}}]
+        assert final.inputs == {"cfg": {"k": "v"}}
+        assert final.results() == {"a": {"xs": [1, 2]}, "hold": None, "b": received[0]}
+        final.results()["b"]["cfg"].clear()
+        final.inputs.clear()  # type: ignore[attr-defined]
+        again = await infra.workflows.get_run(run.run_id)
+        assert again.inputs == {"cfg": {"k": "v"}}
+        assert again.results()["b"] == {"a": {"xs": [1, 2]}, "cfg": {"k": "v"}}

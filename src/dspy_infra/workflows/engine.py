@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import anyio
 import anyio.to_thread
@@ -40,6 +40,7 @@ from dspy_infra.metrics import Metrics
 from dspy_infra.scheduling.store import RunRow, StepRow, dumps
 from dspy_infra.scheduling.tasks import TaskRequest, TaskState
 from dspy_infra.workflows.model import (
+    Encoded,
     RunHandle,
     RunState,
     RunStatus,
@@ -70,16 +71,24 @@ _MAX_RUN_ID = 100
 _RECENT = 1000  # finished runs kept in memory; older ones are read from the store
 
 
+_UNREAD: Any = object()  # a value not decoded (yet) from its JSON text
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
 class _Step:
     __slots__ = (
         "error",
         "finished_at",
         "name",
-        "result",
+        "result_json",
         "spec",
         "started_at",
         "state",
         "task_ids",
+        "value",
     )
 
     def __init__(self, spec: Step):
@@ -87,30 +96,39 @@ class _Step:
         self.name = spec.name
         self.state = StepState.PENDING
         self.task_ids: tuple[str, ...] = ()
-        self.result: Any = None
+        # The result is kept as JSON text: each status decodes its own copy,
+        # which the caller may change without changing the run (or what the
+        # steps that refer to it receive).
+        self.result_json: str | None = None
+        self.value: Any = _UNREAD  # the result decoded, once a reference needs it
         self.error: str | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
+
+    def result(self) -> Any:
+        """The result for the references of the steps after it: decoded once, never handed out."""
+        if self.value is _UNREAD:
+            self.value = _loads(self.result_json)
+        return self.value
 
     def status(self) -> StepStatus:
         return StepStatus(
             name=self.name,
             state=self.state,
             task_ids=self.task_ids,
-            result=self.result,
+            result=None if self.result_json is None else Encoded(self.result_json),
             error=self.error,
             started_at=self.started_at,
             finished_at=self.finished_at,
         )
 
     def row(self, run_id: str) -> StepRow:
-        result = dumps(self.result) if self.state is StepState.SUCCEEDED else None
         return (
             run_id,
             self.name,
             self.state.value,
             json.dumps(self.task_ids),
-            result,
+            self.result_json if self.state is StepState.SUCCEEDED else None,
             self.error,
             self.started_at,
             self.finished_at,
@@ -118,10 +136,12 @@ class _Step:
 
 
 class _Run:
-    def __init__(self, run_id: str, workflow: Workflow, inputs: dict[str, Any], created_at: float):
+    def __init__(self, run_id: str, workflow: Workflow, inputs_json: str, created_at: float):
         self.run_id = run_id
         self.workflow = workflow
-        self.inputs = inputs
+        # As JSON text, as a step's result is (see _Step).
+        self.inputs_json = inputs_json
+        self.inputs: Any = _UNREAD  # decoded, once a reference needs them
         self.created_at = created_at
         self.state = RunState.RUNNING
         self.finished_at: float | None = None
@@ -139,12 +159,25 @@ class _Run:
         # cannot be stored, and the scheduler need not look them up.
         self.fresh = False
 
+    def input_values(self) -> Any:
+        """The inputs for the references: decoded once, never handed out."""
+        if self.inputs is _UNREAD:
+            self.inputs = json.loads(self.inputs_json)
+        return self.inputs
+
+    def forget_values(self) -> None:
+        """Drop what was decoded for the references: a finished run keeps its text only."""
+        self.inputs = _UNREAD
+        for step in self.steps.values():
+            step.value = _UNREAD
+
     def status(self) -> RunStatus:
         return RunStatus(
             run_id=self.run_id,
             workflow_id=self.workflow.workflow_id,
             state=self.state,
-            inputs=self.inputs,
+            # Decoded by the status when read (see Encoded).
+            inputs=cast(Mapping[str, Any], Encoded(self.inputs_json)),
             steps={name: step.status() for name, step in self.steps.items()},
             created_at=self.created_at,
             finished_at=self.finished_at,
@@ -256,7 +289,7 @@ class WorkflowEngine:
         if workflow is None:
             log.warning("run %s: its workflow %s is not stored; skipped", run_id, workflow_id)
             return None
-        run = _Run(run_id, workflow, json.loads(inputs), created_at)
+        run = _Run(run_id, workflow, inputs, created_at)
         run.state = RunState(state)
         run.finished_at = finished_at
         run.error = error
@@ -267,7 +300,7 @@ class WorkflowEngine:
         _, _, state, task_ids, result, error, started_at, finished_at = row
         step.state = StepState(state)
         step.task_ids = tuple(json.loads(task_ids))
-        step.result = json.loads(result) if result is not None else None
+        step.result_json = result
         step.error = error
         step.started_at = started_at
         step.finished_at = finished_at
@@ -387,7 +420,7 @@ class WorkflowEngine:
             raise InvalidWorkflow(
                 f"run of {workflow_id!r} refused: the inputs are not JSON-compatible ({exc})"
             ) from None
-        run = _Run(run_id, workflow, json.loads(inputs_json), time.time())
+        run = _Run(run_id, workflow, inputs_json, time.time())
         # Spares the scheduler a store look-up (a thread hop) per submit,
         # most of a chain's cost.
         run.fresh = fresh
@@ -636,21 +669,22 @@ class WorkflowEngine:
         return []
 
     async def _outcome(self, step: _Step) -> str | None:
-        """Wait for the step's tasks; None when all succeeded (``result`` set), else why not."""
+        """Wait for the step's tasks; None when all succeeded (``result_json`` set), else why."""
         task_ids = step.task_ids
         if step.spec.fan_out is None:
             status = await self._scheduler.wait(task_ids[0])
             if status.state is not TaskState.SUCCEEDED:
                 return _task_error(status.task_id, status.state, status.error)
-            step.result = status.result
+            step.result_json = dumps(status.result)
             return None
-        results: dict[str, Any] = {}
+        results: dict[str, str] = {}
         if task_ids:
             async for event in self._scheduler.results(task_ids):
                 if event.state is not TaskState.SUCCEEDED:
                     return _task_error(event.task_id, event.state, event.error)
-                results[event.task_id] = event.result
-        step.result = [results[t] for t in task_ids]
+                # Encoded as it comes: the event is shared with the bus's other readers.
+                results[event.task_id] = dumps(event.result)
+        step.result_json = f"[{','.join(results[t] for t in task_ids)}]"
         return None
 
     async def _cascade(self, run: _Run, running: str, pending: str) -> None:
@@ -689,6 +723,7 @@ class WorkflowEngine:
         await self._journal.commit(("run_state", (state.value, run.finished_at, error, run.run_id)))
         self._metrics.workflow_runs.labels(state.value).inc()
         self._publish(run, f"workflow_run_{state.value}", state.value, error=error)
+        run.forget_values()
         run.done.set()
         self._recent[run.run_id] = None
         if len(self._recent) > _RECENT:
@@ -756,7 +791,7 @@ class _Results(Mapping[str, Mapping[str, Any]]):
         step = self._steps[name]
         if step.state is not StepState.SUCCEEDED:
             raise KeyError(name)
-        return {"result": step.result}
+        return {"result": step.result()}
 
     def __contains__(self, name: object) -> bool:
         step = self._steps.get(name) if isinstance(name, str) else None
@@ -772,8 +807,8 @@ class _Results(Mapping[str, Mapping[str, Any]]):
 def _plan(run: _Run, step: _Step) -> tuple[list[Any], list[str]] | str:
     """The step's payloads and task ids, references filled in; or why they cannot be."""
     spec = step.spec
-    context: dict[str, Any] = {"inputs": run.inputs, "steps": _Results(run.steps)}
     try:
+        context: dict[str, Any] = {"inputs": run.input_values(), "steps": _Results(run.steps)}
         if spec.fan_out is None:
             return [resolve(spec.payload, context)], [f"{run.run_id}:{step.name}"]
         items = resolve(spec.fan_out, context)
