@@ -31,6 +31,7 @@ from dspy_infra.errors import (
     UnknownTask,
 )
 from dspy_infra.scheduling import store as store_module
+from dspy_infra.scheduling.checks import MAX_JSON_DEPTH
 from dspy_infra.scheduling.store import StoreFailed
 from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskState
 from dspy_infra.services.status import ServiceState
@@ -1434,6 +1435,79 @@ def _nested(depth: int) -> list[Any]:
         inner.append([])
         inner = inner[0]
     return outer
+
+
+async def test_results_and_payloads_too_deep_to_read_back_are_refused(tmp_path: Path) -> None:
+    # A result (or payload) that JSON encoded in one stack could be too deep
+    # to decode in another, deeper one: a caller's result(), wait() or
+    # get_task_status() raised RecursionError, no InfraError, for a task that
+    # succeeded (and a workflow step reading it stopped the instance). Every
+    # depth up to past Python's limit, each from a task of its own, with as
+    # shallow a stack as a script's.
+    limit = sys.getrecursionlimit()
+    depths = [MAX_JSON_DEPTH - 1, *range(limit - 300, limit + 10)]  # _nested(d): d + 1 deep
+    results: dict[int, str] = {}
+    payloads: dict[int, str] = {}
+
+    async def deep(depth: int) -> Any:
+        return _nested(depth)
+
+    async def one(infra: AgentInfra, depth: int) -> None:
+        handle = await infra.submit_task("deep", depth)
+        status = await handle.wait()
+        if status.state is TaskState.SUCCEEDED:
+            assert status.result == _nested(depth)
+            assert await handle.result() == _nested(depth)
+        results[depth] = status.error or "succeeded"
+        try:
+            handle = await infra.submit_task("echo", _nested(depth))
+        except InvalidTask as exc:
+            payloads[depth] = str(exc).split(" refused: ", 1)[1]
+        else:
+            assert await handle.result() == _nested(depth)
+            payloads[depth] = "succeeded"
+
+    async with start(tmp_path, {"deep": deep, "echo": echo}) as infra:
+        with anyio.fail_after(60):
+            for depth in depths:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(one, infra, depth)
+        assert await (await infra.submit_task("echo", 1)).result() == 1  # still serving
+    assert results.pop(depths[0]) == payloads.pop(depths[0]) == "succeeded"
+    for depth, error in results.items():
+        over = f"nested {depth + 1} levels deep, over the limit of {MAX_JSON_DEPTH}"
+        assert error == f"its result is {over}" or error.startswith(
+            "its result is not JSON-compatible (maximum recursion depth exceeded"
+        ), error
+        assert payloads[depth] == f"the payload is {over}" or payloads[depth].startswith(
+            "the payload is not JSON-compatible (maximum recursion depth exceeded"
+        ), payloads[depth]
+
+
+async def test_a_stored_payload_too_deep_to_decode_fails_its_task_not_the_instance(
+    tmp_path: Path,
+) -> None:
+    # Stored by a version that took payloads nested too deeply for Python to
+    # decode: the worker decoding it raised RecursionError, which stopped the
+    # instance (and every later one, the task recovered again each time).
+    gates = Gates()
+    classes = {"one": {"max_concurrency": 1}}
+    handlers: dict[str, Handler] = {"gate": gates.handler, "echo": echo}
+    async with start(tmp_path, handlers, classes=classes) as infra:
+        await infra.submit_task("gate", {"key": "first"}, task_class="one")
+        await gates.wait_started("first")
+        await infra.submit_task("echo", 1, task_class="one", task_id="old")
+    db = sqlite3.connect(tmp_path / "state" / "tasks.db")
+    with db:
+        deep = "[" * 5000 + "]" * 5000
+        db.execute("UPDATE tasks SET payload = ? WHERE task_id = 'old'", (deep,))
+    db.close()
+    gates.open("first")
+    async with start(tmp_path, handlers, classes=classes) as infra:
+        await until_state(infra, "old", TaskState.FAILED)
+        status = await infra.get_task_status("old")
+        assert status.error == "its payload is nested too deeply to decode"
+        assert await (await infra.submit_task("echo", 1, task_class="one")).result() == 1
 
 
 async def test_a_handler_that_escapes_its_attempt_fails_alone(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import sqlite3
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 
 from dspy_infra import AgentInfra
 from dspy_infra.errors import InfraClosed, UnknownTask
+from dspy_infra.scheduling.checks import MAX_JSON_DEPTH
 from dspy_infra.scheduling.store import Journal, Op, Written
 from dspy_infra.scheduling.tasks import TaskState
 from dspy_infra.workflows import (
@@ -559,3 +562,118 @@ async def test_a_status_is_a_copy_that_its_caller_may_change(tmp_path: Path) -> 
         again = await infra.workflows.get_run(run.run_id)
         assert again.inputs == {"cfg": {"k": "v"}}
         assert again.results()["b"] == {"a": {"xs": [1, 2]}, "cfg": {"k": "v"}}
+
+
+def _nested(depth: int, inner: Any = None) -> Any:
+    """``inner`` in ``depth`` lists, one in the other."""
+    value = inner
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def _echo(payload: Any) -> Any:
+    return payload
+
+
+async def test_inputs_too_deep_to_use_are_refused_and_never_stop_the_instance(
+    tmp_path: Path,
+) -> None:
+    # Inputs that JSON encoded in start_run could be too deep to decode in
+    # the task driving the run (deeper in its stack): a RecursionError there
+    # stopped the whole instance. Every depth up to past Python's limit, each
+    # started from a task of its own, with as shallow a stack as a script's.
+    limit = sys.getrecursionlimit()
+    spec = {"name": "deep", "steps": {"s": {"handler": "echo", "payload": "${inputs.x}"}}}
+    outcomes: dict[int, str] = {}
+
+    async def start(workflow_id: str, depth: int) -> None:
+        try:
+            run = await infra.workflows.start_run(workflow_id, {"x": _nested(depth, 1)})
+        except InvalidWorkflow as exc:
+            outcomes[depth] = str(exc)
+            return
+        status = await run.wait()
+        assert status.state is RunState.SUCCEEDED, (depth, status.error)
+        assert status.results() == {"s": _nested(depth, 1)}
+        outcomes[depth] = "succeeded"
+
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers={"echo": _echo}) as infra:
+        workflow = await infra.workflows.create(spec)
+        depths = [MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH, *range(limit - 300, limit + 10)]
+        with anyio.fail_after(60):
+            for depth in depths:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(start, workflow.workflow_id, depth)
+        # Still serving.
+        run = await infra.workflows.start_run(workflow.workflow_id, {"x": 1})
+        assert (await run.wait()).results() == {"s": 1}
+    assert outcomes[MAX_JSON_DEPTH - 1] == outcomes[MAX_JSON_DEPTH] == "succeeded"
+    prefix = f"run of {workflow.workflow_id!r} refused: "
+    for depth in depths[2:]:
+        assert outcomes[depth].startswith(prefix), outcomes[depth]
+        problem = outcomes[depth][len(prefix) :]
+        assert problem.startswith(
+            "the inputs are not JSON-compatible (maximum recursion depth exceeded"
+        ) or problem == (
+            f"input 'x' is nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}"
+        ), problem
+
+
+async def test_a_result_that_cannot_be_read_back_fails_its_step_not_the_instance(
+    tmp_path: Path,
+) -> None:
+    # A result stored by a version that took results nested too deeply for
+    # Python to decode: read back by the step that ran it, it raised
+    # RecursionError out of the task driving the run, and stopped the instance.
+    spec = {"name": "old", "steps": {"s": {"handler": "echo", "payload": 1}}}
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers={"echo": _echo}) as infra:
+        await (await infra.submit_task("echo", 1, task_id="r:s")).result()
+    db = sqlite3.connect(tmp_path / "state" / "tasks.db")
+    with db:
+        deep = "[" * 5000 + "]" * 5000
+        db.execute("UPDATE tasks SET result = ? WHERE task_id = 'r:s'", (deep,))
+    db.close()
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers={"echo": _echo}) as infra:
+        workflow = await infra.workflows.create(spec)
+        run = await infra.workflows.start_run(workflow.workflow_id, run_id="r")
+        with anyio.fail_after(10):
+            status = await run.wait()
+        assert status.state is RunState.FAILED
+        assert status.steps["s"].error == "task 'r:s': its result is nested too deeply to decode"
+        again = await infra.workflows.start_run(workflow.workflow_id)
+        assert (await again.wait()).results() == {"s": 1}  # still serving
+
+
+async def test_payloads_as_deep_as_the_limit_are_filled_in_and_deeper_ones_fail_their_step(
+    tmp_path: Path,
+) -> None:
+    # Filling in the references recursed two frames a level: a payload half
+    # as deep as the limit failed every run of a workflow that create() took.
+    deep: Any = "${inputs.x}"
+    for _ in range(MAX_JSON_DEPTH - 1):
+        deep = {"k": deep}
+    spec = {"name": "deep-payload", "steps": {"s": {"handler": "echo", "payload": deep}}}
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers={"echo": _echo}) as infra:
+        workflow = await infra.workflows.create(spec)
+        run = await infra.workflows.start_run(workflow.workflow_id, {"x": [1]})
+        status = await run.wait()
+        assert status.state is RunState.SUCCEEDED, status.error
+        result = status.results()["s"]
+        for _ in range(MAX_JSON_DEPTH - 1):
+            result = result["k"]
+        assert result == [1]
+        # Together, payload and input are over the limit: the step fails, saying so.
+        run = await infra.workflows.start_run(workflow.workflow_id, {"x": [[[1]]]})
+        status = await run.wait()
+        assert status.state is RunState.FAILED
+        assert status.steps["s"].error == (
+            f"task '{run.run_id}:s' refused: the payload is nested {MAX_JSON_DEPTH + 2} "
+            f"levels deep, over the limit of {MAX_JSON_DEPTH}"
+        )
+        too_deep = {"name": "too-deep", "steps": {"s": {"handler": "echo", "payload": [[deep]]}}}
+        with pytest.raises(
+            InvalidWorkflow,
+            match=rf"step 's': the payload is nested {MAX_JSON_DEPTH + 1} levels deep, over",
+        ):
+            await infra.workflows.create(too_deep)

@@ -13,12 +13,15 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Iterable
+from itertools import accumulate
 
 from dspy_infra.errors import InvalidTask
 from dspy_infra.scheduling.tasks import Resources, TaskRequest
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "check_ids",
+    "json_too_deep",
     "max_attempts_error",
     "priority_error",
     "refused",
@@ -26,6 +29,7 @@ __all__ = [
     "resources_error",
     "shape_error",
     "timeout_error",
+    "too_deep_error",
     "workflow_id_error",
 ]
 
@@ -34,6 +38,39 @@ _TASK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*\Z")
 # SQLite's INTEGER is 64-bit; a larger int is not a float either.
 _MAX_STORED_INT = 2**63 - 1
 _MAX_FLOAT_INT = int(sys.float_info.max)
+
+
+# How deeply a payload, a result or a workflow's inputs may nest arrays and
+# objects. JSON that Python encodes may still be too deep to decode where it
+# is read next (deeper in some other stack: the limit of both is about a
+# thousand levels less the frames below), and the engine read a run's inputs
+# back inside the task that drives it, whose failure stopped the instance. A
+# fixed limit, well below Python's, leaves the stack of any reader room.
+MAX_JSON_DEPTH = 500
+
+# A string of JSON text, escapes and all: its brackets are no nesting.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS_ONLY = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if c not in "[]{}"))
+_NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_too_deep(text: str) -> int | None:
+    """How deeply ``text`` nests if that is more than :data:`MAX_JSON_DEPTH`, else None.
+
+    ``text`` is JSON as ``json.dumps`` writes it (characters beyond ASCII
+    escaped). Short text, or text with few brackets, is answered at once;
+    else a scan costs about a third of what encoding it did.
+    """
+    if len(text) <= 2 * MAX_JSON_DEPTH or text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return None
+    if '"' in text:
+        text = _JSON_STRING.sub("", text)
+    depth = max(accumulate(map(_NESTING.__getitem__, text.translate(_BRACKETS_ONLY))), default=0)
+    return depth if depth > MAX_JSON_DEPTH else None
+
+
+def too_deep_error(what: str, depth: int) -> str:
+    return f"{what} is nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}"
 
 
 def refused(task_id: str | None, problem: str) -> InvalidTask:

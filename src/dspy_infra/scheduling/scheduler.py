@@ -57,12 +57,14 @@ from dspy_infra.runners import load_runner
 from dspy_infra.scheduling.adaptive import ConcurrencyLimit
 from dspy_infra.scheduling.checks import (
     check_ids,
+    json_too_deep,
     max_attempts_error,
     priority_error,
     refused,
     resources_error,
     shape_error,
     timeout_error,
+    too_deep_error,
     workflow_id_error,
 )
 from dspy_infra.scheduling.gpus import GpuInventory, detect_gpus
@@ -736,6 +738,9 @@ class LocalScheduler:
                 f"the payload is {size} bytes as JSON, over the limit "
                 f"of {self._settings.max_payload_bytes} (infra.max_payload_bytes)",
             )
+        if depth := json_too_deep(payload):
+            # Encoded here, it may still be too deep to decode where it is read.
+            raise refused(task_id, too_deep_error("the payload", depth))
         return TaskRecord(
             task_id=task_id,
             handler=request.handler,
@@ -1130,6 +1135,12 @@ class LocalScheduler:
         assert cls.runner is not None
         if record.cancel_requested:
             return TaskState.CANCELLED, None, "cancelled before it started"
+        try:
+            payload = json.loads(record.payload)
+        except RecursionError:
+            # Stored by a version without the limit on nesting (or decoded
+            # deeper in the stack than it was encoded): the task's failure.
+            return TaskState.FAILED, None, "its payload is nested too deeply to decode"
         timeout = record.timeout
         if timeout is not None:
             scope.deadline = anyio.current_time() + timeout
@@ -1140,7 +1151,7 @@ class LocalScheduler:
         run = TaskRun(
             task_id=record.task_id,
             handler=record.handler,
-            payload=json.loads(record.payload),
+            payload=payload,
             attempt=record.attempts,
             task_class=record.task_class,
             class_config=cls.config,
@@ -1198,6 +1209,10 @@ class LocalScheduler:
                 f"its result is {len(result)} bytes as JSON, over the limit of "
                 f"{limit} (infra.max_result_bytes)",
             )
+        if depth := json_too_deep(result):
+            # Encoded here, it may still be too deep to decode where it is read
+            # (a caller's result(), a workflow's next step).
+            return TaskState.FAILED, None, too_deep_error("its result", depth)
         return TaskState.SUCCEEDED, result, None
 
     def _retry(self, cls: _Class, record: TaskRecord, error: str | None) -> None:

@@ -26,7 +26,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, aclosing
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast
 
@@ -37,6 +37,7 @@ from anyio.abc import TaskGroup
 from dspy_infra.errors import InfraClosed, InvalidTask
 from dspy_infra.events import EventBus, EventsDropped
 from dspy_infra.metrics import Metrics
+from dspy_infra.scheduling.checks import json_too_deep, too_deep_error
 from dspy_infra.scheduling.store import RunRow, StepRow, dumps
 from dspy_infra.scheduling.tasks import TaskRequest, TaskState
 from dspy_infra.workflows.model import (
@@ -420,6 +421,11 @@ class WorkflowEngine:
             raise InvalidWorkflow(
                 f"run of {workflow_id!r} refused: the inputs are not JSON-compatible ({exc})"
             ) from None
+        if json_too_deep(inputs_json) and (problem := _too_deep_input(inputs)):
+            # Encoded here, they could be too deep to decode in the task that
+            # drives the run, whose failure stopped the instance; and the
+            # step that refers to one could not submit it as its payload.
+            raise InvalidWorkflow(f"run of {workflow_id!r} refused: {problem}")
         run = _Run(run_id, workflow, inputs_json, time.time())
         # Spares the scheduler a store look-up (a thread hop) per submit,
         # most of a chain's cost.
@@ -671,19 +677,29 @@ class WorkflowEngine:
     async def _outcome(self, step: _Step) -> str | None:
         """Wait for the step's tasks; None when all succeeded (``result_json`` set), else why."""
         task_ids = step.task_ids
-        if step.spec.fan_out is None:
-            status = await self._scheduler.wait(task_ids[0])
-            if status.state is not TaskState.SUCCEEDED:
-                return _task_error(status.task_id, status.state, status.error)
-            step.result_json = dumps(status.result)
-            return None
-        results: dict[str, str] = {}
-        if task_ids:
-            async for event in self._scheduler.results(task_ids):
-                if event.state is not TaskState.SUCCEEDED:
-                    return _task_error(event.task_id, event.state, event.error)
-                # Encoded as it comes: the event is shared with the bus's other readers.
-                results[event.task_id] = dumps(event.result)
+        # A result that cannot be read back (stored by a version without the
+        # limit on nesting) fails the step: raised, it stopped the instance.
+        task_id = task_ids[0] if task_ids else ""
+        try:
+            if step.spec.fan_out is None:
+                status = await self._scheduler.wait(task_id)
+                if status.state is not TaskState.SUCCEEDED:
+                    return _task_error(status.task_id, status.state, status.error)
+                step.result_json = _result_json(status.result)
+                return None
+            results: dict[str, str] = {}
+            if task_ids:
+                async with aclosing(self._scheduler.results(task_ids)) as events:
+                    async for event in events:
+                        task_id = event.task_id
+                        if event.state is not TaskState.SUCCEEDED:
+                            return _task_error(task_id, event.state, event.error)
+                        # Encoded as it comes: the event is shared with the bus's other readers.
+                        results[task_id] = _result_json(event.result)
+        except RecursionError:
+            return f"task {task_id!r}: its result is nested too deeply to decode"
+        except (json.JSONDecodeError, _Unusable) as exc:
+            return f"task {task_id!r}: {exc}"[:2000]
         step.result_json = f"[{','.join(results[t] for t in task_ids)}]"
         return None
 
@@ -820,6 +836,9 @@ def _plan(run: _Run, step: _Step) -> tuple[list[Any], list[str]] | str:
         ]
     except ReferenceError_ as exc:
         return str(exc)
+    except RecursionError:
+        # Inputs or a result stored by a version without the limit on nesting.
+        return "cannot fill in the step's references: a value they name is nested too deeply"
     except Exception as exc:  # noqa: BLE001 - a reference the checks let through: the step's failure
         return f"cannot fill in the step's references: {type(exc).__name__}: {exc}"[:2000]
     return payloads, [f"{run.run_id}:{step.name}:{i}" for i in range(len(items))]
@@ -837,6 +856,33 @@ def _closed_before(run_id: str) -> InfraClosed:
         f"the instance closed before run {run_id!r} finished; it resumes when an "
         "instance opens on the same state_dir"
     )
+
+
+class _Unusable(Exception):
+    """A task's result that its step cannot use."""
+
+
+def _result_json(value: Any) -> str:
+    """A task's result as its step keeps it."""
+    text = dumps(value)
+    if depth := json_too_deep(text):
+        raise _Unusable(too_deep_error("its result", depth))
+    return text
+
+
+def _too_deep_input(inputs: Mapping[str, Any]) -> str | None:
+    """Why the inputs, whose JSON nests too deeply, cannot be used; None if they can.
+
+    Each input may nest as deeply as a payload: the mapping around them adds a level.
+    """
+    for name, value in inputs.items():
+        try:
+            depth = json_too_deep(dumps(value))
+        except RecursionError:  # it was encoded in the mapping, but one frame up
+            return f"input {name!r} is nested too deeply"
+        if depth:
+            return too_deep_error(f"input {name!r}", depth)
+    return None
 
 
 def _task_error(task_id: str, state: TaskState, error: str | None) -> str:

@@ -29,6 +29,7 @@ from attrs import field, frozen
 
 from dspy_infra.config.loading import find_cycle
 from dspy_infra.errors import InfraError
+from dspy_infra.scheduling.checks import json_too_deep, too_deep_error
 
 __all__ = [
     "InvalidWorkflow",
@@ -290,9 +291,12 @@ def _check_step_shape(where: str, step: Step) -> None:
         # Sorted as workflow_id() sorts it: keys of mixed types (1 and "a")
         # cannot be, and failed there with a bare TypeError. A payload nested
         # too deeply raises RecursionError, as the scheduler's check knows.
-        json.dumps(step.payload, allow_nan=False, sort_keys=True)
+        text = json.dumps(step.payload, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidWorkflow(f"{at}: the payload is not JSON-compatible ({exc})") from None
+    if depth := json_too_deep(text):
+        # As a task's payload is refused (the references only add to it).
+        raise InvalidWorkflow(f"{at}: {too_deep_error('the payload', depth)}")
     if step.fan_out is None:
         return
     match = _REF_RE.match(step.fan_out) if isinstance(step.fan_out, str) else None
@@ -463,16 +467,49 @@ def _lookup(value: Any, path: list[str], text: str) -> Any:
 
 
 def resolve(value: Any, context: Mapping[str, Any]) -> Any:
-    """``value`` with each ``"${...}"`` string replaced by what it names in ``context``."""
+    """``value`` with each ``"${...}"`` string replaced by what it names in ``context``.
+
+    A copy of its lists and mappings (tuples become lists).
+    """
+    return _resolve(value, context, 0)
+
+
+# Levels filled in by recursion (two frames a level: a payload half as deep as
+# the limit on nesting, which the spec's checks accept, exhausted the stack);
+# deeper ones with a stack of its own, which is slower.
+_RECURSE = 50
+
+
+def _resolve(value: Any, context: Mapping[str, Any], depth: int) -> Any:
     if isinstance(value, str):
         if value.startswith("$${"):
             return value[1:]
         match = _REF_RE.match(value)
-        if match is None:
-            return value
-        return _lookup(context, match[1].strip().split("."), value)
+        return value if match is None else _lookup(context, match[1].strip().split("."), value)
+    if isinstance(value, Mapping | list | tuple) and depth >= _RECURSE:
+        return _resolve_deep(value, context)
     if isinstance(value, Mapping):
-        return {k: resolve(v, context) for k, v in value.items()}
+        return {k: _resolve(v, context, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [resolve(v, context) for v in value]
+        return [_resolve(v, context, depth + 1) for v in value]
     return value
+
+
+def _resolve_deep(value: Any, context: Mapping[str, Any]) -> Any:
+    """:func:`resolve` with a stack of its own, not recursion."""
+    root: list[Any] = [None]
+    # (the value, the copy it goes into, its key or index there), in reverse
+    # order: references are looked up in the order they appear.
+    todo: list[tuple[Any, Any, Any]] = [(value, root, 0)]
+    while todo:
+        item, into, key = todo.pop()
+        if isinstance(item, Mapping):
+            copy: Any = dict.fromkeys(item)
+            todo.extend((v, copy, k) for k, v in reversed(list(item.items())))
+        elif isinstance(item, list | tuple):
+            copy = [None] * len(item)
+            todo.extend((v, copy, i) for i, v in reversed(list(enumerate(item))))
+        else:
+            copy = _resolve(item, context, 0)  # holds no other value: no recursion
+        into[key] = copy
+    return root[0]
