@@ -779,3 +779,27 @@ async def test_a_start_during_the_teardown_raises_infra_closed(tmp_path: Path) -
         tg.start_soon(start_during_teardown)
     assert "closing" in str(outcome[0])
     assert (await services.status())["svc"].state is ServiceState.STOPPED
+
+
+async def test_a_stop_does_not_wait_for_a_dependent_whose_own_stop_was_given_up(
+    tmp_path: Path,
+) -> None:
+    # stop(api, web) is given up while web (ignoring SIGTERM) stops, before api
+    # was asked to stop; a stop(kv) meanwhile waited for api for ever.
+    services = {
+        "kv": {"command": "exec sleep 1000", "shell": True},
+        "api": {"command": "exec sleep 1000", "shell": True, "depends_on": ["kv"]},
+        "web": stubborn(3, depends_on=["api"]),
+    }
+    async with infra_for(tmp_path, services) as infra:
+
+        async def given_up() -> None:
+            with anyio.move_on_after(0.5):
+                await infra.services.stop(["api", "web"])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(given_up)
+            await until_state(infra, "web", ServiceState.STOPPING)
+            with anyio.fail_after(5):
+                await infra.services.stop(["kv"])
+        assert (await infra.services.status())["kv"].state is ServiceState.STOPPED

@@ -60,6 +60,7 @@ _LOG_OVERLAP = 1_000_000_000  # ns
 # What a broken connection to the daemon raises (aiohttp's, the socket's), beside DockerError.
 _BROKEN = (aiohttp.ClientError, OSError)
 _KILL_WAIT = 30.0  # how long a SIGKILLed container may take to be reported dead
+_PID_LOOKS = 100  # times an exec cut short is asked for its pid, 10 ms apart
 _OUTPUT_DRAIN = 0.5  # how long stop() lets a reader take the last lines before removal
 _GET_IMAGE = "build or load it first (docker build / docker load / dspy_infra.docker.build_image)"
 
@@ -596,7 +597,7 @@ class Container:
 
         ``ended``: the pid of an exec whose command exited, whose group is
         killed only if members of it are seen from here (not asked of Docker,
-        nor warned about: most checks leave nothing, and pay nothing more).
+        nor warned about: most checks leave nothing, and pay one signal 0 for it).
 
         Each exec runs in a session of its own, so its group is its command
         and what that started (a shell's children), as with the local
@@ -615,6 +616,13 @@ class Container:
             pgid = ended or await self._exec_pid(execution)
             if not pgid:
                 return  # it never started
+            if ended:
+                try:  # the cheap look first: most checks leave nothing
+                    os.killpg(pgid, 0)
+                except ProcessLookupError:
+                    return
+                except PermissionError:
+                    pass  # there is such a group: whose, the cgroup tells
             inside = await anyio.to_thread.run_sync(container_group, pgid, self.id)
             if inside is None and ended:
                 return
@@ -657,15 +665,16 @@ class Container:
 
         Docker may report a running exec without its pid for a moment after
         the start: an exec cut short then looked as if it never started, and
-        ran on.
+        ran on. An engine that never tells is given a second.
         """
-        while True:
+        for _ in range(_PID_LOOKS):
             info = await execution.inspect()
             if pid := int(info.get("Pid") or 0):
                 return pid
             if not info.get("Running"):
                 return 0
             await anyio.sleep(0.01)
+        return 0
 
     async def _group_left(self, pgid: int) -> bool:
         """Whether Docker lists a process of group ``pgid`` (the engine machine's) in the container.

@@ -411,8 +411,13 @@ class ServiceManager:
         async def stop_one(rt: ServiceRuntime) -> None:
             try:
                 for other in self._runtimes.values():  # dependents first
-                    if rt.name in other.config.depends_on and self._stopping[other.name]:
-                        await other.done.wait()
+                    if rt.name not in other.config.depends_on:
+                        continue
+                    # Until its stop is over, not until it ends: a stop of it
+                    # that is cancelled before it asked leaves it running, and
+                    # this one would wait for ever. (Each stop_one notifies.)
+                    while self._stopping[other.name] and not other.done.is_set():
+                        await self._changed.wait()
                 rt.stop_requested = True
                 if rt.scope is not None:
                     rt.scope.cancel()

@@ -209,6 +209,23 @@ class ContainerBackendConformance:
             finally:
                 await process.exec(("rm", "-f", counter))
 
+    async def test_an_exec_that_ended_leaves_nothing_of_what_it_started(
+        self, backend: ContainerBackend, sh: Callable[..., LaunchSpec]
+    ) -> None:
+        # A check that starts a child and exits at once: the child goes with it.
+        counter = f"/tmp/dspy-infra-exec-{os.getpid()}-{time.monotonic_ns()}"
+        loop = f"i=0; while :; do i=$((i+1)); echo $i > {counter}; sleep 0.02; done"
+        async with self.launched(backend, sh("sleep 1000")) as process:
+            try:
+                code, _ = await process.exec(("sh", "-c", f"({loop}) >/dev/null 2>&1 & exit 0"))
+                assert code == 0
+                before = (await process.exec(("cat", counter)))[1].strip()
+                await anyio.sleep(0.3)
+                after = (await process.exec(("cat", counter)))[1].strip()
+                assert after == before, "what the exec started still runs"
+            finally:
+                await process.exec(("rm", "-f", counter))
+
     async def test_published_port_accepts_connections(
         self,
         backend: ContainerBackend,
