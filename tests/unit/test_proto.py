@@ -314,3 +314,49 @@ def test_the_codec_names_what_is_wrong(data: bytes, problem: str) -> None:
     assert (caught.value.message or "").startswith(
         f"the request is not a valid _Everything: {problem}"
     )
+
+
+def _key(number: int, wire_type: int) -> bytes:
+    return bytes(betterproto2.encode_varint(number << 3 | wire_type))
+
+
+_HANDLER_H = b"\x0a\x01h"  # SubmitTaskRequest.handler = "h"
+_GPUS_5 = b"\x10\x05"  # Resources.gpus = 5, once inside field 10 (resources)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _key(99, 3) + _key(1, 0) + b"\x01" + _key(99, 4) + _HANDLER_H,
+        _key(99, 3) + _key(99, 4) + _HANDLER_H,
+        _key(99, 3) + _key(98, 3) + _key(1, 2) + b"\x00" + _key(98, 4) + _key(99, 4) + _HANDLER_H,
+        _HANDLER_H + b"\x52" + bytes([2 + len(_GPUS_5)]) + _key(7, 3) + _key(7, 4) + _GPUS_5,
+    ],
+    ids=["group", "empty group", "nested groups", "group in a nested message"],
+)
+def test_unknown_groups_are_left_out_as_protobuf_leaves_them(data: bytes) -> None:
+    # A proto2 client's group, of a field this server does not know: protobuf
+    # skips it whole; the codec used to refuse the request.
+    assert _protobuf_parsed(data, orch_pb.SubmitTaskRequest) is not None
+    message = _Codec().decode(data, orch_pb.SubmitTaskRequest)
+    assert message.handler == "h"
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (
+            _key(99, 3) + _key(1, 0) + b"\x01",
+            "field 99 is cut short: the bytes end inside its group",
+        ),
+        (_key(99, 3) + _key(98, 4), "field 99 has a group ended by field 98's end"),
+        (_key(99, 4), "field 99 has wire type 4, which this server does not read"),
+        (_key(99, 3) * 200, "field 99 has groups nested over 100 deep"),
+    ],
+)
+def test_a_broken_unknown_group_is_named(data: bytes, problem: str) -> None:
+    assert _protobuf_parsed(data, orch_pb.SubmitTaskRequest) is None
+    with pytest.raises(GRPCError) as caught:
+        _Codec().decode(data, orch_pb.SubmitTaskRequest)
+    assert caught.value.status is Status.INVALID_ARGUMENT
+    assert (caught.value.message or "").endswith(problem)

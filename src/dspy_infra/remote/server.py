@@ -449,6 +449,8 @@ class _Codec(ProtoCodec):
 _VARINT_MAX_BYTES = 10
 # Protobuf numbers a field from 1 to 2**29 - 1.
 _MAX_FIELD_NUMBER = 2**29 - 1
+_WIRE_START_GROUP, _WIRE_END_GROUP = 3, 4  # proto2's groups: only ever unknown fields here
+_MAX_GROUP_DEPTH = 100
 # The positions that _varint gives for bytes that end inside a varint, and
 # for a varint over _VARINT_MAX_BYTES.
 _CUT = -1
@@ -546,7 +548,7 @@ class _WireCheck:
                 return f"{within} {_key_problem(after, field_number)} (at byte {pos})"
             name = meta.field_name_by_number.get(field_number)
             if name is None:  # left out (_known_only), never the problem unless cut short
-                span = _span(data, after, end, wire_type)
+                span = _span(data, after, end, wire_type, field_number)
                 if isinstance(span, str):
                     return f"field {number}{field_number} {span}"
                 self.unknown = True
@@ -619,9 +621,15 @@ class _At(NamedTuple):
         return f"field {self.number}{self.field_number} ({self.label(meta)})"
 
 
-def _span(data: memoryview, after: int, end: int, wire_type: int) -> tuple[int, int] | str:
+def _span(
+    data: memoryview, after: int, end: int, wire_type: int, number: int = 0, *, depth: int = 0
+) -> tuple[int, int] | str:
     """Where the value of a field whose key ends at ``after`` begins, and where
-    the next field does; or what is wrong with it."""
+    the next field does; or what is wrong with it. ``number``: the field's, for
+    a group (an unknown field may be one: protobuf skips it whole)."""
+    if wire_type == _WIRE_START_GROUP:
+        group_end = _group_end(data, after, end, number, depth)
+        return group_end if isinstance(group_end, str) else (after, group_end)
     if wire_type == betterproto2.WIRE_VARINT:
         begin = after
         _, pos = _varint(data, after, end)
@@ -637,9 +645,31 @@ def _span(data: memoryview, after: int, end: int, wire_type: int) -> tuple[int, 
         begin, pos = after, after + size
         if pos > end:
             return f"is cut short: it is {size} bytes, and {end - after} follow"
-    else:  # a group (3 and 4, which proto3 has not), or none (6 and 7)
+    else:  # the end of a group that did not begin (4), or none (6 and 7)
         return f"has wire type {wire_type}, which this server does not read"
     return (begin, pos) if pos >= 0 else _varint_problem("", pos)
+
+
+def _group_end(data: memoryview, pos: int, end: int, number: int, depth: int) -> int | str:
+    """Where the group of field ``number`` whose fields begin at ``pos`` ends
+    (after its end key), or what is wrong with it."""
+    if depth >= _MAX_GROUP_DEPTH:  # as protobuf's parsers stop, and the stack must
+        return f"has groups nested over {_MAX_GROUP_DEPTH} deep"
+    while pos < end:
+        key = data[pos]
+        key, after = (key, pos + 1) if key < 0x80 else _varint(data, pos, end)
+        field_number, wire_type = key >> 3, key & 7
+        if after < 0 or not 0 < field_number <= _MAX_FIELD_NUMBER:
+            return _key_problem(after, field_number)
+        if wire_type == _WIRE_END_GROUP:
+            if field_number != number:
+                return f"has a group ended by field {field_number}'s end"
+            return after
+        span = _span(data, after, end, wire_type, field_number, depth=depth + 1)
+        if isinstance(span, str):
+            return span
+        pos = span[1]
+    return "is cut short: the bytes end inside its group"
 
 
 def _packed_problem(data: memoryview, begin: int, end: int, wire_type: int) -> str | None:
@@ -696,16 +726,11 @@ def _known_only(data: memoryview, message_type: type[betterproto2.Message]) -> b
     pos, end = 0, len(data)
     while pos < end:
         start = pos
-        key, pos = _varint(data, pos, end)
+        key, after_key = _varint(data, pos, end)
         field_number, wire_type = key >> 3, key & 7
-        after_key = begin = pos
-        if wire_type == betterproto2.WIRE_VARINT:
-            _, pos = _varint(data, pos, end)
-        elif wire_type == betterproto2.WIRE_LEN_DELIM:
-            length, begin = _varint(data, pos, end)
-            pos = begin + length
-        else:
-            pos += _FIXED_SIZE[wire_type]
+        span = _span(data, after_key, end, wire_type, field_number)
+        assert not isinstance(span, str), "_WireCheck found it right"
+        begin, pos = span
         name = meta.field_name_by_number.get(field_number)
         if name is None:
             continue
