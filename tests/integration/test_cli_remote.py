@@ -135,11 +135,8 @@ def test_no_server_is_exit_3_with_a_clear_message(tmp_path: Path) -> None:
         assert done.stdout == ""
         assert done.stderr.startswith(f"error: no dspy-infra server answers at 127.0.0.1:{port}")
         assert "dspy-infra serve" in done.stderr
-        # Connected in plain text: how to connect with TLS, as this command does it.
-        assert done.stderr.endswith(
-            "If it serves TLS, connect with TLS "
-            "(--tls, or --tls-ca FILE for a self-signed certificate)\n"
-        )
+        # Refused: no server, so no word of TLS (see the TLS server's test for that).
+        assert done.stderr.endswith("is `dspy-infra serve` running there?\n")
     # Connected with TLS: nothing of the kind.
     done = subprocess.run(
         [

@@ -758,10 +758,10 @@ async def test_no_server_is_a_clear_error() -> None:
     ) as caught:
         async with AgentInfra.connect(f"127.0.0.1:{port}"):
             pass
-    # Perhaps a server that serves TLS, which drops a plain-text client: said
-    # so for any caller, and told apart so that a caller can say how it is done.
-    assert str(caught.value).endswith("If it serves TLS, connect with TLS")
-    assert caught.value.plain_text
+    # A refused connection is no server at all: no word of TLS (a TLS server
+    # drops a plain-text client after accepting it: see its test).
+    assert str(caught.value).endswith("is `dspy-infra serve` running there?")
+    assert not caught.value.plain_text
     assert not caught.value.token_refused
     with pytest.raises(ServerUnavailable) as caught:
         async with AgentInfra.connect(f"127.0.0.1:{port}", tls=True):

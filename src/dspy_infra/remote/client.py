@@ -239,12 +239,14 @@ class _Connection:
             # that the stream reads on its way out: both are translated here.
             if isinstance(exc, GRPCError):
                 raise self._error(exc, opened) from None
-            # A TLS server drops a plain-text client's connection at once.
-            hint = "" if self._tls else " If it serves TLS, connect with TLS"
+            # A TLS server drops a plain-text client's connection at once;
+            # a refused connection is no server at all.
+            plain_text = not self._tls and not isinstance(exc, ConnectionRefusedError)
+            hint = " If it serves TLS, connect with TLS" if plain_text else ""
             raise ServerUnavailable(
                 f"no dspy-infra server answers at {self.address} ({exc or type(exc).__name__}): "
                 f"is `dspy-infra serve` running there?{hint}",
-                plain_text=not self._tls,
+                plain_text=plain_text,
             ) from exc
 
     def _error(self, exc: GRPCError, stream: Stream[Any, Any] | None) -> Exception:
