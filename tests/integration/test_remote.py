@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import anyio
+import betterproto2
 import h2.config
 import h2.connection
 import h2.events
@@ -1871,15 +1872,6 @@ async def test_a_field_of_another_wire_type_is_invalid_argument(tmp_path: Path) 
             assert (code, details) == ("INVALID_ARGUMENT", f"the request is not a valid {message}")
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 async def test_a_few_bytes_never_make_the_server_allocate_what_they_announce(
     tmp_path: Path,
 ) -> None:
@@ -1890,11 +1882,13 @@ async def test_a_few_bytes_never_make_the_server_allocate_what_they_announce(
     # MiB here, so that the test stays cheap if that ever comes back.)
     huge = 64 << 20
     refusals = {
-        b"\x50" + _varint(huge): ("field 10 (resources) must be a Resources message, got a varint"),
-        b"\x52" + _varint(huge) + b"\x08": (
+        b"\x50" + betterproto2.encode_varint(huge): (
+            "field 10 (resources) must be a Resources message, got a varint"
+        ),
+        b"\x52" + betterproto2.encode_varint(huge) + b"\x08": (
             f"field 10 (resources) is cut short: its length is {huge} bytes, and 1 follow"
         ),
-        b"\x0a\x04echo\x12" + _varint(huge) + b"[1]": (
+        b"\x0a\x04echo\x12" + betterproto2.encode_varint(huge) + b"[1]": (
             f"field 2 (payload_json) is cut short: its length is {huge} bytes, and 3 follow"
         ),
     }

@@ -317,7 +317,7 @@ def test_the_codec_names_what_is_wrong(data: bytes, problem: str) -> None:
 
 
 def _key(number: int, wire_type: int) -> bytes:
-    return bytes(betterproto2.encode_varint(number << 3 | wire_type))
+    return betterproto2.encode_varint(number << 3 | wire_type)
 
 
 _HANDLER_H = b"\x0a\x01h"  # SubmitTaskRequest.handler = "h"

@@ -469,15 +469,6 @@ def _varint(data: memoryview, pos: int, end: int) -> tuple[int, int]:
     return 0, _CUT if end < pos + _VARINT_MAX_BYTES else _TOO_LONG
 
 
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 # The wire type that each proto type is sent as. Besides, a repeated number
 # may come packed: length-delimited, as proto3 sends it.
 _WIRE_TYPE_OF = {
@@ -738,7 +729,7 @@ def _known_only(data: memoryview, message_type: type[betterproto2.Message]) -> b
         if wire_type == betterproto2.WIRE_LEN_DELIM and proto_type in _MESSAGES:
             inner = _known_only(data[begin:pos], _message_class(meta, name))
             out += data[start:after_key]
-            out += _encode_varint(len(inner))
+            out += betterproto2.encode_varint(len(inner))
             out += inner
         else:
             out += data[start:pos]
