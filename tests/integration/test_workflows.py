@@ -253,6 +253,24 @@ async def test_status_streams_resume_from_a_sequence_number(tmp_path: Path) -> N
             ] == []
 
 
+async def test_a_workflow_does_not_follow_changes_to_the_mapping_it_was_made_from(
+    tmp_path: Path,
+) -> None:
+    async def echo(payload: Any) -> Any:
+        return payload
+
+    layers = [1, 2]
+    config: dict[str, Any] = {"model": "small", "layers": layers}
+    spec = {"name": "copy", "steps": {"train": {"handler": "echo", "payload": config}}}
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers={"echo": echo}) as infra:
+        wf = await infra.workflows.create(spec)
+        config["model"] = "large"  # the caller's object, changed after create()
+        layers.append(3)
+        run = await infra.workflows.start_run(wf.workflow_id)
+        assert (await run.wait()).results() == {"train": {"model": "small", "layers": [1, 2]}}
+        assert wf.spec.steps[0].payload == {"model": "small", "layers": [1, 2]}
+
+
 async def test_bad_workflows_and_runs_are_refused_with_clear_errors(tmp_path: Path) -> None:
     async def h(payload: Any) -> Any:
         return payload

@@ -331,12 +331,13 @@ class WorkflowEngine:
         found = self._workflows.get(workflow_id)
         if found is not None:
             return found
+        text = json.dumps(spec.to_mapping())
+        # The engine's own copy, as a restart reads it back: the caller's
+        # payload objects, changed later, changed later runs under the same id.
+        spec = WorkflowSpec.from_mapping(json.loads(text))
         workflow = Workflow(workflow_id=workflow_id, spec=spec, created_at=time.time())
         await self._journal.commit(
-            (
-                "workflow",
-                (workflow_id, spec.name, json.dumps(spec.to_mapping()), workflow.created_at),
-            )
+            ("workflow", (workflow_id, spec.name, text, workflow.created_at))
         )
         self._workflows[workflow_id] = workflow
         return workflow
