@@ -332,7 +332,7 @@ async def scale_worker(count: int) -> dict[str, float]:
                 handles = await infra.submit_tasks("gated", chunk, task_class="bench_gated")
                 ids.extend(h.task_id for h in handles)
             submitted = time.perf_counter()
-            queued = infra.task_classes()["bench_gated"].queued
+            queued = (await infra.task_classes())["bench_gated"].queued
             t1 = time.perf_counter()
             gate.set()
             await _drain(infra, ids)

@@ -190,9 +190,9 @@ def register_handlers(infra: AgentInfra) -> None:
         return steps
 
 
-def show_classes(infra: AgentInfra) -> None:
+async def show_classes(infra: AgentInfra) -> None:
     table = Table("class", "runner", "limit", "adaptive", "running", "queued")
-    for c in infra.task_classes().values():
+    for c in (await infra.task_classes()).values():
         table.add_row(
             c.name, c.runner, str(c.limit), str(c.adaptive), str(c.running), str(c.queued)
         )
@@ -245,7 +245,7 @@ async def run_tasks(infra: AgentInfra, printer: EventPrinter) -> None:
     fetch = track("fetch", await infra.submit_task("fetch", "https://api.example", max_attempts=3))
     train = track("train", await infra.submit_task("train", 600))
     print("task_classes(), with the evaluations queued:")
-    show_classes(infra)
+    await show_classes(infra)
 
     # Cancel the training once it runs: it stops at its next await.
     await printer.wait_until(

@@ -44,8 +44,8 @@ from dspy_infra.errors import (
 )
 from dspy_infra.events import Event, EventsDropped, ServiceEvent
 from dspy_infra.infra import AgentInfra, HealthReport
-from dspy_infra.scheduling.scheduler import ClassStatus
 from dspy_infra.scheduling.tasks import (
+    ClassStatus,
     Resources,
     TaskEvent,
     TaskHandle,

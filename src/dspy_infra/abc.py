@@ -18,7 +18,7 @@ from attrs import field, frozen
 from dspy_infra.config.model import Config, HandlerConfig, TaskClass
 
 if TYPE_CHECKING:
-    from dspy_infra.scheduling.tasks import TaskEvent, TaskRequest, TaskStatus
+    from dspy_infra.scheduling.tasks import ClassStatus, TaskEvent, TaskRequest, TaskStatus
 
 __all__ = [
     "ContainerBackend",
@@ -290,6 +290,10 @@ class Scheduler(Protocol):
 
     async def cancel(self, task_id: str) -> TaskStatus:
         """Cancel the task if it has not finished; return its status after that."""
+
+    async def classes(self) -> dict[str, ClassStatus]:
+        """Each task class's current concurrency limit and load, by name, in
+        the order of the configuration."""
 
     def results(
         self, task_ids: Collection[str] | None = None, *, since: int | None = None

@@ -44,7 +44,7 @@ _UNAVAILABLE = frozenset({"unhealthy", CLOSING})
 async def health_document(infra: AgentInfra, scheduler: LocalScheduler) -> dict[str, Any]:
     """What ``/health`` answers: the health report and the scheduler's state, as JSON."""
     report = await infra.health_check()
-    classes = scheduler.classes()
+    classes = await scheduler.classes()
     return {
         "status": report.status,
         "instance": infra.instance_id,
@@ -65,16 +65,7 @@ async def health_document(infra: AgentInfra, scheduler: LocalScheduler) -> dict[
             "status": "running",
             "gpus_total": len(scheduler.gpus),
             "gpus_in_use": scheduler.gpus_in_use,
-            "classes": {
-                name: {
-                    "runner": c.runner,
-                    "limit": c.limit,
-                    "adaptive": c.adaptive,
-                    "running": c.running,
-                    "queued": c.queued,
-                }
-                for name, c in classes.items()
-            },
+            "classes": {name: c.to_json() for name, c in classes.items()},
         },
     }
 

@@ -30,7 +30,7 @@ from dspy_infra.events import Event, EventBus, EventsDropped, ServiceEvent
 from dspy_infra.http import MetricsServer, health_document
 from dspy_infra.metrics import Metrics
 from dspy_infra.scheduling.api import TaskMethods
-from dspy_infra.scheduling.scheduler import ClassStatus, LocalScheduler
+from dspy_infra.scheduling.scheduler import LocalScheduler
 from dspy_infra.scheduling.tasks import TaskEvent
 from dspy_infra.services.manager import ServiceManager
 from dspy_infra.services.status import ServiceState, ServiceStatus
@@ -358,10 +358,6 @@ class AgentInfra(TaskMethods):
         """Every metric sample by name and labels: ``{'dspy_infra_gpus_total': 2.0, ...}``."""
         self._check_open()
         return self.metrics.values()
-
-    def task_classes(self) -> dict[str, ClassStatus]:
-        """Each task class's current concurrency limit and load."""
-        return self._tasks.classes()
 
     @property
     def _tasks(self) -> LocalScheduler:

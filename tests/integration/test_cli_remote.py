@@ -233,6 +233,9 @@ async def test_start_status_logs_stop(cli: Cli) -> None:
     code, out, _ = await cli("status")
     assert code == 0
     assert "healthy" in out.splitlines()[0]
+    lines = [line.split() for line in out.splitlines()]
+    assert ["CLASS", "RUNNER", "LIMIT", "RUNNING", "QUEUED"] in lines
+    assert ["cpu_short", "inprocess", "64", "0", "0"] in lines
 
     code, out, _ = await cli("start", "web")
     assert code == 0, out
@@ -243,6 +246,13 @@ async def test_start_status_logs_stop(cli: Cli) -> None:
     assert code == 0
     report = json.loads(out)
     assert report["status"] == "healthy"
+    assert report["classes"]["cpu_short"] == {
+        "runner": "inprocess",
+        "limit": 64,
+        "adaptive": False,
+        "running": 0,
+        "queued": 0,
+    }
     assert report["services"]["web"]["state"] == "healthy"
     assert report["services"]["web"]["ports"]["main"] > 0
 

@@ -45,7 +45,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dspy_infra
-from dspy_infra import AgentInfra
+from dspy_infra import AgentInfra, ClassStatus
 from dspy_infra import errors as errors_module
 from dspy_infra._procfs import group_alive
 from dspy_infra.errors import (
@@ -116,6 +116,7 @@ def make_infra(tmp_path: Path) -> AgentInfra:
             "services": {
                 "web": service("--say", "hello", "--say", "ready", port=True, autostart=False)
             },
+            "classes": {"one_at_a_time": {"runner": "inprocess", "max_concurrency": 1}},
         },
         state_dir=tmp_path / "state",
         handlers={"echo": echo, "sleepy": sleepy, "boom": boom},
@@ -571,6 +572,40 @@ async def test_workflow_create_run_and_stream(api: Api) -> None:
     again_named = await api.workflows.start_run(workflow.workflow_id, {"n": [1]}, run_id="mine")
     assert named.run_id == again_named.run_id == "mine"
     assert (await again_named.wait()).inputs == {"n": []}
+
+
+async def test_workflows_get_and_list(api: Api) -> None:
+    assert await api.workflows.list() == []
+    chain = await api.workflows.create(CHAIN)
+    other = await api.workflows.create({"name": "one", "steps": {"a": {"handler": "echo"}}})
+    got = await api.workflows.get(chain.workflow_id)
+    assert isinstance(got, Workflow)
+    assert got == chain  # the stored spec, id and creation time
+    assert await api.workflows.list() == [chain, other]  # oldest first
+    with pytest.raises(UnknownWorkflow, match="unknown workflow 'nope'") as info:
+        await api.workflows.get("nope")
+    assert info.value.workflow_id == "nope"
+
+
+async def test_task_classes(api: Api) -> None:
+    classes = await api.task_classes()
+    assert list(classes) == ["cpu_short", "cpu_long", "gpu", "gpu_slurm", "one_at_a_time"]
+    idle = classes["cpu_short"]
+    assert isinstance(idle, ClassStatus)
+    assert (idle.name, idle.runner, idle.adaptive, idle.running, idle.queued) == (
+        "cpu_short",
+        "inprocess",
+        False,
+        0,
+        0,
+    )
+    assert idle.limit == 64
+    # One holds the class's only slot, two wait behind it.
+    await api.submit_tasks("sleepy", [1, 2, 3], task_class="one_at_a_time")
+    with anyio.fail_after(5):
+        while (busy := (await api.task_classes())["one_at_a_time"]).running == 0:
+            await anyio.sleep(0.005)
+    assert (busy.limit, busy.running, busy.queued) == (1, 1, 2)
 
 
 async def test_workflow_failure(api: Api) -> None:
@@ -1298,6 +1333,9 @@ with grpc.insecure_channel(sys.argv[1]) as channel:
     events.cancel()
     values = orch.GetMetrics(o.GetMetricsRequest()).values
     out["metrics"] = any(k.startswith("dspy_infra_tasks_submitted") for k in values)
+    classes = orch.ListTaskClasses(o.ListTaskClassesRequest()).classes
+    out["classes"] = [[c.name, c.runner, c.limit, c.adaptive, c.running, c.queued]
+                      for c in classes]
 
     spec = {"name": "pair", "steps": {"a": {"handler": "echo", "payload": "${inputs.x}"},
                                       "b": {"handler": "echo", "depends_on": ["a"],
@@ -1313,11 +1351,16 @@ with grpc.insecure_channel(sys.argv[1]) as channel:
                                                for s in final.run.steps]]
     run = orch.GetWorkflowRun(o.GetWorkflowRunRequest(run_id=run_id, wait=True)).run
     out["workflow_run"] = [run.workflow_id == created.workflow_id, run.state, run.inputs_json]
+    got = orch.GetWorkflow(o.GetWorkflowRequest(workflow_id=created.workflow_id)).workflow
+    out["workflow_get"] = [got.workflow_id == created.workflow_id,
+                           json.loads(got.spec_json)["name"], got.created_at == created.created_at]
     slow = json.dumps({"name": "slow", "steps": {"s": {"handler": "sleepy"}}})
     slow_id = orch.CreateWorkflow(o.CreateWorkflowRequest(spec_json=slow)).workflow_id
     slow_run = orch.StartWorkflowRun(o.StartWorkflowRunRequest(workflow_id=slow_id)).run_id
     cancelled = orch.CancelWorkflowRun(o.CancelWorkflowRunRequest(run_id=slow_run)).run
     out["workflow_cancelled"] = [cancelled.state, cancelled.steps[0].state]
+    listed = orch.ListWorkflows(o.ListWorkflowsRequest()).workflows
+    out["workflow_list"] = [w.workflow_id for w in listed] == [created.workflow_id, slow_id]
 
     codes = {}
     calls = {
@@ -1326,6 +1369,7 @@ with grpc.insecure_channel(sys.argv[1]) as channel:
             o.StartWorkflowRunRequest(workflow_id="nope")
         ),
         "GetWorkflowRun": lambda: orch.GetWorkflowRun(o.GetWorkflowRunRequest(run_id="nope")),
+        "GetWorkflow": lambda: orch.GetWorkflow(o.GetWorkflowRequest(workflow_id="nope")),
         "CancelWorkflowRun": lambda: orch.CancelWorkflowRun(
             o.CancelWorkflowRunRequest(run_id="nope")
         ),
@@ -1387,6 +1431,13 @@ async def test_a_stock_grpcio_client_calls_every_rpc(tmp_path: Path) -> None:
     assert seen["held"] == ["1", "2", '{"n":18446744073709551617}']
     assert seen["followed"] is True
     assert seen["metrics"] is True
+    assert seen["classes"] == [
+        ["cpu_short", "inprocess", 64, False, 0, 0],
+        ["cpu_long", "process", 64, False, 0, 0],
+        ["gpu", "process", 64, False, 0, 0],
+        ["gpu_slurm", "slurm", 64, False, 0, 0],
+        ["one_at_a_time", "inprocess", 1, False, 0, 0],
+    ]
     assert seen["workflow_stream"] == [
         ["workflow_run_started", None],
         ["workflow_step_started", "a"],
@@ -1401,10 +1452,13 @@ async def test_a_stock_grpcio_client_calls_every_rpc(tmp_path: Path) -> None:
     ]
     assert seen["workflow_run"] == [True, "succeeded", '{"x":7}']
     assert seen["workflow_cancelled"] == ["cancelled", "cancelled"]
+    assert seen["workflow_get"] == [True, "pair", True]
+    assert seen["workflow_list"] is True
     assert seen["errors"] == {
         "CreateWorkflow": ["INVALID_ARGUMENT", "InvalidWorkflow"],
         "StartWorkflowRun": ["NOT_FOUND", "UnknownWorkflow"],
         "GetWorkflowRun": ["NOT_FOUND", "UnknownRun"],
+        "GetWorkflow": ["NOT_FOUND", "UnknownWorkflow"],
         "CancelWorkflowRun": ["NOT_FOUND", "UnknownRun"],
         "StreamWorkflowStatus": ["NOT_FOUND", "UnknownRun"],
         "GetTaskStatus": ["NOT_FOUND", "UnknownTask"],

@@ -259,7 +259,7 @@ async def test_backfill_across_resources(tmp_path: Path) -> None:
         s2 = await infra.submit_task("sized", {"key": "s2", "cpus": 1}, task_class="small")
         await gates.wait_started("s2")  # backfilled while the big one waits
         assert (await big.status()).state is TaskState.QUEUED
-        assert infra.task_classes()["big"].queued == 1
+        assert (await infra.task_classes())["big"].queued == 1
         s3 = await infra.submit_task("sized", {"key": "s3", "cpus": 1}, task_class="small")
         await anyio.sleep(0.05)
         assert (await s3.status()).state is TaskState.QUEUED  # no CPU left for it
@@ -420,7 +420,7 @@ async def test_gpu_leases_are_disjoint_and_reach_the_handler(tmp_path: Path) -> 
         after = await infra.submit_task("train", None, task_class="g", resources=Resources(gpus=2))
         with anyio.fail_after(5):
             assert await after.result() == ["0", "1"]
-        assert infra.task_classes()["g"].running == 0
+        assert (await infra.task_classes())["g"].running == 0
     assert overlaps == []
     assert peak[0] == 2
     for h, result, status in zip([*handles, pair], results, statuses, strict=True):
@@ -819,7 +819,7 @@ async def test_queue_timeout_and_run_timeout(tmp_path: Path) -> None:
         status = await waiting.status()
         assert status.state is TaskState.TIMED_OUT
         assert status.attempts == 0
-        assert infra.task_classes()["qt"].queued == 0
+        assert (await infra.task_classes())["qt"].queued == 0
         gates.open("blocker")
         await blocker.result()
         # A slow attempt: its own timeout cancels it.
@@ -934,7 +934,7 @@ async def test_cancel_during_a_retry_backoff(tmp_path: Path) -> None:
         await anyio.sleep(0.45)  # past the backoff: the timer must not run it again
         assert runs == [1]
         assert (await h.status()).state is TaskState.CANCELLED
-        assert infra.task_classes()["r"].queued == 0
+        assert (await infra.task_classes())["r"].queued == 0
 
 
 async def test_cancel_queued_and_running_tasks(tmp_path: Path) -> None:
@@ -947,7 +947,7 @@ async def test_cancel_queued_and_running_tasks(tmp_path: Path) -> None:
         status = await infra.cancel_task(queued.task_id)
         assert status.state is TaskState.CANCELLED
         assert status.attempts == 0
-        assert infra.task_classes()["one"].queued == 0
+        assert (await infra.task_classes())["one"].queued == 0
         with pytest.raises(TaskCancelled):
             await queued.result()
         status = await running.cancel()
@@ -955,7 +955,7 @@ async def test_cancel_queued_and_running_tasks(tmp_path: Path) -> None:
         assert status.attempts == 1
         with pytest.raises(TaskCancelled):
             await running.result()
-        assert infra.task_classes()["one"].running == 0
+        assert (await infra.task_classes())["one"].running == 0
         # The slot is free again; a finished task is not changed by a cancel.
         done = await infra.submit_task("echo", 5, task_class="one")
         assert await done.result() == 5
@@ -1354,7 +1354,7 @@ async def test_adaptive_limit_moves_within_its_bounds_under_load(tmp_path: Path)
     async def work(payload: Any) -> Any:
         running[0] += 1
         peak[0] = max(peak[0], running[0])
-        limits.append(infra_box[0].task_classes()["ad"].limit)
+        limits.append((await infra_box[0].task_classes())["ad"].limit)
         try:
             await anyio.sleep(0.002)
             if payload["fail"]:
@@ -1366,7 +1366,7 @@ async def test_adaptive_limit_moves_within_its_bounds_under_load(tmp_path: Path)
     classes = {"ad": {"adaptive": True, "min_concurrency": 2, "max_concurrency": 7}}
     async with start(tmp_path, {"work": work}, classes=classes) as infra:
         infra_box.append(infra)
-        initial = infra.task_classes()["ad"]
+        initial = (await infra.task_classes())["ad"]
         assert initial.adaptive
         assert initial.limit == 4
         handles = await infra.submit_tasks(
@@ -1382,7 +1382,7 @@ async def test_adaptive_limit_moves_within_its_bounds_under_load(tmp_path: Path)
         )
         for h in failing:
             assert (await h.wait()).state is TaskState.FAILED
-        shrunk = infra.task_classes()["ad"].limit
+        shrunk = (await infra.task_classes())["ad"].limit
         limits.append(shrunk)
     assert grown > 4
     assert shrunk == 2  # a run of failures took it down to its minimum
@@ -1408,13 +1408,13 @@ async def test_an_adaptive_limit_is_filled_as_it_grows_and_grows_only_with_use(
         keys = [f"k{i}" for i in range(10)]
         handles = await infra.submit_tasks("gate", [{"key": k} for k in keys], task_class="ad")
         await gates.wait_started(*keys[:4])
-        assert infra.task_classes()["ad"].limit == 4
+        assert (await infra.task_classes())["ad"].limit == 4
         gates.open("k0")
         await handles[0].result()
         # Busy, it grew by one, and the new slot is taken at once.
-        assert infra.task_classes()["ad"].limit == 5
+        assert (await infra.task_classes())["ad"].limit == 5
         await until(lambda: len(gates.running) == 5, limit=2)
-        assert infra.task_classes()["ad"].running == 5
+        assert (await infra.task_classes())["ad"].running == 5
         gates.open(*keys)
         for h in handles:
             await h.result()
@@ -1424,7 +1424,7 @@ async def test_an_adaptive_limit_is_filled_as_it_grows_and_grows_only_with_use(
         bound = await infra.submit_tasks("echo", list(range(200)), task_class="bound")
         for h in bound:
             await h.result()
-        assert 1 <= infra.task_classes()["bound"].limit <= 5
+        assert 1 <= (await infra.task_classes())["bound"].limit <= 5
 
 
 def _nested(depth: int) -> list[Any]:
@@ -1607,7 +1607,7 @@ async def test_unusable_ids_and_payloads_are_refused_with_invalid_task(tmp_path:
             await infra.submit_task("echo", 1, task_id=["not", "hashable"])  # type: ignore[arg-type]
         with pytest.raises(InvalidTask, match="not JSON-compatible"):
             await infra.submit_task("echo", _nested(100_000))
-        assert infra.task_classes()["cpu_short"].queued == 0
+        assert (await infra.task_classes())["cpu_short"].queued == 0
 
 
 async def test_following_some_tasks_drops_no_event_of_the_others(tmp_path: Path) -> None:

@@ -120,7 +120,7 @@ async def test_a_killed_owner_loses_no_task(tmp_path: Path) -> None:
     ) as infra:
         for task_id in [*RUNNING, *QUEUED]:
             assert (await infra.get_task_status(task_id)).state == statuses[task_id].state
-        assert infra.task_classes()["work"].queued == 0
+        assert (await infra.task_classes())["work"].queued == 0
         await anyio.sleep(0.05)
     assert runs == []
 

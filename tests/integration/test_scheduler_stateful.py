@@ -149,7 +149,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         suspension point."""
         infra = self.live()
         statuses = {t: await infra.get_task_status(t) for t in self.unfinished()}
-        classes = infra.task_classes()
+        classes = await infra.task_classes()
         blocked = Counter(self.controller.blocked.values())
         settled = True
         for name, limit in LIMITS.items():

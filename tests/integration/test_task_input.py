@@ -132,7 +132,7 @@ async def test_bad_input_is_refused_and_nothing_is_stored(tmp_path: Path, case: 
         after = await infra.submit_task("echo", "after", task_id="after")
         assert await after.result() == "after"
         await anyio.sleep(0.02)
-        assert infra.task_classes()["cpu_short"].queued == 0
+        assert (await infra.task_classes())["cpu_short"].queued == 0
     assert calls == ["fine", "after"]
     assert stored_ids(tmp_path) == ["good", "after"]
     async with start(tmp_path, calls) as infra:
@@ -175,12 +175,12 @@ async def test_submit_tasks_stores_all_or_none(tmp_path: Path) -> None:
         with pytest.raises(InvalidTask, match="unknown task class"):
             await infra.submit_tasks("echo", [1, 2], task_class="nope")
         await anyio.sleep(0.05)
-        assert infra.task_classes()["cpu_short"].queued == 0
-        assert infra.task_classes()["cpu_short"].running == 0
+        assert (await infra.task_classes())["cpu_short"].queued == 0
+        assert (await infra.task_classes())["cpu_short"].running == 0
     assert calls == []
     assert stored_ids(tmp_path) == []
     async with start(tmp_path, calls) as infra:
-        assert infra.task_classes()["cpu_short"].queued == 0
+        assert (await infra.task_classes())["cpu_short"].queued == 0
         await anyio.sleep(0.05)
     assert calls == []
 

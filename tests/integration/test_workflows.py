@@ -291,7 +291,7 @@ async def test_bad_workflows_and_runs_are_refused_with_clear_errors(tmp_path: Pa
         bad_file.write_text('name = "x"\n[steps.a]\nhandler = "h"\ndepends_on = ["b"]\n')
         with pytest.raises(InvalidWorkflow, match=r"bad\.toml: .*unknown step 'b'"):
             await wfs.create(bad_file)
-        assert wfs.list() == []  # nothing refused was stored
+        assert await wfs.list() == []  # nothing refused was stored
         with pytest.raises(UnknownWorkflow, match=r"^unknown workflow 'no-such-workflow'$"):
             await wfs.start_run("no-such-workflow")
         with pytest.raises(UnknownRun, match=r"^unknown workflow run 'no-such-run'$"):

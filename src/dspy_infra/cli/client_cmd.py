@@ -57,7 +57,7 @@ from dspy_infra.infra import check_event_types
 if TYPE_CHECKING:
     from dspy_infra.events import Event
     from dspy_infra.remote import RemoteAgentInfra
-    from dspy_infra.scheduling.tasks import TaskStatus
+    from dspy_infra.scheduling.tasks import ClassStatus, TaskStatus
     from dspy_infra.services.status import ServiceStatus
 
 __all__ = ["ADDRESS_ENV", "register"]
@@ -340,12 +340,14 @@ async def _stop(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
 
 async def _status(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
     report = await infra.health_check()
+    classes = await infra.task_classes()
     if args.json:
         _print_json(
             {
                 "address": infra.address,
                 "status": report.status,
                 "services": {n: _service_json(s) for n, s in report.services.items()},
+                "classes": {n: c.to_json() for n, c in classes.items()},
             }
         )
     else:
@@ -354,7 +356,17 @@ async def _status(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
         out.print(f"{infra.address}: [{style}]{report.status}[/]")
         if report.services:
             out.print(_services_table(report.services))
+        out.print(_classes_table(classes))
     return EXIT_OK if report.healthy else EXIT_FAILURE
+
+
+def _classes_table(classes: Mapping[str, ClassStatus]) -> Table:
+    table = Table("CLASS", "RUNNER", "LIMIT", "RUNNING", "QUEUED", box=None)
+    for c in classes.values():
+        # An adaptive limit moves with the load: marked, so a reader knows.
+        limit = f"{c.limit} (adaptive)" if c.adaptive else str(c.limit)
+        table.add_row(Text(c.name), c.runner, limit, str(c.running), str(c.queued))
+    return table
 
 
 def _service_json(s: ServiceStatus) -> dict[str, Any]:

@@ -14,11 +14,21 @@ from typing import Any
 from dspy_infra.events import Event, EventsDropped, ServiceEvent
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
-from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskState, TaskStatus
+from dspy_infra.scheduling.tasks import ClassStatus, Resources, TaskEvent, TaskState, TaskStatus
 from dspy_infra.services.status import ServiceState, ServiceStatus
-from dspy_infra.workflows.model import RunState, RunStatus, StepState, StepStatus, WorkflowEvent
+from dspy_infra.workflows.model import (
+    RunState,
+    RunStatus,
+    StepState,
+    StepStatus,
+    Workflow,
+    WorkflowEvent,
+)
+from dspy_infra.workflows.spec import WorkflowSpec
 
 __all__ = [
+    "class_status_from_proto",
+    "class_status_to_proto",
     "dump_json",
     "event_from_proto",
     "event_to_proto",
@@ -37,6 +47,8 @@ __all__ = [
     "task_status_to_proto",
     "workflow_event_from_proto",
     "workflow_event_to_proto",
+    "workflow_from_proto",
+    "workflow_to_proto",
 ]
 
 # The store's encoder: compact, and NaN is refused as it is in-process.
@@ -64,6 +76,44 @@ def resources_from_proto(message: orch_pb.Resources | None) -> Resources | None:
     if message is None:
         return None
     return Resources(cpus=message.cpus, memory_mb=message.memory_mb, gpus=message.gpus)
+
+
+def class_status_to_proto(status: ClassStatus) -> orch_pb.TaskClass:
+    return orch_pb.TaskClass(
+        name=status.name,
+        runner=status.runner,
+        limit=status.limit,
+        adaptive=status.adaptive,
+        running=status.running,
+        queued=status.queued,
+    )
+
+
+def class_status_from_proto(message: orch_pb.TaskClass) -> ClassStatus:
+    return ClassStatus(
+        name=message.name,
+        runner=message.runner,
+        limit=message.limit,
+        adaptive=message.adaptive,
+        running=message.running,
+        queued=message.queued,
+    )
+
+
+def workflow_to_proto(workflow: Workflow) -> orch_pb.Workflow:
+    return orch_pb.Workflow(
+        workflow_id=workflow.workflow_id,
+        spec_json=dump_json(workflow.spec.to_mapping()),
+        created_at=workflow.created_at,
+    )
+
+
+def workflow_from_proto(message: orch_pb.Workflow) -> Workflow:
+    return Workflow(
+        workflow_id=message.workflow_id,
+        spec=WorkflowSpec.from_mapping(load_json(message.spec_json)),
+        created_at=message.created_at,
+    )
 
 
 def task_status_to_proto(status: TaskStatus) -> orch_pb.TaskStatus:

@@ -81,7 +81,7 @@ from dspy_infra.remote._wire import (
 )
 from dspy_infra.scheduling.api import TaskMethods
 from dspy_infra.scheduling.checks import check_ids, refused, request_error
-from dspy_infra.scheduling.tasks import TaskEvent, TaskRequest, TaskState, TaskStatus
+from dspy_infra.scheduling.tasks import ClassStatus, TaskEvent, TaskRequest, TaskState, TaskStatus
 from dspy_infra.services.logs import check_tail
 from dspy_infra.services.status import ServiceStatus
 from dspy_infra.workflows.model import RunHandle, RunStatus, Workflow, WorkflowEvent
@@ -350,6 +350,14 @@ class _RemoteScheduler:
         )
         return convert.task_status_from_proto(_present(reply.status, "status"))
 
+    async def classes(self) -> dict[str, ClassStatus]:
+        reply = await self._rpc.unary(
+            _ORCH + "ListTaskClasses",
+            orch_pb.ListTaskClassesRequest(),
+            orch_pb.ListTaskClassesResponse,
+        )
+        return {c.name: convert.class_status_from_proto(c) for c in reply.classes}
+
     async def cancel(self, task_id: str) -> TaskStatus:
         reply = await self._rpc.unary(
             _ORCH + "CancelTask",
@@ -521,11 +529,26 @@ class RemoteWorkflows:
             orch_pb.CreateWorkflowRequest(spec_json=convert.dump_json(spec.to_mapping())),
             orch_pb.CreateWorkflowResponse,
         )
-        return Workflow(
-            workflow_id=reply.workflow_id,
-            spec=WorkflowSpec.from_mapping(convert.load_json(reply.spec_json)),
-            created_at=reply.created_at,
+        stored = orch_pb.Workflow(
+            workflow_id=reply.workflow_id, spec_json=reply.spec_json, created_at=reply.created_at
         )
+        return convert.workflow_from_proto(stored)
+
+    async def get(self, workflow_id: str) -> Workflow:
+        """A stored workflow; :class:`~dspy_infra.workflows.UnknownWorkflow` if there is none."""
+        reply = await self._rpc.unary(
+            _ORCH + "GetWorkflow",
+            orch_pb.GetWorkflowRequest(workflow_id=workflow_id),
+            orch_pb.GetWorkflowResponse,
+        )
+        return convert.workflow_from_proto(_present(reply.workflow, "workflow"))
+
+    async def list(self) -> builtins.list[Workflow]:
+        """Every stored workflow, oldest first."""
+        reply = await self._rpc.unary(
+            _ORCH + "ListWorkflows", orch_pb.ListWorkflowsRequest(), orch_pb.ListWorkflowsResponse
+        )
+        return [convert.workflow_from_proto(w) for w in reply.workflows]
 
     async def start_run(
         self,

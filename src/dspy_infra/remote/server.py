@@ -1005,6 +1005,14 @@ class _Orchestrator(_Streaming, orch_pb.OrchestratorBase):
         status = await self._infra.cancel_task(message.task_id)
         return orch_pb.CancelTaskResponse(status=convert.task_status_to_proto(status))
 
+    async def list_task_classes(
+        self, message: orch_pb.ListTaskClassesRequest
+    ) -> orch_pb.ListTaskClassesResponse:
+        classes = await self._infra.task_classes()
+        return orch_pb.ListTaskClassesResponse(
+            classes=[convert.class_status_to_proto(c) for c in classes.values()]
+        )
+
     async def stream_task_results(
         self, message: orch_pb.StreamTaskResultsRequest
     ) -> AsyncGenerator[orch_pb.TaskEvent, None]:
@@ -1032,10 +1040,25 @@ class _Orchestrator(_Streaming, orch_pb.OrchestratorBase):
         # Always a mapping, never a path: nothing here reads the server's files.
         data = _load_json(message.spec_json, "spec_json", _refuse_workflow)
         workflow = await self._infra.workflows.create(WorkflowSpec.from_mapping(data))
+        stored = convert.workflow_to_proto(workflow)
         return orch_pb.CreateWorkflowResponse(
-            workflow_id=workflow.workflow_id,
-            spec_json=convert.dump_json(workflow.spec.to_mapping()),
-            created_at=workflow.created_at,
+            workflow_id=stored.workflow_id,
+            spec_json=stored.spec_json,
+            created_at=stored.created_at,
+        )
+
+    async def get_workflow(
+        self, message: orch_pb.GetWorkflowRequest
+    ) -> orch_pb.GetWorkflowResponse:
+        workflow = await self._infra.workflows.get(message.workflow_id)
+        return orch_pb.GetWorkflowResponse(workflow=convert.workflow_to_proto(workflow))
+
+    async def list_workflows(
+        self, message: orch_pb.ListWorkflowsRequest
+    ) -> orch_pb.ListWorkflowsResponse:
+        workflows = await self._infra.workflows.list()
+        return orch_pb.ListWorkflowsResponse(
+            workflows=[convert.workflow_to_proto(w) for w in workflows]
         )
 
     async def start_workflow_run(

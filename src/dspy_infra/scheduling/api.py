@@ -14,7 +14,14 @@ from contextlib import aclosing
 from typing import Any
 
 from dspy_infra.abc import Scheduler
-from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskRequest, TaskStatus
+from dspy_infra.scheduling.tasks import (
+    ClassStatus,
+    Resources,
+    TaskEvent,
+    TaskHandle,
+    TaskRequest,
+    TaskStatus,
+)
 
 __all__ = ["TaskMethods"]
 
@@ -120,6 +127,11 @@ class TaskMethods:
         an in-process handler, by SIGTERM then SIGKILL for a process.
         """
         return await self._tasks.cancel(task_id)
+
+    async def task_classes(self) -> dict[str, ClassStatus]:
+        """Each task class's concurrency limit now (moving, for an adaptive
+        class) and its load: running and queued tasks."""
+        return await self._tasks.classes()
 
     def task_handle(self, task_id: str) -> TaskHandle:
         """A handle on a task submitted earlier (by this or a previous instance)."""

@@ -40,7 +40,6 @@ from typing import Any, Literal, Self, cast
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
-from attrs import frozen
 
 from dspy_infra.abc import Runner, RunnerContext, TaskRun
 from dspy_infra.config.model import Config, TaskClass
@@ -79,11 +78,17 @@ from dspy_infra.scheduling.store import (
     Written,
     dumps,
 )
-from dspy_infra.scheduling.tasks import TaskEvent, TaskRequest, TaskState, TaskStatus
+from dspy_infra.scheduling.tasks import (
+    ClassStatus,
+    TaskEvent,
+    TaskRequest,
+    TaskState,
+    TaskStatus,
+)
 from dspy_infra.services.manager import ServiceManager
 from dspy_infra.services.status import ServiceState
 
-__all__ = ["ClassStatus", "LocalScheduler"]
+__all__ = ["LocalScheduler"]
 
 log = logging.getLogger("dspy_infra.scheduling")
 
@@ -101,18 +106,6 @@ _RUNS_PER_CHECKPOINT = 8
 _CHECKED = 256
 _SERVICE_READY_EVENTS = frozenset({"service_started", "service_healthy", "service_completed"})
 _SERVICE_DOWN_EVENTS = frozenset({"service_failed"})
-
-
-@frozen(kw_only=True)
-class ClassStatus:
-    """One task class at a glance: its current limit and load."""
-
-    name: str
-    runner: str
-    limit: int
-    adaptive: bool
-    running: int
-    queued: int
 
 
 class _Class:
@@ -679,7 +672,7 @@ class LocalScheduler:
                 found.append(_final_event(status))
         return found
 
-    def classes(self) -> dict[str, ClassStatus]:
+    async def classes(self) -> dict[str, ClassStatus]:
         """Each class's current concurrency limit, running and queued counts."""
         return {
             name: ClassStatus(

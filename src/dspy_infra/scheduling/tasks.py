@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from dspy_infra.abc import Scheduler
 
 __all__ = [
+    "ClassStatus",
     "Resources",
     "TaskEvent",
     "TaskHandle",
@@ -152,6 +153,28 @@ class TaskEvent(Event):
             result=self.result,
             error=self.error,
         ).outcome()
+
+
+@frozen(kw_only=True)
+class ClassStatus:
+    """One task class at a glance: its current limit and load."""
+
+    name: str
+    runner: str
+    limit: int
+    adaptive: bool
+    running: int
+    queued: int
+
+    def to_json(self) -> dict[str, Any]:
+        """As ``/health`` and ``dspy-infra status --json`` show it, under its name."""
+        return {
+            "runner": self.runner,
+            "limit": self.limit,
+            "adaptive": self.adaptive,
+            "running": self.running,
+            "queued": self.queued,
+        }
 
 
 @frozen

@@ -359,7 +359,7 @@ class WorkflowEngine:
             reason = str(exc).split(" refused: ", 1)[-1]
             raise InvalidWorkflow(f"workflow {spec.name!r}: step {step.name!r}: {reason}") from None
 
-    def get(self, workflow_id: str) -> Workflow:
+    async def get(self, workflow_id: str) -> Workflow:
         """A stored workflow; :class:`UnknownWorkflow` if there is none."""
         self._check_open()
         try:
@@ -367,7 +367,7 @@ class WorkflowEngine:
         except KeyError:
             raise UnknownWorkflow(workflow_id) from None
 
-    def list(self) -> builtins.list[Workflow]:
+    async def list(self) -> builtins.list[Workflow]:
         """Every stored workflow, oldest first."""
         self._check_open()
         return sorted(self._workflows.values(), key=lambda w: w.created_at)
@@ -385,7 +385,7 @@ class WorkflowEngine:
         Raises :class:`InvalidWorkflow` when an input its references use is
         missing or the inputs are not JSON-compatible.
         """
-        workflow = self.get(workflow_id)
+        workflow = await self.get(workflow_id)
         fresh = run_id is None
         if run_id is not None:
             if (

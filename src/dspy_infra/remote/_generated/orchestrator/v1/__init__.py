@@ -16,10 +16,16 @@ __all__ = (
     "GetMetricsResponse",
     "GetTaskStatusRequest",
     "GetTaskStatusResponse",
+    "GetWorkflowRequest",
+    "GetWorkflowResponse",
     "GetWorkflowRunRequest",
     "GetWorkflowRunResponse",
     "HealthRequest",
     "HealthResponse",
+    "ListTaskClassesRequest",
+    "ListTaskClassesResponse",
+    "ListWorkflowsRequest",
+    "ListWorkflowsResponse",
     "OrchestratorBase",
     "OrchestratorStub",
     "OtherEvent",
@@ -34,8 +40,10 @@ __all__ = (
     "SubmitTaskResponse",
     "SubmitTasksRequest",
     "SubmitTasksResponse",
+    "TaskClass",
     "TaskEvent",
     "TaskStatus",
+    "Workflow",
     "WorkflowRun",
     "WorkflowRunStatus",
     "WorkflowStep",
@@ -312,6 +320,36 @@ default_message_pool.register_message(
 
 
 @dataclass(eq=False, repr=False)
+class GetWorkflowRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "GetWorkflowRequest"
+        ]
+
+    workflow_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("orchestrator.v1", "GetWorkflowRequest", GetWorkflowRequest)
+
+
+@dataclass(eq=False, repr=False)
+class GetWorkflowResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "GetWorkflowResponse"
+        ]
+
+    workflow: "Workflow | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message("orchestrator.v1", "GetWorkflowResponse", GetWorkflowResponse)
+
+
+@dataclass(eq=False, repr=False)
 class GetWorkflowRunRequest(betterproto2.Message):
     @betterproto2.staticproperty
     @staticmethod
@@ -381,6 +419,77 @@ class HealthResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("orchestrator.v1", "HealthResponse", HealthResponse)
+
+
+@dataclass(eq=False, repr=False)
+class ListTaskClassesRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "ListTaskClassesRequest"
+        ]
+
+    pass
+
+
+default_message_pool.register_message(
+    "orchestrator.v1", "ListTaskClassesRequest", ListTaskClassesRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class ListTaskClassesResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "ListTaskClassesResponse"
+        ]
+
+    classes: "list[TaskClass]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    In the order of the configuration.
+    """
+
+
+default_message_pool.register_message(
+    "orchestrator.v1", "ListTaskClassesResponse", ListTaskClassesResponse
+)
+
+
+@dataclass(eq=False, repr=False)
+class ListWorkflowsRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "ListWorkflowsRequest"
+        ]
+
+    pass
+
+
+default_message_pool.register_message(
+    "orchestrator.v1", "ListWorkflowsRequest", ListWorkflowsRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class ListWorkflowsResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name[
+            "ListWorkflowsResponse"
+        ]
+
+    workflows: "list[Workflow]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+
+default_message_pool.register_message(
+    "orchestrator.v1", "ListWorkflowsResponse", ListWorkflowsResponse
+)
 
 
 @dataclass(eq=False, repr=False)
@@ -681,6 +790,34 @@ default_message_pool.register_message("orchestrator.v1", "SubmitTasksResponse", 
 
 
 @dataclass(eq=False, repr=False)
+class TaskClass(betterproto2.Message):
+    """
+    One task class at a glance: its runner, its concurrency limit now (which
+    moves between the class's bounds when `adaptive`), and its load.
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["TaskClass"]
+
+    name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    runner: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    limit: "int" = betterproto2.field(3, betterproto2.TYPE_INT32)
+
+    adaptive: "bool" = betterproto2.field(4, betterproto2.TYPE_BOOL)
+
+    running: "int" = betterproto2.field(5, betterproto2.TYPE_INT32)
+
+    queued: "int" = betterproto2.field(6, betterproto2.TYPE_INT32)
+
+
+default_message_pool.register_message("orchestrator.v1", "TaskClass", TaskClass)
+
+
+@dataclass(eq=False, repr=False)
 class TaskEvent(betterproto2.Message):
     """
     A task changed state; final events carry the result or the error.
@@ -763,6 +900,27 @@ class TaskStatus(betterproto2.Message):
 
 
 default_message_pool.register_message("orchestrator.v1", "TaskStatus", TaskStatus)
+
+
+@dataclass(eq=False, repr=False)
+class Workflow(betterproto2.Message):
+    """
+    A stored workflow: `spec_json` as CreateWorkflowRequest takes it.
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["Workflow"]
+
+    workflow_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    spec_json: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    created_at: "float" = betterproto2.field(3, betterproto2.TYPE_DOUBLE)
+
+
+default_message_pool.register_message("orchestrator.v1", "Workflow", Workflow)
 
 
 @dataclass(eq=False, repr=False)
@@ -1010,6 +1168,30 @@ class OrchestratorStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def list_task_classes(
+        self,
+        message: "ListTaskClassesRequest | None" = None,
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListTaskClassesResponse":
+        """
+        Each task class's concurrency limit (adaptive or not) and load now.
+        """
+
+        if message is None:
+            message = ListTaskClassesRequest()
+
+        return await self._unary_unary(
+            "/orchestrator.v1.Orchestrator/ListTaskClasses",
+            message,
+            ListTaskClassesResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
     async def stream_task_results(
         self,
         message: "StreamTaskResultsRequest",
@@ -1048,6 +1230,51 @@ class OrchestratorStub(betterproto2_grpclib.ServiceStub):
             "/orchestrator.v1.Orchestrator/CreateWorkflow",
             message,
             CreateWorkflowResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def get_workflow(
+        self,
+        message: "GetWorkflowRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "GetWorkflowResponse":
+        """
+        A stored workflow, by id.
+        """
+
+        return await self._unary_unary(
+            "/orchestrator.v1.Orchestrator/GetWorkflow",
+            message,
+            GetWorkflowResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def list_workflows(
+        self,
+        message: "ListWorkflowsRequest | None" = None,
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListWorkflowsResponse":
+        """
+        Every stored workflow, oldest first.
+        """
+
+        if message is None:
+            message = ListWorkflowsRequest()
+
+        return await self._unary_unary(
+            "/orchestrator.v1.Orchestrator/ListWorkflows",
+            message,
+            ListWorkflowsResponse,
             timeout=timeout,
             deadline=deadline,
             metadata=metadata,
@@ -1165,7 +1392,7 @@ class OrchestratorStub(betterproto2_grpclib.ServiceStub):
 from ...env_manager import v1 as __env_manager__v1__
 
 ORCHESTRATOR_V1_ORCHESTRATOR_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n"orchestrator/v1/orchestrator.proto\x12\x0forchestrator.v1\x1a env_manager/v1/env_manager.proto"\x0f\n\rHealthRequest"c\n\x0eHealthResponse\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x129\n\x08services\x18\x02 \x03(\x0b2\x1d.env_manager.v1.ServiceStatusR\x08services"\x13\n\x11GetMetricsRequest"\x98\x01\n\x12GetMetricsResponse\x12G\n\x06values\x18\x01 \x03(\x0b2/.orchestrator.v1.GetMetricsResponse.ValuesEntryR\x06values\x1a9\n\x0bValuesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x01R\x05value:\x028\x01"\x7f\n\tResources\x12\x17\n\x04cpus\x18\x01 \x01(\x01H\x00R\x04cpus\x88\x01\x01\x12 \n\tmemory_mb\x18\x02 \x01(\x03H\x01R\x08memoryMb\x88\x01\x01\x12\x17\n\x04gpus\x18\x03 \x01(\x05H\x02R\x04gpus\x88\x01\x01B\x07\n\x05_cpusB\x0c\n\n_memory_mbB\x07\n\x05_gpus"\xc6\x03\n\x11SubmitTaskRequest\x12\x18\n\x07handler\x18\x01 \x01(\tR\x07handler\x12!\n\x0cpayload_json\x18\x02 \x01(\tR\x0bpayloadJson\x12"\n\ntask_class\x18\x03 \x01(\tH\x00R\ttaskClass\x88\x01\x01\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12\x14\n\x05needs\x18\x05 \x03(\tR\x05needs\x12\x1c\n\x07task_id\x18\x06 \x01(\tH\x01R\x06taskId\x88\x01\x01\x12$\n\x0bworkflow_id\x18\x07 \x01(\tH\x02R\nworkflowId\x88\x01\x01\x12&\n\x0cmax_attempts\x18\x08 \x01(\x05H\x03R\x0bmaxAttempts\x88\x01\x01\x12\x1d\n\x07timeout\x18\t \x01(\x01H\x04R\x07timeout\x88\x01\x01\x12=\n\tresources\x18\n \x01(\x0b2\x1a.orchestrator.v1.ResourcesH\x05R\tresources\x88\x01\x01B\r\n\x0b_task_classB\n\n\x08_task_idB\x0e\n\x0c_workflow_idB\x0f\n\r_max_attemptsB\n\n\x08_timeoutB\x0c\n\n_resources"-\n\x12SubmitTaskResponse\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId"\x9f\x03\n\x12SubmitTasksRequest\x12\x18\n\x07handler\x18\x01 \x01(\tR\x07handler\x12#\n\rpayloads_json\x18\x02 \x03(\tR\x0cpayloadsJson\x12"\n\ntask_class\x18\x03 \x01(\tH\x00R\ttaskClass\x88\x01\x01\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12\x14\n\x05needs\x18\x05 \x03(\tR\x05needs\x12$\n\x0bworkflow_id\x18\x06 \x01(\tH\x01R\nworkflowId\x88\x01\x01\x12&\n\x0cmax_attempts\x18\x07 \x01(\x05H\x02R\x0bmaxAttempts\x88\x01\x01\x12\x1d\n\x07timeout\x18\x08 \x01(\x01H\x03R\x07timeout\x88\x01\x01\x12=\n\tresources\x18\t \x01(\x0b2\x1a.orchestrator.v1.ResourcesH\x04R\tresources\x88\x01\x01B\r\n\x0b_task_classB\x0e\n\x0c_workflow_idB\x0f\n\r_max_attemptsB\n\n\x08_timeoutB\x0c\n\n_resources"0\n\x13SubmitTasksResponse\x12\x19\n\x08task_ids\x18\x01 \x03(\tR\x07taskIds"\x81\x04\n\nTaskStatus\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x18\n\x07handler\x18\x02 \x01(\tR\x07handler\x12\x1d\n\ntask_class\x18\x03 \x01(\tR\ttaskClass\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1a\n\x08priority\x18\x05 \x01(\x05R\x08priority\x12\x1a\n\x08attempts\x18\x06 \x01(\x05R\x08attempts\x12!\n\x0cmax_attempts\x18\x07 \x01(\x05R\x0bmaxAttempts\x12\x14\n\x05needs\x18\x08 \x03(\tR\x05needs\x12$\n\x0bworkflow_id\x18\t \x01(\tH\x00R\nworkflowId\x88\x01\x01\x12!\n\x0csubmitted_at\x18\n \x01(\x01R\x0bsubmittedAt\x12"\n\nstarted_at\x18\x0b \x01(\x01H\x01R\tstartedAt\x88\x01\x01\x12$\n\x0bfinished_at\x18\x0c \x01(\x01H\x02R\nfinishedAt\x88\x01\x01\x12\x1f\n\x0bresult_json\x18\r \x01(\tR\nresultJson\x12\x19\n\x05error\x18\x0e \x01(\tH\x03R\x05error\x88\x01\x01\x12\x12\n\x04gpus\x18\x0f \x03(\tR\x04gpusB\x0e\n\x0c_workflow_idB\r\n\x0b_started_atB\x0e\n\x0c_finished_atB\x08\n\x06_error"C\n\x14GetTaskStatusRequest\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x12\n\x04wait\x18\x02 \x01(\x08R\x04wait"L\n\x15GetTaskStatusResponse\x123\n\x06status\x18\x01 \x01(\x0b2\x1b.orchestrator.v1.TaskStatusR\x06status",\n\x11CancelTaskRequest\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId"I\n\x12CancelTaskResponse\x123\n\x06status\x18\x01 \x01(\x0b2\x1b.orchestrator.v1.TaskStatusR\x06status"w\n\x18StreamTaskResultsRequest\x12\x19\n\x08task_ids\x18\x01 \x03(\tR\x07taskIds\x12\x1b\n\tall_tasks\x18\x02 \x01(\x08R\x08allTasks\x12\x19\n\x05since\x18\x03 \x01(\x03H\x00R\x05since\x88\x01\x01B\x08\n\x06_since"\xc3\x02\n\tTaskEvent\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x12\n\x04time\x18\x02 \x01(\x01R\x04time\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x17\n\x07task_id\x18\x04 \x01(\tR\x06taskId\x12\x1d\n\ntask_class\x18\x05 \x01(\tR\ttaskClass\x12\x18\n\x07handler\x18\x06 \x01(\tR\x07handler\x12\x14\n\x05state\x18\x07 \x01(\tR\x05state\x12\x18\n\x07attempt\x18\x08 \x01(\x05R\x07attempt\x12$\n\x0bworkflow_id\x18\t \x01(\tH\x00R\nworkflowId\x88\x01\x01\x12\x1f\n\x0bresult_json\x18\n \x01(\tR\nresultJson\x12\x19\n\x05error\x18\x0b \x01(\tH\x01R\x05error\x88\x01\x01B\x0e\n\x0c_workflow_idB\x08\n\x06_error"\xe2\x01\n\x0cServiceEvent\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x12\n\x04time\x18\x02 \x01(\x01R\x04time\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x18\n\x07service\x18\x04 \x01(\tR\x07service\x12\x14\n\x05state\x18\x05 \x01(\tR\x05state\x12 \n\texit_code\x18\x06 \x01(\x05H\x00R\x08exitCode\x88\x01\x01\x12\x18\n\x07message\x18\x07 \x01(\tR\x07message\x12\x1e\n\ndependents\x18\x08 \x03(\tR\ndependentsB\x0c\n\n_exit_code"_\n\rEventsDropped\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x12\n\x04time\x18\x02 \x01(\x01R\x04time\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x14\n\x05count\x18\x04 \x01(\x03R\x05count"F\n\nOtherEvent\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x12\n\x04time\x18\x02 \x01(\x01R\x04time\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type"\xb0\x02\n\x05Event\x120\n\x04task\x18\x01 \x01(\x0b2\x1a.orchestrator.v1.TaskEventH\x00R\x04task\x129\n\x07service\x18\x02 \x01(\x0b2\x1d.orchestrator.v1.ServiceEventH\x00R\x07service\x12:\n\x07dropped\x18\x03 \x01(\x0b2\x1e.orchestrator.v1.EventsDroppedH\x00R\x07dropped\x123\n\x05other\x18\x04 \x01(\x0b2\x1b.orchestrator.v1.OtherEventH\x00R\x05other\x12@\n\x08workflow\x18\x05 \x01(\x0b2".orchestrator.v1.WorkflowRunStatusH\x00R\x08workflowB\x07\n\x05event"x\n\x13StreamEventsRequest\x12\x14\n\x05types\x18\x01 \x03(\tR\x05types\x12\x19\n\x05since\x18\x02 \x01(\x03H\x00R\x05since\x88\x01\x01\x12\x1b\n\x06follow\x18\x03 \x01(\x08H\x01R\x06follow\x88\x01\x01B\x08\n\x06_sinceB\t\n\x07_follow"4\n\x15CreateWorkflowRequest\x12\x1b\n\tspec_json\x18\x01 \x01(\tR\x08specJson"u\n\x16CreateWorkflowResponse\x12\x1f\n\x0bworkflow_id\x18\x01 \x01(\tR\nworkflowId\x12\x1b\n\tspec_json\x18\x02 \x01(\tR\x08specJson\x12\x1d\n\ncreated_at\x18\x03 \x01(\x01R\tcreatedAt"\x82\x01\n\x17StartWorkflowRunRequest\x12\x1f\n\x0bworkflow_id\x18\x01 \x01(\tR\nworkflowId\x12\x1f\n\x0binputs_json\x18\x02 \x01(\tR\ninputsJson\x12\x1a\n\x06run_id\x18\x03 \x01(\tH\x00R\x05runId\x88\x01\x01B\t\n\x07_run_id"1\n\x18StartWorkflowRunResponse\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId"\x82\x02\n\x0cWorkflowStep\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x19\n\x08task_ids\x18\x03 \x03(\tR\x07taskIds\x12\x1f\n\x0bresult_json\x18\x04 \x01(\tR\nresultJson\x12\x19\n\x05error\x18\x05 \x01(\tH\x00R\x05error\x88\x01\x01\x12"\n\nstarted_at\x18\x06 \x01(\x01H\x01R\tstartedAt\x88\x01\x01\x12$\n\x0bfinished_at\x18\x07 \x01(\x01H\x02R\nfinishedAt\x88\x01\x01B\x08\n\x06_errorB\r\n\x0b_started_atB\x0e\n\x0c_finished_at"\xab\x02\n\x0bWorkflowRun\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x1f\n\x0bworkflow_id\x18\x02 \x01(\tR\nworkflowId\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12\x1f\n\x0binputs_json\x18\x04 \x01(\tR\ninputsJson\x123\n\x05steps\x18\x05 \x03(\x0b2\x1d.orchestrator.v1.WorkflowStepR\x05steps\x12\x1d\n\ncreated_at\x18\x06 \x01(\x01R\tcreatedAt\x12$\n\x0bfinished_at\x18\x07 \x01(\x01H\x00R\nfinishedAt\x88\x01\x01\x12\x19\n\x05error\x18\x08 \x01(\tH\x01R\x05error\x88\x01\x01B\x0e\n\x0c_finished_atB\x08\n\x06_error"B\n\x15GetWorkflowRunRequest\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x12\n\x04wait\x18\x02 \x01(\x08R\x04wait"H\n\x16GetWorkflowRunResponse\x12.\n\x03run\x18\x01 \x01(\x0b2\x1c.orchestrator.v1.WorkflowRunR\x03run"1\n\x18CancelWorkflowRunRequest\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId"K\n\x19CancelWorkflowRunResponse\x12.\n\x03run\x18\x01 \x01(\x0b2\x1c.orchestrator.v1.WorkflowRunR\x03run"Y\n\x1bStreamWorkflowStatusRequest\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x19\n\x05since\x18\x02 \x01(\x03H\x00R\x05since\x88\x01\x01B\x08\n\x06_since"\xb2\x02\n\x11WorkflowRunStatus\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x15\n\x06run_id\x18\x02 \x01(\tR\x05runId\x12\x1f\n\x0bworkflow_id\x18\x03 \x01(\tR\nworkflowId\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x12\n\x04type\x18\x06 \x01(\tR\x04type\x12\x12\n\x04time\x18\x07 \x01(\x01R\x04time\x12\x17\n\x04step\x18\x08 \x01(\tH\x00R\x04step\x88\x01\x01\x12\x19\n\x05error\x18\t \x01(\tH\x01R\x05error\x88\x01\x01\x123\n\x03run\x18\n \x01(\x0b2\x1c.orchestrator.v1.WorkflowRunH\x02R\x03run\x88\x01\x01B\x07\n\x05_stepB\x08\n\x06_errorB\x06\n\x04_runJ\x04\x08\x05\x10\x06R\x0bstatus_json2\xcd\t\n\x0cOrchestrator\x12I\n\x06Health\x12\x1e.orchestrator.v1.HealthRequest\x1a\x1f.orchestrator.v1.HealthResponse\x12U\n\nGetMetrics\x12".orchestrator.v1.GetMetricsRequest\x1a#.orchestrator.v1.GetMetricsResponse\x12U\n\nSubmitTask\x12".orchestrator.v1.SubmitTaskRequest\x1a#.orchestrator.v1.SubmitTaskResponse\x12X\n\x0bSubmitTasks\x12#.orchestrator.v1.SubmitTasksRequest\x1a$.orchestrator.v1.SubmitTasksResponse\x12^\n\rGetTaskStatus\x12%.orchestrator.v1.GetTaskStatusRequest\x1a&.orchestrator.v1.GetTaskStatusResponse\x12U\n\nCancelTask\x12".orchestrator.v1.CancelTaskRequest\x1a#.orchestrator.v1.CancelTaskResponse\x12\\\n\x11StreamTaskResults\x12).orchestrator.v1.StreamTaskResultsRequest\x1a\x1a.orchestrator.v1.TaskEvent0\x01\x12a\n\x0eCreateWorkflow\x12&.orchestrator.v1.CreateWorkflowRequest\x1a\'.orchestrator.v1.CreateWorkflowResponse\x12g\n\x10StartWorkflowRun\x12(.orchestrator.v1.StartWorkflowRunRequest\x1a).orchestrator.v1.StartWorkflowRunResponse\x12a\n\x0eGetWorkflowRun\x12&.orchestrator.v1.GetWorkflowRunRequest\x1a\'.orchestrator.v1.GetWorkflowRunResponse\x12j\n\x11CancelWorkflowRun\x12).orchestrator.v1.CancelWorkflowRunRequest\x1a*.orchestrator.v1.CancelWorkflowRunResponse\x12j\n\x14StreamWorkflowStatus\x12,.orchestrator.v1.StreamWorkflowStatusRequest\x1a".orchestrator.v1.WorkflowRunStatus0\x01\x12N\n\x0cStreamEvents\x12$.orchestrator.v1.StreamEventsRequest\x1a\x16.orchestrator.v1.Event0\x01b\x06proto3'
+    b'\n"orchestrator/v1/orchestrator.proto\x12\x0forchestrator.v1\x1a env_manager/v1/env_manager.proto"\x0f\n\rHealthRequest"c\n\x0eHealthResponse\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x129\n\x08services\x18\x02 \x03(\x0b2\x1d.env_manager.v1.ServiceStatusR\x08services"\x13\n\x11GetMetricsRequest"\x98\x01\n\x12GetMetricsResponse\x12G\n\x06values\x18\x01 \x03(\x0b2/.orchestrator.v1.GetMetricsResponse.ValuesEntryR\x06values\x1a9\n\x0bValuesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x01R\x05value:\x028\x01"\x7f\n\tResources\x12\x17\n\x04cpus\x18\x01 \x01(\x01H\x00R\x04cpus\x88\x01\x01\x12 \n\tmemory_mb\x18\x02 \x01(\x03H\x01R\x08memoryMb\x88\x01\x01\x12\x17\n\x04gpus\x18\x03 \x01(\x05H\x02R\x04gpus\x88\x01\x01B\x07\n\x05_cpusB\x0c\n\n_memory_mbB\x07\n\x05_gpus"\xc6\x03\n\x11SubmitTaskRequest\x12\x18\n\x07handler\x18\x01 \x01(\tR\x07handler\x12!\n\x0cpayload_json\x18\x02 \x01(\tR\x0bpayloadJson\x12"\n\ntask_class\x18\x03 \x01(\tH\x00R\ttaskClass\x88\x01\x01\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12\x14\n\x05needs\x18\x05 \x03(\tR\x05needs\x12\x1c\n\x07task_id\x18\x06 \x01(\tH\x01R\x06taskId\x88\x01\x01\x12$\n\x0bworkflow_id\x18\x07 \x01(\tH\x02R\nworkflowId\x88\x01\x01\x12&\n\x0cmax_attempts\x18\x08 \x01(\x05H\x03R\x0bmaxAttempts\x88\x01\x01\x12\x1d\n\x07timeout\x18\t \x01(\x01H\x04R\x07timeout\x88\x01\x01\x12=\n\tresources\x18\n \x01(\x0b2\x1a.orchestrator.v1.ResourcesH\x05R\tresources\x88\x01\x01B\r\n\x0b_task_classB\n\n\x08_task_idB\x0e\n\x0c_workflow_idB\x0f\n\r_max_attemptsB\n\n\x08_timeoutB\x0c\n\n_resources"-\n\x12SubmitTaskResponse\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId"\x9f\x03\n\x12SubmitTasksRequest\x12\x18\n\x07handler\x18\x01 \x01(\tR\x07handler\x12#\n\rpayloads_json\x18\x02 \x03(\tR\x0cpayloadsJson\x12"\n\ntask_class\x18\x03 \x01(\tH\x00R\ttaskClass\x88\x01\x01\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12\x14\n\x05needs\x18\x05 \x03(\tR\x05needs\x12$\n\x0bworkflow_id\x18\x06 \x01(\tH\x01R\nworkflowId\x88\x01\x01\x12&\n\x0cmax_attempts\x18\x07 \x01(\x05H\x02R\x0bmaxAttempts\x88\x01\x01\x12\x1d\n\x07timeout\x18\x08 \x01(\x01H\x03R\x07timeout\x88\x01\x01\x12=\n\tresources\x18\t \x01(\x0b2\x1a.orchestrator.v1.ResourcesH\x04R\tresources\x88\x01\x01B\r\n\x0b_task_classB\x0e\n\x0c_workflow_idB\x0f\n\r_max_attemptsB\n\n\x08_timeoutB\x0c\n\n_resources"0\n\x13SubmitTasksResponse\x12\x19\n\x08task_ids\x18\x01 \x03(\tR\x07taskIds"\x81\x04\n\nTaskStatus\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x18\n\x07handler\x18\x02 \x01(\tR\x07handler\x12\x1d\n\ntask_class\x18\x03 \x01(\tR\ttaskClass\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x1a\n\x08priority\x18\x05 \x01(\x05R\x08priority\x12\x1a\n\x08attempts\x18\x06 \x01(\x05R\x08attempts\x12!\n\x0cmax_attempts\x18\x07 \x01(\x05R\x0bmaxAttempts\x12\x14\n\x05needs\x18\x08 \x03(\tR\x05needs\x12$\n\x0bworkflow_id\x18\t \x01(\tH\x00R\nworkflowId\x88\x01\x01\x12!\n\x0csubmitted_at\x18\n \x01(\x01R\x0bsubmittedAt\x12"\n\nstarted_at\x18\x0b \x01(\x01H\x01R\tstartedAt\x88\x01\x01\x12$\n\x0bfinished_at\x18\x0c \x01(\x01H\x02R\nfinishedAt\x88\x01\x01\x12\x1f\n\x0bresult_json\x18\r \x01(\tR\nresultJson\x12\x19\n\x05error\x18\x0e \x01(\tH\x03R\x05error\x88\x01\x01\x12\x12\n\x04gpus\x18\x0f \x03(\tR\x04gpusB\x0e\n\x0c_workflow_idB\r\n\x0b_started_atB\x0e\n\x0c_finished_atB\x08\n\x06_error"C\n\x14GetTaskStatusRequest\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x12\n\x04wait\x18\x02 \x01(\x08R\x04wait"L\n\x15GetTaskStatusResponse\x123\n\x06status\x18\x01 \x01(\x0b2\x1b.orchestrator.v1.TaskStatusR\x06status",\n\x11CancelTaskRequest\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId"I\n\x12CancelTaskResponse\x123\n\x06status\x18\x01 \x01(\x0b2\x1b.orchestrator.v1.TaskStatusR\x06status"\x18\n\x16ListTaskClassesRequest"\x9b\x01\n\tTaskClass\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n\x06runner\x18\x02 \x01(\tR\x06runner\x12\x14\n\x05limit\x18\x03 \x01(\x05R\x05limit\x12\x1a\n\x08adaptive\x18\x04 \x01(\x08R\x08adaptive\x12\x18\n\x07running\x18\x05 \x01(\x05R\x07running\x12\x16\n\x06queued\x18\x06 \x01(\x05R\x06queued"O\n\x17ListTaskClassesResponse\x124\n\x07classes\x18\x01 \x03(\x0b2\x1a.orchestrator.v1.TaskClassR\x07classes"w\n\x18StreamTaskResultsRequest\x12\x19\n\x08task_ids\x18\x01 \x03(\tR\x07taskIds\x12\x1b\n\tall_tasks\x18\x02 \x01(\x08R\x08allTasks\x12\x19\n\x05since\x18\x03 \x01(\x03H\x00R\x05since\x88\x01\x01B\x08\n\x06_since"\xc3\x02\n\tTaskEvent\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x12\n\x04time\x18\x02 \x01(\x01R\x04time\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x17\n\x07task_id\x18\x04 \x01(\tR\x06taskId\x12\x1d\n\ntask_class\x18\x05 \x01(\tR\ttaskClass\x12\x18\n\x07handler\x18\x06 \x01(\tR\x07handler\x12\x14\n\x05state\x18\x07 \x01(\tR\x05state\x12\x18\n\x07attempt\x18\x08 \x01(\x05R\x07attempt\x12$\n\x0bworkflow_id\x18\t \x01(\tH\x00R\nworkflowId\x88\x01\x01\x12\x1f\n\x0bresult_json\x18\n \x01(\tR\nresultJson\x12\x19\n\x05error\x18\x0b \x01(\tH\x01R\x05error\x88\x01\x01B\x0e\n\x0c_workflow_idB\x08\n\x06_error"\xe2\x01\n\x0cServiceEvent\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x12\n\x04time\x18\x02 \x01(\x01R\x04time\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x18\n\x07service\x18\x04 \x01(\tR\x07service\x12\x14\n\x05state\x18\x05 \x01(\tR\x05state\x12 \n\texit_code\x18\x06 \x01(\x05H\x00R\x08exitCode\x88\x01\x01\x12\x18\n\x07message\x18\x07 \x01(\tR\x07message\x12\x1e\n\ndependents\x18\x08 \x03(\tR\ndependentsB\x0c\n\n_exit_code"_\n\rEventsDropped\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x12\n\x04time\x18\x02 \x01(\x01R\x04time\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x14\n\x05count\x18\x04 \x01(\x03R\x05count"F\n\nOtherEvent\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x12\n\x04time\x18\x02 \x01(\x01R\x04time\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type"\xb0\x02\n\x05Event\x120\n\x04task\x18\x01 \x01(\x0b2\x1a.orchestrator.v1.TaskEventH\x00R\x04task\x129\n\x07service\x18\x02 \x01(\x0b2\x1d.orchestrator.v1.ServiceEventH\x00R\x07service\x12:\n\x07dropped\x18\x03 \x01(\x0b2\x1e.orchestrator.v1.EventsDroppedH\x00R\x07dropped\x123\n\x05other\x18\x04 \x01(\x0b2\x1b.orchestrator.v1.OtherEventH\x00R\x05other\x12@\n\x08workflow\x18\x05 \x01(\x0b2".orchestrator.v1.WorkflowRunStatusH\x00R\x08workflowB\x07\n\x05event"x\n\x13StreamEventsRequest\x12\x14\n\x05types\x18\x01 \x03(\tR\x05types\x12\x19\n\x05since\x18\x02 \x01(\x03H\x00R\x05since\x88\x01\x01\x12\x1b\n\x06follow\x18\x03 \x01(\x08H\x01R\x06follow\x88\x01\x01B\x08\n\x06_sinceB\t\n\x07_follow"4\n\x15CreateWorkflowRequest\x12\x1b\n\tspec_json\x18\x01 \x01(\tR\x08specJson"u\n\x16CreateWorkflowResponse\x12\x1f\n\x0bworkflow_id\x18\x01 \x01(\tR\nworkflowId\x12\x1b\n\tspec_json\x18\x02 \x01(\tR\x08specJson\x12\x1d\n\ncreated_at\x18\x03 \x01(\x01R\tcreatedAt"g\n\x08Workflow\x12\x1f\n\x0bworkflow_id\x18\x01 \x01(\tR\nworkflowId\x12\x1b\n\tspec_json\x18\x02 \x01(\tR\x08specJson\x12\x1d\n\ncreated_at\x18\x03 \x01(\x01R\tcreatedAt"5\n\x12GetWorkflowRequest\x12\x1f\n\x0bworkflow_id\x18\x01 \x01(\tR\nworkflowId"L\n\x13GetWorkflowResponse\x125\n\x08workflow\x18\x01 \x01(\x0b2\x19.orchestrator.v1.WorkflowR\x08workflow"\x16\n\x14ListWorkflowsRequest"P\n\x15ListWorkflowsResponse\x127\n\tworkflows\x18\x01 \x03(\x0b2\x19.orchestrator.v1.WorkflowR\tworkflows"\x82\x01\n\x17StartWorkflowRunRequest\x12\x1f\n\x0bworkflow_id\x18\x01 \x01(\tR\nworkflowId\x12\x1f\n\x0binputs_json\x18\x02 \x01(\tR\ninputsJson\x12\x1a\n\x06run_id\x18\x03 \x01(\tH\x00R\x05runId\x88\x01\x01B\t\n\x07_run_id"1\n\x18StartWorkflowRunResponse\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId"\x82\x02\n\x0cWorkflowStep\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x19\n\x08task_ids\x18\x03 \x03(\tR\x07taskIds\x12\x1f\n\x0bresult_json\x18\x04 \x01(\tR\nresultJson\x12\x19\n\x05error\x18\x05 \x01(\tH\x00R\x05error\x88\x01\x01\x12"\n\nstarted_at\x18\x06 \x01(\x01H\x01R\tstartedAt\x88\x01\x01\x12$\n\x0bfinished_at\x18\x07 \x01(\x01H\x02R\nfinishedAt\x88\x01\x01B\x08\n\x06_errorB\r\n\x0b_started_atB\x0e\n\x0c_finished_at"\xab\x02\n\x0bWorkflowRun\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x1f\n\x0bworkflow_id\x18\x02 \x01(\tR\nworkflowId\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12\x1f\n\x0binputs_json\x18\x04 \x01(\tR\ninputsJson\x123\n\x05steps\x18\x05 \x03(\x0b2\x1d.orchestrator.v1.WorkflowStepR\x05steps\x12\x1d\n\ncreated_at\x18\x06 \x01(\x01R\tcreatedAt\x12$\n\x0bfinished_at\x18\x07 \x01(\x01H\x00R\nfinishedAt\x88\x01\x01\x12\x19\n\x05error\x18\x08 \x01(\tH\x01R\x05error\x88\x01\x01B\x0e\n\x0c_finished_atB\x08\n\x06_error"B\n\x15GetWorkflowRunRequest\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x12\n\x04wait\x18\x02 \x01(\x08R\x04wait"H\n\x16GetWorkflowRunResponse\x12.\n\x03run\x18\x01 \x01(\x0b2\x1c.orchestrator.v1.WorkflowRunR\x03run"1\n\x18CancelWorkflowRunRequest\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId"K\n\x19CancelWorkflowRunResponse\x12.\n\x03run\x18\x01 \x01(\x0b2\x1c.orchestrator.v1.WorkflowRunR\x03run"Y\n\x1bStreamWorkflowStatusRequest\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x19\n\x05since\x18\x02 \x01(\x03H\x00R\x05since\x88\x01\x01B\x08\n\x06_since"\xb2\x02\n\x11WorkflowRunStatus\x12\x10\n\x03seq\x18\x01 \x01(\x03R\x03seq\x12\x15\n\x06run_id\x18\x02 \x01(\tR\x05runId\x12\x1f\n\x0bworkflow_id\x18\x03 \x01(\tR\nworkflowId\x12\x14\n\x05state\x18\x04 \x01(\tR\x05state\x12\x12\n\x04type\x18\x06 \x01(\tR\x04type\x12\x12\n\x04time\x18\x07 \x01(\x01R\x04time\x12\x17\n\x04step\x18\x08 \x01(\tH\x00R\x04step\x88\x01\x01\x12\x19\n\x05error\x18\t \x01(\tH\x01R\x05error\x88\x01\x01\x123\n\x03run\x18\n \x01(\x0b2\x1c.orchestrator.v1.WorkflowRunH\x02R\x03run\x88\x01\x01B\x07\n\x05_stepB\x08\n\x06_errorB\x06\n\x04_runJ\x04\x08\x05\x10\x06R\x0bstatus_json2\xed\x0b\n\x0cOrchestrator\x12I\n\x06Health\x12\x1e.orchestrator.v1.HealthRequest\x1a\x1f.orchestrator.v1.HealthResponse\x12U\n\nGetMetrics\x12".orchestrator.v1.GetMetricsRequest\x1a#.orchestrator.v1.GetMetricsResponse\x12U\n\nSubmitTask\x12".orchestrator.v1.SubmitTaskRequest\x1a#.orchestrator.v1.SubmitTaskResponse\x12X\n\x0bSubmitTasks\x12#.orchestrator.v1.SubmitTasksRequest\x1a$.orchestrator.v1.SubmitTasksResponse\x12^\n\rGetTaskStatus\x12%.orchestrator.v1.GetTaskStatusRequest\x1a&.orchestrator.v1.GetTaskStatusResponse\x12U\n\nCancelTask\x12".orchestrator.v1.CancelTaskRequest\x1a#.orchestrator.v1.CancelTaskResponse\x12d\n\x0fListTaskClasses\x12\'.orchestrator.v1.ListTaskClassesRequest\x1a(.orchestrator.v1.ListTaskClassesResponse\x12\\\n\x11StreamTaskResults\x12).orchestrator.v1.StreamTaskResultsRequest\x1a\x1a.orchestrator.v1.TaskEvent0\x01\x12a\n\x0eCreateWorkflow\x12&.orchestrator.v1.CreateWorkflowRequest\x1a\'.orchestrator.v1.CreateWorkflowResponse\x12X\n\x0bGetWorkflow\x12#.orchestrator.v1.GetWorkflowRequest\x1a$.orchestrator.v1.GetWorkflowResponse\x12^\n\rListWorkflows\x12%.orchestrator.v1.ListWorkflowsRequest\x1a&.orchestrator.v1.ListWorkflowsResponse\x12g\n\x10StartWorkflowRun\x12(.orchestrator.v1.StartWorkflowRunRequest\x1a).orchestrator.v1.StartWorkflowRunResponse\x12a\n\x0eGetWorkflowRun\x12&.orchestrator.v1.GetWorkflowRunRequest\x1a\'.orchestrator.v1.GetWorkflowRunResponse\x12j\n\x11CancelWorkflowRun\x12).orchestrator.v1.CancelWorkflowRunRequest\x1a*.orchestrator.v1.CancelWorkflowRunResponse\x12j\n\x14StreamWorkflowStatus\x12,.orchestrator.v1.StreamWorkflowStatusRequest\x1a".orchestrator.v1.WorkflowRunStatus0\x01\x12N\n\x0cStreamEvents\x12$.orchestrator.v1.StreamEventsRequest\x1a\x16.orchestrator.v1.Event0\x01b\x06proto3'
 )
 
 
@@ -1212,6 +1439,15 @@ class OrchestratorBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def list_task_classes(
+        self, message: "ListTaskClassesRequest"
+    ) -> "ListTaskClassesResponse":
+        """
+        Each task class's concurrency limit (adaptive or not) and load now.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def stream_task_results(
         self, message: "StreamTaskResultsRequest"
     ) -> "AsyncIterator[TaskEvent]":
@@ -1225,6 +1461,20 @@ class OrchestratorBase(betterproto2_grpclib.ServiceBase):
     async def create_workflow(self, message: "CreateWorkflowRequest") -> "CreateWorkflowResponse":
         """
         Validate and store a workflow (a DAG of task specs); the same spec gives the same id.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def get_workflow(self, message: "GetWorkflowRequest") -> "GetWorkflowResponse":
+        """
+        A stored workflow, by id.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def list_workflows(self, message: "ListWorkflowsRequest") -> "ListWorkflowsResponse":
+        """
+        Every stored workflow, oldest first.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
@@ -1321,6 +1571,14 @@ class OrchestratorBase(betterproto2_grpclib.ServiceBase):
         response = await self.cancel_task(request)
         await stream.send_message(response)
 
+    async def __rpc_list_task_classes(
+        self, stream: "grpclib.server.Stream[ListTaskClassesRequest, ListTaskClassesResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.list_task_classes(request)
+        await stream.send_message(response)
+
     async def __rpc_stream_task_results(
         self, stream: "grpclib.server.Stream[StreamTaskResultsRequest, TaskEvent]"
     ) -> None:
@@ -1338,6 +1596,22 @@ class OrchestratorBase(betterproto2_grpclib.ServiceBase):
         request = await stream.recv_message()
         assert request is not None
         response = await self.create_workflow(request)
+        await stream.send_message(response)
+
+    async def __rpc_get_workflow(
+        self, stream: "grpclib.server.Stream[GetWorkflowRequest, GetWorkflowResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.get_workflow(request)
+        await stream.send_message(response)
+
+    async def __rpc_list_workflows(
+        self, stream: "grpclib.server.Stream[ListWorkflowsRequest, ListWorkflowsResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.list_workflows(request)
         await stream.send_message(response)
 
     async def __rpc_start_workflow_run(
@@ -1424,6 +1698,12 @@ class OrchestratorBase(betterproto2_grpclib.ServiceBase):
                 CancelTaskRequest,
                 CancelTaskResponse,
             ),
+            "/orchestrator.v1.Orchestrator/ListTaskClasses": grpclib.const.Handler(
+                self.__rpc_list_task_classes,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ListTaskClassesRequest,
+                ListTaskClassesResponse,
+            ),
             "/orchestrator.v1.Orchestrator/StreamTaskResults": grpclib.const.Handler(
                 self.__rpc_stream_task_results,
                 grpclib.const.Cardinality.UNARY_STREAM,
@@ -1435,6 +1715,18 @@ class OrchestratorBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 CreateWorkflowRequest,
                 CreateWorkflowResponse,
+            ),
+            "/orchestrator.v1.Orchestrator/GetWorkflow": grpclib.const.Handler(
+                self.__rpc_get_workflow,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                GetWorkflowRequest,
+                GetWorkflowResponse,
+            ),
+            "/orchestrator.v1.Orchestrator/ListWorkflows": grpclib.const.Handler(
+                self.__rpc_list_workflows,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ListWorkflowsRequest,
+                ListWorkflowsResponse,
             ),
             "/orchestrator.v1.Orchestrator/StartWorkflowRun": grpclib.const.Handler(
                 self.__rpc_start_workflow_run,
