@@ -80,7 +80,7 @@ from dspy_infra.remote._wire import (
     token_error,
 )
 from dspy_infra.scheduling.api import TaskMethods
-from dspy_infra.scheduling.checks import check_ids, refused, request_error
+from dspy_infra.scheduling.checks import check_ids, encode_json, refused, request_error
 from dspy_infra.scheduling.tasks import ClassStatus, TaskEvent, TaskRequest, TaskState, TaskStatus
 from dspy_infra.services.logs import check_tail
 from dspy_infra.services.status import ServiceStatus
@@ -412,11 +412,13 @@ def _attempts(max_attempts: int | None) -> int | None:
 
 
 def _payload_json(payload: Any, task_id: str | None) -> str:
+    if payload is None:
+        return ""  # None on the wire, as convert.dump_json writes it
     try:
-        return convert.dump_json(payload)
-    except (TypeError, ValueError, RecursionError) as exc:
+        return encode_json(payload, "the payload")
+    except ValueError as exc:
         # Refused before it is sent, as the in-process scheduler refuses it.
-        raise refused(task_id, f"the payload is not JSON-compatible ({exc})") from None
+        raise refused(task_id, str(exc)) from None
 
 
 def _present(value: R | None, name: str) -> R:
@@ -559,11 +561,9 @@ class RemoteWorkflows:
     ) -> RunHandle:
         """Start a run; returns once it is stored. See :meth:`WorkflowEngine.start_run`."""
         try:
-            inputs_json = convert.dump_json(dict(inputs or {}))
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise InvalidWorkflow(
-                f"run of {workflow_id!r} refused: the inputs are not JSON-compatible ({exc})"
-            ) from None
+            inputs_json = encode_json(dict(inputs or {}), "the inputs", verb="are")
+        except ValueError as exc:
+            raise InvalidWorkflow(f"run of {workflow_id!r} refused: {exc}") from None
         reply = await self._rpc.unary(
             _ORCH + "StartWorkflowRun",
             orch_pb.StartWorkflowRunRequest(

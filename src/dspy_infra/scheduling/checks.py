@@ -10,17 +10,21 @@ the same :class:`~dspy_infra.errors.InvalidTask` with the same words.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Iterable
 from itertools import accumulate
+from typing import Any
 
 from dspy_infra.errors import InvalidTask
+from dspy_infra.scheduling.store import JSON_ENCODER
 from dspy_infra.scheduling.tasks import Resources, TaskRequest
 
 __all__ = [
     "MAX_JSON_DEPTH",
     "check_ids",
+    "encode_json",
     "json_too_deep",
     "max_attempts_error",
     "priority_error",
@@ -52,6 +56,35 @@ MAX_JSON_DEPTH = 500
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS_ONLY = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if c not in "[]{}"))
 _NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+# The store's encoder, and one that sorts keys too, for values hashed sorted
+# later: keys of mixed types (1 and "a") cannot be, and are refused here in
+# the caller's words.
+_chunks = JSON_ENCODER.iterencode
+_dumps_sorted = json.JSONEncoder(separators=(",", ":"), allow_nan=False, sort_keys=True).encode
+
+
+def encode_json(value: Any, what: str, *, verb: str = "is", sort_keys: bool = False) -> str:
+    """``value`` as compact JSON, or ValueError with the words every caller refuses it with.
+
+    Each caller wraps the reason in its own error (InvalidTask, InvalidWorkflow,
+    a task's failure), so the words are the same wherever a value is refused.
+    Nesting too deep for this stack is refused here (RecursionError); nesting
+    that encodes but may be too deep to decode elsewhere is :func:`json_too_deep`'s.
+    """
+    # How deep a value encodes depends on the frames below: each caller's
+    # limit stays where it was. Unsorted (a task's payload or result, a run's
+    # inputs, called where the store's encode() was) this is encode() less
+    # its own frame, so that what the server just managed to decode still
+    # encodes here. Sorted (a workflow's payloads, once per spec) it keeps
+    # the frame that json.dumps() had there.
+    try:
+        if sort_keys:
+            return _dumps_sorted(value)
+        return "".join(_chunks(value, _one_shot=True))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{what} {verb} not JSON-compatible ({exc})") from None
 
 
 def json_too_deep(text: str) -> int | None:

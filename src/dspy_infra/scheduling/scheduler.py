@@ -56,6 +56,7 @@ from dspy_infra.runners import load_runner
 from dspy_infra.scheduling.adaptive import ConcurrencyLimit
 from dspy_infra.scheduling.checks import (
     check_ids,
+    encode_json,
     json_too_deep,
     max_attempts_error,
     priority_error,
@@ -76,7 +77,6 @@ from dspy_infra.scheduling.store import (
     SQLiteStore,
     Store,
     Written,
-    dumps,
 )
 from dspy_infra.scheduling.tasks import (
     ClassStatus,
@@ -720,9 +720,9 @@ class LocalScheduler:
             raise refused(task_id, problem)
         cls, priority, needs, max_attempts, timeout, need = checked
         try:
-            payload = dumps(request.payload)
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise refused(task_id, f"the payload is not JSON-compatible ({exc})") from None
+            payload = encode_json(request.payload, "the payload")
+        except ValueError as exc:
+            raise refused(task_id, str(exc)) from None
         # ASCII (dumps escapes the rest), so its length is its size in bytes.
         size = len(payload)
         if size > self._settings.max_payload_bytes:
@@ -1191,9 +1191,9 @@ class LocalScheduler:
         if value is None:
             return _SUCCEEDED_NONE
         try:
-            result = dumps(value)
-        except (TypeError, ValueError, RecursionError) as exc:
-            return TaskState.FAILED, None, f"its result is not JSON-compatible ({exc})"
+            result = encode_json(value, "its result")
+        except ValueError as exc:
+            return TaskState.FAILED, None, str(exc)
         limit = self._settings.max_result_bytes
         if len(result) > limit:  # ASCII (dumps escapes the rest): its length is its size
             return (

@@ -35,6 +35,7 @@ T = TypeVar("T")
 
 __all__ = [
     "COLUMNS",
+    "JSON_ENCODER",
     "Journal",
     "MemoryStore",
     "Op",
@@ -792,4 +793,5 @@ Written = _Batch | _Applied
 
 # Compact JSON, refusing NaN and infinities (not JSON, and not portable). One
 # encoder, made once: json.dumps with options builds a new one per call.
-dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+dumps = JSON_ENCODER.encode

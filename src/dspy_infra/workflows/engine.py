@@ -37,7 +37,7 @@ from anyio.abc import TaskGroup
 from dspy_infra.errors import InfraClosed, InvalidTask
 from dspy_infra.events import EventBus, EventsDropped
 from dspy_infra.metrics import Metrics
-from dspy_infra.scheduling.checks import json_too_deep, too_deep_error
+from dspy_infra.scheduling.checks import encode_json, json_too_deep, too_deep_error
 from dspy_infra.scheduling.store import RunRow, StepRow, dumps
 from dspy_infra.scheduling.tasks import TaskRequest, TaskState
 from dspy_infra.workflows.model import (
@@ -417,11 +417,9 @@ class WorkflowEngine:
                 f"run of {workflow_id!r} refused: missing inputs {', '.join(missing)}"
             )
         try:
-            inputs_json = dumps(inputs)
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise InvalidWorkflow(
-                f"run of {workflow_id!r} refused: the inputs are not JSON-compatible ({exc})"
-            ) from None
+            inputs_json = encode_json(inputs, "the inputs", verb="are")
+        except ValueError as exc:
+            raise InvalidWorkflow(f"run of {workflow_id!r} refused: {exc}") from None
         if json_too_deep(inputs_json) and (problem := _too_deep_input(inputs)):
             # Encoded here, they could be too deep to decode in the task that
             # drives the run, whose failure stopped the instance; and the

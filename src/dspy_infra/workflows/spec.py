@@ -29,7 +29,7 @@ from attrs import field, frozen
 
 from dspy_infra.config.loading import find_cycle
 from dspy_infra.errors import InfraError
-from dspy_infra.scheduling.checks import json_too_deep, too_deep_error
+from dspy_infra.scheduling.checks import encode_json, json_too_deep, too_deep_error
 
 __all__ = [
     "InvalidWorkflow",
@@ -289,11 +289,10 @@ def _check_step_shape(where: str, step: Step) -> None:
             raise InvalidWorkflow(f"{at}: {key} must be a list of names")
     try:
         # Sorted as workflow_id() sorts it: keys of mixed types (1 and "a")
-        # cannot be, and failed there with a bare TypeError. A payload nested
-        # too deeply raises RecursionError, as the scheduler's check knows.
-        text = json.dumps(step.payload, allow_nan=False, sort_keys=True)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidWorkflow(f"{at}: the payload is not JSON-compatible ({exc})") from None
+        # cannot be, and failed there with a bare TypeError.
+        text = encode_json(step.payload, "the payload", sort_keys=True)
+    except ValueError as exc:
+        raise InvalidWorkflow(f"{at}: {exc}") from None
     if depth := json_too_deep(text):
         # As a task's payload is refused (the references only add to it).
         raise InvalidWorkflow(f"{at}: {too_deep_error('the payload', depth)}")
