@@ -14,6 +14,7 @@ from typing import Any
 from dspy_infra.events import Event, EventsDropped, ServiceEvent
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
+from dspy_infra.scheduling.store import JSON_ENCODER
 from dspy_infra.scheduling.tasks import ClassStatus, Resources, TaskEvent, TaskState, TaskStatus
 from dspy_infra.services.status import ServiceState, ServiceStatus
 from dspy_infra.workflows.model import (
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 # The store's encoder: compact, and NaN is refused as it is in-process.
-_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_encode = JSON_ENCODER.encode
 
 
 def dump_json(value: Any) -> str:
