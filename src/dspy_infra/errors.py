@@ -7,7 +7,7 @@ can catch the library's failures without catching their own bugs::
      ├── ConfigError            bad configuration: names the file, key path and expectation
      ├── BackendUnavailable     the chosen backend cannot be used (engine down, extra missing)
      ├── ServiceError           a problem with one named service
-     │    ├── UnknownService    a name that the configuration does not declare
+     │    ├── UnknownService    a name the configuration does not declare (``known``: those it does)
      │    └── ServiceStartError a service could not be brought up (exit code, log tail)
      │         └── DependencyFailed   ... because a service it depends on failed first
      ├── InfraClosed            an AgentInfra used outside its ``async with`` block
@@ -112,10 +112,11 @@ class ServiceError(InfraError):
 
 
 class UnknownService(ServiceError, KeyError):
-    """A service name that the configuration does not declare."""
+    """A service name that the configuration does not declare; ``known`` holds those it does."""
 
     def __init__(self, service: str, known: Sequence[str]):
-        names = ", ".join(sorted(known)) or "none"
+        self.known = tuple(sorted(known))
+        names = ", ".join(self.known) or "none"
         super().__init__(service, f"unknown service {service!r} (configured: {names})")
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message

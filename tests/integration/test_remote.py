@@ -123,17 +123,53 @@ def make_infra(tmp_path: Path) -> AgentInfra:
     )
 
 
+@contextlib.asynccontextmanager
+async def used(infra: AgentInfra, how: str) -> AsyncIterator[Api]:
+    """``infra`` itself ("inprocess"), or a client of a server serving it ("remote")."""
+    if how == "inprocess":
+        yield infra
+        return
+    async with (
+        serve(infra, "127.0.0.1:0") as server,
+        AgentInfra.connect(server.address) as remote,
+    ):
+        yield remote
+
+
 @pytest.fixture(params=["inprocess", "remote"])
 async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Api]:
-    async with make_infra(tmp_path) as infra:
-        if request.param == "inprocess":
-            yield infra
-            return
-        async with (
-            serve(infra, "127.0.0.1:0") as server,
-            AgentInfra.connect(server.address) as remote,
-        ):
-            yield remote
+    async with make_infra(tmp_path) as infra, used(infra, request.param) as api:
+        yield api
+
+
+@pytest.fixture(params=["inprocess", "remote"])
+async def failing(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Api]:
+    """Services that fail to start: ``broken`` exits 3 at once, after two
+    lines; ``api`` waits for a line that ``kv`` never prints."""
+    config = {
+        "infra": {},
+        "services": {
+            "broken": service(
+                *("--say", "reading /etc/app.conf", "--say", "no such file"),
+                *("--exit-after", "0", "--code", "3"),
+                ports={"main": 0},  # and no --port: nothing ever listens there
+                health={"tcp": "{port}"},
+                autostart=False,
+                start_retries=0,
+            ),
+            "kv": service("--say", "booting", autostart=False, restart="no"),
+            "api": service(
+                port=True,
+                autostart=False,
+                depends_on={"kv": {"condition": "log_ready", "pattern": "never printed"}},
+            ),
+        },
+    }
+    async with (
+        AgentInfra.start(config, state_dir=tmp_path / "state") as infra,
+        used(infra, request.param) as api,
+    ):
+        yield api
 
 
 async def until_state(api: Api, task_id: str, state: TaskState) -> None:
@@ -453,6 +489,9 @@ async def test_stream_events_refuses_types_that_nothing_publishes(api: Api) -> N
     message = str(info.value)
     assert message.startswith("types: unknown event types 'nope', 'task_done' (known: ")
     assert all(name in message for name in EVENT_TYPES)
+    assert info.value.unknown == ("nope", "task_done")
+    assert info.value.known == tuple(sorted(EVENT_TYPES))
+    assert info.value.reason == message.removeprefix("types: ")
     with pytest.raises(UnknownEventType, match=r"^types: unknown event type 'nope' "):
         await first({"nope"}, follow=False)
 
@@ -493,10 +532,46 @@ async def test_unknown_service(api: Api) -> None:
     with pytest.raises(UnknownService, match="unknown service 'nope'") as info:
         await api.services.start(["nope"])
     assert info.value.service == "nope"
+    assert info.value.known == ("web",)
     with pytest.raises(UnknownService):
         await api.services.status(["nope"])
     with pytest.raises(UnknownService):
         [line async for line in api.services.logs("nope")]
+
+
+async def test_a_service_that_fails_to_start_says_why(failing: Api) -> None:
+    # What a person reads to fix it: the exit code and the last lines logged.
+    with pytest.raises(ServiceStartError) as info:
+        await failing.services.start(["broken"])
+    error = info.value
+    assert type(error) is ServiceStartError
+    assert error.service == "broken"
+    assert error.reason == "exited with code 3 before becoming healthy"
+    assert error.exit_code == 3
+    assert error.log_tail == ("reading /etc/app.conf", "no such file")
+    assert str(error) == (
+        "service 'broken' failed: exited with code 3 before becoming healthy\n"
+        "  last log lines:\n    reading /etc/app.conf\n    no such file"
+    )
+
+
+async def test_a_dependency_stopped_while_awaited_fails_its_dependent(failing: Api) -> None:
+    async def stop_kv_once_running() -> None:
+        with anyio.fail_after(10):
+            while (await failing.services.status(["kv"]))["kv"].state is not ServiceState.RUNNING:
+                await anyio.sleep(0.01)
+        await failing.services.stop(["kv"])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_kv_once_running)
+        with pytest.raises(DependencyFailed) as info, anyio.fail_after(20):
+            await failing.services.start(["api"])
+    error = info.value
+    assert type(error) is DependencyFailed
+    assert (error.service, error.dependency) == ("api", "kv")
+    assert error.reason == "dependency 'kv' is stopping"
+    assert (error.exit_code, error.log_tail) == (None, ())
+    assert str(error) == "service 'api' failed: dependency 'kv' is stopping"
 
 
 async def test_metrics(api: Api) -> None:
@@ -998,8 +1073,12 @@ _RAISED: dict[type[InfraError], InfraError] = {
         StateDirInUse("the task store is held by pid 1"),
         ServiceError("kv é/1", "kv broke"),
         UnknownService("kv é/1", ["web"]),
-        ServiceStartError("kv é/1", "exited with code 3", exit_code=3, log_tail=["oops"]),
-        DependencyFailed("web", "kv é/1", "failed"),
+        ServiceStartError(
+            "kv é/1", "exited with code 3", exit_code=3, log_tail=["oops é", "tab\tand \x7f"]
+        ),
+        DependencyFailed(
+            "web", "kv é/1", "failed: exited with code 3", exit_code=3, log_tail=["kv says é"]
+        ),
         TaskError("t é/1", "something about the task"),
         InvalidTask("t é/1", "task refused: bad priority"),
         UnknownTask("t é/1"),
@@ -1015,7 +1094,10 @@ _RAISED: dict[type[InfraError], InfraError] = {
     ]
 }
 # What the wire carries besides the class and the message.
-_CARRIED = ("task_id", "service", "workflow_id", "run_id", "state", "error")
+_CARRIED = (
+    *("task_id", "service", "workflow_id", "run_id", "state", "error"),
+    *("reason", "exit_code", "log_tail", "dependency", "known", "unknown", "source", "path"),
+)
 
 
 _EXPORTED_ERRORS = sorted(
@@ -1084,6 +1166,101 @@ async def test_a_huge_or_unencodable_error_is_sent_cut_and_spares_the_connection
     assert 4_000 < len(str(unknown.value).encode()) <= 8_192
     assert unknown.value.task_id.startswith("éé")
     assert len(unknown.value.task_id) < 1_100
+
+
+async def test_a_long_log_tail_is_sent_cut_to_its_last_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = [f"line {i} " + "x" * 100 for i in range(200)]
+    long_tail = ServiceStartError("kv", "exited", exit_code=1, log_tail=[*lines, "\udcff \x7f"])
+    long_reason = ServiceStartError("kv", "exited: " + "y" * 10_000, exit_code=1)
+    errors = iter([long_tail, long_reason])
+    detail_of = server_module._error_detail
+    sent: list[str | None] = []
+
+    def spied(exc: InfraError) -> str | None:
+        sent.append(detail_of(exc))
+        return sent[-1]
+
+    async def fail() -> dict[str, float]:
+        raise next(errors)
+
+    monkeypatch.setattr(server_module, "_error_detail", spied)
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        monkeypatch.setattr(infra, "get_metrics", fail)
+        async with AgentInfra.connect(srv.address) as remote:
+            with pytest.raises(ServiceStartError) as cut:
+                await remote.get_metrics()
+            with pytest.raises(ServiceStartError) as unsent:
+                await remote.get_metrics()
+    # The newest lines, as they were, up to 4 KiB of JSON; the rest as in-process.
+    tail = cut.value.log_tail
+    assert 30 < len(tail) < 40
+    assert tail == long_tail.log_tail[-len(tail) :]
+    assert (cut.value.reason, cut.value.exit_code) == ("exited", 1)
+    assert sent[0] is not None
+    assert len(sent[0]) <= 4096
+    assert sent[0].isascii()
+    assert "\x7f" not in sent[0]
+    # A reason too long for the detail: none is sent, and the message stands in for it.
+    assert sent[1] is None
+    assert type(unsent.value) is ServiceStartError
+    assert unsent.value.reason == str(unsent.value)
+    assert (unsent.value.exit_code, unsent.value.log_tail) == (None, ())
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        None,  # an older server's
+        "{not json",
+        "[1, 2]",
+        "[" * 5_000,
+        '{"reason": 3, "exit_code": "3", "log_tail": ["a", 1], "dependency": null,'
+        ' "known": "web", "unknown": [[]], "source": 1, "path": false}',
+        '{"exit_code": true, "log_tail": "oops"}',
+    ],
+    ids=["missing", "not-json", "not-an-object", "too-deep", "wrong-types", "bool-and-string"],
+)
+async def test_a_missing_or_bad_error_detail_leaves_the_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, detail: str | None
+) -> None:
+    # Never a crash, nor another exception: the class, message and ids are
+    # as always, and what the detail would have told is left at its default.
+    kinds = (ConfigError, UnknownService, ServiceStartError, DependencyFailed, UnknownEventType)
+    errors = [_RAISED[cls] for cls in kinds]
+    raising = iter(errors)
+
+    async def fail() -> dict[str, float]:
+        raise next(raising)
+
+    monkeypatch.setattr(server_module, "_error_detail", lambda exc: detail)
+    again: list[InfraError] = []
+    async with (
+        AgentInfra.start({"infra": {}}, state_dir=tmp_path / "state") as infra,
+        serve(infra, "127.0.0.1:0") as srv,
+        AgentInfra.connect(srv.address) as remote,
+    ):
+        monkeypatch.setattr(infra, "get_metrics", fail)
+        for _ in errors:
+            with pytest.raises(InfraError) as info:
+                await remote.get_metrics()
+            again.append(info.value)
+    for raised, error in zip(errors, again, strict=True):
+        assert type(error) is type(raised)
+        assert (str(error), error.args) == (str(raised), raised.args)
+    config, unknown_service, start, dependency, event_type = again
+    assert isinstance(config, ConfigError)
+    assert (config.source, config.path) == (None, None)
+    assert isinstance(unknown_service, UnknownService)
+    assert (unknown_service.service, unknown_service.known) == ("kv é/1", ())
+    for failed in (start, dependency):
+        assert isinstance(failed, ServiceStartError)
+        assert (failed.reason, failed.exit_code, failed.log_tail) == (str(failed), None, ())
+    assert isinstance(dependency, DependencyFailed)
+    assert dependency.dependency == ""
+    assert isinstance(event_type, UnknownEventType)
+    assert (event_type.unknown, event_type.known) == ((), ())
 
 
 async def test_a_client_closing_an_open_stream_does_not_hang(tmp_path: Path) -> None:

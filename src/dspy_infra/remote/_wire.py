@@ -11,6 +11,7 @@ from dspy_infra.errors import ConfigError
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "DETAIL_KEY",
     "ERROR_KEY",
     "RUN_KEY",
     "SERVICE_KEY",
@@ -34,6 +35,13 @@ TASK_KEY = "dspy-infra-task-id"
 SERVICE_KEY = "dspy-infra-service"
 WORKFLOW_KEY = "dspy-infra-workflow-id"
 RUN_KEY = "dspy-infra-run-id"
+# The exception's attributes that neither the message nor the ids carry
+# (``ServiceStartError.log_tail``, ``UnknownService.known``, ...), as a JSON
+# object: JSON written with ``ensure_ascii`` (and DEL escaped too) is
+# printable ASCII, as a metadata value must be, so unlike the ids it travels
+# unquoted. A client that finds it missing (an older server) or unreadable
+# leaves those attributes at their defaults.
+DETAIL_KEY = "dspy-infra-error-detail"
 
 
 def token_error(token: str | None) -> str | None:

@@ -7,8 +7,8 @@
         print(await handle.result())
 
 Same method names, arguments, return types and exceptions as in-process: the
-server sends the library's exception class with each failure, and the client
-raises that class again (:class:`~dspy_infra.errors.InvalidTask`,
+server sends the library's exception class and attributes with each failure,
+and the client raises that class again (:class:`~dspy_infra.errors.InvalidTask`,
 :class:`~dspy_infra.errors.UnknownTask`, ...). A server that cannot be
 reached, or that refuses the token, is
 :class:`~dspy_infra.errors.BackendUnavailable` with a message that names the
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import enum
+import json
 import os
 import ssl
 from collections.abc import (
@@ -40,6 +41,7 @@ from urllib.parse import unquote
 
 import anyio.to_thread
 import betterproto2
+from attrs import frozen
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -69,6 +71,7 @@ from dspy_infra.remote import _convert as convert
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.remote._wire import (
+    DETAIL_KEY,
     ERROR_KEY,
     RUN_KEY,
     SERVICE_KEY,
@@ -102,6 +105,7 @@ __all__ = [
 ]
 
 R = TypeVar("R", bound=betterproto2.Message)
+_D = TypeVar("_D")
 
 _ORCH = "/orchestrator.v1.Orchestrator/"
 _ENV = "/env_manager.v1.EnvManager/"
@@ -136,46 +140,103 @@ class _Lifecycle(enum.Enum):
     CLOSED = "closed"
 
 
+@frozen
+class _Failure:
+    """What the server sent of an error: its message, the trailers' ids
+    (task, service, workflow, run) and its detail (``DETAIL_KEY``).
+
+    The detail comes from a server that may be older, or buggy: a value
+    missing or of the wrong type is read as the attribute's default, so
+    that it can never change which exception is raised.
+    """
+
+    message: str
+    ids: dict[str, str]
+    detail: Mapping[str, object]
+
+    def text(self, key: str, default: _D) -> str | _D:
+        value = self.detail.get(key)
+        return value if isinstance(value, str) else default
+
+    def texts(self, key: str) -> tuple[str, ...]:
+        value = self.detail.get(key)
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+        return ()
+
+    def number(self, key: str) -> int | None:
+        value = self.detail.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _detail(value: object) -> Mapping[str, object]:
+    if not isinstance(value, str):
+        return {}
+    try:
+        detail = json.loads(value)
+    except (ValueError, RecursionError):
+        return {}
+    return detail if isinstance(detail, dict) else {}
+
+
 # How to raise again, from its message, an error that the server names.
 # The message replaces what the constructor builds, so it is the server's
-# word for word; attributes the wire does not carry are left at their defaults.
-# Each takes the message and the trailers' ids: task, service, workflow, run.
-_Rebuild = Callable[[str, dict[str, str]], InfraError]
+# word for word; attributes that the detail does not carry are left at their
+# defaults.
+_Rebuild = Callable[[_Failure], InfraError]
 
 
 def _task_failed(error_type: type[TaskFailed], state: TaskState) -> _Rebuild:
     # Each of these is raised for one state only (TaskStatus.outcome), and its
     # message is "task '<id>' <state>: <error>".
-    def rebuild(message: str, ids: dict[str, str]) -> InfraError:
-        task_id = ids[TASK_KEY]
-        error = message.removeprefix(f"task {task_id!r} {state.value}: ")
+    def rebuild(failure: _Failure) -> InfraError:
+        task_id = failure.ids[TASK_KEY]
+        error = failure.message.removeprefix(f"task {task_id!r} {state.value}: ")
         return error_type(task_id, state.value, error)
 
     return rebuild
 
 
+def _start_failure(failure: _Failure, *, dependency: bool = False) -> ServiceStartError:
+    service = failure.ids[SERVICE_KEY]
+    exit_code = failure.number("exit_code")
+    log_tail = failure.texts("log_tail")
+    error = (
+        DependencyFailed(
+            service, failure.text("dependency", ""), "", exit_code=exit_code, log_tail=log_tail
+        )
+        if dependency
+        else ServiceStartError(service, "", exit_code=exit_code, log_tail=log_tail)
+    )
+    # As sent: DependencyFailed's constructor would name the dependency in it again.
+    error.reason = failure.text("reason", failure.message)
+    return error
+
+
 _ERRORS: dict[str, _Rebuild] = {
-    "InvalidTask": lambda message, ids: InvalidTask(ids[TASK_KEY], message),
-    "UnknownTask": lambda _, ids: UnknownTask(ids[TASK_KEY]),
-    "TaskCancelled": lambda _, ids: TaskCancelled(ids[TASK_KEY]),
+    "InvalidTask": lambda f: InvalidTask(f.ids[TASK_KEY], f.message),
+    "UnknownTask": lambda f: UnknownTask(f.ids[TASK_KEY]),
+    "TaskCancelled": lambda f: TaskCancelled(f.ids[TASK_KEY]),
     "TaskFailed": _task_failed(TaskFailed, TaskState.FAILED),
     "TaskTimedOut": _task_failed(TaskTimedOut, TaskState.TIMED_OUT),
     "TaskLost": _task_failed(TaskLost, TaskState.LOST),
-    "TaskError": lambda message, ids: TaskError(ids[TASK_KEY], message),
-    "UnknownService": lambda _, ids: UnknownService(ids[SERVICE_KEY], ()),
-    "DependencyFailed": lambda message, ids: DependencyFailed(ids[SERVICE_KEY], "", message),
-    "ServiceStartError": lambda message, ids: ServiceStartError(ids[SERVICE_KEY], message),
-    "ServiceError": lambda message, ids: ServiceError(ids[SERVICE_KEY], message),
-    "ConfigError": lambda message, _: ConfigError(message),
-    "BackendUnavailable": lambda message, _: BackendUnavailable(message),
-    "InfraClosed": lambda message, _: InfraClosed(message),
-    "StateDirInUse": lambda message, _: StateDirInUse(message),
-    "InvalidWorkflow": lambda message, _: InvalidWorkflow(message),
-    "UnknownWorkflow": lambda _, ids: UnknownWorkflow(ids[WORKFLOW_KEY]),
-    "UnknownRun": lambda _, ids: UnknownRun(ids[RUN_KEY]),
-    "UnknownEventType": lambda _, __: UnknownEventType(),
-    "WorkflowError": lambda message, _: WorkflowError(message),
-    "InfraError": lambda message, _: InfraError(message),
+    "TaskError": lambda f: TaskError(f.ids[TASK_KEY], f.message),
+    "UnknownService": lambda f: UnknownService(f.ids[SERVICE_KEY], f.texts("known")),
+    "DependencyFailed": lambda f: _start_failure(f, dependency=True),
+    "ServiceStartError": _start_failure,
+    "ServiceError": lambda f: ServiceError(f.ids[SERVICE_KEY], f.message),
+    "ConfigError": lambda f: ConfigError(
+        f.message, source=f.text("source", None), path=f.text("path", None)
+    ),
+    "BackendUnavailable": lambda f: BackendUnavailable(f.message),
+    "InfraClosed": lambda f: InfraClosed(f.message),
+    "StateDirInUse": lambda f: StateDirInUse(f.message),
+    "InvalidWorkflow": lambda f: InvalidWorkflow(f.message),
+    "UnknownWorkflow": lambda f: UnknownWorkflow(f.ids[WORKFLOW_KEY]),
+    "UnknownRun": lambda f: UnknownRun(f.ids[RUN_KEY]),
+    "UnknownEventType": lambda f: UnknownEventType(f.texts("unknown"), f.texts("known")),
+    "WorkflowError": lambda f: WorkflowError(f.message),
+    "InfraError": lambda f: InfraError(f.message),
 }
 _ID_KEYS = (TASK_KEY, SERVICE_KEY, WORKFLOW_KEY, RUN_KEY)
 
@@ -255,7 +316,7 @@ class _Connection:
         name = trailers.get(ERROR_KEY) if trailers is not None else None
         if trailers is not None and isinstance(name, str) and name in _ERRORS:
             ids = {key: unquote(str(trailers.get(key, ""))) for key in _ID_KEYS}
-            error = _ERRORS[name](message, ids)
+            error = _ERRORS[name](_Failure(message, ids, _detail(trailers.get(DETAIL_KEY))))
             error.args = (message,)
             return error
         if exc.status is Status.UNAUTHENTICATED:

@@ -46,6 +46,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Mapping,
+    Sequence,
 )
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -68,10 +69,12 @@ from grpclib.server import Server, Stream
 
 from dspy_infra.errors import (
     ConfigError,
+    DependencyFailed,
     InfraClosed,
     InfraError,
     InvalidTask,
     ServiceError,
+    ServiceStartError,
     TaskError,
     UnknownEventType,
     UnknownService,
@@ -85,6 +88,7 @@ from dspy_infra.remote._generated.google_proto_descriptor_pool import (
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.remote._wire import (
     DEFAULT_ADDRESS,
+    DETAIL_KEY,
     ERROR_KEY,
     RUN_KEY,
     SERVICE_KEY,
@@ -864,9 +868,12 @@ def _status_of(exc: InfraError) -> Status:
 
 # An error's trailers must stay well under the 64 KiB that a grpclib client
 # accepts for a header list: over it, the client drops the whole connection,
-# and every call on it fails. Percent-encoding can triple a byte.
+# and every call on it fails. Percent-encoding can triple a byte. The detail
+# is smaller still: a log tail repeats lines that the message holds already,
+# and many gRPC clients take no more than 8 KiB of metadata by default.
 _MAX_MESSAGE_BYTES = 8192
 _MAX_ID_BYTES = 2048
+_MAX_DETAIL_BYTES = 4096
 
 
 def _sendable(text: str, limit: int) -> str:
@@ -892,7 +899,58 @@ def _error_metadata(exc: InfraError) -> list[tuple[str, str]]:
     metadata.extend(
         (key, quote(_sendable(str(value), _MAX_ID_BYTES), safe="")) for key, value in ids if value
     )
+    detail = _error_detail(exc)
+    if detail is not None:
+        metadata.append((DETAIL_KEY, detail))
     return metadata
+
+
+def _error_detail(exc: InfraError) -> str | None:
+    """What ``exc`` holds beyond its message and ids, as JSON of at most
+    ``_MAX_DETAIL_BYTES``; None when it holds nothing more, or too much.
+
+    A log tail keeps its last lines that fit, as the newest say most of why
+    a service failed; anything else too long to fit (a reason of kilobytes)
+    sends no detail at all, rather than a changed one.
+    """
+    detail: dict[str, object]
+    if isinstance(exc, ServiceStartError):
+        detail = {"reason": exc.reason, "exit_code": exc.exit_code}
+        if isinstance(exc, DependencyFailed):
+            detail["dependency"] = exc.dependency
+    elif isinstance(exc, UnknownService):
+        detail = {"known": exc.known}
+    elif isinstance(exc, UnknownEventType):
+        detail = {"unknown": exc.unknown, "known": exc.known}
+    elif isinstance(exc, ConfigError):
+        detail = {"source": exc.source, "path": exc.path}
+    else:
+        return None
+    try:
+        if isinstance(exc, ServiceStartError):
+            detail["log_tail"] = _last_lines(
+                exc.log_tail, _MAX_DETAIL_BYTES - len(_ascii_json({**detail, "log_tail": []}))
+            )
+        text = _ascii_json(detail)
+    except (TypeError, ValueError):  # an attribute JSON cannot hold: the client's defaults do
+        return None
+    return text if len(text) <= _MAX_DETAIL_BYTES else None
+
+
+def _last_lines(lines: Sequence[str], budget: int) -> list[str]:
+    """The last of ``lines`` whose JSON, commas included, fits in ``budget`` bytes."""
+    kept: list[str] = []
+    for line in reversed(lines):
+        budget -= len(_ascii_json(line)) + (1 if kept else 0)
+        if budget < 0:
+            break
+        kept.append(line)
+    return kept[::-1]
+
+
+def _ascii_json(value: object) -> str:
+    # DEL is ASCII, so ensure_ascii leaves it, but no metadata value may hold it.
+    return convert.dump_json(value).replace("\x7f", "\\u007f")
 
 
 # -- the services ---------------------------------------------------------------
