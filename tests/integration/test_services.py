@@ -803,3 +803,50 @@ async def test_a_stop_does_not_wait_for_a_dependent_whose_own_stop_was_given_up(
             with anyio.fail_after(5):
                 await infra.services.stop(["kv"])
         assert (await infra.services.status())["kv"].state is ServiceState.STOPPED
+
+
+async def test_a_start_right_after_a_given_up_stop_starts_the_service_again(
+    tmp_path: Path,
+) -> None:
+    # The stop() is given up while svc, ignoring SIGTERM, still stops: the
+    # start() that follows at once waits for that stop to end, then starts
+    # svc again, rather than report it "stopped" (or see it stop under it).
+    async with infra_for(tmp_path, {"svc": stubborn(1)}) as infra:
+        old = (await infra.services.status())["svc"].pid
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(infra.services.stop, ["svc"])
+            await until_state(infra, "svc", ServiceState.STOPPING)
+            tg.cancel_scope.cancel()
+        assert (await infra.services.status())["svc"].state is ServiceState.STOPPING
+        with anyio.fail_after(5):
+            result = await infra.services.start(["svc"])
+        assert result["svc"].state is ServiceState.HEALTHY
+        assert result["svc"].pid != old
+        assert not alive(old)
+        status = (await infra.services.status())["svc"]
+        assert (status.state, status.pid) == (ServiceState.HEALTHY, result["svc"].pid)
+
+
+async def test_a_dependency_stops_after_a_dependent_whose_given_up_stop_goes_on(
+    tmp_path: Path,
+) -> None:
+    # stop(api) is given up once it asked api (ignoring SIGTERM) to stop: api
+    # goes on stopping, and a stop(kv) then waits for it, as for a dependent
+    # that this stop stops itself.
+    services = {
+        "kv": {"command": f"exec sleep {unique_seconds()}", "shell": True},
+        "api": stubborn(1, depends_on=["kv"]),
+    }
+    async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(infra.services.stop, ["api"])
+            await until_state(infra, "api", ServiceState.STOPPING)
+            tg.cancel_scope.cancel()
+        with anyio.fail_after(5):
+            await infra.services.stop(["kv"])
+        status = await infra.services.status()
+        assert (status["api"].state, status["kv"].state) == (ServiceState.STOPPED,) * 2
+        await recorder.wait_for("service_stopped", "kv")
+        assert recorder.first("service_stopped", "api").seq < (
+            recorder.first("service_stopping", "kv").seq
+        )

@@ -341,15 +341,15 @@ class ServiceManager:
     async def _launch(self, call: _StartCall, wanted: builtins.list[str]) -> None:
         """Spawn a supervisor for each service of ``call`` that is not active.
 
-        A service that a stop() is stopping is started again once that stop
-        is over, rather than reported "stopped" to a call that asks for it
-        now; not as soon as its process is gone, since a stop still waiting
-        for the service's dependents would then stop the new lifetime.
+        A service that is being stopped is started again once that stop is
+        over, rather than reported "stopped" to a call that asks for it now;
+        not as soon as its process is gone, since a stop still waiting for
+        the service's dependents would then stop the new lifetime.
         Raises InfraClosed once the instance is closing.
         """
         while True:
             changed = self._changed
-            if not any(self._stopping[name] for name in call.waits_for):
+            if not any(self._being_stopped(self._runtimes[name]) for name in call.waits_for):
                 break
             await changed.wait()
         if self._closing:  # what is launched now would outlive the teardown's stop
@@ -392,7 +392,7 @@ class ServiceManager:
                     changed = True
                 elif any(
                     other.active
-                    and not self._stopping[other.name]
+                    and not self._being_stopped(other)
                     and other.name not in unneeded
                     and name in dependency_closure(self.config, other.name)
                     for other in self._runtimes.values()
@@ -413,10 +413,11 @@ class ServiceManager:
                 for other in self._runtimes.values():  # dependents first
                     if rt.name not in other.config.depends_on:
                         continue
-                    # Until its stop is over, not until it ends: a stop of it
-                    # that is cancelled before it asked leaves it running, and
-                    # this one would wait for ever. (Each stop_one notifies.)
-                    while self._stopping[other.name] and not other.done.is_set():
+                    # While it is being stopped, not until it ends: a stop of
+                    # it that is cancelled before it asked leaves it running,
+                    # and this one would wait for ever. (Each stop_one, and
+                    # each supervisor as it ends, notifies.)
+                    while other.active and self._being_stopped(other):
                         await self._changed.wait()
                 rt.stop_requested = True
                 if rt.scope is not None:
@@ -431,6 +432,15 @@ class ServiceManager:
         async with anyio.create_task_group() as tg:
             for rt in stopping:
                 tg.start_soon(stop_one, rt)
+
+    def _being_stopped(self, rt: ServiceRuntime) -> bool:
+        """A stop() is stopping ``rt`` (or will, once its dependents have stopped).
+
+        Or a stop() that asked ``rt`` to stop was given up (cancelled) since:
+        its supervisor goes on stopping it all the same, so until that has
+        ended, ``rt`` is on its way down, not up.
+        """
+        return self._stopping[rt.name] > 0 or (rt.stop_requested and rt.active)
 
     async def _http_session(self) -> aiohttp.ClientSession:
         if self._http is None:
