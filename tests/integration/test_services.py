@@ -850,3 +850,33 @@ async def test_a_dependency_stops_after_a_dependent_whose_given_up_stop_goes_on(
         assert recorder.first("service_stopped", "api").seq < (
             recorder.first("service_stopping", "kv").seq
         )
+
+
+async def test_a_stop_stops_a_service_after_its_indirect_dependents_and_leaves_others(
+    tmp_path: Path,
+) -> None:
+    # c depends on a through b (and may reach a: {services.a.port}). stop(a, c)
+    # stops a once c has stopped, leaves b, which is not named, running (as
+    # `docker compose stop a c` does), and returns once a and c have stopped.
+    services = {
+        "a": {"command": f"exec sleep {unique_seconds()}", "shell": True},
+        "b": {"command": f"exec sleep {unique_seconds()}", "shell": True, "depends_on": ["a"]},
+        "c": stubborn(1, depends_on=["b"]),
+    }
+    async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
+        before = await infra.services.status()
+        await infra.services.stop(["a", "c"])
+        status = await infra.services.status()
+        assert {n: s.state for n, s in status.items()} == {
+            "a": ServiceState.STOPPED,
+            "b": ServiceState.RUNNING,
+            "c": ServiceState.STOPPED,
+        }
+        assert not alive(before["a"].pid)
+        assert not alive(before["c"].pid)
+        assert status["b"].pid == before["b"].pid
+        assert alive(status["b"].pid)
+        await recorder.wait_for("service_stopped", "a")
+        assert recorder.first("service_stopped", "c").seq < (
+            recorder.first("service_stopping", "a").seq
+        )

@@ -151,7 +151,13 @@ class ServiceManager:
         return {rt.name: rt.status() for rt in targets}
 
     async def stop(self, names: Iterable[str] | None = None) -> None:
-        """Stop ``names`` (default: all), dependents before their dependencies."""
+        """Stop ``names`` (default: all), dependents before their dependencies.
+
+        Only those named: a dependent that is not named is left running, as
+        ``docker compose stop`` leaves it. Of those named, each stops once the
+        services that depend on it, directly or not, have stopped. Returns
+        once every one of them has stopped.
+        """
         selected = list(self._runtimes) if names is None else self._known(names)
         await self._stop_runtimes([self._runtimes[n] for n in selected])
 
@@ -406,12 +412,15 @@ class ServiceManager:
 
         By this call or by another: a failed start() stops what it launched
         while a stop() may still be stopping a service that depends on it.
+        Indirect dependents count too: with c -> b -> a, stop(a, c) leaves b
+        running, and c may use a itself (``{services.a.port}``), so a waits
+        for c as it would through b.
         """
 
         async def stop_one(rt: ServiceRuntime) -> None:
             try:
                 for other in self._runtimes.values():  # dependents first
-                    if rt.name not in other.config.depends_on:
+                    if rt.name not in dependency_closure(self.config, other.name):
                         continue
                     # While it is being stopped, not until it ends: a stop of
                     # it that is cancelled before it asked leaves it running,
