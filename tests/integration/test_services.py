@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from dspy_infra import (
     AgentInfra,
     Event,
     InfraClosed,
+    Probe,
     ServiceEvent,
     ServiceStartError,
     ServiceState,
@@ -880,3 +882,27 @@ async def test_a_stop_stops_a_service_after_its_indirect_dependents_and_leaves_o
         assert recorder.first("service_stopped", "c").seq < (
             recorder.first("service_stopping", "a").seq
         )
+
+
+async def test_an_override_switches_the_kind_of_a_services_probe(tmp_path: Path) -> None:
+    # The base's tcp probe would never pass (nothing listens on port 1); the
+    # override's http probe replaces it (not "found: tcp, http"), and the
+    # base's deadline stays.
+    url = "http://127.0.0.1:{port}/"
+    web = {
+        "command": [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"],
+        "cwd": str(tmp_path),
+        "ports": {"main": 0},
+        "health": {"tcp": "127.0.0.1:1", "deadline": 5},
+    }
+    infra = AgentInfra.start(
+        {"services": {"web": web}},
+        state_dir=tmp_path / "state",
+        services={"web": {"health": {"http": url}}},
+    )
+    assert infra.config.services["web"].health == Probe(http=url, deadline=5)
+    async with infra:
+        status = (await infra.services.status())["web"]
+        assert status.state is ServiceState.HEALTHY
+        await infra.services.stop(["web"])
+        assert not alive(status.pid)

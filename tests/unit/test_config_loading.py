@@ -398,6 +398,55 @@ def test_probe_call_by_reference() -> None:
         assert expected in str(exc)
 
 
+HTTP = "http://127.0.0.1:{port}/healthz"
+
+
+def test_an_override_naming_another_probe_kind_replaces_the_kind_below(tmp_path: Path) -> None:
+    # One probe has one kind: the file's tcp probe, overridden by an http one,
+    # is an http probe (not "found: tcp, http"), keeping the file's timings.
+    file = write(tmp_path / "dspy-infra.toml", REDIS)
+    env = {"DSPY_INFRA_SERVICES__REDIS__HEALTH__HTTP": HTTP}
+    assert load_config(file, environ=env).services["redis"].health == (
+        Probe(http=HTTP, interval=0.05, max_interval=0.5)
+    )
+    over = {"services": {"redis": {"health": {"log": "ready", "deadline": 5}}}}
+    config = load_config(file, environ=env, overrides=over)  # tcp -> http -> log
+    assert config.services["redis"].health == (
+        Probe(log="ready", deadline=5, interval=0.05, max_interval=0.5)
+    )
+    # From http, its status and body go with it; over a Config too.
+    web = load_config(services(a=svc(ports={"main": 0}, health={"http": HTTP, "status": 204})))
+    command = {"services": {"a": {"health": {"command": ["true"]}}}}
+    assert load_config(web, environ={}, overrides=command).services["a"].health == (
+        Probe(command=("true",))
+    )
+    # The same kind again keeps them; a key of its own changes only that key.
+    url = {"services": {"a": {"health": {"http": HTTP + "2"}}}}
+    assert load_config(web, environ={}, overrides=url).services["a"].health == (
+        Probe(http=HTTP + "2", status=204)
+    )
+    deadline = {"services__a__health__deadline": 5}
+    assert load_config(web, environ={}, overrides=deadline).services["a"].health == (
+        Probe(http=HTTP, status=204, deadline=5)
+    )
+
+
+@pytest.mark.parametrize(
+    ("health", "expected"),
+    [
+        ({"tcp": "{port}", "log": "ready"}, "a probe needs exactly one of tcp, http, command"),
+        ({"tcp": "{port}", "status": 200}, "status and body apply only to an http probe"),
+    ],
+)
+def test_an_override_that_contradicts_itself_names_the_override(
+    health: dict[str, Any], expected: str
+) -> None:
+    base = services(a=svc(ports={"main": 0}, health={"http": HTTP, "status": 204}))
+    exc = error(base, overrides={"services": {"a": {"health": health}}})
+    assert (exc.source, exc.path) == ("override services=", "services.a.health")
+    assert expected in str(exc)
+
+
 # --- cross-field checks ------------------------------------------------------------
 
 

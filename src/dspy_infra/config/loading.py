@@ -26,6 +26,7 @@ from dspy_infra.config.converter import converter, describe_errors
 from dspy_infra.config.model import (
     DEFAULT_CLASSES,
     KEY_NAME_RE,
+    PROBE_KINDS,
     Config,
     InfraSettings,
     ServiceConfig,
@@ -42,6 +43,7 @@ _INFRA_KEYS = frozenset(a.name for a in fields(InfraSettings))
 _KNOWN_BACKENDS = ("local", "docker")
 KNOWN_RUNNERS = ("inprocess", "process", "docker", "slurm")
 _INDEX = re.compile(r"\[\d+\]")
+_HTTP_ONLY = ("status", "body")  # probe keys that go with an http probe
 
 
 def load_config(
@@ -75,9 +77,12 @@ def load_config(
             raw, name, base = _read_file(path, environ), str(path), path.parent
 
     origins: dict[tuple[str, ...], str] = {}
+    written: list[tuple[str, ...]] = []
     for key_path, value, origin in _env_items(environ):
-        _merge(raw, key_path, value, origin)
+        written += _merge(raw, key_path, value, origin)
         origins[key_path] = origin
+    _one_probe_kind(raw, written)
+    written = []
     for key, value in (overrides or {}).items():
         placed = _place(key.lower().split("__"))
         if placed is None:
@@ -88,8 +93,9 @@ def load_config(
                 path=key,
             )
         origin = f"override {key}="
-        _merge(raw, placed, value, origin)
+        written += _merge(raw, placed, value, origin)
         origins[placed] = origin
+    _one_probe_kind(raw, written)
     if not isinstance(source, Config):  # a Config holds its compose services already
         origins = _with_compose(raw, base, environ, origins)
 
@@ -173,8 +179,14 @@ def _parse_env_value(value: str) -> Any:
         return value
 
 
-def _merge(raw: dict[str, Any], key_path: tuple[str, ...], value: Any, origin: str) -> None:
-    """Set ``key_path`` in ``raw``; a table merges key by key into a table already there."""
+def _merge(
+    raw: dict[str, Any], key_path: tuple[str, ...], value: Any, origin: str
+) -> list[tuple[str, ...]]:
+    """Set ``key_path`` in ``raw``; a table merges key by key into a table already there.
+
+    Returns the key paths of the values set (a table's, each of its own),
+    for :func:`_one_probe_kind`.
+    """
     node = raw
     for i, key in enumerate(key_path[:-1]):
         child = node.setdefault(key, {})
@@ -187,10 +199,52 @@ def _merge(raw: dict[str, Any], key_path: tuple[str, ...], value: Any, origin: s
         node = child
     leaf = key_path[-1]
     if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
-        for k, v in value.items():
-            _merge(node, (leaf, k), v, origin)
+        return [
+            (*key_path[:-1], *inner)
+            for k, v in value.items()
+            for inner in _merge(node, (leaf, k), v, origin)
+        ]
+    node[leaf] = _copy_tables(value) if isinstance(value, Mapping) else value
+    return list(_leaves(key_path, value))
+
+
+def _leaves(key_path: tuple[str, ...], value: Any) -> Iterator[tuple[str, ...]]:
+    """The key paths of the values in ``value``, a table or not, at ``key_path``."""
+    if isinstance(value, Mapping) and value:
+        for key, inner in value.items():
+            yield from _leaves((*key_path, key), inner)
     else:
-        node[leaf] = _copy_tables(value) if isinstance(value, Mapping) else value
+        yield key_path
+
+
+def _one_probe_kind(raw: dict[str, Any], written: Iterable[tuple[str, ...]]) -> None:
+    """A probe kind that one layer names replaces the kind of the probe below it.
+
+    A probe has one kind, so ``health = { http = "..." }`` over a ``tcp``
+    probe makes an ``http`` probe, not one with both (which the model
+    refuses); the timings below stay unless the layer sets them, as the
+    rest of the table merges key by key. ``status`` and ``body`` go with
+    the ``http`` probe they belong to, unless the layer sets them. Two
+    kinds named by the same layer are left as they are: a ConfigError that
+    names the layer. ``written`` are the key paths that the layer set.
+    """
+    named: dict[str, set[str]] = {}
+    for path in written:
+        if len(path) == 4 and path[0] == "services" and path[2] == "health":
+            named.setdefault(path[1], set()).add(path[3])
+    services = raw.get("services")
+    for name, keys in named.items():
+        table = services.get(name) if isinstance(services, dict) else None
+        health = table.get("health") if isinstance(table, dict) else None
+        if not isinstance(health, dict):  # replaced since by a value the converter refuses
+            continue
+        kinds = {key for key in keys if key in PROBE_KINDS and health.get(key)}
+        if not kinds:  # only timings (or `container = false`): the kind below stays
+            continue
+        stale = [*PROBE_KINDS, *(_HTTP_ONLY if "http" not in kinds else ())]
+        for key in stale:
+            if key not in keys:
+                health.pop(key, None)
 
 
 def _copy_tables(table: Mapping[str, Any]) -> dict[str, Any]:
@@ -208,11 +262,11 @@ def _with_compose(
 
     So a compose file is reused as it is, and TOML, the environment and
     keywords change only the keys they set: a service table merges key by
-    key into the compose service of the same name. A ``health`` table with a
-    key that the compose probe lacks names another kind of probe (``http``,
-    ``tcp``, ...), which replaces the compose ``command``: one probe has one
-    kind. Returns the origins with the compose file's values added, lowest,
-    so that an error in one of them names the compose file.
+    key into the compose service of the same name. A ``health`` table that
+    names another kind of probe (``http``, ``tcp``, ...) replaces the compose
+    ``command``, as any layer's does (:func:`_one_probe_kind`). Returns the
+    origins with the compose file's values added, lowest, so that an error
+    in one of them names the compose file.
     """
     infra = raw.get("infra")
     compose = infra.get("compose") if isinstance(infra, dict) else None
@@ -238,11 +292,8 @@ def _with_compose(
             found[("services", svc)] = str(path)
             continue
         found.update({("services", svc, key): str(path) for key in table if key not in mine})
-        theirs, health = table.get("health"), mine.get("health")
-        if isinstance(theirs, dict) and isinstance(health, Mapping) and health.keys() - theirs:
-            theirs.pop("command")
-    for svc, table in own.items():
-        _merge(services, (svc,), table, str(path))
+    merged = {"services": services}
+    _one_probe_kind(merged, _merge(merged, ("services",), own, str(path)))
     raw["services"] = services
     return {**found, **origins}
 

@@ -193,7 +193,8 @@ class Backoff:
         return max(0.0, base + random.uniform(-spread, spread))  # noqa: S311 - jitter, not crypto
 
 
-_PROBE_KINDS = ("tcp", "http", "command", "log", "call", "container")
+# The keys of a probe that each name its kind; a probe has exactly one.
+PROBE_KINDS = ("tcp", "http", "command", "log", "call", "container")
 
 
 @frozen(kw_only=True)
@@ -235,11 +236,11 @@ class Probe:
     liveness_interval: float = field(default=5.0, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
-        kinds = [k for k in _PROBE_KINDS if getattr(self, k)]
+        kinds = [k for k in PROBE_KINDS if getattr(self, k)]
         if len(kinds) != 1:
             found = ", ".join(kinds) if kinds else "none"
             raise ValueError(
-                f"a probe needs exactly one of {', '.join(_PROBE_KINDS)} (found: {found})"
+                f"a probe needs exactly one of {', '.join(PROBE_KINDS)} (found: {found})"
             )
         if (self.status is not None or self.body is not None) and self.http is None:
             raise ValueError("status and body apply only to an http probe")
@@ -248,7 +249,7 @@ class Probe:
 
     @property
     def kind(self) -> str:
-        return next(k for k in _PROBE_KINDS if getattr(self, k))
+        return next(k for k in PROBE_KINDS if getattr(self, k))
 
 
 @frozen(kw_only=True)
