@@ -26,6 +26,7 @@ import pytest
 from dspy_infra import AgentInfra
 from dspy_infra.cli import _common, client_cmd, main
 from dspy_infra.remote import DEFAULT_ADDRESS, serve
+from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from tests.integration.helpers import service
 
 pytestmark = pytest.mark.anyio
@@ -449,3 +450,28 @@ def test_the_default_addresses_agree() -> None:
     # The command line and AgentInfra.connect name it without importing grpc.
     assert _common.DEFAULT_ADDRESS == DEFAULT_ADDRESS
     assert inspect.signature(AgentInfra.connect).parameters["address"].default == DEFAULT_ADDRESS
+
+
+async def test_status_against_a_server_older_than_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    methods = orch_pb.OrchestratorBase.__mapping__
+
+    def older(self: orch_pb.OrchestratorBase) -> dict[str, Any]:
+        # A server from before ListTaskClasses: it answers UNIMPLEMENTED.
+        routes = dict(methods(self))
+        del routes["/orchestrator.v1.Orchestrator/ListTaskClasses"]
+        return routes
+
+    monkeypatch.setattr(orch_pb.OrchestratorBase, "__mapping__", older)
+    async with start_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        cli = Cli(srv.address, capsys)
+        code, out, err = await cli("status")
+        assert (code, err) == (0, "")
+        assert "healthy" in out.splitlines()[0]
+        assert "task classes: not served by this server (older than this command)" in out
+        code, out, _ = await cli("status", "--json")
+        assert code == 0
+        report = json.loads(out)
+        assert report["classes"] is None
+        assert report["status"] == "healthy"

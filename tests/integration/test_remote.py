@@ -41,6 +41,7 @@ from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpclib.metadata import encode_grpc_message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -69,7 +70,7 @@ from dspy_infra.errors import (
 )
 from dspy_infra.events import Event
 from dspy_infra.infra import EVENT_TYPES
-from dspy_infra.remote import RemoteAgentInfra, ServerUnavailable, serve
+from dspy_infra.remote import RemoteAgentInfra, ServerUnavailable, UnsupportedCall, serve
 from dspy_infra.remote import client as remote_client
 from dspy_infra.remote import server as server_module
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
@@ -394,6 +395,44 @@ async def test_a_compressed_request_message_is_unimplemented(tmp_path: Path) -> 
                 await stream.recv_message()
         assert info.value.status is Status.UNIMPLEMENTED
         assert info.value.message == "compressed messages are not supported"
+
+
+@pytest.mark.parametrize(
+    ("server", "answer"),
+    [
+        ("this", "this server has no method /orchestrator.v1.Orchestrator/ListTaskClasses"),
+        # grpclib's own answer, as servers before this one gave it: without a
+        # content-type, which grpclib's client reads as UNKNOWN.
+        ("older", "Missing content-type header"),
+    ],
+)
+async def test_a_call_the_server_lacks_is_unsupported_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: str, answer: str
+) -> None:
+    methods = orch_pb.OrchestratorBase.__mapping__
+
+    def without_classes(self: orch_pb.OrchestratorBase) -> dict[str, Any]:
+        routes = dict(methods(self))
+        del routes["/orchestrator.v1.Orchestrator/ListTaskClasses"]
+        return routes
+
+    monkeypatch.setattr(orch_pb.OrchestratorBase, "__mapping__", without_classes)
+    if server == "older":
+        monkeypatch.setattr(server_module._Methods, "get", dict.get)
+    async with (
+        make_infra(tmp_path) as infra,
+        serve(infra, "127.0.0.1:0") as srv,
+        AgentInfra.connect(srv.address) as remote,
+    ):
+        with pytest.raises(UnsupportedCall) as info:
+            await remote.task_classes()
+        assert isinstance(info.value, InfraError)
+        assert str(info.value) == (
+            f"the server at {srv.address} does not serve "
+            f"/orchestrator.v1.Orchestrator/ListTaskClasses: {answer} "
+            "(a dspy-infra older than this client?)"
+        )
+        assert await remote.get_metrics()  # the rest still works
 
 
 async def test_submit_tasks(api: Api) -> None:
@@ -1171,15 +1210,16 @@ async def test_a_huge_or_unencodable_error_is_sent_cut_and_spares_the_connection
 async def test_a_long_log_tail_is_sent_cut_to_its_last_lines(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lines = [f"line {i} " + "x" * 100 for i in range(200)]
+    # The message holds these lines already (4.4 KB): the detail gets what it leaves.
+    lines = [f"line {i} " + "x" * 100 for i in range(40)]
     long_tail = ServiceStartError("kv", "exited", exit_code=1, log_tail=[*lines, "\udcff \x7f"])
     long_reason = ServiceStartError("kv", "exited: " + "y" * 10_000, exit_code=1)
     errors = iter([long_tail, long_reason])
     detail_of = server_module._error_detail
     sent: list[str | None] = []
 
-    def spied(exc: InfraError) -> str | None:
-        sent.append(detail_of(exc))
+    def spied(exc: InfraError, limit: int) -> str | None:
+        sent.append(detail_of(exc, limit))
         return sent[-1]
 
     async def fail() -> dict[str, float]:
@@ -1193,13 +1233,14 @@ async def test_a_long_log_tail_is_sent_cut_to_its_last_lines(
                 await remote.get_metrics()
             with pytest.raises(ServiceStartError) as unsent:
                 await remote.get_metrics()
-    # The newest lines, as they were, up to 4 KiB of JSON; the rest as in-process.
+    # The newest lines, as they were, in what the message leaves of 7 KiB
+    # (grpcio refuses more than 8 KiB of metadata); the rest as in-process.
     tail = cut.value.log_tail
-    assert 30 < len(tail) < 40
+    assert 10 < len(tail) < len(long_tail.log_tail)
     assert tail == long_tail.log_tail[-len(tail) :]
     assert (cut.value.reason, cut.value.exit_code) == ("exited", 1)
     assert sent[0] is not None
-    assert len(sent[0]) <= 4096
+    assert len(encode_grpc_message(str(cut.value))) + len(sent[0]) <= 7168
     assert sent[0].isascii()
     assert "\x7f" not in sent[0]
     # A reason too long for the detail: none is sent, and the message stands in for it.
@@ -1234,7 +1275,7 @@ async def test_a_missing_or_bad_error_detail_leaves_the_defaults(
     async def fail() -> dict[str, float]:
         raise next(raising)
 
-    monkeypatch.setattr(server_module, "_error_detail", lambda exc: detail)
+    monkeypatch.setattr(server_module, "_error_detail", lambda exc, limit: detail)
     again: list[InfraError] = []
     async with (
         AgentInfra.start({"infra": {}}, state_dir=tmp_path / "state") as infra,

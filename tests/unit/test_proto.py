@@ -12,6 +12,7 @@ from typing import Any
 
 import betterproto2
 import pytest
+from attrs import evolve
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from hypothesis import given, settings
@@ -21,7 +22,7 @@ from dspy_infra.remote import _convert as convert
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.remote.server import _Codec
-from dspy_infra.scheduling.tasks import TaskState, TaskStatus
+from dspy_infra.scheduling.tasks import ClassStatus, TaskState, TaskStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERATED = ROOT / "src" / "dspy_infra" / "remote" / "_generated"
@@ -123,6 +124,25 @@ def test_task_status_round_trips(status: TaskStatus) -> None:
     message = convert.task_status_to_proto(status)
     parsed = orch_pb.TaskStatus.parse(bytes(message))
     assert convert.task_status_from_proto(parsed) == status
+
+
+class_statuses = st.builds(
+    ClassStatus,
+    name=st.text(max_size=20),
+    runner=st.sampled_from(["inprocess", "process", "docker", "slurm"]),
+    limit=st.integers(0, 2**40),  # max_concurrency has no upper bound
+    adaptive=st.booleans(),
+    running=st.integers(0, 100_000),
+    queued=st.integers(0, 10_000_000),
+)
+
+
+@given(class_statuses)
+def test_class_status_round_trips(status: ClassStatus) -> None:
+    message = convert.class_status_to_proto(status)
+    parsed = convert.class_status_from_proto(orch_pb.TaskClass.parse(bytes(message)))
+    # A limit beyond int32 travels as its largest: as many as ever, never a wrapped one.
+    assert parsed == evolve(status, limit=min(status.limit, 2**31 - 1))
 
 
 # -- the server's codec ----------------------------------------------------------

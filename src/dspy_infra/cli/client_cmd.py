@@ -15,6 +15,7 @@ and only a terminal sees the live redraws: a pipe gets the final table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import ssl
@@ -339,15 +340,21 @@ async def _stop(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
 
 
 async def _status(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
+    from dspy_infra.remote import UnsupportedCall  # noqa: PLC0415 - the grpc extra, imported late
+
     report = await infra.health_check()
-    classes = await infra.task_classes()
+    classes: Mapping[str, ClassStatus] | None = None
+    with contextlib.suppress(UnsupportedCall):  # an older server: the rest still shows
+        classes = await infra.task_classes()
     if args.json:
         _print_json(
             {
                 "address": infra.address,
                 "status": report.status,
                 "services": {n: _service_json(s) for n, s in report.services.items()},
-                "classes": {n: c.to_json() for n, c in classes.items()},
+                "classes": None
+                if classes is None
+                else {n: c.to_json() for n, c in classes.items()},
             }
         )
     else:
@@ -356,7 +363,10 @@ async def _status(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
         out.print(f"{infra.address}: [{style}]{report.status}[/]")
         if report.services:
             out.print(_services_table(report.services))
-        out.print(_classes_table(classes))
+        if classes is not None:
+            out.print(_classes_table(classes))
+        else:
+            out.print("task classes: not served by this server (older than this command)")
     return EXIT_OK if report.healthy else EXIT_FAILURE
 
 

@@ -11,6 +11,7 @@ from dspy_infra.remote.client import (
     RemoteServices,
     RemoteWorkflows,
     ServerUnavailable,
+    UnsupportedCall,
 )
 from dspy_infra.remote.server import DEFAULT_ADDRESS, RemoteServer, serve
 
@@ -21,5 +22,6 @@ __all__ = [
     "RemoteServices",
     "RemoteWorkflows",
     "ServerUnavailable",
+    "UnsupportedCall",
     "serve",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 from dspy_infra.events import Event, EventsDropped, ServiceEvent
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
+from dspy_infra.remote._wire import INT32_MAX
 from dspy_infra.scheduling.store import JSON_ENCODER
 from dspy_infra.scheduling.tasks import ClassStatus, Resources, TaskEvent, TaskState, TaskStatus
 from dspy_infra.services.status import ServiceState, ServiceStatus
@@ -83,7 +84,7 @@ def class_status_to_proto(status: ClassStatus) -> orch_pb.TaskClass:
     return orch_pb.TaskClass(
         name=status.name,
         runner=status.runner,
-        limit=status.limit,
+        limit=min(status.limit, INT32_MAX),
         adaptive=status.adaptive,
         running=status.running,
         queued=status.queued,

@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_ADDRESS",
     "DETAIL_KEY",
     "ERROR_KEY",
+    "INT32_MAX",
     "RUN_KEY",
     "SERVICE_KEY",
     "TASK_KEY",
@@ -42,6 +43,9 @@ RUN_KEY = "dspy-infra-run-id"
 # unquoted. A client that finds it missing (an older server) or unreadable
 # leaves those attributes at their defaults.
 DETAIL_KEY = "dspy-infra-error-detail"
+# The largest count an int32 field holds: a larger one (a limit, attempts)
+# travels as this, which means "as many as ever" all the same.
+INT32_MAX = 2**31 - 1
 
 
 def token_error(token: str | None) -> str | None:

@@ -73,6 +73,7 @@ from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.remote._wire import (
     DETAIL_KEY,
     ERROR_KEY,
+    INT32_MAX,
     RUN_KEY,
     SERVICE_KEY,
     TASK_KEY,
@@ -101,6 +102,7 @@ __all__ = [
     "RemoteServices",
     "RemoteWorkflows",
     "ServerUnavailable",
+    "UnsupportedCall",
     "tls_context",
 ]
 
@@ -132,6 +134,12 @@ class ServerUnavailable(BackendUnavailable):
         super().__init__(message)
         self.token_refused = token_refused
         self.plain_text = plain_text
+
+
+class UnsupportedCall(InfraError, NotImplementedError):
+    """The server does not serve this call: it is older than this client (a
+    method added since), or it refused a feature of the request (a
+    compressed message). The rest of its API still works."""
 
 
 class _Lifecycle(enum.Enum):
@@ -299,7 +307,7 @@ class _Connection:
             # A status can arrive with the first message or in the trailers
             # that the stream reads on its way out: both are translated here.
             if isinstance(exc, GRPCError):
-                raise self._error(exc, opened) from None
+                raise self._error(exc, opened, route) from None
             # A TLS server drops a plain-text client's connection at once;
             # a refused connection is no server at all.
             plain_text = not self._tls and not isinstance(exc, ConnectionRefusedError)
@@ -310,7 +318,7 @@ class _Connection:
                 plain_text=plain_text,
             ) from exc
 
-    def _error(self, exc: GRPCError, stream: Stream[Any, Any] | None) -> Exception:
+    def _error(self, exc: GRPCError, stream: Stream[Any, Any] | None, route: str) -> Exception:
         message = exc.message or exc.status.name
         trailers = stream.trailing_metadata if stream is not None else None
         name = trailers.get(ERROR_KEY) if trailers is not None else None
@@ -328,8 +336,15 @@ class _Connection:
             return ServerUnavailable(
                 f"the dspy-infra server at {self.address} is unavailable: {message}"
             )
-        if exc.status is Status.UNIMPLEMENTED:
-            return NotImplementedError(f"the server at {self.address}: {message}")
+        # A server before it answered every method it lacks without a
+        # content-type, which grpclib's client reads as this UNKNOWN.
+        if exc.status is Status.UNIMPLEMENTED or (
+            exc.status is Status.UNKNOWN and message == "Missing content-type header"
+        ):
+            return UnsupportedCall(
+                f"the server at {self.address} does not serve {route}: {message} "
+                "(a dspy-infra older than this client?)"
+            )
         if exc.status is Status.INVALID_ARGUMENT:
             return InvalidTask("", message)
         return InfraError(f"the server at {self.address} answered {exc.status.name}: {message}")
@@ -444,7 +459,7 @@ class _RemoteScheduler:
 # What the wire holds in 32 and 64 bits: beyond, betterproto2 would cut a
 # number silently (2**32 + 50 arrives as 50, 2**64 + 5 as 5). In-process, an
 # amount of any size is checked against the machine.
-_INT32 = (-(2**31), 2**31 - 1)
+_INT32 = (-(2**31), INT32_MAX)
 _INT64 = (-(2**63), 2**63 - 1)
 
 

@@ -61,6 +61,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.health.check import CheckBase
 from grpclib.health.service import OVERALL, Health
 from grpclib.health.v1 import health_pb2
+from grpclib.metadata import encode_grpc_message
 from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.reflection.v1 import reflection_pb2 as reflection_v1
@@ -208,6 +209,25 @@ async def check_serving(
     return host, port
 
 
+class _Methods(dict[str, Handler]):
+    """grpclib's table of methods, answering a method it lacks with a handler
+    that refuses it: UNIMPLEMENTED, as grpclib answers it itself, but through
+    a call's own answer, which grpclib's client reads. grpclib's own answer
+    lacks the content-type header, which that client reads first (and
+    reports as "UNKNOWN: Missing content-type header"): a client newer than
+    this server could not tell that the server lacks the call it made."""
+
+    def get(self, path: str, default: Handler | None = None) -> Handler | None:  # type: ignore[override]
+        found = super().get(path, default)
+        if found is not None:
+            return found
+
+        async def unknown(stream: Stream[Any, Any]) -> None:
+            raise GRPCError(Status.UNIMPLEMENTED, f"this server has no method {path}")
+
+        return Handler(unknown, Cardinality.UNARY_UNARY, None, None)
+
+
 def _server_tls(tls: object) -> ssl.SSLContext | None:
     """``tls`` as a context, or None for plain text; ConfigError for what is neither."""
     if isinstance(tls, ssl.SSLContext):
@@ -231,6 +251,7 @@ class _Server(Server):
 
     def __init__(self, handlers: list[IServable], *, codec: ProtoCodec):
         super().__init__(handlers, codec=codec)
+        self._mapping = _Methods(self._mapping)
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
@@ -799,10 +820,13 @@ class _Guard:
             except GRPCError:
                 raise
             except InfraError as exc:
+                message = _sendable(str(exc), _MAX_MESSAGE_BYTES)
                 await stream.send_trailing_metadata(
                     status=_status_of(exc),
-                    status_message=_sendable(str(exc), _MAX_MESSAGE_BYTES),
-                    metadata=_error_metadata(exc),
+                    status_message=message,
+                    metadata=_error_metadata(
+                        exc, room=_METADATA_BYTES - len(encode_grpc_message(message))
+                    ),
                 )
             except Exception:
                 log.exception("a call to %s failed", route)
@@ -869,11 +893,14 @@ def _status_of(exc: InfraError) -> Status:
 # An error's trailers must stay well under the 64 KiB that a grpclib client
 # accepts for a header list: over it, the client drops the whole connection,
 # and every call on it fails. Percent-encoding can triple a byte. The detail
-# is smaller still: a log tail repeats lines that the message holds already,
-# and many gRPC clients take no more than 8 KiB of metadata by default.
+# is smaller still, and takes only what the message and the ids leave of
+# _METADATA_BYTES: grpcio refuses metadata over 8 KiB at random (its soft
+# limit), turning the error into RESOURCE_EXHAUSTED, and a log tail repeats
+# lines that the message holds already.
 _MAX_MESSAGE_BYTES = 8192
 _MAX_ID_BYTES = 2048
 _MAX_DETAIL_BYTES = 4096
+_METADATA_BYTES = 7168
 
 
 def _sendable(text: str, limit: int) -> str:
@@ -886,7 +913,9 @@ def _sendable(text: str, limit: int) -> str:
     return data.decode()
 
 
-def _error_metadata(exc: InfraError) -> list[tuple[str, str]]:
+def _error_metadata(exc: InfraError, *, room: int) -> list[tuple[str, str]]:
+    """The trailers that name ``exc`` (its class and ids) and hold its detail,
+    the detail in what is left of ``room`` bytes once the rest is in."""
     # Metadata values are non-empty ASCII: ids and names are percent-encoded,
     # and left out when empty (a task refused before it had an id).
     metadata = [(ERROR_KEY, type(exc).__name__)]
@@ -899,15 +928,16 @@ def _error_metadata(exc: InfraError) -> list[tuple[str, str]]:
     metadata.extend(
         (key, quote(_sendable(str(value), _MAX_ID_BYTES), safe="")) for key, value in ids if value
     )
-    detail = _error_detail(exc)
+    room -= sum(len(key) + len(value) for key, value in metadata)
+    detail = _error_detail(exc, min(room - len(DETAIL_KEY), _MAX_DETAIL_BYTES))
     if detail is not None:
         metadata.append((DETAIL_KEY, detail))
     return metadata
 
 
-def _error_detail(exc: InfraError) -> str | None:
+def _error_detail(exc: InfraError, limit: int) -> str | None:
     """What ``exc`` holds beyond its message and ids, as JSON of at most
-    ``_MAX_DETAIL_BYTES``; None when it holds nothing more, or too much.
+    ``limit`` bytes; None when it holds nothing more, or too much.
 
     A log tail keeps its last lines that fit, as the newest say most of why
     a service failed; anything else too long to fit (a reason of kilobytes)
@@ -929,12 +959,12 @@ def _error_detail(exc: InfraError) -> str | None:
     try:
         if isinstance(exc, ServiceStartError):
             detail["log_tail"] = _last_lines(
-                exc.log_tail, _MAX_DETAIL_BYTES - len(_ascii_json({**detail, "log_tail": []}))
+                exc.log_tail, limit - len(_ascii_json({**detail, "log_tail": []}))
             )
         text = _ascii_json(detail)
     except (TypeError, ValueError):  # an attribute JSON cannot hold: the client's defaults do
         return None
-    return text if len(text) <= _MAX_DETAIL_BYTES else None
+    return text if len(text) <= limit else None
 
 
 def _last_lines(lines: Sequence[str], budget: int) -> list[str]:
