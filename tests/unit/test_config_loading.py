@@ -77,6 +77,15 @@ def test_unreadable_file_names_the_file(tmp_path: Path) -> None:
     assert str(exc).startswith(f"{tmp_path}: cannot read: ")
 
 
+@pytest.mark.parametrize("name", ["dspy-infra.toml", "pyproject.toml"])
+def test_a_file_that_is_not_utf8_names_the_file(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes('[tool.dspy-infra.infra]\nproject = "café"\n'.encode("latin-1"))
+    exc = error(path)
+    assert str(exc) == f"{path}: cannot read: not UTF-8 text"
+    assert exc.source == str(path)
+
+
 def test_bad_value_in_a_file_names_file_and_key_path(tmp_path: Path) -> None:
     path = write(
         tmp_path / "dspy-infra.toml", REDIS.replace("interval = 0.05", 'interval = "fast"')

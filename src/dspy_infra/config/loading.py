@@ -129,6 +129,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("file not found", source=str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", source=str(path)) from None
+    except UnicodeDecodeError:
+        # tomllib decodes the bytes itself, and lets this one through: a file
+        # saved as Latin-1 or UTF-16 by an editor is bad input like any other.
+        raise ConfigError("cannot read: not UTF-8 text", source=str(path)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from None
 
