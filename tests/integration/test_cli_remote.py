@@ -424,6 +424,8 @@ def test_bad_local_input_is_exit_2_before_any_connection(
     empty, cert = tmp_path / "empty-token", tmp_path / "cert.pem"
     empty.write_text("\n")
     cert.write_text("not a certificate\n")
+    binary = tmp_path / "binary-token"
+    binary.write_bytes(b"\xff\xfes3\n")
     refusals = {
         ("submit", "echo", "{"): "argument PAYLOAD: the payload is not JSON",
         # With -f it would wait forever for a type that nothing publishes.
@@ -432,6 +434,12 @@ def test_bad_local_input_is_exit_2_before_any_connection(
         ),
         ("status", "--token-file", str(empty)): f"error: the token file {empty} is empty",
         ("status", "--token-file", str(tmp_path / "none")): "error: cannot read the token file",
+        ("status", "--token-file", str(binary)): (
+            f"error: cannot read the token file {binary}: not UTF-8 text"
+        ),
+        ("serve", "--token-file", str(binary)): (
+            f"error: cannot read the token file {binary}: not UTF-8 text"
+        ),
         ("status", "--tls-ca", str(cert)): "error: cannot load the TLS CA file",
         ("serve", "--tls-cert", str(cert)): "error: give both --tls-cert and --tls-key",
         ("serve", "--tls-cert", str(cert), "--tls-key", str(cert)): (

@@ -78,9 +78,15 @@ def read_token(token_file: Path | None) -> str | None:
     """
     if token_file is not None:
         try:
-            token = token_file.read_text().strip()
+            token = token_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise CommandError(f"cannot read the token file: {exc}", code=EXIT_USAGE) from None
+        except UnicodeDecodeError:
+            # A binary file given by mistake (a key, not the token): the
+            # token is visible ASCII, so this is never a token file.
+            raise CommandError(
+                f"cannot read the token file {token_file}: not UTF-8 text", code=EXIT_USAGE
+            ) from None
         if not token:
             raise CommandError(f"the token file {token_file} is empty", code=EXIT_USAGE)
         return token
