@@ -76,6 +76,20 @@ def test_validate_a_broken_file_names_the_key_path(tmp_path: Path) -> None:
     )
 
 
+def test_a_compose_warning_is_one_line_of_stderr_that_names_the_file(tmp_path: Path) -> None:
+    # Python's own format named the line of our source that loaded the file.
+    (tmp_path / "docker-compose.yml").write_text(
+        "services:\n  web: {image: nginx, build: .}\n", encoding="utf-8"
+    )
+    result = run("config", "validate", "-c", "docker-compose.yml", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout == "ok: docker-compose.yml: 1 service (web)\n"
+    assert result.stderr == (
+        "warning: docker-compose.yml: ignored unsupported keys: "
+        "web.build (build the image first: dspy_infra.docker.build_image)\n"
+    )
+
+
 def test_show_applies_environment_overrides(tmp_path: Path) -> None:
     assert run("config", "init", cwd=tmp_path).returncode == 0
     env = {

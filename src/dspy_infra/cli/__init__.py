@@ -31,7 +31,8 @@ Exit codes (the contract scripts rely on):
     4    the server holds no such task or service
     130  interrupted (Ctrl-C)
 
-Errors go to stderr as ``error: <message>``; results go to stdout.
+Errors go to stderr as ``error: <message>``, and the library's warnings (what a
+compose file holds that is skipped) as ``warning: <message>``; results go to stdout.
 
 Each command family is one module with a ``register(subparsers)`` function
 that adds its parsers and sets ``handler`` (``Namespace -> int``) on each
@@ -43,8 +44,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import TextIO
 
 from dspy_infra.cli import client_cmd, config_cmd, serve_cmd
 from dspy_infra.cli._common import (
@@ -58,7 +61,7 @@ from dspy_infra.cli._common import (
     Handler,
     ungrouped,
 )
-from dspy_infra.errors import ConfigError, InfraError
+from dspy_infra.errors import ComposeWarning, ConfigError, InfraError
 
 __all__ = [
     "EXIT_FAILURE",
@@ -124,7 +127,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         help_parser: argparse.ArgumentParser = args.help_parser
         help_parser.print_help(sys.stderr)
         return EXIT_USAGE
-    return _run(handler, args)
+    return _with_warnings_as_messages(handler, args)
+
+
+def _with_warnings_as_messages(handler: Handler, args: argparse.Namespace) -> int:
+    """Run the command, printing the library's own warnings as ``warning: <message>``.
+
+    Python's format names the line of our source that loaded the file and
+    quotes it (``.../config_cmd.py:150: ComposeWarning: ...``), which tells a
+    user of the command nothing; the message names the file and keys already.
+    Other warnings keep Python's format: where they come from is the point.
+    """
+    fallback = warnings.showwarning
+
+    def show(  # noqa: PLR0917 - the signature of warnings.showwarning
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if issubclass(category, ComposeWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():  # restores showwarning for a caller in this process
+        warnings.showwarning = show
+        return _run(handler, args)
 
 
 def _run(handler: Handler, args: argparse.Namespace) -> int:
