@@ -798,6 +798,9 @@ def test_bad_interpolation_names_the_key(tmp_path: Path, value: str, message: st
 # --- bad input ------------------------------------------------------------------------
 
 
+TWICE = "a mapping holds each key once, as docker compose requires"
+
+
 @pytest.mark.parametrize(
     ("text", "path", "message"),
     [
@@ -807,6 +810,27 @@ def test_bad_interpolation_names_the_key(tmp_path: Path, value: str, message: st
         ("services: [web]\n", "services", "expected a mapping, got ['web']"),
         ("services:\n  web: nginx\n", "services.web", "expected a mapping, got 'nginx'"),
         ("services:\n  web: {image: 7}\n", "services.web.image", "expected a string, got 7"),
+        # A key written twice: PyYAML kept the last without a word; compose refuses it.
+        (
+            "services:\n  web: {image: a}\n  web: {image: b}\n",
+            "services.web",
+            f"defined twice (lines 2 and 3): {TWICE}",
+        ),
+        (
+            "services:\n  web: {image: a, 'image': b}\n",
+            "services.web.image",
+            f"defined twice (line 2): {TWICE}",
+        ),
+        (
+            "services:\n  web:\n    image: a\n    environment:\n      A: '1'\n      A: '2'\n",
+            "services.web.environment.A",
+            f"defined twice (lines 5 and 6): {TWICE}",
+        ),
+        (
+            "services:\n  web: {image: a, ports: [{target: 80, target: 81}]}\n",
+            "services.web.ports[0].target",
+            f"defined twice (line 2): {TWICE}",
+        ),
         (
             "services:\n  web: {image: x, healthcheck: {test: [CMD, 'true'], interval: 10}}\n",
             "services.web.healthcheck.interval",
@@ -894,6 +918,27 @@ def test_bad_input_names_file_and_key_path(
     exc = error(file)
     assert (exc.source, exc.path) == (str(file), path)
     assert str(exc) == ": ".join(p for p in (str(file), path, message) if p)
+
+
+def test_a_key_over_a_merged_one_is_not_written_twice(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "docker-compose.yml",
+        """\
+        x-base: &base {image: base, restart: always}
+        services:
+          web: &web
+            <<: *base
+            image: web
+          worker:
+            <<: [*web, *base]
+            image: worker
+        """,
+    )
+    config = load(path)
+    assert {n: (s.image, s.restart) for n, s in config.services.items()} == {
+        "web": ("web", "always"),
+        "worker": ("worker", "always"),
+    }
 
 
 def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:

@@ -137,10 +137,54 @@ def _load_yaml(path: Path) -> Any:
         text = _read_text(path)
     except ValueError as exc:
         raise ConfigError(str(exc), source=str(path)) from None
+    loader = _yaml12_loader()(text)
     try:
-        return yaml.load(text, Loader=_yaml12_loader())  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is None:  # an empty file
+            return None
+        _refuse_duplicate_keys(node, path)
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", source=str(path)) from None
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(root: yaml.Node, path: Path) -> None:
+    """A key written twice in one mapping is an error, as in compose (Go's yaml.v3).
+
+    PyYAML keeps the last value without a word, so a service or a key pasted
+    twice silently lost the first. Checked on the nodes as written, before
+    ``<<:`` merges, whose keys a mapping may override.
+    """
+    import yaml  # noqa: PLC0415 - see _load_yaml
+
+    seen_nodes: set[int] = set()  # an anchor's node is reached again through each alias
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, where = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode):
+                    continue
+                inner = f"{where}.{key.value}" if where else str(key.value)
+                line = key.start_mark.line + 1
+                if (first := lines.get((key.tag, key.value))) is not None:
+                    at = f"lines {first} and {line}" if first != line else f"line {line}"
+                    raise ConfigError(
+                        f"defined twice ({at}): a mapping holds each key once, "
+                        "as docker compose requires",
+                        source=str(path),
+                        path=inner,
+                    )
+                lines[key.tag, key.value] = line
+                stack.append((value, inner))
 
 
 @functools.cache
