@@ -25,7 +25,7 @@ from attrs import field, frozen
 from dspy_infra.abc import ContainerBackend
 from dspy_infra.backends import load_backend
 from dspy_infra.config import Config, load_config
-from dspy_infra.errors import BackendUnavailable, InfraClosed, UnknownEventType
+from dspy_infra.errors import BackendUnavailable, ConfigError, InfraClosed, UnknownEventType
 from dspy_infra.events import Event, EventBus, EventsDropped, ServiceEvent
 from dspy_infra.http import MetricsServer, health_document
 from dspy_infra.metrics import Metrics
@@ -214,7 +214,18 @@ class AgentInfra(TaskMethods):
         failure: Exception | None = None
         async with AsyncExitStack() as stack:
             state_dir = self.config.infra.state_dir
-            await anyio.to_thread.run_sync(lambda: state_dir.mkdir(parents=True, exist_ok=True))
+            try:
+                await anyio.to_thread.run_sync(lambda: state_dir.mkdir(parents=True, exist_ok=True))
+            except OSError as exc:
+                # A state_dir under a file, or where the user may not write:
+                # the configuration's to change, so named as its errors are
+                # (not an OSError that dspy-infra serve showed as a traceback).
+                why = "a file is there" if isinstance(exc, FileExistsError) else exc.strerror
+                raise ConfigError(
+                    f"cannot create the directory {state_dir}: {why or exc}",
+                    source=self.config.source,
+                    path="infra.state_dir",
+                ) from None
             with self.metrics.backend_call(self._backend.name, "open"):
                 swept = await self._backend.open(
                     state_dir=state_dir,

@@ -454,6 +454,22 @@ def test_bad_local_input_is_exit_2_before_any_connection(
         assert message in err, (argv, err)
 
 
+def test_serve_with_a_state_dir_it_cannot_create_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was an OSError from mkdir, shown as a traceback.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("a file where the directory should go\n")
+    (tmp_path / "dspy-infra.toml").write_text('[infra]\nstate_dir = "taken"\ndurable = false\n')
+    assert main(["serve", "--address", "127.0.0.1:0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "error: dspy-infra.toml: infra.state_dir: cannot create the directory "
+        f"{tmp_path / 'taken'}: a file is there\n"
+    )
+
+
 def test_the_default_addresses_agree() -> None:
     # The command line and AgentInfra.connect name it without importing grpc.
     assert _common.DEFAULT_ADDRESS == DEFAULT_ADDRESS
