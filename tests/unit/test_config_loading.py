@@ -642,6 +642,26 @@ def test_relative_paths_are_relative_to_the_file(
     assert config.services["c"].cwd == "{service_dir}/x"  # filled in at start
 
 
+def test_a_relative_cwd_with_placeholders_is_relative_to_the_file_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was left relative, so the service ran in work/NAME of wherever the program ran.
+    conf = tmp_path / "conf {x}"  # braces in the directory are literal, not placeholders
+    path = write(
+        conf / "dspy-infra.toml",
+        '[services.a]\ncommand = ["a"]\ncwd = "work/{name}"\n'
+        '[services.b]\ncommand = ["b"]\ncwd = "{state_dir}/b"\n'
+        '[services.c]\ncommand = ["c"]\ncwd = "plain"\n'
+        '[handlers.h]\ncommand = ["h"]\ncwd = "runs/{literal}"\n',  # a handler's is no template
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path, environ={})
+    assert config.services["a"].cwd == str(tmp_path / "conf {{x}}" / "work") + "/{name}"
+    assert config.services["b"].cwd == "{state_dir}/b"  # absolute once filled in
+    assert config.services["c"].cwd == str(tmp_path / "conf {{x}}" / "plain")
+    assert config.handlers["h"].cwd == str(conf / "runs" / "{literal}")
+
+
 def test_mapping_paths_are_relative_to_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

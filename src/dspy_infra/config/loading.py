@@ -43,6 +43,7 @@ _INFRA_KEYS = frozenset(a.name for a in fields(InfraSettings))
 _KNOWN_BACKENDS = ("local", "docker")
 KNOWN_RUNNERS = ("inprocess", "process", "docker", "slurm")
 _INDEX = re.compile(r"\[\d+\]")
+_ABSOLUTE_PLACEHOLDERS = ("{state_dir}", "{service_dir}")  # absolute paths, once filled in
 _HTTP_ONLY = ("status", "body")  # probe keys that go with an http probe
 
 
@@ -358,9 +359,24 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         return path if path.is_absolute() else (base / path).resolve()
 
     def resolved(cwd: str | None) -> str | None:
-        if cwd is None or "{" in cwd or Path(cwd).is_absolute():
+        if cwd is None or Path(cwd).is_absolute():
             return cwd
         return str((base / cwd).resolve())
+
+    def literal(path: Path) -> str:
+        return str(path).replace("{", "{{").replace("}", "}}")
+
+    def resolved_template(cwd: str | None) -> str | None:
+        # A service's cwd is a template: one with placeholders is made
+        # absolute here too (it was left relative, so it was taken from
+        # wherever the program ran), unless a placeholder that is a path
+        # starts it; the file's directory goes in with its braces escaped,
+        # since they are part of a name, not placeholders.
+        if cwd is None or Path(cwd).is_absolute() or cwd.startswith(_ABSOLUTE_PLACEHOLDERS):
+            return cwd
+        if "{" not in cwd:
+            return literal((base / cwd).resolve())
+        return f"{literal(base.resolve())}/{cwd}"
 
     def mount(volume: str) -> str:
         # A source with a slash or a leading dot is a host path; else a volume name.
@@ -373,7 +389,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         return tuple(mount(v) for v in volumes)
 
     services = {
-        name: evolve(s, cwd=resolved(s.cwd), volumes=mounts(s.volumes))
+        name: evolve(s, cwd=resolved_template(s.cwd), volumes=mounts(s.volumes))
         for name, s in config.services.items()
     }
     handlers = {
