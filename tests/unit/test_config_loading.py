@@ -610,6 +610,18 @@ def test_a_table_where_a_table_belongs(doc: dict[str, Any], path: str) -> None:
     assert ": expected a table, got " in str(exc)
 
 
+def test_an_array_item_is_named_by_its_index_in_brackets() -> None:
+    # It read "infra.gpus.1", as if 1 were a key; placeholders and compose say [1].
+    exc = error({"infra": {"gpus": [0, "x"]}, **services(a=svc(volumes=["a:/b", 5]))})
+    assert exc.path == "infra.gpus[1]"
+    assert str(exc) == (
+        "<mapping>: infra.gpus[1]: expected an integer, got 'x' (string) "
+        "(and 1 more: services.a.volumes[1]: expected a string, got 5 (integer))"
+    )
+    env = error({}, environ={"DSPY_INFRA_GPUS": '[0, "x"]'})
+    assert (env.source, env.path) == ("environment variable DSPY_INFRA_GPUS", "infra.gpus[1]")
+
+
 def test_huge_numbers_are_clear() -> None:
     exc = error(services(a=svc(health={"log": "x", "interval": 10**400})))
     assert str(exc) == (

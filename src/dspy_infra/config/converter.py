@@ -301,7 +301,10 @@ def describe_errors(exc: BaseException, path: str = "") -> list[tuple[str, str]]
             sub_path = path
             for note in getattr(sub, "__notes__", ()):
                 if isinstance(note, IterableValidationNote):
-                    sub_path = _join(path, note.index)
+                    # An array's item is named as everywhere else (services.a.command[2]),
+                    # a table's by its key.
+                    index = note.index
+                    sub_path = f"{path}[{index}]" if isinstance(index, int) else _join(path, index)
                 elif hasattr(note, "name"):
                     sub_path = _join(path, note.name)
             found.extend(describe_errors(sub, sub_path))
