@@ -622,6 +622,18 @@ def test_an_array_item_is_named_by_its_index_in_brackets() -> None:
     assert (env.source, env.path) == ("environment variable DSPY_INFRA_GPUS", "infra.gpus[1]")
 
 
+@pytest.mark.parametrize("key", ["state_dir", "compose"])
+def test_an_empty_path_is_refused(tmp_path: Path, key: str) -> None:
+    # Path("") is ".": an empty state_dir put the store beside the file without a
+    # word, and an empty compose read the directory ('.: cannot read: Is a directory').
+    path = write(tmp_path / "dspy-infra.toml", f'[infra]\n{key} = ""\n')
+    exc = error(path)
+    assert str(exc) == f"{path}: infra.{key}: expected a path, got '' (string)"
+    variable = f"DSPY_INFRA_{key.upper()}"
+    exc = error(write(tmp_path / "other.toml", ""), environ={variable: ""})
+    assert (exc.source, exc.path) == (f"environment variable {variable}", f"infra.{key}")
+
+
 def test_huge_numbers_are_clear() -> None:
     exc = error(services(a=svc(health={"log": "x", "interval": 10**400})))
     assert str(exc) == (

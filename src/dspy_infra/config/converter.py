@@ -92,6 +92,10 @@ def _structure_path(value: object, _: type[Any]) -> Path:
         return value
     if not isinstance(value, str):
         raise _expected("a path (string)", value)
+    if not value.strip():
+        # Path("") is ".": an empty state_dir (DSPY_INFRA_STATE_DIR= meant as
+        # unset) put the store beside the configuration file without a word.
+        raise _expected("a path", value)
     return Path(value)
 
 

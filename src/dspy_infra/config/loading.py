@@ -279,9 +279,10 @@ def _with_compose(
     if (
         not isinstance(infra, dict)
         or not isinstance(compose, str | os.PathLike)
+        or not str(compose).strip()
         or not isinstance(own, dict)
     ):
-        return dict(origins)  # none, or a wrong type that the converter reports
+        return dict(origins)  # none, or a wrong type or value that the converter reports
     path = base / compose
     document = read_compose(path, environ=environ)
     services: dict[str, Any] = document["services"]
