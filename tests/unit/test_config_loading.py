@@ -342,9 +342,40 @@ def test_keyword_overrides(tmp_path: Path) -> None:
     assert config.services["kv"].command == ("kv",)
 
 
+@pytest.mark.parametrize(
+    ("doc", "path", "meant"),
+    [
+        ({"infra": {"bakend": "docker"}}, "infra.bakend", "backend"),
+        ({"servics": {}}, "servics", "services"),
+        (services(a=svc(restrat="always")), "services.a.restrat", "restart"),
+        (
+            services(a=svc(ports={"main": 0}, health={"tpc": "{port}"})),
+            "services.a.health.tpc",
+            "tcp",
+        ),
+        (
+            {"classes": {"cpu_short": {"max_concurency": 2}}},
+            "classes.cpu_short.max_concurency",
+            "max_concurrency",
+        ),
+    ],
+)
+def test_a_typo_of_a_key_names_the_key_meant(doc: dict[str, Any], path: str, meant: str) -> None:
+    exc = error(doc)
+    assert exc.path == path
+    assert f"unknown key, did you mean {meant!r}? (expected one of: " in str(exc)
+
+
+def test_an_unknown_key_like_no_known_one_suggests_nothing() -> None:
+    exc = error({"infra": {"bogus": 1}})  # three edits from gpus: no typo of it
+    assert str(exc).startswith("<mapping>: infra.bogus: unknown key (expected one of: autostart, ")
+
+
 def test_unknown_override_is_refused() -> None:
     exc = error({}, overrides={"bogus": 1})
     assert str(exc).startswith("overrides: bogus: unknown key (expected a section or an [infra]")
+    exc = error({}, overrides={"stat_dir": "s"})
+    assert str(exc).startswith("overrides: stat_dir: unknown key, did you mean 'state_dir'? (")
     exc = error({}, overrides={"services__x__restart": "never"})
     assert str(exc).startswith("override services__x__restart=: services.x.restart: expected")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -43,7 +43,7 @@ from dspy_infra.config.model import (
     TaskClass,
 )
 
-__all__ = ["converter", "describe_errors", "resolve_callable"]
+__all__ = ["converter", "describe_errors", "did_you_mean", "resolve_callable"]
 
 T = TypeVar("T")
 
@@ -283,6 +283,36 @@ converter.register_unstructure_hook(
 )
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``", did you mean 'backend'?"`` for a typo of a known name, else ``""``.
+
+    The list of what is expected is long (24 keys of a service): the one
+    meant is named first, as git and kubectl do. A typo is one edit away (a
+    letter missing, extra, wrong, or two swapped), two for a longer name:
+    ``bogus`` is no ``gpus``.
+    """
+    typed = name.lower()
+    most = min(1 if len(typed) <= 5 else 2, len(typed) - 1)  # "x" is no typo of "y"
+    distances = {k: _edits(typed, k) for k in known}
+    close = [k for k, d in sorted(distances.items(), key=lambda kd: kd[1]) if d <= most]
+    return f", did you mean {close[0]!r}?" if close else ""
+
+
+def _edits(a: str, b: str) -> int:
+    """Edits from ``a`` to ``b``: insertions, deletions, substitutions, adjacent swaps."""
+    before: list[int] = []
+    row = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        previous, row = row, [i, *[0] * len(b)]
+        for j in range(1, len(b) + 1):
+            cost = a[i - 1] != b[j - 1]
+            row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], before[j - 2] + 1)
+        before = previous
+    return row[-1]
+
+
 def _join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
@@ -292,11 +322,12 @@ def describe_errors(exc: BaseException, path: str = "") -> list[tuple[str, str]]
     if isinstance(exc, FieldError):
         return [(_join(path, exc.field), str(exc))]
     if isinstance(exc, ForbiddenExtraKeysError):
-        allowed = ", ".join(
-            sorted(a.name for a in fields(exc.cl) if not a.metadata.get("internal"))
-        )
+        names = sorted(a.name for a in fields(exc.cl) if not a.metadata.get("internal"))
         return [
-            (_join(path, key), f"unknown key (expected one of: {allowed})")
+            (
+                _join(path, key),
+                f"unknown key{did_you_mean(key, names)} (expected one of: {', '.join(names)})",
+            )
             for key in sorted(exc.extra_fields)
         ]
     if isinstance(exc, ClassValidationError | IterableValidationError):

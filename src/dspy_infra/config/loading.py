@@ -22,7 +22,7 @@ from attrs import asdict, evolve, fields
 from cattrs.errors import BaseValidationError
 
 from dspy_infra.config.compose import read_compose
-from dspy_infra.config.converter import converter, describe_errors
+from dspy_infra.config.converter import converter, describe_errors, did_you_mean
 from dspy_infra.config.model import (
     DEFAULT_CLASSES,
     KEY_NAME_RE,
@@ -87,9 +87,10 @@ def load_config(
     for key, value in (overrides or {}).items():
         placed = _place(key.lower().split("__"))
         if placed is None:
+            known = sorted(_SECTIONS | _INFRA_KEYS)
             raise ConfigError(
-                "unknown key (expected a section or an [infra] key: "
-                f"{', '.join(sorted(_SECTIONS | _INFRA_KEYS))})",
+                f"unknown key{did_you_mean(key, known)} "
+                f"(expected a section or an [infra] key: {', '.join(known)})",
                 source="overrides",
                 path=key,
             )
