@@ -289,7 +289,8 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     The list of what is expected is long (24 keys of a service): the one
     meant is named first, as git and kubectl do. A typo is one edit away (a
     letter missing, extra, wrong, or two swapped), two for a longer name:
-    ``bogus`` is no ``gpus``.
+    ``bogus`` is no ``gpus``. Not difflib's ratio: it misses a swap in a
+    short name (``tpc`` for ``tcp``) unless its cutoff lets ``bogus`` pass.
     """
     typed = name.lower()
     most = min(1 if len(typed) <= 5 else 2, len(typed) - 1)  # "x" is no typo of "y"
