@@ -918,6 +918,12 @@ async def test_no_server_is_a_clear_error() -> None:
             pass
     assert not caught.value.plain_text
     assert "TLS" not in str(caught.value)
+    # Nor is a name that no address answers to (.invalid never resolves).
+    with anyio.fail_after(30), pytest.raises(ServerUnavailable) as caught:
+        async with AgentInfra.connect("no-such-host.invalid:50052"):
+            pass
+    assert str(caught.value).endswith("is `dspy-infra serve` running there?")
+    assert not caught.value.plain_text
 
 
 async def test_connection_is_entered_once_and_closed_after(tmp_path: Path) -> None:

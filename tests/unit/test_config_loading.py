@@ -863,3 +863,10 @@ def test_counts_kept_in_memory_beyond_a_deque_are_refused(doc: dict[str, Any], p
     # They used to load, then fail the start with OverflowError.
     with pytest.raises(ConfigError, match=rf"{path}: expected a number <="):
         load_config(doc)
+
+
+def test_a_byte_order_mark_before_the_toml_is_skipped(tmp_path: Path) -> None:
+    # As editors on Windows write it: not a TOML statement, but no error of the user's.
+    path = tmp_path / "dspy-infra.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b'[infra]\nstate_dir = "state"\n')
+    assert load_config(path).infra.state_dir == (tmp_path / "state").resolve()

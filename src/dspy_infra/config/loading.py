@@ -125,8 +125,9 @@ def _find_file(source: str | os.PathLike[str] | None, environ: Mapping[str, str]
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        # A byte order mark, which editors on Windows write, is no TOML
+        # statement ("Invalid statement (at line 1, column 1)"): skipped.
+        return tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError("file not found", source=str(path)) from None
     except tomllib.TOMLDecodeError as exc:

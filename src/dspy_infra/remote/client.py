@@ -25,6 +25,7 @@ import builtins
 import enum
 import json
 import os
+import socket
 import ssl
 from collections.abc import (
     AsyncGenerator,
@@ -309,8 +310,11 @@ class _Connection:
             if isinstance(exc, GRPCError):
                 raise self._error(exc, opened, route) from None
             # A TLS server drops a plain-text client's connection at once;
-            # a refused connection is no server at all.
-            plain_text = not self._tls and not isinstance(exc, ConnectionRefusedError)
+            # a refused connection, or a name that no address answers to, is
+            # no server at all.
+            plain_text = not self._tls and not isinstance(
+                exc, ConnectionRefusedError | socket.gaierror
+            )
             hint = " If it serves TLS, connect with TLS" if plain_text else ""
             raise ServerUnavailable(
                 f"no dspy-infra server answers at {self.address} ({exc or type(exc).__name__}): "
