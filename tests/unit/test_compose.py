@@ -1070,9 +1070,15 @@ def test_errors_name_the_file_that_holds_the_value(tmp_path: Path) -> None:
     path.write_text('[infra]\nbackend = "local"\ncompose = "docker-compose.yml"\n')
     # A compose service that the local backend cannot run: the compose file.
     assert str(error(path)) == f"{compose}: services.web.command: required with the local backend"
-    # A compose file that is not there names itself.
+    # A compose file that is not there: the file and key that named it.
     path.write_text('[infra]\ncompose = "missing.yml"\n')
-    assert str(error(path)) == f"{tmp_path / 'missing.yml'}: file not found"
+    missing = tmp_path / "missing.yml"
+    assert str(error(path)) == f"{path}: infra.compose: file not found: {missing}"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={"DSPY_INFRA_COMPOSE": "missing.yml"})
+    assert str(info.value) == (
+        f"environment variable DSPY_INFRA_COMPOSE: infra.compose: file not found: {missing}"
+    )
 
 
 def test_compose_key_must_be_a_path(tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def load_config(
         origins[placed] = origin
     _one_probe_kind(raw, written)
     if not isinstance(source, Config):  # a Config holds its compose services already
-        origins = _with_compose(raw, base, environ, origins)
+        origins = _with_compose(raw, base, environ, origins, name)
 
     _with_default_classes(raw)
     config = _structure(raw, name, origins)
@@ -264,6 +264,7 @@ def _with_compose(
     base: Path,
     environ: Mapping[str, str],
     origins: Mapping[tuple[str, ...], str],
+    name: str | None,
 ) -> dict[tuple[str, ...], str]:
     """Put the services of ``[infra] compose`` under the configuration's own.
 
@@ -286,6 +287,14 @@ def _with_compose(
     ):
         return dict(origins)  # none, or a wrong type or value that the converter reports
     path = base / compose
+    if not path.exists():
+        # Named where it was set: the compose file's own name says nothing
+        # of which file or variable asked for it.
+        raise ConfigError(
+            f"file not found: {path}",
+            source=origins.get(("infra", "compose"), name),
+            path="infra.compose",
+        )
     document = read_compose(path, environ=environ)
     services: dict[str, Any] = document["services"]
     found: dict[tuple[str, ...], str] = {}
