@@ -18,7 +18,8 @@ import aiodocker
 import anyio
 import pytest
 
-from dspy_infra import AgentInfra
+from dspy_infra import AgentInfra, Config, ConfigError
+from dspy_infra.config.model import HandlerConfig, InfraSettings, TaskClass
 from dspy_infra.docker.engine import Engine, Labels
 from dspy_infra.errors import InvalidTask, TaskCancelled, TaskFailed, TaskTimedOut
 from dspy_infra.scheduling.tasks import TaskHandle, TaskState
@@ -251,10 +252,20 @@ async def test_a_refused_network_fails_the_task_saying_so(
 async def test_a_handler_without_an_image_is_refused_at_submit(
     tmp_path: Path, project: str, busybox: str
 ) -> None:
-    handlers = {"bare": {"command": ["true"]}, "typo": box(busybox, ["cat", "{payload}"])}
-    async with start(tmp_path, project, handlers) as infra:
+    async with start(tmp_path, project, {"bare": {"command": ["true"]}}) as infra:
         with pytest.raises(InvalidTask, match=r"no \[handlers.bare\] with an image"):
             await submit(infra, "bare")
+    # A configuration file's typo is refused as it loads; a Config built in
+    # Python (and started as it is) is not loaded: the submit refuses it.
+    typo = {"typo": box(busybox, ["cat", "{payload}"])}
+    with pytest.raises(ConfigError, match=r"handlers.typo.command\[1\]: unknown placeholder"):
+        start(tmp_path, project, typo)
+    config = Config(
+        infra=InfraSettings(project=project, state_dir=tmp_path / "state"),
+        classes={"box": TaskClass(runner="docker")},
+        handlers={"typo": HandlerConfig(image=busybox, pull="never", command=("cat", "{payload}"))},
+    )
+    async with AgentInfra.start(config) as infra:
         with pytest.raises(InvalidTask, match=r"unknown placeholder \{payload\}"):
             await submit(infra, "typo")
 

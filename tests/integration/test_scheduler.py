@@ -1742,3 +1742,41 @@ async def test_a_handle_used_after_its_instance_closed_is_told_so(tmp_path: Path
         handle = await infra.submit_task("echo", 1, task_id="earlier")
     with pytest.raises(InfraClosed, match="the task store is closed"):
         await handle.status()
+
+
+async def test_a_task_queued_event_counts_no_attempt_yet(tmp_path: Path) -> None:
+    # A lone task into an idle class is stored started (one commit, not two):
+    # its task_queued event still says that no attempt had started, as a
+    # task queued behind others does.
+    gate = anyio.Event()
+
+    async def held(payload: Any) -> None:
+        await gate.wait()
+
+    seen: list[TaskEvent] = []
+    async with (
+        start(tmp_path, {"held": held}, classes={"one": {"max_concurrency": 1}}) as infra,
+        aclosing(infra.stream_events({"task_queued", "task_started"})) as events,
+    ):
+
+        async def follow() -> None:
+            async for event in events:
+                assert isinstance(event, TaskEvent)
+                seen.append(event)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            # Until the stream follows: a task of another class, seen queued.
+            probe = await infra.submit_task("held")
+            await until(lambda: any(e.task_id == probe.task_id for e in seen))
+            seen.clear()
+            alone = await infra.submit_task("held", task_class="one")
+            behind = await infra.submit_task("held", task_class="one")
+            await until(lambda: len(seen) == 3)
+            gate.set()
+            tg.cancel_scope.cancel()
+    assert [(e.type, e.task_id, e.attempt) for e in seen] == [
+        ("task_queued", alone.task_id, 0),
+        ("task_started", alone.task_id, 1),
+        ("task_queued", behind.task_id, 0),
+    ]

@@ -312,6 +312,25 @@ def test_an_error_in_the_file_still_names_the_file(tmp_path: Path) -> None:
     assert str(exc).startswith(f"{file}: services.redis.command[2]: unknown placeholder {{nope}}")
 
 
+@pytest.mark.parametrize(
+    ("table", "path"),
+    [
+        ('command = ["cat", "{payload}"]', "handlers.h.command[1]"),
+        ('command = "cat {payload}"\nshell = true', "handlers.h.command"),
+    ],
+)
+def test_a_handler_command_naming_an_unknown_placeholder_is_refused_at_load(
+    tmp_path: Path, table: str, path: str
+) -> None:
+    # Not only at each submit: `dspy-infra config validate` says so too.
+    file = write(tmp_path / "dspy-infra.toml", f"[handlers.h]\n{table}\n")
+    exc = error(file)
+    assert str(exc) == (
+        f"{file}: {path}: unknown placeholder {{payload}} (known: {{payload_file}}, "
+        "{result_file}, {task_id}, {attempt}, {work_dir})"
+    )
+
+
 def test_os_environ_is_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     file = write(tmp_path / "dspy-infra.toml", REDIS)
     monkeypatch.setenv("DSPY_INFRA_SERVICES__REDIS__RESTART", "on-failure")

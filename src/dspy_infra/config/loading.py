@@ -31,7 +31,14 @@ from dspy_infra.config.model import (
     InfraSettings,
     ServiceConfig,
 )
-from dspy_infra.config.placeholders import Endpoint, PlaceholderError, RenderContext, render
+from dspy_infra.config.placeholders import (
+    HANDLER_PLACEHOLDERS,
+    Endpoint,
+    PlaceholderError,
+    RenderContext,
+    render,
+    render_handler,
+)
 from dspy_infra.errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "dump_config", "find_cycle", "load_config", "service_templates"]
@@ -540,9 +547,20 @@ def _check_tasks(config: Config, fail: Any) -> None:
                 f"unknown runner {task_class.runner!r} "
                 f"(expected one of: {', '.join(KNOWN_RUNNERS)})",
             )
+    stand_ins = dict.fromkeys(HANDLER_PLACEHOLDERS, "x")
     for name, handler in config.handlers.items():
         if handler.command is None:
             raise fail(f"handlers.{name}.command", "required")
+        parts = (
+            [("", handler.command)]
+            if isinstance(handler.command, str)
+            else [(f"[{i}]", part) for i, part in enumerate(handler.command)]
+        )
+        for at, part in parts:
+            try:
+                render_handler(part, stand_ins)
+            except PlaceholderError as exc:
+                raise fail(f"handlers.{name}.command{at}", str(exc)) from None
 
 
 def _check_cycles(config: Config, fail: Any) -> None:

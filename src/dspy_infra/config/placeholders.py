@@ -17,7 +17,15 @@ from collections.abc import Callable, Mapping
 
 from attrs import field, frozen
 
-__all__ = ["Endpoint", "PlaceholderError", "RenderContext", "render", "substitute"]
+__all__ = [
+    "HANDLER_PLACEHOLDERS",
+    "Endpoint",
+    "PlaceholderError",
+    "RenderContext",
+    "render",
+    "render_handler",
+    "substitute",
+]
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 KNOWN = (
@@ -28,6 +36,29 @@ KNOWN = (
 
 class PlaceholderError(ValueError):
     """A template names a placeholder that cannot be filled."""
+
+
+# What a [handlers.NAME] command may name: one attempt's files and ids.
+HANDLER_PLACEHOLDERS = ("payload_file", "result_file", "task_id", "attempt", "work_dir")
+_HANDLER_KNOWN = ", ".join(f"{{{name}}}" for name in HANDLER_PLACEHOLDERS)
+
+
+def render_handler(template: str, values: Mapping[str, str]) -> str:
+    """A handler command's ``template`` with ``values`` (of HANDLER_PLACEHOLDERS) filled in.
+
+    Checked when the configuration loads (with stand-in values), so that a
+    misspelt placeholder is a ConfigError then, not a refusal of every task.
+    """
+
+    def lookup(ref: str) -> str:
+        try:
+            return values[ref]
+        except KeyError:
+            raise PlaceholderError(
+                f"unknown placeholder {{{ref}}} (known: {_HANDLER_KNOWN})"
+            ) from None
+
+    return substitute(template, lookup)
 
 
 @frozen

@@ -22,7 +22,7 @@ from attrs import frozen
 from dspy_infra._exit_codes import reported
 from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.config.model import HandlerConfig
-from dspy_infra.config.placeholders import PlaceholderError, substitute
+from dspy_infra.config.placeholders import HANDLER_PLACEHOLDERS, PlaceholderError, render_handler
 
 __all__ = [
     "PLACEHOLDERS",
@@ -39,9 +39,7 @@ __all__ = [
     "validate_handler",
 ]
 
-PLACEHOLDERS = ("payload_file", "result_file", "task_id", "attempt", "work_dir")
-# The grammar of dspy_infra.config.placeholders: ``{{`` and ``}}`` are literal braces.
-_KNOWN = ", ".join(f"{{{name}}}" for name in PLACEHOLDERS)
+PLACEHOLDERS = HANDLER_PLACEHOLDERS
 STDERR_LINES = 20
 STDERR_LINE_BYTES = 1000
 _PAYLOAD_FILE = "payload.json"
@@ -266,25 +264,15 @@ def exit_message(code: int) -> str:
     return f"killed by signal {name}{reported(code)}"
 
 
-def _render(template: str, values: Mapping[str, str]) -> str:
-    def lookup(ref: str) -> str:
-        try:
-            return values[ref]
-        except KeyError:
-            raise PlaceholderError(f"unknown placeholder {{{ref}}} (known: {_KNOWN})") from None
-
-    return substitute(template, lookup)
-
-
 def _argv(handler: HandlerConfig, values: Mapping[str, str]) -> list[str]:
     command = handler.command
     assert command is not None
     if not handler.shell:
         assert not isinstance(command, str)
-        return [_render(part, values) for part in command]
+        return [render_handler(part, values) for part in command]
     if isinstance(command, str):
         quoted = {name: shlex.quote(value) for name, value in values.items()}
-        script = _render(command, quoted)
+        script = render_handler(command, quoted)
     else:
-        script = shlex.join(_render(part, values) for part in command)
+        script = shlex.join(render_handler(part, values) for part in command)
     return ["/bin/sh", "-c", script]

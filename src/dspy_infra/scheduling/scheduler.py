@@ -506,7 +506,9 @@ class LocalScheduler:
             cls.committing -= 1
             cls.metrics.submitted.value += 1
             if publish:
-                self._publish(record, TaskState.QUEUED)
+                # A new task: no attempt of it has started yet, though one
+                # stored started (see submit_many) counts its first already.
+                self._publish(record, TaskState.QUEUED, attempt=0)
             if record.state is TaskState.RUNNING:  # stored started: see submit_many
                 self._hand_over(record)
             elif record.cancel_requested:
@@ -1258,6 +1260,7 @@ class LocalScheduler:
         event_type: str | None = None,
         result: str | None = None,
         error: str | None = None,
+        attempt: int | None = None,
     ) -> None:
         event_type = event_type or TaskEvent.TYPES[state]
         if not state.finished and not self._bus.wanted(event_type):
@@ -1269,7 +1272,7 @@ class LocalScheduler:
                 task_class=record.task_class,
                 handler=record.handler,
                 state=state,
-                attempt=record.attempts,
+                attempt=record.attempts if attempt is None else attempt,
                 workflow_id=record.workflow_id,
                 result=_decode(result) if result is not None else None,
                 error=error if error is not None else (record.error if state.finished else None),
