@@ -6,6 +6,7 @@ Each test has a project of its own, and ends by checking that no container
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -151,6 +152,34 @@ async def test_running_out_of_memory_is_named_as_such(
     error = caught.value.error
     assert "ran out of memory: killed by signal SIGKILL (exit code 137 from Docker)" in error
     assert "limit is 8 MB" in error
+
+
+async def test_running_out_of_memory_is_named_when_dockers_oom_event_is_late(
+    tmp_path: Path, project: str, busybox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A busy daemon may send its "oom" event after the "die": here it comes
+    # 0.1 s late, and the message still names the memory.
+    dispatch = Engine._dispatch
+    held: list[Any] = []
+    died: list[Any] = []
+
+    def oom_late(self: Engine, event: Any) -> None:
+        action = event.get("Action") or event.get("status")
+        if action == "oom":
+            held.append(event)
+        else:
+            dispatch(self, event)
+            died.extend([event] if action == "die" else [])
+        if held and died:  # the oom after the die, whichever Docker sent first
+            asyncio.get_running_loop().call_later(0.1, dispatch, self, held.pop())
+
+    monkeypatch.setattr(Engine, "_dispatch", oom_late)
+    hog = box(busybox, ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"])
+    async with start(tmp_path, project, {"hog": hog}, memory_mb=8) as infra:
+        handle = await submit(infra, "hog")
+        with pytest.raises(TaskFailed) as caught:
+            await handle.result()
+    assert caught.value.error.startswith("ran out of memory: killed by signal SIGKILL")
 
 
 @pytest.mark.parametrize("script", ["kill -USR1 $$", "exit 138"])

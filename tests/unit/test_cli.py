@@ -10,6 +10,7 @@ import pytest
 
 from dspy_infra import ConfigError, InfraError, load_config
 from dspy_infra.cli import config_cmd, main
+from dspy_infra.cli._common import read_token
 
 
 @pytest.fixture(autouse=True)
@@ -239,3 +240,10 @@ def test_failures_map_to_exit_codes(
     monkeypatch.setattr(config_cmd, "load_config", fail)
     assert main(["config", "validate"]) == code
     assert capsys.readouterr().err == message
+
+
+def test_a_token_file_with_a_byte_order_mark_gives_the_token(tmp_path: Path) -> None:
+    # As Notepad saves it: the mark is no part of the token.
+    path = tmp_path / "token.txt"
+    path.write_bytes(b"\xef\xbb\xbfsecret-token\r\n")
+    assert read_token(path) == "secret-token"

@@ -909,6 +909,13 @@ TWICE = "a mapping holds each key once, as docker compose requires"
             "services.web.environment[0]",
             "expected a string, got 1",
         ),
+        (
+            # An escape pasted into a command: YAML refuses it before parsing.
+            'services:\n  web: {image: x, command: ["echo", "\x1b[31mred"]}\n',
+            None,
+            "invalid YAML: unacceptable character #x001b: special characters are not allowed\n"
+            '  in "<unicode string>", position 47',
+        ),
     ],
 )
 def test_bad_input_names_file_and_key_path(
@@ -1074,6 +1081,10 @@ def test_errors_name_the_file_that_holds_the_value(tmp_path: Path) -> None:
     path.write_text('[infra]\ncompose = "missing.yml"\n')
     missing = tmp_path / "missing.yml"
     assert str(error(path)) == f"{path}: infra.compose: file not found: {missing}"
+    # One that cannot even be looked for names itself, saying why.
+    path.write_text(f'[infra]\ncompose = "{"a" * 300}.yml"\n')
+    assert str(error(path)).endswith(".yml: cannot read: File name too long")
+    path.write_text('[infra]\ncompose = "missing.yml"\n')
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={"DSPY_INFRA_COMPOSE": "missing.yml"})
     assert str(info.value) == (

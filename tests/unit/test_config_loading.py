@@ -331,6 +331,18 @@ def test_a_handler_command_naming_an_unknown_placeholder_is_refused_at_load(
     )
 
 
+def test_a_key_that_is_no_string_is_unknown_without_a_guess() -> None:
+    # Only a mapping built in Python holds one: no typo of a name, and no crash.
+    assert str(error({"infra": {1: 2}})).startswith("<mapping>: infra.1: unknown key (expected")
+
+
+def test_a_docker_handler_may_leave_the_command_to_its_image(tmp_path: Path) -> None:
+    file = write(tmp_path / "dspy-infra.toml", '[handlers.d]\nimage = "alpine"\n')
+    assert load_config(file).handlers["d"].command is None
+    file.write_text("[handlers.d]\nenv = { A = '1' }\n")
+    assert str(error(file)) == f"{file}: handlers.d.command: required (or an image)"
+
+
 def test_os_environ_is_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     file = write(tmp_path / "dspy-infra.toml", REDIS)
     monkeypatch.setenv("DSPY_INFRA_SERVICES__REDIS__RESTART", "on-failure")
@@ -395,6 +407,10 @@ def test_unknown_override_is_refused() -> None:
     assert str(exc).startswith("overrides: bogus: unknown key (expected a section or an [infra]")
     exc = error({}, overrides={"stat_dir": "s"})
     assert str(exc).startswith("overrides: stat_dir: unknown key, did you mean 'state_dir'? (")
+    exc = error({}, overrides={"sevices__a__image": "x"})  # the section's name misspelt
+    assert str(exc).startswith(
+        "overrides: sevices__a__image: unknown key, did you mean 'services'?"
+    )
     exc = error({}, overrides={"services__x__restart": "never"})
     assert str(exc).startswith("override services__x__restart=: services.x.restart: expected")
 

@@ -78,7 +78,8 @@ def read_token(token_file: Path | None) -> str | None:
     """
     if token_file is not None:
         try:
-            token = token_file.read_text(encoding="utf-8").strip()
+            # utf-8-sig: a byte order mark (Notepad writes one) is no part of the token.
+            token = token_file.read_text(encoding="utf-8-sig").strip()
         except OSError as exc:
             raise CommandError(f"cannot read the token file: {exc}", code=EXIT_USAGE) from None
         except UnicodeDecodeError:

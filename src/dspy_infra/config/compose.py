@@ -137,7 +137,10 @@ def _load_yaml(path: Path) -> Any:
         text = _read_text(path)
     except ValueError as exc:
         raise ConfigError(str(exc), source=str(path)) from None
-    loader = _yaml12_loader()(text)
+    try:
+        loader = _yaml12_loader()(text)  # its reader refuses a control character at once
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", source=str(path)) from None
     try:
         node = loader.get_single_node()
         if node is None:  # an empty file
@@ -241,7 +244,7 @@ def _compose_int(loader: Any, node: Any) -> int | float:
 def _read_text(path: Path) -> str:
     """The file's text; a ValueError says in words why it cannot be read."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte order mark is no text
     except FileNotFoundError:
         raise ValueError("file not found") from None
     except OSError as exc:

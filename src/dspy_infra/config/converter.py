@@ -283,7 +283,7 @@ converter.register_unstructure_hook(
 )
 
 
-def did_you_mean(name: str, known: Iterable[str]) -> str:
+def did_you_mean(name: object, known: Iterable[str]) -> str:
     """``", did you mean 'backend'?"`` for a typo of a known name, else ``""``.
 
     The list of what is expected is long (24 keys of a service): the one
@@ -292,6 +292,8 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     ``bogus`` is no ``gpus``. Not difflib's ratio: it misses a swap in a
     short name (``tpc`` for ``tcp``) unless its cutoff lets ``bogus`` pass.
     """
+    if not isinstance(name, str):  # a key of a mapping built in Python: no typo of a name
+        return ""
     typed = name.lower()
     most = min(1 if len(typed) <= 5 else 2, len(typed) - 1)  # "x" is no typo of "y"
     distances = {k: _edits(typed, k) for k in known}

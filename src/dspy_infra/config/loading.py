@@ -96,7 +96,7 @@ def load_config(
         if placed is None:
             known = sorted(_SECTIONS | _INFRA_KEYS)
             raise ConfigError(
-                f"unknown key{did_you_mean(key, known)} "
+                f"unknown key{did_you_mean(key.split('__')[0], known)} "
                 f"(expected a section or an [infra] key: {', '.join(known)})",
                 source="overrides",
                 path=key,
@@ -294,15 +294,18 @@ def _with_compose(
     ):
         return dict(origins)  # none, or a wrong type or value that the converter reports
     path = base / compose
-    if not path.exists():
+    try:
+        document = read_compose(path, environ=environ)
+    except ConfigError as exc:
+        if exc.source != str(path) or str(exc) != f"{path}: file not found":
+            raise
         # Named where it was set: the compose file's own name says nothing
         # of which file or variable asked for it.
         raise ConfigError(
             f"file not found: {path}",
             source=origins.get(("infra", "compose"), name),
             path="infra.compose",
-        )
-    document = read_compose(path, environ=environ)
+        ) from None
     services: dict[str, Any] = document["services"]
     found: dict[tuple[str, ...], str] = {}
     # Its backend ("docker": images are what it describes) and project, lowest too.
@@ -550,7 +553,9 @@ def _check_tasks(config: Config, fail: Any) -> None:
     stand_ins = dict.fromkeys(HANDLER_PLACEHOLDERS, "x")
     for name, handler in config.handlers.items():
         if handler.command is None:
-            raise fail(f"handlers.{name}.command", "required")
+            if handler.image is None:  # an image's own ENTRYPOINT and CMD may do
+                raise fail(f"handlers.{name}.command", "required (or an image)")
+            continue
         parts = (
             [("", handler.command)]
             if isinstance(handler.command, str)

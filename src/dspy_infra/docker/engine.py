@@ -60,6 +60,7 @@ _LOG_OVERLAP = 1_000_000_000  # ns
 # What a broken connection to the daemon raises (aiohttp's, the socket's), beside DockerError.
 _BROKEN = (aiohttp.ClientError, OSError)
 _KILL_WAIT = 30.0  # how long a SIGKILLed container may take to be reported dead
+_OOM_EVENT_GRACE = 0.5  # how long after a SIGKILL's "die" its "oom" event may still come
 _PID_LOOKS = 100  # times an exec cut short is asked for its pid, 10 ms apart
 _OUTPUT_DRAIN = 0.5  # how long stop() lets a reader take the last lines before removal
 _GET_IMAGE = "build or load it first (docker build / docker load / dspy_infra.docker.build_image)"
@@ -92,7 +93,11 @@ class _Watch:
         self.exited = anyio.Event()
         self.exit_code: int | None = None
         self.health: str | None = None  # the image HEALTHCHECK's latest verdict
-        self.oom = False  # the kernel killed a process of it for want of memory
+        self.oom_killed = anyio.Event()  # the kernel killed a process of it for want of memory
+
+    @property
+    def oom(self) -> bool:
+        return self.oom_killed.is_set()
 
     def died(self, code: int) -> None:
         if not self.exited.is_set():
@@ -383,8 +388,8 @@ class Engine:
             watch.died(_exit_code(attributes.get("exitCode")))
         elif action.startswith("health_status:"):
             watch.health = action.partition(":")[2].strip()
-        elif action == "oom":  # comes before the "die" of the process it killed
-            watch.oom = True
+        elif action == "oom":  # usually before the "die" of the process it killed
+            watch.oom_killed.set()
 
     async def _reconcile(self) -> None:
         """After a reconnect, learn what happened while the stream was down."""
@@ -395,7 +400,8 @@ class Engine:
                 watch.died(-1)
                 continue
             if state.get("Status") in ("exited", "dead"):
-                watch.oom = watch.oom or bool(state.get("OOMKilled"))
+                if state.get("OOMKilled"):
+                    watch.oom_killed.set()
                 watch.died(_exit_code(state.get("ExitCode")))
 
 
@@ -419,6 +425,26 @@ class Container:
         await self.watch.exited.wait()
         assert self.watch.exit_code is not None
         return self.watch.exit_code
+
+    async def oom_killed(self) -> bool:
+        """Whether the kernel's OOM killer ended it, once it has ended.
+
+        Docker's ``oom`` event usually comes before the ``die``, but a busy
+        daemon may send it after (and none comes while the event stream
+        reconnects): a SIGKILL without it waits up to
+        :data:`_OOM_EVENT_GRACE` for it, then asks the container's state.
+        """
+        if self.watch.exit_code == -signal.SIGKILL and not self.watch.oom:
+            with anyio.move_on_after(_OOM_EVENT_GRACE):
+                await self.watch.oom_killed.wait()
+            if not self.watch.oom:
+                try:
+                    state = (await self._container.show())["State"]
+                except aiodocker.DockerError:  # removed already: nothing says it was
+                    return False
+                if state.get("OOMKilled"):
+                    self.watch.oom_killed.set()
+        return self.watch.oom
 
     async def output(self) -> AsyncGenerator[str, None]:
         """A terminal container's output, line by line, from the start until it ends.

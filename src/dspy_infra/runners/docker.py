@@ -94,7 +94,7 @@ class DockerRunner:
         stderr = Tail(STDERR_LINES, STDERR_LINE_BYTES)
         try:
             code = await _wait_and_read(container, stdout, stderr)
-            if code != 0 and container.watch.oom:
+            if code != 0 and await container.oom_killed():
                 raise RunFailed(_out_of_memory(code, run), exit_code=code, output=stderr.text())
             raw = None
             if code == 0:
