@@ -905,3 +905,10 @@ def test_a_byte_order_mark_before_the_toml_is_skipped(tmp_path: Path) -> None:
     path = tmp_path / "dspy-infra.toml"
     path.write_bytes(b"\xef\xbb\xbf" + b'[infra]\nstate_dir = "state"\n')
     assert load_config(path).infra.state_dir == (tmp_path / "state").resolve()
+
+
+@pytest.mark.parametrize("table", ["services.a", "handlers.a"])
+def test_an_empty_cwd_is_refused(tmp_path: Path, table: str) -> None:
+    # Set empty (meant as unset), it would have run in the file's directory.
+    file = write(tmp_path / "dspy-infra.toml", f'[{table}]\ncommand = ["true"]\ncwd = ""\n')
+    assert str(error(file)) == f"{file}: {table}.cwd: expected a path, got ''"

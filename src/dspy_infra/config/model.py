@@ -89,6 +89,13 @@ _non_negative = _bound(">=", 0)
 _at_least_one = _bound(">=", 1)
 
 
+def _path(_: object, attribute: Attribute[Any], value: str | None) -> None:
+    # "" is the configuration file's directory once resolved: a key set empty
+    # (meant as unset) would run the command there without a word.
+    if value is not None and not value.strip():
+        raise FieldError(attribute.name, f"expected a path, got {value!r}")
+
+
 def _regex(_: object, attribute: Attribute[Any], value: str | None) -> None:
     if value is None:
         return
@@ -289,7 +296,7 @@ class ServiceConfig:
     pull: PullPolicy = "missing"
     entrypoint: tuple[str, ...] | None = None
     env: dict[str, str] = field(factory=dict)
-    cwd: str | None = None
+    cwd: str | None = field(default=None, validator=_path)
     ports: dict[str, int] = field(factory=dict)
     container_ports: dict[str, int] = field(factory=dict)
     volumes: tuple[str, ...] = field(default=(), validator=_volumes)
@@ -408,7 +415,7 @@ class HandlerConfig:
     command: tuple[str, ...] | str | None = None
     shell: bool = False
     env: dict[str, str] = field(factory=dict)
-    cwd: str | None = None
+    cwd: str | None = field(default=None, validator=_path)
     image: str | None = None
     pull: PullPolicy = "missing"
     entrypoint: tuple[str, ...] | None = None
