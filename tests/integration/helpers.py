@@ -37,3 +37,17 @@ def running_with(argument: str) -> list[str]:
             except OSError:
                 pass  # gone meanwhile
     return found
+
+
+def serve_without(monkeypatch: Any, route: str) -> None:
+    """Make ``serve()`` lack the Orchestrator method ``route``, as a server older than it."""
+    from dspy_infra.remote._generated.orchestrator import v1 as orch_pb  # noqa: PLC0415
+
+    methods = orch_pb.OrchestratorBase.__mapping__
+
+    def older(self: orch_pb.OrchestratorBase) -> dict[str, Any]:
+        routes = dict(methods(self))
+        del routes[route]
+        return routes
+
+    monkeypatch.setattr(orch_pb.OrchestratorBase, "__mapping__", older)

@@ -26,8 +26,7 @@ import pytest
 from dspy_infra import AgentInfra
 from dspy_infra.cli import _common, client_cmd, main
 from dspy_infra.remote import DEFAULT_ADDRESS, serve
-from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
-from tests.integration.helpers import service
+from tests.integration.helpers import serve_without, service
 
 pytestmark = pytest.mark.anyio
 
@@ -479,15 +478,8 @@ def test_the_default_addresses_agree() -> None:
 async def test_status_against_a_server_older_than_the_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    methods = orch_pb.OrchestratorBase.__mapping__
-
-    def older(self: orch_pb.OrchestratorBase) -> dict[str, Any]:
-        # A server from before ListTaskClasses: it answers UNIMPLEMENTED.
-        routes = dict(methods(self))
-        del routes["/orchestrator.v1.Orchestrator/ListTaskClasses"]
-        return routes
-
-    monkeypatch.setattr(orch_pb.OrchestratorBase, "__mapping__", older)
+    # A server from before ListTaskClasses: it answers UNIMPLEMENTED.
+    serve_without(monkeypatch, "/orchestrator.v1.Orchestrator/ListTaskClasses")
     async with start_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
         cli = Cli(srv.address, capsys)
         code, out, err = await cli("status")

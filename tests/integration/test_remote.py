@@ -90,7 +90,7 @@ from dspy_infra.workflows import (
     WorkflowError,
     WorkflowEvent,
 )
-from tests.integration.helpers import service
+from tests.integration.helpers import serve_without, service
 
 pytestmark = pytest.mark.anyio
 
@@ -409,14 +409,7 @@ async def test_a_compressed_request_message_is_unimplemented(tmp_path: Path) -> 
 async def test_a_call_the_server_lacks_is_unsupported_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: str, answer: str
 ) -> None:
-    methods = orch_pb.OrchestratorBase.__mapping__
-
-    def without_classes(self: orch_pb.OrchestratorBase) -> dict[str, Any]:
-        routes = dict(methods(self))
-        del routes["/orchestrator.v1.Orchestrator/ListTaskClasses"]
-        return routes
-
-    monkeypatch.setattr(orch_pb.OrchestratorBase, "__mapping__", without_classes)
+    serve_without(monkeypatch, "/orchestrator.v1.Orchestrator/ListTaskClasses")
     if server == "older":
         monkeypatch.setattr(server_module._Methods, "get", dict.get)
     async with (
