@@ -10,6 +10,7 @@ import shutil
 import anyio
 import pytest
 
+from dspy_infra.errors import ConfigError
 from dspy_infra.scheduling.gpus import GpuInventory, detect_gpus
 
 NVIDIA_SMI = shutil.which("nvidia-smi")
@@ -42,3 +43,7 @@ async def test_detects_the_real_gpus() -> None:
     assert await detect_gpus(environ={"CUDA_VISIBLE_DEVICES": "-1"}) == GpuInventory(
         ids=(), source=found.source
     )
+    # Configured ids restrict the real devices, and must be among them.
+    assert await detect_gpus([0]) == GpuInventory(ids=("0",), source="config")
+    with pytest.raises(ConfigError, match=r"infra.gpus: GPU \d+ is not on this machine"):
+        await detect_gpus([len(found.ids) + 7])

@@ -1,4 +1,4 @@
-"""GPU inventory: configured ids win, detection is filtered by
+"""GPU inventory: configured ids restrict what is detected, detection is filtered by
 CUDA_VISIBLE_DEVICES as CUDA reads it, and a failing or hung tool only means
 "not detected". Detection runs against fake ``nvidia-smi`` scripts (real
 subprocesses) and a fake ``pynvml`` module, so these run on any machine."""
@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dspy_infra.errors import ConfigError
 from dspy_infra.scheduling import gpus
 from dspy_infra.scheduling.gpus import GpuInventory, detect_gpus
 
@@ -57,10 +58,23 @@ def inv(source: str, *ids: str) -> GpuInventory:
 
 @pytest.mark.anyio
 @pytest.mark.usefixtures("smi")
-async def test_configured_ids_win_over_detection_and_environment() -> None:
+async def test_configured_ids_restrict_the_detected_devices() -> None:
+    # Given, in their order, over CUDA_VISIBLE_DEVICES; but only devices there are.
     environ = {"CUDA_VISIBLE_DEVICES": "1"}
     assert await detect_gpus([2, 0], environ=environ) == inv("config", "2", "0")
     assert await detect_gpus((), environ=environ) == inv("config")
+    with pytest.raises(ConfigError) as info:
+        await detect_gpus([1, 5, 7], environ=environ)
+    assert str(info.value) == (
+        "infra.gpus: GPUs 5, 7 are not on this machine (nvidia-smi found: 0, 1, 2)"
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("bin_dir")
+async def test_configured_ids_are_taken_as_given_where_nothing_is_detected() -> None:
+    # A machine without a GPU tool: a GPU set to test with.
+    assert await detect_gpus([0, 1]) == inv("config", "0", "1")
 
 
 @pytest.mark.anyio

@@ -2,10 +2,12 @@
 
 The answer is decided in this order, first match wins:
 
-1. ``configured`` ids (``InfraSettings.gpus``), taken as given, source
-   ``"config"``: a user can restrict the scheduler to some devices, and tests
-   can give it a fake GPU set on a machine without any. An empty list means
-   "no GPUs", not "detect".
+1. ``configured`` ids (``InfraSettings.gpus``), source ``"config"``: a user
+   restricts the scheduler to some devices. Where detection (below) finds
+   devices, each id must be one of them (a ConfigError names those that
+   are not); where it finds none, the ids are taken as given, so that tests
+   can give the scheduler a GPU set on a machine without any. An empty list
+   means "no GPUs", not "detect".
 2. Detection, NVML first (``pynvml`` from the optional ``gpu`` extra, no
    subprocess) and ``nvidia-smi`` otherwise (always shipped with the driver).
    Both block, so they run in a worker thread, never on the event loop. A
@@ -34,6 +36,8 @@ from collections.abc import Mapping, Sequence
 import anyio.to_thread
 from attrs import frozen
 
+from dspy_infra.errors import ConfigError
+
 __all__ = ["GpuInventory", "detect_gpus"]
 
 log = logging.getLogger("dspy_infra")
@@ -58,7 +62,7 @@ async def detect_gpus(
     configured: Sequence[int] | None = None, *, environ: Mapping[str, str] | None = None
 ) -> GpuInventory:
     if configured is not None:
-        return GpuInventory(ids=tuple(str(i) for i in configured), source="config")
+        return await _configured(tuple(str(i) for i in configured))
     env = os.environ if environ is None else environ
     source, devices = await anyio.to_thread.run_sync(_detect)
     visible = env.get("CUDA_VISIBLE_DEVICES")
@@ -70,6 +74,23 @@ async def detect_gpus(
     if visible is not None:
         return GpuInventory(ids=tuple(_tokens(visible)), source="CUDA_VISIBLE_DEVICES")
     return GpuInventory(ids=(), source="none")
+
+
+async def _configured(ids: tuple[str, ...]) -> GpuInventory:
+    """The configured ids, each checked against the devices detected, if any are."""
+    if ids:
+        source, devices = await anyio.to_thread.run_sync(_detect)
+        found = [index for index, _ in devices or ()]
+        missing = [i for i in ids if i not in found]
+        if devices is not None and missing:
+            which = (
+                f"GPU {missing[0]} is" if len(missing) == 1 else f"GPUs {', '.join(missing)} are"
+            )
+            raise ConfigError(
+                f"{which} not on this machine ({source} found: {', '.join(found) or 'none'})",
+                path="infra.gpus",
+            )
+    return GpuInventory(ids=ids, source="config")
 
 
 def _tokens(value: str) -> list[str]:
