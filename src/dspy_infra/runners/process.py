@@ -43,6 +43,7 @@ from dspy_infra._process_group import (
     stop_group,
     sweep,
 )
+from dspy_infra._thread import CallThread
 from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.runners._commands import (
     PLACEHOLDERS,
@@ -73,6 +74,9 @@ class ProcessRunner:
     def __init__(self) -> None:
         self._context: RunnerContext | None = None
         self._ledger: Ledger | None = None
+        # The payload, the launch ledger and the result: small file I/O
+        # around every attempt, off the event loop.
+        self._files = CallThread("dspy-infra-process-files")
 
     @property
     def name(self) -> str:
@@ -106,7 +110,7 @@ class ProcessRunner:
         argv = command_argv(run.handler, handler, files.values)
         env = {**os.environ, **attempt_env(handler, run, files.values)}
         cwd = Path(handler.cwd) if handler.cwd is not None else files.work_dir
-        await anyio.to_thread.run_sync(prepare, files, run.payload)
+        await self._files.run(prepare, files, run.payload)
 
         limit = context.config.infra.max_result_bytes
         stdout = Tail(1, limit)
@@ -123,7 +127,7 @@ class ProcessRunner:
                 # Beside the process rather than before it: the record is for
                 # a crash of this owner, and a short command should not wait
                 # for a thread to write it.
-                group.start_soon(_record, ledger, launch, process.pid, run)
+                group.start_soon(_record, self._files, ledger, launch, process.pid, run)
                 group.start_soon(stdout.pump, process.stdout)
                 group.start_soon(stderr.pump, process.stderr)
                 code = await process.wait()
@@ -136,7 +140,7 @@ class ProcessRunner:
                 # end; a child that left the group (setsid) may hold them open
                 # for ever, so the reading ends after a while regardless.
                 group.cancel_scope.deadline = anyio.current_time() + _DRAIN_SECONDS
-            raw = await anyio.to_thread.run_sync(
+            raw = await self._files.run(
                 _conclude, ledger, launch, files.result_file if code == 0 else None, limit
             )
             finished = True
@@ -146,22 +150,23 @@ class ProcessRunner:
                     # Cancelled (task cancel or timeout) or broken: stop the
                     # work before the attempt counts as over.
                     await stop_group(process, grace)
-                    await anyio.to_thread.run_sync(_conclude, ledger, launch, None, limit)
+                    await self._files.run(_conclude, ledger, launch, None, limit)
                 await process.aclose()
         return outcome(code, raw, files.result_file, stdout, stderr, limit=limit)
 
     async def close(self) -> None:
         ledger, self._ledger, self._context = self._ledger, None, None
         if ledger is not None:
-            await anyio.to_thread.run_sync(ledger.close)
+            await self._files.run(ledger.close)
+        await self._files.close()
 
 
 Runner = ProcessRunner
 
 
-async def _record(ledger: Ledger, launch: int, pid: int, run: TaskRun) -> None:
+async def _record(files: CallThread, ledger: Ledger, launch: int, pid: int, run: TaskRun) -> None:
     try:
-        await anyio.to_thread.run_sync(
+        await files.run(
             ledger.launched, launch, pid, {"task_id": run.task_id, "attempt": run.attempt}
         )
     except OSError as exc:
