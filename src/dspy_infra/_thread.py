@@ -46,7 +46,7 @@ class CallThread:
         self._requests.put((function, args, future))
         with anyio.CancelScope(shield=True):
             result = await future
-        return result
+        return result  # noqa: RET504 - mypy: a scope's exit may swallow what it raises
 
     def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
         while (request := self._requests.get()) is not None:

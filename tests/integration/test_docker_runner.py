@@ -21,7 +21,7 @@ import pytest
 
 from dspy_infra import AgentInfra, Config, ConfigError
 from dspy_infra.config.model import HandlerConfig, InfraSettings, TaskClass
-from dspy_infra.docker.engine import Engine, Labels
+from dspy_infra.docker.engine import Container, Engine, Labels
 from dspy_infra.errors import InvalidTask, TaskCancelled, TaskFailed, TaskTimedOut
 from dspy_infra.scheduling.tasks import TaskHandle, TaskState
 
@@ -174,12 +174,31 @@ async def test_running_out_of_memory_is_named_when_dockers_oom_event_is_late(
             asyncio.get_running_loop().call_later(0.1, dispatch, self, held.pop())
 
     monkeypatch.setattr(Engine, "_dispatch", oom_late)
+
+    async def not_in_state(self: Container) -> bool:  # only the event tells
+        return False
+
+    monkeypatch.setattr(Container, "_oom_in_state", not_in_state)
     hog = box(busybox, ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"])
     async with start(tmp_path, project, {"hog": hog}, memory_mb=8) as infra:
         handle = await submit(infra, "hog")
         with pytest.raises(TaskFailed) as caught:
             await handle.result()
     assert caught.value.error.startswith("ran out of memory: killed by signal SIGKILL")
+
+
+async def test_a_sigkill_just_before_the_timeout_is_no_timeout(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    # Waiting for a late "oom" event must not outlast the attempt's deadline:
+    # the task failed (killed), it did not time out.
+    handlers = {"killed": box(busybox, ["sh", "-c", "sleep 0.5; kill -9 $$"])}
+    async with start(tmp_path, project, handlers) as infra:
+        handle = await submit(infra, "killed", timeout=1.2)
+        with pytest.raises(TaskFailed) as caught:
+            await handle.result()
+    assert not isinstance(caught.value, TaskTimedOut)
+    assert caught.value.error.startswith("killed by signal SIGKILL")
 
 
 @pytest.mark.parametrize("script", ["kill -USR1 $$", "exit 138"])

@@ -411,6 +411,8 @@ def test_unknown_override_is_refused() -> None:
     assert str(exc).startswith(
         "overrides: sevices__a__image: unknown key, did you mean 'services'?"
     )
+    exc = error({}, overrides={"state_dir__x": "s"})  # right as far as it goes: no guess
+    assert str(exc).startswith("overrides: state_dir__x: unknown key (expected")
     exc = error({}, overrides={"services__x__restart": "never"})
     assert str(exc).startswith("override services__x__restart=: services.x.restart: expected")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -283,7 +283,7 @@ converter.register_unstructure_hook(
 )
 
 
-def did_you_mean(name: object, known: Iterable[str]) -> str:
+def did_you_mean(name: object, known: Collection[str]) -> str:
     """``", did you mean 'backend'?"`` for a typo of a known name, else ``""``.
 
     The list of what is expected is long (24 keys of a service): the one
@@ -295,6 +295,8 @@ def did_you_mean(name: object, known: Iterable[str]) -> str:
     if not isinstance(name, str):  # a key of a mapping built in Python: no typo of a name
         return ""
     typed = name.lower()
+    if typed in known:  # right as it is: the mistake is elsewhere (state_dir__x)
+        return ""
     most = min(1 if len(typed) <= 5 else 2, len(typed) - 1)  # "x" is no typo of "y"
     distances = {k: _edits(typed, k) for k in known}
     close = [k for k, d in sorted(distances.items(), key=lambda kd: kd[1]) if d <= most]

@@ -61,6 +61,7 @@ _LOG_OVERLAP = 1_000_000_000  # ns
 _BROKEN = (aiohttp.ClientError, OSError)
 _KILL_WAIT = 30.0  # how long a SIGKILLed container may take to be reported dead
 _OOM_EVENT_GRACE = 0.5  # how long after a SIGKILL's "die" its "oom" event may still come
+_OOM_DEADLINE_MARGIN = 0.05  # how far from the caller's deadline that wait stops
 _PID_LOOKS = 100  # times an exec cut short is asked for its pid, 10 ms apart
 _OUTPUT_DRAIN = 0.5  # how long stop() lets a reader take the last lines before removal
 _GET_IMAGE = "build or load it first (docker build / docker load / dspy_infra.docker.build_image)"
@@ -433,18 +434,24 @@ class Container:
         daemon may send it after (and none comes while the event stream
         reconnects): a SIGKILL without it waits up to
         :data:`_OOM_EVENT_GRACE` for it, then asks the container's state.
+        Never into the caller's deadline (a task's timeout): an attempt that
+        failed must not read as timed out for this wait.
         """
-        if self.watch.exit_code == -signal.SIGKILL and not self.watch.oom:
-            with anyio.move_on_after(_OOM_EVENT_GRACE):
-                await self.watch.oom_killed.wait()
-            if not self.watch.oom:
-                try:
-                    state = (await self._container.show())["State"]
-                except aiodocker.DockerError:  # removed already: nothing says it was
-                    return False
-                if state.get("OOMKilled"):
-                    self.watch.oom_killed.set()
-        return self.watch.oom
+        if self.watch.exit_code != -signal.SIGKILL or self.watch.oom:
+            return self.watch.oom
+        with anyio.move_on_after(min(_OOM_EVENT_GRACE, _time_left())):
+            await self.watch.oom_killed.wait()
+            return True
+        with anyio.move_on_after(_time_left()):
+            return await self._oom_in_state()
+        return False
+
+    async def _oom_in_state(self) -> bool:
+        try:
+            state = (await self._container.show())["State"]
+        except (aiodocker.DockerError, *_BROKEN):  # removed, or the daemon went: unknown
+            return False
+        return bool(state.get("OOMKilled"))
 
     async def output(self) -> AsyncGenerator[str, None]:
         """A terminal container's output, line by line, from the start until it ends.
@@ -946,6 +953,11 @@ async def _frames(response: ClientResponse, *, tty: bool) -> AsyncIterator[tuple
         except asyncio.IncompleteReadError:
             return
         yield (2 if header[0] == 2 else 1), data
+
+
+def _time_left() -> float:
+    """Seconds before the caller's deadline, less a margin (inf without one)."""
+    return anyio.current_effective_deadline() - anyio.current_time() - _OOM_DEADLINE_MARGIN
 
 
 def _exit_code(reported: int | str | None) -> int:
