@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from dspy_infra.scheduling import gpus
 from tests.engines import require_docker, require_slurm
+
+
+@pytest.fixture
+def gpus_as_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[infra] gpus`` taken as given whatever devices this machine has: a
+    GPU set to test with, also on a machine with fewer GPUs than it names."""
+    monkeypatch.setattr(gpus, "_detect", lambda: ("none", None))
 
 
 @pytest.fixture(scope="session")

@@ -337,6 +337,7 @@ async def test_a_task_reaches_a_docker_service_by_name(
         assert await handle.result() == "served"
 
 
+@pytest.mark.usefixtures("gpus_as_configured")
 async def test_gpus_are_requested_and_renumbered_from_zero(
     tmp_path: Path, project: str, busybox: str
 ) -> None:

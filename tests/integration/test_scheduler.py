@@ -383,6 +383,7 @@ async def test_a_reservation_ends_when_its_task_leaves_the_queue(
             await h.result()
 
 
+@pytest.mark.usefixtures("gpus_as_configured")
 async def test_gpu_leases_are_disjoint_and_reach_the_handler(tmp_path: Path) -> None:
     held: set[str] = set()
     overlaps: list[str] = []
@@ -433,6 +434,7 @@ async def test_gpu_leases_are_disjoint_and_reach_the_handler(tmp_path: Path) -> 
     assert seen[pair.task_id] == (("0", "1"), "0,1")
 
 
+@pytest.mark.usefixtures("gpus_as_configured")
 async def test_a_process_task_sees_its_leased_gpus_in_its_environment(tmp_path: Path) -> None:
     script = (
         "import json, os; print(json.dumps([os.environ.get('CUDA_VISIBLE_DEVICES'), "

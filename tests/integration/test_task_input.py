@@ -16,7 +16,8 @@ from dspy_infra.errors import ConfigError, InvalidTask, UnknownTask
 from dspy_infra.scheduling.tasks import Resources
 from tests.integration.helpers import service
 
-pytestmark = pytest.mark.anyio
+# The instance of these tests names GPUs 0 and 1, whatever this machine has.
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("gpus_as_configured")]
 
 MAX_PAYLOAD = 64
 MAX_PRIORITY = 10

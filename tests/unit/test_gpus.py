@@ -75,6 +75,19 @@ async def test_configured_ids_restrict_the_detected_devices() -> None:
 async def test_configured_ids_are_taken_as_given_where_nothing_is_detected() -> None:
     # A machine without a GPU tool: a GPU set to test with.
     assert await detect_gpus([0, 1]) == inv("config", "0", "1")
+    with pytest.MonkeyPatch.context() as patch:  # NVML counting no device: the same
+        patch.setattr(gpus, "_detect", lambda: ("nvml", []))
+        assert await detect_gpus([0, 1]) == inv("config", "0", "1")
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("smi")
+async def test_a_configured_id_not_on_the_machine_names_the_file() -> None:
+    with pytest.raises(ConfigError) as info:
+        await detect_gpus([3], config_source="dspy-infra.toml")
+    assert str(info.value) == (
+        "dspy-infra.toml: infra.gpus: GPU 3 is not on this machine (nvidia-smi found: 0, 1, 2)"
+    )
 
 
 @pytest.mark.anyio

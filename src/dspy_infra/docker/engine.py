@@ -62,6 +62,7 @@ _BROKEN = (aiohttp.ClientError, OSError)
 _KILL_WAIT = 30.0  # how long a SIGKILLed container may take to be reported dead
 _OOM_EVENT_GRACE = 0.5  # how long after a SIGKILL's "die" its "oom" event may still come
 _OOM_DEADLINE_MARGIN = 0.05  # how far from the caller's deadline that wait stops
+_OOM_QUERY_TIME = 0.1  # what asking the container's state after it may take
 _PID_LOOKS = 100  # times an exec cut short is asked for its pid, 10 ms apart
 _OUTPUT_DRAIN = 0.5  # how long stop() lets a reader take the last lines before removal
 _GET_IMAGE = "build or load it first (docker build / docker load / dspy_infra.docker.build_image)"
@@ -439,7 +440,8 @@ class Container:
         """
         if self.watch.exit_code != -signal.SIGKILL or self.watch.oom:
             return self.watch.oom
-        with anyio.move_on_after(min(_OOM_EVENT_GRACE, _time_left())):
+        # The wait keeps time for the question after it, a local one.
+        with anyio.move_on_after(min(_OOM_EVENT_GRACE, _time_left() - _OOM_QUERY_TIME)):
             await self.watch.oom_killed.wait()
             return True
         with anyio.move_on_after(_time_left()):

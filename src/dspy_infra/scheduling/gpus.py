@@ -59,10 +59,13 @@ class GpuInventory:
 
 
 async def detect_gpus(
-    configured: Sequence[int] | None = None, *, environ: Mapping[str, str] | None = None
+    configured: Sequence[int] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    config_source: str | None = None,
 ) -> GpuInventory:
     if configured is not None:
-        return await _configured(tuple(str(i) for i in configured))
+        return await _configured(tuple(str(i) for i in configured), config_source)
     env = os.environ if environ is None else environ
     source, devices = await anyio.to_thread.run_sync(_detect)
     visible = env.get("CUDA_VISIBLE_DEVICES")
@@ -76,18 +79,20 @@ async def detect_gpus(
     return GpuInventory(ids=(), source="none")
 
 
-async def _configured(ids: tuple[str, ...]) -> GpuInventory:
-    """The configured ids, each checked against the devices detected, if any are."""
+async def _configured(ids: tuple[str, ...], config_source: str | None) -> GpuInventory:
+    """The configured ids, each checked against the devices detected, if any are;
+    an error names ``config_source``, the file that set them."""
     if ids:
         source, devices = await anyio.to_thread.run_sync(_detect)
         found = [index for index, _ in devices or ()]
         missing = [i for i in ids if i not in found]
-        if devices is not None and missing:
+        if found and missing:  # NVML's empty list is no detection either
             which = (
                 f"GPU {missing[0]} is" if len(missing) == 1 else f"GPUs {', '.join(missing)} are"
             )
             raise ConfigError(
                 f"{which} not on this machine ({source} found: {', '.join(found) or 'none'})",
+                source=config_source,
                 path="infra.gpus",
             )
     return GpuInventory(ids=ids, source="config")
