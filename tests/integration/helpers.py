@@ -22,8 +22,10 @@ def service(*args: str, port: bool = False, **fields: Any) -> dict[str, Any]:
 
 
 def unique_seconds() -> str:
-    """A number of seconds for ``sleep`` that tells its processes apart from any other's."""
-    return f"{os.getpid() % 1000}.{time.time_ns() % 10**6:06d}"
+    """A number of seconds for ``sleep`` that tells its processes apart from any
+    other's, and outlasts any test: at least 1,000 (a pid ending in 003 gave 3,
+    and the services of four tests ended on their own in one CI run)."""
+    return f"{1000 + os.getpid() % 1000}.{time.time_ns() % 10**6:06d}"
 
 
 def running_with(argument: str) -> list[str]:
