@@ -121,8 +121,9 @@ def free_port() -> int:
 
 def test_no_server_is_exit_3_with_a_clear_message(tmp_path: Path) -> None:
     port = free_port()
-    for argv in (["status"], ["submit", "echo", "1"], ["events", "-f"], ["logs", "web"]):
-        done = subprocess.run(
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [sys.executable, "-m", "dspy_infra.cli", *argv, "--address", f"127.0.0.1:{port}"],
             capture_output=True,
             text=True,
@@ -131,6 +132,9 @@ def test_no_server_is_exit_3_with_a_clear_message(tmp_path: Path) -> None:
             env=clean_environ(),
             check=False,
         )
+
+    for argv in (["status"], ["submit", "echo", "1"], ["events", "-f"], ["logs", "web"]):
+        done = run(*argv)
         assert done.returncode == 3, (argv, done.stderr)
         assert done.stdout == ""
         assert done.stderr.startswith(f"error: no dspy-infra server answers at 127.0.0.1:{port}")
@@ -138,23 +142,7 @@ def test_no_server_is_exit_3_with_a_clear_message(tmp_path: Path) -> None:
         # Refused: no server, so no word of TLS (see the TLS server's test for that).
         assert done.stderr.endswith("is `dspy-infra serve` running there?\n")
     # Connected with TLS: nothing of the kind.
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dspy_infra.cli",
-            "status",
-            "--tls",
-            "--address",
-            f"127.0.0.1:{port}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env=clean_environ(),
-        check=False,
-    )
+    done = run("status", "--tls")
     assert done.returncode == 3, done.stderr
     assert done.stderr.startswith(f"error: no dspy-infra server answers at 127.0.0.1:{port}")
     assert "TLS" not in done.stderr

@@ -628,6 +628,11 @@ async def test_a_failed_start_leaves_a_shared_dependency_to_the_start_beside_it(
         assert status["broken"].state is ServiceState.FAILED
 
 
+def sleeper(**fields: Any) -> dict[str, Any]:
+    """A service that runs until stopped, as one process its test can tell apart."""
+    return {"command": f"exec sleep {unique_seconds()}", "shell": True, **fields}
+
+
 def stubborn(stop_timeout: float, **fields: Any) -> dict[str, Any]:
     """A service that ignores SIGTERM: its stop takes ``stop_timeout``, a window to act in.
 
@@ -666,7 +671,7 @@ async def test_a_service_started_again_during_a_longer_stop_counts_as_up(
 ) -> None:
     # x is started again while the stop that stopped it still waits for y:
     # a later start finds x up, without waiting for anything.
-    services = {"x": {"command": f"exec sleep {unique_seconds()}", "shell": True}, "y": stubborn(2)}
+    services = {"x": sleeper(), "y": stubborn(2)}
     async with infra_for(tmp_path, services) as infra:
         async with anyio.create_task_group() as tg:
             tg.start_soon(infra.services.stop, ["x", "y"])
@@ -686,7 +691,7 @@ async def test_a_dependency_that_ends_while_its_stop_waits_is_started_again(
     # kv's stop waits for api's; kv ends by itself meanwhile, and is started
     # again: the stop, when its turn comes, must not stop the new kv.
     services = {
-        "kv": {"command": f"exec sleep {unique_seconds()}", "shell": True, "restart": "no"},
+        "kv": sleeper(restart="no"),
         "api": stubborn(1.5, depends_on=["kv"]),
     }
     async with infra_for(tmp_path, services) as infra:
@@ -727,7 +732,7 @@ async def test_a_failed_start_stops_a_dependency_after_a_dependent_being_stopped
     # launched kv again stops what it launched: api does not keep kv running,
     # and kv stops only once api has.
     services = {
-        "kv": {"command": f"exec sleep {unique_seconds()}", "shell": True, "restart": "no"},
+        "kv": sleeper(restart="no"),
         "api": stubborn(1, depends_on=["kv"]),
         "broken": service(
             "--exit-after",
@@ -836,7 +841,7 @@ async def test_a_dependency_stops_after_a_dependent_whose_given_up_stop_goes_on(
     # goes on stopping, and a stop(kv) then waits for it, as for a dependent
     # that this stop stops itself.
     services = {
-        "kv": {"command": f"exec sleep {unique_seconds()}", "shell": True},
+        "kv": sleeper(),
         "api": stubborn(1, depends_on=["kv"]),
     }
     async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
@@ -861,8 +866,8 @@ async def test_a_stop_stops_a_service_after_its_indirect_dependents_and_leaves_o
     # stops a once c has stopped, leaves b, which is not named, running (as
     # `docker compose stop a c` does), and returns once a and c have stopped.
     services = {
-        "a": {"command": f"exec sleep {unique_seconds()}", "shell": True},
-        "b": {"command": f"exec sleep {unique_seconds()}", "shell": True, "depends_on": ["a"]},
+        "a": sleeper(),
+        "b": sleeper(depends_on=["a"]),
         "c": stubborn(1, depends_on=["b"]),
     }
     async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
