@@ -530,6 +530,36 @@ async def test_a_failed_step_cancels_running_steps_and_never_runs_pending_ones(
         assert later.task_ids == ()
 
 
+async def test_a_failed_fan_out_task_cancels_its_sibling_tasks(tmp_path: Path) -> None:
+    # The failed step's own other tasks were not cancelled: the run was
+    # 'failed' while they went on running (holding GPUs, say) to the end.
+    started = anyio.Event()
+
+    async def work(item: int) -> None:
+        if item == 0:
+            await started.wait()
+            raise RuntimeError("broken")
+        started.set()
+        await anyio.sleep_forever()
+
+    spec = {
+        "name": "fan-fails",
+        "steps": {
+            "evaluate": {"handler": "work", "fan_out": "${inputs.items}", "payload": "${item}"}
+        },
+    }
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers={"work": work}) as infra:
+        workflow = await infra.workflows.create(spec)
+        with anyio.fail_after(10):
+            run = await infra.workflows.start_run(workflow.workflow_id, {"items": [0, 1]})
+            status = await run.wait()
+        assert status.state is RunState.FAILED
+        assert status.steps["evaluate"].state is StepState.FAILED
+        failed, sibling = status.steps["evaluate"].task_ids
+        assert (await infra.get_task_status(failed)).state is TaskState.FAILED
+        assert (await infra.get_task_status(sibling)).state is TaskState.CANCELLED
+
+
 async def test_a_status_is_a_copy_that_its_caller_may_change(tmp_path: Path) -> None:
     # A status held the engine's own inputs and results: changing them
     # changed what later statuses said and what later steps received.

@@ -707,11 +707,15 @@ class WorkflowEngine:
 
         Each is marked cancelled, with the error ``running`` for a step whose
         tasks were submitted (they may have done part of their work) and
-        ``pending`` for one that never submitted any.
+        ``pending`` for one that never submitted any. A failed fan-out step's
+        other tasks are cancelled too: its first failed task ended it, and
+        they went on running after their run had failed.
         """
         async with anyio.create_task_group() as tg:
             for step in run.steps.values():
-                if step.state is StepState.RUNNING:
+                if step.state is StepState.RUNNING or (
+                    step.state is StepState.FAILED and step.spec.fan_out is not None
+                ):
                     for task_id in step.task_ids:
                         tg.start_soon(self._cancel_task, task_id)
         for step in run.steps.values():
