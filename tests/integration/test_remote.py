@@ -792,6 +792,35 @@ async def test_workflow_errors(api: Api) -> None:
         [e async for e in api.workflows.stream_status("nope")]
 
 
+async def test_a_workflow_or_run_handle_given_for_its_id_is_refused_clearly(api: Api) -> None:
+    # The objects create() and start_run() return, passed where their ids go:
+    # in-process "unhashable type: 'dict'" or SQLite's "Error binding
+    # parameter 1", remotely "'RunHandle' object has no attribute 'encode'".
+    workflow = await api.workflows.create(CHAIN)
+    run = await api.workflows.start_run(workflow.workflow_id, {"n": []})
+    with anyio.fail_after(10):
+        await run.wait()
+    told = (
+        "workflow_id must be a string, got a Workflow: "
+        f"pass its .workflow_id ('{workflow.workflow_id}')"
+    )
+    with pytest.raises(InvalidWorkflow, match=re.escape(told)):
+        await api.workflows.start_run(workflow, {"n": []})  # type: ignore[arg-type]
+    with pytest.raises(InvalidWorkflow, match=re.escape(told)):
+        await api.workflows.get(workflow)  # type: ignore[arg-type]
+    told = f"run_id must be a string, got a RunHandle: pass its .run_id ('{run.run_id}')"
+    for call in (api.workflows.get_run, api.workflows.wait_run, api.workflows.cancel_run):
+        with pytest.raises(InvalidWorkflow, match=re.escape(told)):
+            await call(run)  # type: ignore[arg-type]
+    with pytest.raises(InvalidWorkflow, match=re.escape(told)):
+        [e async for e in api.workflows.stream_status(run)]  # type: ignore[arg-type]
+    with pytest.raises(InvalidWorkflow, match=re.escape("run_id must be a string, got 5")):
+        await api.workflows.start_run(workflow.workflow_id, {"n": []}, run_id=5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidWorkflow, match=re.escape("run_id must be a string, got None")):
+        await api.workflows.get_run(None)  # type: ignore[arg-type]
+    assert (await api.workflows.get_run(run.run_id)).state is RunState.SUCCEEDED
+
+
 async def test_workflow_from_a_toml_file(api: Api, tmp_path: Path) -> None:
     # A path is read where the caller is (the client, remotely): the server gets the spec.
     path = tmp_path / "one.toml"

@@ -96,6 +96,7 @@ from dspy_infra.workflows.spec import (
     UnknownWorkflow,
     WorkflowError,
     WorkflowSpec,
+    check_id,
 )
 
 __all__ = [
@@ -620,7 +621,7 @@ class RemoteWorkflows:
         """A stored workflow; :class:`~dspy_infra.workflows.UnknownWorkflow` if there is none."""
         reply = await self._rpc.unary(
             _ORCH + "GetWorkflow",
-            orch_pb.GetWorkflowRequest(workflow_id=workflow_id),
+            orch_pb.GetWorkflowRequest(workflow_id=check_id(workflow_id, "workflow_id")),
             orch_pb.GetWorkflowResponse,
         )
         return convert.workflow_from_proto(_present(reply.workflow, "workflow"))
@@ -640,6 +641,9 @@ class RemoteWorkflows:
         run_id: str | None = None,
     ) -> RunHandle:
         """Start a run; returns once it is stored. See :meth:`WorkflowEngine.start_run`."""
+        check_id(workflow_id, "workflow_id")
+        if run_id is not None:
+            check_id(run_id, "run_id")
         try:
             inputs_json = encode_json(dict(inputs or {}), "the inputs", verb="are")
         except ValueError as exc:
@@ -664,7 +668,7 @@ class RemoteWorkflows:
     async def _run(self, run_id: str, *, wait: bool) -> RunStatus:
         reply = await self._rpc.unary(
             _ORCH + "GetWorkflowRun",
-            orch_pb.GetWorkflowRunRequest(run_id=run_id, wait=wait),
+            orch_pb.GetWorkflowRunRequest(run_id=check_id(run_id, "run_id"), wait=wait),
             orch_pb.GetWorkflowRunResponse,
         )
         return convert.run_status_from_proto(_present(reply.run, "run"))
@@ -673,7 +677,7 @@ class RemoteWorkflows:
         """Cancel a run; returns once it has stopped, with its status."""
         reply = await self._rpc.unary(
             _ORCH + "CancelWorkflowRun",
-            orch_pb.CancelWorkflowRunRequest(run_id=run_id),
+            orch_pb.CancelWorkflowRunRequest(run_id=check_id(run_id, "run_id")),
             orch_pb.CancelWorkflowRunResponse,
         )
         return convert.run_status_from_proto(_present(reply.run, "run"))
@@ -682,7 +686,9 @@ class RemoteWorkflows:
         self, run_id: str, *, since: int | None = None
     ) -> AsyncGenerator[WorkflowEvent, None]:
         """The run's events, from its start (or after ``since``), until it finishes."""
-        request = orch_pb.StreamWorkflowStatusRequest(run_id=run_id, since=since)
+        request = orch_pb.StreamWorkflowStatusRequest(
+            run_id=check_id(run_id, "run_id"), since=since
+        )
         replies = self._rpc.stream(
             _ORCH + "StreamWorkflowStatus", request, orch_pb.WorkflowRunStatus
         )

@@ -57,6 +57,7 @@ from dspy_infra.workflows.spec import (
     UnknownRun,
     UnknownWorkflow,
     WorkflowSpec,
+    check_id,
     resolve,
 )
 
@@ -363,7 +364,7 @@ class WorkflowEngine:
         """A stored workflow; :class:`UnknownWorkflow` if there is none."""
         self._check_open()
         try:
-            return self._workflows[workflow_id]
+            return self._workflows[check_id(workflow_id, "workflow_id")]
         except KeyError:
             raise UnknownWorkflow(workflow_id) from None
 
@@ -388,11 +389,7 @@ class WorkflowEngine:
         workflow = await self.get(workflow_id)
         fresh = run_id is None
         if run_id is not None:
-            if (
-                not isinstance(run_id, str)
-                or not _RUN_ID_RE.match(run_id)
-                or len(run_id) > _MAX_RUN_ID
-            ):
+            if not _RUN_ID_RE.match(check_id(run_id, "run_id")) or len(run_id) > _MAX_RUN_ID:
                 raise InvalidWorkflow(
                     f"run_id {run_id!r}: letters, digits, '_', '.', '-', at most {_MAX_RUN_ID}"
                 )
@@ -446,7 +443,7 @@ class WorkflowEngine:
 
     async def get_run(self, run_id: str) -> RunStatus:
         """The run's status now; :class:`UnknownRun` if there is none."""
-        run = self._runs.get(run_id)
+        run = self._runs.get(check_id(run_id, "run_id"))
         if run is not None:
             return run.status()
         rows = await self._journal.read(self._store.runs, run_id)
@@ -463,7 +460,7 @@ class WorkflowEngine:
 
     async def wait_run(self, run_id: str) -> RunStatus:
         """Wait until the run has finished; its final status."""
-        run = self._runs.get(run_id)
+        run = self._runs.get(check_id(run_id, "run_id"))
         if run is not None and not run.state.finished:
             self._check_open()
             await run.done.wait()
@@ -477,7 +474,7 @@ class WorkflowEngine:
         Returns once it has stopped, with its status. A finished run is left as it is.
         """
         self._check_open()
-        run = self._runs.get(run_id)
+        run = self._runs.get(check_id(run_id, "run_id"))
         if run is None:
             return await self.get_run(run_id)
         if not run.state.finished:
@@ -499,7 +496,7 @@ class WorkflowEngine:
         final event, as :meth:`wait_run` does.
         """
         self._check_open()
-        run = self._runs.get(run_id)
+        run = self._runs.get(check_id(run_id, "run_id"))
         if run is None:
             for event in _from_status(await self.get_run(run_id)):
                 yield event

@@ -38,6 +38,7 @@ __all__ = [
     "UnknownWorkflow",
     "WorkflowError",
     "WorkflowSpec",
+    "check_id",
     "resolve",
 ]
 
@@ -85,6 +86,24 @@ class UnknownRun(_NotStored):
     def __init__(self, run_id: str):
         self.run_id = run_id
         super().__init__(f"unknown workflow run {run_id!r}")
+
+
+def check_id(value: Any, what: str) -> str:
+    """``value``, a ``workflow_id`` or ``run_id`` (``what``); :class:`InvalidWorkflow` if
+    it is not a string.
+
+    The objects that carry those ids (a :class:`Workflow`, a :class:`RunHandle`)
+    passed for them failed deep inside, with "unhashable type" or SQLite's
+    "Error binding parameter" (over gRPC, "has no attribute 'encode'").
+    """
+    if isinstance(value, str):
+        return value
+    carried = getattr(value, what, None)
+    if isinstance(carried, str):
+        raise InvalidWorkflow(
+            f"{what} must be a string, got a {type(value).__name__}: pass its .{what} ({carried!r})"
+        )
+    raise InvalidWorkflow(f"{what} must be a string, got {value!r:.200}")
 
 
 def _names(value: Any) -> tuple[str, ...]:
