@@ -821,6 +821,21 @@ async def test_a_workflow_or_run_handle_given_for_its_id_is_refused_clearly(api:
     assert (await api.workflows.get_run(run.run_id)).state is RunState.SUCCEEDED
 
 
+async def test_inputs_that_are_not_a_mapping_are_refused_alike(api: Api) -> None:
+    # Remotely a list of pairs was taken (dict() of it) where in-process code
+    # refuses it, and a string failed with "dictionary update sequence element".
+    workflow = await api.workflows.create(CHAIN)
+    for inputs, kind in (([("n", [])], "list"), ("n", "str")):
+        with pytest.raises(InvalidWorkflow) as caught:
+            await api.workflows.start_run(workflow.workflow_id, inputs)  # type: ignore[arg-type]
+        assert str(caught.value) == (
+            f"run of {workflow.workflow_id!r} refused: "
+            f"inputs must be a mapping of names to values, got {kind}"
+        )
+    with pytest.raises(InvalidWorkflow, match="missing inputs n"):
+        await api.workflows.start_run(workflow.workflow_id, None)
+
+
 async def test_workflow_from_a_toml_file(api: Api, tmp_path: Path) -> None:
     # A path is read where the caller is (the client, remotely): the server gets the spec.
     path = tmp_path / "one.toml"

@@ -97,6 +97,7 @@ from dspy_infra.workflows.spec import (
     WorkflowError,
     WorkflowSpec,
     check_id,
+    inputs_dict,
 )
 
 __all__ = [
@@ -644,8 +645,9 @@ class RemoteWorkflows:
         check_id(workflow_id, "workflow_id")
         if run_id is not None:
             check_id(run_id, "run_id")
+        inputs = inputs_dict(workflow_id, inputs)  # outside: InvalidWorkflow is a ValueError
         try:
-            inputs_json = encode_json(dict(inputs or {}), "the inputs", verb="are")
+            inputs_json = encode_json(inputs, "the inputs", verb="are")
         except ValueError as exc:
             raise InvalidWorkflow(f"run of {workflow_id!r} refused: {exc}") from None
         reply = await self._rpc.unary(

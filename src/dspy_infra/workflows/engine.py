@@ -58,6 +58,7 @@ from dspy_infra.workflows.spec import (
     UnknownWorkflow,
     WorkflowSpec,
     check_id,
+    inputs_dict,
     resolve,
 )
 
@@ -402,12 +403,7 @@ class WorkflowEngine:
                 return RunHandle(run_id, engine=self)
         else:
             run_id = f"{time.time_ns() // 1_000_000:012x}{os.urandom(6).hex()}"
-        if inputs is not None and not isinstance(inputs, Mapping):
-            raise InvalidWorkflow(
-                f"run of {workflow_id!r} refused: inputs must be a mapping of names to values, "
-                f"got {type(inputs).__name__}"
-            )
-        inputs = dict(inputs or {})
+        inputs = inputs_dict(workflow_id, inputs)
         missing = sorted(workflow.spec.inputs() - set(inputs))
         if missing:
             raise InvalidWorkflow(

@@ -39,6 +39,7 @@ __all__ = [
     "WorkflowError",
     "WorkflowSpec",
     "check_id",
+    "inputs_dict",
     "resolve",
 ]
 
@@ -104,6 +105,17 @@ def check_id(value: Any, what: str) -> str:
             f"{what} must be a string, got a {type(value).__name__}: pass its .{what} ({carried!r})"
         )
     raise InvalidWorkflow(f"{what} must be a string, got {value!r:.200}")
+
+
+def inputs_dict(workflow_id: str, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A run's ``inputs`` as a dict of its own; :class:`InvalidWorkflow` if they are
+    not a mapping (a list of pairs, which ``dict()`` would take, included)."""
+    if inputs is not None and not isinstance(inputs, Mapping):
+        raise InvalidWorkflow(
+            f"run of {workflow_id!r} refused: inputs must be a mapping of names to values, "
+            f"got {type(inputs).__name__}"
+        )
+    return dict(inputs or {})
 
 
 def _names(value: Any) -> tuple[str, ...]:
