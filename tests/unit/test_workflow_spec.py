@@ -47,6 +47,16 @@ def test_unknown_steps_and_references_are_named() -> None:
             spec(a={"handler": "h", "fan_out": made, "payload": "${item}"})
 
 
+def test_a_list_of_names_that_is_not_one_is_named_with_its_key() -> None:
+    # Both said "'int' object is not iterable", naming neither key.
+    for key in ("depends_on", "needs"):
+        with pytest.raises(InvalidWorkflow) as caught:
+            spec(a={"handler": "h"}, b={"handler": "h", key: 5})
+        assert str(caught.value) == f"workflow 'wf': step 'b': {key} must be a list of names, got 5"
+        with pytest.raises(TypeError, match=f"^{key} must be a list of names, got 5$"):
+            Step(name="b", handler="h", **{key: 5})  # type: ignore[arg-type]
+
+
 def test_a_reference_through_an_ancestor_is_fine_and_the_order_follows_dependencies() -> None:
     s = spec(
         last={"handler": "h", "depends_on": ["mid"], "payload": {"x": "${steps.first.result}"}},

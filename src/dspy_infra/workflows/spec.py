@@ -118,10 +118,21 @@ def inputs_dict(workflow_id: str, inputs: Mapping[str, Any] | None) -> dict[str,
     return dict(inputs or {})
 
 
-def _names(value: Any) -> tuple[str, ...]:
+def _names(value: Any, key: str) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
-    return tuple(value)
+    try:
+        return tuple(value)
+    except TypeError:  # "'int' object is not iterable" named neither the key nor the value
+        raise TypeError(f"{key} must be a list of names, got {value!r:.200}") from None
+
+
+def _dependencies(value: Any) -> tuple[str, ...]:
+    return _names(value, "depends_on")
+
+
+def _needs(value: Any) -> tuple[str, ...]:
+    return _names(value, "needs")
 
 
 @frozen(kw_only=True)
@@ -135,13 +146,13 @@ class Step:
     name: str
     handler: str
     payload: Any = None
-    depends_on: tuple[str, ...] = field(default=(), converter=_names)
+    depends_on: tuple[str, ...] = field(default=(), converter=_dependencies)
     fan_out: str | None = None
     task_class: str = "cpu_short"
     priority: int = 0
     max_attempts: int | None = None
     timeout: float | None = None
-    needs: tuple[str, ...] = field(default=(), converter=_names)
+    needs: tuple[str, ...] = field(default=(), converter=_needs)
 
     def to_mapping(self) -> dict[str, Any]:
         table: dict[str, Any] = {"handler": self.handler}
