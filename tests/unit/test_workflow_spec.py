@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,30 @@ def test_the_id_depends_on_the_content_only() -> None:
     c = spec(x={"handler": "h", "payload": {"k": 2}})
     assert a.workflow_id() == b.workflow_id() != c.workflow_id()
     assert a.workflow_id().startswith("wf-")
+
+
+_JSON_LEAVES = st.none() | st.booleans() | st.integers() | st.text(max_size=5)
+
+
+@settings(max_examples=200)
+@given(
+    payload=st.recursive(
+        _JSON_LEAVES,
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.lists(inner, max_size=3).map(tuple)
+            | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+        ),
+        max_leaves=8,
+    )
+)
+def test_a_spec_read_back_from_its_mapping_has_the_same_payload(payload: Any) -> None:
+    # The engine keeps (and a restart reads) the spec as its mapping: an empty
+    # tuple payload was left out of it, and the step's task got None, not [].
+    step = Step(name="x", handler="h", payload=payload)
+    mapping = json.loads(json.dumps(WorkflowSpec(name="wf", steps=[step]).to_mapping()))
+    again = WorkflowSpec.from_mapping(mapping).step("x")
+    assert json.dumps(again.payload) == json.dumps(payload)
 
 
 def test_references_resolve_whole_strings_only() -> None:

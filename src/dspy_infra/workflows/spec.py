@@ -158,7 +158,11 @@ class Step:
         table: dict[str, Any] = {"handler": self.handler}
         for key in _STEP_KEYS[1:]:
             value = getattr(self, key)
-            if value is not None and value != ():
+            if key in ("depends_on", "needs"):
+                if value:
+                    table[key] = list(value)
+            elif value is not None:
+                # Whatever it is: a payload of () is [] to its task, never left out (None).
                 table[key] = list(value) if isinstance(value, tuple) else value
         return table
 
