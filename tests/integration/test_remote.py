@@ -1402,6 +1402,44 @@ async def test_a_server_closing_ends_open_streams_with_a_reason(tmp_path: Path) 
                 await remote.__aexit__(None, None, None)
 
 
+async def test_a_server_killed_mid_stream_is_no_word_of_tls(tmp_path: Path) -> None:
+    # A server that answered in plain text and then died (SIGKILL, the OOM
+    # killer) went away: telling the user to connect with TLS sent them the
+    # wrong way. The TLS hint is for a client dropped before any answer.
+    config = tmp_path / "dspy-infra.toml"
+    config.write_text(
+        f'[infra]\nstate_dir = "{tmp_path / "state"}"\n\n[server]\naddress = "127.0.0.1:0"\n'
+        '\n[handlers.noop]\ncommand = ["true"]\n'
+    )
+    command = [sys.executable, "-m", "dspy_infra.cli", "serve", "-c", str(config)]
+    async with await anyio.open_process(command) as process:
+        assert process.stdout is not None
+        try:
+            with anyio.fail_after(30):
+                address = (await process.stdout.receive()).decode().split()[-1]
+            async with AgentInfra.connect(address) as remote:
+                # Following (it has read a live event), when the server dies.
+                await (await remote.submit_task("noop", task_class="cpu_long")).result()
+                events = remote.stream_events({"task_completed"}, since=0)
+                with anyio.fail_after(10):
+                    await events.__anext__()
+                process.kill()
+                with anyio.fail_after(10), pytest.raises(ServerUnavailable) as caught:
+                    async for _ in events:
+                        pass
+                assert not caught.value.plain_text
+                assert "TLS" not in str(caught.value)
+                assert str(caught.value).startswith(f"no dspy-infra server answers at {address}")
+                # The next call, with nothing listening any more.
+                with anyio.fail_after(10), pytest.raises(ServerUnavailable) as caught:
+                    await remote.get_task_status("t")
+                assert not caught.value.plain_text
+                assert "TLS" not in str(caught.value)
+        finally:
+            if process.returncode is None:
+                process.kill()
+
+
 async def test_unary_round_trip_is_fast(tmp_path: Path) -> None:
     """Nagle is off (the socket says it is TCP): a status call takes well under 40 ms."""
     async with (

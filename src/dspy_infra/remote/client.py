@@ -127,8 +127,8 @@ class ServerUnavailable(BackendUnavailable):
     that the server raised itself (its Docker engine is down, say): the
     command line exits 3 for this one. ``token_refused`` tells the last case,
     so that a caller can say how its user gives a token; ``plain_text``
-    tells that no server answered a client that connected without TLS (a
-    server that serves TLS drops such a client at once), so that a caller
+    tells that no server ever answered a client that connected without TLS
+    (a server that serves TLS drops such a client at once), so that a caller
     can say how its user connects with TLS. The message is the same for all
     callers.
     """
@@ -260,6 +260,9 @@ class _Connection:
         self._channel = channel
         self._tls = tls
         self._metadata = {TOKEN_KEY: f"Bearer {token}"} if token is not None else None
+        # Whether the server has answered a call in plain text: one that then
+        # drops a call went away (killed, say), and is no TLS server.
+        self._answered = False
 
     def close(self) -> None:
         self._channel.close()
@@ -296,6 +299,7 @@ class _Connection:
                 opened = stream
                 await stream.send_message(request, end=True)
                 yield stream
+            self._answered = True
         except (GRPCError, OSError, StreamTerminatedError) as exc:
             # grpclib wakes a call whose connection is lost, or whose stream
             # the server reset (as it does when it refuses a request before
@@ -310,12 +314,15 @@ class _Connection:
             # A status can arrive with the first message or in the trailers
             # that the stream reads on its way out: both are translated here.
             if isinstance(exc, GRPCError):
+                self._answered = True
                 raise self._error(exc, opened, route) from None
             # A TLS server drops a plain-text client's connection at once;
             # a refused connection, or a name that no address answers to, is
             # no server at all.
-            plain_text = not self._tls and not isinstance(
-                exc, ConnectionRefusedError | socket.gaierror
+            plain_text = not (
+                self._tls
+                or self._answered
+                or isinstance(exc, ConnectionRefusedError | socket.gaierror)
             )
             hint = " If it serves TLS, connect with TLS" if plain_text else ""
             raise ServerUnavailable(
