@@ -39,13 +39,16 @@ import pytest
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
+from grpclib.health.service import Health
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpclib.metadata import encode_grpc_message
+from grpclib.server import Server
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dspy_infra
+import dspy_infra.cli
 from dspy_infra import AgentInfra, ClassStatus
 from dspy_infra import errors as errors_module
 from dspy_infra._procfs import group_alive
@@ -961,6 +964,35 @@ async def test_no_server_is_a_clear_error() -> None:
             pass
     assert str(caught.value).endswith("is `dspy-infra serve` running there?")
     assert not caught.value.plain_text
+
+
+async def test_a_grpc_server_that_is_not_dspy_infra_is_no_server(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Another gRPC server at the address (a wrong port): every dspy-infra
+    # serves ListServices, which connecting asks for, so this is no
+    # dspy-infra server at all, not one older than the client.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{sock.getsockname()[1]}"
+    other = Server([Health()])
+    await other.start(sock=sock)
+    try:
+        with anyio.fail_after(10), pytest.raises(ServerUnavailable) as caught:
+            async with AgentInfra.connect(address):
+                pass
+        assert not isinstance(caught.value, UnsupportedCall)
+        assert str(caught.value).startswith(f"no dspy-infra server answers at {address}")
+        assert "older" not in str(caught.value)
+        # The command line: exit 3, as for no server.
+        code = await anyio.to_thread.run_sync(dspy_infra.cli.main, ["status", "--address", address])
+        assert code == 3
+        assert capsys.readouterr().err.startswith(
+            f"error: no dspy-infra server answers at {address}"
+        )
+    finally:
+        other.close()
+        await other.wait_closed()
 
 
 async def test_connection_is_entered_once_and_closed_after(tmp_path: Path) -> None:

@@ -783,6 +783,15 @@ class RemoteAgentInfra(TaskMethods):
                 f"no answer from {self.address} within {CONNECT_TIMEOUT:g} s: is it a "
                 "dspy-infra server (dspy-infra serve)?"
             ) from None
+        except UnsupportedCall as exc:
+            # Every dspy-infra server serves ListServices: one that lacks it
+            # is another gRPC server (a wrong port), not an older dspy-infra.
+            connection.close()
+            raise ServerUnavailable(
+                f"no dspy-infra server answers at {self.address} (the server there does not "
+                "serve env_manager.v1.EnvManager/ListServices, which every dspy-infra "
+                "server does): is `dspy-infra serve` running there?"
+            ) from exc
         except BaseException:
             connection.close()
             raise
