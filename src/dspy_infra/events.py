@@ -20,7 +20,15 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from attrs import evolve, field, frozen
 
-__all__ = ["Event", "EventBus", "EventsDropped", "ServiceEvent"]
+__all__ = ["Event", "EventBus", "EventsDropped", "ServiceEvent", "check_since"]
+
+
+def check_since(since: object) -> None:
+    """Refuse a ``since`` that is no event's seq, naming it: a string read from
+    a file or a command line failed deep in a stream ("'>' not supported
+    between instances of 'str' and 'int'"), or not at all in some streams."""
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int)):
+        raise TypeError(f"since must be an event's seq (an int) or None, got {since!r:.200}")
 
 
 @frozen(kw_only=True)

@@ -26,7 +26,7 @@ from dspy_infra.abc import ContainerBackend
 from dspy_infra.backends import load_backend
 from dspy_infra.config import Config, load_config
 from dspy_infra.errors import BackendUnavailable, ConfigError, InfraClosed, UnknownEventType
-from dspy_infra.events import Event, EventBus, EventsDropped, ServiceEvent
+from dspy_infra.events import Event, EventBus, EventsDropped, ServiceEvent, check_since
 from dspy_infra.http import MetricsServer, health_document
 from dspy_infra.metrics import Metrics
 from dspy_infra.scheduling.api import TaskMethods
@@ -397,6 +397,7 @@ class AgentInfra(TaskMethods):
         assert self._bus is not None
         if types is not None:
             check_event_types(types)
+        check_since(since)
         if not follow:
             history, _ = self._bus.replay(since or 0, types)
             for event in history:

@@ -462,6 +462,52 @@ async def test_stream_task_results_and_since(api: Api) -> None:
     assert [r async for r in api.stream_task_results([])] == []
 
 
+async def test_a_task_handle_given_for_its_id_is_refused_clearly(api: Api) -> None:
+    # In-process SQLite's "Error binding parameter 1: type 'TaskHandle' is not
+    # supported", remotely "'TaskHandle' object has no attribute 'encode'".
+    handle = await api.submit_task("echo", 1)
+    await handle.result()
+    told = re.escape(
+        f"task_id must be a string, got a TaskHandle: pass its .task_id ('{handle.task_id}')"
+    )
+    for call in (api.get_task_status, api.cancel_task, api.task_handle):
+        with pytest.raises(InvalidTask, match=told):
+            await call(handle)  # type: ignore[arg-type,misc]
+    with pytest.raises(InvalidTask, match=told):
+        [r async for r in api.stream_task_results([handle])]  # type: ignore[list-item]
+    with pytest.raises(InvalidTask, match=re.escape("task_id must be a string, got None")):
+        await api.get_task_status(None)  # type: ignore[arg-type]
+    assert (await api.get_task_status(handle.task_id)).state is TaskState.SUCCEEDED
+
+
+async def test_a_since_that_is_no_seq_is_refused_and_any_int_is_taken(api: Api) -> None:
+    # A seq read back from a file as text failed deep in the stream with "'>'
+    # not supported between instances of 'str' and 'int'", or was taken.
+    handle = await api.submit_task("echo", 1)
+    await handle.result()
+    workflow = await api.workflows.create(CHAIN)
+    run = await api.workflows.start_run(workflow.workflow_id, {"n": []})
+    with anyio.fail_after(10):
+        await run.wait()
+    told = re.escape("since must be an event's seq (an int) or None, got '3'")
+    streams: list[Callable[[Any], AsyncIterator[object]]] = [
+        lambda since: api.stream_events(since=since, follow=False),
+        lambda since: api.stream_task_results([handle.task_id], since=since),
+        lambda since: api.workflows.stream_status(run.run_id, since=since),
+    ]
+    for stream in streams:
+        with pytest.raises(TypeError, match=told):
+            [e async for e in stream("3")]
+        with pytest.raises(TypeError, match="got True"):
+            [e async for e in stream(True)]
+    # Past any seq, or before the first, over the wire as in-process (int64 holds neither).
+    assert [e async for e in api.stream_events(since=2**70, follow=False)] == []
+    assert len([e async for e in api.stream_events(since=-(2**70), follow=False)]) > 0
+    with anyio.fail_after(10):
+        finals = [r async for r in api.stream_task_results([handle.task_id], since=2**70)]
+    assert [r.result for r in finals] == [1]
+
+
 async def test_stream_events(api: Api) -> None:
     handle = await api.submit_task("echo", "e")
     await handle.result()

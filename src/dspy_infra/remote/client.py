@@ -66,7 +66,7 @@ from dspy_infra.errors import (
     UnknownService,
     UnknownTask,
 )
-from dspy_infra.events import Event
+from dspy_infra.events import Event, check_since
 from dspy_infra.infra import HealthReport
 from dspy_infra.remote import _convert as convert
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
@@ -461,7 +461,7 @@ class _RemoteScheduler:
         if task_ids is not None and not task_ids:
             return  # in-process, no task to follow ends the stream at once
         request = orch_pb.StreamTaskResultsRequest(
-            task_ids=list(task_ids or ()), all_tasks=task_ids is None, since=since
+            task_ids=list(task_ids or ()), all_tasks=task_ids is None, since=_int64(since)
         )
         replies = self._rpc.stream(_ORCH + "StreamTaskResults", request, orch_pb.TaskEvent)
         async with aclosing(replies):
@@ -498,6 +498,12 @@ def _attempts(max_attempts: int | None) -> int | None:
     if isinstance(max_attempts, int) and max_attempts > _INT32[1]:
         return _INT32[1]
     return max_attempts
+
+
+def _int64(since: int | None) -> int | None:
+    # A seq past any the server gave (all that come are new) or before the
+    # first (all it holds) means the same as the most or least int64 holds.
+    return None if since is None else min(max(since, -(2**63)), 2**63 - 1)
 
 
 def _payload_json(payload: Any, task_id: str | None) -> str:
@@ -695,8 +701,9 @@ class RemoteWorkflows:
         self, run_id: str, *, since: int | None = None
     ) -> AsyncGenerator[WorkflowEvent, None]:
         """The run's events, from its start (or after ``since``), until it finishes."""
+        check_since(since)
         request = orch_pb.StreamWorkflowStatusRequest(
-            run_id=check_id(run_id, "run_id"), since=since
+            run_id=check_id(run_id, "run_id"), since=_int64(since)
         )
         replies = self._rpc.stream(
             _ORCH + "StreamWorkflowStatus", request, orch_pb.WorkflowRunStatus
@@ -847,7 +854,10 @@ class RemoteAgentInfra(TaskMethods):
         that publishes more of them; one it does not know is refused with
         :class:`UnknownEventType` on the first read.
         """
-        request = orch_pb.StreamEventsRequest(types=list(types or ()), since=since, follow=follow)
+        check_since(since)
+        request = orch_pb.StreamEventsRequest(
+            types=list(types or ()), since=_int64(since), follow=follow
+        )
         replies = self._rpc.stream(_ORCH + "StreamEvents", request, orch_pb.Event)
         async with aclosing(replies):
             async for reply in replies:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Collection, Iterable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, cast
 
 from dspy_infra.abc import Scheduler
+from dspy_infra.errors import InvalidTask
+from dspy_infra.events import check_since
+from dspy_infra.scheduling.checks import id_type_error
 from dspy_infra.scheduling.tasks import (
     ClassStatus,
     Resources,
@@ -118,7 +121,7 @@ class TaskMethods:
 
     async def get_task_status(self, task_id: str) -> TaskStatus:
         """The task's current status; :class:`~dspy_infra.errors.UnknownTask` if there is none."""
-        return await self._tasks.status(task_id)
+        return await self._tasks.status(_checked(task_id))
 
     async def cancel_task(self, task_id: str) -> TaskStatus:
         """Cancel a task that has not finished; return once it has stopped, with its status.
@@ -126,7 +129,7 @@ class TaskMethods:
         A running attempt is cancelled where it is: at its next ``await`` for
         an in-process handler, by SIGTERM then SIGKILL for a process.
         """
-        return await self._tasks.cancel(task_id)
+        return await self._tasks.cancel(_checked(task_id))
 
     async def task_classes(self) -> dict[str, ClassStatus]:
         """Each task class's concurrency limit now (moving, for an adaptive
@@ -135,7 +138,7 @@ class TaskMethods:
 
     def task_handle(self, task_id: str) -> TaskHandle:
         """A handle on a task submitted earlier (by this or a previous instance)."""
-        return TaskHandle(task_id, scheduler=self._tasks)
+        return TaskHandle(_checked(task_id), scheduler=self._tasks)
 
     async def stream_task_results(
         self, task_ids: Collection[str] | None = None, *, since: int | None = None
@@ -147,6 +150,16 @@ class TaskMethods:
         the instance closes first); without, it follows every task. With
         ``since``, final events after that sequence number are replayed first.
         """
+        if task_ids is not None:
+            task_ids = [_checked(task_id) for task_id in task_ids]
+        check_since(since)
         async with aclosing(self._tasks.results(task_ids, since=since)) as results:
             async for event in results:
                 yield event
+
+
+def _checked(task_id: Any) -> str:
+    """``task_id``, if it is one; a handle given for it is refused, naming what to pass."""
+    if problem := id_type_error(task_id, "task_id"):
+        raise InvalidTask(f"{task_id!r:.200}", problem)
+    return cast(str, task_id)

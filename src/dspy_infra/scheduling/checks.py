@@ -25,6 +25,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "check_ids",
     "encode_json",
+    "id_type_error",
     "json_too_deep",
     "max_attempts_error",
     "priority_error",
@@ -119,6 +120,25 @@ def check_ids(requests: Iterable[TaskRequest]) -> None:
         task_id = request.task_id
         if task_id is not None and (bad := _task_id_error(task_id)):
             raise InvalidTask(str(task_id), bad)
+
+
+def id_type_error(value: object, what: str) -> str | None:
+    """What is wrong with ``value`` as the id ``what`` (``task_id``, ``run_id``...)
+    given to look something up, or None: only its type, since a string that
+    names nothing is unknown, not wrong.
+
+    The objects that carry an id (a :class:`~dspy_infra.scheduling.tasks.TaskHandle`,
+    a workflow run's handle) given for it failed deep inside, with "unhashable
+    type" or SQLite's "Error binding parameter" (over gRPC, "has no attribute
+    'encode'").
+    """
+    if isinstance(value, str):
+        return None
+    carried = getattr(value, what, None)
+    if isinstance(carried, str):
+        kind = type(value).__name__
+        return f"{what} must be a string, got a {kind}: pass its .{what} ({carried!r})"
+    return f"{what} must be a string, got {value!r:.200}"
 
 
 def _task_id_error(task_id: object) -> str | None:

@@ -35,7 +35,7 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from dspy_infra.errors import InfraClosed, InvalidTask
-from dspy_infra.events import EventBus, EventsDropped
+from dspy_infra.events import EventBus, EventsDropped, check_since
 from dspy_infra.metrics import Metrics
 from dspy_infra.scheduling.checks import encode_json, json_too_deep, too_deep_error
 from dspy_infra.scheduling.store import RunRow, StepRow, dumps
@@ -492,6 +492,7 @@ class WorkflowEngine:
         final event, as :meth:`wait_run` does.
         """
         self._check_open()
+        check_since(since)
         run = self._runs.get(check_id(run_id, "run_id"))
         if run is None:
             for event in _from_status(await self.get_run(run_id)):

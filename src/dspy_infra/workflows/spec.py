@@ -23,13 +23,13 @@ import re
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from attrs import field, frozen
 
 from dspy_infra.config.loading import find_cycle
 from dspy_infra.errors import InfraError
-from dspy_infra.scheduling.checks import encode_json, json_too_deep, too_deep_error
+from dspy_infra.scheduling.checks import encode_json, id_type_error, json_too_deep, too_deep_error
 
 __all__ = [
     "InvalidWorkflow",
@@ -91,20 +91,10 @@ class UnknownRun(_NotStored):
 
 def check_id(value: Any, what: str) -> str:
     """``value``, a ``workflow_id`` or ``run_id`` (``what``); :class:`InvalidWorkflow` if
-    it is not a string.
-
-    The objects that carry those ids (a :class:`Workflow`, a :class:`RunHandle`)
-    passed for them failed deep inside, with "unhashable type" or SQLite's
-    "Error binding parameter" (over gRPC, "has no attribute 'encode'").
-    """
-    if isinstance(value, str):
-        return value
-    carried = getattr(value, what, None)
-    if isinstance(carried, str):
-        raise InvalidWorkflow(
-            f"{what} must be a string, got a {type(value).__name__}: pass its .{what} ({carried!r})"
-        )
-    raise InvalidWorkflow(f"{what} must be a string, got {value!r:.200}")
+    it is not a string (see :func:`~dspy_infra.scheduling.checks.id_type_error`)."""
+    if problem := id_type_error(value, what):
+        raise InvalidWorkflow(problem)
+    return cast(str, value)
 
 
 def inputs_dict(workflow_id: str, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
