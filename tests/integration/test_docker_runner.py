@@ -106,6 +106,23 @@ async def test_the_result_file_and_the_attempts_files_and_environment(
     assert result == [work_dir, "env-1", "1", "hi ✓", {"n": [1, 2.5]}]
 
 
+async def test_a_work_dir_with_a_colon_is_mounted(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    # A workflow's steps are tasks named RUN_ID:STEP, and a state_dir may
+    # hold a ':' too: Docker's "SOURCE:TARGET" volume syntax takes neither.
+    state_dir = tmp_path / "state:1"
+    config = {
+        "infra": {"project": project},
+        "classes": {"box": {"runner": "docker"}},
+        "handlers": {"echo": box(busybox, ["sh", "-c", "cat {payload_file} > {result_file}"])},
+    }
+    async with AgentInfra.start(config, state_dir=state_dir) as infra:
+        handle = await submit(infra, "echo", {"n": 1}, task_id="run-7:train", max_attempts=1)
+        assert await handle.result() == {"n": 1}
+    assert (state_dir / "tasks" / "run-7:train" / "result.json").exists()
+
+
 async def test_the_last_stdout_line_is_the_result_without_a_result_file(
     tmp_path: Path, project: str, busybox: str
 ) -> None:

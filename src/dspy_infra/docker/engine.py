@@ -323,7 +323,9 @@ class Engine:
             candidates = [f"{d.rstrip('/')}/{program}" for d in path.split(":") if d]
         # Found once in an image, a program is there for every container of it,
         # unless a mount may hide it (a task's own work dir never does).
-        targets = [b.split(":")[1] for b in (config.get("HostConfig") or {}).get("Binds") or ()]
+        host_config = config.get("HostConfig") or {}
+        targets = [b.split(":")[1] for b in host_config.get("Binds") or ()]
+        targets += [m["Target"] for m in host_config.get("Mounts") or ()]
         image_id = str(image.get("Id"))
         for candidate in candidates:
             hidden = any(candidate.startswith(target.rstrip("/") + "/") for target in targets)

@@ -26,6 +26,7 @@ def container_config(
     labels: Mapping[str, str],
     ports: Mapping[int, int] | None = None,
     volumes: Iterable[str] = (),
+    binds: Iterable[tuple[str, str]] = (),
     cpus: float | None = None,
     memory_mb: int | None = None,
     gpus: int = 0,
@@ -42,6 +43,10 @@ def container_config(
 
     ``gpu_ids`` requests those devices (a task's lease); otherwise ``gpus``
     requests that many, chosen by Docker.
+
+    ``binds`` are ``(host path, container path)`` pairs, read-write: unlike
+    a ``volumes`` entry (``SOURCE:TARGET[:MODE]``), a path may hold a ``:``
+    (a workflow step's task id, ``RUN_ID:STEP``, names its work dir).
     """
     ports = ports or {}
     host_config: dict[str, Any] = {
@@ -52,6 +57,10 @@ def container_config(
         },
         "Binds": list(volumes),
     }
+    if binds:
+        host_config["Mounts"] = [
+            {"Type": "bind", "Source": source, "Target": target} for source, target in binds
+        ]
     if cpus is not None:
         host_config["NanoCpus"] = int(cpus * 1e9)
     if memory_mb is not None:

@@ -141,7 +141,8 @@ async def _start(
             cwd=handler.cwd if handler.cwd is not None else str(files.work_dir),
             labels=engine.labels("task", run.task_id),
             # The same path inside: the placeholders' paths hold there too.
-            volumes=(f"{files.work_dir}:{files.work_dir}", *handler.volumes),
+            binds=[(str(files.work_dir), str(files.work_dir))],
+            volumes=handler.volumes,
             # 0 means "no reservation", which as a limit is none.
             cpus=run.cpus or None,
             memory_mb=run.memory_mb or None,
