@@ -133,6 +133,8 @@ async def _start(
 
     try:
         image = await engine.image(handler.image, pull=handler.pull, progress=progress)
+        if not _runs_as_root(image):
+            await anyio.to_thread.run_sync(_open_to_all, files)
         config = container_config(
             image=handler.image,
             command=command,
@@ -155,6 +157,21 @@ async def _start(
         return await engine.run(config, image=image)
     except ContainerError as exc:
         raise RunFailed(_explain(exc.reason, run)) from None
+
+
+def _runs_as_root(image: dict[str, Any]) -> bool:
+    user = str((image.get("Config") or {}).get("User") or "").partition(":")[0]
+    return user in ("", "root", "0")
+
+
+def _open_to_all(files: AttemptFiles) -> None:
+    """Let the image's own user (``USER 1000``) read the payload and write the work dir.
+
+    Both were made by this program's user, with its umask: the container's
+    user, another uid, could not write its result file there.
+    """
+    files.work_dir.chmod(0o777)
+    files.payload_file.chmod(0o644)
 
 
 def _explain(reason: str, run: TaskRun) -> str:
