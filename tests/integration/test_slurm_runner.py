@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 import pytest
 
-from dspy_infra import AgentInfra
+from dspy_infra import AgentInfra, Resources
 from dspy_infra.abc import RunFailed
 from dspy_infra.errors import (
     InvalidTask,
@@ -71,6 +71,10 @@ def handlers(directory: Path) -> dict[str, Any]:
         },
         "sleep": {"command": [sys.executable, str(sleep), "{payload_file}"]},
         "quit": {"command": "exit 143", "shell": True},
+        "allocation": {
+            "command": 'echo "$SLURM_CPUS_PER_TASK $SLURM_MEM_PER_NODE"',
+            "shell": True,
+        },
     }
 
 
@@ -142,6 +146,13 @@ async def test_results_and_failures_come_back(infra: AgentInfra) -> None:
     assert "first words" in caught.value.error
     assert "last words" in caught.value.error
     assert "starting" not in caught.value.error  # stdout is not the error's
+
+
+async def test_a_tasks_own_resources_are_what_its_job_asks_for(infra: AgentInfra) -> None:
+    handle = await infra.submit_task(
+        "allocation", None, task_class="s", resources=Resources(cpus=2, memory_mb=100)
+    )
+    assert await handle.result() == "2 100"
 
 
 async def test_an_exit_code_read_as_a_signal_keeps_the_recorded_one_in_the_message(
