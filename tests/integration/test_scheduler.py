@@ -1603,6 +1603,37 @@ async def test_a_handler_may_be_a_callable_object_that_is_not_hashable(tmp_path:
         assert await (await infra.submit_task("scale", 5)).result() == [20, 1]
 
 
+async def test_a_plain_function_returning_a_coroutine_has_it_awaited(tmp_path: Path) -> None:
+    # A decorator without functools.wraps (or a lambda) in front of an async
+    # function is a plain function: it ran in a thread, and its coroutine,
+    # never awaited, failed the task as "not JSON-compatible".
+    finished: list[str] = []
+
+    def traced(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def call(payload: Any) -> Any:
+            return function(payload)
+
+        return call
+
+    @traced
+    async def embed(text: str) -> int:
+        await anyio.sleep(0.001)
+        return len(text)
+
+    @traced
+    async def hang(_: Any) -> None:
+        await anyio.sleep(30)
+        finished.append("hang")
+
+    handlers: dict[str, Handler] = {"embed": embed, "hang": hang}
+    async with start(tmp_path, handlers) as infra:
+        assert await (await infra.submit_task("embed", "four")).result() == 4
+        # Awaited in the attempt's scope: a timeout reaches it.
+        status = await (await infra.submit_task("hang", None, timeout=0.1)).wait()
+        assert status.state is TaskState.TIMED_OUT
+    assert finished == []
+
+
 async def test_unusable_ids_and_payloads_are_refused_with_invalid_task(tmp_path: Path) -> None:
     async with start(tmp_path, {"echo": echo}) as infra:
         with pytest.raises(InvalidTask, match="task_id must be a non-empty string"):

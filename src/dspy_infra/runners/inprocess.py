@@ -83,7 +83,12 @@ class InProcessRunner:
         args = (run.payload, run) if wants_run else (run.payload,)
         if is_async:
             return await handler(*args)
-        return await anyio.to_thread.run_sync(handler, *args, limiter=self._threads)
+        value = await anyio.to_thread.run_sync(handler, *args, limiter=self._threads)
+        if inspect.isawaitable(value):
+            # A plain function in front of an async one (a lambda, a decorator
+            # without functools.wraps): the work is in what it returned.
+            return await value
+        return value
 
     async def close(self) -> None:
         pass
