@@ -11,6 +11,7 @@ import inspect
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -59,6 +60,8 @@ def start_infra(tmp_path: Path) -> AgentInfra:
     return AgentInfra.start(
         {
             "infra": {},
+            # A command: the default class (in-process) cannot run it, cpu_long can.
+            "handlers": {"hello": {"command": [sys.executable, "-c", "print(1)"]}},
             "services": {
                 "web": service("--say", "hello [x]", "--say", "ready", port=True, autostart=False),
                 # Never listens on its port, and exits 3: its probe never passes.
@@ -196,6 +199,15 @@ async def test_bad_input_exits_2_and_unknown_ids_exit_4(cli: Cli) -> None:
     code, _, err = await cli("submit", "echo", "1", "--class", "nope")
     assert code == 2
     assert "unknown task class 'nope'" in err
+    # A [handlers] command given to the default class: told to register an
+    # in-process function, which a command line user cannot; and where it runs.
+    code, _, err = await cli("submit", "hello")
+    assert code == 2
+    assert "no in-process handler 'hello' is registered" in err
+    # cpu_long (and gpu_slurm where Slurm answers), never gpu on a machine without GPUs.
+    assert re.search(r"class(es)? 'cpu_long'( and 'gpu_slurm')? can run it\n", err), err
+    code, out, _ = await cli("submit", "hello", "--class", "cpu_long", "--wait")
+    assert code == 0, out
     for argv in (["task", "nope"], ["cancel", "nope"]):
         code, out, err = await cli(*argv)
         assert (code, out) == (4, "")

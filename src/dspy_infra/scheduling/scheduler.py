@@ -172,6 +172,11 @@ _Checked = tuple[_Class, int, tuple[str, ...], int, float | None, Need]
 _MAX_ERROR = 16_384
 
 
+def _class_need(config: TaskClass) -> Need:
+    """What a task of the class needs unless it asks for its own resources."""
+    return (config.cpus, config.memory_mb, config.gpus)
+
+
 def _describe(exc: BaseException) -> str:
     """The error text stored for a failed attempt: it must never fail to be made or stored.
 
@@ -784,7 +789,7 @@ class LocalScheduler:
         if cls.unavailable is not None or cls.runner is None:
             raise invalid(f"class {request.task_class!r} cannot run tasks: {cls.unavailable}")
         if problem := cls.runner.validate(request.handler):
-            raise invalid(problem)
+            raise invalid(problem + self._classes_for(request.handler))
         priority = request.priority
         if problem := priority_error(priority):
             raise invalid(problem)
@@ -817,12 +822,32 @@ class LocalScheduler:
             need,
         )
 
+    def _classes_for(self, handler: str) -> str:
+        """Where the handler a class's runner refused can run, as the end of that refusal.
+
+        A ``[handlers.X]`` command submitted to the default class (in-process)
+        was told to register an in-process function, which the user of a
+        standalone server, or of the command line, cannot do.
+        """
+        fits = [
+            name
+            for name, cls in self._classes.items()
+            if cls.runner is not None
+            and cls.runner.validate(handler) is None
+            and not (cls.local and self._pool.capacity_error(_class_need(cls.config)))
+        ]
+        if not fits:
+            return ""
+        if len(fits) == 1:
+            return f"; class {fits[0]!r} can run it"
+        return f"; classes {', '.join(map(repr, fits[:-1]))} and {fits[-1]!r} can run it"
+
     @staticmethod
     def _need(task_class: _Class, request: TaskRequest) -> Need:
         wanted = request.resources
         config = task_class.config
         if wanted is None:
-            return (config.cpus, config.memory_mb, config.gpus)
+            return _class_need(config)
         return (
             config.cpus if wanted.cpus is None else wanted.cpus,
             config.memory_mb if wanted.memory_mb is None else wanted.memory_mb,
