@@ -804,6 +804,29 @@ async def test_a_resumed_stream_of_ids_ends_when_all_have_finished(tmp_path: Pat
         assert len(resumed) == len({e.task_id for e in resumed})  # once each at most
 
 
+async def test_a_stream_of_results_given_one_id_follows_that_task(tmp_path: Path) -> None:
+    # A string is a collection of strings: its characters were taken for the
+    # ids, and the stream raised "unknown task '0'".
+    gates = Gates()
+    async with start(tmp_path, {"gate": gates.handler, "echo": echo}) as infra:
+        done = await infra.submit_task("echo", "early")
+        await done.result()
+        later = await infra.submit_task("gate", {"key": "later"})
+        await gates.wait_started("later")
+        with anyio.fail_after(5):
+            finished = [e async for e in infra.stream_task_results(done.task_id)]
+            assert [(e.task_id, e.result) for e in finished] == [(done.task_id, "early")]
+            received: list[TaskEvent] = []
+            async with anyio.create_task_group() as tg:
+
+                async def read() -> None:
+                    received.extend([e async for e in infra.stream_task_results(later.task_id)])
+
+                tg.start_soon(read)
+                gates.open("later")
+        assert [(e.task_id, e.result) for e in received] == [(later.task_id, {"key": "later"})]
+
+
 # -- timeouts, retries, cancellation ---------------------------------------------------------
 
 

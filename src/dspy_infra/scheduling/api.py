@@ -141,15 +141,20 @@ class TaskMethods:
         return TaskHandle(_checked(task_id), scheduler=self._tasks)
 
     async def stream_task_results(
-        self, task_ids: Collection[str] | None = None, *, since: int | None = None
+        self, task_ids: str | Collection[str] | None = None, *, since: int | None = None
     ) -> AsyncGenerator[TaskEvent, None]:
         """The final event of each task as it finishes (``r.result``, ``r.error``, ``r.seq``).
 
-        With ``task_ids``, those that already finished come first and the
-        stream ends when all have (:class:`~dspy_infra.errors.InfraClosed` if
-        the instance closes first); without, it follows every task. With
-        ``since``, final events after that sequence number are replayed first.
+        With ``task_ids`` (one, or a list), those that already finished come
+        first and the stream ends when all have
+        (:class:`~dspy_infra.errors.InfraClosed` if the instance closes
+        first); without, it follows every task. With ``since``, final events
+        after that sequence number are replayed first.
         """
+        if isinstance(task_ids, str):
+            # One id, not the ids of its characters (a string is a collection
+            # of strings): the stream raised "unknown task '0'".
+            task_ids = (task_ids,)
         if task_ids is not None:
             task_ids = [_checked(task_id) for task_id in task_ids]
         check_since(since)
