@@ -109,6 +109,9 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     # a clear InvalidTask, not a TypeError from deep inside (or a store that fails).
     "dict workflow_id": ({"workflow_id": {"run": 1}}, "workflow_id"),
     "int service name": ({"needs": [1]}, "needs"),
+    # Not a list at all: TypeError "'NoneType' object is not iterable", naming nothing.
+    "None needs": ({"needs": None}, "needs must be a list of service names, got None"),
+    "int needs": ({"needs": 5}, "needs must be a list of service names, got 5"),
     "list handler": ({"handler": ["echo"]}, "handler"),
 }
 
@@ -175,6 +178,8 @@ async def test_submit_tasks_stores_all_or_none(tmp_path: Path) -> None:
             await infra.submit_tasks("echo", [1, "x" * 100])
         with pytest.raises(InvalidTask, match="unknown task class"):
             await infra.submit_tasks("echo", [1, 2], task_class="nope")
+        with pytest.raises(InvalidTask, match="needs must be a list of service names, got None"):
+            await infra.submit_tasks("echo", [1, 2], needs=None)  # type: ignore[arg-type]
         await anyio.sleep(0.05)
         assert (await infra.task_classes())["cpu_short"].queued == 0
         assert (await infra.task_classes())["cpu_short"].running == 0

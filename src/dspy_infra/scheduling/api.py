@@ -71,7 +71,7 @@ class TaskMethods:
                 payload=payload,
                 task_class=task_class,
                 priority=priority,
-                needs=(needs,) if isinstance(needs, str) else tuple(needs),
+                needs=_needs(needs),
                 task_id=task_id,
                 workflow_id=workflow_id,
                 max_attempts=max_attempts,
@@ -100,7 +100,7 @@ class TaskMethods:
         produces many tasks at once; follow them with
         :meth:`stream_task_results`.
         """
-        needs = (needs,) if isinstance(needs, str) else tuple(needs)
+        needs = _needs(needs)
         scheduler = self._tasks
         task_ids = await scheduler.submit_many(
             TaskRequest(
@@ -161,6 +161,18 @@ class TaskMethods:
         async with aclosing(self._tasks.results(task_ids, since=since)) as results:
             async for event in results:
                 yield event
+
+
+def _needs(needs: Any) -> tuple[str, ...]:
+    """One service name, or several. What is neither (None, a number) is kept
+    as it is, for the checks to refuse with the task's id: ``tuple()`` of it
+    raised a TypeError that named nothing."""
+    if isinstance(needs, str):
+        return (needs,)
+    try:
+        return tuple(needs)
+    except TypeError:
+        return cast(tuple[str, ...], needs)
 
 
 def _checked(task_id: Any) -> str:

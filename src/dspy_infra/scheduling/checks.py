@@ -183,8 +183,13 @@ def shape_error(request: TaskRequest) -> str | None:
             return f"{what} must be a string, got {value!r}"
     if problem := workflow_id_error(request.workflow_id):
         return problem
-    if isinstance(request.needs, str) or not all(isinstance(n, str) for n in request.needs):
-        return f"needs must be a list of service names, got {request.needs!r}"
+    needs = request.needs
+    if (
+        isinstance(needs, str)
+        or not isinstance(needs, Iterable)
+        or not all(isinstance(n, str) for n in needs)
+    ):
+        return f"needs must be a list of service names, got {needs!r}"
     if request.resources is not None and not isinstance(request.resources, Resources):
         return f"resources must be a Resources or None, got {request.resources!r}"
     for what in ("handler", "task_class"):
