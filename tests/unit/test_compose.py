@@ -1092,6 +1092,27 @@ def test_errors_name_the_file_that_holds_the_value(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"DSPY_INFRA_SERVICES__WEB__STOP_TIMEOUT": "5"},
+        {"DSPY_INFRA_SERVICES__OTHER__COMMAND": '["run"]'},
+    ],
+)
+def test_a_variable_over_a_compose_service_leaves_its_errors_to_the_compose_file(
+    tmp_path: Path, environ: dict[str, str]
+) -> None:
+    # A variable that sets a key of a compose service makes its table, or
+    # the [services] table, where the TOML has none; compose's service is
+    # still below it, and what it lacks is still compose's.
+    compose = write(tmp_path / "docker-compose.yml", "services:\n  web: {image: x}\n")
+    path = write(
+        tmp_path / "dspy-infra.toml", '[infra]\nbackend = "local"\ncompose = "docker-compose.yml"\n'
+    )
+    exc = error(path, **environ)
+    assert (exc.source, exc.path) == (str(compose), "services.web.command")
+
+
 def test_compose_key_must_be_a_path(tmp_path: Path) -> None:
     path = write(tmp_path / "dspy-infra.toml", "[infra]\ncompose = 5\n")
     assert str(error(path)) == (f"{path}: infra.compose: expected a path (string), got 5 (integer)")

@@ -313,6 +313,51 @@ def test_an_error_in_the_file_still_names_the_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "layer",
+    [
+        {"environ": {"DSPY_INFRA_SERVICES__REDIS__RESTART": "always"}},
+        {"overrides": {"services__redis__restart": "always"}},
+        {"overrides": {"services__redis": {"restart": "always"}}},
+        {"overrides": {"services": {"redis": {"restart": "always"}}}},
+        {"environ": {"DSPY_INFRA_SERVICES": '{ redis = { restart = "always" } }'}},
+    ],
+)
+def test_a_table_merged_over_the_file_leaves_the_file_s_errors_to_the_file(
+    tmp_path: Path, layer: dict[str, Any]
+) -> None:
+    # The layer set restart only: the bad placeholder is the file's, whichever
+    # way the layer wrote its key (a flat name, or a table merged key by key).
+    file = write(tmp_path / "dspy-infra.toml", REDIS.replace("{port}", "{nope}", 1))
+    exc = error(file, **layer)
+    assert (exc.source, exc.path) == (str(file), "services.redis.command[2]")
+
+
+@pytest.mark.parametrize(
+    ("layer", "source"),
+    [
+        (
+            {"environ": {"DSPY_INFRA_SERVICES__REDSI__RESTART": "always"}},
+            "environment variable DSPY_INFRA_SERVICES__REDSI__RESTART",
+        ),
+        (
+            {"overrides": {"services__redsi__restart": "always"}},
+            "override services__redsi__restart=",
+        ),
+        ({"overrides": {"services": {"redsi": {"restart": "always"}}}}, "override services="),
+    ],
+)
+def test_a_service_that_only_a_layer_names_is_that_layer_s_error(
+    tmp_path: Path, layer: dict[str, Any], source: str
+) -> None:
+    # A typo of a service's name makes a new service, which the file never
+    # named: its missing command is the variable's or the override's to fix.
+    file = write(tmp_path / "dspy-infra.toml", REDIS)
+    exc = error(file, **layer)
+    assert (exc.source, exc.path) == (source, "services.redsi.command")
+    assert str(exc) == f"{source}: services.redsi.command: required with the local backend"
+
+
+@pytest.mark.parametrize(
     ("table", "path"),
     [
         ('command = ["cat", "{payload}"]', "handlers.h.command[1]"),

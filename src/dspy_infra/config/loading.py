@@ -84,11 +84,15 @@ def load_config(
         else:
             raw, name, base = _read_file(path, environ), str(path), path.parent
 
+    # Who set what: the values each layer wrote and the tables it made, not
+    # the key it was given. A table merges key by key, so a value it left is
+    # still the file's; a table it made (a typo of a service name) is its own.
     origins: dict[tuple[str, ...], str] = {}
     written: list[tuple[str, ...]] = []
     for key_path, value, origin in _env_items(environ):
-        written += _merge(raw, key_path, value, origin)
-        origins[key_path] = origin
+        made = _merge(raw, key_path, value, origin)
+        written += made
+        origins.update(dict.fromkeys(made, origin))
     _one_probe_kind(raw, written)
     written = []
     for key, value in (overrides or {}).items():
@@ -102,8 +106,9 @@ def load_config(
                 path=key,
             )
         origin = f"override {key}="
-        written += _merge(raw, placed, value, origin)
-        origins[placed] = origin
+        made = _merge(raw, placed, value, origin)
+        written += made
+        origins.update(dict.fromkeys(made, origin))
     _one_probe_kind(raw, written)
     if not isinstance(source, Config):  # a Config holds its compose services already
         origins = _with_compose(raw, base, environ, origins, name)
@@ -199,10 +204,14 @@ def _merge(
     """Set ``key_path`` in ``raw``; a table merges key by key into a table already there.
 
     Returns the key paths of the values set (a table's, each of its own),
-    for :func:`_one_probe_kind`.
+    for :func:`_one_probe_kind`, and of the tables it made, where there was
+    none: whatever a table made here holds, or lacks, is this layer's.
     """
     node = raw
+    made: list[tuple[str, ...]] = []
     for i, key in enumerate(key_path[:-1]):
+        if key not in node:
+            made.append(key_path[: i + 1])
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
             raise ConfigError(
@@ -213,20 +222,27 @@ def _merge(
         node = child
     leaf = key_path[-1]
     if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
-        return [
+        return made + [
             (*key_path[:-1], *inner)
             for k, v in value.items()
             for inner in _merge(node, (leaf, k), v, origin)
         ]
     node[leaf] = _copy_tables(value) if isinstance(value, Mapping) else value
-    return list(_leaves(key_path, value))
+    return made + list(_leaves(key_path, value, tables=True))
 
 
-def _leaves(key_path: tuple[str, ...], value: Any) -> Iterator[tuple[str, ...]]:
-    """The key paths of the values in ``value``, a table or not, at ``key_path``."""
+def _leaves(
+    key_path: tuple[str, ...], value: Any, *, tables: bool = False
+) -> Iterator[tuple[str, ...]]:
+    """The key paths of the values in ``value``, a table or not, at ``key_path``.
+
+    With ``tables``, those of the tables in it too, ``value`` first.
+    """
     if isinstance(value, Mapping) and value:
+        if tables:
+            yield key_path
         for key, inner in value.items():
-            yield from _leaves((*key_path, key), inner)
+            yield from _leaves((*key_path, key), inner, tables=tables)
     else:
         yield key_path
 
@@ -308,6 +324,18 @@ def _with_compose(
         ) from None
     services: dict[str, Any] = document["services"]
     found: dict[tuple[str, ...], str] = {}
+    # A table that a variable or an override made, where the TOML has none
+    # ([services], a service's, its health), holds compose's under it: what
+    # that lacks is the compose file's to answer for, not the layer's.
+    document_tables = {"services": services} if services else {}
+    layers: dict[tuple[str, ...], str] = {}
+    for where, origin in origins.items():
+        if isinstance(_table_at(document_tables, where), dict) and isinstance(
+            _table_at(raw, where), dict
+        ):
+            found[where] = str(path)
+        else:
+            layers[where] = origin
     # Its backend ("docker": images are what it describes) and project, lowest too.
     for key, value in document["infra"].items():
         if key not in infra:
@@ -322,7 +350,15 @@ def _with_compose(
     merged = {"services": services}
     _one_probe_kind(merged, _merge(merged, ("services",), own, str(path)))
     raw["services"] = services
-    return {**found, **origins}
+    return {**found, **layers}
+
+
+def _table_at(raw: Mapping[str, Any], key_path: tuple[str, ...]) -> Any:
+    """The value at ``key_path`` in ``raw``, or None."""
+    value: Any = raw
+    for key in key_path:
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value
 
 
 def _with_default_classes(raw: dict[str, Any]) -> None:
@@ -361,14 +397,14 @@ def _structure(
 
 
 def _origin(path: str, origins: Mapping[tuple[str, ...], str], default: str | None) -> str | None:
-    """Who set the value at ``path``: the last environment variable or override that wrote
-    it (or a table around it), else one that wrote inside it, else the file."""
+    """Who set the value at ``path``: the environment variable, override or compose file
+    that wrote it (or made the nearest table around it), else the last one that wrote
+    inside it, else the file."""
     key_path = tuple(_INDEX.sub("", path).split("."))
-    written = list(origins.items())[::-1]
-    for where, origin in written:
-        if key_path[: len(where)] == where:
-            return origin
-    for where, origin in written:
+    around = [where for where in origins if key_path[: len(where)] == where]
+    if around:
+        return origins[max(around, key=len)]
+    for where, origin in list(origins.items())[::-1]:
         if where[: len(key_path)] == key_path:
             return origin
     return default
