@@ -23,6 +23,7 @@ lines of every service that is not up are added to its report.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Generator, Mapping
 from contextlib import asynccontextmanager
@@ -82,16 +83,47 @@ def _settings(request: pytest.FixtureRequest) -> tuple[Any, list[str] | None, di
 
 @asynccontextmanager
 async def _open(request: pytest.FixtureRequest, state_dir: Path) -> AsyncIterator[AgentInfra]:
+    """The instance, open in a task of its own from setup to teardown.
+
+    Not in the task that sets the fixture up: on Ctrl-C, anyio's runner
+    cancels the task that ran the test and tears the fixtures down in a new
+    one, where an instance entered in the old one could not be left (its
+    task group raised "exit cancel scope in a different task" halfway
+    through closing). Its own task enters and leaves it, whichever task
+    asks it to stop.
+    """
     config, services, overrides = _settings(request)
     overrides.setdefault("state_dir", state_dir)
-    async with AgentInfra.start(config, **overrides) as infra:
+    infra = AgentInfra.start(config, **overrides)
+    loop = asyncio.get_running_loop()
+    up: asyncio.Future[None] = loop.create_future()
+    stop = asyncio.Event()
+    host = loop.create_task(_host(infra, services, up, stop))
+    try:
+        await asyncio.wait((host, up), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the setup was cancelled: so is the start
+        host.cancel()
+        await asyncio.wait((host,))
+        raise
+    if not up.done():
+        host.result()  # the start's error, raised here
+    request.node.stash.setdefault(_INSTANCES, []).append(infra)
+    try:
+        yield infra
+    finally:
+        request.node.stash[_INSTANCES].remove(infra)
+        stop.set()
+        await host
+
+
+async def _host(
+    infra: AgentInfra, services: list[str] | None, up: asyncio.Future[None], stop: asyncio.Event
+) -> None:
+    async with infra:
         if services:
             await infra.services.start(services)
-        request.node.stash.setdefault(_INSTANCES, []).append(infra)
-        try:
-            yield infra
-        finally:
-            request.node.stash[_INSTANCES].remove(infra)
+        up.set_result(None)
+        await stop.wait()
 
 
 @pytest.fixture

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -207,3 +211,68 @@ def test_marker_registers_task_handlers(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("fixture", ["agent_infra", "agent_infra_session"])
+def test_an_interrupted_run_stops_the_services_and_exits_as_interrupted(
+    pytester: pytest.Pytester, tmp_path: Path, fixture: str
+) -> None:
+    # Ctrl-C while a test runs: anyio's runner cancels the task that ran the
+    # test and tears the fixtures down in a new one. The instance must still
+    # close as a whole (no "exit cancel scope in a different task"), its
+    # service gone, and pytest must report the run as interrupted.
+    ready = tmp_path / "kv.pid"
+    pytester.makefile(
+        ".toml",
+        **{
+            "dspy-infra": f"""
+[services.kv]
+command = [{sys.executable!r}, {SERVICE!r}, "--port", "{{port}}"]
+ports = {{ main = 0 }}
+health = {{ tcp = "{{port}}" }}
+"""
+        },
+    )
+    pytester.makeini("[pytest]\nagent_infra_config = dspy-infra.toml\n")
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        f"""
+        import os
+
+        import anyio
+        import pytest
+
+        @pytest.mark.anyio
+        async def test_interrupted({fixture}):
+            kv = (await {fixture}.services.status())["kv"]
+            assert kv.healthy
+            with open({str(ready)!r} + ".tmp", "w") as f:
+                f.write(str(kv.pid))
+            os.rename({str(ready)!r} + ".tmp", {str(ready)!r})
+            await anyio.sleep_forever()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"],
+        cwd=pytester.path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():  # another process's progress: nothing to await but the file
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the test never got its instance"
+            time.sleep(0.05)
+        pid = int(ready.read_text())
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "different task" not in output, output
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
