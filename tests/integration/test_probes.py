@@ -73,6 +73,54 @@ async def test_log_probe_waits_for_a_matching_line(tmp_path: Path) -> None:
         ]
 
 
+async def test_a_log_probe_sees_its_line_even_if_more_lines_follow_at_once(
+    tmp_path: Path,
+) -> None:
+    # The ready line and, in the same write, more lines than the log buffer
+    # holds: it has left the buffer by the time a check could look there.
+    burst = "import sys; sys.stdout.write('ready' + ''.join('\\nline %d' % i for i in range(50)))"
+    job = {
+        "command": [
+            sys.executable,
+            "-c",
+            f"{burst}; sys.stdout.flush(); import time; time.sleep(1000)",
+        ],
+        "log_lines": 10,
+        "health": {"log": "^ready$", "deadline": 5},
+        "start_retries": 0,
+    }
+    async with start(tmp_path, job=job) as infra:
+        assert (await infra.services.status())["job"].state is ServiceState.HEALTHY
+
+
+async def test_a_log_probe_stays_passed_once_its_line_left_the_log_buffer(
+    tmp_path: Path,
+) -> None:
+    flood = tmp_path / "flood"
+    job = {
+        "command": f"echo ready; until [ -e {flood} ]; do sleep 0.01; done; seq 50; sleep 1000",
+        "shell": True,
+        "log_lines": 10,
+        "health": {"log": "^ready$", "liveness_interval": 0.01, "failure_threshold": 1},
+        "start_retries": 0,
+    }
+    checks = 'dspy_infra_health_check_duration_seconds_count{service="job",status="%s"}'
+    async with start(tmp_path, job=job) as infra:
+        flood.touch()
+        async for line in infra.services.logs("job", follow=True):
+            if line == "50":
+                break
+        # A few liveness checks after the ready line has left the buffer.
+        made = (await infra.get_metrics())[checks % "healthy"]
+        with anyio.fail_after(10):
+            while (await infra.get_metrics())[checks % "healthy"] < made + 3:
+                if (await infra.services.status())["job"].state is not ServiceState.HEALTHY:
+                    break
+                await anyio.sleep(0.01)
+        status = (await infra.services.status())["job"]
+        assert status.state is ServiceState.HEALTHY, status.message
+
+
 checked: list[ServiceStatus] = []
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 
 import anyio
 
-__all__ = ["LogBuffer", "check_tail"]
+__all__ = ["LineWatch", "LogBuffer", "check_tail"]
 
 
 def check_tail(tail: int | None) -> None:
@@ -16,6 +16,14 @@ def check_tail(tail: int | None) -> None:
     read as "skip the next lines to come"."""
     if tail is not None and tail < 0:
         raise ValueError(f"tail must be 0 or more (the last lines to give), got {tail}")
+
+
+class LineWatch:
+    """Whether a line matching ``pattern`` has been appended: see :meth:`LogBuffer.watch`."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+        self.found = False
 
 
 class LogBuffer:
@@ -34,6 +42,7 @@ class LogBuffer:
         self._next = 0  # number of the next line appended
         self._changed = anyio.Event()
         self._closed = True
+        self._watches: set[LineWatch] = set()
 
     @property
     def next_line(self) -> int:
@@ -42,7 +51,28 @@ class LogBuffer:
     def append(self, line: str) -> None:
         self._lines.append(line)
         self._next += 1
+        for watch in [w for w in self._watches if w.pattern.search(line)]:
+            watch.found = True
+            self._watches.discard(watch)
         self._wake()
+
+    def watch(self, pattern: re.Pattern[str], since: int) -> LineWatch:
+        """Look for a line matching ``pattern``, from line ``since`` on.
+
+        Each line is matched as it is appended, so a match counts even once
+        its line has left the buffer: a service that prints more than
+        ``size`` lines after its ready line, at once or over time, stays
+        ready. :meth:`unwatch` once the answer no longer matters.
+        """
+        watch = LineWatch(pattern)
+        if self.search(pattern, since):
+            watch.found = True
+        else:
+            self._watches.add(watch)
+        return watch
+
+    def unwatch(self, watch: LineWatch) -> None:
+        self._watches.discard(watch)
 
     def close(self) -> None:
         """Followers end once they have read what is buffered."""

@@ -49,11 +49,15 @@ class ProbeRunner:
         self.probe = probe
         self._process = process
         self._logs = logs
-        self._first_line = first_line
         self._status = status
         self._http = http
-        self._log_re = re.compile(probe.log) if probe.log else None
+        self._log = logs.watch(re.compile(probe.log), first_line) if probe.log else None
         self._body_re = re.compile(probe.body) if probe.body else None
+
+    def close(self) -> None:
+        """Stop looking at the service's lines (for a ``log`` probe)."""
+        if self._log is not None:
+            self._logs.unwatch(self._log)
 
     async def output_changed(self) -> None:
         """Return when the service prints a line: often the moment it became ready."""
@@ -109,8 +113,8 @@ class ProbeRunner:
             health = self._process.health
             ok = health == "healthy"
             return ProbeResult(ok=ok, detail="" if ok else f"container health: {health or 'none'}")
-        if self._log_re is not None:
-            found = self._logs.search(self._log_re, self._first_line)
+        if self._log is not None:
+            found = self._log.found
             return ProbeResult(ok=found, detail="" if found else f"no line matches {probe.log!r}")
         assert callable(probe.call)
         ok = bool(await probe.call(self._status()))

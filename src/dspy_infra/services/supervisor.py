@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -135,26 +135,24 @@ async def _run_once(manager: ServiceManager, rt: ServiceRuntime) -> _Run:
             manager.start_failed(rt, "launch")
             return _Run(ready=False, exit_code=exc.exit_code, reason=exc.reason)
         async with _running(manager, rt, process):
-            runner = None
             if probe is None and process.health is not None:
                 probe = _OWN_HEALTH
-            if probe is not None:
-                runner = manager.probe_runner(rt, probe, process, first_line)
-                exit_code, failure = await _race_exit(
-                    process, lambda: _probe_until_ready(manager, rt, runner)
-                )
-                if exit_code is not None:
-                    manager.start_failed(rt, "exited")
-                    reason = (
-                        f"exited with code {exit_code}{reported(exit_code)} before becoming healthy"
+            with _probing(manager, rt, probe, process, first_line) as runner:
+                if runner is not None:
+                    exit_code, failure = await _race_exit(
+                        process, lambda: _probe_until_ready(manager, rt, runner)
                     )
-                    return _Run(ready=False, exit_code=exit_code, reason=reason)
-                if failure is not None:
-                    manager.start_failed(rt, "unhealthy")
-                    return _Run(ready=False, exit_code=None, reason=failure)
-            manager.metrics.service_starts.labels(rt.name, "succeeded").inc()
-            slot.release()
-            return await _watch(manager, rt, process, runner)
+                    if exit_code is not None:
+                        manager.start_failed(rt, "exited")
+                        code = f"{exit_code}{reported(exit_code)}"
+                        reason = f"exited with code {code} before becoming healthy"
+                        return _Run(ready=False, exit_code=exit_code, reason=reason)
+                    if failure is not None:
+                        manager.start_failed(rt, "unhealthy")
+                        return _Run(ready=False, exit_code=None, reason=failure)
+                manager.metrics.service_starts.labels(rt.name, "succeeded").inc()
+                slot.release()
+                return await _watch(manager, rt, process, runner)
 
 
 @asynccontextmanager
@@ -188,6 +186,25 @@ async def _running(
                     pump.cancel()
     finally:
         rt.process = None
+
+
+@contextmanager
+def _probing(
+    manager: ServiceManager,
+    rt: ServiceRuntime,
+    probe: Probe | None,
+    process: ServiceProcess,
+    first_line: int,
+) -> Iterator[ProbeRunner | None]:
+    """The launch's probe runner, if it has a probe, for as long as the launch lasts."""
+    if probe is None:
+        yield None
+        return
+    runner = manager.probe_runner(rt, probe, process, first_line)
+    try:
+        yield runner
+    finally:
+        runner.close()
 
 
 async def _watch(
