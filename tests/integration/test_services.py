@@ -15,6 +15,8 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dspy_infra import (
     AgentInfra,
@@ -452,6 +454,47 @@ async def test_stopping_and_restarting_a_service_by_name(tmp_path: Path) -> None
         result = await infra.services.start(["api"])
         assert result["api"].state is ServiceState.HEALTHY
         assert result["api"].pid != old.pid
+
+
+async def _listed(state_dir: Path, depends_on: dict[str, list[str]]) -> list[str]:
+    services = {
+        name: {"command": ["true"], "depends_on": deps} for name, deps in depends_on.items()
+    }
+    async with AgentInfra.start(
+        {"infra": {"autostart": False}, "services": services}, state_dir=state_dir
+    ) as infra:
+        listed = infra.services.list()
+        assert list(await infra.services.status()) == listed
+    return listed
+
+
+def test_services_are_listed_after_what_they_depend_on(tmp_path: Path) -> None:
+    # app needs db and cache, db needs cache: a walk of app's dependencies
+    # meets cache first, then db, and listed them backwards.
+    depends_on = {"app": ["db", "cache"], "db": ["cache"], "cache": []}
+    assert anyio.run(_listed, tmp_path / "state", depends_on) == ["cache", "db", "app"]
+
+
+@st.composite
+def dependency_graphs(draw: st.DrawFn) -> dict[str, list[str]]:
+    """Acyclic ``depends_on`` lists, in any order, among names sorted in any order."""
+    names = draw(st.permutations(["a", "b", "c", "d", "e", "f"]))
+    size = draw(st.integers(1, len(names)))
+    return {
+        name: [names[j] for j in draw(st.lists(st.integers(0, i - 1), unique=True))] if i else []
+        for i, name in enumerate(names[:size])
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(depends_on=dependency_graphs())
+def test_every_service_is_listed_after_all_it_depends_on(
+    tmp_path_factory: pytest.TempPathFactory, depends_on: dict[str, list[str]]
+) -> None:
+    listed = anyio.run(_listed, tmp_path_factory.mktemp("state"), depends_on)
+    assert sorted(listed) == sorted(depends_on)
+    for name, deps in depends_on.items():
+        assert all(listed.index(dep) < listed.index(name) for dep in deps), listed
 
 
 async def test_unknown_service_names_are_refused_and_change_nothing(tmp_path: Path) -> None:

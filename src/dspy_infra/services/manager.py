@@ -114,10 +114,17 @@ class ServiceManager:
     def list(self) -> builtins.list[str]:
         """The configured service names, dependencies before dependents."""
         order: dict[str, None] = {}
+
+        def visit(name: str) -> None:
+            # Each after all it depends on: a service's closure is no such
+            # order (with app -> db, cache and db -> cache, it meets cache first).
+            if name not in order and name in self._runtimes:
+                for dep in self.config.services[name].depends_on:
+                    visit(dep)
+                order.setdefault(name, None)
+
         for name in sorted(self._runtimes):
-            for dep in reversed(dependency_closure(self.config, name)):
-                order.setdefault(dep, None)
-            order.setdefault(name, None)
+            visit(name)
         return list(order)
 
     async def start(self, names: Iterable[str] | None = None) -> dict[str, ServiceStatus]:
