@@ -185,6 +185,30 @@ async def test_log_ready_waits_for_the_matching_line(tmp_path: Path) -> None:
         assert client_starting - worker_started >= 0.25
 
 
+async def test_log_ready_sees_its_line_even_if_more_lines_follow_at_once(tmp_path: Path) -> None:
+    # The ready line and, in the same write, more lines than the log buffer
+    # holds: it has left the buffer by the time the dependent could look there.
+    burst = "import sys; sys.stdout.write('ready' + ''.join('\\nline %d' % i for i in range(50)))"
+    services = {
+        "worker": {
+            "command": [
+                sys.executable,
+                "-c",
+                f"{burst}; sys.stdout.flush(); import time; time.sleep(1000)",
+            ],
+            "log_lines": 10,
+        },
+        "client": {
+            "command": ["sleep", "1000"],
+            "depends_on": {"worker": {"condition": "log_ready", "pattern": "^ready$"}},
+        },
+    }
+    async with infra_for(tmp_path, services, autostart=False) as infra:
+        with anyio.fail_after(10):
+            started = await infra.services.start(["client"])
+        assert started["client"].state is ServiceState.RUNNING
+
+
 async def test_a_dependency_that_dies_fails_waiting_dependents_at_once(tmp_path: Path) -> None:
     services = {
         # Never listens, exits 1 after 0.3 s: its dependents must not wait for its deadline.

@@ -23,6 +23,7 @@ from dspy_infra.abc import LaunchSpec, ServiceProcess
 from dspy_infra.config.model import Dependency, Probe, ServiceConfig
 from dspy_infra.config.placeholders import render
 from dspy_infra.errors import DependencyFailed, ServiceStartError
+from dspy_infra.services.logs import LineWatch, LogBuffer
 from dspy_infra.services.probes import ProbeResult, ProbeRunner
 from dspy_infra.services.runtime import ServiceRuntime
 from dspy_infra.services.status import ServiceState
@@ -355,19 +356,28 @@ async def _pump_logs(
 async def _wait_dependencies(manager: ServiceManager, rt: ServiceRuntime) -> None:
     """Wait for every dependency's condition; fail at once when one cannot be met."""
     pending = dict(rt.config.depends_on)
-    patterns = {
-        name: re.compile(_ready_pattern(manager.runtime(name), dep))
-        for name, dep in pending.items()
-        if dep.condition == "log_ready"
-    }
-    with manager.watching_logs(bool(patterns)):
-        while pending:
-            changed = manager.changed
-            for name, dep in list(pending.items()):
-                if _condition_met(rt, manager.runtime(name), dep, patterns.get(name)):
-                    del pending[name]
-            if pending:
-                await changed.wait()
+    # Lines are matched as they come, not looked for in the buffer: a burst
+    # of more than log_lines lines after the ready one would push it out
+    # before this task runs, and the dependent would wait for ever.
+    lines: dict[str, tuple[LogBuffer, LineWatch]] = {}
+    for name, dep in pending.items():
+        if dep.condition == "log_ready":
+            dep_rt = manager.runtime(name)
+            pattern = re.compile(_ready_pattern(dep_rt, dep))
+            lines[name] = (dep_rt.logs, dep_rt.logs.watch(pattern, dep_rt.lifetime_first_line))
+    try:
+        with manager.watching_logs(bool(lines)):
+            while pending:
+                changed = manager.changed
+                for name, dep in list(pending.items()):
+                    watch = lines[name][1] if name in lines else None
+                    if _condition_met(rt, manager.runtime(name), dep, watch):
+                        del pending[name]
+                if pending:
+                    await changed.wait()
+    finally:
+        for logs, watch in lines.values():
+            logs.unwatch(watch)
 
 
 def _ready_pattern(dep_rt: ServiceRuntime, dep: Dependency) -> str:
@@ -378,7 +388,7 @@ def _ready_pattern(dep_rt: ServiceRuntime, dep: Dependency) -> str:
 
 
 def _condition_met(
-    rt: ServiceRuntime, dep_rt: ServiceRuntime, dep: Dependency, pattern: re.Pattern[str] | None
+    rt: ServiceRuntime, dep_rt: ServiceRuntime, dep: Dependency, ready_line: LineWatch | None
 ) -> bool:
     state = dep_rt.state
     if state is ServiceState.FAILED:
@@ -401,8 +411,8 @@ def _condition_met(
         case "completed_successfully":
             return completed
         case _:
-            assert pattern is not None
-            return dep_rt.logs.search(pattern, dep_rt.lifetime_first_line)
+            assert ready_line is not None
+            return ready_line.found
 
 
 async def _launch_spec(
