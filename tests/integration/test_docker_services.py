@@ -153,6 +153,38 @@ async def test_image_healthcheck_decides_when_the_service_is_up(
             await docker.images.delete(tag, force=True)
 
 
+async def test_a_program_named_relative_to_the_working_directory_runs(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    # As Docker runs it: from the image's WORKDIR, or from the service's cwd.
+    context = tmp_path / "image"
+    context.mkdir()
+    (context / "run.sh").write_text("#!/bin/sh\necho up from $(pwd)\nexec sleep 1000\n")
+    (context / "run.sh").chmod(0o755)
+    (context / "Dockerfile").write_text(
+        f'FROM {busybox}\nWORKDIR /app\nCOPY run.sh /app/run.sh\nCMD ["./run.sh"]\n'
+    )
+    tag = f"local/{project}-workdir:latest"
+    await build_image(context, tag)
+    try:
+        services = {
+            "app": {"image": tag, "health": {"log": "^up from /app$"}, "start_retries": 0},
+            "tool": {
+                "image": busybox,
+                "cwd": "/bin",
+                "command": ["./sleep", "1000"],
+                "start_retries": 0,
+            },
+        }
+        async with start(tmp_path, project, services) as infra:
+            status = await infra.services.status()
+            assert status["app"].state is ServiceState.HEALTHY
+            assert status["tool"].state is ServiceState.RUNNING
+    finally:
+        async with aiodocker.Docker() as docker:
+            await docker.images.delete(tag, force=True)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

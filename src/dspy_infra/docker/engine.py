@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import re
 import signal
 import socket
@@ -314,8 +315,13 @@ class Engine:
         if not argv:
             raise ContainerError(f"image {config['Image']!r} has no command and none was given")
         program = str(argv[0])
-        if "/" in program:
+        if program.startswith("/"):
             candidates = [program]
+        elif "/" in program:
+            # Run from the working directory (./run.sh), as Docker runs it;
+            # the archive API would read it from the root.
+            workdir = config.get("WorkingDir") or image_config.get("WorkingDir") or "/"
+            candidates = [posixpath.normpath(posixpath.join(workdir, program))]
         else:
             variables = [*(image_config.get("Env") or []), *(config.get("Env") or [])]
             env = dict(item.partition("=")[::2] for item in variables)
