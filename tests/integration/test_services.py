@@ -209,6 +209,39 @@ async def test_log_ready_sees_its_line_even_if_more_lines_follow_at_once(tmp_pat
         assert started["client"].state is ServiceState.RUNNING
 
 
+async def test_log_ready_sees_a_line_printed_before_the_dependent_began_to_wait(
+    tmp_path: Path,
+) -> None:
+    # The dependency printed its ready line, then more lines than its log
+    # buffer holds, long before the dependent was started: the line had left
+    # the buffer, and the dependent waited for ever.
+    chatty = "print('ready'); [print('line', i) for i in range(50)]"
+    services = {
+        "worker": {
+            "command": [
+                sys.executable,
+                "-c",
+                f"{chatty}; import sys, time; sys.stdout.flush(); time.sleep(1000)",
+            ],
+            "log_lines": 10,
+        },
+        "client": {
+            "command": ["sleep", "1000"],
+            "autostart": False,
+            "depends_on": {"worker": {"condition": "log_ready", "pattern": "^ready$"}},
+        },
+    }
+    async with infra_for(tmp_path, services) as infra:
+        with anyio.fail_after(10):
+            async for line in infra.services.logs("worker", follow=True):
+                if line == "line 49":
+                    break
+        assert "ready" not in [line async for line in infra.services.logs("worker", follow=False)]
+        with anyio.fail_after(10):
+            started = await infra.services.start(["client"])
+        assert started["client"].state is ServiceState.RUNNING
+
+
 async def test_a_dependency_that_dies_fails_waiting_dependents_at_once(tmp_path: Path) -> None:
     services = {
         # Never listens, exits 1 after 0.3 s: its dependents must not wait for its deadline.

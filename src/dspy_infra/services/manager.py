@@ -95,6 +95,11 @@ class ServiceManager:
         self._tg = task_group
         self._instance_id = instance_id
         self._runtimes = {name: ServiceRuntime(name, svc) for name, svc in config.services.items()}
+        for runtime in self._runtimes.values():
+            for name, dep in runtime.config.depends_on.items():
+                if dep.condition == "log_ready":
+                    dependency = self._runtimes[name]
+                    dependency.ready_patterns.add(dependency.ready_pattern(dep))
         self._slots = anyio.Semaphore(config.infra.max_concurrent_starts)
         self._changed = anyio.Event()
         self._log_watchers = 0
@@ -347,7 +352,7 @@ class ServiceManager:
         rt.exit_code = None
         rt.done = anyio.Event()
         rt.logs.reopen()
-        rt.lifetime_first_line = rt.logs.next_line
+        rt.new_lifetime()
         self.set_state(rt, ServiceState.WAITING)
         self._tg.start_soon(supervise, self, rt, name=f"dspy-infra service {rt.name}")
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import cached_property
 
 import anyio
 
 from dspy_infra.abc import ServiceProcess
 from dspy_infra.config.converter import converter
-from dspy_infra.config.model import ServiceConfig
+from dspy_infra.config.model import Dependency, ServiceConfig
 from dspy_infra.errors import ServiceStartError
-from dspy_infra.services.logs import LogBuffer
+from dspy_infra.services.logs import LineWatch, LogBuffer
 from dspy_infra.services.status import ServiceState, ServiceStatus
 
 __all__ = ["ServiceRuntime"]
@@ -31,6 +32,10 @@ class ServiceRuntime:
         self.process: ServiceProcess | None = None
         self.logs = LogBuffer(config.log_lines)
         self.lifetime_first_line = 0  # first log line of the current start() lifetime
+        # The patterns of the dependents that wait for its log_ready (set by
+        # the manager), each looked for in every line of a lifetime as it comes.
+        self.ready_patterns: set[str] = set()
+        self.ready_lines: dict[str, LineWatch] = {}
         self.restarts = 0
         self.exit_code: int | None = None
         self.message = ""
@@ -45,6 +50,28 @@ class ServiceRuntime:
         """Tells a container of this configuration from one of an edited one, as compose does."""
         data = json.dumps(converter.unstructure(self.config), sort_keys=True, default=repr)
         return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+    def ready_pattern(self, dep: Dependency) -> str:
+        """What a dependent's ``log_ready`` ``dep`` on this service waits for."""
+        health = self.config.health
+        pattern = dep.pattern or (health.log if health is not None else None)
+        assert pattern is not None, "checked when the configuration was loaded"
+        return pattern
+
+    def new_lifetime(self) -> None:
+        """A start() begins a lifetime: its lines count for log_ready from here.
+
+        Watched from the start, not from when a dependent begins to wait: by
+        then the ready line may have left the log buffer (a dependent started
+        long after, once the service had printed more than ``log_lines``).
+        """
+        self.lifetime_first_line = self.logs.next_line
+        for watch in self.ready_lines.values():
+            self.logs.unwatch(watch)
+        self.ready_lines = {
+            pattern: self.logs.watch(re.compile(pattern), self.lifetime_first_line)
+            for pattern in self.ready_patterns
+        }
 
     @property
     def active(self) -> bool:

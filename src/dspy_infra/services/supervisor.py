@@ -8,7 +8,6 @@ shielded clean-up stops the process group and waits until it is gone.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager, contextmanager
@@ -23,7 +22,6 @@ from dspy_infra.abc import LaunchSpec, ServiceProcess
 from dspy_infra.config.model import Dependency, Probe, ServiceConfig
 from dspy_infra.config.placeholders import render
 from dspy_infra.errors import DependencyFailed, ServiceStartError
-from dspy_infra.services.logs import LineWatch, LogBuffer
 from dspy_infra.services.probes import ProbeResult, ProbeRunner
 from dspy_infra.services.runtime import ServiceRuntime
 from dspy_infra.services.status import ServiceState
@@ -356,40 +354,18 @@ async def _pump_logs(
 async def _wait_dependencies(manager: ServiceManager, rt: ServiceRuntime) -> None:
     """Wait for every dependency's condition; fail at once when one cannot be met."""
     pending = dict(rt.config.depends_on)
-    # Lines are matched as they come, not looked for in the buffer: a burst
-    # of more than log_lines lines after the ready one would push it out
-    # before this task runs, and the dependent would wait for ever.
-    lines: dict[str, tuple[LogBuffer, LineWatch]] = {}
-    for name, dep in pending.items():
-        if dep.condition == "log_ready":
-            dep_rt = manager.runtime(name)
-            pattern = re.compile(_ready_pattern(dep_rt, dep))
-            lines[name] = (dep_rt.logs, dep_rt.logs.watch(pattern, dep_rt.lifetime_first_line))
-    try:
-        with manager.watching_logs(bool(lines)):
-            while pending:
-                changed = manager.changed
-                for name, dep in list(pending.items()):
-                    watch = lines[name][1] if name in lines else None
-                    if _condition_met(rt, manager.runtime(name), dep, watch):
-                        del pending[name]
-                if pending:
-                    await changed.wait()
-    finally:
-        for logs, watch in lines.values():
-            logs.unwatch(watch)
+    log_ready = any(dep.condition == "log_ready" for dep in pending.values())
+    with manager.watching_logs(log_ready):
+        while pending:
+            changed = manager.changed
+            for name, dep in list(pending.items()):
+                if _condition_met(rt, manager.runtime(name), dep):
+                    del pending[name]
+            if pending:
+                await changed.wait()
 
 
-def _ready_pattern(dep_rt: ServiceRuntime, dep: Dependency) -> str:
-    health = dep_rt.config.health
-    pattern = dep.pattern or (health.log if health is not None else None)
-    assert pattern is not None, "checked when the configuration was loaded"
-    return pattern
-
-
-def _condition_met(
-    rt: ServiceRuntime, dep_rt: ServiceRuntime, dep: Dependency, ready_line: LineWatch | None
-) -> bool:
+def _condition_met(rt: ServiceRuntime, dep_rt: ServiceRuntime, dep: Dependency) -> bool:
     state = dep_rt.state
     if state is ServiceState.FAILED:
         error = dep_rt.error
@@ -411,8 +387,9 @@ def _condition_met(
         case "completed_successfully":
             return completed
         case _:
-            assert ready_line is not None
-            return ready_line.found
+            # Matched as the lines came, since this lifetime began: a burst of
+            # more than log_lines lines after the ready one leaves it found.
+            return dep_rt.ready_lines[dep_rt.ready_pattern(dep)].found
 
 
 async def _launch_spec(
