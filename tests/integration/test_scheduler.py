@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import re
 import sqlite3
 import sys
 import threading
@@ -1655,6 +1656,27 @@ async def test_a_plain_function_returning_a_coroutine_has_it_awaited(tmp_path: P
         status = await (await infra.submit_task("hang", None, timeout=0.1)).wait()
         assert status.state is TaskState.TIMED_OUT
     assert finished == []
+
+
+@pytest.mark.parametrize("gpus", [[], [0]])
+async def test_a_command_sent_to_an_in_process_class_is_told_the_classes_that_fit(
+    tmp_path: Path, gpus: list[int]
+) -> None:
+    # The refusal names the classes whose runner takes the command and whose
+    # tasks fit this machine: the gpu class only where it has a GPU.
+    config = {
+        "infra": {"gpus": gpus},
+        "handlers": {"hello": {"command": [sys.executable, "-c", "print(1)"]}},
+    }
+    async with AgentInfra.start(config, state_dir=tmp_path / "state") as infra:
+        with pytest.raises(InvalidTask, match="no in-process handler 'hello'") as caught:
+            await infra.submit_task("hello", None)
+    offered = re.search(r"; class(?:es)? ('.+') can run it$", str(caught.value))
+    assert offered is not None, caught.value
+    named = re.findall(r"'(\w+)'", offered[1])
+    assert named[0] == "cpu_long"
+    assert ("gpu" in named) is bool(gpus), named
+    assert set(named) <= {"cpu_long", "gpu", "gpu_slurm"}, named
 
 
 async def test_unusable_ids_and_payloads_are_refused_with_invalid_task(tmp_path: Path) -> None:
