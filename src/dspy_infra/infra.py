@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from dspy_infra.remote.client import RemoteAgentInfra
 
-__all__ = ["EVENT_TYPES", "AgentInfra", "HealthReport", "check_event_types"]
+__all__ = ["EVENT_TYPES", "AgentInfra", "HealthReport", "check_event_types", "event_types"]
 
 log = logging.getLogger("dspy_infra")
 
@@ -81,6 +81,12 @@ EVENT_TYPES: frozenset[str] = (
     | WorkflowEvent.TYPES
     | {EventsDropped.TYPE}
 )
+
+
+def event_types(types: str | Collection[str] | None) -> Collection[str] | None:
+    """``types``, one type given as a string being that type: a string is a
+    collection of strings, whose letters were refused as unknown types."""
+    return (types,) if isinstance(types, str) else types
 
 
 def check_event_types(types: Collection[str]) -> None:
@@ -378,12 +384,13 @@ class AgentInfra(TaskMethods):
 
     async def stream_events(
         self,
-        types: Collection[str] | None = None,
+        types: str | Collection[str] | None = None,
         *,
         since: int | None = None,
         follow: bool = True,
     ) -> AsyncGenerator[Event, None]:
-        """Events of ``types`` (all when None) as they happen, until the instance closes.
+        """Events of ``types`` (one, or several; all when None) as they happen, until the
+        instance closes.
 
         With ``since``, recent events after that sequence number come first.
         With ``follow=False``, the events still in the history after ``since``
@@ -395,6 +402,7 @@ class AgentInfra(TaskMethods):
         """
         self._check_open()
         assert self._bus is not None
+        types = event_types(types)
         if types is not None:
             check_event_types(types)
         check_since(since)

@@ -524,6 +524,19 @@ async def test_stream_events(api: Api) -> None:
     assert all(e.type == "task_completed" for e in seen)
 
 
+async def test_stream_events_given_one_type_as_a_string_follows_that_type(api: Api) -> None:
+    # A string is a collection of strings: its letters were taken for the
+    # types, refused as "unknown event types 'a', 'c', 'd', ...".
+    handle = await api.submit_task("echo", "e")
+    await handle.result()
+    with anyio.fail_after(10):
+        seen = [e async for e in api.stream_events("task_completed", since=0, follow=False)]
+    assert [(e.type, e.task_id) for e in seen if isinstance(e, TaskEvent)] == [
+        ("task_completed", handle.task_id)
+    ]
+    assert all(e.type == "task_completed" for e in seen)
+
+
 async def test_stream_events_without_follow_ends_with_what_was_held(api: Api) -> None:
     held = await api.submit_tasks("echo", ["a", "b"])
     for h in held:

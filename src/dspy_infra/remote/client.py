@@ -67,7 +67,7 @@ from dspy_infra.errors import (
     UnknownTask,
 )
 from dspy_infra.events import Event, check_since
-from dspy_infra.infra import HealthReport
+from dspy_infra.infra import HealthReport, event_types
 from dspy_infra.remote import _convert as convert
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
@@ -842,13 +842,14 @@ class RemoteAgentInfra(TaskMethods):
 
     async def stream_events(
         self,
-        types: Collection[str] | None = None,
+        types: str | Collection[str] | None = None,
         *,
         since: int | None = None,
         follow: bool = True,
     ) -> AsyncGenerator[Event, None]:
-        """Events of ``types`` (all when None) as they happen, until the server closes;
-        with ``follow=False``, those it still holds after ``since``, then the end.
+        """Events of ``types`` (one, or several; all when None) as they happen, until the
+        server closes; with ``follow=False``, those it still holds after ``since``, then
+        the end.
 
         The server judges the types, so that a client talks to a newer server
         that publishes more of them; one it does not know is refused with
@@ -856,7 +857,7 @@ class RemoteAgentInfra(TaskMethods):
         """
         check_since(since)
         request = orch_pb.StreamEventsRequest(
-            types=list(types or ()), since=_int64(since), follow=follow
+            types=list(event_types(types) or ()), since=_int64(since), follow=follow
         )
         replies = self._rpc.stream(_ORCH + "StreamEvents", request, orch_pb.Event)
         async with aclosing(replies):
