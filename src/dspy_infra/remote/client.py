@@ -503,7 +503,8 @@ def _attempts(max_attempts: int | None) -> int | None:
 def _int64(since: int | None) -> int | None:
     # A seq past any the server gave (all that come are new) or before the
     # first (all it holds) means the same as the most or least int64 holds.
-    return None if since is None else min(max(since, -(2**63)), 2**63 - 1)
+    low, high = _INT64
+    return None if since is None else min(max(since, low), high)
 
 
 def _payload_json(payload: Any, task_id: str | None) -> str:

@@ -51,9 +51,10 @@ class LogBuffer:
     def append(self, line: str) -> None:
         self._lines.append(line)
         self._next += 1
-        for watch in [w for w in self._watches if w.pattern.search(line)]:
-            watch.found = True
-            self._watches.discard(watch)
+        if self._watches:
+            for watch in [w for w in self._watches if w.pattern.search(line)]:
+                watch.found = True
+                self._watches.discard(watch)
         self._wake()
 
     def watch(self, pattern: re.Pattern[str], since: int) -> LineWatch:
