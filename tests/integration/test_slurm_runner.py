@@ -283,6 +283,47 @@ async def test_packed_tasks_share_a_job_and_stop_alone(
             await anyio.sleep(0.1)
 
 
+def shim(tmp_path: Path, name: str, body: str) -> None:
+    """Put a ``name`` first on PATH that runs ``body`` (bash; ``$real`` is the real command)."""
+    path = tmp_path / "bin" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(f"#!/bin/bash\nreal={shutil.which(name)}\n{body}\n")
+    path.chmod(0o755)
+
+
+async def test_a_preempted_job_is_submitted_again_though_its_command_recorded_the_signal(
+    slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Preemption (PreemptMode=CANCEL) ends a job as a cancel does: SIGTERM to
+    # all its processes, which the job script outlives to record 143. Its
+    # state is then PREEMPTED: shown here by squeue, for the job named in
+    # the file, as the cancelled job it really is could not be preempted on
+    # a one-partition cluster.
+    preempted = tmp_path / "preempted"
+    shim(
+        tmp_path,
+        "squeue",
+        f"job=$(cat {preempted} 2>/dev/null)\n"
+        f'if [ -z "$job" ]; then exec $real "$@"; fi\n'
+        f'$real "$@" | sed "s/^$job *|CANCELLED */$job|PREEMPTED/"',
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    log = tmp_path / "log"
+    async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
+        runner = SlurmRunner.of_instance(infra.instance_id)
+        assert runner is not None
+        handle = await infra.submit_task("sleep", {"log": str(log), "seconds": 1}, task_class="s")
+        await wait_for_line(log)
+        ((job_id, _),) = await active(runner, handle.task_id)
+        preempted.write_text(job_id)
+        await command("scancel", job_id)
+        with anyio.fail_after(60):
+            assert await handle.result() == {"slept": 1}
+        assert await anyio.Path(log).read_text() == "started\nstarted\n"
+        assert (await handle.wait()).attempts == 1
+        assert runner.calls["sbatch"] == 2
+
+
 @pytest.mark.parametrize(
     ("task_class", "words"),
     [("bad_partition", "invalid partition"), ("bad_gres", "generic resource")],

@@ -198,7 +198,9 @@ class SlurmRunner:
                     submitter.release(request)
             if info.state == GONE and output.code is None:
                 await self._cancel_gone(info.job_id)
-            cluster_fault = output.code is None and info.state in _CLUSTER_FAULTS
+            cluster_fault = info.state in _CLUSTER_FAULTS and (
+                output.code is None or _killed_by_slurm(output.code, packed=request.packed)
+            )
             if cluster_fault and resubmits < _MAX_RESUBMITS:
                 resubmits += 1
                 log.warning(
@@ -452,6 +454,18 @@ def _job_of(jobs: Mapping[str, JobInfo], manifest: Manifest, entry: Entry) -> Jo
     return None
 
 
+def _killed_by_slurm(code: int, *, packed: bool) -> bool:
+    """Whether a command that recorded ``code`` in a job Slurm ended was ended by it.
+
+    A command that finished well before Slurm ended its job keeps its
+    result; so does a task of a pack that failed of its own accord (not by
+    a signal) before the pack's end, whose state is the pack's. A job of
+    one task whose command failed of its own accord would have ended
+    FAILED: its script exits as soon as it has recorded the code.
+    """
+    return code != 0 and (not packed or code > 128)
+
+
 def _decode(status: int) -> int:
     """A raw wait status as an exit code, ``-N`` for signal N."""
     return -(status & 0x7F) if status & 0x7F else status >> 8
@@ -461,12 +475,13 @@ def _result(
     info: JobInfo, output: JobOutput, files: AttemptFiles, *, packed: bool, limit: int
 ) -> Any:
     code = output.code
-    if code and info.state in _ENDED_BY_SLURM and (not packed or code > 128):
+    if (
+        code is not None
+        and info.state in _ENDED_BY_SLURM | _CLUSTER_FAULTS
+        and _killed_by_slurm(code, packed=packed)
+    ):
         # Only a job that ended on its own comes here: one this runner
-        # stopped is cancelled with its attempt. A command that finished
-        # well before Slurm ended its job keeps its result; so does a task
-        # of a pack that failed of its own accord (not by a signal) before
-        # the pack's end, whose state is the pack's.
+        # stopped is cancelled with its attempt.
         code = None
     if code is None and packed:
         pass  # the job's exit status is its last task's, not necessarily this one's
