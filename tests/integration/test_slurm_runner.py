@@ -324,6 +324,41 @@ async def test_a_preempted_job_is_submitted_again_though_its_command_recorded_th
         assert runner.calls["sbatch"] == 2
 
 
+@pytest.mark.parametrize("tasks", [1, 3])  # a job, a job array
+async def test_a_job_submitted_though_sbatch_timed_out_runs_once_and_is_not_left_behind(
+    slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tasks: int
+) -> None:
+    # A busy slurmctld may take a job and answer too late: sbatch then says
+    # its socket timed out, though the job is queued. Here the real sbatch
+    # submits it, and its answer is replaced by that error, once.
+    lose = tmp_path / "lose-the-answer"
+    lose.touch()
+    shim(
+        tmp_path,
+        "sbatch",
+        f'if [ -e {lose} ]; then rm {lose}; $real "$@" >/dev/null || exit; '
+        'echo "sbatch: error: Batch job submission failed: '
+        'Socket timed out on send/recv operation" >&2; exit 1; fi\n'
+        'exec $real "$@"',
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    log = tmp_path / "log"
+    async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
+        runner = SlurmRunner.of_instance(infra.instance_id)
+        assert runner is not None
+        payload = {"log": str(log), "seconds": 1}
+        handles = await infra.submit_tasks("sleep", [payload] * tasks, task_class="s")
+        with anyio.fail_after(60):
+            for handle in handles:
+                assert await handle.result() == {"slept": 1}
+        with anyio.fail_after(30):  # any other job of the tasks ends too
+            while await active(runner):
+                await anyio.sleep(0.1)
+        assert runner.calls["sbatch"] == 1
+    assert not lose.exists(), "the answer was lost"
+    assert await anyio.Path(log).read_text() == "started\n" * tasks
+
+
 @pytest.mark.parametrize(
     ("task_class", "words"),
     [("bad_partition", "invalid partition"), ("bad_gres", "generic resource")],

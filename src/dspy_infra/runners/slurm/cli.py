@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
 import anyio
@@ -213,34 +213,63 @@ class SlurmCli:
         return result
 
     async def call_while(
-        self, make_argv: Callable[[], Sequence[str] | None], *, retry: bool = True
+        self,
+        make_argv: Callable[[], Sequence[str] | None],
+        *,
+        retry: bool = True,
+        settle: Callable[[], Awaitable[str | None]] | None = None,
     ) -> str | None:
         """Like :meth:`call`, with the command made anew before each try.
 
         ``make_argv`` returning None gives up (what the command was for is
         no longer wanted): None is returned. ``sbatch`` of a job array uses
         it to leave out the tasks cancelled while the cluster was busy.
+
+        ``settle`` is for a command that may have done its work though its
+        answer was lost: a controller that is slow to answer may take a job
+        after sbatch gave up waiting (``Socket timed out``). After such a
+        failure, before the command runs again, ``settle`` looks for its
+        effect: what it returns (the output the command would have given)
+        is the call's; None runs the command again.
         """
         tries = 0
         first_failure: float | None = None
+        unsure = False
+        command = ""
+        kind: ErrorKind
         while True:
-            argv = make_argv()
-            if argv is None:
-                return None
-            command = argv[0]
-            await self.pacer.acquire()
-            code, stdout, stderr = await self._run(argv)
-            if code == 0:
-                self.pacer.success()
-                self._answered = True
-                return stdout
-            message = _message(command, stderr, code)
-            kind = classify(stderr)
-            if kind == "final":
-                self._answered = True
-                self.pacer.success()  # it answered, promptly: no reason to slow down
-                raise SlurmError(command, message)
-            self.pacer.trouble()
+            if unsure and settle is not None:
+                try:
+                    found = await settle()
+                except SlurmError as exc:
+                    if exc.kind == "final":
+                        raise
+                    message, kind = exc.message, exc.kind
+                else:
+                    if found is not None:
+                        return found
+                    unsure = False
+                    continue
+            else:
+                argv = make_argv()
+                if argv is None:
+                    return None
+                command = argv[0]
+                await self.pacer.acquire()
+                code, stdout, stderr = await self._run(argv)
+                if code == 0:
+                    self.pacer.success()
+                    self._answered = True
+                    return stdout
+                message = _message(command, stderr, code)
+                kind = classify(stderr)
+                if kind == "final":
+                    self._answered = True
+                    self.pacer.success()  # it answered, promptly: no reason to slow down
+                    raise SlurmError(command, message)
+                # Busy: refused, nothing done. Unreachable: it may have been heard.
+                unsure = kind == "unreachable"
+                self.pacer.trouble()
             now = time.monotonic()
             first_failure = first_failure if first_failure is not None else now
             if kind == "unreachable" and not self._answered:

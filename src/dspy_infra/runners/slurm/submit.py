@@ -38,7 +38,7 @@ from dspy_infra.runners.slurm.files import (
     request_cancel,
     write_batch,
 )
-from dspy_infra.runners.slurm.poller import JobInfo
+from dspy_infra.runners.slurm.poller import JobInfo, list_jobs
 from dspy_infra.runners.slurm.script import JobOptions, batch_script, sbatch_argv
 
 __all__ = ["QUIET", "WINDOW", "Batch", "Request", "Submitter"]
@@ -236,14 +236,14 @@ class Submitter:
         single = len(groups) == 1
         per_job = max(len(group) for group in groups)
         included: list[int] = []
+        comment = batch_id
+        if len(requests) == 1:
+            comment += f"/{requests[0].entry.task_id}/{requests[0].entry.attempt}"
 
         def make_argv() -> list[str] | None:
             included[:] = [i for i, g in enumerate(groups) if not all(r.cancelled for r in g)]
             if not included:
                 return None
-            comment = batch_id
-            if len(requests) == 1:
-                comment += f"/{requests[0].entry.task_id}/{requests[0].entry.attempt}"
             return sbatch_argv(
                 options,
                 name=self._name,
@@ -255,8 +255,20 @@ class Submitter:
                 per_job=per_job,
             )
 
+        async def settle() -> str | None:
+            # The batch's comment is its own: a job that carries it is the one
+            # sbatch submitted before its answer was lost (the indices are
+            # those of that try: make_argv has not run since).
+            jobs = await list_jobs(self._cli, self._name)
+            found = [j.job_id for j in jobs.values() if j.comment == comment]
+            if not found:
+                return None
+            job = found[0].partition("_")[0]
+            log.warning("sbatch's answer was lost, but it had submitted Slurm job %s", job)
+            return job
+
         try:
-            out = await self._cli.call_while(make_argv)
+            out = await self._cli.call_while(make_argv, settle=settle)
         except SlurmError as exc:
             self._refuse(requests, f"Slurm refused the job: {exc}")
             return
