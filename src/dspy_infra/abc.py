@@ -178,7 +178,9 @@ class TaskRun:
     task's own resources, else its class's; a runner that runs elsewhere (a
     container, a Slurm job) asks for them there.
     ``work_dir`` is this task's own directory under ``tasks_dir``; runners
-    create it when they need it.
+    create it when they need it. ``attempt`` is at least ``max_attempts`` for
+    the task's last attempt: one running when its instance dies is not run
+    again (the task is marked lost), so what it left running is not wanted.
     """
 
     task_id: str
@@ -194,6 +196,7 @@ class TaskRun:
     cpus: float = 0.0
     memory_mb: int = 0
     gpu_count: int = 0
+    max_attempts: int = 1
 
     @property
     def work_dir(self) -> Path:

@@ -548,12 +548,14 @@ import anyio
 from dspy_infra import AgentInfra
 
 state_dir, config, payloads = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+max_attempts = int(sys.argv[4]) if len(sys.argv) > 4 else 2
 
 async def main():
     async with AgentInfra.start(config, state_dir=state_dir) as infra:
         for i, payload in enumerate(payloads):
             await infra.submit_task(
-                "sleep", payload, task_class="s", task_id=f"survivor{i}", max_attempts=2
+                "sleep", payload, task_class="s", task_id=f"survivor{i}",
+                max_attempts=max_attempts,
             )
         await anyio.sleep_forever()
 
@@ -593,6 +595,34 @@ async def test_after_a_crash_the_next_owner_re_attaches_the_running_jobs(
             assert await anyio.Path(log).read_text() == "started\n"
         for handle in handles:
             assert (await handle.wait()).attempts == 2  # the crash used one up, the job did not
+    assert not list((state_dir / "slurm").glob("*.json")), "the batch's files are gone"
+
+
+async def test_after_a_crash_the_jobs_of_tasks_left_no_attempt_are_cancelled_at_start(
+    slurm: str, tmp_path: Path
+) -> None:
+    settings = config(tmp_path / "handlers")
+    state_dir = tmp_path / "state"
+    log = tmp_path / "log"
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(OWNER))
+    payloads = [{"log": str(log), "seconds": 120}]
+    argv = [sys.executable, str(script), str(state_dir), json.dumps(settings), json.dumps(payloads)]
+    async with await anyio.open_process([*argv, "1"]) as owner:
+        try:
+            await wait_for_line(log)
+        finally:
+            os.kill(owner.pid, signal.SIGKILL)
+    async with AgentInfra.start(settings, state_dir=state_dir) as infra:
+        runner = SlurmRunner.of_instance(infra.instance_id)
+        assert runner is not None
+        assert (await infra.get_task_status("survivor0")).state is TaskState.LOST
+        assert await active(runner, "survivor0"), "its job ran on"
+        # Its task will never take it over: it must not run for as long as
+        # this instance is open (it could be days), holding its allocation.
+        with anyio.fail_after(30):
+            while await active(runner, "survivor0"):
+                await anyio.sleep(0.1)
     assert not list((state_dir / "slurm").glob("*.json")), "the batch's files are gone"
 
 

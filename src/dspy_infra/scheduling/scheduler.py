@@ -1182,6 +1182,7 @@ class LocalScheduler:
             cpus=record.need[0],
             memory_mb=record.need[1],
             gpu_count=record.need[2],
+            max_attempts=record.max_attempts,
         )
         outcome: tuple[TaskState, str | None, str | None]
         try:

@@ -46,12 +46,16 @@ _SLURM_LOG_LINES = 5
 
 @frozen(kw_only=True)
 class Entry:
-    """One task of a batch, and the array index of the job that runs it (with others, packed)."""
+    """One task of a batch, and the array index of the job that runs it (with others, packed).
+
+    ``last``: the task's last attempt, which is not run again after a crash.
+    """
 
     task_id: str
     attempt: int
     work_dir: Path
     index: int = 0
+    last: bool = False
 
     @property
     def paths(self) -> TaskPaths:
@@ -119,7 +123,9 @@ def write_batch(
     batch.script.write_text(batch_text)
     data = {
         "name": name,
-        "tasks": [[e.task_id, e.attempt, str(e.work_dir), e.index] for e, _, _, _ in entries],
+        "tasks": [
+            [e.task_id, e.attempt, str(e.work_dir), e.index, e.last] for e, _, _, _ in entries
+        ],
     }
     tmp = batch.manifest.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data))
@@ -137,8 +143,14 @@ def read_manifests(directory: Path) -> list[Manifest]:
         try:
             data = json.loads(path.read_text())
             entries = tuple(
-                Entry(task_id=str(t), attempt=int(a), work_dir=Path(w), index=int(i))
-                for t, a, w, i in data["tasks"]
+                Entry(
+                    task_id=str(t),
+                    attempt=int(a),
+                    work_dir=Path(w),
+                    index=int(i),
+                    last=bool(last and last[0]),  # absent: an older manifest, not known
+                )
+                for t, a, w, i, *last in data["tasks"]
             )
             name = str(data["name"])
         except (OSError, ValueError, KeyError, TypeError):

@@ -150,12 +150,15 @@ class SlurmRunner:
         self._context, self._cli, self._poller, self._group = context, cli, poller, group
         self._submitter = Submitter(cli, directory, name, group)
         self._name = name
-        # Jobs of a previous owner are looked for when they matter: at the
-        # first attempt, or at close. An instance that never uses Slurm
-        # never calls it.
+        # Jobs of a previous owner are looked for when they matter: at once
+        # if some ran the last attempt of their task (marked lost, it will
+        # never take its job over), else at the first attempt, or at close.
+        # An instance that never uses Slurm never calls it.
         self._manifests = manifests
         self._recovered = not manifests
         self._open[context.instance_id] = self
+        if any(e.last for m in manifests if m.name == name for e in m.entries):
+            group.start_soon(self._recover)
         return []
 
     async def _poll(self, poller: Poller) -> None:
@@ -222,7 +225,12 @@ class SlurmRunner:
             )
 
     def _request(self, run: TaskRun, handler: HandlerConfig, files: AttemptFiles) -> Request:
-        entry = Entry(task_id=run.task_id, attempt=run.attempt, work_dir=files.work_dir)
+        entry = Entry(
+            task_id=run.task_id,
+            attempt=run.attempt,
+            work_dir=files.work_dir,
+            last=run.attempt >= run.max_attempts,
+        )
         # The attempt's timeout is the deadline of the scope it runs in.
         seconds_left = anyio.current_effective_deadline() - anyio.current_time()
         options = JobOptions.of(run, seconds_left=seconds_left)
@@ -366,10 +374,16 @@ class SlurmRunner:
                     None if i and not i.final else exit_code(r.entry.paths) for r, i in candidates
                 ]
             )
+            unwanted: set[str] = set()
             for (request, info), code in zip(candidates, codes, strict=True):
                 task_id = request.entry.task_id
                 if info is not None and not info.final:
-                    self._orphans[task_id] = request
+                    if all(r.entry.last for r in request.group):
+                        unwanted.add(info.job_id)
+                        request.stopping = True
+                        submitter.release(request)
+                    else:
+                        self._orphans[task_id] = request
                 elif code == 0:
                     # It ended well while nobody watched: its result is in its work dir.
                     request.final = info or JobInfo(job_id=request.job_id or "?", state=GONE)
@@ -383,14 +397,26 @@ class SlurmRunner:
                 log.info("found %d Slurm job(s) of a previous run to re-attach", len(self._orphans))
         # Out of the lock: the attempts waiting for the search need not wait
         # for a slow controller to cancel what nobody will take over.
+        await self._cancel_unwanted(sorted(unwanted), strays)
+
+    async def _cancel_unwanted(self, unwanted: list[str], strays: list[str]) -> None:
+        cli = self._cli
+        assert cli is not None
+        if unwanted:
+            log.warning(
+                "cancelling %d Slurm job(s) of a previous run whose tasks had no attempt left: %s",
+                len(unwanted),
+                ", ".join(unwanted),
+            )
         if strays:
             log.warning(
                 "cancelling %d Slurm job(s) of this state dir that no record explains: %s",
                 len(strays),
                 ", ".join(strays),
             )
+        if unwanted or strays:
             try:
-                await cli.scancel(strays)
+                await cli.scancel([*unwanted, *strays])
             except SlurmError as exc:
                 log.warning("cannot cancel them: %s", exc)
 
