@@ -194,7 +194,11 @@ class LocalBackend:
     async def close(self) -> None:
         ledger, self._ledger = self._ledger, None
         if ledger is not None:
-            await anyio.to_thread.run_sync(ledger.close)
+            # Shielded: an instance is often closed by a cancellation (a
+            # timeout around its block), and the ledger's file must still be
+            # closed and removed, not left open until the process ends.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(ledger.close)
 
 
 Backend = LocalBackend

@@ -159,10 +159,14 @@ class ProcessRunner:
     async def close(self) -> None:
         ledger, self._ledger, self._context = self._ledger, None, None
         files_io, self._files = self._files, None
-        if files_io is not None:
-            await anyio.to_thread.run_sync(files_io.shut_down)
-        if ledger is not None:
-            await anyio.to_thread.run_sync(ledger.close)
+        # Shielded: an instance is often closed by a cancellation (a timeout
+        # around its block), and the files' thread must still end and the
+        # ledger's file be closed and removed, not left until the process ends.
+        with anyio.CancelScope(shield=True):
+            if files_io is not None:
+                await anyio.to_thread.run_sync(files_io.shut_down)
+            if ledger is not None:
+                await anyio.to_thread.run_sync(ledger.close)
 
 
 Runner = ProcessRunner
