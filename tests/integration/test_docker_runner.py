@@ -275,6 +275,21 @@ async def test_cancel_stops_the_container_promptly(
         assert await labelled(f"{Labels.PROJECT}={project}", f"{Labels.KIND}=task") == ([], [])
 
 
+async def test_an_instance_closed_by_a_cancel_stops_its_task_containers_on_sigterm(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    with anyio.CancelScope() as scope:
+        async with start(
+            tmp_path, project, {"sleep": box(busybox, SLEEPER)}, cancel_grace=30.0
+        ) as infra:
+            await submit(infra, "sleep", task_id="sleeper")
+            await wait_for(tmp_path / "state" / "tasks" / "sleeper" / "started")
+            began = time.monotonic()
+            scope.cancel()
+            await anyio.sleep(60)
+    assert time.monotonic() - began < 10
+
+
 async def test_a_container_that_ignores_sigterm_is_killed_after_the_grace(
     tmp_path: Path, project: str, busybox: str
 ) -> None:

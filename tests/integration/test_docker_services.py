@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,20 @@ async def test_a_program_named_relative_to_the_working_directory_runs(
     finally:
         async with aiodocker.Docker() as docker:
             await docker.images.delete(tag, force=True)
+
+
+async def test_an_instance_closed_by_a_cancel_stops_its_containers_on_sigterm(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    # A long stop_timeout: the container must go on SIGTERM, as when the
+    # instance closes otherwise, not wait for the SIGKILL.
+    services = {"kv": {**web(busybox), "stop_timeout": 30.0}}
+    with anyio.CancelScope() as scope:
+        async with start(tmp_path, project, services):
+            began = time.monotonic()
+            scope.cancel()
+            await anyio.sleep(60)
+    assert time.monotonic() - began < 10
 
 
 @pytest.mark.parametrize(

@@ -148,7 +148,13 @@ class Engine:
             stack.push_async_callback(self._remove_network)
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
-            await tg.start(self._follow_events)
+            # Once following, shielded and ended only here: an instance closed
+            # by a cancellation still stops its containers, and learns from
+            # these events that they exited (without them, each stop waited
+            # out its grace and _KILL_WAIT).
+            following = anyio.CancelScope()
+            stack.callback(following.cancel)
+            await tg.start(self._follow_events, following)
             self._stack = stack.pop_all()
         return self
 
@@ -368,25 +374,31 @@ class Engine:
 
     # -- events -------------------------------------------------------------------
 
-    async def _follow_events(self, *, task_status: TaskStatus[None]) -> None:
+    async def _follow_events(
+        self, scope: anyio.CancelScope, *, task_status: TaskStatus[None]
+    ) -> None:
         filters = {"type": ["container"], "label": [f"{Labels.INSTANCE}={self.instance_id}"]}
         started = False
-        while True:
-            try:
-                async with self.stream("events", {"filters": json.dumps(filters)}) as response:
+        with scope:
+            while True:
+                try:
+                    async with self.stream("events", {"filters": json.dumps(filters)}) as response:
+                        if not started:
+                            started = True
+                            task_status.started()
+                            # Not before: a start cancelled while connecting
+                            # would wait for ever for a task that ignores it.
+                            scope.shield = True
+                        else:
+                            await self._reconcile()
+                        async for line in response.content:
+                            if line.strip():
+                                self._dispatch(json.loads(line))
+                except (aiodocker.DockerError, *_BROKEN) as exc:
                     if not started:
-                        started = True
-                        task_status.started()
-                    else:
-                        await self._reconcile()
-                    async for line in response.content:
-                        if line.strip():
-                            self._dispatch(json.loads(line))
-            except (aiodocker.DockerError, *_BROKEN) as exc:
-                if not started:
-                    raise BackendUnavailable(f"cannot follow Docker events: {exc}") from None
-                log.warning("the Docker event stream broke (%s); reconnecting", exc)
-            await anyio.sleep(_RECONNECT_DELAY)
+                        raise BackendUnavailable(f"cannot follow Docker events: {exc}") from None
+                    log.warning("the Docker event stream broke (%s); reconnecting", exc)
+                await anyio.sleep(_RECONNECT_DELAY)
 
     def _dispatch(self, event: Mapping[str, Any]) -> None:
         watch = self._watches.get(event.get("id", ""))
