@@ -251,6 +251,38 @@ async def test_no_docker_engine_is_one_clear_error(
             pass
 
 
+async def test_a_start_cancelled_while_docker_does_not_answer_leaves_no_client_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clients: list[aiodocker.Docker] = []
+    version = aiodocker.Docker.version
+
+    async def spied(self: aiodocker.Docker) -> Any:
+        clients.append(self)
+        return await version(self)
+
+    monkeypatch.setattr(aiodocker.Docker, "version", spied)
+    with socket.socket(socket.AF_UNIX) as hung:  # a daemon that accepts and never answers
+        hung.bind(str(tmp_path / "docker.sock"))
+        hung.listen()
+        monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/docker.sock")
+        services = {"kv": {"image": "local/busybox:latest", "command": ["true"]}}
+        with anyio.move_on_after(30) as outer, anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_enter, start(tmp_path, "hungdocker", services))
+                with anyio.fail_after(10):
+                    while not clients:
+                        await anyio.sleep(0.01)
+                scope.cancel()
+    assert not outer.cancel_called
+    assert [client.session.closed for client in clients] == [True]
+
+
+async def _enter(infra: AgentInfra) -> None:
+    async with infra:
+        pass
+
+
 async def test_a_compose_file_starts_as_it_is(busybox: str, tmp_path: Path, project: str) -> None:
     compose = tmp_path / "docker-compose.yml"
     compose.write_text(

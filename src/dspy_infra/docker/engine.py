@@ -779,8 +779,13 @@ async def _connect() -> aiodocker.Docker:
         ) from None
     try:
         await docker.version()
-    except aiodocker.DockerError as exc:
-        await docker.close()
+    except BaseException as exc:
+        # Cancelled too (a daemon that does not answer, a timeout around the
+        # start): else the client's session is left open.
+        with anyio.CancelScope(shield=True):
+            await docker.close()
+        if not isinstance(exc, aiodocker.DockerError):
+            raise
         problem = exc.message
         if "ermission denied" in problem:
             raise BackendUnavailable(
