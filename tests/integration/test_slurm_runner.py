@@ -420,6 +420,9 @@ async def test_an_instance_closed_by_a_cancel_around_it_stops_its_jobs_at_once(
     assert time.monotonic() - started < 10
     assert runner is not None
     assert await active(runner) == []
+    # The batch's script, manifest and log went with its job, as when the
+    # instance closes otherwise.
+    assert list((tmp_path / "state" / "slurm").iterdir()) == []
 
 
 async def test_any_state_dir_and_cwd_will_do(slurm: str, tmp_path: Path) -> None:

@@ -161,7 +161,11 @@ class Submitter:
 
     async def _remove(self, files: BatchFiles) -> None:
         try:
-            await anyio.to_thread.run_sync(remove_batch, files)
+            # Shielded: an instance closed by a cancellation (Ctrl-C, a
+            # timeout around it) releases its batches in a cancelled group,
+            # and their files must go all the same.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(remove_batch, files)
         finally:
             self._leave()
 
