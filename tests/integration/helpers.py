@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+import aiodocker
+
+from dspy_infra.docker import build_image
 
 SERVICE = str(Path(__file__).with_name("_service.py"))
 
@@ -53,3 +59,14 @@ def serve_without(monkeypatch: Any, route: str) -> None:
         return routes
 
     monkeypatch.setattr(orch_pb.OrchestratorBase, "__mapping__", older)
+
+
+@asynccontextmanager
+async def built_image(context: Path, tag: str) -> AsyncIterator[str]:
+    """``tag``, built from the Dockerfile in ``context``, for the block; deleted after."""
+    await build_image(context, tag)
+    try:
+        yield tag
+    finally:
+        async with aiodocker.Docker() as docker:
+            await docker.images.delete(tag, force=True)

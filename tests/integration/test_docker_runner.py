@@ -21,10 +21,10 @@ import pytest
 
 from dspy_infra import AgentInfra, Config, ConfigError
 from dspy_infra.config.model import HandlerConfig, InfraSettings, TaskClass
-from dspy_infra.docker import build_image
 from dspy_infra.docker.engine import Container, Engine, Labels
 from dspy_infra.errors import InvalidTask, TaskCancelled, TaskFailed, TaskTimedOut
 from dspy_infra.scheduling.tasks import TaskHandle, TaskState
+from tests.integration.helpers import built_image
 
 pytestmark = pytest.mark.anyio
 
@@ -132,9 +132,7 @@ async def test_an_image_whose_user_is_not_root_can_write_its_result(
     context = tmp_path / "image"
     context.mkdir()
     (context / "Dockerfile").write_text(f"FROM {busybox}\nUSER 1000:1000\n")
-    tag = f"local/{project}-user:latest"
-    await build_image(context, tag)
-    try:
+    async with built_image(context, f"local/{project}-user:latest") as tag:
         script = "cat {payload_file} > {result_file}; echo note > {work_dir}/note"
         handlers = {"echo": box(tag, ["sh", "-c", script])}
         async with start(tmp_path, project, handlers, max_attempts=2) as infra:
@@ -142,9 +140,6 @@ async def test_an_image_whose_user_is_not_root_can_write_its_result(
             assert await handle.result() == {"n": 1}
             assert (await handle.wait()).attempts == 1
         assert (tmp_path / "state" / "tasks" / "user-1" / "note").read_text() == "note\n"
-    finally:
-        async with aiodocker.Docker() as docker:
-            await docker.images.delete(tag, force=True)
 
 
 async def test_the_last_stdout_line_is_the_result_without_a_result_file(

@@ -18,8 +18,8 @@ from aiodocker.containers import DockerContainer
 
 from dspy_infra import AgentInfra, BackendUnavailable, ServiceStartError, ServiceState
 from dspy_infra._procfs import start_time
-from dspy_infra.docker import build_image
 from dspy_infra.docker.engine import Container, Engine
+from tests.integration.helpers import built_image
 
 pytestmark = pytest.mark.anyio
 
@@ -142,16 +142,11 @@ async def test_image_healthcheck_decides_when_the_service_is_up(
         'CMD ["sh", "-c", "sleep 0.3; touch /tmp/ready; exec sleep 1000"]\n'
     )
 
-    tag = f"local/{project}-healthy:latest"
-    await build_image(context, tag)
-    try:
+    async with built_image(context, f"local/{project}-healthy:latest") as tag:
         services = {"slow": {"image": tag, "stop_timeout": 0.5}}
         async with start(tmp_path, project, services) as infra:
             status = (await infra.services.status())["slow"]
             assert status.state is ServiceState.HEALTHY
-    finally:
-        async with aiodocker.Docker() as docker:
-            await docker.images.delete(tag, force=True)
 
 
 async def test_a_program_named_relative_to_the_working_directory_runs(
@@ -165,9 +160,7 @@ async def test_a_program_named_relative_to_the_working_directory_runs(
     (context / "Dockerfile").write_text(
         f'FROM {busybox}\nWORKDIR /app\nCOPY run.sh /app/run.sh\nCMD ["./run.sh"]\n'
     )
-    tag = f"local/{project}-workdir:latest"
-    await build_image(context, tag)
-    try:
+    async with built_image(context, f"local/{project}-workdir:latest") as tag:
         services = {
             "app": {"image": tag, "health": {"log": "^up from /app$"}, "start_retries": 0},
             "tool": {
@@ -181,9 +174,6 @@ async def test_a_program_named_relative_to_the_working_directory_runs(
             status = await infra.services.status()
             assert status["app"].state is ServiceState.HEALTHY
             assert status["tool"].state is ServiceState.RUNNING
-    finally:
-        async with aiodocker.Docker() as docker:
-            await docker.images.delete(tag, force=True)
 
 
 async def test_an_instance_closed_by_a_cancel_stops_its_containers_on_sigterm(
