@@ -369,6 +369,20 @@ async def test_a_handler_without_an_image_is_refused_at_submit(
             await submit(infra, "typo")
 
 
+async def test_without_a_docker_engine_the_class_refuses_tasks_saying_how_to_do_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fix for a task class is another runner: the local backend is for services.
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    handlers = {"noop": {"image": "local/busybox:latest", "command": ["true"]}}
+    async with start(tmp_path, "nodocker", handlers) as infra:
+        with pytest.raises(InvalidTask) as refused:
+            await submit(infra, "noop")
+    message = str(refused.value)
+    assert "class 'box' cannot run tasks: Docker is not running" in message
+    assert 'runner = "process"' in message
+
+
 async def test_a_task_reaches_a_docker_service_by_name(
     tmp_path: Path, project: str, busybox: str
 ) -> None:

@@ -796,9 +796,12 @@ async def _connect() -> aiodocker.Docker:
     return docker
 
 
+# Shared by the docker backend and the docker runner: the way to do without
+# Docker differs for services and for a task class, so both are named.
 _HOW_TO_FIX = (
     "Docker is not running: {problem}. Start it (sudo systemctl start docker, or "
-    "`sudo dockerd &`), or point DOCKER_HOST at a running engine; or use the local backend"
+    "`sudo dockerd &`), or point DOCKER_HOST at a running engine; or do without Docker: "
+    'backend = "local" for services, runner = "process" for a task class'
 )
 
 
