@@ -44,6 +44,7 @@ from dspy_infra.errors import (
 )
 from dspy_infra.events import Event, EventsDropped, ServiceEvent
 from dspy_infra.infra import AgentInfra, HealthReport
+from dspy_infra.scheduling.store import StoreFailed
 from dspy_infra.scheduling.tasks import (
     ClassStatus,
     Resources,
@@ -116,6 +117,7 @@ __all__ = [
     "Step",
     "StepState",
     "StepStatus",
+    "StoreFailed",
     "TaskCancelled",
     "TaskClass",
     "TaskError",
