@@ -104,9 +104,8 @@ async def _lifecycle(manager: ServiceManager, rt: ServiceRuntime) -> None:
             if run.up_for >= config.restart_reset_after:
                 consecutive = 0
             if config.max_restarts is not None and consecutive >= config.max_restarts:
-                raise rt.failure(
-                    f"{run.reason}; gave up after {consecutive} restarts", run.exit_code
-                )
+                restarts = "1 restart" if consecutive == 1 else f"{consecutive} restarts"
+                raise rt.failure(f"{run.reason}; gave up after {restarts}", run.exit_code)
             delay = config.restart_backoff.delay(consecutive)
             consecutive += 1
             rt.restarts += 1
