@@ -3,6 +3,7 @@ running again the steps (and fan-out tasks) that had finished."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -78,22 +79,14 @@ anyio.run(main)
 """
 
 
-async def test_a_killed_owner_resumes_its_run_without_rerunning_finished_steps(
-    tmp_path: Path,
-) -> None:
-    import json  # noqa: PLC0415
-
-    state_dir = tmp_path / "state"
+async def _run_owner_until(
+    tmp_path: Path, script_text: str, state_dir: Path, spec: Any, wanted: set[str]
+) -> list[str]:
+    """Run an owner script until it has printed every line of ``wanted``, then SIGKILL it."""
     script = tmp_path / "owner.py"
-    script.write_text(textwrap.dedent(OWNER))
-    argv = [sys.executable, str(script), str(state_dir), json.dumps(SPEC)]
+    script.write_text(textwrap.dedent(script_text))
+    argv = [sys.executable, str(script), str(state_dir), json.dumps(spec)]
     lines: list[str] = []
-    wanted = {
-        "completed r1:prepare",
-        "completed r1:evaluate:0",
-        "completed r1:evaluate:1",
-        "started evaluate 2",
-    }
     async with await anyio.open_process(argv) as owner:
         try:
             assert owner.stdout is not None
@@ -106,6 +99,20 @@ async def test_a_killed_owner_resumes_its_run_without_rerunning_finished_steps(
         finally:
             os.kill(owner.pid, signal.SIGKILL)
         assert await owner.wait() == -signal.SIGKILL
+    return lines
+
+
+async def test_a_killed_owner_resumes_its_run_without_rerunning_finished_steps(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    wanted = {
+        "completed r1:prepare",
+        "completed r1:evaluate:0",
+        "completed r1:evaluate:1",
+        "started evaluate 2",
+    }
+    await _run_owner_until(tmp_path, OWNER, state_dir, SPEC, wanted)
 
     calls: list[tuple[str, Any]] = []
 
@@ -301,3 +308,86 @@ async def test_keep_finished_forgets_finished_runs_with_their_steps_and_tasks(
         status = await again.wait()
     assert status.state is RunState.SUCCEEDED
     assert status.steps["double"].result == 10
+
+
+CANCELLING_OWNER = """
+import json, sys
+import anyio
+from dspy_infra import AgentInfra
+
+state_dir, spec = sys.argv[1], json.loads(sys.argv[2])
+
+async def hold(name):
+    print("started", name, flush=True)
+    await anyio.sleep_forever()
+
+async def stubborn(name):
+    print("started", name, flush=True)
+    try:
+        await anyio.sleep_forever()
+    finally:
+        # Slow to stop: the owner is killed while cancel_run() waits for it.
+        print("stopping", name, flush=True)
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep_forever()
+
+async def main():
+    handlers = {"hold": hold, "stubborn": stubborn}
+    async with AgentInfra.start(state_dir=state_dir, handlers=handlers) as infra:
+        wf = await infra.workflows.create(spec)
+        await infra.workflows.start_run(wf.workflow_id, run_id="r1")
+        async with anyio.create_task_group() as tg:
+            async for event in infra.stream_events({"task_started"}, since=0):
+                if event.task_id == "r1:b":
+                    break
+            tg.start_soon(infra.workflows.cancel_run, "r1")
+            # Printed once a task's cancellation is committed.
+            async for event in infra.stream_events({"task_cancelled"}, since=0):
+                print("cancelled", event.task_id, flush=True)
+
+anyio.run(main)
+"""
+
+
+async def test_a_cancel_cut_short_by_a_crash_ends_the_resumed_run_cancelled(
+    tmp_path: Path,
+) -> None:
+    # The owner is killed in cancel_run(): step a's task is cancelled (and
+    # committed), b's still stopping. The next instance must finish what the
+    # cancel began (the run 'cancelled', nothing run again), not read a's
+    # cancelled task as a failure of the run, nor run its pending step.
+    spec = {
+        "name": "cancelling",
+        "steps": {
+            "a": {"handler": "hold", "payload": "a"},
+            "b": {"handler": "stubborn", "payload": "b"},
+            "c": {"handler": "hold", "payload": "c", "depends_on": ["a", "b"]},
+        },
+    }
+    state_dir = tmp_path / "state"
+    await _run_owner_until(
+        tmp_path, CANCELLING_OWNER, state_dir, spec, {"cancelled r1:a", "stopping b"}
+    )
+
+    calls: list[str] = []
+
+    async def hold(name: str) -> str:
+        calls.append(name)
+        return name
+
+    handlers: dict[str, Callable[..., Any]] = {"hold": hold, "stubborn": hold}
+    async with AgentInfra.start(state_dir=state_dir, handlers=handlers) as infra:
+        with anyio.fail_after(10):
+            status = await infra.workflows.wait_run("r1")
+        assert status.state is RunState.CANCELLED, status
+        assert {name: s.state for name, s in status.steps.items()} == {
+            "a": StepState.CANCELLED,
+            "b": StepState.CANCELLED,
+            "c": StepState.CANCELLED,
+        }
+        assert status.steps["c"].task_ids == ()
+        events = [e async for e in infra.workflows.stream_status("r1")]
+        assert events[-1].type == "workflow_run_cancelled"
+        values = await infra.get_metrics()
+        assert values['dspy_infra_workflow_runs_total{status="cancelled"}'] == 1
+    assert calls == []

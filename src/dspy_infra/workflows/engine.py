@@ -75,6 +75,11 @@ _RECENT = 1000  # finished runs kept in memory; older ones are read from the sto
 
 
 _UNREAD: Any = object()  # a value not decoded (yet) from its JSON text
+# The error of a run row still 'running' whose cancel_run() has begun (a
+# running run has no error otherwise): the next instance finishes the cancel
+# if a crash cut it short, rather than read the tasks it had cancelled as
+# failures of the run, or run the rest.
+_CANCELLING = "cancelling: cancel_run() was called"
 
 
 def _loads(text: str | None) -> Any:
@@ -277,7 +282,11 @@ class WorkflowEngine:
                 continue
             for step_row in await self._journal.read(self._store.steps, run.run_id):
                 step = run.steps.get(step_row[1])
-                if step is not None and step_row[2] == StepState.SUCCEEDED.value:
+                # A cancel goes on from where it was: the running steps'
+                # rows name the tasks it has to cancel.
+                if step is not None and (
+                    run.cancel_requested or step_row[2] == StepState.SUCCEEDED.value
+                ):
                     self._restore_step(step, step_row)
             self._runs[run.run_id] = run
             self._publish(run, "workflow_run_resumed", RunState.RUNNING.value)
@@ -296,6 +305,9 @@ class WorkflowEngine:
         run.state = RunState(state)
         run.finished_at = finished_at
         run.error = error
+        if run.state is RunState.RUNNING and error == _CANCELLING:
+            run.cancel_requested = True
+            run.error = None
         return run
 
     @staticmethod
@@ -557,6 +569,10 @@ class WorkflowEngine:
         # a close() of the instance cancels this task from outside, and the
         # run stays 'running' in the store.
         if run.cancel_requested:
+            # Stored before any task is cancelled: see _CANCELLING.
+            await self._journal.commit(
+                ("run_state", (RunState.RUNNING.value, None, _CANCELLING, run.run_id))
+            )
             await self._cascade(run, "cancelled by cancel_run()", "cancelled by cancel_run()")
             await self._finish(run, RunState.CANCELLED, "cancelled")
         elif failed:
