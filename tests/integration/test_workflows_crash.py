@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 from dspy_infra import AgentInfra, UnknownRun, UnknownTask
+from dspy_infra.scheduling.tasks import TaskState
 from dspy_infra.workflows import RunState, StepState
 
 pytestmark = pytest.mark.anyio
@@ -349,18 +350,21 @@ anyio.run(main)
 """
 
 
+@pytest.mark.parametrize("attempts", [1, 2])
 async def test_a_cancel_cut_short_by_a_crash_ends_the_resumed_run_cancelled(
-    tmp_path: Path,
+    tmp_path: Path, attempts: int
 ) -> None:
     # The owner is killed in cancel_run(): step a's task is cancelled (and
     # committed), b's still stopping. The next instance must finish what the
     # cancel began (the run 'cancelled', nothing run again), not read a's
-    # cancelled task as a failure of the run, nor run its pending step.
+    # cancelled task as a failure of the run, nor run its pending step; nor,
+    # with an attempt left, start b's task again (as a task running at a
+    # crash is) before the run is resumed.
     spec = {
         "name": "cancelling",
         "steps": {
             "a": {"handler": "hold", "payload": "a"},
-            "b": {"handler": "stubborn", "payload": "b"},
+            "b": {"handler": "stubborn", "payload": "b", "max_attempts": attempts},
             "c": {"handler": "hold", "payload": "c", "depends_on": ["a", "b"]},
         },
     }
@@ -386,6 +390,13 @@ async def test_a_cancel_cut_short_by_a_crash_ends_the_resumed_run_cancelled(
             "c": StepState.CANCELLED,
         }
         assert status.steps["c"].task_ids == ()
+        # Cancelled as the instance opened, neither lost nor run again.
+        b = await infra.get_task_status("r1:b")
+        assert (b.state, b.attempts, b.error) == (
+            TaskState.CANCELLED,
+            1,
+            "cancelled by cancel_run()",
+        )
         events = [e async for e in infra.workflows.stream_status("r1")]
         assert events[-1].type == "workflow_run_cancelled"
         values = await infra.get_metrics()

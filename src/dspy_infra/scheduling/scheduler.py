@@ -251,6 +251,8 @@ class LocalScheduler:
         self._forgettable: list[_Forgettable] = [
             (store.finished_before, "forget", self._forgetting_tasks)
         ]
+        # Recovered tasks not to run again: see cancel_on_recovery.
+        self._not_to_recover: list[Callable[[list[str]], dict[str, str]]] = []
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._runs: TaskGroup | None = None
@@ -367,7 +369,8 @@ class LocalScheduler:
         """Queue what was queued; re-run what was running if it has an attempt left."""
         lost: list[TaskRecord] = []
         waiting: Counter[str] = Counter()  # of classes whose runner is unavailable
-        for row in rows:
+        recovered = await self._cancel_unwanted(rows)
+        for row in recovered:
             record = TaskRecord.from_row(row, next(self._seq))
             cls = self._classes.get(record.task_class)
             if cls is None:
@@ -415,6 +418,22 @@ class LocalScheduler:
                 name,
                 self._classes[name].unavailable,
             )
+
+    async def _cancel_unwanted(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Cancel the recovered tasks that cancel_on_recovery names; the rows of the others."""
+        unwanted: dict[str, str] = {}
+        if rows and self._not_to_recover:
+            ids = [row[0] for row in rows]  # task_id is the first column
+            for find in self._not_to_recover:
+                unwanted.update(await self._journal.read(find, ids))
+        if not unwanted:
+            return rows
+        for row in rows:
+            if (reason := unwanted.get(row[0])) is not None:
+                record = TaskRecord.from_row(row, next(self._seq))
+                self._live[record.task_id] = record
+                self._finish(record, TaskState.CANCELLED, None, reason)
+        return [row for row in rows if row[0] not in unwanted]
 
     def _check_open(self) -> None:
         if not self._open:
@@ -1339,6 +1358,18 @@ class LocalScheduler:
         in the pass at the start too.
         """
         self._forgettable.append((find, kind, forgetting))
+
+    def cancel_on_recovery(self, find: Callable[[list[str]], dict[str, str]]) -> None:
+        """Have the tasks that ``find`` names cancelled as they are recovered, not run again.
+
+        ``find(task_ids)`` (a read of the store, in a worker thread) is given
+        the ids of the unfinished tasks found in the store as the scheduler
+        opens, and answers ``{task_id: why}`` for those whose work is no
+        longer wanted (the workflow engine's, of runs whose cancel a crash
+        cut short): they end ``cancelled`` with that error, never dispatched.
+        Registered before the scheduler opens.
+        """
+        self._not_to_recover.append(find)
 
     async def _forget_loop(self, keep: float) -> None:
         """Forget what finished more than ``keep`` seconds ago, now and every keep / 10."""

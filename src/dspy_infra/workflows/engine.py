@@ -217,6 +217,7 @@ class WorkflowEngine:
         self._open = False
         # keep_finished forgets finished runs (and their steps) as it does tasks.
         scheduler.forget_also(self._store.runs_finished_before, "forget_run", self._forgetting)
+        scheduler.cancel_on_recovery(self._cancelled_before_the_crash)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -254,6 +255,15 @@ class WorkflowEngine:
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.__aexit__(et, e, tb)
+
+    def _cancelled_before_the_crash(self, task_ids: builtins.list[str]) -> dict[str, str]:
+        """The recovered tasks of runs whose cancel a crash cut short: the scheduler
+        cancels them as it opens, before it would dispatch them (and run again
+        the work of a cancelled run) ahead of the run's resumption here."""
+        prefixes = tuple(f"{row[0]}:" for row in self._store.runs() if row[6] == _CANCELLING)
+        if not prefixes:
+            return {}
+        return {t: "cancelled by cancel_run()" for t in task_ids if t.startswith(prefixes)}
 
     def _close_gate(self) -> None:
         self._open = False
