@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,17 @@ def test_references_resolve_whole_strings_only() -> None:
     }
     with pytest.raises(ReferenceError_, match=r"nothing at 'inputs\.missing'"):
         resolve("${inputs.missing}", context)
+
+
+@given(st.text())
+def test_a_string_that_is_no_reference_nor_an_escaped_one_is_left_as_it_is(tail: str) -> None:
+    # "$${x}" is the escape of the reference "${x}", and only that: a string
+    # that merely begins with "$${" (a shell or compose snippet, "$${HOME}/bin")
+    # lost its first "$".
+    for text in (tail, "$" + tail, "$${" + tail, "$${x}" + tail):
+        if re.fullmatch(r"\$\$?\{[^{}]+\}", text):
+            continue
+        assert resolve({"s": [text]}, {}) == {"s": [text]}
 
 
 def test_a_toml_file(tmp_path: Path) -> None:

@@ -517,7 +517,9 @@ _RECURSE = 50
 
 def _resolve(value: Any, context: Mapping[str, Any], depth: int) -> Any:
     if isinstance(value, str):
-        if value.startswith("$${"):
+        if value.startswith("$${") and _REF_RE.match(value[1:]):
+            # The escape of a whole reference only: "$${HOME}/bin" is no
+            # reference, and is left as it is.
             return value[1:]
         match = _REF_RE.match(value)
         return value if match is None else _lookup(context, match[1].strip().split("."), value)
