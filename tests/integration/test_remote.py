@@ -1452,6 +1452,36 @@ async def test_a_client_closing_an_open_stream_does_not_hang(tmp_path: Path) -> 
             await events.aclose()
 
 
+async def test_a_stream_the_client_does_not_read_leaves_its_other_calls_alone(
+    tmp_path: Path,
+) -> None:
+    # HTTP/2 counts what the server sends on every stream of a connection
+    # against one window, given back as the client reads: a followed stream
+    # left unread (a slow progress display) took all of it, after about 4 MiB
+    # of events, and every other call on the connection hung for good.
+    big = "x" * 200_000
+
+    async def large(payload: Any) -> str:
+        return big
+
+    async with (
+        AgentInfra.start(
+            {"infra": {}}, state_dir=tmp_path / "state", handlers={"large": large, "echo": echo}
+        ) as infra,
+        serve(infra, "127.0.0.1:0") as srv,
+        AgentInfra.connect(srv.address) as remote,
+        aclosing(remote.stream_events({"task_completed"})) as events,
+    ):
+        with anyio.fail_after(10):
+            await first_live_event(remote, events)
+        for _ in range(60):  # 12 MB of results, each also on the unread stream
+            with anyio.fail_after(10):
+                assert await (await remote.submit_task("large")).result() == big
+        # What it holds is still there to read.
+        with anyio.fail_after(10):
+            assert isinstance(await anext(events), TaskEvent)
+
+
 async def first_live_event(api: Api, events: AsyncIterator[Event]) -> Event:
     """The first event of a stream that follows task completions as they happen.
 

@@ -44,6 +44,7 @@ import anyio.to_thread
 import betterproto2
 from attrs import frozen
 from grpclib.client import Channel, Stream
+from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
@@ -118,6 +119,12 @@ _ENV = "/env_manager.v1.EnvManager/"
 
 # How long connecting waits for the server's first answer.
 CONNECT_TIMEOUT = 10.0
+
+# HTTP/2 counts what the server sends on all the streams of a connection
+# against one window, given back only as the client reads. As large as HTTP/2
+# allows, beside a stream's own window of 4 MiB: a followed stream left unread
+# stops the server sending on it alone, not on every call of the connection.
+_CHANNEL_CONFIG = Configuration(http2_connection_window_size=2**31 - 1)
 
 
 class ServerUnavailable(BackendUnavailable):
@@ -776,7 +783,10 @@ class RemoteAgentInfra(TaskMethods):
                 f"refusing to send the token to {self.address} without TLS: pass tls=..."
             )
         connection = _Connection(
-            self.address, Channel(host, port, ssl=self._tls), self._token, tls=self._tls is not None
+            self.address,
+            Channel(host, port, ssl=self._tls, config=_CHANNEL_CONFIG),
+            self._token,
+            tls=self._tls is not None,
         )
         try:
             # A peer that takes the connection but never answers (not a
