@@ -454,6 +454,28 @@ async def test_logs_follow_streams_new_lines(tmp_path: Path) -> None:
         ]
 
 
+async def test_a_follower_gets_the_last_lines_of_a_service_that_ended_while_it_read(
+    tmp_path: Path,
+) -> None:
+    # The follower is still handling "first" when the service prints its
+    # last line and ends: that line (often the error that says why) was
+    # dropped, the follower ending as soon as it saw the log closed.
+    gate = tmp_path / "gate"
+    script = f"echo first; while [ ! -e {gate} ]; do sleep 0.01; done; echo last"
+    services = {"job": {"command": ["sh", "-c", script], "restart": "no"}}
+    async with infra_for(tmp_path, services) as infra:
+        seen = []
+        with anyio.fail_after(10):
+            async for line in infra.services.logs("job", follow=True):
+                seen.append(line)
+                if line == "first":
+                    gate.touch()
+                    completed = ServiceState.COMPLETED  # it printed "last", and ended
+                    while (await infra.services.status(["job"]))["job"].state != completed:
+                        await anyio.sleep(0.01)
+        assert seen == ["first", "last"]
+
+
 async def test_following_a_service_that_is_not_running_ends_with_what_is_buffered(
     tmp_path: Path,
 ) -> None:

@@ -105,12 +105,14 @@ class LogBuffer:
         buffered = len(self._lines) if tail is None else min(tail, len(self._lines))
         cursor = self._next - buffered
         while True:
-            changed = self._changed
+            # Taken with the lines, not after they are yielded: the service may
+            # print its last lines and end while the reader handles these.
+            changed, closed = self._changed, self._closed
             lines = self.since(cursor)
             cursor = self._next
             for line in lines:
                 yield line
-            if not follow or self._closed:
+            if not follow or closed:
                 return
             await changed.wait()
 
