@@ -218,6 +218,59 @@ def test_env_files_relative_to_the_compose_file(
     assert config.services["db"].env == {"A": "from web", "E": "single"}
 
 
+# As compose's documentation of env files has it: a value unquoted or in
+# double quotes has its ${VAR} substituted (from the environment, then the
+# lines above); one in single quotes is literal; a backslash escapes a quote,
+# and in double quotes \n, \r, \t and \\ are escapes; quotes may hold line
+# breaks. Read naively, a JSON value kept its quotes and backslashes, and
+# DATA=${BASE}/data reached the container, or a volume, as it was written.
+ENV_FILE_SYNTAX = r"""
+BASE=/srv
+DATA=${BASE}/data
+QUOTED_DATA="${BASE}/quoted"
+FROM_HOST=$HOST_DIR/cache
+LITERAL='${BASE}'
+JSON="{\"a\": [1, 2]}"
+ESCAPES="tab\tnew\nline\\"
+SINGLE='Let\'s go!'
+MULTI="first
+second" # a comment
+AFTER=still read
+"""
+ENV_FILE_VALUES = {
+    "BASE": "/srv",
+    "DATA": "/srv/data",
+    "QUOTED_DATA": "/srv/quoted",
+    "FROM_HOST": "/home/u/cache",
+    "LITERAL": "${BASE}",
+    "JSON": '{"a": [1, 2]}',
+    "ESCAPES": "tab\tnew\nline\\",
+    "SINGLE": "Let's go!",
+    "MULTI": "first\nsecond",
+    "AFTER": "still read",
+}
+
+
+def test_env_files_are_read_with_compose_syntax(tmp_path: Path) -> None:
+    (tmp_path / "app.env").write_text(ENV_FILE_SYNTAX)
+    svc = web(tmp_path, "image: app\nenv_file: app.env\n", HOST_DIR="/home/u")
+    # Braces are escaped for our placeholders: "{{" reads as "{".
+    assert {k: v.replace("{{", "{").replace("}}", "}") for k, v in svc.env.items()} == (
+        ENV_FILE_VALUES
+    )
+
+
+def test_the_dotenv_file_is_read_with_compose_syntax(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(ENV_FILE_SYNTAX)
+    environment = "\n".join(f"  {key}: ${{{key}}}" for key in ENV_FILE_VALUES)
+    svc = web(tmp_path, f"image: app\nenvironment:\n{environment}\n", HOST_DIR="/home/u")
+    assert {k: v.replace("{{", "{").replace("}}", "}") for k, v in svc.env.items()} == (
+        ENV_FILE_VALUES
+    )
+    volume = web(tmp_path, "image: app\nvolumes: ['${DATA}:/data']\n", HOST_DIR="/h").volumes
+    assert volume == ("/srv/data:/data",)
+
+
 @pytest.mark.parametrize(
     ("env_file", "content", "where", "message"),
     [

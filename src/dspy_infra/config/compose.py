@@ -50,6 +50,7 @@ import math
 import re
 import shlex
 import warnings
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,8 +117,10 @@ def read_compose(path: Path, *, environ: Mapping[str, str]) -> dict[str, Any]:
     """
     source = str(path)
     data = _load_yaml(path)
-    variables = {**_dotenv(path.parent / ".env"), **environ}
+    unset: dict[str, None] = {}
+    variables = {**_dotenv(path.parent / ".env", environ, unset), **environ}
     reader = _Reader(source, path.parent, variables)
+    reader.unset = unset
     raw = reader.document(reader.interpolate(data, ""))
     if message := reader.report():
         # read_compose <- loading <- load_config <- the caller
@@ -253,15 +256,29 @@ def _read_text(path: Path) -> str:
         raise ValueError("cannot read: not UTF-8 text") from None
 
 
-def _parse_env(text: str) -> dict[str, str | None]:
-    """``KEY=VALUE`` lines, as in ``env_file`` and ``.env``.
+def _parse_env(
+    text: str, source: str, lookup: Mapping[str, str | None], unset: dict[str, None]
+) -> dict[str, str | None]:
+    """``KEY=VALUE`` statements, as compose reads an ``env_file`` or ``.env``.
 
-    Blank lines, ``#`` comments and an ``export`` prefix are skipped, quotes
-    around a value removed; a bare ``KEY`` has no value (None): compose
-    takes it from the environment. A ValueError names the bad line.
+    Blank lines, ``#`` comments and an ``export`` prefix are skipped; a bare
+    ``KEY`` has no value (None): compose takes it from the environment. A
+    value in single quotes is literal. One in double quotes, or in none, has
+    its ``${VAR}`` substituted, from ``lookup`` first, then from the lines
+    above (names not set anywhere go in ``unset``): ``DATA=${BASE}/data``.
+    In double quotes ``\\n``, ``\\r``, ``\\t`` are escapes; in either quotes a
+    backslash escapes a quote (``"{\\"a\\": 1}"``), and a line break is kept.
+    A ValueError names the bad line; a failed ``${VAR:?...}`` is a ConfigError
+    naming ``source`` and the key.
     """
     env: dict[str, str | None] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    reader = _Reader(source, Path(), ChainMap(dict(lookup), env))
+    reader.unset = unset
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        number, line = index + 1, lines[index]
+        index += 1
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -269,26 +286,63 @@ def _parse_env(text: str) -> dict[str, str | None]:
         key = key.strip()
         if not key or any(c.isspace() for c in key):
             raise ValueError(f"line {number}: expected KEY=VALUE, got {stripped!r}")
-        env[key] = _unquote(value.strip()) if sep else None
+        if not sep:
+            env[key] = None
+            continue
+        value = value.lstrip()
+        quote = value[:1]
+        if quote not in ("'", '"'):
+            comment = value.find(" #")  # a comment after a space; A=b#c is "b#c"
+            env[key] = reader._substitute(value[:comment].rstrip() if comment >= 0 else value, key)
+            continue
+        body = value[1:]
+        while (end := _closing_quote(body, quote)) < 0:
+            if index == len(lines):
+                raise ValueError(f"line {number}: {key}: unterminated quoted value")
+            body += "\n" + lines[index]
+            index += 1
+        after = body[end + 1 :].strip()
+        if after and not after.startswith("#"):
+            raise ValueError(
+                f"line {number}: {key}: expected a comment or nothing after the closing quote, "
+                f"got {after!r}"
+            )
+        if quote == "'":
+            env[key] = body[:end].replace("\\'", "'")
+        else:
+            env[key] = reader._substitute(_ESCAPE.sub(_unescape, body[:end]), key)
     return env
 
 
-def _unquote(value: str) -> str:
-    if value[:1] in ("'", '"'):
-        end = value.find(value[0], 1)
-        # A quoted value, perhaps followed by a comment: A="hello world" # why
-        if end > 0 and (value[end + 1 :].strip() == "" or value[end + 1 :].lstrip()[:1] == "#"):
-            return value[1:end]
-    comment = value.find(" #")
-    return value[:comment].rstrip() if comment >= 0 else value
+# In double quotes: \n, \r and \t, and a backslash before anything else but
+# a "$" stands for that character, as compose reads them.
+_ESCAPE = re.compile(r"\\([^$])", re.DOTALL)
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t"}
 
 
-def _dotenv(path: Path) -> dict[str, str]:
+def _unescape(match: re.Match[str]) -> str:
+    return _ESCAPES.get(match[1], match[1])
+
+
+def _closing_quote(body: str, quote: str) -> int:
+    """Where ``body`` (a value after its opening quote) closes it; -1: not yet closed."""
+    i = 0
+    while i < len(body):
+        if body[i] == "\\":
+            i += 2
+        elif body[i] == quote:
+            return i
+        else:
+            i += 1
+    return -1
+
+
+def _dotenv(path: Path, environ: Mapping[str, str], unset: dict[str, None]) -> dict[str, str]:
     """The ``.env`` beside the compose file: variables for ``${VAR}``, when it exists."""
     if not path.exists():
         return {}
     try:
-        env = _parse_env(_read_text(path))
+        env = _parse_env(_read_text(path), str(path), environ, unset)
     except ValueError as exc:
         raise ConfigError(str(exc), source=str(path)) from None
     return {k: v for k, v in env.items() if v is not None}
@@ -315,7 +369,7 @@ class _Unsupported(Exception):
 class _Reader:
     """One pass over one compose file: it knows the file for errors and collects what it skips."""
 
-    def __init__(self, source: str, base: Path, variables: Mapping[str, str]) -> None:
+    def __init__(self, source: str, base: Path, variables: Mapping[str, str | None]) -> None:
         self.source = source
         self.base = base
         self.variables = variables
@@ -422,7 +476,8 @@ class _Reader:
             if not required and not full.exists():
                 continue
             try:
-                env.update(_parse_env(_read_text(full)))
+                text = _read_text(full)
+                env.update(_parse_env(text, str(full), self.variables, self.unset))
             except ValueError as exc:
                 raise self.fail(where, f"{full}: {exc}") from None
         return {"env": self._env_values(env)}
@@ -647,7 +702,7 @@ class _Reader:
         profiles = {
             self.string(p, f"{path}[{i}]") for i, p in enumerate(self.sequence(value, path))
         }
-        active = {p.strip() for p in self.variables.get("COMPOSE_PROFILES", "").split(",")}
+        active = {p.strip() for p in (self.variables.get("COMPOSE_PROFILES") or "").split(",")}
         if not profiles or "*" in active or profiles & active:
             return {}
         return {"autostart": False}
