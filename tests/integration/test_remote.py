@@ -1482,6 +1482,33 @@ async def test_a_stream_the_client_does_not_read_leaves_its_other_calls_alone(
             assert isinstance(await anext(events), TaskEvent)
 
 
+async def test_a_call_in_flight_when_its_connection_closes_says_so(tmp_path: Path) -> None:
+    # A stream followed in another task when the `async with connect()`
+    # block ends: it was told that no server answered, and to check that
+    # `dspy-infra serve` ran, though the server was fine and this client had
+    # closed the connection.
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        caught: list[BaseException] = []
+
+        async def follow(events: AsyncIterator[Event]) -> None:
+            try:
+                async for _ in events:
+                    pass
+            except InfraError as exc:
+                caught.append(exc)
+
+        async with anyio.create_task_group() as tg, AgentInfra.connect(srv.address) as remote:
+            await (await remote.submit_task("echo", 1)).result()
+            events = remote.stream_events(since=0)
+            with anyio.fail_after(5):
+                await anext(events)  # following, now
+            tg.start_soon(follow, events)
+            # The block of the connection ends here, then the task group's.
+        assert len(caught) == 1
+        assert isinstance(caught[0], InfraClosed), repr(caught[0])
+        assert "connection was closed" in str(caught[0])
+
+
 async def first_live_event(api: Api, events: AsyncIterator[Event]) -> Event:
     """The first event of a stream that follows task completions as they happen.
 

@@ -270,8 +270,10 @@ class _Connection:
         # Whether the server has answered a call in plain text: one that then
         # drops a call went away (killed, say), and is no TLS server.
         self._answered = False
+        self._closed = False
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     async def unary(self, route: str, request: betterproto2.Message, reply_type: type[R]) -> R:
@@ -323,6 +325,13 @@ class _Connection:
             if isinstance(exc, GRPCError):
                 self._answered = True
                 raise self._error(exc, opened, route) from None
+            if self._closed:
+                # Closed here, under a call still in flight (a stream followed
+                # in another task): not the server's doing.
+                raise InfraClosed(
+                    f"this connection was closed while {route.rpartition('/')[2]} was in "
+                    "flight: its `async with AgentInfra.connect(...)` block ended"
+                ) from None
             # A TLS server drops a plain-text client's connection at once;
             # a refused connection, or a name that no address answers to, is
             # no server at all.
