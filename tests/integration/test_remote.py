@@ -49,7 +49,7 @@ from hypothesis import strategies as st
 
 import dspy_infra
 import dspy_infra.cli
-from dspy_infra import AgentInfra, ClassStatus
+from dspy_infra import AgentInfra, ClassStatus, StoreFailed
 from dspy_infra import errors as errors_module
 from dspy_infra._procfs import group_alive
 from dspy_infra.errors import (
@@ -1244,6 +1244,7 @@ _RAISED: dict[type[InfraError], InfraError] = {
         BackendUnavailable("the Docker engine does not answer"),
         InfraClosed("this AgentInfra is closed"),
         StateDirInUse("the task store is held by pid 1"),
+        StoreFailed("the task store failed: database or disk is full"),
         ServiceError("kv é/1", "kv broke"),
         UnknownService("kv é/1", ["web"]),
         ServiceStartError(

@@ -87,6 +87,7 @@ from dspy_infra.remote._wire import (
 )
 from dspy_infra.scheduling.api import TaskMethods
 from dspy_infra.scheduling.checks import check_ids, encode_json, refused, request_error
+from dspy_infra.scheduling.store import StoreFailed
 from dspy_infra.scheduling.tasks import ClassStatus, TaskEvent, TaskRequest, TaskState, TaskStatus
 from dspy_infra.services.logs import check_tail
 from dspy_infra.services.status import ServiceStatus
@@ -249,6 +250,7 @@ _ERRORS: dict[str, _Rebuild] = {
     "BackendUnavailable": lambda f: BackendUnavailable(f.message),
     "InfraClosed": lambda f: InfraClosed(f.message),
     "StateDirInUse": lambda f: StateDirInUse(f.message),
+    "StoreFailed": lambda f: StoreFailed(f.message),
     "InvalidWorkflow": lambda f: InvalidWorkflow(f.message),
     "UnknownWorkflow": lambda f: UnknownWorkflow(f.ids[WORKFLOW_KEY]),
     "UnknownRun": lambda f: UnknownRun(f.ids[RUN_KEY]),
