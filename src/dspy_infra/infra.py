@@ -22,6 +22,7 @@ import anyio.abc
 import anyio.to_thread
 from attrs import field, frozen
 
+from dspy_infra._names import one_or_many
 from dspy_infra.abc import ContainerBackend
 from dspy_infra.backends import load_backend
 from dspy_infra.config import Config, load_config
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
     from dspy_infra.remote.client import RemoteAgentInfra
 
-__all__ = ["EVENT_TYPES", "AgentInfra", "HealthReport", "check_event_types", "event_types"]
+__all__ = ["EVENT_TYPES", "AgentInfra", "HealthReport", "check_event_types"]
 
 log = logging.getLogger("dspy_infra")
 
@@ -81,12 +82,6 @@ EVENT_TYPES: frozenset[str] = (
     | WorkflowEvent.TYPES
     | {EventsDropped.TYPE}
 )
-
-
-def event_types(types: str | Collection[str] | None) -> Collection[str] | None:
-    """``types``, one type given as a string being that type: a string is a
-    collection of strings, whose letters were refused as unknown types."""
-    return (types,) if isinstance(types, str) else types
 
 
 def check_event_types(types: Collection[str]) -> None:
@@ -402,7 +397,7 @@ class AgentInfra(TaskMethods):
         """
         self._check_open()
         assert self._bus is not None
-        types = event_types(types)
+        types = one_or_many(types)
         if types is not None:
             check_event_types(types)
         check_since(since)

@@ -48,6 +48,7 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
+from dspy_infra._names import one_or_many
 from dspy_infra.errors import (
     BackendUnavailable,
     ConfigError,
@@ -68,7 +69,7 @@ from dspy_infra.errors import (
     UnknownTask,
 )
 from dspy_infra.events import Event, check_since
-from dspy_infra.infra import HealthReport, event_types
+from dspy_infra.infra import HealthReport
 from dspy_infra.remote import _convert as convert
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
@@ -618,7 +619,7 @@ def _request_names(names: Iterable[str] | None) -> list[str] | None:
     """
     if names is None:
         return []
-    wanted = [names] if isinstance(names, str) else list(names)
+    wanted = list(one_or_many(names))
     return wanted or None
 
 
@@ -879,7 +880,7 @@ class RemoteAgentInfra(TaskMethods):
         """
         check_since(since)
         request = orch_pb.StreamEventsRequest(
-            types=list(event_types(types) or ()), since=_int64(since), follow=follow
+            types=list(one_or_many(types) or ()), since=_int64(since), follow=follow
         )
         replies = self._rpc.stream(_ORCH + "StreamEvents", request, orch_pb.Event)
         async with aclosing(replies):

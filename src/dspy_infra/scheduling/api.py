@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, Collection, Iterable
 from contextlib import aclosing
 from typing import Any, cast
 
+from dspy_infra._names import one_or_many
 from dspy_infra.abc import Scheduler
 from dspy_infra.errors import InvalidTask
 from dspy_infra.events import check_since
@@ -151,12 +152,8 @@ class TaskMethods:
         first); without, it follows every task. With ``since``, final events
         after that sequence number are replayed first.
         """
-        if isinstance(task_ids, str):
-            # One id, not the ids of its characters (a string is a collection
-            # of strings): the stream raised "unknown task '0'".
-            task_ids = (task_ids,)
         if task_ids is not None:
-            task_ids = [_checked(task_id) for task_id in task_ids]
+            task_ids = [_checked(task_id) for task_id in one_or_many(task_ids)]
         check_since(since)
         async with aclosing(self._tasks.results(task_ids, since=since)) as results:
             async for event in results:
@@ -167,8 +164,7 @@ def _needs(needs: Any) -> tuple[str, ...]:
     """One service name, or several. What is neither (None, a number) is kept
     as it is, for the checks to refuse with the task's id: ``tuple()`` of it
     raised a TypeError that named nothing."""
-    if isinstance(needs, str):
-        return (needs,)
+    needs = one_or_many(needs)
     try:
         return tuple(needs)
     except TypeError:

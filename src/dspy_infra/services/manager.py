@@ -15,6 +15,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
+from dspy_infra._names import one_or_many
 from dspy_infra.abc import ContainerBackend, ServiceProcess
 from dspy_infra.config.loading import dependency_closure
 from dspy_infra.config.model import Config, Probe
@@ -339,9 +340,7 @@ class ServiceManager:
     # -- internals ------------------------------------------------------------
 
     def _known(self, names: Iterable[str]) -> builtins.list[str]:
-        if isinstance(names, str):
-            names = [names]
-        selected = list(dict.fromkeys(names))
+        selected = list(dict.fromkeys(one_or_many(names)))
         for name in selected:
             self.runtime(name)
         return selected

@@ -27,6 +27,7 @@ from typing import Any, cast
 
 from attrs import field, frozen
 
+from dspy_infra._names import one_or_many
 from dspy_infra.config.loading import find_cycle
 from dspy_infra.errors import InfraError
 from dspy_infra.scheduling.checks import encode_json, id_type_error, json_too_deep, too_deep_error
@@ -109,10 +110,8 @@ def inputs_dict(workflow_id: str, inputs: Mapping[str, Any] | None) -> dict[str,
 
 
 def _names(value: Any, key: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
     try:
-        return tuple(value)
+        return tuple(one_or_many(value))
     except TypeError:  # "'int' object is not iterable" named neither the key nor the value
         raise TypeError(f"{key} must be a list of names, got {value!r:.200}") from None
 
