@@ -5,6 +5,7 @@ when a write that nobody waits for is committed."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -214,3 +215,54 @@ async def test_closing_commits_a_deferred_write_at_once(
             journal.close()
     assert await stored(store, "deferred") == {"deferred"}
     assert writer_threads() == []
+
+
+def pipes() -> set[str]:
+    """The pipes this process holds open."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own)
+            if (target := os.readlink(f"/proc/self/fd/{fd}")).startswith("pipe:"):
+                found.add(f"{fd}:{target}")
+    return found
+
+
+async def test_its_writer_leaves_no_pipe_open(store: SQLiteStore) -> None:
+    before = pipes()
+    async with running(Journal(store, threaded=True)) as journal:
+        await journal.write(("insert", row("one"))).wait()
+        assert len(pipes() - before) == 4  # a pipe each way
+    assert pipes() - before == set()
+    assert writer_threads() == []
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="keeping the writer on the loop's CPU needs Linux and two CPUs",
+)
+async def test_its_writer_runs_on_the_event_loops_cpu(store: SQLiteStore) -> None:
+    # Woken on another, idle CPU, it would start tens of microseconds later
+    # (benchmarks.md, gRPC); the loop may move, and the writer with it.
+    allowed = os.sched_getaffinity(0)
+    async with running(Journal(store, threaded=True)) as journal:
+        for i in range(20):
+            await journal.write(("insert", row(f"t{i}"))).wait()
+        (writer,) = writer_threads()
+        assert writer.native_id is not None
+        cpus = os.sched_getaffinity(writer.native_id)
+        assert len(cpus) == 1
+        assert cpus <= allowed
+
+
+async def test_writes_of_one_step_share_the_commit_that_the_first_waiter_starts(
+    store: SQLiteStore,
+) -> None:
+    # Waiting hands the batch over at once: what the same step wrote before
+    # goes with it, what comes after waits for the next commit.
+    async with running(Journal(store, threaded=True)) as journal:
+        first = journal.write(("insert", row("first")))
+        second = journal.write(("insert", row("second")))
+        assert first is second
+        with anyio.fail_after(10):
+            await first.wait()
+        assert await stored(store, "first", "second") == {"first", "second"}
