@@ -159,8 +159,11 @@ async def test_a_deferrable_write_goes_with_the_next_write_or_once_hurried(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A deadline far beyond the test: only company or hurry() commits these
-    # (fail_after is a guard against hanging, not a measurement).
+    # (fail_after is a guard against hanging, not a measurement). The writer
+    # is left where the kernel puts it, as where it cannot be kept on the
+    # loop's CPU: an idle writer does not take deferrable writes at once.
     monkeypatch.setattr(store_module, "DEFER_SECONDS", 60.0)
+    monkeypatch.setattr(store_module, "_sched_getcpu", lambda: None)
     async with running(Journal(store, threaded=True)) as journal:
         joined = journal.write(("insert", row("joined")), deferrable=True)
         await anyio.sleep(0.1)
@@ -236,10 +239,13 @@ async def test_its_writer_leaves_no_pipe_open(store: SQLiteStore) -> None:
     assert writer_threads() == []
 
 
-@pytest.mark.skipif(
+on_the_loops_cpu = pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
     reason="keeping the writer on the loop's CPU needs Linux and two CPUs",
 )
+
+
+@on_the_loops_cpu
 async def test_its_writer_runs_on_the_event_loops_cpu(store: SQLiteStore) -> None:
     # Woken on another, idle CPU, it would start tens of microseconds later
     # (benchmarks.md, gRPC); the loop may move, and the writer with it.
@@ -252,6 +258,29 @@ async def test_its_writer_runs_on_the_event_loops_cpu(store: SQLiteStore) -> Non
         cpus = os.sched_getaffinity(writer.native_id)
         assert len(cpus) == 1
         assert cpus <= allowed
+
+
+@on_the_loops_cpu
+async def test_a_deferrable_write_goes_at_once_to_an_idle_writer_on_the_loops_cpu(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Committed as soon as the loop idles, it is out of the way of the next
+    # submit; while a commit is in progress, it still waits for company.
+    monkeypatch.setattr(store_module, "DEFER_SECONDS", 60.0)
+    async with running(Journal(store, threaded=True)) as journal:
+        await journal.write(("insert", row("first"))).wait()  # the writer is made
+        with anyio.fail_after(10):
+            await journal.write(("insert", row("alone")), deferrable=True).wait()
+        busy = journal.write(("insert", row("busy")))
+        await anyio.lowlevel.checkpoint()  # handed over, and with the writer...
+        behind = journal.write(("insert", row("behind")), deferrable=True)
+        with anyio.fail_after(10):
+            await busy.wait()
+        await anyio.sleep(0.1)
+        assert await stored(store, "busy", "behind") == {"busy"}  # ...so this waits
+        with anyio.fail_after(10):
+            await journal.write(("insert", row("company"))).wait()
+            await behind.wait()
 
 
 async def test_writes_of_one_step_share_the_commit_that_the_first_waiter_starts(

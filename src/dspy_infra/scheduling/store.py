@@ -578,9 +578,13 @@ class Journal:
 
     A write that nobody is waiting for (the final state of a task that no
     caller or stream waits on) may wait up to :data:`DEFER_SECONDS` for
-    company: a group commit. Handed over alone, it would often still be in
-    the writer when the next submit comes, and that submit would wait for
-    it; joined to the next batch, it costs that batch a row.
+    company while a commit is in progress, or where the writer is not kept
+    on the loop's CPU: a group commit. Handed over alone, it could still be
+    in the writer when the next submit comes, and that submit would wait
+    for it; joined to the next batch, it costs that batch a row. With the
+    writer idle on the loop's CPU, it goes at once: the writer starts as
+    soon as the loop idles (the reply sent, say), and is done long before
+    the next request of a client that submits one task at a time.
     """
 
     def __init__(self, store: Store, *, threaded: bool):
@@ -613,13 +617,18 @@ class Journal:
         start and the end of every attempt. Once the journal has stopped, the
         batch returned has failed with the reason, and ``then`` is not called.
         A ``deferrable`` write (nobody waits for it) may be committed up to
-        :data:`DEFER_SECONDS` later, with whatever is written meanwhile.
+        :data:`DEFER_SECONDS` later, with whatever is written meanwhile;
+        unless the writer is idle on the event loop's CPU (see :class:`_Writer`).
         """
         if not self._threaded:
             self._store.apply((op,))
             written: Written = _APPLIED
         else:
             written = self._batch
+            if deferrable and not (self._writing or written.ops) and self._writer_on_loop_cpu():
+                # The writer is idle on the loop's CPU: the commit runs as
+                # soon as the loop idles, over before the next submit comes.
+                deferrable = False
             written.ops.append(op)
             if not deferrable or self._closed:  # once closing, nothing waits for company
                 written.urgent = True
@@ -635,6 +644,9 @@ class Journal:
         if then is not None:
             written.then(then, arg)
         return written
+
+    def _writer_on_loop_cpu(self) -> bool:
+        return self._writer is not None and self._writer.on_loop_cpu
 
     def _hand_over_deferred(self) -> None:
         self._cancel_deferred()
@@ -805,6 +817,11 @@ class _Writer:
                 batch, answer, error = self._answers.popleft()
                 answer(batch, error)
 
+    @property
+    def on_loop_cpu(self) -> bool:
+        """Whether the thread is kept on the event loop's CPU."""
+        return self._cpu.following
+
     def apply(self, batch: _Batch, answer: _Answer) -> None:
         self._cpu.follow()
         self._requests.append((batch, answer))
@@ -834,6 +851,10 @@ class _SameCpu:
         self._thread_id = thread_id
         self._cpu = -1
         self._getcpu: Callable[[], int] | None = _sched_getcpu()
+
+    @property
+    def following(self) -> bool:
+        return self._getcpu is not None and self._cpu >= 0
 
     def follow(self) -> None:
         if self._getcpu is None or self._thread_id is None:
