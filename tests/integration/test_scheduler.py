@@ -1847,9 +1847,13 @@ async def test_a_task_queued_event_counts_no_attempt_yet(tmp_path: Path) -> None
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(follow)
-            # Until the stream follows: a task of another class, seen queued.
+            # Until the stream follows: a task of another class, seen started
+            # (its task_queued event comes first: cleared then, its
+            # task_started would be taken for one of the tasks below).
             probe = await infra.submit_task("held")
-            await until(lambda: any(e.task_id == probe.task_id for e in seen))
+            await until(
+                lambda: any(e.task_id == probe.task_id and e.type == "task_started" for e in seen)
+            )
             seen.clear()
             alone = await infra.submit_task("held", task_class="one")
             behind = await infra.submit_task("held", task_class="one")
