@@ -304,6 +304,11 @@ class SQLiteStore:
 
     def apply(self, ops: Sequence[Op]) -> None:
         db = self._connection()
+        if len(ops) == 1:
+            # Its own transaction: BEGIN and COMMIT would be two more statements.
+            ((kind, params),) = ops
+            db.execute(_SQL[kind], params)
+            return
         db.execute("BEGIN")
         try:
             i = 0
