@@ -790,13 +790,24 @@ class _Writer:
         self._answers: collections.deque[tuple[_Batch, _Answer, BaseException | None]] = (
             collections.deque()
         )
-        self._to_thread = os.pipe()  # (read end, write end)
-        self._to_loop = os.pipe()
-        os.set_blocking(self._to_loop[0], False)
         self._loop = loop
-        loop.add_reader(self._to_loop[0], self._answered)
         self._thread = threading.Thread(target=self._serve, name="dspy-infra-journal", daemon=True)
-        self._thread.start()
+        opened: list[int] = []
+        try:
+            self._to_thread = os.pipe()  # (read end, write end)
+            opened += self._to_thread
+            self._to_loop = os.pipe()
+            opened += self._to_loop
+            os.set_blocking(self._to_loop[0], False)
+            loop.add_reader(self._to_loop[0], self._answered)
+            try:
+                self._thread.start()
+            except BaseException:
+                loop.remove_reader(self._to_loop[0])
+                raise
+        except BaseException:
+            _close_all(opened)
+            raise
         self._cpu = _SameCpu(self._thread.native_id)
 
     def _serve(self) -> None:
@@ -838,8 +849,12 @@ class _Writer:
         await anyio.to_thread.run_sync(self._thread.join)
         self._answered()  # (none is left: close comes once all is answered)
         self._loop.remove_reader(self._to_loop[0])
-        for fd in (*self._to_thread, *self._to_loop):
-            os.close(fd)
+        _close_all((*self._to_thread, *self._to_loop))
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 _Answer = Callable[[_Batch, BaseException | None], None]
