@@ -239,9 +239,19 @@ async def test_its_writer_leaves_no_pipe_open(store: SQLiteStore) -> None:
     assert writer_threads() == []
 
 
+def can_pin() -> bool:
+    """Whether a thread can be kept on one CPU here (Linux, two CPUs, allowed)."""
+    if store_module._sched_getcpu() is None or len(os.sched_getaffinity(0)) < 2:
+        return False
+    try:
+        os.sched_setaffinity(threading.get_native_id(), os.sched_getaffinity(0))
+    except OSError:
+        return False
+    return True
+
+
 on_the_loops_cpu = pytest.mark.skipif(
-    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
-    reason="keeping the writer on the loop's CPU needs Linux and two CPUs",
+    not can_pin(), reason="keeping the writer on the loop's CPU needs Linux, two CPUs, and leave"
 )
 
 
@@ -295,3 +305,74 @@ async def test_writes_of_one_step_share_the_commit_that_the_first_waiter_starts(
         with anyio.fail_after(10):
             await first.wait()
         assert await stored(store, "first", "second") == {"first", "second"}
+
+
+@on_the_loops_cpu
+async def test_a_writer_that_can_no_longer_follow_the_loop_is_left_on_any_cpu(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Left pinned to the CPU it last followed, it would stay there for good.
+    answers = iter([0, -1])  # then sched_getcpu fails
+    monkeypatch.setattr(store_module, "_sched_getcpu", lambda: lambda: next(answers))
+    async with running(Journal(store, threaded=True)) as journal:
+        await journal.write(("insert", row("first"))).wait()
+        (writer,) = writer_threads()
+        assert writer.native_id is not None
+        assert os.sched_getaffinity(writer.native_id) == {0}
+        await journal.write(("insert", row("second"))).wait()
+        assert os.sched_getaffinity(writer.native_id) == os.sched_getaffinity(0)
+
+
+@on_the_loops_cpu
+async def test_where_every_commit_waits_for_the_disk_a_deferrable_write_waits_for_company(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A commit of its own would cost a disk flush, in the next submit's way.
+    monkeypatch.setattr(store_module, "DEFER_SECONDS", 60.0)
+    store = SQLiteStore(tmp_path / "tasks.db", synchronous="full")
+    await anyio.to_thread.run_sync(store.open)
+    try:
+        async with running(Journal(store, threaded=True)) as journal:
+            await journal.write(("insert", row("first"))).wait()
+            alone = journal.write(("insert", row("alone")), deferrable=True)
+            await anyio.sleep(0.1)
+            assert await stored(store, "alone") == set()
+            with anyio.fail_after(10):
+                await journal.write(("insert", row("company"))).wait()
+                await alone.wait()
+    finally:
+        store.close()
+
+
+async def test_a_writer_that_cannot_start_fails_the_write_and_stops_the_journal(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of file descriptors, say: the waiter is told, and nothing is
+    # committed behind its back by a later hand-over.
+    real_pipe = os.pipe
+    seen: dict[str, str] = {}
+
+    def no_pipe() -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    async def wait(name: str, written: Any) -> None:
+        try:
+            await written.wait()
+        except Exception as exc:  # noqa: BLE001 - what each waiter learns is the point
+            seen[name] = str(exc)
+
+    journal = Journal(store, threaded=True)
+    with anyio.fail_after(10), pytest.raises(ExceptionGroup) as caught:  # noqa: PT012
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal.run)
+            monkeypatch.setattr(os, "pipe", no_pipe)
+            await wait("lost", journal.write(("insert", row("lost"))))
+            monkeypatch.setattr(os, "pipe", real_pipe)
+            await wait("later", journal.write(("insert", row("later"))))
+            await anyio.sleep(0.1)
+    assert caught.group_contains(StoreFailed, match="writer could not start")
+    assert seen == dict.fromkeys(
+        ["lost", "later"], "the task store's writer could not start: [Errno 24] Too many open files"
+    )
+    assert await stored(store, "lost", "later") == set()
+    assert writer_threads() == []

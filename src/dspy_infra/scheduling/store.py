@@ -234,6 +234,10 @@ _FINISHED_AT = _INDEX["finished_at"]
 
 
 class Store(Protocol):
+    # Whether every commit waits for the disk (synchronous = "full"): then
+    # a write that nobody waits for always waits for company (Journal).
+    syncs_each_commit: bool
+
     def open(self) -> list[Row]:
         """Create or open the store; the rows of unfinished tasks, in submit order."""
 
@@ -272,6 +276,7 @@ class SQLiteStore:
     def __init__(self, path: Path, *, synchronous: str = "normal"):
         self.path = path
         self._synchronous = synchronous.upper()
+        self.syncs_each_commit = self._synchronous in {"FULL", "EXTRA"}
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._lock: int | None = None
@@ -439,6 +444,8 @@ def _describe_holder(pid: str) -> str:
 class MemoryStore:
     """``durable = false``: the rows live in a dict, gone with the process."""
 
+    syncs_each_commit = False
+
     def __init__(self) -> None:
         self._rows: dict[str, list[Any]] = {}
         self._workflows: dict[str, WorkflowRow] = {}
@@ -583,13 +590,14 @@ class Journal:
 
     A write that nobody is waiting for (the final state of a task that no
     caller or stream waits on) may wait up to :data:`DEFER_SECONDS` for
-    company while a commit is in progress, or where the writer is not kept
-    on the loop's CPU: a group commit. Handed over alone, it could still be
-    in the writer when the next submit comes, and that submit would wait
-    for it; joined to the next batch, it costs that batch a row. With the
-    writer idle on the loop's CPU, it goes at once: the writer starts as
-    soon as the loop idles (the reply sent, say), and is done long before
-    the next request of a client that submits one task at a time.
+    company while a commit is in progress, where the writer is not kept on
+    the loop's CPU, or where every commit waits for the disk: a group
+    commit. Handed over alone, it could still be in the writer when the
+    next submit comes, and that submit would wait for it; joined to the
+    next batch, it costs that batch a row. With the writer idle on the
+    loop's CPU, it goes at once: the writer starts as soon as the loop
+    idles (the reply sent, say), and is done long before the next request
+    of a client that submits one task at a time.
     """
 
     def __init__(self, store: Store, *, threaded: bool):
@@ -651,7 +659,12 @@ class Journal:
         return written
 
     def _writer_on_loop_cpu(self) -> bool:
-        return self._writer is not None and self._writer.on_loop_cpu
+        """Whether a lone commit now is cheap and starts at once (see the class)."""
+        return (
+            self._writer is not None
+            and self._writer.on_loop_cpu
+            and not self._store.syncs_each_commit
+        )
 
     def _hand_over_deferred(self) -> None:
         self._cancel_deferred()
@@ -677,7 +690,13 @@ class Journal:
             self._stop(InfraClosed("the task store is closed: this write came after its end"))
             return
         if self._writer is None:
-            self._writer = _Writer(self._store.apply, asyncio.get_running_loop())
+            try:
+                self._writer = _Writer(self._store.apply, asyncio.get_running_loop())
+            except Exception as exc:  # noqa: BLE001 - out of fds or threads: nothing can be stored
+                failure = StoreFailed(f"the task store's writer could not start: {exc}")
+                failure.__cause__ = exc
+                self._stop(failure)
+                return
         batch, self._batch = self._batch, _Batch()
         batch.hand_over = None
         self._writing = True
@@ -778,9 +797,10 @@ class _Writer:
     and ``call_soon_threadsafe``): a thread woken on another, idle, CPU
     starts tens of microseconds later on a VM, and its waker pays for the
     interrupt too; on the same CPU it starts as soon as the loop lets go.
-    The loop and the writer take turns anyway (the GIL), so nothing runs
-    less in parallel; and when SQLite waits for the disk, the writer sleeps
-    and the loop runs. A lone submit over gRPC returns about a fifth sooner
+    Little is lost in parallel: the two mostly take turns anyway (the
+    writer needs the GIL back after every SQLite step), and the scheduler's
+    throughput did not change; when SQLite waits for the disk, the writer
+    sleeps and the loop runs. A lone submit over gRPC returns about a fifth sooner
     (docs/benchmarks.md, gRPC).
     """
 
@@ -847,7 +867,7 @@ class _Writer:
         self._requests.append(None)
         os.write(self._to_thread[1], b"\0")
         await anyio.to_thread.run_sync(self._thread.join)
-        self._answered()  # (none is left: close comes once all is answered)
+        self._answered()  # the thread's last answer, if the loop has not read it
         self._loop.remove_reader(self._to_loop[0])
         _close_all((*self._to_thread, *self._to_loop))
 
@@ -885,7 +905,10 @@ class _SameCpu:
         try:
             os.sched_setaffinity(self._thread_id, {cpu})
         except (OSError, ValueError, OverflowError):  # -1: sched_getcpu failed
-            self._getcpu = None  # not allowed here: leave it to the kernel
+            self._getcpu = None  # not allowed here: leave it to the kernel...
+            if self._cpu >= 0:  # ...on any CPU, not the last one it was kept on
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(self._thread_id, os.sched_getaffinity(0))
             return
         self._cpu = cpu
 
