@@ -145,6 +145,17 @@ async def stored(store: SQLiteStore, *task_ids: str) -> set[str]:
     return await anyio.to_thread.run_sync(store.stored, list(task_ids))
 
 
+async def waits_for_company(journal: Journal, store: SQLiteStore, name: str) -> None:
+    """A deferrable write ``name`` is not committed alone, and goes with the next urgent one."""
+    deferred = journal.write(("insert", row(name)), deferrable=True)
+    await anyio.sleep(0.1)
+    assert await stored(store, name) == set()
+    with anyio.fail_after(10):
+        await journal.write(("insert", row(f"{name}-company"))).wait()
+        await deferred.wait()
+    assert await stored(store, name) == {name}
+
+
 async def test_a_deferrable_write_alone_is_committed_by_its_deadline(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -165,13 +176,7 @@ async def test_a_deferrable_write_goes_with_the_next_write_or_once_hurried(
     monkeypatch.setattr(store_module, "DEFER_SECONDS", 60.0)
     monkeypatch.setattr(store_module, "_sched_getcpu", lambda: None)
     async with running(Journal(store, threaded=True)) as journal:
-        joined = journal.write(("insert", row("joined")), deferrable=True)
-        await anyio.sleep(0.1)
-        assert await stored(store, "joined") == set()
-        with anyio.fail_after(10):
-            await journal.write(("insert", row("urgent"))).wait()
-            await joined.wait()
-        assert await stored(store, "joined", "urgent") == {"joined", "urgent"}
+        await waits_for_company(journal, store, "joined")
         # hurry() with the writer idle...
         idle = journal.write(("insert", row("idle")), deferrable=True)
         await anyio.lowlevel.checkpoint()
@@ -333,13 +338,8 @@ async def test_where_every_commit_waits_for_the_disk_a_deferrable_write_waits_fo
     await anyio.to_thread.run_sync(store.open)
     try:
         async with running(Journal(store, threaded=True)) as journal:
-            await journal.write(("insert", row("first"))).wait()
-            alone = journal.write(("insert", row("alone")), deferrable=True)
-            await anyio.sleep(0.1)
-            assert await stored(store, "alone") == set()
-            with anyio.fail_after(10):
-                await journal.write(("insert", row("company"))).wait()
-                await alone.wait()
+            await journal.write(("insert", row("first"))).wait()  # the writer is made
+            await waits_for_company(journal, store, "alone")
     finally:
         store.close()
 
