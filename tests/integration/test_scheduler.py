@@ -710,14 +710,21 @@ async def test_submitting_the_same_task_id_twice_runs_it_once(tmp_path: Path) ->
 # -- streaming results ------------------------------------------------------------------------
 
 
+async def finished_and_held(
+    infra: AgentInfra, gates: Gates, *keys: str
+) -> tuple[TaskHandle, list[TaskHandle]]:
+    """An "echo" task that has finished ("early"), and "gate" tasks started and held at ``keys``."""
+    done = await infra.submit_task("echo", "early")
+    await done.result()
+    held = [await infra.submit_task("gate", {"key": key}) for key in keys]
+    await gates.wait_started(*keys)
+    return done, held
+
+
 async def test_stream_task_results_for_ids_ends_when_all_have_finished(tmp_path: Path) -> None:
     gates = Gates()
     async with start(tmp_path, {"gate": gates.handler, "echo": echo}) as infra:
-        done = await infra.submit_task("echo", "early")
-        await done.result()
-        b = await infra.submit_task("gate", {"key": "b"})
-        c = await infra.submit_task("gate", {"key": "c"})
-        await gates.wait_started("b", "c")
+        done, (b, c) = await finished_and_held(infra, gates, "b", "c")
         received: list[TaskEvent] = []
 
         async def read() -> None:
@@ -810,10 +817,7 @@ async def test_a_stream_of_results_given_one_id_follows_that_task(tmp_path: Path
     # ids, and the stream raised "unknown task '0'".
     gates = Gates()
     async with start(tmp_path, {"gate": gates.handler, "echo": echo}) as infra:
-        done = await infra.submit_task("echo", "early")
-        await done.result()
-        later = await infra.submit_task("gate", {"key": "later"})
-        await gates.wait_started("later")
+        done, (later,) = await finished_and_held(infra, gates, "later")
         with anyio.fail_after(5):
             finished = [e async for e in infra.stream_task_results(done.task_id)]
             assert [(e.task_id, e.result) for e in finished] == [(done.task_id, "early")]
