@@ -414,6 +414,34 @@ async def test_a_child_that_left_the_group_holding_stdout_does_not_hold_up_the_r
         os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+async def test_a_last_line_without_a_newline_counts_when_a_child_that_left_holds_the_output(
+    runner_with: RunnerWith, make_run: MakeRun, tmp_path: Path, python: Python, stream: str
+) -> None:
+    # The reading ends after the drain period, not at the end of the stream:
+    # what the command wrote last, without a newline, is its last line still.
+    pid_file = tmp_path / "child"
+    code = """
+        import subprocess, sys
+        child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        open(sys.argv[1], "w").write(str(child.pid))
+        out = sys.stdout if sys.argv[2] == "stdout" else sys.stderr
+        print("an earlier line", file=out)
+        print('"the last line"', end="", file=out, flush=True)
+        sys.exit(0 if sys.argv[2] == "stdout" else 3)
+    """
+    runner = await runner_with({"h": python(code, str(pid_file), stream)})
+    try:
+        if stream == "stdout":
+            assert await runner.run(make_run("h")) == "the last line"
+        else:
+            with pytest.raises(RunFailed) as caught:
+                await runner.run(make_run("h"))
+            assert list(caught.value.output) == ["an earlier line", '"the last line"']
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
 async def test_open_removes_attempts_of_an_owner_that_was_killed(
     state_dir: Path, tmp_path: Path
 ) -> None:

@@ -209,9 +209,13 @@ class Tail:
     async def pump(self, stream: AsyncIterable[bytes] | None) -> None:
         if stream is None:
             return
-        async for chunk in stream:
-            self.feed(chunk)
-        self.end()
+        try:
+            async for chunk in stream:
+                self.feed(chunk)
+        finally:
+            # Also when the reading is cut short (a child that left the group
+            # holds the stream open): what came last is a line all the same.
+            self.end()
 
     def end(self) -> None:
         self._add(self._pending, self._cut)
