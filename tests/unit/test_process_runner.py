@@ -19,10 +19,11 @@ from attrs import evolve
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dspy_infra._process_group import launch_group
 from dspy_infra._procfs import group_alive
 from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.config.model import Config, HandlerConfig, InfraSettings, TaskClass
-from dspy_infra.runners._commands import Tail
+from dspy_infra.runners._commands import Tail, prepare
 from dspy_infra.runners.process import ProcessRunner
 
 pytestmark = pytest.mark.anyio
@@ -379,6 +380,30 @@ async def test_a_timeout_stops_the_work(
             await runner.run(make_run("h"))
     assert scope.cancelled_caught
     assert not group_alive(int(pgid_file.read_text()))
+
+
+async def test_an_attempt_cancelled_before_its_launch_never_starts_its_command(
+    runner_with: RunnerWith, make_run: MakeRun, python: Python, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cancellation (a cancel, a timeout) comes while the payload is being
+    # written: the files' one thread may be busy with other attempts' files.
+    launched: list[list[str]] = []
+
+    def slow_prepare(*args: Any) -> None:
+        time.sleep(0.3)
+        prepare(*args)
+
+    async def counted_launch(argv: list[str], **kwargs: Any) -> Any:
+        launched.append(argv)
+        return await launch_group(argv, **kwargs)
+
+    monkeypatch.setattr("dspy_infra.runners.process.prepare", slow_prepare)
+    monkeypatch.setattr("dspy_infra.runners.process.launch_group", counted_launch)
+    runner = await runner_with({"h": python("pass")})
+    with anyio.move_on_after(0.1) as scope:
+        await runner.run(make_run("h"))
+    assert scope.cancelled_caught
+    assert launched == [], "the command of an attempt cancelled before its launch was started"
 
 
 async def test_what_the_command_leaves_running_stops_with_it(

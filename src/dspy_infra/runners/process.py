@@ -118,6 +118,9 @@ class ProcessRunner:
         stdout = Tail(1, limit)
         stderr = Tail(STDERR_LINES, STDERR_LINE_BYTES)
         grace = run.class_config.cancel_grace
+        # The launch is shielded: a cancellation that came while the payload
+        # was written must stop the attempt here, before its command starts.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         try:
             process = await launch_group(argv, env=env, cwd=cwd, stderr=subprocess.PIPE)
         except LaunchFailed as exc:
