@@ -42,6 +42,8 @@ SCHEDULER_KEYS = {
     "durable_tps",
     "baseline_tps",
     "ratio",
+    "store_floor_tps",
+    "store_floor_ratio",
     "memory_tps",
     "latency_p50_ms",
     "latency_p99_ms",
