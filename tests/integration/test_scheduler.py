@@ -1102,6 +1102,40 @@ async def test_a_cancel_scope_around_the_instance_gives_the_attempt_back(tmp_pat
     assert runs == ["once", "once"]
 
 
+async def test_an_attempt_whose_handler_turns_the_close_into_an_error_is_given_back(
+    tmp_path: Path,
+) -> None:
+    # Some libraries raise an error of their own in place of the cancellation
+    # (grpclib does): the close still interrupted the attempt, which is given
+    # back, not counted as the task's failure.
+    started = anyio.Event()
+    runs: list[str] = []
+
+    async def wraps_its_cancellation(payload: str) -> str:
+        runs.append(payload)
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            raise ConnectionError("the call was interrupted") from None
+        return payload
+
+    async with start(tmp_path, {"h": wraps_its_cancellation}) as infra:
+        await infra.submit_task("h", "once", max_attempts=1, task_id="t")
+        await started.wait()
+    assert rows(tmp_path)["t"] == ("queued", 0)
+
+    async def quick(payload: str) -> str:
+        runs.append(payload)
+        return payload
+
+    async with start(tmp_path, {"h": quick}) as infra:
+        with anyio.fail_after(5):
+            status = await infra.task_handle("t").wait()
+    assert (status.state, status.attempts) == (TaskState.SUCCEEDED, 1)
+    assert runs == ["once", "once"]
+
+
 async def test_a_result_waiter_does_not_outlive_the_instance(tmp_path: Path) -> None:
     """A task waiting on result() when the instance closes is told, not left hanging."""
     gates = Gates()

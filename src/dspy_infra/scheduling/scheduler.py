@@ -1206,7 +1206,12 @@ class LocalScheduler:
         outcome: tuple[TaskState, str | None, str | None]
         try:
             value = await cls.runner.run(run)
-        except Exception as exc:  # noqa: BLE001 - any failure of the work fails the attempt
+        except Exception as exc:  # any failure of the work fails the attempt
+            if _cancelling() and not scope.cancel_called:
+                # The scheduler is closing, and the handler let its interruption
+                # out as an error of its own (grpclib does): interrupted all the
+                # same, so its attempt is given back, not counted as a failure.
+                raise anyio.get_cancelled_exc_class()() from exc
             outcome = (TaskState.FAILED, None, _describe(exc))
         except anyio.get_cancelled_exc_class() as exc:
             if scope.cancel_called or _cancelling():
