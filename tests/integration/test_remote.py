@@ -475,6 +475,8 @@ async def test_a_task_handle_given_for_its_id_is_refused_clearly(api: Api) -> No
             await call(handle)  # type: ignore[arg-type,misc]
     with pytest.raises(InvalidTask, match=told):
         [r async for r in api.stream_task_results([handle])]  # type: ignore[list-item]
+    with pytest.raises(InvalidTask, match=told):  # one id, as a list's only item may be
+        [r async for r in api.stream_task_results(handle)]  # type: ignore[arg-type]
     with pytest.raises(InvalidTask, match=re.escape("task_id must be a string, got None")):
         await api.get_task_status(None)  # type: ignore[arg-type]
     assert (await api.get_task_status(handle.task_id)).state is TaskState.SUCCEEDED

@@ -153,7 +153,10 @@ class TaskMethods:
         after that sequence number are replayed first.
         """
         if task_ids is not None:
-            task_ids = [_checked(task_id) for task_id in one_or_many(task_ids)]
+            ids = one_or_many(task_ids)
+            if not isinstance(ids, Iterable):  # one id that is no string: a handle, say
+                ids = (ids,)
+            task_ids = [_checked(task_id) for task_id in ids]
         check_since(since)
         async with aclosing(self._tasks.results(task_ids, since=since)) as results:
             async for event in results:
