@@ -180,6 +180,11 @@ async def test_submit_tasks_stores_all_or_none(tmp_path: Path) -> None:
             await infra.submit_tasks("echo", [1, 2], task_class="nope")
         with pytest.raises(InvalidTask, match="needs must be a list of service names, got None"):
             await infra.submit_tasks("echo", [1, 2], needs=None)  # type: ignore[arg-type]
+        # One payload given where a list of them is taken: a string or a dict
+        # would have been one task per letter or per key.
+        for one in ("abc", b"abc", {"a": 1, "b": 2}, None, 5):
+            with pytest.raises(InvalidTask, match=r"payloads must be a list .*, got "):
+                await infra.submit_tasks("echo", one)  # type: ignore[arg-type]
         await anyio.sleep(0.05)
         assert (await infra.task_classes())["cpu_short"].queued == 0
         assert (await infra.task_classes())["cpu_short"].running == 0

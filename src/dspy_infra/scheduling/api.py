@@ -9,7 +9,7 @@ as the API grows.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Collection, Iterable
+from collections.abc import AsyncGenerator, Collection, Iterable, Mapping
 from contextlib import aclosing
 from typing import Any, cast
 
@@ -17,7 +17,7 @@ from dspy_infra._names import one_or_many
 from dspy_infra.abc import Scheduler
 from dspy_infra.errors import InvalidTask
 from dspy_infra.events import check_since
-from dspy_infra.scheduling.checks import id_type_error
+from dspy_infra.scheduling.checks import id_type_error, refused
 from dspy_infra.scheduling.tasks import (
     ClassStatus,
     Resources,
@@ -101,6 +101,16 @@ class TaskMethods:
         produces many tasks at once; follow them with
         :meth:`stream_task_results`.
         """
+        if isinstance(payloads, str | bytes | bytearray | Mapping) or not isinstance(
+            payloads, Iterable
+        ):
+            # One payload where a list of them is taken: iterated, a string or
+            # a dict would have been a task per letter or per key.
+            raise refused(
+                None,
+                "payloads must be a list (an iterable) of payloads, one per task, got "
+                f"{type(payloads).__name__} {payloads!r:.100}: for one task, pass [payload]",
+            )
         needs = _needs(needs)
         scheduler = self._tasks
         task_ids = await scheduler.submit_many(
