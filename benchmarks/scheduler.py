@@ -29,8 +29,9 @@ durable floor
     final states of the 64 before them, as the scheduler groups them; the
     payload encoded for the row and decoded for the same no-op coroutine,
     ``asyncio.gather``-ed 64 at a time. No classes, queue, handles, events or
-    results stream: a bound from above on any durable design in Python over
-    this store, measured in turns with the rounds above.
+    results stream: what durability over this store costs where its work
+    shares one CPU with the loop's, as a writer thread's does (the GIL); no
+    such design passes it. Measured in turns with the rounds above.
 submit -> start latency
     One task at a time into an idle (durable) scheduler: the handler stamps
     ``time.perf_counter()`` when it starts; the latency is that minus the
