@@ -203,7 +203,14 @@ async def test_a_start_failure_is_counted_with_its_reason(tmp_path: Path) -> Non
     cfg = config(
         tmp_path,
         services={
-            "dies": service("--code", "4", "--exit-after", "0", start_retries=1, port=True),
+            "dies": service(
+                *("--code", "4", "--exit-after", "0"),
+                # No --port: nothing ever listens there. Listening, the service
+                # passed its probe now and then in the moment before it exited.
+                ports={"main": 0},
+                health={"tcp": "{port}"},
+                start_retries=1,
+            ),
         },
     )
     cfg["infra"]["autostart"] = False
