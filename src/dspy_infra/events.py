@@ -90,10 +90,12 @@ class _Subscriber:
         self.send: MemoryObjectSendStream[Event]
         self.receive: MemoryObjectReceiveStream[Event]
         self.send, self.receive = anyio.create_memory_object_stream[Event](buffer)
-        self.dropped = 0
-        # The seq of the first event dropped since the last notice: the
-        # notice goes where the gap is, after the events buffered before it.
-        self.gap = 0
+        # The runs of events dropped and not yet announced, oldest first:
+        # [seq of the first, how many]. Each notice goes where its run is,
+        # after the events buffered before it and before those buffered after.
+        self.gaps: deque[list[int]] = deque()
+        # Whether the last event it wanted was dropped: a drop then joins its run.
+        self.dropping = False
 
     def wants(self, event: Event) -> bool:
         return (self.types is None or event.type in self.types) and (
@@ -144,11 +146,15 @@ class EventBus:
                 try:
                     sub.send.send_nowait(event)
                 except anyio.WouldBlock:
-                    if not sub.dropped:
-                        sub.gap = self._seq
-                    sub.dropped += 1
+                    if sub.dropping:
+                        sub.gaps[-1][1] += 1
+                    else:
+                        sub.dropping = True
+                        sub.gaps.append([self._seq, 1])
                     if self._on_drop is not None:
                         self._on_drop(1)
+                else:
+                    sub.dropping = False
         return event
 
     def replay(self, since: int, types: Collection[str] | None = None) -> tuple[list[Event], bool]:
@@ -229,21 +235,27 @@ class EventBus:
             try:
                 event = receive.receive_nowait()
             except anyio.WouldBlock:
-                if sub.dropped:  # all that came before the gap is read: say so now
-                    yield _dropped(sub)
+                if sub.gaps:  # all that came before the gap is read: say so now
+                    yield _dropped(sub, None)
                 try:
                     event = await receive.receive()
                 except anyio.EndOfStream:
                     break
             except anyio.EndOfStream:
                 break
-            if sub.dropped and event.seq > sub.gap:
-                yield _dropped(sub)
+            if sub.gaps and event.seq > sub.gaps[0][0]:
+                yield _dropped(sub, event.seq)
             yield event
-        if sub.dropped:
-            yield _dropped(sub)
+        if sub.gaps:
+            yield _dropped(sub, None)
 
 
-def _dropped(sub: _Subscriber) -> EventsDropped:
-    count, sub.dropped = sub.dropped, 0
+def _dropped(sub: _Subscriber, before: int | None) -> EventsDropped:
+    """The notice of the runs dropped before seq ``before`` (all when None)."""
+    gaps = sub.gaps
+    count = 0
+    while gaps and (before is None or gaps[0][0] < before):
+        count += gaps.popleft()[1]
+    if not gaps:  # a drop from now on is after this notice: a run of its own
+        sub.dropping = False
     return EventsDropped(count=count)

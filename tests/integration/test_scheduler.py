@@ -1766,6 +1766,42 @@ async def test_a_stream_of_every_result_that_falls_behind_misses_none(tmp_path: 
     assert [e.seq for e in seen] == sorted({e.seq for e in seen})
 
 
+async def test_each_drop_notice_of_a_slow_event_stream_comes_where_its_events_were(
+    tmp_path: Path,
+) -> None:
+    # A buffer of 2. The reader falls behind: t3 is dropped; it reads one, so
+    # t4 finds room, and t5 is dropped after it. Each notice comes where its
+    # events were: t3's between t2 and t4, t5's after t4. One notice for both,
+    # before t4, put t5's drop among what came before it, and said nothing
+    # where t5 was missing.
+    async with start(tmp_path, {"echo": echo}, event_buffer=2) as infra:
+        received: list[str] = []
+
+        def seen(event: Any) -> None:
+            count = getattr(event, "count", None)
+            received.append(f"dropped {count}" if count is not None else str(event.task_id))
+
+        async def finish(*task_ids: str) -> None:
+            for task_id in task_ids:
+                await (await infra.submit_task("echo", 0, task_id=task_id)).result()
+
+        with anyio.fail_after(5):
+            async with aclosing(infra.stream_events("task_completed")) as events:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(lambda: finish("t0"))
+                    seen(await anext(events))  # subscribed, then t0
+                await finish("t1", "t2", "t3")  # t1, t2 buffered; t3 dropped
+                seen(await anext(events))  # t1
+                await finish("t4", "t5")  # t4 buffered; t5 dropped
+                for _ in range(3):
+                    seen(await anext(events))
+                await finish("t6")
+                seen(await anext(events))
+                if received[-1] != "t6":
+                    seen(await anext(events))
+    assert received == ["t0", "t1", "t2", "dropped 1", "t4", "dropped 1", "t6"]
+
+
 @pytest.mark.parametrize(("history", "expected"), [(8, [0, 1, 2, *range(32, 40)]), (0, [0, 1, 2])])
 async def test_a_stream_of_every_result_further_behind_than_the_history_warns(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, history: int, expected: list[int]
