@@ -402,3 +402,42 @@ async def test_a_cancel_cut_short_by_a_crash_ends_the_resumed_run_cancelled(
         values = await infra.get_metrics()
         assert values['dspy_infra_workflow_runs_total{status="cancelled"}'] == 1
     assert calls == []
+
+
+async def test_a_run_cancelled_as_it_resumes_cancels_the_tasks_its_steps_had_submitted(
+    tmp_path: Path,
+) -> None:
+    # 'slow' was running when its instance closed; the next instance recovers
+    # its task (queued again) and resumes the run. A cancel_run() at once,
+    # before the resumed run has submitted the step again, must stop that
+    # task too: it ran to its end after its run was 'cancelled'.
+    calls: list[str] = []
+
+    async def step(name: str) -> str:
+        calls.append(name)
+        if name == "slow":
+            await anyio.sleep(0.5)
+        return name
+
+    spec = {
+        "name": "closing",
+        "steps": {
+            "fast": {"handler": "step", "payload": "fast"},
+            "slow": {"handler": "step", "payload": "slow", "depends_on": ["fast"]},
+        },
+    }
+    state_dir = tmp_path / "state"
+    async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
+        wf = await infra.workflows.create(spec)
+        await infra.workflows.start_run(wf.workflow_id, run_id="cut")
+        with anyio.fail_after(10):
+            while "slow" not in calls:
+                await anyio.sleep(0.01)
+    async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
+        status = await infra.workflows.cancel_run("cut")
+        assert status.state is RunState.CANCELLED
+        assert status.steps["slow"].state is StepState.CANCELLED
+        assert status.steps["slow"].task_ids == ("cut:slow",)
+        await anyio.sleep(0.7)
+        task = await infra.get_task_status("cut:slow")
+        assert task.state is TaskState.CANCELLED, task

@@ -298,6 +298,11 @@ class WorkflowEngine:
                     run.cancel_requested or step_row[2] == StepState.SUCCEEDED.value
                 ):
                     self._restore_step(step, step_row)
+                elif step is not None:
+                    # Submitted again when it starts; until then, the tasks
+                    # that a cancel or a failure of the run has to stop (the
+                    # scheduler recovered them, and runs them meanwhile).
+                    step.task_ids = tuple(json.loads(step_row[3]))
             self._runs[run.run_id] = run
             self._publish(run, "workflow_run_resumed", RunState.RUNNING.value)
             assert self._tg is not None
@@ -733,7 +738,7 @@ class WorkflowEngine:
         """
         async with anyio.create_task_group() as tg:
             for step in run.steps.values():
-                if step.state is StepState.RUNNING or (
+                if not step.state.finished or (
                     step.state is StepState.FAILED and step.spec.fan_out is not None
                 ):
                     for task_id in step.task_ids:
