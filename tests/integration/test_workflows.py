@@ -530,6 +530,56 @@ async def test_a_failed_step_cancels_running_steps_and_never_runs_pending_ones(
         assert later.task_ids == ()
 
 
+async def test_a_step_made_ready_after_its_run_failed_never_starts(tmp_path: Path) -> None:
+    # 'bad' and 'ok' end at once, 'bad' first: the run has failed when 'ok''s
+    # success comes in, and 'after' (pending until then) must not start. It
+    # did: its task was submitted, and its handler ran, after the run failed.
+    ran: list[Any] = []
+
+    async def ok(payload: Any) -> Any:
+        return payload
+
+    async def bad(payload: Any) -> None:
+        raise RuntimeError("broken")
+
+    async def record(payload: Any) -> Any:
+        ran.append(payload)
+        await anyio.sleep(0.05)
+        return payload
+
+    spec = {
+        "name": "late",
+        "steps": {
+            "bad": {"handler": "bad"},
+            "ok": {"handler": "ok"},
+            "after": {"handler": "record", "payload": "${inputs.i}", "depends_on": ["ok"]},
+        },
+    }
+    handlers = {"ok": ok, "bad": bad, "record": record}
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers=handlers) as infra:
+        workflow = await infra.workflows.create(spec)
+        late = 0
+        for i in range(20):
+            run = await infra.workflows.start_run(workflow.workflow_id, {"i": i})
+            with anyio.fail_after(10):
+                events = [(e.type, e.step) async for e in infra.workflows.stream_status(run.run_id)]
+            status = await run.status()
+            assert status.state is RunState.FAILED
+            failed = events.index(("workflow_step_failed", "bad"))
+            if failed < events.index(("workflow_step_succeeded", "ok")):
+                late += 1
+                after = status.steps["after"]
+                assert ("workflow_step_started", "after") not in events, events
+                assert (after.state, after.error) == (
+                    StepState.CANCELLED,
+                    "not run: step 'bad' failed",
+                )
+                assert after.task_ids == ()
+                assert i not in ran
+        # The order this test is about is the usual one.
+        assert late > 0
+
+
 async def test_a_failed_fan_out_task_cancels_its_sibling_tasks(tmp_path: Path) -> None:
     # The failed step's own other tasks were not cancelled: the run was
     # 'failed' while they went on running (holding GPUs, say) to the end.

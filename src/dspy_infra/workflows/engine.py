@@ -687,6 +687,11 @@ class WorkflowEngine:
             step.state = StepState.SUCCEEDED
             self._journal.write(("step", step.row(run.run_id)))
             self._publish(run, "workflow_step_succeeded", step.state.value, step=step.name)
+            if failed or run.cancel_requested:
+                # The run has failed, or is being cancelled: its pending steps
+                # never start (this success can come in after that, as its
+                # wait had ended before the cancel reached this task).
+                return []
             # Only its dependents can have become ready: a wide DAG must not
             # rescan every step for each one that finishes.
             return _ready(run, run.dependents[step.name])
