@@ -580,6 +580,54 @@ async def test_a_step_made_ready_after_its_run_failed_never_starts(tmp_path: Pat
         assert late > 0
 
 
+async def test_a_reference_that_fails_its_step_starts_none_of_the_steps_ready_with_it(
+    tmp_path: Path,
+) -> None:
+    # 'check' and 'evaluate' become ready together; the reference of 'check'
+    # names nothing, which fails it, and the run. 'evaluate' was submitted
+    # with it all the same, and its handler ran for a run already failed.
+    ran: list[Any] = []
+
+    async def prepare(payload: Any) -> Any:
+        return {"data": 1}
+
+    async def evaluate(payload: Any) -> Any:
+        ran.append(payload)
+        await anyio.sleep(0.05)
+        return payload
+
+    spec = {
+        "name": "unready",
+        "steps": {
+            "prepare": {"handler": "prepare"},
+            "evaluate": {"handler": "evaluate", "depends_on": ["prepare"]},
+            "check": {
+                "handler": "evaluate",
+                "depends_on": ["prepare"],
+                "payload": "${steps.prepare.result.missing}",
+            },
+        },
+    }
+    handlers = {"prepare": prepare, "evaluate": evaluate}
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers=handlers) as infra:
+        workflow = await infra.workflows.create(spec)
+        run = await infra.workflows.start_run(workflow.workflow_id)
+        with anyio.fail_after(10):
+            status = await run.wait()
+        assert status.state is RunState.FAILED
+        assert status.steps["check"].state is StepState.FAILED
+        assert "nothing at 'steps.prepare.result.missing'" in (status.error or "")
+        evaluate_ = status.steps["evaluate"]
+        assert (evaluate_.state, evaluate_.error, evaluate_.task_ids) == (
+            StepState.CANCELLED,
+            "not run: step 'check' failed",
+            (),
+        )
+        events = [(e.type, e.step) async for e in infra.workflows.stream_status(run.run_id)]
+        assert ("workflow_step_started", "evaluate") not in events
+    assert ran == []
+
+
 async def test_a_failed_fan_out_task_cancels_its_sibling_tasks(tmp_path: Path) -> None:
     # The failed step's own other tasks were not cancelled: the run was
     # 'failed' while they went on running (holding GPUs, say) to the end.

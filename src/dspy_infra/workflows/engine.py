@@ -631,12 +631,18 @@ class WorkflowEngine:
     ) -> builtins.list[_Step]:
         """Plan and submit the tasks of ``steps``; those whose tasks were accepted."""
         submitted: builtins.list[tuple[_Step, builtins.list[TaskRequest]]] = []
+        plans = []
         for step in steps:
             planned = _plan(run, step)
             if isinstance(planned, str):
                 self._step_ended(run, step, planned, tg, failed)
-                continue
-            payloads, task_ids = planned
+            else:
+                plans.append((step, planned))
+        if failed or run.cancel_requested:
+            # The run has failed (a reference of one of these named nothing,
+            # say) or is being cancelled: none of them starts.
+            return []
+        for step, (payloads, task_ids) in plans:
             step.task_ids = tuple(task_ids)
             self._journal.write(("step", step.row(run.run_id)))
             self._publish(run, "workflow_step_started", step.state.value, step=step.name)
