@@ -33,6 +33,16 @@ def test_unknown_steps_and_references_are_named() -> None:
         spec(a={"handler": "h"}, b={"handler": "h", "depends_on": ["x"]})
     with pytest.raises(InvalidWorkflow, match=r"refers to step 'a', which is not among its"):
         spec(a={"handler": "h"}, b={"handler": "h", "payload": "${steps.a.result}"})
+    # Not "add it to depends_on": that would only give another error.
+    with pytest.raises(
+        InvalidWorkflow, match=r"refers to step 'zz', which this workflow does not have \(its "
+    ):
+        spec(a={"handler": "h"}, b={"handler": "h", "payload": "${steps.zz.result}"})
+    with pytest.raises(InvalidWorkflow, match=r"step 'b': \$\{steps.b.result\} is its own result"):
+        spec(a={"handler": "h"}, b={"handler": "h", "payload": "${steps.b.result}"})
+    for empty in ("${steps..result}", "${inputs.x.}", "${inputs..x}"):
+        with pytest.raises(InvalidWorkflow, match=r": an empty name between dots"):
+            spec(a={"handler": "h", "payload": empty})
     with pytest.raises(InvalidWorkflow, match=r"only meaningful in a fan_out step"):
         spec(a={"handler": "h", "payload": ["${item}"]})
     with pytest.raises(InvalidWorkflow, match=r"unknown reference"):
@@ -238,6 +248,8 @@ def test_a_reference_to_a_step_is_valid_exactly_when_that_step_is_upstream(
     # The first bad reference of the step is the one named.
     if target in upstream:
         assert "${nothing}: unknown reference" in str(raised.value)
+    elif target == step:
+        assert f"${{steps.s{target}.result}} is its own result" in str(raised.value)
     else:
         assert f"refers to step 's{target}', which is not among" in str(raised.value)
 

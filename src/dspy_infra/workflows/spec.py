@@ -449,6 +449,13 @@ def _check_references(
     ancestors = _ancestors_among(by_name, order(), asked) if asked else {}
     for name_of_step, at, further, problem in checks:
         for name, text in further:
+            if name == name_of_step:
+                raise InvalidWorkflow(f"{at}: {text} is its own result")
+            if name not in by_name:
+                raise InvalidWorkflow(
+                    f"{at}: {text} refers to step {name!r}, which this workflow does not "
+                    f"have (its steps: {', '.join(by_name)})"
+                )
             if name not in ancestors[name_of_step]:
                 raise InvalidWorkflow(
                     f"{at}: {text} refers to step {name!r}, which is not among its "
@@ -462,6 +469,8 @@ def _reference_problem(at: str, step: Step, path: list[str]) -> str | None:
     """What is wrong with one reference of ``step`` whatever the other steps are, or None."""
     text = "${" + ".".join(path) + "}"
     root = path[0]
+    if "" in path[1:]:  # ${inputs.x.}: it could name nothing an input holds
+        return f"{at}: {text}: an empty name between dots"
     if root == "inputs":
         if len(path) < 2 or not path[1]:
             return f"{at}: {text}: name an input, as in ${{inputs.dataset}}"
