@@ -1033,3 +1033,38 @@ async def test_an_override_switches_the_kind_of_a_services_probe(tmp_path: Path)
         assert status.state is ServiceState.HEALTHY
         await infra.services.stop(["web"])
         assert not alive(status.pid)
+
+
+async def test_a_service_waits_for_a_dependency_that_went_down_while_it_waited_for_another(
+    tmp_path: Path,
+) -> None:
+    # api needs kv and db healthy. kv was healthy, then crashed and is backing
+    # off before its restart; db became healthy meanwhile: api was launched
+    # then, with kv down, since a condition met once was never looked at again.
+    db_ready = anyio.Event()
+
+    async def db_probe(status: Any) -> bool:
+        return db_ready.is_set()
+
+    services = {
+        "kv": service(
+            port=True,
+            restart="on-failure",
+            restart_backoff={"initial": 1.0, "max": 1.0, "jitter": 0},
+        ),
+        "db": {"command": ["sleep", unique_seconds()], "health": {"call": db_probe}},
+        "api": {"command": ["sleep", unique_seconds()], "depends_on": ["kv", "db"]},
+    }
+    infra = infra_for(tmp_path, services, autostart=False)
+    async with infra, recording(infra) as recorder, anyio.create_task_group() as tg:
+        tg.start_soon(infra.services.start, ["api"])
+        await recorder.wait_for("service_healthy", "kv")
+        pid = (await infra.services.status())["kv"].pid
+        assert pid is not None
+        os.kill(int(pid), signal.SIGKILL)
+        await recorder.wait_for("service_restarting", "kv")
+        db_ready.set()
+        await recorder.wait_for("service_started", "api")
+        kv_back = recorder.of("service_healthy", "kv")
+        assert len(kv_back) == 2, "api was launched while kv was restarting"
+        assert kv_back[1].seq < recorder.first("service_starting", "api").seq

@@ -351,17 +351,21 @@ async def _pump_logs(
 
 
 async def _wait_dependencies(manager: ServiceManager, rt: ServiceRuntime) -> None:
-    """Wait for every dependency's condition; fail at once when one cannot be met."""
-    pending = dict(rt.config.depends_on)
-    log_ready = any(dep.condition == "log_ready" for dep in pending.values())
+    """Wait for every dependency's condition; fail at once when one cannot be met.
+
+    All of them at once: a condition met earlier is checked again, since the
+    dependency may have gone down (a crash, a restart's backoff) while the
+    service waited for another one.
+    """
+    depends_on = rt.config.depends_on
+    log_ready = any(dep.condition == "log_ready" for dep in depends_on.values())
     with manager.watching_logs(log_ready):
-        while pending:
+        while True:
             changed = manager.changed
-            for name, dep in list(pending.items()):
-                if _condition_met(rt, manager.runtime(name), dep):
-                    del pending[name]
-            if pending:
-                await changed.wait()
+            met = [_condition_met(rt, manager.runtime(n), dep) for n, dep in depends_on.items()]
+            if all(met):
+                return
+            await changed.wait()
 
 
 def _condition_met(rt: ServiceRuntime, dep_rt: ServiceRuntime, dep: Dependency) -> bool:
