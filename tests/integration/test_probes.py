@@ -224,3 +224,23 @@ async def test_no_check_begins_at_the_deadline(tmp_path: Path) -> None:
         async with start(tmp_path, job=job):
             pass
     assert checks[-1] - checks[0] < 0.9, f"a check began at the deadline: {checks}"
+
+
+async def test_retries_counts_failed_checks_not_passed_ones(tmp_path: Path) -> None:
+    # Checks answer pass, fail, pass, pass: one failed check of the two that
+    # `retries` allows, and two passes in a row at last. The passed checks
+    # were counted as failed ones: "probe failed 2 times" after one failure.
+    answers = [True, False, True, True]
+    seen: list[bool] = []
+
+    async def flaky(status: ServiceStatus) -> bool:
+        answer = answers[len(seen)] if len(seen) < len(answers) else True
+        seen.append(answer)
+        return answer
+
+    health = {"call": flaky, "retries": 2, "success_threshold": 2}
+    job = {"command": ["sleep", unique_seconds()], "health": health, "start_retries": 0}
+    async with start(tmp_path, job=job) as infra:
+        status = (await infra.services.status())["job"]
+        assert status.state is ServiceState.HEALTHY, status.message
+    assert seen == answers

@@ -274,7 +274,7 @@ async def _probe_until_ready(
     probe = runner.probe
     deadline = anyio.current_time() + probe.deadline
     delay = probe.interval
-    attempts = successes = 0
+    attempts = successes = failures = 0
     told: ProbeResult | None = None  # the last check that had its say
     while True:
         result = await _check(manager, rt, runner, deadline)
@@ -289,8 +289,9 @@ async def _probe_until_ready(
                 return None
         else:
             successes = 0
-            if probe.retries is not None and attempts >= probe.retries:
-                return f"{probe.kind} probe failed {attempts} times: {told.detail}"
+            failures += 1  # `retries` counts failed checks, not passed ones
+            if probe.retries is not None and failures >= probe.retries:
+                return f"{probe.kind} probe failed {failures} times: {told.detail}"
         remaining = deadline - anyio.current_time()
         if remaining > 0:
             jittered = delay * (0.8 + 0.4 * (attempts % 5) / 4)  # spread, not synchronised probes
