@@ -244,3 +244,24 @@ async def test_retries_counts_failed_checks_not_passed_ones(tmp_path: Path) -> N
         status = (await infra.services.status())["job"]
         assert status.state is ServiceState.HEALTHY, status.message
     assert seen == answers
+
+
+LISTEN_V6 = """
+import socket, sys
+s = socket.socket(socket.AF_INET6); s.bind(("::1", int(sys.argv[1]))); s.listen()
+while True: s.accept()[0].close()
+"""
+
+
+async def test_a_tcp_probe_reaches_a_bracketed_ipv6_host(tmp_path: Path) -> None:
+    # "[::1]:{port}" loads (as addresses are written elsewhere in the
+    # configuration), but every check looked up the name "[::1]", brackets
+    # included, and failed until the deadline.
+    job = {
+        "command": [sys.executable, "-c", LISTEN_V6, "{port}"],
+        "ports": {"main": 0},
+        "health": {"tcp": "[::1]:{port}", "deadline": 5},
+        "start_retries": 0,
+    }
+    async with start(tmp_path, job=job) as infra:
+        assert (await infra.services.status())["job"].state is ServiceState.HEALTHY

@@ -87,6 +87,8 @@ class ProbeRunner:
         probe = self.probe
         if probe.tcp is not None:
             host, _, port = probe.tcp.rpartition(":")
+            if host.startswith("[") and host.endswith("]"):  # "[::1]:PORT": an IPv6 address
+                host = host[1:-1]
             target = self._process.reach(host or self._process.host, int(port))
             stream = await anyio.connect_tcp(*target)
             await stream.aclose()
