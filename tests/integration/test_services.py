@@ -1068,3 +1068,44 @@ async def test_a_service_waits_for_a_dependency_that_went_down_while_it_waited_f
         kv_back = recorder.of("service_healthy", "kv")
         assert len(kv_back) == 2, "api was launched while kv was restarting"
         assert kv_back[1].seq < recorder.first("service_starting", "api").seq
+
+
+async def test_a_stop_while_a_failed_attempt_is_stopped_neither_restarts_nor_fails_it(
+    tmp_path: Path,
+) -> None:
+    # The attempt missed its probe's deadline and is being stopped (its
+    # process takes its time over SIGTERM) when the user stops the service:
+    # it was then reported "restarting" (or "failed"), though it was stopped
+    # on request and would not be launched again.
+    stubborn = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: print('term', flush=True))\n"
+        "time.sleep(1000)\n"
+    )
+    services = {
+        "job": {
+            "command": [sys.executable, "-c", stubborn],
+            "health": {"log": "never", "deadline": 0.2},
+            "start_retries": 1,
+            "stop_timeout": 1.0,
+        }
+    }
+    infra = infra_for(tmp_path, services, autostart=False)
+    async with infra, recording(infra) as recorder, anyio.create_task_group() as tg:
+
+        async def start() -> None:
+            with pytest.raises(ServiceStartError, match="is stopped"):
+                await infra.services.start(["job"])
+
+        tg.start_soon(start)
+        with anyio.fail_after(10):
+            await recorder.wait_for("service_starting", "job")
+            async for line in infra.services.logs("job", follow=True):
+                if line == "term":  # the failed attempt is being stopped
+                    break
+        await infra.services.stop(["job"])
+        assert (await infra.services.status())["job"].state is ServiceState.STOPPED
+        await recorder.wait_for("service_stopped", "job")
+        types = [e.type for e in recorder.events if e.service == "job"]
+        assert "service_restarting" not in types, types
+        assert "service_failed" not in types, types

@@ -87,6 +87,8 @@ async def _lifecycle(manager: ServiceManager, rt: ServiceRuntime) -> None:
         if run.ready:
             ever_ready = True
             manager.set_state(rt, rt.state, "service_exited", run.reason, exit_code=run.exit_code)
+        if rt.stop_requested:  # stopped while this run's process was being stopped: no retry
+            return
         # Exit 0 completes a one-shot job; a service that exits before its
         # probe passed never became what its dependents wait for.
         restarts_anyway = config.restart in ("always", "unless-stopped")
