@@ -210,6 +210,25 @@ async def test_status_after_finish(api: Api) -> None:
     assert status == await handle.status()
 
 
+async def test_a_class_default_of_attempts_beyond_the_wire_reads_as_the_most_it_holds(
+    tmp_path: Path,
+) -> None:
+    # A class that retries "for ever" gives its tasks more attempts than an
+    # int32 holds: the status says as many as the wire holds (as a client's
+    # max_attempts beyond it travels), never 0 or a negative number.
+    config = {"infra": {}, "classes": {"forever": {"max_attempts": 2**40}}}
+    async with (
+        AgentInfra.start(config, state_dir=tmp_path / "state", handlers={"echo": echo}) as infra,
+        used(infra, "remote") as remote,
+    ):
+        handle = await remote.submit_task("echo", 1, task_class="forever")
+        assert await handle.result() == 1
+        assert (await infra.get_task_status(handle.task_id)).max_attempts == 2**40
+        status = await remote.get_task_status(handle.task_id)
+        assert status.max_attempts == 2**31 - 1
+        assert (await remote.cancel_task(handle.task_id)).max_attempts == 2**31 - 1
+
+
 async def test_submit_is_idempotent_by_task_id(api: Api) -> None:
     first = await api.submit_task("echo", 1, task_id="same-id")
     second = await api.submit_task("echo", 2, task_id="same-id")

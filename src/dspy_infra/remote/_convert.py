@@ -126,7 +126,8 @@ def task_status_to_proto(status: TaskStatus) -> orch_pb.TaskStatus:
         state=status.state.value,
         priority=status.priority,
         attempts=status.attempts,
-        max_attempts=status.max_attempts,
+        # A class may allow more attempts than int32 holds: as many as ever, as sent.
+        max_attempts=min(status.max_attempts, INT32_MAX),
         needs=list(status.needs),
         workflow_id=status.workflow_id,
         submitted_at=status.submitted_at,
