@@ -431,6 +431,10 @@ def test_bad_local_input_is_exit_2_before_any_connection(
     binary.write_bytes(b"\xff\xfes3\n")
     refusals = {
         ("submit", "echo", "{"): "argument PAYLOAD: the payload is not JSON",
+        # Deeper than Python's JSON decoder recurses: not a traceback.
+        ("submit", "echo", "[" * 100_000): (
+            "argument PAYLOAD: the payload is not JSON: it is nested too deeply"
+        ),
         # With -f it would wait forever for a type that nothing publishes.
         ("events", "-f", "--type", "task_completed,nope"): (
             "argument --type: unknown event type 'nope' (known: events_dropped, "

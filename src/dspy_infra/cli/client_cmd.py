@@ -421,6 +421,10 @@ def _payload(text: str) -> Any:
         text = sys.stdin.read()
     try:
         return json.loads(text)
+    except RecursionError:  # argparse turns only ValueError and TypeError into usage errors
+        raise argparse.ArgumentTypeError(
+            "the payload is not JSON: it is nested too deeply"
+        ) from None
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"the payload is not JSON: {exc}") from None
 
