@@ -366,6 +366,36 @@ async def test_events_are_one_line_each_whatever_they_hold(cli: Cli) -> None:
     assert 'error="RuntimeError: boom: two\\n      1 00:00:00.000 task_completed"' in line
 
 
+async def test_json_output_writes_a_lone_surrogate_as_its_escape(
+    server: tuple[AgentInfra, str],
+) -> None:
+    # A result may hold a lone surrogate: a file name that is not UTF-8,
+    # decoded with surrogateescape as Python decodes file names. UTF-8 cannot
+    # write it to stdout (a real one: a test's capture takes anything); its
+    # JSON escape can, and reads back as the same value.
+    _, address = server
+    env = {**clean_environ(), "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+
+    async def run(*argv: str) -> tuple[int, list[str]]:
+        command = [sys.executable, "-m", "dspy_infra.cli", *argv, "--address", address]
+        done = await anyio.run_process(command, env=env, check=False)
+        assert done.stderr == b"", done.stderr.decode(errors="replace")
+        return done.returncode, done.stdout.decode().splitlines()
+
+    result = {"name": "caf\udcff.txt", "é": "ü"}
+    code, lines = await run("submit", "echo", json.dumps(result), "--wait")
+    assert code == 0
+    task_id, printed = lines
+    assert json.loads(printed) == result
+    assert "é" in printed  # what UTF-8 writes is written as it is
+    code, (status,) = await run("task", task_id, "--json")
+    assert code == 0
+    assert json.loads(status)["result"] == result
+    code, events = await run("events", "--json", "--type", "task_completed")
+    assert code == 0
+    assert [json.loads(line)["result"] for line in events] == [result]
+
+
 async def test_events_follow_until_interrupted(server: tuple[AgentInfra, str]) -> None:
     infra, address = server
     argv = ["events", "-f", "--json", "--type", "task_completed", "--address", address]

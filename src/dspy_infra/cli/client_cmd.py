@@ -255,7 +255,11 @@ def _out() -> Console:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, ensure_ascii=False, default=str), flush=True)
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    # A lone surrogate (a file name that is not UTF-8, as Python decodes it)
+    # cannot be written as UTF-8; in JSON text it is only ever inside a
+    # string, where its backslash escape is its JSON escape.
+    print(text.encode("utf-8", "backslashreplace").decode("utf-8"), flush=True)
 
 
 # -- services ----------------------------------------------------------------------------
