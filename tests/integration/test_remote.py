@@ -654,6 +654,24 @@ async def test_unknown_service(api: Api) -> None:
         [line async for line in api.services.logs("nope")]
 
 
+async def test_a_service_name_that_cannot_travel_is_unknown_alike(api: Api) -> None:
+    # No name of the wrong type (a number read from a file), nor one that
+    # UTF-8 cannot encode (a lone surrogate), names a service: UnknownService,
+    # in the same words, never the encoder's AttributeError or UnicodeEncodeError.
+    for name in (1, None, "\udcff"):
+        expected = f"unknown service {name!r} (configured: web)"
+        for call in (api.services.start, api.services.stop, api.services.status):
+            with pytest.raises(UnknownService) as info:
+                await call([name])  # type: ignore[list-item]
+            assert (str(info.value), info.value.service) == (expected, name), call
+        with pytest.raises(UnknownService) as info:
+            [line async for line in api.services.logs(name)]  # type: ignore[arg-type]
+        assert str(info.value) == expected
+    # The first name that is not configured is the one named, as in-process.
+    with pytest.raises(UnknownService, match="unknown service 'nope'"):
+        await api.services.status(["web", "nope", 1])  # type: ignore[list-item]
+
+
 async def test_a_service_that_fails_to_start_says_why(failing: Api) -> None:
     # What a person reads to fix it: the exit code and the last lines logged.
     with pytest.raises(ServiceStartError) as info:

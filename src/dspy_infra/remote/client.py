@@ -559,7 +559,7 @@ class RemoteServices:
 
     async def start(self, names: Iterable[str] | None = None) -> dict[str, ServiceStatus]:
         """Start ``names`` (default: every ``autostart`` service) and their dependencies."""
-        wanted = _request_names(names)
+        wanted = self._wanted(names)
         if wanted is None:
             return {}
         reply = await self._rpc.unary(
@@ -571,7 +571,7 @@ class RemoteServices:
 
     async def stop(self, names: Iterable[str] | None = None) -> None:
         """Stop ``names`` (default: all), dependents before their dependencies."""
-        wanted = _request_names(names)
+        wanted = self._wanted(names)
         if wanted is None:
             return
         await self._rpc.unary(
@@ -582,7 +582,7 @@ class RemoteServices:
 
     async def status(self, names: Iterable[str] | None = None) -> dict[str, ServiceStatus]:
         """A snapshot of each service (default: all)."""
-        wanted = _request_names(names)
+        wanted = self._wanted(names)
         if wanted is None:
             return {}
         reply = await self._rpc.unary(
@@ -596,6 +596,7 @@ class RemoteServices:
         self, name: str, *, follow: bool = False, tail: int | None = None
     ) -> AsyncGenerator[str, None]:
         """The service's buffered log lines; with ``follow``, new ones until it stops."""
+        self._check_known(name)  # first, as in-process
         check_tail(tail)
         replies = self._rpc.stream(
             _ENV + "StreamLogs",
@@ -608,6 +609,19 @@ class RemoteServices:
         async with aclosing(replies):
             async for reply in replies:
                 yield reply.line
+
+    def _wanted(self, names: Iterable[str] | None) -> builtins.list[str] | None:
+        wanted = _request_names(names)
+        for name in wanted or ():
+            self._check_known(name)
+        return wanted
+
+    def _check_known(self, name: str) -> None:
+        """Refuse a name that is not configured, as the server would: the names are
+        fixed for its life. One of the wrong type (a number), or that UTF-8 cannot
+        encode, could not even travel (the encoder's AttributeError or UnicodeEncodeError)."""
+        if name not in self._names:
+            raise UnknownService(name, self._names)
 
 
 def _request_names(names: Iterable[str] | None) -> list[str] | None:
