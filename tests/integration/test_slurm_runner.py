@@ -439,6 +439,30 @@ async def test_any_state_dir_and_cwd_will_do(slurm: str, tmp_path: Path) -> None
         assert f"working directory {odd / 'gone'} does not exist on" in caught.value.error
 
 
+async def test_a_handlers_env_names_are_not_run_by_the_job_script(
+    slurm: str, tmp_path: Path
+) -> None:
+    # The job script sets the handler's env: a name is data, never shell.
+    mark = tmp_path / "injected"
+    settings = config(tmp_path / "handlers")
+    show = "import os; print(os.environ.get('A-B'))"
+    settings["handlers"]["names"] = {
+        "command": [sys.executable, "-c", show],
+        "env": {f"X=1; touch {mark}; Y": "z"},
+    }
+    settings["handlers"]["dashed"] = {
+        "command": [sys.executable, "-c", show],
+        "env": {"A-B": "set"},  # a legal environment name, though not a shell variable's
+    }
+    async with AgentInfra.start(settings, state_dir=tmp_path / "state") as infra:
+        handle = await infra.submit_task("names", {}, task_class="s")
+        with pytest.raises(TaskFailed, match="environment variable name"):
+            await handle.result()
+        assert not mark.exists(), "an env name was run as a command"
+        handle = await infra.submit_task("dashed", {}, task_class="s")
+        assert await handle.result() == "set"
+
+
 async def test_a_state_dir_slurm_cannot_take_is_refused_with_the_reason(
     slurm: str, tmp_path: Path
 ) -> None:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from attrs import frozen
 
-from dspy_infra.abc import TaskRun
+from dspy_infra.abc import RunFailed, TaskRun
 
 __all__ = [
     "JobOptions",
@@ -180,6 +181,7 @@ def sbatch_argv(
 
 
 _Q = shlex.quote
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def task_script(
@@ -207,7 +209,16 @@ def task_script(
     command, and every tenth of a second while it runs (SIGTERM, then
     SIGKILL after ``grace``).
     """
-    exports = "\n".join(f"export {key}={_Q(value)}" for key, value in env.items())
+    for key in env:
+        if not key or "=" in key or "\0" in key:
+            raise RunFailed(f"illegal environment variable name: {key!r}")
+    # A name bash cannot export (A-B) is still a name: env sets it for the command.
+    exports = "\n".join(
+        f"export {key}={_Q(value)}" for key, value in env.items() if _SHELL_NAME.match(key)
+    )
+    others = [f"{key}={value}" for key, value in env.items() if not _SHELL_NAME.match(key)]
+    if others:
+        argv = ["env", *others, *argv]
     exit_file = _Q(str(paths.exit))
     exit_tmp = _Q(str(paths.exit.with_suffix(".exit.tmp")))
     cancel = _Q(str(paths.cancel))
