@@ -625,6 +625,53 @@ async def test_after_a_crash_the_next_owner_re_attaches_the_running_jobs(
     assert not list((state_dir / "slurm").glob("*.json")), "the batch's files are gone"
 
 
+async def test_after_a_crash_a_busy_controller_does_not_lose_the_running_jobs(
+    slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The next owner's search for the jobs meets a busy slurmctld, once:
+    # it asks again, as any other call does, rather than give the jobs up
+    # (its tasks submitted again beside them, and the jobs never cancelled).
+    settings = config(tmp_path / "handlers")
+    state_dir = tmp_path / "state"
+    logs = [tmp_path / f"log{i}" for i in range(2)]
+    payloads = [{"log": str(log), "seconds": 4} for log in logs]
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(OWNER))
+    argv = [sys.executable, str(script), str(state_dir), json.dumps(settings), json.dumps(payloads)]
+    async with await anyio.open_process(argv) as owner:
+        try:
+            for log in logs:
+                await wait_for_line(log)
+        finally:
+            os.kill(owner.pid, signal.SIGKILL)
+    busy = tmp_path / "busy"
+    busy.touch()
+    shim(
+        tmp_path,
+        "squeue",
+        f"if [ -e {busy} ]; then rm {busy}; "
+        'echo "squeue: error: slurm_load_jobs error: Resource temporarily unavailable" >&2; '
+        'exit 1; fi\nexec $real "$@"',
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    async with AgentInfra.start(settings, state_dir=state_dir) as infra:
+        runner = SlurmRunner.of_instance(infra.instance_id)
+        assert runner is not None
+        handles = [
+            await infra.submit_task(
+                "sleep", payload, task_class="s", task_id=f"survivor{i}", max_attempts=2
+            )
+            for i, payload in enumerate(payloads)
+        ]
+        with anyio.fail_after(60):
+            for handle in handles:
+                assert await handle.result() == {"slept": 4}
+        assert not busy.exists(), "the controller was busy"
+        assert runner.calls.get("sbatch", 0) == 0, "re-attached, not submitted again"
+        for log in logs:
+            assert await anyio.Path(log).read_text() == "started\n"
+
+
 async def test_after_a_crash_the_jobs_of_tasks_left_no_attempt_are_cancelled_at_start(
     slurm: str, tmp_path: Path
 ) -> None:

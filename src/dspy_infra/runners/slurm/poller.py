@@ -132,8 +132,12 @@ def parse_sacct(text: str) -> dict[str, JobInfo]:
     return jobs
 
 
-async def list_jobs(cli: SlurmCli, name: str) -> dict[str, JobInfo]:
-    """All jobs of this owner that the controller still holds, by job id."""
+async def list_jobs(cli: SlurmCli, name: str, *, retry: bool = False) -> dict[str, JobInfo]:
+    """All jobs of this owner that the controller still holds, by job id.
+
+    ``retry``: ask a busy (or restarting) controller again, as :meth:`SlurmCli.call`
+    does; the poller does not, it asks again at its next cycle anyway.
+    """
     argv = [
         "squeue",
         "--noheader",
@@ -143,7 +147,7 @@ async def list_jobs(cli: SlurmCli, name: str) -> dict[str, JobInfo]:
         f"--user={os.getuid()}",
         f"--Format={_FORMAT}",
     ]
-    return parse_squeue(await cli.call(argv, retry=False))
+    return parse_squeue(await cli.call(argv, retry=retry))
 
 
 class _Watch:

@@ -350,7 +350,8 @@ class SlurmRunner:
                 return
             manifests = self._manifests  # kept until done: a cancelled search starts over
             try:
-                jobs = await list_jobs(cli, self._name)
+                # Once only: a refusal the poller would shrug off loses the jobs here.
+                jobs = await list_jobs(cli, self._name, retry=True)
             except SlurmError as exc:
                 log.warning("cannot look for the Slurm jobs of a previous run: %s", exc)
                 self._done_recovering()
