@@ -283,6 +283,38 @@ async def test_packed_tasks_share_a_job_and_stop_alone(
             await anyio.sleep(0.1)
 
 
+async def test_a_requeued_pack_is_waited_for_and_does_not_outlive_the_instance(
+    slurm: str, tmp_path: Path
+) -> None:
+    # Requeueing kills the pack's running task (its script records 143), and
+    # Slurm runs the whole job again, with the same job id: that task is not
+    # over, and its job must not run on after the instance closes.
+    logs = [tmp_path / f"log{i}" for i in range(2)]
+    payloads = [{"log": str(log), "seconds": 3} for log in logs]
+    async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
+        runner = SlurmRunner.of_instance(infra.instance_id)
+        assert runner is not None
+        handles = await infra.submit_tasks("sleep", payloads, task_class="packed")
+        await wait_for_line(logs[0])
+        ((job_id, _),) = await active(runner)
+        job_id = job_id.strip()
+        await command("scontrol", "requeue", job_id)
+        with anyio.fail_after(10):
+            while "BeginTime" not in await command(
+                "squeue", "-h", f"--jobs={job_id}", "--format=%r"
+            ):
+                await anyio.sleep(0.1)
+        await anyio.sleep(2)  # as in test_a_requeued_job_does_not_use_up_an_attempt
+        await command("scontrol", "update", f"jobid={job_id}", "starttime=now")
+        with anyio.fail_after(60):
+            for handle in handles:
+                assert await handle.result() == {"slept": 3}
+    assert runner is not None
+    with anyio.fail_after(10):  # cancelled at close at the latest: it leaves the queue
+        while await active(runner):
+            await anyio.sleep(0.1)
+
+
 def shim(tmp_path: Path, name: str, body: str) -> None:
     """Put a ``name`` first on PATH that runs ``body`` (bash; ``$real`` is the real command)."""
     path = tmp_path / "bin" / name

@@ -257,6 +257,18 @@ class SlurmRunner:
                 info = request.final
             elif request.packed:
                 info = await poller.ended(job_id, request.entry.paths.exit)
+                if not info.final:
+                    code = await anyio.to_thread.run_sync(exit_code, request.entry.paths)
+                    if code is not None and code > 128:
+                        # Killed while its job runs on: the job may have been
+                        # requeued (it then runs this task again, and records
+                        # anew), preempted or cancelled. Its end says which.
+                        info = await poller.final(job_id)
+                if not info.final and all(r.stopping for r in request.group if r is not request):
+                    # The last of its pack: what its job would still run (all
+                    # of it again, if Slurm requeued it) nobody follows.
+                    with anyio.CancelScope(shield=True):
+                        await self._cancel_gone(job_id)
             else:
                 info = await poller.final(job_id)
             ended = True
