@@ -512,3 +512,56 @@ async def test_an_exit_code_docker_reports_as_a_signal_is_kept_in_messages(
         async with start(tmp_path, project, {"quitter": service}):
             pass
     assert said in caught.value.reason
+
+
+class CutEvents:
+    """An event stream body that breaks at once, as a reset connection would."""
+
+    def __init__(self, content: aiohttp.StreamReader):
+        self._content = content
+
+    def __aiter__(self) -> CutEvents:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise aiohttp.ClientPayloadError("Response payload is not completed")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._content, name)
+
+
+async def test_a_health_change_missed_while_the_event_stream_reconnects_is_seen(
+    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The event stream breaks as soon as it follows, and is followed again
+    # 3 s later; meanwhile the image's HEALTHCHECK says healthy, which
+    # Docker reports once, as an event that nobody was there to read.
+    real_query = aiodocker.Docker._do_query
+    connections: list[float] = []
+
+    async def flaky(self: aiodocker.Docker, path: Any, *args: Any, **kwargs: Any) -> Any:
+        events = str(path) == "events"
+        if events and len(connections) == 1:
+            connections.append(time.monotonic())
+            await anyio.sleep(3)
+        response = await real_query(self, path, *args, **kwargs)
+        if events and not connections:
+            connections.append(time.monotonic())
+            response.content = CutEvents(response.content)  # type: ignore[assignment]
+        return response
+
+    monkeypatch.setattr(aiodocker.Docker, "_do_query", flaky)
+    context = tmp_path / "image"
+    context.mkdir()
+    (context / "Dockerfile").write_text(
+        f"FROM {busybox}\n"
+        "HEALTHCHECK --interval=1s --timeout=1s CMD test -f /tmp/ready\n"
+        'CMD ["sh", "-c", "touch /tmp/ready; exec sleep 1000"]\n'
+    )
+    async with built_image(context, f"local/{project}-healthy:latest") as tag:
+        services = {"slow": {"image": tag, "stop_timeout": 0.5}}
+        with anyio.fail_after(20):
+            async with start(tmp_path, project, services) as infra:
+                status = (await infra.services.status())["slow"]
+                assert status.state is ServiceState.HEALTHY
+    assert len(connections) == 2, "the event stream was never broken"

@@ -421,6 +421,9 @@ class Engine:
             except aiodocker.DockerError:
                 watch.died(-1)
                 continue
+            # Docker reports a health verdict once, when it changes.
+            if health := (state.get("Health") or {}).get("Status"):
+                watch.health = str(health)
             if state.get("Status") in ("exited", "dead"):
                 if state.get("OOMKilled"):
                     watch.oom_killed.set()
