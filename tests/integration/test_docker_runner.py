@@ -334,6 +334,26 @@ async def test_a_program_missing_from_the_image_fails_the_task(
             await handle.result()
 
 
+async def test_a_program_missing_behind_a_cleared_entrypoint_fails_the_task(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    # entrypoint = [] clears the image's ENTRYPOINT: the command is what runs,
+    # so the command's program is the one that must be in the image.
+    context = tmp_path / "image"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f'FROM {busybox}\nENTRYPOINT ["/bin/echo"]\n')
+    async with built_image(context, f"local/{project}-entry:latest") as tag:
+        handlers = {
+            "py": box(tag, ["python3", "-V"], entrypoint=[]),
+            "sh": box(tag, ["sh", "-c", "echo 7"], entrypoint=[]),
+        }
+        async with start(tmp_path, project, handlers) as infra:
+            assert await (await submit(infra, "sh")).result() == 7
+            handle = await submit(infra, "py")
+            with pytest.raises(TaskFailed, match="cannot run 'python3'"):
+                await handle.result()
+
+
 async def test_a_refused_network_fails_the_task_saying_so(
     tmp_path: Path, project: str, busybox: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -316,8 +316,11 @@ class Engine:
         self, created: DockerContainer, config: Mapping[str, Any], image: Mapping[str, Any]
     ) -> None:
         image_config = image.get("Config") or {}
-        argv = config.get("Entrypoint") or image_config.get("Entrypoint") or config.get("Cmd")
-        argv = argv or image_config.get("Cmd")
+        # An empty entrypoint (entrypoint = []) clears the image's: the command runs.
+        entrypoint = config.get("Entrypoint")
+        if entrypoint is None:
+            entrypoint = image_config.get("Entrypoint")
+        argv = entrypoint or config.get("Cmd") or image_config.get("Cmd")
         if not argv:
             raise ContainerError(f"image {config['Image']!r} has no command and none was given")
         program = str(argv[0])
