@@ -565,3 +565,24 @@ async def test_a_health_change_missed_while_the_event_stream_reconnects_is_seen(
                 status = (await infra.services.status())["slow"]
                 assert status.state is ServiceState.HEALTHY
     assert len(connections) == 2, "the event stream was never broken"
+
+
+async def test_one_container_port_published_on_two_host_ports_answers_on_both(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    # Two names for the same container port (as compose's "8080:80" and
+    # "8081:80"): Docker publishes it on both host ports.
+    script = "mkdir -p /www && echo both > /www/index.html && exec httpd -f -p 8000 -h /www"
+    service = {
+        "image": busybox,
+        "command": script,
+        "shell": True,
+        "ports": {"main": 0, "extra": 0},
+        "container_ports": {"main": 8000, "extra": 8000},
+        "health": {"http": "http://127.0.0.1:{port}/"},
+    }
+    async with start(tmp_path, project, {"www": service}) as infra:
+        ports = (await infra.services.status())["www"].ports
+        with anyio.fail_after(10):
+            assert await fetch(f"http://127.0.0.1:{ports['main']}/") == "both\n"
+            assert await fetch(f"http://127.0.0.1:{ports['extra']}/") == "both\n"

@@ -95,6 +95,9 @@ class DockerBackend:
         try:
             image = await engine.image(spec.image, pull=spec.pull, progress=spec.progress)
             inside = {port: spec.container_ports.get(n, port) for n, port in spec.ports.items()}
+            published: dict[int, list[int]] = {}  # one container port may have several
+            for host, port in inside.items():
+                published.setdefault(port, []).append(host)
             config = container_config(
                 image=spec.image,
                 command=spec.argv(),
@@ -102,7 +105,7 @@ class DockerBackend:
                 env=spec.env,
                 cwd=str(spec.cwd) if spec.cwd is not None else None,
                 labels=engine.labels("service", spec.name, spec.labels),
-                ports={container: host for host, container in inside.items()},
+                ports=published,
                 volumes=spec.volumes,
                 cpus=spec.cpus,
                 memory_mb=spec.memory_mb,

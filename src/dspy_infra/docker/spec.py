@@ -24,7 +24,7 @@ def container_config(
     env: Mapping[str, str],
     cwd: str | None,
     labels: Mapping[str, str],
-    ports: Mapping[int, int] | None = None,
+    ports: Mapping[int, int | Sequence[int]] | None = None,
     volumes: Iterable[str] = (),
     binds: Iterable[tuple[str, str]] = (),
     cpus: float | None = None,
@@ -35,7 +35,8 @@ def container_config(
     aliases: Sequence[str] = (),
     tty: bool = False,
 ) -> dict[str, Any]:
-    """``ports`` maps container ports to host ports (published on 127.0.0.1).
+    """``ports`` maps container ports to host ports (published on 127.0.0.1): a
+    port, or several (one container port published on each).
 
     ``tty`` gives the container a terminal: stdout and stderr then reach the
     log in the order they were written (two pipes would not keep it), and
@@ -52,7 +53,10 @@ def container_config(
     host_config: dict[str, Any] = {
         "Init": True,
         "PortBindings": {
-            f"{inside}/tcp": [{"HostIp": _LOOPBACK, "HostPort": str(outside)}]
+            f"{inside}/tcp": [
+                {"HostIp": _LOOPBACK, "HostPort": str(port)}
+                for port in ([outside] if isinstance(outside, int) else outside)
+            ]
             for inside, outside in ports.items()
         },
         "Binds": list(volumes),
