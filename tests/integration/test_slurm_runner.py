@@ -42,7 +42,7 @@ from dspy_infra.runners.slurm.files import JobOutput
 from dspy_infra.runners.slurm.poller import MIN_INTERVAL, JobInfo, parse_sacct, parse_squeue
 from dspy_infra.runners.slurm.runner import _result
 from dspy_infra.runners.slurm.script import JobOptions, TaskPaths, array_ranges, task_script
-from dspy_infra.scheduling.tasks import TaskState
+from dspy_infra.scheduling.tasks import TaskHandle, TaskState
 
 pytestmark = pytest.mark.anyio
 
@@ -625,33 +625,9 @@ anyio.run(main)
 async def test_after_a_crash_the_next_owner_re_attaches_the_running_jobs(
     slurm: str, tmp_path: Path
 ) -> None:
-    settings = config(tmp_path / "handlers")
-    state_dir = tmp_path / "state"
-    logs = [tmp_path / f"log{i}" for i in range(3)]
-    payloads = [{"log": str(log), "seconds": 4} for log in logs]
-    script = tmp_path / "owner.py"
-    script.write_text(textwrap.dedent(OWNER))
-    argv = [sys.executable, str(script), str(state_dir), json.dumps(settings), json.dumps(payloads)]
-    async with await anyio.open_process(argv) as owner:
-        try:
-            await wait_for_line(logs[0])
-        finally:
-            os.kill(owner.pid, signal.SIGKILL)
+    settings, state_dir, logs, payloads = await an_owner_killed(tmp_path, 3, started=1)
     async with AgentInfra.start(settings, state_dir=state_dir) as infra:
-        runner = SlurmRunner.of_instance(infra.instance_id)
-        assert runner is not None
-        # All at once: none may look for its job before the search for them is done.
-        handles = [
-            await infra.submit_task(
-                "sleep", payload, task_class="s", task_id=f"survivor{i}", max_attempts=2
-            )
-            for i, payload in enumerate(payloads)
-        ]
-        for handle in handles:
-            assert await handle.result() == {"slept": 4}
-        assert runner.calls.get("sbatch", 0) == 0, "re-attached, not submitted again"
-        for log in logs:
-            assert await anyio.Path(log).read_text() == "started\n"
+        handles = await resubmitted_and_reattached(infra, payloads, logs)
         for handle in handles:
             assert (await handle.wait()).attempts == 2  # the crash used one up, the job did not
     assert not list((state_dir / "slurm").glob("*.json")), "the batch's files are gone"
@@ -663,19 +639,7 @@ async def test_after_a_crash_a_busy_controller_does_not_lose_the_running_jobs(
     # The next owner's search for the jobs meets a busy slurmctld, once:
     # it asks again, as any other call does, rather than give the jobs up
     # (its tasks submitted again beside them, and the jobs never cancelled).
-    settings = config(tmp_path / "handlers")
-    state_dir = tmp_path / "state"
-    logs = [tmp_path / f"log{i}" for i in range(2)]
-    payloads = [{"log": str(log), "seconds": 4} for log in logs]
-    script = tmp_path / "owner.py"
-    script.write_text(textwrap.dedent(OWNER))
-    argv = [sys.executable, str(script), str(state_dir), json.dumps(settings), json.dumps(payloads)]
-    async with await anyio.open_process(argv) as owner:
-        try:
-            for log in logs:
-                await wait_for_line(log)
-        finally:
-            os.kill(owner.pid, signal.SIGKILL)
+    settings, state_dir, logs, payloads = await an_owner_killed(tmp_path, 2, started=2)
     busy = tmp_path / "busy"
     busy.touch()
     shim(
@@ -687,21 +651,52 @@ async def test_after_a_crash_a_busy_controller_does_not_lose_the_running_jobs(
     )
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     async with AgentInfra.start(settings, state_dir=state_dir) as infra:
-        runner = SlurmRunner.of_instance(infra.instance_id)
-        assert runner is not None
-        handles = [
-            await infra.submit_task(
-                "sleep", payload, task_class="s", task_id=f"survivor{i}", max_attempts=2
-            )
-            for i, payload in enumerate(payloads)
-        ]
         with anyio.fail_after(60):
-            for handle in handles:
-                assert await handle.result() == {"slept": 4}
-        assert not busy.exists(), "the controller was busy"
-        assert runner.calls.get("sbatch", 0) == 0, "re-attached, not submitted again"
-        for log in logs:
-            assert await anyio.Path(log).read_text() == "started\n"
+            await resubmitted_and_reattached(infra, payloads, logs)
+    assert not busy.exists(), "the controller was busy"
+
+
+async def an_owner_killed(
+    tmp_path: Path, count: int, *, started: int
+) -> tuple[dict[str, Any], Path, list[Path], list[dict[str, Any]]]:
+    """An owner (a process of its own) of ``count`` tasks of 4 s, SIGKILLed once
+    ``started`` of them began: its settings, state dir, the tasks' logs and payloads."""
+    settings = config(tmp_path / "handlers")
+    state_dir = tmp_path / "state"
+    logs = [tmp_path / f"log{i}" for i in range(count)]
+    payloads = [{"log": str(log), "seconds": 4} for log in logs]
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(OWNER))
+    argv = [sys.executable, str(script), str(state_dir), json.dumps(settings), json.dumps(payloads)]
+    async with await anyio.open_process(argv) as owner:
+        try:
+            for log in logs[:started]:
+                await wait_for_line(log)
+        finally:
+            os.kill(owner.pid, signal.SIGKILL)
+    return settings, state_dir, logs, payloads
+
+
+async def resubmitted_and_reattached(
+    infra: AgentInfra, payloads: list[dict[str, Any]], logs: list[Path]
+) -> list[TaskHandle]:
+    """The killed owner's tasks, submitted again under their ids, finish in the
+    jobs it had started: none submitted again, each command run once."""
+    runner = SlurmRunner.of_instance(infra.instance_id)
+    assert runner is not None
+    # All at once: none may look for its job before the search for them is done.
+    handles = [
+        await infra.submit_task(
+            "sleep", payload, task_class="s", task_id=f"survivor{i}", max_attempts=2
+        )
+        for i, payload in enumerate(payloads)
+    ]
+    for handle in handles:
+        assert await handle.result() == {"slept": 4}
+    assert runner.calls.get("sbatch", 0) == 0, "re-attached, not submitted again"
+    for log in logs:
+        assert await anyio.Path(log).read_text() == "started\n"
+    return handles
 
 
 async def test_after_a_crash_the_jobs_of_tasks_left_no_attempt_are_cancelled_at_start(

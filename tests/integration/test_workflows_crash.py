@@ -205,13 +205,7 @@ async def test_a_status_stream_resumed_with_a_seq_of_the_previous_instance_follo
             await gate.wait()
         return name
 
-    spec: dict[str, Any] = {
-        "name": "reader",
-        "steps": {
-            "fast": {"handler": "step", "payload": "fast"},
-            "slow": {"handler": "step", "payload": "slow", "depends_on": ["fast"]},
-        },
-    }
+    spec = fast_then_slow("reader")
     state_dir = tmp_path / "state"
     async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
         other = await infra.workflows.create(
@@ -419,13 +413,7 @@ async def test_a_run_cancelled_as_it_resumes_cancels_the_tasks_its_steps_had_sub
             await anyio.sleep(0.5)
         return name
 
-    spec = {
-        "name": "closing",
-        "steps": {
-            "fast": {"handler": "step", "payload": "fast"},
-            "slow": {"handler": "step", "payload": "slow", "depends_on": ["fast"]},
-        },
-    }
+    spec = fast_then_slow("closing")
     state_dir = tmp_path / "state"
     async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
         wf = await infra.workflows.create(spec)
@@ -441,3 +429,14 @@ async def test_a_run_cancelled_as_it_resumes_cancels_the_tasks_its_steps_had_sub
         await anyio.sleep(0.7)
         task = await infra.get_task_status("cut:slow")
         assert task.state is TaskState.CANCELLED, task
+
+
+def fast_then_slow(name: str) -> dict[str, Any]:
+    """A workflow of two steps of the handler "step", its payload each step's name."""
+    return {
+        "name": name,
+        "steps": {
+            "fast": {"handler": "step", "payload": "fast"},
+            "slow": {"handler": "step", "payload": "slow", "depends_on": ["fast"]},
+        },
+    }
