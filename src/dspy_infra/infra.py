@@ -304,6 +304,7 @@ class AgentInfra(TaskMethods):
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> bool:
         self._lifecycle = _Lifecycle.CLOSED
+        self.metrics_address = None  # the endpoint stops first: no longer served
         stack, self._stack = self._stack, None
         if stack is None:
             return False

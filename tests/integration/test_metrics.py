@@ -297,3 +297,15 @@ async def test_the_grafana_dashboard_uses_only_metrics_that_exist(tmp_path: Path
     }
     missing = {name for name in used if name not in declared | samples}
     assert not missing, missing
+
+
+async def test_metrics_address_is_none_once_the_instance_has_closed(tmp_path: Path) -> None:
+    # Where the endpoint is served "while the instance is open": a closed
+    # instance's address pointed service discovery at a port nothing serves.
+    infra = AgentInfra.start(config(tmp_path, services={}))
+    async with infra:
+        address = infra.metrics_address
+        assert address is not None
+    assert infra.metrics_address is None
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await get(f"http://{address}/metrics")
