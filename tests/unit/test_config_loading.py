@@ -735,6 +735,30 @@ def test_an_array_item_is_named_by_its_index_in_brackets() -> None:
     assert (env.source, env.path) == ("environment variable DSPY_INFRA_GPUS", "infra.gpus[1]")
 
 
+@pytest.mark.parametrize(
+    ("doc", "path", "got"),
+    [
+        ({"infra": {"gpus": 0}}, "infra.gpus", "0 (integer)"),
+        ({"infra": {"gpus": "01"}}, "infra.gpus", "'01' (string)"),
+        ({"infra": {"gpus": {"0": 1}}}, "infra.gpus", "{'0': 1} (table)"),
+        (services(a=svc(volumes="/data:/data")), "services.a.volumes", "'/data:/data' (string)"),
+        (services(a=svc(volumes={"/a:/b": True})), "services.a.volumes", "{'/a:/b': True} (table)"),
+        ({"handlers": {"h": {"image": "x", "volumes": "/d:/d"}}}, "handlers.h.volumes", "'/d:/d'"),
+    ],
+)
+def test_an_array_where_an_array_belongs(doc: dict[str, Any], path: str, got: str) -> None:
+    # A string was split into its characters ("'/' is not a volume"), a table read
+    # as its keys (volumes = { "/a:/b" = true } loaded), a number failed with
+    # "'int' object is not iterable".
+    exc = error(doc)
+    assert exc.path == path
+    assert ": expected an array, got " + got in str(exc)
+    env = error({}, environ={"DSPY_INFRA_GPUS": "0,1"})
+    assert str(env) == (
+        "environment variable DSPY_INFRA_GPUS: infra.gpus: expected an array, got '0,1' (string)"
+    )
+
+
 @pytest.mark.parametrize("key", ["state_dir", "compose"])
 def test_an_empty_path_is_refused(tmp_path: Path, key: str) -> None:
     # Path("") is ".": an empty state_dir put the store beside the file without a

@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import cattrs
 from attrs import asdict, fields
+from cattrs.cols import homogenous_tuple_structure_factory
 from cattrs.errors import (
     ClassValidationError,
     ForbiddenExtraKeysError,
@@ -186,9 +187,29 @@ def _dict_hook(tp: type[Any]) -> Callable[[Any, type[Any]], Any]:
     return _table(make_mapping_structure_fn(tp, converter))
 
 
+def _is_array(tp: object) -> bool:
+    args = get_args(tp)
+    return get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def _array_hook(tp: type[Any]) -> Callable[[Any, type[Any]], Any]:
+    """Refuse a non-array up front: cattrs iterates whatever it is given, so a
+    string became its characters, a table its keys, and a number failed with
+    "'int' object is not iterable"."""
+    hook = homogenous_tuple_structure_factory(tp, converter)
+
+    def structure(value: object, tp: type[Any]) -> Any:
+        if not isinstance(value, list | tuple):
+            raise _expected("an array", value)
+        return hook(value, tp)
+
+    return structure
+
+
 converter.register_structure_hook(Path, _structure_path)
 converter.register_structure_hook_func(_is_literal, _structure_literal)
 converter.register_structure_hook_factory(_is_dict, _dict_hook)
+converter.register_structure_hook_factory(_is_array, _array_hook)
 for _cl in (Backoff, Dependency, InfraSettings, MetricsSettings, ServerSettings):
     converter.register_structure_hook(_cl, _table(make_dict_structure_fn(_cl, converter)))
 # Field-level hooks: these types are unions or generics that cattrs cannot
