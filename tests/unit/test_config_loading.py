@@ -485,6 +485,26 @@ def test_config_object_source(tmp_path: Path) -> None:
     assert changed.infra.state_dir == config.infra.state_dir
 
 
+def test_a_config_object_s_relative_paths_are_relative_to_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # AgentInfra.start(load_config(path)) applies the environment again: a relative
+    # DSPY_INFRA_STATE_DIR went to the working directory there, to the file's
+    # directory in the Config it was given, so the two disagreed on the store.
+    conf = tmp_path / "conf"
+    path = write(conf / "dspy-infra.toml", '[services.a]\ncommand = ["a"]\n')
+    monkeypatch.chdir(tmp_path)
+    environ = {"DSPY_INFRA_STATE_DIR": "state"}
+    config = load_config(path, environ=environ)
+    assert config.infra.state_dir == conf / "state"
+    assert load_config(config, environ=environ) == config
+    changed = load_config(config, environ={}, overrides={"services__a__cwd": "work"})
+    assert changed.services["a"].cwd == str(conf / "work")
+    # A mapping's stay relative to the working directory.
+    mapping = load_config({"services": {"a": svc()}}, environ={})
+    assert load_config(mapping, environ=environ).infra.state_dir == tmp_path / "state"
+
+
 def test_config_object_keeps_a_python_probe_callable(tmp_path: Path) -> None:
     def make() -> Any:
         async def ready(status: ServiceStatus) -> bool:

@@ -73,8 +73,11 @@ def load_config(
             return source
         # attrs.asdict, not the converter: a probe's Python callable must stay
         # itself (a closure has no importable "module:function" name).
-        raw, name, base = asdict(source), source.source, Path.cwd()
+        raw, name = asdict(source), source.source
         raw.pop("source", None)
+        # Its file's directory, as when it was loaded: a relative path that a
+        # variable or an override sets is relative to the file (see docs).
+        base = Path(name).parent if name not in (None, "<mapping>") else Path.cwd()
     elif isinstance(source, Mapping):
         raw, name, base = _copy_tables(source), "<mapping>", Path.cwd()
     else:
