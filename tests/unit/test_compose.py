@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from attrs import evolve
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -1112,6 +1113,28 @@ def test_compose_key_from_the_environment_and_overrides(tmp_path: Path) -> None:
     assert load_config(config, overrides={"project": "again"}, environ={}).services == (
         config.services
     )
+    assert load_config(config, overrides={"compose": "docker-compose.yml"}, environ={}) == config
+
+
+def test_compose_key_over_a_config_that_has_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # AgentInfra.start(config, compose=...) or DSPY_INFRA_COMPOSE over a Config
+    # said infra.compose = the file, and read none of it: no services, local backend.
+    write(tmp_path / "docker-compose.yml", "name: shop\n" + COMPOSE)
+    monkeypatch.chdir(tmp_path)
+    base = load_config({"services": {"own": {"command": ["run"], "image": "mine"}}}, environ={})
+    for config in (
+        load_config(base, overrides={"compose": "docker-compose.yml"}, environ={}),
+        load_config(base, environ={"DSPY_INFRA_COMPOSE": "docker-compose.yml"}),
+    ):
+        assert sorted(config.services) == ["db", "own", "web"]
+        assert config.services["web"].image == "app:1"
+        assert (config.infra.backend, config.infra.project) == ("docker", "shop")
+    # What the Config sets still wins.
+    mine = evolve(base, infra=evolve(base.infra, project="mine"))
+    config = load_config(mine, overrides={"compose": "docker-compose.yml"}, environ={})
+    assert (config.infra.backend, config.infra.project) == ("docker", "mine")
 
 
 def test_errors_name_the_file_that_holds_the_value(tmp_path: Path) -> None:

@@ -113,7 +113,8 @@ def load_config(
         written += made
         origins.update(dict.fromkeys(made, origin))
     _one_probe_kind(raw, written)
-    if not isinstance(source, Config):  # a Config holds its compose services already
+    # A Config holds its compose services already, unless a layer names another file.
+    if not isinstance(source, Config) or _new_compose(raw, source, base, origins):
         origins = _with_compose(raw, base, environ, origins, name)
 
     _with_default_classes(raw)
@@ -354,6 +355,34 @@ def _with_compose(
     _one_probe_kind(merged, _merge(merged, ("services",), own, str(path)))
     raw["services"] = services
     return {**found, **layers}
+
+
+def _new_compose(
+    raw: dict[str, Any], config: Config, base: Path, origins: Mapping[tuple[str, ...], str]
+) -> bool:
+    """Whether a variable or an override names a compose file that ``config`` has not read.
+
+    If so, ``backend`` and ``project`` that are the Config's defaults, and that
+    no layer set, are dropped from ``raw``: the compose file's go where
+    ``[infra]`` does not set them, as for a file.
+    """
+    infra = raw.get("infra")
+    compose = infra.get("compose") if isinstance(infra, dict) else None
+    if (
+        ("infra", "compose") not in origins
+        or not isinstance(infra, dict)
+        or not isinstance(compose, str | os.PathLike)
+        or not str(compose).strip()
+    ):
+        return False
+    path = Path(compose)
+    if (path if path.is_absolute() else (base / path).resolve()) == config.infra.compose:
+        return False
+    defaults = InfraSettings()
+    for key in ("backend", "project"):
+        if ("infra", key) not in origins and infra.get(key) == getattr(defaults, key):
+            infra.pop(key)
+    return True
 
 
 def _table_at(raw: Mapping[str, Any], key_path: tuple[str, ...]) -> Any:
