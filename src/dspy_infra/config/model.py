@@ -9,6 +9,7 @@ a time; :func:`dspy_infra.config.loading.validate` checks what spans fields
 from __future__ import annotations
 
 import ipaddress
+import math
 import operator
 import random
 import re
@@ -87,6 +88,12 @@ def _bound(op: str, bound: float) -> Validator:
 _positive = _bound(">", 0)
 _non_negative = _bound(">=", 0)
 _at_least_one = _bound(">=", 1)
+
+
+def _finite(_: object, attribute: Attribute[Any], value: float | None) -> None:
+    # Passed on as an integer (Docker's NanoCpus, sbatch's minutes): inf is no limit there.
+    if value is not None and not math.isfinite(value):
+        raise FieldError(attribute.name, f"expected a finite number, got {value!r}")
 
 
 def _path(_: object, attribute: Attribute[Any], value: str | None) -> None:
@@ -300,7 +307,7 @@ class ServiceConfig:
     ports: dict[str, int] = field(factory=dict)
     container_ports: dict[str, int] = field(factory=dict)
     volumes: tuple[str, ...] = field(default=(), validator=_volumes)
-    cpus: float | None = field(default=None, validator=_positive)
+    cpus: float | None = field(default=None, validator=[_positive, _finite])
     memory_mb: int | None = field(default=None, validator=_positive)
     gpus: int = field(default=0, validator=_non_negative)
     depends_on: dict[str, Dependency] = field(factory=dict)
@@ -390,7 +397,7 @@ class TaskClass:
     partition: str | None = field(default=None, validator=_slurm_word)
     account: str | None = field(default=None, validator=_slurm_word)
     qos: str | None = field(default=None, validator=_slurm_word)
-    time_limit: float | None = field(default=None, validator=_positive)
+    time_limit: float | None = field(default=None, validator=[_positive, _finite])
     gres: str | None = field(default=None, validator=_slurm_word)
     signal: str | None = field(default=None, validator=_slurm_signal)
     array_throttle: int | None = field(default=None, validator=_at_least_one)
