@@ -306,6 +306,24 @@ def test_invalid_environment_value_names_the_variable(
     assert (exc.source, exc.path) == (f"environment variable {name}", path)
 
 
+def test_a_default_at_odds_with_a_layer_s_value_names_the_layer(tmp_path: Path) -> None:
+    # The file sets no max_interval: its default (0.02) is below the interval
+    # that the variable set, and the error blamed the file, with neither value.
+    file = write(tmp_path / "dspy-infra.toml", REDIS.replace(", max_interval = 0.5", ""))
+    name = "DSPY_INFRA_SERVICES__REDIS__HEALTH__INTERVAL"
+    exc = error(file, environ={name: "0.5"})
+    assert str(exc) == (
+        f"environment variable {name}: services.redis.health.max_interval: "
+        "must be at least interval (0.5), got 0.02"
+    )
+    # A value the file set is still the file's to answer for.
+    file = write(
+        tmp_path / "other.toml", REDIS.replace("max_interval = 0.5", "max_interval = 0.01")
+    )
+    exc = error(file, environ={"DSPY_INFRA_SERVICES__REDIS__RESTART": "always"})
+    assert (exc.source, exc.path) == (str(file), "services.redis.health.max_interval")
+
+
 def test_an_error_in_the_file_still_names_the_file(tmp_path: Path) -> None:
     file = write(tmp_path / "dspy-infra.toml", REDIS.replace("{port}", "{nope}", 1))
     exc = error(file, environ={"DSPY_INFRA_SERVICES__REDIS__RESTART": "always"})

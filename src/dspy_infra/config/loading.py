@@ -417,7 +417,12 @@ def _structure(
     except BaseValidationError as exc:
         problems = describe_errors(exc)
         path, message = problems[0]
-        origin = _origin(path, origins, name)
+        # A key that no one set holds its default, fine on its own: the value at
+        # odds with it (interval over a default max_interval) is its table's.
+        where, _, key = _INDEX.sub("", path).rpartition(".")
+        table = _table_at(raw, tuple(where.split("."))) if where else None
+        unset = isinstance(table, Mapping) and key not in table
+        origin = _origin(where if unset else path, origins, name)
         if len(problems) > 1:
             message += (
                 f" (and {len(problems) - 1} more: "

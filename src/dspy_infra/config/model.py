@@ -259,7 +259,10 @@ class Probe:
         if (self.status is not None or self.body is not None) and self.http is None:
             raise ValueError("status and body apply only to an http probe")
         if self.max_interval < self.interval:
-            raise FieldError("max_interval", "must be at least interval")
+            raise FieldError(
+                "max_interval",
+                f"must be at least interval ({self.interval:g}), got {self.max_interval:g}",
+            )
 
     @property
     def kind(self) -> str:
