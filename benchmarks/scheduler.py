@@ -69,6 +69,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -222,7 +223,7 @@ async def batch_round(infra: AgentInfra, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-_FLOOR_IDS = iter(range(1, 2**62))
+_FLOOR_IDS = itertools.count(1)
 
 
 async def store_floor_round(store: SQLiteStore, n: int) -> float:
@@ -230,9 +231,17 @@ async def store_floor_round(store: SQLiteStore, n: int) -> float:
     t0 = time.perf_counter()
     now = time.time()
     at = COLUMNS.index("payload")
-    queued = {"handler": "noop", "task_class": "cpu_short", "priority": 0, "needs": "[]"}
-    queued |= {"state": "queued", "attempts": 0, "max_attempts": 1, "resources": "[0,0,0]"}
-    queued["submitted_at"] = now
+    queued = {
+        "handler": "noop",
+        "task_class": "cpu_short",
+        "priority": 0,
+        "needs": "[]",
+        "state": "queued",
+        "attempts": 0,
+        "max_attempts": 1,
+        "resources": "[0,0,0]",
+        "submitted_at": now,
+    }
     before = tuple(queued.get(c) for c in COLUMNS[1:at])  # COLUMNS[0] is the task id
     after = tuple(queued.get(c) for c in COLUMNS[at + 1 :])
     tasks = [(f"floor-{next(_FLOOR_IDS):016d}", json.dumps(i)) for i in range(n)]

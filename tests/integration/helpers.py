@@ -61,6 +61,14 @@ def serve_without(monkeypatch: Any, route: str) -> None:
     monkeypatch.setattr(orch_pb.OrchestratorBase, "__mapping__", older)
 
 
+def dockerfile_context(tmp_path: Path, dockerfile: str) -> Path:
+    """A build context, ``tmp_path / "image"``, holding ``dockerfile`` (add files beside it)."""
+    context = tmp_path / "image"
+    context.mkdir()
+    (context / "Dockerfile").write_text(dockerfile)
+    return context
+
+
 @asynccontextmanager
 async def built_image(context: Path, tag: str) -> AsyncIterator[str]:
     """``tag``, built from the Dockerfile in ``context``, for the block; deleted after."""

@@ -24,7 +24,7 @@ from dspy_infra.config.model import HandlerConfig, InfraSettings, TaskClass
 from dspy_infra.docker.engine import Container, Engine, Labels
 from dspy_infra.errors import InvalidTask, TaskCancelled, TaskFailed, TaskTimedOut
 from dspy_infra.scheduling.tasks import TaskHandle, TaskState
-from tests.integration.helpers import built_image
+from tests.integration.helpers import built_image, dockerfile_context
 
 pytestmark = pytest.mark.anyio
 
@@ -129,9 +129,7 @@ async def test_an_image_whose_user_is_not_root_can_write_its_result(
 ) -> None:
     # Many images run as a user of their own (USER 1000): the work dir,
     # made by this program's user, must still take the command's files.
-    context = tmp_path / "image"
-    context.mkdir()
-    (context / "Dockerfile").write_text(f"FROM {busybox}\nUSER 1000:1000\n")
+    context = dockerfile_context(tmp_path, f"FROM {busybox}\nUSER 1000:1000\n")
     async with built_image(context, f"local/{project}-user:latest") as tag:
         script = "cat {payload_file} > {result_file}; echo note > {work_dir}/note"
         handlers = {"echo": box(tag, ["sh", "-c", script])}
@@ -339,9 +337,7 @@ async def test_a_program_missing_behind_a_cleared_entrypoint_fails_the_task(
 ) -> None:
     # entrypoint = [] clears the image's ENTRYPOINT: the command is what runs,
     # so the command's program is the one that must be in the image.
-    context = tmp_path / "image"
-    context.mkdir()
-    (context / "Dockerfile").write_text(f'FROM {busybox}\nENTRYPOINT ["/bin/echo"]\n')
+    context = dockerfile_context(tmp_path, f'FROM {busybox}\nENTRYPOINT ["/bin/echo"]\n')
     async with built_image(context, f"local/{project}-entry:latest") as tag:
         handlers = {
             "py": box(tag, ["python3", "-V"], entrypoint=[]),

@@ -19,7 +19,7 @@ from aiodocker.containers import DockerContainer
 from dspy_infra import AgentInfra, BackendUnavailable, ServiceStartError, ServiceState
 from dspy_infra._procfs import start_time
 from dspy_infra.docker.engine import Container, Engine
-from tests.integration.helpers import built_image
+from tests.integration.helpers import built_image, dockerfile_context
 
 pytestmark = pytest.mark.anyio
 
@@ -134,12 +134,11 @@ async def test_a_killed_container_is_restarted(busybox: str, tmp_path: Path, pro
 async def test_image_healthcheck_decides_when_the_service_is_up(
     busybox: str, tmp_path: Path, project: str
 ) -> None:
-    context = tmp_path / "image"
-    context.mkdir()
-    (context / "Dockerfile").write_text(
+    context = dockerfile_context(
+        tmp_path,
         f"FROM {busybox}\n"
         "HEALTHCHECK --interval=1s --timeout=1s CMD test -f /tmp/ready\n"
-        'CMD ["sh", "-c", "sleep 0.3; touch /tmp/ready; exec sleep 1000"]\n'
+        'CMD ["sh", "-c", "sleep 0.3; touch /tmp/ready; exec sleep 1000"]\n',
     )
 
     async with built_image(context, f"local/{project}-healthy:latest") as tag:
@@ -153,13 +152,11 @@ async def test_a_program_named_relative_to_the_working_directory_runs(
     busybox: str, tmp_path: Path, project: str
 ) -> None:
     # As Docker runs it: from the image's WORKDIR, or from the service's cwd.
-    context = tmp_path / "image"
-    context.mkdir()
+    context = dockerfile_context(
+        tmp_path, f'FROM {busybox}\nWORKDIR /app\nCOPY run.sh /app/run.sh\nCMD ["./run.sh"]\n'
+    )
     (context / "run.sh").write_text("#!/bin/sh\necho up from $(pwd)\nexec sleep 1000\n")
     (context / "run.sh").chmod(0o755)
-    (context / "Dockerfile").write_text(
-        f'FROM {busybox}\nWORKDIR /app\nCOPY run.sh /app/run.sh\nCMD ["./run.sh"]\n'
-    )
     async with built_image(context, f"local/{project}-workdir:latest") as tag:
         services = {
             "app": {"image": tag, "health": {"log": "^up from /app$"}, "start_retries": 0},
@@ -551,12 +548,11 @@ async def test_a_health_change_missed_while_the_event_stream_reconnects_is_seen(
         return response
 
     monkeypatch.setattr(aiodocker.Docker, "_do_query", flaky)
-    context = tmp_path / "image"
-    context.mkdir()
-    (context / "Dockerfile").write_text(
+    context = dockerfile_context(
+        tmp_path,
         f"FROM {busybox}\n"
         "HEALTHCHECK --interval=1s --timeout=1s CMD test -f /tmp/ready\n"
-        'CMD ["sh", "-c", "touch /tmp/ready; exec sleep 1000"]\n'
+        'CMD ["sh", "-c", "touch /tmp/ready; exec sleep 1000"]\n',
     )
     async with built_image(context, f"local/{project}-healthy:latest") as tag:
         services = {"slow": {"image": tag, "stop_timeout": 0.5}}

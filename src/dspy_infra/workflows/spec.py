@@ -472,7 +472,7 @@ def _reference_problem(at: str, step: Step, path: list[str]) -> str | None:
     if "" in path[1:]:  # ${inputs.x.}: it could name nothing an input holds
         return f"{at}: {text}: an empty name between dots"
     if root == "inputs":
-        if len(path) < 2 or not path[1]:
+        if len(path) < 2:  # an empty name is refused above
             return f"{at}: {text}: name an input, as in ${{inputs.dataset}}"
     elif root == "steps":
         if len(path) < 3 or path[2] != "result":
