@@ -134,12 +134,7 @@ async def test_a_killed_container_is_restarted(busybox: str, tmp_path: Path, pro
 async def test_image_healthcheck_decides_when_the_service_is_up(
     busybox: str, tmp_path: Path, project: str
 ) -> None:
-    context = dockerfile_context(
-        tmp_path,
-        f"FROM {busybox}\n"
-        "HEALTHCHECK --interval=1s --timeout=1s CMD test -f /tmp/ready\n"
-        'CMD ["sh", "-c", "sleep 0.3; touch /tmp/ready; exec sleep 1000"]\n',
-    )
+    context = ready_file_image(tmp_path, busybox, "sleep 0.3; ")
 
     async with built_image(context, f"local/{project}-healthy:latest") as tag:
         services = {"slow": {"image": tag, "stop_timeout": 0.5}}
@@ -548,12 +543,7 @@ async def test_a_health_change_missed_while_the_event_stream_reconnects_is_seen(
         return response
 
     monkeypatch.setattr(aiodocker.Docker, "_do_query", flaky)
-    context = dockerfile_context(
-        tmp_path,
-        f"FROM {busybox}\n"
-        "HEALTHCHECK --interval=1s --timeout=1s CMD test -f /tmp/ready\n"
-        'CMD ["sh", "-c", "touch /tmp/ready; exec sleep 1000"]\n',
-    )
+    context = ready_file_image(tmp_path, busybox)
     async with built_image(context, f"local/{project}-healthy:latest") as tag:
         services = {"slow": {"image": tag, "stop_timeout": 0.5}}
         with anyio.fail_after(20):
@@ -582,3 +572,14 @@ async def test_one_container_port_published_on_two_host_ports_answers_on_both(
         with anyio.fail_after(10):
             assert await fetch(f"http://127.0.0.1:{ports['main']}/") == "both\n"
             assert await fetch(f"http://127.0.0.1:{ports['extra']}/") == "both\n"
+
+
+def ready_file_image(tmp_path: Path, busybox: str, first: str = "") -> Path:
+    """The build context of an image whose HEALTHCHECK passes once its command
+    (after ``first``, shell) has made /tmp/ready."""
+    return dockerfile_context(
+        tmp_path,
+        f"FROM {busybox}\n"
+        "HEALTHCHECK --interval=1s --timeout=1s CMD test -f /tmp/ready\n"
+        f'CMD ["sh", "-c", "{first}touch /tmp/ready; exec sleep 1000"]\n',
+    )
