@@ -263,10 +263,18 @@ class SlurmRunner:
                         # Killed while its job runs on: the job may have been
                         # requeued (it then runs this task again, and records
                         # anew), preempted or cancelled. Its end says which.
+                        request.killed = True
                         info = await poller.final(job_id)
-                if not info.final and all(r.stopping for r in request.group if r is not request):
-                    # The last of its pack: what its job would still run (all
-                    # of it again, if Slurm requeued it) nobody follows.
+                if (
+                    not info.final
+                    and any(r.killed for r in request.group)
+                    and all(r.stopping for r in request.group if r is not request)
+                ):
+                    # The last of a pack one of whose tasks was killed: what its
+                    # job would still run (all of it again, if Slurm requeued
+                    # it) nobody follows. Not otherwise: a pack that ran through
+                    # is ending on its own, and a scancel each would make the
+                    # calls grow with the packs, not with the poll cycles.
                     with anyio.CancelScope(shield=True):
                         await self._cancel_gone(job_id)
             else:

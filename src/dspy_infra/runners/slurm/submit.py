@@ -82,6 +82,8 @@ class Request:
         self.group: list[Request] = [self]
         self.cancelled = False
         self.stopping = False  # a packed attempt being stopped, or done with
+        # A packed attempt whose command was killed while its job ran on (a requeue?).
+        self.killed = False
         self.done = anyio.Event()
         # Known at once for a job of a previous owner that already ended.
         self.final: JobInfo | None = None
