@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 
 from dspy_infra.scheduling import gpus
 from tests.engines import require_docker, require_slurm
+
+MakeSmi = Callable[[str], None]
 
 
 @pytest.fixture
@@ -13,6 +19,29 @@ def gpus_as_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     """``[infra] gpus`` taken as given whatever devices this machine has: a
     GPU set to test with, also on a machine with fewer GPUs than it names."""
     monkeypatch.setattr(gpus, "_detect", lambda: ("none", None))
+
+
+@pytest.fixture
+def bin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A PATH holding only what a test puts there, and no NVML: no real GPU tool is used."""
+    path = tmp_path / "bin"
+    path.mkdir()
+    monkeypatch.setenv("PATH", str(path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    return path
+
+
+@pytest.fixture
+def make_smi(bin_dir: Path) -> MakeSmi:
+    """Writes a fake ``nvidia-smi`` (a shell script of this body) where detection finds it."""
+
+    def make(body: str) -> None:
+        script = bin_dir / "nvidia-smi"
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(0o755)
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ from dspy_infra.scheduling.checks import MAX_JSON_DEPTH
 from dspy_infra.scheduling.store import StoreFailed
 from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskState
 from dspy_infra.services.status import ServiceState
+from tests.conftest import MakeSmi
 from tests.integration.helpers import service
 
 pytestmark = pytest.mark.anyio
@@ -435,27 +436,46 @@ async def test_gpu_leases_are_disjoint_and_reach_the_handler(tmp_path: Path) -> 
     assert seen[pair.task_id] == (("0", "1"), "0,1")
 
 
-@pytest.mark.usefixtures("gpus_as_configured")
-async def test_a_process_task_sees_its_leased_gpus_in_its_environment(tmp_path: Path) -> None:
+def gpu_env_infra(tmp_path: Path, **infra: Any) -> AgentInfra:
+    """A process-runner class of one GPU, whose ``env`` handler prints the
+    ``CUDA_VISIBLE_DEVICES`` and ``CUDA_DEVICE_ORDER`` its process got."""
     script = (
         "import json, os; print(json.dumps([os.environ.get('CUDA_VISIBLE_DEVICES'), "
         "os.environ.get('CUDA_DEVICE_ORDER')]))"
     )
-    infra = AgentInfra.start(
+    return AgentInfra.start(
         {
-            "infra": {"gpus": [0, 1]},
+            "infra": infra,
             "classes": {"gp": {"runner": "process", "gpus": 1, "cpus": 0}},
             "handlers": {"env": {"command": [sys.executable, "-c", script]}},
         },
         state_dir=tmp_path / "state",
     )
-    async with infra:
+
+
+@pytest.mark.usefixtures("gpus_as_configured")
+async def test_a_process_task_sees_its_leased_gpus_in_its_environment(tmp_path: Path) -> None:
+    async with gpu_env_infra(tmp_path, gpus=[0, 1]) as infra:
         one = await infra.submit_task("env", None, task_class="gp")
         two = await infra.submit_task("env", None, task_class="gp", resources=Resources(gpus=2))
         with anyio.fail_after(30):
             assert (await one.result())[1] == "PCI_BUS_ID"
             assert (await one.result())[0] in {"0", "1"}
             assert await two.result() == ["0,1", "PCI_BUS_ID"]
+
+
+async def test_mig_devices_confining_the_program_are_leased_by_their_ids(
+    tmp_path: Path, make_smi: MakeSmi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Slurm and Kubernetes confine a job to MIG slices by their ids; nvidia-smi
+    # lists whole GPUs only, so the slices are handed out as named.
+    make_smi("printf '0, GPU-aaaa1111\\n1, GPU-bbbb2222\\n'")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-aaaa-1,MIG-bbbb-2")
+    async with gpu_env_infra(tmp_path) as infra:
+        assert (await infra.get_metrics())["dspy_infra_gpus_total"] == 2
+        two = await infra.submit_task("env", None, task_class="gp", resources=Resources(gpus=2))
+        with anyio.fail_after(30):
+            assert await two.result() == ["MIG-aaaa-1,MIG-bbbb-2", "PCI_BUS_ID"]
 
 
 async def test_sync_handlers_run_at_most_worker_threads_at_once(tmp_path: Path) -> None:

@@ -10,8 +10,6 @@ import shutil
 import sys
 import time
 import types
-from collections.abc import Callable
-from pathlib import Path
 
 import anyio
 import pytest
@@ -21,30 +19,9 @@ from hypothesis import strategies as st
 from dspy_infra.errors import ConfigError
 from dspy_infra.scheduling import gpus
 from dspy_infra.scheduling.gpus import GpuInventory, detect_gpus
+from tests.conftest import MakeSmi
 
 SMI_OUTPUT = "0, GPU-aaaa1111\n1, GPU-bbbb2222\n2, GPU-abcd3333\n"
-MakeSmi = Callable[[str], None]
-
-
-@pytest.fixture
-def bin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A PATH holding only what a test puts there, and no NVML: no real GPU tool is used."""
-    path = tmp_path / "bin"
-    path.mkdir()
-    monkeypatch.setenv("PATH", str(path))
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setitem(sys.modules, "pynvml", None)
-    return path
-
-
-@pytest.fixture
-def make_smi(bin_dir: Path) -> MakeSmi:
-    def make(body: str) -> None:
-        script = bin_dir / "nvidia-smi"
-        script.write_text(f"#!/bin/sh\n{body}\n")
-        script.chmod(0o755)
-
-    return make
 
 
 @pytest.fixture
@@ -145,6 +122,9 @@ async def test_environment_defaults_to_the_process_environment(
         ("1,7,0", ("1",)),  # an unknown device ends the list
         ("0,-1,1", ("0",)),
         ("1,GPU-bbbb2222,1", ("1",)),
+        # MIG slices are not in the device list: their ids are passed on as given.
+        ("MIG-1234-5678", ("MIG-1234-5678",)),
+        ("MIG-aa, 1 ,MIG-bb,MIG-aa", ("MIG-aa", "1", "MIG-bb")),
         ("", ()),
         ("-1", ()),
         ("NoDevFiles", ()),
@@ -315,6 +295,8 @@ async def test_property_detected_devices_filtered(
     for token in tokens:
         id_ = normal(token)
         found = [i for i, uuid in DEVICES if id_ is not None and id_ in (i, uuid[: len(id_)])]
+        if id_ is not None and id_.startswith("MIG-"):
+            found = [id_]
         if len(found) != 1:
             break
         if found[0] not in expected:

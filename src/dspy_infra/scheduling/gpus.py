@@ -15,6 +15,7 @@ The answer is decided in this order, first match wins:
    never an exception: a machine without GPUs is normal, and it only costs
    the ``gpu`` classes their slots. Ids are indices as both tools number
    devices (PCI bus order); UUIDs in ``CUDA_VISIBLE_DEVICES`` are matched too.
+   Both list whole GPUs, never MIG slices: ``MIG-`` ids are kept as given.
 3. ``CUDA_VISIBLE_DEVICES``, as CUDA reads it: tokens separated by commas,
    spaces ignored, and the first invalid token ends the list (so ``""``,
    ``"-1"`` and ``"NoDevFiles"`` mean no GPUs). With detected devices it
@@ -114,13 +115,22 @@ def _tokens(value: str) -> list[str]:
 def _filter(devices: Devices, tokens: Sequence[str]) -> list[str]:
     ids: list[str] = []
     for token in tokens:
-        # CUDA accepts a unique UUID prefix; an unknown or ambiguous token ends the list.
-        found = [index for index, uuid in devices if token == index or uuid.startswith(token)]
+        found = _match(devices, token)
         if len(found) != 1:
             break
         if found[0] not in ids:
             ids.append(found[0])
     return ids
+
+
+def _match(devices: Devices, token: str) -> list[str]:
+    """The detected devices ``token`` names: CUDA accepts a unique UUID prefix,
+    and an unknown or ambiguous token ends the list. A MIG slice is not among
+    the devices (both tools list whole GPUs), so its id is kept as given: the
+    way Slurm and Kubernetes confine a job to slices."""
+    if token.startswith("MIG-"):
+        return [token]
+    return [index for index, uuid in devices if token == index or uuid.startswith(token)]
 
 
 def _detect() -> tuple[str, Devices | None]:
