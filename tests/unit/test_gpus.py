@@ -160,6 +160,26 @@ async def test_a_failing_nvidia_smi_means_not_detected(
 
 
 @pytest.mark.anyio
+async def test_a_corrupted_inforom_warning_keeps_the_devices_listed(
+    make_smi: MakeSmi, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nvidia-smi exits 14 ("infoROM is corrupted", a warning) after printing
+    # its list; NVML lists the same devices on such a machine.
+    warning = "echo 'WARNING: infoROM is corrupted at gpu 0000:00:1E.0' >&2; exit 14"
+    make_smi(f"printf '{SMI_OUTPUT}'; {warning}")
+    with caplog.at_level(logging.WARNING, logger="dspy_infra"):
+        assert await detect_gpus(environ={}) == inv("nvidia-smi", "0", "1", "2")
+    assert [record.getMessage() for record in caplog.records] == [
+        "nvidia-smi exited 14, infoROM is corrupted: its devices are used, "
+        "and may be faulty (see the NVIDIA GPU Operator's troubleshooting guide)"
+    ]
+    make_smi(warning)  # no list: nothing detected
+    assert await detect_gpus(environ={"CUDA_VISIBLE_DEVICES": "3"}) == inv(
+        "CUDA_VISIBLE_DEVICES", "3"
+    )
+
+
+@pytest.mark.anyio
 async def test_a_hung_nvidia_smi_times_out(
     make_smi: MakeSmi, monkeypatch: pytest.MonkeyPatch
 ) -> None:

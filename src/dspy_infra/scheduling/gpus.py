@@ -13,8 +13,10 @@ The answer is decided in this order, first match wins:
    Both block, so they run in a worker thread, never on the event loop. A
    failure (no driver, no device, non-zero exit, hang) means "not detected",
    never an exception: a machine without GPUs is normal, and it only costs
-   the ``gpu`` classes their slots. Ids are indices as both tools number
-   devices (PCI bus order); UUIDs in ``CUDA_VISIBLE_DEVICES`` are matched too.
+   the ``gpu`` classes their slots. (nvidia-smi's exit 14, a corrupted
+   infoROM, is a warning after a whole list: those devices are used.) Ids
+   are indices as both tools number devices (PCI bus order); UUIDs in
+   ``CUDA_VISIBLE_DEVICES`` are matched too.
    Both list whole GPUs, never MIG slices: ``MIG-`` ids are kept as given.
 3. ``CUDA_VISIBLE_DEVICES``, as CUDA reads it: tokens separated by commas,
    spaces ignored, and the first invalid token ends the list (so ``""``,
@@ -44,6 +46,9 @@ __all__ = ["GpuInventory", "detect_gpus"]
 log = logging.getLogger("dspy_infra")
 
 NVIDIA_SMI_TIMEOUT = 10.0
+# nvidia-smi's exit status for a corrupted infoROM: a warning printed after a
+# whole device list, which NVML (it does not read the infoROM) lists too.
+NVIDIA_SMI_INFOROM_CORRUPTED = 14
 _INDEX_RE = re.compile(r"[0-9]+")
 _UUID_RE = re.compile(r"(GPU|MIG)-\S+")
 
@@ -166,9 +171,23 @@ def _nvidia_smi() -> Devices | None:
     if path is None:
         return None
     argv = [path, "--query-gpu=index,uuid", "--format=csv,noheader"]
-    out = subprocess.run(
-        argv, capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT, check=True
-    ).stdout
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT, check=False
+    )
+    warned = result.returncode == NVIDIA_SMI_INFOROM_CORRUPTED
+    devices = _parse_nvidia_smi(result.stdout) if warned or not result.returncode else []
+    if result.returncode and not devices:  # an error, or the warning without a list
+        result.check_returncode()
+    if warned:
+        log.warning(
+            "nvidia-smi exited %d, infoROM is corrupted: its devices are used, and may be "
+            "faulty (see the NVIDIA GPU Operator's troubleshooting guide)",
+            result.returncode,
+        )
+    return devices
+
+
+def _parse_nvidia_smi(out: str) -> Devices:
     devices: Devices = []
     for line in filter(None, map(str.strip, out.splitlines())):
         index, uuid = (part.strip() for part in line.split(","))
