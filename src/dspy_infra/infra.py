@@ -286,7 +286,7 @@ class AgentInfra(TaskMethods):
                         health=self._health_document,
                     )
                     serving = anyio.CancelScope()
-                    self.metrics_address = await task_group.start(self._serve, server, serving)
+                    self.metrics_address = await self._start_serving(task_group, server, serving)
                     stack.callback(serving.cancel)
                 if self.config.infra.autostart:
                     await self._services.start()
@@ -325,6 +325,22 @@ class AgentInfra(TaskMethods):
     async def _watch_loop_lag(self, scope: anyio.CancelScope) -> None:
         with scope:
             await self.metrics.watch_loop_lag(self.config.metrics.loop_lag_interval)
+
+    async def _start_serving(
+        self, task_group: anyio.abc.TaskGroup, server: MetricsServer, scope: anyio.CancelScope
+    ) -> str:
+        """The address ``server`` listens on; one it cannot listen on (taken, or
+        a host that does not resolve) is the configuration's to change, so
+        named as its errors are, not as asyncio's OSError."""
+        try:
+            address: str = await task_group.start(self._serve, server, scope)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {self.config.metrics.address}: {_bind_reason(exc)}",
+                source=self.config.source,
+                path="metrics.address",
+            ) from None
+        return address
 
     @staticmethod
     async def _serve(
@@ -417,3 +433,11 @@ class AgentInfra(TaskMethods):
             raise InfraClosed(
                 f"this AgentInfra is {state}: use it inside `async with AgentInfra.start(...)`"
             )
+
+
+def _bind_reason(exc: OSError) -> str:
+    """Why a listen failed, in the system's words: asyncio's own message repeats
+    the address it was given; a name that does not resolve has only its text."""
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)

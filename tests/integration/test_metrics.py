@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,23 @@ async def test_a_start_failure_is_counted_with_its_reason(tmp_path: Path) -> Non
         failures = 'dspy_infra_service_start_failures_total{reason="exited",service="dies"}'
         assert values[failures] == 2
         assert values['dspy_infra_service_starts_total{service="dies",status="failed"}'] == 2
+
+
+async def test_a_metrics_address_in_use_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = "{}:{}".format(*taken.getsockname())
+        cfg = config(tmp_path, metrics={"address": address})
+        with pytest.raises(ConfigError) as info:
+            async with AgentInfra.start(cfg):
+                pass
+        assert str(info.value) == (
+            f"<mapping>: metrics.address: cannot listen on {address}: Address already in use"
+        )
+    # Nothing was left running: the next instance gets the state directory and the port.
+    async with AgentInfra.start(cfg) as infra:
+        assert infra.metrics_address == address
 
 
 async def test_no_endpoint_by_default(tmp_path: Path) -> None:
