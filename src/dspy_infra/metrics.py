@@ -25,7 +25,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.metrics import MetricWrapperBase
 
 __all__ = ["CONTENT_TYPE", "ClassMetrics", "Metrics"]
@@ -127,6 +132,29 @@ class _TaskCollector:
         yield from (submitted, finished, wait, duration)
 
 
+class _LoopLag:
+    """The event-loop lag gauge, with a sample only once measured: a 0 while
+    the measurement is off (or before its first one) would read as no lag.
+    Declared all the same (``# TYPE``), so that it can be found."""
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._family(self.seconds)
+
+    @staticmethod
+    def _family(seconds: float | None = None) -> Metric:
+        return GaugeMetricFamily(
+            f"{PREFIX}event_loop_lag_seconds",
+            "How late the event loop woke a periodic timer, last measured",
+            value=seconds,
+        )
+
+
 # As prometheus_client writes them (its floatToGoString, for these values).
 _BOUNDS = (*(repr(float(b)) for b in _BUCKETS), "+Inf")
 
@@ -200,11 +228,8 @@ class Metrics:
         self.workflow_runs_active = Gauge(
             f"{PREFIX}workflow_runs_active", "Workflow runs not finished yet", registry=r
         )
-        self.event_loop_lag = Gauge(
-            f"{PREFIX}event_loop_lag_seconds",
-            "How late the event loop woke a periodic timer, last measured",
-            registry=r,
-        )
+        self._loop_lag = _LoopLag()
+        r.register(self._loop_lag)
 
     def task_class(self, name: str) -> ClassMetrics:
         found = self._classes.get(name)
@@ -221,11 +246,10 @@ class Metrics:
 
     async def watch_loop_lag(self, interval: float) -> None:
         """Measure, every ``interval`` seconds, how late the loop wakes a timer; forever."""
-        gauge = self.event_loop_lag
         while True:
             expected = anyio.current_time() + interval
             await anyio.sleep(interval)
-            gauge.set(max(0.0, anyio.current_time() - expected))
+            self._loop_lag.seconds = max(0.0, anyio.current_time() - expected)
 
     @contextmanager
     def backend_call(self, backend: str, operation: str) -> Iterator[None]:

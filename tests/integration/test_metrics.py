@@ -21,6 +21,7 @@ from tests.unit.test_config_reference import documented, public_fields, real_def
 pytestmark = pytest.mark.anyio
 
 PREFIX = "dspy_infra_"
+LOOP_LAG = f"{PREFIX}event_loop_lag_seconds"
 GPUS_TOTAL_LINT = 'non-counter metrics should not have "_total" suffix'
 # Every metric DESIGN.md names, as it appears in the text format.
 DESIGN_METRICS = [
@@ -119,7 +120,7 @@ async def test_metrics_health_and_ready_are_served_on_loopback(tmp_path: Path) -
             status="ok",
         )
         assert launches == 1
-        lag = sample(text, f"{PREFIX}event_loop_lag_seconds")
+        lag = sample(text, LOOP_LAG)
         assert lag is not None
         assert 0 <= lag < 1
 
@@ -244,7 +245,20 @@ async def test_a_metrics_address_in_use_is_a_config_error_naming_it(tmp_path: Pa
 async def test_no_endpoint_by_default(tmp_path: Path) -> None:
     async with AgentInfra.start(state_dir=tmp_path / "state") as infra:
         assert infra.metrics_address is None
-        assert "dspy_infra_event_loop_lag_seconds" in await infra.get_metrics()
+        with anyio.fail_after(5):  # once measured (every 0.5 s by default)
+            while LOOP_LAG not in await infra.get_metrics():
+                await anyio.sleep(0.05)
+
+
+async def test_the_loop_lag_has_no_sample_unless_measured(tmp_path: Path) -> None:
+    # A 0 would read as "no lag"; Prometheus' way for "not measured" is no sample.
+    cfg = config(tmp_path, metrics={"address": "127.0.0.1:0", "loop_lag_interval": 0})
+    async with AgentInfra.start(cfg) as infra:
+        await anyio.sleep(0.1)
+        assert LOOP_LAG not in await infra.get_metrics()
+        _, _, text = await get(f"http://{infra.metrics_address}/metrics")
+        assert sample(text, LOOP_LAG) is None
+        assert f"# TYPE {LOOP_LAG} gauge" in text  # declared all the same
 
 
 def test_a_remote_address_needs_allow_remote() -> None:
