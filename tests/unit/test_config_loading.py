@@ -1007,6 +1007,31 @@ def test_volume_sources_are_relative_to_the_file(tmp_path: Path) -> None:
     assert volumes == (f"{tmp_path / 'data'}:/data:ro", "cache:/cache", "/abs:/abs")
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        (
+            "dspy-infra.toml",
+            '[infra]\nbackend = "docker"\n[services.web]\nimage = "img"\n'
+            'volumes = ["~/data:/data", "~:/home:ro"]\n',
+        ),
+        (
+            "docker-compose.yml",
+            "services:\n  web:\n    image: img\n    volumes: ['~/data:/data', '~:/home:ro']\n",
+        ),
+    ],
+    ids=["toml", "compose"],
+)
+def test_a_volume_source_starting_with_a_tilde_is_in_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, text: str
+) -> None:
+    # As docker compose reads it: the TOML file made "~/data" a directory
+    # named "~" beside the file, and "~" a volume name that Docker refuses.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    volumes = load_config(write(tmp_path / name, text), environ={}).services["web"].volumes
+    assert volumes == (f"{tmp_path / 'home' / 'data'}:/data", f"{tmp_path / 'home'}:/home:ro")
+
+
 def test_a_server_address_that_is_not_host_port_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "dspy-infra.toml"
     path.write_text('[server]\naddress = "localhost"\n')

@@ -60,7 +60,7 @@ from dspy_infra.errors import ComposeWarning, ConfigError
 if TYPE_CHECKING:
     import yaml
 
-__all__ = ["read_compose"]
+__all__ = ["host_path", "read_compose"]
 
 # Startup probing: see the module docstring.
 _START_INTERVAL = 0.05
@@ -601,13 +601,8 @@ class _Reader:
             raise self.fail(
                 where, f"the path inside the container must be absolute, got {target!r}"
             )
-        source = self._host_path(source) if bind else self.volume_names.get(source, source)
+        source = host_path(source, self.base) if bind else self.volume_names.get(source, source)
         return source, target, read_only
-
-    def _host_path(self, source: str) -> str:
-        # Absolute here, so that it means the same wherever the compose file is used from.
-        path = Path(source).expanduser()
-        return str(path if path.is_absolute() else (self.base / path).resolve())
 
     def _depends_on(self, value: Any, path: str, name: str) -> dict[str, Any]:
         if isinstance(value, list):
@@ -941,6 +936,14 @@ class _Reader:
                 path, f"expected a size such as '512m', '1g' or a number of bytes, got {value!r}"
             )
         return math.ceil(size / 2**20)
+
+
+def host_path(source: str, base: Path) -> str:
+    """A bind mount's host path, absolute, so that it means the same wherever the
+    file is used from: ``~`` is the home directory, as in compose, and a relative
+    path is relative to ``base``, the directory of the file it was written in."""
+    path = Path(source).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
 
 
 def _tcp_only(protocol: str) -> None:

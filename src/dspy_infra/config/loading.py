@@ -21,7 +21,7 @@ import yarl
 from attrs import asdict, evolve, fields
 from cattrs.errors import BaseValidationError
 
-from dspy_infra.config.compose import read_compose
+from dspy_infra.config.compose import host_path, read_compose
 from dspy_infra.config.converter import converter, describe_errors, did_you_mean
 from dspy_infra.config.model import (
     DEFAULT_CLASSES,
@@ -474,10 +474,10 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         return f"{literal(base.resolve())}/{cwd}"
 
     def mount(volume: str) -> str:
-        # A source with a slash or a leading dot is a host path; else a volume name.
+        # A source with a slash or a leading dot or tilde is a host path; else a volume name.
         source, _, rest = volume.partition(":")
-        if source.startswith(".") or ("/" in source and not source.startswith("/")):
-            return f"{(base / source).resolve()}:{rest}"
+        if source.startswith((".", "~")) or ("/" in source and not source.startswith("/")):
+            return f"{host_path(source, base)}:{rest}"
         return volume
 
     def mounts(volumes: tuple[str, ...]) -> tuple[str, ...]:
