@@ -240,6 +240,25 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert config.services["kv"].ports == {"main": 6000}
 
 
+def test_a_variable_naming_an_env_entry_keeps_its_case(tmp_path: Path) -> None:
+    # The name after ENV__ is an environment variable's, not a config key:
+    # it was lower-cased with the rest (HF_TOKEN became hf_token), unlike
+    # the same entry written in the file. Every other name still folds.
+    file = write(tmp_path / "dspy-infra.toml", REDIS + '[handlers.h]\ncommand = ["true"]\n')
+    environ = {
+        "DSPY_INFRA_SERVICES__REDIS__ENV__HF_TOKEN": "secret",
+        "DSPY_INFRA_Services__Redis__Env__Mixed_Case": "m",
+        "DSPY_INFRA_HANDLERS__H__ENV__CUDA_VISIBLE_DEVICES": "all",
+        "DSPY_INFRA_SERVICES__REDIS__RESTART": "always",
+    }
+    overrides = {"SERVICES__REDIS__ENV__LOG_LEVEL": "debug", "handlers__H__env__Path": "/bin"}
+    config = load_config(file, environ=environ, overrides=overrides)
+    redis = config.services["redis"]
+    assert redis.env == {"HF_TOKEN": "secret", "Mixed_Case": "m", "LOG_LEVEL": "debug"}
+    assert redis.restart == "always"
+    assert config.handlers["h"].env == {"CUDA_VISIBLE_DEVICES": "all", "Path": "/bin"}
+
+
 @pytest.mark.parametrize(
     ("name", "value", "path", "expected"),
     [

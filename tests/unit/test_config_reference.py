@@ -147,3 +147,4 @@ def test_documented_environment_variables_work(tmp_path: Path) -> None:
     config = load_config(path, environ=found)
     assert config.infra.backend == found["DSPY_INFRA_BACKEND"]
     assert config.services["redis"].restart == found["DSPY_INFRA_SERVICES__REDIS__RESTART"]
+    assert config.services["redis"].env["LOG_LEVEL"] == "debug"

@@ -52,6 +52,7 @@ KNOWN_RUNNERS = ("inprocess", "process", "docker", "slurm")
 _INDEX = re.compile(r"\[\d+\]")
 _ABSOLUTE_PLACEHOLDERS = ("{state_dir}", "{service_dir}")  # absolute paths, once filled in
 _HTTP_ONLY = ("status", "body")  # probe keys that go with an http probe
+_ENV_OWNERS = ("services", "handlers")  # the sections whose tables hold an env table
 
 
 def load_config(
@@ -99,7 +100,7 @@ def load_config(
     _one_probe_kind(raw, written)
     written = []
     for key, value in (overrides or {}).items():
-        placed = _place(key.lower().split("__"))
+        placed = _place(_split(key))
         if placed is None:
             known = sorted(_SECTIONS | _INFRA_KEYS)
             raise ConfigError(
@@ -169,6 +170,20 @@ def _read_file(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
     return data
 
 
+def _split(flat: str) -> list[str]:
+    """The names of a flat key (``SERVICES__REDIS__RESTART``), lower-cased as config keys are.
+
+    But for the name of an ``env`` entry (``SERVICES__REDIS__ENV__HF_TOKEN``):
+    that names an environment variable, whose case is its own, as in a TOML
+    table.
+    """
+    parts = flat.split("__")
+    lowered = [part.lower() for part in parts]
+    if len(parts) == 4 and lowered[0] in _ENV_OWNERS and lowered[2] == "env":
+        lowered[3] = parts[3]
+    return lowered
+
+
 def _place(parts: list[str]) -> tuple[str, ...] | None:
     """Where a flat key (``backend``, ``services__redis__image``) goes, or None."""
     if not parts or not all(parts):
@@ -190,7 +205,7 @@ def _env_items(environ: Mapping[str, str]) -> Iterator[tuple[tuple[str, ...], An
     for name, value in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX):
             continue
-        key_path = _place(name[len(ENV_PREFIX) :].lower().split("__"))
+        key_path = _place(_split(name[len(ENV_PREFIX) :]))
         if key_path is not None:
             yield key_path, _parse_env_value(value), f"environment variable {name}"
 
