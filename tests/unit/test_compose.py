@@ -670,8 +670,8 @@ def test_working_dir_stop_grace_period_and_pull_policy(tmp_path: Path) -> None:
         ("cpus: 1.5\nmem_limit: 512m\n", 1.5, 512),
         ('cpus: "0.5"\nmem_limit: 1g\n', 0.5, 1024),
         ("mem_limit: 1GiB\n", None, 1024),
-        ("mem_limit: 1048576\n", None, 1),
-        ("mem_limit: 1000\n", None, 1),  # rounded up: a limit is never lowered
+        ("mem_limit: 6291456\n", None, 6),
+        ("mem_limit: 6000000\n", None, 6),  # rounded up: a limit is never lowered
         ("mem_limit: 1.5g\n", None, 1536),
         ("cpus: 0\nmem_limit: 0\n", None, None),  # 0: no limit
         ("deploy: {resources: {limits: {cpus: '2', memory: 2g}}}\n", 2.0, 2048),

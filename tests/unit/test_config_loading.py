@@ -858,6 +858,28 @@ def test_an_infinite_value_that_is_passed_on_as_an_integer_is_refused(
     assert str(exc).endswith(": expected a finite number, got inf")
 
 
+@pytest.mark.parametrize(
+    ("doc", "path"),
+    [
+        (services(a=svc(memory_mb=5)), "services.a.memory_mb"),
+        ({"classes": {"d": {"runner": "docker", "memory_mb": 5}}}, "classes.d.memory_mb"),
+    ],
+)
+def test_a_memory_limit_below_docker_s_minimum_is_refused(doc: dict[str, Any], path: str) -> None:
+    # Docker refuses a limit under 6 MB ("Minimum memory limit allowed is
+    # 6MB"): the service failed its start, every task of the class its run.
+    exc = error(doc)
+    assert exc.path == path
+    assert str(exc).endswith(": expected at least 6 (Docker's smallest memory limit), got 5")
+
+
+def test_a_small_memory_need_of_a_class_not_run_by_docker_loads() -> None:
+    # memory_mb is then what a task holds of the machine, and 1 MB is fine.
+    doc = {"classes": {"p": {"runner": "process", "memory_mb": 1}}}
+    assert load_config(doc, environ={}).classes["p"].memory_mb == 1
+    assert load_config(services(a=svc(memory_mb=6)), environ={}).services["a"].memory_mb == 6
+
+
 # --- paths -------------------------------------------------------------------------
 
 

@@ -96,6 +96,23 @@ def _finite(_: object, attribute: Attribute[Any], value: float | None) -> None:
         raise FieldError(attribute.name, f"expected a finite number, got {value!r}")
 
 
+# Docker refuses a smaller container memory limit ("Minimum memory limit
+# allowed is 6MB"), at each start: refused here with the key named instead.
+_DOCKER_MIN_MEMORY_MB = 6
+
+
+def _docker_memory_error(value: int | None) -> str | None:
+    if value is not None and 0 < value < _DOCKER_MIN_MEMORY_MB:
+        smallest = _DOCKER_MIN_MEMORY_MB
+        return f"expected at least {smallest} (Docker's smallest memory limit), got {value}"
+    return None
+
+
+def _docker_memory(_: object, attribute: Attribute[Any], value: int | None) -> None:
+    if problem := _docker_memory_error(value):
+        raise FieldError(attribute.name, problem)
+
+
 def _path(_: object, attribute: Attribute[Any], value: str | None) -> None:
     # "" is the configuration file's directory once resolved: a key set empty
     # (meant as unset) would run the command there without a word.
@@ -311,7 +328,7 @@ class ServiceConfig:
     container_ports: dict[str, int] = field(factory=dict)
     volumes: tuple[str, ...] = field(default=(), validator=_volumes)
     cpus: float | None = field(default=None, validator=[_positive, _finite])
-    memory_mb: int | None = field(default=None, validator=_positive)
+    memory_mb: int | None = field(default=None, validator=[_positive, _docker_memory])
     gpus: int = field(default=0, validator=_non_negative)
     depends_on: dict[str, Dependency] = field(factory=dict)
     health: Probe | None = None
@@ -409,6 +426,9 @@ class TaskClass:
     def __attrs_post_init__(self) -> None:
         if self.min_concurrency > self.max_concurrency:
             raise FieldError("min_concurrency", "must be at most max_concurrency")
+        # Other runners only count it against the machine: a small amount is fine there.
+        if self.runner == "docker" and (problem := _docker_memory_error(self.memory_mb)):
+            raise FieldError("memory_mb", problem)
 
 
 @frozen(kw_only=True)
