@@ -296,6 +296,30 @@ async def test_invalid_task(api: Api) -> None:
             await api.submit_tasks("echo", [1], resources=resources)
 
 
+async def test_the_highest_priority_reads_the_same_in_process_and_remotely(
+    tmp_path: Path,
+) -> None:
+    # TaskStatus.priority is an int32 in proto/: with max_priority above it, a
+    # task submitted in-process at 2**32 + 7 read back remotely as priority 7.
+    # max_priority is bounded to what the wire holds, and refused above it.
+    top = 2**31 - 1
+    with pytest.raises(ConfigError) as caught:
+        AgentInfra.start({"infra": {"max_priority": top + 1}}, state_dir=tmp_path / "state")
+    assert str(caught.value) == (
+        f"<mapping>: infra.max_priority: expected a number <= {top}, got {top + 1}"
+    )
+    config = {"infra": {"max_priority": top}}
+    async with (
+        AgentInfra.start(config, state_dir=tmp_path / "state", handlers={"echo": echo}) as infra,
+        used(infra, "remote") as remote,
+    ):
+        for api in (infra, remote):
+            handle = await api.submit_task("echo", 1, priority=top)
+            assert await handle.result() == 1
+            for reader in (infra, remote):
+                assert (await reader.get_task_status(handle.task_id)).priority == top
+
+
 # Arguments of the wrong type, as a caller without a type checker passes them,
 # and what each side says of them: the same words. The wire could carry none
 # of them (True would arrive as 1, None as 0 or the default class).

@@ -69,7 +69,7 @@ Validator = Callable[[object, "Attribute[Any]", Any], None]
 _MAX_KEPT = sys.maxsize
 
 
-def _bound(op: str, bound: float) -> Validator:
+def _bound(op: str, bound: int) -> Validator:
     # Compared as given, not through float(): a huge TOML integer is a fine
     # count, and float() of it would raise OverflowError.
     checks: dict[str, Callable[[Any, Any], bool]] = {
@@ -80,7 +80,7 @@ def _bound(op: str, bound: float) -> Validator:
 
     def check(_: object, attribute: Attribute[Any], value: float | None) -> None:
         if value is not None and not checks[op](value, bound):
-            raise FieldError(attribute.name, f"expected a number {op} {bound:g}, got {value!r}")
+            raise FieldError(attribute.name, f"expected a number {op} {bound}, got {value!r}")
 
     return check
 
@@ -95,6 +95,10 @@ def _finite(_: object, attribute: Attribute[Any], value: float | None) -> None:
     if value is not None and not math.isfinite(value):
         raise FieldError(attribute.name, f"expected a finite number, got {value!r}")
 
+
+# A task's priority travels as an int32 (TaskStatus.priority in proto/): a
+# larger one would read back cut over gRPC (2**32 + 7 as 7).
+_MAX_PRIORITY = 2**31 - 1
 
 # Docker refuses a smaller container memory limit ("Minimum memory limit
 # allowed is 6MB"), at each start: refused here with the key named instead.
@@ -485,7 +489,7 @@ class InfraSettings:
     synchronous: Synchronous = "normal"
     max_payload_bytes: int = field(default=1 << 20, validator=_at_least_one)
     max_result_bytes: int = field(default=1 << 20, validator=_at_least_one)
-    max_priority: int = field(default=100, validator=_non_negative)
+    max_priority: int = field(default=100, validator=[_non_negative, _bound("<=", _MAX_PRIORITY)])
     cpus: float | None = field(default=None, validator=_positive)
     memory_mb: int | None = field(default=None, validator=_positive)
     gpus: tuple[int, ...] | None = field(default=None, validator=_gpu_ids)
