@@ -1073,6 +1073,37 @@ def test_a_volume_source_starting_with_a_tilde_is_in_the_home_directory(
     assert volumes == (f"{tmp_path / 'home' / 'data'}:/data", f"{tmp_path / 'home'}:/home:ro")
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "path"),
+    [
+        (
+            "dspy-infra.toml",
+            '[handlers.h]\nimage = "img"\nvolumes = ["~nosuchuser/data:/data"]\n',
+            "handlers.h.volumes",
+        ),
+        (
+            "docker-compose.yml",
+            "services:\n  web:\n    image: img\n    volumes: ['~nosuchuser/data:/data']\n",
+            "services.web.volumes[0]",
+        ),
+        (
+            "docker-compose.yml",
+            "services:\n  web:\n    image: img\n    env_file: ~nosuchuser/.env\n",
+            "services.web.env_file",
+        ),
+    ],
+    ids=["toml", "compose", "compose env_file"],
+)
+def test_a_home_directory_that_cannot_be_found_is_refused_naming_the_key(
+    tmp_path: Path, name: str, text: str, path: str
+) -> None:
+    # Path.expanduser raised a bare RuntimeError("Could not determine home directory.").
+    file = write(tmp_path / name, text)
+    assert str(error(file)) == (
+        f"{file}: {path}: cannot expand '~nosuchuser': no such user, or no home directory"
+    )
+
+
 def test_a_server_address_that_is_not_host_port_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "dspy-infra.toml"
     path.write_text('[server]\naddress = "localhost"\n')

@@ -55,6 +55,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dspy_infra.config.model import expand_home
 from dspy_infra.errors import ComposeWarning, ConfigError
 
 if TYPE_CHECKING:
@@ -472,7 +473,10 @@ class _Reader:
                 required = self.boolean(spec.get("required", True), f"{where}.required")
             else:
                 file, required = self.string(entry, where), True
-            full = self.base / Path(file).expanduser()
+            try:
+                full = self.base / expand_home(file)
+            except ValueError as exc:
+                raise self.fail(where, str(exc)) from None
             if not required and not full.exists():
                 continue
             try:
@@ -584,6 +588,7 @@ class _Reader:
             if others := [o for o in options if o not in ("ro", "rw")]:
                 self.skip(label, f"option {','.join(others)}")
             bind, read_only = source.startswith(_HOST_PATH_PREFIXES), "ro" in options
+            source_at = where
         else:
             table = self.mapping(item, where)
             self.unknown(table, {"type", "source", "target", "read_only"}, label)
@@ -592,7 +597,8 @@ class _Reader:
                 raise _Unsupported(f"type {kind}")
             if table.get("source") is None and kind == "volume":
                 raise _Unsupported("anonymous volume")
-            source = self.string(table.get("source"), f"{where}.source")
+            source_at = f"{where}.source"
+            source = self.string(table.get("source"), source_at)
             target = self.string(table.get("target"), f"{where}.target")
             bind = kind == "bind"
             read_only = self.boolean(table.get("read_only", False), f"{where}.read_only")
@@ -601,8 +607,12 @@ class _Reader:
             raise self.fail(
                 where, f"the path inside the container must be absolute, got {target!r}"
             )
-        source = host_path(source, self.base) if bind else self.volume_names.get(source, source)
-        return source, target, read_only
+        if not bind:
+            return self.volume_names.get(source, source), target, read_only
+        try:
+            return host_path(source, self.base), target, read_only
+        except ValueError as exc:
+            raise self.fail(source_at, str(exc)) from None
 
     def _depends_on(self, value: Any, path: str, name: str) -> dict[str, Any]:
         if isinstance(value, list):
@@ -941,8 +951,9 @@ class _Reader:
 def host_path(source: str, base: Path) -> str:
     """A bind mount's host path, absolute, so that it means the same wherever the
     file is used from: ``~`` is the home directory, as in compose, and a relative
-    path is relative to ``base``, the directory of the file it was written in."""
-    path = Path(source).expanduser()
+    path is relative to ``base``, the directory of the file it was written in.
+    ValueError when the home directory cannot be found."""
+    path = expand_home(source)
     return str(path if path.is_absolute() else (base / path).resolve())
 
 

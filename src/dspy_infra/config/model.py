@@ -153,6 +153,19 @@ def _check_command(command: tuple[str, ...] | str | None, *, shell: bool) -> Non
         raise FieldError("command", "must not be empty")
 
 
+def expand_home(path: str) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` made that home directory, as a shell does.
+
+    ValueError naming it where there is none (an unknown user, no HOME):
+    Path.expanduser's bare RuntimeError named neither the key nor the path.
+    """
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        head = path.split("/", 1)[0]
+        raise ValueError(f"cannot expand {head!r}: no such user, or no home directory") from None
+
+
 def _volumes(_: object, attribute: Attribute[Any], value: tuple[str, ...]) -> None:
     for volume in value:
         source, sep, rest = volume.partition(":")
@@ -163,6 +176,10 @@ def _volumes(_: object, attribute: Attribute[Any], value: tuple[str, ...]) -> No
                 f"{volume!r} is not a volume: expected 'SOURCE:/container/path' or "
                 "'SOURCE:/container/path:ro' (SOURCE a host path or a volume name)",
             )
+        try:
+            expand_home(source)  # made absolute once loaded: see loading._resolve_paths
+        except ValueError as exc:
+            raise FieldError(attribute.name, str(exc)) from None
 
 
 def _gpu_ids(_: object, attribute: Attribute[Any], value: tuple[int, ...] | None) -> None:
