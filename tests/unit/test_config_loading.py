@@ -846,13 +846,15 @@ def test_huge_numbers_are_clear() -> None:
             {"classes": {"s": {"runner": "slurm", "time_limit": float("inf")}}},
             "classes.s.time_limit",
         ),
+        ({"classes": {"s": {"runner": "slurm", "cpus": float("inf")}}}, "classes.s.cpus"),
     ],
 )
 def test_an_infinite_value_that_is_passed_on_as_an_integer_is_refused(
     doc: dict[str, Any], path: str
 ) -> None:
     # TOML's inf passed "> 0", then failed at start with an OverflowError:
-    # int(inf * 1e9) for Docker's NanoCpus, math.ceil(inf / 60) for sbatch --time.
+    # int(inf * 1e9) for Docker's NanoCpus, math.ceil(inf / 60) for sbatch --time,
+    # math.ceil(inf) for its --cpus-per-task (every task of the class failed so).
     exc = error(doc)
     assert exc.path == path
     assert str(exc).endswith(": expected a finite number, got inf")

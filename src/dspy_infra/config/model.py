@@ -425,7 +425,7 @@ class TaskClass:
     max_concurrency: int = field(default=64, validator=_at_least_one)
     min_concurrency: int = field(default=1, validator=_at_least_one)
     adaptive: bool = False
-    cpus: float = field(default=0.0, validator=_non_negative)
+    cpus: float = field(default=0.0, validator=[_non_negative, _finite])
     memory_mb: int = field(default=0, validator=_non_negative)
     gpus: int = field(default=0, validator=_non_negative)
     timeout: float | None = field(default=None, validator=_positive)
