@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import aiodocker
+import aiohttp
+import anyio
 
 from dspy_infra.docker import build_image
 
@@ -78,3 +80,23 @@ async def built_image(context: Path, tag: str) -> AsyncIterator[str]:
     finally:
         async with aiodocker.Docker() as docker:
             await docker.images.delete(tag, force=True)
+
+
+class CutEvents:
+    """An event stream body that breaks, as a reset connection would: at once,
+    or once ``cut`` is set (delivering nothing before)."""
+
+    def __init__(self, content: aiohttp.StreamReader, cut: anyio.Event | None = None):
+        self._content = content
+        self._cut = cut
+
+    def __aiter__(self) -> CutEvents:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._cut is not None:
+            await self._cut.wait()
+        raise aiohttp.ClientPayloadError("Response payload is not completed")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._content, name)

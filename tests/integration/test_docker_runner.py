@@ -24,7 +24,7 @@ from dspy_infra.config.model import HandlerConfig, InfraSettings, TaskClass
 from dspy_infra.docker.engine import Container, Engine, Labels
 from dspy_infra.errors import InvalidTask, TaskCancelled, TaskFailed, TaskTimedOut
 from dspy_infra.scheduling.tasks import TaskHandle, TaskState
-from tests.integration.helpers import built_image, dockerfile_context
+from tests.integration.helpers import CutEvents, built_image, dockerfile_context
 
 pytestmark = pytest.mark.anyio
 
@@ -219,6 +219,37 @@ async def test_running_out_of_memory_is_named_when_dockers_oom_event_is_late(
         with pytest.raises(TaskFailed) as caught:
             await handle.result()
     assert caught.value.error.startswith("ran out of memory: killed by signal SIGKILL")
+
+
+async def test_a_container_docker_fails_to_inspect_after_an_event_stream_break_is_not_gone(
+    tmp_path: Path, project: str, busybox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The event stream breaks while the task runs; asked after the reconnect,
+    # a busy daemon answers 500 about the container, which still runs: the
+    # task goes on to its result, the question is asked again.
+    cut = anyio.Event()
+    refused: list[str] = []
+    real_query = aiodocker.Docker._do_query
+
+    async def busy(self: aiodocker.Docker, path: Any, *args: Any, **kwargs: Any) -> Any:
+        path = str(path)
+        if cut.is_set() and path.endswith("/json") and not refused:
+            refused.append(path)
+            raise aiodocker.DockerError(500, "the daemon is busy")
+        response = await real_query(self, path, *args, **kwargs)
+        if path == "events" and not cut.is_set():
+            response.content = CutEvents(response.content, cut)  # type: ignore[assignment]
+        return response
+
+    monkeypatch.setattr(aiodocker.Docker, "_do_query", busy)
+    script = "echo up > {work_dir}/started; sleep 3; echo 42"
+    async with start(tmp_path, project, {"slow": box(busybox, ["sh", "-c", script])}) as infra:
+        handle = await submit(infra, "slow", task_id="slow")
+        await wait_for(tmp_path / "state" / "tasks" / "slow" / "started")
+        cut.set()
+        with anyio.fail_after(30):
+            assert await handle.result() == 42
+    assert refused, "Docker was never asked about the container"
 
 
 async def test_a_sigkill_just_before_the_timeout_is_no_timeout(

@@ -19,7 +19,7 @@ from aiodocker.containers import DockerContainer
 from dspy_infra import AgentInfra, BackendUnavailable, ServiceStartError, ServiceState
 from dspy_infra._procfs import start_time
 from dspy_infra.docker.engine import Container, Engine
-from tests.integration.helpers import built_image, dockerfile_context
+from tests.integration.helpers import CutEvents, built_image, dockerfile_context
 
 pytestmark = pytest.mark.anyio
 
@@ -504,22 +504,6 @@ async def test_an_exit_code_docker_reports_as_a_signal_is_kept_in_messages(
         async with start(tmp_path, project, {"quitter": service}):
             pass
     assert said in caught.value.reason
-
-
-class CutEvents:
-    """An event stream body that breaks at once, as a reset connection would."""
-
-    def __init__(self, content: aiohttp.StreamReader):
-        self._content = content
-
-    def __aiter__(self) -> CutEvents:
-        return self
-
-    async def __anext__(self) -> bytes:
-        raise aiohttp.ClientPayloadError("Response payload is not completed")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._content, name)
 
 
 async def test_a_health_change_missed_while_the_event_stream_reconnects_is_seen(

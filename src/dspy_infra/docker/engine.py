@@ -417,11 +417,18 @@ class Engine:
             watch.oom_killed.set()
 
     async def _reconcile(self) -> None:
-        """After a reconnect, learn what happened while the stream was down."""
+        """After a reconnect, learn what happened while the stream was down.
+
+        Only a 404 means a container is gone. Any other error (a busy
+        daemon's 500) says nothing of it, and is raised: the stream is then
+        followed again, and this asked again, as after a break.
+        """
         for container_id, watch in list(self._watches.items()):
             try:
                 state = (await self.docker.containers.container(container_id).show())["State"]
-            except aiodocker.DockerError:
+            except aiodocker.DockerError as exc:
+                if exc.status != 404:
+                    raise
                 watch.died(-1)
                 continue
             # Docker reports a health verdict once, when it changes.
