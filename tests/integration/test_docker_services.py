@@ -447,6 +447,28 @@ async def test_a_broken_log_stream_is_read_again_and_the_service_goes_on(
         assert (await infra.services.status())["talker"].state is ServiceState.RUNNING
 
 
+async def test_a_log_read_docker_refuses_once_is_read_again(
+    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A busy daemon answers the first followed log read with a 500: the
+    # container runs on, and so must the reading of its output.
+    real_query = aiodocker.Docker._do_query
+    refused: list[str] = []
+
+    async def busy(self: aiodocker.Docker, path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith("/logs") and not refused:
+            refused.append(str(path))
+            raise aiodocker.DockerError(500, "the daemon is busy")
+        return await real_query(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(aiodocker.Docker, "_do_query", busy)
+    script = "echo one; sleep 1; echo two; exec sleep 1000"
+    services = {"talker": {"image": busybox, "command": script, "shell": True}}
+    async with start(tmp_path, project, services) as infra:
+        await logged(infra, "talker", ["one", "two"])
+        assert refused, "no log read was refused"
+
+
 async def test_a_log_stream_broken_after_the_log_rotated_goes_on_where_it_was(
     busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -515,7 +515,7 @@ class Container:
         delivered too.
 
         A connection that breaks (reset, a body cut short, a followed log
-        that ends while the container runs) is read again from where it was
+        that ends while the container runs, a busy daemon's 500) is read again from where it was
         (see :class:`_LogCursor`) rather than ending the reader: a service's
         log pump runs beside its supervision, and would take it down.
         """
@@ -525,7 +525,7 @@ class Container:
                 async for item in log:
                     yield item
         except aiodocker.DockerError:
-            return  # removed before we could read it: nothing more to read
+            return  # removed before we could read it, or a log that cannot be read
         finally:
             self._output_done.set()
 
@@ -557,6 +557,10 @@ class Container:
                 problem = "it ended while the container runs"
             except _BROKEN as exc:
                 problem = repr(exc)
+            except aiodocker.DockerError as exc:
+                if not _transient(exc):
+                    raise  # the container is gone, or its log cannot be read: the end
+                problem = _reason(exc)
             if new or anyio.current_time() - opened >= _LOG_STEADY:
                 breaks, delay = 0, _RECONNECT_DELAY
                 log.info("the log stream of container %s broke (%s)", self.id[:12], problem)
@@ -830,6 +834,12 @@ def _owner_alive(labels: Mapping[str, str]) -> bool:
 async def _remove(container: DockerContainer) -> None:
     with contextlib.suppress(aiodocker.DockerError):
         await container.delete(force=True, v=True)
+
+
+def _transient(exc: aiodocker.DockerError) -> bool:
+    """Whether asking again may answer: a daemon's server error, but 501 (a log
+    driver that cannot be read, say), which is for good."""
+    return exc.status >= 500 and exc.status != 501
 
 
 def _reason(exc: aiodocker.DockerError) -> str:
