@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiodocker
+import aiohttp
 import anyio
 import pytest
 
@@ -393,6 +394,40 @@ async def test_a_refused_network_fails_the_task_saying_so(
         with pytest.raises(TaskFailed, match=r"Docker refused the instance network .*address pool"):
             await handle.result()
     # The project fixture checks that no container or network was left.
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["made-before-the-break", "made-after-it"])
+async def test_a_container_whose_create_reply_was_lost_is_removed(
+    tmp_path: Path, project: str, busybox: str, monkeypatch: pytest.MonkeyPatch, late: bool
+) -> None:
+    # The connection breaks before Docker's reply to the create: the daemon
+    # made the container already, or (late) gets to it only a second after.
+    real_query = aiodocker.Docker._do_query
+    creates: list[asyncio.Task[None]] = []
+
+    async def create(self: aiodocker.Docker, *args: Any, **kwargs: Any) -> None:
+        if late:
+            await asyncio.sleep(1)
+        (await real_query(self, *args, **kwargs)).release()
+
+    async def lost(self: aiodocker.Docker, path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path) != "containers/create" or creates:
+            return await real_query(self, path, *args, **kwargs)
+        creates.append(asyncio.create_task(create(self, path, *args, **kwargs)))
+        if not late:
+            await creates[0]
+        raise aiohttp.ServerDisconnectedError()
+
+    monkeypatch.setattr(aiodocker.Docker, "_do_query", lost)
+    tasks = (f"{Labels.PROJECT}={project}", f"{Labels.KIND}=task")
+    async with start(tmp_path, project, {"noop": box(busybox, ["true"])}) as infra:
+        handle = await submit(infra, "noop")
+        with pytest.raises(TaskFailed, match="connection to Docker broke"):
+            await handle.result()
+        await creates[0]
+        # Removed at once; one made after that is removed as the instance closes.
+        assert len((await labelled(*tasks))[0]) == late
+    # The project fixture checks that nothing was left.
 
 
 async def test_a_handler_without_an_image_is_refused_at_submit(

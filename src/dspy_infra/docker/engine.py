@@ -25,6 +25,7 @@ import posixpath
 import re
 import signal
 import socket
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
@@ -133,6 +134,7 @@ class Engine:
         # (image id, path) of programs found in a container of that image: checking
         # again costs a rootfs mount (~50 ms) on every launch of the same image.
         self._programs: set[tuple[str, str]] = set()
+        self._lost: set[str] = set()  # names of containers whose create went unanswered
         self._stack = AsyncExitStack()
 
     @property
@@ -146,6 +148,7 @@ class Engine:
             self._docker = await _connect()
             stack.push_async_callback(self._close_client)
             stack.push_async_callback(self._remove_network)
+            stack.push_async_callback(self._remove_all_lost)
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
             # Once following, shielded and ended only here: an instance closed
@@ -274,10 +277,7 @@ class Engine:
         would otherwise be a container that starts and exits 127.
         """
         with anyio.CancelScope(shield=True):
-            try:
-                created = await self.docker.containers.create(config)
-            except aiodocker.DockerError as exc:
-                raise ContainerError(_reason(exc)) from None
+            created = await self._create(config)
             container = Container(self, created)
             if _has_healthcheck(config, image):
                 container.watch.health = "starting"  # events report only changes
@@ -292,6 +292,38 @@ class Engine:
                     raise ContainerError(_reason(exc)) from None
                 raise
         return container
+
+    async def _create(self, config: dict[str, Any]) -> DockerContainer:
+        """The container, created under a name of its own: should the reply be
+        lost (a broken connection, a daemon's 5xx), what the daemon made
+        anyway is removed by that name, at once and again as the engine
+        closes (the daemon may get to it after the break)."""
+        name = f"{_LABEL}-{uuid.uuid4().hex}"
+        try:
+            return await self.docker.containers.create(config, name=name)
+        except aiodocker.DockerError as exc:
+            if _transient(exc):
+                await self._remove_lost(name)
+            raise ContainerError(_reason(exc)) from None
+        except _BROKEN as exc:
+            await self._remove_lost(name)
+            raise ContainerError(
+                f"the connection to Docker broke while creating the container ({exc!r})"
+            ) from None
+
+    async def _remove_lost(self, name: str) -> None:
+        self._lost.add(name)
+        await self._remove_named(name)
+
+    async def _remove_all_lost(self) -> None:
+        if self._docker is not None:
+            with anyio.CancelScope(shield=True):
+                for name in self._lost:
+                    await self._remove_named(name)
+
+    async def _remove_named(self, name: str) -> None:
+        with contextlib.suppress(*_BROKEN):  # still broken: tried again as the engine closes
+            await _remove(self.docker.containers.container(name))
 
     async def _address(self, created: DockerContainer, config: Mapping[str, Any]) -> str | None:
         """The container's address on its network, when this machine can reach it.
