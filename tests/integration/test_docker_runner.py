@@ -430,6 +430,27 @@ async def test_a_container_whose_create_reply_was_lost_is_removed(
     # The project fixture checks that nothing was left.
 
 
+async def test_a_container_docker_fails_to_remove_is_removed_as_the_instance_closes(
+    tmp_path: Path, project: str, busybox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Docker's removal may fail for a while (its root filesystem busy): the
+    # container is not forgotten, but removed again as the instance closes.
+    real_query = aiodocker.Docker._do_query
+    refused: list[str] = []
+
+    async def busy(self: aiodocker.Docker, path: Any, method: str, *args: Any, **kw: Any) -> Any:
+        if method == "DELETE" and str(path).startswith("containers/") and not refused:
+            refused.append(str(path))
+            raise aiodocker.DockerError(500, "driver failed to remove root filesystem: busy")
+        return await real_query(self, path, method, *args, **kw)
+
+    monkeypatch.setattr(aiodocker.Docker, "_do_query", busy)
+    async with start(tmp_path, project, {"seven": box(busybox, ["echo", "7"])}) as infra:
+        assert await (await submit(infra, "seven")).result() == 7
+        assert refused, "no removal was refused"
+    # The project fixture checks that nothing was left.
+
+
 async def test_a_handler_without_an_image_is_refused_at_submit(
     tmp_path: Path, project: str, busybox: str
 ) -> None:

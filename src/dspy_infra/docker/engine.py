@@ -134,7 +134,8 @@ class Engine:
         # (image id, path) of programs found in a container of that image: checking
         # again costs a rootfs mount (~50 ms) on every launch of the same image.
         self._programs: set[tuple[str, str]] = set()
-        self._lost: set[str] = set()  # names of containers whose create went unanswered
+        # Containers (ids, names) that may still be there: removed again as the engine closes.
+        self._leftovers: set[str] = set()
         self._stack = AsyncExitStack()
 
     @property
@@ -148,7 +149,7 @@ class Engine:
             self._docker = await _connect()
             stack.push_async_callback(self._close_client)
             stack.push_async_callback(self._remove_network)
-            stack.push_async_callback(self._remove_all_lost)
+            stack.push_async_callback(self._remove_leftovers)
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
             # Once following, shielded and ended only here: an instance closed
@@ -312,18 +313,30 @@ class Engine:
             ) from None
 
     async def _remove_lost(self, name: str) -> None:
-        self._lost.add(name)
-        await self._remove_named(name)
+        await self.remove_container(name)
+        self._leftovers.add(name)
 
-    async def _remove_all_lost(self) -> None:
+    async def remove_container(self, ref: str) -> None:
+        """Remove container ``ref`` (an id or a name).
+
+        One whose removal failed for a cause that may pass (a daemon's 5xx,
+        "device or resource busy" say, or a broken connection) is not
+        forgotten: it is removed again as the engine closes.
+        """
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.docker.containers.container(ref).delete(force=True, v=True)
+            except (aiodocker.DockerError, *_BROKEN) as exc:
+                if not isinstance(exc, aiodocker.DockerError) or _transient(exc):
+                    self._leftovers.add(ref)
+                    log.warning("could not remove container %s: %s", ref, exc)
+                    return
+        self._leftovers.discard(ref)
+
+    async def _remove_leftovers(self) -> None:
         if self._docker is not None:
-            with anyio.CancelScope(shield=True):
-                for name in self._lost:
-                    await self._remove_named(name)
-
-    async def _remove_named(self, name: str) -> None:
-        with contextlib.suppress(*_BROKEN):  # still broken: tried again as the engine closes
-            await _remove(self.docker.containers.container(name))
+            for ref in list(self._leftovers):
+                await self.remove_container(ref)
 
     async def _address(self, created: DockerContainer, config: Mapping[str, Any]) -> str | None:
         """The container's address on its network, when this machine can reach it.
@@ -658,8 +671,7 @@ class Container:
         if self._removed:
             return
         self._removed = True
-        with anyio.CancelScope(shield=True), contextlib.suppress(aiodocker.DockerError):
-            await self._container.delete(force=True, v=True)
+        await self._engine.remove_container(self.id)
         self.watch.died(self.watch.exit_code if self.watch.exit_code is not None else -9)
         self._engine.forget(self.id)
 
