@@ -300,6 +300,31 @@ async def test_cancel_stops_the_container_promptly(
         assert await labelled(f"{Labels.PROJECT}={project}", f"{Labels.KIND}=task") == ([], [])
 
 
+async def test_a_cancel_whose_signal_is_lost_still_removes_the_container(
+    tmp_path: Path, project: str, busybox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connection to Docker breaks on the SIGTERM: the container goes all the same.
+    real_query = aiodocker.Docker._do_query
+    lost: list[str] = []
+
+    async def broken(self: aiodocker.Docker, path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith("/kill") and not lost:
+            lost.append(str(path))
+            raise aiohttp.ServerDisconnectedError()
+        return await real_query(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(aiodocker.Docker, "_do_query", broken)
+    handlers = {"sleep": box(busybox, SLEEPER)}
+    async with start(tmp_path, project, handlers, cancel_grace=1.0) as infra:
+        handle = await submit(infra, "sleep", task_id="sleeper")
+        await wait_for(tmp_path / "state" / "tasks" / "sleeper" / "started")
+        await infra.cancel_task(handle.task_id)
+        with pytest.raises(TaskCancelled):
+            await handle.result()
+        assert lost, "no signal was lost"
+        assert await labelled(f"{Labels.PROJECT}={project}", f"{Labels.KIND}=task") == ([], [])
+
+
 async def test_an_instance_closed_by_a_cancel_stops_its_task_containers_on_sigterm(
     tmp_path: Path, project: str, busybox: str
 ) -> None:

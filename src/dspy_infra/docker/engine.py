@@ -810,7 +810,9 @@ class Container:
         return any(row[column] == str(pgid) for row in top.get("Processes") or ())
 
     async def _signal(self, name: str) -> None:
-        with contextlib.suppress(aiodocker.DockerError):  # it may have exited meanwhile
+        # It may have exited meanwhile; a signal lost with the connection is
+        # no reason to skip what follows: the SIGKILL, the (forced) removal.
+        with contextlib.suppress(aiodocker.DockerError, *_BROKEN):
             await self._container.kill(signal=name)
 
 
