@@ -476,6 +476,29 @@ async def test_a_container_docker_fails_to_remove_is_removed_as_the_instance_clo
     # The project fixture checks that nothing was left.
 
 
+async def test_a_network_whose_create_reply_was_lost_is_removed_as_the_instance_closes(
+    tmp_path: Path, project: str, busybox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Docker makes the instance network, but the connection breaks before its reply.
+    real_query = aiodocker.Docker._do_query
+    lost: list[str] = []
+
+    async def broken(self: aiodocker.Docker, path: Any, *args: Any, **kwargs: Any) -> Any:
+        response = await real_query(self, path, *args, **kwargs)
+        if str(path) == "networks/create" and not lost:
+            lost.append(str(path))
+            response.release()
+            raise aiohttp.ServerDisconnectedError()
+        return response
+
+    monkeypatch.setattr(aiodocker.Docker, "_do_query", broken)
+    async with start(tmp_path, project, {"seven": box(busybox, ["echo", "7"])}) as infra:
+        with pytest.raises(TaskFailed, match="connection to Docker broke"):
+            await (await submit(infra, "seven")).result()
+        assert lost, "no reply was lost"
+    # The project fixture checks that nothing was left.
+
+
 async def test_a_handler_without_an_image_is_refused_at_submit(
     tmp_path: Path, project: str, busybox: str
 ) -> None:

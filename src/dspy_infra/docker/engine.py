@@ -129,7 +129,9 @@ class Engine:
         }
         self._docker: aiodocker.Docker | None = None
         self._watches: dict[str, _Watch] = {}
+        self._network_name = f"{_LABEL}-{project}-{instance_id}"
         self._network: str | None = None
+        self._network_lost = False  # the reply to its create was lost: it may be there
         self._network_lock = anyio.Lock()
         # (image id, path) of programs found in a container of that image: checking
         # again costs a rootfs mount (~50 ms) on every launch of the same image.
@@ -239,7 +241,7 @@ class Engine:
         """
         async with self._network_lock:
             if self._network is None:
-                name = f"{_LABEL}-{self.project}-{self.instance_id}"
+                name = self._network_name
                 with anyio.CancelScope(shield=True):
                     try:
                         await self.docker.networks.create(
@@ -259,13 +261,24 @@ class Engine:
                             raise ContainerError(
                                 f"Docker refused the instance network {name!r}: {_reason(exc)}"
                             ) from None
+                    except _BROKEN as exc:
+                        # Docker may have made it: the next ask shares it (409
+                        # above), and the engine's close removes it either way.
+                        self._network_lost = True
+                        raise ContainerError(
+                            f"the connection to Docker broke while creating the instance "
+                            f"network {name!r} ({exc!r})"
+                        ) from None
                 self._network = name
             return self._network
 
     async def _remove_network(self) -> None:
-        if self._network is not None and self._docker is not None:
-            with anyio.CancelScope(shield=True), contextlib.suppress(aiodocker.DockerError):
-                await (await self.docker.networks.get(self._network)).delete()
+        if (self._network is not None or self._network_lost) and self._docker is not None:
+            with (
+                anyio.CancelScope(shield=True),
+                contextlib.suppress(aiodocker.DockerError, *_BROKEN),
+            ):
+                await (await self.docker.networks.get(self._network_name)).delete()
             self._network = None
 
     # -- containers ---------------------------------------------------------------
