@@ -113,6 +113,11 @@ async def boom(payload: Any) -> Any:
     raise RuntimeError(f"boom: {payload}")
 
 
+async def clash(payload: dict[str, Any]) -> dict[Any, Any]:
+    """Its payload, with an int key that JSON writes as one of the payload's."""
+    return {1: "a", **payload}
+
+
 def make_infra(tmp_path: Path) -> AgentInfra:
     return AgentInfra.start(
         {
@@ -123,7 +128,7 @@ def make_infra(tmp_path: Path) -> AgentInfra:
             "classes": {"one_at_a_time": {"runner": "inprocess", "max_concurrency": 1}},
         },
         state_dir=tmp_path / "state",
-        handlers={"echo": echo, "sleepy": sleepy, "boom": boom},
+        handlers={"echo": echo, "sleepy": sleepy, "boom": boom, "clash": clash},
     )
 
 
@@ -384,6 +389,34 @@ async def test_values_nested_too_deeply_are_refused(api: Api) -> None:
     with pytest.raises(InvalidWorkflow, match="not JSON-compatible"):
         await api.workflows.start_run(workflow.workflow_id, {"n": too_deep})
     assert await (await api.submit_task("echo", nested(50))).result() == nested(50)
+
+
+async def test_keys_that_become_one_as_json_are_refused_alike(api: Api) -> None:
+    # JSON writes 1 as "1": {1: "a", "1": "b"} was stored (and sent) with one of its values.
+    words = "its keys 1 and '1' at ['x'][1] are both \"1\" as JSON: one value would be lost"
+    colliding = {"x": [0, {1: "a", "1": "b"}]}
+    with pytest.raises(InvalidTask) as caught:
+        await api.submit_task("echo", colliding, task_id="clash")
+    assert str(caught.value) == (
+        f"task 'clash' refused: the payload is not JSON-compatible ({words})"
+    )
+    with pytest.raises(UnknownTask):
+        await api.get_task_status("clash")
+    with pytest.raises(InvalidTask, match=re.escape(words)):
+        await api.submit_tasks("echo", [1, colliding])
+    with pytest.raises(InvalidTask, match=re.escape("keys None and 'null' are both \"null\"")):
+        await api.submit_task("echo", {None: 1, "null": 2})
+    workflow = await api.workflows.create(CHAIN)
+    with pytest.raises(InvalidWorkflow, match=re.escape("keys True and 'true' at ['n']")):
+        await api.workflows.start_run(workflow.workflow_id, {"n": {True: 1, "true": 2}})
+    # A result whose keys collide fails its task, rather than lose a value.
+    with pytest.raises(TaskFailed, match=re.escape("its result is not JSON-compatible (its keys")):
+        await (await api.submit_task("clash", {"1": "b"})).result()
+    # Keys that are no strings but collide with none are written as JSON writes them.
+    assert await (await api.submit_task("echo", {1: "a", 2.5: "b"})).result() == {
+        "1": "a",
+        "2.5": "b",
+    }
 
 
 async def test_connecting_to_a_peer_that_never_answers_gives_up(

@@ -57,6 +57,9 @@ MAX_JSON_DEPTH = 500
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS_ONLY = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if c not in "[]{}"))
 _NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
+# A key as JSON writes one that is no string (1, -2.5, 1e+16, true, null).
+# A string's own '"' are escaped, so that what matches ends a key.
+_WRITTEN_KEY = re.compile(r'"(?:-?[0-9][0-9.eE+-]*|true|false|null)":')
 
 
 # The store's encoder, and one that sorts keys too, for values hashed sorted
@@ -81,11 +84,60 @@ def encode_json(value: Any, what: str, *, verb: str = "is", sort_keys: bool = Fa
     # encodes here. Sorted (a workflow's payloads, once per spec) it keeps
     # the frame that json.dumps() had there.
     try:
-        if sort_keys:
-            return _dumps_sorted(value)
-        return "".join(_chunks(value, _one_shot=True))
+        text = _dumps_sorted(value) if sort_keys else "".join(_chunks(value, _one_shot=True))
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"{what} {verb} not JSON-compatible ({exc})") from None
+    if "{" in text and _key_written_twice(text) and (clash := _key_clash(value)):
+        raise ValueError(f"{what} {verb} not JSON-compatible ({clash})")
+    return text
+
+
+def _key_written_twice(text: str) -> bool:
+    """Whether a key of ``value`` may be another's once written, as its ``text`` tells.
+
+    Only a key that is no string can be written as another one is, and then
+    that key's text appears twice: an ordinary value (string keys that are
+    not numbers, or each once) costs a scan of its text, not a walk of it.
+    """
+    keys = _WRITTEN_KEY.findall(text)
+    return len(keys) > len(set(keys))
+
+
+def _key_clash(value: Any) -> str | None:
+    """Which two keys of a dict in ``value`` JSON writes as one, and where; else None.
+
+    JSON keys are strings: ``json.dumps`` writes 1 as "1", and
+    ``{1: "a", "1": "b"}`` as an object with that key twice, which decodes
+    with one of its values. Walked without recursion: the value encoded, but
+    may nest deeper than this stack has room for.
+    """
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, dict):
+            seen: dict[str, Any] = {}
+            for key, child in item.items():
+                written = key if isinstance(key, str) else _written_key(key)
+                if written in seen:
+                    where = f" at {path}" if path else ""
+                    return (
+                        f"its keys {seen[written]!r} and {key!r}{where} are both "
+                        f"{json.dumps(written)} as JSON: one value would be lost"
+                    )
+                seen[written] = key
+                stack.append((child, f"{path}[{key!r}]"))
+        elif isinstance(item, list | tuple):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+    return None
+
+
+def _written_key(key: float | bool | None) -> str:
+    """The key that ``json.dumps`` writes for ``key``, which is no string (but encoded)."""
+    if key is None or isinstance(key, bool):
+        return json.dumps(key)
+    if isinstance(key, int):
+        return int.__repr__(key)
+    return float.__repr__(key)
 
 
 def json_too_deep(text: str) -> int | None:
