@@ -628,6 +628,48 @@ async def test_a_reference_that_fails_its_step_starts_none_of_the_steps_ready_wi
     assert ran == []
 
 
+async def test_a_step_refused_at_submit_starts_none_of_the_steps_ready_with_it(
+    tmp_path: Path,
+) -> None:
+    # 'big' and 'ok' are submitted together; the scheduler refuses 'big''s
+    # payload (over max_payload_bytes), so each is submitted again alone to
+    # find whose it was. 'big' failed the run, and 'ok' was submitted all the
+    # same: its handler ran for a run already failed.
+    ran: list[Any] = []
+
+    async def record(payload: Any) -> Any:
+        ran.append(payload)
+        return payload
+
+    spec = {
+        "name": "refused",
+        "steps": {
+            "big": {"handler": "record", "payload": "${inputs.text}"},
+            "ok": {"handler": "record", "payload": "fine"},
+        },
+    }
+    async with AgentInfra.start(
+        {"infra": {"max_payload_bytes": 100}},
+        state_dir=tmp_path / "state",
+        handlers={"record": record},
+    ) as infra:
+        workflow = await infra.workflows.create(spec)
+        run = await infra.workflows.start_run(workflow.workflow_id, {"text": "x" * 200})
+        with anyio.fail_after(10):
+            status = await run.wait()
+        assert status.state is RunState.FAILED
+        assert "over the limit of 100" in (status.steps["big"].error or "")
+        ok = status.steps["ok"]
+        assert (ok.state, ok.error, ok.task_ids) == (
+            StepState.CANCELLED,
+            "not run: step 'big' failed",
+            (),
+        )
+        with pytest.raises(UnknownTask):
+            await infra.get_task_status(f"{run.run_id}:ok")
+    assert ran == []
+
+
 async def test_a_failed_fan_out_task_cancels_its_sibling_tasks(tmp_path: Path) -> None:
     # The failed step's own other tasks were not cancelled: the run was
     # 'failed' while they went on running (holding GPUs, say) to the end.

@@ -660,9 +660,14 @@ class WorkflowEngine:
                     (r for _, requests in submitted for r in requests), lookup=not run.fresh
                 )
             except InvalidTask:
-                # One refused task refuses the whole call: find out whose it was.
+                # One refused task refuses the whole call: find out whose it
+                # was. The first refused fails the run: the steps after it
+                # are not submitted, and never had tasks.
                 accepted = []
                 for step, requests in submitted:
+                    if failed:
+                        step.task_ids = ()
+                        continue
                     try:
                         await self._scheduler.submit_many(requests, lookup=not run.fresh)
                     except InvalidTask as exc:
