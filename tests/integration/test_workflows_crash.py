@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import sys
 import textwrap
 from collections.abc import Callable
@@ -429,6 +430,53 @@ async def test_a_run_cancelled_as_it_resumes_cancels_the_tasks_its_steps_had_sub
         await anyio.sleep(0.7)
         task = await infra.get_task_status("cut:slow")
         assert task.state is TaskState.CANCELLED, task
+
+
+async def test_a_run_whose_stored_workflow_is_not_valid_any_more_ends_failed(
+    tmp_path: Path,
+) -> None:
+    # A workflow stored by a version that took it (here: 'slow' made to
+    # depend on itself, refused since) is not loaded: its run, 'running' when
+    # its instance closed, stayed 'running' in the store for ever, unknown to
+    # get_run(), while the task its step had running was run again.
+    calls: list[str] = []
+
+    async def step(name: str) -> str:
+        calls.append(name)
+        if name == "slow":
+            await anyio.sleep_forever()
+        return name
+
+    state_dir = tmp_path / "state"
+    async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
+        wf = await infra.workflows.create(fast_then_slow("stale"))
+        await infra.workflows.start_run(wf.workflow_id, run_id="cut")
+        with anyio.fail_after(10):
+            while "slow" not in calls:
+                await anyio.sleep(0.01)
+    stale = fast_then_slow("stale")
+    stale["steps"]["slow"]["depends_on"] = ["slow"]
+    db = sqlite3.connect(state_dir / "tasks.db")
+    with db:
+        db.execute("UPDATE workflows SET spec = ?", (json.dumps(stale),))
+    db.close()
+    error = f"workflow {wf.workflow_id!r} is not valid any more: workflow 'stale': step 'slow'"
+    for _ in range(2):  # ended once, and so found by the next instance
+        async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
+            with anyio.fail_after(10):
+                status = await infra.workflows.wait_run("cut")
+            assert status.state is RunState.FAILED
+            assert (status.error or "").startswith(error), status.error
+            assert status.steps["fast"].state is StepState.SUCCEEDED
+            slow = status.steps["slow"]
+            assert (slow.state, slow.task_ids) == (StepState.CANCELLED, ("cut:slow",))
+            assert (slow.error or "").startswith(f"cancelled: {error}")
+            task = await infra.get_task_status("cut:slow")
+            assert task.state is TaskState.CANCELLED
+            assert (task.error or "").startswith(f"cancelled: {error}")
+            events = [e async for e in infra.workflows.stream_status("cut")]
+            assert events[-1].type == "workflow_run_failed"
+    assert calls == ["fast", "slow"]
 
 
 def fast_then_slow(name: str) -> dict[str, Any]:

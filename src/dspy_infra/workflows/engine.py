@@ -210,6 +210,9 @@ class WorkflowEngine:
         self._bus = bus
         self._metrics = metrics
         self._workflows: dict[str, Workflow] = {}
+        # Stored workflows that do not load, and why: their runs end failed.
+        self._unloadable: dict[str, str] = {}
+        self._loaded = False
         self._runs: dict[str, _Run] = {}  # unfinished, and the recent finished ones
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._tg: TaskGroup | None = None
@@ -217,23 +220,13 @@ class WorkflowEngine:
         self._open = False
         # keep_finished forgets finished runs (and their steps) as it does tasks.
         scheduler.forget_also(self._store.runs_finished_before, "forget_run", self._forgetting)
-        scheduler.cancel_on_recovery(self._cancelled_before_the_crash)
+        scheduler.cancel_on_recovery(self._not_to_run_again)
 
     # -- lifecycle ------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
         async with AsyncExitStack() as stack:
-            for workflow_id, _, spec, created_at in await self._journal.read(self._store.workflows):
-                try:
-                    loaded = WorkflowSpec.from_mapping(json.loads(spec))
-                except (ValueError, RecursionError, InvalidWorkflow) as exc:
-                    # Stored by a version that accepted it (or read deeper in
-                    # the stack than it was written): its runs cannot be resumed.
-                    log.warning("stored workflow %s is not valid any more: %s", workflow_id, exc)
-                    continue
-                self._workflows[workflow_id] = Workflow(
-                    workflow_id=workflow_id, spec=loaded, created_at=created_at
-                )
+            await self._journal.read(self._load_workflows)
             # Last on the way out, once the drivers are gone: who waits for a
             # run that did not finish in this instance stops waiting.
             stack.callback(self._release_waiters)
@@ -256,14 +249,49 @@ class WorkflowEngine:
         if stack is not None:
             await stack.__aexit__(et, e, tb)
 
-    def _cancelled_before_the_crash(self, task_ids: builtins.list[str]) -> dict[str, str]:
-        """The recovered tasks of runs whose cancel a crash cut short: the scheduler
-        cancels them as it opens, before it would dispatch them (and run again
-        the work of a cancelled run) ahead of the run's resumption here."""
-        prefixes = tuple(f"{row[0]}:" for row in self._store.runs() if row[6] == _CANCELLING)
-        if not prefixes:
+    def _load_workflows(self) -> None:
+        """Read the stored workflows, once (a read of the store, in a worker thread).
+
+        Called as the scheduler recovers its tasks, if it has any, or else as
+        the engine opens.
+        """
+        if self._loaded:
+            return
+        self._loaded = True
+        for workflow_id, _, spec, created_at in self._store.workflows():
+            try:
+                loaded = WorkflowSpec.from_mapping(json.loads(spec))
+            except (ValueError, RecursionError, InvalidWorkflow) as exc:
+                # Stored by a version that accepted it (or read deeper in
+                # the stack than it was written): its runs cannot be resumed.
+                log.warning("stored workflow %s is not valid any more: %s", workflow_id, exc)
+                self._unloadable[workflow_id] = f"is not valid any more: {exc}"
+                continue
+            self._workflows[workflow_id] = Workflow(
+                workflow_id=workflow_id, spec=loaded, created_at=created_at
+            )
+
+    def _unloadable_error(self, workflow_id: str) -> str:
+        """Why a run of ``workflow_id``, which is not loaded, cannot go on."""
+        return f"workflow {workflow_id!r} {self._unloadable.get(workflow_id, 'is not stored')}"
+
+    def _not_to_run_again(self, task_ids: builtins.list[str]) -> dict[str, str]:
+        """The recovered tasks of runs that will not go on: the scheduler cancels
+        them as it opens, before it would dispatch them (and run again their work)
+        ahead of the runs' resumption here. Those of runs whose cancel a crash
+        cut short, and of runs whose workflow does not load (which end failed)."""
+        self._load_workflows()
+        reasons: dict[str, str] = {}
+        for run_id, workflow_id, *_, error in self._store.runs():
+            if error == _CANCELLING:
+                reasons[run_id] = "cancelled by cancel_run()"
+            elif workflow_id not in self._workflows:
+                reasons[run_id] = f"cancelled: {self._unloadable_error(workflow_id)}"
+        if not reasons:
             return {}
-        return {t: "cancelled by cancel_run()" for t in task_ids if t.startswith(prefixes)}
+        # A task of a run is RUN:STEP[:INDEX], and a run's id holds no ':'.
+        found = ((t, reasons.get(t.partition(":")[0])) for t in task_ids if ":" in t)
+        return {t: reason for t, reason in found if reason is not None}
 
     def _close_gate(self) -> None:
         self._open = False
@@ -289,6 +317,7 @@ class WorkflowEngine:
         for row in rows:
             run = self._run_from_row(row)
             if run is None:
+                await self._end_unloadable(row)
                 continue
             for step_row in await self._journal.read(self._store.steps, run.run_id):
                 step = run.steps.get(step_row[1])
@@ -310,11 +339,39 @@ class WorkflowEngine:
         if rows:
             log.info("resumed %d unfinished workflow runs", len(rows))
 
+    async def _end_unloadable(self, row: RunRow) -> None:
+        """End a run whose workflow does not load: failed, saying why (even one whose
+        cancel a crash cut short). Left 'running', it stayed so for ever, and
+        get_run() called it unknown; its tasks were cancelled as the scheduler
+        recovered them (see _not_to_run_again)."""
+        run_id, workflow_id = row[0], row[1]
+        error = self._unloadable_error(workflow_id)
+        log.warning("run %s failed: %s", run_id, error)
+        now = time.time()
+        for _, name, step_state, task_ids, _, _, started_at, _ in await self._journal.read(
+            self._store.steps, run_id
+        ):
+            if not StepState(step_state).finished:
+                cancelled = StepState.CANCELLED.value, task_ids, None, f"cancelled: {error}"
+                self._journal.write(("step", (run_id, name, *cancelled, started_at, now)))
+        failed = RunState.FAILED.value
+        await self._journal.commit(("run_state", (failed, now, error, run_id)))
+        self._metrics.workflow_runs.labels(failed).inc()
+        self._bus.publish(
+            WorkflowEvent(
+                type=f"workflow_run_{failed}",
+                run_id=run_id,
+                workflow_id=workflow_id,
+                state=failed,
+                error=error,
+            )
+        )
+
     def _run_from_row(self, row: RunRow) -> _Run | None:
+        """The run a row stores; None if its workflow is not loaded."""
         run_id, workflow_id, inputs, state, created_at, finished_at, error = row
         workflow = self._workflows.get(workflow_id)
         if workflow is None:
-            log.warning("run %s: its workflow %s is not stored; skipped", run_id, workflow_id)
             return None
         run = _Run(run_id, workflow, inputs, created_at)
         run.state = RunState(state)
@@ -472,10 +529,11 @@ class WorkflowEngine:
         rows = await self._journal.read(self._store.runs, run_id)
         if not rows:
             raise UnknownRun(run_id)
+        step_rows = await self._journal.read(self._store.steps, run_id)
         stored = self._run_from_row(rows[0])
         if stored is None:
-            raise UnknownRun(run_id)
-        for step_row in await self._journal.read(self._store.steps, run_id):
+            return _unloadable_status(rows[0], step_rows)
+        for step_row in step_rows:
             step = stored.steps.get(step_row[1])
             if step is not None:
                 self._restore_step(step, step_row)
@@ -886,6 +944,27 @@ def _plan(run: _Run, step: _Step) -> tuple[list[Any], list[str]] | str:
     except Exception as exc:  # noqa: BLE001 - a reference the checks let through: the step's failure
         return f"cannot fill in the step's references: {type(exc).__name__}: {exc}"[:2000]
     return payloads, [f"{run.run_id}:{step.name}:{i}" for i in range(len(items))]
+
+
+def _unloadable_status(row: RunRow, step_rows: Iterable[StepRow]) -> RunStatus:
+    """The status of a run whose workflow does not load: what its rows hold, with
+    the steps that have a row (the others' specs are not known)."""
+    run_id, workflow_id, inputs, state, created_at, finished_at, error = row
+    steps = {}
+    for step_row in step_rows:
+        # Its spec stands in for the one not loaded: a status reads none of it.
+        step = steps[step_row[1]] = _Step(Step(name=step_row[1], handler=""))
+        WorkflowEngine._restore_step(step, step_row)
+    return RunStatus(
+        run_id=run_id,
+        workflow_id=workflow_id,
+        state=RunState(state),
+        inputs=cast(Mapping[str, Any], Encoded(inputs)),
+        steps={name: step.status() for name, step in steps.items()},
+        created_at=created_at,
+        finished_at=finished_at,
+        error=error,
+    )
 
 
 def _check_finished(run: _Run) -> None:
