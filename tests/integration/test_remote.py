@@ -340,7 +340,7 @@ _WRONG_TYPES: dict[str, tuple[dict[str, Any], str]] = {
     "str timeout": ({"timeout": "5"}, "timeout must be a number of seconds above 0, got '5'"),
     "str cpus": (
         {"resources": Resources(cpus="1")},  # type: ignore[arg-type]
-        "resources.cpus must be a number of at least 0, got '1'",
+        "resources.cpus must be a finite number of at least 0, got '1'",
     ),
     "dict resources": (
         {"resources": {"cpus": 1}},

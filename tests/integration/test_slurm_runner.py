@@ -11,6 +11,7 @@ sorting, the AIMD pacer).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -153,6 +154,21 @@ async def test_a_tasks_own_resources_are_what_its_job_asks_for(infra: AgentInfra
         "allocation", None, task_class="s", resources=Resources(cpus=2, memory_mb=100)
     )
     assert await handle.result() == "2 100"
+
+
+async def test_infinite_cpus_are_refused_at_submit(infra: AgentInfra) -> None:
+    # No machine's capacity is looked at for a Slurm class: inf CPUs were
+    # stored, and each attempt failed with "OverflowError: cannot convert
+    # float infinity to integer" (sbatch's --cpus-per-task), naming nothing.
+    with pytest.raises(InvalidTask) as caught:
+        await infra.submit_task(
+            "echo", {}, task_class="s", task_id="inf-cpus", resources=Resources(cpus=math.inf)
+        )
+    assert str(caught.value) == (
+        "task 'inf-cpus' refused: resources.cpus must be a finite number of at least 0, got inf"
+    )
+    with pytest.raises(UnknownTask):
+        await infra.get_task_status("inf-cpus")
 
 
 async def test_an_exit_code_read_as_a_signal_keeps_the_recorded_one_in_the_message(

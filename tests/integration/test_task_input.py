@@ -95,6 +95,10 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "negative gpus": ({"resources": Resources(gpus=-1)}, "gpus"),
     "negative cpus": ({"resources": Resources(cpus=-1)}, "cpus"),
     "nan cpus": ({"resources": Resources(cpus=math.nan)}, "cpus"),
+    "infinite cpus": (
+        {"resources": Resources(cpus=math.inf)},
+        "resources.cpus must be a finite number of at least 0, got inf",
+    ),
     "negative memory": ({"resources": Resources(memory_mb=-5)}, "memory"),
     "bool timeout": ({"timeout": True}, "timeout must be a number of seconds above 0"),
     # Beyond what the store's columns hold: the insert failed, and with it the instance.

@@ -11,6 +11,7 @@ the same :class:`~dspy_infra.errors.InvalidTask` with the same words.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Iterable
@@ -312,10 +313,12 @@ def resources_error(cpus: object, memory_mb: object, gpus: object) -> str | None
     for what, amount, kind in zip(
         ("cpus", "memory_mb", "gpus"), (cpus, memory_mb, gpus), (int | float, int, int), strict=True
     ):
-        # ``not >= 0`` also refuses NaN. (Stored as JSON: any size fits.)
+        # ``not >= 0`` also refuses NaN; ``< inf`` the CPUs no runner can ask for
+        # (sbatch's and Docker's are integers: inf failed each attempt with an
+        # OverflowError). Stored as JSON: any finite size fits.
         if amount is not None and (
-            isinstance(amount, bool) or not isinstance(amount, kind) or not amount >= 0
+            isinstance(amount, bool) or not isinstance(amount, kind) or not 0 <= amount < math.inf
         ):
-            expected = "a number" if what == "cpus" else "an integer"
+            expected = "a finite number" if what == "cpus" else "an integer"
             return f"resources.{what} must be {expected} of at least 0, got {amount!r}"
     return None
