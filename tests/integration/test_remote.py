@@ -538,6 +538,23 @@ async def test_stream_task_results_and_since(api: Api) -> None:
     assert [r async for r in api.stream_task_results([])] == []
 
 
+async def test_results_of_tasks_finished_before_the_stream_keep_their_seq(api: Api) -> None:
+    # Read from the event history as published, not made anew from the store
+    # with seq 0: a reader resumes from the seq of the last result it read.
+    handles = await api.submit_tasks("echo", [1, 2])
+    for handle in handles:
+        await handle.result()
+    with anyio.fail_after(10):
+        finals = [r async for r in api.stream_task_results([h.task_id for h in handles])]
+        published = [
+            e
+            async for e in api.stream_events("task_completed", follow=False)
+            if isinstance(e, TaskEvent)
+        ]
+    assert sorted((r.seq, r.task_id) for r in finals) == [(e.seq, e.task_id) for e in published]
+    assert all(r.seq > 0 for r in finals)
+
+
 async def test_a_task_handle_given_for_its_id_is_refused_clearly(api: Api) -> None:
     # In-process SQLite's "Error binding parameter 1: type 'TaskHandle' is not
     # supported", remotely "'TaskHandle' object has no attribute 'encode'".

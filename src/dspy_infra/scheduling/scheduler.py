@@ -682,8 +682,13 @@ class LocalScheduler:
                     yield event
 
     async def _finished_events(self, pending: set[str]) -> list[TaskEvent]:
-        """Final events of the ``pending`` tasks that have finished; they leave ``pending``."""
+        """Final events of the ``pending`` tasks that have finished; they leave ``pending``.
+
+        As published while the event history still holds them, so that their
+        ``seq`` can be resumed from; older ones are made from the store (seq 0).
+        """
         found = []
+        published: dict[str, TaskEvent] | None = None
         for task_id in sorted(pending):
             live = self._live.get(task_id)
             if live is not None:
@@ -692,10 +697,16 @@ class LocalScheduler:
                 if live.state.finished:
                     self._journal.hurry()
                 continue
-            status = await self.status(task_id)
-            if status.finished:
+            if published is None:  # one pass over the history, once one is needed
+                history, _ = self._bus.replay(0, TaskEvent.FINAL_TYPES)
+                published = {e.task_id: e for e in cast(list[TaskEvent], history)}
+            event = published.get(task_id)
+            if event is None:
+                status = await self.status(task_id)
+                event = _final_event(status) if status.finished else None
+            if event is not None:
                 pending.discard(task_id)
-                found.append(_final_event(status))
+                found.append(event)
         return found
 
     async def classes(self) -> dict[str, ClassStatus]:
