@@ -1109,3 +1109,49 @@ async def test_a_stop_while_a_failed_attempt_is_stopped_neither_restarts_nor_fai
         types = [e.type for e in recorder.events if e.service == "job"]
         assert "service_restarting" not in types, types
         assert "service_failed" not in types, types
+
+
+def leaves_a_child(gate: Path, **fields: Any) -> dict[str, Any]:
+    """A service whose main process exits 3 once ``gate`` exists, leaving a child
+    that ignores SIGTERM: what is left of it takes ``stop_timeout`` to stop."""
+    script = (
+        "trap '' TERM; (while true; do sleep 0.05; done) & echo ready; "
+        f"while [ ! -e {gate} ]; do sleep 0.02; done; exit 3"
+    )
+    return {"command": script, "shell": True, "health": {"log": "^ready$"}, **fields}
+
+
+@pytest.mark.parametrize(
+    ("restart", "then"), [("on-failure", ServiceState.RESTARTING), ("no", ServiceState.FAILED)]
+)
+async def test_a_service_whose_main_process_exited_is_not_healthy_while_its_group_is_stopped(
+    tmp_path: Path, restart: str, then: ServiceState
+) -> None:
+    # Its group's stop lasts stop_timeout (the child ignores SIGTERM): the
+    # service was reported healthy all that time, though its process was gone.
+    gate = tmp_path / "gate"
+    services = {"svc": leaves_a_child(gate, restart=restart, stop_timeout=8)}
+    async with infra_for(tmp_path, services) as infra:
+        pid = (await infra.services.status())["svc"].pid
+        gate.touch()
+        await until_state(infra, "svc", then)
+        status = (await infra.services.status())["svc"]
+        assert alive(pid), "its group was gone already: nothing shown"
+        assert status.exit_code == 3
+
+
+async def test_a_start_of_a_service_that_failed_while_its_group_is_stopped_launches_it_anew(
+    tmp_path: Path,
+) -> None:
+    gate = tmp_path / "gate"
+    services = {"svc": leaves_a_child(gate, restart="no", stop_timeout=1)}
+    async with infra_for(tmp_path, services) as infra:
+        old = (await infra.services.status())["svc"].pid
+        gate.touch()
+        await until_state(infra, "svc", ServiceState.FAILED)
+        gate.unlink()
+        with anyio.fail_after(10):
+            result = await infra.services.start(["svc"])
+        assert result["svc"].state is ServiceState.HEALTHY
+        assert result["svc"].pid != old
+        assert not alive(old)

@@ -35,6 +35,8 @@ _SETTLED_OK = (ServiceState.RUNNING, ServiceState.HEALTHY, ServiceState.COMPLETE
 _ENDED = (ServiceState.FAILED, ServiceState.STOPPED, ServiceState.INACTIVE)
 # Final states, counted in service_stops_total{status}.
 _STOPS = (ServiceState.STOPPED, ServiceState.COMPLETED, ServiceState.FAILED)
+# Ended on its own: its supervisor is done once what is left of it has stopped.
+_OVER = (ServiceState.COMPLETED, ServiceState.FAILED)
 
 
 class _Slot:
@@ -458,9 +460,12 @@ class ServiceManager:
 
         Or a stop() that asked ``rt`` to stop was given up (cancelled) since:
         its supervisor goes on stopping it all the same, so until that has
-        ended, ``rt`` is on its way down, not up.
+        ended, ``rt`` is on its way down, not up. So is one that failed or
+        completed on its own while its supervisor stops what is left of it.
         """
-        return self._stopping[rt.name] > 0 or (rt.stop_requested and rt.active)
+        return self._stopping[rt.name] > 0 or (
+            rt.active and (rt.stop_requested or rt.state in _OVER)
+        )
 
     async def _http_session(self) -> aiohttp.ClientSession:
         if self._http is None:

@@ -56,18 +56,16 @@ async def supervise(manager: ServiceManager, rt: ServiceRuntime) -> None:
             try:
                 await _lifecycle(manager, rt)
             except ServiceStartError as exc:
-                rt.error = exc
                 if isinstance(exc, DependencyFailed):
                     manager.start_failed(rt, "dependency")
-                manager.set_state(
-                    rt, ServiceState.FAILED, "service_failed", exc.reason, exit_code=exc.exit_code
-                )
+                _fail(manager, rt, exc)
             except Exception as exc:  # a bug here must not take the whole instance down
                 manager.log.exception("supervisor of %r crashed", rt.name)
                 manager.start_failed(rt, "internal")
-                rt.error = rt.failure(f"internal error: {exc!r}")
-                manager.set_state(rt, ServiceState.FAILED, "service_failed", rt.error.reason)
-        if rt.stop_requested:
+                _fail(manager, rt, rt.failure(f"internal error: {exc!r}"))
+        # One that failed or completed on its own before the stop was asked
+        # for ended as such; the stop merely waited for what was left of it.
+        if rt.stop_requested and rt.state not in (ServiceState.FAILED, ServiceState.COMPLETED):
             manager.set_state(rt, ServiceState.STOPPED, "service_stopped")
     finally:
         rt.scope = None
@@ -76,41 +74,63 @@ async def supervise(manager: ServiceManager, rt: ServiceRuntime) -> None:
         manager.notify()
 
 
+def _fail(manager: ServiceManager, rt: ServiceRuntime, error: ServiceStartError) -> None:
+    rt.error = error
+    manager.set_state(
+        rt, ServiceState.FAILED, "service_failed", error.reason, exit_code=error.exit_code
+    )
+
+
 async def _lifecycle(manager: ServiceManager, rt: ServiceRuntime) -> None:
-    config = rt.config
     await _wait_dependencies(manager, rt)
-    start_failures = 0
-    consecutive = 0  # restarts since the service last stayed up for restart_reset_after
-    ever_ready = False
+    policy = _Policy(manager, rt)
     while True:
-        run = await _run_once(manager, rt)
-        if run.ready:
-            ever_ready = True
-            manager.set_state(rt, rt.state, "service_exited", run.reason, exit_code=run.exit_code)
+        run = await _run_once(manager, rt, policy.judge)
         if rt.stop_requested:  # stopped while this run's process was being stopped: no retry
             return
+        if not run.ready:
+            # A failed attempt is judged once its process is gone: until then
+            # it is still "starting", and a stop meanwhile ends it there.
+            policy.judge(run)
+        if policy.next_launch is None:
+            return
+        await anyio.sleep_until(policy.next_launch)
+
+
+class _Policy:
+    """What follows each run of one lifetime: a retry, a restart, or its end.
+
+    Judged as soon as the run ended, so that a service whose main process
+    exited is not reported up while what is left of its group is stopped
+    (up to ``stop_timeout``); the backoff counts from then too.
+    """
+
+    def __init__(self, manager: ServiceManager, rt: ServiceRuntime) -> None:
+        self._manager = manager
+        self._rt = rt
+        self._start_failures = 0
+        self._consecutive = 0  # restarts since the service last stayed up for restart_reset_after
+        self._ever_ready = False
+        self.next_launch: float | None = None  # anyio time of the next launch; None: none
+
+    def judge(self, run: _Run) -> None:
+        """Report how ``run`` ended and what follows it."""
+        manager, rt = self._manager, self._rt
+        self.next_launch = None
+        if run.ready:
+            self._ever_ready = True
+            manager.set_state(rt, rt.state, "service_exited", run.reason, exit_code=run.exit_code)
         # Exit 0 completes a one-shot job; a service that exits before its
         # probe passed never became what its dependents wait for.
-        restarts_anyway = config.restart in ("always", "unless-stopped")
+        restarts_anyway = rt.config.restart in ("always", "unless-stopped")
         if run.ready and run.exit_code == 0 and not restarts_anyway:
             manager.set_state(rt, ServiceState.COMPLETED, "service_completed", exit_code=0)
             return
-        if not ever_ready:
-            start_failures += 1
-            if start_failures > config.start_retries:
-                raise rt.failure(run.reason, run.exit_code)
-            delay = config.start_backoff.delay(start_failures - 1)
-        else:
-            if config.restart == "no":
-                raise rt.failure(run.reason, run.exit_code)
-            if run.up_for >= config.restart_reset_after:
-                consecutive = 0
-            if config.max_restarts is not None and consecutive >= config.max_restarts:
-                restarts = "1 restart" if consecutive == 1 else f"{consecutive} restarts"
-                raise rt.failure(f"{run.reason}; gave up after {restarts}", run.exit_code)
-            delay = config.restart_backoff.delay(consecutive)
-            consecutive += 1
-            rt.restarts += 1
+        try:
+            delay = self._delay(run)
+        except ServiceStartError as exc:
+            _fail(manager, rt, exc)
+            return
         manager.set_state(
             rt,
             ServiceState.RESTARTING,
@@ -118,11 +138,37 @@ async def _lifecycle(manager: ServiceManager, rt: ServiceRuntime) -> None:
             f"{run.reason}; retrying in {delay:.2f}s",
             exit_code=run.exit_code,
         )
-        await anyio.sleep(delay)
+        self.next_launch = anyio.current_time() + delay
+
+    def _delay(self, run: _Run) -> float:
+        """The backoff before the next launch; raises the failure when there is none."""
+        config, rt = self._rt.config, self._rt
+        if not self._ever_ready:
+            self._start_failures += 1
+            if self._start_failures > config.start_retries:
+                raise rt.failure(run.reason, run.exit_code)
+            return config.start_backoff.delay(self._start_failures - 1)
+        if config.restart == "no":
+            raise rt.failure(run.reason, run.exit_code)
+        if run.up_for >= config.restart_reset_after:
+            self._consecutive = 0
+        consecutive = self._consecutive
+        if config.max_restarts is not None and consecutive >= config.max_restarts:
+            restarts = "1 restart" if consecutive == 1 else f"{consecutive} restarts"
+            raise rt.failure(f"{run.reason}; gave up after {restarts}", run.exit_code)
+        self._consecutive += 1
+        rt.restarts += 1
+        return config.restart_backoff.delay(consecutive)
 
 
-async def _run_once(manager: ServiceManager, rt: ServiceRuntime) -> _Run:
-    """Launch, wait until ready, watch until it ends; nothing is left running after."""
+async def _run_once(
+    manager: ServiceManager, rt: ServiceRuntime, ended: Callable[[_Run], None]
+) -> _Run:
+    """Launch, wait until ready, watch until it ends; nothing is left running after.
+
+    A run that was ready is handed to ``ended`` as soon as it ends, before
+    what is left of its process group is stopped.
+    """
     spec, probe = await _launch_spec(manager, rt)
     # A start slot is held from launch until ready (max_concurrent_starts).
     async with manager.start_slot() as slot:
@@ -152,7 +198,10 @@ async def _run_once(manager: ServiceManager, rt: ServiceRuntime) -> _Run:
                         return _Run(ready=False, exit_code=None, reason=failure)
                 manager.metrics.service_starts.labels(rt.name, "succeeded").inc()
                 slot.release()
-                return await _watch(manager, rt, process, runner)
+                run = await _watch(manager, rt, process, runner)
+                if not rt.stop_requested:
+                    ended(run)
+                return run
 
 
 @asynccontextmanager
