@@ -1107,8 +1107,7 @@ async def test_a_stop_while_a_failed_attempt_is_stopped_neither_restarts_nor_fai
         assert (await infra.services.status())["job"].state is ServiceState.STOPPED
         await recorder.wait_for("service_stopped", "job")
         types = [e.type for e in recorder.events if e.service == "job"]
-        assert "service_restarting" not in types, types
-        assert "service_failed" not in types, types
+        assert types == ["service_starting", "service_stopping", "service_stopped"]
 
 
 def leaves_a_child(gate: Path, **fields: Any) -> dict[str, Any]:
@@ -1155,3 +1154,23 @@ async def test_a_start_of_a_service_that_failed_while_its_group_is_stopped_launc
         assert result["svc"].state is ServiceState.HEALTHY
         assert result["svc"].pid != old
         assert not alive(old)
+
+
+async def test_a_stop_while_what_is_left_of_an_exited_service_is_stopped_says_so(
+    tmp_path: Path,
+) -> None:
+    gate = tmp_path / "gate"
+    services = {"svc": leaves_a_child(gate, restart="on-failure", stop_timeout=1)}
+    async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
+        gate.touch()
+        await until_state(infra, "svc", ServiceState.RESTARTING)
+        await infra.services.stop(["svc"])
+    types = [e.type for e in recorder.events if e.service == "svc"]
+    assert types == [
+        "service_starting",
+        "service_healthy",
+        "service_exited",
+        "service_restarting",
+        "service_stopping",
+        "service_stopped",
+    ]

@@ -441,9 +441,7 @@ class ServiceManager:
                     # each supervisor as it ends, notifies.)
                     while other.active and self._being_stopped(other):
                         await self._changed.wait()
-                rt.stop_requested = True
-                if rt.scope is not None:
-                    rt.scope.cancel()
+                self._ask_to_stop(rt)
                 await rt.done.wait()
             finally:  # anyio runs each task it is given, even in a cancelled group
                 self._stopping[rt.name] -= 1
@@ -454,6 +452,19 @@ class ServiceManager:
         async with anyio.create_task_group() as tg:
             for rt in stopping:
                 tg.start_soon(stop_one, rt)
+
+    def _ask_to_stop(self, rt: ServiceRuntime) -> None:
+        """Cancel ``rt``'s supervisor; say so now when it has a process to stop.
+
+        Its process group may be being stopped already (a failed attempt, a
+        crash's leftovers), shielded from this cancellation: the supervisor
+        would not get to say it. One with no process yet says so itself.
+        """
+        rt.stop_requested = True
+        if rt.process is not None and rt.state not in (*_OVER, ServiceState.STOPPING):
+            self.set_state(rt, ServiceState.STOPPING, "service_stopping")
+        if rt.scope is not None:
+            rt.scope.cancel()
 
     def _being_stopped(self, rt: ServiceRuntime) -> bool:
         """A stop() is stopping ``rt`` (or will, once its dependents have stopped).

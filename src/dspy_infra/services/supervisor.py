@@ -226,7 +226,8 @@ async def _running(
                 yield
             finally:
                 with anyio.CancelScope(shield=True):
-                    if rt.stop_requested:
+                    # Asked before it was launched, it has not said so yet.
+                    if rt.stop_requested and rt.state is not ServiceState.STOPPING:
                         manager.set_state(rt, ServiceState.STOPPING, "service_stopping")
                     with manager.backend_call("stop"):
                         await process.stop(rt.config.stop_timeout)
