@@ -120,6 +120,7 @@ class EventBus:
         self._subscribers: set[_Subscriber] = set()
         # What the subscribers want, counted, so that wanted() is O(1).
         self._wanted: Counter[str | None] = Counter()
+        self._start = start
         self._seq = start
         self._on_drop = on_drop
         self._closed = False
@@ -169,6 +170,22 @@ class EventBus:
         events = [e for e in history if e.seq > since and (types is None or e.type in types)]
         return events, oldest <= since + 1
 
+    def backlog(self, since: int, wants: Callable[[Event], bool]) -> list[Event]:
+        """The kept events after ``since`` that ``wants``, for a consumer that resumes.
+
+        Led by an :class:`EventsDropped` notice when the history no longer
+        reaches back to ``since``, as a subscriber that fell behind is told:
+        a resume would otherwise begin at the oldest kept event as if it had
+        missed nothing. Its ``count`` is every event forgotten, of any type.
+        Only those this bus published: a ``since`` from an earlier instance
+        is older than its first event, and what came between is not its to tell.
+        """
+        history = self._history
+        oldest = history[0].seq if history else self._seq + 1
+        forgotten = oldest - max(since, self._start) - 1
+        notice: list[Event] = [EventsDropped(count=forgotten)] if forgotten > 0 else []
+        return notice + [e for e in history if e.seq > since and wants(e)]
+
     def wanted(self, event_type: str) -> bool:
         """Whether a live subscriber wants events of this type.
 
@@ -199,21 +216,22 @@ class EventBus:
 
         With ``since``, events after that sequence number that are still in the
         bus's history are replayed first, so a consumer can resume where it
-        stopped. ``buffer`` replaces the bus's buffer size for this subscriber
-        (one that waits for a known number of events can hold them all);
+        stopped (told of those no longer kept: see :meth:`backlog`).
+        ``buffer`` replaces the bus's buffer size for this subscriber (one
+        that waits for a known number of events can hold them all);
         ``accept`` narrows what it is sent (the events of some tasks), so that
         others never fill that buffer.
         """
         wanted = frozenset(types) if types is not None else None
         sub = _Subscriber(wanted, self._buffer if buffer is None else buffer, accept)
-        backlog = [e for e in self._history if e.seq > since] if since is not None else []
+        backlog = self.backlog(since, sub.wants) if since is not None else []
         if self._closed:
             sub.send.close()
         else:
             self._subscribers.add(sub)
             self._wanted.update(wanted if wanted is not None else (None,))
         try:
-            yield self._iterate(sub, [e for e in backlog if sub.wants(e)])
+            yield self._iterate(sub, backlog)
         finally:
             if sub in self._subscribers:
                 self._subscribers.discard(sub)

@@ -419,8 +419,7 @@ class AgentInfra(TaskMethods):
             check_event_types(types)
         check_since(since)
         if not follow:
-            history, _ = self._bus.replay(since or 0, types)
-            for event in history:
+            for event in self._bus.backlog(since or 0, lambda e: types is None or e.type in types):
                 yield event
             return
         async with self._bus.subscribe(types, since=since) as events:

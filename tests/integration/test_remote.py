@@ -71,7 +71,7 @@ from dspy_infra.errors import (
     UnknownService,
     UnknownTask,
 )
-from dspy_infra.events import Event
+from dspy_infra.events import Event, EventsDropped
 from dspy_infra.infra import EVENT_TYPES
 from dspy_infra.remote import RemoteAgentInfra, ServerUnavailable, UnsupportedCall, serve
 from dspy_infra.remote import client as remote_client
@@ -663,6 +663,30 @@ async def test_stream_events_without_follow_ends_with_what_was_held(api: Api) ->
                 assert isinstance(event, TaskEvent)
                 assert event.task_id != later
     assert later is not None
+
+
+@pytest.mark.parametrize("how", ["inprocess", "remote"])
+@pytest.mark.parametrize("follow", [True, False])
+async def test_stream_events_from_beyond_the_history_is_told_of_the_gap(
+    tmp_path: Path, how: str, follow: bool
+) -> None:
+    # It began at the oldest event kept, as if nothing had been missed.
+    infra = AgentInfra.start(
+        {"infra": {"event_history": 3}}, state_dir=tmp_path / "state", handlers={"echo": echo}
+    )
+    async with infra, used(infra, how) as api:
+        await (await api.submit_task("echo", 0)).result()
+        with anyio.fail_after(10):
+            since = [e async for e in api.stream_events(since=0, follow=False)][-1].seq
+            for handle in await api.submit_tasks("echo", range(5)):
+                await handle.result()
+            kept = [e async for e in api.stream_events(since=since, follow=False)]
+            async with aclosing(api.stream_events(since=since, follow=follow)) as events:
+                received = [await anext(events) for _ in kept]
+        assert isinstance(kept[0], EventsDropped)
+        assert kept[0].count == kept[1].seq - since - 1 > 0
+        assert [(e.type, e.seq) for e in received] == [(e.type, e.seq) for e in kept]
+        assert [e.seq for e in kept[1:]] == list(range(kept[1].seq, kept[1].seq + 3))
 
 
 async def test_stream_events_refuses_types_that_nothing_publishes(api: Api) -> None:

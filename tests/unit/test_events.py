@@ -106,3 +106,30 @@ async def test_since_replays_history_then_continues_live() -> None:
         ("old7", 8),
         ("new", 9),
     ]
+
+
+@pytest.mark.parametrize(("since", "forgotten"), [(1, 2), (0, 3), (3, 0), (-5, 3)])
+async def test_a_resume_from_beyond_the_history_is_told_what_was_forgotten(
+    since: int, forgotten: int
+) -> None:
+    # e1..e3 are gone from a history of 5: a resume after e1 silently began at e4.
+    bus = EventBus(history=5)
+    for i in range(1, 9):
+        bus.publish(Event(type=f"e{i}"))
+    async with bus.subscribe(since=since) as events:
+        bus.close()
+        received = [e async for e in events]
+    notices = [(e.count, e.seq) for e in received if isinstance(e, EventsDropped)]
+    assert notices == ([(forgotten, 0)] if forgotten else [])
+    assert [e.type for e in received if not isinstance(e, EventsDropped)] == [
+        f"e{i}" for i in range(max(since + 1, 4), 9)
+    ]
+
+
+async def test_a_since_from_before_the_bus_began_is_no_gap_of_its_own() -> None:
+    # An earlier instance's seq: what this bus published is all there.
+    bus = EventBus(history=5, start=100)
+    bus.publish(Event(type="e"))
+    async with bus.subscribe(since=50) as events:
+        bus.close()
+        assert [e.type async for e in events] == ["e"]
