@@ -78,6 +78,7 @@ from dspy_infra.remote import client as remote_client
 from dspy_infra.remote import server as server_module
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
+from dspy_infra.remote._wire import parse_address
 from dspy_infra.scheduling.checks import MAX_JSON_DEPTH
 from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskState, TaskStatus
 from dspy_infra.services.status import ServiceState, ServiceStatus
@@ -1126,6 +1127,31 @@ async def test_non_loopback_needs_tls_and_token(tmp_path: Path) -> None:
                 pass
         async with serve(infra, "localhost:0") as srv:  # a name that is loopback is fine
             assert not srv.tls
+
+
+@pytest.mark.parametrize("port", [0, "free"])
+async def test_a_server_on_a_name_listens_on_each_of_its_addresses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, port: int | str
+) -> None:
+    # Where /etc/hosts gives localhost both 127.0.0.1 and ::1, it listened on
+    # the first only: a client whose localhost is ::1 first found nothing.
+    resolve = socket.getaddrinfo
+
+    def both(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in ("localhost", b"localhost"):  # anyio asks for bytes
+            return resolve(host, *args, **kwargs)
+        return [*resolve("127.0.0.1", *args, **kwargs), *resolve("::1", *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    if port == "free":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    async with make_infra(tmp_path) as infra, serve(infra, f"localhost:{port}") as srv:
+        chosen = parse_address(srv.address)[1]
+        for address in (srv.address, f"localhost:{chosen}", f"[::1]:{chosen}"):
+            async with AgentInfra.connect(address) as remote:
+                assert (await remote.health_check()).healthy
 
 
 async def test_client_refuses_to_send_a_token_in_clear_off_loopback() -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import hmac
 import logging
@@ -167,13 +168,14 @@ async def serve(
     tls = _server_tls(tls)
     guard = _Guard(token, max_request_bytes(infra.config.infra.max_payload_bytes))
     server = _Server([guard.wrap(s) for s in _services(infra, guard)], codec=_Codec())
-    sock = await _bind(host or "0.0.0.0", port)  # noqa: S104 - refused above without TLS and token
+    socks = await _bind(host or "0.0.0.0", port)  # noqa: S104 - refused above without TLS and token
     try:
-        await server.start(sock=sock, ssl=tls)
+        await server.listen(socks, tls)
     except BaseException:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
-    bound_host, bound_port = sock.getsockname()[:2]
+    bound_host, bound_port = socks[0].getsockname()[:2]
     listening = RemoteServer(
         address=format_address(bound_host, bound_port),
         tls=tls is not None,
@@ -253,6 +255,21 @@ class _Server(Server):
         super().__init__(handlers, codec=codec)
         self._mapping = _Methods(self._mapping)
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+        self._more: list[asyncio.AbstractServer] = []  # listening beside grpclib's own
+
+    async def listen(self, socks: list[socket.socket], tls: ssl.SSLContext | None) -> None:
+        """Serve on each of ``socks``: grpclib's ``start()`` takes one socket."""
+        loop = asyncio.get_running_loop()
+        try:
+            for sock in socks[1:]:
+                self._more.append(
+                    await loop.create_server(self._protocol_factory, sock=sock, ssl=tls)
+                )
+            await self.start(sock=socks[0], ssl=tls)
+        except BaseException:
+            for server in self._more:
+                server.close()
+            raise
 
     def _protocol_factory(self) -> H2Protocol:
         protocol = super()._protocol_factory()
@@ -263,6 +280,8 @@ class _Server(Server):
         """Stop listening; cancel the calls in progress and let them end (with
         UNAVAILABLE: see _Guard); then close every connection."""
         self.close()
+        for server in self._more:
+            server.close()
         async with anyio.create_task_group() as group:
             for handler in self._handlers:
                 group.start_soon(handler.wait_closed)
@@ -271,6 +290,8 @@ class _Server(Server):
             if connection is not None:
                 connection.close()
         await self.wait_closed()
+        for server in self._more:
+            await server.wait_closed()
 
 
 def _services(infra: AgentInfra, guard: _Guard) -> list[IServable]:
@@ -418,19 +439,50 @@ class _Check(CheckBase):
             await self.__check__()
 
 
-async def _bind(host: str, port: int) -> socket.socket:
+async def _bind(host: str, port: int) -> list[socket.socket]:
+    """A socket bound to each address that ``host`` names, all on one port.
+
+    A name such as ``localhost`` may stand for 127.0.0.1 and ::1, and a
+    client tries them in its own order: bound to the first only, the server
+    was out of reach of one that tries ::1 first. As asyncio's
+    ``create_server`` and gRPC's own servers bind them all; the port of 0 is
+    the one the first socket was given (chosen again when another address
+    has it taken), where asyncio would give each address a port of its own.
+    """
     infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, sockaddr = infos[0]
-    # proto=IPPROTO_TCP: asyncio switches Nagle off (TCP_NODELAY) only on
-    # sockets that say they are TCP; with it on, every call waits ~40 ms.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    addresses = list(dict.fromkeys((info[0], info[4]) for info in infos))
+    tries = 1 if port else _BIND_TRIES
+    while True:
+        try:
+            return _bind_all(addresses)
+        except OSError as exc:
+            tries -= 1
+            if exc.errno != errno.EADDRINUSE or tries == 0:
+                raise
+
+
+_BIND_TRIES = 20  # ports chosen for a name's first address, each taken on another
+
+
+def _bind_all(addresses: list[tuple[socket.AddressFamily, Any]]) -> list[socket.socket]:
+    socks: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
+        for family, sockaddr in addresses:
+            # proto=IPPROTO_TCP: asyncio switches Nagle off (TCP_NODELAY) only on
+            # sockets that say they are TCP; with it on, every call waits ~40 ms.
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and len(addresses) > 1:
+                # Its own address only: "::" would take the IPv4 port as well.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            port = socks[0].getsockname()[1] if len(socks) > 1 else sockaddr[1]
+            sock.bind((sockaddr[0], port, *sockaddr[2:]))
     except BaseException:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
-    return sock
+    return socks
 
 
 class _Codec(ProtoCodec):
