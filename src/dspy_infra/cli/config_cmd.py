@@ -43,7 +43,7 @@ STARTER = """\
 
 [infra]
 backend = "local"             # "local": commands run as processes; "docker": images
-state_dir = ".dspy-infra"     # logs and state; relative to this file
+state_dir = ".dspy-infra"     # task store, crash records (not logs); relative to this file
 max_concurrent_starts = 5     # services started at once, where dependencies allow
 
 # A key-value store. Port 0 picks a free port when the service starts.
