@@ -197,13 +197,16 @@ class Tail:
     """The last non-empty lines of a stream, bounded in number and length.
 
     A chatty or binary-spewing process then costs a fixed amount of memory;
-    a line longer than the bound keeps its head and is marked as cut.
+    a line longer than the bound keeps its head and is marked as cut. The
+    line under way grows in place: joined anew with each piece of a pipe
+    (64 KiB), a result line of tens of MB cost the event loop time
+    quadratic in its length.
     """
 
     def __init__(self, lines: int, max_bytes: int):
         self._lines: deque[tuple[bytes, bool]] = deque(maxlen=lines)
         self._max = max_bytes
-        self._pending = b""
+        self._pending = bytearray()
         self._cut = False  # the pending line already lost its end
 
     async def pump(self, stream: AsyncIterable[bytes] | None) -> None:
@@ -218,23 +221,24 @@ class Tail:
             self.end()
 
     def end(self) -> None:
-        self._add(self._pending, self._cut)
-        self._pending, self._cut = b"", False
+        self._add(bytes(self._pending), self._cut)
+        self._pending.clear()
+        self._cut = False
 
     def feed(self, chunk: bytes) -> None:
         if b"\n" not in chunk:
             if not self._cut:
                 self._pending += chunk
                 if len(self._pending) > self._max:
-                    self._pending = self._pending[: self._max]
+                    del self._pending[self._max :]
                     self._cut = True
             return
-        *complete, rest = (self._pending + chunk).split(b"\n")
+        *complete, rest = (bytes(self._pending) + chunk).split(b"\n")
         cut, self._cut = self._cut, False
         for line in complete:
             self._add(line, cut)
             cut = False
-        self._pending = b""
+        self._pending.clear()
         self.feed(rest)
 
     def _add(self, line: bytes, cut: bool) -> None:
