@@ -124,10 +124,13 @@ async def stop_group(process: Process, grace: float) -> int:
     """SIGTERM the process's group, SIGKILL it after ``grace``; return once it is empty.
 
     Returns the leader's exit code. Safe to call after the leader exited: what
-    is left of its group is stopped the same way.
+    is left of its group is stopped the same way. A SIGCONT follows the
+    SIGTERM, as systemd sends it: a stopped member (SIGSTOP) would otherwise
+    hold its SIGTERM pending, never clean up, and wait out the grace period.
     """
     pgid = process.pid  # leader of its own session, so pgid == pid
     signal_group(pgid, signal.SIGTERM)
+    signal_group(pgid, signal.SIGCONT)
     with anyio.move_on_after(grace):
         await wait_group_gone(process)
     if await group_running(pgid):

@@ -396,6 +396,41 @@ async def test_a_timeout_stops_the_work(
     assert not group_alive(int(pgid_file.read_text()))
 
 
+async def test_a_stopped_command_gets_its_sigterm_when_cancelled(
+    runner_with: RunnerWith, make_run: MakeRun, tmp_path: Path, python: Python
+) -> None:
+    # A stopped process (SIGSTOP: a debugger, a paused job) keeps a SIGTERM
+    # pending: without a SIGCONT it never cleaned up, and was SIGKILLed
+    # after the whole grace period.
+    pid_file, cleaned = tmp_path / "pid", tmp_path / "cleaned"
+    code = """
+        import os, signal, sys
+        def clean_up(*_):
+            open(sys.argv[2], "w").write("cleaned up")
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, clean_up)
+        open(sys.argv[1], "w").write(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+    """
+    runner = await runner_with({"h": python(code, str(pid_file), str(cleaned))})
+    cancelled_at = 0.0
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as group:
+
+            async def cancel_when_stopped() -> None:
+                nonlocal cancelled_at
+                stat = anyio.Path(f"/proc/{await wait_for_file(pid_file)}/stat")
+                while (await stat.read_text()).rsplit(")", 1)[1].split()[0] != "T":
+                    await anyio.sleep(0.01)
+                cancelled_at = time.monotonic()
+                scope.cancel()
+
+            group.start_soon(cancel_when_stopped)
+            await runner.run(make_run("h", cancel_grace=10))
+    assert time.monotonic() - cancelled_at < 5, "it waited out the grace period"
+    assert cleaned.read_text() == "cleaned up"
+
+
 async def test_an_attempt_cancelled_before_its_launch_never_starts_its_command(
     runner_with: RunnerWith, make_run: MakeRun, python: Python, monkeypatch: pytest.MonkeyPatch
 ) -> None:
