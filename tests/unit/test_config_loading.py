@@ -1140,3 +1140,27 @@ def test_an_empty_cwd_is_refused(tmp_path: Path, table: str) -> None:
     # Set empty (meant as unset), it would have run in the file's directory.
     file = write(tmp_path / "dspy-infra.toml", f'[{table}]\ncommand = ["true"]\ncwd = ""\n')
     assert str(error(file)) == f"{file}: {table}.cwd: expected a path, got ''"
+
+
+@pytest.mark.parametrize("table", ["services.a", "handlers.a"])
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ('{ "A=B" = "x" }', "'A=B' cannot be an environment variable's name (it has '=')"),
+        ('{ "" = "x" }', "'' cannot be an environment variable's name (it is empty)"),
+        (
+            '{ "A\\u0000" = "x" }',
+            "'A\\x00' cannot be an environment variable's name (it has a NUL)",
+        ),
+        ('{ A = "x\\u0000y" }', "the value of 'A' cannot be passed to a process (it has a NUL)"),
+    ],
+    ids=["equals-sign", "empty", "nul-in-name", "nul-in-value"],
+)
+def test_an_environment_a_process_cannot_have_is_refused(
+    tmp_path: Path, table: str, env: str, problem: str
+) -> None:
+    # It used to load, then fail every start or attempt with a bare
+    # "ValueError: illegal environment variable name" (or "embedded null
+    # byte"), naming no variable; Docker took the name up to its '='.
+    file = write(tmp_path / "dspy-infra.toml", f'[{table}]\ncommand = ["true"]\nenv = {env}\n')
+    assert str(error(file)) == f"{file}: {table}.env: {problem}"

@@ -41,8 +41,9 @@ PORT_NAMES = st.builds(
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-", max_size=5),
 )
 # Text with no braces: never a placeholder. Any other character goes, quotes,
-# backslashes and control characters included (TOML escapes them).
-PLAIN_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="{}"), max_size=12)
+# backslashes and control characters included (TOML escapes them), but NUL,
+# which no process can be given (an environment with one is refused).
+PLAIN_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="{}\0"), max_size=12)
 POSITIVE = st.one_of(
     st.floats(min_value=1e-3, max_value=1e4, allow_nan=False, allow_infinity=False),
     st.integers(min_value=1, max_value=10_000),

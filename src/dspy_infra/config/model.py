@@ -124,6 +124,29 @@ def _path(_: object, attribute: Attribute[Any], value: str | None) -> None:
         raise FieldError(attribute.name, f"expected a path, got {value!r}")
 
 
+def _env(_: object, attribute: Attribute[Any], value: dict[str, str]) -> None:
+    # What the operating system refuses (subprocess named no variable for
+    # it), or Docker takes apart at the first '=': refused here, by name.
+    for name, text in value.items():
+        if flaw := _env_name_flaw(name):
+            raise FieldError(
+                attribute.name, f"{name!r} cannot be an environment variable's name ({flaw})"
+            )
+        if "\0" in text:
+            raise FieldError(
+                attribute.name,
+                f"the value of {name!r} cannot be passed to a process (it has a NUL)",
+            )
+
+
+def _env_name_flaw(name: str) -> str | None:
+    if not name:
+        return "it is empty"
+    if "=" in name:
+        return "it has '='"
+    return "it has a NUL" if "\0" in name else None
+
+
 def _regex(_: object, attribute: Attribute[Any], value: str | None) -> None:
     if value is None:
         return
@@ -343,7 +366,7 @@ class ServiceConfig:
     image: str | None = None
     pull: PullPolicy = "missing"
     entrypoint: tuple[str, ...] | None = None
-    env: dict[str, str] = field(factory=dict)
+    env: dict[str, str] = field(factory=dict, validator=_env)
     cwd: str | None = field(default=None, validator=_path)
     ports: dict[str, int] = field(factory=dict)
     container_ports: dict[str, int] = field(factory=dict)
@@ -465,7 +488,7 @@ class HandlerConfig:
 
     command: tuple[str, ...] | str | None = None
     shell: bool = False
-    env: dict[str, str] = field(factory=dict)
+    env: dict[str, str] = field(factory=dict, validator=_env)
     cwd: str | None = field(default=None, validator=_path)
     image: str | None = None
     pull: PullPolicy = "missing"
