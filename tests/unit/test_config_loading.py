@@ -1106,6 +1106,49 @@ def test_a_home_directory_that_cannot_be_found_is_refused_naming_the_key(
     )
 
 
+def test_other_paths_starting_with_a_tilde_are_in_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a shell reads them, and volumes are: "~/.cache/dspy-infra" was a
+    # directory named "~" beside the file.
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    write(home / "compose.yml", "services: {}\n")
+    cfg = load_config(
+        write(
+            tmp_path / "conf" / "dspy-infra.toml",
+            '[infra]\nbackend = "local"\nstate_dir = "~/state"\ncompose = "~/compose.yml"\n'
+            '[handlers.h]\ncommand = ["true"]\ncwd = "~/work"\n'
+            '[services.a]\ncommand = ["true"]\ncwd = "~/a"\n'
+            '[services.b]\ncommand = ["true"]\ncwd = "~/b/{port}"\nports = {port = 0}\n',
+        ),
+        environ={},
+    )
+    assert cfg.infra.state_dir == home / "state"
+    assert cfg.infra.compose == home / "compose.yml"
+    assert cfg.handlers["h"].cwd == str(home / "work")
+    assert cfg.services["a"].cwd == str(home / "a")
+    assert cfg.services["b"].cwd == f"{home}/b/{{port}}"
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ('[infra]\nstate_dir = "~nosuchuser/state"\n', "infra.state_dir"),
+        ('[handlers.h]\ncommand = ["true"]\ncwd = "~nosuchuser/w"\n', "handlers.h.cwd"),
+        ('[services.s]\ncommand = ["true"]\ncwd = "~nosuchuser/w"\n', "services.s.cwd"),
+        ('[infra]\ncompose = "~nosuchuser/compose.yml"\n', "infra.compose"),
+    ],
+)
+def test_a_path_in_a_home_directory_that_cannot_be_found_is_refused(
+    tmp_path: Path, text: str, path: str
+) -> None:
+    file = write(tmp_path / "dspy-infra.toml", text)
+    assert str(error(file)) == (
+        f"{file}: {path}: cannot expand '~nosuchuser': no such user, or no home directory"
+    )
+
+
 def test_a_server_address_that_is_not_host_port_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "dspy-infra.toml"
     path.write_text('[server]\naddress = "localhost"\n')

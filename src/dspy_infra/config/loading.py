@@ -30,6 +30,7 @@ from dspy_infra.config.model import (
     Config,
     InfraSettings,
     ServiceConfig,
+    expand_home,
 )
 from dspy_infra.config.placeholders import (
     HANDLER_PLACEHOLDERS,
@@ -328,7 +329,11 @@ def _with_compose(
         or not isinstance(own, dict)
     ):
         return dict(origins)  # none, or a wrong type or value that the converter reports
-    path = base / compose
+    set_by = origins.get(("infra", "compose"), name)
+    try:
+        path = base / expand_home(str(compose))
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=set_by, path="infra.compose") from None
     try:
         document = read_compose(path, environ=environ)
     except ConfigError as exc:
@@ -336,11 +341,7 @@ def _with_compose(
             raise
         # Named where it was set: the compose file's own name says nothing
         # of which file or variable asked for it.
-        raise ConfigError(
-            f"file not found: {path}",
-            source=origins.get(("infra", "compose"), name),
-            path="infra.compose",
-        ) from None
+        raise ConfigError(f"file not found: {path}", source=set_by, path="infra.compose") from None
     services: dict[str, Any] = document["services"]
     found: dict[tuple[str, ...], str] = {}
     # A table that a variable or an override made, where the TOML has none
@@ -465,13 +466,13 @@ def _origin(path: str, origins: Mapping[tuple[str, ...], str], default: str | No
 def _resolve_paths(config: Config, base: Path) -> Config:
     """Relative paths are relative to the file they were written in (like compose)."""
 
+    # A leading ~ is a home directory, as a shell (and compose) reads it.
     def absolute(path: Path) -> Path:
+        path = expand_home(str(path))
         return path if path.is_absolute() else (base / path).resolve()
 
     def resolved(cwd: str | None) -> str | None:
-        if cwd is None or Path(cwd).is_absolute():
-            return cwd
-        return str((base / cwd).resolve())
+        return None if cwd is None else str(absolute(Path(cwd)))
 
     def literal(path: Path) -> str:
         return str(path).replace("{", "{{").replace("}", "}}")
@@ -482,7 +483,12 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         # wherever the program ran), unless a placeholder that is a path
         # starts it; the file's directory goes in with its braces escaped,
         # since they are part of a name, not placeholders.
-        if cwd is None or Path(cwd).is_absolute() or cwd.startswith(_ABSOLUTE_PLACEHOLDERS):
+        if cwd is None or cwd.startswith(_ABSOLUTE_PLACEHOLDERS):
+            return cwd
+        if cwd.startswith("~"):
+            head, sep, rest = cwd.partition("/")
+            return f"{literal(expand_home(head))}{sep}{rest}"
+        if Path(cwd).is_absolute():
             return cwd
         if "{" not in cwd:
             return literal((base / cwd).resolve())

@@ -117,11 +117,23 @@ def _docker_memory(_: object, attribute: Attribute[Any], value: int | None) -> N
         raise FieldError(attribute.name, problem)
 
 
-def _path(_: object, attribute: Attribute[Any], value: str | None) -> None:
+def _path(_: object, attribute: Attribute[Any], value: str | Path | None) -> None:
     # "" is the configuration file's directory once resolved: a key set empty
     # (meant as unset) would run the command there without a word.
-    if value is not None and not value.strip():
+    if value is None:
+        return
+    if not str(value).strip():
         raise FieldError(attribute.name, f"expected a path, got {value!r}")
+    _home(attribute, str(value))
+
+
+def _home(attribute: Attribute[Any], path: str) -> None:
+    """Refuse a path under a home directory that cannot be found, naming it
+    (made absolute once loaded: see loading._resolve_paths)."""
+    try:
+        expand_home(path)
+    except ValueError as exc:
+        raise FieldError(attribute.name, str(exc)) from None
 
 
 def _env(_: object, attribute: Attribute[Any], value: dict[str, str]) -> None:
@@ -199,10 +211,7 @@ def _volumes(_: object, attribute: Attribute[Any], value: tuple[str, ...]) -> No
                 f"{volume!r} is not a volume: expected 'SOURCE:/container/path' or "
                 "'SOURCE:/container/path:ro' (SOURCE a host path or a volume name)",
             )
-        try:
-            expand_home(source)  # made absolute once loaded: see loading._resolve_paths
-        except ValueError as exc:
-            raise FieldError(attribute.name, str(exc)) from None
+        _home(attribute, source)
 
 
 def _gpu_ids(_: object, attribute: Attribute[Any], value: tuple[int, ...] | None) -> None:
@@ -519,7 +528,7 @@ class InfraSettings:
     """
 
     backend: str = field(default="local", validator=_name)
-    state_dir: Path = Path(".dspy-infra")
+    state_dir: Path = field(default=Path(".dspy-infra"), validator=_path)
     project: str = field(default="dspy-infra", validator=_name)
     autostart: bool = True
     max_concurrent_starts: int = field(default=5, validator=_at_least_one)
@@ -535,7 +544,7 @@ class InfraSettings:
     gpus: tuple[int, ...] | None = field(default=None, validator=_gpu_ids)
     start_needed_services: bool = True
     worker_threads: int = field(default=16, validator=_at_least_one)
-    compose: Path | None = None
+    compose: Path | None = field(default=None, validator=_path)
     keep_finished: float | None = field(default=None, validator=_positive)
 
 
