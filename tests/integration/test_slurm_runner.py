@@ -42,7 +42,13 @@ from dspy_infra.runners.slurm.cli import Pacer, SlurmCli, classify
 from dspy_infra.runners.slurm.files import JobOutput
 from dspy_infra.runners.slurm.poller import MIN_INTERVAL, JobInfo, parse_sacct, parse_squeue
 from dspy_infra.runners.slurm.runner import _result
-from dspy_infra.runners.slurm.script import JobOptions, TaskPaths, array_ranges, task_script
+from dspy_infra.runners.slurm.script import (
+    JobOptions,
+    TaskPaths,
+    array_ranges,
+    owner_name,
+    task_script,
+)
 from dspy_infra.scheduling.tasks import TaskHandle, TaskState
 
 pytestmark = pytest.mark.anyio
@@ -57,7 +63,16 @@ with open(payload["log"], "a") as f:
 time.sleep(payload["seconds"])
 print(json.dumps({"slept": payload["seconds"]}))
 """
-ACTIVE = ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "REQUEUED")
+# In the queue, and running or able to run (a held SPECIAL_EXIT job runs again if released).
+ACTIVE = (
+    "PENDING",
+    "RUNNING",
+    "COMPLETING",
+    "CONFIGURING",
+    "SUSPENDED",
+    "REQUEUED",
+    "SPECIAL_EXIT",
+)
 
 
 def handlers(directory: Path) -> dict[str, Any]:
@@ -220,6 +235,8 @@ async def test_cancel_removes_the_job(
         (["scancel", "{}"], "was cancelled from outside"),
         # The shortest limit sbatch takes is a minute; scontrol takes seconds.
         (["scontrol", "update", "TimeLimit=0:01", "JobId={}"], "reached its time limit"),
+        # Ended and held in the queue: released, it would run the task again.
+        (["scontrol", "requeuehold", "State=SpecialExit", "{}"], "was requeued and held"),
     ],
 )
 async def test_a_job_ended_by_slurm_says_why(
@@ -234,6 +251,7 @@ async def test_a_job_ended_by_slurm_says_why(
         await handle.result()
     assert f"Slurm job {job_id} {words}" in caught.value.error
     assert "signal" not in caught.value.error
+    assert await active(runner, handle.task_id) == []
 
 
 async def test_a_timeout_stops_the_job(
@@ -672,6 +690,28 @@ async def test_after_a_crash_a_busy_controller_does_not_lose_the_running_jobs(
     assert not busy.exists(), "the controller was busy"
 
 
+async def test_after_a_crash_a_job_slurm_held_as_it_ended_is_cancelled_and_its_task_runs_again(
+    slurm: str, tmp_path: Path
+) -> None:
+    settings, state_dir, logs, payloads = await an_owner_killed(tmp_path, 1, started=1)
+    name = owner_name("dspy-infra", state_dir, str(os.getuid()))
+    job_id = (await command("squeue", "--noheader", f"--name={name}", "--format=%i")).strip()
+    await command("scontrol", "requeuehold", "State=SpecialExit", job_id)
+    with anyio.fail_after(30):  # held once its run has ended
+        while "SPECIAL_EXIT" not in await command("squeue", "-h", f"--jobs={job_id}", "-o%T"):
+            await anyio.sleep(0.1)
+    async with AgentInfra.start(settings, state_dir=state_dir) as infra:
+        runner = SlurmRunner.of_instance(infra.instance_id)
+        assert runner is not None
+        handle = await infra.submit_task(
+            "sleep", payloads[0], task_class="s", task_id="survivor0", max_attempts=2
+        )
+        with anyio.fail_after(60):
+            assert await handle.result() == {"slept": 4}
+        assert await anyio.Path(logs[0]).read_text() == "started\nstarted\n"
+        assert await active(runner, "survivor0") == [], "held, it would run again if released"
+
+
 async def an_owner_killed(
     tmp_path: Path, count: int, *, started: int
 ) -> tuple[dict[str, Any], Path, list[Path], list[dict[str, Any]]]:
@@ -817,6 +857,59 @@ def test_squeue_and_sacct_lines_are_read() -> None:
     assert done["12_3"].state == "CANCELLED"
     assert done["12_3"].exit_status == 15
     assert done["14"].exit_status == 3 << 8
+
+
+# Every state squeue or sacct reports a job in once it will do nothing more.
+ENDS = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "DEADLINE",
+    "REVOKED",
+    "BOOT_FAIL",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+)
+NOT_ENDS = (
+    "PENDING",
+    "RUNNING",
+    "COMPLETING",
+    "CONFIGURING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "RESV_DEL_HOLD",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+    "SUSPENDED",
+)
+
+
+@pytest.mark.parametrize("state", [*ENDS, "CANCELLED by 0", *NOT_ENDS])
+def test_every_state_that_ends_a_job_is_read_as_its_end(state: str) -> None:
+    ends = state.split(maxsplit=1)[0] in ENDS
+    assert parse_squeue(f"12_3|{state}|0|abc|None\n")["12_3"].final is ends
+    assert parse_sacct(f"12_3|{state}|0:0\n")["12_3"].final is ends
+
+
+@pytest.mark.parametrize("state", sorted({*ENDS} - {"COMPLETED", "FAILED"}))
+def test_a_job_slurm_ended_says_why_not_the_signal_its_command_died_of(
+    tmp_path: Path, state: str
+) -> None:
+    info = JobInfo(job_id="7", state=state, exit_status=None, reason="None")
+    output = JobOutput(code=143, raw=None, stdout=Tail(1, 10), stderr=Tail(1, 10), slurm=())
+    files = AttemptFiles(
+        work_dir=tmp_path, payload_file=tmp_path / "p", result_file=tmp_path / "r", values={}
+    )
+    with pytest.raises(RunFailed) as caught:
+        _result(info, output, files, packed=False, limit=100)
+    assert "signal" not in str(caught.value)
+    assert "record an exit code" not in str(caught.value)  # said why, not just the state
 
 
 def test_slurm_errors_are_sorted_by_what_to_do_about_them() -> None:

@@ -36,6 +36,7 @@ from dspy_infra.runners.slurm.cli import SlurmCli, SlurmError
 __all__ = [
     "FINAL_STATES",
     "GONE",
+    "HELD_STATES",
     "MAX_INTERVAL",
     "MIN_INTERVAL",
     "JobInfo",
@@ -55,8 +56,12 @@ _ERROR_INTERVAL = 10.0
 _RETRY = Backoff(initial=2 * MIN_INTERVAL, max=_ERROR_INTERVAL, jitter=0.0)
 _DUTY = 10.0
 GONE = "GONE"
-# States after which the job does nothing more (squeue's long names).
-FINAL_STATES = frozenset(
+# Ended, but kept in the queue, held: released (scontrol release), the job
+# would run its tasks again. SPECIAL_EXIT: scontrol requeuehold
+# State=SpecialExit, or the cluster's epilog on a chosen exit code.
+HELD_STATES = frozenset({"SPECIAL_EXIT"})
+# States after which the job does nothing more (squeue's long names), on its own.
+FINAL_STATES = HELD_STATES | frozenset(
     {
         "BOOT_FAIL",
         "CANCELLED",
@@ -91,6 +96,11 @@ class JobInfo:
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATES
+
+    @property
+    def held(self) -> bool:
+        """It has ended, but waits in the queue to run again: it must be cancelled."""
+        return self.state in HELD_STATES
 
     @property
     def running(self) -> bool:

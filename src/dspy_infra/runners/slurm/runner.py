@@ -60,7 +60,9 @@ _LAUNCH_FAILED = "JobLaunchFailure"
 _ENDED = frozenset({"COMPLETED", "FAILED"})
 # Ends that Slurm brings about itself: a command that recorded how it died
 # of them was killed by Slurm, which says better why.
-_ENDED_BY_SLURM = frozenset({"TIMEOUT", "CANCELLED", "OUT_OF_MEMORY"})
+_ENDED_BY_SLURM = frozenset(
+    {"TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+)
 # After SIGKILL, how long a job may take to leave the running states.
 _STOP_WAIT = 30.0
 # How long close() waits for submissions in flight and the cancelling of
@@ -199,7 +201,9 @@ class SlurmRunner:
                 if request.job_id is not None:
                     poller.forget(request.job_id)
                     submitter.release(request)
-            if info.state == GONE and output.code is None:
+            if request.final is None and (
+                info.held or (info.state == GONE and output.code is None)
+            ):
                 await self._cancel_gone(info.job_id)
             cluster_fault = info.state in _CLUSTER_FAULTS and (
                 output.code is None or _killed_by_slurm(output.code, packed=request.packed)
@@ -340,8 +344,8 @@ class SlurmRunner:
             log.warning("cannot stop Slurm job %s: %s", job_id, exc)
 
     async def _cancel_gone(self, job_id: str) -> None:
-        """A job judged gone that left no exit code may yet run, unseen: it must not outlive
-        its attempt."""
+        """A job judged gone that left no exit code may yet run, unseen, and a held one
+        (SPECIAL_EXIT) would run again if released: neither may outlive its attempt."""
         cli = self._cli
         assert cli is not None
         try:
@@ -395,7 +399,8 @@ class SlurmRunner:
                     None if i and not i.final else exit_code(r.entry.paths) for r, i in candidates
                 ]
             )
-            unwanted: set[str] = set()
+            # Held as they ended: what they ran is read below, as for any end.
+            unwanted = {i.job_id for _, i in candidates if i is not None and i.held}
             for (request, info), code in zip(candidates, codes, strict=True):
                 task_id = request.entry.task_id
                 if info is not None and not info.final:
@@ -413,7 +418,11 @@ class SlurmRunner:
                     request.stopping = True
                     submitter.release(request)
             self._done_recovering()  # sorted: what is left cannot be undone by doing it again
-            strays = [j.job_id for j in jobs.values() if not j.final and j.job_id not in explained]
+            strays = [
+                j.job_id
+                for j in jobs.values()
+                if (j.held or not j.final) and j.job_id not in explained
+            ]
             if self._orphans:
                 log.info("found %d Slurm job(s) of a previous run to re-attach", len(self._orphans))
         # Out of the lock: the attempts waiting for the search need not wait
@@ -425,7 +434,8 @@ class SlurmRunner:
         assert cli is not None
         if unwanted:
             log.warning(
-                "cancelling %d Slurm job(s) of a previous run whose tasks had no attempt left: %s",
+                "cancelling %d Slurm job(s) of a previous run that no task will take over "
+                "(their tasks had no attempt left, or Slurm held them as they ended): %s",
                 len(unwanted),
                 ", ".join(unwanted),
             )
@@ -556,6 +566,12 @@ _WHY = {
     "TIMEOUT": "reached its time limit (time_limit, or the partition's)",
     "CANCELLED": "was cancelled from outside (scancel, or an administrator)",
     "OUT_OF_MEMORY": "ran out of memory (memory_mb)",
+    "DEADLINE": "reached its deadline (sbatch --deadline, or scontrol's)",
+    "REVOKED": "was revoked: the federation ran it on another cluster",
+    "SPECIAL_EXIT": (
+        "was requeued and held (SPECIAL_EXIT: scontrol requeuehold, or the cluster's "
+        "epilog); it is cancelled rather than left to run again if released"
+    ),
     GONE: (
         "left the queue without recording an exit code (it had ended longer ago than "
         "the cluster's MinJobAge, and accounting is off)"
