@@ -46,7 +46,7 @@ from dspy_infra.runners.slurm.script import (
     JobOptions,
     TaskPaths,
     array_ranges,
-    owner_name,
+    owner_names,
     task_script,
 )
 from dspy_infra.scheduling.tasks import TaskHandle, TaskState
@@ -636,9 +636,20 @@ async def test_a_job_missing_from_squeue_is_believed_gone_only_twice_and_then_ca
 
 
 OWNER = """
-import json, sys
+import json, os, sys
 import anyio
 from dspy_infra import AgentInfra
+
+if os.environ.get("OWNER_OF_AN_EARLIER_VERSION"):
+    # It named its jobs after the state dir's path as given, not its real path.
+    import hashlib
+    from dspy_infra.runners.slurm import runner
+
+    def named_as_before(project, state_dir, user):
+        digest = hashlib.sha256(f"{user}\\0{state_dir.absolute()}".encode()).hexdigest()[:10]
+        return [f"dspy-infra.{project}.{digest}"]
+
+    runner.owner_names = named_as_before
 
 state_dir, config, payloads = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 max_attempts = int(sys.argv[4]) if len(sys.argv) > 4 else 2
@@ -665,6 +676,23 @@ async def test_after_a_crash_the_next_owner_re_attaches_the_running_jobs(
         for handle in handles:
             assert (await handle.wait()).attempts == 2  # the crash used one up, the job did not
     assert not list((state_dir / "slurm").glob("*.json")), "the batch's files are gone"
+
+
+@pytest.mark.parametrize("earlier_version", [False, True])
+async def test_after_a_crash_the_jobs_are_found_whatever_path_led_to_the_state_dir(
+    slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, earlier_version: bool
+) -> None:
+    # The owner reached the state dir through a symlink; the next one, by its
+    # real path. An owner of an earlier version named its jobs after the path
+    # as given: the next one, on the same path, finds them all the same.
+    real, link = tmp_path / "state", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real)
+    if earlier_version:
+        monkeypatch.setenv("OWNER_OF_AN_EARLIER_VERSION", "1")
+    settings, _, logs, payloads = await an_owner_killed(tmp_path, 2, started=2, state_dir=link)
+    async with AgentInfra.start(settings, state_dir=link if earlier_version else real) as infra:
+        await resubmitted_and_reattached(infra, payloads, logs)
 
 
 async def test_after_a_crash_a_busy_controller_does_not_lose_the_running_jobs(
@@ -694,7 +722,7 @@ async def test_after_a_crash_a_job_slurm_held_as_it_ended_is_cancelled_and_its_t
     slurm: str, tmp_path: Path
 ) -> None:
     settings, state_dir, logs, payloads = await an_owner_killed(tmp_path, 1, started=1)
-    name = owner_name("dspy-infra", state_dir, str(os.getuid()))
+    (name, *_) = owner_names("dspy-infra", state_dir, str(os.getuid()))
     job_id = (await command("squeue", "--noheader", f"--name={name}", "--format=%i")).strip()
     await command("scontrol", "requeuehold", "State=SpecialExit", job_id)
     with anyio.fail_after(30):  # held once its run has ended
@@ -713,12 +741,12 @@ async def test_after_a_crash_a_job_slurm_held_as_it_ended_is_cancelled_and_its_t
 
 
 async def an_owner_killed(
-    tmp_path: Path, count: int, *, started: int
+    tmp_path: Path, count: int, *, started: int, state_dir: Path | None = None
 ) -> tuple[dict[str, Any], Path, list[Path], list[dict[str, Any]]]:
     """An owner (a process of its own) of ``count`` tasks of 4 s, SIGKILLed once
     ``started`` of them began: its settings, state dir, the tasks' logs and payloads."""
     settings = config(tmp_path / "handlers")
-    state_dir = tmp_path / "state"
+    state_dir = state_dir or tmp_path / "state"
     logs = [tmp_path / f"log{i}" for i in range(count)]
     payloads = [{"log": str(log), "seconds": 4} for log in logs]
     script = tmp_path / "owner.py"

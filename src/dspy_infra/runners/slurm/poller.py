@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import anyio
@@ -142,8 +142,11 @@ def parse_sacct(text: str) -> dict[str, JobInfo]:
     return jobs
 
 
-async def list_jobs(cli: SlurmCli, name: str, *, retry: bool = False) -> dict[str, JobInfo]:
-    """All jobs of this owner that the controller still holds, by job id.
+async def list_jobs(
+    cli: SlurmCli, names: Iterable[str], *, retry: bool = False
+) -> dict[str, JobInfo]:
+    """All jobs of this owner (carrying one of its ``names``) that the controller still holds,
+    by job id.
 
     ``retry``: ask a busy (or restarting) controller again, as :meth:`SlurmCli.call`
     does; the poller does not, it asks again at its next cycle anyway.
@@ -153,7 +156,7 @@ async def list_jobs(cli: SlurmCli, name: str, *, retry: bool = False) -> dict[st
         "--noheader",
         "--array",
         "--states=all",
-        f"--name={name}",
+        f"--name={','.join(names)}",
         f"--user={os.getuid()}",
         f"--Format={_FORMAT}",
     ]
@@ -188,9 +191,9 @@ def _existing(paths: list[Path]) -> set[Path]:
 class Poller:
     """Follows this owner's jobs for the runner's attempts: :meth:`final` waits for one to end."""
 
-    def __init__(self, cli: SlurmCli, name: str):
+    def __init__(self, cli: SlurmCli, names: Sequence[str]):
         self._cli = cli
-        self._name = name
+        self._names = names
         self._watches: dict[str, _Watch] = {}
         self._files: set[_FileWatch] = set()
         self._latest: dict[str, JobInfo] = {}
@@ -277,7 +280,7 @@ class Poller:
         # from it: one submitted meanwhile may be younger than the listing.
         asked = {*self._watches, *(watch.job_id for watch in self._files)}
         try:
-            jobs = await list_jobs(self._cli, self._name)
+            jobs = await list_jobs(self._cli, self._names)
         except SlurmError as exc:
             self._failures += 1
             if self._failures in (1, 10) or self._failures % 100 == 0:

@@ -43,7 +43,7 @@ from dspy_infra.runners.slurm.files import (
     request_cancel,
 )
 from dspy_infra.runners.slurm.poller import GONE, JobInfo, Poller, list_jobs
-from dspy_infra.runners.slurm.script import JobOptions, owner_name, task_script
+from dspy_infra.runners.slurm.script import JobOptions, owner_names, task_script
 from dspy_infra.runners.slurm.submit import Batch, Request, Submitter
 
 __all__ = ["SlurmRunner"]
@@ -82,6 +82,7 @@ class SlurmRunner:
         self._submitter: Submitter | None = None
         self._group: TaskGroup | None = None
         self._name = ""
+        self._names: list[str] = []  # of its jobs, and of an earlier version's
         self._manifests: list[Manifest] = []
         self._orphans: dict[str, Request] = {}
         self._recovering = anyio.Lock()
@@ -123,9 +124,12 @@ class SlurmRunner:
     async def open(self, context: RunnerContext) -> list[str]:
         directory = (context.state_dir / "slurm").absolute()
 
-        def look() -> tuple[list[str], list[Manifest]]:
+        def look() -> tuple[list[str], list[Manifest], list[str]]:
             missing = SlurmCli.missing()
-            return missing, ([] if missing else read_manifests(directory))
+            if missing:
+                return missing, [], []
+            names = owner_names(context.project, context.state_dir, str(os.getuid()))
+            return missing, read_manifests(directory), names
 
         if "\\" in str(directory):
             # slurmd drops a backslash from --output (and stops expanding %
@@ -134,7 +138,7 @@ class SlurmRunner:
                 f"the slurm runner cannot use a state_dir with a backslash in it "
                 f"({str(context.state_dir)!r}): Slurm reads the log paths under it wrongly"
             )
-        missing, manifests = await anyio.to_thread.run_sync(look)
+        missing, manifests, names = await anyio.to_thread.run_sync(look)
         if missing:
             raise BackendUnavailable(
                 f"the slurm runner needs the Slurm commands on PATH; missing: {', '.join(missing)} "
@@ -142,16 +146,16 @@ class SlurmRunner:
                 "apt-get install slurm-client)"
             )
         cli = SlurmCli()
-        name = owner_name(context.project, context.state_dir, str(os.getuid()))
+        name = names[0]
         # Entered here and left in close(), by the same task (the scheduler's):
         # the poller and the submissions live in it.
         group = anyio.create_task_group()
         await group.__aenter__()
-        poller = Poller(cli, name)
+        poller = Poller(cli, names)
         group.start_soon(self._poll, poller)
         self._context, self._cli, self._poller, self._group = context, cli, poller, group
         self._submitter = Submitter(cli, directory, name, group)
-        self._name = name
+        self._name, self._names = name, names
         # Jobs of a previous owner are looked for when they matter: at once
         # if some ran the last attempt of their task (marked lost, it will
         # never take its job over), else at the first attempt, or at close.
@@ -159,7 +163,7 @@ class SlurmRunner:
         self._manifests = manifests
         self._recovered = not manifests
         self._open[context.instance_id] = self
-        if any(e.last for m in manifests if m.name == name for e in m.entries):
+        if any(e.last for m in manifests if m.name in names for e in m.entries):
             group.start_soon(self._recover)
         return []
 
@@ -375,12 +379,12 @@ class SlurmRunner:
             manifests = self._manifests  # kept until done: a cancelled search starts over
             try:
                 # Once only: a refusal the poller would shrug off loses the jobs here.
-                jobs = await list_jobs(cli, self._name, retry=True)
+                jobs = await list_jobs(cli, self._names, retry=True)
             except SlurmError as exc:
                 log.warning("cannot look for the Slurm jobs of a previous run: %s", exc)
                 self._done_recovering()
                 return
-            ours = [m for m in manifests if m.name == self._name]
+            ours = [m for m in manifests if m.name in self._names]
             candidates: list[tuple[Request, JobInfo | None]] = []
             explained: set[str] = set()
             for manifest in ours:

@@ -1,7 +1,7 @@
 """What is handed to ``sbatch``: the job's options, its scripts, and the names that find it again.
 
 Every job of one owner (one state dir, one user) carries the same job name,
-:func:`owner_name`, so that one ``squeue --name`` lists them all, and a
+:func:`owner_names`, so that one ``squeue --name`` lists them all, and a
 comment that says what it runs: ``BATCH/TASK_ID/ATTEMPT`` for a job of one
 task, ``BATCH`` for a job array, whose tasks are listed by array index in the
 batch's manifest under the state dir. After a crash the next owner on the
@@ -33,15 +33,28 @@ __all__ = [
     "TaskPaths",
     "array_ranges",
     "batch_script",
-    "owner_name",
+    "owner_names",
     "sbatch_argv",
     "task_script",
 ]
 
 
-def owner_name(project: str, state_dir: Path, user: str) -> str:
-    """The job name of every job of this owner: the project and a digest of the state dir."""
-    digest = hashlib.sha256(f"{user}\0{state_dir.absolute()}".encode()).hexdigest()[:10]
+def owner_names(project: str, state_dir: Path, user: str) -> list[str]:
+    """The job names of this owner's jobs (the project and a digest of the state dir): first
+    the one its jobs carry, then the one earlier versions gave them, where it differs.
+
+    The digest is of the state dir's real path, so that an owner that reaches
+    it another way (through a symlink, with ``..``) after a crash still finds
+    the jobs. Earlier versions took the path as given: their jobs are found
+    by an owner on that same path. Blocking: it resolves the path.
+    """
+    names = [_owner_name(project, state_dir.resolve(), user)]
+    earlier = _owner_name(project, state_dir.absolute(), user)
+    return names if earlier in names else [*names, earlier]
+
+
+def _owner_name(project: str, path: Path, user: str) -> str:
+    digest = hashlib.sha256(f"{user}\0{path}".encode()).hexdigest()[:10]
     return f"dspy-infra.{project}.{digest}"
 
 

@@ -265,7 +265,7 @@ class Submitter:
             # The batch's comment is its own: a job that carries it is the one
             # sbatch submitted before its answer was lost (the indices are
             # those of that try: make_argv has not run since).
-            jobs = await list_jobs(self._cli, self._name)
+            jobs = await list_jobs(self._cli, [self._name])
             found = [j.job_id for j in jobs.values() if j.comment == comment]
             if not found:
                 return None
