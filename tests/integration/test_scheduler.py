@@ -1645,6 +1645,34 @@ async def test_a_handler_that_escapes_its_attempt_fails_alone(tmp_path: Path) ->
         assert await (await infra.submit_task("echo", 2)).result() == 2
 
 
+class _Abort(BaseException):
+    """Not an Exception, as pytest's own outcomes (pytest.fail, pytest.skip) are not."""
+
+
+async def test_a_handler_raising_a_base_exception_fails_its_task_alone(tmp_path: Path) -> None:
+    # It used to stop the instance with the attempt given back, so that every
+    # later instance on the state_dir ran it again and stopped too.
+    async def aborts(payload: Any) -> None:
+        raise _Abort("given up")
+
+    def aborts_in_a_thread(payload: Any) -> None:
+        raise _Abort("given up in a thread")
+
+    handlers = {"aborts": aborts, "thread": aborts_in_a_thread, "echo": echo}
+    async with start(tmp_path, handlers, classes={"cpu_short": {"max_attempts": 2}}) as infra:
+        for handler, error in [
+            ("aborts", "_Abort: given up"),
+            ("thread", "_Abort: given up in a thread"),
+        ]:
+            status = await (await infra.submit_task(handler, None)).wait()
+            assert status.state is TaskState.FAILED, handler
+            assert status.attempts == 2  # each attempt failed, and was retried
+            assert status.error == error
+        assert await (await infra.submit_task("echo", 1)).result() == 1  # still serving
+    async with start(tmp_path, handlers) as infra:  # nothing left to run again
+        assert await (await infra.submit_task("echo", 2)).result() == 2
+
+
 async def test_a_handler_name_that_utf8_cannot_encode_is_refused(tmp_path: Path) -> None:
     name = "echo-\udc80"
     async with start(tmp_path, {name: echo, "echo": echo}) as infra:

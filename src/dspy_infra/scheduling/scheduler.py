@@ -185,12 +185,15 @@ def _describe(exc: BaseException) -> str:
     from bytes decoded with ``surrogateescape``), which SQLite refuses; either
     used to fail the store, and with it the instance, on every restart.
     """
-    try:
-        text = str(exc)
-    except Exception as error:  # noqa: BLE001 - the task's own failure to describe itself
-        text = f"<str() of it raised {type(error).__name__}>"
-    if not (isinstance(exc, Exception) and type(exc).__module__.startswith("dspy_infra")):
-        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if isinstance(exc, SystemExit):  # a sync handler's sys.exit()
+        text = f"it called sys.exit({exc.code!r})"
+    else:
+        try:
+            text = str(exc)
+        except Exception as error:  # noqa: BLE001 - the task's own failure to describe itself
+            text = f"<str() of it raised {type(error).__name__}>"
+        if not (isinstance(exc, Exception) and type(exc).__module__.startswith("dspy_infra")):
+            text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     if not text.isascii():
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     if len(text) > _MAX_ERROR:
@@ -1217,13 +1220,6 @@ class LocalScheduler:
         outcome: tuple[TaskState, str | None, str | None]
         try:
             value = await cls.runner.run(run)
-        except Exception as exc:  # any failure of the work fails the attempt
-            if _cancelling() and not scope.cancel_called:
-                # The scheduler is closing, and the handler let its interruption
-                # out as an error of its own (grpclib does): interrupted all the
-                # same, so its attempt is given back, not counted as a failure.
-                raise anyio.get_cancelled_exc_class()() from exc
-            outcome = (TaskState.FAILED, None, _describe(exc))
         except anyio.get_cancelled_exc_class() as exc:
             if scope.cancel_called or _cancelling():
                 raise
@@ -1231,8 +1227,20 @@ class LocalScheduler:
             # let out the cancellation of something it awaited. Its failure;
             # raised on, it would stop the instance, and every later one.
             outcome = (TaskState.FAILED, None, _describe(exc))
-        except SystemExit as exc:  # a sync handler's sys.exit(): its failure too
-            outcome = (TaskState.FAILED, None, f"it called sys.exit({exc.code!r})")
+        except KeyboardInterrupt:
+            # Ctrl-C landing in the handler's code stops the program, as asyncio
+            # has it; the attempt is given back, as at any close.
+            raise
+        except BaseException as exc:  # any other failure of the work fails the attempt
+            # A BaseException of the handler's (sys.exit(), pytest.fail(), its
+            # own) too: raised on, it would stop the instance with the attempt
+            # given back, and so every later instance on the state_dir.
+            if _cancelling() and not scope.cancel_called:
+                # The scheduler is closing, and the handler let its interruption
+                # out as an error of its own (grpclib does): interrupted all the
+                # same, so its attempt is given back, not counted as a failure.
+                raise anyio.get_cancelled_exc_class()() from exc
+            outcome = (TaskState.FAILED, None, _describe(exc))
         else:
             outcome = self._result(value)
         record.scope = None
