@@ -1259,6 +1259,43 @@ async def test_a_cancel_of_a_task_whose_submit_fails_to_commit_is_told(tmp_path:
     assert "doomed" not in rows(tmp_path)
 
 
+async def test_a_waiter_is_not_told_a_final_state_whose_commit_failed(tmp_path: Path) -> None:
+    gates = Gates()
+    outcome: list[object] = []
+
+    async def wait_for(handle: TaskHandle) -> None:
+        try:
+            outcome.append(await handle.result())
+        except InfraError as exc:
+            outcome.append(exc)
+
+    # The waiter's task group is entered first: it outlives the instance.
+    async with anyio.create_task_group() as tg:
+        with pytest.raises(ExceptionGroup) as stopped:  # noqa: PT012
+            async with start(tmp_path, {"gate": gates.handler}) as infra:
+                handle = await infra.submit_task("gate", {"key": "k"}, task_id="t")
+                await gates.wait_started("k")
+                tg.start_soon(wait_for, handle)
+                with closing(sqlite3.connect(tmp_path / "state" / "tasks.db")) as db:
+                    db.execute(
+                        "CREATE TRIGGER refuse BEFORE UPDATE OF state ON tasks "
+                        "WHEN NEW.state = 'succeeded' BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+                    )
+                    db.commit()
+                gates.open("k")
+                await anyio.sleep_forever()
+    assert stopped.group_contains(StoreFailed, match="disk full")
+    # Its end is not in the store: the next instance finds it running (and,
+    # with no attempt left, lost); its waiter must not have been told it succeeded.
+    assert rows(tmp_path)["t"] == ("running", 1)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], InfraClosed), outcome
+    assert "the end of task 't' (succeeded) could not be stored" in str(outcome[0])
+    assert "disk full" in str(outcome[0])
+    with anyio.fail_after(5), pytest.raises(InfraClosed, match="could not be stored"):
+        await handle.result()  # asked after the instance stopped: told so too
+
+
 async def test_tasks_of_a_class_no_longer_configured_end_lost(tmp_path: Path) -> None:
     gates = Gates()
     classes = {"gone": {"max_concurrency": 1}}

@@ -579,9 +579,10 @@ class LocalScheduler:
                 self._journal.hurry()
             else:
                 self._check_open()
-            if record.waiters is None:
-                record.waiters = anyio.Event()
-            await record.waiters.wait()
+            if self._open:  # closing, its waiters may have been released already: see below
+                if record.waiters is None:
+                    record.waiters = anyio.Event()
+                await record.waiters.wait()
             if not record.state.finished:
                 if self._live.get(task_id) is not record:  # let go by its failed submit
                     raise InfraClosed(
@@ -592,7 +593,21 @@ class LocalScheduler:
                     f"the instance closed before task {task_id!r} finished; it is still in "
                     "the store and runs when an instance opens on the same state_dir"
                 )
+            if self._live.get(task_id) is record:
+                await self._uncommitted_end(record)
         return await self.status(task_id)
+
+    async def _uncommitted_end(self, record: TaskRecord) -> None:
+        """The record's final state is not committed and the instance is closing: it
+        is told only once it is, since it may never be (the failed commit that
+        stopped the instance), and then the next instance finds the task running."""
+        failure = await self._journal.ended()
+        if self._live.get(record.task_id) is record:
+            raise InfraClosed(
+                f"the end of task {record.task_id!r} ({record.state.value}) could not be "
+                f"stored: {failure}; the next instance on the same state_dir finds it "
+                "running, and runs it again if it has an attempt left (else it is lost)"
+            ) from failure
 
     async def cancel(self, task_id: str) -> TaskStatus:
         self._check_open()

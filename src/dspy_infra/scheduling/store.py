@@ -783,6 +783,12 @@ class Journal:
         if self._failure is not None:
             raise self._failure
 
+    async def ended(self) -> BaseException | None:
+        """Wait until all written is committed and the journal closed, or until it
+        stopped; what stopped it (a failed commit), or None."""
+        await self._done.wait()
+        return self._failure
+
     def close(self) -> None:
         """Let :meth:`run` return once what was written so far is committed."""
         self._closed = True
