@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import itertools
 import re
 import sqlite3
@@ -31,8 +32,10 @@ from dspy_infra.errors import (
     TaskTimedOut,
     UnknownTask,
 )
+from dspy_infra.scheduling import scheduler as scheduler_module
 from dspy_infra.scheduling import store as store_module
 from dspy_infra.scheduling.checks import MAX_JSON_DEPTH
+from dspy_infra.scheduling.records import TaskRecord
 from dspy_infra.scheduling.store import StoreFailed
 from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskHandle, TaskState
 from dspy_infra.services.status import ServiceState
@@ -880,6 +883,37 @@ async def test_queue_timeout_and_run_timeout(tmp_path: Path) -> None:
     assert "waiting" not in gates.started
     assert gates.cancelled == ["slow"]
     assert rows(tmp_path)[waiting.task_id] == ("timed_out", 0)
+
+
+async def test_tasks_that_started_within_their_queue_timeout_are_not_kept_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each used to stay in memory, with its payload and result, until its
+    # queue_timeout was over: with an hour's, an hour of a busy server's tasks.
+    # What is kept is now bounded by the tasks in flight, not by those that
+    # passed through.
+    monkeypatch.setattr(scheduler_module, "_RECENT", 50)  # finished tasks kept in memory
+    monkeypatch.setattr(scheduler_module, "_STALE_TIMERS", 100)
+    gates = Gates()
+    classes = {
+        "qt": {"queue_timeout": 3600.0},
+        "one": {"max_concurrency": 1, "queue_timeout": 1.0},
+    }
+    async with start(tmp_path, {"echo": echo, "gate": gates.handler}, classes=classes) as infra:
+        await infra.submit_task("gate", {"key": "blocker"}, task_class="one")
+        await gates.wait_started("blocker")
+        waiting = await infra.submit_task("gate", {"key": "waiting"}, task_class="one")
+        for _ in range(20):
+            handles = await infra.submit_tasks("echo", ["x" * 1000] * 100, task_class="qt")
+            async with aclosing(infra.stream_task_results([h.task_id for h in handles])) as results:
+                assert {event.state async for event in results} == {TaskState.SUCCEEDED}
+        gc.collect()
+        kept = sum(isinstance(o, TaskRecord) for o in gc.get_objects())
+        assert kept < 1000, f"{kept} of 2000 task records kept in memory"
+        # A queue timeout still due is kept.
+        with anyio.fail_after(5), pytest.raises(TaskTimedOut, match="waited more than 1 s"):
+            await waiting.result()
+        gates.open("blocker")
 
 
 async def test_the_queue_timeout_counts_from_the_submit_across_a_restart(

@@ -166,6 +166,21 @@ _Forgettable = tuple[
 # A request's checked values: its class, priority, needs, max_attempts, timeout, need.
 _Checked = tuple[_Class, int, tuple[str, ...], int, float | None, Need]
 
+# (when, monotonic; a tie-break; a retry's backoff is over or a queue_timeout is; the task)
+_Timer = tuple[float, int, Literal["retry", "expire"], TaskRecord]
+# Stale timers tolerated beyond the bound of _add_timer before a sweep.
+_STALE_TIMERS = 1024
+
+
+def _pending(timer: _Timer) -> bool:
+    """Whether the timer still concerns its task: not stale (see _add_timer)."""
+    when, _, kind, record = timer
+    if kind == "retry":  # its backoff, unless it was cancelled meanwhile
+        return record.state is TaskState.QUEUED and record.not_before is not None
+    # Its first start, unless it started (which clears the deadline) or ended meanwhile.
+    return record.deadline == when and record.attempts == 0 and not record.state.finished
+
+
 # Error messages are stored with the task: long enough for a traceback's
 # last lines, short enough that a handler raising a huge message cannot bloat
 # the store.
@@ -238,7 +253,7 @@ class LocalScheduler:
         self._checked: dict[tuple[Any, ...], _Checked] = {}
         self._recent: OrderedDict[str, TaskRecord] = OrderedDict()
         self._waiting: set[TaskRecord] = set()
-        self._timers: list[tuple[float, int, Literal["retry", "expire"], TaskRecord]] = []
+        self._timers: list[_Timer] = []
         self._timer_seq = itertools.count()
         self._seq = itertools.count(1)
         self._starting_services: set[str] = set()
@@ -923,15 +938,23 @@ class LocalScheduler:
             self._dispatch_class(cls)
 
     def _delay(self, record: TaskRecord, seconds: float) -> None:
-        heapq.heappush(
-            self._timers, (time.monotonic() + seconds, next(self._timer_seq), "retry", record)
-        )
-        if self._timer_wake is not None:
-            self._timer_wake.set()
+        self._add_timer((time.monotonic() + seconds, next(self._timer_seq), "retry", record))
 
     def _expire(self, record: TaskRecord, seconds: float) -> None:
         record.deadline = time.monotonic() + seconds
-        heapq.heappush(self._timers, (record.deadline, next(self._timer_seq), "expire", record))
+        self._add_timer((record.deadline, next(self._timer_seq), "expire", record))
+
+    def _add_timer(self, timer: _Timer) -> None:
+        timers = self._timers
+        if len(timers) > 4 * len(self._live) + _STALE_TIMERS:
+            # Most are stale: the queue timeouts of tasks that started, each
+            # holding its task (payload, result) until it was due, an hour of
+            # a busy server's tasks for an hour's queue_timeout. Dropped when
+            # they outnumber the valid ones (at most two per unfinished task)
+            # this much, so that the sweeps cost O(1) per timer.
+            timers[:] = [t for t in timers if _pending(t)]
+            heapq.heapify(timers)
+        heapq.heappush(timers, timer)
         if self._timer_wake is not None:
             self._timer_wake.set()
 
@@ -1369,12 +1392,14 @@ class LocalScheduler:
         while True:
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now:
-                _, _, kind, record = heapq.heappop(self._timers)
+                timer = heapq.heappop(self._timers)
+                if not _pending(timer):
+                    continue
+                _, _, kind, record = timer
                 if kind == "retry":
-                    if record.state is TaskState.QUEUED and record.not_before is not None:
-                        record.not_before = None
-                        self._enqueue(record)
-                elif record.deadline is not None and record.attempts == 0:
+                    record.not_before = None
+                    self._enqueue(record)
+                else:
                     self._expire_now(record)
             wait = self._timers[0][0] - time.monotonic() if self._timers else math.inf
             assert self._timer_wake is not None
