@@ -26,7 +26,7 @@ from pathlib import Path
 
 from attrs import frozen
 
-from dspy_infra.abc import RunFailed, TaskRun
+from dspy_infra.abc import TaskRun
 
 __all__ = [
     "JobOptions",
@@ -222,9 +222,6 @@ def task_script(
     command, and every tenth of a second while it runs (SIGTERM, then
     SIGKILL after ``grace``).
     """
-    for key in env:
-        if not key or "=" in key or "\0" in key:
-            raise RunFailed(f"illegal environment variable name: {key!r}")
     # A name bash cannot export (A-B) is still a name: env sets it for the command.
     exports = "\n".join(
         f"export {key}={_Q(value)}" for key, value in env.items() if _SHELL_NAME.match(key)
