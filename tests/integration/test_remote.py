@@ -31,10 +31,12 @@ from typing import Any
 from urllib.parse import unquote
 
 import anyio
+import anyio.abc
 import betterproto2
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality, Status
@@ -1864,6 +1866,77 @@ async def test_cli_serve_stopped_while_starting_stops_what_it_started(tmp_path: 
             if process.returncode is None:
                 process.kill()
     assert not group_alive(pid), "the service outlived the server that started it"
+
+
+async def test_cli_serve_stops_with_a_client_that_stopped_reading(tmp_path: Path) -> None:
+    # A client that asked for a long stream, with HTTP/2 windows as large as
+    # they go, and then stopped reading (its process stopped, its machine
+    # gone): the server's writes to it filled the socket and then waited.
+    # SIGTERM cancelled the call, whose end (its trailers) then waited for
+    # room to be written in for ever, and so did the server.
+    pid_file = tmp_path / "chatty.pid"
+    chatty = json.dumps(
+        [
+            sys.executable,
+            "-c",
+            f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+            "for _ in range(500): print('x' * 60000, flush=True)\n"
+            "time.sleep(1000)",
+        ]
+    )
+    config = tmp_path / "dspy-infra.toml"
+    config.write_text(
+        f'[infra]\nstate_dir = "{tmp_path / "state"}"\n\n[services.chatty]\ncommand = {chatty}\n'
+        '\n[server]\naddress = "127.0.0.1:0"\n'
+    )
+    async with await anyio.open_process(_serve_cli(tmp_path)) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        try:
+            with anyio.fail_after(30):
+                address = (await process.stdout.receive()).decode().split()[-1]
+            request = env_pb.StreamLogsRequest(name="chatty", follow=True)
+            async with await unread_call(address, _ENV + "StreamLogs", request):
+                await anyio.sleep(3)  # its 30 MB of lines are on their way
+                process.send_signal(signal.SIGTERM)
+                with anyio.fail_after(30):
+                    assert await process.wait() == 0
+            stderr = b"".join([chunk async for chunk in process.stderr]).decode()
+            assert "Traceback" not in stderr, stderr
+        finally:
+            if process.returncode is None:
+                process.kill()
+    assert not group_alive(int(pid_file.read_text())), "the service outlived the server"
+
+
+async def unread_call(
+    address: str, route: str, request: betterproto2.Message
+) -> anyio.abc.SocketStream:
+    """A connection on which ``route`` was called with the largest windows HTTP/2
+    allows, and from which nothing is read: the server may send all it has."""
+    host, port = parse_address(address)
+    sock = await anyio.connect_tcp(host, port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    window = 2**31 - 1
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+    conn.increment_flow_control_window(window - conn.inbound_flow_control_window)
+    stream_id = conn.get_next_available_stream_id()
+    conn.send_headers(
+        stream_id,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", route),
+            (":authority", address),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ],
+    )
+    body = bytes(request)
+    conn.send_data(stream_id, b"\0" + len(body).to_bytes(4, "big") + body, end_stream=True)
+    await sock.send(conn.data_to_send())
+    return sock
 
 
 def test_cli_serve_refuses_a_public_address_without_tls(tmp_path: Path) -> None:

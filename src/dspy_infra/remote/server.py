@@ -117,6 +117,9 @@ log = logging.getLogger("dspy_infra.remote")
 
 # How often a Watch of grpc.health.v1.Health looks at the instance again.
 HEALTH_WATCH_INTERVAL = 1.0
+# How long a shutdown waits for the calls it cancelled to end and the
+# connections to close before it drops those still open (see _Server.shut_down).
+SHUTDOWN_GRACE = 5.0
 
 # The server reads a request message this large whatever the configuration
 # (a larger max_payload_bytes raises it): a SubmitTasks batch of 64 payloads
@@ -278,10 +281,32 @@ class _Server(Server):
 
     async def shut_down(self) -> None:
         """Stop listening; cancel the calls in progress and let them end (with
-        UNAVAILABLE: see _Guard); then close every connection."""
+        UNAVAILABLE: see _Guard); then close every connection.
+
+        What is written to a client that stopped reading (its process
+        stopped, its machine gone) waits for room for ever, once the socket
+        is full: a call's last words, then the closing of its connection.
+        So the connections still open after SHUTDOWN_GRACE are dropped, as
+        gRPC's own servers drop theirs once a stop's grace has passed.
+        """
         self.close()
         for server in self._more:
             server.close()
+        # Taken now: closing a connection forgets its transport.
+        transports = [t for p in list(self._protocols) if (t := _transport(p)) is not None]
+        with anyio.move_on_after(SHUTDOWN_GRACE) as grace:
+            await self._end_calls_and_connections()
+        if grace.cancelled_caught:
+            log.warning(
+                "dropping the connections still open %g s after the shutdown began "
+                "(a client that reads nothing)",
+                SHUTDOWN_GRACE,
+            )
+            for transport in transports:
+                transport.abort()  # their calls are cancelled, and their writes end
+            await self._end_calls_and_connections()
+
+    async def _end_calls_and_connections(self) -> None:
         async with anyio.create_task_group() as group:
             for handler in self._handlers:
                 group.start_soon(handler.wait_closed)
@@ -292,6 +317,13 @@ class _Server(Server):
         await self.wait_closed()
         for server in self._more:
             await server.wait_closed()
+
+
+def _transport(protocol: H2Protocol) -> asyncio.Transport | None:
+    """The transport of a connection made (and not yet closed), else None."""
+    connection = getattr(protocol, "connection", None)
+    transport: asyncio.Transport | None = getattr(connection, "_transport", None)
+    return transport
 
 
 def _services(infra: AgentInfra, guard: _Guard) -> list[IServable]:
