@@ -491,6 +491,27 @@ def test_bad_local_input_is_exit_2_before_any_connection(
         assert message in err, (argv, err)
 
 
+def test_an_address_that_is_not_host_port_is_exit_2(tmp_path: Path) -> None:
+    # A port of digits that int() does not read ("²" is a digit to
+    # str.isdigit) was a ValueError traceback, exit 1.
+    (tmp_path / "dspy-infra.toml").write_text(f'[infra]\nstate_dir = "{tmp_path / "state"}"\n')
+    for command in ("status", "serve"):
+        for address in ("127.0.0.1:\u00b2", "127.0.0.1:99999", "127.0.0.1", "[::1]:"):
+            done = subprocess.run(
+                [sys.executable, "-m", "dspy_infra.cli", command, "--address", address],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=tmp_path,
+                env=clean_environ(),
+                check=False,
+            )
+            assert done.returncode == 2, (command, address, done.stderr)
+            assert done.stderr == (
+                f"error: expected HOST:PORT (as in {DEFAULT_ADDRESS}), got {address!r}\n"
+            )
+
+
 def test_serve_with_a_state_dir_it_cannot_create_names_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

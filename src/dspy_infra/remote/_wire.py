@@ -65,7 +65,8 @@ def token_error(token: str | None) -> str | None:
 def parse_address(address: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` into its parts; ConfigError for anything else."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    # ASCII: str.isdigit() holds for digits that int() does not read ("²").
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError(f"expected HOST:PORT (as in {DEFAULT_ADDRESS}), got {address!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
