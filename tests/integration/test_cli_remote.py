@@ -212,10 +212,12 @@ async def test_bad_input_exits_2_and_unknown_ids_exit_4(cli: Cli) -> None:
     assert set(named) <= {"cpu_long", "gpu", "gpu_slurm"}, err
     code, out, _ = await cli("submit", "hello", "--class", "cpu_long", "--wait")
     assert code == 0, out
-    for argv in (["task", "nope"], ["cancel", "nope"]):
-        code, out, err = await cli(*argv)
-        assert (code, out) == (4, "")
-        assert "error: unknown task 'nope'" in err
+    # "t\udcff": the argument t\xff, which is not UTF-8, as Python decodes it.
+    for task_id in ("nope", "t\udcff"):
+        for argv in (["task", task_id], ["cancel", task_id]):
+            code, out, err = await cli(*argv)
+            assert (code, out) == (4, "")
+            assert f"error: unknown task {task_id!r}" in err
     for argv in (["logs", "nope"], ["start", "nope"], ["start", "web", "nope"], ["stop", "nope"]):
         code, out, err = await cli(*argv)
         assert (code, out) == (4, ""), argv  # the error alone, no table of the services

@@ -558,6 +558,21 @@ async def test_results_of_tasks_finished_before_the_stream_keep_their_seq(api: A
     assert all(r.seq > 0 for r in finals)
 
 
+async def test_a_task_id_that_utf8_cannot_encode_is_unknown_alike(api: Api) -> None:
+    # A name that is not UTF-8 as Python decodes it (a command-line argument,
+    # a file name): a bare UnicodeEncodeError, from SQLite in-process and
+    # from the encoder over gRPC. No task has such an id (none is stored).
+    task_id = "t\udcff"
+    for call in (api.get_task_status, api.cancel_task):
+        with pytest.raises(UnknownTask, match=re.escape("unknown task 't\\udcff'")) as info:
+            await call(task_id)
+        assert info.value.task_id == task_id
+    with pytest.raises(UnknownTask):
+        await api.task_handle(task_id).result()
+    with pytest.raises(UnknownTask):
+        [r async for r in api.stream_task_results([task_id])]
+
+
 async def test_a_task_handle_given_for_its_id_is_refused_clearly(api: Api) -> None:
     # In-process SQLite's "Error binding parameter 1: type 'TaskHandle' is not
     # supported", remotely "'TaskHandle' object has no attribute 'encode'".

@@ -15,9 +15,9 @@ from typing import Any, cast
 
 from dspy_infra._names import one_or_many
 from dspy_infra.abc import Scheduler
-from dspy_infra.errors import InvalidTask
+from dspy_infra.errors import InvalidTask, UnknownTask
 from dspy_infra.events import check_since
-from dspy_infra.scheduling.checks import id_type_error, refused
+from dspy_infra.scheduling.checks import encodable, id_type_error, refused
 from dspy_infra.scheduling.tasks import (
     ClassStatus,
     Resources,
@@ -185,7 +185,14 @@ def _needs(needs: Any) -> tuple[str, ...]:
 
 
 def _checked(task_id: Any) -> str:
-    """``task_id``, if it is one; a handle given for it is refused, naming what to pass."""
+    """``task_id``, if it is one; a handle given for it is refused, naming what to pass.
+
+    One that UTF-8 cannot encode (an argument that is not UTF-8, as Python
+    decodes it) names no task, since none is stored so: it is unknown, where
+    the store and the wire raised a bare UnicodeEncodeError.
+    """
     if problem := id_type_error(task_id, "task_id"):
         raise InvalidTask(f"{task_id!r:.200}", problem)
+    if not encodable(task_id):
+        raise UnknownTask(task_id)
     return cast(str, task_id)

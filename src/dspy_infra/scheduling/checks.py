@@ -25,6 +25,7 @@ from dspy_infra.scheduling.tasks import Resources, TaskRequest
 __all__ = [
     "MAX_JSON_DEPTH",
     "check_ids",
+    "encodable",
     "encode_json",
     "id_type_error",
     "json_too_deep",
@@ -246,7 +247,7 @@ def shape_error(request: TaskRequest) -> str | None:
     if request.resources is not None and not isinstance(request.resources, Resources):
         return f"resources must be a Resources or None, got {request.resources!r}"
     for what in ("handler", "task_class"):
-        if not _encodable(value := getattr(request, what)):
+        if not encodable(value := getattr(request, what)):
             # A handler registered under such a name would reach the store.
             return f"{what} must be text that UTF-8 can encode, got {value!r}"
     return None
@@ -254,9 +255,7 @@ def shape_error(request: TaskRequest) -> str | None:
 
 def workflow_id_error(workflow_id: object) -> str | None:
     if workflow_id is None or (
-        isinstance(workflow_id, str)
-        and len(workflow_id) <= _MAX_TASK_ID
-        and _encodable(workflow_id)
+        isinstance(workflow_id, str) and len(workflow_id) <= _MAX_TASK_ID and encodable(workflow_id)
     ):
         return None
     return (
@@ -265,7 +264,7 @@ def workflow_id_error(workflow_id: object) -> str | None:
     )
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
     """Whether SQLite can store ``text``: UTF-8 encodes anything but lone surrogates."""
     if text.isascii():
         return True
