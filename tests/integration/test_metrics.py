@@ -270,8 +270,9 @@ def test_a_remote_address_needs_allow_remote() -> None:
     assert allowed.metrics.address == "0.0.0.0:9464"
     from_env = load_config(None, environ={"DSPY_INFRA_METRICS__ADDRESS": "[::1]:9464"})
     assert from_env.metrics.address == "[::1]:9464"
-    with pytest.raises(ConfigError, match="expected 'HOST:PORT'"):
-        load_config({"metrics": {"address": "9464"}}, environ={})
+    for address in ("9464", "127.0.0.1:²"):  # a digit to str.isdigit(), not to int()
+        with pytest.raises(ConfigError, match="expected 'HOST:PORT'"):
+            load_config({"metrics": {"address": address}}, environ={})
 
 
 def test_metrics_settings_are_documented_like_the_other_classes() -> None:

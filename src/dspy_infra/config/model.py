@@ -553,7 +553,9 @@ def split_address(address: str) -> tuple[str, int]:
     host, sep, port_text = address.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    # ASCII: str.isdigit() holds for digits that int() does not read ("²").
+    digits = port_text.isascii() and port_text.isdigit()
+    if not sep or not host or not digits or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"expected 'HOST:PORT' (port 0 to 65535; 0 picks one), got {address!r}")
     return host, int(port_text)
 
