@@ -18,7 +18,8 @@ does; other keyword arguments are config overrides. Each fixture gets its
 own state directory under pytest's ``tmp_path``. ``agent_infra_session`` is
 one instance for the whole session (it needs a session-scoped
 ``anyio_backend`` fixture in your conftest). When a test fails, the last log
-lines of every service that is not up are added to its report.
+lines of every service that is not up, in the instances it uses, are added
+to its report.
 """
 
 from __future__ import annotations
@@ -152,8 +153,17 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed:
-        instances = [*item.stash.get(_INSTANCES, []), *item.session.stash.get(_INSTANCES, [])]
-        for infra in instances:
+        for infra in _used_by(item):
             for service, lines in infra.services.troubles().items():
                 report.sections.append((f"agent_infra: service {service!r}", "\n".join(lines)))
     return report
+
+
+def _used_by(item: pytest.Item) -> list[AgentInfra]:
+    """The instances ``item`` uses: the session's only if it asked for it (directly or
+    through a fixture), or every failing test of the run would show its troubles."""
+    instances: list[AgentInfra] = item.stash.get(_INSTANCES, [])
+    if "agent_infra_session" not in getattr(item, "fixturenames", ()):
+        return [*instances]
+    session: list[AgentInfra] = item.session.stash.get(_INSTANCES, [])
+    return [*instances, *session]

@@ -276,3 +276,41 @@ health = {{ tcp = "{{port}}" }}
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_failing_test_that_does_not_use_the_session_instance_gets_none_of_its_logs(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    pytester.makefile(".toml", **{"dspy-infra": config(tmp_path, tmp_path / "flaky.pid")})
+    pytester.makeini("[pytest]\nagent_infra_config = dspy-infra.toml\n")
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        import anyio
+        import pytest
+
+        @pytest.fixture
+        def through_a_fixture(agent_infra_session):
+            return agent_infra_session
+
+        @pytest.mark.anyio
+        async def test_breaks_a_service(agent_infra_session):
+            await agent_infra_session.services.start(["flaky"])
+            with anyio.fail_after(5):
+                while (await agent_infra_session.services.status())["flaky"].state != "restarting":
+                    await anyio.sleep(0.01)
+
+        def test_unrelated():
+            raise AssertionError("unrelated failure")
+
+        def test_uses_it_through_a_fixture(through_a_fixture):
+            raise AssertionError("related failure")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rN")
+    result.assert_outcomes(passed=1, failed=2)
+    output = result.stdout.str()
+    unrelated = output.split("_ test_unrelated _")[1].split("_ test_uses_it_through_a_fixture _")[0]
+    related = output.split("_ test_uses_it_through_a_fixture _")[1]
+    assert "agent_infra: service 'flaky'" not in unrelated, unrelated
+    assert "agent_infra: service 'flaky'" in related, related
