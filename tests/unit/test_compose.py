@@ -779,6 +779,47 @@ def test_a_clean_file_gives_no_warning(tmp_path: Path) -> None:
 # --- ${VAR} ---------------------------------------------------------------------------
 
 
+def test_booleans_from_variables_are_read_as_compose_casts_them(tmp_path: Path) -> None:
+    # ${VAR} makes strings: compose casts them back where a boolean is due.
+    write(tmp_path / "extra.env", "A=1\n")
+    svc = web(
+        tmp_path,
+        """\
+        image: app
+        env_file:
+          - {path: ./missing.env, required: "${REQUIRED:-false}"}
+          - {path: ./extra.env, required: "${REQUIRED:-false}"}
+        volumes:
+          - {type: bind, source: ./data, target: /data, read_only: "${RO:-yes}"}
+          - {type: bind, source: ./logs, target: /logs, read_only: "${RW}"}
+        healthcheck:
+          test: ["CMD", "true"]
+          disable: ${NO_CHECK}
+        """,
+        RW="False",
+        NO_CHECK="OFF",
+    )
+    assert svc.env == {"A": "1"}
+    assert svc.volumes == (f"{tmp_path / 'data'}:/data:ro", f"{tmp_path / 'logs'}:/logs")
+    assert svc.health is not None
+    assert svc.health.command == ("true",)
+
+
+def test_a_boolean_that_is_none_is_refused_naming_the_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "docker-compose.yml",
+        """\
+        services:
+          web:
+            image: app
+            healthcheck: {test: ["CMD", "true"], disable: "${NO_CHECK:-maybe}"}
+        """,
+    )
+    assert str(error(path)) == (
+        f"{path}: services.web.healthcheck.disable: expected true or false, got 'maybe'"
+    )
+
+
 def test_interpolation(tmp_path: Path) -> None:
     write(tmp_path / ".env", "TAG=from-dotenv\nPORT=8080\nOVERRIDDEN=dotenv\n")
     svc = web(

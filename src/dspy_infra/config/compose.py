@@ -93,6 +93,11 @@ _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]?)(?:i?b)?", re.IGNORECASE)
 _SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 _INTEGER = re.compile(r"[0-9]+")
 _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+# The strings compose (compose-go's interpolation casts) reads as booleans.
+_BOOLEANS = {
+    **dict.fromkeys(("y", "yes", "true", "on"), True),
+    **dict.fromkeys(("n", "no", "false", "off"), False),
+}
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _EXPRESSION = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])(.*))?", re.DOTALL)
 
@@ -881,6 +886,10 @@ class _Reader:
         raise self.fail(path, f"expected a string or a number, got {value!r}")
 
     def boolean(self, value: Any, path: str) -> bool:
+        # A string too, cast as compose casts one where a boolean is due:
+        # ${VAR} makes strings of booleans.
+        if isinstance(value, str) and value.lower() in _BOOLEANS:
+            return _BOOLEANS[value.lower()]
         if not isinstance(value, bool):
             raise self.fail(path, f"expected true or false, got {value!r}")
         return value
