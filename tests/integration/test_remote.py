@@ -32,6 +32,8 @@ from urllib.parse import unquote
 
 import anyio
 import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 import betterproto2
 import h2.config
 import h2.connection
@@ -46,7 +48,7 @@ from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpclib.metadata import encode_grpc_message
 from grpclib.server import Server
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import dspy_infra
@@ -351,6 +353,10 @@ _WRONG_TYPES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "int handler": ({"handler": 5}, "handler must be a string, got 5"),
     "int service name": ({"needs": [1]}, "needs must be a list of service names, got (1,)"),
+    "service name not UTF-8": (
+        {"needs": ["\udcff"]},
+        "needs must be service names that UTF-8 can encode, got ('\\udcff',)",
+    ),
     "int workflow_id": ({"workflow_id": 5}, "workflow_id must be a string of at most 200"),
     "no task_class": ({"task_class": None}, "task_class must be a string, got None"),
 }
@@ -1082,6 +1088,74 @@ async def test_workflow_events_on_the_event_stream(api: Api) -> None:
         "succeeded",
         workflow.workflow_id,
     )
+
+
+# Every public call that takes a string, with the argument given to it: in-process
+# and remotely each must take it, or refuse it with the same InfraError. Text that
+# UTF-8 cannot encode (a lone surrogate: a command-line argument that is not
+# UTF-8, as Python decodes it) and arguments of the wrong type failed with the
+# encoder's or SQLite's own errors, on one side or both.
+_STRING_CALLS: dict[str, Callable[[Api, Any], Awaitable[object]]] = {
+    "submit_task handler": lambda api, x: api.submit_task(x, 1),
+    "submit_task task_class": lambda api, x: api.submit_task("echo", 1, task_class=x),
+    "submit_task needs": lambda api, x: api.submit_task("echo", 1, needs=x),
+    "submit_task needs list": lambda api, x: api.submit_task("echo", 1, needs=[x]),
+    "submit_task task_id": lambda api, x: api.submit_task("echo", 1, task_id=x),
+    "submit_task workflow_id": lambda api, x: api.submit_task("echo", 1, workflow_id=x),
+    "submit_tasks handler": lambda api, x: api.submit_tasks(x, [1]),
+    "submit_tasks task_class": lambda api, x: api.submit_tasks("echo", [1], task_class=x),
+    "submit_tasks needs": lambda api, x: api.submit_tasks("echo", [1], needs=[x]),
+    "submit_tasks workflow_id": lambda api, x: api.submit_tasks("echo", [1], workflow_id=x),
+    "get_task_status": lambda api, x: api.get_task_status(x),
+    "cancel_task": lambda api, x: api.cancel_task(x),
+    "task_handle": lambda api, x: api.task_handle(x).status(),
+    "stream_task_results": lambda api, x: _drained(api.stream_task_results(x)),
+    "stream_task_results list": lambda api, x: _drained(api.stream_task_results([x])),
+}
+
+
+async def _drained(stream: AsyncIterator[object]) -> list[object]:
+    async with aclosing(stream):  # type: ignore[type-var]
+        return [item async for item in stream]
+
+
+_lone_surrogates = st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF, categories=["Cs"])
+_any_text = st.text(st.characters() | _lone_surrogates, max_size=8)
+# Names that something holds (a finished task, a class, a handler, an event
+# type), and what is near them.
+_held = ["done", "one", "echo", "cpu_short", "task_completed", "", "\udcff", "done\udcff"]
+# None in these is no wrong type, but "every one": a stream that would not end.
+_NONE_FOLLOWS = {"stream_task_results"}
+_wrong_types = st.sampled_from([1, None, 2.5, True, b"web", ["done"], {"a": 1}, object()])
+
+
+async def test_any_text_or_wrong_type_for_a_string_is_refused_alike(tmp_path: Path) -> None:
+    async with make_infra(tmp_path) as infra, used(infra, "remote") as remote:
+        await (await infra.submit_task("echo", 1, task_id="done")).result()
+
+        async def outcome(api: Api, call: str, value: Any) -> str:
+            try:
+                with anyio.fail_after(10):
+                    await _STRING_CALLS[call](api, value)
+            except InfraError as exc:
+                return type(exc).__name__
+            return "ok"
+
+        async def alike(call: str, value: Any) -> None:
+            in_process = await outcome(infra, call, value)
+            assert await outcome(remote, call, value) == in_process, (call, value)
+
+        # Hypothesis runs in a thread, each example in this loop, where both sides are.
+        @settings(max_examples=300, deadline=None, database=None)
+        @given(
+            call=st.sampled_from(list(_STRING_CALLS)),
+            value=st.sampled_from(_held) | _any_text | _wrong_types,
+        )
+        def every_call(call: str, value: Any) -> None:
+            assume(value is not None or call not in _NONE_FOLLOWS)
+            anyio.from_thread.run(alike, call, value)
+
+        await anyio.to_thread.run_sync(every_call)
 
 
 # -- the remote side's own concerns ----------------------------------------------

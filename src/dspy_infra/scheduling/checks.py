@@ -246,10 +246,18 @@ def shape_error(request: TaskRequest) -> str | None:
         return f"needs must be a list of service names, got {needs!r}"
     if request.resources is not None and not isinstance(request.resources, Resources):
         return f"resources must be a Resources or None, got {request.resources!r}"
+    return _text_error(request)
+
+
+def _text_error(request: TaskRequest) -> str | None:
+    """Text of the right type that neither the store nor the wire can hold."""
     for what in ("handler", "task_class"):
         if not encodable(value := getattr(request, what)):
             # A handler registered under such a name would reach the store.
             return f"{what} must be text that UTF-8 can encode, got {value!r}"
+    if not all(map(encodable, request.needs)):
+        # No service is named so (a configuration is UTF-8).
+        return f"needs must be service names that UTF-8 can encode, got {request.needs!r}"
     return None
 
 
