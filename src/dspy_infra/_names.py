@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["one_or_many"]
+__all__ = ["given_names", "one_or_many"]
 
 
 def one_or_many(names: Any) -> Any:
@@ -15,3 +16,12 @@ def one_or_many(names: Any) -> Any:
     Anything else is returned as it is, for the caller's checks to judge.
     """
     return (names,) if isinstance(names, str) else names
+
+
+def given_names(names: Any) -> tuple[Any, ...]:
+    """``names`` as a tuple, for calls that look each one up: one given alone
+    (a string, or what is no collection of them: a number, a handle) is the
+    one name it is, for the look-up to refuse as unknown, where iterating it
+    raised a TypeError that named nothing."""
+    names = one_or_many(names)
+    return tuple(names) if isinstance(names, Iterable) else (names,)

@@ -95,7 +95,7 @@ class UnknownEventType(InfraError, ValueError):
     """
 
     def __init__(self, unknown: Collection[str] = (), known: Collection[str] = ()):
-        self.unknown = tuple(sorted(unknown))
+        self.unknown = tuple(sorted(unknown, key=str))  # what is no string too
         self.known = tuple(sorted(known))
         plural = "s" if len(self.unknown) > 1 else ""
         names = ", ".join(repr(name) for name in self.unknown)

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Collection, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -22,7 +22,7 @@ import anyio.abc
 import anyio.to_thread
 from attrs import field, frozen
 
-from dspy_infra._names import one_or_many
+from dspy_infra._names import given_names
 from dspy_infra.abc import ContainerBackend
 from dspy_infra.backends import load_backend
 from dspy_infra.config import Config, load_config
@@ -84,10 +84,14 @@ EVENT_TYPES: frozenset[str] = (
 )
 
 
-def check_event_types(types: Collection[str]) -> None:
+def check_event_types(types: Iterable[object]) -> None:
     """Refuse, with :class:`UnknownEventType`, types that no part publishes:
-    following one (a misspelt name) would wait forever for nothing."""
-    unknown = set(types) - EVENT_TYPES
+    following one (a misspelt name) would wait forever for nothing. What is
+    no string (a number read from a file, a list) names no type either."""
+    unknown: list[Any] = []
+    for name in types:
+        if not (isinstance(name, str) and name in EVENT_TYPES) and name not in unknown:
+            unknown.append(name)
     if unknown:
         raise UnknownEventType(unknown, EVENT_TYPES)
 
@@ -414,15 +418,17 @@ class AgentInfra(TaskMethods):
         """
         self._check_open()
         assert self._bus is not None
-        types = one_or_many(types)
-        if types is not None:
-            check_event_types(types)
+        wanted = None if types is None else given_names(types)
+        if wanted is not None:
+            check_event_types(wanted)
         check_since(since)
         if not follow:
-            for event in self._bus.backlog(since or 0, lambda e: types is None or e.type in types):
+            for event in self._bus.backlog(
+                since or 0, lambda e: wanted is None or e.type in wanted
+            ):
                 yield event
             return
-        async with self._bus.subscribe(types, since=since) as events:
+        async with self._bus.subscribe(wanted, since=since) as events:
             async for event in events:
                 yield event
 

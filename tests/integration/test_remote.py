@@ -715,7 +715,7 @@ async def test_stream_events_from_beyond_the_history_is_told_of_the_gap(
 
 async def test_stream_events_refuses_types_that_nothing_publishes(api: Api) -> None:
     # A misspelt type would wait forever for events that never come.
-    async def first(types: set[str], *, follow: bool = True) -> Event:
+    async def first(types: Any, *, follow: bool = True) -> Event:
         async with aclosing(api.stream_events(types, follow=follow)) as events:
             with anyio.fail_after(10):
                 return await anext(events)
@@ -731,6 +731,19 @@ async def test_stream_events_refuses_types_that_nothing_publishes(api: Api) -> N
     assert info.value.reason == message.removeprefix("types: ")
     with pytest.raises(UnknownEventType, match=r"^types: unknown event type 'nope' "):
         await first({"nope"}, follow=False)
+    # What names no type at all (a number, a list, text that UTF-8 cannot
+    # encode) is refused alike: remotely it was the encoder's AttributeError
+    # or UnicodeEncodeError, in-process a TypeError for some.
+    for types, unknown in [
+        ({1}, (1,)),
+        (5, (5,)),
+        ("\udcff", ("\udcff",)),
+        ([["task_completed"]], (["task_completed"],)),
+        (["nope", 1, "task_completed", 1], (1, "nope")),
+    ]:
+        with pytest.raises(UnknownEventType) as info:
+            await first(types, follow=False)
+        assert info.value.unknown == unknown, types
 
 
 async def test_services(api: Api) -> None:
@@ -1111,6 +1124,10 @@ _STRING_CALLS: dict[str, Callable[[Api, Any], Awaitable[object]]] = {
     "task_handle": lambda api, x: api.task_handle(x).status(),
     "stream_task_results": lambda api, x: _drained(api.stream_task_results(x)),
     "stream_task_results list": lambda api, x: _drained(api.stream_task_results([x])),
+    "stream_events": lambda api, x: _drained(api.stream_events(x, since=2**70, follow=False)),
+    "stream_events list": lambda api, x: _drained(
+        api.stream_events([x], since=2**70, follow=False)
+    ),
 }
 
 

@@ -48,7 +48,7 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from dspy_infra._names import one_or_many
+from dspy_infra._names import given_names, one_or_many
 from dspy_infra.errors import (
     BackendUnavailable,
     ConfigError,
@@ -69,7 +69,7 @@ from dspy_infra.errors import (
     UnknownTask,
 )
 from dspy_infra.events import Event, check_since
-from dspy_infra.infra import HealthReport
+from dspy_infra.infra import HealthReport, check_event_types
 from dspy_infra.remote import _convert as convert
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
@@ -87,7 +87,13 @@ from dspy_infra.remote._wire import (
     token_error,
 )
 from dspy_infra.scheduling.api import TaskMethods
-from dspy_infra.scheduling.checks import check_ids, encode_json, refused, request_error
+from dspy_infra.scheduling.checks import (
+    check_ids,
+    encodable,
+    encode_json,
+    refused,
+    request_error,
+)
 from dspy_infra.scheduling.store import StoreFailed
 from dspy_infra.scheduling.tasks import ClassStatus, TaskEvent, TaskRequest, TaskState, TaskStatus
 from dspy_infra.services.logs import check_tail
@@ -890,11 +896,16 @@ class RemoteAgentInfra(TaskMethods):
 
         The server judges the types, so that a client talks to a newer server
         that publishes more of them; one it does not know is refused with
-        :class:`UnknownEventType` on the first read.
+        :class:`UnknownEventType` on the first read. What could not travel
+        (no string, or one that UTF-8 cannot encode) is no type any server
+        publishes: it is refused here, as in-process.
         """
+        wanted = () if types is None else given_names(types)
+        if not all(isinstance(name, str) and encodable(name) for name in wanted):
+            check_event_types(wanted)
         check_since(since)
         request = orch_pb.StreamEventsRequest(
-            types=list(one_or_many(types) or ()), since=_int64(since), follow=follow
+            types=list(wanted), since=_int64(since), follow=follow
         )
         replies = self._rpc.stream(_ORCH + "StreamEvents", request, orch_pb.Event)
         async with aclosing(replies):

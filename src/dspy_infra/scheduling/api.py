@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, Collection, Iterable, Mapping
 from contextlib import aclosing
 from typing import Any, cast
 
-from dspy_infra._names import one_or_many
+from dspy_infra._names import given_names, one_or_many
 from dspy_infra.abc import Scheduler
 from dspy_infra.errors import InvalidTask, UnknownTask
 from dspy_infra.events import check_since
@@ -163,10 +163,7 @@ class TaskMethods:
         after that sequence number are replayed first.
         """
         if task_ids is not None:
-            ids = one_or_many(task_ids)
-            if not isinstance(ids, Iterable):  # one id that is no string: a handle, say
-                ids = (ids,)
-            task_ids = [_checked(task_id) for task_id in ids]
+            task_ids = [_checked(task_id) for task_id in given_names(task_ids)]
         check_since(since)
         async with aclosing(self._tasks.results(task_ids, since=since)) as results:
             async for event in results:
