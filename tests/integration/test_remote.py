@@ -793,12 +793,17 @@ async def test_a_service_name_that_cannot_travel_is_unknown_alike(api: Api) -> N
     # No name of the wrong type (a number read from a file), nor one that
     # UTF-8 cannot encode (a lone surrogate), names a service: UnknownService,
     # in the same words, never the encoder's AttributeError or UnicodeEncodeError.
-    for name in (1, None, "\udcff"):
+    for name in (1, None, "\udcff", ["web"]):
         expected = f"unknown service {name!r} (configured: web)"
         for call in (api.services.start, api.services.stop, api.services.status):
             with pytest.raises(UnknownService) as info:
                 await call([name])  # type: ignore[list-item]
             assert (str(info.value), info.value.service) == (expected, name), call
+    # One name alone that is no string is that name, as a string alone is: iterated,
+    # it was a TypeError ("'int' object is not iterable") on both sides.
+    for call in (api.services.start, api.services.stop, api.services.status):
+        with pytest.raises(UnknownService, match=re.escape("unknown service 1 ")):
+            await call(1)  # type: ignore[arg-type]
         with pytest.raises(UnknownService) as info:
             [line async for line in api.services.logs(name)]  # type: ignore[arg-type]
         assert str(info.value) == expected
@@ -1128,6 +1133,10 @@ _STRING_CALLS: dict[str, Callable[[Api, Any], Awaitable[object]]] = {
     "stream_events list": lambda api, x: _drained(
         api.stream_events([x], since=2**70, follow=False)
     ),
+    "services.start": lambda api, x: api.services.start([x]),
+    "services.stop": lambda api, x: api.services.stop(x),
+    "services.status": lambda api, x: api.services.status(x),
+    "services.logs": lambda api, x: _drained(api.services.logs(x)),
 }
 
 

@@ -48,7 +48,7 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from dspy_infra._names import given_names, one_or_many
+from dspy_infra._names import given_names
 from dspy_infra.errors import (
     BackendUnavailable,
     ConfigError,
@@ -639,7 +639,7 @@ def _request_names(names: Iterable[str] | None) -> list[str] | None:
     """
     if names is None:
         return []
-    wanted = list(one_or_many(names))
+    wanted = list(given_names(names))
     return wanted or None
 
 

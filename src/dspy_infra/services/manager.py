@@ -15,7 +15,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
-from dspy_infra._names import one_or_many
+from dspy_infra._names import given_names
 from dspy_infra.abc import ContainerBackend, ServiceProcess
 from dspy_infra.config.loading import dependency_closure
 from dspy_infra.config.model import Config, Probe
@@ -221,7 +221,7 @@ class ServiceManager:
     def runtime(self, name: str) -> ServiceRuntime:
         try:
             return self._runtimes[name]
-        except KeyError:
+        except (KeyError, TypeError):  # a list given for a name is not even hashable
             raise UnknownService(name, list(self._runtimes)) from None
 
     def set_state(
@@ -342,10 +342,10 @@ class ServiceManager:
     # -- internals ------------------------------------------------------------
 
     def _known(self, names: Iterable[str]) -> builtins.list[str]:
-        selected = list(dict.fromkeys(one_or_many(names)))
+        selected = given_names(names)
         for name in selected:
             self.runtime(name)
-        return selected
+        return list(dict.fromkeys(selected))
 
     def _spawn(self, rt: ServiceRuntime) -> None:
         rt.stop_requested = False
