@@ -1062,6 +1062,27 @@ async def test_a_workflow_or_run_handle_given_for_its_id_is_refused_clearly(api:
     assert (await api.workflows.get_run(run.run_id)).state is RunState.SUCCEEDED
 
 
+async def test_a_workflow_or_run_id_that_utf8_cannot_encode_is_unknown_alike(api: Api) -> None:
+    # A bare UnicodeEncodeError, from SQLite in-process (a run id) and from the
+    # encoder over gRPC: no workflow or run has such an id (none is stored).
+    for call in (api.workflows.get, api.workflows.start_run):
+        with pytest.raises(UnknownWorkflow, match=re.escape("'one\\udcff'")) as unknown:
+            await call("one\udcff")
+        assert unknown.value.workflow_id == "one\udcff"
+    runs = (api.workflows.get_run, api.workflows.wait_run, api.workflows.cancel_run)
+    for read in runs:
+        with pytest.raises(UnknownRun, match=re.escape("unknown workflow run 'r\\udcff'")) as info:
+            await read("r\udcff")
+        assert info.value.run_id == "r\udcff"
+    with pytest.raises(UnknownRun):
+        [e async for e in api.workflows.stream_status("r\udcff")]
+    # A run_id that could not name a run is refused before the workflow is looked
+    # up, on both sides: the client cannot send it to have it looked up.
+    for run_id in ("r\udcff", "no spaces", 5):
+        with pytest.raises(InvalidWorkflow, match="run_id"):
+            await api.workflows.start_run("nope", run_id=run_id)  # type: ignore[arg-type]
+
+
 async def test_inputs_that_are_not_a_mapping_are_refused_alike(api: Api) -> None:
     # Remotely a list of pairs was taken (dict() of it) where in-process code
     # refuses it, and a string failed with "dictionary update sequence element".
@@ -1137,7 +1158,23 @@ _STRING_CALLS: dict[str, Callable[[Api, Any], Awaitable[object]]] = {
     "services.stop": lambda api, x: api.services.stop(x),
     "services.status": lambda api, x: api.services.status(x),
     "services.logs": lambda api, x: _drained(api.services.logs(x)),
+    "workflows.get": lambda api, x: api.workflows.get(x),
+    "workflows.start_run": lambda api, x: api.workflows.start_run(x),
+    "workflows.start_run run_id": lambda api, x: _run_of_one(api, run_id=x),
+    "workflows.get_run": lambda api, x: api.workflows.get_run(x),
+    "workflows.wait_run": lambda api, x: api.workflows.wait_run(x),
+    "workflows.cancel_run": lambda api, x: api.workflows.cancel_run(x),
+    "workflows.stream_status": lambda api, x: _drained(api.workflows.stream_status(x)),
 }
+
+
+def _one_step(*, name: Any = "one", step: Any = "a", handler: Any = "echo") -> dict[str, Any]:
+    return {"name": name, "steps": {step: {"handler": handler}}}
+
+
+async def _run_of_one(api: Api, *, run_id: Any) -> RunHandle:
+    workflow = await api.workflows.create(_one_step())
+    return await api.workflows.start_run(workflow.workflow_id, run_id=run_id)
 
 
 async def _drained(stream: AsyncIterator[object]) -> list[object]:
@@ -1147,8 +1184,8 @@ async def _drained(stream: AsyncIterator[object]) -> list[object]:
 
 _lone_surrogates = st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF, categories=["Cs"])
 _any_text = st.text(st.characters() | _lone_surrogates, max_size=8)
-# Names that something holds (a finished task, a class, a handler, an event
-# type), and what is near them.
+# Names that something holds (a finished task and run, a class, a handler, an
+# event type), and what is near them.
 _held = ["done", "one", "echo", "cpu_short", "task_completed", "", "\udcff", "done\udcff"]
 # None in these is no wrong type, but "every one": a stream that would not end.
 _NONE_FOLLOWS = {"stream_task_results"}
@@ -1158,6 +1195,8 @@ _wrong_types = st.sampled_from([1, None, 2.5, True, b"web", ["done"], {"a": 1}, 
 async def test_any_text_or_wrong_type_for_a_string_is_refused_alike(tmp_path: Path) -> None:
     async with make_infra(tmp_path) as infra, used(infra, "remote") as remote:
         await (await infra.submit_task("echo", 1, task_id="done")).result()
+        workflow = await infra.workflows.create(_one_step())
+        await (await infra.workflows.start_run(workflow.workflow_id, run_id="done")).wait()
 
         async def outcome(api: Api, call: str, value: Any) -> str:
             try:
@@ -1175,7 +1214,7 @@ async def test_any_text_or_wrong_type_for_a_string_is_refused_alike(tmp_path: Pa
         @settings(max_examples=300, deadline=None, database=None)
         @given(
             call=st.sampled_from(list(_STRING_CALLS)),
-            value=st.sampled_from(_held) | _any_text | _wrong_types,
+            value=st.sampled_from([*_held, workflow.workflow_id]) | _any_text | _wrong_types,
         )
         def every_call(call: str, value: Any) -> None:
             assume(value is not None or call not in _NONE_FOLLOWS)

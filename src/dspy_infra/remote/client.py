@@ -106,7 +106,10 @@ from dspy_infra.workflows.spec import (
     WorkflowError,
     WorkflowSpec,
     check_id,
+    check_new_run_id,
     inputs_dict,
+    run_key,
+    workflow_key,
 )
 
 __all__ = [
@@ -675,7 +678,7 @@ class RemoteWorkflows:
         """A stored workflow; :class:`~dspy_infra.workflows.UnknownWorkflow` if there is none."""
         reply = await self._rpc.unary(
             _ORCH + "GetWorkflow",
-            orch_pb.GetWorkflowRequest(workflow_id=check_id(workflow_id, "workflow_id")),
+            orch_pb.GetWorkflowRequest(workflow_id=workflow_key(workflow_id)),
             orch_pb.GetWorkflowResponse,
         )
         return convert.workflow_from_proto(_present(reply.workflow, "workflow"))
@@ -697,7 +700,8 @@ class RemoteWorkflows:
         """Start a run; returns once it is stored. See :meth:`WorkflowEngine.start_run`."""
         check_id(workflow_id, "workflow_id")
         if run_id is not None:
-            check_id(run_id, "run_id")
+            check_new_run_id(run_id)
+        workflow_key(workflow_id)
         inputs = inputs_dict(workflow_id, inputs)  # outside: InvalidWorkflow is a ValueError
         try:
             inputs_json = encode_json(inputs, "the inputs", verb="are")
@@ -723,7 +727,7 @@ class RemoteWorkflows:
     async def _run(self, run_id: str, *, wait: bool) -> RunStatus:
         reply = await self._rpc.unary(
             _ORCH + "GetWorkflowRun",
-            orch_pb.GetWorkflowRunRequest(run_id=check_id(run_id, "run_id"), wait=wait),
+            orch_pb.GetWorkflowRunRequest(run_id=run_key(run_id), wait=wait),
             orch_pb.GetWorkflowRunResponse,
         )
         return convert.run_status_from_proto(_present(reply.run, "run"))
@@ -732,7 +736,7 @@ class RemoteWorkflows:
         """Cancel a run; returns once it has stopped, with its status."""
         reply = await self._rpc.unary(
             _ORCH + "CancelWorkflowRun",
-            orch_pb.CancelWorkflowRunRequest(run_id=check_id(run_id, "run_id")),
+            orch_pb.CancelWorkflowRunRequest(run_id=run_key(run_id)),
             orch_pb.CancelWorkflowRunResponse,
         )
         return convert.run_status_from_proto(_present(reply.run, "run"))
@@ -742,9 +746,7 @@ class RemoteWorkflows:
     ) -> AsyncGenerator[WorkflowEvent, None]:
         """The run's events, from its start (or after ``since``), until it finishes."""
         check_since(since)
-        request = orch_pb.StreamWorkflowStatusRequest(
-            run_id=check_id(run_id, "run_id"), since=_int64(since)
-        )
+        request = orch_pb.StreamWorkflowStatusRequest(run_id=run_key(run_id), since=_int64(since))
         replies = self._rpc.stream(
             _ORCH + "StreamWorkflowStatus", request, orch_pb.WorkflowRunStatus
         )

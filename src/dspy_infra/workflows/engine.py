@@ -22,7 +22,6 @@ import builtins
 import json
 import logging
 import os
-import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
@@ -58,8 +57,11 @@ from dspy_infra.workflows.spec import (
     UnknownWorkflow,
     WorkflowSpec,
     check_id,
+    check_new_run_id,
     inputs_dict,
     resolve,
+    run_key,
+    workflow_key,
 )
 
 if TYPE_CHECKING:
@@ -69,8 +71,6 @@ __all__ = ["WorkflowEngine"]
 
 log = logging.getLogger("dspy_infra.workflows")
 
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
-_MAX_RUN_ID = 100
 _RECENT = 1000  # finished runs kept in memory; older ones are read from the store
 
 
@@ -449,7 +449,7 @@ class WorkflowEngine:
         """A stored workflow; :class:`UnknownWorkflow` if there is none."""
         self._check_open()
         try:
-            return self._workflows[check_id(workflow_id, "workflow_id")]
+            return self._workflows[workflow_key(workflow_id)]
         except KeyError:
             raise UnknownWorkflow(workflow_id) from None
 
@@ -471,13 +471,12 @@ class WorkflowEngine:
         Raises :class:`InvalidWorkflow` when an input its references use is
         missing or the inputs are not JSON-compatible.
         """
+        check_id(workflow_id, "workflow_id")
+        if run_id is not None:
+            check_new_run_id(run_id)
         workflow = await self.get(workflow_id)
         fresh = run_id is None
         if run_id is not None:
-            if not _RUN_ID_RE.match(check_id(run_id, "run_id")) or len(run_id) > _MAX_RUN_ID:
-                raise InvalidWorkflow(
-                    f"run_id {run_id!r}: letters, digits, '_', '.', '-', at most {_MAX_RUN_ID}"
-                )
             stored = run_id in self._runs or bool(
                 await self._journal.read(self._store.runs, run_id)
             )
@@ -523,7 +522,7 @@ class WorkflowEngine:
 
     async def get_run(self, run_id: str) -> RunStatus:
         """The run's status now; :class:`UnknownRun` if there is none."""
-        run = self._runs.get(check_id(run_id, "run_id"))
+        run = self._runs.get(run_key(run_id))
         if run is not None:
             return run.status()
         rows = await self._journal.read(self._store.runs, run_id)
@@ -541,7 +540,7 @@ class WorkflowEngine:
 
     async def wait_run(self, run_id: str) -> RunStatus:
         """Wait until the run has finished; its final status."""
-        run = self._runs.get(check_id(run_id, "run_id"))
+        run = self._runs.get(run_key(run_id))
         if run is not None and not run.state.finished:
             self._check_open()
             await run.done.wait()
@@ -555,7 +554,7 @@ class WorkflowEngine:
         Returns once it has stopped, with its status. A finished run is left as it is.
         """
         self._check_open()
-        run = self._runs.get(check_id(run_id, "run_id"))
+        run = self._runs.get(run_key(run_id))
         if run is None:
             return await self.get_run(run_id)
         if not run.state.finished:
@@ -578,7 +577,7 @@ class WorkflowEngine:
         """
         self._check_open()
         check_since(since)
-        run = self._runs.get(check_id(run_id, "run_id"))
+        run = self._runs.get(run_key(run_id))
         if run is None:
             for event in _from_status(await self.get_run(run_id)):
                 yield event

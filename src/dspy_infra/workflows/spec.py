@@ -30,7 +30,13 @@ from attrs import field, frozen
 from dspy_infra._names import one_or_many
 from dspy_infra.config.loading import find_cycle
 from dspy_infra.errors import InfraError
-from dspy_infra.scheduling.checks import encode_json, id_type_error, json_too_deep, too_deep_error
+from dspy_infra.scheduling.checks import (
+    encodable,
+    encode_json,
+    id_type_error,
+    json_too_deep,
+    too_deep_error,
+)
 
 __all__ = [
     "InvalidWorkflow",
@@ -40,13 +46,18 @@ __all__ = [
     "WorkflowError",
     "WorkflowSpec",
     "check_id",
+    "check_new_run_id",
     "inputs_dict",
     "resolve",
+    "run_key",
+    "workflow_key",
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*\Z")
 _WORKFLOW_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 _MAX_NAME = 64
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+_MAX_RUN_ID = 100
 _REF_RE = re.compile(r"^\$\{([^{}]+)\}\Z")
 _STEP_KEYS = (
     "handler",
@@ -96,6 +107,41 @@ def check_id(value: Any, what: str) -> str:
     if problem := id_type_error(value, what):
         raise InvalidWorkflow(problem)
     return cast(str, value)
+
+
+def workflow_key(value: Any) -> str:
+    """``value``, a workflow id to look up (see :func:`_stored_key`)."""
+    return _stored_key(value, "workflow_id", UnknownWorkflow)
+
+
+def run_key(value: Any) -> str:
+    """``value``, a run id to look up (see :func:`_stored_key`)."""
+    return _stored_key(value, "run_id", UnknownRun)
+
+
+def _stored_key(value: Any, what: str, unknown: Callable[[str], _NotStored]) -> str:
+    """``value``, an id to look up, checked as :func:`check_id` does; one that UTF-8
+    cannot encode (an argument that is not UTF-8, as Python decodes it) is
+    ``unknown``, since none is stored so, where the store and the wire raised a
+    bare UnicodeEncodeError. Both sides run this, so both raise the same."""
+    key = check_id(value, what)
+    if not encodable(key):
+        raise unknown(key)
+    return key
+
+
+def check_new_run_id(run_id: Any) -> str:
+    """``run_id``, given to name a new run; :class:`InvalidWorkflow` if it cannot.
+
+    Checked before the workflow is looked up, by both sides: the client cannot
+    send one that UTF-8 cannot encode, and so could not tell what the server
+    would have looked up first.
+    """
+    if not _RUN_ID_RE.match(check_id(run_id, "run_id")) or len(run_id) > _MAX_RUN_ID:
+        raise InvalidWorkflow(
+            f"run_id {run_id!r}: letters, digits, '_', '.', '-', at most {_MAX_RUN_ID}"
+        )
+    return cast(str, run_id)
 
 
 def inputs_dict(workflow_id: str, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
