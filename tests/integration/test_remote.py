@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -1107,6 +1107,12 @@ async def test_workflow_from_a_toml_file(api: Api, tmp_path: Path) -> None:
     assert (await run.wait()).results() == {"only": 5}
     with pytest.raises(InvalidWorkflow, match=r"missing\.toml"):
         await api.workflows.create(tmp_path / "missing.toml")
+    # Not a path any file has, nor text: a bare ValueError or UnicodeDecodeError.
+    with pytest.raises(InvalidWorkflow, match="embedded null byte"):
+        await api.workflows.create("one\x00.toml")
+    path.write_bytes(b'name = "\xff"\n')
+    with pytest.raises(InvalidWorkflow, match=re.escape(f"{path}: ")):
+        await api.workflows.create(path)
 
 
 async def test_workflow_events_on_the_event_stream(api: Api) -> None:
@@ -1158,6 +1164,10 @@ _STRING_CALLS: dict[str, Callable[[Api, Any], Awaitable[object]]] = {
     "services.stop": lambda api, x: api.services.stop(x),
     "services.status": lambda api, x: api.services.status(x),
     "services.logs": lambda api, x: _drained(api.services.logs(x)),
+    "workflows.create path": lambda api, x: api.workflows.create(x),
+    "workflows.create name": lambda api, x: api.workflows.create(_one_step(name=x)),
+    "workflows.create step": lambda api, x: api.workflows.create(_one_step(step=x)),
+    "workflows.create handler": lambda api, x: api.workflows.create(_one_step(handler=x)),
     "workflows.get": lambda api, x: api.workflows.get(x),
     "workflows.start_run": lambda api, x: api.workflows.start_run(x),
     "workflows.start_run run_id": lambda api, x: _run_of_one(api, run_id=x),
@@ -1218,6 +1228,7 @@ async def test_any_text_or_wrong_type_for_a_string_is_refused_alike(tmp_path: Pa
         )
         def every_call(call: str, value: Any) -> None:
             assume(value is not None or call not in _NONE_FOLLOWS)
+            assume(isinstance(value, Hashable) or call != "workflows.create step")  # a dict key
             anyio.from_thread.run(alike, call, value)
 
         await anyio.to_thread.run_sync(every_call)

@@ -240,7 +240,9 @@ class WorkflowSpec:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError, RecursionError) as exc:  # arrays nested deeply
+        # A ValueError: a NUL in the path ("embedded null byte"), bytes that are
+        # not text, or TOML that is not valid. RecursionError: arrays nested deeply.
+        except (OSError, ValueError, RecursionError) as exc:
             raise InvalidWorkflow(f"{path}: {exc}") from None
         try:
             return cls.from_mapping(data)
