@@ -10,6 +10,7 @@ import sqlite3
 import sys
 import textwrap
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -488,3 +489,103 @@ def fast_then_slow(name: str) -> dict[str, Any]:
             "slow": {"handler": "step", "payload": "slow", "depends_on": ["fast"]},
         },
     }
+
+
+FAILING_OWNER = """
+import json, sys
+import anyio
+from dspy_infra import AgentInfra
+
+state_dir, spec = sys.argv[1], json.loads(sys.argv[2])
+b_started = anyio.Event()
+
+async def fail(name):
+    await b_started.wait()
+    raise RuntimeError("a broke")
+
+async def stubborn(name):
+    b_started.set()
+    try:
+        await anyio.sleep_forever()
+    finally:
+        # Slow to stop: the owner is killed while its failed run cancels it,
+        # long after the failure of a was committed.
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.5)
+            print("stopping", name, flush=True)
+            await anyio.sleep_forever()
+
+async def main():
+    handlers = {"fail": fail, "stubborn": stubborn}
+    async with AgentInfra.start(state_dir=state_dir, handlers=handlers) as infra:
+        wf = await infra.workflows.create(spec)
+        await infra.workflows.start_run(wf.workflow_id, run_id="r1")
+        await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+async def test_a_failure_cut_short_by_a_crash_ends_the_resumed_run_failed(
+    tmp_path: Path,
+) -> None:
+    # Step a failed (its row stored); the owner is killed while the run
+    # cancels b, slow to stop. The next instance must finish the failure: b's
+    # task, with an attempt left, is not started again as the instance opens,
+    # and the run fails for a's failure, not for b's cancelled task.
+    spec = {
+        "name": "failing",
+        "steps": {
+            "a": {"handler": "fail", "payload": "a"},
+            "b": {"handler": "stubborn", "payload": "b", "max_attempts": 2},
+            "c": {"handler": "fail", "payload": "c", "depends_on": ["a", "b"]},
+        },
+    }
+    state_dir = tmp_path / "state"
+    await _run_owner_until(tmp_path, FAILING_OWNER, state_dir, spec, {"stopping b"})
+    with closing(sqlite3.connect(state_dir / "tasks.db")) as db:
+        steps = "SELECT step, state FROM workflow_steps"
+        assert dict(db.execute(steps).fetchall()) == {"a": "failed", "b": "running"}
+        tasks = "SELECT task_id, state FROM tasks"
+        assert dict(db.execute(tasks).fetchall()) == {"r1:a": "failed", "r1:b": "running"}
+
+    calls: list[str] = []
+
+    async def record(name: str) -> str:
+        calls.append(name)
+        return name
+
+    async def fail(name: str) -> str:
+        calls.append(name)
+        raise RuntimeError(f"{name} broke again")
+
+    handlers: dict[str, Callable[..., Any]] = {"fail": fail, "stubborn": record}
+    async with AgentInfra.start(state_dir=state_dir, handlers=handlers) as infra:
+        with anyio.fail_after(10):
+            status = await infra.workflows.wait_run("r1")
+        assert status.state is RunState.FAILED, status
+        assert status.error == ("step 'a' failed: task 'r1:a' failed: RuntimeError: a broke"), (
+            status.error
+        )
+        assert {name: (s.state, s.error) for name, s in status.steps.items()} == {
+            "a": (StepState.FAILED, "task 'r1:a' failed: RuntimeError: a broke"),
+            "b": (StepState.CANCELLED, "cancelled: step 'a' failed"),
+            "c": (StepState.CANCELLED, "not run: step 'a' failed"),
+        }
+        b = await infra.get_task_status("r1:b")
+        assert (b.state, b.attempts, b.error) == (
+            TaskState.CANCELLED,
+            1,
+            "cancelled: step 'a' failed",
+        )
+        events = [(e.type, e.step) async for e in infra.workflows.stream_status("r1")]
+        assert events == [
+            ("workflow_run_resumed", None),
+            ("workflow_step_cancelled", "b"),
+            ("workflow_step_cancelled", "c"),
+            ("workflow_run_failed", None),
+        ]
+        values = await infra.get_metrics()
+        assert values['dspy_infra_workflow_runs_total{status="failed"}'] == 1
+        assert values["dspy_infra_workflow_runs_active"] == 0
+    assert calls == []

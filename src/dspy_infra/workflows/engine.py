@@ -8,7 +8,8 @@ therefore what makes a run durable: after a crash, the next instance
 re-drives every unfinished run from its first step, and submitting a step's
 tasks again is idempotent, so that a step whose tasks had finished is not
 run again (its results are read back), one whose tasks were queued or
-running goes on as the scheduler recovered them, and the others start.
+running goes on as the scheduler recovered them, and the others start. A
+run whose cancel, or a step's failure, was stored only ends (see _drive).
 
 The run and step rows (in the task store's file, through its journal) are
 what :meth:`WorkflowEngine.get_run` reads for runs that are not in memory,
@@ -278,8 +279,8 @@ class WorkflowEngine:
     def _not_to_run_again(self, task_ids: builtins.list[str]) -> dict[str, str]:
         """The recovered tasks of runs that will not go on: the scheduler cancels
         them as it opens, before it would dispatch them (and run again their work)
-        ahead of the runs' resumption here. Those of runs whose cancel a crash
-        cut short, and of runs whose workflow does not load (which end failed)."""
+        ahead of the runs' resumption here. Those of runs whose cancel or failure
+        a crash cut short, and of runs whose workflow does not load (which end failed)."""
         self._load_workflows()
         reasons: dict[str, str] = {}
         for run_id, workflow_id, *_, error in self._store.runs():
@@ -287,6 +288,8 @@ class WorkflowEngine:
                 reasons[run_id] = "cancelled by cancel_run()"
             elif workflow_id not in self._workflows:
                 reasons[run_id] = f"cancelled: {self._unloadable_error(workflow_id)}"
+            elif (first := _failed_first(self._store.steps(run_id))) is not None:
+                reasons[run_id] = f"cancelled: step {first!r} failed"
         if not reasons:
             return {}
         # A task of a run is RUN:STEP[:INDEX], and a run's id holds no ':'.
@@ -319,13 +322,13 @@ class WorkflowEngine:
             if run is None:
                 await self._end_unloadable(row)
                 continue
-            for step_row in await self._journal.read(self._store.steps, run.run_id):
+            step_rows = await self._journal.read(self._store.steps, run.run_id)
+            # A cancel, or a failure (a step's stored), goes on from where it
+            # was: the running steps' rows name the tasks it has to cancel.
+            ending = run.cancel_requested or _failed_first(step_rows) is not None
+            for step_row in step_rows:
                 step = run.steps.get(step_row[1])
-                # A cancel goes on from where it was: the running steps'
-                # rows name the tasks it has to cancel.
-                if step is not None and (
-                    run.cancel_requested or step_row[2] == StepState.SUCCEEDED.value
-                ):
+                if step is not None and (ending or step_row[2] == StepState.SUCCEEDED.value):
                     self._restore_step(step, step_row)
                 elif step is not None:
                     # Submitted again when it starts; until then, the tasks
@@ -630,10 +633,14 @@ class WorkflowEngine:
     # -- driving a run --------------------------------------------------------
 
     async def _drive(self, run: _Run) -> None:
-        failed: builtins.list[_Step] = []
+        # Those of a resumed run whose failure a crash cut short: it only ends.
+        failed = sorted(
+            (s for s in run.steps.values() if s.state is StepState.FAILED),
+            key=lambda s: s.finished_at or 0.0,
+        )
         with anyio.CancelScope() as scope:
             run.scope = scope
-            if not run.cancel_requested:
+            if not (run.cancel_requested or failed):
                 async with anyio.create_task_group() as tg:
                     self._start_ready(run, tg, failed)
         run.scope = None
@@ -943,6 +950,13 @@ def _plan(run: _Run, step: _Step) -> tuple[list[Any], list[str]] | str:
     except Exception as exc:  # noqa: BLE001 - a reference the checks let through: the step's failure
         return f"cannot fill in the step's references: {type(exc).__name__}: {exc}"[:2000]
     return payloads, [f"{run.run_id}:{step.name}:{i}" for i in range(len(items))]
+
+
+def _failed_first(step_rows: Iterable[StepRow]) -> str | None:
+    """The step that failed first among a run's stored ones, or None: a run with
+    one has failed, and its next instance ends it so (see _drive)."""
+    failed = [(r[7] or 0.0, r[1]) for r in step_rows if r[2] == StepState.FAILED.value]
+    return min(failed)[1] if failed else None
 
 
 def _unloadable_status(row: RunRow, step_rows: Iterable[StepRow]) -> RunStatus:
