@@ -865,3 +865,30 @@ async def test_payloads_as_deep_as_the_limit_are_filled_in_and_deeper_ones_fail_
             match=rf"step 's': the payload is nested {MAX_JSON_DEPTH + 1} levels deep, over",
         ):
             await infra.workflows.create(too_deep)
+
+
+async def test_creates_of_one_spec_at_once_are_one_workflow(tmp_path: Path) -> None:
+    # Each create stored its own created_at (the store kept the first one's)
+    # and returned it: equal specs, unequal workflows, and get() told one of
+    # them until a restart told another.
+    state_dir = tmp_path / "state"
+    async with AgentInfra.start(state_dir=state_dir, handlers={"double": _double}) as infra:
+        created = []
+
+        async def create() -> None:
+            created.append(await infra.workflows.create(_ONE_STEP))
+
+        async with anyio.create_task_group() as group:
+            for _ in range(3):
+                group.start_soon(create)
+        assert created[0] == created[1] == created[2]
+        assert await infra.workflows.get(created[0].workflow_id) == created[0]
+        assert await infra.workflows.list() == [created[0]]
+        # A create cancelled as it waits for its commit: stored, so known.
+        other = {**_ONE_STEP, "name": "other"}
+        with anyio.move_on_after(0):
+            await infra.workflows.create(other)
+        known = await infra.workflows.list()
+        assert [w.name for w in known] == ["one", "other"]
+    async with AgentInfra.start(state_dir=state_dir, handlers={"double": _double}) as infra:
+        assert await infra.workflows.list() == known

@@ -38,7 +38,7 @@ from dspy_infra.errors import InfraClosed, InvalidTask
 from dspy_infra.events import EventBus, EventsDropped, check_since
 from dspy_infra.metrics import Metrics
 from dspy_infra.scheduling.checks import encode_json, json_too_deep, too_deep_error
-from dspy_infra.scheduling.store import RunRow, StepRow, dumps
+from dspy_infra.scheduling.store import RunRow, StepRow, Written, dumps
 from dspy_infra.scheduling.tasks import TaskRequest, TaskState
 from dspy_infra.workflows.model import (
     Encoded,
@@ -213,6 +213,7 @@ class WorkflowEngine:
         self._workflows: dict[str, Workflow] = {}
         # Stored workflows that do not load, and why: their runs end failed.
         self._unloadable: dict[str, str] = {}
+        self._storing: dict[str, Written] = {}  # created, their commit not yet over
         self._loaded = False
         self._runs: dict[str, _Run] = {}  # unfinished, and the recent finished ones
         self._recent: OrderedDict[str, None] = OrderedDict()
@@ -419,16 +420,30 @@ class WorkflowEngine:
         workflow_id = spec.workflow_id()
         found = self._workflows.get(workflow_id)
         if found is not None:
+            storing = self._storing.get(workflow_id)
+            if storing is not None:  # created by a concurrent call: returned once stored
+                await storing.wait()
             return found
         text = json.dumps(spec.to_mapping())
         # The engine's own copy, as a restart reads it back: the caller's
         # payload objects, changed later, changed later runs under the same id.
         spec = WorkflowSpec.from_mapping(json.loads(text))
         workflow = Workflow(workflow_id=workflow_id, spec=spec, created_at=time.time())
-        await self._journal.commit(
-            ("workflow", (workflow_id, spec.name, text, workflow.created_at))
-        )
+        # Known before its commit, as a run is (see start_run): a concurrent
+        # create of the same spec returns it, not one of its own with another
+        # created_at than the one the store keeps.
         self._workflows[workflow_id] = workflow
+        row = (workflow_id, spec.name, text, workflow.created_at)
+        self._storing[workflow_id] = storing = self._journal.write(("workflow", row))
+        try:
+            # Shielded: once written, it is stored, and must stay known.
+            with anyio.CancelScope(shield=True):
+                await storing.wait()
+        except BaseException:  # the commit failed: nothing was stored
+            del self._workflows[workflow_id]
+            raise
+        finally:
+            del self._storing[workflow_id]
         return workflow
 
     def _check_step(self, spec: WorkflowSpec, step: Step) -> None:
