@@ -892,3 +892,31 @@ async def test_creates_of_one_spec_at_once_are_one_workflow(tmp_path: Path) -> N
         assert [w.name for w in known] == ["one", "other"]
     async with AgentInfra.start(state_dir=state_dir, handlers={"double": _double}) as infra:
         assert await infra.workflows.list() == known
+
+
+async def test_a_run_id_taken_by_another_workflow_is_refused(tmp_path: Path) -> None:
+    # The run under the id was returned, whatever the workflow asked for: a
+    # spec edited (another workflow) and started again under its run's id
+    # silently gave the old spec's run back.
+    state_dir = tmp_path / "state"
+    async with AgentInfra.start(state_dir=state_dir, handlers={"double": _double}) as infra:
+        first = await infra.workflows.create(_ONE_STEP)
+        edited = await infra.workflows.create({**_ONE_STEP, "name": "edited"})
+        run = await infra.workflows.start_run(first.workflow_id, {"x": 1}, run_id="nightly")
+        taken = (
+            f"run of {edited.workflow_id!r} refused: run_id 'nightly' is taken by a run of "
+            f"{first.workflow_id!r}"
+        )
+        with pytest.raises(InvalidWorkflow) as refused:
+            await infra.workflows.start_run(edited.workflow_id, {"x": 2}, run_id="nightly")
+        assert str(refused.value) == taken
+        assert (await run.wait()).results() == {"double": 2}
+        again = await infra.workflows.start_run(first.workflow_id, {"x": 1}, run_id="nightly")
+        assert again.run_id == "nightly"
+    async with AgentInfra.start(state_dir=state_dir, handlers={"double": _double}) as infra:
+        # Found in the store, not in memory: the same.
+        with pytest.raises(InvalidWorkflow) as refused:
+            await infra.workflows.start_run(edited.workflow_id, {"x": 2}, run_id="nightly")
+        assert str(refused.value) == taken
+        again = await infra.workflows.start_run(first.workflow_id, {"x": 1}, run_id="nightly")
+        assert (await again.wait()).results() == {"double": 2}

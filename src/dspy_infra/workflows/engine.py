@@ -487,7 +487,8 @@ class WorkflowEngine:
 
         Starting again with the same ``run_id`` returns the run already there.
         Raises :class:`InvalidWorkflow` when an input its references use is
-        missing or the inputs are not JSON-compatible.
+        missing, the inputs are not JSON-compatible, or ``run_id`` is taken by
+        a run of another workflow.
         """
         check_id(workflow_id, "workflow_id")
         if run_id is not None:
@@ -495,13 +496,15 @@ class WorkflowEngine:
         workflow = await self.get(workflow_id)
         fresh = run_id is None
         if run_id is not None:
-            stored = run_id in self._runs or bool(
-                await self._journal.read(self._store.runs, run_id)
-            )
-            # Again after the read: a concurrent call with this id may have
-            # registered its run meanwhile.
-            if stored or run_id in self._runs:
+            taken_by = await self._workflow_of(run_id)
+            if taken_by == workflow_id:
                 return RunHandle(run_id, engine=self)
+            if taken_by is not None:
+                # Not the run asked for (that of a spec since edited, say).
+                raise InvalidWorkflow(
+                    f"run of {workflow_id!r} refused: run_id {run_id!r} is taken by a run "
+                    f"of {taken_by!r}"
+                )
         else:
             run_id = f"{time.time_ns() // 1_000_000:012x}{os.urandom(6).hex()}"
         inputs = inputs_dict(workflow_id, inputs)
@@ -537,6 +540,18 @@ class WorkflowEngine:
         assert self._tg is not None
         self._tg.start_soon(self._drive, run)
         return RunHandle(run_id, engine=self)
+
+    async def _workflow_of(self, run_id: str) -> str | None:
+        """The workflow id of the run ``run_id``, in memory or stored; None if there is none."""
+        run = self._runs.get(run_id)
+        if run is None:
+            rows = await self._journal.read(self._store.runs, run_id)
+            # Again after the read: a concurrent call with this id may have
+            # registered its run meanwhile.
+            run = self._runs.get(run_id)
+            if run is None:
+                return cast(str, rows[0][1]) if rows else None
+        return run.workflow.workflow_id
 
     async def get_run(self, run_id: str) -> RunStatus:
         """The run's status now; :class:`UnknownRun` if there is none."""
