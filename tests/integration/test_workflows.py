@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import sys
+from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dspy_infra import AgentInfra
-from dspy_infra.errors import InfraClosed, UnknownTask
+from dspy_infra.errors import InfraClosed, InfraError, UnknownTask
 from dspy_infra.scheduling.checks import MAX_JSON_DEPTH
-from dspy_infra.scheduling.store import Journal, Op, Written
+from dspy_infra.scheduling.store import Journal, Op, StoreFailed, Written
 from dspy_infra.scheduling.tasks import TaskState
 from dspy_infra.workflows import (
     InvalidWorkflow,
@@ -920,3 +921,58 @@ async def test_a_run_id_taken_by_another_workflow_is_refused(tmp_path: Path) -> 
         assert str(refused.value) == taken
         again = await infra.workflows.start_run(first.workflow_id, {"x": 1}, run_id="nightly")
         assert (await again.wait()).results() == {"double": 2}
+
+
+async def test_a_run_whose_start_fails_to_commit_is_never_handed_out(tmp_path: Path) -> None:
+    # A second start_run of the id returned a handle while the first's commit
+    # was under way: the commit failed, and its wait() (as a wait_run of the
+    # id meanwhile) waited for ever, after the instance had stopped.
+    state_dir = tmp_path / "state"
+    outcomes: dict[str, object] = {}
+
+    async def start(name: str, workflow_id: str, wfs: Any) -> None:
+        try:
+            outcomes[name] = await wfs.start_run(workflow_id, {"x": 1}, run_id="r")
+        except (InfraError, sqlite3.Error) as exc:
+            outcomes[name] = exc
+
+    async def wait(wfs: Any) -> None:
+        try:
+            outcomes["wait"] = await wfs.wait_run("r")
+        except InfraError as exc:
+            outcomes["wait"] = exc
+
+    with anyio.fail_after(10):
+        # The callers' task group is entered first: it outlives the instance.
+        async with anyio.create_task_group() as callers:
+            with pytest.raises(ExceptionGroup) as stopped:  # noqa: PT012
+                async with AgentInfra.start(
+                    state_dir=state_dir, handlers={"double": _double}
+                ) as infra:
+                    workflow = await infra.workflows.create(_ONE_STEP)
+                    wfs = infra.workflows
+                    with closing(sqlite3.connect(state_dir / "tasks.db")) as db:
+                        # Held until the others wait: the first's commit waits for it.
+                        db.execute("BEGIN IMMEDIATE")
+                        db.execute(
+                            "CREATE TRIGGER refuse BEFORE INSERT ON workflow_runs "
+                            "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+                        )
+                        callers.start_soon(start, "first", workflow.workflow_id, wfs)
+                        while True:  # until the first is committing
+                            with suppress(UnknownRun):
+                                await wfs.get_run("r")
+                                break
+                        callers.start_soon(start, "second", workflow.workflow_id, wfs)
+                        callers.start_soon(wait, wfs)
+                        await anyio.sleep(0.1)
+                        db.commit()
+                    await anyio.sleep_forever()
+    assert stopped.group_contains(StoreFailed, match="disk full")
+    assert set(outcomes) == {"first", "second", "wait"}
+    assert "disk full" in str(outcomes["first"]), outcomes
+    assert "disk full" in str(outcomes["second"]), outcomes
+    assert isinstance(outcomes["wait"], InfraClosed), outcomes
+    assert str(outcomes["wait"]) == (
+        "run 'r' was never stored: the commit of its start failed, which stops the instance"
+    )

@@ -164,6 +164,8 @@ class _Run:
         self.done = anyio.Event()
         self.scope: anyio.CancelScope | None = None
         self.cancel_requested = False
+        self.storing: Written | None = None  # the commit of its start, while under way
+        self.never_stored = False  # that commit failed
         # Its id was made by this instance: its tasks' ids (RUN:STEP...)
         # cannot be stored, and the scheduler need not look them up.
         self.fresh = False
@@ -498,6 +500,10 @@ class WorkflowEngine:
         if run_id is not None:
             taken_by = await self._workflow_of(run_id)
             if taken_by == workflow_id:
+                starting = self._runs.get(run_id)
+                if starting is not None and starting.storing is not None:
+                    # Started by a concurrent call: handed out once stored too.
+                    await starting.storing.wait()
                 return RunHandle(run_id, engine=self)
             if taken_by is not None:
                 # Not the run asked for (that of a spec since edited, say).
@@ -527,15 +533,20 @@ class WorkflowEngine:
         # most of a chain's cost.
         run.fresh = fresh
         self._runs[run_id] = run
+        row = (run_id, workflow_id, inputs_json, run.state.value, run.created_at, None, None)
+        run.storing = self._journal.write(("run", row))
         try:
             # Shielded: once written, the run is stored, and must be driven
             # here (a cancelled caller would leave it for the next instance).
-            row = (run_id, workflow_id, inputs_json, run.state.value, run.created_at, None, None)
             with anyio.CancelScope(shield=True):
-                await self._journal.commit(("run", row))
-        except BaseException:
+                await run.storing.wait()
+        except BaseException:  # the commit failed: nothing was stored
             self._runs.pop(run_id, None)
+            run.never_stored = True
+            run.done.set()  # a wait_run() of its id meanwhile is told so
             raise
+        finally:
+            run.storing = None
         self._publish(run, "workflow_run_started", RunState.RUNNING.value)
         assert self._tg is not None
         self._tg.start_soon(self._drive, run)
@@ -577,8 +588,7 @@ class WorkflowEngine:
         if run is not None and not run.state.finished:
             self._check_open()
             await run.done.wait()
-            if not run.state.finished:
-                raise _closed_before(run_id)
+            _check_finished(run)
         return await self.get_run(run_id)
 
     async def cancel_run(self, run_id: str) -> RunStatus:
@@ -1011,7 +1021,13 @@ def _unloadable_status(row: RunRow, step_rows: Iterable[StepRow]) -> RunStatus:
 
 
 def _check_finished(run: _Run) -> None:
-    """Raise what a reader is told when the closing instance cut the run short."""
+    """Raise what a reader is told when the closing instance cut the run short,
+    or when it never began (the commit of its start failed)."""
+    if run.never_stored:
+        raise InfraClosed(
+            f"run {run.run_id!r} was never stored: the commit of its start failed, which "
+            "stops the instance"
+        )
     if not run.state.finished:
         raise _closed_before(run.run_id)
 
