@@ -9,8 +9,8 @@ import signal
 import sqlite3
 import sys
 import textwrap
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import pytest
 
 from dspy_infra import AgentInfra, UnknownRun, UnknownTask
 from dspy_infra.scheduling.tasks import TaskState
-from dspy_infra.workflows import RunState, StepState
+from dspy_infra.workflows import RunState, StepState, Workflow
 
 pytestmark = pytest.mark.anyio
 
@@ -177,13 +177,8 @@ async def test_a_run_cut_short_by_close_resumes_in_the_next_instance(tmp_path: P
         },
     }
     state_dir = tmp_path / "state"
-    async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
-        wf = await infra.workflows.create(spec)
-        run = await infra.workflows.start_run(wf.workflow_id, run_id="cut")
-        with anyio.fail_after(10):
-            while "slow" not in calls:
-                await anyio.sleep(0.01)
-        assert (await run.status()).state is RunState.RUNNING
+    async with cut_while_slow(state_dir, spec, step, calls) as (infra, _):
+        assert (await infra.workflows.get_run("cut")).state is RunState.RUNNING
     assert calls == ["fast", "slow"]
     gate.set()
     async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
@@ -415,14 +410,9 @@ async def test_a_run_cancelled_as_it_resumes_cancels_the_tasks_its_steps_had_sub
             await anyio.sleep(0.5)
         return name
 
-    spec = fast_then_slow("closing")
     state_dir = tmp_path / "state"
-    async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
-        wf = await infra.workflows.create(spec)
-        await infra.workflows.start_run(wf.workflow_id, run_id="cut")
-        with anyio.fail_after(10):
-            while "slow" not in calls:
-                await anyio.sleep(0.01)
+    async with cut_while_slow(state_dir, fast_then_slow("closing"), step, calls):
+        pass
     async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
         status = await infra.workflows.cancel_run("cut")
         assert status.state is RunState.CANCELLED
@@ -449,12 +439,8 @@ async def test_a_run_whose_stored_workflow_is_not_valid_any_more_ends_failed(
         return name
 
     state_dir = tmp_path / "state"
-    async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
-        wf = await infra.workflows.create(fast_then_slow("stale"))
-        await infra.workflows.start_run(wf.workflow_id, run_id="cut")
-        with anyio.fail_after(10):
-            while "slow" not in calls:
-                await anyio.sleep(0.01)
+    async with cut_while_slow(state_dir, fast_then_slow("stale"), step, calls) as (_, wf):
+        pass
     stale = fast_then_slow("stale")
     stale["steps"]["slow"]["depends_on"] = ["slow"]
     db = sqlite3.connect(state_dir / "tasks.db")
@@ -478,6 +464,21 @@ async def test_a_run_whose_stored_workflow_is_not_valid_any_more_ends_failed(
             events = [e async for e in infra.workflows.stream_status("cut")]
             assert events[-1].type == "workflow_run_failed"
     assert calls == ["fast", "slow"]
+
+
+@asynccontextmanager
+async def cut_while_slow(
+    state_dir: Path, spec: dict[str, Any], step: Callable[[str], Awaitable[str]], calls: list[str]
+) -> AsyncIterator[tuple[AgentInfra, Workflow]]:
+    """An instance running ``spec`` as run "cut", once its step "slow" has begun
+    (``step`` appends each call to ``calls``); the run is cut short as it closes."""
+    async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
+        wf = await infra.workflows.create(spec)
+        await infra.workflows.start_run(wf.workflow_id, run_id="cut")
+        with anyio.fail_after(10):
+            while "slow" not in calls:
+                await anyio.sleep(0.01)
+        yield infra, wf
 
 
 def fast_then_slow(name: str) -> dict[str, Any]:
