@@ -198,6 +198,32 @@ async def test_priority_order_within_a_class_higher_first_fifo_among_equals(
     assert gates.started == ["blocker", *expected]
 
 
+async def test_equal_priorities_stay_fifo_when_the_clock_is_stepped_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With aging, tasks rank by their submit time: a wall clock stepped back
+    # between two submits (NTP, a virtual machine resumed) ran the later of
+    # two equal tasks first, in this instance and in the next.
+    gates = Gates()
+    step = [0.0]
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() - step[0])
+    classes = {"one": {"max_concurrency": 1}}
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes) as infra:
+        blocker = await infra.submit_task("gate", {"key": "blocker"}, task_class="one")
+        await gates.wait_started("blocker")
+        first = await infra.submit_task("gate", {"key": "first"}, task_class="one")
+        step[0] = 5.0
+        second = await infra.submit_task("gate", {"key": "second"}, task_class="one")
+    step[0] = 10.0
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes) as infra:
+        third = await infra.submit_task("gate", {"key": "third"}, task_class="one")
+        gates.open("blocker", "first", "second", "third")
+        for h in (blocker, first, second, third):
+            await infra.task_handle(h.task_id).result()
+    assert gates.started[-4:] == ["blocker", "first", "second", "third"]
+
+
 async def test_a_lone_submit_does_not_overtake_tasks_still_being_stored(tmp_path: Path) -> None:
     # A lone task its class can start at once is stored started; not while
     # the tasks of an earlier submit, of higher priority, are being committed.

@@ -256,6 +256,10 @@ class LocalScheduler:
         self._timers: list[_Timer] = []
         self._timer_seq = itertools.count()
         self._seq = itertools.count(1)
+        # With aging a task ranks by its submit time: one read from a wall clock
+        # stepped back (NTP, a resumed VM) put a later task ahead of earlier
+        # equals. Submit times never go back, in this instance or from the last.
+        self._latest_submit = 0.0
         self._starting_services: set[str] = set()
         self._pool = ResourcePool(cpus=1, memory_mb=1, gpus=())
         # Backfill reservations (reserve_after): the task holding the one
@@ -390,6 +394,7 @@ class LocalScheduler:
         recovered = await self._cancel_unwanted(rows)
         for row in recovered:
             record = TaskRecord.from_row(row, next(self._seq))
+            self._latest_submit = max(self._latest_submit, record.submitted_at)
             cls = self._classes.get(record.task_class)
             if cls is None:
                 record.error = f"its class {record.task_class!r} is no longer configured"
@@ -804,6 +809,11 @@ class LocalScheduler:
         if depth := json_too_deep(payload):
             # Encoded here, it may still be too deep to decode where it is read.
             raise refused(task_id, too_deep_error("the payload", depth))
+        submitted_at = time.time()
+        if submitted_at < self._latest_submit:  # the clock was stepped back
+            submitted_at = self._latest_submit
+        else:
+            self._latest_submit = submitted_at
         return TaskRecord(
             task_id=task_id,
             handler=request.handler,
@@ -815,7 +825,7 @@ class LocalScheduler:
             max_attempts=max_attempts,
             timeout=timeout,
             need=need,
-            submitted_at=time.time(),
+            submitted_at=submitted_at,
             seq=next(self._seq),
         )
 
