@@ -1174,3 +1174,37 @@ async def test_a_stop_while_what_is_left_of_an_exited_service_is_stopped_says_so
         "service_stopping",
         "service_stopped",
     ]
+
+
+async def test_a_dependency_with_condition_started_is_not_met_while_its_leftovers_are_stopped(
+    tmp_path: Path,
+) -> None:
+    # proxy crashed and is restarting while what is left of it (a child that
+    # ignores SIGTERM) is stopped; db became healthy meanwhile: api, which
+    # needs proxy "started", was launched then, against a proxy that had ended.
+    gate = tmp_path / "gate"
+    db_ready = anyio.Event()
+
+    async def db_probe(status: Any) -> bool:
+        return db_ready.is_set()
+
+    services = {
+        "proxy": leaves_a_child(gate, restart="on-failure", stop_timeout=1.5),
+        "db": {"command": ["sleep", unique_seconds()], "health": {"call": db_probe}},
+        "api": {
+            "command": ["sleep", unique_seconds()],
+            "depends_on": {"proxy": {"condition": "started"}, "db": {"condition": "healthy"}},
+        },
+    }
+    infra = infra_for(tmp_path, services, autostart=False)
+    async with infra, recording(infra) as recorder, anyio.create_task_group() as tg:
+        tg.start_soon(infra.services.start, ["api"])
+        await recorder.wait_for("service_healthy", "proxy")
+        gate.touch()
+        await until_state(infra, "proxy", ServiceState.RESTARTING)
+        gate.unlink()  # its next launch stays up
+        db_ready.set()
+        await recorder.wait_for("service_started", "api")
+        proxy_launches = recorder.of("service_starting", "proxy")
+        assert len(proxy_launches) == 2, "api was launched while proxy's leftovers were stopped"
+        assert proxy_launches[1].seq < recorder.first("service_starting", "api").seq

@@ -437,7 +437,11 @@ def _condition_met(rt: ServiceRuntime, dep_rt: ServiceRuntime, dep: Dependency) 
     completed = state is ServiceState.COMPLETED
     match dep.condition:
         case "started":
-            return completed or dep_rt.process is not None
+            # A restarting one has ended, though what is left of its process
+            # group may still be being stopped (up to stop_timeout).
+            return completed or (
+                dep_rt.process is not None and state is not ServiceState.RESTARTING
+            )
         case "healthy":
             return completed or state.is_up
         case "completed_successfully":
