@@ -589,3 +589,24 @@ def ready_file_image(tmp_path: Path, busybox: str, first: str = "") -> Path:
         "HEALTHCHECK --interval=1s --timeout=1s CMD test -f /tmp/ready\n"
         f'CMD ["sh", "-c", "{first}touch /tmp/ready; exec sleep 1000"]\n',
     )
+
+
+async def test_asking_for_the_images_healthcheck_of_an_image_without_one_fails_at_once(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    # As compose refuses service_healthy for a container without a
+    # healthcheck: no verdict will ever come, so none is waited for.
+    services = {
+        "plain": {
+            "image": busybox,
+            "command": ["sleep", "1000"],
+            "health": {"container": True},
+            "start_retries": 0,
+        }
+    }
+    with (
+        anyio.fail_after(20),
+        pytest.raises(ServiceStartError, match=f"image {busybox!r} declares no HEALTHCHECK"),
+    ):
+        async with start(tmp_path, project, services):
+            pass

@@ -183,6 +183,11 @@ async def _run_once(
         async with _running(manager, rt, process):
             if probe is None and process.health is not None:
                 probe = _OWN_HEALTH
+            elif probe is not None and probe.container and process.health is None:
+                # No verdict will ever come: failed at once, as compose refuses
+                # service_healthy for a container without a healthcheck.
+                manager.start_failed(rt, "unhealthy")
+                return _Run(ready=False, exit_code=None, reason=_no_healthcheck(spec))
             with _probing(manager, rt, probe, process, first_line) as runner:
                 if runner is not None:
                     exit_code, failure = await _race_exit(
@@ -202,6 +207,13 @@ async def _run_once(
                 if not rt.stop_requested:
                     ended(run)
                 return run
+
+
+def _no_healthcheck(spec: LaunchSpec) -> str:
+    asked = "health = { container = true } waits for the image's own HEALTHCHECK"
+    if spec.image is None:
+        return f"{asked}, and this backend runs no image"
+    return f"{asked}, and image {spec.image!r} declares no HEALTHCHECK"
 
 
 @asynccontextmanager
