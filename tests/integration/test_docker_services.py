@@ -610,3 +610,18 @@ async def test_asking_for_the_images_healthcheck_of_an_image_without_one_fails_a
     ):
         async with start(tmp_path, project, services):
             pass
+
+
+async def test_an_image_present_locally_that_pull_always_cannot_pull_is_not_called_missing(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    # As compose's pull_policy: always, the start fails; but the image is
+    # here, and the message must not send the user off to build it.
+    services = {"kv": web(busybox, pull="always", start_retries=0)}
+    with pytest.raises(ServiceStartError) as failed:
+        async with start(tmp_path, project, services):
+            pass
+    reason = failed.value.reason
+    assert f"image {busybox!r} could not be pulled" in reason
+    assert "pull = 'always'" in reason
+    assert "not present locally" not in reason

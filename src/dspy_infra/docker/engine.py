@@ -227,10 +227,10 @@ class Engine:
                     said[layer] = status
                     progress(f"{image}: {layer} {status}" if layer else f"{image}: {status}")
             if error is not None:
-                raise ContainerError(_unpullable(image, str(error)))
+                raise ContainerError(_unpullable(image, str(error), pull))
             return await self.docker.images.inspect(image)
         except aiodocker.DockerError as exc:
-            raise ContainerError(_unpullable(image, _reason(exc))) from None
+            raise ContainerError(_unpullable(image, _reason(exc), pull)) from None
 
     # -- the instance network -----------------------------------------------------
 
@@ -1077,7 +1077,13 @@ def _exit_code(reported: int | str | None) -> int:
     return -1 if reported is None else from_shell(int(reported), by="Docker")
 
 
-def _unpullable(image: str, why: str) -> str:
+def _unpullable(image: str, why: str, pull: str) -> str:
+    """Why there is no image; with ``pull = "always"`` it may well be here, unused."""
+    if pull == "always":
+        return (
+            f"image {image!r} could not be pulled ({why}); pull = 'always' pulls it even "
+            "when it is present locally: pull = 'missing' uses a local one"
+        )
     return f"image {image!r} is not present locally and could not be pulled ({why}): {_GET_IMAGE}"
 
 
