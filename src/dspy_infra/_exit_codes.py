@@ -11,7 +11,7 @@ a person give beside it (:func:`reported`).
 
 from __future__ import annotations
 
-__all__ = ["ReadBack", "from_shell", "reported"]
+__all__ = ["ReadBack", "Unknown", "from_shell", "reported"]
 
 _LAST_SIGNAL = 64  # SIGRTMAX on Linux
 
@@ -32,6 +32,23 @@ class ReadBack(int):
         return int(self), self.raw, self.by
 
 
+class Unknown(int):
+    """-1, for no exit code: what would have reported one is gone; ``why`` says what became of it.
+
+    Without it, -1 read as a death by signal 1 (SIGHUP).
+    """
+
+    why: str
+
+    def __new__(cls, why: str) -> Unknown:
+        self = super().__new__(cls, -1)
+        self.why = why
+        return self
+
+    def __getnewargs__(self) -> tuple[str]:  # type: ignore[override]
+        return (self.why,)
+
+
 def from_shell(code: int, *, by: str) -> int:
     """``code`` as ``by`` reports it (128 + N for signal N), in the library's convention."""
     if 128 < code <= 128 + _LAST_SIGNAL:
@@ -40,5 +57,8 @@ def from_shell(code: int, *, by: str) -> int:
 
 
 def reported(code: int) -> str:
-    """What a message about ``code`` adds: the code it was read back from, if it was."""
+    """What a message about ``code`` adds: the code it was read back from, if it was,
+    or why there is none."""
+    if isinstance(code, Unknown):
+        return f" ({code.why})"
     return f" (exit code {code.raw} from {code.by})" if isinstance(code, ReadBack) else ""

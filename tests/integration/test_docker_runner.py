@@ -253,6 +253,36 @@ async def test_a_container_docker_fails_to_inspect_after_an_event_stream_break_i
     assert refused, "Docker was never asked about the container"
 
 
+async def test_a_container_removed_while_the_event_stream_is_down_is_said_to_have_disappeared(
+    tmp_path: Path, project: str, busybox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Removed behind our back while no event can tell its exit: Docker then
+    # knows nothing of it, and no exit code is made up (-1 read as SIGHUP).
+    cut = anyio.Event()
+    real_query = aiodocker.Docker._do_query
+
+    async def cut_events(self: aiodocker.Docker, path: Any, *args: Any, **kwargs: Any) -> Any:
+        response = await real_query(self, path, *args, **kwargs)
+        if str(path) == "events" and not cut.is_set():
+            response.content = CutEvents(response.content, cut)  # type: ignore[assignment]
+        return response
+
+    monkeypatch.setattr(aiodocker.Docker, "_do_query", cut_events)
+    async with start(tmp_path, project, {"sleep": box(busybox, SLEEPER)}) as infra:
+        handle = await submit(infra, "sleep", task_id="doomed")
+        await wait_for(tmp_path / "state" / "tasks" / "doomed" / "started")
+        async with aiodocker.Docker() as docker:
+            (container,) = await docker.containers.list(
+                filters=json.dumps({"label": [f"{Labels.NAME}=doomed"]})
+            )
+            await container.delete(force=True)
+        cut.set()
+        with anyio.fail_after(30), pytest.raises(TaskFailed) as caught:
+            await handle.result()
+    assert "SIGHUP" not in caught.value.error
+    assert "container disappeared" in caught.value.error
+
+
 async def test_a_sigkill_just_before_the_timeout_is_no_timeout(
     tmp_path: Path, project: str, busybox: str
 ) -> None:

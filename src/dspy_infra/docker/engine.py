@@ -40,7 +40,7 @@ from aiodocker.execs import Exec
 from aiohttp import ClientResponse
 from anyio.abc import TaskStatus
 
-from dspy_infra._exit_codes import from_shell
+from dspy_infra._exit_codes import Unknown, from_shell
 from dspy_infra._lines import lines
 from dspy_infra._process_group import wait_group_empty
 from dspy_infra._procfs import container_group, start_time
@@ -67,6 +67,8 @@ _OOM_DEADLINE_MARGIN = 0.05  # how far from the caller's deadline that wait stop
 _OOM_QUERY_TIME = 0.1  # what asking the container's state after it may take
 _PID_LOOKS = 100  # times an exec cut short is asked for its pid, 10 ms apart
 _OUTPUT_DRAIN = 0.5  # how long stop() lets a reader take the last lines before removal
+# The exit of a container removed (not by us) while the event stream was down: unknown.
+_GONE = Unknown("the container disappeared, removed by something else before its exit was seen")
 _GET_IMAGE = "build or load it first (docker build / docker load / dspy_infra.docker.build_image)"
 
 
@@ -487,7 +489,7 @@ class Engine:
             except aiodocker.DockerError as exc:
                 if exc.status != 404:
                     raise
-                watch.died(-1)
+                watch.died(_GONE)
                 continue
             # Docker reports a health verdict once, when it changes.
             if health := (state.get("Health") or {}).get("Status"):

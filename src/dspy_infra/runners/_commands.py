@@ -19,7 +19,7 @@ from typing import Any
 
 from attrs import frozen
 
-from dspy_infra._exit_codes import reported
+from dspy_infra._exit_codes import Unknown, reported
 from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.config.model import HandlerConfig
 from dspy_infra.config.placeholders import HANDLER_PLACEHOLDERS, PlaceholderError, render_handler
@@ -263,6 +263,8 @@ class Tail:
 
 
 def exit_message(code: int) -> str:
+    if isinstance(code, Unknown):
+        return f"no exit code: {code.why}"
     if code >= 0:
         return f"exited with code {code}"
     try:
