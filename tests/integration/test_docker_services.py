@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -625,3 +626,30 @@ async def test_an_image_present_locally_that_pull_always_cannot_pull_is_not_call
     assert f"image {busybox!r} could not be pulled" in reason
     assert "pull = 'always'" in reason
     assert "not present locally" not in reason
+
+
+async def test_an_instance_network_another_container_still_uses_is_left_with_a_warning(
+    busybox: str, tmp_path: Path, project: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As compose's down ("Resource is still in use"): Docker refuses to
+    # remove a network in use, and the user is told what holds it.
+    caplog.set_level(logging.WARNING, logger="dspy_infra.docker")
+    services = {"kv": {"image": busybox, "command": ["sleep", "1000"], "stop_timeout": 0.5}}
+    async with aiodocker.Docker() as docker:
+        async with start(tmp_path, project, services):
+            (network,) = await docker.networks.list(
+                filters={"label": [f"dspy-infra.project={project}"]}
+            )
+            guest = await docker.containers.run(
+                {
+                    "Image": busybox,
+                    "Cmd": ["sleep", "1000"],
+                    "HostConfig": {"NetworkMode": network["Name"]},
+                }
+            )
+        try:
+            assert f"{network['Name']!r} is left" in caplog.text
+            assert guest.id[:12] in caplog.text
+        finally:
+            await guest.delete(force=True)
+            await (await docker.networks.get(network["Id"])).delete()

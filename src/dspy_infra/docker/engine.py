@@ -280,8 +280,32 @@ class Engine:
                 anyio.CancelScope(shield=True),
                 contextlib.suppress(aiodocker.DockerError, *_BROKEN),
             ):
-                await (await self.docker.networks.get(self._network_name)).delete()
+                try:
+                    await (await self.docker.networks.get(self._network_name)).delete()
+                except aiodocker.DockerError as exc:
+                    if exc.status in (403, 409):  # in use
+                        await self._warn_network_in_use()
             self._network = None
+
+    async def _warn_network_in_use(self) -> None:
+        """Say which containers keep the instance network, as compose's down does.
+
+        Those of this instance (the other engine's, which removes it as it
+        closes) are no news; others (one a user attached) keep it for good.
+        """
+        users = await self.docker.containers.list(
+            all=True, filters=json.dumps({"network": [self._network_name]})
+        )
+        others = [
+            c.id[:12] for c in users if (c["Labels"] or {}).get(Labels.INSTANCE) != self.instance_id
+        ]
+        if others:
+            log.warning(
+                "the instance network %r is left: containers not of this instance use it (%s); "
+                "remove it with `docker network rm` once they are gone",
+                self._network_name,
+                ", ".join(others),
+            )
 
     # -- containers ---------------------------------------------------------------
 
