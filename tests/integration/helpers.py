@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import aiodocker
 import aiohttp
 import anyio
+import pytest
 
 from dspy_infra.docker import build_image
 
@@ -80,6 +81,29 @@ async def built_image(context: Path, tag: str) -> AsyncIterator[str]:
     finally:
         async with aiodocker.Docker() as docker:
             await docker.images.delete(tag, force=True)
+
+
+def refuse_once(
+    monkeypatch: pytest.MonkeyPatch,
+    asked: Callable[[str, str], bool],
+    error: Callable[[], BaseException],
+) -> list[str]:
+    """Have the first request to Docker that ``asked(path, method)`` picks raise
+    ``error()``, as a busy daemon (a 500) or a broken connection would; the
+    list of what was refused, to check that it came to pass."""
+    real_query = aiodocker.Docker._do_query
+    refused: list[str] = []
+
+    async def query(
+        self: aiodocker.Docker, path: Any, method: str, *args: Any, **kwargs: Any
+    ) -> Any:
+        if not refused and asked(str(path), method):
+            refused.append(str(path))
+            raise error()
+        return await real_query(self, path, method, *args, **kwargs)
+
+    monkeypatch.setattr(aiodocker.Docker, "_do_query", query)
+    return refused
 
 
 class CutEvents:

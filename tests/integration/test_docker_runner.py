@@ -25,7 +25,7 @@ from dspy_infra.config.model import HandlerConfig, InfraSettings, TaskClass
 from dspy_infra.docker.engine import Container, Engine, Labels
 from dspy_infra.errors import InvalidTask, TaskCancelled, TaskFailed, TaskTimedOut
 from dspy_infra.scheduling.tasks import TaskHandle, TaskState
-from tests.integration.helpers import CutEvents, built_image, dockerfile_context
+from tests.integration.helpers import CutEvents, built_image, dockerfile_context, refuse_once
 
 pytestmark = pytest.mark.anyio
 
@@ -334,16 +334,9 @@ async def test_a_cancel_whose_signal_is_lost_still_removes_the_container(
     tmp_path: Path, project: str, busybox: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The connection to Docker breaks on the SIGTERM: the container goes all the same.
-    real_query = aiodocker.Docker._do_query
-    lost: list[str] = []
-
-    async def broken(self: aiodocker.Docker, path: Any, *args: Any, **kwargs: Any) -> Any:
-        if str(path).endswith("/kill") and not lost:
-            lost.append(str(path))
-            raise aiohttp.ServerDisconnectedError()
-        return await real_query(self, path, *args, **kwargs)
-
-    monkeypatch.setattr(aiodocker.Docker, "_do_query", broken)
+    lost = refuse_once(
+        monkeypatch, lambda path, _: path.endswith("/kill"), aiohttp.ServerDisconnectedError
+    )
     handlers = {"sleep": box(busybox, SLEEPER)}
     async with start(tmp_path, project, handlers, cancel_grace=1.0) as infra:
         handle = await submit(infra, "sleep", task_id="sleeper")
@@ -490,16 +483,11 @@ async def test_a_container_docker_fails_to_remove_is_removed_as_the_instance_clo
 ) -> None:
     # Docker's removal may fail for a while (its root filesystem busy): the
     # container is not forgotten, but removed again as the instance closes.
-    real_query = aiodocker.Docker._do_query
-    refused: list[str] = []
-
-    async def busy(self: aiodocker.Docker, path: Any, method: str, *args: Any, **kw: Any) -> Any:
-        if method == "DELETE" and str(path).startswith("containers/") and not refused:
-            refused.append(str(path))
-            raise aiodocker.DockerError(500, "driver failed to remove root filesystem: busy")
-        return await real_query(self, path, method, *args, **kw)
-
-    monkeypatch.setattr(aiodocker.Docker, "_do_query", busy)
+    refused = refuse_once(
+        monkeypatch,
+        lambda path, method: method == "DELETE" and path.startswith("containers/"),
+        lambda: aiodocker.DockerError(500, "driver failed to remove root filesystem: busy"),
+    )
     async with start(tmp_path, project, {"seven": box(busybox, ["echo", "7"])}) as infra:
         assert await (await submit(infra, "seven")).result() == 7
         assert refused, "no removal was refused"

@@ -20,7 +20,7 @@ from aiodocker.containers import DockerContainer
 from dspy_infra import AgentInfra, BackendUnavailable, ServiceStartError, ServiceState
 from dspy_infra._procfs import start_time
 from dspy_infra.docker.engine import Container, Engine
-from tests.integration.helpers import CutEvents, built_image, dockerfile_context
+from tests.integration.helpers import CutEvents, built_image, dockerfile_context, refuse_once
 
 pytestmark = pytest.mark.anyio
 
@@ -453,16 +453,11 @@ async def test_a_log_read_docker_refuses_once_is_read_again(
 ) -> None:
     # A busy daemon answers the first followed log read with a 500: the
     # container runs on, and so must the reading of its output.
-    real_query = aiodocker.Docker._do_query
-    refused: list[str] = []
-
-    async def busy(self: aiodocker.Docker, path: Any, *args: Any, **kwargs: Any) -> Any:
-        if str(path).endswith("/logs") and not refused:
-            refused.append(str(path))
-            raise aiodocker.DockerError(500, "the daemon is busy")
-        return await real_query(self, path, *args, **kwargs)
-
-    monkeypatch.setattr(aiodocker.Docker, "_do_query", busy)
+    refused = refuse_once(
+        monkeypatch,
+        lambda path, _: path.endswith("/logs"),
+        lambda: aiodocker.DockerError(500, "the daemon is busy"),
+    )
     script = "echo one; sleep 1; echo two; exec sleep 1000"
     services = {"talker": {"image": busybox, "command": script, "shell": True}}
     async with start(tmp_path, project, services) as infra:
