@@ -162,11 +162,7 @@ async def test_a_run_cut_short_by_close_resumes_in_the_next_instance(tmp_path: P
     gate = anyio.Event()
     calls: list[str] = []
 
-    async def step(name: str) -> str:
-        calls.append(name)
-        if name == "slow":
-            await gate.wait()
-        return name
+    step = recording_step(calls, gate.wait)
 
     spec = {
         "name": "closing",
@@ -404,11 +400,7 @@ async def test_a_run_cancelled_as_it_resumes_cancels_the_tasks_its_steps_had_sub
     # task too: it ran to its end after its run was 'cancelled'.
     calls: list[str] = []
 
-    async def step(name: str) -> str:
-        calls.append(name)
-        if name == "slow":
-            await anyio.sleep(0.5)
-        return name
+    step = recording_step(calls, lambda: anyio.sleep(0.5))
 
     state_dir = tmp_path / "state"
     async with cut_while_slow(state_dir, fast_then_slow("closing"), step, calls):
@@ -432,11 +424,7 @@ async def test_a_run_whose_stored_workflow_is_not_valid_any_more_ends_failed(
     # get_run(), while the task its step had running was run again.
     calls: list[str] = []
 
-    async def step(name: str) -> str:
-        calls.append(name)
-        if name == "slow":
-            await anyio.sleep_forever()
-        return name
+    step = recording_step(calls, anyio.sleep_forever)
 
     state_dir = tmp_path / "state"
     async with cut_while_slow(state_dir, fast_then_slow("stale"), step, calls) as (_, wf):
@@ -464,6 +452,21 @@ async def test_a_run_whose_stored_workflow_is_not_valid_any_more_ends_failed(
             events = [e async for e in infra.workflows.stream_status("cut")]
             assert events[-1].type == "workflow_run_failed"
     assert calls == ["fast", "slow"]
+
+
+def recording_step(
+    calls: list[str], slow: Callable[[], Awaitable[object]]
+) -> Callable[[str], Awaitable[str]]:
+    """The handler "step" of fast_then_slow(): it appends its payload to
+    ``calls``, awaits ``slow()`` for the step "slow", and returns its payload."""
+
+    async def step(name: str) -> str:
+        calls.append(name)
+        if name == "slow":
+            await slow()
+        return name
+
+    return step
 
 
 @asynccontextmanager
