@@ -342,3 +342,32 @@ async def test_metrics_address_is_none_once_the_instance_has_closed(tmp_path: Pa
     assert infra.metrics_address is None
     with pytest.raises(aiohttp.ClientConnectionError):
         await get(f"http://{address}/metrics")
+
+
+async def test_a_task_given_back_at_close_has_its_wait_observed_once(tmp_path: Path) -> None:
+    # task_wait_seconds is the time to the *first* start: a task whose attempt a
+    # close gave back had it observed by that instance; the next one, which runs
+    # it again, observed it a second time (and as submit-to-now, downtime included).
+    cfg = config(tmp_path, services={})
+    started = anyio.Event()
+
+    async def hangs(payload: Any) -> Any:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with AgentInfra.start(cfg, handlers={"work": hangs}) as first:
+        handle = await first.submit_task("work", None)
+        with anyio.fail_after(10):
+            await started.wait()
+        values = await first.get_metrics()
+        assert values['dspy_infra_task_wait_seconds_count{task_class="cpu_short"}'] == 1
+    async with AgentInfra.start(cfg, handlers={"work": noop}) as second:
+        async for result in second.stream_task_results([handle.task_id]):
+            assert result.type == "task_completed"
+        _, _, text = await get(f"http://{second.metrics_address}/metrics")
+    assert sample(text, f"{PREFIX}task_wait_seconds_count", task_class="cpu_short") == 0
+    assert sample(text, f"{PREFIX}task_duration_seconds_count", task_class="cpu_short") == 1
+    finished = sample(
+        text, f"{PREFIX}tasks_finished_total", task_class="cpu_short", status="succeeded"
+    )
+    assert finished == 1

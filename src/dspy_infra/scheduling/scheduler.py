@@ -1094,10 +1094,14 @@ class LocalScheduler:
         cls.running += 1
         record.state = TaskState.RUNNING
         record.attempts += 1
-        record.started_at = time.time()
+        started_at = time.time()
+        # Its first start, in this instance or an earlier one: an attempt that
+        # a close gave back takes its count back, not its start (its wait was
+        # observed by the instance it started in).
+        if record.started_at is None:
+            cls.metrics.wait.observe(started_at - record.submitted_at)
+        record.started_at = started_at
         record.deadline = None
-        if record.attempts == 1:
-            cls.metrics.wait.observe(record.started_at - record.submitted_at)
         if cls.workers < cls.running:
             cls.workers += 1
             self._runs.start_soon(self._worker, cls)
