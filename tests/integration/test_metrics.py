@@ -371,3 +371,29 @@ async def test_a_task_given_back_at_close_has_its_wait_observed_once(tmp_path: P
         text, f"{PREFIX}tasks_finished_total", task_class="cpu_short", status="succeeded"
     )
     assert finished == 1
+
+
+async def test_a_task_lost_at_recovery_with_its_class_gone_is_counted(tmp_path: Path) -> None:
+    # A class taken out of the config loses its stored tasks at the next start:
+    # the one case where tasks end 'lost' on purpose, and they were counted nowhere.
+    cfg = config(tmp_path, services={}, classes={"extra": {"runner": "inprocess"}})
+    started = anyio.Event()
+
+    async def hangs(payload: Any) -> Any:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with AgentInfra.start(cfg, handlers={"work": hangs}) as first:
+        handle = await first.submit_task("work", None, task_class="extra")
+        with anyio.fail_after(10):
+            await started.wait()
+    del cfg["classes"]
+    async with AgentInfra.start(cfg, handlers={"work": noop}) as second:
+        assert (await second.get_task_status(handle.task_id)).state.value == "lost"
+        lost = 'dspy_infra_tasks_finished_total{status="lost",task_class="extra"}'
+        with anyio.fail_after(10):  # counted once its end is committed
+            while lost not in (values := await second.get_metrics()):
+                await anyio.sleep(0.02)
+        _, _, text = await get(f"http://{second.metrics_address}/metrics")
+    assert values[lost] == 1
+    assert sample(text, f"{PREFIX}tasks_finished_total", task_class="extra", status="lost") == 1

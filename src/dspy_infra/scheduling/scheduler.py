@@ -1369,8 +1369,14 @@ class LocalScheduler:
         if record.waiters is not None:
             record.waiters.set()
         task_class = self._classes.get(record.task_class)
-        if task_class is not None:
-            task_class.metrics.finished[record.state.value].value += 1
+        # A class no longer configured still counts the tasks of it that the
+        # recovery ended (lost, or cancelled on recovery), under its name.
+        metrics = (
+            task_class.metrics
+            if task_class is not None
+            else self._metrics.task_class(record.task_class)
+        )
+        metrics.finished[record.state.value].value += 1
         self._publish(record, record.state, result=record.result)
 
     def _publish(
