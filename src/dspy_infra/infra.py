@@ -40,6 +40,7 @@ from dspy_infra.workflows.model import WorkflowEvent
 
 if TYPE_CHECKING:
     import ssl
+    from pathlib import Path
 
     from dspy_infra.remote.client import RemoteAgentInfra
 
@@ -231,6 +232,15 @@ class AgentInfra(TaskMethods):
                     source=self.config.source,
                     path="infra.state_dir",
                 ) from None
+            if why := await anyio.to_thread.run_sync(_unwritable, state_dir):
+                # Found now, before anything is made there: found later, it was
+                # a bare OSError or SQLite's error, with the records of the
+                # backend and a store file left half made.
+                raise ConfigError(
+                    f"cannot write to the directory {state_dir}: {why}",
+                    source=self.config.source,
+                    path="infra.state_dir",
+                )
             with self.metrics.backend_call(self._backend.name, "open"):
                 swept = await self._backend.open(
                     state_dir=state_dir,
@@ -446,3 +456,22 @@ def _bind_reason(exc: OSError) -> str:
     if exc.errno is not None and exc.errno > 0:
         return os.strerror(exc.errno)
     return exc.strerror or str(exc)
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why nothing can be written in ``directory`` (which exists), or None.
+
+    A full disk counts the blocks kept for root as free to root, as the
+    kernel does when it writes.
+    """
+    try:
+        fs = os.statvfs(directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if fs.f_flag & os.ST_RDONLY:
+        return "read-only file system"
+    if not os.access(directory, os.W_OK):
+        return "permission denied"
+    if (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) == 0:
+        return "no space left on its file system"
+    return None

@@ -3,18 +3,21 @@ running if it has an attempt left, marks it lost if not, and runs what was queue
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from dspy_infra import AgentInfra
+from dspy_infra import AgentInfra, ConfigError
 from dspy_infra.abc import TaskRun
 from dspy_infra.errors import StateDirInUse, TaskLost
 from dspy_infra.scheduling.tasks import TaskState
@@ -253,3 +256,45 @@ async def test_a_task_being_cancelled_when_its_instance_closes_stays_cancelled(
         status = await infra.task_handle(handle.task_id).wait()
     assert status.state is TaskState.CANCELLED
     assert runs == 1, "a cancelled task ran again"
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs of its own (root only), unmounted after the test."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+        check=False,
+        capture_output=True,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _spoil(fs: Path, problem: str) -> str:
+    """Make ``fs`` read-only or full; what a refusal then says about it."""
+    if problem == "full":
+        with contextlib.suppress(OSError), (fs / "filler").open("wb", buffering=0) as filler:
+            while True:
+                filler.write(b"\0" * 4096)
+        return "no space left on its file system"
+    subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+    return "read-only file system"
+
+
+@pytest.mark.parametrize("problem", ["read-only", "full"])
+async def test_a_state_dir_that_cannot_be_written_is_refused_before_anything_is_made(
+    small_fs: Path, problem: str
+) -> None:
+    state_dir = small_fs / "state"
+    state_dir.mkdir()
+    why = _spoil(small_fs, problem)
+    with pytest.raises(ConfigError, match=rf"infra.state_dir: cannot write to .*: {why}"):
+        async with AgentInfra.start({}, state_dir=state_dir):
+            pass
+    assert list(state_dir.iterdir()) == []
