@@ -29,9 +29,10 @@ import anyio
 import anyio.to_thread
 from anyio.abc import Process
 
-from dspy_infra._procfs import group_alive, start_time
+from dspy_infra._procfs import group_alive, groups_with_env, start_time
 
 __all__ = [
+    "LEDGER_ENV",
     "LaunchFailed",
     "Ledger",
     "group_running",
@@ -51,6 +52,9 @@ _SWEEP_KILL_WAIT = 5.0
 _COMPACT_AT = 1024
 _STALE_REWRITE = 60.0  # seconds after which an unreadable rewrite is left behind
 _SUFFIX = ".jsonl"
+# Set in the environment of what an owner launches, to its ledger's file name
+# (Ledger.marker): a launch that a crash kept from being recorded is found by it.
+LEDGER_ENV = "DSPY_INFRA_LEDGER"
 
 
 class LaunchFailed(Exception):
@@ -175,6 +179,12 @@ class Ledger:
         self._closed = False
         self._lock = threading.Lock()
 
+    def start(self) -> None:
+        """Create the file now, not at the first launch: a launch whose record a
+        crash cut short is then still found, by ``LEDGER_ENV`` (see :func:`sweep`)."""
+        with self._lock:
+            self._rewrite()
+
     def number(self) -> int:
         """A number for the next launch: what :meth:`launched` and :meth:`ended` are given.
 
@@ -297,6 +307,13 @@ def sweep(records: Path, describe: Callable[[Mapping[str, Any]], str]) -> list[s
             continue
         if start_time(owner_pid) == owner_start:
             continue  # its owner is alive: not ours to touch
+        # Launched, but killed with its owner before the launch was recorded
+        # (written beside the running command, not before it).
+        marker = f"{LEDGER_ENV}={path.name.removesuffix('.tmp')}"
+        recorded = {launch.get("pid") for launch in launches}
+        for pgid in groups_with_env(marker) - recorded:
+            kill_group(pgid)
+            removed.append(f"an unrecorded launch (pid {pgid}, owner pid {owner_pid} gone)")
         for launch in launches:
             try:
                 pgid = launch["pid"]

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["container_group", "group_alive", "group_members", "start_time"]
+__all__ = ["container_group", "group_alive", "group_members", "groups_with_env", "start_time"]
 
 _PROC = Path("/proc")
 _HAS_PROC = sys.platform.startswith("linux") and _PROC.is_dir()
@@ -54,6 +54,25 @@ def group_members(pgid: int) -> list[int]:
             if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
                 members.append(int(entry.name))
     return members
+
+
+def groups_with_env(item: str) -> set[int]:
+    """The process groups of the live processes whose environment holds ``item``
+    (``NAME=value``); empty on a machine without /proc."""
+    if not _HAS_PROC:
+        return set()
+    wanted = item.encode()
+    groups = set()
+    for entry in _PROC.iterdir():
+        if entry.name.isdigit():
+            try:
+                found = wanted in (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue  # gone meanwhile, or another user's
+            fields = _stat_fields(int(entry.name))
+            if found and fields is not None and fields[0] != "Z":
+                groups.add(int(fields[2]))
+    return groups
 
 
 def group_alive(pgid: int) -> bool:

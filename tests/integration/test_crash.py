@@ -102,3 +102,49 @@ async def test_a_command_probe_of_a_killed_owner_is_removed_on_next_start(tmp_pa
         for pid in probes(child.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
+
+
+async def test_task_processes_launched_just_before_the_owner_was_killed_are_removed(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    seconds = unique_seconds()
+    config = {
+        "classes": {"proc": {"runner": "process", "max_concurrency": 32}},
+        "handlers": {"hang": {"command": ["sh", "-c", f"sleep {seconds} & wait"]}},
+    }
+    # Killed as the first commands start: most of the 32 launches are not
+    # yet written down beside them then.
+    owner = textwrap.dedent(
+        f"""
+        import anyio, json
+        from dspy_infra import AgentInfra
+
+        async def main() -> None:
+            config = json.loads({json.dumps(json.dumps(config))})
+            async with AgentInfra.start(config, state_dir={str(state_dir)!r}) as infra:
+                await infra.submit_tasks("hang", list(range(32)), task_class="proc")
+                await anyio.sleep(1000)
+
+        anyio.run(main)
+        """
+    )
+
+    def sleeps(owner_pid: int) -> set[str]:
+        return set(running_with(seconds)) - {str(owner_pid)}
+
+    async with await anyio.open_process([sys.executable, "-c", owner]) as child:
+        with anyio.fail_after(30):
+            while not sleeps(child.pid):
+                await anyio.sleep(0.001)
+        os.kill(child.pid, signal.SIGKILL)
+        await child.wait()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(tmp_path)
+            async with AgentInfra.start(config, state_dir=state_dir):
+                assert not sleeps(child.pid)
+    finally:  # whatever the sweep missed
+        for pid in sleeps(child.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)

@@ -25,6 +25,7 @@ and a single ``killpg(pgid, 0)`` tells that nothing of its group is left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import subprocess
@@ -38,6 +39,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from dspy_infra._process_group import (
+    LEDGER_ENV,
     LaunchFailed,
     Ledger,
     group_running,
@@ -87,13 +89,18 @@ class ProcessRunner:
         records = context.state_dir / "process"
         owner = {**owner_identity(), "instance": context.instance_id, "project": context.project}
 
+        ledger = Ledger(records, context.instance_id, owner)
+
         def setup() -> list[str]:
             records.mkdir(parents=True, exist_ok=True)
-            return sweep(records, _describe)
+            swept = sweep(records, _describe)
+            with contextlib.suppress(OSError):  # retried at the first launch, which warns
+                ledger.start()
+            return swept
 
         swept = await anyio.to_thread.run_sync(setup)
         self._context = context
-        self._ledger = Ledger(records, context.instance_id, owner)
+        self._ledger = ledger
         self._files = _Files()
         return swept
 
@@ -111,6 +118,7 @@ class ProcessRunner:
         files = AttemptFiles.of(run)
         argv = command_argv(run.handler, handler, files.values)
         env = {**os.environ, **attempt_env(handler, run, files.values)}
+        env[LEDGER_ENV] = ledger.path.name  # finds it if a crash keeps it from the ledger
         cwd = Path(handler.cwd) if handler.cwd is not None else files.work_dir
         await files_io.run(prepare, files, run.payload)
 
