@@ -1813,6 +1813,47 @@ async def test_a_stream_the_client_does_not_read_leaves_its_other_calls_alone(
             assert isinstance(await anext(events), TaskEvent)
 
 
+async def test_many_streams_followed_on_one_connection_leave_its_other_calls_alone(
+    tmp_path: Path,
+) -> None:
+    # HTTP/2 lets a server cap the calls open at once on a connection, and
+    # the server left h2's cap of 100: with 100 streams followed (a result
+    # stream per task), the next call on the connection, a status or the
+    # submit that would end them, waited for one of them to close, for ever.
+    followers = 150
+    gate = anyio.Event()
+
+    async def gated(payload: Any) -> Any:
+        await gate.wait()
+        return payload
+
+    async with (
+        AgentInfra.start(
+            {"infra": {}}, state_dir=tmp_path / "state", handlers={"gated": gated}
+        ) as infra,
+        serve(infra, "127.0.0.1:0") as srv,
+        AgentInfra.connect(srv.address) as remote,
+    ):
+        handle = await remote.submit_task("gated", "done")
+        results: list[TaskEvent] = []
+
+        async def follow() -> None:
+            async with aclosing(remote.stream_task_results([handle.task_id])) as stream:
+                results.extend([r async for r in stream])
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(followers):
+                tg.start_soon(follow)
+            await anyio.wait_all_tasks_blocked()  # every follower has asked, and waits
+            with anyio.fail_after(5):
+                assert (await remote.get_task_status(handle.task_id)).state is TaskState.RUNNING
+            gate.set()
+            with anyio.fail_after(10):
+                assert await handle.result() == "done"
+        assert [r.result for r in results] == ["done"] * followers
+        assert len({r.seq for r in results}) == 1
+
+
 async def test_a_call_in_flight_when_its_connection_closes_says_so(tmp_path: Path) -> None:
     # A stream followed in another task when the `async with connect()`
     # block ends: it was told that no server answered, and to check that

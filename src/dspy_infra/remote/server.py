@@ -68,6 +68,7 @@ from grpclib.reflection.service import ServerReflection
 from grpclib.reflection.v1 import reflection_pb2 as reflection_v1
 from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha
 from grpclib.server import Server, Stream
+from h2.settings import SettingCodes
 
 from dspy_infra.errors import (
     ConfigError,
@@ -117,6 +118,13 @@ log = logging.getLogger("dspy_infra.remote")
 
 # How often a Watch of grpc.health.v1.Health looks at the instance again.
 HEALTH_WATCH_INTERVAL = 1.0
+# The calls a client may have open at once on one connection: no cap, as
+# gRPC's own servers set none. h2's default of 100 made the 101st call (a
+# status, or the submit that would end them) wait for one of 100 followed
+# streams to close, for ever. What a call holds is bounded by itself (its
+# request's size, an event subscription's buffer), and the token is what
+# keeps strangers from opening them.
+MAX_CONCURRENT_CALLS = 2**31 - 1
 # How long a shutdown waits for the calls it cancelled to end and the
 # connections to close before it drops those still open (see _Server.shut_down).
 SHUTDOWN_GRACE = 5.0
@@ -275,7 +283,8 @@ class _Server(Server):
             raise
 
     def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
+        made = super()._protocol_factory()  # grpclib's, with its call handler registered
+        protocol = _Protocol(made.handler, made.config, made.h2_config)
         self._protocols.add(protocol)
         return protocol
 
@@ -317,6 +326,19 @@ class _Server(Server):
         await self.wait_closed()
         for server in self._more:
             await server.wait_closed()
+
+
+class _Protocol(H2Protocol):
+    """grpclib's connection, taking up to MAX_CONCURRENT_CALLS calls at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # The settings grpclib sends first say 100 (h2's default): these
+        # follow them at once, before any call of the client's is read.
+        self.connection._connection.update_settings(
+            {SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_CALLS}
+        )
+        self.connection.flush()
 
 
 def _transport(protocol: H2Protocol) -> asyncio.Transport | None:
