@@ -38,6 +38,7 @@ __all__ = [
     "group_running",
     "kill_group",
     "launch_group",
+    "open_ledger",
     "owner_identity",
     "signal_group",
     "stop_group",
@@ -278,6 +279,24 @@ def _read_ledger(path: Path) -> tuple[Mapping[str, Any], list[dict[str, Any]]]:
         except (ValueError, TypeError, KeyError):
             continue  # a line cut short (a crash of the machine mid-write), or not ours
     return owner, list(launches.values())
+
+
+def open_ledger(
+    records: Path,
+    name: str,
+    owner: Mapping[str, Any],
+    describe: Callable[[Mapping[str, Any]], str],
+) -> tuple[Ledger, list[str]]:
+    """This owner's ledger under ``records``, after a :func:`sweep` of the dead
+    owners' (what it says it removed). The file is made now, not at the first
+    launch: a launch whose record a crash cut short is then still found, by
+    ``LEDGER_ENV`` in its environment. Blocking: run it in a worker thread."""
+    records.mkdir(parents=True, exist_ok=True)
+    swept = sweep(records, describe)
+    ledger = Ledger(records, name, owner)
+    with contextlib.suppress(OSError):  # tried again at the first launch, which warns
+        ledger.start()
+    return ledger, swept
 
 
 def sweep(records: Path, describe: Callable[[Mapping[str, Any]], str]) -> list[str]:

@@ -9,6 +9,7 @@ import signal
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -104,17 +105,25 @@ async def test_a_command_probe_of_a_killed_owner_is_removed_on_next_start(tmp_pa
                 os.kill(int(pid), signal.SIGKILL)
 
 
-async def test_task_processes_launched_just_before_the_owner_was_killed_are_removed(
-    tmp_path: Path,
+@pytest.mark.parametrize("what", ["tasks", "services"])
+async def test_processes_launched_just_before_the_owner_was_killed_are_removed(
+    tmp_path: Path, what: str
 ) -> None:
     state_dir = tmp_path / "state"
     seconds = unique_seconds()
-    config = {
-        "classes": {"proc": {"runner": "process", "max_concurrency": 32}},
-        "handlers": {"hang": {"command": ["sh", "-c", f"sleep {seconds} & wait"]}},
-    }
+    command = ["sh", "-c", f"sleep {seconds} & wait"]
     # Killed as the first commands start: most of the 32 launches are not
     # yet written down beside them then.
+    if what == "tasks":
+        config: dict[str, Any] = {
+            "classes": {"proc": {"runner": "process", "max_concurrency": 32}},
+            "handlers": {"hang": {"command": command}},
+        }
+        then = 'await infra.submit_tasks("hang", list(range(32)), task_class="proc")'
+    else:
+        services = {f"s{i}": {"command": command} for i in range(32)}
+        config = {"infra": {"max_concurrent_starts": 32}, "services": services}
+        then = "pass"
     owner = textwrap.dedent(
         f"""
         import anyio, json
@@ -123,7 +132,7 @@ async def test_task_processes_launched_just_before_the_owner_was_killed_are_remo
         async def main() -> None:
             config = json.loads({json.dumps(json.dumps(config))})
             async with AgentInfra.start(config, state_dir={str(state_dir)!r}) as infra:
-                await infra.submit_tasks("hang", list(range(32)), task_class="proc")
+                {then}
                 await anyio.sleep(1000)
 
         anyio.run(main)
@@ -142,7 +151,7 @@ async def test_task_processes_launched_just_before_the_owner_was_killed_are_remo
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(tmp_path)
-            async with AgentInfra.start(config, state_dir=state_dir):
+            async with AgentInfra.start(config, state_dir=state_dir, autostart=False):
                 assert not sleeps(child.pid)
     finally:  # whatever the sweep missed
         for pid in sleeps(child.pid):

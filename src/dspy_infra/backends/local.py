@@ -24,12 +24,13 @@ from anyio.abc import Process
 from dspy_infra._groups import ungrouped
 from dspy_infra._lines import decode, lines
 from dspy_infra._process_group import (
+    LEDGER_ENV,
     LaunchFailed,
     Ledger,
     launch_group,
+    open_ledger,
     owner_identity,
     stop_group,
-    sweep,
 )
 from dspy_infra.abc import LaunchSpec
 from dspy_infra.errors import ServiceStartError
@@ -91,7 +92,7 @@ class LocalProcess:
         try:
             process = await launch_group(
                 list(argv),
-                env=_environment(self._spec.env),
+                env=_environment(self._spec.env, self._ledger),
                 cwd=self._spec.cwd,
                 stderr=subprocess.STDOUT,
             )
@@ -146,12 +147,9 @@ class LocalBackend:
         records = state_dir / "local"
         owner = {**owner_identity(), "instance": instance_id, "project": project}
 
-        def setup() -> list[str]:
-            records.mkdir(parents=True, exist_ok=True)
-            return sweep(records, _describe)
-
-        swept = await anyio.to_thread.run_sync(setup)
-        self._ledger = Ledger(records, instance_id, owner)
+        self._ledger, swept = await anyio.to_thread.run_sync(
+            open_ledger, records, instance_id, owner, _describe
+        )
         return swept
 
     async def launch(self, spec: LaunchSpec) -> LocalProcess:
@@ -167,7 +165,7 @@ class LocalBackend:
         with anyio.CancelScope(shield=True):
             try:
                 process = await launch_group(
-                    argv, env=_environment(spec.env), cwd=spec.cwd, stderr=subprocess.STDOUT
+                    argv, env=_environment(spec.env, ledger), cwd=spec.cwd, stderr=subprocess.STDOUT
                 )
             except LaunchFailed as exc:
                 raise ServiceStartError(spec.name, exc.reason) from None
@@ -204,10 +202,11 @@ class LocalBackend:
 Backend = LocalBackend
 
 
-def _environment(extra: Mapping[str, str]) -> dict[str, str]:
+def _environment(extra: Mapping[str, str], ledger: Ledger) -> dict[str, str]:
     # Python services block-buffer a piped stdout, which would hide the very
     # lines that log probes and log_ready wait for; unbuffer unless told not to.
-    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+    # LEDGER_ENV: a launch that a crash kept from its ledger is found by it.
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra, LEDGER_ENV: ledger.path.name}
 
 
 def _taken(ports: Mapping[str, int]) -> str | None:

@@ -25,7 +25,6 @@ and a single ``killpg(pgid, 0)`` tells that nothing of its group is left.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import subprocess
@@ -44,9 +43,9 @@ from dspy_infra._process_group import (
     Ledger,
     group_running,
     launch_group,
+    open_ledger,
     owner_identity,
     stop_group,
-    sweep,
 )
 from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.runners._commands import (
@@ -89,16 +88,9 @@ class ProcessRunner:
         records = context.state_dir / "process"
         owner = {**owner_identity(), "instance": context.instance_id, "project": context.project}
 
-        ledger = Ledger(records, context.instance_id, owner)
-
-        def setup() -> list[str]:
-            records.mkdir(parents=True, exist_ok=True)
-            swept = sweep(records, _describe)
-            with contextlib.suppress(OSError):  # retried at the first launch, which warns
-                ledger.start()
-            return swept
-
-        swept = await anyio.to_thread.run_sync(setup)
+        ledger, swept = await anyio.to_thread.run_sync(
+            open_ledger, records, context.instance_id, owner, _describe
+        )
         self._context = context
         self._ledger = ledger
         self._files = _Files()
