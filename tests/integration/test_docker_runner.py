@@ -23,8 +23,8 @@ import pytest
 from dspy_infra import AgentInfra, Config, ConfigError
 from dspy_infra.config.model import HandlerConfig, InfraSettings, TaskClass
 from dspy_infra.docker.engine import Container, Engine, Labels
-from dspy_infra.errors import InvalidTask, TaskCancelled, TaskFailed, TaskTimedOut
-from dspy_infra.scheduling.tasks import TaskHandle, TaskState
+from dspy_infra.errors import InvalidTask, TaskCancelled, TaskFailed, TaskTimedOut, UnknownTask
+from dspy_infra.scheduling.tasks import Resources, TaskHandle, TaskState
 from tests.integration.helpers import CutEvents, built_image, dockerfile_context, refuse_once
 
 pytestmark = pytest.mark.anyio
@@ -536,6 +536,23 @@ async def test_a_handler_without_an_image_is_refused_at_submit(
     async with AgentInfra.start(config) as infra:
         with pytest.raises(InvalidTask, match=r"unknown placeholder \{payload\}"):
             await submit(infra, "typo")
+
+
+async def test_a_task_asking_for_less_memory_than_docker_allows_is_refused_at_submit(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    # The class's own memory_mb is refused as the configuration loads; a
+    # task's own, as it is submitted, before anything is stored.
+    async with start(tmp_path, project, {"noop": box(busybox, ["true"])}) as infra:
+        smallest = r"resources.memory_mb: expected at least 6 \(Docker's smallest .*\), got 3"
+        with pytest.raises(InvalidTask, match=smallest):
+            await submit(infra, "noop", task_id="small", resources=Resources(memory_mb=3))
+        with pytest.raises(UnknownTask):
+            await infra.get_task_status("small")
+        # 0 is no limit, as for a class.
+        assert (
+            await (await submit(infra, "noop", resources=Resources(memory_mb=0))).result() is None
+        )
 
 
 async def test_without_a_docker_engine_the_class_refuses_tasks_saying_how_to_do_without(

@@ -105,7 +105,13 @@ _MAX_PRIORITY = 2**31 - 1
 _DOCKER_MIN_MEMORY_MB = 6
 
 
-def _docker_memory_error(value: int | None) -> str | None:
+def docker_memory_error(value: int | None) -> str | None:
+    """Why Docker would refuse ``value`` MB as a container's memory limit (0: none), or None.
+
+    A service's or class's ``memory_mb`` as the configuration loads, a
+    task's own (``Resources``) as it is submitted: found at a start, it
+    failed each one.
+    """
     if value is not None and 0 < value < _DOCKER_MIN_MEMORY_MB:
         smallest = _DOCKER_MIN_MEMORY_MB
         return f"expected at least {smallest} (Docker's smallest memory limit), got {value}"
@@ -113,7 +119,7 @@ def _docker_memory_error(value: int | None) -> str | None:
 
 
 def _docker_memory(_: object, attribute: Attribute[Any], value: int | None) -> None:
-    if problem := _docker_memory_error(value):
+    if problem := docker_memory_error(value):
         raise FieldError(attribute.name, problem)
 
 
@@ -480,7 +486,7 @@ class TaskClass:
         if self.min_concurrency > self.max_concurrency:
             raise FieldError("min_concurrency", "must be at most max_concurrency")
         # Other runners only count it against the machine: a small amount is fine there.
-        if self.runner == "docker" and (problem := _docker_memory_error(self.memory_mb)):
+        if self.runner == "docker" and (problem := docker_memory_error(self.memory_mb)):
             raise FieldError("memory_mb", problem)
 
 

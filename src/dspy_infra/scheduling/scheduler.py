@@ -42,7 +42,7 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from dspy_infra.abc import Runner, RunnerContext, TaskRun
-from dspy_infra.config.model import Config, TaskClass
+from dspy_infra.config.model import Config, TaskClass, docker_memory_error
 from dspy_infra.errors import (
     BackendUnavailable,
     InfraClosed,
@@ -884,6 +884,8 @@ class LocalScheduler:
         need = self._need(cls, request)
         if problem := resources_error(*need):
             raise invalid(problem)
+        if cls.config.runner == "docker" and (problem := docker_memory_error(need[1])):
+            raise invalid(f"resources.memory_mb: {problem}")
         if cls.local and (problem := self._pool.capacity_error(need)):
             raise invalid(problem)
         return (
