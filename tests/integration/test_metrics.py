@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -371,6 +372,33 @@ async def test_a_task_given_back_at_close_has_its_wait_observed_once(tmp_path: P
         text, f"{PREFIX}tasks_finished_total", task_class="cpu_short", status="succeeded"
     )
     assert finished == 1
+
+
+async def test_a_wall_clock_step_does_not_distort_task_wait_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A wall clock stepped (NTP, a resumed VM) while a task waited made its
+    # wait an hour longer, or negative, which took the histogram's sum down.
+    step = [0.0]
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + step[0])
+    release = anyio.Event()
+
+    async def blocks(payload: Any) -> Any:
+        await release.wait()
+
+    cfg = config(tmp_path, services={}, classes={"one": {"max_concurrency": 1}})
+    wait = 'dspy_infra_task_wait_seconds_sum{task_class="one"}'
+    async with AgentInfra.start(cfg, handlers={"block": blocks, "work": noop}) as infra:
+        for moved in (3600.0, -7200.0):  # an hour ahead, then an hour behind the real time
+            blocker = await infra.submit_task("block", task_class="one")
+            waiter = await infra.submit_task("work", task_class="one")
+            step[0] += moved
+            release.set()
+            await blocker.result()
+            await waiter.result()
+            release = anyio.Event()
+            assert 0 <= (await infra.get_metrics())[wait] < 60
 
 
 async def test_a_task_lost_at_recovery_with_its_class_gone_is_counted(tmp_path: Path) -> None:

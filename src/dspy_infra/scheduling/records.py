@@ -50,6 +50,7 @@ class TaskRecord:
         "started_at",
         "state",
         "submitted_at",
+        "submitted_mono",
         "task_class",
         "task_id",
         "timeout",
@@ -73,6 +74,7 @@ class TaskRecord:
         need: Need,
         submitted_at: float,
         seq: int,
+        submitted_mono: float | None = None,
     ):
         self.task_id = task_id
         self.handler = handler
@@ -85,6 +87,10 @@ class TaskRecord:
         self.timeout = timeout
         self.need = need
         self.submitted_at = submitted_at
+        # Monotonic, when submitted to this instance: the wait to the first
+        # start is timed by it, which a wall clock stepped meanwhile (NTP, a
+        # resumed VM) made an hour longer, or negative.
+        self.submitted_mono = submitted_mono
         self.seq = seq
         self.state = TaskState.QUEUED
         self.attempts = 0

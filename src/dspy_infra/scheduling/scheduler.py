@@ -827,6 +827,7 @@ class LocalScheduler:
             need=need,
             submitted_at=submitted_at,
             seq=next(self._seq),
+            submitted_mono=time.monotonic(),
         )
 
     @property
@@ -1101,7 +1102,10 @@ class LocalScheduler:
         # a close gave back takes its count back, not its start (its wait was
         # observed by the instance it started in).
         if record.started_at is None:
-            cls.metrics.wait.observe(started_at - record.submitted_at)
+            since = record.submitted_mono
+            # Submitted to an earlier instance: its stored wall time is all there is.
+            waited = started_at - record.submitted_at if since is None else time.monotonic() - since
+            cls.metrics.wait.observe(max(0.0, waited))
         record.started_at = started_at
         record.deadline = None
         if cls.workers < cls.running:
