@@ -401,6 +401,23 @@ async def test_a_wall_clock_step_does_not_distort_task_wait_seconds(
             assert 0 <= (await infra.get_metrics())[wait] < 60
 
 
+async def test_a_closed_instance_reports_no_task_queued(tmp_path: Path) -> None:
+    # Its queued tasks are handed back to the store at close: the registry
+    # (read after close, say to push it) still showed them queued, while it
+    # showed no GPU in use and no service up.
+    async def hangs(payload: Any) -> Any:
+        await anyio.sleep_forever()
+
+    cfg = config(tmp_path, services={}, classes={"one": {"max_concurrency": 1}})
+    depth = 'dspy_infra_task_queue_depth{task_class="one"}'
+    infra = AgentInfra.start(cfg, handlers={"hang": hangs})
+    async with infra:
+        for _ in range(3):
+            await infra.submit_task("hang", task_class="one")
+        assert (await infra.get_metrics())[depth] == 2
+    assert infra.metrics.values()[depth] == 0
+
+
 async def test_a_task_lost_at_recovery_with_its_class_gone_is_counted(tmp_path: Path) -> None:
     # A class taken out of the config loses its stored tasks at the next start:
     # the one case where tasks end 'lost' on purpose, and they were counted nowhere.

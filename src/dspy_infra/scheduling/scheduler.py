@@ -332,10 +332,15 @@ class LocalScheduler:
     def _watch_metrics(self) -> None:
         m = self._metrics
         for name, cls in self._classes.items():
-            m.read(m.task_queue_depth, cls.queue.__len__, name)
+            m.read(m.task_queue_depth, functools.partial(self._queue_depth, cls), name)
             m.read(m.class_concurrency_limit, functools.partial(_current_limit, cls), name)
         m.read(m.gpus_total, lambda: len(self._pool.gpus))
         m.read(m.gpus_in_use, lambda: self.gpus_in_use)
+
+    def _queue_depth(self, cls: _Class) -> int:
+        # Closed, its queue is the store's again (the next instance's to run),
+        # though the records stay behind for late status calls.
+        return len(cls.queue) if self._open else 0
 
     def _close_gate(self) -> None:
         self._open = False
