@@ -976,3 +976,102 @@ async def test_a_run_whose_start_fails_to_commit_is_never_handed_out(tmp_path: P
     assert str(outcomes["wait"]) == (
         "run 'r' was never stored: the commit of its start failed, which stops the instance"
     )
+
+
+async def test_a_run_whose_end_fails_to_commit_is_not_told_finished(tmp_path: Path) -> None:
+    # The run's final state was set before its commit: when that commit
+    # failed (which stops the instance), wait() and a status stream told the
+    # run succeeded, which the store never held; the next instance resumes it.
+    state_dir = tmp_path / "state"
+    outcomes: dict[str, object] = {}
+
+    async def wait(run: Any) -> None:
+        try:
+            outcomes["wait"] = await run.wait()
+        except InfraError as exc:
+            outcomes["wait"] = exc
+
+    async def follow(wfs: Any, run_id: str) -> None:
+        try:
+            outcomes["stream"] = [e.type async for e in wfs.stream_status(run_id)]
+        except InfraError as exc:
+            outcomes["stream"] = exc
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as callers:
+            with pytest.raises(ExceptionGroup) as stopped:  # noqa: PT012
+                async with AgentInfra.start(
+                    state_dir=state_dir, handlers={"double": _double}
+                ) as infra:
+                    workflow = await infra.workflows.create(_ONE_STEP)
+                    with closing(sqlite3.connect(state_dir / "tasks.db")) as db, db:
+                        db.execute(
+                            "CREATE TRIGGER refuse BEFORE UPDATE ON workflow_runs "
+                            "WHEN NEW.state = 'succeeded' "
+                            "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+                        )
+                    run = await infra.workflows.start_run(workflow.workflow_id, {"x": 1})
+                    callers.start_soon(wait, run)
+                    callers.start_soon(follow, infra.workflows, run.run_id)
+                    await anyio.sleep_forever()
+    assert stopped.group_contains(StoreFailed, match="disk full")
+    for name in ("wait", "stream"):
+        assert isinstance(outcomes[name], InfraClosed), outcomes
+        assert str(outcomes[name]).startswith(
+            f"the end of run {run.run_id!r} (succeeded) could not be stored: "
+        ), outcomes
+        assert "disk full" in str(outcomes[name])
+    with closing(sqlite3.connect(state_dir / "tasks.db")) as db, db:
+        db.execute("DROP TRIGGER refuse")
+    async with AgentInfra.start(state_dir=state_dir, handlers={"double": _double}) as infra:
+        with anyio.fail_after(10):
+            assert (await infra.workflows.wait_run(run.run_id)).results() == {"double": 2}
+
+
+async def test_a_status_stream_of_a_run_whose_start_fails_to_commit_says_it_was_never_stored(
+    tmp_path: Path,
+) -> None:
+    # Followed while its start was committing, the run whose commit failed
+    # was said to resume when an instance opens on the same state_dir: no
+    # instance ever would, since nothing of it was stored.
+    state_dir = tmp_path / "state"
+    outcomes: dict[str, object] = {}
+
+    async def start(workflow_id: str, wfs: Any) -> None:
+        with suppress(InfraError, sqlite3.Error):
+            await wfs.start_run(workflow_id, {"x": 1}, run_id="r")
+
+    async def follow(wfs: Any) -> None:
+        try:
+            outcomes["stream"] = [e.type async for e in wfs.stream_status("r")]
+        except InfraError as exc:
+            outcomes["stream"] = exc
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as callers:
+            with pytest.raises(ExceptionGroup):  # noqa: PT012
+                async with AgentInfra.start(
+                    state_dir=state_dir, handlers={"double": _double}
+                ) as infra:
+                    workflow = await infra.workflows.create(_ONE_STEP)
+                    wfs = infra.workflows
+                    with closing(sqlite3.connect(state_dir / "tasks.db")) as db:
+                        # Held until the stream follows: the start's commit waits for it.
+                        db.execute("BEGIN IMMEDIATE")
+                        db.execute(
+                            "CREATE TRIGGER refuse BEFORE INSERT ON workflow_runs "
+                            "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+                        )
+                        callers.start_soon(start, workflow.workflow_id, wfs)
+                        while True:  # until the start is committing
+                            with suppress(UnknownRun):
+                                await wfs.get_run("r")
+                                break
+                        callers.start_soon(follow, wfs)
+                        await anyio.sleep(0.1)
+                        db.commit()
+                    await anyio.sleep_forever()
+    assert isinstance(outcomes["stream"], InfraClosed), outcomes
+    assert str(outcomes["stream"]) == (
+        "run 'r' was never stored: the commit of its start failed, which stops the instance"
+    )

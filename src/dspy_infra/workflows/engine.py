@@ -166,6 +166,9 @@ class _Run:
         self.cancel_requested = False
         self.storing: Written | None = None  # the commit of its start, while under way
         self.never_stored = False  # that commit failed
+        # The commit of its final state, until it is over: a closing instance
+        # (whose journal commits what it has) may cut _finish short as it waits.
+        self.ending: Written | None = None
         # Its id was made by this instance: its tasks' ids (RUN:STEP...)
         # cannot be stored, and the scheduler need not look them up.
         self.fresh = False
@@ -585,10 +588,11 @@ class WorkflowEngine:
     async def wait_run(self, run_id: str) -> RunStatus:
         """Wait until the run has finished; its final status."""
         run = self._runs.get(run_key(run_id))
-        if run is not None and not run.state.finished:
-            self._check_open()
-            await run.done.wait()
-            _check_finished(run)
+        if run is not None:
+            if not run.done.is_set():
+                self._check_open()
+                await run.done.wait()
+            await _check_finished(run)
         return await self.get_run(run_id)
 
     async def cancel_run(self, run_id: str) -> RunStatus:
@@ -637,7 +641,7 @@ class WorkflowEngine:
             if run.done.is_set():
                 # Resumed after its last event (published): nothing more will
                 # come. Or its instance is closing, before that event.
-                _check_finished(run)
+                await _check_finished(run)
                 return
             async for item in live:
                 if isinstance(item, EventsDropped):
@@ -657,6 +661,7 @@ class WorkflowEngine:
                     return
         # The bus closed with the instance before the run's final event: not a
         # quiet end, which a reader would take for the end of the run.
+        await _check_finished(run)
         raise _closed_before(run_id)
 
     def _resume_after(self, since: int | None) -> int:
@@ -884,7 +889,11 @@ class WorkflowEngine:
         run.state = state
         run.error = error
         run.finished_at = time.time()
-        await self._journal.commit(("run_state", (state.value, run.finished_at, error, run.run_id)))
+        run.ending = self._journal.write(
+            ("run_state", (state.value, run.finished_at, error, run.run_id))
+        )
+        await run.ending.wait()
+        run.ending = None
         self._metrics.workflow_runs.labels(state.value).inc()
         self._publish(run, f"workflow_run_{state.value}", state.value, error=error)
         run.forget_values()
@@ -1020,9 +1029,10 @@ def _unloadable_status(row: RunRow, step_rows: Iterable[StepRow]) -> RunStatus:
     )
 
 
-def _check_finished(run: _Run) -> None:
+async def _check_finished(run: _Run) -> None:
     """Raise what a reader is told when the closing instance cut the run short,
-    or when it never began (the commit of its start failed)."""
+    when it never began (the commit of its start failed), or when its end could
+    not be stored (that commit failed: the store still has it running)."""
     if run.never_stored:
         raise InfraClosed(
             f"run {run.run_id!r} was never stored: the commit of its start failed, which "
@@ -1030,6 +1040,14 @@ def _check_finished(run: _Run) -> None:
         )
     if not run.state.finished:
         raise _closed_before(run.run_id)
+    if run.ending is not None:
+        try:
+            await run.ending.wait()
+        except Exception as exc:
+            raise InfraClosed(
+                f"the end of run {run.run_id!r} ({run.state.value}) could not be stored: "
+                f"{exc}; it resumes when an instance opens on the same state_dir"
+            ) from exc
 
 
 def _closed_before(run_id: str) -> InfraClosed:
