@@ -1075,3 +1075,23 @@ async def test_a_status_stream_of_a_run_whose_start_fails_to_commit_says_it_was_
     assert str(outcomes["stream"]) == (
         "run 'r' was never stored: the commit of its start failed, which stops the instance"
     )
+
+
+async def test_a_reference_with_a_malformed_index_fails_its_step_naming_it(
+    tmp_path: Path,
+) -> None:
+    # "--1" passed for an index (a '-' stripped, digits left) and int() failed:
+    # the step's error was a bare "invalid literal for int()", naming neither
+    # the reference nor what was wrong with it.
+    spec = {"name": "index", "steps": {"s": {"handler": "echo", "payload": "${inputs.xs.--1}"}}}
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers={"echo": _echo}) as infra:
+        workflow = await infra.workflows.create(spec)
+        status = await (await infra.workflows.start_run(workflow.workflow_id, {"xs": [1]})).wait()
+        assert status.state is RunState.FAILED
+        assert status.steps["s"].error == (
+            "${inputs.xs.--1}: nothing at 'inputs.xs.--1' "
+            "(a list of 1: an index is an integer from -1 to 0)"
+        )
+        # The same name is a key of a mapping.
+        run = await infra.workflows.start_run(workflow.workflow_id, {"xs": {"--1": 2}})
+        assert (await run.wait()).results() == {"s": 2}

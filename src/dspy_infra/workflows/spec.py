@@ -540,20 +540,32 @@ class ReferenceError_(ValueError):  # noqa: N801 - not the builtin ReferenceErro
     """A reference names something that the run does not have."""
 
 
+# An index into a list: ASCII digits only ("²" is a digit to isdigit(), not
+# to int()), one '-' at most ("--1" passed a '-' stripped, and int() failed).
+_INDEX_RE = re.compile(r"-?[0-9]+\Z")
+
+
 def _lookup(value: Any, path: list[str], text: str) -> Any:
     for i, key in enumerate(path):
         if isinstance(value, Mapping) and key in value:
             value = value[key]
         elif (
             isinstance(value, list)
-            and key.lstrip("-").isascii()  # "²" is a digit to isdigit(), not to int()
-            and key.lstrip("-").isdigit()
+            and _INDEX_RE.match(key)
             and -len(value) <= int(key) < len(value)
         ):
             value = value[int(key)]
         else:
             at = ".".join(path[: i + 1])
-            raise ReferenceError_(f"{text}: nothing at {at!r}")
+            why = ""
+            if isinstance(value, list):
+                why = (
+                    f" (a list of {len(value)}: an index is an integer from "
+                    f"{-len(value)} to {len(value) - 1})"
+                    if value
+                    else " (an empty list)"
+                )
+            raise ReferenceError_(f"{text}: nothing at {at!r}{why}")
     return value
 
 
