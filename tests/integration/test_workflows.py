@@ -668,6 +668,16 @@ async def test_a_step_refused_at_submit_starts_none_of_the_steps_ready_with_it(
         )
         with pytest.raises(UnknownTask):
             await infra.get_task_status(f"{run.run_id}:ok")
+        # Neither was told started: 'ok' showed workflow_step_started before its
+        # cancel, and 'big' the id of a task that was never stored.
+        assert status.steps["big"].task_ids == ()
+        events = [(e.type, e.step) async for e in infra.workflows.stream_status(run.run_id)]
+        assert events == [
+            ("workflow_run_started", None),
+            ("workflow_step_failed", "big"),
+            ("workflow_step_cancelled", "ok"),
+            ("workflow_run_failed", None),
+        ]
     assert ran == []
 
 

@@ -754,7 +754,6 @@ class WorkflowEngine:
         for step, (payloads, task_ids) in plans:
             step.task_ids = tuple(task_ids)
             self._journal.write(("step", step.row(run.run_id)))
-            self._publish(run, "workflow_step_started", step.state.value, step=step.name)
             requests = [
                 _request(run, step.spec, payload, task_id)
                 for payload, task_id in zip(payloads, task_ids, strict=True)
@@ -771,7 +770,7 @@ class WorkflowEngine:
             except InvalidTask:
                 # One refused task refuses the whole call: find out whose it
                 # was. The first refused fails the run: the steps after it
-                # are not submitted, and never had tasks.
+                # are not submitted, and never had tasks (nor did it).
                 accepted = []
                 for step, requests in submitted:
                     if failed:
@@ -780,11 +779,20 @@ class WorkflowEngine:
                     try:
                         await self._scheduler.submit_many(requests, lookup=not run.fresh)
                     except InvalidTask as exc:
+                        step.task_ids = ()
                         self._step_ended(run, step, str(exc), tg, failed)
                     else:
+                        self._started(run, step)
                         accepted.append((step, requests))
-                submitted = accepted
+                return [step for step, _ in accepted]
+        # Told once its tasks are stored: a step refused (or not run after
+        # one that was) never started.
+        for step, _ in submitted:
+            self._started(run, step)
         return [step for step, _ in submitted]
+
+    def _started(self, run: _Run, step: _Step) -> None:
+        self._publish(run, "workflow_step_started", step.state.value, step=step.name)
 
     async def _await_step(
         self, run: _Run, step: _Step, tg: TaskGroup, failed: builtins.list[_Step]
