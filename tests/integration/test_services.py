@@ -1208,3 +1208,50 @@ async def test_a_dependency_with_condition_started_is_not_met_while_its_leftover
         proxy_launches = recorder.of("service_starting", "proxy")
         assert len(proxy_launches) == 2, "api was launched while proxy's leftovers were stopped"
         assert proxy_launches[1].seq < recorder.first("service_starting", "api").seq
+
+
+async def test_a_dependency_with_condition_started_is_not_met_while_a_failed_attempt_is_stopped(
+    tmp_path: Path,
+) -> None:
+    # job's first attempt missed its probe's deadline and is being stopped
+    # (it takes its time over SIGTERM), still "starting"; db became healthy
+    # meanwhile: api, which needs job "started", was launched against it.
+    gate = tmp_path / "gate"
+    script = (
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: print('term', flush=True))\n"
+        f"if os.path.exists({str(gate)!r}): print('ready', flush=True)\n"
+        "while True: time.sleep(1000)\n"
+    )
+    db_ready = anyio.Event()
+
+    async def db_probe(status: Any) -> bool:
+        return db_ready.is_set()
+
+    services = {
+        "job": {
+            "command": [sys.executable, "-c", script],
+            "health": {"log": "^ready$", "deadline": 0.3},
+            "start_retries": 1,
+            "stop_timeout": 1.5,
+        },
+        "db": {"command": ["sleep", unique_seconds()], "health": {"call": db_probe}},
+        "api": {
+            "command": ["sleep", unique_seconds()],
+            "depends_on": {"job": {"condition": "started"}, "db": {"condition": "healthy"}},
+        },
+    }
+    infra = infra_for(tmp_path, services, autostart=False)
+    async with infra, recording(infra) as recorder, anyio.create_task_group() as tg:
+        tg.start_soon(infra.services.start, ["api"])
+        await recorder.wait_for("service_starting", "job")
+        with anyio.fail_after(10):
+            async for line in infra.services.logs("job", follow=True):
+                if line == "term":  # the failed attempt is being stopped
+                    break
+        gate.touch()  # its next attempt becomes ready
+        db_ready.set()
+        await recorder.wait_for("service_started", "api")
+        job_launches = recorder.of("service_starting", "job")
+        assert len(job_launches) == 2, "api was launched while job's failed attempt was stopped"
+        assert job_launches[1].seq < recorder.first("service_starting", "api").seq

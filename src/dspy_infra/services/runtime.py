@@ -30,6 +30,9 @@ class ServiceRuntime:
         self.state = ServiceState.INACTIVE
         self.ports: dict[str, int] | None = None  # chosen at first launch, kept across restarts
         self.process: ServiceProcess | None = None
+        # Its launch is over (failed, ended or stopped) and what is left of
+        # its process group is being stopped (up to stop_timeout).
+        self.process_ending = False
         self.logs = LogBuffer(config.log_lines)
         self.lifetime_first_line = 0  # first log line of the current start() lifetime
         # The patterns of the dependents that wait for its log_ready (set by

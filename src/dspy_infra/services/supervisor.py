@@ -225,7 +225,7 @@ async def _running(
     On the way out, however the body ended (returned, failed, cancelled by a
     stop), the process group is stopped and its last lines read.
     """
-    rt.process = process
+    rt.process, rt.process_ending = process, False
     manager.notify()  # dependents waiting for it to be "started"
     pump_done = anyio.Event()
     # Shielded: a stop cancels the body, and the pump must go on reading what
@@ -237,6 +237,7 @@ async def _running(
             try:
                 yield
             finally:
+                rt.process_ending = True
                 with anyio.CancelScope(shield=True):
                     # Asked before it was launched, it has not said so yet.
                     if rt.stop_requested and rt.state is not ServiceState.STOPPING:
@@ -449,11 +450,9 @@ def _condition_met(rt: ServiceRuntime, dep_rt: ServiceRuntime, dep: Dependency) 
     completed = state is ServiceState.COMPLETED
     match dep.condition:
         case "started":
-            # A restarting one has ended, though what is left of its process
-            # group may still be being stopped (up to stop_timeout).
-            return completed or (
-                dep_rt.process is not None and state is not ServiceState.RESTARTING
-            )
+            # Not one whose launch has ended (a crash, a failed attempt still
+            # "starting") while what is left of its process group is stopped.
+            return completed or (dep_rt.process is not None and not dep_rt.process_ending)
         case "healthy":
             return completed or state.is_up
         case "completed_successfully":
