@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from dspy_infra import (
     AgentInfra,
+    BackendUnavailable,
     Event,
     InfraClosed,
     Probe,
@@ -31,7 +32,7 @@ from dspy_infra import (
 from dspy_infra._process_group import Ledger
 from dspy_infra._procfs import group_alive
 from dspy_infra.abc import LaunchSpec
-from dspy_infra.backends.local import LocalBackend
+from dspy_infra.backends.local import LocalBackend, LocalProcess
 from dspy_infra.services import ports
 from tests.integration.helpers import running_with, service, unique_seconds
 
@@ -1255,3 +1256,30 @@ async def test_a_dependency_with_condition_started_is_not_met_while_a_failed_att
         job_launches = recorder.of("service_starting", "job")
         assert len(job_launches) == 2, "api was launched while job's failed attempt was stopped"
         assert job_launches[1].seq < recorder.first("service_starting", "api").seq
+
+
+async def test_a_stop_that_fails_after_the_verdict_leaves_the_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The service exited 3 with restart = "no": it failed, then stopping what
+    # was left of it raised (a daemon gone away). It was failed a second time,
+    # as "internal error", and counted as a failed start, though it had started.
+    real_stop = LocalProcess.stop
+
+    async def stop_then_raise(self: LocalProcess, grace: float) -> int:
+        await real_stop(self, grace)
+        raise BackendUnavailable("the daemon went away")
+
+    monkeypatch.setattr(LocalProcess, "stop", stop_then_raise)
+    services = {"svc": service("--exit-after", "0.3", "--code", "3", port=True, restart="no")}
+    infra = infra_for(tmp_path, services, autostart=False)
+    async with infra, recording(infra) as recorder:
+        await infra.services.start(["svc"])
+        await until_state(infra, "svc", ServiceState.FAILED)
+        await anyio.sleep(0.2)  # the stop's error, once the verdict is out
+        status = (await infra.services.status())["svc"]
+        metrics = await infra.get_metrics()
+    failed = recorder.of("service_failed", "svc")
+    assert [e.message for e in failed] == ["exited with code 3"]
+    assert status.message == "exited with code 3"
+    assert 'dspy_infra_service_starts_total{service="svc",status="failed"}' not in metrics

@@ -61,8 +61,11 @@ async def supervise(manager: ServiceManager, rt: ServiceRuntime) -> None:
                 _fail(manager, rt, exc)
             except Exception as exc:  # a bug here must not take the whole instance down
                 manager.log.exception("supervisor of %r crashed", rt.name)
-                manager.start_failed(rt, "internal")
-                _fail(manager, rt, rt.failure(f"internal error: {exc!r}"))
+                # Once failed or completed, the verdict stands: what raised was
+                # the stop of what was left of it (a backend gone away).
+                if rt.state not in (ServiceState.FAILED, ServiceState.COMPLETED):
+                    manager.start_failed(rt, "internal")
+                    _fail(manager, rt, rt.failure(f"internal error: {exc!r}"))
         # One that failed or completed on its own before the stop was asked
         # for ended as such; the stop merely waited for what was left of it.
         if rt.stop_requested and rt.state not in (ServiceState.FAILED, ServiceState.COMPLETED):
