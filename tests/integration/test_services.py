@@ -1283,3 +1283,21 @@ async def test_a_stop_that_fails_after_the_verdict_leaves_the_verdict(
     assert [e.message for e in failed] == ["exited with code 3"]
     assert status.message == "exited with code 3"
     assert 'dspy_infra_service_starts_total{service="svc",status="failed"}' not in metrics
+
+
+async def test_a_restart_that_a_stop_prevents_is_not_counted(tmp_path: Path) -> None:
+    svc = service(
+        "--exit-after",
+        "0.3",
+        "--code",
+        "3",
+        port=True,
+        restart="on-failure",
+        restart_backoff={"initial": 30},
+    )
+    async with infra_for(tmp_path, {"svc": svc}) as infra:
+        await until_state(infra, "svc", ServiceState.RESTARTING)
+        await infra.services.stop(["svc"])
+        status = (await infra.services.status())["svc"]
+        assert status.state is ServiceState.STOPPED
+        assert status.restarts == 0, "counted a restart that never came"

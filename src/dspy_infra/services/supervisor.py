@@ -98,6 +98,7 @@ async def _lifecycle(manager: ServiceManager, rt: ServiceRuntime) -> None:
         if policy.next_launch is None:
             return
         await anyio.sleep_until(policy.next_launch)
+        policy.relaunching()
 
 
 class _Policy:
@@ -115,11 +116,13 @@ class _Policy:
         self._consecutive = 0  # restarts since the service last stayed up for restart_reset_after
         self._ever_ready = False
         self.next_launch: float | None = None  # anyio time of the next launch; None: none
+        self._restart_due = False  # the next launch is a restart (not a start retry)
 
     def judge(self, run: _Run) -> None:
         """Report how ``run`` ended and what follows it."""
         manager, rt = self._manager, self._rt
         self.next_launch = None
+        self._restart_due = False
         if run.ready:
             self._ever_ready = True
             manager.set_state(rt, rt.state, "service_exited", run.reason, exit_code=run.exit_code)
@@ -143,6 +146,11 @@ class _Policy:
         )
         self.next_launch = anyio.current_time() + delay
 
+    def relaunching(self) -> None:
+        """The next launch is made: a restart counts only now, as a stop may prevent it."""
+        if self._restart_due:
+            self._rt.restarts += 1
+
     def _delay(self, run: _Run) -> float:
         """The backoff before the next launch; raises the failure when there is none."""
         config, rt = self._rt.config, self._rt
@@ -160,7 +168,7 @@ class _Policy:
             restarts = "1 restart" if consecutive == 1 else f"{consecutive} restarts"
             raise rt.failure(f"{run.reason}; gave up after {restarts}", run.exit_code)
         self._consecutive += 1
-        rt.restarts += 1
+        self._restart_due = True
         return config.restart_backoff.delay(consecutive)
 
 
