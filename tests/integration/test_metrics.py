@@ -442,3 +442,24 @@ async def test_a_task_lost_at_recovery_with_its_class_gone_is_counted(tmp_path: 
         _, _, text = await get(f"http://{second.metrics_address}/metrics")
     assert values[lost] == 1
     assert sample(text, f"{PREFIX}tasks_finished_total", task_class="extra", status="lost") == 1
+
+
+async def test_a_start_stopped_before_the_service_was_ready_is_counted_as_stopped(
+    tmp_path: Path,
+) -> None:
+    cfg = config(tmp_path, services={"slow": service(health={"log": "never"})})
+    cfg["infra"]["autostart"] = False
+    async with AgentInfra.start(cfg) as infra, anyio.create_task_group() as tg:
+
+        async def start() -> None:
+            with pytest.raises(Exception, match="is stopped"):
+                await infra.services.start(["slow"])
+
+        tg.start_soon(start)
+        with anyio.fail_after(5):
+            while (await infra.services.status())["slow"].state != "starting":
+                await anyio.sleep(0.01)
+        await infra.services.stop(["slow"])
+        values = await infra.get_metrics()
+    starts = {k: v for k, v in values.items() if k.startswith("dspy_infra_service_starts_total")}
+    assert starts == {'dspy_infra_service_starts_total{service="slow",status="stopped"}': 1}

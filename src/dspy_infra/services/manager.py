@@ -259,8 +259,20 @@ class ServiceManager:
 
     def start_failed(self, rt: ServiceRuntime, reason: str) -> None:
         """A launch of ``rt`` did not become ready; ``reason`` is a short category."""
-        self.metrics.service_starts.labels(rt.name, "failed").inc()
-        self.metrics.service_start_failures.labels(rt.name, reason).inc()
+        if self.start_ended(rt, "failed"):
+            self.metrics.service_start_failures.labels(rt.name, reason).inc()
+
+    def start_ended(self, rt: ServiceRuntime, status: str) -> bool:
+        """Count the pending start of ``rt`` in service_starts_total, once.
+
+        ``succeeded``, ``failed`` or ``stopped`` (before either); False when
+        no start is pending (a stop after a failed attempt was counted).
+        """
+        if not rt.start_pending:
+            return False
+        rt.start_pending = False
+        self.metrics.service_starts.labels(rt.name, status).inc()
+        return True
 
     def backend_call(self, operation: str) -> contextlib.AbstractContextManager[None]:
         """Time the ``with`` body as a call to the backend."""
@@ -352,6 +364,7 @@ class ServiceManager:
         rt.error = None
         rt.exit_code = None
         rt.done = anyio.Event()
+        rt.start_pending = True
         rt.logs.reopen()
         rt.new_lifetime()
         self.set_state(rt, ServiceState.WAITING)

@@ -44,6 +44,9 @@ class ServiceRuntime:
         self.message = ""
         self.error: ServiceStartError | None = None
         self.stop_requested = False
+        # A start of it (waiting for dependencies, or launched) has no outcome
+        # counted in service_starts_total yet.
+        self.start_pending = False
         self.scope: anyio.CancelScope | None = None
         self.done = anyio.Event()
         self.done.set()  # no supervisor yet

@@ -69,6 +69,7 @@ async def supervise(manager: ServiceManager, rt: ServiceRuntime) -> None:
         # One that failed or completed on its own before the stop was asked
         # for ended as such; the stop merely waited for what was left of it.
         if rt.stop_requested and rt.state not in (ServiceState.FAILED, ServiceState.COMPLETED):
+            manager.start_ended(rt, "stopped")
             manager.set_state(rt, ServiceState.STOPPED, "service_stopped")
     finally:
         rt.scope = None
@@ -183,6 +184,7 @@ async def _run_once(
     spec, probe = await _launch_spec(manager, rt)
     # A start slot is held from launch until ready (max_concurrent_starts).
     async with manager.start_slot() as slot:
+        rt.start_pending = True
         manager.set_state(rt, ServiceState.STARTING, "service_starting")
         first_line = rt.logs.next_line
         try:
@@ -212,7 +214,7 @@ async def _run_once(
                     if failure is not None:
                         manager.start_failed(rt, "unhealthy")
                         return _Run(ready=False, exit_code=None, reason=failure)
-                manager.metrics.service_starts.labels(rt.name, "succeeded").inc()
+                manager.start_ended(rt, "succeeded")
                 slot.release()
                 run = await _watch(manager, rt, process, runner)
                 if not rt.stop_requested:
