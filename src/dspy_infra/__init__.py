@@ -54,6 +54,7 @@ from dspy_infra.scheduling.tasks import (
     TaskState,
     TaskStatus,
 )
+from dspy_infra.services.logs import LinesDropped
 from dspy_infra.services.manager import ServiceManager
 from dspy_infra.services.status import ServiceState, ServiceStatus
 from dspy_infra.workflows import (
@@ -94,6 +95,7 @@ __all__ = [
     "InvalidTask",
     "InvalidWorkflow",
     "LaunchSpec",
+    "LinesDropped",
     "MetricsSettings",
     "Probe",
     "Resources",

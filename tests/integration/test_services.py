@@ -23,6 +23,7 @@ from dspy_infra import (
     BackendUnavailable,
     Event,
     InfraClosed,
+    LinesDropped,
     Probe,
     ServiceEvent,
     ServiceStartError,
@@ -35,6 +36,7 @@ from dspy_infra.abc import LaunchSpec
 from dspy_infra.backends.local import LocalBackend, LocalProcess
 from dspy_infra.services import ports
 from tests.integration.helpers import running_with, service, unique_seconds
+from tests.integration.test_remote import used
 
 pytestmark = pytest.mark.anyio
 
@@ -1301,3 +1303,52 @@ async def test_a_restart_that_a_stop_prevents_is_not_counted(tmp_path: Path) -> 
         status = (await infra.services.status())["svc"]
         assert status.state is ServiceState.STOPPED
         assert status.restarts == 0, "counted a restart that never came"
+
+
+@pytest.mark.parametrize("how", ["inprocess", "remote"])
+async def test_a_follower_that_falls_behind_is_told_how_many_lines_it_lost(
+    tmp_path: Path, how: str
+) -> None:
+    # It read "0", then the service printed 99 more lines into a buffer of
+    # 10 before it read on: it got "91" next, unaware of the lines between.
+    # Long lines: more than a server's stream window, so that one serving it
+    # falls behind too, instead of reading them all as they come.
+    gate = tmp_path / "gate"
+    script = (
+        "import os, time\n"
+        "print(0, flush=True)\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.02)\n"
+        "for i in range(1, 100): print(str(i).zfill(2) + 'x' * 60_000)\n"
+        "print('end', flush=True)\n"
+        "time.sleep(1000)\n"
+    )
+    services = {
+        "svc": {
+            "command": [sys.executable, "-c", script],
+            "health": {"log": "^0$"},
+            "log_lines": 10,
+        }
+    }
+    async with infra_for(tmp_path, services) as infra, used(infra, how) as api:
+        lines = api.services.logs("svc", follow=True)
+        got: list[str] = []
+        async with contextlib.aclosing(lines):
+            assert await anext(lines) == "0"
+            gate.touch()
+            with anyio.fail_after(10):
+                while [line async for line in api.services.logs("svc", tail=1)] != ["end"]:
+                    await anyio.sleep(0.01)
+                while not got or got[-1] != "end":
+                    got.append(await anext(lines))
+    notices = [line for line in got if isinstance(line, LinesDropped)]
+    kept = [int(line[:2]) for line in got[:-1] if not isinstance(line, LinesDropped)]
+    assert notices, "lines were lost without a word"
+    assert (
+        notices[0]
+        == f"[dspy-infra: {notices[0].dropped} log lines dropped: read too slowly to keep up]"
+    )
+    assert sum(n.dropped for n in notices) + len(kept) == 99
+    assert kept == sorted(kept)
+    assert kept[-9:] == list(range(91, 100))
+    if how == "inprocess":
+        assert [n.dropped for n in notices] == [90]

@@ -96,7 +96,7 @@ from dspy_infra.scheduling.checks import (
 )
 from dspy_infra.scheduling.store import StoreFailed
 from dspy_infra.scheduling.tasks import ClassStatus, TaskEvent, TaskRequest, TaskState, TaskStatus
-from dspy_infra.services.logs import check_tail
+from dspy_infra.services.logs import LinesDropped, check_tail
 from dspy_infra.services.status import ServiceStatus
 from dspy_infra.workflows.model import RunHandle, RunStatus, Workflow, WorkflowEvent
 from dspy_infra.workflows.spec import (
@@ -617,7 +617,7 @@ class RemoteServices:
         )
         async with aclosing(replies):
             async for reply in replies:
-                yield reply.line
+                yield LinesDropped(reply.dropped) if reply.dropped > 0 else reply.line
 
     def _wanted(self, names: Iterable[str] | None) -> builtins.list[str] | None:
         wanted = _request_names(names)

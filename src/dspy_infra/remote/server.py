@@ -104,6 +104,7 @@ from dspy_infra.remote._wire import (
     token_error,
 )
 from dspy_infra.scheduling.checks import refused
+from dspy_infra.services.logs import LinesDropped
 from dspy_infra.workflows.model import WorkflowEvent
 from dspy_infra.workflows.spec import InvalidWorkflow, UnknownRun, UnknownWorkflow, WorkflowSpec
 
@@ -1336,4 +1337,5 @@ class _EnvManager(_Streaming, env_pb.EnvManagerBase):
             seq = 0
             async for line in lines:
                 seq += 1
-                yield env_pb.LogLine(seq=seq, line=line)
+                dropped = line.dropped if isinstance(line, LinesDropped) else 0
+                yield env_pb.LogLine(seq=seq, line=line, dropped=dropped)

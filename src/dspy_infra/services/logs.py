@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 
 import anyio
 
-__all__ = ["LineWatch", "LogBuffer", "check_tail"]
+__all__ = ["LineWatch", "LinesDropped", "LogBuffer", "check_tail"]
 
 
 def check_tail(tail: int | None) -> None:
@@ -16,6 +16,30 @@ def check_tail(tail: int | None) -> None:
     read as "skip the next lines to come"."""
     if tail is not None and tail < 0:
         raise ValueError(f"tail must be 0 or more (the last lines to give), got {tail}")
+
+
+class LinesDropped(str):
+    """Stands in a followed log for the ``dropped`` lines lost there.
+
+    A follower that reads slower than the service prints falls behind the
+    bounded buffer: the lines that left it before they were read are gone.
+    As the event stream's :class:`~dspy_infra.EventsDropped`, the notice
+    tells it so, in the stream itself. A line of text too, so that code that
+    only prints or stores lines shows the gap.
+    """
+
+    dropped: int
+
+    def __new__(cls, dropped: int) -> LinesDropped:
+        notice = super().__new__(
+            cls, f"[dspy-infra: {dropped} log lines dropped: read too slowly to keep up]"
+        )
+        notice.dropped = dropped
+        return notice
+
+    def __getnewargs__(self) -> tuple[int]:  # type: ignore[override]
+        # What a copy or a pickle makes it again from: the count, not the text.
+        return (self.dropped,)
 
 
 class LineWatch:
@@ -31,7 +55,8 @@ class LogBuffer:
 
     Followers wait on an event that is replaced on every append, so a
     follower never misses a line that is still in the buffer, and a slow
-    follower only loses lines that have left it. The buffer is open only
+    follower only loses lines that have left it, and is told how many (a
+    :class:`LinesDropped` in their place). The buffer is open only
     while a supervisor may append to it (:meth:`reopen`, :meth:`close`):
     following a service that is not running, or never ran, ends with what
     is buffered instead of waiting for lines that no one will write.
@@ -108,8 +133,11 @@ class LogBuffer:
             # Taken with the lines, not after they are yielded: the service may
             # print its last lines and end while the reader handles these.
             changed, closed = self._changed, self._closed
+            dropped = self._next - len(self._lines) - cursor
             lines = self.since(cursor)
             cursor = self._next
+            if dropped > 0:
+                yield LinesDropped(dropped)
             for line in lines:
                 yield line
             if not follow or closed:
