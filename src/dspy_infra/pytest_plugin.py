@@ -56,6 +56,30 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+) -> None:
+    """Refuse an anyio backend other than asyncio before anyio starts it.
+
+    The instance runs on asyncio (aiohttp serves its probes and /metrics):
+    under trio it would fail deep inside, or with trio not installed, with an
+    error that does not say what to change. This hook runs before anyio's
+    runner is made, so the message is the same whether trio is installed
+    or not.
+    """
+    if fixturedef.argname not in __all__:
+        return
+    backend = request.getfixturevalue("anyio_backend")
+    name = backend[0] if isinstance(backend, tuple) else backend
+    if name != "asyncio":
+        pytest.fail(
+            f"{fixturedef.argname} runs on asyncio, not {name!r}: have the anyio_backend "
+            "fixture of the tests that use it return 'asyncio' (see docs/pytest.md)",
+            pytrace=False,
+        )
+
+
 def _settings(request: pytest.FixtureRequest) -> tuple[Any, list[str] | None, dict[str, Any]]:
     ini = request.config.getini("agent_infra_config")
     config: Any = request.config.rootpath / ini if ini else None

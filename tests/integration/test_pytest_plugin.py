@@ -191,6 +191,41 @@ def test_marker_rejects_positional_arguments(pytester: pytest.Pytester) -> None:
     assert result.ret != 0
 
 
+def test_a_backend_other_than_asyncio_is_refused_saying_so(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.fixture(scope="session", params=["asyncio", ("trio", {})])
+        def anyio_backend(request):
+            return request.param
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.anyio
+        @pytest.mark.agent_infra(config={})
+        async def test_x(agent_infra):
+            pass
+
+        @pytest.mark.anyio
+        async def test_s(agent_infra_session):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*agent_infra runs on asyncio, not 'trio': have the anyio_backend fixture*",
+            "*agent_infra_session runs on asyncio, not 'trio'*",
+        ]
+    )
+    result.stdout.no_fnmatch_line("*ModuleNotFoundError*")
+
+
 def test_marker_registers_task_handlers(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(
