@@ -152,7 +152,8 @@ class ContainerBackend(Protocol):
     async def launch(self, spec: LaunchSpec) -> ServiceProcess:
         """Start one service. Raises :class:`~dspy_infra.errors.ServiceStartError`.
 
-        If cancelled, leaves nothing running.
+        If cancelled, leaves nothing running; or, cancelled once the service
+        exists, may finish and return it whole, for the caller to stop.
         """
 
     def peer_endpoint(

@@ -49,3 +49,67 @@ def test_a_runner_that_runs_one_task_at_a_time_fails_the_suite(
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", test)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*AssertionError: the tasks ran one after the other*"])
+
+
+def test_a_backend_whose_cancelled_launch_leaves_its_service_running_fails_the_suite(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        test_leaky="""
+        import sys
+
+        import anyio
+        import pytest
+
+        from dspy_infra._procfs import group_alive
+        from dspy_infra.abc import LaunchSpec
+        from dspy_infra.backends.local import LocalBackend
+        from dspy_infra.testing.backend_conformance import ContainerBackendConformance
+
+        class LeakyBackend(LocalBackend):
+            # A cancellation after the launch drops the service, still running.
+            async def launch(self, spec):
+                process = await super().launch(spec)
+                self.dropped.append(process)
+                await anyio.sleep(0.5)
+                return process
+
+        LISTEN = (
+            "import socket, sys; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])));"
+            " s.listen()\\nwhile True: s.accept()[0].close()"
+        )
+
+        class TestLeaky(ContainerBackendConformance):
+            @pytest.fixture
+            def listener(self):
+                def make(name, port):
+                    command = (sys.executable, "-c", LISTEN, str(port))
+                    return LaunchSpec(name=name, command=command, ports={"main": port})
+
+                return make
+
+            @pytest.fixture
+            def is_gone(self):
+                async def gone(process_id):
+                    return not group_alive(int(process_id))
+
+                return gone
+
+            @pytest.fixture
+            async def backend(self, tmp_path):
+                backend = LeakyBackend()
+                backend.dropped = []
+                await backend.open(state_dir=tmp_path, instance_id="leaky", project="leaky")
+                try:
+                    yield backend
+                finally:
+                    for process in backend.dropped:
+                        await process.stop(1.0)
+                    await backend.close()
+        """
+    )
+    test = "test_leaky.py::TestLeaky::test_a_cancelled_launch_leaves_nothing_behind"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", test)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*AssertionError: cut after 0.0s: it runs*"])

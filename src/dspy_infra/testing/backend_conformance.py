@@ -39,6 +39,22 @@ __all__ = ["ContainerBackendConformance"]
 IsGone = Callable[[str], Awaitable[bool]]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _accepts(host: str, port: int) -> bool:
+    try:
+        stream = await anyio.connect_tcp(host, port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
+
 async def _collect(process: ServiceProcess) -> list[str]:
     async with aclosing(process.output()) as lines:
         return [line async for line in lines]
@@ -73,10 +89,7 @@ class ContainerBackendConformance:
 
     @pytest.fixture
     def free_port(self) -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-            return port
+        return _free_port()
 
     @asynccontextmanager
     async def launched(
@@ -243,6 +256,29 @@ class ContainerBackendConformance:
                     else:
                         await stream.aclose()
                         break
+
+    async def test_a_cancelled_launch_leaves_nothing_behind(
+        self,
+        backend: ContainerBackend,
+        listener: Callable[[str, int], LaunchSpec],
+        is_gone: IsGone,
+    ) -> None:
+        # Cut short at a point after another (a start timeout, a stop of the
+        # instance): a launch that gave up left nothing that could go on to
+        # listen; one that got as far as returning the service handed it over
+        # whole, for the caller to stop. A fresh port each time: a stopped
+        # listener's may still be in TIME_WAIT.
+        for delay in (0.0, 0.001, 0.005, 0.02, 0.05, 0.1, 0.3, 1.0):
+            port = _free_port()
+            launched: list[ServiceProcess] = []
+            with anyio.move_on_after(delay):
+                launched.append(await backend.launch(listener("cut", port)))
+            if launched:
+                await launched[0].stop(1.0)
+                assert await is_gone(launched[0].id), f"cut after {delay}s: stop left it"
+            else:
+                await anyio.sleep(1.0)  # time for a launch left running to listen
+                assert not await _accepts("127.0.0.1", port), f"cut after {delay}s: it runs"
 
     async def test_a_command_that_cannot_run_is_a_start_error(
         self, backend: ContainerBackend, base_spec: Mapping[str, Any]
