@@ -174,6 +174,23 @@ async def test_a_failed_one_shot_fails_its_dependents_with_exit_code_and_log_tai
     assert not list((tmp_path / "state" / "local").iterdir()), "a launch record was left"
 
 
+async def test_a_failure_of_a_service_that_was_up_holds_the_lines_it_printed_as_it_died(
+    tmp_path: Path,
+) -> None:
+    # No probe: up at launch, so its exit is judged at once, and the lines it
+    # printed just before (why it died) raced that verdict: one start in five
+    # raised without them. Twenty starts, to lose that race at least once.
+    services = {
+        "migrate": {"command": ["sh", "-c", "echo no schema for you; exit 3"], "start_retries": 0},
+        "api": service(depends_on={"migrate": {"condition": "completed_successfully"}}),
+    }
+    for attempt in range(20):
+        infra = infra_for(tmp_path / str(attempt), services)
+        with pytest.raises(ServiceStartError) as info:
+            await infra.__aenter__()
+        assert info.value.log_tail == ("no schema for you",), f"start {attempt}"
+
+
 async def test_log_ready_waits_for_the_matching_line(tmp_path: Path) -> None:
     services = {
         "worker": service("--delay", "0.3", "--say", "warming up", "--say", "worker ready"),

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["supervise"]
 
 T = TypeVar("T")
-_PUMP_DRAIN = 0.5  # seconds to read a stopped service's last lines
+_PUMP_DRAIN = 0.5  # seconds to read an ended or stopped service's last lines
 # A container whose image has a HEALTHCHECK and no probe of ours: wait for
 # Docker's verdict (reading it is free: events keep it up to date).
 _OWN_HEALTH = Probe(container=True, interval=0.02, max_interval=0.1, liveness_interval=1.0)
@@ -193,7 +193,7 @@ async def _run_once(
         except ServiceStartError as exc:
             manager.start_failed(rt, "launch")
             return _Run(ready=False, exit_code=exc.exit_code, reason=exc.reason)
-        async with _running(manager, rt, process):
+        async with _running(manager, rt, process) as output_ended:
             if probe is None and process.health is not None:
                 probe = _OWN_HEALTH
             elif probe is not None and probe.container and process.health is None:
@@ -218,6 +218,12 @@ async def _run_once(
                 slot.release()
                 run = await _watch(manager, rt, process, runner)
                 if not rt.stop_requested:
+                    if run.exit_code is not None:
+                        # Judged once the lines it printed as it died are read
+                        # (they say why, in a failure's log tail); bounded, for
+                        # children that keep its output open.
+                        with anyio.move_on_after(_PUMP_DRAIN):
+                            await output_ended.wait()
                     ended(run)
                 return run
 
@@ -232,8 +238,10 @@ def _no_healthcheck(spec: LaunchSpec) -> str:
 @asynccontextmanager
 async def _running(
     manager: ServiceManager, rt: ServiceRuntime, process: ServiceProcess
-) -> AsyncIterator[None]:
+) -> AsyncIterator[anyio.Event]:
     """While the body runs, the service's output is pumped into its log buffer.
+
+    Yields the event set once that output has ended (every line read).
 
     On the way out, however the body ended (returned, failed, cancelled by a
     stop), the process group is stopped and its last lines read.
@@ -248,7 +256,7 @@ async def _running(
         async with anyio.create_task_group() as tg:
             tg.start_soon(_pump_in, pump, manager, rt, process, pump_done)
             try:
-                yield
+                yield pump_done
             finally:
                 rt.process_ending = True
                 with anyio.CancelScope(shield=True):
