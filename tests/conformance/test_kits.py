@@ -113,3 +113,57 @@ def test_a_backend_whose_cancelled_launch_leaves_its_service_running_fails_the_s
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", test)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*AssertionError: cut after 0.0s: it runs*"])
+
+
+def test_a_runner_whose_launch_goes_on_after_a_cancel_fails_the_suite(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        test_launch_leaks="""
+        import threading
+        import time
+
+        import anyio
+        import pytest
+        from attrs import evolve
+
+        from dspy_infra.testing.runner_conformance import (
+            RunnerConformance,
+            inprocess_scenario_handlers,
+        )
+
+        def work(payload):
+            with open(payload["started"], "w") as f:
+                f.write(repr(time.time()))
+            time.sleep(payload["seconds"])
+            with open(payload["marker"], "w") as f:
+                f.write("the work was not stopped")
+
+        async def sleep(payload):
+            try:
+                await anyio.sleep(0.2)  # its launch
+            except BaseException:
+                # Cancelled while launching: launched anyway, with nobody to stop it.
+                threading.Thread(target=work, args=(payload,), daemon=True).start()
+                raise
+            await anyio.to_thread.run_sync(work, payload, abandon_on_cancel=True)
+
+        class TestLaunchLeaks(RunnerConformance):
+            @pytest.fixture
+            def runner_name(self):
+                return "inprocess"
+
+            @pytest.fixture
+            def handlers(self):
+                scenarios = inprocess_scenario_handlers()
+                return evolve(scenarios, functions={**scenarios.functions, "sleep": sleep})
+        """
+    )
+    test = (
+        "test_launch_leaks.py::TestLaunchLeaks::"
+        "test_a_task_cancelled_as_it_is_launched_leaves_nothing_running"
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", test)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*the work went on*"])

@@ -365,6 +365,34 @@ class RunnerConformance:
         assert (await infra.get_task_status(handle.task_id)).state is TaskState.CANCELLED
         await self.assert_stopped(files)
 
+    async def test_a_task_cancelled_as_it_is_launched_leaves_nothing_running(
+        self, infra: AgentInfra, handlers: RunnerHandlers, files: Path
+    ) -> None:
+        # Cancelled at points of its launch (a payload written, a container
+        # created, a job submitted), not only once it runs: a launch that
+        # went on regardless would do the work with nobody left to stop it.
+        delays = (0.0, 0.01, 0.05, 0.1, 0.3, 0.6)
+
+        async def cut(delay: float, directory: Path) -> None:
+            handle = await self.submit(infra, "sleep", self.sleep_payload(handlers, directory))
+            await anyio.sleep(delay)
+            await infra.cancel_task(handle.task_id)
+            with pytest.raises(TaskCancelled):
+                await handle.result()
+
+        directories = [files / f"cut-{i}" for i in range(len(delays))]
+        async with anyio.create_task_group() as group:
+            for delay, directory in zip(delays, directories, strict=True):
+                directory.mkdir()
+                group.start_soon(cut, delay, directory)
+        await anyio.sleep(self.work_seconds + self.margin)
+        for delay, directory in zip(delays, directories, strict=True):
+            if (directory / "started").exists():
+                await self.assert_stopped(directory)
+            assert not (directory / "marker").exists(), (
+                f"cancelled {delay}s after its submit, the work went on"
+            )
+
     async def test_a_failed_attempt_is_retried(self, infra: AgentInfra) -> None:
         handle = await self.submit(infra, "flaky", None, max_attempts=2)
         assert await handle.result() == "ok"
