@@ -15,7 +15,9 @@ import aiohttp
 import anyio
 import pytest
 
+from dspy_infra import AgentInfra
 from dspy_infra.docker import build_image
+from dspy_infra.remote import RemoteAgentInfra, serve
 
 SERVICE = str(Path(__file__).with_name("_service.py"))
 
@@ -124,3 +126,19 @@ class CutEvents:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._content, name)
+
+
+Api = AgentInfra | RemoteAgentInfra
+
+
+@asynccontextmanager
+async def used(infra: AgentInfra, how: str) -> AsyncIterator[Api]:
+    """``infra`` itself ("inprocess"), or a client of a server serving it ("remote")."""
+    if how == "inprocess":
+        yield infra
+        return
+    async with (
+        serve(infra, "127.0.0.1:0") as server,
+        AgentInfra.connect(server.address) as remote,
+    ):
+        yield remote

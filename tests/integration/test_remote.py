@@ -98,11 +98,9 @@ from dspy_infra.workflows import (
     WorkflowError,
     WorkflowEvent,
 )
-from tests.integration.helpers import serve_without, service
+from tests.integration.helpers import Api, serve_without, service, used
 
 pytestmark = pytest.mark.anyio
-
-Api = AgentInfra | RemoteAgentInfra
 
 
 async def echo(payload: Any) -> Any:
@@ -135,19 +133,6 @@ def make_infra(tmp_path: Path) -> AgentInfra:
         state_dir=tmp_path / "state",
         handlers={"echo": echo, "sleepy": sleepy, "boom": boom, "clash": clash},
     )
-
-
-@contextlib.asynccontextmanager
-async def used(infra: AgentInfra, how: str) -> AsyncIterator[Api]:
-    """``infra`` itself ("inprocess"), or a client of a server serving it ("remote")."""
-    if how == "inprocess":
-        yield infra
-        return
-    async with (
-        serve(infra, "127.0.0.1:0") as server,
-        AgentInfra.connect(server.address) as remote,
-    ):
-        yield remote
 
 
 @pytest.fixture(params=["inprocess", "remote"])

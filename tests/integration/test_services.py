@@ -35,8 +35,7 @@ from dspy_infra._procfs import group_alive
 from dspy_infra.abc import LaunchSpec
 from dspy_infra.backends.local import LocalBackend, LocalProcess
 from dspy_infra.services import ports
-from tests.integration.helpers import running_with, service, unique_seconds
-from tests.integration.test_remote import used
+from tests.integration.helpers import running_with, service, unique_seconds, used
 
 pytestmark = pytest.mark.anyio
 
