@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from aiohttp import web
 
+from dspy_infra._sockets import bind_all
 from dspy_infra.config.model import split_address
 from dspy_infra.errors import InfraClosed
 from dspy_infra.metrics import CONTENT_TYPE
@@ -96,9 +97,17 @@ class MetricsServer:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
-            await site.start()
-            host, port = runner.addresses[0][:2]
+            # Not TCPSite: for a name (localhost) and port 0, asyncio gives
+            # each of its addresses (127.0.0.1, ::1) a port of its own.
+            socks = await bind_all(self._host, self._port)
+            try:
+                for sock in socks:
+                    await web.SockSite(runner, sock).start()
+            except BaseException:
+                for sock in socks:
+                    sock.close()
+                raise
+            host, port = socks[0].getsockname()[:2]
             self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             task_status.started(self.address)
             await anyio.sleep_forever()

@@ -243,6 +243,27 @@ async def test_a_metrics_address_in_use_is_a_config_error_naming_it(tmp_path: Pa
         assert infra.metrics_address == address
 
 
+async def test_an_endpoint_on_a_name_listens_on_each_of_its_addresses_on_one_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where /etc/hosts gives localhost both 127.0.0.1 and ::1, port 0 gave
+    # each address a port of its own: the one reported reached only one.
+    resolve = socket.getaddrinfo
+
+    def both(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in ("localhost", b"localhost"):
+            return resolve(host, *args, **kwargs)
+        return [*resolve("127.0.0.1", *args, **kwargs), *resolve("::1", *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    async with AgentInfra.start(config(tmp_path, metrics={"address": "localhost:0"})) as infra:
+        assert infra.metrics_address is not None
+        port = infra.metrics_address.rsplit(":", 1)[1]
+        for host in ("127.0.0.1", "[::1]"):
+            status, _, _ = await get(f"http://{host}:{port}/health")
+            assert status == 200
+
+
 async def test_no_endpoint_by_default(tmp_path: Path) -> None:
     async with AgentInfra.start(state_dir=tmp_path / "state") as infra:
         assert infra.metrics_address is None
