@@ -2000,6 +2000,42 @@ async def test_cli_serve_runs_until_sigterm(tmp_path: Path) -> None:
                 process.kill()
 
 
+async def test_cli_serve_stops_at_once_on_a_second_sigint(tmp_path: Path) -> None:
+    # A service that ignores SIGTERM keeps the graceful stop waiting out its
+    # stop_timeout: a second Ctrl-C was ignored, where servers stop at once.
+    pid_file = tmp_path / "stubborn.pid"
+    stubborn = json.dumps(["sh", "-c", f"echo $$ > {pid_file}; trap '' TERM; exec sleep 1000"])
+    state_dir = json.dumps(str(tmp_path / "state"))
+    config = tmp_path / "dspy-infra.toml"
+    config.write_text(
+        f"[infra]\nstate_dir = {state_dir}\n\n[services.stubborn]\ncommand = {stubborn}\n"
+        'stop_timeout = 60\n\n[server]\naddress = "127.0.0.1:0"\n'
+    )
+    async with await anyio.open_process(_serve_cli(tmp_path)) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        try:
+            with anyio.fail_after(30):
+                await process.stdout.receive()
+            process.send_signal(signal.SIGINT)
+            with anyio.fail_after(10):
+                assert b"shutting down" in await process.stderr.receive()
+            await anyio.sleep(0.5)  # well into the stop of the service
+            process.send_signal(signal.SIGINT)
+            with anyio.fail_after(10):
+                assert await process.wait() == 130
+            stderr = b"".join([chunk async for chunk in process.stderr]).decode()
+            assert "stopping at once" in stderr, stderr
+            assert "Traceback" not in stderr, stderr
+        finally:
+            if process.returncode is None:
+                process.kill()
+    # What the cut-short stop left is removed by the next start, as after a crash.
+    config.write_text(f"[infra]\nstate_dir = {state_dir}\n")
+    async with AgentInfra.start(config):
+        assert not group_alive(int(pid_file.read_text())), "the service outlived its server"
+
+
 def _serve_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
     config = tmp_path / "dspy-infra.toml"
     if not config.exists():

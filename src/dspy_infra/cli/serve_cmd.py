@@ -7,6 +7,7 @@ The token is never a command-line argument (any user can read those with
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import ssl
 import sys
@@ -18,6 +19,7 @@ import anyio
 
 from dspy_infra.cli._common import (
     DEFAULT_ADDRESS,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     TOKEN_ENV,
@@ -37,7 +39,8 @@ def register(subparsers: Subparsers) -> None:
         help="run the configured infrastructure and serve it over gRPC",
         description=(
             "Start the configured services and scheduler, and serve them over gRPC until "
-            "SIGTERM or SIGINT; then stop every call, task and service, and exit 0. "
+            "SIGTERM or SIGINT; then stop every call, task and service, and exit 0 "
+            "(a second signal exits at once, with 130). "
             "Prints 'serving on HOST:PORT' once it listens (the port chosen, for port 0)."
         ),
     )
@@ -97,25 +100,46 @@ def _serve(args: argparse.Namespace) -> int:
         # From the start: a signal while the services come up stops them too.
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with anyio.create_task_group() as group:
-                group.start_soon(_stop_on_signal, signals, group.cancel_scope)
-                async with AgentInfra(config) as infra, AsyncExitStack() as stack:
-                    try:
-                        server = await stack.enter_async_context(
-                            serve(infra, address, token=token, tls=tls)
-                        )
-                    except OSError as exc:  # the port is taken, say
-                        raise CommandError(
-                            f"cannot listen on {address}: {exc.strerror or exc}"
-                        ) from None
-                    print(f"serving on {server.address}", flush=True)
-                    await anyio.sleep_forever()
+                # A scope of its own, not the group's: the signals are still
+                # heard while what it served is being stopped.
+                serving = anyio.CancelScope()
+                group.start_soon(_stop_on_signal, signals, serving)
+                with serving:
+                    async with AgentInfra(config) as infra, AsyncExitStack() as stack:
+                        try:
+                            server = await stack.enter_async_context(
+                                serve(infra, address, token=token, tls=tls)
+                            )
+                        except OSError as exc:  # the port is taken, say
+                            raise CommandError(
+                                f"cannot listen on {address}: {exc.strerror or exc}"
+                            ) from None
+                        print(f"serving on {server.address}", flush=True)
+                        await anyio.sleep_forever()
+                group.cancel_scope.cancel()
 
     anyio.run(run)
     return EXIT_OK
 
 
 async def _stop_on_signal(signals: AsyncIterator[int], scope: anyio.CancelScope) -> None:
+    """The first signal stops gracefully; a second one (Ctrl-C again) exits at once.
+
+    What the cut-short stop had not stopped yet (service processes,
+    containers, Slurm jobs) is what a crash leaves: the next start with the
+    same state_dir removes it.
+    """
     async for signum in signals:
-        print(f"{signal.Signals(signum).name}: shutting down", file=sys.stderr)
-        scope.cancel()
-        return
+        name = signal.Signals(signum).name
+        if not scope.cancel_called:
+            print(f"{name}: shutting down (again to stop at once)", file=sys.stderr, flush=True)
+            scope.cancel()
+            continue
+        print(
+            f"{name} again: stopping at once; what is still running is removed "
+            "at the next start with this state_dir",
+            file=sys.stderr,
+            flush=True,
+        )
+        # Not an exception: the stop under way runs shielded, and would be waited for.
+        os._exit(EXIT_INTERRUPTED)
