@@ -22,6 +22,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
@@ -1943,6 +1944,52 @@ async def test_a_server_killed_mid_stream_is_no_word_of_tls(tmp_path: Path) -> N
         finally:
             if process.returncode is None:
                 process.kill()
+
+
+async def test_a_client_gone_mid_stream_is_not_logged_once_per_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Writes to a lost connection (the events that kept coming for a
+    # killed client's streams) each made asyncio log "socket.send() raised
+    # exception.": as many lines as the calls were sent anything.
+    client = textwrap.dedent(
+        """
+        import sys, anyio
+        from dspy_infra import AgentInfra
+
+        async def main():
+            async with AgentInfra.connect(sys.argv[1]) as remote:
+                async def follow():
+                    async for _ in remote.stream_events(set()):
+                        pass
+
+                async with anyio.create_task_group() as group:
+                    for _ in range(20):
+                        group.start_soon(follow)
+                    await anyio.sleep(1)
+                    print("following", flush=True)
+                    await anyio.sleep_forever()
+
+        anyio.run(main)
+        """
+    )
+    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
+        command = [sys.executable, "-c", client, srv.address]
+        async with await anyio.open_process(command) as process:
+            assert process.stdout is not None
+            with anyio.fail_after(30):
+                await process.stdout.receive()
+
+            async def busy() -> None:
+                for n in range(300):
+                    await infra.submit_task("echo", n)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(busy)
+                await anyio.sleep(0.05)
+                process.kill()
+    noise = [r for r in caplog.records if "socket.send()" in r.getMessage()]
+    assert not noise, f"{len(noise)} times"
 
 
 async def test_unary_round_trip_is_fast(tmp_path: Path) -> None:

@@ -317,6 +317,25 @@ async def test_packed_tasks_share_a_job_and_stop_alone(
             await anyio.sleep(0.1)
 
 
+async def test_a_held_pack_is_cancelled_once_for_all_its_tasks(
+    infra: AgentInfra, runner: SlurmRunner, tmp_path: Path
+) -> None:
+    # Each task of a pack held as it ended (SPECIAL_EXIT) cancelled the job
+    # itself: one scancel per task, where one for the job does.
+    logs = [tmp_path / f"log{i}" for i in range(3)]
+    payloads = [{"log": str(log), "seconds": 300} for log in logs]
+    handles = await infra.submit_tasks("sleep", payloads, task_class="packed")
+    await wait_for_line(logs[0])
+    ((job_id, _),) = await active(runner)
+    scancel = runner.calls.get("scancel", 0)
+    await command("scontrol", "requeuehold", "State=SpecialExit", job_id.strip())
+    for handle in handles:
+        with anyio.fail_after(120), pytest.raises(TaskFailed, match="was requeued and held"):
+            await handle.result()
+    assert runner.calls.get("scancel", 0) == scancel + 1
+    assert await active(runner) == []
+
+
 async def test_a_requeued_pack_is_waited_for_and_does_not_outlive_the_instance(
     slurm: str, tmp_path: Path
 ) -> None:

@@ -49,7 +49,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import aclosing, asynccontextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from urllib.parse import quote
 
 import anyio
@@ -333,13 +333,34 @@ class _Protocol(H2Protocol):
     """grpclib's connection, taking up to MAX_CONCURRENT_CALLS calls at once."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        # A stand-in, not a subclass: it passes everything else on as it is.
+        super().connection_made(cast("asyncio.BaseTransport", _QuietTransport(transport)))
         # The settings grpclib sends first say 100 (h2's default): these
         # follow them at once, before any call of the client's is read.
         self.connection._connection.update_settings(
             {SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_CALLS}
         )
         self.connection.flush()
+
+
+class _QuietTransport:
+    """A connection's transport, for grpclib, which drops what is written once it is closing.
+
+    grpclib's calls write on as long as they run: to a client gone (killed,
+    say) while they were sending, every write made asyncio log
+    "socket.send() raised exception.", once per call and event. What is
+    written to a closing transport is dropped by asyncio all the same.
+    """
+
+    def __init__(self, transport: asyncio.BaseTransport):
+        self._transport = cast("asyncio.Transport", transport)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def _transport(protocol: H2Protocol) -> asyncio.Transport | None:
