@@ -208,7 +208,7 @@ class SlurmRunner:
             if request.final is None and (
                 info.held or (info.state == GONE and output.code is None)
             ):
-                await self._cancel_gone(info.job_id)
+                await self._cancel_gone(request, info.job_id)
             cluster_fault = info.state in _CLUSTER_FAULTS and (
                 output.code is None or _killed_by_slurm(output.code, packed=request.packed)
             )
@@ -284,7 +284,7 @@ class SlurmRunner:
                     # is ending on its own, and a scancel each would make the
                     # calls grow with the packs, not with the poll cycles.
                     with anyio.CancelScope(shield=True):
-                        await self._cancel_gone(job_id)
+                        await self._cancel_gone(request, job_id)
             else:
                 info = await poller.final(job_id)
             ended = True
@@ -347,11 +347,17 @@ class SlurmRunner:
         except SlurmError as exc:
             log.warning("cannot stop Slurm job %s: %s", job_id, exc)
 
-    async def _cancel_gone(self, job_id: str) -> None:
+    async def _cancel_gone(self, request: Request, job_id: str) -> None:
         """A job judged gone that left no exit code may yet run, unseen, and a held one
-        (SPECIAL_EXIT) would run again if released: neither may outlive its attempt."""
+        (SPECIAL_EXIT) would run again if released: neither may outlive its attempt.
+
+        Once per job: the other attempts of a pack see it end as this one did.
+        """
         cli = self._cli
         assert cli is not None
+        if any(r.job_cancelled for r in request.group):
+            return
+        request.job_cancelled = True
         try:
             await cli.scancel([job_id])
         except SlurmError as exc:

@@ -84,6 +84,7 @@ class Request:
         self.stopping = False  # a packed attempt being stopped, or done with
         # A packed attempt whose command was killed while its job ran on (a requeue?).
         self.killed = False
+        self.job_cancelled = False  # by the runner, as gone or held: once for the group
         self.done = anyio.Event()
         # Known at once for a job of a previous owner that already ended.
         self.final: JobInfo | None = None
