@@ -38,6 +38,7 @@ from dspy_infra.errors import (
 )
 from dspy_infra.runners._commands import AttemptFiles, Tail
 from dspy_infra.runners.slurm import SlurmRunner
+from dspy_infra.runners.slurm import cli as slurm_cli
 from dspy_infra.runners.slurm.cli import Pacer, SlurmCli, classify
 from dspy_infra.runners.slurm.files import JobOutput
 from dspy_infra.runners.slurm.poller import MIN_INTERVAL, JobInfo, parse_sacct, parse_squeue
@@ -442,6 +443,42 @@ async def test_a_job_submitted_though_sbatch_timed_out_runs_once_and_is_not_left
         assert runner.calls["sbatch"] == 1
     assert not lose.exists(), "the answer was lost"
     assert await anyio.Path(log).read_text() == "started\n" * tasks
+
+
+async def test_a_job_submitted_as_slurmctld_went_away_for_long_is_followed_once_it_is_back(
+    slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # slurmctld takes the job, and is then out of reach for longer than a
+    # call waits for it (5 minutes; 1 s here): the task failed as refused,
+    # and its job ran on, followed by nobody (its task run again, twice).
+    monkeypatch.setattr(slurm_cli, "_PATIENCE", 1.0)
+    down = tmp_path / "slurmctld-down"
+    unreachable = (
+        'echo "$(basename $0): error: Unable to contact slurm controller (connect failure)" >&2'
+    )
+    shim(
+        tmp_path,
+        "sbatch",
+        f'if [ -e {down} ]; then $real "$@" >/dev/null || exit; '
+        'echo "sbatch: error: Batch job submission failed: '
+        'Socket timed out on send/recv operation" >&2; exit 1; fi\n'
+        'exec $real "$@"',
+    )
+    shim(tmp_path, "squeue", f'if [ -e {down} ]; then {unreachable}; exit 1; fi\nexec $real "$@"')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    log = tmp_path / "log"
+    async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
+        runner = SlurmRunner.of_instance(infra.instance_id)
+        assert runner is not None
+        down.touch()
+        handle = await infra.submit_task("sleep", {"log": str(log), "seconds": 1}, task_class="s")
+        await wait_for_line(log)  # it runs, while the runner cannot tell
+        await anyio.sleep(3)
+        down.unlink()
+        with anyio.fail_after(60):
+            assert await handle.result() == {"slept": 1}
+        assert runner.calls["sbatch"] == 1
+    assert await anyio.Path(log).read_text() == "started\n"
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ A missing command is :class:`SlurmUnavailable`, which names what to install.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import subprocess
@@ -230,7 +231,8 @@ class SlurmCli:
         after sbatch gave up waiting (``Socket timed out``). After such a
         failure, before the command runs again, ``settle`` looks for its
         effect: what it returns (the output the command would have given)
-        is the call's; None runs the command again.
+        is the call's; None runs the command again. Until ``settle`` can
+        tell, the call waits for the controller however long it is away.
         """
         tries = 0
         first_failure: float | None = None
@@ -278,7 +280,10 @@ class SlurmCli:
                     f"slurmctld does not answer ({message}); is it running, and does "
                     "SLURM_CONF (or /etc/slurm/slurm.conf) name it?",
                 )
-            if not retry or (kind == "unreachable" and now - first_failure > _PATIENCE):
+            # Not while unsure: giving up would leave a job that was taken
+            # followed by nobody, and its tasks, failed, to be run again.
+            patience = math.inf if unsure else _PATIENCE
+            if not retry or (kind == "unreachable" and now - first_failure > patience):
                 raise SlurmError(command, message, kind=kind)
             delay = _RETRY.delay(tries)
             tries += 1
