@@ -377,6 +377,19 @@ def shim(tmp_path: Path, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
+def slurmctld_away(tmp_path: Path, *names: str) -> Path:
+    """Shims of ``names`` that cannot reach slurmctld while the file returned exists."""
+    down = tmp_path / "slurmctld-down"
+    for name in names:
+        shim(
+            tmp_path,
+            name,
+            f'if [ -e {down} ]; then echo "{name}: error: Unable to contact slurm controller '
+            '(connect failure)" >&2; exit 1; fi\nexec $real "$@"',
+        )
+    return down
+
+
 async def test_a_preempted_job_is_submitted_again_though_its_command_recorded_the_signal(
     slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -452,10 +465,7 @@ async def test_a_job_submitted_as_slurmctld_went_away_for_long_is_followed_once_
     # call waits for it (5 minutes; 1 s here): the task failed as refused,
     # and its job ran on, followed by nobody (its task run again, twice).
     monkeypatch.setattr(slurm_cli, "_PATIENCE", 1.0)
-    down = tmp_path / "slurmctld-down"
-    unreachable = (
-        'echo "$(basename $0): error: Unable to contact slurm controller (connect failure)" >&2'
-    )
+    down = slurmctld_away(tmp_path, "squeue")
     shim(
         tmp_path,
         "sbatch",
@@ -464,7 +474,6 @@ async def test_a_job_submitted_as_slurmctld_went_away_for_long_is_followed_once_
         'Socket timed out on send/recv operation" >&2; exit 1; fi\n'
         'exec $real "$@"',
     )
-    shim(tmp_path, "squeue", f'if [ -e {down} ]; then {unreachable}; exit 1; fi\nexec $real "$@"')
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     log = tmp_path / "log"
     async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
@@ -545,6 +554,57 @@ async def test_an_instance_closed_by_a_cancel_around_it_stops_its_jobs_at_once(
     # The batch's script, manifest and log went with its job, as when the
     # instance closes otherwise.
     assert list((tmp_path / "state" / "slurm").iterdir()) == []
+
+
+async def test_an_instance_closed_while_slurmctld_is_away_leaves_its_job_to_the_next(
+    slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Closing waited for slurmctld 5 minutes per call to cancel a running job
+    # (5.5 minutes in all), and then forgot the job, which ran on for good.
+    down = slurmctld_away(tmp_path, "squeue", "scancel")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    log = tmp_path / "log"
+    payload = {"log": str(log), "seconds": 300}
+    async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
+        runner = SlurmRunner.of_instance(infra.instance_id)
+        assert runner is not None
+        handle = await infra.submit_task("sleep", payload, task_class="s")
+        await wait_for_line(log)
+        ((job_id, _),) = await active(runner, handle.task_id)
+        down.touch()
+        started = time.monotonic()
+    assert time.monotonic() - started < 45
+    assert runner is not None
+    down.unlink()
+    assert (job_id, "RUNNING") in [(j, s.strip()) for j, s in await active(runner)]
+    async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
+        with anyio.fail_after(30):  # cancelled as the next instance starts
+            while job_id in [j for j, _ in await active(runner)]:
+                await anyio.sleep(0.2)
+
+
+async def test_a_job_cancelled_while_slurmctld_is_away_is_cancelled_once_it_is_back(
+    slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    down = slurmctld_away(tmp_path, "squeue", "scancel")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    log = tmp_path / "log"
+    payload = {"log": str(log), "seconds": 300}
+    async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
+        runner = SlurmRunner.of_instance(infra.instance_id)
+        assert runner is not None
+        handle = await infra.submit_task("sleep", payload, task_class="s")
+        await wait_for_line(log)
+        ((job_id, _),) = await active(runner, handle.task_id)
+        down.touch()
+        await infra.cancel_task(handle.task_id)
+        with anyio.fail_after(45), pytest.raises(TaskCancelled):
+            await handle.result()
+        down.unlink()
+        with anyio.fail_after(60):  # asked again, by this instance
+            while job_id in [j for j, _ in await active(runner)]:
+                await anyio.sleep(0.2)
+        assert list((tmp_path / "state" / "slurm").iterdir()) == [], "its batch's files went"
 
 
 async def test_any_state_dir_and_cwd_will_do(slurm: str, tmp_path: Path) -> None:

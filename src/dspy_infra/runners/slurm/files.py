@@ -49,6 +49,8 @@ class Entry:
     """One task of a batch, and the array index of the job that runs it (with others, packed).
 
     ``last``: the task's last attempt, which is not run again after a crash.
+    ``cancelled`` (read from its ``.cancel`` file, not written in the
+    manifest): its owner stopped it, or could not and left its job to cancel.
     """
 
     task_id: str
@@ -56,6 +58,7 @@ class Entry:
     work_dir: Path
     index: int = 0
     last: bool = False
+    cancelled: bool = False
 
     @property
     def paths(self) -> TaskPaths:
@@ -149,6 +152,7 @@ def read_manifests(directory: Path) -> list[Manifest]:
                     work_dir=Path(w),
                     index=int(i),
                     last=bool(last and last[0]),  # absent: an older manifest, not known
+                    cancelled=TaskPaths.of(Path(w), int(a)).cancel.exists(),
                 )
                 for t, a, w, i, *last in data["tasks"]
             )

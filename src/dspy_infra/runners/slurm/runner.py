@@ -163,7 +163,7 @@ class SlurmRunner:
         self._manifests = manifests
         self._recovered = not manifests
         self._open[context.instance_id] = self
-        if any(e.last for m in manifests if m.name in names for e in m.entries):
+        if any(e.last or e.cancelled for m in manifests if m.name in names for e in m.entries):
             group.start_soon(self._recover)
         return []
 
@@ -204,7 +204,8 @@ class SlurmRunner:
             finally:
                 if request.job_id is not None:
                     poller.forget(request.job_id)
-                    submitter.release(request)
+                    if not request.left_running:
+                        submitter.release(request)
             if request.final is None and (
                 info.held or (info.state == GONE and output.code is None)
             ):
@@ -293,59 +294,109 @@ class SlurmRunner:
                 with anyio.CancelScope(shield=True):
                     if request.abandon() and request.job_id is not None:
                         if request.packed:
-                            await self._stop_packed(request, grace)
+                            stopped = await self._stop_packed(request, grace)
                         else:
-                            await self._stop(request.job_id, grace)
+                            stopped = await self._stop(request.job_id, grace)
+                        if not stopped:
+                            self._cancel_later(request)
             request.stopping = True
         return info
 
-    async def _stop_packed(self, request: Request, grace: float) -> None:
-        """Stop one attempt of a pack: by its file, or the whole job if it is the last one."""
+    async def _stop_packed(self, request: Request, grace: float) -> bool:
+        """Stop one attempt of a pack: by its file, or the whole job if it is the last one.
+
+        False when the job could not be cancelled (see :meth:`_stop`).
+        """
         job_id, poller = request.job_id, self._poller
         assert job_id is not None
         assert poller is not None
         request.stopping = True
         if all(r.stopping or r.cancelled for r in request.group):
-            await self._stop(job_id, grace)
-            return
+            return await self._stop(job_id, grace)
         try:
             started = await anyio.to_thread.run_sync(request_cancel, request.entry.paths)
         except OSError as exc:
             log.warning("cannot tell task %r to stop: %s", request.entry.task_id, exc)
-            return
+            return True
         if started:  # else its script will see the file when its turn comes, and exit
             poller.hurry()
             with anyio.move_on_after(grace + _STOP_WAIT):
                 await poller.ended(job_id, request.entry.paths.exit)
-                return
+                return True
             log.warning("task %r of Slurm job %s has not stopped", request.entry.task_id, job_id)
+        return True
 
-    async def _stop(self, job_id: str, grace: float) -> None:
-        """SIGTERM to every process of the job, SIGKILL after ``grace``; then wait for its end."""
+    async def _stop(self, job_id: str, grace: float) -> bool:
+        """SIGTERM to every process of the job, SIGKILL after ``grace``; then wait for its end.
+
+        False when slurmctld could not be told to cancel it within ``grace`` +
+        :data:`_STOP_WAIT` (it is away): the attempt does not wait longer
+        for it, nor does a close (it would wait 5 minutes per call).
+        """
         cli, poller = self._cli, self._poller
         assert cli is not None
         assert poller is not None
         info = poller.latest(job_id)
-        try:
-            if info is not None and info.running:
-                poller.hurry()
-                # Bounded: Slurm retries a signal to a job in transition.
-                with anyio.move_on_after(max(grace, 1.0)):
-                    await cli.scancel([job_id], signal="TERM", full=True)
-                    await poller.final(job_id)
-                    return
-                with anyio.move_on_after(_STOP_WAIT):
+        with anyio.move_on_after(max(grace, 1.0) + _STOP_WAIT):
+            try:
+                if info is not None and info.running:
+                    poller.hurry()
+                    # Bounded: Slurm retries a signal to a job in transition.
+                    with anyio.move_on_after(max(grace, 1.0)):
+                        await cli.scancel([job_id], signal="TERM", full=True)
+                        await poller.final(job_id)
+                        return True
                     await cli.scancel([job_id], signal="KILL", full=True)
-            # Pending (or not seen yet): cancelling it is all there is to do.
-            await cli.scancel([job_id])
+                # Pending (or not seen yet): cancelling it is all there is to do.
+                await cli.scancel([job_id])
+            except SlurmError as exc:
+                log.warning("cannot stop Slurm job %s: %s", job_id, exc)
+                return False
             with anyio.move_on_after(_STOP_WAIT):
                 await poller.final(job_id)
-                return
+                return True
             log.warning(
                 "Slurm job %s was cancelled but has not ended after %g s", job_id, _STOP_WAIT
             )
-        except SlurmError as exc:
-            log.warning("cannot stop Slurm job %s: %s", job_id, exc)
+            return True
+        return False
+
+    def _cancel_later(self, request: Request) -> None:
+        """A job slurmctld could not be told to cancel: it is asked again until it is.
+
+        Until then the batch's files stay, its tasks marked cancelled (their
+        ``.cancel`` file): if this instance closes first, the next one on
+        the state dir cancels the job as it starts.
+        """
+        group, job_id = self._group, request.job_id
+        assert job_id is not None
+        log.warning(
+            "Slurm job %s will be cancelled once slurmctld answers (by the next instance "
+            "on this state_dir, if this one closes first)",
+            job_id,
+        )
+        request.left_running = True
+        if group is not None:  # else closed: the next instance it is
+            group.start_soon(self._cancel_when_back, request, job_id)
+
+    async def _cancel_when_back(self, request: Request, job_id: str) -> None:
+        cli, submitter = self._cli, self._submitter
+        assert cli is not None
+        assert submitter is not None
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: [request_cancel(r.entry.paths) for r in request.group]
+            )
+        except OSError as exc:
+            log.warning("cannot mark the tasks of Slurm job %s cancelled: %s", job_id, exc)
+        while True:
+            try:
+                await cli.scancel([job_id])
+            except SlurmError:  # after waiting for slurmctld: again, until the close
+                await anyio.sleep(_STOP_WAIT)
+                continue
+            break
+        submitter.release(request)
 
     async def _cancel_gone(self, request: Request, job_id: str) -> None:
         """A job judged gone that left no exit code may yet run, unseen, and a held one
@@ -414,12 +465,13 @@ class SlurmRunner:
             for (request, info), code in zip(candidates, codes, strict=True):
                 task_id = request.entry.task_id
                 if info is not None and not info.final:
-                    if all(r.entry.last for r in request.group):
+                    if all(r.entry.last or r.entry.cancelled for r in request.group):
                         unwanted.add(info.job_id)
-                        request.stopping = True
-                        submitter.release(request)
-                    else:
+                    elif not request.entry.cancelled:  # (else stopped alone, its pack runs on)
                         self._orphans[task_id] = request
+                        continue
+                    request.stopping = True
+                    submitter.release(request)
                 elif code == 0:
                     # It ended well while nobody watched: its result is in its work dir.
                     request.final = info or JobInfo(job_id=request.job_id or "?", state=GONE)

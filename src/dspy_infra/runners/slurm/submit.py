@@ -85,6 +85,8 @@ class Request:
         # A packed attempt whose command was killed while its job ran on (a requeue?).
         self.killed = False
         self.job_cancelled = False  # by the runner, as gone or held: once for the group
+        # Its job could not be cancelled (slurmctld away): its batch's files stay.
+        self.left_running = False
         self.done = anyio.Event()
         # Known at once for a job of a previous owner that already ended.
         self.final: JobInfo | None = None
