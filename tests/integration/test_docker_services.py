@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -648,3 +648,35 @@ async def test_an_instance_network_another_container_still_uses_is_left_with_a_w
         finally:
             await guest.delete(force=True)
             await (await docker.networks.get(network["Id"])).delete()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(lambda: aiodocker.DockerError(500, "the daemon is busy"), id="busy"),
+        pytest.param(aiohttp.ServerDisconnectedError, id="disconnected"),
+    ],
+)
+async def test_an_image_docker_fails_to_inspect_is_not_called_missing(
+    busybox: str,
+    tmp_path: Path,
+    project: str,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Callable[[], BaseException],
+) -> None:
+    # Only Docker's "no such image" (404) says the image is absent: a busy
+    # daemon or a broken connection says nothing of it, and is told as such.
+    refused = refuse_once(
+        monkeypatch,
+        lambda path, method: path.startswith("images/") and path.endswith("/json"),
+        error,
+    )
+    services = {"kv": web(busybox, start_retries=0)}
+    with pytest.raises(ServiceStartError) as failed:
+        async with start(tmp_path, project, services):
+            pass
+    assert refused, "no inspect of the image was refused"
+    reason = failed.value.reason
+    assert f"image {busybox!r}" in reason
+    assert "not present locally" not in reason
+    assert "internal error" not in reason

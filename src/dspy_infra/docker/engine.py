@@ -212,8 +212,8 @@ class Engine:
     ) -> dict[str, Any]:
         """The image's metadata; pulled first when missing and ``pull`` allows it."""
         if pull != "always":
-            with contextlib.suppress(aiodocker.DockerError):
-                return await self.docker.images.inspect(image)
+            if (found := await self._inspect(image)) is not None:
+                return found
             if pull == "never":
                 raise ContainerError(
                     f"image {image!r} is not present locally (pull = 'never'): {_GET_IMAGE}"
@@ -233,6 +233,24 @@ class Engine:
             return await self.docker.images.inspect(image)
         except aiodocker.DockerError as exc:
             raise ContainerError(_unpullable(image, _reason(exc), pull)) from None
+
+    async def _inspect(self, image: str) -> dict[str, Any] | None:
+        """The image's metadata, None if Docker has no such image.
+
+        Only a 404 says it is absent: a busy daemon's 500 or a broken
+        connection says nothing of it, and fails this start (retried as any)
+        saying so, rather than sending the user off to build or pull it.
+        """
+        try:
+            return await self.docker.images.inspect(image)
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise ContainerError(
+                f"Docker could not inspect image {image!r}: {_reason(exc)}"
+            ) from None
+        except _BROKEN as exc:
+            raise ContainerError(_broke(f"inspecting image {image!r}", exc)) from None
 
     # -- the instance network -----------------------------------------------------
 
@@ -268,8 +286,7 @@ class Engine:
                         # above), and the engine's close removes it either way.
                         self._network_lost = True
                         raise ContainerError(
-                            f"the connection to Docker broke while creating the instance "
-                            f"network {name!r} ({exc!r})"
+                            _broke(f"creating the instance network {name!r}", exc)
                         ) from None
                 self._network = name
             return self._network
@@ -347,9 +364,7 @@ class Engine:
             raise ContainerError(_reason(exc)) from None
         except _BROKEN as exc:
             await self._remove_lost(name)
-            raise ContainerError(
-                f"the connection to Docker broke while creating the container ({exc!r})"
-            ) from None
+            raise ContainerError(_broke("creating the container", exc)) from None
 
     async def _remove_lost(self, name: str) -> None:
         await self.remove_container(name)
@@ -1101,6 +1116,10 @@ def _time_left() -> float:
 def _exit_code(reported: int | str | None) -> int:
     """An exit code as Docker reports it (128 + N for signal N: PID 1 is an init); -1 if none."""
     return -1 if reported is None else from_shell(int(reported), by="Docker")
+
+
+def _broke(doing: str, exc: BaseException) -> str:
+    return f"the connection to Docker broke while {doing} ({exc!r})"
 
 
 def _unpullable(image: str, why: str, pull: str) -> str:
