@@ -680,3 +680,20 @@ async def test_an_image_docker_fails_to_inspect_is_not_called_missing(
     assert f"image {busybox!r}" in reason
     assert "not present locally" not in reason
     assert "internal error" not in reason
+
+
+async def test_a_connection_broken_during_a_pull_is_a_clear_error_naming_the_image(
+    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not an internal error that fails the service for good: a failed start
+    # saying what broke, retried as any (none here, to read its reason).
+    refused = refuse_once(
+        monkeypatch, lambda path, _: path == "images/create", aiohttp.ServerDisconnectedError
+    )
+    services = {"kv": web(busybox, pull="always", start_retries=0)}
+    with pytest.raises(ServiceStartError) as failed:
+        async with start(tmp_path, project, services):
+            pass
+    assert refused, "no pull was refused"
+    reason = failed.value.reason
+    assert f"the connection to Docker broke while pulling image {busybox!r}" in reason

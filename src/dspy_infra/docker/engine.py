@@ -233,6 +233,10 @@ class Engine:
             return await self.docker.images.inspect(image)
         except aiodocker.DockerError as exc:
             raise ContainerError(_unpullable(image, _reason(exc), pull)) from None
+        except _BROKEN as exc:
+            # As any other failed start: retried, saying what broke (not an
+            # internal error that fails the service or the task for good).
+            raise ContainerError(_broke(f"pulling image {image!r}", exc)) from None
 
     async def _inspect(self, image: str) -> dict[str, Any] | None:
         """The image's metadata, None if Docker has no such image.
