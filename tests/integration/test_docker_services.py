@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from aiodocker.containers import DockerContainer
 
 from dspy_infra import AgentInfra, BackendUnavailable, ServiceStartError, ServiceState
 from dspy_infra._procfs import start_time
-from dspy_infra.docker.engine import Container, Engine
+from dspy_infra.docker.engine import Container, Engine, Labels
 from tests.integration.helpers import CutEvents, built_image, dockerfile_context, refuse_once
 
 pytestmark = pytest.mark.anyio
@@ -697,3 +698,57 @@ async def test_a_connection_broken_during_a_pull_is_a_clear_error_naming_the_ima
     assert refused, "no pull was refused"
     reason = failed.value.reason
     assert f"the connection to Docker broke while pulling image {busybox!r}" in reason
+
+
+async def test_a_failed_look_for_leftovers_is_said_and_does_not_fail_the_start(
+    busybox: str,
+    tmp_path: Path,
+    project: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A busy daemon answers the sweep's listing with a 500: what a crashed
+    # owner left is looked for again at the next start, and this one goes on.
+    caplog.set_level(logging.WARNING, logger="dspy_infra")
+    refused = refuse_once(
+        monkeypatch,
+        lambda path, _: path == "containers/json",
+        lambda: aiodocker.DockerError(500, "the daemon is busy"),
+    )
+    async with start(tmp_path, project, {"kv": web(busybox)}) as infra:
+        assert (await infra.services.status())["kv"].healthy
+    assert refused, "the sweep's listing was never refused"
+    assert "leftovers of crashed instances" in caplog.text
+    assert "the daemon is busy" in caplog.text
+
+
+async def test_a_leftover_docker_fails_to_remove_is_named_and_removed_as_the_instance_closes(
+    busybox: str,
+    tmp_path: Path,
+    project: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Never reported as removed when it is not: the warning names it, and
+    # the removal is tried again as the instance closes.
+    caplog.set_level(logging.WARNING, logger="dspy_infra")
+    labels = Engine(instance_id="dead", project=project).labels("service", "orphan-3")
+    labels[Labels.OWNER_PID] = "999999999"
+    async with aiodocker.Docker() as docker:
+        orphan = await docker.containers.run(
+            {"Image": busybox, "Cmd": ["sleep", "600"], "Labels": labels}
+        )
+        try:
+            refused = refuse_once(
+                monkeypatch,
+                lambda path, method: path == f"containers/{orphan.id}" and method == "DELETE",
+                lambda: aiodocker.DockerError(500, "device or resource busy"),
+            )
+            async with start(tmp_path, project, {"kv": web(busybox)}):
+                assert refused, "the leftover's removal was never refused"
+                assert f"service orphan-3 (container {orphan.id[:12]}" in caplog.text
+                assert "device or resource busy" in caplog.text
+                assert "removed a leftover" not in caplog.text
+        finally:
+            with contextlib.suppress(aiodocker.DockerError):  # removed already, unless it failed
+                await orphan.delete(force=True)

@@ -183,26 +183,53 @@ class Engine:
         return {**(extra or {}), **self._owner, Labels.KIND: kind, Labels.NAME: name}
 
     async def sweep(self) -> list[str]:
-        """Remove the containers and networks of this project whose owner died on this host."""
+        """Remove the containers and networks of this project whose owner died on this host.
+
+        Best effort: what cannot be listed or removed now (a busy daemon, a
+        broken connection) is said in a warning and does not fail the start;
+        the next start looks again, and a container left is removed again as
+        this engine closes.
+        """
         here = [f"{Labels.PROJECT}={self.project}", f"{Labels.HOST}={socket.gethostname()}"]
-        removed = []
-        containers = await self.docker.containers.list(
-            all=True, filters=json.dumps({"label": here})
-        )
+        removed: list[str] = []
+        try:
+            containers = await self.docker.containers.list(
+                all=True, filters=json.dumps({"label": here})
+            )
+            networks = await self.docker.networks.list(filters={"label": here})
+        except (aiodocker.DockerError, *_BROKEN) as exc:
+            log.warning(
+                "could not look for leftovers of crashed instances of project %r (%s); "
+                "they are looked for again at the next start",
+                self.project,
+                exc,
+            )
+            return removed
         for item in containers:
             labels: dict[str, str] = item["Labels"] or {}
             if _owner_alive(labels):
                 continue
-            await _remove(item)
-            removed.append(
+            what = (
                 f"{labels.get(Labels.KIND, 'container')} {labels.get(Labels.NAME, '?')} "
                 f"(container {item.id[:12]}, owner pid {labels.get(Labels.OWNER_PID)} gone)"
             )
-        for network in await self.docker.networks.list(filters={"label": here}):
+            if await self.remove_container(
+                item.id, what=f"a leftover of a crashed instance, {what}"
+            ):
+                removed.append(what)
+        for network in networks:
             labels = network.get("Labels") or {}
             if not _owner_alive(labels):
-                with contextlib.suppress(aiodocker.DockerError):
+                try:
                     await (await self.docker.networks.get(network["Id"])).delete()
+                except (aiodocker.DockerError, *_BROKEN) as exc:
+                    if not isinstance(exc, aiodocker.DockerError) or exc.status != 404:
+                        log.warning(
+                            "could not remove the network %r of a crashed instance (%s); "
+                            "the next start tries again",
+                            network.get("Name"),
+                            exc,
+                        )
         return removed
 
     # -- images -----------------------------------------------------------------
@@ -374,12 +401,13 @@ class Engine:
         await self.remove_container(name)
         self._leftovers.add(name)
 
-    async def remove_container(self, ref: str) -> None:
-        """Remove container ``ref`` (an id or a name).
+    async def remove_container(self, ref: str, *, what: str | None = None) -> bool:
+        """Remove container ``ref`` (an id or a name); whether it is gone.
 
         One whose removal failed for a cause that may pass (a daemon's 5xx,
         "device or resource busy" say, or a broken connection) is not
-        forgotten: it is removed again as the engine closes.
+        forgotten: it is removed again as the engine closes. ``what`` names
+        it in the warning that says so.
         """
         with anyio.CancelScope(shield=True):
             try:
@@ -387,9 +415,14 @@ class Engine:
             except (aiodocker.DockerError, *_BROKEN) as exc:
                 if not isinstance(exc, aiodocker.DockerError) or _transient(exc):
                     self._leftovers.add(ref)
-                    log.warning("could not remove container %s: %s", ref, exc)
-                    return
+                    log.warning(
+                        "could not remove %s: %s; tried again as the instance closes",
+                        what or f"container {ref}",
+                        exc,
+                    )
+                    return False
         self._leftovers.discard(ref)
+        return True
 
     async def _remove_leftovers(self) -> None:
         if self._docker is not None:
@@ -933,11 +966,6 @@ def _owner_alive(labels: Mapping[str, str]) -> bool:
     except (KeyError, ValueError):
         return True  # not a record we understand: not ours to touch
     return str(start_time(pid)) == owner_start
-
-
-async def _remove(container: DockerContainer) -> None:
-    with contextlib.suppress(aiodocker.DockerError):
-        await container.delete(force=True, v=True)
 
 
 def _transient(exc: aiodocker.DockerError) -> bool:
