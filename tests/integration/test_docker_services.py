@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -752,3 +753,45 @@ async def test_a_leftover_docker_fails_to_remove_is_named_and_removed_as_the_ins
         finally:
             with contextlib.suppress(aiodocker.DockerError):  # removed already, unless it failed
                 await orphan.delete(force=True)
+
+
+@contextlib.asynccontextmanager
+async def engine_over_tcp(host: str) -> AsyncIterator[str]:
+    """A ``DOCKER_HOST`` that reaches this machine's engine at ``host`` over TCP,
+    as a remote engine is reached: a byte proxy to its socket."""
+
+    async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):  # the other end hung up first
+            while chunk := await source.read(65536):
+                sink.write(chunk)
+                await sink.drain()
+            if sink.can_write_eof():
+                sink.write_eof()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        daemon_reader, daemon_writer = await asyncio.open_unix_connection("/var/run/docker.sock")
+        try:
+            await asyncio.gather(pump(reader, daemon_writer), pump(daemon_reader, writer))
+        finally:
+            writer.close()
+            daemon_writer.close()
+
+    server = await asyncio.start_server(serve, host, 0)
+    async with server:
+        yield f"tcp://{host}:{server.sockets[0].getsockname()[1]}"
+        server.close()
+
+
+async def test_an_engine_reached_over_tcp_publishes_and_reports_ports_at_its_address(
+    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With DOCKER_HOST=tcp://HOST:PORT the published ports are on HOST (the
+    # engine's machine), not on this machine's 127.0.0.1: they are published,
+    # probed and reported there.
+    services = {"kv": web(busybox, health={"tcp": "{port}"})}
+    async with engine_over_tcp("127.0.0.2") as docker_host:
+        monkeypatch.setenv("DOCKER_HOST", docker_host)
+        async with start(tmp_path, project, services) as infra:
+            status = (await infra.services.status())["kv"]
+            assert status.host == "127.0.0.2"
+            assert await fetch(f"http://127.0.0.2:{status.ports['main']}/") == "kv\n"

@@ -5,7 +5,8 @@ supervisor drives both: output is followed from the Docker log stream, exits
 come from the event stream, stop is SIGTERM then SIGKILL (``Init`` is on, so
 the service gets the signal rather than a PID 1 that ignores it), and
 ``stop()`` returns once the container is removed. Ports are published on
-127.0.0.1, so probes run from this machine exactly as for local services.
+127.0.0.1 (a remote engine's: on its own address), so probes run from this
+machine exactly as for local services.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from dspy_infra.errors import ServiceStartError
 
 __all__ = ["Backend", "DockerBackend"]
 
-_HOST = "127.0.0.1"
-_LOOPBACK = (_HOST, "localhost")
+_LOOPBACK = ("127.0.0.1", "localhost")
 
 
 class DockerService:
     """A service's container, as the supervisor sees a launched service."""
 
-    def __init__(self, container: Container, ports: Mapping[str, int], inside: Mapping[int, int]):
+    def __init__(
+        self, container: Container, host: str, ports: Mapping[str, int], inside: Mapping[int, int]
+    ):
         self._container = container
+        self._host = host  # the engine's machine, where the ports are published
         self._ports = dict(ports)
         self._inside = inside  # published host port -> container port
 
@@ -38,7 +41,7 @@ class DockerService:
 
     @property
     def host(self) -> str:
-        return _HOST
+        return self._host
 
     @property
     def ports(self) -> Mapping[str, int]:
@@ -106,6 +109,7 @@ class DockerBackend:
                 cwd=str(spec.cwd) if spec.cwd is not None else None,
                 labels=engine.labels("service", spec.name, spec.labels),
                 ports=published,
+                host_ip=engine.host,
                 volumes=spec.volumes,
                 cpus=spec.cpus,
                 memory_mb=spec.memory_mb,
@@ -117,7 +121,7 @@ class DockerBackend:
             container = await engine.run(config, image=image)
         except ContainerError as exc:
             raise ServiceStartError(spec.name, exc.reason) from None
-        return DockerService(container, spec.ports, inside)
+        return DockerService(container, engine.host, spec.ports, inside)
 
     async def close(self) -> None:
         if self._engine is not None:

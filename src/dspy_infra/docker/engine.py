@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from aiodocker.containers import DockerContainer
 from aiodocker.execs import Exec
 from aiohttp import ClientResponse
 from anyio.abc import TaskStatus
+from yarl import URL
 
 from dspy_infra._exit_codes import Unknown, from_shell
 from dspy_infra._lines import lines
@@ -51,6 +53,7 @@ __all__ = ["Container", "ContainerError", "Engine", "Labels", "open_engine"]
 log = logging.getLogger("dspy_infra.docker")
 
 _LABEL = "dspy-infra"
+_LOOPBACK = "127.0.0.1"
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _RECONNECT_DELAY = 0.5
 _LOG_RETRIES = 5  # short reads of a container's log in a row that may break with nothing new
@@ -130,6 +133,8 @@ class Engine:
             Labels.PROJECT: project,
         }
         self._docker: aiodocker.Docker | None = None
+        # Where this machine reaches the ports the engine publishes, known once connected.
+        self.host = _LOOPBACK
         self._watches: dict[str, _Watch] = {}
         self._network_name = f"{_LABEL}-{project}-{instance_id}"
         self._network: str | None = None
@@ -152,6 +157,7 @@ class Engine:
         async with AsyncExitStack() as stack:
             self._docker = await _connect()
             stack.push_async_callback(self._close_client)
+            self.host = await _engine_address(self._docker)
             stack.push_async_callback(self._remove_network)
             stack.push_async_callback(self._remove_leftovers)
             tg = await stack.enter_async_context(anyio.create_task_group())
@@ -433,16 +439,17 @@ class Engine:
         """The container's address on its network, when this machine can reach it.
 
         A local engine's bridge networks are reachable from this machine; a
-        remote engine's (``DOCKER_HOST=tcp://...``) are not. Only asked for
-        (one more API call) when ports are published: the address is for
-        reaching those without Docker's port proxy (a task publishes none).
+        remote engine's (``DOCKER_HOST=tcp://...`` or ``ssh://...``) are not.
+        Only asked for (one more API call) when ports are published: the
+        address is for reaching those without Docker's port proxy (a task
+        publishes none).
         """
         host_config = config.get("HostConfig") or {}
         network = host_config.get("NetworkMode")
         if (
             network is None
             or not host_config.get("PortBindings")
-            or not self.docker.docker_host.startswith("unix://")
+            or not ipaddress.ip_address(self.host).is_loopback
         ):
             return None
         settings = (await created.show())["NetworkSettings"]["Networks"].get(network) or {}
@@ -948,6 +955,21 @@ async def _connect() -> aiodocker.Docker:
             ) from None
         raise BackendUnavailable(_HOW_TO_FIX.format(problem=problem)) from None
     return docker
+
+
+async def _engine_address(docker: aiodocker.Docker) -> str:
+    """The address of the engine's machine, as this machine reaches it: where
+    its published ports are (loopback for a local engine's socket).
+
+    An IP address, as Docker publishes ports on one. Read from the address
+    the client was given (``DOCKER_HOST``, or the Docker context's), which
+    aiodocker rewrites for ``ssh://`` into a local socket's.
+    """
+    url = URL(docker._connection_info)
+    if url.scheme not in ("tcp", "http", "https", "ssh") or not url.host:
+        return _LOOPBACK
+    found = await anyio.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
+    return str(found[0][4][0])
 
 
 # Shared by the docker backend and the docker runner: the way to do without

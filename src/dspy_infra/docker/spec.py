@@ -2,8 +2,8 @@
 
 One builder for services and task containers, so that both get the same
 defaults: ``Init`` (a PID 1 that forwards signals, so that stop is prompt),
-ports published on loopback only, and resource limits and GPU requests in
-Docker's own terms.
+ports published on loopback only (a remote engine's: on its own address),
+and resource limits and GPU requests in Docker's own terms.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def container_config(
     cwd: str | None,
     labels: Mapping[str, str],
     ports: Mapping[int, int | Sequence[int]] | None = None,
+    host_ip: str = _LOOPBACK,
     volumes: Iterable[str] = (),
     binds: Iterable[tuple[str, str]] = (),
     cpus: float | None = None,
@@ -35,8 +36,9 @@ def container_config(
     aliases: Sequence[str] = (),
     tty: bool = False,
 ) -> dict[str, Any]:
-    """``ports`` maps container ports to host ports (published on 127.0.0.1): a
-    port, or several (one container port published on each).
+    """``ports`` maps container ports to host ports, published on ``host_ip``
+    only (a remote engine's own address; else loopback): a port, or several
+    (one container port published on each).
 
     ``tty`` gives the container a terminal: stdout and stderr then reach the
     log in the order they were written (two pipes would not keep it), and
@@ -54,7 +56,7 @@ def container_config(
         "Init": True,
         "PortBindings": {
             f"{inside}/tcp": [
-                {"HostIp": _LOOPBACK, "HostPort": str(port)}
+                {"HostIp": host_ip, "HostPort": str(port)}
                 for port in ([outside] if isinstance(outside, int) else outside)
             ]
             for inside, outside in ports.items()
