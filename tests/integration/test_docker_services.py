@@ -795,3 +795,22 @@ async def test_an_engine_reached_over_tcp_publishes_and_reports_ports_at_its_add
             status = (await infra.services.status())["kv"]
             assert status.host == "127.0.0.2"
             assert await fetch(f"http://127.0.0.2:{status.ports['main']}/") == "kv\n"
+
+
+@pytest.mark.parametrize("step", ["/start", "/archive"])
+async def test_a_connection_broken_while_a_container_starts_is_a_clear_error_and_leaves_nothing(
+    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    # As a broken connection during its creation: a failed start saying what
+    # broke (retried as any), not an internal error that fails it for good.
+    refused = refuse_once(
+        monkeypatch,
+        lambda path, _: path.startswith("containers/") and path.endswith(step),
+        aiohttp.ServerDisconnectedError,
+    )
+    services = {"kv": web(busybox, start_retries=0)}
+    with pytest.raises(ServiceStartError) as failed:
+        async with start(tmp_path, project, services):
+            pass
+    assert refused, f"no {step} was refused"
+    assert "the connection to Docker broke while starting the container" in failed.value.reason

@@ -384,6 +384,8 @@ class Engine:
                 await container.remove()
                 if isinstance(exc, aiodocker.DockerError):
                     raise ContainerError(_reason(exc)) from None
+                if isinstance(exc, _BROKEN):
+                    raise ContainerError(_broke("starting the container", exc)) from None
                 raise
         return container
 
