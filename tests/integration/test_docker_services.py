@@ -814,3 +814,22 @@ async def test_a_connection_broken_while_a_container_starts_is_a_clear_error_and
             pass
     assert refused, f"no {step} was refused"
     assert "the connection to Docker broke while starting the container" in failed.value.reason
+
+
+async def test_gpus_docker_cannot_give_fail_the_start_saying_what_is_missing(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    # Docker's own words ('could not select device driver ""') name neither
+    # the GPUs nor the toolkit that gives them; where it can, the service runs.
+    services = {
+        "gpu": {"image": busybox, "command": ["sleep", "1000"], "gpus": 1, "start_retries": 0}
+    }
+    reasons = []
+    try:
+        async with start(tmp_path, project, services):
+            pass
+    except ServiceStartError as exc:
+        reasons.append(exc.reason)
+    for reason in reasons:
+        assert "1 GPU(s) were requested" in reason
+        assert "NVIDIA Container Toolkit" in reason

@@ -383,7 +383,7 @@ class Engine:
             except BaseException as exc:
                 await container.remove()
                 if isinstance(exc, aiodocker.DockerError):
-                    raise ContainerError(_reason(exc)) from None
+                    raise ContainerError(_refused(exc, config)) from None
                 if isinstance(exc, _BROKEN):
                     raise ContainerError(_broke("starting the container", exc)) from None
                 raise
@@ -400,7 +400,7 @@ class Engine:
         except aiodocker.DockerError as exc:
             if _transient(exc):
                 await self._remove_lost(name)
-            raise ContainerError(_reason(exc)) from None
+            raise ContainerError(_refused(exc, config)) from None
         except _BROKEN as exc:
             await self._remove_lost(name)
             raise ContainerError(_broke("creating the container", exc)) from None
@@ -1172,6 +1172,22 @@ def _time_left() -> float:
 def _exit_code(reported: int | str | None) -> int:
     """An exit code as Docker reports it (128 + N for signal N: PID 1 is an init); -1 if none."""
     return -1 if reported is None else from_shell(int(reported), by="Docker")
+
+
+def _refused(exc: aiodocker.DockerError, config: Mapping[str, Any]) -> str:
+    """Why Docker refused to create or start a container, for a person."""
+    reason = _reason(exc)
+    requests = (config.get("HostConfig") or {}).get("DeviceRequests") or ()
+    if requests and "device driver" in reason:
+        # Docker's words for "no GPU support here", which few would recognise.
+        ids = [str(i) for r in requests for i in r.get("DeviceIDs") or ()]
+        count = len(ids) or sum(int(r.get("Count") or 0) for r in requests)
+        which = f" ({', '.join(ids)})" if ids else ""
+        return (
+            f"{reason}: {count} GPU(s) were requested{which}, and Docker needs the "
+            "NVIDIA Container Toolkit to give them to a container"
+        )
+    return reason
 
 
 def _broke(doing: str, exc: BaseException) -> str:

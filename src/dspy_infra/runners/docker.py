@@ -156,7 +156,7 @@ async def _start(
         )
         return await engine.run(config, image=image)
     except ContainerError as exc:
-        raise RunFailed(_explain(exc.reason, run)) from None
+        raise RunFailed(exc.reason) from None
 
 
 def _runs_as_root(image: dict[str, Any]) -> bool:
@@ -172,16 +172,6 @@ def _open_to_all(files: AttemptFiles) -> None:
     """
     files.work_dir.chmod(0o777)
     files.payload_file.chmod(0o644)
-
-
-def _explain(reason: str, run: TaskRun) -> str:
-    if run.gpus and "device driver" in reason:
-        # Docker's words for "no GPU support here", which few would recognise.
-        return (
-            f"{reason}: the task was leased GPU(s) {', '.join(run.gpus)}, and Docker needs "
-            "the NVIDIA Container Toolkit to give them to a container"
-        )
-    return reason
 
 
 def _out_of_memory(code: int, run: TaskRun) -> str:
