@@ -833,3 +833,32 @@ async def test_gpus_docker_cannot_give_fail_the_start_saying_what_is_missing(
     for reason in reasons:
         assert "1 GPU(s) were requested" in reason
         assert "NVIDIA Container Toolkit" in reason
+
+
+async def test_an_instance_network_docker_fails_to_remove_is_left_with_a_warning(
+    busybox: str,
+    tmp_path: Path,
+    project: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A busy daemon refuses the network's removal at close: nothing is left
+    # without a word (a later start of the project removes it).
+    caplog.set_level(logging.WARNING, logger="dspy_infra.docker")
+    refused = refuse_once(
+        monkeypatch,
+        lambda path, method: path.startswith("networks/") and method == "DELETE",
+        lambda: aiodocker.DockerError(500, "the daemon is busy"),
+    )
+    services = {"kv": {"image": busybox, "command": ["sleep", "1000"], "stop_timeout": 0.5}}
+    async with aiodocker.Docker() as docker:
+        async with start(tmp_path, project, services):
+            (network,) = await docker.networks.list(
+                filters={"label": [f"dspy-infra.project={project}"]}
+            )
+        try:
+            assert refused, "the network's removal was never refused"
+            assert f"could not remove the instance network {network['Name']!r}" in caplog.text
+            assert "the daemon is busy" in caplog.text
+        finally:
+            await (await docker.networks.get(network["Id"])).delete()

@@ -330,16 +330,29 @@ class Engine:
 
     async def _remove_network(self) -> None:
         if (self._network is not None or self._network_lost) and self._docker is not None:
-            with (
-                anyio.CancelScope(shield=True),
-                contextlib.suppress(aiodocker.DockerError, *_BROKEN),
-            ):
+            with anyio.CancelScope(shield=True):
                 try:
                     await (await self.docker.networks.get(self._network_name)).delete()
-                except aiodocker.DockerError as exc:
-                    if exc.status in (403, 409):  # in use
-                        await self._warn_network_in_use()
+                except (aiodocker.DockerError, *_BROKEN) as exc:
+                    await self._network_left(exc)
             self._network = None
+
+    async def _network_left(self, exc: Exception) -> None:
+        """Say why the instance network is left (nothing, when it is not there)."""
+        status = exc.status if isinstance(exc, aiodocker.DockerError) else None
+        if status == 404:
+            return
+        if status in (403, 409):  # in use
+            with contextlib.suppress(aiodocker.DockerError, *_BROKEN):
+                await self._warn_network_in_use()
+            return
+        log.warning(
+            "could not remove the instance network %r (%s); a start of project %r "
+            "after this process has ended removes it",
+            self._network_name,
+            exc,
+            self.project,
+        )
 
     async def _warn_network_in_use(self) -> None:
         """Say which containers keep the instance network, as compose's down does.
