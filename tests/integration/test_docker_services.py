@@ -759,6 +759,7 @@ async def test_a_leftover_docker_fails_to_remove_is_named_and_removed_as_the_ins
 async def engine_over_tcp(host: str) -> AsyncIterator[str]:
     """A ``DOCKER_HOST`` that reaches this machine's engine at ``host`` over TCP,
     as a remote engine is reached: a byte proxy to its socket."""
+    connections: set[asyncio.Task[Any]] = set()
 
     async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):  # the other end hung up first
@@ -769,6 +770,9 @@ async def engine_over_tcp(host: str) -> AsyncIterator[str]:
                 sink.write_eof()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        connections.add(task)
         daemon_reader, daemon_writer = await asyncio.open_unix_connection("/var/run/docker.sock")
         try:
             await asyncio.gather(pump(reader, daemon_writer), pump(daemon_reader, writer))
@@ -777,9 +781,15 @@ async def engine_over_tcp(host: str) -> AsyncIterator[str]:
             daemon_writer.close()
 
     server = await asyncio.start_server(serve, host, 0)
-    async with server:
+    try:
         yield f"tcp://{host}:{server.sockets[0].getsockname()[1]}"
+    finally:
+        # Every connection is over before the test's loop is: none is cut by its end.
         server.close()
+        for connection in connections:
+            connection.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+        await server.wait_closed()
 
 
 async def test_an_engine_reached_over_tcp_publishes_and_reports_ports_at_its_address(
