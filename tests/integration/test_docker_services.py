@@ -872,3 +872,19 @@ async def test_an_instance_network_docker_fails_to_remove_is_left_with_a_warning
             assert "the daemon is busy" in caplog.text
         finally:
             await (await docker.networks.get(network["Id"])).delete()
+
+
+async def test_a_tcp_probe_of_a_local_engine_reached_over_tcp_waits_for_the_service(
+    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine is on this machine (a loopback DOCKER_HOST): its containers'
+    # own addresses are reachable, and the probe must go there, not to the
+    # port proxy, which accepts at once.
+    services = {
+        "late": web(busybox, command="sleep 1; exec httpd -f -p {port}", health={"tcp": "{port}"})
+    }
+    async with engine_over_tcp("127.0.0.2") as docker_host:
+        monkeypatch.setenv("DOCKER_HOST", docker_host)
+        started = anyio.current_time()
+        async with start(tmp_path, project, services):
+            assert anyio.current_time() - started > 1.0

@@ -53,7 +53,7 @@ class DockerService:
 
     def reach(self, host: str, port: int) -> tuple[str, int]:
         address = self._container.address
-        if host in _LOOPBACK and port in self._inside and address is not None:
+        if host in (*_LOOPBACK, self._host) and port in self._inside and address is not None:
             return address, self._inside[port]
         return host, port
 
