@@ -402,6 +402,26 @@ async def test_max_restarts_gives_up(tmp_path: Path) -> None:
         assert status.exit_code == 2
 
 
+async def test_start_retries_bound_the_launches_and_their_backoff_grows(tmp_path: Path) -> None:
+    services = {
+        "bad": {
+            "command": ["sh", "-c", "exit 3"],
+            "health": {"log": "^ready$"},
+            "autostart": False,
+            "start_retries": 2,
+            "start_backoff": {"initial": 0.1, "factor": 3, "jitter": 0},
+        },
+    }
+    async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
+        with pytest.raises(ServiceStartError, match="exited with code 3 before becoming healthy"):
+            await infra.services.start(["bad"])
+    starts = recorder.of("service_starting", "bad")
+    assert len(starts) == 3, "a first launch and start_retries more"
+    delays = [e.message.rsplit("; ", 1)[-1] for e in recorder.of("service_restarting", "bad")]
+    assert delays == ["retrying in 0.10s", "retrying in 0.30s"]
+    assert starts[2].time - starts[1].time >= 0.3
+
+
 async def test_liveness_failures_make_a_service_unhealthy_and_restart_it(tmp_path: Path) -> None:
     healthy = True
 
