@@ -422,6 +422,24 @@ async def test_start_retries_bound_the_launches_and_their_backoff_grows(tmp_path
     assert starts[2].time - starts[1].time >= 0.3
 
 
+async def test_restart_backoff_grows_with_each_consecutive_restart(tmp_path: Path) -> None:
+    services = {
+        "crashy": service(
+            "--exit-after",
+            "0.05",
+            "--code",
+            "2",
+            restart="on-failure",
+            max_restarts=3,
+            restart_backoff={"initial": 0.05, "factor": 2, "jitter": 0},
+        ),
+    }
+    async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
+        await recorder.wait_for("service_failed", "crashy")
+    delays = [e.message.rsplit("; ", 1)[-1] for e in recorder.of("service_restarting", "crashy")]
+    assert delays == ["retrying in 0.05s", "retrying in 0.10s", "retrying in 0.20s"]
+
+
 async def test_liveness_failures_make_a_service_unhealthy_and_restart_it(tmp_path: Path) -> None:
     healthy = True
 
