@@ -440,6 +440,30 @@ async def test_restart_backoff_grows_with_each_consecutive_restart(tmp_path: Pat
     assert delays == ["retrying in 0.05s", "retrying in 0.10s", "retrying in 0.20s"]
 
 
+async def test_a_service_up_for_restart_reset_after_restarts_as_if_for_the_first_time(
+    tmp_path: Path,
+) -> None:
+    # Up for 0.3 s each time, past restart_reset_after: no restart follows
+    # another, so max_restarts = 1 never gives up, and the backoff never grows.
+    services = {
+        "steady": service(
+            "--exit-after",
+            "0.3",
+            "--code",
+            "2",
+            restart="on-failure",
+            max_restarts=1,
+            restart_reset_after=0.1,
+            restart_backoff={"initial": 0.05, "factor": 2, "jitter": 0},
+        ),
+    }
+    async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
+        await recorder.wait_for("service_restarting", "steady", count=3)
+        assert recorder.of("service_failed", "steady") == []
+    delays = [e.message.rsplit("; ", 1)[-1] for e in recorder.of("service_restarting", "steady")]
+    assert set(delays) == {"retrying in 0.05s"}
+
+
 async def test_liveness_failures_make_a_service_unhealthy_and_restart_it(tmp_path: Path) -> None:
     healthy = True
 
