@@ -464,6 +464,41 @@ async def test_a_service_up_for_restart_reset_after_restarts_as_if_for_the_first
     assert set(delays) == {"retrying in 0.05s"}
 
 
+async def test_liveness_failures_below_failure_threshold_leave_a_service_healthy(
+    tmp_path: Path,
+) -> None:
+    failing = 0  # checks still to fail, then pass again
+    checked = 0
+
+    async def check(status: Any) -> bool:
+        nonlocal failing, checked
+        checked += 1
+        if failing:
+            failing -= 1
+            return False
+        return True
+
+    services = {
+        "svc": service(
+            restart="on-failure",
+            health={"call": check, "liveness_interval": 0.02, "failure_threshold": 3},
+        ),
+    }
+    async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
+        for _ in range(3):
+            failing = 2
+            with anyio.fail_after(5):
+                while failing:
+                    await anyio.sleep(0.01)
+            seen = checked
+            with anyio.fail_after(5):
+                while checked < seen + 2:  # passed again, and counted from 0
+                    await anyio.sleep(0.01)
+        assert recorder.of("service_unhealthy", "svc") == []
+        status = (await infra.services.status())["svc"]
+        assert (status.state, status.restarts) == (ServiceState.HEALTHY, 0)
+
+
 async def test_liveness_failures_make_a_service_unhealthy_and_restart_it(tmp_path: Path) -> None:
     healthy = True
 
