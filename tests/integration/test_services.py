@@ -527,6 +527,31 @@ async def test_liveness_failures_make_a_service_unhealthy_and_restart_it(tmp_pat
         assert status.pid != first_pid
 
 
+async def test_an_unhealthy_service_with_restart_no_stays_up_and_recovers(tmp_path: Path) -> None:
+    healthy = True
+
+    async def check(status: Any) -> bool:
+        return healthy
+
+    services = {
+        "svc": service(
+            restart="no",
+            health={"call": check, "liveness_interval": 0.02, "failure_threshold": 2},
+        ),
+    }
+    async with infra_for(tmp_path, services) as infra, recording(infra) as recorder:
+        pid = (await infra.services.status())["svc"].pid
+        healthy = False
+        await recorder.wait_for("service_unhealthy", "svc")
+        await anyio.sleep(0.2)  # probed on, ten times over
+        status = (await infra.services.status())["svc"]
+        assert (status.state, status.pid) == (ServiceState.UNHEALTHY, pid), status.message
+        healthy = True
+        await recorder.wait_for("service_healthy", "svc", count=2)
+        status = (await infra.services.status())["svc"]
+        assert (status.state, status.pid, status.restarts) == (ServiceState.HEALTHY, pid, 0)
+
+
 async def test_teardown_stops_dependents_before_their_dependencies(tmp_path: Path) -> None:
     services = {
         "a": service(port=True),
