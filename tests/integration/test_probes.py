@@ -246,6 +246,21 @@ async def test_retries_counts_failed_checks_not_passed_ones(tmp_path: Path) -> N
     assert seen == answers
 
 
+async def test_retries_fails_the_start_at_that_many_failed_checks(tmp_path: Path) -> None:
+    seen: list[float] = []
+
+    async def never(status: ServiceStatus) -> bool:
+        seen.append(anyio.current_time())
+        return False
+
+    health = {"call": never, "retries": 3, "interval": 0.01, "max_interval": 0.01}
+    job = {"command": ["sleep", unique_seconds()], "health": health, "start_retries": 0}
+    with pytest.raises(ServiceStartError, match="probe failed 3 times"):
+        async with start(tmp_path, job=job):
+            pass
+    assert len(seen) == 3
+
+
 LISTEN_V6 = """
 import socket, sys
 s = socket.socket(socket.AF_INET6); s.bind(("::1", int(sys.argv[1]))); s.listen()
