@@ -254,6 +254,28 @@ async def test_status_streams_resume_from_a_sequence_number(tmp_path: Path) -> N
             ] == []
 
 
+async def test_a_status_stream_whose_reader_pauses_until_the_run_ends_gets_all_its_events(
+    tmp_path: Path,
+) -> None:
+    # Paused after the first event, which the stream had when it began: the
+    # run ends meanwhile, and the stream ended there, without the rest.
+    async def step(payload: Any) -> Any:
+        return payload
+
+    spec = {"name": "paused", "steps": {"one": {"handler": "step"}, "two": {"handler": "step"}}}
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers={"step": step}) as infra:
+        wf = await infra.workflows.create(spec)
+        run = await infra.workflows.start_run(wf.workflow_id)
+        stream = infra.workflows.stream_status(run.run_id)
+        read = [await anext(stream)]
+        await run.wait()
+        with anyio.fail_after(10):
+            read += [e async for e in stream]
+        everything = [e async for e in infra.workflows.stream_status(run.run_id)]
+    assert [e.seq for e in read] == [e.seq for e in everything]
+    assert read[-1].type == "workflow_run_succeeded"
+
+
 async def test_a_workflow_does_not_follow_changes_to_the_mapping_it_was_made_from(
     tmp_path: Path,
 ) -> None:

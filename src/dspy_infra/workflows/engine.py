@@ -631,9 +631,12 @@ class WorkflowEngine:
             return
         last = self._resume_after(since)
         async with self._bus.subscribe(WorkflowEvent.TYPES) as live:
-            # Taken in the same step as the subscription: nothing is missed
-            # between the two, and `last` drops what both hold.
-            for event in [e for e in run.events if e.seq > last]:
+            # Read in the same step as the subscription: nothing is missed
+            # between the two, and `last` drops what both hold. Read as it
+            # grows (a list's iterator sees what is appended), not copied: a
+            # reader that pauses here while the run ends finds the rest here,
+            # and the buffer is not read once the run is done.
+            for event in (e for e in run.events if e.seq > last):
                 last = event.seq
                 yield event
                 if event.type in WorkflowEvent.RUN_FINAL_TYPES:
