@@ -276,6 +276,55 @@ async def test_a_status_stream_whose_reader_pauses_until_the_run_ends_gets_all_i
     assert read[-1].type == "workflow_run_succeeded"
 
 
+async def test_a_status_stream_that_overflows_its_buffer_misses_and_repeats_nothing(
+    tmp_path: Path,
+) -> None:
+    # The reader pauses after the first event until 'first' runs (its start
+    # is then in both the run's record and the buffer), waits for 'first' to
+    # end, then reads no more while forty steps make ten times as many events
+    # as its buffer of 8 holds: those dropped are made up for from the run's
+    # record, and those that both hold are yielded once.
+    entered = anyio.Event()
+    gate = anyio.Event()
+
+    async def step(payload: Any) -> Any:
+        if payload == "first":
+            entered.set()
+            await gate.wait()
+        return payload
+
+    steps = {f"s{i}": {"handler": "step", "depends_on": ["first"]} for i in range(40)}
+    spec = {"name": "wide", "steps": {"first": {"handler": "step", "payload": "first"}, **steps}}
+    handlers = {"step": step}
+    async with (
+        AgentInfra.start(state_dir=tmp_path / "state", handlers=handlers, event_buffer=8) as infra,
+        anyio.create_task_group() as tg,
+    ):
+        wf = await infra.workflows.create(spec)
+        run = await infra.workflows.start_run(wf.workflow_id)
+        stream = infra.workflows.stream_status(run.run_id)
+        read = [await anext(stream)]
+        with anyio.fail_after(10):
+            await entered.wait()
+            async for event in stream:
+                read.append(event)
+                if (event.type, event.step) == ("workflow_step_started", "first"):
+                    break
+
+        async def release() -> None:
+            gate.set()
+
+        # Set once the stream waits for the next event, which it takes from its buffer.
+        tg.start_soon(release)
+        read.append(await anext(stream))
+        await run.wait()
+        with anyio.fail_after(10):
+            read += [e async for e in stream]
+        everything = [e async for e in infra.workflows.stream_status(run.run_id)]
+    assert len(everything) > 80
+    assert [e.seq for e in read] == [e.seq for e in everything]
+
+
 async def test_a_workflow_does_not_follow_changes_to_the_mapping_it_was_made_from(
     tmp_path: Path,
 ) -> None:
