@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
@@ -185,12 +186,18 @@ async def test_a_run_cut_short_by_close_resumes_in_the_next_instance(tmp_path: P
     assert calls == ["fast", "slow", "slow", "after"]
 
 
+@pytest.mark.parametrize("clock", ["steady", "stepped back"])
 async def test_a_status_stream_resumed_with_a_seq_of_the_previous_instance_follows_the_run(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: str
 ) -> None:
     # A reader (a remote client, say) back after a restart passes the seq it
-    # had read in the previous instance, whose seqs ran further than this
-    # one's have yet: it must get this instance's events of the run, to its end.
+    # had read in the previous instance: it must get this instance's events
+    # of the run, to its end. Seqs begin at an instance's start time; with the
+    # clock stepped back an hour since (NTP, say), the previous instance's
+    # seqs ran further than this one's have yet.
+    if clock == "stepped back":
+        ahead = time.time_ns() + 3600 * 10**9 - time.monotonic_ns()
+        monkeypatch.setattr(time, "time_ns", lambda: ahead + time.monotonic_ns())
     gate = anyio.Event()
 
     async def step(name: str) -> str:
@@ -213,6 +220,7 @@ async def test_a_status_stream_resumed_with_a_seq_of_the_previous_instance_follo
             last = event.seq
             if event.type == "workflow_step_started" and event.step == "slow":
                 break
+    monkeypatch.undo()
     gate.set()
     async with AgentInfra.start(state_dir=state_dir, handlers={"step": step}) as infra:
         with anyio.fail_after(10):  # it waited for ever
