@@ -18,11 +18,20 @@ from grpclib.exceptions import GRPCError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dspy_infra.events import Event, EventsDropped, ServiceEvent
 from dspy_infra.remote import _convert as convert
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.remote.server import _Codec
-from dspy_infra.scheduling.tasks import ClassStatus, TaskState, TaskStatus
+from dspy_infra.scheduling.tasks import (
+    ClassStatus,
+    Resources,
+    TaskEvent,
+    TaskState,
+    TaskStatus,
+)
+from dspy_infra.services.status import ServiceState, ServiceStatus
+from dspy_infra.workflows.model import RunState, RunStatus, StepState, StepStatus, WorkflowEvent
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERATED = ROOT / "src" / "dspy_infra" / "remote" / "_generated"
@@ -143,6 +152,121 @@ def test_class_status_round_trips(status: ClassStatus) -> None:
     parsed = convert.class_status_from_proto(orch_pb.TaskClass.parse(bytes(message)))
     # A limit beyond int32 travels as its largest: as many as ever, never a wrapped one.
     assert parsed == evolve(status, limit=min(status.limit, 2**31 - 1))
+
+
+resources = st.builds(
+    Resources,
+    cpus=st.none() | st.floats(0, 1024),
+    memory_mb=st.none() | st.integers(0, 2**40),
+    gpus=st.none() | st.integers(0, 64),
+)
+
+
+@given(st.none() | resources)
+def test_resources_round_trip(value: Resources | None) -> None:
+    message = convert.resources_to_proto(value)
+    parsed = orch_pb.Resources.parse(bytes(message)) if message is not None else None
+    assert convert.resources_from_proto(parsed) == value
+
+
+seqs = st.integers(0, 2**63 - 1)
+times = st.floats(0, 2e9)
+events = st.one_of(
+    st.builds(
+        TaskEvent,
+        type=st.text(max_size=20),
+        seq=seqs,
+        time=times,
+        task_id=st.text(max_size=20),
+        task_class=st.text(max_size=20),
+        handler=st.text(max_size=20),
+        state=st.sampled_from(TaskState),
+        attempt=st.integers(0, 100),
+        workflow_id=optional_text,
+        result=json_values,
+        error=optional_text,
+    ),
+    st.builds(
+        ServiceEvent,
+        type=st.text(max_size=20),
+        seq=seqs,
+        time=times,
+        service=st.text(max_size=20),
+        state=st.sampled_from([s.value for s in ServiceState]),
+        exit_code=st.none() | st.integers(-64, 255),
+        message=st.text(max_size=40),
+        dependents=st.lists(st.text(max_size=10), max_size=3).map(tuple),
+    ),
+    st.builds(
+        WorkflowEvent,
+        type=st.text(max_size=20),
+        seq=seqs,
+        time=times,
+        run_id=st.text(max_size=20),
+        workflow_id=st.text(max_size=20),
+        state=st.sampled_from([s.value for s in RunState]),
+        step=optional_text,
+        error=optional_text,
+    ),
+    st.builds(EventsDropped, seq=seqs, time=times, count=st.integers(0, 10**9)),
+    st.builds(Event, type=st.text(max_size=20), seq=seqs, time=times),
+)
+
+
+@given(events)
+def test_events_round_trip(event: Event) -> None:
+    message = convert.event_to_proto(event)
+    assert convert.event_from_proto(orch_pb.Event.parse(bytes(message))) == event
+
+
+service_statuses = st.builds(
+    ServiceStatus,
+    name=st.text(max_size=20),
+    state=st.sampled_from(ServiceState),
+    host=st.text(max_size=20),
+    ports=st.dictionaries(st.text(max_size=8), st.integers(0, 65535), max_size=3),
+    pid=optional_text,
+    restarts=st.integers(0, 10_000),
+    exit_code=st.none() | st.integers(-64, 255),
+    message=st.text(max_size=40),
+)
+
+
+@given(service_statuses)
+def test_service_status_round_trips(status: ServiceStatus) -> None:
+    message = convert.service_status_to_proto(status)
+    parsed = env_pb.ServiceStatus.parse(bytes(message))
+    assert convert.service_status_from_proto(parsed) == status
+
+
+step_statuses = st.builds(
+    StepStatus,
+    name=st.text(max_size=20),
+    state=st.sampled_from(StepState),
+    task_ids=st.lists(st.text(max_size=10), max_size=3).map(tuple),
+    result=json_values,
+    error=optional_text,
+    started_at=st.none() | times,
+    finished_at=st.none() | times,
+)
+run_statuses = st.builds(
+    RunStatus,
+    run_id=st.text(max_size=20),
+    workflow_id=st.text(max_size=20),
+    state=st.sampled_from(RunState),
+    inputs=st.dictionaries(st.text(max_size=8), json_values, max_size=3),
+    steps=st.lists(step_statuses, max_size=3).map(lambda steps: {s.name: s for s in steps}),
+    created_at=times,
+    finished_at=st.none() | times,
+    error=optional_text,
+)
+
+
+@given(run_statuses)
+def test_run_status_round_trips(status: RunStatus) -> None:
+    message = convert.run_status_to_proto(status)
+    parsed = orch_pb.WorkflowRun.parse(bytes(message))
+    assert convert.run_status_from_proto(parsed) == status
 
 
 # -- the server's codec ----------------------------------------------------------
