@@ -117,6 +117,34 @@ async def test_fixed_container_port_is_published_on_a_free_host_port(
         assert (await fetch(f"http://127.0.0.1:{port}/")).strip() == "fixed"
 
 
+async def test_a_peer_with_a_fixed_container_port_is_reached_there_by_name(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    # Inside the network, {services.kv.port} is kv's container port (80),
+    # not the free host port it is published on.
+    api_script = (
+        "until wget -q -O /tmp/kv http://{services.kv.host}:{services.kv.port}/; "
+        "do sleep 0.05; done; mkdir -p /www && cp /tmp/kv /www/index.html && "
+        "exec httpd -f -p {port} -h /www"
+    )
+    kv_script = "mkdir -p /www && echo kv > /www/index.html && exec httpd -f -p 80 -h /www"
+    services = {
+        "kv": web(busybox, command=kv_script, container_ports={"main": 80}),
+        "api": web(
+            busybox,
+            command=api_script,
+            depends_on=["kv"],
+            health={"http": "http://127.0.0.1:{port}/", "deadline": 20},
+            start_retries=0,
+        ),
+    }
+    async with start(tmp_path, project, services) as infra:
+        status = await infra.services.status()
+        assert status["kv"].ports["main"] != 80
+        body = await fetch(f"http://127.0.0.1:{status['api'].ports['main']}/")
+        assert body.strip() == "kv"
+
+
 async def test_a_killed_container_is_restarted(busybox: str, tmp_path: Path, project: str) -> None:
     services = {"kv": web(busybox, restart="on-failure", restart_backoff={"initial": 0.05})}
     async with start(tmp_path, project, services) as infra:
