@@ -145,6 +145,19 @@ async def test_a_peer_with_a_fixed_container_port_is_reached_there_by_name(
         assert body.strip() == "kv"
 
 
+async def test_a_service_container_gets_its_cpus_and_memory_limits(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    services = {"kv": web(busybox, cpus=0.5, memory_mb=64)}
+    async with start(tmp_path, project, services) as infra:
+        container_id = (await infra.services.status())["kv"].pid
+        assert container_id is not None
+        async with aiodocker.Docker() as docker:
+            shown = await (await docker.containers.get(container_id)).show()
+        host_config = shown["HostConfig"]
+        assert (host_config["NanoCpus"], host_config["Memory"]) == (5 * 10**8, 64 * 2**20)
+
+
 async def test_a_killed_container_is_restarted(busybox: str, tmp_path: Path, project: str) -> None:
     services = {"kv": web(busybox, restart="on-failure", restart_backoff={"initial": 0.05})}
     async with start(tmp_path, project, services) as infra:
