@@ -896,6 +896,38 @@ def sleeper(**fields: Any) -> dict[str, Any]:
     return {"command": f"exec sleep {unique_seconds()}", "shell": True, **fields}
 
 
+SAYS_BYE = """
+import signal, sys, time
+def bye(*_):
+    print("bye", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("up", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+async def test_a_stopped_service_that_was_paused_still_gets_to_clean_up(tmp_path: Path) -> None:
+    # SIGSTOPped (a debugger, ^Z), it held the SIGTERM pending, never ran its
+    # handler, and was SIGKILLed after stop_timeout.
+    services = {
+        "svc": {
+            "command": [sys.executable, "-c", SAYS_BYE],
+            "health": {"log": "^up$"},
+            "stop_timeout": 10,
+        }
+    }
+    async with infra_for(tmp_path, services) as infra:
+        pid = (await infra.services.status())["svc"].pid
+        assert pid is not None
+        os.kill(int(pid), signal.SIGSTOP)
+        started = time.monotonic()
+        await infra.services.stop(["svc"])
+        assert time.monotonic() - started < 5
+        assert "bye" in [line async for line in infra.services.logs("svc")]
+
+
 def stubborn(stop_timeout: float, **fields: Any) -> dict[str, Any]:
     """A service that ignores SIGTERM: its stop takes ``stop_timeout``, a window to act in.
 
