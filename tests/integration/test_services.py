@@ -928,6 +928,24 @@ async def test_a_stopped_service_that_was_paused_still_gets_to_clean_up(tmp_path
         assert "bye" in [line async for line in infra.services.logs("svc")]
 
 
+async def test_a_python_service_that_does_not_flush_is_read_as_it_prints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python block-buffers a piped stdout: unless told not to, "up" would
+    # wait in its buffer, and the log probe for it until its deadline.
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # as most users run
+    script = "import time; print('up'); time.sleep(1000)"
+    services = {
+        "svc": {
+            "command": [sys.executable, "-c", script],
+            "health": {"log": "^up$", "deadline": 5},
+            "start_retries": 0,
+        }
+    }
+    async with infra_for(tmp_path, services) as infra:
+        assert (await infra.services.status())["svc"].state is ServiceState.HEALTHY
+
+
 def stubborn(stop_timeout: float, **fields: Any) -> dict[str, Any]:
     """A service that ignores SIGTERM: its stop takes ``stop_timeout``, a window to act in.
 
