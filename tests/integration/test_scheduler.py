@@ -537,7 +537,8 @@ async def test_an_in_process_result_over_the_limit_fails_its_task(tmp_path: Path
         assert status.error == (
             "its result is 202 bytes as JSON, over the limit of 100 (infra.max_result_bytes)"
         )
-        assert await (await infra.submit_task("big", 50)).result() == "x" * 50
+        # "x" * 98 is 100 bytes as JSON: at the limit, not over it.
+        assert await (await infra.submit_task("big", 98)).result() == "x" * 98
 
 
 async def test_the_store_is_a_sqlite_file_in_wal_mode(tmp_path: Path) -> None:
