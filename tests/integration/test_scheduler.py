@@ -1026,6 +1026,25 @@ async def test_retry_with_backoff(tmp_path: Path) -> None:
     assert rows(tmp_path)[ok.task_id] == ("succeeded", 3)
 
 
+async def test_the_first_retry_waits_the_initial_backoff(tmp_path: Path) -> None:
+    # Retry n waits initial * factor**n from n = 0: with a factor of 100, the
+    # first retry comes after 0.05 s, not 5 s.
+    starts: list[float] = []
+
+    async def fails_once(payload: Any, run: TaskRun) -> Any:
+        starts.append(time.monotonic())
+        if run.attempt == 1:
+            raise ValueError("the first attempt fails")
+        return run.attempt
+
+    backoff = {"initial": 0.05, "max": 60, "factor": 100, "jitter": 0}
+    classes = {"r": {"max_attempts": 2, "retry_backoff": backoff}}
+    async with start(tmp_path, {"fails_once": fails_once}, classes=classes) as infra:
+        with anyio.fail_after(3):
+            assert await (await infra.submit_task("fails_once", 0, task_class="r")).result() == 2
+    assert 0.04 <= starts[1] - starts[0] < 2, starts
+
+
 async def test_cancel_during_a_retry_backoff(tmp_path: Path) -> None:
     runs: list[int] = []
 
