@@ -1928,6 +1928,35 @@ async def test_a_stream_of_every_result_that_falls_behind_misses_none(tmp_path: 
     assert [e.seq for e in seen] == sorted({e.seq for e in seen})
 
 
+async def test_a_result_both_buffered_and_replayed_after_a_drop_comes_once(
+    tmp_path: Path,
+) -> None:
+    # A buffer of 2: t3 is dropped, and t4 is buffered after it. The drop
+    # notice is met at t4: the history gives t3 and t4, and the buffered t4
+    # that follows is the same event, skipped.
+    async with start(tmp_path, {"echo": echo}, event_buffer=2) as infra:
+        seen: list[TaskEvent] = []
+
+        async def finish(*task_ids: str) -> None:
+            for task_id in task_ids:
+                await (await infra.submit_task("echo", 0, task_id=task_id)).result()
+
+        with anyio.fail_after(5):
+            async with aclosing(infra.stream_task_results()) as results:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(lambda: finish("t0"))
+                    seen.append(await anext(results))  # subscribed, then t0
+                await finish("t1", "t2", "t3")  # t1, t2 buffered; t3 dropped
+                seen.append(await anext(results))  # t1
+                await finish("t4")  # buffered after the gap
+                # t2; then the notice: t3, t4 from the history.
+                seen.extend([await anext(results) for _ in range(3)])
+                await finish("t5")
+                seen.append(await anext(results))
+    assert [e.task_id for e in seen] == [f"t{i}" for i in range(6)]
+    assert [e.seq for e in seen] == sorted({e.seq for e in seen})
+
+
 async def test_each_drop_notice_of_a_slow_event_stream_comes_where_its_events_were(
     tmp_path: Path,
 ) -> None:
