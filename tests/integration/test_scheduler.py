@@ -912,6 +912,24 @@ async def test_queue_timeout_and_run_timeout(tmp_path: Path) -> None:
     assert rows(tmp_path)[waiting.task_id] == ("timed_out", 0)
 
 
+async def test_a_timeout_bounds_its_own_attempt_only(tmp_path: Path) -> None:
+    # One slot, so the same worker runs both: the quick task's timeout of
+    # 0.2 s must not cut short the untimed task that follows it.
+    async def nap(seconds: float) -> float:
+        await anyio.sleep(seconds)
+        return seconds
+
+    classes = {"one": {"max_concurrency": 1}}
+    async with start(tmp_path, {"nap": nap}, classes=classes) as infra:
+        with anyio.fail_after(5):
+            assert (
+                await (await infra.submit_task("nap", 0, task_class="one", timeout=0.2)).result()
+                == 0
+            )
+            untimed = await infra.submit_task("nap", 0.5, task_class="one")
+            assert await untimed.result() == 0.5
+
+
 async def test_tasks_that_started_within_their_queue_timeout_are_not_kept_in_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
