@@ -1808,6 +1808,17 @@ async def test_a_handler_raising_a_base_exception_fails_its_task_alone(tmp_path:
         assert await (await infra.submit_task("echo", 2)).result() == 2
 
 
+async def test_a_long_error_is_cut_at_16_kib_and_says_so(tmp_path: Path) -> None:
+    async def verbose(payload: int) -> None:
+        raise ValueError("x" * payload)
+
+    async with start(tmp_path, {"verbose": verbose}) as infra:
+        error = (await (await infra.submit_task("verbose", 20_000)).wait()).error
+    # "ValueError: " and 20,000 x's: the first 16,384 characters are kept.
+    kept = "ValueError: " + "x" * (16_384 - len("ValueError: "))
+    assert error == f"{kept}... ({20_012 - 16_384} more characters cut)"
+
+
 async def test_a_handler_name_that_utf8_cannot_encode_is_refused(tmp_path: Path) -> None:
     name = "echo-\udc80"
     async with start(tmp_path, {name: echo, "echo": echo}) as infra:
