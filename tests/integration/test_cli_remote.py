@@ -536,6 +536,14 @@ def test_the_default_addresses_agree() -> None:
     assert inspect.signature(AgentInfra.connect).parameters["address"].default == DEFAULT_ADDRESS
 
 
+def test_submit_help_names_the_default_class(capsys: pytest.CaptureFixture[str]) -> None:
+    # Only docs/remote.md said so: `submit --help` showed --class without its default.
+    default = inspect.signature(AgentInfra.submit_task).parameters["task_class"].default
+    assert main(["submit", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {default})" in help_text
+
+
 async def test_status_against_a_server_older_than_the_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

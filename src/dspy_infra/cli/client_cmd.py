@@ -143,7 +143,13 @@ def register(subparsers: Subparsers) -> None:
         metavar="PAYLOAD",
         help="the payload as JSON text; - reads it from stdin (default: null)",
     )
-    p.add_argument("--class", dest="task_class", default="cpu_short", help="the task class")
+    p.add_argument(
+        "--class",
+        dest="task_class",
+        default="cpu_short",
+        metavar="CLASS",
+        help="the task class (default: %(default)s)",
+    )
     p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     p.add_argument(
         "--needs", action="append", default=[], metavar="SERVICE", help="a required service"
