@@ -319,6 +319,32 @@ async def test_events(cli: Cli) -> None:
     assert (code, out) == (0, "")
 
 
+async def test_workflow_events_name_their_run_and_step(
+    cli: Cli, server: tuple[AgentInfra, str]
+) -> None:
+    # They lacked both, as text and as JSON: a step's event could not be told
+    # from another run's, nor which step it was.
+    infra, _ = server
+    workflow = await infra.workflows.create(
+        {"name": "one", "steps": {"only": {"handler": "echo", "payload": 1}}}
+    )
+    run = await infra.workflows.start_run(workflow.workflow_id)
+    await run.wait()
+    code, out, _ = await cli("events", "--type", "workflow_step_succeeded", "--json")
+    assert code == 0
+    (event,) = [json.loads(line) for line in out.splitlines()]
+    assert (event["run_id"], event["step"], event["workflow_id"]) == (
+        run.run_id,
+        "only",
+        workflow.workflow_id,
+    )
+    code, out, _ = await cli("events", "--type", "workflow_step_succeeded")
+    assert code == 0
+    (line,) = out.splitlines()
+    assert f"run_id={run.run_id}" in line
+    assert "step=only" in line
+
+
 async def test_events_without_follow_exit_on_a_busy_server(
     cli: Cli, server: tuple[AgentInfra, str]
 ) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import attrs
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -539,25 +540,14 @@ async def _cancel(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
 
 
 def _event_json(event: Event) -> dict[str, Any]:
+    """Every field of the event, ``seq``, ``time`` and ``type`` first.
+
+    Read from the event's class, not listed here: a kept list left out what
+    a kind of event added (a workflow event's run_id and step).
+    """
     data: dict[str, Any] = {"seq": event.seq, "time": event.time, "type": event.type}
-    for key in (
-        "task_id",
-        "task_class",
-        "handler",
-        "state",
-        "attempt",
-        "workflow_id",
-        "result",
-        "error",
-        "service",
-        "exit_code",
-        "message",
-        "dependents",
-        "count",
-    ):
-        if hasattr(event, key):
-            value = getattr(event, key)
-            data[key] = list(value) if isinstance(value, tuple) else value
+    for key, value in attrs.asdict(event, recurse=False).items():
+        data.setdefault(key, list(value) if isinstance(value, tuple) else value)
     return data
 
 
