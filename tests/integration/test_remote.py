@@ -3111,3 +3111,46 @@ async def test_tls_and_token_end_to_end(
             "If it serves TLS, connect with TLS "
             "(--tls, or --tls-ca FILE for a self-signed certificate)\n"
         )
+
+
+async def test_a_tls_mismatch_says_which_side_lacks_what(
+    tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
+    # Both asked whether `dspy-infra serve` ran there, though a server
+    # answered: one whose certificate the client does not trust, or one
+    # without TLS at all.
+    cert, key = certificate
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
+
+    async def status_with_tls(address: str) -> str:
+        command = [sys.executable, "-m", "dspy_infra.cli", "status", "--tls", "--address", address]
+        with anyio.fail_after(60):
+            done = await anyio.run_process(command, env=env, check=False)
+        assert done.returncode == 3, done.stderr.decode()
+        return done.stderr.decode()
+
+    async with make_infra(tmp_path) as infra:
+        async with serve(infra, "127.0.0.1:0", tls=server_tls(cert, key)) as srv:
+            with anyio.fail_after(10), pytest.raises(ServerUnavailable) as untrusted:
+                async with AgentInfra.connect(srv.address, tls=True):
+                    pass
+            err = await status_with_tls(srv.address)
+        message = str(untrusted.value)
+        assert message.startswith(
+            f"the server at {srv.address} presented a certificate that this "
+            "client cannot verify (self-signed certificate)"
+        )
+        assert "running there" not in message
+        assert err == f"error: {message} (--tls-ca FILE, the CA file that signed it)\n"
+
+        async with serve(infra, "127.0.0.1:0") as srv:
+            with anyio.fail_after(10), pytest.raises(ServerUnavailable) as plain:
+                async with AgentInfra.connect(srv.address, tls=True):
+                    pass
+            err = await status_with_tls(srv.address)
+        message = str(plain.value)
+        assert message == (
+            f"the server at {srv.address} does not serve TLS (it answered in "
+            "plain text): connect without TLS"
+        )
+        assert err == f"error: {message} (leave out --tls and --tls-ca)\n"

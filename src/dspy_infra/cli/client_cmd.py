@@ -236,6 +236,10 @@ def _run(command: _Command, args: argparse.Namespace) -> int:
             message = f"{message} (give its token with --token-file PATH or ${TOKEN_ENV})"
         elif exc.plain_text:
             message = f"{message} (--tls, or --tls-ca FILE for a self-signed certificate)"
+        elif exc.untrusted_certificate:
+            message = f"{message} (--tls-ca FILE, the CA file that signed it)"
+        elif exc.no_tls:
+            message = f"{message} (leave out --tls and --tls-ca)"
         raise CommandError(message, code=EXIT_NO_SERVER) from None
     except (UnknownTask, UnknownService) as exc:
         raise CommandError(str(exc), code=EXIT_NOT_FOUND) from None

@@ -147,14 +147,27 @@ class ServerUnavailable(BackendUnavailable):
     so that a caller can say how its user gives a token; ``plain_text``
     tells that no server ever answered a client that connected without TLS
     (a server that serves TLS drops such a client at once), so that a caller
-    can say how its user connects with TLS. The message is the same for all
-    callers.
+    can say how its user connects with TLS; ``untrusted_certificate`` that
+    the server's certificate could not be verified, and ``no_tls`` that the
+    server answered a TLS client in plain text, so that a caller can say
+    which CA to trust, or to connect without TLS. The message is the same for
+    all callers.
     """
 
-    def __init__(self, message: str, *, token_refused: bool = False, plain_text: bool = False):
+    def __init__(
+        self,
+        message: str,
+        *,
+        token_refused: bool = False,
+        plain_text: bool = False,
+        untrusted_certificate: bool = False,
+        no_tls: bool = False,
+    ):
         super().__init__(message)
         self.token_refused = token_refused
         self.plain_text = plain_text
+        self.untrusted_certificate = untrusted_certificate
+        self.no_tls = no_tls
 
 
 class UnsupportedCall(InfraError, NotImplementedError):
@@ -344,6 +357,8 @@ class _Connection:
                     f"this connection was closed while {route.rpartition('/')[2]} was in "
                     "flight: its `async with AgentInfra.connect(...)` block ended"
                 ) from None
+            if tls_failure := self._tls_failure(exc):
+                raise tls_failure from exc
             # A TLS server drops a plain-text client's connection at once;
             # a refused connection, or a name that no address answers to, is
             # no server at all.
@@ -358,6 +373,28 @@ class _Connection:
                 f"is `dspy-infra serve` running there?{hint}",
                 plain_text=plain_text,
             ) from exc
+
+    def _tls_failure(self, exc: BaseException) -> ServerUnavailable | None:
+        """A TLS handshake that failed for a reason a user can fix, in its words; else None.
+
+        A server answered in both cases: asking whether one runs there (as
+        for a connection refused) would send its user looking in vain.
+        """
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return ServerUnavailable(
+                f"the server at {self.address} presented a certificate that this client "
+                f"cannot verify ({exc.verify_message}): connect trusting the CA that "
+                "signed it",
+                untrusted_certificate=True,
+            )
+        # OpenSSL's word for a first answer that is no TLS record.
+        if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
+            return ServerUnavailable(
+                f"the server at {self.address} does not serve TLS (it answered in "
+                "plain text): connect without TLS",
+                no_tls=True,
+            )
+        return None
 
     def _error(self, exc: GRPCError, stream: Stream[Any, Any] | None, route: str) -> Exception:
         message = exc.message or exc.status.name
