@@ -493,6 +493,10 @@ def test_bad_local_input_is_exit_2_before_any_connection(
         ("submit", "echo", "[" * 100_000): (
             "argument PAYLOAD: the payload is not JSON: it is nested too deeply"
         ),
+        # Python's JSON decoder takes these, no JSON value is one: they were
+        # refused by the server, or with exit 3 where none answered.
+        ("submit", "echo", "NaN"): "argument PAYLOAD: the payload is not JSON-compatible (",
+        ("submit", "echo", "[1e400]"): "argument PAYLOAD: the payload is not JSON-compatible (",
         # With -f it would wait forever for a type that nothing publishes.
         ("events", "-f", "--type", "task_completed,nope"): (
             "argument --type: unknown event type 'nope' (known: events_dropped, "

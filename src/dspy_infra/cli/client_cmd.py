@@ -55,6 +55,7 @@ from dspy_infra.errors import (
     UnknownTask,
 )
 from dspy_infra.infra import check_event_types
+from dspy_infra.scheduling.checks import encode_json
 
 if TYPE_CHECKING:
     from dspy_infra.events import Event
@@ -435,13 +436,20 @@ def _payload(text: str) -> Any:
     if text == "-":
         text = sys.stdin.read()
     try:
-        return json.loads(text)
+        payload = json.loads(text)
     except RecursionError:  # argparse turns only ValueError and TypeError into usage errors
         raise argparse.ArgumentTypeError(
             "the payload is not JSON: it is nested too deeply"
         ) from None
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"the payload is not JSON: {exc}") from None
+    try:
+        # What Python's decoder takes beyond JSON (NaN, 1e400 read as inf),
+        # refused here in the words of the client's own check.
+        encode_json(payload, "the payload")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return payload
 
 
 async def _submit(infra: RemoteAgentInfra, args: argparse.Namespace) -> int:
