@@ -523,6 +523,18 @@ def test_bad_local_input_is_exit_2_before_any_connection(
         assert message in err, (argv, err)
 
 
+def test_a_token_off_loopback_without_tls_says_how_to_connect_with_tls(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It said "pass tls=...", which no command takes.
+    monkeypatch.setenv("DSPY_INFRA_TOKEN", "t")
+    assert main(["status", "--address", "192.0.2.1:50052"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: refusing to send the token to 192.0.2.1:50052 without TLS")
+    assert "--tls or --tls-ca FILE" in err
+
+
 def test_an_address_that_is_not_host_port_is_exit_2(tmp_path: Path) -> None:
     # A port of digits that int() does not read ("²" is a digit to
     # str.isdigit) was a ValueError traceback, exit 1.

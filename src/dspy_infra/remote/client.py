@@ -851,7 +851,8 @@ class RemoteAgentInfra(TaskMethods):
             raise ConfigError(problem)
         if self._token is not None and self._tls is None and not await is_loopback(host):
             raise ConfigError(
-                f"refusing to send the token to {self.address} without TLS: pass tls=..."
+                f"refusing to send the token to {self.address} without TLS: connect with "
+                "TLS (tls=... in Python; --tls or --tls-ca FILE on the command line)"
             )
         connection = _Connection(
             self.address,
