@@ -497,6 +497,9 @@ def test_bad_local_input_is_exit_2_before_any_connection(
         # refused by the server, or with exit 3 where none answered.
         ("submit", "echo", "NaN"): "argument PAYLOAD: the payload is not JSON-compatible (",
         ("submit", "echo", "[1e400]"): "argument PAYLOAD: the payload is not JSON-compatible (",
+        # No type at all (an empty shell variable): it printed every event.
+        ("events", "--type", ""): "argument --type: expected an event type, got ''",
+        ("events", "-f", "--type", " , "): "argument --type: expected an event type, got ' , '",
         # With -f it would wait forever for a type that nothing publishes.
         ("events", "-f", "--type", "task_completed,nope"): (
             "argument --type: unknown event type 'nope' (known: events_dropped, "

@@ -585,6 +585,8 @@ def _event_types(text: str) -> list[str]:
     # An argparse type: a type that no part publishes is a usage error (exit
     # 2) before any connection is made, where `-f` would wait for it forever.
     types = [t.strip() for t in text.split(",") if t.strip()]
+    if not types:  # an empty shell variable, say: no --type at all means every type
+        raise argparse.ArgumentTypeError(f"expected an event type, got {text!r}")
     try:
         check_event_types(types)
     except UnknownEventType as exc:
