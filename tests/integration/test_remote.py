@@ -1627,6 +1627,42 @@ async def test_every_library_error_raised_by_the_server_is_raised_again_by_the_c
     assert [getattr(again, name) for name in carried] == [getattr(raised, n) for n in carried]
 
 
+class _Unheard(BackendUnavailable):
+    """A library error the client has no class for (a plugin's, a newer server's)."""
+
+
+class _UnheardTaskError(InvalidTask):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (_Unheard("the cluster's controller does not answer"), BackendUnavailable),
+        (_UnheardTaskError("t é/1", "refused by a plugin"), InvalidTask),
+    ],
+)
+async def test_a_library_error_the_client_has_no_class_for_is_raised_as_its_nearest_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised: InfraError, expected: type
+) -> None:
+    # Such as the Slurm runner's SlurmUnavailable: a BackendUnavailable, not a bare InfraError.
+    async def fail() -> dict[str, float]:
+        raise raised
+
+    async with (
+        AgentInfra.start({"infra": {}}, state_dir=tmp_path / "state") as infra,
+        serve(infra, "127.0.0.1:0") as srv,
+        AgentInfra.connect(srv.address) as remote,
+    ):
+        monkeypatch.setattr(infra, "get_metrics", fail)
+        with pytest.raises(InfraError) as info:
+            await remote.get_metrics()
+    assert type(info.value) is expected
+    assert str(info.value) == str(raised)
+    if isinstance(raised, TaskError):
+        assert getattr(info.value, "task_id", None) == raised.task_id
+
+
 async def test_a_huge_or_unencodable_error_is_sent_cut_and_spares_the_connection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

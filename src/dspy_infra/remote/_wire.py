@@ -10,6 +10,7 @@ import anyio
 from dspy_infra.errors import ConfigError
 
 __all__ = [
+    "BASES_KEY",
     "DEFAULT_ADDRESS",
     "DETAIL_KEY",
     "ERROR_KEY",
@@ -32,6 +33,10 @@ TOKEN_KEY = "authorization"  # noqa: S105 - a metadata key, not a secret
 # it was about, so that the client raises the same type as in-process code
 # would. The status code and message alone serve any other gRPC client.
 ERROR_KEY = "dspy-infra-error"
+# Its library base classes, nearest first, space-separated: a client without
+# the class itself (a plugin's, a newer server's) raises the nearest it has,
+# a BackendUnavailable rather than a bare InfraError.
+BASES_KEY = "dspy-infra-error-bases"
 TASK_KEY = "dspy-infra-task-id"
 SERVICE_KEY = "dspy-infra-service"
 WORKFLOW_KEY = "dspy-infra-workflow-id"

@@ -74,6 +74,7 @@ from dspy_infra.remote import _convert as convert
 from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.remote._wire import (
+    BASES_KEY,
     DETAIL_KEY,
     ERROR_KEY,
     INT32_MAX,
@@ -284,6 +285,12 @@ _ERRORS: dict[str, _Rebuild] = {
 _ID_KEYS = (TASK_KEY, SERVICE_KEY, WORKFLOW_KEY, RUN_KEY)
 
 
+def _known_class(trailers: Mapping[str, Any]) -> str | None:
+    """The error's class, or else its nearest base, that this client can raise again."""
+    names = [trailers.get(ERROR_KEY), *str(trailers.get(BASES_KEY, "")).split()]
+    return next((n for n in names if isinstance(n, str) and n in _ERRORS), None)
+
+
 class _Connection:
     """One channel to one server, and the translation of its failures."""
 
@@ -399,8 +406,8 @@ class _Connection:
     def _error(self, exc: GRPCError, stream: Stream[Any, Any] | None, route: str) -> Exception:
         message = exc.message or exc.status.name
         trailers = stream.trailing_metadata if stream is not None else None
-        name = trailers.get(ERROR_KEY) if trailers is not None else None
-        if trailers is not None and isinstance(name, str) and name in _ERRORS:
+        name = _known_class(trailers) if trailers is not None else None
+        if trailers is not None and name is not None:
             ids = {key: unquote(str(trailers.get(key, ""))) for key in _ID_KEYS}
             error = _ERRORS[name](_Failure(message, ids, _detail(trailers.get(DETAIL_KEY))))
             error.args = (message,)

@@ -90,6 +90,7 @@ from dspy_infra.remote._generated.google_proto_descriptor_pool import (
 )
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.remote._wire import (
+    BASES_KEY,
     DEFAULT_ADDRESS,
     DETAIL_KEY,
     ERROR_KEY,
@@ -1000,7 +1001,10 @@ def _error_metadata(exc: InfraError, *, room: int) -> list[tuple[str, str]]:
     the detail in what is left of ``room`` bytes once the rest is in."""
     # Metadata values are non-empty ASCII: ids and names are percent-encoded,
     # and left out when empty (a task refused before it had an id).
+    bases = " ".join(c.__name__ for c in type(exc).__mro__[1:] if issubclass(c, InfraError))
     metadata = [(ERROR_KEY, type(exc).__name__)]
+    if bases:
+        metadata.append((BASES_KEY, bases))
     ids = [
         (TASK_KEY, exc.task_id if isinstance(exc, TaskError) else None),
         (SERVICE_KEY, exc.service if isinstance(exc, ServiceError) else None),
