@@ -197,6 +197,27 @@ async def test_a_result_file_over_the_size_limit_fails_the_attempt_unread(
         await runner.run(make_run("h"))
 
 
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        # 57 bytes as stored (compact), some 160 as json.dump(indent=2) writes it.
+        ('json.dump({"a b": list(range(20))}, f, indent=2)', {"a b": list(range(20))}),
+        # 64 MB of whitespace around a value: it costs no memory to read.
+        ('f.write(" " * (32 << 20) + "[1,\\n\\t2]" + "\\n" * (32 << 20))', [1, 2]),
+        # The first read ends (at 100 + 1 bytes) between a backslash and the quote it escapes.
+        ('f.write(" " * 99 + chr(34) + chr(92) + chr(34) + " x" + chr(34))', '" x'),
+    ],
+    ids=["indented", "padded", "escape-across-reads"],
+)
+async def test_a_result_file_is_measured_as_it_is_stored_not_as_it_is_spaced(
+    runner_with: RunnerWith, make_run: MakeRun, python: Python, code: str, expected: Any
+) -> None:
+    # max_result_bytes counts a result as compact JSON, whichever runner made it.
+    script = f'import json, sys\nwith open(sys.argv[1], "w") as f:\n    {code}'
+    runner = await runner_with({"h": python(script, "{result_file}")}, max_result_bytes=100)
+    assert await runner.run(make_run("h")) == expected
+
+
 async def test_a_failure_carries_the_exit_code_and_the_stderr_tail(
     runner_with: RunnerWith, make_run: MakeRun, python: Python
 ) -> None:

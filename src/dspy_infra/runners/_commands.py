@@ -10,12 +10,13 @@ keeps a handler portable from one runner to the other.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import signal
 from collections import deque
 from collections.abc import AsyncIterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from attrs import frozen
 
@@ -44,6 +45,11 @@ STDERR_LINES = 20
 STDERR_LINE_BYTES = 1000
 _PAYLOAD_FILE = "payload.json"
 _RESULT_FILE = "result.json"
+_CHUNK = 1 << 16
+# Outside a string: a run of whitespace (dropped), or the quote that opens one.
+_OUTSIDE_STRINGS = re.compile(rb'[ \t\n\r]+|"')
+# Inside: the quote that closes it, or a backslash that escapes the next byte.
+_IN_STRING = re.compile(rb'["\\]')
 
 
 @frozen(kw_only=True)
@@ -138,14 +144,54 @@ def prepare(files: AttemptFiles, payload: Any) -> None:
 def read_result(result_file: Path, limit: int) -> bytes | None:
     """The result file's content, or None when the command wrote none (blocking).
 
-    At most ``limit + 1`` bytes are read, so that a huge file costs no more
-    memory than one just over the limit (which :func:`outcome` refuses).
+    A result is measured as it is stored, as compact JSON: a file over
+    ``limit`` is read on without the whitespace between its tokens (what
+    ``json.dump(indent=2)`` adds may double it). At most ``limit + 1`` bytes
+    are kept, so that a huge file costs no more memory than one just over
+    the limit (which :func:`outcome` refuses). A file within the limit is
+    kept as written, so that a JSON error in it names its own line and column.
     """
     try:
         with result_file.open("rb") as file:
-            return file.read(limit + 1)
+            head = file.read(limit + 1)
+            # UTF-16 or UTF-32 (which json.loads reads too) has other whitespace bytes.
+            if len(head) <= limit or json.detect_encoding(head) not in ("utf-8", "utf-8-sig"):
+                return head
+            return _compact(head, file, limit)
     except FileNotFoundError:
         return None
+
+
+def _compact(head: bytes, file: BinaryIO, limit: int) -> bytes:
+    """``head`` then the rest of ``file``, less JSON's whitespace outside strings;
+    read until more than ``limit`` bytes are kept, and cut there."""
+    kept = bytearray()
+    in_string = escaped = False
+    chunk = head
+    while chunk and len(kept) <= limit:
+        at = 0
+        while at < len(chunk):
+            if escaped:  # the byte after a backslash, a quote included
+                kept += chunk[at : at + 1]
+                at, escaped = at + 1, False
+                continue
+            found = (_IN_STRING if in_string else _OUTSIDE_STRINGS).search(chunk, at)
+            if found is None:
+                kept += chunk[at:]
+                break
+            if in_string:
+                kept += chunk[at : found.end()]
+                # A quote closes the string; a backslash escapes what follows, in it.
+                escaped = found.group() == b"\\"
+                in_string = escaped
+            else:
+                kept += chunk[at : found.start()]
+                if found.group() == b'"':
+                    kept += b'"'
+                    in_string = True
+            at = found.end()
+        chunk = file.read(_CHUNK)
+    return bytes(kept[: limit + 1])
 
 
 def outcome(
