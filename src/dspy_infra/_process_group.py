@@ -14,9 +14,12 @@ so nothing leaks past the next start.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -90,9 +93,42 @@ async def launch_group(
             if cwd is not None and not await anyio.to_thread.run_sync(cwd.is_dir):
                 reason = f"working directory {str(cwd)!r} does not exist"
             else:
-                reason = f"cannot run {argv[0]!r}: {exc.strerror or exc}"
+                why = await anyio.to_thread.run_sync(_missing_interpreter, exc, argv[0], cwd, env)
+                reason = f"cannot run {argv[0]!r}: {why or exc.strerror or exc}"
             raise LaunchFailed(reason) from None
     return process
+
+
+def _missing_interpreter(
+    exc: OSError, program: str, cwd: Path | None, env: Mapping[str, str]
+) -> str | None:
+    """Why ``program`` did not start, if it is a script whose ``#!`` interpreter
+    is not there; else None (blocking).
+
+    execve says ENOENT, "No such file or directory", of such a script, which
+    is there: a person then looks for the wrong file. A Windows line ending
+    makes ``#!/bin/sh`` such a line too (``/bin/sh\\r``).
+    """
+    if exc.errno != errno.ENOENT:
+        return None
+    if "/" in program:
+        path: str | None = str((cwd or Path()) / program)
+    else:  # looked up on the PATH it was started with, as subprocess does
+        path = shutil.which(program, path=os.pathsep.join(os.get_exec_path(env)))
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as file:
+            first = file.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    # The kernel ends the interpreter's path at a space, a tab or the newline.
+    interpreter = os.fsdecode(re.split(rb"[ \t\n]", first[2:].lstrip(b" \t"), maxsplit=1)[0])
+    if not interpreter or os.path.exists(interpreter):
+        return None
+    return f"its interpreter {interpreter!r} (its first line, #!) does not exist"
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -260,6 +260,27 @@ async def test_a_command_that_cannot_run_fails_clearly(
         await runner.run(make_run("h"))
 
 
+@pytest.mark.parametrize(
+    ("first_line", "interpreter"),
+    [("#!/nonexistent/python3 -u", "/nonexistent/python3"), ("#!/bin/sh\r", "/bin/sh\r")],
+    ids=["missing-interpreter", "windows-line-ending"],
+)
+async def test_a_script_whose_interpreter_is_missing_names_the_interpreter(
+    runner_with: RunnerWith, make_run: MakeRun, tmp_path: Path, first_line: str, interpreter: str
+) -> None:
+    # execve says ENOENT, "No such file or directory", of a script that is there.
+    script = tmp_path / "train.py"
+    script.write_text(f"{first_line}\nprint(1)\n")
+    script.chmod(0o755)
+    runner = await runner_with({"h": HandlerConfig(command=("./train.py",), cwd=str(tmp_path))})
+    with pytest.raises(RunFailed) as caught:
+        await runner.run(make_run("h"))
+    assert str(caught.value) == (
+        f"cannot run './train.py': its interpreter {interpreter!r} "
+        "(its first line, #!) does not exist"
+    )
+
+
 async def test_a_missing_working_directory_is_named(
     runner_with: RunnerWith, make_run: MakeRun, tmp_path: Path, python: Python
 ) -> None:
