@@ -1207,3 +1207,18 @@ def test_an_environment_a_process_cannot_have_is_refused(
     # byte"), naming no variable; Docker took the name up to its '='.
     file = write(tmp_path / "dspy-infra.toml", f'[{table}]\ncommand = ["true"]\nenv = {env}\n')
     assert str(error(file)) == f"{file}: {table}.env: {problem}"
+
+
+@pytest.mark.parametrize("cwd", ["app", "./app", "~/app"])
+def test_a_docker_handlers_cwd_must_be_a_path_inside_the_container(
+    tmp_path: Path, cwd: str
+) -> None:
+    # Made a path on this machine, Docker created it empty in the container,
+    # and the command ran there without a word.
+    file = write(tmp_path / "dspy-infra.toml", f'[handlers.a]\nimage = "alpine"\ncwd = "{cwd}"\n')
+    assert str(error(file)) == (
+        f"{file}: handlers.a.cwd: a path inside the container (the handler has an image) "
+        f"must be absolute, got {cwd!r}"
+    )
+    file.write_text('[handlers.a]\nimage = "alpine"\ncwd = "/srv"\n')
+    assert load_config(file).handlers["a"].cwd == "/srv"

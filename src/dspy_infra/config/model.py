@@ -512,6 +512,14 @@ class HandlerConfig:
 
     def __attrs_post_init__(self) -> None:
         _check_command(self.command, shell=self.shell)
+        # Relative, it would be made a path on this machine (as a process
+        # handler's is), which Docker creates empty in the container.
+        if self.image is not None and self.cwd is not None and not self.cwd.startswith("/"):
+            raise FieldError(
+                "cwd",
+                "a path inside the container (the handler has an image) must be absolute, "
+                f"got {self.cwd!r}",
+            )
 
 
 @frozen(kw_only=True)
