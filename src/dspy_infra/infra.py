@@ -229,7 +229,7 @@ class AgentInfra(TaskMethods):
                 why = "a file is there" if isinstance(exc, FileExistsError) else exc.strerror
                 raise ConfigError(
                     f"cannot create the directory {state_dir}: {why or exc}",
-                    source=self.config.source,
+                    source=self.config.source_of("infra.state_dir"),
                     path="infra.state_dir",
                 ) from None
             if why := await anyio.to_thread.run_sync(_unwritable, state_dir):
@@ -238,7 +238,7 @@ class AgentInfra(TaskMethods):
                 # backend and a store file left half made.
                 raise ConfigError(
                     f"cannot write to the directory {state_dir}: {why}",
-                    source=self.config.source,
+                    source=self.config.source_of("infra.state_dir"),
                     path="infra.state_dir",
                 )
             with self.metrics.backend_call(self._backend.name, "open"):
@@ -351,7 +351,7 @@ class AgentInfra(TaskMethods):
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen on {self.config.metrics.address}: {_bind_reason(exc)}",
-                source=self.config.source,
+                source=self.config.source_of("metrics.address"),
                 path="metrics.address",
             ) from None
         return address

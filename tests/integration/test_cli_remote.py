@@ -559,18 +559,27 @@ def test_an_address_that_is_not_host_port_is_exit_2(tmp_path: Path) -> None:
             )
 
 
+@pytest.mark.parametrize("variable", [False, True], ids=["file", "variable"])
 def test_serve_with_a_state_dir_it_cannot_create_names_the_key(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    variable: bool,
 ) -> None:
-    # It was an OSError from mkdir, shown as a traceback.
+    # It was an OSError from mkdir, shown as a traceback; then named the
+    # file, when a variable had set the directory.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "taken").write_text("a file where the directory should go\n")
-    (tmp_path / "dspy-infra.toml").write_text('[infra]\nstate_dir = "taken"\ndurable = false\n')
+    toml = "durable = false\n" if variable else 'state_dir = "taken"\ndurable = false\n'
+    (tmp_path / "dspy-infra.toml").write_text(f"[infra]\n{toml}")
+    if variable:
+        monkeypatch.setenv("DSPY_INFRA_STATE_DIR", "taken")
     assert main(["serve", "--address", "127.0.0.1:0"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
+    blamed = "environment variable DSPY_INFRA_STATE_DIR" if variable else "dspy-infra.toml"
     assert err == (
-        "error: dspy-infra.toml: infra.state_dir: cannot create the directory "
+        f"error: {blamed}: infra.state_dir: cannot create the directory "
         f"{tmp_path / 'taken'}: a file is there\n"
     )
 

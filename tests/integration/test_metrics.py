@@ -238,6 +238,14 @@ async def test_a_metrics_address_in_use_is_a_config_error_naming_it(tmp_path: Pa
         assert str(info.value) == (
             f"<mapping>: metrics.address: cannot listen on {address}: Address already in use"
         )
+        # Set by an override over the file's address: the override is named.
+        with pytest.raises(ConfigError) as info:
+            async with AgentInfra.start(config(tmp_path), metrics__address=address):
+                pass
+        assert str(info.value) == (
+            f"override metrics__address=: metrics.address: cannot listen on {address}: "
+            "Address already in use"
+        )
     # Nothing was left running: the next instance gets the state directory and the port.
     async with AgentInfra.start(cfg) as infra:
         assert infra.metrics_address == address

@@ -23,6 +23,7 @@ import pytest
 from dspy_infra import AgentInfra
 from dspy_infra.abc import TaskRun
 from dspy_infra.errors import (
+    ConfigError,
     InfraClosed,
     InfraError,
     InvalidTask,
@@ -505,6 +506,37 @@ async def test_mig_devices_confining_the_program_are_leased_by_their_ids(
         two = await infra.submit_task("env", None, task_class="gp", resources=Resources(gpus=2))
         with anyio.fail_after(30):
             assert await two.result() == ["MIG-aaaa-1,MIG-bbbb-2", "PCI_BUS_ID"]
+
+
+@pytest.mark.parametrize(
+    ("layer", "blamed"),
+    [
+        ("file", None),
+        ("variable", "environment variable DSPY_INFRA_GPUS"),
+        ("override", "override gpus="),
+    ],
+    ids=["file", "variable", "override"],
+)
+async def test_a_gpu_id_not_on_the_machine_names_where_it_was_set(
+    tmp_path: Path,
+    make_smi: MakeSmi,
+    monkeypatch: pytest.MonkeyPatch,
+    layer: str,
+    blamed: str | None,
+) -> None:
+    # Found as the instance starts, once loaded: it named the file, whatever set the ids.
+    make_smi("printf '0, GPU-aaaa1111\\n1, GPU-bbbb2222\\n'")
+    file = tmp_path / "dspy-infra.toml"
+    file.write_text(f'[infra]\nstate_dir = "state"\ngpus = [{5 if layer == "file" else 0}]\n')
+    if layer == "variable":
+        monkeypatch.setenv("DSPY_INFRA_GPUS", "[5]")
+    overrides: dict[str, Any] = {"gpus": [5]} if layer == "override" else {}
+    with pytest.raises(ConfigError) as info:
+        async with AgentInfra.start(file, **overrides):
+            pass
+    assert str(info.value) == (
+        f"{blamed or file}: infra.gpus: GPU 5 is not on this machine (nvidia-smi found: 0, 1)"
+    )
 
 
 async def test_sync_handlers_run_at_most_worker_threads_at_once(tmp_path: Path) -> None:

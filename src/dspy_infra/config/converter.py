@@ -287,7 +287,11 @@ converter.register_structure_hook(
 # Last: generating the Config hook resolves the hooks of everything it holds.
 converter.register_structure_hook(
     Config,
-    _table(make_dict_structure_fn(Config, converter, source=override(omit=True))),
+    _table(
+        make_dict_structure_fn(
+            Config, converter, source=override(omit=True), origins=override(omit=True)
+        )
+    ),
 )
 
 
@@ -301,6 +305,11 @@ converter.register_unstructure_hook(Path, str)
 converter.register_unstructure_hook(
     Probe,
     make_dict_unstructure_fn(Probe, converter, call=override(unstruct_hook=_unstructure_call)),
+)
+# Last, as for structuring. Who set what is no part of the configuration's
+# content (and its keys are tuples).
+converter.register_unstructure_hook(
+    Config, make_dict_unstructure_fn(Config, converter, origins=override(omit=True))
 )
 
 

@@ -10,7 +10,6 @@ once by the converter, then checked across fields. Every error is a
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -25,12 +24,14 @@ from dspy_infra.config.compose import host_path, read_compose
 from dspy_infra.config.converter import converter, describe_errors, did_you_mean
 from dspy_infra.config.model import (
     DEFAULT_CLASSES,
+    INDEX_RE,
     KEY_NAME_RE,
     PROBE_KINDS,
     Config,
     InfraSettings,
     ServiceConfig,
     expand_home,
+    origin_of,
 )
 from dspy_infra.config.placeholders import (
     HANDLER_PLACEHOLDERS,
@@ -46,11 +47,10 @@ __all__ = ["ENV_PREFIX", "dump_config", "find_cycle", "load_config", "service_te
 
 ENV_PREFIX = "DSPY_INFRA_"
 DEFAULT_FILE = "dspy-infra.toml"
-_SECTIONS = frozenset(a.name for a in fields(Config) if a.name != "source")
+_SECTIONS = frozenset(a.name for a in fields(Config) if not a.metadata.get("internal"))
 _INFRA_KEYS = frozenset(a.name for a in fields(InfraSettings))
 _KNOWN_BACKENDS = ("local", "docker")
 KNOWN_RUNNERS = ("inprocess", "process", "docker", "slurm")
-_INDEX = re.compile(r"\[\d+\]")
 _ABSOLUTE_PLACEHOLDERS = ("{state_dir}", "{service_dir}")  # absolute paths, once filled in
 _HTTP_ONLY = ("status", "body")  # probe keys that go with an http probe
 _ENV_OWNERS = ("services", "handlers")  # the sections whose tables hold an env table
@@ -77,6 +77,7 @@ def load_config(
         # itself (a closure has no importable "module:function" name).
         raw, name = asdict(source), source.source
         raw.pop("source", None)
+        raw.pop("origins", None)
         # Its file's directory, as when it was loaded: a relative path that a
         # variable or an override sets is relative to the file (see docs).
         base = Path(name).parent if name not in (None, "<mapping>") else Path.cwd()
@@ -92,7 +93,7 @@ def load_config(
     # Who set what: the values each layer wrote and the tables it made, not
     # the key it was given. A table merges key by key, so a value it left is
     # still the file's; a table it made (a typo of a service name) is its own.
-    origins: dict[tuple[str, ...], str] = {}
+    origins = dict(source.origins) if isinstance(source, Config) else {}
     written: list[tuple[str, ...]] = []
     for key_path, value, origin in _env_items(environ):
         made = _merge(raw, key_path, value, origin)
@@ -122,7 +123,7 @@ def load_config(
     _with_default_classes(raw)
     config = _structure(raw, name, origins)
     config = _resolve_paths(config, base)
-    validate(config, origins)
+    validate(config)
     return config
 
 
@@ -435,10 +436,10 @@ def _structure(
         path, message = problems[0]
         # A key that no one set holds its default, fine on its own: the value at
         # odds with it (interval over a default max_interval) is its table's.
-        where, _, key = _INDEX.sub("", path).rpartition(".")
+        where, _, key = INDEX_RE.sub("", path).rpartition(".")
         table = _table_at(raw, tuple(where.split("."))) if where else None
         unset = isinstance(table, Mapping) and key not in table
-        origin = _origin(where if unset else path, origins, name)
+        origin = origin_of(where if unset else path, origins, name)
         if len(problems) > 1:
             message += (
                 f" (and {len(problems) - 1} more: "
@@ -446,21 +447,7 @@ def _structure(
                 + ")"
             )
         raise ConfigError(message, source=origin, path=path) from None
-    return evolve(config, source=name)
-
-
-def _origin(path: str, origins: Mapping[tuple[str, ...], str], default: str | None) -> str | None:
-    """Who set the value at ``path``: the environment variable, override or compose file
-    that wrote it (or made the nearest table around it), else the last one that wrote
-    inside it, else the file."""
-    key_path = tuple(_INDEX.sub("", path).split("."))
-    around = [where for where in origins if key_path[: len(where)] == where]
-    if around:
-        return origins[max(around, key=len)]
-    for where, origin in list(origins.items())[::-1]:
-        if where[: len(key_path)] == key_path:
-            return origin
-    return default
+    return evolve(config, source=name, origins=origins)
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
@@ -536,15 +523,15 @@ def dependency_closure(config: Config, name: str) -> list[str]:
     return list(seen)
 
 
-def validate(config: Config, origins: Mapping[tuple[str, ...], str] | None = None) -> None:
+def validate(config: Config) -> None:
     """Checks that span fields: names, backend, dependencies, cycles, placeholders.
 
-    ``origins`` maps key paths set by environment variables or overrides to
-    their names, so that an error names them rather than the file.
+    An error names what set the value (:meth:`Config.source_of`): an
+    environment variable or an override rather than the file.
     """
 
     def fail(path: str, message: str) -> ConfigError:
-        return ConfigError(message, source=_origin(path, origins or {}, config.source), path=path)
+        return ConfigError(message, source=config.source_of(path), path=path)
 
     for name in config.services:
         if not KEY_NAME_RE.match(name):

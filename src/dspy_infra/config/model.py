@@ -15,7 +15,7 @@ import random
 import re
 import signal as signal_module
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -660,3 +660,35 @@ class Config:
     metrics: MetricsSettings = field(factory=MetricsSettings)
     server: ServerSettings = field(factory=ServerSettings)
     source: str | None = field(default=None, eq=False, metadata={"internal": True})
+    # Who set the values that ``source`` did not (environment variables,
+    # overrides, a compose file), by key path: see :meth:`source_of`.
+    origins: Mapping[tuple[str, ...], str] = field(
+        factory=dict, eq=False, repr=False, metadata={"internal": True}
+    )
+
+    def source_of(self, path: str) -> str | None:
+        """Who set the value at ``path`` (``infra.gpus``), for an error that names it.
+
+        An error found once loaded (at start: a GPU not on this machine, a
+        state_dir that cannot be made) names what set the value, as loading's
+        own errors do: not the file, when a variable or an override set it.
+        """
+        return origin_of(path, self.origins, self.source)
+
+
+# An array's item in a key path (services.a.command[2]): who set it set the array.
+INDEX_RE = re.compile(r"\[\d+\]")
+
+
+def origin_of(path: str, origins: Mapping[tuple[str, ...], str], default: str | None) -> str | None:
+    """Who set the value at ``path``: the environment variable, override or compose file
+    that wrote it (or made the nearest table around it), else the last one that wrote
+    inside it, else ``default`` (the file)."""
+    key_path = tuple(INDEX_RE.sub("", path).split("."))
+    around = [where for where in origins if key_path[: len(where)] == where]
+    if around:
+        return origins[max(around, key=len)]
+    for where, origin in list(origins.items())[::-1]:
+        if where[: len(key_path)] == key_path:
+            return origin
+    return default

@@ -87,7 +87,7 @@ async def detect_gpus(
 
 async def _configured(ids: tuple[str, ...], config_source: str | None) -> GpuInventory:
     """The configured ids, each checked against the devices detected, if any are;
-    an error names ``config_source``, the file that set them."""
+    an error names ``config_source``, what set them (a file, variable or override)."""
     if ids:
         source, devices = await anyio.to_thread.run_sync(_detect)
         found = [index for index, _ in devices or ()]

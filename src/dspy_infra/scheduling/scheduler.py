@@ -284,7 +284,9 @@ class LocalScheduler:
 
     async def __aenter__(self) -> Self:
         async with AsyncExitStack() as stack:
-            inventory = await detect_gpus(self._settings.gpus, config_source=self.config.source)
+            inventory = await detect_gpus(
+                self._settings.gpus, config_source=self.config.source_of("infra.gpus")
+            )
             self._pool = await self._resource_pool(inventory)
             self.gpu_source = inventory.source
             self._watch_metrics()
