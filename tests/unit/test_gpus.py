@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+import threading
 import time
 import types
 
@@ -213,7 +214,9 @@ async def test_detection_does_not_block_the_event_loop(make_smi: MakeSmi) -> Non
     assert ticks >= 10
 
 
-def fake_nvml(uuids: list[str | bytes], *, init_error: bool = False) -> types.ModuleType:
+def fake_nvml(
+    uuids: list[str | bytes], *, init_error: bool = False, hang: threading.Event | None = None
+) -> types.ModuleType:
     module = types.ModuleType("pynvml")
     calls: list[str] = []
 
@@ -221,6 +224,8 @@ def fake_nvml(uuids: list[str | bytes], *, init_error: bool = False) -> types.Mo
         calls.append("init")
         if init_error:
             raise RuntimeError("NVML Shared Library Not Found")
+        if hang is not None:
+            hang.wait()
 
     module.nvmlInit = init  # type: ignore[attr-defined]
     module.nvmlShutdown = lambda: calls.append("shutdown")  # type: ignore[attr-defined]
@@ -247,6 +252,21 @@ async def test_nvml_is_preferred_and_filtered(monkeypatch: pytest.MonkeyPatch) -
 async def test_a_failing_nvml_falls_back_to_nvidia_smi(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([], init_error=True))
     assert await detect_gpus(environ={}) == inv("nvidia-smi", "0", "1", "2")
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("smi")
+async def test_a_hung_nvml_falls_back_to_nvidia_smi(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A wedged driver: NVML's calls do not return, and no Python code can
+    # interrupt them. Detection gave no answer, and the instance never started.
+    hang = threading.Event()
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(["GPU-nvml0"], hang=hang))
+    monkeypatch.setattr(gpus, "NVML_TIMEOUT", 0.3)
+    try:
+        with anyio.fail_after(10):
+            assert await detect_gpus(environ={}) == inv("nvidia-smi", "0", "1", "2")
+    finally:
+        hang.set()  # the thread left in it ends: no other test finds it
 
 
 @pytest.mark.anyio

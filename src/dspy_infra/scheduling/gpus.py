@@ -28,13 +28,16 @@ The answer is decided in this order, first match wins:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
 
 import anyio.to_thread
 from attrs import frozen
@@ -46,6 +49,8 @@ __all__ = ["GpuInventory", "detect_gpus"]
 log = logging.getLogger("dspy_infra")
 
 NVIDIA_SMI_TIMEOUT = 10.0
+# NVML's calls hang on a wedged driver, as nvidia-smi (which makes them) does.
+NVML_TIMEOUT = 10.0
 # nvidia-smi's exit status for a corrupted infoROM: a warning printed after a
 # whole device list, which NVML (it does not read the infoROM) lists too.
 NVIDIA_SMI_INFOROM_CORRUPTED = 14
@@ -155,6 +160,35 @@ def _nvml() -> Devices | None:
         nvml = importlib.import_module("pynvml")
     except ImportError:
         return None  # the optional ``gpu`` extra is not installed: normal
+    return _within(NVML_TIMEOUT, functools.partial(_nvml_devices, nvml))
+
+
+def _within(seconds: float, call: Callable[[], Devices]) -> Devices:
+    """``call()``, in a daemon thread; TimeoutError when it has not returned in ``seconds``.
+
+    A call into the driver cannot be interrupted: the thread is left in it,
+    and being a daemon, does not keep the program from exiting. (A worker
+    thread of anyio's would: the program would hang at its exit instead.)
+    """
+    outcome: list[Devices | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="dspy-infra GPU detection", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError(f"no answer in {seconds:g} s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _nvml_devices(nvml: ModuleType) -> Devices:
     nvml.nvmlInit()
     try:
         devices: Devices = []
