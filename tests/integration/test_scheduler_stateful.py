@@ -48,11 +48,11 @@ from dspy_infra.errors import UnknownTask
 from dspy_infra.scheduling.tasks import TaskState, TaskStatus
 
 LIMITS = {"a": 2, "b": 1}
-# Class a's retries wait 0.02 s, then 0.3 s: a first retry that waits the second's delay
-# is told apart (see RETRY_LATE). Class b's wait 0.25 s, long enough for a restart or a
-# crash to come while a retry waits.
+# Class a's retries wait 0.02 s, then 0.8 s: a first retry that waits the second's delay
+# is told apart (see RETRY_LATE), with room for a loaded machine's hiccups. Class b's
+# wait 0.25 s, long enough for a restart or a crash to come while a retry waits.
 BACKOFFS = {
-    "a": {"initial": 0.02, "factor": 15, "max": 0.3, "jitter": 0},
+    "a": {"initial": 0.02, "factor": 40, "max": 0.8, "jitter": 0},
     "b": {"initial": 0.25, "factor": 1, "max": 0.25, "jitter": 0},
 }
 CLASSES = {
@@ -60,7 +60,7 @@ CLASSES = {
     for name, limit in LIMITS.items()
 }
 # A retry with a free slot starts this long after its attempt failed, at the latest.
-RETRY_LATE = {"a": 0.25}
+RETRY_LATE = {"a": 0.6}
 MAX_TASKS = 12
 
 
