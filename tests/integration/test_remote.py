@@ -3048,15 +3048,20 @@ async def test_the_request_size_limit_refuses_no_task_the_instance_takes(
 @pytest.fixture
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and localhost, and its key (openssl CLI)."""
+    return self_signed(tmp_path, "localhost", "IP:127.0.0.1,DNS:localhost")
+
+
+def self_signed(tmp_path: Path, name: str, alt_names: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``alt_names`` (subjectAltName), and its key."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is not installed")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [
-            "openssl", "req", "-x509", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+            "openssl", "req", "-x509", "-nodes", "-days", "1", "-subj", f"/CN={name}",
             "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
             "-keyout", str(key), "-out", str(cert),
-            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-addext", f"subjectAltName={alt_names}",
         ],
         check=True,
         capture_output=True,
@@ -3190,3 +3195,31 @@ async def test_a_tls_mismatch_says_which_side_lacks_what(
             "plain text): connect without TLS"
         )
         assert err == f"error: {message} (leave out --tls and --tls-ca)\n"
+
+
+async def test_a_certificate_for_another_name_is_not_called_untrusted(tmp_path: Path) -> None:
+    # Verified against the CA the client was given, it named another host:
+    # telling its user to trust the CA that signed it (--tls-ca FILE), which
+    # they had done, sent them after the wrong fix.
+    cert, key = self_signed(tmp_path, "elsewhere.invalid", "DNS:elsewhere.invalid")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
+    async with (
+        make_infra(tmp_path) as infra,
+        serve(infra, "127.0.0.1:0", tls=server_tls(cert, key)) as srv,
+    ):
+        with anyio.fail_after(10), pytest.raises(ServerUnavailable) as refused:
+            async with AgentInfra.connect(srv.address, tls=client_tls(cert)):
+                pass
+        command = [sys.executable, "-m", "dspy_infra.cli", "status"]
+        command += ["--tls-ca", str(cert), "--address", srv.address]
+        with anyio.fail_after(60):
+            done = await anyio.run_process(command, env=env, check=False)
+    message = str(refused.value)
+    assert not refused.value.untrusted_certificate
+    assert message == (
+        f"the server at {srv.address} presented a certificate for another name "
+        "(IP address mismatch, certificate is not valid for '127.0.0.1'.): "
+        "connect to an address that it names"
+    )
+    assert done.returncode == 3
+    assert done.stderr.decode() == f"error: {message}\n"

@@ -138,6 +138,13 @@ CONNECT_TIMEOUT = 10.0
 # stops the server sending on it alone, not on every call of the connection.
 _CHANNEL_CONFIG = Configuration(http2_connection_window_size=2**31 - 1)
 
+# OpenSSL's verification codes (X509_V_ERR_*) for a certificate whose signer
+# the client does not trust: unable to get the issuer (2, 20), self-signed (18,
+# 19), unable to verify the leaf's signature (21).
+_UNTRUSTED_ISSUER = frozenset({2, 18, 19, 20, 21})
+# ... and for one that names another host (62), e-mail (63) or IP address (64).
+_NAME_MISMATCH = frozenset({62, 63, 64})
+
 
 class ServerUnavailable(BackendUnavailable):
     """No dspy-infra server answers at the address, it went away, or it refused the token.
@@ -149,10 +156,10 @@ class ServerUnavailable(BackendUnavailable):
     tells that no server ever answered a client that connected without TLS
     (a server that serves TLS drops such a client at once), so that a caller
     can say how its user connects with TLS; ``untrusted_certificate`` that
-    the server's certificate could not be verified, and ``no_tls`` that the
-    server answered a TLS client in plain text, so that a caller can say
-    which CA to trust, or to connect without TLS. The message is the same for
-    all callers.
+    the server's certificate is signed by no CA the client trusts (not one
+    for another name, or expired), and ``no_tls`` that the server answered a
+    TLS client in plain text, so that a caller can say which CA to trust, or
+    to connect without TLS. The message is the same for all callers.
     """
 
     def __init__(
@@ -388,11 +395,20 @@ class _Connection:
         for a connection refused) would send its user looking in vain.
         """
         if isinstance(exc, ssl.SSLCertVerificationError):
+            if exc.verify_code in _NAME_MISMATCH:
+                # Verified against the CA it was given: trusting it is done.
+                return ServerUnavailable(
+                    f"the server at {self.address} presented a certificate for another "
+                    f"name ({exc.verify_message}): connect to an address that it names"
+                )
+            # Only a signer not trusted is fixed by trusting the CA: not an
+            # expired certificate, say.
+            untrusted = exc.verify_code in _UNTRUSTED_ISSUER
+            fix = ": connect trusting the CA that signed it" if untrusted else ""
             return ServerUnavailable(
                 f"the server at {self.address} presented a certificate that this client "
-                f"cannot verify ({exc.verify_message}): connect trusting the CA that "
-                "signed it",
-                untrusted_certificate=True,
+                f"cannot verify ({exc.verify_message}){fix}",
+                untrusted_certificate=untrusted,
             )
         # OpenSSL's word for a first answer that is no TLS record.
         if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
