@@ -1982,19 +1982,24 @@ async def test_a_server_killed_mid_stream_is_no_word_of_tls(tmp_path: Path) -> N
                 process.kill()
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 async def test_a_client_gone_mid_stream_is_not_logged_once_per_write(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls: bool
 ) -> None:
     # Writes to a lost connection (the events that kept coming for a
     # killed client's streams) each made asyncio log "socket.send() raised
-    # exception.": as many lines as the calls were sent anything.
+    # exception.": as many lines as the calls were sent anything. With TLS
+    # too, though its transport is told of the loss a turn of the loop late.
     client = textwrap.dedent(
         """
         import sys, anyio
         from dspy_infra import AgentInfra
+        from dspy_infra.remote.client import tls_context
 
         async def main():
-            async with AgentInfra.connect(sys.argv[1]) as remote:
+            ca = sys.argv[2] if len(sys.argv) > 2 else None
+            tls = tls_context(ca) if ca else None
+            async with AgentInfra.connect(sys.argv[1], tls=tls) as remote:
                 async def follow():
                     async for _ in remote.stream_events(set()):
                         pass
@@ -2009,8 +2014,13 @@ async def test_a_client_gone_mid_stream_is_not_logged_once_per_write(
         anyio.run(main)
         """
     )
-    async with make_infra(tmp_path) as infra, serve(infra, "127.0.0.1:0") as srv:
-        command = [sys.executable, "-c", client, srv.address]
+    cert, key = self_signed(tmp_path, "localhost", "IP:127.0.0.1") if tls else (None, None)
+    server_context = server_tls(cert, key) if cert and key else None
+    async with (
+        make_infra(tmp_path) as infra,
+        serve(infra, "127.0.0.1:0", tls=server_context) as srv,
+    ):
+        command = [sys.executable, "-c", client, srv.address, *([str(cert)] if cert else [])]
         async with await anyio.open_process(command) as process:
             assert process.stdout is not None
             with anyio.fail_after(30):
@@ -2024,7 +2034,8 @@ async def test_a_client_gone_mid_stream_is_not_logged_once_per_write(
                 group.start_soon(busy)
                 await anyio.sleep(0.05)
                 process.kill()
-    noise = [r for r in caplog.records if "socket.send()" in r.getMessage()]
+    said = ("socket.send() raised exception.", "SSL connection is closed")
+    noise = [r for r in caplog.records if r.getMessage() in said]
     assert not noise, f"{len(noise)} times"
 
 

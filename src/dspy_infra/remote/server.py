@@ -355,9 +355,14 @@ class _QuietTransport:
 
     def __init__(self, transport: asyncio.BaseTransport):
         self._transport = cast("asyncio.Transport", transport)
+        # Under TLS, the socket's own transport (asyncio's, private): the TLS
+        # one is told of a lost connection a turn of the loop later, and what
+        # is written meanwhile reaches the socket's, which logs as above.
+        ssl_protocol = getattr(transport, "_ssl_protocol", None)
+        self._socket: asyncio.BaseTransport = getattr(ssl_protocol, "_transport", None) or transport
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._transport.is_closing():
+        if not (self._transport.is_closing() or self._socket.is_closing()):
             self._transport.write(data)
 
     def __getattr__(self, name: str) -> Any:
