@@ -1176,3 +1176,24 @@ async def test_a_reference_with_a_malformed_index_fails_its_step_naming_it(
         # The same name is a key of a mapping.
         run = await infra.workflows.start_run(workflow.workflow_id, {"xs": {"--1": 2}})
         assert (await run.wait()).results() == {"s": 2}
+
+
+async def test_a_reference_with_an_index_of_thousands_of_digits_names_it(
+    tmp_path: Path,
+) -> None:
+    # Digits all, it was given to int(), which refuses more than 4300 of
+    # them: the step failed with "ValueError: Exceeds the limit (4300 digits)
+    # for integer string conversion", naming not the reference.
+    index = "1" * 5000
+    spec = {
+        "name": "long",
+        "steps": {"s": {"handler": "echo", "payload": f"${{inputs.xs.{index}}}"}},
+    }
+    async with AgentInfra.start(state_dir=tmp_path / "state", handlers={"echo": _echo}) as infra:
+        workflow = await infra.workflows.create(spec)
+        status = await (await infra.workflows.start_run(workflow.workflow_id, {"xs": [1]})).wait()
+        assert status.state is RunState.FAILED
+        assert status.steps["s"].error == (
+            f"${{inputs.xs.{index}}}: nothing at 'inputs.xs.{index}' "
+            "(a list of 1: an index is an integer from -1 to 0)"
+        )

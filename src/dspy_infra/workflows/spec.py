@@ -541,8 +541,9 @@ class ReferenceError_(ValueError):  # noqa: N801 - not the builtin ReferenceErro
 
 
 # An index into a list: ASCII digits only ("²" is a digit to isdigit(), not
-# to int()), one '-' at most ("--1" passed a '-' stripped, and int() failed).
-_INDEX_RE = re.compile(r"-?[0-9]+\Z")
+# to int()), one '-' at most ("--1" passed a '-' stripped, and int() failed),
+# and 18 at most (int() refuses thousands; no list holds 10**18 items).
+_INDEX_RE = re.compile(r"-?[0-9]{1,18}\Z")
 
 
 def _lookup(value: Any, path: list[str], text: str) -> Any:
