@@ -822,8 +822,9 @@ async def engine_over_tcp(host: str) -> AsyncIterator[str]:
             daemon_writer.close()
 
     server = await asyncio.start_server(serve, host, 0)
+    address = f"[{host}]" if ":" in host else host  # an IPv6 address, in brackets
     try:
-        yield f"tcp://{host}:{server.sockets[0].getsockname()[1]}"
+        yield f"tcp://{address}:{server.sockets[0].getsockname()[1]}"
     finally:
         # Every connection is over before the test's loop is: none is cut by its end.
         server.close()
@@ -929,3 +930,18 @@ async def test_a_tcp_probe_of_a_local_engine_reached_over_tcp_waits_for_the_serv
         started = anyio.current_time()
         async with start(tmp_path, project, services):
             assert anyio.current_time() - started > 1.0
+
+
+async def test_a_local_engine_reached_over_ipv6_loopback_publishes_ports_on_127_0_0_1(
+    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DOCKER_HOST=tcp://localhost:2375 where localhost resolves to ::1 first:
+    # the engine is on this machine, and its ports are where a socket's are,
+    # not at a bare "::1" that {host} would make into a broken URL.
+    services = {"kv": web(busybox, health={"http": "http://{host}:{port}/"})}
+    async with engine_over_tcp("::1") as docker_host:
+        monkeypatch.setenv("DOCKER_HOST", docker_host)
+        async with start(tmp_path, project, services) as infra:
+            status = (await infra.services.status())["kv"]
+            assert status.host == "127.0.0.1"
+            assert await fetch(f"http://127.0.0.1:{status.ports['main']}/") == "kv\n"

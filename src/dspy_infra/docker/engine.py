@@ -978,13 +978,20 @@ async def _engine_address(docker: aiodocker.Docker) -> str:
 
     An IP address, as Docker publishes ports on one. Read from the address
     the client was given (``DOCKER_HOST``, or the Docker context's), which
-    aiodocker rewrites for ``ssh://`` into a local socket's.
+    aiodocker rewrites for ``ssh://`` into a local socket's. IPv4 when the
+    name has it, and 127.0.0.1 for the IPv6 loopback (``localhost`` is often
+    ::1 first): ``{host}`` puts the address in URLs as it is, where a bare
+    IPv6 address breaks them.
     """
     url = URL(docker._connection_info)
     if url.scheme not in ("tcp", "http", "https", "ssh") or not url.host:
         return _LOOPBACK
     found = await anyio.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
-    return str(found[0][4][0])
+    ipv4 = [str(sockaddr[0]) for family, *_, sockaddr in found if family == socket.AF_INET]
+    if ipv4:
+        return ipv4[0]
+    address = str(found[0][4][0])
+    return _LOOPBACK if ipaddress.ip_address(address).is_loopback else address
 
 
 # Shared by the docker backend and the docker runner: the way to do without
