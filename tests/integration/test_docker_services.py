@@ -945,3 +945,16 @@ async def test_a_local_engine_reached_over_ipv6_loopback_publishes_ports_on_127_
             status = (await infra.services.status())["kv"]
             assert status.host == "127.0.0.1"
             assert await fetch(f"http://127.0.0.1:{status.ports['main']}/") == "kv\n"
+
+
+async def test_an_http_probe_of_host_goes_to_a_remote_engines_address(
+    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # {host} in a probe is where this machine reaches the service: on a
+    # remote engine, its address, not this machine's 127.0.0.1.
+    probe = {"http": "http://{host}:{port}/", "deadline": 10}
+    services = {"kv": web(busybox, health=probe)}
+    async with engine_over_tcp("127.0.0.2") as docker_host:
+        monkeypatch.setenv("DOCKER_HOST", docker_host)
+        async with start(tmp_path, project, services) as infra:
+            assert (await infra.services.status())["kv"].state == "healthy"

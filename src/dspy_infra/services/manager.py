@@ -312,36 +312,32 @@ class ServiceManager:
     def free_port(self) -> int:
         return self._ports.allocate()
 
-    async def render_contexts(self, rt: ServiceRuntime) -> tuple[RenderContext, RenderContext]:
-        """What ``rt``'s templates refer to, as seen from inside the service and from here.
+    async def render_context(self, rt: ServiceRuntime, *, inside: bool) -> RenderContext:
+        """What ``rt``'s templates refer to, as seen from inside the service or from here.
 
         A command and its environment run inside (a container reaches its
-        peers by name at their container ports); probes run from here.
+        peers by name at their container ports); probes run from here, at
+        the host each service is reached at.
         """
         state_dir = self.config.infra.state_dir
         service_dir = state_dir / "services" / rt.name
         await anyio.to_thread.run_sync(lambda: service_dir.mkdir(parents=True, exist_ok=True))
         deps = [self._runtimes[dep] for dep in dependency_closure(self.config, rt.name)]
 
-        def context(inside: bool) -> RenderContext:
-            def endpoint(other: ServiceRuntime) -> Endpoint:
-                ports = other.ports if other.ports is not None else other.config.ports
-                if not inside:
-                    return Endpoint(other.host, dict(ports))
-                host, seen = self.backend.peer_endpoint(
-                    other.name, ports, other.config.container_ports
-                )
-                return Endpoint(host, dict(seen))
+        def endpoint(other: ServiceRuntime) -> Endpoint:
+            ports = other.ports if other.ports is not None else other.config.ports
+            if not inside:
+                return Endpoint(other.host, dict(ports))
+            host, seen = self.backend.peer_endpoint(other.name, ports, other.config.container_ports)
+            return Endpoint(host, dict(seen))
 
-            return RenderContext(
-                name=rt.name,
-                own=endpoint(rt),
-                state_dir=str(state_dir),
-                service_dir=str(service_dir),
-                services={other.name: endpoint(other) for other in deps},
-            )
-
-        return context(inside=True), context(inside=False)
+        return RenderContext(
+            name=rt.name,
+            own=endpoint(rt),
+            state_dir=str(state_dir),
+            service_dir=str(service_dir),
+            services={other.name: endpoint(other) for other in deps},
+        )
 
     def labels(self, rt: ServiceRuntime) -> dict[str, str]:
         return {

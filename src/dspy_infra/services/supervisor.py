@@ -20,7 +20,7 @@ from attrs import evolve, frozen
 from dspy_infra._exit_codes import reported
 from dspy_infra.abc import LaunchSpec, ServiceProcess
 from dspy_infra.config.model import Dependency, Probe, ServiceConfig
-from dspy_infra.config.placeholders import render
+from dspy_infra.config.placeholders import RenderContext, render
 from dspy_infra.errors import DependencyFailed, ServiceStartError
 from dspy_infra.services.probes import ProbeResult, ProbeRunner
 from dspy_infra.services.runtime import ServiceRuntime
@@ -181,7 +181,7 @@ async def _run_once(
     A run that was ready is handed to ``ended`` as soon as it ends, before
     what is left of its process group is stopped.
     """
-    spec, probe = await _launch_spec(manager, rt)
+    spec, inside = await _launch_spec(manager, rt)
     # A start slot is held from launch until ready (max_concurrent_starts).
     async with manager.start_slot() as slot:
         rt.start_pending = True
@@ -194,6 +194,7 @@ async def _run_once(
             manager.start_failed(rt, "launch")
             return _Run(ready=False, exit_code=exc.exit_code, reason=exc.reason)
         async with _running(manager, rt, process) as output_ended:
+            probe = await _probe(manager, rt, inside)
             if probe is None and process.health is not None:
                 probe = _OWN_HEALTH
             elif probe is not None and probe.container and process.health is None:
@@ -486,13 +487,16 @@ def _condition_met(rt: ServiceRuntime, dep_rt: ServiceRuntime, dep: Dependency) 
 
 async def _launch_spec(
     manager: ServiceManager, rt: ServiceRuntime
-) -> tuple[LaunchSpec, Probe | None]:
-    """Fill in the placeholders of the service's command, env, cwd and probe."""
+) -> tuple[LaunchSpec, RenderContext]:
+    """Fill in the placeholders of the service's command, env and cwd.
+
+    Returns the context they were filled from too, for the probe's command.
+    """
     config: ServiceConfig = rt.config
     if rt.ports is None:
         rt.ports = {name: port or manager.free_port() for name, port in config.ports.items()}
-    ctx, outside = await manager.render_contexts(rt)
-    try:
+    ctx = await manager.render_context(rt, inside=True)
+    with _placeholders(rt):
         command: tuple[str, ...] | str | None = config.command
         if isinstance(command, str):
             command = render(command, ctx)
@@ -500,16 +504,6 @@ async def _launch_spec(
             command = tuple(render(arg, ctx) for arg in command)
         env = {key: render(value, ctx) for key, value in config.env.items()}
         cwd = render(config.cwd, ctx) if config.cwd is not None else None
-        probe = config.health
-        if probe is not None:
-            probe = evolve(
-                probe,
-                tcp=render(probe.tcp, outside) if probe.tcp else None,
-                http=render(probe.http, outside) if probe.http else None,
-                command=tuple(render(a, ctx) for a in probe.command) if probe.command else None,
-            )
-    except ValueError as exc:  # validated at load time; only reachable with a hand-made Config
-        raise rt.failure(f"bad placeholder: {exc}") from None
     spec = LaunchSpec(
         name=rt.name,
         command=command,
@@ -528,4 +522,34 @@ async def _launch_spec(
         gpus=config.gpus,
         progress=lambda line: manager.set_state(rt, rt.state, "service_pulling", line),
     )
-    return spec, probe
+    return spec, ctx
+
+
+async def _probe(
+    manager: ServiceManager, rt: ServiceRuntime, inside: RenderContext
+) -> Probe | None:
+    """The service's probe, its placeholders filled in once it is launched.
+
+    Not before: a tcp or http probe's ``{host}`` is where this machine
+    reaches the service, which only its launch tells (a remote engine's
+    address). A command probe runs inside, as the service's command.
+    """
+    probe = rt.config.health
+    if probe is None:
+        return None
+    outside = await manager.render_context(rt, inside=False)
+    with _placeholders(rt):
+        return evolve(
+            probe,
+            tcp=render(probe.tcp, outside) if probe.tcp else None,
+            http=render(probe.http, outside) if probe.http else None,
+            command=tuple(render(a, inside) for a in probe.command) if probe.command else None,
+        )
+
+
+@contextmanager
+def _placeholders(rt: ServiceRuntime) -> Iterator[None]:
+    try:
+        yield
+    except ValueError as exc:  # validated at load time; only reachable with a hand-made Config
+        raise rt.failure(f"bad placeholder: {exc}") from None
