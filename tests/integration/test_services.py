@@ -1540,3 +1540,34 @@ async def test_a_follower_that_falls_behind_is_told_how_many_lines_it_lost(
     assert kept[-9:] == list(range(91, 100))
     if how == "inprocess":
         assert [n.dropped for n in notices] == [90]
+
+
+@pytest.mark.parametrize("condition", ["started", "healthy"])
+async def test_a_dependency_that_exited_is_not_met_while_its_last_output_is_read(
+    tmp_path: Path, condition: str
+) -> None:
+    # db exited 1 (restart = "no"), and a child of it keeps its output open:
+    # its verdict waits up to 0.5 s for its last lines, and meanwhile api,
+    # started then, was launched against it as if it were still up.
+    services = {
+        "db": {
+            "command": f"sleep {unique_seconds()} & sleep 0.2; echo bye; exit 1",
+            "shell": True,
+            "restart": "no",
+        },
+        "api": {
+            "command": ["sleep", unique_seconds()],
+            "depends_on": {"db": {"condition": condition}},
+        },
+    }
+    infra = infra_for(tmp_path, services, autostart=False)
+    async with infra, recording(infra) as recorder:
+        await infra.services.start(["db"])
+        with anyio.fail_after(10):
+            async for line in infra.services.logs("db", follow=True):
+                if line == "bye":
+                    break
+        await anyio.sleep(0.1)  # it has exited; its verdict waits for its output
+        with pytest.raises(ServiceStartError):
+            await infra.services.start(["api"])
+        assert not recorder.of("service_starting", "api"), "api was launched against db"

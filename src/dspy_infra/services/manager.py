@@ -396,7 +396,7 @@ class ServiceManager:
             failed = [rt for rt in targets if rt.state in _ENDED]
             if failed:
                 raise _root_cause(failed)
-            if all(rt.state in _SETTLED_OK for rt in targets):
+            if all(rt.up or rt.state is ServiceState.COMPLETED for rt in targets):
                 return
             await changed.wait()
 

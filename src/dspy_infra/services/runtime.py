@@ -85,6 +85,11 @@ class ServiceRuntime:
         return not self.done.is_set()
 
     @property
+    def up(self) -> bool:
+        """Up, and not a launch that has ended (its verdict waits for its last lines)."""
+        return self.state.is_up and not self.process_ending
+
+    @property
     def host(self) -> str:
         return self.process.host if self.process is not None else _HOST
 

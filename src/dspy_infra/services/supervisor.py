@@ -222,7 +222,8 @@ async def _run_once(
                     if run.exit_code is not None:
                         # Judged once the lines it printed as it died are read
                         # (they say why, in a failure's log tail); bounded, for
-                        # children that keep its output open.
+                        # children that keep its output open. Not up meanwhile.
+                        rt.process_ending = True
                         with anyio.move_on_after(_PUMP_DRAIN):
                             await output_ended.wait()
                     ended(run)
@@ -476,7 +477,7 @@ def _condition_met(rt: ServiceRuntime, dep_rt: ServiceRuntime, dep: Dependency) 
             # "starting") while what is left of its process group is stopped.
             return completed or (dep_rt.process is not None and not dep_rt.process_ending)
         case "healthy":
-            return completed or state.is_up
+            return completed or dep_rt.up
         case "completed_successfully":
             return completed
         case _:
