@@ -986,7 +986,18 @@ async def _engine_address(docker: aiodocker.Docker) -> str:
     url = URL(docker._connection_info)
     if url.scheme not in ("tcp", "http", "https", "ssh") or not url.host:
         return _LOOPBACK
-    found = await anyio.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
+    try:
+        found = await anyio.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        # A name only ssh knows (an alias of ~/.ssh/config): its ports cannot
+        # be placed here; loopback, as before remote engines were told apart.
+        log.warning(
+            "cannot resolve the Docker engine's host %r (%s): its services' ports are "
+            "reported at 127.0.0.1",
+            url.host,
+            exc,
+        )
+        return _LOOPBACK
     ipv4 = [str(sockaddr[0]) for family, *_, sockaddr in found if family == socket.AF_INET]
     if ipv4:
         return ipv4[0]
