@@ -583,6 +583,31 @@ async def test_an_instance_closed_while_slurmctld_is_away_leaves_its_job_to_the_
                 await anyio.sleep(0.2)
 
 
+async def test_a_job_left_to_the_next_instance_is_cancelled_though_it_starts_in_the_outage(
+    slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The next instance looked for it once, as it started: slurmctld away,
+    # it gave up, and the job ran on (its task run again meanwhile) for good.
+    down = slurmctld_away(tmp_path, "squeue", "scancel", "sbatch", "scontrol")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    log = tmp_path / "log"
+    payload = {"log": str(log), "seconds": 300}
+    async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
+        runner = SlurmRunner.of_instance(infra.instance_id)
+        assert runner is not None
+        handle = await infra.submit_task("sleep", payload, task_class="s")
+        await wait_for_line(log)
+        ((job_id, _),) = await active(runner, handle.task_id)
+        down.touch()
+    assert runner is not None
+    async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
+        await anyio.sleep(1)
+        down.unlink()
+        with anyio.fail_after(60):  # cancelled once slurmctld answers
+            while job_id in [j for j, _ in await active(runner)]:
+                await anyio.sleep(0.2)
+
+
 async def test_a_job_cancelled_while_slurmctld_is_away_is_cancelled_once_it_is_back(
     slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -68,6 +68,8 @@ _STOP_WAIT = 30.0
 # How long close() waits for submissions in flight and the cancelling of
 # jobs nobody claimed.
 _CLOSE_WAIT = 30.0
+# Between searches for the jobs of a previous owner while slurmctld is away.
+_SEARCH_AGAIN = 30.0
 
 
 class SlurmRunner:
@@ -164,8 +166,16 @@ class SlurmRunner:
         self._recovered = not manifests
         self._open[context.instance_id] = self
         if any(e.last or e.cancelled for m in manifests if m.name in names for e in m.entries):
-            group.start_soon(self._recover)
+            group.start_soon(self._recover_soon)
         return []
+
+    async def _recover_soon(self) -> None:
+        """Jobs left to cancel are looked for until slurmctld answers, not only
+        when the next attempt comes (none may come) or at close."""
+        await self._recover()
+        while not self._recovered:
+            await anyio.sleep(_SEARCH_AGAIN)
+            await self._recover()
 
     async def _poll(self, poller: Poller) -> None:
         with self._polling:
@@ -417,7 +427,7 @@ class SlurmRunner:
     # -- jobs of a previous owner ---------------------------------------------
 
     async def _recover(self) -> None:
-        """Find the jobs that a previous owner of the state dir left, once.
+        """Find the jobs that a previous owner of the state dir left, once slurmctld answers.
 
         Every caller waits for the first one to finish: an attempt that
         looked in ``_orphans`` before would submit its task again while
@@ -425,7 +435,9 @@ class SlurmRunner:
         Those still running (or finished well: their result is in the work
         dir) wait in ``_orphans`` for their task's next attempt, which takes
         them over instead of submitting again. Jobs of this owner that no
-        manifest explains are cancelled.
+        manifest explains are cancelled. While slurmctld is away, the search
+        is left to the next caller: giving up would forget the jobs that
+        must be cancelled (whose tasks are run again meanwhile).
         """
         cli, submitter = self._cli, self._submitter
         assert cli is not None
@@ -435,22 +447,21 @@ class SlurmRunner:
                 return
             manifests = self._manifests  # kept until done: a cancelled search starts over
             try:
-                # Once only: a refusal the poller would shrug off loses the jobs here.
+                # Retried: a busy controller's refusal, which the poller shrugs
+                # off, must not lose the jobs here.
                 jobs = await list_jobs(cli, self._names, retry=True)
             except SlurmError as exc:
                 log.warning("cannot look for the Slurm jobs of a previous run: %s", exc)
-                self._done_recovering()
+                if exc.kind == "final":  # else slurmctld is away: the next caller looks again
+                    self._done_recovering()
                 return
             ours = [m for m in manifests if m.name in self._names]
             candidates: list[tuple[Request, JobInfo | None]] = []
-            explained: set[str] = set()
             for manifest in ours:
                 batch = Batch(manifest.batch, len(manifest.entries))
                 groups: dict[int, list[Request]] = {}
                 for entry in manifest.entries:
                     info = _job_of(jobs, manifest, entry)
-                    if info is not None:
-                        explained.add(info.job_id)
                     request = Request.attached(entry, info.job_id if info else "", batch)
                     request.group = groups.setdefault(entry.index, [])
                     request.group.append(request)
@@ -460,6 +471,7 @@ class SlurmRunner:
                     None if i and not i.final else exit_code(r.entry.paths) for r, i in candidates
                 ]
             )
+            explained = {i.job_id for _, i in candidates if i is not None}
             # Held as they ended: what they ran is read below, as for any end.
             unwanted = {i.job_id for _, i in candidates if i is not None and i.held}
             for (request, info), code in zip(candidates, codes, strict=True):
