@@ -1116,3 +1116,19 @@ async def test_a_hung_query_gives_way_to_a_cancel(
     with anyio.move_on_after(0.5):  # as close() ends the poller
         await SlurmCli().call(["squeue"], retry=False)
     assert time.monotonic() - started < 5
+
+
+async def test_a_controller_away_for_long_fails_a_call_that_need_not_wait_for_it(
+    slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every call whose controller went away waited for it for ever (as only
+    # an sbatch that may have been taken must): a scancel, shielded as a
+    # stop's, held up the close of the instance for as long as it was away.
+    monkeypatch.setattr(slurm_cli, "_PATIENCE", 1.0)
+    down = slurmctld_away(tmp_path, "scancel")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    cli = SlurmCli()
+    await cli.scancel(["999999999"])  # it answered once (no such job)
+    down.touch()
+    with anyio.fail_after(30), pytest.raises(slurm_cli.SlurmError):
+        await cli.scancel(["999999999"])

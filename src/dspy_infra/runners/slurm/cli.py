@@ -280,9 +280,10 @@ class SlurmCli:
                     f"slurmctld does not answer ({message}); is it running, and does "
                     "SLURM_CONF (or /etc/slurm/slurm.conf) name it?",
                 )
-            # Not while unsure: giving up would leave a job that was taken
-            # followed by nobody, and its tasks, failed, to be run again.
-            patience = math.inf if unsure else _PATIENCE
+            # Not while unsure whether a job was taken (only settle can
+            # tell): giving up would leave it followed by nobody, and its
+            # tasks, failed, to be run again. Any other call gives up.
+            patience = math.inf if unsure and settle is not None else _PATIENCE
             if not retry or (kind == "unreachable" and now - first_failure > patience):
                 raise SlurmError(command, message, kind=kind)
             delay = _RETRY.delay(tries)
