@@ -1601,13 +1601,10 @@ _EXPORTED_ERRORS = sorted(
 )
 
 
-@pytest.mark.parametrize(
-    "error_type", _EXPORTED_ERRORS, ids=[cls.__name__ for cls in _EXPORTED_ERRORS]
-)
-async def test_every_library_error_raised_by_the_server_is_raised_again_by_the_client(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error_type: type[InfraError]
-) -> None:
-    raised = _RAISED[error_type]  # a new exception class needs an example here
+async def _raised_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised: InfraError
+) -> InfraError:
+    """What the remote client raises for ``raised``, raised by the served instance."""
 
     async def fail() -> dict[str, float]:
         raise raised
@@ -1620,7 +1617,17 @@ async def test_every_library_error_raised_by_the_server_is_raised_again_by_the_c
         monkeypatch.setattr(infra, "get_metrics", fail)
         with pytest.raises(InfraError) as info:
             await remote.get_metrics()
-    again = info.value
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "error_type", _EXPORTED_ERRORS, ids=[cls.__name__ for cls in _EXPORTED_ERRORS]
+)
+async def test_every_library_error_raised_by_the_server_is_raised_again_by_the_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error_type: type[InfraError]
+) -> None:
+    raised = _RAISED[error_type]  # a new exception class needs an example here
+    again = await _raised_again(tmp_path, monkeypatch, raised)
     assert type(again) is error_type
     assert (str(again), again.args) == (str(raised), raised.args)
     carried = [name for name in _CARRIED if hasattr(raised, name)]
@@ -1646,21 +1653,11 @@ async def test_a_library_error_the_client_has_no_class_for_is_raised_as_its_near
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised: InfraError, expected: type
 ) -> None:
     # Such as the Slurm runner's SlurmUnavailable: a BackendUnavailable, not a bare InfraError.
-    async def fail() -> dict[str, float]:
-        raise raised
-
-    async with (
-        AgentInfra.start({"infra": {}}, state_dir=tmp_path / "state") as infra,
-        serve(infra, "127.0.0.1:0") as srv,
-        AgentInfra.connect(srv.address) as remote,
-    ):
-        monkeypatch.setattr(infra, "get_metrics", fail)
-        with pytest.raises(InfraError) as info:
-            await remote.get_metrics()
-    assert type(info.value) is expected
-    assert str(info.value) == str(raised)
+    again = await _raised_again(tmp_path, monkeypatch, raised)
+    assert type(again) is expected
+    assert str(again) == str(raised)
     if isinstance(raised, TaskError):
-        assert getattr(info.value, "task_id", None) == raised.task_id
+        assert getattr(again, "task_id", None) == raised.task_id
 
 
 async def test_a_huge_or_unencodable_error_is_sent_cut_and_spares_the_connection(
