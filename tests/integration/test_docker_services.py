@@ -834,19 +834,35 @@ async def engine_over_tcp(host: str) -> AsyncIterator[str]:
         await server.wait_closed()
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        # DOCKER_HOST=tcp://HOST:PORT: the ports are on HOST (the engine's
+        # machine), not on this machine's 127.0.0.1; published, probed and
+        # reported there.
+        ("127.0.0.2", {"tcp": "{port}"}, "127.0.0.2"),
+        # tcp://localhost:2375 where localhost is ::1 first: the engine is on
+        # this machine, and its ports are where a socket's are, not at a bare
+        # "::1" that {host} would make into a broken URL.
+        ("::1", {"http": "http://{host}:{port}/"}, "127.0.0.1"),
+    ],
+    ids=["other-address", "ipv6-loopback"],
+)
 async def test_an_engine_reached_over_tcp_publishes_and_reports_ports_at_its_address(
-    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+    busybox: str,
+    tmp_path: Path,
+    project: str,
+    monkeypatch: pytest.MonkeyPatch,
+    case: tuple[str, dict[str, str], str],
 ) -> None:
-    # With DOCKER_HOST=tcp://HOST:PORT the published ports are on HOST (the
-    # engine's machine), not on this machine's 127.0.0.1: they are published,
-    # probed and reported there.
-    services = {"kv": web(busybox, health={"tcp": "{port}"})}
-    async with engine_over_tcp("127.0.0.2") as docker_host:
+    engine_at, probe, host = case  # where the engine listens, a probe, where ports are
+    services = {"kv": web(busybox, health=probe)}
+    async with engine_over_tcp(engine_at) as docker_host:
         monkeypatch.setenv("DOCKER_HOST", docker_host)
         async with start(tmp_path, project, services) as infra:
             status = (await infra.services.status())["kv"]
-            assert status.host == "127.0.0.2"
-            assert await fetch(f"http://127.0.0.2:{status.ports['main']}/") == "kv\n"
+            assert status.host == host
+            assert await fetch(f"http://{host}:{status.ports['main']}/") == "kv\n"
 
 
 @pytest.mark.parametrize("step", ["/start", "/archive"])
@@ -930,21 +946,6 @@ async def test_a_tcp_probe_of_a_local_engine_reached_over_tcp_waits_for_the_serv
         started = anyio.current_time()
         async with start(tmp_path, project, services):
             assert anyio.current_time() - started > 1.0
-
-
-async def test_a_local_engine_reached_over_ipv6_loopback_publishes_ports_on_127_0_0_1(
-    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # DOCKER_HOST=tcp://localhost:2375 where localhost resolves to ::1 first:
-    # the engine is on this machine, and its ports are where a socket's are,
-    # not at a bare "::1" that {host} would make into a broken URL.
-    services = {"kv": web(busybox, health={"http": "http://{host}:{port}/"})}
-    async with engine_over_tcp("::1") as docker_host:
-        monkeypatch.setenv("DOCKER_HOST", docker_host)
-        async with start(tmp_path, project, services) as infra:
-            status = (await infra.services.status())["kv"]
-            assert status.host == "127.0.0.1"
-            assert await fetch(f"http://127.0.0.1:{status.ports['main']}/") == "kv\n"
 
 
 async def test_an_http_probe_of_host_goes_to_a_remote_engines_address(

@@ -390,6 +390,17 @@ def slurmctld_away(tmp_path: Path, *names: str) -> Path:
     return down
 
 
+async def a_running_job(infra: AgentInfra, log: Path) -> tuple[SlurmRunner, TaskHandle, str]:
+    """A task of class s sleeping 300 s, its job running: its runner, its handle, the job id."""
+    runner = SlurmRunner.of_instance(infra.instance_id)
+    assert runner is not None
+    payload = {"log": str(log), "seconds": 300}
+    handle = await infra.submit_task("sleep", payload, task_class="s")
+    await wait_for_line(log)
+    ((job_id, _),) = await active(runner, handle.task_id)
+    return runner, handle, job_id
+
+
 async def test_a_preempted_job_is_submitted_again_though_its_command_recorded_the_signal(
     slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -563,14 +574,8 @@ async def test_an_instance_closed_while_slurmctld_is_away_leaves_its_job_to_the_
     # (5.5 minutes in all), and then forgot the job, which ran on for good.
     down = slurmctld_away(tmp_path, "squeue", "scancel")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    log = tmp_path / "log"
-    payload = {"log": str(log), "seconds": 300}
     async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
-        runner = SlurmRunner.of_instance(infra.instance_id)
-        assert runner is not None
-        handle = await infra.submit_task("sleep", payload, task_class="s")
-        await wait_for_line(log)
-        ((job_id, _),) = await active(runner, handle.task_id)
+        runner, _handle, job_id = await a_running_job(infra, tmp_path / "log")
         down.touch()
         started = time.monotonic()
     assert time.monotonic() - started < 45
@@ -590,14 +595,8 @@ async def test_a_job_left_to_the_next_instance_is_cancelled_though_it_starts_in_
     # it gave up, and the job ran on (its task run again meanwhile) for good.
     down = slurmctld_away(tmp_path, "squeue", "scancel", "sbatch", "scontrol")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    log = tmp_path / "log"
-    payload = {"log": str(log), "seconds": 300}
     async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
-        runner = SlurmRunner.of_instance(infra.instance_id)
-        assert runner is not None
-        handle = await infra.submit_task("sleep", payload, task_class="s")
-        await wait_for_line(log)
-        ((job_id, _),) = await active(runner, handle.task_id)
+        runner, _handle, job_id = await a_running_job(infra, tmp_path / "log")
         down.touch()
     assert runner is not None
     async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
@@ -613,14 +612,8 @@ async def test_a_job_cancelled_while_slurmctld_is_away_is_cancelled_once_it_is_b
 ) -> None:
     down = slurmctld_away(tmp_path, "squeue", "scancel")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    log = tmp_path / "log"
-    payload = {"log": str(log), "seconds": 300}
     async with AgentInfra.start(config(tmp_path), state_dir=tmp_path / "state") as infra:
-        runner = SlurmRunner.of_instance(infra.instance_id)
-        assert runner is not None
-        handle = await infra.submit_task("sleep", payload, task_class="s")
-        await wait_for_line(log)
-        ((job_id, _),) = await active(runner, handle.task_id)
+        runner, handle, job_id = await a_running_job(infra, tmp_path / "log")
         down.touch()
         await infra.cancel_task(handle.task_id)
         with anyio.fail_after(45), pytest.raises(TaskCancelled):
