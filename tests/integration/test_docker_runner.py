@@ -604,6 +604,18 @@ async def test_gpus_are_requested_and_renumbered_from_zero(
         assert "gpu" in status.error.lower()
 
 
+@pytest.mark.usefixtures("gpus_as_configured")
+async def test_a_container_that_leases_no_gpus_is_told_of_none(
+    tmp_path: Path, project: str, busybox: str
+) -> None:
+    # Where Docker's default runtime is nvidia's, a CUDA image sees every
+    # device unless told otherwise; the instance's GPUs are leased to others.
+    script = 'env | grep -q ^CUDA_VISIBLE_DEVICES= && echo "\\"$CUDA_VISIBLE_DEVICES\\"" || echo 1'
+    handlers = {"env": box(busybox, ["sh", "-c", script])}
+    async with start(tmp_path, project, handlers, infra={"gpus": [0, 1]}) as infra:
+        assert await (await submit(infra, "env")).result() == ""
+
+
 async def test_leftovers_of_a_dead_owner_are_removed_at_start(
     tmp_path: Path, project: str, busybox: str, caplog: pytest.LogCaptureFixture
 ) -> None:

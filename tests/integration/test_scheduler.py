@@ -437,7 +437,9 @@ async def test_gpu_leases_are_disjoint_and_reach_the_handler(tmp_path: Path) -> 
     async with start(tmp_path, {"train": train}, classes=classes, gpus=[0, 1]) as infra:
         handles = await infra.submit_tasks("train", range(8), task_class="g")
         pair = await infra.submit_task("train", None, task_class="g", resources=Resources(gpus=2))
+        cpu = await infra.submit_task("train", None)
         results = [await h.result() for h in [*handles, pair]]
+        await cpu.result()
         statuses = [await h.status() for h in [*handles, pair]]
         with pytest.raises(InvalidTask, match="needs 3 GPUs; this machine has 2"):
             await infra.submit_task("train", None, task_class="g", resources=Resources(gpus=3))
@@ -464,6 +466,7 @@ async def test_gpu_leases_are_disjoint_and_reach_the_handler(tmp_path: Path) -> 
         assert set(gpus) <= {"0", "1"}
     assert all(len(seen[h.task_id][0]) == 1 for h in handles)
     assert seen[pair.task_id] == (("0", "1"), "0,1")
+    assert seen[cpu.task_id] == ((), "")  # leases none: its env hides them all
 
 
 def gpu_env_infra(tmp_path: Path, **infra: Any) -> AgentInfra:
@@ -476,7 +479,10 @@ def gpu_env_infra(tmp_path: Path, **infra: Any) -> AgentInfra:
     return AgentInfra.start(
         {
             "infra": infra,
-            "classes": {"gp": {"runner": "process", "gpus": 1, "cpus": 0}},
+            "classes": {
+                "gp": {"runner": "process", "gpus": 1, "cpus": 0},
+                "cp": {"runner": "process", "cpus": 0},
+            },
             "handlers": {"env": {"command": [sys.executable, "-c", script]}},
         },
         state_dir=tmp_path / "state",
@@ -492,6 +498,25 @@ async def test_a_process_task_sees_its_leased_gpus_in_its_environment(tmp_path: 
             assert (await one.result())[1] == "PCI_BUS_ID"
             assert (await one.result())[0] in {"0", "1"}
             assert await two.result() == ["0,1", "PCI_BUS_ID"]
+
+
+@pytest.mark.usefixtures("gpus_as_configured")
+async def test_a_process_task_that_leases_no_gpus_sees_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As Ray does for tasks of num_gpus=0, and Slurm's cgroups for jobs
+    # without GPUs: a CPU task that opened CUDA would otherwise land on
+    # device 0, leased to a GPU task that counts on having it alone.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    async with gpu_env_infra(tmp_path, gpus=[0, 1]) as infra:
+        handle = await infra.submit_task("env", None, task_class="cp")
+        with anyio.fail_after(30):
+            assert await handle.result() == ["", None]
+    # An instance with no GPUs to lease leaves the program's environment as it is.
+    async with gpu_env_infra(tmp_path, gpus=[]) as infra:
+        handle = await infra.submit_task("env", None, task_class="cp")
+        with anyio.fail_after(30):
+            assert await handle.result() == ["0,1", None]
 
 
 async def test_mig_devices_confining_the_program_are_leased_by_their_ids(

@@ -1275,7 +1275,7 @@ class LocalScheduler:
             class_config=cls.config,
             handler_config=self.config.handlers.get(record.handler),
             gpus=record.gpus,
-            env=_gpu_env(record.gpus) if record.gpus else {},
+            env=_gpu_env(record.gpus) if record.gpus or (cls.local and self._pool.gpus) else {},
             tasks_dir=self._tasks_dir,
             cpus=record.need[0],
             memory_mb=record.need[1],
@@ -1617,6 +1617,11 @@ def _shape_key(request: TaskRequest) -> tuple[Any, ...] | None:
 
 
 def _gpu_env(gpus: tuple[str, ...]) -> dict[str, str]:
+    if not gpus:
+        # Where this instance leases GPUs, an attempt that leases none sees
+        # none (as Ray and Slurm's cgroups have it): CUDA opened there would
+        # land on device 0, leased to a task that counts on having it alone.
+        return {"CUDA_VISIBLE_DEVICES": ""}
     # Leased ids are NVML / nvidia-smi indices, which follow the PCI bus
     # order; CUDA's own default order is fastest first.
     return {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
