@@ -19,7 +19,16 @@ import anyio
 import pytest
 from aiodocker.containers import DockerContainer
 
-from dspy_infra import AgentInfra, BackendUnavailable, ServiceStartError, ServiceState
+from dspy_infra import (
+    AgentInfra,
+    BackendUnavailable,
+    ConfigError,
+    InvalidTask,
+    Resources,
+    ServiceStartError,
+    ServiceState,
+    TaskRun,
+)
 from dspy_infra._procfs import start_time
 from dspy_infra.docker.engine import Container, Engine, Labels
 from tests.integration.helpers import CutEvents, built_image, dockerfile_context, refuse_once
@@ -901,6 +910,61 @@ async def test_gpus_docker_cannot_give_fail_the_start_saying_what_is_missing(
     for reason in reasons:
         assert "1 GPU(s) were requested" in reason
         assert "NVIDIA Container Toolkit" in reason
+
+
+@pytest.mark.usefixtures("gpus_as_configured")
+async def test_a_service_with_gpus_gets_devices_of_its_own_that_tasks_do_not_lease(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    # Docker picks the first devices for a count; the scheduler leases the
+    # first free ones: both would have GPU 0. The service asks for the last
+    # devices by id instead, and tasks lease the others.
+    config = {
+        "infra": {"backend": "docker", "project": project, "gpus": [0, 1, 2], "autostart": False},
+        "services": {
+            "llm": {"image": busybox, "command": ["sleep", "1000"], "gpus": 1, "start_retries": 0}
+        },
+        "classes": {"g": {"gpus": 1, "max_concurrency": 8}},
+    }
+    infra = AgentInfra.start(config, state_dir=tmp_path / "state")
+
+    @infra.task("lease")
+    async def lease(payload: Any, run: TaskRun) -> list[str]:
+        await anyio.sleep(0.05)
+        return list(run.gpus)
+
+    async with infra:
+        assert (await infra.get_metrics())["dspy_infra_gpus_total"] == 2
+        handles = await infra.submit_tasks("lease", range(4), task_class="g")
+        assert {d for h in handles for d in await h.result()} == {"0", "1"}
+        with pytest.raises(
+            InvalidTask, match=r"needs 3 GPUs; 2 are left to tasks \(services hold 1\)"
+        ):
+            await infra.submit_task("lease", None, task_class="g", resources=Resources(gpus=3))
+        reasons = []
+        try:
+            await infra.services.start("llm")
+        except ServiceStartError as exc:  # no GPU support in this Docker: it says which device
+            reasons.append(exc.reason)
+        else:
+            assert (await infra.services.status())["llm"].state is ServiceState.RUNNING
+    assert all("1 GPU(s) were requested (2)" in reason for reason in reasons)
+
+
+@pytest.mark.usefixtures("gpus_as_configured")
+async def test_services_asking_for_more_gpus_than_the_instance_has_stop_its_start(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    llm = {"image": busybox, "command": ["sleep", "1000"], "gpus": 1}
+    config = {
+        "infra": {"backend": "docker", "project": project, "gpus": [0, 1]},
+        "services": {"a": llm, "b": {**llm, "gpus": 2}},
+    }
+    with pytest.raises(
+        ConfigError, match=r"services\.b\.gpus: .*a: 1, b: 2.* the instance has 2 \(0, 1\)"
+    ):
+        async with AgentInfra.start(config, state_dir=tmp_path / "state"):
+            pass
 
 
 async def test_an_instance_network_docker_fails_to_remove_is_left_with_a_warning(

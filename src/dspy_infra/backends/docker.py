@@ -114,6 +114,7 @@ class DockerBackend:
                 cpus=spec.cpus,
                 memory_mb=spec.memory_mb,
                 gpus=spec.gpus,
+                gpu_ids=spec.gpu_ids,
                 network=await engine.network(),
                 aliases=(spec.name,),
                 tty=True,

@@ -103,17 +103,21 @@ class ResourcePool:
         "cpus",
         "free_gpus",
         "gpus",
+        "held_by_services",
         "memory_mb",
         "reserved",
         "used_cpus",
         "used_memory_mb",
     )
 
-    def __init__(self, *, cpus: float, memory_mb: int, gpus: Sequence[str]):
+    def __init__(
+        self, *, cpus: float, memory_mb: int, gpus: Sequence[str], held_by_services: int = 0
+    ):
         self.cpus = cpus
         self.memory_mb = memory_mb
         self.gpus = tuple(gpus)
         self.free_gpus = list(gpus)
+        self.held_by_services = held_by_services  # GPUs set apart for services, not in gpus
         self.used_cpus = 0.0
         self.used_memory_mb = 0
         self.reserved = _NOTHING
@@ -126,6 +130,11 @@ class ResourcePool:
         if memory_mb > self.memory_mb:
             return f"needs {memory_mb} MB of memory; this machine has {self.memory_mb}"
         if gpus > len(self.gpus):
+            if self.held_by_services:
+                return (
+                    f"needs {gpus} GPUs; {len(self.gpus)} are left to tasks "
+                    f"(services hold {self.held_by_services})"
+                )
             return f"needs {gpus} GPUs; this machine has {len(self.gpus)}"
         return None
 

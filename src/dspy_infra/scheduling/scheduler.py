@@ -40,11 +40,13 @@ from typing import Any, Literal, Self, cast
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
+from attrs import evolve
 
 from dspy_infra.abc import Runner, RunnerContext, TaskRun
 from dspy_infra.config.model import Config, TaskClass, docker_memory_error
 from dspy_infra.errors import (
     BackendUnavailable,
+    ConfigError,
     InfraClosed,
     InvalidTask,
     ServiceStartError,
@@ -287,7 +289,7 @@ class LocalScheduler:
             inventory = await detect_gpus(
                 self._settings.gpus, config_source=self.config.source_of("infra.gpus")
             )
-            self._pool = await self._resource_pool(inventory)
+            self._pool = await self._resource_pool(self._set_apart_for_services(inventory))
             self.gpu_source = inventory.source
             self._watch_metrics()
             rows = await anyio.to_thread.run_sync(self._store.open)
@@ -358,12 +360,50 @@ class LocalScheduler:
             while cls.ready:
                 self._interrupted(cls, cls.ready.popleft())
 
+    def _set_apart_for_services(self, inventory: GpuInventory) -> GpuInventory:
+        """Give the docker services with ``gpus`` the last devices, by id; the
+        rest, what tasks may lease.
+
+        Docker, asked for a count, picks the first devices, which the pool
+        leases first: a service and a task would share GPU 0 unknowingly.
+        Set apart for the instance's life, a service's devices are the same
+        at each of its starts. Where there are no GPUs to lease, nothing can
+        clash: a service asks Docker for a count, as Compose does.
+        """
+        wanted = {
+            name: svc.gpus
+            for name, svc in self.config.services.items()
+            if svc.gpus and self._settings.backend == "docker"
+        }
+        total = sum(wanted.values())
+        if not total or not inventory.ids:
+            return inventory
+        if total > len(inventory.ids):
+            asked = ", ".join(f"{name}: {n}" for name, n in wanted.items())
+            path = f"services.{next(reversed(wanted))}.gpus"
+            raise ConfigError(
+                f"the services ask for {total} GPUs ({asked}); the instance has "
+                f"{len(inventory.ids)} ({', '.join(inventory.ids)}), which tasks and "
+                "services share: lower their gpus, or set infra.gpus",
+                source=self.config.source_of(path),
+                path=path,
+            )
+        left = len(inventory.ids) - total
+        at = left
+        for name, n in wanted.items():
+            self._services.gpu_ids[name] = inventory.ids[at : at + n]
+            at += n
+        return evolve(inventory, ids=inventory.ids[:left])
+
     async def _resource_pool(self, inventory: GpuInventory) -> ResourcePool:
         cpus = self._settings.cpus or float(os.cpu_count() or 1)
         memory_mb = self._settings.memory_mb
         if memory_mb is None:
             memory_mb = await anyio.to_thread.run_sync(_total_memory_mb)
-        return ResourcePool(cpus=cpus, memory_mb=memory_mb, gpus=inventory.ids)
+        held = sum(len(ids) for ids in self._services.gpu_ids.values())
+        return ResourcePool(
+            cpus=cpus, memory_mb=memory_mb, gpus=inventory.ids, held_by_services=held
+        )
 
     async def _open_runners(self, stack: AsyncExitStack) -> None:
         """Open each class's runner; a class whose runner cannot work refuses tasks."""

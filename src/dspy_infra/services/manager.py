@@ -98,6 +98,9 @@ class ServiceManager:
         self._tg = task_group
         self._instance_id = instance_id
         self._runtimes = {name: ServiceRuntime(name, svc) for name, svc in config.services.items()}
+        # Devices set apart for services by the scheduler, which leases the
+        # others to tasks; none set apart, a service asks Docker for a count.
+        self.gpu_ids: dict[str, tuple[str, ...]] = {}
         for runtime in self._runtimes.values():
             for name, dep in runtime.config.depends_on.items():
                 if dep.condition == "log_ready":

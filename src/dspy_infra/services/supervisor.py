@@ -521,6 +521,7 @@ async def _launch_spec(
         cpus=config.cpus,
         memory_mb=config.memory_mb,
         gpus=config.gpus,
+        gpu_ids=manager.gpu_ids.get(rt.name, ()),
         progress=lambda line: manager.set_state(rt, rt.state, "service_pulling", line),
     )
     return spec, ctx
