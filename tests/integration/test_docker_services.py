@@ -933,10 +933,16 @@ async def test_a_service_with_gpus_gets_devices_of_its_own_that_tasks_do_not_lea
         await anyio.sleep(0.05)
         return list(run.gpus)
 
+    @infra.task("visible")
+    async def visible(payload: Any, run: TaskRun) -> str | None:
+        return run.env.get("CUDA_VISIBLE_DEVICES")
+
     async with infra:
         assert (await infra.get_metrics())["dspy_infra_gpus_total"] == 2
         handles = await infra.submit_tasks("lease", range(4), task_class="g")
         assert {d for h in handles for d in await h.result()} == {"0", "1"}
+        # A CPU task is told of no device, the services' included.
+        assert await (await infra.submit_task("visible", None)).result() == ""
         with pytest.raises(
             InvalidTask, match=r"needs 3 GPUs; 2 are left to tasks \(services hold 1\)"
         ):
@@ -955,8 +961,10 @@ async def test_a_service_with_gpus_gets_devices_of_its_own_that_tasks_do_not_lea
 async def test_services_asking_for_more_gpus_than_the_instance_has_stop_its_start(
     busybox: str, tmp_path: Path, project: str
 ) -> None:
+    # Too many for the instance: its start stops; all the devices set apart: no
+    # task may lease one, and a CPU task is still told of none.
     llm = {"image": busybox, "command": ["sleep", "1000"], "gpus": 1}
-    config = {
+    config: dict[str, Any] = {
         "infra": {"backend": "docker", "project": project, "gpus": [0, 1]},
         "services": {"a": llm, "b": {**llm, "gpus": 2}},
     }
@@ -965,6 +973,20 @@ async def test_services_asking_for_more_gpus_than_the_instance_has_stop_its_star
     ):
         async with AgentInfra.start(config, state_dir=tmp_path / "state"):
             pass
+    config["services"] = {"a": {**llm, "gpus": 2}}
+    config["infra"]["autostart"] = False
+    config["classes"] = {"g": {"gpus": 1}}
+    infra = AgentInfra.start(config, state_dir=tmp_path / "state")
+
+    @infra.task("visible")
+    async def visible(payload: Any, run: TaskRun) -> str | None:
+        return run.env.get("CUDA_VISIBLE_DEVICES")
+
+    async with infra:
+        left = r"needs 1 GPUs; 0 are left to tasks \(services hold 2\)"
+        with pytest.raises(InvalidTask, match=left):
+            await infra.submit_task("visible", None, task_class="g")
+        assert await (await infra.submit_task("visible", None)).result() == ""
 
 
 async def test_an_instance_network_docker_fails_to_remove_is_left_with_a_warning(

@@ -270,6 +270,9 @@ class LocalScheduler:
         self._blocked_heads: dict[str, TaskRecord] = {}
         self._next_due = math.inf  # monotonic: when the first of them is due
         self.gpu_source = "none"
+        # The machine has GPUs (the tasks' or the services'): an attempt that
+        # leases none is told of none (see _gpu_env).
+        self._hides_gpus = False
         self._timer_wake: anyio.Event | None = None
         # What keep_finished forgets: see forget_also.
         self._forgettable: list[_Forgettable] = [
@@ -290,6 +293,7 @@ class LocalScheduler:
                 self._settings.gpus, config_source=self.config.source_of("infra.gpus")
             )
             self._pool = await self._resource_pool(self._set_apart_for_services(inventory))
+            self._hides_gpus = bool(inventory.ids)
             self.gpu_source = inventory.source
             self._watch_metrics()
             rows = await anyio.to_thread.run_sync(self._store.open)
@@ -1315,7 +1319,7 @@ class LocalScheduler:
             class_config=cls.config,
             handler_config=self.config.handlers.get(record.handler),
             gpus=record.gpus,
-            env=_gpu_env(record.gpus) if record.gpus or (cls.local and self._pool.gpus) else {},
+            env=_gpu_env(record.gpus) if record.gpus or (cls.local and self._hides_gpus) else {},
             tasks_dir=self._tasks_dir,
             cpus=record.need[0],
             memory_mb=record.need[1],
