@@ -60,8 +60,8 @@ class LaunchSpec:
     cpus: float | None = None
     memory_mb: int | None = None
     gpus: int = 0
-    # The devices set apart for the service where the instance has GPUs to
-    # lease (docs/services.md): requested by id, not ``gpus`` by count.
+    # The devices set apart for the service where the instance has GPUs
+    # (docs/scheduling.md, GPUs): requested by id, not ``gpus`` by count.
     gpu_ids: tuple[str, ...] = ()
     progress: Callable[[str], None] | None = field(default=None, eq=False)
 

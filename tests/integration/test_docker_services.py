@@ -983,10 +983,44 @@ async def test_services_asking_for_more_gpus_than_the_instance_has_stop_its_star
         return run.env.get("CUDA_VISIBLE_DEVICES")
 
     async with infra:
+        assert infra.services.gpu_ids == {"a": ("0", "1")}
         left = r"needs 1 GPUs; 0 are left to tasks \(services hold 2\)"
         with pytest.raises(InvalidTask, match=left):
             await infra.submit_task("visible", None, task_class="g")
         assert await (await infra.submit_task("visible", None)).result() == ""
+    # Two services: the last devices, in the order of the configuration.
+    config["infra"]["gpus"] = [0, 1, 2]
+    config["services"] = {"a": llm, "b": llm}
+    infra = AgentInfra.start(config, state_dir=tmp_path / "state")
+    infra.task("visible")(visible)
+    async with infra:
+        assert infra.services.gpu_ids == {"a": ("1",), "b": ("2",)}
+        assert (await infra.get_metrics())["dspy_infra_gpus_total"] == 1
+        with pytest.raises(InvalidTask, match=r"1 is left to tasks \(services hold 2\)"):
+            await infra.submit_task("visible", None, task_class="g", resources=Resources(gpus=2))
+
+
+@pytest.mark.usefixtures("gpus_as_configured")
+async def test_a_remote_engine_is_asked_for_a_count_of_its_own_gpus(
+    busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This machine's device ids mean nothing on another: nothing is set apart.
+    async with aiodocker.Docker() as docker:
+        bridge = await (await docker.networks.get("bridge")).show()
+    address = bridge["IPAM"]["Config"][0]["Gateway"]  # this machine, not at a loopback address
+    config = {
+        "infra": {"backend": "docker", "project": project, "gpus": [0, 1], "autostart": False},
+        "services": {
+            "llm": {"image": busybox, "command": ["sleep", "1000"], "gpus": 1, "start_retries": 0}
+        },
+    }
+    async with engine_over_tcp(address) as docker_host:
+        with monkeypatch.context() as patch:  # undone before the project is checked
+            patch.setenv("DOCKER_HOST", docker_host)
+            infra = AgentInfra.start(config, state_dir=tmp_path / "state")
+            async with infra:
+                assert infra.services.gpu_ids == {}
+                assert (await infra.get_metrics())["dspy_infra_gpus_total"] == 2
 
 
 async def test_an_instance_network_docker_fails_to_remove_is_left_with_a_warning(

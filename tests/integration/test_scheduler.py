@@ -483,7 +483,13 @@ def gpu_env_infra(tmp_path: Path, **infra: Any) -> AgentInfra:
                 "gp": {"runner": "process", "gpus": 1, "cpus": 0},
                 "cp": {"runner": "process", "cpus": 0},
             },
-            "handlers": {"env": {"command": [sys.executable, "-c", script]}},
+            "handlers": {
+                "env": {"command": [sys.executable, "-c", script]},
+                "pinned": {
+                    "command": [sys.executable, "-c", script],
+                    "env": {"CUDA_VISIBLE_DEVICES": "1"},
+                },
+            },
         },
         state_dir=tmp_path / "state",
     )
@@ -510,8 +516,11 @@ async def test_a_process_task_that_leases_no_gpus_sees_none(
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     async with gpu_env_infra(tmp_path, gpus=[0, 1]) as infra:
         handle = await infra.submit_task("env", None, task_class="cp")
+        # A handler whose own env names devices keeps them: the user's choice.
+        pinned = await infra.submit_task("pinned", None, task_class="cp")
         with anyio.fail_after(30):
             assert await handle.result() == ["", None]
+            assert await pinned.result() == ["1", None]
     # An instance with no GPUs to lease leaves the program's environment as it is.
     async with gpu_env_infra(tmp_path, gpus=[]) as infra:
         handle = await infra.submit_task("env", None, task_class="cp")

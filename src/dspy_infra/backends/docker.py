@@ -11,6 +11,7 @@ machine exactly as for local services.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 
@@ -83,6 +84,12 @@ class DockerBackend:
     async def open(self, *, state_dir: Path, instance_id: str, project: str) -> list[str]:
         self._engine, swept = await open_engine(instance_id=instance_id, project=project)
         return swept
+
+    @property
+    def on_this_machine(self) -> bool:
+        """Whether the engine runs here, with this machine's GPUs (a remote one
+        has its own: the ids found here mean nothing there)."""
+        return self._engine is not None and ipaddress.ip_address(self._engine.host).is_loopback
 
     def peer_endpoint(
         self, service: str, ports: Mapping[str, int], container_ports: Mapping[str, int]

@@ -131,9 +131,10 @@ class ResourcePool:
             return f"needs {memory_mb} MB of memory; this machine has {self.memory_mb}"
         if gpus > len(self.gpus):
             if self.held_by_services:
+                left = len(self.gpus)
                 return (
-                    f"needs {gpus} GPUs; {len(self.gpus)} are left to tasks "
-                    f"(services hold {self.held_by_services})"
+                    f"needs {gpus} GPUs; {left} {'is' if left == 1 else 'are'} left to "
+                    f"tasks (services hold {self.held_by_services})"
                 )
             return f"needs {gpus} GPUs; this machine has {len(self.gpus)}"
         return None

@@ -43,6 +43,7 @@ from anyio.abc import TaskGroup
 from attrs import evolve
 
 from dspy_infra.abc import Runner, RunnerContext, TaskRun
+from dspy_infra.backends.docker import DockerBackend
 from dspy_infra.config.model import Config, TaskClass, docker_memory_error
 from dspy_infra.errors import (
     BackendUnavailable,
@@ -372,13 +373,13 @@ class LocalScheduler:
         leases first: a service and a task would share GPU 0 unknowingly.
         Set apart for the instance's life, a service's devices are the same
         at each of its starts. Where there are no GPUs to lease, nothing can
-        clash: a service asks Docker for a count, as Compose does.
+        clash, and a remote engine's are not these: a service asks Docker for
+        a count, as Compose does.
         """
-        wanted = {
-            name: svc.gpus
-            for name, svc in self.config.services.items()
-            if svc.gpus and self._settings.backend == "docker"
-        }
+        backend = self._services.backend
+        if not (isinstance(backend, DockerBackend) and backend.on_this_machine):
+            return inventory
+        wanted = {name: svc.gpus for name, svc in self.config.services.items() if svc.gpus}
         total = sum(wanted.values())
         if not total or not inventory.ids:
             return inventory
@@ -1310,6 +1311,7 @@ class LocalScheduler:
         record.scope = scope
         if self._bus.wanted("task_started"):
             self._publish(record, TaskState.RUNNING)
+        handler_config = self.config.handlers.get(record.handler)
         run = TaskRun(
             task_id=record.task_id,
             handler=record.handler,
@@ -1317,9 +1319,17 @@ class LocalScheduler:
             attempt=record.attempts,
             task_class=record.task_class,
             class_config=cls.config,
-            handler_config=self.config.handlers.get(record.handler),
+            handler_config=handler_config,
             gpus=record.gpus,
-            env=_gpu_env(record.gpus) if record.gpus or (cls.local and self._hides_gpus) else {},
+            env=_gpu_env(record.gpus)
+            if record.gpus
+            or (
+                cls.local
+                and self._hides_gpus
+                # The handler's own env naming the devices is the user's choice.
+                and not (handler_config and "CUDA_VISIBLE_DEVICES" in handler_config.env)
+            )
+            else {},
             tasks_dir=self._tasks_dir,
             cpus=record.need[0],
             memory_mb=record.need[1],
