@@ -912,21 +912,21 @@ async def test_gpus_docker_cannot_give_fail_the_start_saying_what_is_missing(
         assert "NVIDIA Container Toolkit" in reason
 
 
-@pytest.mark.usefixtures("gpus_as_configured")
-async def test_a_service_with_gpus_gets_devices_of_its_own_that_tasks_do_not_lease(
-    busybox: str, tmp_path: Path, project: str
-) -> None:
-    # Docker picks the first devices for a count; the scheduler leases the
-    # first free ones: both would have GPU 0. The service asks for the last
-    # devices by id instead, and tasks lease the others.
-    config = {
-        "infra": {"backend": "docker", "project": project, "gpus": [0, 1, 2], "autostart": False},
-        "services": {
-            "llm": {"image": busybox, "command": ["sleep", "1000"], "gpus": 1, "start_retries": 0}
+def gpu_instance(
+    tmp_path: Path, project: str, busybox: str, gpus: list[int], services: dict[str, int]
+) -> AgentInfra:
+    """An instance with ``gpus`` on the docker backend; its ``services`` (name
+    -> gpus) not started; a class ``g`` of one GPU; the handlers ``lease`` (the
+    devices leased) and ``visible`` (the ``CUDA_VISIBLE_DEVICES`` given)."""
+    sleeper = {"image": busybox, "command": ["sleep", "1000"], "start_retries": 0}
+    infra = AgentInfra.start(
+        {
+            "infra": {"backend": "docker", "project": project, "gpus": gpus, "autostart": False},
+            "services": {name: {**sleeper, "gpus": n} for name, n in services.items()},
+            "classes": {"g": {"gpus": 1, "max_concurrency": 8}},
         },
-        "classes": {"g": {"gpus": 1, "max_concurrency": 8}},
-    }
-    infra = AgentInfra.start(config, state_dir=tmp_path / "state")
+        state_dir=tmp_path / "state",
+    )
 
     @infra.task("lease")
     async def lease(payload: Any, run: TaskRun) -> list[str]:
@@ -937,7 +937,17 @@ async def test_a_service_with_gpus_gets_devices_of_its_own_that_tasks_do_not_lea
     async def visible(payload: Any, run: TaskRun) -> str | None:
         return run.env.get("CUDA_VISIBLE_DEVICES")
 
-    async with infra:
+    return infra
+
+
+@pytest.mark.usefixtures("gpus_as_configured")
+async def test_a_service_with_gpus_gets_devices_of_its_own_that_tasks_do_not_lease(
+    busybox: str, tmp_path: Path, project: str
+) -> None:
+    # Docker picks the first devices for a count; the scheduler leases the
+    # first free ones: both would have GPU 0. The service asks for the last
+    # devices by id instead, and tasks lease the others.
+    async with gpu_instance(tmp_path, project, busybox, [0, 1, 2], {"llm": 1}) as infra:
         assert (await infra.get_metrics())["dspy_infra_gpus_total"] == 2
         handles = await infra.submit_tasks("lease", range(4), task_class="g")
         assert {d for h in handles for d in await h.result()} == {"0", "1"}
@@ -958,46 +968,28 @@ async def test_a_service_with_gpus_gets_devices_of_its_own_that_tasks_do_not_lea
 
 
 @pytest.mark.usefixtures("gpus_as_configured")
-async def test_services_asking_for_more_gpus_than_the_instance_has_stop_its_start(
+async def test_services_take_the_last_gpus_in_order_and_never_more_than_there_are(
     busybox: str, tmp_path: Path, project: str
 ) -> None:
-    # Too many for the instance: its start stops; all the devices set apart: no
-    # task may lease one, and a CPU task is still told of none.
-    llm = {"image": busybox, "command": ["sleep", "1000"], "gpus": 1}
-    config: dict[str, Any] = {
-        "infra": {"backend": "docker", "project": project, "gpus": [0, 1]},
-        "services": {"a": llm, "b": {**llm, "gpus": 2}},
-    }
+    # Too many for the instance: its start stops, naming them.
     with pytest.raises(
         ConfigError, match=r"services\.b\.gpus: .*a: 1, b: 2.* the instance has 2 \(0, 1\)"
     ):
-        async with AgentInfra.start(config, state_dir=tmp_path / "state"):
+        async with gpu_instance(tmp_path, project, busybox, [0, 1], {"a": 1, "b": 2}):
             pass
-    config["services"] = {"a": {**llm, "gpus": 2}}
-    config["infra"]["autostart"] = False
-    config["classes"] = {"g": {"gpus": 1}}
-    infra = AgentInfra.start(config, state_dir=tmp_path / "state")
-
-    @infra.task("visible")
-    async def visible(payload: Any, run: TaskRun) -> str | None:
-        return run.env.get("CUDA_VISIBLE_DEVICES")
-
-    async with infra:
-        assert infra.services.gpu_ids == {"a": ("0", "1")}
-        left = r"needs 1 GPUs; 0 are left to tasks \(services hold 2\)"
-        with pytest.raises(InvalidTask, match=left):
-            await infra.submit_task("visible", None, task_class="g")
-        assert await (await infra.submit_task("visible", None)).result() == ""
     # Two services: the last devices, in the order of the configuration.
-    config["infra"]["gpus"] = [0, 1, 2]
-    config["services"] = {"a": llm, "b": llm}
-    infra = AgentInfra.start(config, state_dir=tmp_path / "state")
-    infra.task("visible")(visible)
-    async with infra:
+    async with gpu_instance(tmp_path, project, busybox, [0, 1, 2], {"a": 1, "b": 1}) as infra:
         assert infra.services.gpu_ids == {"a": ("1",), "b": ("2",)}
         assert (await infra.get_metrics())["dspy_infra_gpus_total"] == 1
         with pytest.raises(InvalidTask, match=r"1 is left to tasks \(services hold 2\)"):
-            await infra.submit_task("visible", None, task_class="g", resources=Resources(gpus=2))
+            await infra.submit_task("lease", None, task_class="g", resources=Resources(gpus=2))
+    # All of them set apart: no task may lease one, and a CPU task is still told of none.
+    async with gpu_instance(tmp_path, project, busybox, [0, 1], {"a": 2}) as infra:
+        assert infra.services.gpu_ids == {"a": ("0", "1")}
+        left = r"needs 1 GPUs; 0 are left to tasks \(services hold 2\)"
+        with pytest.raises(InvalidTask, match=left):
+            await infra.submit_task("lease", None, task_class="g")
+        assert await (await infra.submit_task("visible", None)).result() == ""
 
 
 @pytest.mark.usefixtures("gpus_as_configured")
@@ -1008,17 +1000,10 @@ async def test_a_remote_engine_is_asked_for_a_count_of_its_own_gpus(
     async with aiodocker.Docker() as docker:
         bridge = await (await docker.networks.get("bridge")).show()
     address = bridge["IPAM"]["Config"][0]["Gateway"]  # this machine, not at a loopback address
-    config = {
-        "infra": {"backend": "docker", "project": project, "gpus": [0, 1], "autostart": False},
-        "services": {
-            "llm": {"image": busybox, "command": ["sleep", "1000"], "gpus": 1, "start_retries": 0}
-        },
-    }
     async with engine_over_tcp(address) as docker_host:
         with monkeypatch.context() as patch:  # undone before the project is checked
             patch.setenv("DOCKER_HOST", docker_host)
-            infra = AgentInfra.start(config, state_dir=tmp_path / "state")
-            async with infra:
+            async with gpu_instance(tmp_path, project, busybox, [0, 1], {"llm": 1}) as infra:
                 assert infra.services.gpu_ids == {}
                 assert (await infra.get_metrics())["dspy_infra_gpus_total"] == 2
 

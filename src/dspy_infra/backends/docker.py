@@ -11,7 +11,6 @@ machine exactly as for local services.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 
@@ -89,7 +88,7 @@ class DockerBackend:
     def on_this_machine(self) -> bool:
         """Whether the engine runs here, with this machine's GPUs (a remote one
         has its own: the ids found here mean nothing there)."""
-        return self._engine is not None and ipaddress.ip_address(self._engine.host).is_loopback
+        return self._engine is not None and self._engine.on_this_machine
 
     def peer_endpoint(
         self, service: str, ports: Mapping[str, int], container_ports: Mapping[str, int]

@@ -148,6 +148,12 @@ class Engine:
         self._stack = AsyncExitStack()
 
     @property
+    def on_this_machine(self) -> bool:
+        """Whether the engine runs here: its bridge networks are reachable, and
+        its GPUs are this machine's (a remote engine's are neither)."""
+        return ipaddress.ip_address(self.host).is_loopback
+
+    @property
     def docker(self) -> aiodocker.Docker:
         if self._docker is None:
             raise RuntimeError("the Docker engine is used outside its `async with`")
@@ -461,11 +467,7 @@ class Engine:
         """
         host_config = config.get("HostConfig") or {}
         network = host_config.get("NetworkMode")
-        if (
-            network is None
-            or not host_config.get("PortBindings")
-            or not ipaddress.ip_address(self.host).is_loopback
-        ):
+        if network is None or not host_config.get("PortBindings") or not self.on_this_machine:
             return None
         settings = (await created.show())["NetworkSettings"]["Networks"].get(network) or {}
         return settings.get("IPAddress") or None

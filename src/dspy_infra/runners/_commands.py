@@ -120,11 +120,14 @@ def command_argv(name: str, handler: HandlerConfig, values: Mapping[str, str]) -
 
 def attempt_env(handler: HandlerConfig, run: TaskRun, values: Mapping[str, str]) -> dict[str, str]:
     """What the attempt adds to its command's environment, later entries winning."""
+    # The devices leased to the attempt override the handler's env; the none
+    # of an attempt that leases none gives way to the handler's own choice.
+    first, last = (handler.env, run.env) if run.gpus else (run.env, handler.env)
     return {
         # Python handlers block-buffer a piped stdout; unbuffer unless told not to.
         "PYTHONUNBUFFERED": "1",
-        **handler.env,
-        **run.env,
+        **first,
+        **last,
         "DSPY_INFRA_TASK_ID": run.task_id,
         "DSPY_INFRA_ATTEMPT": values["attempt"],
         "DSPY_INFRA_PAYLOAD_FILE": values["payload_file"],

@@ -122,6 +122,11 @@ class ResourcePool:
         self.used_memory_mb = 0
         self.reserved = _NOTHING
 
+    @property
+    def has_gpus(self) -> bool:
+        """Whether the machine has GPUs, the tasks' or the services'."""
+        return bool(self.gpus) or self.held_by_services > 0
+
     def capacity_error(self, need: Need) -> str | None:
         """Why a task needing ``need`` could never run here, or None."""
         cpus, memory_mb, gpus = need

@@ -40,7 +40,6 @@ from typing import Any, Literal, Self, cast
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
-from attrs import evolve
 
 from dspy_infra.abc import Runner, RunnerContext, TaskRun
 from dspy_infra.backends.docker import DockerBackend
@@ -271,9 +270,6 @@ class LocalScheduler:
         self._blocked_heads: dict[str, TaskRecord] = {}
         self._next_due = math.inf  # monotonic: when the first of them is due
         self.gpu_source = "none"
-        # The machine has GPUs (the tasks' or the services'): an attempt that
-        # leases none is told of none (see _gpu_env).
-        self._hides_gpus = False
         self._timer_wake: anyio.Event | None = None
         # What keep_finished forgets: see forget_also.
         self._forgettable: list[_Forgettable] = [
@@ -293,8 +289,8 @@ class LocalScheduler:
             inventory = await detect_gpus(
                 self._settings.gpus, config_source=self.config.source_of("infra.gpus")
             )
-            self._pool = await self._resource_pool(self._set_apart_for_services(inventory))
-            self._hides_gpus = bool(inventory.ids)
+            self._services.gpu_ids = self._set_apart_for_services(inventory)
+            self._pool = await self._resource_pool(inventory, self._services.gpu_ids)
             self.gpu_source = inventory.source
             self._watch_metrics()
             rows = await anyio.to_thread.run_sync(self._store.open)
@@ -365,9 +361,9 @@ class LocalScheduler:
             while cls.ready:
                 self._interrupted(cls, cls.ready.popleft())
 
-    def _set_apart_for_services(self, inventory: GpuInventory) -> GpuInventory:
-        """Give the docker services with ``gpus`` the last devices, by id; the
-        rest, what tasks may lease.
+    def _set_apart_for_services(self, inventory: GpuInventory) -> dict[str, tuple[str, ...]]:
+        """The devices of the docker services with ``gpus``, by service: the
+        last ones; tasks lease the rest.
 
         Docker, asked for a count, picks the first devices, which the pool
         leases first: a service and a task would share GPU 0 unknowingly.
@@ -378,11 +374,11 @@ class LocalScheduler:
         """
         backend = self._services.backend
         if not (isinstance(backend, DockerBackend) and backend.on_this_machine):
-            return inventory
+            return {}
         wanted = {name: svc.gpus for name, svc in self.config.services.items() if svc.gpus}
         total = sum(wanted.values())
         if not total or not inventory.ids:
-            return inventory
+            return {}
         if total > len(inventory.ids):
             asked = ", ".join(f"{name}: {n}" for name, n in wanted.items())
             path = f"services.{next(reversed(wanted))}.gpus"
@@ -393,21 +389,26 @@ class LocalScheduler:
                 source=self.config.source_of(path),
                 path=path,
             )
-        left = len(inventory.ids) - total
-        at = left
+        at = len(inventory.ids) - total
+        set_apart = {}
         for name, n in wanted.items():
-            self._services.gpu_ids[name] = inventory.ids[at : at + n]
+            set_apart[name] = inventory.ids[at : at + n]
             at += n
-        return evolve(inventory, ids=inventory.ids[:left])
+        return set_apart
 
-    async def _resource_pool(self, inventory: GpuInventory) -> ResourcePool:
+    async def _resource_pool(
+        self, inventory: GpuInventory, set_apart: Mapping[str, tuple[str, ...]]
+    ) -> ResourcePool:
         cpus = self._settings.cpus or float(os.cpu_count() or 1)
         memory_mb = self._settings.memory_mb
         if memory_mb is None:
             memory_mb = await anyio.to_thread.run_sync(_total_memory_mb)
-        held = sum(len(ids) for ids in self._services.gpu_ids.values())
+        held = sum(len(ids) for ids in set_apart.values())
         return ResourcePool(
-            cpus=cpus, memory_mb=memory_mb, gpus=inventory.ids, held_by_services=held
+            cpus=cpus,
+            memory_mb=memory_mb,
+            gpus=inventory.ids[: len(inventory.ids) - held],
+            held_by_services=held,
         )
 
     async def _open_runners(self, stack: AsyncExitStack) -> None:
@@ -1311,7 +1312,6 @@ class LocalScheduler:
         record.scope = scope
         if self._bus.wanted("task_started"):
             self._publish(record, TaskState.RUNNING)
-        handler_config = self.config.handlers.get(record.handler)
         run = TaskRun(
             task_id=record.task_id,
             handler=record.handler,
@@ -1319,17 +1319,9 @@ class LocalScheduler:
             attempt=record.attempts,
             task_class=record.task_class,
             class_config=cls.config,
-            handler_config=handler_config,
+            handler_config=self.config.handlers.get(record.handler),
             gpus=record.gpus,
-            env=_gpu_env(record.gpus)
-            if record.gpus
-            or (
-                cls.local
-                and self._hides_gpus
-                # The handler's own env naming the devices is the user's choice.
-                and not (handler_config and "CUDA_VISIBLE_DEVICES" in handler_config.env)
-            )
-            else {},
+            env=_gpu_env(record.gpus) if record.gpus or (cls.local and self._pool.has_gpus) else {},
             tasks_dir=self._tasks_dir,
             cpus=record.need[0],
             memory_mb=record.need[1],
@@ -1672,7 +1664,7 @@ def _shape_key(request: TaskRequest) -> tuple[Any, ...] | None:
 
 def _gpu_env(gpus: tuple[str, ...]) -> dict[str, str]:
     if not gpus:
-        # Where this instance leases GPUs, an attempt that leases none sees
+        # Where the machine has GPUs, an attempt that leases none sees
         # none (as Ray and Slurm's cgroups have it): CUDA opened there would
         # land on device 0, leased to a task that counts on having it alone.
         return {"CUDA_VISIBLE_DEVICES": ""}
