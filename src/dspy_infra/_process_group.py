@@ -51,6 +51,8 @@ __all__ = [
 ]
 
 _SWEEP_KILL_WAIT = 5.0
+# How long a sweep gives a launch caught between fork and exec to exec (see sweep).
+_EXEC_SETTLE = 0.25
 # A ledger is rewritten with only its open launches once it holds this many
 # lines and four times as many as it has open.
 _COMPACT_AT = 1024
@@ -343,7 +345,10 @@ def sweep(records: Path, describe: Callable[[Mapping[str, Any]], str]) -> list[s
     describe (``KeyError``, ``TypeError``), is malformed and only removed.
     Blocking: run it in a worker thread.
     """
-    removed = []
+    removed: list[str] = []
+    # Per dead owner: its launches' marker, the owner's pid, and the groups
+    # already dealt with.
+    dead: list[tuple[str, int, set[Any]]] = []
     # A ".tmp" is a rewrite that its owner did not get to finish: as good a
     # ledger as the one it was to replace.
     for path in sorted([*records.glob(f"*{_SUFFIX}"), *records.glob(f"*{_SUFFIX}.tmp")]):
@@ -365,10 +370,9 @@ def sweep(records: Path, describe: Callable[[Mapping[str, Any]], str]) -> list[s
         # Launched, but killed with its owner before the launch was recorded
         # (written beside the running command, not before it).
         marker = f"{LEDGER_ENV}={path.name.removesuffix('.tmp')}"
-        recorded = {launch.get("pid") for launch in launches}
-        for pgid in groups_with_env(marker) - recorded:
-            kill_group(pgid)
-            removed.append(f"an unrecorded launch (pid {pgid}, owner pid {owner_pid} gone)")
+        known = {launch.get("pid") for launch in launches}
+        removed += _kill_unrecorded(marker, owner_pid, known)
+        dead.append((marker, owner_pid, known))
         for launch in launches:
             try:
                 pgid = launch["pid"]
@@ -382,6 +386,23 @@ def sweep(records: Path, describe: Callable[[Mapping[str, Any]], str]) -> list[s
                 kill_group(pgid)
                 removed.append(f"{description} (pid {pgid}, owner pid {owner_pid} gone)")
         path.unlink(missing_ok=True)
+    if dead:
+        # A launch its owner had begun as it was killed may have been between
+        # fork and exec at that scan, its environment not yet the one that
+        # holds the marker: looked for again once it has had time to exec.
+        time.sleep(_EXEC_SETTLE)
+        for marker, owner_pid, known in dead:
+            removed += _kill_unrecorded(marker, owner_pid, known)
+    return removed
+
+
+def _kill_unrecorded(marker: str, owner_pid: int, known: set[Any]) -> list[str]:
+    """Kill the groups launched with ``marker`` and not in ``known``, adding them to it."""
+    removed = []
+    for pgid in groups_with_env(marker) - known:
+        kill_group(pgid)
+        known.add(pgid)
+        removed.append(f"an unrecorded launch (pid {pgid}, owner pid {owner_pid} gone)")
     return removed
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from dspy_infra import _procfs
-from dspy_infra._process_group import Ledger, owner_identity, sweep
+from dspy_infra import _process_group, _procfs
+from dspy_infra._process_group import LEDGER_ENV, Ledger, owner_identity, sweep
 from dspy_infra._procfs import container_group, group_alive, start_time
 
 # Pids above Linux's largest possible pid (2**22): never a running process.
@@ -104,6 +104,39 @@ def test_a_rewrite_the_owner_did_not_finish_is_swept_too(
     ]
     assert not group_alive(left.pid)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_launch_between_fork_and_exec_as_its_owner_died_is_found_once_it_execs(
+    tmp_path: Path,
+    dead_owner: dict[str, Any],
+    groups: list[subprocess.Popen[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Not yet exec'd, a launch's environment is still its owner's, without
+    # the marker: played by a shell that execs into it only once the sweep
+    # has had its first look.
+    records, go = tmp_path / "records", tmp_path / "go"
+    ledger = Ledger(records, "crashed", dead_owner)
+    records.mkdir()
+    ledger.start()
+    marker = f"{LEDGER_ENV}={ledger.path.name}"
+    script = f"while [ ! -e {go} ]; do sleep 0.01; done; exec env {marker} sleep 1000"
+    late = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    groups.append(late)
+    looks: list[set[int]] = []
+
+    def look(item: str) -> set[int]:
+        looks.append(_procfs.groups_with_env(item))
+        go.touch()
+        return looks[-1]
+
+    monkeypatch.setattr(_process_group, "groups_with_env", look)
+    removed = sweep(records, _describe)
+    assert late.pid not in looks[0], "it was to be found only after the first look"
+    assert removed == [
+        f"an unrecorded launch (pid {late.pid}, owner pid {dead_owner['owner_pid']} gone)"
+    ]
+    assert not group_alive(late.pid)
 
 
 def test_ledgers_of_live_owners_are_left_alone_and_two_owners_of_one_name_do_not_collide(
