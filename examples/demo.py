@@ -12,7 +12,9 @@ state in a temporary directory.
 Then the scheduler: in-process handlers and a command run by the process
 runner, tasks of three classes with priorities, a task that waits for the
 embedding server, one that fails and is retried, one cancelled while it
-runs, and their results streamed as they finish.
+runs, and their results streamed as they finish. A workflow (a DAG of those
+tasks). And GPU tasks, one more than there are GPUs, each leasing a device
+(where ``nvidia-smi`` finds none, the configured ids 0 and 1 stand in).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ REDIS = ["redis-server", "--port", "{port}", "--bind", "127.0.0.1", "--save", ""
 SCORES = {"baseline": 0.52, "few-shot": 0.61, "cot": 0.68, "react": 0.64, "cot+rag": 0.77}
 CANDIDATES = ["baseline", "few-shot", "cot", "react"]
 URGENT = "cot+rag"
+GPU_WORK = 0.3  # seconds that each GPU task holds its device
 # A terminal's own width; 100 columns when the output goes to a file or a pipe.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 100)
 
@@ -301,18 +304,59 @@ OPTIMISE = {
 }
 
 
-async def run_workflow(infra: AgentInfra) -> None:
+async def run_workflow(infra: AgentInfra, printer: EventPrinter) -> None:
     """A DAG of tasks: prepare -> evaluate every candidate (fan-out) -> select."""
     workflow = await infra.workflows.create(OPTIMISE)
     run = await infra.workflows.start_run(workflow.workflow_id, inputs={"dataset": "hotpot"})
     # The run's own events, resumable with since=; they end with the run.
     seen = [event.type async for event in infra.workflows.stream_status(run.run_id)]
     status = await run.wait()
+    await printer.wait_until(
+        lambda e: isinstance(e, WorkflowEvent) and e.run_id == run.run_id and e.type == seen[-1]
+    )
     print(f"stream_status(run): {len(seen)} events, the last {seen[-1]}")
     best = status.results()["select"]
     print(f"workflow optimise: {status.state.value}, {len(SCORES)} candidates, best: {best}")
     if best != max(SCORES, key=SCORES.__getitem__):
         raise DemoFailed(f"the workflow did not select the best candidate: {status}")
+
+
+async def run_gpu_tasks(infra: AgentInfra, printer: EventPrinter) -> None:
+    """One GPU task more than there are GPUs: each leases a device, the last waits for one."""
+    count = int((await infra.get_metrics())["dspy_infra_gpus_total"])
+    if not count:
+        print("no GPUs: nvidia-smi found none (skipped)")
+        return
+    # Ids of the demo's own, so that the printer names the tasks from their
+    # first event on.
+    labels = {f"gpu-{i}": f"gpu task {i}" for i in range(1, count + 2)} | {"cpu-1": "cpu task"}
+    printer.labels.update(labels)
+    gpu = [
+        await infra.submit_task("gpu_probe", GPU_WORK, task_class="gpu", task_id=task_id)
+        for task_id in list(labels)[:-1]
+    ]
+    cpu = await infra.submit_task("gpu_probe", 0.0, task_class="cpu_long", task_id="cpu-1")
+    seen = [await h.result() for h in [*gpu, cpu]]
+    statuses = [await h.status() for h in [*gpu, cpu]]
+    table = Table("task", "class", "leased", "CUDA_VISIBLE_DEVICES", "waited")
+    for label, s, devices in zip(labels.values(), statuses, seen, strict=True):
+        waited = (s.started_at or s.submitted_at) - s.submitted_at
+        table.add_row(label, s.task_class, ",".join(s.gpus), repr(devices), f"{waited:.2f}s")
+    console.print(table)
+    *first, last, cpu_status = statuses
+    print(
+        f"- {count} GPUs: the first {count} tasks held one each at once; the last waited "
+        "for one to be freed (dspy_infra_task_wait_seconds); the cpu task saw none"
+    )
+
+    if any(seen[i] != ",".join(s.gpus) or len(s.gpus) != 1 for i, s in enumerate(statuses[:-1])):
+        raise DemoFailed(f"a GPU task did not see the one device it leased: {seen}")
+    if len({s.gpus for s in first}) != count:
+        raise DemoFailed(f"GPU tasks running at once shared a device: {statuses}")
+    if (last.started_at or 0.0) - last.submitted_at < GPU_WORK * 0.9:
+        raise DemoFailed(f"the task beyond the GPUs did not wait for one: {last}")
+    if seen[-1] != "" or cpu_status.gpus:
+        raise DemoFailed(f"a task without GPUs saw some: {seen[-1]!r}")
 
 
 def sum_up(
@@ -354,11 +398,21 @@ def sum_up(
         raise DemoFailed(f"the report did not find the best candidate: {report.result}")
 
 
-async def main() -> None:
+def machine_overrides() -> dict[str, Any]:
+    """What the demo changes in its configuration for this machine."""
     overrides: dict[str, Any] = {}
     if shutil.which("redis-server"):
         overrides["services"] = {"kv": {"command": REDIS}}  # replaces only kv's command
+    if not shutil.which("nvidia-smi"):
+        # No GPU here: two ids to lease stand in, as in a test.
+        overrides["gpus"] = [0, 1]
     print(f"kv: {'redis-server' if 'services' in overrides else 'examples/demo/services/kv.py'}")
+    print(f"gpus: {'[0, 1], configured' if 'gpus' in overrides else 'as nvidia-smi finds them'}")
+    return overrides
+
+
+async def main() -> None:
+    overrides = machine_overrides()
     printer = EventPrinter(time.time())
     pids: set[int] = set()
     with tempfile.TemporaryDirectory(prefix="dspy-infra-demo-") as state_dir:
@@ -395,7 +449,10 @@ async def main() -> None:
                     await run_tasks(infra, printer)
                 print("a workflow (infra.workflows):")
                 with anyio.fail_after(20):
-                    await run_workflow(infra)
+                    await run_workflow(infra, printer)
+                print("GPU tasks (class gpu, process runner):")
+                with anyio.fail_after(30):
+                    await run_gpu_tasks(infra, printer)
                 statuses = await infra.services.status()
                 pids.update(int(s.pid) for s in statuses.values() if s.pid)
                 print("leaving the `async with` block: teardown, dependents first")

@@ -51,6 +51,13 @@ def test_demo_restarts_the_killed_worker_runs_tasks_and_tears_down_cleanly() -> 
     assert re.search(r"task_started\s+evaluate\[4\]", out)
     assert re.search(r"workflow_run_succeeded\s+run", out)
     assert "workflow optimise: succeeded, 5 candidates, best: cot+rag" in out
+    # GPU tasks: one device each, the one beyond the GPUs waited for one (the
+    # demo checks it); the task of a class without GPUs saw none.
+    assert re.search(r"cpu task .* cpu_long .* '' ", out)
+    if "gpus: [0, 1], configured" in out:  # no nvidia-smi here: ids 0 and 1 stand in
+        assert re.search(r"gpu task 1 .* 0 .* '0' ", out)
+        assert re.search(r"gpu task 2 .* 1 .* '1' ", out)
+        assert re.search(r"task_started\s+gpu task 3", out)
     # Teardown stopped dependents first and left no process behind.
     stopped = re.findall(r"service_stopped\s+(\w+)", out)
     assert stopped.index("api") < stopped.index("kv")
