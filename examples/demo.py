@@ -353,7 +353,8 @@ async def run_gpu_tasks(infra: AgentInfra, printer: EventPrinter) -> None:
         raise DemoFailed(f"a GPU task did not see the one device it leased: {seen}")
     if len({s.gpus for s in first}) != count:
         raise DemoFailed(f"GPU tasks running at once shared a device: {statuses}")
-    if (last.started_at or 0.0) - last.submitted_at < GPU_WORK * 0.9:
+    # It could start only once a device was freed: GPU_WORK after a first one started.
+    if (last.started_at or 0.0) < min(s.started_at or 0.0 for s in first) + GPU_WORK * 0.9:
         raise DemoFailed(f"the task beyond the GPUs did not wait for one: {last}")
     if seen[-1] != "" or cpu_status.gpus:
         raise DemoFailed(f"a task without GPUs saw some: {seen[-1]!r}")
