@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,12 @@ def test_a_launch_between_fork_and_exec_as_its_owner_died_is_found_once_it_execs
     looks: list[set[int]] = []
 
     def look(item: str) -> set[int]:
+        if looks:  # the second look: the launch has exec'd by then (here, waited for)
+            environ = Path(f"/proc/{late.pid}/environ")
+            deadline = time.monotonic() + 30
+            while marker.encode() not in environ.read_bytes().split(b"\0"):
+                assert time.monotonic() < deadline, "the launch never exec'd"
+                time.sleep(0.01)
         looks.append(_procfs.groups_with_env(item))
         go.touch()
         return looks[-1]
