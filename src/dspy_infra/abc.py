@@ -41,8 +41,9 @@ class LaunchSpec:
     process listens on. A container listens on ``container_ports`` (by
     default the same numbers) and is published on ``ports``. ``labels``
     identify the owner, so that leftovers can be found after a crash. The
-    fields after ``labels`` only concern container backends; ``progress``
-    is told what an image pull is doing, a line at a time.
+    fields after ``labels`` only concern container backends, but for
+    ``gpu_ids``, which a local process gets as ``CUDA_VISIBLE_DEVICES``;
+    ``progress`` is told what an image pull is doing, a line at a time.
     """
 
     name: str
@@ -61,7 +62,8 @@ class LaunchSpec:
     memory_mb: int | None = None
     gpus: int = 0
     # The devices set apart for the service where the instance has GPUs
-    # (docs/scheduling.md, GPUs): requested by id, not ``gpus`` by count.
+    # (docs/scheduling.md, GPUs): a container requests them by id, not
+    # ``gpus`` by count; a local process sees them alone.
     gpu_ids: tuple[str, ...] = ()
     progress: Callable[[str], None] | None = field(default=None, eq=False)
 

@@ -528,6 +528,56 @@ async def test_a_process_task_that_leases_no_gpus_sees_none(
             assert await handle.result() == ["0,1", None]
 
 
+@pytest.mark.usefixtures("gpus_as_configured")
+async def test_a_local_service_with_gpus_sees_devices_of_its_own_that_tasks_do_not_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An inference server run as a local process sees every device of the
+    # program: without devices of its own, it and a GPU task would share one.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    shows = ["/bin/sh", "-c", 'echo "devices=$CUDA_VISIBLE_DEVICES"; exec sleep 1000']
+
+    def shown(**fields: Any) -> dict[str, Any]:
+        return {"command": shows, "health": {"log": "devices="}, **fields}
+
+    config = {
+        "infra": {"gpus": [0, 1, 2]},
+        "services": {
+            # Its probe's processes see the same devices: it passes only then.
+            "llm": shown(
+                gpus=1,
+                health={"command": ["/bin/sh", "-c", 'test "$CUDA_VISIBLE_DEVICES" = 1']},
+            ),
+            "pinned": shown(gpus=1, env={"CUDA_VISIBLE_DEVICES": "0"}),  # its own choice
+            "web": shown(),
+        },
+        "classes": {"gp": {"runner": "inprocess", "gpus": 1}},
+    }
+    async with AgentInfra.start(config, state_dir=tmp_path / "state") as infra:
+
+        @infra.task("lease")
+        async def lease(payload: Any, run: TaskRun) -> list[str]:
+            await anyio.sleep(0.05)
+            return list(run.gpus)
+
+        assert infra.services.gpu_ids == {"llm": ("1",), "pinned": ("2",)}
+        assert (await infra.get_metrics())["dspy_infra_gpus_total"] == 1
+        handles = await infra.submit_tasks("lease", range(3), task_class="gp")
+        with anyio.fail_after(30):
+            assert [await h.result() for h in handles] == [["0"]] * 3
+            seen = {name: await first_line(infra, name) for name in ("llm", "pinned", "web")}
+        assert seen == {"llm": "devices=1", "pinned": "devices=0", "web": "devices=0,1,2"}
+
+
+async def first_line(infra: AgentInfra, service: str) -> str:
+    """The first line the service logged, once it has logged one."""
+    while True:
+        async with aclosing(infra.services.logs(service)) as lines:
+            async for line in lines:
+                return line
+        await anyio.sleep(0.01)
+
+
 async def test_mig_devices_confining_the_program_are_leased_by_their_ids(
     tmp_path: Path, make_smi: MakeSmi, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -92,7 +92,7 @@ class LocalProcess:
         try:
             process = await launch_group(
                 list(argv),
-                env=_environment(self._spec.env, self._ledger),
+                env=_environment(self._spec, self._ledger),
                 cwd=self._spec.cwd,
                 stderr=subprocess.STDOUT,
             )
@@ -165,7 +165,7 @@ class LocalBackend:
         with anyio.CancelScope(shield=True):
             try:
                 process = await launch_group(
-                    argv, env=_environment(spec.env, ledger), cwd=spec.cwd, stderr=subprocess.STDOUT
+                    argv, env=_environment(spec, ledger), cwd=spec.cwd, stderr=subprocess.STDOUT
                 )
             except LaunchFailed as exc:
                 raise ServiceStartError(spec.name, exc.reason) from None
@@ -183,6 +183,11 @@ class LocalBackend:
                     spec.name, f"cannot record its launch in {str(ledger.path)!r}: {exc}"
                 ) from None
         return LocalProcess(spec, process, ledger, launch)
+
+    @property
+    def on_this_machine(self) -> bool:
+        """Its processes run here, with this machine's GPUs."""
+        return True
 
     def peer_endpoint(
         self, service: str, ports: Mapping[str, int], container_ports: Mapping[str, int]
@@ -202,11 +207,20 @@ class LocalBackend:
 Backend = LocalBackend
 
 
-def _environment(extra: Mapping[str, str], ledger: Ledger) -> dict[str, str]:
+def _environment(spec: LaunchSpec, ledger: Ledger) -> dict[str, str]:
     # Python services block-buffer a piped stdout, which would hide the very
     # lines that log probes and log_ready wait for; unbuffer unless told not to.
-    # LEDGER_ENV: a launch that a crash kept from its ledger is found by it.
-    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra, LEDGER_ENV: ledger.path.name}
+    # The devices set apart for the service (gpu_ids), unless its own env
+    # names some. LEDGER_ENV: a launch that a crash kept from its ledger is
+    # found by it.
+    devices = {"CUDA_VISIBLE_DEVICES": ",".join(spec.gpu_ids)} if spec.gpu_ids else {}
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        **devices,
+        **spec.env,
+        LEDGER_ENV: ledger.path.name,
+    }
 
 
 def _taken(ports: Mapping[str, int]) -> str | None:

@@ -367,7 +367,8 @@ class ServiceConfig:
     """One service: how to run it, what it needs, how to know it is up.
 
     ``image``, ``pull``, ``entrypoint``, ``container_ports``, ``volumes``,
-    ``cpus``, ``memory_mb`` and ``gpus`` apply to the docker backend.
+    ``cpus`` and ``memory_mb`` apply to the docker backend; ``gpus`` (devices
+    of the service's own, which tasks do not lease) to both.
     ``ports`` are the ports on this machine (0 picks a free one);
     ``container_ports`` the port inside the container for the same name,
     which defaults to the host port, so that ``{port}`` in a command means

@@ -43,6 +43,7 @@ from anyio.abc import TaskGroup
 
 from dspy_infra.abc import Runner, RunnerContext, TaskRun
 from dspy_infra.backends.docker import DockerBackend
+from dspy_infra.backends.local import LocalBackend
 from dspy_infra.config.model import Config, TaskClass, docker_memory_error
 from dspy_infra.errors import (
     BackendUnavailable,
@@ -362,18 +363,18 @@ class LocalScheduler:
                 self._interrupted(cls, cls.ready.popleft())
 
     def _set_apart_for_services(self, inventory: GpuInventory) -> dict[str, tuple[str, ...]]:
-        """The devices of the docker services with ``gpus``, by service: the
-        last ones; tasks lease the rest.
+        """The devices of the services with ``gpus``, by service: the last
+        ones; tasks lease the rest.
 
         Docker, asked for a count, picks the first devices, which the pool
-        leases first: a service and a task would share GPU 0 unknowingly.
-        Set apart for the instance's life, a service's devices are the same
-        at each of its starts. Where there are no GPUs to lease, nothing can
-        clash, and a remote engine's are not these: a service asks Docker for
-        a count, as Compose does.
+        leases first; a local process sees every device: a service and a
+        task would share GPU 0 unknowingly. Set apart for the instance's
+        life, a service's devices are the same at each of its starts. Where
+        there are no GPUs to lease, nothing can clash, and a remote engine's
+        are not these: a service asks Docker for a count, as Compose does.
         """
         backend = self._services.backend
-        if not (isinstance(backend, DockerBackend) and backend.on_this_machine):
+        if not (isinstance(backend, LocalBackend | DockerBackend) and backend.on_this_machine):
             return {}
         wanted = {name: svc.gpus for name, svc in self.config.services.items() if svc.gpus}
         total = sum(wanted.values())
