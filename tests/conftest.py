@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,25 @@ from dspy_infra.scheduling import gpus
 from tests.engines import require_docker, require_slurm
 
 MakeSmi = Callable[[str], None]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def sigint_as_from_a_terminal() -> Iterator[None]:
+    """The processes the tests start get SIGINT as Ctrl-C delivers it.
+
+    A test run started in the background of a script (``cmd &`` in a
+    non-interactive shell, as a CI job may be) ignores SIGINT, and so would
+    every program it starts, Python keeping what it inherits: the tests of
+    what Ctrl-C does to them would wait in vain.
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture
