@@ -1979,6 +1979,39 @@ async def test_a_server_killed_mid_stream_is_no_word_of_tls(tmp_path: Path) -> N
                 process.kill()
 
 
+def reset_each_connection(listener: socket.socket, delays: list[float]) -> None:
+    """Accept, wait a moment, and reset: a server dying with connections in its queue."""
+    for delay in delays:
+        try:
+            connection, _ = listener.accept()
+        except OSError:  # shut down: the test is over
+            return
+        time.sleep(delay)
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
+
+
+async def test_a_connection_reset_as_it_is_made_is_server_unavailable() -> None:
+    # A server that resets a connection just as the client has made it (a
+    # dying server's queue) made a call raise grpclib's AttributeError about
+    # a missing `_transport` when the reset fell between the connection's
+    # making and its first call; how often depends on the timing, so the
+    # moment of the reset is spread over a millisecond, hundreds of times.
+    delays = [i % 50 * 20e-6 for i in range(300)]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        async with anyio.create_task_group() as group:
+            group.start_soon(anyio.to_thread.run_sync, reset_each_connection, listener, delays)
+            try:
+                for _ in delays:
+                    # Connecting makes a call too (it asks the server's version).
+                    with anyio.fail_after(10), pytest.raises(ServerUnavailable):
+                        async with AgentInfra.connect(address) as remote:
+                            await remote.get_task_status("t")
+            finally:
+                listener.shutdown(socket.SHUT_RDWR)
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 async def test_a_client_gone_mid_stream_is_not_logged_once_per_write(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, tls: bool

@@ -47,6 +47,7 @@ from grpclib.client import Channel, Stream
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.protocol import Connection as H2Connection
 
 from dspy_infra._names import given_names
 from dspy_infra.errors import (
@@ -345,7 +346,16 @@ class _Connection:
                 route, cardinality, type(request), reply_type, metadata=self._metadata
             ) as stream:
                 opened = stream
-                await stream.send_message(request, end=True)
+                try:
+                    await stream.send_message(request, end=True)
+                except AttributeError as exc:
+                    # grpclib hands out a connection that was lost between
+                    # its making and its first call (a server reset it as it
+                    # died, say) and trips on the transport it let go: that
+                    # is a connection lost, as it would be a moment later.
+                    if not isinstance(exc.obj, H2Connection):
+                        raise
+                    raise ConnectionResetError("the connection was lost as it was made") from exc
                 yield stream
             self._answered = True
         except (GRPCError, OSError, StreamTerminatedError) as exc:
