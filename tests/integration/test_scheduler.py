@@ -569,6 +569,29 @@ async def test_a_local_service_with_gpus_sees_devices_of_its_own_that_tasks_do_n
         assert seen == {"llm": "devices=1", "pinned": "devices=0", "web": "devices=0,1,2"}
 
 
+async def test_local_services_asking_for_more_gpus_than_there_are_start_nothing(
+    tmp_path: Path,
+) -> None:
+    # As with Docker: the start stops before any service runs, naming them all.
+    def marks(name: str) -> dict[str, Any]:
+        return {"command": ["/bin/sh", "-c", f"touch {tmp_path / name}; exec sleep 1000"]}
+
+    config = {
+        "infra": {"gpus": [0, 1]},
+        "services": {
+            "a": {**marks("a"), "gpus": 1},
+            "b": {**marks("b"), "gpus": 2},
+            "c": marks("c"),
+        },
+    }
+    with pytest.raises(
+        ConfigError, match=r"services\.b\.gpus: .*a: 1, b: 2.* the instance has 2 \(0, 1\)"
+    ):
+        async with AgentInfra.start(config, state_dir=tmp_path / "state"):
+            pass
+    assert not [name for name in "abc" if (tmp_path / name).exists()]
+
+
 async def first_line(infra: AgentInfra, service: str) -> str:
     """The first line the service logged, once it has logged one."""
     while True:
