@@ -942,6 +942,56 @@ async def test_after_a_crash_the_jobs_of_tasks_left_no_attempt_are_cancelled_at_
     assert not list((state_dir / "slurm").glob("*.json")), "the batch's files are gone"
 
 
+async def test_after_a_crash_mid_sbatch_a_job_slurm_takes_later_does_not_run_its_task(
+    slurm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The owner dies while its sbatch is on its way (sbatch has read the
+    # script; slurmctld takes the job a moment later). The next owner finds
+    # no job for the batch, nor an exit code, and marks the task (its last
+    # attempt) lost: the job slurmctld takes after that must not run it.
+    sent, go, read = tmp_path / "sbatch-sent", tmp_path / "go", tmp_path / "script-as-read.sh"
+    shim(
+        tmp_path,
+        "sbatch",
+        f'cp "${{@: -1}}" {read}; touch {sent}\n'
+        f"for _ in $(seq 600); do [ -e {go} ] && break; sleep 0.05; done\n"
+        f"[ -e {go} ] || exit 1\n"
+        # The owner, and the pipes sbatch would answer on, are gone by now.
+        f'exec $real "${{@:1:$#-1}}" {read} >/dev/null 2>&1',
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    settings = config(tmp_path / "handlers")
+    state_dir, log = tmp_path / "state", tmp_path / "log"
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(OWNER))
+    payloads = [{"log": str(log), "seconds": 1}]
+    argv = [sys.executable, str(script), str(state_dir), json.dumps(settings), json.dumps(payloads)]
+    async with await anyio.open_process([*argv, "1"]) as owner:
+        try:
+            with anyio.fail_after(30):
+                while not sent.exists():
+                    await anyio.sleep(0.02)
+        finally:
+            os.kill(owner.pid, signal.SIGKILL)
+    (name, *_) = owner_names("dspy-infra", state_dir, str(os.getuid()))
+    async with AgentInfra.start(settings, state_dir=state_dir) as infra:
+        assert (await infra.get_task_status("survivor0")).state is TaskState.LOST
+        with anyio.fail_after(30):  # the next owner has looked for the batch's job
+            while list((state_dir / "slurm").glob("*.json")):
+                await anyio.sleep(0.05)
+        go.touch()
+        with anyio.fail_after(30):
+            while not (
+                job := (await command("squeue", "-h", f"--name={name}", "-tall", "-o%i")).strip()
+            ):
+                await anyio.sleep(0.1)
+            while "COMPLETED" not in await command(
+                "squeue", "-h", f"--jobs={job}", "-tall", "-o%T"
+            ):
+                await anyio.sleep(0.1)
+    assert not log.exists(), "the job ran the task its owner's successor had marked lost"
+
+
 # -- pieces the cluster cannot show on demand ---------------------------------
 
 

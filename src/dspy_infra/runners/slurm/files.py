@@ -198,7 +198,8 @@ def read_output(
 
 
 def request_cancel(paths: TaskPaths) -> bool:
-    """Ask a packed task's script to stop its command; whether the script has started."""
+    """Ask a task's script not to start its command, or a packed one's to stop it; whether
+    the script has started."""
     paths.cancel.touch()
     return paths.stdout.exists()
 

@@ -466,11 +466,7 @@ class SlurmRunner:
                     request.group = groups.setdefault(entry.index, [])
                     request.group.append(request)
                     candidates.append((request, info))
-            codes = await anyio.to_thread.run_sync(
-                lambda: [
-                    None if i and not i.final else exit_code(r.entry.paths) for r, i in candidates
-                ]
-            )
+            codes = await anyio.to_thread.run_sync(_recorded_codes, candidates)
             explained = {i.job_id for _, i in candidates if i is not None}
             # Held as they ended: what they ran is read below, as for any end.
             unwanted = {i.job_id for _, i in candidates if i is not None and i.held}
@@ -583,6 +579,31 @@ def _job_of(jobs: Mapping[str, JobInfo], manifest: Manifest, entry: Entry) -> Jo
         ):
             return info
     return None
+
+
+def _recorded_codes(candidates: list[tuple[Request, JobInfo | None]]) -> list[int | None]:
+    """The exit code each task of a previous owner recorded (None: none, or its job is queued).
+
+    A task whose job is nowhere to be seen and that recorded nothing may
+    have a job yet: the owner's ``sbatch`` may have been submitting it as
+    the owner died, and slurmctld takes it later. Its cancel file, written
+    here, makes that job exit as it starts, without running the task,
+    which is run again as another job (or lost) meanwhile. Blocking.
+    """
+    codes: list[int | None] = []
+    for request, info in candidates:
+        if info is not None and not info.final:
+            codes.append(None)
+            continue
+        paths = request.entry.paths
+        code = exit_code(paths)
+        if code is None and info is None:
+            try:
+                request_cancel(paths)
+            except OSError as exc:  # its work dir is gone, say: so is what a job would run
+                log.debug("cannot mark task %r given up on: %s", request.entry.task_id, exc)
+        codes.append(code)
+    return codes
 
 
 def _killed_by_slurm(code: int, *, packed: bool) -> bool:

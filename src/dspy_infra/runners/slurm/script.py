@@ -216,11 +216,13 @@ def task_script(
     command gets it itself, and may take ``cancel_grace`` to finish), to
     write the exit code.
 
+    A task whose ``paths.cancel`` file is there when its job starts exits
+    at once: its attempt was given up on while its job waited, perhaps
+    unseen (submitted by an ``sbatch`` on its way as its owner died).
     ``packed``: the job may run other tasks too, so this one cannot be
-    stopped by cancelling the job; the runner asks for it with a file
-    (``paths.cancel``), which the script looks for before it starts the
-    command, and every tenth of a second while it runs (SIGTERM, then
-    SIGKILL after ``grace``).
+    stopped by cancelling the job; the runner asks for it with that file,
+    which the script also looks for every tenth of a second while the
+    command runs (SIGTERM, then SIGKILL after ``grace``).
     """
     # A name bash cannot export (A-B) is still a name: env sets it for the command.
     exports = "\n".join(
@@ -238,9 +240,8 @@ def task_script(
         traps = "trap 'trapped=1' TERM"
         if forward is not None:
             traps += f"\ntrap 'trapped=1; kill -s {forward} \"$child\" 2>/dev/null' {forward}"
-    before = watch = after = ""
+    watch = after = ""
     if packed:
-        before = f"[ -e {cancel} ] && exit 0  # cancelled before its turn\n"
         watch = f"""(
     while kill -0 "$child" 2>/dev/null; do
         if [ -e {cancel} ]; then
@@ -259,7 +260,8 @@ watcher=$!
 # dspy-infra: {title}
 rm -f {exit_file}
 exec </dev/null >{_Q(str(paths.stdout))} 2>{_Q(str(paths.stderr))}
-{before}{exports}
+[ -e {cancel} ] && exit 0  # given up on before it started
+{exports}
 record() {{ printf '%s\\n' "$1" >{exit_tmp} && mv -f {exit_tmp} {exit_file}; }}
 if ! cd {_Q(str(cwd))}; then
     echo {_Q(f"working directory {cwd} does not exist on ")}"$(hostname)" >&2
