@@ -783,7 +783,7 @@ if os.environ.get("OWNER_OF_AN_EARLIER_VERSION"):
     runner.owner_names = named_as_before
 
 state_dir, config, payloads = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-max_attempts = int(sys.argv[4]) if len(sys.argv) > 4 else 2
+max_attempts = int(sys.argv[4])
 
 async def main():
     async with AgentInfra.start(config, state_dir=state_dir) as infra:
@@ -796,6 +796,27 @@ async def main():
 
 anyio.run(main)
 """
+
+
+def owner_argv(
+    tmp_path: Path,
+    settings: dict[str, Any],
+    state_dir: Path,
+    payloads: list[dict[str, Any]],
+    *,
+    max_attempts: int = 2,
+) -> list[str]:
+    """The command line of an owner (OWNER, a process of its own) of ``payloads``' tasks."""
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(OWNER))
+    return [
+        sys.executable,
+        str(script),
+        str(state_dir),
+        json.dumps(settings),
+        json.dumps(payloads),
+        str(max_attempts),
+    ]
 
 
 async def test_after_a_crash_the_next_owner_re_attaches_the_running_jobs(
@@ -880,9 +901,7 @@ async def an_owner_killed(
     state_dir = state_dir or tmp_path / "state"
     logs = [tmp_path / f"log{i}" for i in range(count)]
     payloads = [{"log": str(log), "seconds": 4} for log in logs]
-    script = tmp_path / "owner.py"
-    script.write_text(textwrap.dedent(OWNER))
-    argv = [sys.executable, str(script), str(state_dir), json.dumps(settings), json.dumps(payloads)]
+    argv = owner_argv(tmp_path, settings, state_dir, payloads)
     async with await anyio.open_process(argv) as owner:
         try:
             for log in logs[:started]:
@@ -920,11 +939,9 @@ async def test_after_a_crash_the_jobs_of_tasks_left_no_attempt_are_cancelled_at_
     settings = config(tmp_path / "handlers")
     state_dir = tmp_path / "state"
     log = tmp_path / "log"
-    script = tmp_path / "owner.py"
-    script.write_text(textwrap.dedent(OWNER))
     payloads = [{"log": str(log), "seconds": 120}]
-    argv = [sys.executable, str(script), str(state_dir), json.dumps(settings), json.dumps(payloads)]
-    async with await anyio.open_process([*argv, "1"]) as owner:
+    argv = owner_argv(tmp_path, settings, state_dir, payloads, max_attempts=1)
+    async with await anyio.open_process(argv) as owner:
         try:
             await wait_for_line(log)
         finally:
@@ -962,11 +979,9 @@ async def test_after_a_crash_mid_sbatch_a_job_slurm_takes_later_does_not_run_its
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     settings = config(tmp_path / "handlers")
     state_dir, log = tmp_path / "state", tmp_path / "log"
-    script = tmp_path / "owner.py"
-    script.write_text(textwrap.dedent(OWNER))
     payloads = [{"log": str(log), "seconds": 1}]
-    argv = [sys.executable, str(script), str(state_dir), json.dumps(settings), json.dumps(payloads)]
-    async with await anyio.open_process([*argv, "1"]) as owner:
+    argv = owner_argv(tmp_path, settings, state_dir, payloads, max_attempts=1)
+    async with await anyio.open_process(argv) as owner:
         try:
             with anyio.fail_after(30):
                 while not sent.exists():
