@@ -139,7 +139,13 @@ class ServiceProcess(Protocol):
 
 @runtime_checkable
 class ContainerBackend(Protocol):
-    """Starts and stops services: local processes, Docker containers..."""
+    """Starts and stops services: local processes, Docker containers...
+
+    Optional: a property ``on_this_machine`` (bool), True when what it
+    launches runs on this machine and sees its GPUs; the scheduler then
+    sets devices apart for services with ``gpus`` (``LaunchSpec.gpu_ids``).
+    Without it, services are taken to run elsewhere.
+    """
 
     @property
     def name(self) -> str:

@@ -42,8 +42,6 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from dspy_infra.abc import Runner, RunnerContext, TaskRun
-from dspy_infra.backends.docker import DockerBackend
-from dspy_infra.backends.local import LocalBackend
 from dspy_infra.config.model import Config, TaskClass, docker_memory_error
 from dspy_infra.errors import (
     BackendUnavailable,
@@ -373,8 +371,9 @@ class LocalScheduler:
         there are no GPUs to lease, nothing can clash, and a remote engine's
         are not these: a service asks Docker for a count, as Compose does.
         """
-        backend = self._services.backend
-        if not (isinstance(backend, LocalBackend | DockerBackend) and backend.on_this_machine):
+        # Optional in the protocol (abc.ContainerBackend): a backend that does
+        # not say runs its services elsewhere, as a remote engine does.
+        if getattr(self._services.backend, "on_this_machine", False) is not True:
             return {}
         wanted = {name: svc.gpus for name, svc in self.config.services.items() if svc.gpus}
         total = sum(wanted.values())
