@@ -21,6 +21,12 @@ no-op throughput
     fall on both alike. (A baseline measured first, in a fresh process,
     read 90,000 to 130,000 tasks/s against 175,000 to 225,000 between our
     rounds.)
+CPU time per task
+    ``time.process_time()`` across each ``submit_tasks`` round (durable and
+    not) and each baseline round, per task, the median: what a task costs
+    in CPU, the event loop's and the store's writer thread's together, with
+    the machine's other tenants taken out (on a shared VM the rates above
+    move by a third between runs; these by a few percent). No target.
 durable floor
     What durability alone costs, without any scheduler: the writes the
     scheduler makes for each task (its row; its start, committed before it
@@ -272,6 +278,10 @@ class Throughput:
     batch: float
     baseline_rounds: tuple[float, ...]  # the baseline's rounds, taken between ours
     floor: float | None  # the durable floor (durable pass only)
+    # CPU time per task (us, process-wide: the loop and the store's writer
+    # thread), median over the rounds: of the batch rounds, of the baseline's.
+    batch_cpu_us: float
+    baseline_cpu_us: tuple[float, ...]
 
     @property
     def best(self) -> float:
@@ -290,13 +300,18 @@ async def throughput(infra: AgentInfra, sizes: Sizes, floor: SQLiteStore | None)
     if floor is not None:
         await store_floor_round(floor, warm)
     per_task, batch, baseline, floors = [], [], [], []
+    batch_cpu, baseline_cpu = [], []
     # In turns, so that a machine whose speed drifts (a shared VM; the
     # garbage collector's full passes, which land on some rounds and not
     # others) hits them all alike.
     for _ in range(sizes.repeats):
         per_task.append(await per_task_round(infra, sizes.tasks))
+        cpu = time.process_time()
         batch.append(await batch_round(infra, sizes.tasks))
+        batch_cpu.append(_cpu_us(cpu, sizes.tasks))
+        cpu = time.process_time()
         baseline.append(await baseline_round(sizes.tasks))
+        baseline_cpu.append(_cpu_us(cpu, sizes.tasks))
         if floor is not None:
             floors.append(await store_floor_round(floor, sizes.tasks))
     return Throughput(
@@ -304,7 +319,14 @@ async def throughput(infra: AgentInfra, sizes: Sizes, floor: SQLiteStore | None)
         _median_rate(batch),
         tuple(baseline),
         _median_rate(floors) if floors else None,
+        statistics.median(batch_cpu),
+        tuple(baseline_cpu),
     )
+
+
+def _cpu_us(since: float, n: int) -> float:
+    """CPU microseconds per task since the ``time.process_time()`` reading ``since``."""
+    return (time.process_time() - since) * 1e6 / n
 
 
 # -- latency -------------------------------------------------------------------
@@ -484,6 +506,7 @@ def ray_figures(sizes: Sizes) -> dict[str, float] | None:
 class Results:
     sizes: Sizes
     baseline_tps: float
+    baseline_cpu_us: float
     durable: Throughput
     memory: Throughput
     latency: list[float]
@@ -520,6 +543,9 @@ async def measure_in_process(sizes: Sizes) -> dict[str, Any]:
     found["baseline_tps"] = _median_rate(
         [*found["durable"].baseline_rounds, *found["memory"].baseline_rounds]
     )
+    found["baseline_cpu_us"] = statistics.median(
+        [*found["durable"].baseline_cpu_us, *found["memory"].baseline_cpu_us]
+    )
     return found
 
 
@@ -533,6 +559,7 @@ def measure(sizes: Sizes) -> Results:
     return Results(
         sizes=sizes,
         baseline_tps=found["baseline_tps"],
+        baseline_cpu_us=found["baseline_cpu_us"],
         durable=found["durable"],
         memory=found["memory"],
         latency=found["latency"],
@@ -593,6 +620,9 @@ def summary(r: Results) -> dict[str, Any]:
         "memory_tps": round(r.memory.best, 1),
         "memory_tps_per_task": round(r.memory.per_task, 1),
         "memory_tps_batch": round(r.memory.batch, 1),
+        "durable_cpu_us": round(r.durable.batch_cpu_us, 2),
+        "memory_cpu_us": round(r.memory.batch_cpu_us, 2),
+        "baseline_cpu_us": round(r.baseline_cpu_us, 2),
         "latency_p50_ms": round(p50, 3),
         "latency_p99_ms": round(p99, 3),
         "baseline_latency_p50_ms": round(statistics.median(r.baseline_latency) * 1000, 4),
@@ -654,6 +684,18 @@ def report(console: Console, r: Results, s: dict[str, Any]) -> None:
             f"{value:,.0f}",
             base,
             f"{value / r.baseline_tps:.3f}",
+            "-",
+            "-",
+        )
+    for label, cpu in (
+        ("durable", r.durable.batch_cpu_us),
+        ("durable=false", r.memory.batch_cpu_us),
+    ):
+        table.add_row(
+            f"CPU time per task, {label} submit_tasks (us; loop and store thread)",
+            f"{cpu:.1f}",
+            f"the baseline's: {r.baseline_cpu_us:.1f}",
+            f"{r.baseline_cpu_us / cpu:.3f}",
             "-",
             "-",
         )
