@@ -25,8 +25,10 @@ CPU time per task
     ``time.process_time()`` across each ``submit_tasks`` round (durable and
     not) and each baseline round, per task, the median: what a task costs
     in CPU, the event loop's and the store's writer thread's together, with
-    the machine's other tenants taken out (on a shared VM the rates above
-    move by a third between runs; these by a few percent). No target.
+    the time the machine gave to other tenants taken out. On a shared VM the
+    absolute figures still move (31 to 49 us for ``durable = false`` in six
+    runs of one commit), but the baseline's over ours moved by a few percent
+    (0.26 to 0.28) where the rates' ratio moved by a quarter. No target.
 durable floor
     What durability alone costs, without any scheduler: the writes the
     scheduler makes for each task (its row; its start, committed before it
