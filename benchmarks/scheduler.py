@@ -694,7 +694,7 @@ def report(console: Console, r: Results, s: dict[str, Any]) -> None:
         ("durable=false", r.memory.batch_cpu_us),
     ):
         table.add_row(
-            f"CPU time per task, {label} submit_tasks (us; loop and store thread)",
+            f"CPU time per task, {label} submit_tasks (us of process CPU)",
             f"{cpu:.1f}",
             f"the baseline's: {r.baseline_cpu_us:.1f}",
             f"{r.baseline_cpu_us / cpu:.3f}",
