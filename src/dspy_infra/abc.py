@@ -297,6 +297,10 @@ class Scheduler(Protocol):
     async def submit_many(self, requests: Iterable[TaskRequest]) -> list[str]:
         """Like :meth:`submit` for many tasks at once: all or none, one commit."""
 
+    async def submit_payloads(self, template: TaskRequest, payloads: Iterable[Any]) -> list[str]:
+        """:meth:`submit_many` of one task per payload, each as ``template`` (whose
+        ``task_id`` must be None) but for its payload: what ``submit_tasks`` asks."""
+
     async def status(self, task_id: str) -> TaskStatus:
         """The task's current status; raises :class:`~dspy_infra.errors.UnknownTask`."""
 

@@ -85,7 +85,7 @@ from dspy_infra.remote._generated.env_manager import v1 as env_pb
 from dspy_infra.remote._generated.orchestrator import v1 as orch_pb
 from dspy_infra.remote._wire import parse_address
 from dspy_infra.scheduling.checks import MAX_JSON_DEPTH
-from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskState, TaskStatus
+from dspy_infra.scheduling.tasks import Resources, TaskEvent, TaskRequest, TaskState, TaskStatus
 from dspy_infra.services.status import ServiceState, ServiceStatus
 from dspy_infra.workflows import (
     InvalidWorkflow,
@@ -3264,3 +3264,17 @@ async def test_a_certificate_for_another_name_is_not_called_untrusted(tmp_path: 
     )
     assert done.returncode == 3
     assert done.stderr.decode() == f"error: {message}\n"
+
+
+async def test_a_submit_by_payload_whose_template_names_an_id_is_refused(api: Api) -> None:
+    # The Scheduler protocol's submit by payload (what submit_tasks calls), here
+    # and over gRPC: its tasks get an id each, so a template naming one is a
+    # caller's mistake, refused with nothing stored.
+    scheduler = api._tasks  # the protocol behind the API, local or remote
+    named = TaskRequest(handler="echo", task_id="named")
+    with pytest.raises(InvalidTask, match="each task submitted by payload gets an id of its own"):
+        await scheduler.submit_payloads(named, [1, 2])
+    with pytest.raises(UnknownTask):
+        await api.get_task_status("named")
+    ids = await scheduler.submit_payloads(TaskRequest(handler="echo", payload="unused"), [1, 2])
+    assert [(await scheduler.wait(task_id)).result for task_id in ids] == [1, 2]

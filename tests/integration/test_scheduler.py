@@ -35,6 +35,7 @@ from dspy_infra.errors import (
 )
 from dspy_infra.scheduling import scheduler as scheduler_module
 from dspy_infra.scheduling import store as store_module
+from dspy_infra.scheduling.adaptive import ConcurrencyLimit
 from dspy_infra.scheduling.checks import MAX_JSON_DEPTH
 from dspy_infra.scheduling.records import TaskRecord
 from dspy_infra.scheduling.store import StoreFailed
@@ -2298,3 +2299,42 @@ async def test_a_task_queued_event_counts_no_attempt_yet(tmp_path: Path) -> None
         ("task_started", alone.task_id, 1),
         ("task_queued", behind.task_id, 0),
     ]
+
+
+async def test_an_attempt_that_waits_does_not_hold_up_the_end_of_one_before_it(
+    tmp_path: Path,
+) -> None:
+    # Handed over together, both go to one worker, the quick one first; the
+    # ends of attempts are taken together after the step that ended them,
+    # which the slow one's first await must end.
+    release = anyio.Event()
+
+    async def work(payload: str) -> str:
+        if payload == "slow":
+            await release.wait()
+        return payload
+
+    async with start(tmp_path, {"work": work}) as infra:
+        quick, slow = await infra.submit_tasks("work", ["quick", "slow"])
+        with anyio.fail_after(5):
+            assert await quick.result() == "quick"
+        assert (await infra.get_task_status(slow.task_id)).state is TaskState.RUNNING
+        release.set()
+        assert await slow.result() == "slow"
+
+
+async def test_a_bug_where_attempts_ends_are_taken_stops_the_instance_loudly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Taken in a callback of the event loop's, not in a task: a bug there
+    # must stop the instance as one in a worker did, not be logged and lost.
+    def bug(self: ConcurrencyLimit, **_: object) -> None:
+        raise RuntimeError("a bug in the limit's sample")
+
+    monkeypatch.setattr(ConcurrencyLimit, "on_sample", bug)
+    with pytest.raises(ExceptionGroup) as stopped:  # noqa: PT012
+        async with start(tmp_path, {"echo": echo}) as infra:
+            await infra.submit_task("echo", 1)
+            with anyio.fail_after(5):
+                await anyio.sleep_forever()
+    assert stopped.group_contains(RuntimeError, match="a bug in the limit's sample")

@@ -42,7 +42,7 @@ from urllib.parse import unquote
 
 import anyio.to_thread
 import betterproto2
-from attrs import frozen
+from attrs import evolve, frozen
 from grpclib.client import Channel, Stream
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
@@ -91,6 +91,7 @@ from dspy_infra.remote._wire import (
 from dspy_infra.scheduling.api import TaskMethods
 from dspy_infra.scheduling.checks import (
     check_ids,
+    check_template,
     encodable,
     encode_json,
     refused,
@@ -522,6 +523,10 @@ class _RemoteScheduler:
             orch_pb.SubmitTasksResponse,
         )
         return list(reply.task_ids)
+
+    async def submit_payloads(self, template: TaskRequest, payloads: Iterable[Any]) -> list[str]:
+        check_template(template)
+        return await self.submit_many(evolve(template, payload=payload) for payload in payloads)
 
     async def status(self, task_id: str) -> TaskStatus:
         return await self._status(task_id, wait=False)

@@ -113,10 +113,9 @@ class TaskMethods:
             )
         needs = _needs(needs)
         scheduler = self._tasks
-        task_ids = await scheduler.submit_many(
+        task_ids = await scheduler.submit_payloads(
             TaskRequest(
                 handler=handler,
-                payload=payload,
                 task_class=task_class,
                 priority=priority,
                 needs=needs,
@@ -124,8 +123,8 @@ class TaskMethods:
                 max_attempts=max_attempts,
                 timeout=timeout,
                 resources=resources,
-            )
-            for payload in payloads
+            ),
+            payloads,
         )
         self._check_open()  # as each handle's look-up of the scheduler would
         return [TaskHandle(task_id, scheduler=scheduler) for task_id in task_ids]

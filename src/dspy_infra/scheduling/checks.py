@@ -168,6 +168,13 @@ def refused(task_id: str | None, problem: str) -> InvalidTask:
     return InvalidTask(task_id, f"task {task_id!r} refused: {problem}")
 
 
+def check_template(template: TaskRequest) -> None:
+    """Raise InvalidTask if ``template`` (of a submit by payload) names an id: its
+    tasks get one each."""
+    if template.task_id is not None:
+        raise refused(template.task_id, "each task submitted by payload gets an id of its own")
+
+
 def check_ids(requests: Iterable[TaskRequest]) -> None:
     """Raise InvalidTask for the first id given that could not name a task."""
     for request in requests:

@@ -633,8 +633,21 @@ class Journal:
         :data:`DEFER_SECONDS` later, with whatever is written meanwhile;
         unless the writer is idle on the event loop's CPU (see :class:`_Writer`).
         """
+        return self.write_all((op,), then, arg, deferrable=deferrable)
+
+    def write_all(
+        self,
+        ops: Sequence[Op],
+        then: Callable[[Any], object] | None = None,
+        arg: Any = None,
+        *,
+        deferrable: bool = False,
+    ) -> Written:
+        """:meth:`write` of several operations, in order, with one ``then`` for all:
+        the scheduler's starts and ends of the attempts that one step dispatched
+        or ended cost one call, not one each."""
         if not self._threaded:
-            self._store.apply((op,))
+            self._store.apply(ops)
             written: Written = _APPLIED
         else:
             written = self._batch
@@ -642,7 +655,7 @@ class Journal:
                 # The writer is idle on the loop's CPU: the commit runs as
                 # soon as the loop idles, over before the next submit comes.
                 deferrable = False
-            written.ops.append(op)
+            written.ops.extend(ops)
             if not deferrable or self._closed:  # once closing, nothing waits for company
                 written.urgent = True
             if not (self._writing or self._handing_over or self._failure is not None):
@@ -724,6 +737,12 @@ class Journal:
             self._stop(exc)
             return
         self._hand_over()
+
+    def fail(self, failure: BaseException) -> None:
+        """Stop the instance with ``failure``, a bug of the caller's found off any
+        task (in a callback of the loop's), as a failed ``then`` does: :meth:`run`
+        raises it, and what is written and not committed fails with it."""
+        self._stop(failure)
 
     def _stop(self, failure: BaseException) -> None:
         """Fail what is written and not committed, and all later writes; end :meth:`run`."""
