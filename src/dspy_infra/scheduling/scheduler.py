@@ -1223,8 +1223,8 @@ class LocalScheduler:
                 # Not this scope's own cancellation: the scheduler is closing.
                 if current:
                     record, _ = current.pop()
+                    # Its slot is not refilled: nothing starts while closing.
                     self._interrupted(cls, record, running=True)
-                    self._dispatch_after(cls, record)
                 raise
             if current:  # cut short while it waited: the scope took its cancellation
                 record, started = current.pop()
@@ -1336,14 +1336,6 @@ class LocalScheduler:
                 self._dispatch()
         if finals:
             self._journal.write_all(finals, self._finished, finished, deferrable=deferrable)
-
-    def _dispatch_after(self, cls: _Class, record: TaskRecord) -> None:
-        if self._open:
-            # Its own class first; the others only if it held resources
-            # they may have been waiting for.
-            self._dispatch_class(cls)
-            if cls.local and any(record.need):
-                self._dispatch()
 
     def _release(self, cls: _Class, record: TaskRecord) -> None:
         cls.running -= 1
