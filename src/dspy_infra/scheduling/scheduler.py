@@ -170,9 +170,6 @@ _Forgettable = tuple[
 # A request's checked values: its class, priority, needs, max_attempts, timeout, need.
 _Checked = tuple[_Class, int, tuple[str, ...], int, float | None, Need]
 
-# No payload given: the request's own (see LocalScheduler._record).
-_UNSET: Any = object()
-
 # How an attempt ended: (state, result as JSON text, error).
 _Outcome = tuple[TaskState, str | None, str | None]
 
@@ -573,7 +570,8 @@ class LocalScheduler:
                 or task_id in stored
             ):
                 task_id = task_id or _new_task_id()
-                record = self._record(task_id, request, self._checks(task_id, request))
+                checked = self._checks(task_id, request)
+                record = self._record(task_id, request, checked, request.payload)
                 fresh[task_id] = record
             task_ids.append(task_id)
         # Claimed only now, so that an invalid request leaves nothing behind;
@@ -639,9 +637,9 @@ class LocalScheduler:
             cls.metrics.submitted.value += 1
             if publish:
                 # A new task: no attempt of it has started yet, though one
-                # stored started (see submit_many) counts its first already.
+                # stored started (see _store_new) counts its first already.
                 self._publish(record, TaskState.QUEUED, attempt=0)
-            if record.state is TaskState.RUNNING:  # stored started: see submit_many
+            if record.state is TaskState.RUNNING:  # stored started: see _store_new
                 self._hand_over([record])
             elif record.cancel_requested:
                 self._finish(record, TaskState.CANCELLED, None, "cancelled before it started")
@@ -873,13 +871,13 @@ class LocalScheduler:
         return checked
 
     def _record(
-        self, task_id: str, request: TaskRequest, checked: _Checked, payload: Any = _UNSET
+        self, task_id: str, request: TaskRequest, checked: _Checked, payload: Any
     ) -> TaskRecord:
-        """The record to store, of the checked request (with ``payload`` for its
-        own, when given); or InvalidTask for its payload."""
+        """The record to store, of the checked request with ``payload`` (its own,
+        or one of a submit by payload); or InvalidTask for the payload."""
         cls, priority, needs, max_attempts, timeout, need = checked
         try:
-            payload = encode_json(request.payload if payload is _UNSET else payload, "the payload")
+            payload = encode_json(payload, "the payload")
         except ValueError as exc:
             raise refused(task_id, str(exc)) from None
         # ASCII (dumps escapes the rest), so its length is its size in bytes.
