@@ -691,6 +691,39 @@ async def test_the_store_is_a_sqlite_file_in_wal_mode(tmp_path: Path) -> None:
             db.close()
 
 
+async def test_a_store_indexed_as_earlier_versions_had_it_resumes_its_unfinished_tasks(
+    tmp_path: Path,
+) -> None:
+    # Earlier versions found unfinished tasks by an index on their state; it
+    # is replaced at open by one that a start does not rewrite.
+    gates = Gates()
+    classes = {"one": {"max_concurrency": 1}}
+    handlers: dict[str, Handler] = {"gate": gates.handler}
+    async with start(tmp_path, handlers, classes=classes) as infra:
+        gates.open("done")
+        await (await infra.submit_task("gate", {"key": "done"}, task_class="one")).result()
+        await infra.submit_task("gate", {"key": "first"}, task_class="one")
+        await gates.wait_started("first")
+        for key in ("second", "third"):
+            await infra.submit_task("gate", {"key": key}, task_class="one")
+    with closing(sqlite3.connect(tmp_path / "state" / "tasks.db")) as db, db:
+        db.execute("DROP INDEX tasks_open")
+        db.execute(
+            "CREATE INDEX tasks_unfinished ON tasks (state) WHERE state IN ('queued', 'running')"
+        )
+    gates = Gates()
+    gates.open("first", "second", "third")
+    async with start(tmp_path, {"gate": gates.handler}, classes=classes):
+        with anyio.fail_after(10):
+            while len(gates.finished) < 3:
+                await anyio.sleep(0.005)
+    assert gates.started == ["first", "second", "third"]  # in submit order; "done" is not rerun
+    with closing(sqlite3.connect(tmp_path / "state" / "tasks.db")) as db:
+        indexes = db.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+    assert ("tasks_open",) in indexes
+    assert ("tasks_unfinished",) not in indexes
+
+
 # -- services -----------------------------------------------------------------------------
 
 
