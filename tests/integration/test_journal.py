@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
+import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,8 +19,9 @@ import anyio
 import pytest
 
 from dspy_infra.errors import InfraClosed
+from dspy_infra.scheduling import sqlwrite
 from dspy_infra.scheduling import store as store_module
-from dspy_infra.scheduling.store import COLUMNS, Journal, SQLiteStore, StoreFailed
+from dspy_infra.scheduling.store import COLUMNS, Journal, Op, SQLiteStore, StoreFailed
 
 pytestmark = pytest.mark.anyio
 
@@ -50,6 +54,28 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 def writer_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "dspy-infra-journal"]
+
+
+def writer_processes() -> list[int]:
+    """The pids of this process's children that run the store's writer (sqlwrite.py)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == os.getpid() and b"sqlwrite.py" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def large(prefix: str) -> list[Op]:
+    """A batch that goes to the writer process."""
+    return [("insert", row(f"{prefix}{i}")) for i in range(store_module.CHILD_BATCH)]
 
 
 async def test_a_failed_commit_fails_its_waiters_later_writes_and_run(store: SQLiteStore) -> None:
@@ -376,3 +402,97 @@ async def test_a_writer_that_cannot_start_fails_the_write_and_stops_the_journal(
     )
     assert await stored(store, "lost", "later") == set()
     assert writer_threads() == []
+
+
+async def test_a_large_batch_is_committed_by_a_writer_process_that_ends_with_the_journal(
+    store: SQLiteStore,
+) -> None:
+    async with running(Journal(store, threaded=True)) as journal:
+        await journal.write(("insert", row("alone"))).wait()
+        assert writer_processes() == []  # a lone write: the thread commits it
+        await journal.write_all(large("t")).wait()
+        assert len(writer_processes()) == 1
+        await journal.write(("insert", row("after"))).wait()
+    assert writer_processes() == []
+    assert writer_threads() == []
+    assert await stored(store, "alone", "t0", "t15", "after") == {"alone", "t0", "t15", "after"}
+
+
+async def test_a_failed_commit_in_the_writer_process_fails_its_waiters_with_sqlites_error(
+    store: SQLiteStore,
+) -> None:
+    journal = Journal(store, threaded=True)
+    seen: list[Exception] = []
+    with anyio.fail_after(10), pytest.raises(ExceptionGroup) as caught:  # noqa: PT012
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal.run)
+            try:
+                # Too few values for the statement: SQLite refuses the whole batch.
+                await journal.write_all([*large("t"), ("insert", ("only-an-id",))]).wait()
+            except Exception as exc:  # noqa: BLE001 - what the waiter learns is the point
+                seen.append(exc)
+    assert caught.group_contains(StoreFailed, match="the task store failed: Incorrect number")
+    assert [type(exc) for exc in seen] == [sqlite3.ProgrammingError]
+    assert await stored(store, "t0") == set()
+    assert writer_processes() == []
+
+
+async def test_a_writer_process_that_dies_stops_the_journal_loudly(store: SQLiteStore) -> None:
+    # Killed, say: what it was given is not known committed, and nothing
+    # after it can be promised.
+    journal = Journal(store, threaded=True)
+    seen: list[str] = []
+    with anyio.fail_after(10), pytest.raises(ExceptionGroup) as caught:  # noqa: PT012
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal.run)
+            await journal.write_all(large("a")).wait()
+            (pid,) = writer_processes()
+            os.kill(pid, signal.SIGKILL)
+            try:
+                await journal.write_all(large("b")).wait()
+            except Exception as exc:  # noqa: BLE001 - what the waiter learns is the point
+                seen.append(str(exc))
+    ended = r"the store's writer process ended (\(exit code -9\) )?before it answered"
+    assert caught.group_contains(StoreFailed, match=f"the task store failed: {ended}")
+    assert len(seen) == 1
+    assert re.fullmatch(ended, seen[0])
+    assert writer_processes() == []
+
+
+async def test_ctrl_c_does_not_reach_the_writer_process(store: SQLiteStore) -> None:
+    # Ctrl-C is the parent's, which then closes the store in order: the
+    # writer must still be there to commit what the close writes.
+    async with running(Journal(store, threaded=True)) as journal:
+        await journal.write_all(large("a")).wait()
+        (pid,) = writer_processes()
+        assert os.getpgid(pid) != os.getpgid(0)  # not in the terminal's process group
+        os.kill(pid, signal.SIGINT)
+        await anyio.sleep(0.1)
+        await journal.write_all(large("b")).wait()
+    assert await stored(store, "a0", "b0") == {"a0", "b0"}
+
+
+async def test_a_batch_larger_than_a_pipe_holds_reaches_the_writer_process_whole(
+    store: SQLiteStore,
+) -> None:
+    # A submit of thousands of tasks: its frame goes as the pipe drains.
+    ids = [f"t{i}" for i in range(10_000)]
+    batch: list[Op] = [("insert", row(task_id)) for task_id in ids]
+    assert len(sqlwrite.frame(batch)) > 4 * 65536  # a pipe holds 64 KiB unless enlarged
+    async with running(Journal(store, threaded=True)) as journal:
+        with anyio.fail_after(30):
+            await journal.write_all(batch).wait()
+    assert await stored(store, *ids) == set(ids)
+
+
+async def test_on_one_cpu_large_batches_stay_with_the_thread(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A writer process there could not run beside the loop: it would only
+    # add the pickling and the process switches.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0})
+    async with running(Journal(store, threaded=True)) as journal:
+        await journal.write_all(large("t")).wait()
+        assert writer_processes() == []
+        assert len(writer_threads()) == 1
+    assert await stored(store, "t0") == {"t0"}

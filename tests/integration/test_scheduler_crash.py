@@ -4,13 +4,16 @@ running if it has an attempt left, marks it lost if not, and runs what was queue
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +170,71 @@ async def test_one_live_instance_per_state_dir(tmp_path: Path) -> None:
     async with AgentInfra.start(state_dir=state_dir, handlers={"work": lambda _: "ran"}) as infra:
         assert await infra.task_handle("held").result() == "ran"
         assert (await infra.get_task_status("held")).attempts == 2
+
+
+ORPHANING = """
+import asyncio, sys
+from dspy_infra import AgentInfra
+
+async def noop(payload):
+    return payload
+
+async def main():
+    async with AgentInfra.start(state_dir=sys.argv[1], handlers={"noop": noop}) as infra:
+        for handle in await infra.submit_tasks("noop", range(20)):
+            await handle.result()
+        print("ready", flush=True)
+        sys.stdin.readline()  # the test holds SQLite's write lock now
+        await infra.submit_tasks("noop", range(20, 40))
+
+asyncio.run(main())
+"""
+
+
+async def test_a_new_instance_waits_for_the_last_commit_of_a_killed_owners_writer(
+    tmp_path: Path,
+) -> None:
+    # An owner's large batches are committed by a writer process of its own
+    # (sqlwrite). Killed while that writer waits to commit a submit, the
+    # owner leaves it to commit alone: a new instance that opened the store
+    # meanwhile would not know those tasks, and never run them.
+    state_dir = tmp_path / "state"
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(ORPHANING))
+    argv = [sys.executable, str(script), str(state_dir)]
+    async with await anyio.open_process(argv, stdin=subprocess.PIPE) as owner:
+        try:
+            assert owner.stdout is not None
+            assert owner.stdin is not None
+            with anyio.fail_after(30):
+                assert (await owner.stdout.receive()).startswith(b"ready")
+            db = sqlite3.connect(state_dir / "tasks.db", isolation_level=None)
+            db.execute("BEGIN IMMEDIATE")
+            await owner.stdin.send(b"go\n")
+            await anyio.sleep(0.5)  # its writer has the batch, and waits for the lock
+        finally:
+            os.kill(owner.pid, signal.SIGKILL)
+        await owner.wait()
+    lock = os.open(state_dir / "tasks.db.lock", os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):  # the owner's writer holds it still
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(lock)
+
+    async def let_go() -> None:
+        await anyio.sleep(0.3)
+        db.execute("COMMIT")
+
+    with closing(db):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(let_go)
+            async with AgentInfra.start(state_dir=state_dir, handlers={"noop": _echo}):
+                with anyio.fail_after(10):
+                    while db.execute(
+                        "SELECT count(*) FROM tasks WHERE state = 'succeeded'"
+                    ).fetchone() != (40,):
+                        await anyio.sleep(0.01)
 
 
 async def _left_running(state_dir: Path, config: dict[str, Any], **submit: Any) -> str:

@@ -1,4 +1,5 @@
-"""The durable task store: SQLite in WAL mode, written in batches from a worker thread.
+"""The durable task store: SQLite in WAL mode, written in batches by a worker
+thread, or by a process of its own for the large batches of a busy scheduler.
 
 Every state change that matters after a crash goes through :class:`Journal`:
 callers append an operation and, when they must not go on before it is on
@@ -21,8 +22,12 @@ import fcntl
 import itertools
 import json
 import os
+import pickle
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, cast
@@ -31,6 +36,7 @@ import anyio
 import anyio.to_thread
 
 from dspy_infra.errors import InfraClosed, InfraError, StateDirInUse
+from dspy_infra.scheduling import sqlwrite
 
 T = TypeVar("T")
 
@@ -221,6 +227,11 @@ Row = tuple[Any, ...]
 # about the gap between two calls of a client that submits one task at a
 # time over gRPC, and short beside anything a person or a poll would notice.
 DEFER_SECONDS = 0.002
+# Batches of this many operations or more go to the writer process (_ChildWriter).
+CHILD_BATCH = 16
+# How long a new instance waits for the writer process of a crashed one to
+# finish its last commit (see _lock): SQLite's busy timeout, and some.
+_ORPHAN_WAIT = 6.0
 _IN_CHUNK = 500  # ids per "IN (...)": well under SQLite's limit on parameters
 _INDEX = {name: i for i, name in enumerate(COLUMNS)}
 _SET: dict[OpKind, tuple[str, ...]] = {
@@ -313,27 +324,16 @@ class SQLiteStore:
         return rows
 
     def apply(self, ops: Sequence[Op]) -> None:
-        db = self._connection()
-        if len(ops) == 1:
-            # Its own transaction: BEGIN and COMMIT would be two more statements.
-            ((kind, params),) = ops
-            db.execute(_SQL[kind], params)
-            return
-        db.execute("BEGIN")
-        try:
-            i = 0
-            while i < len(ops):
-                # Consecutive operations of one kind go in one executemany.
-                kind = ops[i][0]
-                j = i
-                while j < len(ops) and ops[j][0] == kind:
-                    j += 1
-                db.executemany(_SQL[kind], [params for _, params in ops[i:j]])
-                i = j
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        sqlwrite.apply(self._connection(), _SQL, ops)
+
+    def writer_opening(self) -> tuple[str, str, dict[OpKind, str]]:
+        """What the writer process needs to write as :meth:`apply` does (see sqlwrite)."""
+        return str(self.path), self._synchronous, _SQL
+
+    @property
+    def lock_fd(self) -> int | None:
+        """The descriptor that holds the state directory's lock, while open."""
+        return self._lock
 
     def get(self, task_id: str) -> Row | None:
         row: Row | None = (
@@ -414,15 +414,7 @@ def _hold(path: Path) -> int:
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip()
-        os.close(fd)
-        raise StateDirInUse(
-            f"the state directory {str(path.parent)!r} is in use by another AgentInfra "
-            f"({_describe_holder(holder)}), which would run the same stored tasks: give "
-            "each instance its own state_dir (or durable = false)"
-        ) from None
+        _lock(fd, path)
     except BaseException:
         os.close(fd)
         raise
@@ -432,17 +424,47 @@ def _hold(path: Path) -> int:
     return fd
 
 
-def _describe_holder(pid: str) -> str:
+def _lock(fd: int, path: Path) -> None:
+    # The store's writer process holds the lock too: orphaned by a crash, it
+    # commits the batch it has, then exits, and the lock with it. A new
+    # instance waits for that (a few milliseconds, or SQLite's busy timeout
+    # at most), not refused while the holder it names is already gone.
+    deadline = time.monotonic() + _ORPHAN_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            if _alive(holder) or time.monotonic() > deadline:
+                raise StateDirInUse(
+                    f"the state directory {str(path.parent)!r} is in use by another AgentInfra "
+                    f"({_describe_holder(holder)}), which would run the same stored tasks: "
+                    "give each instance its own state_dir (or durable = false)"
+                ) from None
+            time.sleep(0.01)
+        else:
+            return
+
+
+def _alive(pid: str) -> bool:
     if not pid.isdigit():
-        return "pid unknown"
+        return True  # unknown: as if it were
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _describe_holder(pid: str) -> str:
+    if not pid.isdigit():
+        return "pid unknown"
+    if not _alive(pid):
         # The lock outlives its taker in a child forked without exec (a
         # multiprocessing worker, say) that is still running.
         return f"pid {pid}, now gone: a process it forked still holds the lock"
-    except PermissionError:
-        pass
     return f"pid {pid}"
 
 
@@ -588,10 +610,13 @@ class Journal:
     task switches in between, no ``anyio.to_thread`` machinery (capacity
     limiter, worker pool, cancellation plumbing), which cost a third more.
 
-    The writer does not run beside the event loop, though: the two share the
+    The thread does not run beside the event loop, though: the two share the
     GIL, and the writer, needing it back after each SQLite step while the
     loop runs Python, waits for the loop to let go of it; so the two take
-    turns, and batching is what makes the turns cheap.
+    turns, and batching is what makes the turns cheap. A batch of
+    :data:`CHILD_BATCH` operations or more goes to a writer process instead
+    (:class:`_ChildWriter`), which commits it on another CPU while the loop
+    runs the attempts already started.
 
     A write that nobody is waiting for (the final state of a task that no
     caller or stream waits on) may wait up to :data:`DEFER_SECONDS` for
@@ -610,7 +635,11 @@ class Journal:
         self._threaded = threaded
         self._batch = _Batch()
         self._writer: _Writer | None = None
-        self._writing = False  # a batch is with the writer thread
+        self._child: _ChildWriter | None = None
+        # Large batches go to a writer process only where it can run beside
+        # the loop: on one CPU, it would cost the pickling and gain nothing.
+        self._child_store = store if isinstance(store, SQLiteStore) and _cpus() > 1 else None
+        self._writing = False  # a batch is with a writer
         self._handing_over = False  # a hand-over is scheduled
         self._deferred: asyncio.TimerHandle | None = None  # a late hand-over is
         self._closed = False
@@ -707,18 +736,30 @@ class Journal:
         if self._ended:
             self._stop(InfraClosed("the task store is closed: this write came after its end"))
             return
-        if self._writer is None:
-            try:
-                self._writer = _Writer(self._store.apply, asyncio.get_running_loop())
-            except Exception as exc:  # noqa: BLE001 - out of fds or threads: nothing can be stored
-                failure = StoreFailed(f"the task store's writer could not start: {exc}")
-                failure.__cause__ = exc
-                self._stop(failure)
-                return
+        try:
+            writer = self._writer_for(len(self._batch.ops))
+        except Exception as exc:  # noqa: BLE001 - out of fds or threads: nothing can be stored
+            failure = StoreFailed(f"the task store's writer could not start: {exc}")
+            failure.__cause__ = exc
+            self._stop(failure)
+            return
         batch, self._batch = self._batch, _Batch()
         batch.hand_over = None
         self._writing = True
-        self._writer.apply(batch, self._committed)
+        writer.apply(batch, self._committed)
+
+    def _writer_for(self, size: int) -> _Writer | _ChildWriter:
+        """The thread for small batches, the process for large ones (see _ChildWriter);
+        each made when first needed. One batch at a time is with either, so they
+        commit in the order written."""
+        loop = asyncio.get_running_loop()
+        if size >= CHILD_BATCH and self._child_store is not None:
+            if self._child is None:
+                self._child = _ChildWriter(self._child_store, loop)
+            return self._child
+        if self._writer is None:
+            self._writer = _Writer(self._store.apply, loop)
+        return self._writer
 
     def _committed(self, batch: _Batch, error: BaseException | None) -> None:
         """On the event loop, once the writer thread is done with ``batch``."""
@@ -801,9 +842,10 @@ class Journal:
                 raise
         finally:
             self._ended = True
-            if self._writer is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._writer.close()
+            with anyio.CancelScope(shield=True):
+                for writer in (self._writer, self._child):
+                    if writer is not None:
+                        await writer.close()
         if self._failure is not None:
             raise self._failure
 
@@ -900,6 +942,128 @@ class _Writer:
         self._answered()  # the thread's last answer, if the loop has not read it
         self._loop.remove_reader(self._to_loop[0])
         _close_all((*self._to_thread, *self._to_loop))
+
+
+class _ChildWriter:
+    """The writer of large batches: a process of its own (see :mod:`sqlwrite`).
+
+    Its commits run on another CPU while the event loop runs attempts, where
+    the thread's take turns with the loop (see :class:`Journal`): the batches
+    of a busy scheduler, each with the starts and ends of dozens of attempts,
+    go here. A lone submit's commit stays with the thread: a process costs
+    it about 50 microseconds more (pickling, two process switches).
+
+    It holds the state directory's lock too, so that after a crash no new
+    instance opens the store before this writer's last commit is done.
+    """
+
+    def __init__(self, store: SQLiteStore, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._pending: collections.deque[tuple[_Batch, _Answer]] = collections.deque()
+        self._out = bytearray()  # frames not yet taken by the pipe
+        self._in = bytearray()  # answers not yet read whole
+        self._flushing = False  # waiting for the pipe to take the rest of _out
+        self._gone: BaseException | None = None  # why no answer comes any more
+        lock = store.lock_fd
+        requests, answers = os.pipe(), os.pipe()  # (read end, write end)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-S", sqlwrite.__file__],
+                stdin=requests[0],
+                stdout=answers[1],
+                pass_fds=() if lock is None else (lock,),
+                # Not in the terminal's process group: Ctrl-C is the parent's.
+                process_group=0,
+            )
+        except BaseException:
+            _close_all((*requests, *answers))
+            raise
+        os.close(requests[0])
+        os.close(answers[1])
+        self._requests, self._answers = requests[1], answers[0]
+        os.set_blocking(self._requests, False)
+        os.set_blocking(self._answers, False)
+        loop.add_reader(self._answers, self._answered)
+        self._send(store.writer_opening())
+
+    def apply(self, batch: _Batch, answer: _Answer) -> None:
+        if self._gone is not None:
+            self._loop.call_soon(answer, batch, self._gone)
+            return
+        self._pending.append((batch, answer))
+        self._send(batch.ops)
+
+    def _send(self, value: Any) -> None:
+        self._out += sqlwrite.frame(value)
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            while self._out:
+                del self._out[: os.write(self._requests, self._out)]
+        except BlockingIOError:  # the pipe is full: on once it drains
+            if not self._flushing:
+                self._flushing = True
+                self._loop.add_writer(self._requests, self._flush)
+            return
+        except OSError:  # the process is gone: the end of its answers says so
+            self._out.clear()
+        if self._flushing:
+            self._flushing = False
+            self._loop.remove_writer(self._requests)
+
+    def _answered(self) -> None:
+        """On the event loop: answers to read, or the end of the process."""
+        try:
+            data = os.read(self._answers, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self._lost()
+            return
+        self._in += data
+        header = sqlwrite.HEADER
+        while len(self._in) >= header.size:
+            (size,) = header.unpack_from(self._in)
+            if len(self._in) < header.size + size:
+                break
+            error = pickle.loads(self._in[header.size : header.size + size])  # noqa: S301
+            del self._in[: header.size + size]
+            batch, answer = self._pending.popleft()
+            answer(batch, error)
+
+    def _lost(self) -> None:
+        """The process ended while open (killed, say): what it had is not known committed."""
+        self._loop.remove_reader(self._answers)
+        code = self._process.poll()
+        self._gone = RuntimeError(
+            "the store's writer process ended"
+            + (f" (exit code {code})" if code is not None else "")
+            + " before it answered"
+        )
+        while self._pending:
+            batch, answer = self._pending.popleft()
+            answer(batch, self._gone)
+
+    async def close(self) -> None:
+        # The end of its input: it commits what it was given, then exits.
+        if self._flushing:
+            self._loop.remove_writer(self._requests)
+        os.close(self._requests)
+        await anyio.to_thread.run_sync(self._process.wait)
+        if self._gone is None:
+            os.set_blocking(self._answers, True)
+            while self._pending and self._gone is None:
+                self._answered()  # its last answers, if the loop has not read them
+            self._loop.remove_reader(self._answers)
+        os.close(self._answers)
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _close_all(fds: Sequence[int]) -> None:

@@ -1,0 +1,122 @@
+"""How the task store's batches are applied to SQLite: by :class:`SQLiteStore`
+in this process, and by the store's writer process, which runs this file as
+a script (``python -I -S sqlwrite.py``: the standard library only, so it
+starts in a few milliseconds and imports nothing of the caller's).
+
+The writer process exists for throughput: a batch committed there runs on
+another CPU beside the event loop, where a thread could not, since it needs
+the GIL back after every SQLite step while the loop runs Python (see
+``store._ChildWriter``). It reads frames from stdin, each a pickled list of
+operations, applies each list in one transaction, and answers each with a
+frame of its own: None, or the exception that SQLite raised. It ends at the
+end of its input, once the last batch is committed: when the store closes,
+or when the process that writes to it dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sqlite3
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# Each frame: its length, then a pickle of that many bytes.
+HEADER = struct.Struct("<I")
+
+
+def apply(
+    db: sqlite3.Connection, sql: Mapping[Any, str], ops: Sequence[tuple[Any, tuple[Any, ...]]]
+) -> None:
+    """Apply ``ops`` (kind, parameters) in one transaction; ``sql`` has each kind's statement."""
+    if len(ops) == 1:
+        # Its own transaction: BEGIN and COMMIT would be two more statements.
+        ((kind, params),) = ops
+        db.execute(sql[kind], params)
+        return
+    db.execute("BEGIN")
+    try:
+        i = 0
+        while i < len(ops):
+            # Consecutive operations of one kind go in one executemany.
+            kind = ops[i][0]
+            j = i
+            while j < len(ops) and ops[j][0] == kind:
+                j += 1
+            db.executemany(sql[kind], [params for _, params in ops[i:j]])
+            i = j
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def frame(value: Any) -> bytes:
+    data = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(data)) + data
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    """``size`` bytes from ``fd``; None at the end of the input."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)
+
+
+def _receive(fd: int) -> Any:
+    """The next frame's value; None at the end of the input."""
+    header = _read_exactly(fd, HEADER.size)
+    if header is None:
+        return None
+    (size,) = HEADER.unpack(header)
+    data = _read_exactly(fd, size)
+    return None if data is None else pickle.loads(data)  # noqa: S301 - from its own parent
+
+
+def _answer(fd: int, error: Exception | None) -> None:
+    try:
+        data = frame(error)
+    except Exception:  # noqa: BLE001 - an error that does not pickle: its words still go
+        data = frame(RuntimeError(repr(error)))
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _serve(requests: int, answers: int) -> None:
+    # Ctrl-C is for the parent, which closes the store in order; killed by
+    # it here, the writer would fail the commits that the close still makes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    opening = _receive(requests)
+    if opening is None:
+        return
+    path, synchronous, sql = opening
+    broken: Exception | None = None
+    try:
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute(f"PRAGMA synchronous = {synchronous}")
+    except sqlite3.Error as exc:
+        broken = exc  # every batch is answered with it
+    while (ops := _receive(requests)) is not None:
+        error = broken
+        if error is None:
+            try:
+                apply(db, sql, ops)
+            except Exception as exc:  # noqa: BLE001 - the batch's waiters get it
+                error = exc
+        try:
+            _answer(answers, error)
+        except BrokenPipeError:
+            return  # the parent is gone; what is committed stays
+    if broken is None:
+        db.close()
+
+
+if __name__ == "__main__":
+    _serve(0, 1)
