@@ -73,6 +73,12 @@ def writer_processes() -> list[int]:
     return found
 
 
+# The writer process is only used where it can run beside the event loop.
+beside_the_loop = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="a writer process needs a second CPU"
+)
+
+
 def large(prefix: str) -> list[Op]:
     """A batch that goes to the writer process."""
     return [("insert", row(f"{prefix}{i}")) for i in range(store_module.CHILD_BATCH)]
@@ -404,6 +410,7 @@ async def test_a_writer_that_cannot_start_fails_the_write_and_stops_the_journal(
     assert writer_threads() == []
 
 
+@beside_the_loop
 async def test_a_large_batch_is_committed_by_a_writer_process_that_ends_with_the_journal(
     store: SQLiteStore,
 ) -> None:
@@ -418,6 +425,7 @@ async def test_a_large_batch_is_committed_by_a_writer_process_that_ends_with_the
     assert await stored(store, "alone", "t0", "t15", "after") == {"alone", "t0", "t15", "after"}
 
 
+@beside_the_loop
 async def test_a_failed_commit_in_the_writer_process_fails_its_waiters_with_sqlites_error(
     store: SQLiteStore,
 ) -> None:
@@ -437,6 +445,7 @@ async def test_a_failed_commit_in_the_writer_process_fails_its_waiters_with_sqli
     assert writer_processes() == []
 
 
+@beside_the_loop
 async def test_a_writer_process_that_dies_stops_the_journal_loudly(store: SQLiteStore) -> None:
     # Killed, say: what it was given is not known committed, and nothing
     # after it can be promised.
@@ -459,6 +468,7 @@ async def test_a_writer_process_that_dies_stops_the_journal_loudly(store: SQLite
     assert writer_processes() == []
 
 
+@beside_the_loop
 async def test_ctrl_c_does_not_reach_the_writer_process(store: SQLiteStore) -> None:
     # Ctrl-C is the parent's, which then closes the store in order: the
     # writer must still be there to commit what the close writes.
@@ -472,6 +482,7 @@ async def test_ctrl_c_does_not_reach_the_writer_process(store: SQLiteStore) -> N
     assert await stored(store, "a0", "b0") == {"a0", "b0"}
 
 
+@beside_the_loop
 async def test_a_batch_larger_than_a_pipe_holds_reaches_the_writer_process_whole(
     store: SQLiteStore,
 ) -> None:

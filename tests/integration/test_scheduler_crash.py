@@ -191,6 +191,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a writer process needs a second CPU")
 async def test_a_new_instance_waits_for_the_last_commit_of_a_killed_owners_writer(
     tmp_path: Path,
 ) -> None:

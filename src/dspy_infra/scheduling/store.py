@@ -106,7 +106,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 -- The unfinished tasks, found at open in submit order. Keyed on what no
 -- start or requeue changes: an index on the state would be rewritten by
--- every start too, which cost the writer a fifth of its time per task.
+-- every start too: 2 to 4 us a task of the writer's (docs/benchmarks.md).
 -- (tasks_unfinished, on the state, is the index of earlier versions.)
 DROP INDEX IF EXISTS tasks_unfinished;
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks (seq) WHERE finished_at IS NULL;
@@ -762,7 +762,7 @@ class Journal:
         return self._writer
 
     def _committed(self, batch: _Batch, error: BaseException | None) -> None:
-        """On the event loop, once the writer thread is done with ``batch``."""
+        """On the event loop, once a writer is done with ``batch``."""
         self._writing = False
         if error is not None:
             # Nothing can be promised any more: wake the waiters with the
