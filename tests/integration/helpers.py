@@ -22,6 +22,12 @@ from dspy_infra.remote import RemoteAgentInfra, serve
 SERVICE = str(Path(__file__).with_name("_service.py"))
 
 
+# The store's writer process is only used where it can run beside the event loop.
+beside_the_loop = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="a writer process needs a second CPU"
+)
+
+
 def service(*args: str, port: bool = False, **fields: Any) -> dict[str, Any]:
     """A service table running tests/integration/_service.py with ``args``."""
     table: dict[str, Any] = {"command": [sys.executable, SERVICE, *args], **fields}

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sqlite3
+import subprocess
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from dspy_infra.errors import InfraClosed
 from dspy_infra.scheduling import sqlwrite
 from dspy_infra.scheduling import store as store_module
 from dspy_infra.scheduling.store import COLUMNS, Journal, Op, SQLiteStore, StoreFailed
+from tests.integration.helpers import beside_the_loop
 
 pytestmark = pytest.mark.anyio
 
@@ -71,12 +73,6 @@ def writer_processes() -> list[int]:
         if parent == os.getpid() and b"sqlwrite.py" in cmdline:
             found.append(int(entry))
     return found
-
-
-# The writer process is only used where it can run beside the event loop.
-beside_the_loop = pytest.mark.skipif(
-    len(os.sched_getaffinity(0)) < 2, reason="a writer process needs a second CPU"
-)
 
 
 def large(prefix: str) -> list[Op]:
@@ -507,3 +503,29 @@ async def test_on_one_cpu_large_batches_stay_with_the_thread(
         assert writer_processes() == []
         assert len(writer_threads()) == 1
     assert await stored(store, "t0") == {"t0"}
+
+
+@beside_the_loop
+async def test_a_writer_process_that_cannot_start_fails_the_write_and_stops_the_journal(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for the thread: the waiter is told, nothing is committed, nothing is left.
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    seen: list[str] = []
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    journal = Journal(store, threaded=True)
+    with anyio.fail_after(10), pytest.raises(ExceptionGroup) as caught:  # noqa: PT012
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal.run)
+            try:
+                await journal.write_all(large("t")).wait()
+            except Exception as exc:  # noqa: BLE001 - what the waiter learns is the point
+                seen.append(str(exc))
+    assert caught.group_contains(StoreFailed, match="writer could not start")
+    assert seen == [
+        "the task store's writer could not start: [Errno 11] Resource temporarily unavailable"
+    ]
+    assert await stored(store, "t0") == set()
+    assert writer_processes() == []

@@ -24,6 +24,7 @@ from dspy_infra import AgentInfra, ConfigError
 from dspy_infra.abc import TaskRun
 from dspy_infra.errors import StateDirInUse, TaskLost
 from dspy_infra.scheduling.tasks import TaskState
+from tests.integration.helpers import beside_the_loop
 
 pytestmark = pytest.mark.anyio
 
@@ -191,7 +192,7 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a writer process needs a second CPU")
+@beside_the_loop
 async def test_a_new_instance_waits_for_the_last_commit_of_a_killed_owners_writer(
     tmp_path: Path,
 ) -> None:
