@@ -529,3 +529,85 @@ async def test_a_writer_process_that_cannot_start_fails_the_write_and_stops_the_
     ]
     assert await stored(store, "t0") == set()
     assert writer_processes() == []
+
+
+@beside_the_loop
+async def test_parts_written_ahead_commit_with_the_rest_of_their_batch_not_before(
+    store: SQLiteStore,
+) -> None:
+    # A submit of thousands: its first rows go to the writer process while
+    # the rest are made, in the one transaction of the whole submit.
+    async with running(Journal(store, threaded=True)) as journal:
+        assert journal.can_write_ahead()
+        journal.write_ahead(large("a"))
+        journal.write_ahead(large("b"))
+        await anyio.sleep(0.2)  # the writer process has applied them, uncommitted
+        assert await stored(store, "a0", "b15") == set()
+        probe = sqlite3.connect(store.path, timeout=0, isolation_level=None)
+        with contextlib.closing(probe), pytest.raises(sqlite3.OperationalError, match="locked"):
+            probe.execute("BEGIN IMMEDIATE")  # its transaction holds the write lock
+        await journal.write_all(large("c")).wait()
+        assert await stored(store, "a0", "b15", "c0") == {"a0", "b15", "c0"}
+
+
+@beside_the_loop
+async def test_parts_retracted_are_never_stored_and_later_batches_are(
+    store: SQLiteStore,
+) -> None:
+    async with running(Journal(store, threaded=True)) as journal:
+        assert journal.can_write_ahead()
+        journal.write_ahead(large("a"))
+        await anyio.sleep(0.1)
+        journal.retract()
+        await journal.write(("insert", row("alone"))).wait()  # the thread's, after the rollback
+        await journal.write_all(large("b")).wait()
+    assert await stored(store, "a0", "a15", "alone", "b0") == {"alone", "b0"}
+
+
+@beside_the_loop
+async def test_a_part_that_fails_fails_its_batch_and_none_of_the_batch_is_stored(
+    store: SQLiteStore,
+) -> None:
+    journal = Journal(store, threaded=True)
+    seen: list[Exception] = []
+    with anyio.fail_after(10), pytest.raises(ExceptionGroup) as caught:  # noqa: PT012
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal.run)
+            assert journal.can_write_ahead()
+            journal.write_ahead(large("a"))
+            journal.write_ahead([("insert", ("only-an-id",))])  # too few values
+            journal.write_ahead(large("b"))
+            try:
+                await journal.write_all(large("c")).wait()
+            except Exception as exc:  # noqa: BLE001 - what the waiter learns is the point
+                seen.append(exc)
+    assert caught.group_contains(StoreFailed, match="the task store failed: Incorrect number")
+    assert [type(exc) for exc in seen] == [sqlite3.ProgrammingError]
+    assert await stored(store, "a0", "b0", "c0") == set()
+    assert writer_processes() == []
+
+
+@beside_the_loop
+async def test_nothing_goes_ahead_into_a_batch_begun_by_others_or_while_one_commits(
+    store: SQLiteStore,
+) -> None:
+    # What went ahead must be the caller's alone, to be taken back alone, and
+    # commit after every batch before it.
+    async with running(Journal(store, threaded=True)) as journal:
+        journal.write(("insert", row("other")), deferrable=True)
+        assert not journal.can_write_ahead()
+        await journal.write_all(large("a")).wait()
+        committing = journal.write_all(large("b"))
+        await anyio.lowlevel.checkpoint()  # handed over: at the writer now
+        assert not journal.can_write_ahead()
+        await committing.wait()
+        assert journal.can_write_ahead()
+    assert not journal.can_write_ahead()  # closed
+
+
+async def test_nothing_goes_ahead_without_a_writer_process(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert not Journal(store, threaded=False).can_write_ahead()  # committed inline
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0})
+    assert not Journal(store, threaded=True).can_write_ahead()  # one CPU: the thread's

@@ -239,6 +239,57 @@ async def test_a_new_instance_waits_for_the_last_commit_of_a_killed_owners_write
                         await anyio.sleep(0.01)
 
 
+HALFWAY = """
+import asyncio, os, signal, sqlite3, sys, time
+from dspy_infra import AgentInfra
+
+async def noop(payload):
+    return payload
+
+def payloads(db):
+    yield from range(2000)
+    time.sleep(0.5)  # the writer process applies the rows written ahead
+    probe = sqlite3.connect(db, timeout=0, isolation_level=None)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        print("not locked", flush=True)
+    except sqlite3.OperationalError as exc:
+        print(exc, flush=True)  # the writer's transaction holds the lock
+    os.kill(os.getpid(), signal.SIGKILL)
+
+async def main():
+    async with AgentInfra.start(state_dir=sys.argv[1], handlers={"noop": noop}) as infra:
+        for handle in await infra.submit_tasks("noop", range(20)):
+            await handle.result()
+        await infra.submit_tasks("noop", payloads(os.path.join(sys.argv[1], "tasks.db")))
+
+asyncio.run(main())
+"""
+
+
+@beside_the_loop
+async def test_an_owner_killed_in_the_middle_of_a_submit_stores_none_of_it(
+    tmp_path: Path,
+) -> None:
+    # A large submit's first rows are at the writer process before its last
+    # are made (in one transaction): killed in between, the owner leaves that
+    # transaction open, and the writer, at the end of its input, rolls it back.
+    state_dir = tmp_path / "state"
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(HALFWAY))
+    argv = [sys.executable, str(script), str(state_dir)]
+    owner = await anyio.run_process(argv, check=False)
+    assert owner.returncode == -signal.SIGKILL
+    assert owner.stdout.decode().strip() == "database is locked"
+    async with AgentInfra.start(state_dir=state_dir, handlers={"noop": _echo}) as infra:
+        assert (await infra.task_classes())["cpu_short"].queued == 0
+    db = sqlite3.connect(state_dir / "tasks.db")
+    with closing(db):
+        assert db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall() == [
+            ("succeeded", 20)
+        ]
+
+
 async def _left_running(state_dir: Path, config: dict[str, Any], **submit: Any) -> str:
     """An instance is closed while a task of class "c" runs: the task is stored to run again."""
     started = anyio.Event()

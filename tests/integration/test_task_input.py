@@ -14,7 +14,7 @@ import pytest
 from dspy_infra import AgentInfra
 from dspy_infra.errors import ConfigError, InvalidTask, UnknownTask
 from dspy_infra.scheduling.tasks import Resources
-from tests.integration.helpers import service
+from tests.integration.helpers import beside_the_loop, service
 
 # The instance of these tests names GPUs 0 and 1, whatever this machine has.
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("gpus_as_configured")]
@@ -170,6 +170,30 @@ async def test_bad_task_ids_are_refused(tmp_path: Path, task_id: str, fragment: 
         assert await longest.result() == 2
     assert calls == [2]
     assert stored_ids(tmp_path) == ["y" * 200]
+
+
+@beside_the_loop
+async def test_a_submit_of_thousands_found_bad_late_stores_none_of_it(tmp_path: Path) -> None:
+    # Their first rows were already at the store's writer (written ahead, in
+    # the transaction of the whole submit), and are taken back.
+    class Late(Exception):
+        pass
+
+    def failing(at: int) -> Any:
+        yield from range(at)
+        raise Late
+
+    calls: list[Any] = []
+    async with start(tmp_path, calls) as infra:
+        with pytest.raises(InvalidTask, match="not JSON-compatible"):
+            await infra.submit_tasks("echo", [*range(1500), {"bad": {3}}])
+        with pytest.raises(Late):
+            await infra.submit_tasks("echo", failing(2000))
+        assert stored_ids(tmp_path) == []
+        handles = await infra.submit_tasks("echo", range(1200))
+        assert [await h.result() for h in handles] == list(range(1200))
+    assert len(calls) == 1200
+    assert stored_ids(tmp_path) == [h.task_id for h in handles]
 
 
 async def test_submit_tasks_stores_all_or_none(tmp_path: Path) -> None:

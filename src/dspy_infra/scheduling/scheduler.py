@@ -106,6 +106,9 @@ _FORGET_EVERY = (1.0, 600.0)  # at least, at most
 _RUNS_PER_CHECKPOINT = 8
 # Distinct request shapes whose checks are remembered (see _record).
 _CHECKED = 256
+# A submit by payload sends its inserts ahead to the writer this many at a time
+# (see submit_payloads): a frame of about 40 KB, which a pipe takes at once.
+_AHEAD = 512
 _SERVICE_READY_EVENTS = frozenset({"service_started", "service_healthy", "service_completed"})
 _SERVICE_DOWN_EVENTS = frozenset({"service_failed"})
 
@@ -591,22 +594,35 @@ class LocalScheduler:
         check_template(template)
         records = []
         checked: _Checked | None = None
-        for payload in payloads:
-            task_id = _new_task_id()
-            checked = checked or self._checks(task_id, template)
-            records.append(self._record(task_id, template, checked, payload))
-        await self._store_new(records)
+        sent = 0  # how many of the records' inserts went ahead to the writer
+        try:
+            for payload in payloads:
+                task_id = _new_task_id()
+                checked = checked or self._checks(task_id, template)
+                records.append(self._record(task_id, template, checked, payload))
+                # Thousands of them: the writer stores the first while the
+                # rest are made (Journal.write_ahead), in the one commit.
+                if len(records) - sent >= _AHEAD and self._journal.can_write_ahead():
+                    self._journal.write_ahead([("insert", r.row()) for r in records[sent:]])
+                    sent = len(records)
+        except BaseException:
+            self._journal.retract()
+            raise
+        await self._store_new(records, sent)
         return [record.task_id for record in records]
 
-    async def _store_new(self, records: list[TaskRecord]) -> None:
-        """Commit the new records' inserts; once committed, they are queued."""
+    async def _store_new(self, records: list[TaskRecord], sent: int = 0) -> None:
+        """Commit the new records' inserts (those of the first ``sent`` written
+        ahead already); once committed, they are queued."""
         # A lone task that its class can start at once is stored started (its
         # first attempt counted): one commit between submit and start, not two.
         early = records[0] if len(records) == 1 and self._startable(records[0]) else None
         if early is not None:
             self._claim(self._classes[early.task_class], early)
         if records:
-            written = self._journal.write_all([("insert", record.row()) for record in records])
+            written = self._journal.write_all(
+                [("insert", record.row()) for record in records[sent:]]
+            )
             for record in records:
                 self._live[record.task_id] = record
                 self._classes[record.task_class].committing += 1

@@ -10,7 +10,14 @@ the GIL back after every SQLite step while the loop runs Python (see
 operations, applies each list in one transaction, and answers each with a
 frame of its own: None, or the exception that SQLite raised. It ends at the
 end of its input, once the last batch is committed: when the store closes,
-or when the process that writes to it dies, however it dies.
+or when the process that writes to it dies, however it dies; a transaction
+left open then is rolled back.
+
+A batch may come in parts, so that its first rows are written while the
+caller still makes the rest (a submit of thousands): each ``(PART, ops)``
+frame is applied in the batch's transaction, left open and not answered;
+the batch's last frame, a plain list, commits it all. ``(RETRACT, None)``
+rolls the parts back: the caller found the batch invalid before its end.
 """
 
 from __future__ import annotations
@@ -25,18 +32,30 @@ from typing import Any
 
 # Each frame: its length, then a pickle of that many bytes.
 HEADER = struct.Struct("<I")
+# The frames other than a batch (see above): (PART, ops) and (RETRACT, None).
+PART = "part"
+RETRACT = "retract"
+
+Ops = Sequence[tuple[Any, tuple[Any, ...]]]
 
 
-def apply(
-    db: sqlite3.Connection, sql: Mapping[Any, str], ops: Sequence[tuple[Any, tuple[Any, ...]]]
-) -> None:
-    """Apply ``ops`` (kind, parameters) in one transaction; ``sql`` has each kind's statement."""
-    if len(ops) == 1:
+def apply(db: sqlite3.Connection, sql: Mapping[Any, str], ops: Ops) -> None:
+    """Apply ``ops`` (kind, parameters) in one transaction, with the parts of it
+    already applied (:func:`apply_part`), if any; ``sql`` has each kind's statement."""
+    if len(ops) == 1 and not db.in_transaction:
         # Its own transaction: BEGIN and COMMIT would be two more statements.
         ((kind, params),) = ops
         db.execute(sql[kind], params)
         return
-    db.execute("BEGIN")
+    apply_part(db, sql, ops)
+    db.execute("COMMIT")
+
+
+def apply_part(db: sqlite3.Connection, sql: Mapping[Any, str], ops: Ops) -> None:
+    """Apply ``ops`` in the open transaction, or in a new one, left open; on an
+    error, the transaction is rolled back, with the parts before."""
+    if not db.in_transaction:
+        db.execute("BEGIN")
     try:
         i = 0
         while i < len(ops):
@@ -50,7 +69,6 @@ def apply(
     except BaseException:
         db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def frame(value: Any) -> bytes:
@@ -103,8 +121,21 @@ def _serve(requests: int, answers: int) -> None:
         db.execute(f"PRAGMA synchronous = {synchronous}")
     except sqlite3.Error as exc:
         broken = exc  # every batch is answered with it
+    failed: Exception | None = None  # a part of the batch in hand failed: so does the batch
     while (ops := _receive(requests)) is not None:
-        error = broken
+        if isinstance(ops, tuple):  # a part of a batch (not answered), or their retraction
+            kind, part = ops
+            if kind == RETRACT:
+                failed = None
+                if broken is None and db.in_transaction:
+                    db.execute("ROLLBACK")
+            elif broken is None and failed is None:
+                try:
+                    apply_part(db, sql, part)
+                except Exception as exc:  # noqa: BLE001 - the batch's answer
+                    failed = exc
+            continue
+        error, failed = broken or failed, None
         if error is None:
             try:
                 apply(db, sql, ops)

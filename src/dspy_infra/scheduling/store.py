@@ -573,10 +573,11 @@ class StoreFailed(InfraError):
 
 
 class _Batch:
-    __slots__ = ("callbacks", "done", "error", "hand_over", "ops", "urgent")
+    __slots__ = ("callbacks", "done", "error", "hand_over", "ops", "sent", "urgent")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
+        self.sent = 0  # how many of ops went ahead to the writer process (Journal.write_ahead)
         self.callbacks: list[tuple[Callable[[Any], object], Any]] = []
         self.done = anyio.Event()
         self.error: BaseException | None = None
@@ -705,6 +706,50 @@ class Journal:
             written.then(then, arg)
         return written
 
+    def can_write_ahead(self) -> bool:
+        """Whether :meth:`write_ahead` would take operations now; it starts the
+        writer process for them if need be."""
+        batch = self._batch
+        if not (
+            len(batch.ops) == batch.sent  # a batch of the caller's own
+            and self._threaded
+            and self._child_store is not None
+            and not (self._writing or self._closed or self._failure is not None)
+        ):
+            return False
+        try:
+            self._child_writer()
+        except Exception:  # noqa: BLE001 - the batch goes whole, and its hand-over meets
+            return False  # the error again, which stops the journal
+        return True
+
+    def write_ahead(self, ops: Sequence[Op]) -> None:
+        """Write ``ops`` and send them to the writer process now, as the first
+        part of the batch being gathered, which commits with the rest of it;
+        only when :meth:`can_write_ahead`.
+
+        A submit of thousands of tasks thus has its first rows stored while
+        its last are still being made, not all of them after: the loop makes
+        a row in about 5 microseconds, the writer stores it in 5 to 7. They
+        go ahead only into a batch of their own, with no batch at a writer,
+        so that :meth:`retract` can take them back.
+        """
+        assert self._child is not None
+        batch = self._batch
+        batch.ops.extend(ops)
+        batch.sent = len(batch.ops)
+        self._child.send_part(ops)
+
+    def retract(self) -> None:
+        """Take back what :meth:`write_ahead` wrote (in the same step of the loop:
+        nothing else was written since): the caller found it invalid."""
+        batch = self._batch
+        if batch.sent:
+            del batch.ops[: batch.sent]
+            batch.sent = 0
+            assert self._child is not None
+            self._child.retract()
+
     def _writer_on_loop_cpu(self) -> bool:
         """Whether a lone commit now is cheap and starts at once (see the class)."""
         return (
@@ -737,7 +782,7 @@ class Journal:
             self._stop(InfraClosed("the task store is closed: this write came after its end"))
             return
         try:
-            writer = self._writer_for(len(self._batch.ops))
+            writer = self._writer_for(self._batch)
         except Exception as exc:  # noqa: BLE001 - out of fds or threads: nothing can be stored
             failure = StoreFailed(f"the task store's writer could not start: {exc}")
             failure.__cause__ = exc
@@ -748,18 +793,23 @@ class Journal:
         self._writing = True
         writer.apply(batch, self._committed)
 
-    def _writer_for(self, size: int) -> _Writer | _ChildWriter:
-        """The thread for small batches, the process for large ones (see _ChildWriter);
-        each made when first needed. One batch at a time is with either, so they
-        commit in the order written."""
-        loop = asyncio.get_running_loop()
-        if size >= CHILD_BATCH and self._child_store is not None:
-            if self._child is None:
-                self._child = _ChildWriter(self._child_store, loop)
-            return self._child
+    def _writer_for(self, batch: _Batch) -> _Writer | _ChildWriter:
+        """The thread for small batches, the process for large ones (see _ChildWriter)
+        and for those it has parts of; each made when first needed. One batch at a
+        time is with either, so they commit in the order written."""
+        if batch.sent or len(batch.ops) >= CHILD_BATCH:
+            child = self._child_writer()
+            if child is not None:
+                return child
         if self._writer is None:
-            self._writer = _Writer(self._store.apply, loop)
+            self._writer = _Writer(self._store.apply, asyncio.get_running_loop())
         return self._writer
+
+    def _child_writer(self) -> _ChildWriter | None:
+        """The writer process, started when first needed; None where there is none."""
+        if self._child is None and self._child_store is not None:
+            self._child = _ChildWriter(self._child_store, asyncio.get_running_loop())
+        return self._child
 
     def _committed(self, batch: _Batch, error: BaseException | None) -> None:
         """On the event loop, once a writer is done with ``batch``."""
@@ -995,7 +1045,16 @@ class _ChildWriter:
             self._loop.call_soon(answer, batch, self._gone)
             return
         self._pending.append((batch, answer))
-        self._send(batch.ops)
+        # The rest of it, after the parts sent ahead: those commit with it.
+        self._send(batch.ops[batch.sent :] if batch.sent else batch.ops)
+
+    def send_part(self, ops: Sequence[Op]) -> None:
+        """Ops to apply in the transaction of the next batch, ahead of it."""
+        self._send((sqlwrite.PART, ops))
+
+    def retract(self) -> None:
+        """Roll back the parts sent ahead."""
+        self._send((sqlwrite.RETRACT, None))
 
     def _send(self, value: Any) -> None:
         self._out += sqlwrite.frame(value)
