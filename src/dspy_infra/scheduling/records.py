@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from dspy_infra.scheduling.store import Row, Written
+from dspy_infra.scheduling.store import Row, Written, loads
 from dspy_infra.scheduling.tasks import TaskState, TaskStatus
 
 __all__ = ["Need", "TaskRecord"]
@@ -196,4 +196,4 @@ class TaskRecord:
         )
 
     def result_value(self) -> Any:
-        return json.loads(self.result) if self.result is not None else None
+        return loads(self.result) if self.result is not None else None

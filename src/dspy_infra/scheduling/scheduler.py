@@ -24,7 +24,6 @@ import asyncio
 import functools
 import heapq
 import itertools
-import json
 import logging
 import math
 import os
@@ -79,6 +78,7 @@ from dspy_infra.scheduling.store import (
     OpKind,
     SQLiteStore,
     Store,
+    loads,
 )
 from dspy_infra.scheduling.tasks import (
     ClassStatus,
@@ -1375,7 +1375,7 @@ class LocalScheduler:
         if record.cancel_requested:
             return TaskState.CANCELLED, None, "cancelled before it started"
         try:
-            payload = json.loads(record.payload)
+            payload = loads(record.payload)
         except RecursionError:
             # Stored by a version without the limit on nesting (or decoded
             # deeper in the stack than it was encoded): the task's failure.
@@ -1778,7 +1778,7 @@ def _remove_work_dirs(tasks_dir: Path, task_ids: list[str]) -> None:
 
 
 def _decode(text: str) -> Any:
-    return None if text == "null" else json.loads(text)
+    return None if text == "null" else loads(text)
 
 
 def _always(_: TaskRecord) -> bool:

@@ -1202,3 +1202,21 @@ Written = _Batch | _Applied
 # encoder, made once: json.dumps with options builds a new one per call.
 JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 dumps = JSON_ENCODER.encode
+# The decoder's C scanner (set by JSONDecoder.__init__; not in its stubs).
+_SCAN: Callable[[str, int], tuple[Any, int]] = cast("Any", json.JSONDecoder()).scan_once
+
+
+def loads(text: str) -> Any:
+    """Stored JSON, as :data:`dumps` writes it (one value, nothing around it).
+
+    ``json.loads`` less the three Python calls around its C scanner: a
+    quarter of the time for a small payload (0.4 against 1.5 us), paid once
+    per attempt and per result. Text not written so gets ``json.loads``.
+    """
+    try:
+        value, end = _SCAN(text, 0)
+    except StopIteration:
+        end = -1
+    if end != len(text):
+        return json.loads(text)  # its value, or json's own error
+    return value

@@ -38,7 +38,7 @@ from dspy_infra.errors import InfraClosed, InvalidTask
 from dspy_infra.events import EventBus, EventsDropped, check_since
 from dspy_infra.metrics import Metrics
 from dspy_infra.scheduling.checks import encode_json, json_too_deep, too_deep_error
-from dspy_infra.scheduling.store import RunRow, StepRow, Written, dumps
+from dspy_infra.scheduling.store import RunRow, StepRow, Written, dumps, loads
 from dspy_infra.scheduling.tasks import TaskRequest, TaskState
 from dspy_infra.workflows.model import (
     Encoded,
@@ -84,7 +84,7 @@ _CANCELLING = "cancelling: cancel_run() was called"
 
 
 def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+    return None if text is None else loads(text)
 
 
 class _Step:
