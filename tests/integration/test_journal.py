@@ -539,8 +539,8 @@ async def test_parts_written_ahead_commit_with_the_rest_of_their_batch_not_befor
     # the rest are made, in the one transaction of the whole submit.
     async with running(Journal(store, threaded=True)) as journal:
         assert journal.can_write_ahead()
-        journal.write_ahead(large("a"))
-        journal.write_ahead(large("b"))
+        journal.write_ahead(large("a"), 16)
+        journal.write_ahead(large("b"), 16)
         await anyio.sleep(0.2)  # the writer process has applied them, uncommitted
         assert await stored(store, "a0", "b15") == set()
         probe = sqlite3.connect(store.path, timeout=0, isolation_level=None)
@@ -556,7 +556,7 @@ async def test_parts_retracted_are_never_stored_and_later_batches_are(
 ) -> None:
     async with running(Journal(store, threaded=True)) as journal:
         assert journal.can_write_ahead()
-        journal.write_ahead(large("a"))
+        journal.write_ahead(large("a"), 16)
         await anyio.sleep(0.1)
         journal.retract()
         await journal.write(("insert", row("alone"))).wait()  # the thread's, after the rollback
@@ -574,9 +574,9 @@ async def test_a_part_that_fails_fails_its_batch_and_none_of_the_batch_is_stored
         async with anyio.create_task_group() as tg:
             tg.start_soon(journal.run)
             assert journal.can_write_ahead()
-            journal.write_ahead(large("a"))
-            journal.write_ahead([("insert", ("only-an-id",))])  # too few values
-            journal.write_ahead(large("b"))
+            journal.write_ahead(large("a"), 16)
+            journal.write_ahead([("insert", ("only-an-id",))], 1)  # too few values
+            journal.write_ahead(large("b"), 16)
             try:
                 await journal.write_all(large("c")).wait()
             except Exception as exc:  # noqa: BLE001 - what the waiter learns is the point

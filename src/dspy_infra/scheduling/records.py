@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from dspy_infra.scheduling.store import Row, Written, loads
+from dspy_infra.scheduling.store import Op, Row, Written, loads
 from dspy_infra.scheduling.tasks import TaskState, TaskStatus
 
 __all__ = ["Need", "TaskRecord"]
@@ -129,6 +129,23 @@ class TaskRecord:
             self.result,
             self.error,
         )
+
+    @staticmethod
+    def insert_all(records: list[TaskRecord]) -> Op:
+        """The insert of new queued records of one shape (a submit by payload):
+        what they share once, then each one's id, payload and submit time."""
+        first = records[0]
+        shape = (
+            first.handler,
+            first.task_class,
+            first.priority,
+            _json(first.needs),
+            first.workflow_id,
+            first.max_attempts,
+            first.timeout,
+            _json(first.need),
+        )
+        return ("insert_all", (shape, [(r.task_id, r.payload, r.submitted_at) for r in records]))
 
     @classmethod
     def from_row(cls, row: Row, seq: int) -> TaskRecord:

@@ -603,26 +603,35 @@ class LocalScheduler:
                 # Thousands of them: the writer stores the first while the
                 # rest are made (Journal.write_ahead), in the one commit.
                 if len(records) - sent >= _AHEAD and self._journal.can_write_ahead():
-                    self._journal.write_ahead([("insert", r.row()) for r in records[sent:]])
+                    self._journal.write_ahead(
+                        [TaskRecord.insert_all(records[sent:])], len(records) - sent
+                    )
                     sent = len(records)
         except BaseException:
             self._journal.retract()
             raise
-        await self._store_new(records, sent)
+        await self._store_new(records, sent, shaped=True)
         return [record.task_id for record in records]
 
-    async def _store_new(self, records: list[TaskRecord], sent: int = 0) -> None:
-        """Commit the new records' inserts (those of the first ``sent`` written
-        ahead already); once committed, they are queued."""
+    async def _store_new(
+        self, records: list[TaskRecord], sent: int = 0, *, shaped: bool = False
+    ) -> None:
+        """Commit the new records' inserts (but those of the first ``sent``, written
+        ahead already); ``shaped``: they share a shape (TaskRecord.insert_all).
+        Once committed, they are queued."""
         # A lone task that its class can start at once is stored started (its
         # first attempt counted): one commit between submit and start, not two.
         early = records[0] if len(records) == 1 and self._startable(records[0]) else None
         if early is not None:
             self._claim(self._classes[early.task_class], early)
         if records:
-            written = self._journal.write_all(
-                [("insert", record.row()) for record in records[sent:]]
-            )
+            rest = records[sent:]
+            inserts: list[Op]
+            if early is not None or not shaped:
+                inserts = [("insert", record.row()) for record in rest]
+            else:
+                inserts = [TaskRecord.insert_all(rest)] if rest else []
+            written = self._journal.write_all(inserts, rows=len(rest))
             for record in records:
                 self._live[record.task_id] = record
                 self._classes[record.task_class].committing += 1

@@ -6,8 +6,10 @@ starts in a few milliseconds and imports nothing of the caller's).
 The writer process exists for throughput: a batch committed there runs on
 another CPU beside the event loop, where a thread could not, since it needs
 the GIL back after every SQLite step while the loop runs Python (see
-``store._ChildWriter``). It reads frames from stdin, each a pickled list of
-operations, applies each list in one transaction, and answers each with a
+``store._ChildWriter``). Its first frame says what to write to: the file,
+its ``synchronous`` setting, each kind of operation's statement, and a
+script to run on the connection first. It then reads frames from stdin,
+each a pickled list of operations, applies each list in one transaction, and answers each with a
 frame of its own: None, or the exception that SQLite raised. It ends at the
 end of its input, once the last batch is committed: when the store closes,
 or when the process that writes to it dies, however it dies; a transaction
@@ -36,22 +38,28 @@ HEADER = struct.Struct("<I")
 PART = "part"
 RETRACT = "retract"
 
-Ops = Sequence[tuple[Any, tuple[Any, ...]]]
+Ops = Sequence[tuple[Any, Any]]
+# A kind's statement, run once per operation with its parameters; or a pair:
+# the first run with the operation's first parameter, the second with each
+# row of its second (many rows that share most of their values).
+Statement = str | tuple[str, str]
 
 
-def apply(db: sqlite3.Connection, sql: Mapping[Any, str], ops: Ops) -> None:
+def apply(db: sqlite3.Connection, sql: Mapping[Any, Statement], ops: Ops) -> None:
     """Apply ``ops`` (kind, parameters) in one transaction, with the parts of it
     already applied (:func:`apply_part`), if any; ``sql`` has each kind's statement."""
     if len(ops) == 1 and not db.in_transaction:
-        # Its own transaction: BEGIN and COMMIT would be two more statements.
         ((kind, params),) = ops
-        db.execute(sql[kind], params)
-        return
+        statement = sql[kind]
+        if isinstance(statement, str):
+            # Its own transaction: BEGIN and COMMIT would be two more statements.
+            db.execute(statement, params)
+            return
     apply_part(db, sql, ops)
     db.execute("COMMIT")
 
 
-def apply_part(db: sqlite3.Connection, sql: Mapping[Any, str], ops: Ops) -> None:
+def apply_part(db: sqlite3.Connection, sql: Mapping[Any, Statement], ops: Ops) -> None:
     """Apply ``ops`` in the open transaction, or in a new one, left open; on an
     error, the transaction is rolled back, with the parts before."""
     if not db.in_transaction:
@@ -59,12 +67,19 @@ def apply_part(db: sqlite3.Connection, sql: Mapping[Any, str], ops: Ops) -> None
     try:
         i = 0
         while i < len(ops):
+            kind, params = ops[i]
+            statement = sql[kind]
+            if not isinstance(statement, str):
+                first, each = statement
+                db.execute(first, params[0])
+                db.executemany(each, params[1])
+                i += 1
+                continue
             # Consecutive operations of one kind go in one executemany.
-            kind = ops[i][0]
-            j = i
+            j = i + 1
             while j < len(ops) and ops[j][0] == kind:
                 j += 1
-            db.executemany(sql[kind], [params for _, params in ops[i:j]])
+            db.executemany(statement, [params for _, params in ops[i:j]])
             i = j
     except BaseException:
         db.execute("ROLLBACK")
@@ -114,11 +129,12 @@ def _serve(requests: int, answers: int) -> None:
     opening = _receive(requests)
     if opening is None:
         return
-    path, synchronous, sql = opening
+    path, synchronous, sql, setup = opening
     broken: Exception | None = None
     try:
         db = sqlite3.connect(path, isolation_level=None)
         db.execute(f"PRAGMA synchronous = {synchronous}")
+        db.executescript(setup)
     except sqlite3.Error as exc:
         broken = exc  # every batch is answered with it
     failed: Exception | None = None  # a part of the batch in hand failed: so does the batch

@@ -164,6 +164,7 @@ _SELECT = f"SELECT {', '.join(COLUMNS)} FROM tasks"  # noqa: S608
 
 OpKind = Literal[
     "insert",
+    "insert_all",
     "start",
     "requeue",
     "finish",
@@ -174,16 +175,28 @@ OpKind = Literal[
     "step",
     "forget_run",
 ]
-# (kind, parameters). insert: a full row in COLUMNS order; start: (attempts,
+# (kind, parameters). insert: a full row in COLUMNS order; insert_all: (shape,
+# rows), new tasks of one shape (a submit by payload), queued, no attempt yet:
+# shape is (handler, task_class, priority, needs, workflow_id, max_attempts,
+# timeout, resources), and each row (task_id, payload, submitted_at); start: (attempts,
 # started_at, task_id); requeue: (attempts, not_before, error, task_id);
 # finish: (state, finished_at, result, error, task_id); forget: (task_id,),
 # which removes a finished task's row (an unfinished one stays).
 Op = tuple[OpKind, tuple[Any, ...]]
 
-_SQL: dict[OpKind, str] = {
+_SQL: dict[OpKind, sqlwrite.Statement] = {
     "insert": (
         f"INSERT OR IGNORE INTO tasks ({', '.join(COLUMNS)}) "  # noqa: S608 - constant names
         f"VALUES ({', '.join('?' * len(COLUMNS))})"
+    ),
+    # The shape once, then three values a row: binding all 18 of a row cost
+    # the writer twice the time of the insert itself (docs/benchmarks.md).
+    "insert_all": (
+        "INSERT OR REPLACE INTO temp.shape VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR IGNORE INTO tasks (task_id, payload, submitted_at, handler, task_class, "
+        "priority, needs, workflow_id, state, attempts, max_attempts, timeout, resources) "
+        "SELECT ?, ?, ?, handler, task_class, priority, needs, workflow_id, 'queued', 0, "
+        "max_attempts, timeout, resources FROM temp.shape",
     ),
     "start": "UPDATE tasks SET state = 'running', attempts = ?, started_at = ? WHERE task_id = ?",
     "requeue": (
@@ -211,6 +224,14 @@ _SQL: dict[OpKind, str] = {
     "forget_run": "DELETE FROM workflow_runs WHERE run_id = ? AND state != 'running'",
 }
 _WORKFLOW_KINDS = frozenset({"workflow", "run", "run_state", "step", "forget_run"})
+# What each writing connection needs besides the file's tables (insert_all's shape).
+_WRITER_SETUP = """
+PRAGMA temp_store = MEMORY;
+CREATE TEMP TABLE IF NOT EXISTS shape (
+    id INTEGER PRIMARY KEY, handler, task_class, priority, needs, workflow_id,
+    max_attempts, timeout, resources
+);
+"""
 
 # Finished tasks, except those of workflow runs still running: a resumed run
 # looks its steps' tasks up by id (RUN:STEP[:i]), and must find them. The
@@ -312,6 +333,7 @@ class SQLiteStore:
             db.execute(f"PRAGMA synchronous = {self._synchronous}")
             db.executescript(_SCHEMA)
             db.executescript(_WORKFLOW_SCHEMA)
+            db.executescript(_WRITER_SETUP)
             rows = db.execute(
                 # Unfinished: only the finish sets finished_at (see _SQL).
                 f"{_SELECT} WHERE finished_at IS NULL ORDER BY seq"
@@ -326,9 +348,9 @@ class SQLiteStore:
     def apply(self, ops: Sequence[Op]) -> None:
         sqlwrite.apply(self._connection(), _SQL, ops)
 
-    def writer_opening(self) -> tuple[str, str, dict[OpKind, str]]:
+    def writer_opening(self) -> tuple[str, str, dict[OpKind, sqlwrite.Statement], str]:
         """What the writer process needs to write as :meth:`apply` does (see sqlwrite)."""
-        return str(self.path), self._synchronous, _SQL
+        return str(self.path), self._synchronous, _SQL, _WRITER_SETUP
 
     @property
     def lock_fd(self) -> int | None:
@@ -519,6 +541,9 @@ class MemoryStore:
                 if params[0] not in rows:
                     rows[params[0]] = list(params)
                 continue
+            if kind == "insert_all":
+                self._insert_all(*params)
+                continue
             if kind == "forget":
                 row = rows.get(params[0])
                 if row is not None and row[_FINISHED_AT] is not None:
@@ -530,6 +555,17 @@ class MemoryStore:
                 row[i] = value
             if state is not None:
                 row[_STATE_AT] = state
+
+    def _insert_all(self, shape: tuple[Any, ...], new: Sequence[tuple[str, str, float]]) -> None:
+        handler, task_class, priority, needs, workflow_id, max_attempts, timeout, resources = shape
+        rows = self._rows
+        for task_id, payload, submitted_at in new:
+            if task_id not in rows:
+                rows[task_id] = [
+                    *(task_id, handler, task_class, priority, payload, needs, workflow_id),
+                    *("queued", 0, max_attempts, timeout, resources, submitted_at),
+                    *(None, None, None, None, None),
+                ]
 
     def stored(self, task_ids: Collection[str]) -> set[str]:
         return {t for t in task_ids if t in self._rows}
@@ -573,10 +609,11 @@ class StoreFailed(InfraError):
 
 
 class _Batch:
-    __slots__ = ("callbacks", "done", "error", "hand_over", "ops", "sent", "urgent")
+    __slots__ = ("callbacks", "done", "error", "hand_over", "ops", "rows", "sent", "urgent")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
+        self.rows = 0  # how many rows the ops write: the size that picks the writer
         self.sent = 0  # how many of ops went ahead to the writer process (Journal.write_ahead)
         self.callbacks: list[tuple[Callable[[Any], object], Any]] = []
         self.done = anyio.Event()
@@ -677,10 +714,12 @@ class Journal:
         arg: Any = None,
         *,
         deferrable: bool = False,
+        rows: int | None = None,
     ) -> Written:
         """:meth:`write` of several operations, in order, with one ``then`` for all:
         the scheduler's starts and ends of the attempts that one step dispatched
-        or ended cost one call, not one each."""
+        or ended cost one call, not one each. ``rows``: how many rows they
+        write, where that is not one each (an ``insert_all`` writes many)."""
         if not self._threaded:
             self._store.apply(ops)
             written: Written = _APPLIED
@@ -691,6 +730,7 @@ class Journal:
                 # soon as the loop idles, over before the next submit comes.
                 deferrable = False
             written.ops.extend(ops)
+            written.rows += len(ops) if rows is None else rows
             if not deferrable or self._closed:  # once closing, nothing waits for company
                 written.urgent = True
             if not (self._writing or self._handing_over or self._failure is not None):
@@ -723,7 +763,7 @@ class Journal:
             return False  # the error again, which stops the journal
         return True
 
-    def write_ahead(self, ops: Sequence[Op]) -> None:
+    def write_ahead(self, ops: Sequence[Op], rows: int) -> None:
         """Write ``ops`` and send them to the writer process now, as the first
         part of the batch being gathered, which commits with the rest of it;
         only when :meth:`can_write_ahead`.
@@ -737,6 +777,7 @@ class Journal:
         assert self._child is not None
         batch = self._batch
         batch.ops.extend(ops)
+        batch.rows += rows
         batch.sent = len(batch.ops)
         self._child.send_part(ops)
 
@@ -745,9 +786,9 @@ class Journal:
         nothing else was written since): the caller found it invalid."""
         batch = self._batch
         if batch.sent:
-            del batch.ops[: batch.sent]
-            batch.sent = 0
-            assert self._child is not None
+            assert len(batch.ops) == batch.sent and self._child is not None
+            batch.ops.clear()
+            batch.rows = batch.sent = 0
             self._child.retract()
 
     def _writer_on_loop_cpu(self) -> bool:
@@ -797,7 +838,7 @@ class Journal:
         """The thread for small batches, the process for large ones (see _ChildWriter)
         and for those it has parts of; each made when first needed. One batch at a
         time is with either, so they commit in the order written."""
-        if batch.sent or len(batch.ops) >= CHILD_BATCH:
+        if batch.sent or batch.rows >= CHILD_BATCH:
             child = self._child_writer()
             if child is not None:
                 return child
