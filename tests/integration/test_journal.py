@@ -611,3 +611,34 @@ async def test_nothing_goes_ahead_without_a_writer_process(
     assert not Journal(store, threaded=False).can_write_ahead()  # committed inline
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0})
     assert not Journal(store, threaded=True).can_write_ahead()  # one CPU: the thread's
+
+
+def state_of(pid: int) -> str:
+    """The process's state as /proc has it: R running, S asleep..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def cpu_ns(pid: int) -> int:
+    """The time the process has run on a CPU, in nanoseconds (its first thread's)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
+@beside_the_loop
+async def test_the_writer_process_polls_for_the_next_batch_a_moment_then_sleeps(
+    store: SQLiteStore,
+) -> None:
+    # A busy scheduler's next batch then finds it awake (the wake-up of a
+    # sleeping reader costs the event loop's write 15 to 25 us on a VM);
+    # an idle one costs it no CPU.
+    async with running(Journal(store, threaded=True)) as journal:
+        await journal.write_all(large("a")).wait()
+        (pid,) = writer_processes()
+        await anyio.sleep(0.1)
+        await journal.write_all(large("b")).wait()
+        answered = cpu_ns(pid)
+        await anyio.sleep(0.2)
+        polled = cpu_ns(pid) - answered
+        assert 0.1e6 <= polled <= 20 * sqlwrite.POLL_SECONDS * 1e9
+        await anyio.sleep(0.5)
+        assert cpu_ns(pid) - answered - polled < 0.5e6  # asleep in read()
+        assert state_of(pid) == "S"

@@ -786,7 +786,8 @@ class Journal:
         nothing else was written since): the caller found it invalid."""
         batch = self._batch
         if batch.sent:
-            assert len(batch.ops) == batch.sent and self._child is not None
+            assert len(batch.ops) == batch.sent
+            assert self._child is not None
             batch.ops.clear()
             batch.rows = batch.sent = 0
             self._child.retract()
