@@ -9,11 +9,11 @@ the GIL back after every SQLite step while the loop runs Python (see
 ``store._ChildWriter``). Its first frame says what to write to: the file,
 its ``synchronous`` setting, each kind of operation's statement, and a
 script to run on the connection first. It then reads frames from stdin,
-each a pickled list of operations, applies each list in one transaction, and answers each with a
-frame of its own: None, or the exception that SQLite raised. It ends at the
-end of its input, once the last batch is committed: when the store closes,
-or when the process that writes to it dies, however it dies; a transaction
-left open then is rolled back.
+each a pickled list of operations, applies each list in one transaction,
+and answers each with a frame of its own: None, or the exception that
+SQLite raised. It ends at the end of its input, once the last batch is
+committed: when the store closes, or when the process that writes to it
+dies, however it dies; a transaction left open then is rolled back.
 
 A batch may come in parts, so that its first rows are written while the
 caller still makes the rest (a submit of thousands): each ``(PART, ops)``

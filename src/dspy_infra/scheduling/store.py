@@ -248,7 +248,7 @@ Row = tuple[Any, ...]
 # about the gap between two calls of a client that submits one task at a
 # time over gRPC, and short beside anything a person or a poll would notice.
 DEFER_SECONDS = 0.002
-# Batches of this many operations or more go to the writer process (_ChildWriter).
+# Batches that write this many rows or more go to the writer process (_ChildWriter).
 CHILD_BATCH = 16
 # How long a new instance waits for the writer process of a crashed one to
 # finish its last commit (see _lock): SQLite's busy timeout, and some.
@@ -651,8 +651,8 @@ class Journal:
     The thread does not run beside the event loop, though: the two share the
     GIL, and the writer, needing it back after each SQLite step while the
     loop runs Python, waits for the loop to let go of it; so the two take
-    turns, and batching is what makes the turns cheap. A batch of
-    :data:`CHILD_BATCH` operations or more goes to a writer process instead
+    turns, and batching is what makes the turns cheap. A batch that writes
+    :data:`CHILD_BATCH` rows or more goes to a writer process instead
     (:class:`_ChildWriter`), which commits it on another CPU while the loop
     runs the attempts already started.
 
@@ -770,7 +770,7 @@ class Journal:
 
         A submit of thousands of tasks thus has its first rows stored while
         its last are still being made, not all of them after: the loop makes
-        a row in about 5 microseconds, the writer stores it in 5 to 7. They
+        a row in about 5 microseconds, the writer stores one in 3 to 7. They
         go ahead only into a batch of their own, with no batch at a writer,
         so that :meth:`retract` can take them back.
         """
