@@ -63,16 +63,16 @@ def started(lines: list[str]) -> list[str]:
     return [line.split()[1] for line in lines if line.startswith("started ")]
 
 
-async def test_a_killed_owner_loses_no_task(tmp_path: Path) -> None:
-    state_dir = tmp_path / "state"
+def owner_script(tmp_path: Path, source: str) -> tuple[Path, list[str]]:
+    """The state dir, and the argv of a script (``source``) that owns it."""
     script = tmp_path / "owner.py"
-    script.write_text(textwrap.dedent(OWNER))
-    argv = [
-        sys.executable,
-        str(script),
-        str(state_dir),
-        *(json.dumps(x) for x in (CLASSES, RUNNING, QUEUED)),
-    ]
+    script.write_text(textwrap.dedent(source))
+    return tmp_path / "state", [sys.executable, str(script), str(tmp_path / "state")]
+
+
+async def test_a_killed_owner_loses_no_task(tmp_path: Path) -> None:
+    state_dir, argv = owner_script(tmp_path, OWNER)
+    argv += [json.dumps(x) for x in (CLASSES, RUNNING, QUEUED)]
     lines: list[str] = []
     async with await anyio.open_process(argv) as owner:
         try:
@@ -200,10 +200,7 @@ async def test_a_new_instance_waits_for_the_last_commit_of_a_killed_owners_write
     # (sqlwrite). Killed while that writer waits to commit a submit, the
     # owner leaves it to commit alone: a new instance that opened the store
     # meanwhile would not know those tasks, and never run them.
-    state_dir = tmp_path / "state"
-    script = tmp_path / "owner.py"
-    script.write_text(textwrap.dedent(ORPHANING))
-    argv = [sys.executable, str(script), str(state_dir)]
+    state_dir, argv = owner_script(tmp_path, ORPHANING)
     async with await anyio.open_process(argv, stdin=subprocess.PIPE) as owner:
         try:
             assert owner.stdout is not None
@@ -274,13 +271,10 @@ async def test_an_owner_killed_in_the_middle_of_a_submit_stores_none_of_it(
     # A large submit's first rows are at the writer process before its last
     # are made (in one transaction): killed in between, the owner leaves that
     # transaction open, and the writer, at the end of its input, rolls it back.
-    state_dir = tmp_path / "state"
-    script = tmp_path / "owner.py"
-    script.write_text(textwrap.dedent(HALFWAY))
-    argv = [sys.executable, str(script), str(state_dir)]
-    owner = await anyio.run_process(argv, check=False)
-    assert owner.returncode == -signal.SIGKILL
-    assert owner.stdout.decode().strip() == "database is locked"
+    state_dir, argv = owner_script(tmp_path, HALFWAY)
+    killed = await anyio.run_process(argv, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert killed.stdout.decode().strip() == "database is locked"
     async with AgentInfra.start(state_dir=state_dir, handlers={"noop": _echo}) as infra:
         assert (await infra.task_classes())["cpu_short"].queued == 0
     db = sqlite3.connect(state_dir / "tasks.db")
