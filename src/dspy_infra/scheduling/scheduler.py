@@ -601,8 +601,9 @@ class LocalScheduler:
                 checked = checked or self._checks(task_id, template)
                 records.append(self._record(task_id, template, checked, payload))
                 # Thousands of them: the writer stores the first while the
-                # rest are made (Journal.write_ahead), in the one commit.
-                if len(records) - sent >= _AHEAD and self._journal.can_write_ahead():
+                # rest are made (Journal.write_ahead), in the one commit; if
+                # they cannot go now, asked again _AHEAD payloads later.
+                if (len(records) - sent) % _AHEAD == 0 and self._journal.can_write_ahead():
                     self._journal.write_ahead(
                         [TaskRecord.insert_all(records[sent:])], len(records) - sent
                     )
