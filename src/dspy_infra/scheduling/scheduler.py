@@ -107,7 +107,8 @@ _RUNS_PER_CHECKPOINT = 8
 # Distinct request shapes whose checks are remembered (see _record).
 _CHECKED = 256
 # A submit by payload sends its inserts ahead to the writer this many at a time
-# (see submit_payloads): a frame of about 40 KB, which a pipe takes at once.
+# (see submit_payloads): a frame of about 26 KB for small payloads, which a
+# pipe (64 KiB) takes at once.
 _AHEAD = 512
 _SERVICE_READY_EVENTS = frozenset({"service_started", "service_healthy", "service_completed"})
 _SERVICE_DOWN_EVENTS = frozenset({"service_failed"})
