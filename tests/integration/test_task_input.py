@@ -54,6 +54,9 @@ def stored_ids(tmp_path: Path) -> list[str]:
         db.close()
 
 
+CYCLIC: dict[str, Any] = {"x": [1]}
+CYCLIC["x"].append(CYCLIC)
+
 # (submit_task keyword arguments, a fragment the message must contain)
 BAD: dict[str, tuple[dict[str, Any], str]] = {
     "unknown class": ({"task_class": "nope"}, "unknown task class 'nope'"),
@@ -66,6 +69,7 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "nan payload": ({"payload": {"x": math.nan}}, "not JSON-compatible"),
     "infinite payload": ({"payload": [math.inf]}, "not JSON-compatible"),
     "object payload": ({"payload": object()}, "not JSON-compatible"),
+    "cyclic payload": ({"payload": CYCLIC}, "Circular reference detected"),
     "oversized payload": (
         {"payload": "x" * MAX_PAYLOAD},
         f"over the limit of {MAX_PAYLOAD} (infra.max_payload_bytes)",

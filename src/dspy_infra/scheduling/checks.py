@@ -68,6 +68,32 @@ _WRITTEN_KEY = re.compile(r'"(?:-?[0-9][0-9.eE+-]*|true|false|null)":')
 # later: keys of mixed types (1 and "a") cannot be, and are refused here in
 # the caller's words.
 _chunks = JSON_ENCODER.iterencode
+# JSON_ENCODER's own C encoder, made once: iterencode() makes one per call,
+# which costs more than encoding a small payload does. It has no check for
+# cycles (markers None): a cycle recurses until RecursionError.
+_make_c_encoder = getattr(json.encoder, "c_make_encoder", None)
+_c_chunks = _make_c_encoder and _make_c_encoder(
+    None,
+    JSON_ENCODER.default,
+    json.encoder.encode_basestring_ascii,
+    JSON_ENCODER.indent,
+    JSON_ENCODER.key_separator,
+    JSON_ENCODER.item_separator,
+    JSON_ENCODER.sort_keys,
+    JSON_ENCODER.skipkeys,
+    JSON_ENCODER.allow_nan,
+)
+
+
+def _encoded(value: Any) -> str:
+    if _c_chunks is not None:
+        try:
+            return "".join(_c_chunks(value, 0))
+        except (TypeError, ValueError, RecursionError):
+            pass  # encoded again below, to be refused in iterencode()'s words (a cycle's)
+    return "".join(_chunks(value, _one_shot=True))
+
+
 _dumps_sorted = json.JSONEncoder(separators=(",", ":"), allow_nan=False, sort_keys=True).encode
 
 
@@ -81,12 +107,12 @@ def encode_json(value: Any, what: str, *, verb: str = "is", sort_keys: bool = Fa
     """
     # How deep a value encodes depends on the frames below: each caller's
     # limit stays where it was. Unsorted (a task's payload or result, a run's
-    # inputs, called where the store's encode() was) this is encode() less
-    # its own frame, so that what the server just managed to decode still
-    # encodes here. Sorted (a workflow's payloads, once per spec) it keeps
+    # inputs, called where the store's encode() was) there are no more frames
+    # below than encode() had, so that what the server just managed to decode
+    # still encodes here. Sorted (a workflow's payloads, once per spec) it keeps
     # the frame that json.dumps() had there.
     try:
-        text = _dumps_sorted(value) if sort_keys else "".join(_chunks(value, _one_shot=True))
+        text = _dumps_sorted(value) if sort_keys else _encoded(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"{what} {verb} not JSON-compatible ({exc})") from None
     if "{" in text and _key_written_twice(text) and (clash := _key_clash(value)):
