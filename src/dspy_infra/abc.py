@@ -180,7 +180,10 @@ class ContainerBackend(Protocol):
         """Release the backend's own resources (not the services: they are stopped first)."""
 
 
-@frozen(kw_only=True)
+# Without __slots__: a frozen class with slots sets each field through
+# object.__setattr__, which made a TaskRun cost half as much again, and one
+# is made for every attempt.
+@frozen(kw_only=True, slots=False)
 class TaskRun:
     """One attempt of one task, as a runner (and an in-process handler) sees it.
 
