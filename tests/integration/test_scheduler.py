@@ -2365,9 +2365,10 @@ async def test_a_bug_where_attempts_ends_are_taken_stops_the_instance_loudly(
         raise RuntimeError("a bug in the limit's sample")
 
     monkeypatch.setattr(ConcurrencyLimit, "on_sample", bug)
+    adaptive = {"adaptive": {"runner": "inprocess", "adaptive": True, "max_concurrency": 4}}
     with pytest.raises(ExceptionGroup) as stopped:  # noqa: PT012
-        async with start(tmp_path, {"echo": echo}) as infra:
-            await infra.submit_task("echo", 1)
+        async with start(tmp_path, {"echo": echo}, classes=adaptive) as infra:
+            await infra.submit_task("echo", 1, task_class="adaptive")
             with anyio.fail_after(5):
                 await anyio.sleep_forever()
     assert stopped.group_contains(RuntimeError, match="a bug in the limit's sample")

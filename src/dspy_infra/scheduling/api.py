@@ -187,6 +187,8 @@ def _checked(task_id: Any) -> str:
     decodes it) names no task, since none is stored so: it is unknown, where
     the store and the wire raised a bare UnicodeEncodeError.
     """
+    if type(task_id) is str and task_id.isascii():  # nearly every one: without the calls below
+        return task_id
     if problem := id_type_error(task_id, "task_id"):
         raise InvalidTask(f"{task_id!r:.200}", problem)
     if not encodable(task_id):

@@ -116,6 +116,7 @@ _SERVICE_DOWN_EVENTS = frozenset({"service_failed"})
 
 class _Class:
     __slots__ = (
+        "adaptive",
         "committing",
         "config",
         "ending",
@@ -142,6 +143,8 @@ class _Class:
         self.limit = ConcurrencyLimit(
             minimum=config.min_concurrency, maximum=config.max_concurrency, adaptive=config.adaptive
         )
+        # Whether its limit moves: only then is an attempt's end measured for it.
+        self.adaptive = config.adaptive
         self.local = config.runner not in _REMOTE_RUNNERS
         # Whether its first task in line may be reserved for (see LocalScheduler._fits).
         reserve_after = config.reserve_after
@@ -161,7 +164,7 @@ class _Class:
         # and attempts that do wait still get a worker each, one step apart.
         # Spawning a task per attempt costs several times more.
         self.ready: deque[TaskRecord] = deque()
-        self.idle: list[anyio.Event] = []
+        self.idle: list[asyncio.Event] = []
         self.waking = False
         self.workers = 0
 
@@ -1097,7 +1100,8 @@ class LocalScheduler:
         blocked = self._head_blocked if cls.reserves else None
         released = False
         started: list[TaskRecord] = []
-        while len(queue) and cls.running < cls.limit.limit:
+        limit = cls.limit.limit  # which nothing below changes
+        while cls.running < limit:
             record = self._reserved_ready(cls) or queue.pop(fits, blocked)
             if record is None:
                 break
@@ -1289,7 +1293,10 @@ class LocalScheduler:
                 # keep this worker from ever letting others run.
                 await anyio.lowlevel.checkpoint()
                 continue
-            wake = anyio.Event()
+            # asyncio's own: an anyio.Event costs 1.2 us to make (it looks up
+            # the async backend), asyncio's 0.2, and workers idle many times a
+            # second. Cancelled as any await is (close(), the task group).
+            wake = asyncio.Event()
             idle.append(wake)
             await wake.wait()
             cls.waking = False
@@ -1304,12 +1311,14 @@ class LocalScheduler:
         in one step (see _attempts), and a step ends at the first await that
         waits, so an end is never held up by another attempt's work.
         """
-        # What ran beside it: as counted when each end freed its slot at once,
-        # and a dispatch filled it from the queue (so the adaptive limit sees
-        # the class as busy as it was).
-        before = cls.ending
-        cls.ending = before + 1
-        inflight = cls.running - before + min(before, len(cls.queue))
+        inflight = 0
+        if cls.adaptive:
+            # What ran beside it: as counted when each end freed its slot at
+            # once, and a dispatch filled it from the queue (so the adaptive
+            # limit sees the class as busy as it was).
+            before = cls.ending
+            cls.ending = before + 1
+            inflight = cls.running - before + min(before, len(cls.queue))
         self._ending.append((cls, record, time.monotonic() - started, inflight, outcome))
         if len(self._ending) == 1:
             assert self._loop is not None
@@ -1339,7 +1348,8 @@ class LocalScheduler:
             cls.metrics.duration.observe(latency)
             # The sample goes in before the dispatch: a limit it raises is
             # filled now, not at the next attempt's end.
-            if state is not TaskState.CANCELLED:  # a cut-short run says nothing about load
+            # A cut-short run says nothing about load.
+            if cls.adaptive and state is not TaskState.CANCELLED:
                 cls.limit.on_sample(
                     latency=latency,
                     inflight=inflight,
