@@ -11,7 +11,7 @@ resynchronise (every event carries a sequence number).
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from typing import ClassVar
@@ -120,9 +120,11 @@ class EventBus:
         """``start``: the seq before the first event's (an instance's begins at its start time)."""
         self._buffer = buffer
         self._history: deque[Event] = deque(maxlen=history)
-        self._subscribers: set[_Subscriber] = set()
-        # What the subscribers want, counted, so that wanted() is O(1).
-        self._wanted: Counter[str | None] = Counter()
+        # Each subscriber under each type it wants (None: every type), so that
+        # an event is offered only to those that want its type (a task's
+        # events are thousands a second; a watcher of services wants none),
+        # and wanted() is O(1). A type that nobody wants has no entry.
+        self._subscribers: dict[str | None, set[_Subscriber]] = {}
         self._start = start
         self._seq = start
         self._on_drop = on_drop
@@ -145,8 +147,9 @@ class EventBus:
         else:
             object.__setattr__(event, "seq", self._seq)
         self._history.append(event)
-        for sub in self._subscribers:
-            if sub.wants(event):
+        subscribers = self._subscribers
+        for sub in (*subscribers.get(event.type, ()), *subscribers.get(None, ())):
+            if sub.accept is None or sub.accept(event):
                 try:
                     sub.send.send_nowait(event)
                 except anyio.WouldBlock:
@@ -196,15 +199,14 @@ class EventBus:
         building ones that nobody reads; those it skips are not in the
         history either.
         """
-        # dict.get: Counter's [] on a missing key goes through __missing__.
-        get = self._wanted.get
-        return bool(get(None) or get(event_type))
+        return event_type in self._subscribers or None in self._subscribers
 
     def close(self) -> None:
         """End every subscription once its buffered events are read."""
         self._closed = True
-        for sub in self._subscribers:
-            sub.send.close()
+        for subscribers in self._subscribers.values():
+            for sub in subscribers:
+                sub.send.close()
 
     @asynccontextmanager
     async def subscribe(
@@ -227,18 +229,22 @@ class EventBus:
         """
         wanted = frozenset(types) if types is not None else None
         sub = _Subscriber(wanted, self._buffer if buffer is None else buffer, accept)
+        keys: Collection[str | None] = wanted if wanted is not None else (None,)
         backlog = self.backlog(since, sub.wants) if since is not None else []
         if self._closed:
             sub.send.close()
         else:
-            self._subscribers.add(sub)
-            self._wanted.update(wanted if wanted is not None else (None,))
+            for key in keys:
+                self._subscribers.setdefault(key, set()).add(sub)
         try:
             yield self._iterate(sub, backlog)
         finally:
-            if sub in self._subscribers:
-                self._subscribers.discard(sub)
-                self._wanted.subtract(wanted if wanted is not None else (None,))
+            for key in keys:
+                subscribers = self._subscribers.get(key)
+                if subscribers is not None and sub in subscribers:
+                    subscribers.discard(sub)
+                    if not subscribers:
+                        del self._subscribers[key]
             sub.send.close()
             sub.receive.close()
 

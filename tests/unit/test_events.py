@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dspy_infra.events import Event, EventBus, EventsDropped, ServiceEvent
 
@@ -133,3 +139,57 @@ async def test_a_since_from_before_the_bus_began_is_no_gap_of_its_own() -> None:
     async with bus.subscribe(since=50) as events:
         bus.close()
         assert [e.type async for e in events] == ["e"]
+
+
+TYPES = ["a", "b", "c"]
+# A subscriber: the types it wants (None: all), and whether it takes only even seqs.
+SUBSCRIBER = st.tuples(st.none() | st.frozensets(st.sampled_from(TYPES), min_size=1), st.booleans())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["publish", "subscribe", "leave"]), st.sampled_from(TYPES)),
+        max_size=30,
+    ),
+    st.lists(SUBSCRIBER, min_size=1, max_size=4),
+)
+def test_each_subscriber_gets_what_it_wants_and_wanted_says_who_listens(
+    steps: list[tuple[str, str]], kinds: list[tuple[frozenset[str] | None, bool]]
+) -> None:
+    async def until_empty(events: AsyncIterator[Event]) -> list[Event]:
+        received = []
+        with anyio.move_on_after(0):  # what is buffered is read without waiting
+            async for event in events:
+                received.append(event)  # noqa: PERF401 - kept when the wait is cut
+        return received
+
+    async def run() -> None:
+        bus = EventBus()
+        # (types, even only, its subscription, its events, what it must receive)
+        live: list[tuple[frozenset[str] | None, bool, Any, AsyncIterator[Event], list[Event]]]
+        live = []
+        for step, type_ in steps:
+            if step == "subscribe":
+                types, even = kinds[len(live) % len(kinds)]
+                subscription = bus.subscribe(
+                    types, accept=(lambda e: e.seq % 2 == 0) if even else None
+                )
+                live.append((types, even, subscription, await subscription.__aenter__(), []))
+            elif step == "leave" and live:
+                _, _, subscription, events, expected = live.pop(0)
+                assert await until_empty(events) == expected
+                await subscription.__aexit__(None, None, None)
+            elif step == "publish":
+                event = bus.publish(Event(type=type_))
+                for types, even, _, _, expected in live:
+                    if (types is None or type_ in types) and not (even and event.seq % 2):
+                        expected.append(event)
+            for t in TYPES:
+                assert bus.wanted(t) == any(types is None or t in types for types, *_ in live)
+        bus.close()
+        for _, _, subscription, events, expected in live:
+            assert [e async for e in events] == expected
+            await subscription.__aexit__(None, None, None)
+
+    anyio.run(run)
