@@ -31,10 +31,7 @@ def check_since(since: object) -> None:
         raise TypeError(f"since must be an event's seq (an int) or None, got {since!r:.200}")
 
 
-# Without __slots__ (so are the subclasses): a frozen class with slots sets
-# each field through object.__setattr__, which made a task's final event cost
-# half as much again; it is made once per task.
-@frozen(kw_only=True, slots=False)
+@frozen(kw_only=True)
 class Event:
     """Something that happened. ``seq`` is assigned by the bus, increasing by one."""
 
@@ -43,7 +40,7 @@ class Event:
     time: float = field(factory=time.time)
 
 
-@frozen(kw_only=True, slots=False)
+@frozen(kw_only=True)
 class ServiceEvent(Event):
     """A service changed state (starting, healthy, unhealthy, exited, restarting, ...)."""
 
@@ -70,7 +67,7 @@ class ServiceEvent(Event):
     dependents: tuple[str, ...] = ()
 
 
-@frozen(kw_only=True, slots=False)
+@frozen(kw_only=True)
 class EventsDropped(Event):
     """This subscriber's buffer overflowed: ``count`` events were not delivered to it.
 

@@ -126,7 +126,7 @@ _EVENT_TYPES = {
 }
 
 
-@frozen(kw_only=True, slots=False)  # as Event
+@frozen(kw_only=True)
 class TaskEvent(Event):
     """A task changed state. Final events carry the ``result`` or the ``error``."""
 

@@ -140,7 +140,7 @@ for _cls, _name in ((StepStatus, "result"), (RunStatus, "inputs")):
     setattr(_cls, _name, _DecodedWhenRead(_cls.__dict__[_name]))
 
 
-@frozen(kw_only=True, slots=False)  # as Event
+@frozen(kw_only=True)
 class WorkflowEvent(Event):
     """A run or one of its steps changed state (``step`` is None for the run's own events)."""
 
