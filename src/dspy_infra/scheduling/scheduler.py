@@ -1138,7 +1138,9 @@ class LocalScheduler:
             and time.monotonic() >= self._next_due
         ):
             self._reserve_if_due()
-        return self._pool.fits(record.need, reserved=record is self._reserved_for)
+        need = record.need
+        # One that needs nothing (an in-process task, by default) always fits.
+        return not any(need) or self._pool.fits(need, reserved=record is self._reserved_for)
 
     def _head_blocked(self, record: TaskRecord) -> None:
         """The first in its class's queue does not fit (only with ``reserve_after``)."""
@@ -1208,9 +1210,12 @@ class LocalScheduler:
     def _claim(self, cls: _Class, record: TaskRecord) -> None:
         """Take a slot (and resources) for the record's next attempt, and count it."""
         assert self._runs is not None
-        record.gpus = self._pool.acquire(record.need) if cls.local else ()
+        need = record.need
+        # One that needs nothing (see _fits) takes nothing: not a call for it.
+        record.gpus = self._pool.acquire(need) if cls.local and any(need) else ()
         record.blocked_since = None
-        self._unreserve(record)
+        if record is self._reserved_for:
+            self._unreserve(record)
         cls.running += 1
         record.state = TaskState.RUNNING
         record.attempts += 1
@@ -1378,7 +1383,7 @@ class LocalScheduler:
 
     def _release(self, cls: _Class, record: TaskRecord) -> None:
         cls.running -= 1
-        if cls.local:
+        if cls.local and any(record.need):  # one that needs nothing took nothing (_claim)
             self._pool.release(record.need, record.gpus)
         record.scope = None
 
