@@ -103,6 +103,7 @@ class ResourcePool:
         "cpus",
         "free_gpus",
         "gpus",
+        "has_gpus",
         "held_by_services",
         "memory_mb",
         "reserved",
@@ -118,14 +119,12 @@ class ResourcePool:
         self.gpus = tuple(gpus)
         self.free_gpus = list(gpus)
         self.held_by_services = held_by_services  # GPUs set apart for services, not in gpus
+        # Whether the machine has GPUs, the tasks' or the services': read at
+        # every attempt, and neither changes.
+        self.has_gpus = bool(self.gpus) or held_by_services > 0
         self.used_cpus = 0.0
         self.used_memory_mb = 0
         self.reserved = _NOTHING
-
-    @property
-    def has_gpus(self) -> bool:
-        """Whether the machine has GPUs, the tasks' or the services'."""
-        return bool(self.gpus) or self.held_by_services > 0
 
     def capacity_error(self, need: Need) -> str | None:
         """Why a task needing ``need`` could never run here, or None."""
