@@ -11,7 +11,7 @@ that must stop at once).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import anyio
@@ -68,7 +68,9 @@ class InProcessRunner:
             f'(use @infra.task("{handler}"); registered: {known})'
         )
 
-    async def run(self, run: TaskRun) -> Any:
+    def run(self, run: TaskRun) -> Coroutine[Any, Any, Any]:
+        # Not async itself: an async handler's own coroutine is what the
+        # scheduler awaits, one frame less for each of thousands of attempts.
         try:
             handler = self._handlers[run.handler]
         except KeyError:
@@ -82,7 +84,11 @@ class InProcessRunner:
         _, wants_run, is_async = shape
         args = (run.payload, run) if wants_run else (run.payload,)
         if is_async:
-            return await handler(*args)
+            coroutine: Coroutine[Any, Any, Any] = handler(*args)
+            return coroutine
+        return self._in_thread(handler, args)
+
+    async def _in_thread(self, handler: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         value = await anyio.to_thread.run_sync(handler, *args, limiter=self._threads)
         if inspect.isawaitable(value):
             # A plain function in front of an async one (a lambda, a decorator
