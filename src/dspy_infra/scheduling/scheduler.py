@@ -116,7 +116,6 @@ _SERVICE_DOWN_EVENTS = frozenset({"service_failed"})
 
 class _Class:
     __slots__ = (
-        "adaptive",
         "committing",
         "config",
         "ending",
@@ -143,8 +142,6 @@ class _Class:
         self.limit = ConcurrencyLimit(
             minimum=config.min_concurrency, maximum=config.max_concurrency, adaptive=config.adaptive
         )
-        # Whether its limit moves: only then is an attempt's end measured for it.
-        self.adaptive = config.adaptive
         self.local = config.runner not in _REMOTE_RUNNERS
         # Whether its first task in line may be reserved for (see LocalScheduler._fits).
         reserve_after = config.reserve_after
@@ -1317,7 +1314,7 @@ class LocalScheduler:
         waits, so an end is never held up by another attempt's work.
         """
         inflight = 0
-        if cls.adaptive:
+        if cls.config.adaptive:  # only a limit that moves is told of the end
             # What ran beside it: as counted when each end freed its slot at
             # once, and a dispatch filled it from the queue (so the adaptive
             # limit sees the class as busy as it was).
@@ -1354,7 +1351,7 @@ class LocalScheduler:
             # The sample goes in before the dispatch: a limit it raises is
             # filled now, not at the next attempt's end.
             # A cut-short run says nothing about load.
-            if cls.adaptive and state is not TaskState.CANCELLED:
+            if cls.config.adaptive and state is not TaskState.CANCELLED:
                 cls.limit.on_sample(
                     latency=latency,
                     inflight=inflight,
