@@ -75,9 +75,9 @@ def writer_processes() -> list[int]:
     return found
 
 
-def large(prefix: str) -> list[Op]:
-    """A batch that goes to the writer process."""
-    return [("insert", row(f"{prefix}{i}")) for i in range(store_module.CHILD_BATCH)]
+def large(prefix: str, rows: int = store_module.CHILD_BATCH) -> list[Op]:
+    """A batch that goes to the writer process (unless ``rows`` is too few)."""
+    return [("insert", row(f"{prefix}{i}")) for i in range(rows)]
 
 
 async def test_a_failed_commit_fails_its_waiters_later_writes_and_run(store: SQLiteStore) -> None:
@@ -490,6 +490,46 @@ async def test_a_batch_larger_than_a_pipe_holds_reaches_the_writer_process_whole
         with anyio.fail_after(30):
             await journal.write_all(batch).wait()
     assert await stored(store, *ids) == set(ids)
+
+
+@beside_the_loop
+@pytest.mark.parametrize(
+    ("batch", "synchronous", "before_the_commit"),
+    [
+        ("large", "normal", True),  # whole in the writer process's pipe at once
+        ("small", "normal", False),  # the thread's: in this process until committed
+        ("larger than a pipe", "normal", False),  # not whole in the pipe when handed over
+        ("large", "full", False),  # every commit is awaited
+    ],
+)
+async def test_a_callback_at_the_writer_runs_once_a_crash_here_cannot_lose_the_batch(
+    tmp_path: Path, batch: str, synchronous: str, before_the_commit: bool
+) -> None:
+    store = SQLiteStore(tmp_path / "tasks.db", synchronous=synchronous)
+    await anyio.to_thread.run_sync(store.open)
+    rows = {"large": store_module.CHILD_BATCH, "small": 1, "larger than a pipe": 10_000}
+    ops = large("t", rows[batch])
+    called: list[str] = []
+    lock = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        async with running(Journal(store, threaded=True)) as journal:
+            await journal.write_all(large("warm")).wait()  # the writer process is up
+            lock.execute("BEGIN IMMEDIATE")  # no commit ends until we let go
+            written = journal.write_all(ops, called.append, "early", at_writer=True)
+            journal.write_all([("insert", row("other"))], called.append, "committed")
+            with anyio.move_on_after(0.3 if before_the_commit else 0.1):
+                while not called:
+                    await anyio.sleep(0.005)
+            assert called == (["early"] if before_the_commit else [])
+            assert await stored(store, "t0") == set()
+            lock.execute("COMMIT")
+            with anyio.fail_after(30):
+                await written.wait()
+        assert called == ["early", "committed"]
+        assert await stored(store, "t0") == {"t0"}
+    finally:
+        lock.close()
+        store.close()
 
 
 async def test_on_one_cpu_large_batches_stay_with_the_thread(

@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,99 @@ async def test_a_new_instance_waits_for_the_last_commit_of_a_killed_owners_write
                         "SELECT count(*) FROM tasks WHERE state = 'succeeded'"
                     ).fetchone() != (40,):
                         await anyio.sleep(0.01)
+
+
+HELD_STARTS = """
+import json, sys
+import anyio
+from dspy_infra import AgentInfra
+
+gate = anyio.Event()
+
+async def hold(payload):
+    await gate.wait()
+
+async def hang(payload):
+    print("started", payload, flush=True)
+    await anyio.sleep_forever()
+
+async def main():
+    config = {"infra": {"synchronous": sys.argv[2]}, "classes": {"work": {"max_concurrency": 24}}}
+    handlers = {"hold": hold, "hang": hang}
+    async with AgentInfra.start(config, state_dir=sys.argv[1], handlers=handlers) as infra:
+        await infra.submit_tasks("hold", range(24), task_class="work")
+        hanging = await infra.submit_tasks("hang", range(24), task_class="work", max_attempts=1)
+        print("ready", json.dumps([handle.task_id for handle in hanging]), flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)  # the test holds SQLite's lock now
+        gate.set()  # 24 ends, and 24 starts: one batch, for the writer process
+        await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+@beside_the_loop
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+async def test_attempts_start_once_their_starts_are_with_the_writer_process(
+    tmp_path: Path, synchronous: str
+) -> None:
+    # With "normal", an attempt runs as soon as its start is in the writer
+    # process's pipe, not once it is committed: the owner's death cannot
+    # take it from there, since the writer commits all it was given. Killed
+    # now, the owner leaves its attempts counted all the same: the next
+    # instance finds them running, and (max_attempts = 1) lost, not re-run.
+    # With "full", every commit is awaited first, the starts' too.
+    state_dir, argv = owner_script(tmp_path, HELD_STARTS)
+    lines: list[str] = []
+    async with await anyio.open_process([*argv, synchronous], stdin=subprocess.PIPE) as owner:
+        try:
+            assert owner.stdout is not None
+            assert owner.stdin is not None
+            stdout = owner.stdout
+            buffer = b""
+
+            async def read_until(done: Callable[[], bool]) -> None:
+                nonlocal buffer
+                while not done():
+                    buffer += await stdout.receive()
+                    *complete, buffer = buffer.split(b"\n")
+                    lines.extend(line.decode() for line in complete)
+
+            with anyio.fail_after(30):
+                await read_until(lambda: any(line.startswith("ready ") for line in lines))
+            hanging = json.loads(lines[-1].removeprefix("ready "))
+            db = sqlite3.connect(state_dir / "tasks.db", isolation_level=None)
+            db.execute("BEGIN IMMEDIATE")
+            await owner.stdin.send(b"go\n")
+            if synchronous == "full":
+                with anyio.move_on_after(0.5):
+                    await read_until(lambda: bool(started(lines)))
+                assert started(lines) == []  # their starts wait for our lock
+                db.execute("COMMIT")
+            with anyio.fail_after(10):
+                await read_until(lambda: len(started(lines)) == len(hanging))
+        finally:
+            os.kill(owner.pid, signal.SIGKILL)
+        await owner.wait()
+    with closing(db):
+        if db.in_transaction:  # "normal": the orphaned writer commits once we let go
+            db.execute("COMMIT")
+
+    runs: list[str] = []
+
+    async def hang(payload: Any, run: TaskRun) -> None:
+        runs.append(run.task_id)
+
+    handlers: dict[str, Callable[..., Any]] = {"hold": _echo, "hang": hang}
+    async with AgentInfra.start(
+        {"classes": CLASSES}, state_dir=state_dir, handlers=handlers
+    ) as infra:
+        for task_id in hanging:
+            status = await infra.get_task_status(task_id)
+            assert (status.state, status.attempts) == (TaskState.LOST, 1), status
+        classes = await infra.task_classes()
+        assert (classes["work"].queued, classes["work"].running) == (0, 0)
+    assert runs == []
 
 
 HALFWAY = """

@@ -1110,11 +1110,13 @@ class LocalScheduler:
             started.append(record)
         if started:
             # The attempts reach a worker once their starts (attempts counted)
-            # are committed: a crash from then on finds them counted.
+            # are safe from a crash of this process: committed, or with the
+            # writer process, which commits them whatever becomes of this one.
             self._journal.write_all(
                 [("start", (r.attempts, r.started_at, r.task_id)) for r in started],
                 self._hand_over,
                 started,
+                at_writer=True,
             )
         if released:  # what it held back from the other classes is theirs again
             self._dispatch()

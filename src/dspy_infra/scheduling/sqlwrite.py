@@ -13,7 +13,10 @@ each a pickled list of operations, applies each list in one transaction,
 and answers each with a frame of its own: None, or the exception that
 SQLite raised. It ends at the end of its input, once the last batch is
 committed: when the store closes, or when the process that writes to it
-dies, however it dies; a transaction left open then is rolled back.
+dies, however it dies; a transaction left open then is rolled back. Every
+batch whole in its input is committed, even once nobody reads the answers:
+the scheduler runs an attempt as soon as its start is in the pipe
+(``store.Journal.write_all``).
 
 A batch may come in parts, so that its first rows are written while the
 caller still makes the rest (a submit of thousands): each ``(PART, ops)``
@@ -128,14 +131,19 @@ def _poll(poller: select.poll, seconds: float) -> None:
         os.sched_yield()
 
 
-def _answer(fd: int, error: Exception | None) -> None:
+def _answer(fd: int, error: Exception | None) -> bool:
+    """Send the answer; False if the parent is gone (nobody reads them any more)."""
     try:
         data = frame(error)
     except Exception:  # noqa: BLE001 - an error that does not pickle: its words still go
         data = frame(RuntimeError(repr(error)))
     view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except BrokenPipeError:
+        return False
+    return True
 
 
 def _serve(requests: int, answers: int) -> None:
@@ -156,6 +164,7 @@ def _serve(requests: int, answers: int) -> None:
     failed: Exception | None = None  # a part of the batch in hand failed: so does the batch
     poller = select.poll()
     poller.register(requests, select.POLLIN)
+    replying = True  # until the parent is gone: what it sent is committed still
     while (ops := _receive(requests)) is not None:
         if isinstance(ops, tuple):  # a part of a batch (not answered), or their retraction
             kind, part = ops
@@ -175,11 +184,9 @@ def _serve(requests: int, answers: int) -> None:
                 apply(db, sql, ops)
             except Exception as exc:  # noqa: BLE001 - the batch's waiters get it
                 error = exc
-        try:
-            _answer(answers, error)
-        except BrokenPipeError:
-            return  # the parent is gone; what is committed stays
-        _poll(poller, POLL_SECONDS)
+        replying = replying and _answer(answers, error)
+        if replying:
+            _poll(poller, POLL_SECONDS)
     if broken is None:
         db.close()
 

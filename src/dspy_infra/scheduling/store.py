@@ -609,13 +609,25 @@ class StoreFailed(InfraError):
 
 
 class _Batch:
-    __slots__ = ("callbacks", "done", "error", "hand_over", "ops", "rows", "sent", "urgent")
+    __slots__ = (
+        "callbacks",
+        "done",
+        "error",
+        "hand_over",
+        "ops",
+        "rows",
+        "sent",
+        "urgent",
+        "with_writer",
+    )
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
         self.rows = 0  # how many rows the ops write: the size that picks the writer
         self.sent = 0  # how many of ops went ahead to the writer process (Journal.write_ahead)
         self.callbacks: list[tuple[Callable[[Any], object], Any]] = []
+        # Callbacks that may run before the commit: see Journal.write_all's at_writer.
+        self.with_writer: list[tuple[Callable[[Any], object], Any]] = []
         self.done = anyio.Event()
         self.error: BaseException | None = None
         self.urgent = False  # something in it is waited for: hand it over at once
@@ -715,11 +727,21 @@ class Journal:
         *,
         deferrable: bool = False,
         rows: int | None = None,
+        at_writer: bool = False,
     ) -> Written:
         """:meth:`write` of several operations, in order, with one ``then`` for all:
         the scheduler's starts and ends of the attempts that one step dispatched
         or ended cost one call, not one each. ``rows``: how many rows they
-        write, where that is not one each (an ``insert_all`` writes many)."""
+        write, where that is not one each (an ``insert_all`` writes many).
+
+        ``at_writer``: ``then`` may be called as soon as the batch is whole in
+        the writer process's pipe, before its commit (unless every commit waits
+        for the disk): from then on a death of this process, however it dies,
+        does not lose it, since that writer commits all it was given before it
+        ends (see :class:`_ChildWriter`). The scheduler's starts are written so:
+        an attempt need not wait half a millisecond for its commit. A batch that
+        goes to the thread calls it after the commit, as for any ``then``.
+        """
         if not self._threaded:
             self._store.apply(ops)
             written: Written = _APPLIED
@@ -743,7 +765,10 @@ class Journal:
                         DEFER_SECONDS, self._hand_over_deferred
                     )
         if then is not None:
-            written.then(then, arg)
+            if at_writer and isinstance(written, _Batch):
+                written.with_writer.append((then, arg))
+            else:
+                written.then(then, arg)
         return written
 
     def can_write_ahead(self) -> bool:
@@ -833,7 +858,9 @@ class Journal:
         batch, self._batch = self._batch, _Batch()
         batch.hand_over = None
         self._writing = True
-        writer.apply(batch, self._committed)
+        if writer.apply(batch, self._committed) and not self._store.syncs_each_commit:
+            with_writer, batch.with_writer = batch.with_writer, []
+            self._call_back(with_writer)
 
     def _writer_for(self, batch: _Batch) -> _Writer | _ChildWriter:
         """The thread for small batches, the process for large ones (see _ChildWriter)
@@ -866,15 +893,20 @@ class Journal:
             self._stop(failure)
             return
         batch.done.set()
+        if self._call_back(batch.with_writer) and self._call_back(batch.callbacks):
+            self._hand_over()
+
+    def _call_back(self, callbacks: list[tuple[Callable[[Any], object], Any]]) -> bool:
+        """Call each ``then(arg)``; False if one raised, which stops the journal."""
         try:
-            for then, arg in batch.callbacks:
+            for then, arg in callbacks:
                 then(arg)
         except BaseException as exc:  # noqa: BLE001 - run() raises it
             # A bug of the scheduler's: it stops the instance (through run),
             # as it would have in a task; the loop must not merely log it.
             self._stop(exc)
-            return
-        self._hand_over()
+            return False
+        return True
 
     def fail(self, failure: BaseException) -> None:
         """Stop the instance with ``failure``, a bug of the caller's found off any
@@ -1022,10 +1054,12 @@ class _Writer:
         """Whether the thread is kept on the event loop's CPU."""
         return self._cpu.following
 
-    def apply(self, batch: _Batch, answer: _Answer) -> None:
+    def apply(self, batch: _Batch, answer: _Answer) -> bool:
+        """Queue the batch; False: it is in this process until it is committed."""
         self._cpu.follow()
         self._requests.append((batch, answer))
         os.write(self._to_thread[1], b"\0")
+        return False
 
     async def close(self) -> None:
         self._requests.append(None)
@@ -1082,13 +1116,15 @@ class _ChildWriter:
         loop.add_reader(self._answers, self._answered)
         self._send(store.writer_opening())
 
-    def apply(self, batch: _Batch, answer: _Answer) -> None:
+    def apply(self, batch: _Batch, answer: _Answer) -> bool:
+        """Send the batch; whether it is whole in the pipe now, which this process's
+        death can no longer take from the writer (see Journal.write_all)."""
         if self._gone is not None:
             self._loop.call_soon(answer, batch, self._gone)
-            return
+            return False
         self._pending.append((batch, answer))
         # The rest of it, after the parts sent ahead: those commit with it.
-        self._send(batch.ops[batch.sent :] if batch.sent else batch.ops)
+        return self._send(batch.ops[batch.sent :] if batch.sent else batch.ops)
 
     def send_part(self, ops: Sequence[Op]) -> None:
         """Ops to apply in the transaction of the next batch, ahead of it."""
@@ -1098,24 +1134,28 @@ class _ChildWriter:
         """Roll back the parts sent ahead."""
         self._send((sqlwrite.RETRACT, None))
 
-    def _send(self, value: Any) -> None:
+    def _send(self, value: Any) -> bool:
         self._out += sqlwrite.frame(value)
-        self._flush()
+        return self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Write what the pipe takes; whether it took all there was."""
+        took = False
         try:
             while self._out:
                 del self._out[: os.write(self._requests, self._out)]
+            took = True
         except BlockingIOError:  # the pipe is full: on once it drains
             if not self._flushing:
                 self._flushing = True
                 self._loop.add_writer(self._requests, self._flush)
-            return
+            return False
         except OSError:  # the process is gone: the end of its answers says so
             self._out.clear()
         if self._flushing:
             self._flushing = False
             self._loop.remove_writer(self._requests)
+        return took
 
     def _answered(self) -> None:
         """On the event loop: answers to read, or the end of the process."""
