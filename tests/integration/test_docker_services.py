@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -36,6 +38,7 @@ from tests.integration.helpers import CutEvents, built_image, dockerfile_context
 pytestmark = pytest.mark.anyio
 
 HTTPD = ["httpd", "-f", "-p", "{port}", "-h", "/www"]
+_SIOCGIFADDR = 0x8915  # Linux: an interface's IPv4 address (netdevice(7))
 
 
 def web(busybox: str, **fields: Any) -> dict[str, Any]:
@@ -992,6 +995,21 @@ async def test_services_take_the_last_gpus_in_order_and_never_more_than_there_ar
         assert await (await infra.submit_task("visible", None)).result() == ""
 
 
+def bridge_address(bridge: dict[str, Any]) -> str:
+    """This machine's address on Docker's default bridge network (``bridge``: its inspection)."""
+    config = bridge["IPAM"]["Config"][0]
+    if "Gateway" in config:
+        return str(config["Gateway"])
+    # A bridge interface that was there before the daemon started (a daemon
+    # started again) is taken as it is, and its gateway not reported: the
+    # interface's own address is that gateway.
+    name = bridge["Options"]["com.docker.network.bridge.name"].encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        request = struct.pack("256s", name[:15])
+        answer = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, request)
+    return socket.inet_ntoa(answer[20:24])
+
+
 @pytest.mark.usefixtures("gpus_as_configured")
 async def test_a_remote_engine_is_asked_for_a_count_of_its_own_gpus(
     busybox: str, tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
@@ -999,7 +1017,7 @@ async def test_a_remote_engine_is_asked_for_a_count_of_its_own_gpus(
     # This machine's device ids mean nothing on another: nothing is set apart.
     async with aiodocker.Docker() as docker:
         bridge = await (await docker.networks.get("bridge")).show()
-    address = bridge["IPAM"]["Config"][0]["Gateway"]  # this machine, not at a loopback address
+    address = bridge_address(bridge)  # this machine, not at a loopback address
     async with engine_over_tcp(address) as docker_host:
         with monkeypatch.context() as patch:  # undone before the project is checked
             patch.setenv("DOCKER_HOST", docker_host)

@@ -151,7 +151,7 @@ class _Class:
         self.ending = 0  # attempts over, their ends not yet taken (LocalScheduler._end)
         self.runner: Runner | None = None
         self.unavailable: str | None = None
-        # Attempts whose start is committed wait here for a worker. Workers
+        # Attempts whose start is stored wait here for a worker. Workers
         # are long-lived and take the next one as soon as they are free, with
         # no trip through the event loop while there is work; an idle one
         # waits on its own event (in ``idle``). One idle worker at a time is

@@ -57,11 +57,11 @@ __all__ = [
     "dumps",
 ]
 
-# One row per task. ``attempts`` counts starts committed before the attempt
-# ran: a crash mid-attempt finds it counted. ``seq`` is the rowid, which
-# SQLite gives as the largest so far plus one, so it is submit order without
-# AUTOINCREMENT (whose bookkeeping table costs every insert a page write:
-# 3 of the 20 us of a lone submit's commit).
+# One row per task. ``attempts`` counts starts, stored before the attempt
+# runs (Journal.write_all's at_writer): a crash mid-attempt finds it counted.
+# ``seq`` is the rowid, which SQLite gives as the largest so far plus one,
+# so it is submit order without AUTOINCREMENT (whose bookkeeping table costs
+# every insert a page write: 3 of the 20 us of a lone submit's commit).
 COLUMNS = (
     "task_id",
     "handler",
