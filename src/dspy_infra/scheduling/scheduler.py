@@ -837,17 +837,18 @@ class LocalScheduler:
         """
         found: list[TaskEvent] = []
         published: dict[str, TaskEvent] | None = None
-        live = self._live
+        # Those in memory are unfinished, or their final state is not yet
+        # committed: the bus brings their final event once it is (hurried:
+        # someone waits for it now). One set operation finds the others:
+        # right after a submit that is none of thousands, and a look-up of
+        # each record cost half a microsecond an id (its memory, not the
+        # work: 55 ms for a stream of 100,000).
+        gone = pending.difference(self._live)
+        if len(gone) < len(pending):
+            self._journal.hurry()
         # Sorted are only those found: the rest (all, right after a submit)
         # cost a sort of thousands of ids per stream.
-        for task_id in list(pending):
-            record = live.get(task_id)
-            if record is not None:
-                # Unfinished, or its final state not yet committed: the bus
-                # brings its final event once it is.
-                if record.state.finished:
-                    self._journal.hurry()
-                continue
+        for task_id in gone:
             if published is None:  # one pass over the history, once one is needed
                 history, _ = self._bus.replay(0, TaskEvent.FINAL_TYPES)
                 published = {e.task_id: e for e in cast(list[TaskEvent], history)}
