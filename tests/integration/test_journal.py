@@ -10,6 +10,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -530,6 +531,30 @@ async def test_a_callback_at_the_writer_runs_once_a_crash_here_cannot_lose_the_b
     finally:
         lock.close()
         store.close()
+
+
+async def test_the_writer_process_commits_all_it_was_given_once_nobody_reads_its_answers(
+    store: SQLiteStore,
+) -> None:
+    # Its parent gone (nobody reads the answers), a writer must still commit
+    # what is in its pipe: the scheduler runs an attempt as soon as its start
+    # is there (Journal.write_all's at_writer).
+    frames = [store.writer_opening(), [("insert", row("a"))], [("insert", row("b"))]]
+    assert await anyio.to_thread.run_sync(orphaned_writer, frames) == 0
+    assert await stored(store, "a", "b") == {"a", "b"}
+
+
+def orphaned_writer(frames: list[Any]) -> int:
+    """Run a writer process given ``frames``, whose answers nobody reads; its exit status."""
+    requests, answers = os.pipe(), os.pipe()  # (read end, write end)
+    writer = subprocess.Popen(
+        [sys.executable, "-I", "-S", sqlwrite.__file__], stdin=requests[0], stdout=answers[1]
+    )
+    for fd in (requests[0], answers[1], answers[0]):
+        os.close(fd)
+    with os.fdopen(requests[1], "wb") as pipe:
+        pipe.write(b"".join(sqlwrite.frame(value) for value in frames))
+    return writer.wait(30)
 
 
 async def test_on_one_cpu_large_batches_stay_with_the_thread(
