@@ -14,14 +14,10 @@ so nothing leaks past the next start.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import json
 import os
-import re
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,17 +26,15 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from anyio.abc import Process
 
+from dspy_infra._launch import Launched
 from dspy_infra._procfs import group_alive, groups_with_env, start_time
 
 __all__ = [
     "LEDGER_ENV",
-    "LaunchFailed",
     "Ledger",
     "group_running",
     "kill_group",
-    "launch_group",
     "open_ledger",
     "owner_identity",
     "signal_group",
@@ -61,76 +55,6 @@ _SUFFIX = ".jsonl"
 # Set in the environment of what an owner launches, to its ledger's file name
 # (Ledger.marker): a launch that a crash kept from being recorded is found by it.
 LEDGER_ENV = "DSPY_INFRA_LEDGER"
-
-
-class LaunchFailed(Exception):
-    """The command could not be started; ``reason`` says why, for a person."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-        super().__init__(reason)
-
-
-async def launch_group(
-    argv: list[str], *, env: Mapping[str, str], cwd: Path | None, stderr: int
-) -> Process:
-    """Start ``argv`` in a session (a process group) of its own, stdout piped.
-
-    Shielded: once the process exists it must be handed back, or a
-    cancellation here would leak it; a pending cancellation reaches the caller
-    at its next await, which then stops it.
-    """
-    with anyio.CancelScope(shield=True):
-        try:
-            process = await anyio.open_process(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                cwd=cwd,
-                env=dict(env),
-                start_new_session=True,
-            )
-        except OSError as exc:
-            if cwd is not None and not await anyio.to_thread.run_sync(cwd.is_dir):
-                reason = f"working directory {str(cwd)!r} does not exist"
-            else:
-                why = await anyio.to_thread.run_sync(_missing_interpreter, exc, argv[0], cwd, env)
-                reason = f"cannot run {argv[0]!r}: {why or exc.strerror or exc}"
-            raise LaunchFailed(reason) from None
-    return process
-
-
-def _missing_interpreter(
-    exc: OSError, program: str, cwd: Path | None, env: Mapping[str, str]
-) -> str | None:
-    """Why ``program`` did not start, if it is a script whose ``#!`` interpreter
-    is not there; else None (blocking).
-
-    execve says ENOENT, "No such file or directory", of such a script, which
-    is there: a person then looks for the wrong file. A Windows line ending
-    makes ``#!/bin/sh`` such a line too (``/bin/sh\\r``).
-    """
-    if exc.errno != errno.ENOENT:
-        return None
-    if "/" in program:
-        path: str | None = str((cwd or Path()) / program)
-    else:  # looked up on the PATH it was started with, as subprocess does
-        path = shutil.which(program, path=os.pathsep.join(os.get_exec_path(env)))
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as file:
-            first = file.readline(4096)
-    except OSError:
-        return None
-    if not first.startswith(b"#!"):
-        return None
-    # The kernel ends the interpreter's path at a space, a tab or the newline.
-    interpreter = os.fsdecode(re.split(rb"[ \t\n]", first[2:].lstrip(b" \t"), maxsplit=1)[0])
-    if not interpreter or os.path.exists(interpreter):
-        return None
-    return f"its interpreter {interpreter!r} (its first line, #!) does not exist"
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -158,12 +82,12 @@ async def wait_group_empty(pgid: int) -> None:
         delay = min(delay * 2, 0.1)
 
 
-async def wait_group_gone(process: Process) -> None:
+async def wait_group_gone(process: Launched) -> None:
     await process.wait()
     await wait_group_empty(process.pid)
 
 
-async def stop_group(process: Process, grace: float) -> int:
+async def stop_group(process: Launched, grace: float) -> int:
     """SIGTERM the process's group, SIGKILL it after ``grace``; return once it is empty.
 
     Returns the leader's exit code. Safe to call after the leader exited: what

@@ -19,7 +19,7 @@ from attrs import evolve
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dspy_infra._process_group import launch_group
+from dspy_infra._launch import launch_group
 from dspy_infra._procfs import group_alive
 from dspy_infra.abc import RunFailed, RunnerContext, TaskRun
 from dspy_infra.config.model import Config, HandlerConfig, InfraSettings, TaskClass

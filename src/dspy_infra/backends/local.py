@@ -14,20 +14,19 @@ import os
 import socket
 import subprocess
 from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
-from anyio.abc import Process
 
 from dspy_infra._groups import ungrouped
+from dspy_infra._launch import Launched, LaunchFailed, launch_group
 from dspy_infra._lines import decode, lines
 from dspy_infra._process_group import (
     LEDGER_ENV,
-    LaunchFailed,
     Ledger,
-    launch_group,
     open_ledger,
     owner_identity,
     stop_group,
@@ -44,11 +43,12 @@ _EXEC_TAIL = 4096  # bytes of a command's output kept (a probe's failure message
 
 
 class LocalProcess:
-    def __init__(self, spec: LaunchSpec, process: Process, ledger: Ledger, launch: int):
+    def __init__(self, spec: LaunchSpec, process: Launched, ledger: Ledger, launch: int):
         self._spec = spec
         self._process = process
         self._ledger = ledger
         self._launch = launch
+        self._reading = False
 
     @property
     def id(self) -> str:
@@ -69,15 +69,23 @@ class LocalProcess:
     def reach(self, host: str, port: int) -> tuple[str, int]:
         return host, port
 
-    def output(self) -> AsyncGenerator[str, None]:
-        assert self._process.stdout is not None
-        return lines(self._process.stdout)
+    async def output(self) -> AsyncGenerator[str, None]:
+        stdout = self._process.stdout
+        assert stdout is not None
+        self._reading = True
+        # The pipe is closed however the reading ends: cut short (a child
+        # that left the group holds it open), it would stay open for good.
+        async with stdout, aclosing(lines(stdout)) as chunks:
+            async for line in chunks:
+                yield line
 
     async def wait(self) -> int:
         return await self._process.wait()
 
     async def stop(self, grace: float) -> int:
         code = await stop_group(self._process, grace)
+        if not self._reading:  # else the reading closes it, once it has read all
+            await self._process.aclose()
         try:
             await anyio.to_thread.run_sync(self._ledger.ended, self._launch)
         except OSError as exc:  # it is stopped all the same

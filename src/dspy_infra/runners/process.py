@@ -37,12 +37,11 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from dspy_infra._launch import LaunchFailed, launch_group
 from dspy_infra._process_group import (
     LEDGER_ENV,
-    LaunchFailed,
     Ledger,
     group_running,
-    launch_group,
     open_ledger,
     owner_identity,
     stop_group,
