@@ -92,11 +92,7 @@ class Launched:
         self._code: int | None = None
         self._exited = anyio.Event()
         self._loop = asyncio.get_running_loop()
-        try:
-            pidfd: int | None = os.pidfd_open(self.pid)
-        except OSError:
-            pidfd = None
-        self._pidfd = pidfd
+        self._pidfd = pidfd = _pidfd(self.pid)
         if pidfd is None:
             # It ends when the child does, which every owner of a Launched
             # makes sure of (stop_group): not a thread to join.
@@ -118,7 +114,8 @@ class Launched:
 
     async def aclose(self) -> None:
         """Close the pipes and wait for the exit; a cancellation while waiting
-        SIGKILLs the group and still waits, as anyio's ``Process.aclose`` does."""
+        SIGKILLs the whole group (anyio's ``Process.aclose`` kills the leader
+        alone) and still waits."""
         for stream in (self.stdout, self.stderr):
             if stream is not None:
                 await stream.aclose()
@@ -151,6 +148,18 @@ class Launched:
         self._exited.set()
 
 
+def _pidfd(pid: int) -> int | None:
+    """A pidfd for ``pid``, or None where the kernel (or the OS) has none."""
+    pidfd_open = getattr(os, "pidfd_open", None)  # Linux only
+    if pidfd_open is None:
+        return None
+    try:
+        fd: int = pidfd_open(pid)
+    except OSError:
+        return None
+    return fd
+
+
 def _wait(pid: int) -> int:
     try:
         _, status = os.waitpid(pid, 0)
@@ -166,33 +175,50 @@ def _output(file: IO[bytes] | None) -> Output | None:
 class Output(ByteReceiveStream):
     """A child's stdout or stderr, read as the loop finds it readable.
 
-    Closing it ends a read under way: the reader sees the end of the stream.
+    Closing it ends a read under way, which sees the end of the stream: the
+    file is then closed by that read as it ends, never under it, so that its
+    descriptor cannot be reused (by a pipe or pidfd the loop then watches)
+    before the loop has stopped watching it for this read.
     """
 
     def __init__(self, file: IO[bytes]):
         self._file = file
         self._fd = file.fileno()
+        self._receiving = False
+        self._closing = False
         os.set_blocking(self._fd, False)
 
     async def receive(self, max_bytes: int = _CHUNK) -> bytes:
-        while True:
-            if self._file.closed:
-                raise anyio.EndOfStream
-            try:
-                await anyio.wait_readable(self._fd)
-            except anyio.ClosedResourceError:
-                raise anyio.EndOfStream from None
-            try:
-                data = os.read(self._fd, max_bytes)
-            except BlockingIOError:
-                continue
-            if not data:
-                raise anyio.EndOfStream
-            return data
+        if self._closing:
+            raise anyio.EndOfStream
+        self._receiving = True
+        try:
+            while True:
+                try:
+                    await anyio.wait_readable(self._fd)
+                except anyio.ClosedResourceError:
+                    raise anyio.EndOfStream from None
+                if self._closing:  # woken for data, but closed before it ran
+                    raise anyio.EndOfStream
+                try:
+                    data = os.read(self._fd, max_bytes)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    raise anyio.EndOfStream
+                return data
+        finally:
+            self._receiving = False
+            if self._closing:
+                self._file.close()
 
     async def aclose(self) -> None:
-        if not self._file.closed:
-            anyio.notify_closing(self._fd)
+        if self._closing:
+            return
+        self._closing = True
+        if self._receiving:
+            anyio.notify_closing(self._fd)  # the read ends, and closes the file
+        else:
             self._file.close()
 
 

@@ -21,15 +21,18 @@ from dspy_infra._process_group import group_running, stop_group
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["pidfd", "thread"])
+@pytest.fixture(params=["pidfd", "thread", "thread, not on Linux"])
 def watched_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways of watching a child: the kernel's pidfd, or a thread where there is none."""
-    if request.param == "thread":
+    """Both ways of watching a child: the kernel's pidfd, or a thread where there is
+    none (a kernel before 5.3, or another OS, whose os module has no pidfd_open)."""
+    if request.param == "thread, not on Linux":
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    elif request.param == "thread":
 
         def no_pidfd(pid: int, flags: int = 0) -> int:
             raise OSError(errno.ENOSYS, "pidfd_open is not implemented")
 
-        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd, raising=False)
     return str(request.param)
 
 

@@ -117,8 +117,9 @@ class ProcessRunner:
         stdout = Tail(1, limit)
         stderr = Tail(STDERR_LINES, STDERR_LINE_BYTES)
         grace = run.class_config.cancel_grace
-        # The launch is shielded: a cancellation that came while the payload
-        # was written must stop the attempt here, before its command starts.
+        # No checkpoint from here until the process is handed back (a launch
+        # has none once the command started): a cancellation that came while
+        # the payload was written must stop the attempt here, before it starts.
         await anyio.lowlevel.checkpoint_if_cancelled()
         try:
             process = await launch_group(argv, env=env, cwd=cwd, stderr=subprocess.PIPE)
