@@ -31,7 +31,7 @@ from anyio.abc import ByteReceiveStream
 
 from dspy_infra._exit_codes import Unknown
 
-__all__ = ["LaunchFailed", "Launched", "Output", "launch_group"]
+__all__ = ["LaunchFailed", "Launched", "Output", "launch_group", "signal_group"]
 
 _CHUNK = 1 << 16
 _REAPED_ELSEWHERE = "another part of the program collected it"
@@ -89,7 +89,6 @@ class Launched:
         self.stdout = _output(popen.stdout)
         self.stderr = _output(popen.stderr)
         self._popen = popen
-        self._code: int | None = None
         self._exited = anyio.Event()
         self._loop = asyncio.get_running_loop()
         self._pidfd = pidfd = _pidfd(self.pid)
@@ -105,12 +104,13 @@ class Launched:
     @property
     def returncode(self) -> int | None:
         """The exit code (``-N`` for signal N), once collected."""
-        return self._code
+        return self._popen.returncode
 
     async def wait(self) -> int:
         await self._exited.wait()
-        assert self._code is not None
-        return self._code
+        code = self._popen.returncode
+        assert code is not None
+        return code
 
     async def aclose(self) -> None:
         """Close the pipes and wait for the exit; a cancellation while waiting
@@ -123,9 +123,8 @@ class Launched:
             await self.wait()
         except BaseException:
             with anyio.CancelScope(shield=True):
-                if self._code is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(self.pid, signal.SIGKILL)
+                if self._popen.returncode is None:
+                    signal_group(self.pid, signal.SIGKILL)
                 await self.wait()
             raise
 
@@ -142,10 +141,15 @@ class Launched:
             self._loop.call_soon_threadsafe(self._exit, code)
 
     def _exit(self, code: int) -> None:
-        self._code = code
-        # Popen must not collect it again (its __del__ would try to).
+        # Where it is kept; and Popen then does not collect it again (its
+        # __del__ would try to).
         self._popen.returncode = code
         self._exited.set()
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
 
 
 def _pidfd(pid: int) -> int | None:

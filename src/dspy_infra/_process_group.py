@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from dspy_infra._launch import Launched
+from dspy_infra._launch import Launched, signal_group
 from dspy_infra._procfs import group_alive, groups_with_env, start_time
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "kill_group",
     "open_ledger",
     "owner_identity",
-    "signal_group",
     "stop_group",
     "sweep",
     "wait_group_empty",
@@ -55,11 +54,6 @@ _SUFFIX = ".jsonl"
 # Set in the environment of what an owner launches, to its ledger's file name
 # (Ledger.marker): a launch that a crash kept from being recorded is found by it.
 LEDGER_ENV = "DSPY_INFRA_LEDGER"
-
-
-def signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
 
 
 async def group_running(pgid: int) -> bool:
